@@ -1,0 +1,33 @@
+"""Shared fixtures. Heavy ones are session-scoped so the suite stays well under a few minutes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Import torch before anything creates a Qt application (known crash when reversed).
+import torch  # noqa: F401
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real images not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def small_plates(tmp_path_factory) -> Path:
+    """Two tiny synthetic plates (RxRx layout, with truth) shared by the whole session."""
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    out = tmp_path_factory.mktemp("synth")
+    return write_synthetic_plates(out, n_plates=2, n_wells=6, n_sites=1, size=256, seed=0)
