@@ -1,0 +1,21 @@
+"""Plates on disk: open a folder of Cell Painting images as sites keyed by (plate, well, site).
+
+``open_plate`` reads no pixels; ``Site.read()`` returns a (C, H, W) array when it is needed.
+"""
+
+from .layouts import LAYOUTS, PRESETS, RXRX_CHANNELS, open_plate
+from .model import Plate, PlateWarning, Site, SiteKey, normalize_well
+from .pattern import FilenamePattern
+
+__all__ = [
+    "LAYOUTS",
+    "PRESETS",
+    "RXRX_CHANNELS",
+    "FilenamePattern",
+    "Plate",
+    "PlateWarning",
+    "Site",
+    "SiteKey",
+    "normalize_well",
+    "open_plate",
+]

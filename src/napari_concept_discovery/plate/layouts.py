@@ -1,0 +1,431 @@
+"""Plate layouts on disk and ``open_plate``: from a folder of files to sites keyed by
+(plate, well, site).
+
+RxRx and Phenix/JUMP are presets of one filename-pattern mechanism; per-site multi-channel
+TIFFs are either named by a pattern without a channel field or listed in a CSV (``tiff-csv``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import PlateError
+from . import io
+from .metadata import find_column, join_metadata, load_table, row_plates, row_wells
+from .model import Plate, Site, SiteKey, _listing, normalize_well, well_from_row_col
+from .pattern import FilenamePattern
+
+RXRX_CHANNELS = ("DNA", "ER", "Actin", "RNA", "Mito", "Membrane")
+
+PRESETS: dict[str, str] = {
+    "rxrx": "{experiment}/Plate{plate}/{well}_s{site}_w{channel_index}.png",
+    "phenix": "r{row}c{col}f{field}p{plane}-ch{channel_index}*.tif*",
+}
+LAYOUTS = ("auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern")
+_SIDECARS = (".csv", ".tsv", ".parquet", ".xml", ".json")
+_FILE_COLUMNS = ("file", "filename", "file_name", "path", "image", "image_path", "filepath")
+# Checking every header costs ~1 ms a file: done at open time up to this many files.
+CHECK_LIMIT = 5000
+
+
+def open_plate(
+    path: str | os.PathLike,
+    layout: str = "auto",
+    pattern: str | None = None,
+    metadata: str | os.PathLike | pd.DataFrame | None = None,
+    channel_names: Sequence[str] | Mapping[int | str, str] | None = None,
+    check: bool | None = None,
+) -> Plate:
+    """Open a plate folder without reading pixels.
+
+    layout: "auto", "rxrx", "phenix" (alias "jump"), "tiff-csv" or "pattern" (with ``pattern``).
+    metadata: a table path or DataFrame joined by plate/well(/site); RxRx's ``metadata.csv``
+        is found by itself. channel_names: names in channel order, or {index: name}.
+    check: read every file header now and skip sites that cannot be read whole; by default
+        only for folders of up to ``CHECK_LIMIT`` files (call ``Plate.check()`` on bigger ones).
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise PlateError(f"plate folder not found: {root}")
+    if not root.is_dir():
+        raise PlateError(f"{root} is a file; open_plate takes the folder that holds the images")
+    if layout not in LAYOUTS:
+        raise PlateError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "jump":
+        layout = "phenix"
+    if pattern is not None and layout not in ("auto", "pattern"):
+        raise PlateError(f"pattern= is for layout='pattern', not {layout!r}")
+    if layout == "pattern" and pattern is None:
+        raise PlateError(
+            "layout='pattern' needs pattern=, e.g. '{well}_s{site}_w{channel_index}.tif'"
+        )
+
+    files = _walk(root)
+    notes: list[str] = []
+    table, table_name = _metadata_source(root, metadata)
+    if layout == "auto":
+        layout = "pattern" if pattern is not None else _detect(root, files, table)
+
+    join = table
+    if layout == "tiff-csv":
+        listing, listing_name = table, table_name
+        if listing is None or _file_column(listing) is None:
+            listing, listing_name = _find_file_csv(root, files)
+        else:
+            join = None  # the file list is the metadata; its rows are attached already
+        groups, used, notes_csv = _groups_from_csv(root, listing, listing_name)
+        notes += notes_csv
+        pat = None
+    else:
+        pat = FilenamePattern(pattern if layout == "pattern" else PRESETS[layout])
+        groups, used = _groups_from_pattern(root, files, pat, notes)
+
+    if not groups:
+        raise PlateError(f"no images found in {root} for layout {layout!r}" + _seen(root, files))
+
+    if pat is not None and pat.per_channel:
+        names, sites = _per_channel_sites(groups, layout, channel_names, notes)
+    else:
+        names, sites = _multichannel_sites(groups, channel_names, layout)
+
+    if layout == "rxrx":
+        used |= _attach_labels(sites)
+    _report_stray_files(root, files, used, pat, notes)
+
+    plate = Plate(root, layout, names, sites, metadata=table)
+    for message in notes:
+        plate.warn(message)
+    if join is not None:
+        for message in join_metadata(plate.sites, join, table_name)[0]:
+            plate.warn(message)
+    if check or (check is None and len(files) <= CHECK_LIMIT):
+        plate.check()
+    return plate
+
+
+# --- finding files -------------------------------------------------------------------------
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every non-hidden file under root, sorted, so keys and messages are reproducible."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return out
+
+
+def _rel_parts(root: Path, path: Path) -> tuple[str, ...]:
+    return path.relative_to(root).parts
+
+
+def _seen(root: Path, files: list[Path]) -> str:
+    """What the folder holds, for messages that explain why nothing matched."""
+    if not files:
+        return "; the folder is empty"
+    suffixes = Counter(p.suffix.lower() or "(no extension)" for p in files)
+    counts = ", ".join(f"{n} {s}" for s, n in suffixes.most_common())
+    examples = _listing(["/".join(_rel_parts(root, p)) for p in files], 5)
+    return f"; it holds {len(files)} file(s) ({counts}), e.g. {examples}"
+
+
+def _metadata_source(root: Path, metadata) -> tuple[pd.DataFrame | None, str]:
+    if metadata is not None:
+        return load_table(metadata)
+    for candidate in (root / "metadata.csv", root.parent / "metadata.csv"):
+        if candidate.is_file() and (candidate.parent == root or root.name.lower() == "images"):
+            return load_table(candidate)
+    return None, ""
+
+
+def _file_column(table: pd.DataFrame) -> str | None:
+    lower = {str(c).lower(): c for c in table.columns}
+    return next((lower[c] for c in _FILE_COLUMNS if c in lower), None)
+
+
+def _find_file_csv(root: Path, files: list[Path]) -> tuple[pd.DataFrame, str]:
+    found = []
+    for path in files:
+        if path.suffix.lower() in (".csv", ".tsv"):
+            table, name = load_table(path)
+            if _file_column(table) is not None:
+                found.append((table, name))
+    if len(found) != 1:
+        what = "no CSV" if not found else f"{len(found)} CSVs ({', '.join(n for _, n in found)})"
+        raise PlateError(
+            f"layout 'tiff-csv' needs one CSV with a file column ({'/'.join(_FILE_COLUMNS)}) "
+            f"and a well column in {root}, found {what}; pass it as metadata="
+        )
+    return found[0]
+
+
+# --- layout detection ----------------------------------------------------------------------
+
+
+def _detect(root: Path, files: list[Path], table: pd.DataFrame | None) -> str:
+    """The preset that names the most image files, else tiff-csv when a CSV lists the files."""
+    images = [_rel_parts(root, p) for p in files if io.is_image_file(p)]
+    counts = {}
+    for name, text in PRESETS.items():
+        pat = FilenamePattern(text)
+        counts[name] = sum(pat.match(parts) is not None for parts in images)
+    best = max(counts, key=counts.get)
+    if counts[best] > 0:
+        return best
+    if table is not None and _file_column(table) is not None:
+        return "tiff-csv"
+    try:
+        _find_file_csv(root, files)
+        return "tiff-csv"
+    except PlateError:
+        pass
+    tried = "; ".join(f"{name} ({PRESETS[name]}) matched {counts[name]}" for name in PRESETS)
+    raise PlateError(
+        f"could not tell the layout of {root}" + _seen(root, files) + f". Tried: {tried}; "
+        f"tiff-csv: no CSV with a file column ({'/'.join(_FILE_COLUMNS)}). Pass layout= or a "
+        "filename pattern, e.g. pattern='{well}_s{site}_w{channel_index}.tif'"
+    )
+
+
+# --- grouping files into sites ---------------------------------------------------------------
+
+# groups: SiteKey -> channel id (int index, str name, or None for a multi-channel file)
+#         -> list of (plane, path, channel name or None, metadata row)
+Groups = dict[SiteKey, dict[object, list[tuple[int, Path, str | None, dict]]]]
+
+
+def _plate_key(fields: dict[str, str], path: Path, root: Path) -> str:
+    exp, plate = fields.get("experiment"), fields.get("plate")
+    if exp and plate:
+        return f"{exp}_{plate}"
+    if exp or plate:
+        return exp or plate
+    folder = path.parent
+    if folder.name.lower() == "images" and folder != root.parent:
+        folder = folder.parent
+    return folder.name
+
+
+def _site_key(fields: dict[str, str], path: Path, root: Path) -> SiteKey:
+    well = fields.get("well")
+    well = normalize_well(well) if well else well_from_row_col(fields["row"], fields["col"])
+    site = fields.get("site") or fields.get("field") or 1
+    return SiteKey(_plate_key(fields, path, root), well, int(site))
+
+
+def _groups_from_pattern(
+    root: Path, files: list[Path], pat: FilenamePattern, notes: list[str]
+) -> tuple[Groups, set[Path]]:
+    groups: Groups = {}
+    used: set[Path] = set()
+    unparsed = []
+    for path in files:
+        fields = pat.match(_rel_parts(root, path))
+        if fields is None:
+            continue
+        try:
+            key = _site_key(fields, path, root)
+        except PlateError as exc:
+            unparsed.append(f"{path.name} ({exc})")
+            continue
+        used.add(path)
+        if fields.get("channel_index") is not None:
+            channel: object = int(fields["channel_index"])
+        else:
+            channel = fields.get("channel")
+        plane = int(fields.get("plane") or 1)
+        groups.setdefault(key, {}).setdefault(channel, []).append(
+            (plane, path, fields.get("channel"), {})
+        )
+    if unparsed:
+        notes.append(f"skipped {len(unparsed)} file(s) with no usable well: {_listing(unparsed)}")
+    for key, channels in groups.items():
+        for channel, entries in channels.items():
+            _check_unique(key, channel, entries)
+    return groups, used
+
+
+def _check_unique(key: SiteKey, channel: object, entries: list) -> None:
+    if len(entries) == 1:
+        return
+    files = ", ".join(str(e[1]) for e in entries)
+    what = f"channel {channel} of {key}" if channel is not None else str(key)
+    if len({e[0] for e in entries}) == len(entries):
+        raise PlateError(
+            f"{what} has {len(entries)} z-planes ({files}); z-stacks are not supported: "
+            "keep one plane or project them first"
+        )
+    raise PlateError(f"duplicate files for {what}: {files}")
+
+
+def _groups_from_csv(
+    root: Path, table: pd.DataFrame, name: str
+) -> tuple[Groups, set[Path], list[str]]:
+    file_col = _file_column(table)
+    base = Path(name).parent if name != "the metadata table" else root
+    wells = row_wells(table, name)
+    plate_col = find_column(table, "plate")
+    plates = row_plates(table, set()) if plate_col is not None else [root.name] * len(table)
+    site_col = find_column(table, "site")
+    records = table.to_dict(orient="records")
+    groups: Groups = {}
+    used: set[Path] = set()
+    missing = []
+    for i, record in enumerate(records):
+        path = Path(str(record[file_col]))
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        site = int(record[site_col]) if site_col is not None else 1
+        key = SiteKey(plates[i], wells[i], site)
+        used.add(path)
+        groups.setdefault(key, {}).setdefault(None, []).append((1, path, None, record))
+    for key, channels in groups.items():
+        _check_unique(key, None, channels[None])
+    notes = []
+    if missing:
+        notes.append(f"{len(missing)} file(s) listed in {name} do not exist: {_listing(missing)}")
+    return groups, used, notes
+
+
+def _channel_order(ids: set, channel_names) -> list:
+    ints = sorted(i for i in ids if isinstance(i, int))
+    strs = [i for i in ids if not isinstance(i, int)]
+    if isinstance(channel_names, Sequence) and not isinstance(channel_names, str):
+        if strs and set(strs) <= set(channel_names):
+            strs = sorted(strs, key=list(channel_names).index)
+        else:
+            strs = sorted(strs)
+    else:
+        strs = sorted(strs)
+    return ints + strs
+
+
+def _resolve_names(order: list, observed: dict, layout: str, channel_names) -> list[str]:
+    """Names for the channels: the user's, else those in the file names, else the preset's."""
+    if channel_names is not None:
+        if isinstance(channel_names, Mapping):
+            lookup = {str(k): v for k, v in channel_names.items()}
+            unknown = [str(c) for c in order if str(c) not in lookup]
+            if unknown:
+                raise PlateError(
+                    f"channel_names has no name for channel(s) {', '.join(unknown)}; "
+                    f"the files have channels {', '.join(map(str, order))}"
+                )
+            return [str(lookup[str(c)]) for c in order]
+        names = [str(n) for n in channel_names]
+        if len(names) != len(order):
+            raise PlateError(
+                f"channel_names has {len(names)} names but the files have {len(order)} channels "
+                f"({', '.join(map(str, order))})"
+            )
+        return names
+    out = []
+    for c in order:
+        if observed.get(c):
+            out.append(sorted(observed[c])[0])
+        elif isinstance(c, str):
+            out.append(c)
+        elif layout == "rxrx" and 1 <= c <= len(RXRX_CHANNELS):
+            out.append(RXRX_CHANNELS[c - 1])
+        else:
+            out.append(f"w{c}" if layout == "rxrx" else f"ch{c}")
+    if len(set(out)) != len(out):
+        out = [f"{n}_{c}" for n, c in zip(out, order, strict=True)]
+    return out
+
+
+def _per_channel_sites(
+    groups: Groups, layout: str, channel_names, notes: list[str]
+) -> tuple[list[str], dict[SiteKey, Site]]:
+    observed: dict[object, set[str]] = {}
+    for channels in groups.values():
+        for channel, entries in channels.items():
+            if isinstance(channel, int) and entries[0][2]:
+                observed.setdefault(channel, set()).add(entries[0][2])
+    for channel, names in observed.items():
+        if len(names) > 1:
+            notes.append(f"channel {channel} has several names in the file names: {sorted(names)}")
+    order = _channel_order({c for channels in groups.values() for c in channels}, channel_names)
+    names = _resolve_names(order, observed, layout, channel_names)
+    sites, incomplete = {}, []
+    for key, channels in groups.items():
+        missing = [n for c, n in zip(order, names, strict=True) if c not in channels]
+        if missing:
+            incomplete.append(f"{key} lacks {', '.join(missing)}")
+            continue
+        paths = tuple(channels[c][0][1] for c in order)
+        sites[key] = Site(key, tuple(names), paths)
+    if incomplete:
+        notes.append(
+            f"skipped {len(incomplete)} site(s) missing a channel: {_listing(incomplete, sep='; ')}"
+        )
+    if not sites:
+        raise PlateError("no site has every channel: " + _listing(incomplete, sep="; "))
+    return names, sites
+
+
+def _multichannel_sites(
+    groups: Groups, channel_names, layout: str
+) -> tuple[list[str], dict[SiteKey, Site]]:
+    first = next(iter(groups.values()))[None][0][1]
+    shape, _, ome_names = io.multichannel_header(first)
+    order = list(range(1, shape[0] + 1))
+    observed = {i: {n} for i, n in zip(order, ome_names, strict=False)}
+    names = _resolve_names(order, observed, layout, channel_names)
+    sites = {
+        key: Site(key, tuple(names), (channels[None][0][1],), dict(channels[None][0][3]))
+        for key, channels in groups.items()
+    }
+    return names, sites
+
+
+# --- labels and stray files --------------------------------------------------------------
+
+
+def _attach_labels(sites: dict[SiteKey, Site]) -> set[Path]:
+    """Synthetic plates keep label images in ``labels/`` mirroring ``images/``."""
+    used = set()
+    for site in sites.values():
+        image = site.paths[0]
+        parts = image.parts
+        if "images" not in parts:
+            continue
+        i = len(parts) - 1 - parts[::-1].index("images")
+        folder = Path(*parts[:i], "labels", *parts[i + 1 : -1])
+        stem = image.name.rsplit("_w", 1)[0]
+        cells, nuclei = folder / f"{stem}_cells.tif", folder / f"{stem}_nuclei.tif"
+        if cells.is_file():
+            site.labels_path = cells
+            used.add(cells)
+        if nuclei.is_file():
+            site.nuclei_path = nuclei
+            used.add(nuclei)
+    return used
+
+
+def _report_stray_files(
+    root: Path, files: list[Path], used: set[Path], pat: FilenamePattern | None, notes: list[str]
+) -> None:
+    stray_images, others = [], []
+    for path in files:
+        if path in used:
+            continue
+        if io.is_image_file(path):
+            stray_images.append("/".join(_rel_parts(root, path)))
+        elif path.suffix.lower() not in _SIDECARS:
+            others.append("/".join(_rel_parts(root, path)))
+    if stray_images:
+        how = f"the pattern {pat.text!r}" if pat is not None else "the file list"
+        notes.append(
+            f"ignored {len(stray_images)} image file(s) that do not match {how}: "
+            + _listing(stray_images)
+        )
+    if others:
+        notes.append(f"ignored {len(others)} non-image file(s): " + _listing(others))
