@@ -39,7 +39,70 @@ def _add_segment(sub) -> None:
 
 
 def _add_info(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "info",
+        help="describe a plate folder: layout, plates, wells, sites, channels, metadata, problems",
+    )
+    p.add_argument("plate", help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern)")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern"],
+        help="folder layout (default: detect it)",
+    )
+    p.add_argument(
+        "--pattern",
+        help="filename pattern with named fields, e.g. '{well}_01_{channel_index}_{site}_{channel}_001.tif'",
+    )
+    p.add_argument("--metadata", help="metadata table (csv/tsv/parquet) joined by plate/well/site")
+    p.add_argument("--channel-names", help="comma-separated channel names in channel order")
+    p.add_argument(
+        "--check", action="store_true", help="read every file header, even on a big plate"
+    )
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    import warnings
+
+    from .plate import PlateWarning, open_plate
+
+    names = args.channel_names.split(",") if args.channel_names else None
+    with warnings.catch_warnings():
+        # Printed below from plate.warnings, once and in order.
+        warnings.simplefilter("ignore", PlateWarning)
+        plate = open_plate(
+            args.plate,
+            layout=args.layout,
+            pattern=args.pattern,
+            metadata=args.metadata,
+            channel_names=names,
+            check=True if args.check else None,
+        )
+    wells = plate.wells
+    distinct = sorted({w for _, w in wells})
+    shown = ", ".join(distinct[:12]) + (" ..." if len(distinct) > 12 else "")
+    print(f"folder:   {plate.root}")
+    print(f"layout:   {plate.layout}")
+    more = " ..." if len(plate.plates) > 6 else ""
+    print(f"plates:   {len(plate.plates)} ({', '.join(plate.plates[:6])}{more})")
+    print(f"wells:    {len(wells)} on all plates ({shown})")
+    print(f"sites:    {len(plate)}")
+    print(f"channels: {len(plate.channel_names)} ({', '.join(plate.channel_names)})")
+    print(f"shape:    {plate.image_shape} (C, H, W)")
+    print(f"dtype:    {plate.dtype}")
+    if plate.metadata is None:
+        print("metadata: none")
+    else:
+        cols = [str(c) for c in plate.metadata.columns]
+        print(f"metadata: {len(plate.metadata)} rows; columns: {', '.join(cols)}")
+    labelled = sum(site.labels_path is not None for site in plate)
+    if labelled:
+        print(f"labels:   {labelled} of {len(plate)} sites carry cell labels")
+    print(f"warnings: {len(plate.warnings)}")
+    for message in plate.warnings:
+        print(f"  - {message}")
+    return 0
 
 
 # --- embed (issue: foundation models and embedding) ----------------------------------------
