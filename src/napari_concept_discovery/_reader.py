@@ -1,0 +1,141 @@
+"""napari reader: a plate folder opens as one site, one coloured layer per channel.
+
+Qt-free: it returns layer-data tuples. The layers' ``metadata`` carries the plate path, site key,
+channel names and layout so that later widgets can go back to the plate without asking again.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PlateError
+from .plate import Plate, PlateWarning, SiteKey, open_plate
+
+# Cell Painting colours as in RxRx's and JUMP's own renderings: DNA blue, ER green, actin/AGP red,
+# RNA cyan, mitochondria magenta, membrane yellow. Matched on whole words of the channel name.
+_COLOURS: list[tuple[tuple[str, ...], str]] = [
+    (("dna", "hoechst", "dapi", "nuclei", "nucleus", "nuclear", "h33342", "draq5"), "blue"),
+    (("er", "cona", "concanavalin", "endoplasmic", "calnexin"), "green"),
+    (("actin", "phalloidin", "agp", "f-actin"), "red"),
+    (("rna", "syto", "syto14", "nucleoli", "nucleolar"), "cyan"),
+    (("mito", "mitotracker", "mitochondria", "tom20"), "magenta"),
+    (("membrane", "wga", "golgi", "plasma"), "yellow"),
+    (("gfp", "egfp", "fitc", "alexa488", "af488"), "green"),
+    (("rfp", "mcherry", "tdtomato", "cy3", "tritc", "alexa568", "af568"), "red"),
+    (("yfp",), "yellow"),
+    (("cfp",), "cyan"),
+    (("brightfield", "bf", "phase", "dic", "transmitted", "tl"), "gray"),
+]
+# For channels whose names say nothing (Phenix "ch1".."ch6"): distinct colours, in this order.
+_FALLBACK = ["blue", "green", "red", "cyan", "magenta", "yellow", "bop orange", "gray"]
+_BRIGHTFIELD_RATIO = 0.3
+
+
+def _known_colour(name: str) -> str | None:
+    words = set(re.split(r"[^a-z0-9]+", name.lower())) | {name.lower()}
+    for keys, colour in _COLOURS:
+        if words & set(keys) or any(name.lower().startswith(k) for k in keys if len(k) > 3):
+            return colour
+    return None
+
+
+def looks_like_brightfield(plane: np.ndarray) -> bool:
+    """Transmitted light has a bright background: its median sits far above the dark floor.
+
+    Fluorescence backgrounds are near the floor (median at 1-15% of the 1-99.8 percentile range
+    on the real plates here); brightfield sits at ~40%. Added on top of the stains it washes
+    the picture out, so such channels start hidden.
+    """
+    lo, mid, hi = np.percentile(_subsample(plane), [1, 50, 99.8])
+    return hi > lo and (mid - lo) / (hi - lo) > _BRIGHTFIELD_RATIO
+
+
+def channel_colormaps(names: Sequence[str], image: np.ndarray | None = None) -> list[str]:
+    """A napari colormap per channel: by stain name, else distinct colours, gray for brightfield."""
+    colours = [_known_colour(n) for n in names]
+    if image is not None:
+        for i, colour in enumerate(colours):
+            if colour is None and looks_like_brightfield(image[i]):
+                colours[i] = "gray"
+    free = [c for c in _FALLBACK if c not in colours]
+    for i, colour in enumerate(colours):
+        if colour is None:
+            colours[i] = free.pop(0) if free else _FALLBACK[i % len(_FALLBACK)]
+    return colours
+
+
+def _subsample(plane: np.ndarray, target: int = 512 * 512) -> np.ndarray:
+    step = max(1, int(np.sqrt(plane.size / target)))
+    return plane[::step, ::step]
+
+
+def contrast_limits(plane: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
+    """Robust display range: percentiles, so a few saturated pixels do not darken the image."""
+    lo, hi = (float(v) for v in np.percentile(_subsample(plane), [low, high]))
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list[tuple]:
+    """Layer-data tuples for one site (the first by default): channels, then cell labels."""
+    site = plate[key] if key is not None else next(iter(plate))
+    image = site.read()
+    names = list(site.channel_names)
+    colours = channel_colormaps(names, image)
+    meta = {
+        "plate_path": str(plate.root),
+        "site_key": tuple(site.key),
+        "channel_names": names,
+        "layout": plate.layout,
+    }
+    image_kwargs = {
+        "channel_axis": 0,
+        "name": names,
+        "colormap": colours,
+        "contrast_limits": [contrast_limits(plane) for plane in image],
+        "blending": "additive",
+        "visible": [c != "gray" for c in colours],
+        "metadata": meta,
+    }
+    layers: list[tuple] = [(image, image_kwargs, "image")]
+    labels = site.read_labels()
+    if labels is not None:
+        if labels.shape != image.shape[1:]:
+            raise PlateError(
+                f"cell labels {site.labels_path} have shape {labels.shape}, "
+                f"the images of {site.key} {image.shape[1:]}"
+            )
+        layers.append((labels, {"name": "cells", "opacity": 0.3, "metadata": dict(meta)}, "labels"))
+    return layers
+
+
+def napari_get_reader(path: str | Sequence[str]):
+    """A reader when ``path`` is one folder that opens as a plate; None for anything else."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PlateWarning)
+        try:
+            plate = open_plate(root)
+        except PlateError:
+            return None
+    # napari asks every reader whether it can read a folder; warn only once this one is used.
+    messages = [str(w.message) for w in caught if issubclass(w.category, PlateWarning)]
+
+    def read_plate(_path) -> list[tuple]:
+        for message in messages:
+            warnings.warn(f"{root.name}: {message}", PlateWarning, stacklevel=2)
+        return site_layer_data(plate)
+
+    return read_plate
