@@ -58,11 +58,15 @@ def _tiff_axes(path: Path) -> tuple[tuple[int, ...], str, np.dtype, list[str]]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        if not tif.series:
-            raise PlateError(f"no image data in {path}")
-        series = tif.series[0]
+        series = _first_series(tif, path)
         names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else []
         return tuple(series.shape), series.axes, np.dtype(series.dtype), names
+
+
+def _first_series(tif, path: Path):
+    if not tif.series or not tif.series[0].shape or 0 in tif.series[0].shape:
+        raise PlateError(f"cannot read image {path}: no image data (corrupt, or not a TIFF)")
+    return tif.series[0]
 
 
 def _ome_channel_names(ome_xml: str | None) -> list[str]:
@@ -132,7 +136,8 @@ def read_plane(path: Path) -> np.ndarray:
         if _is_tiff(path):
             import tifffile
 
-            image = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                image = _first_series(tif, path).asarray()
         else:
             import imageio.v3 as iio
 
@@ -166,7 +171,7 @@ def read_multichannel(path: Path) -> np.ndarray:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+            series = _first_series(tif, path)
             shape, axes = tuple(series.shape), series.axes
             extra, _ = _channel_first_order(shape, axes, path)
             data = series.asarray()
