@@ -15,9 +15,10 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage as ndi
 
-from .concepts import MITOTIC_FRACTION, CellType, Perturbation
+from .concepts import MITOTIC_FRACTION, PERTURBATIONS, CellType, Perturbation
 
 _HARMONICS = np.arange(2, 6)
+_MAX_NUCLEUS_SCALE = max(p.effects.get("nucleus_scale", 1.0) for p in PERTURBATIONS)
 
 
 @dataclass
@@ -61,8 +62,9 @@ def sample_cells(
     mitotic = rng.random(attempts) < MITOTIC_FRACTION
     responded = (rng.random(attempts) < perturbation.penetrance) & ~mitotic
     radius = R * rng.lognormal(0.0, 0.15, attempts)
-    # Placement uses the interphase size and the largest nucleus the well can have, so that
-    # neither mitosis nor a response changes a candidate's chance of being placed.
+    # Placement uses the interphase size and the largest nucleus any perturbation can cause, so
+    # neither mitosis nor a response changes a candidate's chance of being placed, and a site
+    # has the same cells under every perturbation (only their appearance changes).
     place_radius = radius.copy()
     radius[mitotic] *= 0.62
     elong = 1.0 + (cell_type.elongation - 1.0) * rng.lognormal(0.0, 0.3, attempts)
@@ -77,7 +79,7 @@ def sample_cells(
 
     ratio = cell_type.nucleus_ratio * rng.lognormal(0.0, 0.08, attempts)
     scale = perturbation.effects.get("nucleus_scale", 1.0)
-    place_nucleus = place_radius * ratio * max(scale, 1.0) * np.sqrt(cell_type.elongation)
+    place_nucleus = place_radius * ratio * _MAX_NUCLEUS_SCALE * np.sqrt(cell_type.elongation)
     ratio = np.where(responded, ratio * scale, ratio)
     n_elong = 1.0 + (elong - 1.0) * 0.35 + 0.1 * rng.random(attempts)
     na = radius * ratio * np.sqrt(n_elong)
@@ -151,8 +153,7 @@ class Geometry:
     score: np.ndarray  # normalised radius in the owning cell: 0 centre, 1 edge
     nscore: np.ndarray  # same for the nucleus (>= 1 outside nuclei)
     across: np.ndarray  # coordinate across the cell's long axis (for stress fibres)
-    edge: np.ndarray  # distance to the cell's border (pixels)
-    from_nucleus: np.ndarray  # distance to the nearest nucleus (0 inside)
+    border: np.ndarray  # float32 1.0 on pixels whose label differs from a 4-neighbour
 
 
 def _shape_score(dy, dx, angle, a, b, amp=None, phase=None):
@@ -162,10 +163,16 @@ def _shape_score(dy, dx, angle, a, b, amp=None, phase=None):
     rho = np.hypot(u, v)
     if amp is None:
         return rho, v * b
-    phi = np.arctan2(v, u)
+    # cos(k phi + p) = cos(k phi) cos p - sin(k phi) sin p, with cos/sin(k phi) by recurrence
+    # from cos/sin(phi) (cheaper than arctan2 and one cos per harmonic).
+    inv = 1.0 / np.maximum(rho, 1e-6)
+    c1, s1 = u * inv, v * inv
+    ck, sk = c1 * c1 - s1 * s1, 2 * c1 * s1  # k = 2
     f = np.ones_like(rho)
     for k, A, p in zip(_HARMONICS, amp, phase, strict=True):
-        f += A * np.cos(k * phi + p)
+        if k > 2:
+            ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+        f += A * (ck * np.cos(p) - sk * np.sin(p))
     return rho / f, v * b
 
 
@@ -175,7 +182,9 @@ def _window(cy, cx, r, size):
     return y0, y1, x0, x1
 
 
-def rasterise(cells: Cells, size: int) -> tuple[Geometry, np.ndarray]:
+def rasterise(
+    cells: Cells, size: int, rng: np.random.Generator | None = None
+) -> tuple[Geometry, np.ndarray]:
     """Label image by competition on normalised radius; returns geometry and the kept mask.
 
     Cells that lose their whole nucleus to neighbours are dropped (kept[i] is False) so that
@@ -183,6 +192,8 @@ def rasterise(cells: Cells, size: int) -> tuple[Geometry, np.ndarray]:
     """
     labels = np.zeros((size, size), np.int32)
     best = np.ones((size, size), np.float32)
+    # Ruffled edges: a smooth noise field nudges the normalised radius near the border.
+    ruffle = 0.06 * _field(rng, size, 10.0) if rng is not None else np.zeros_like(best)
     across = np.zeros((size, size), np.float32)
     for i in range(len(cells)):
         reach = max(cells.a[i], cells.b[i]) * (1 + np.abs(cells.harm_amp[i]).sum()) + 1
@@ -192,6 +203,7 @@ def rasterise(cells: Cells, size: int) -> tuple[Geometry, np.ndarray]:
         sc, v = _shape_score(
             dy, dx, cells.angle[i], cells.a[i], cells.b[i], cells.harm_amp[i], cells.harm_phase[i]
         )
+        sc = sc + ruffle[y0:y1, x0:x1] * sc * sc
         win = best[y0:y1, x0:x1]
         m = sc < win
         win[m] = sc[m]
@@ -227,9 +239,7 @@ def rasterise(cells: Cells, size: int) -> tuple[Geometry, np.ndarray]:
     border[1:] |= labels[:-1] != labels[1:]
     border[:, :-1] |= labels[:, :-1] != labels[:, 1:]
     border[:, 1:] |= labels[:, :-1] != labels[:, 1:]
-    edge = ndi.distance_transform_edt(~border).astype(np.float32)
-    from_nucleus = ndi.distance_transform_edt(nuclei == 0).astype(np.float32)
-    geometry = Geometry(labels, nuclei, best, nscore, across, edge, from_nucleus)
+    geometry = Geometry(labels, nuclei, best, nscore, across, border.astype(np.float32))
     return geometry, kept
 
 
@@ -322,10 +332,13 @@ def paint(
     level[cells.mitotic] *= 1.3
     lv = [per_cell(level[:, c]) for c in range(6)]
 
-    thick = np.sqrt(np.clip(1.0 - geometry.score, 0.0, 1.0))  # cells are thicker inside
-    near_nuc = np.exp(-geometry.from_nucleus / (0.45 * cell_type.radius))
-    rim = np.exp(-0.5 * (geometry.edge / 1.1) ** 2) * inside
-    cortex = np.exp(-geometry.edge / 2.5) * inside
+    thick = np.clip(1.0 - geometry.score, 0.0, 1.0) ** 0.8  # cells thin out towards the edge
+    # Perinuclear weight, in the cell's own normalised radius so it follows the cell's shape.
+    nuc_edge = per_cell(np.sqrt(cells.na * cells.nb / (cells.a * cells.b)), 1.0)
+    near_nuc = np.exp(-np.clip(geometry.score - nuc_edge, 0.0, None) / 0.22)
+    # Membrane rim and actin cortex: the border map blurred (cheaper than a distance map).
+    rim = np.clip(ndi.gaussian_filter(geometry.border, 0.8, truncate=3.0) * 2.0, 0, 1) * inside
+    cortex = np.clip(ndi.gaussian_filter(geometry.border, 2.0, truncate=3.0) * 3.0, 0, 1) * inside
     envelope = np.exp(-0.5 * ((geometry.nscore - 1.0) * 6.0) ** 2) * inside
 
     fine = _field(rng, size, 2.0)
@@ -342,28 +355,25 @@ def paint(
     # Nucleoli (RNA bright, DNA dark): 1-4 per interphase nucleus.
     lo, hi = cell_type.nucleoli
     counts = rng.integers(lo, hi + 1, n) * (~cells.mitotic)
-    owner = np.repeat(np.arange(n), counts)
-    r = np.sqrt(rng.random(owner.size)) * 0.5
-    t = rng.uniform(0, 2 * np.pi, owner.size)
-    ys = cells.ny[owner] + r * np.sin(t) * cells.na[owner]
-    xs = cells.nx[owner] + r * np.cos(t) * cells.nb[owner]
-    factor = effects.get("nucleolar_rna", 1.0)
-    big = resp[owner + 1] & (factor != 1.0)
-    nsig = 0.11 * np.sqrt(cells.na * cells.nb)
-    nucleoli = _spots(size, ys[~big], xs[~big], np.ones((~big).sum()), float(np.median(nsig)))
-    if big.any():
-        nucleoli += _spots(
-            size, ys[big], xs[big], np.full(big.sum(), factor), float(np.median(nsig)) * 1.5
-        )
-    nucleoli *= in_nuc
+    nl_owner = np.repeat(np.arange(n), counts)
+    r = np.sqrt(rng.random(nl_owner.size)) * 0.5
+    t = rng.uniform(0, 2 * np.pi, nl_owner.size)
+    nl_y = cells.ny[nl_owner] + r * np.sin(t) * cells.na[nl_owner]
+    nl_x = cells.nx[nl_owner] + r * np.cos(t) * cells.nb[nl_owner]
+    nsig = float(np.median(0.11 * np.sqrt(cells.na * cells.nb))) if n else 1.0
+    nucleoli = _spots(size, nl_y, nl_x, np.ones(nl_owner.size), nsig) * in_nuc
     out[0] = lv[0] * dna * (1.0 - 0.45 * np.clip(nucleoli, 0, 1))
 
+    # From here each stain draws from its own stream, so a perturbation that changes one stain
+    # leaves the others bit-identical to the control's at the same site coordinates.
+    r_er, r_actin, r_rna, r_mito, r_memb = rng.spawn(5)
+
     # ER: perinuclear reticular network plus nuclear envelope; aggregates when perturbed.
-    g = _field(rng, size, cell_type.er_scale, low=cell_type.er_scale * 3)
+    g = _field(r_er, size, cell_type.er_scale, low=cell_type.er_scale * 3)
     network = np.exp(-((g / 0.45) ** 2))
     er = (0.2 * thick + 0.8 * network * near_nuc) * cyto + 0.6 * envelope
     if "er_aggregation" in effects:
-        blobs = np.clip(_field(rng, size, 4.0) - 1.0, 0, None) * 1.6
+        blobs = np.clip(_field(r_er, size, 4.0) - 1.0, 0, None) * 1.6
         agg = per_cell(resp[1:] * effects["er_aggregation"])
         er = np.where(
             agg > 0, (1 - agg) * er + agg * (0.15 * thick + blobs * near_nuc) * cyto * 1.2, er
@@ -375,12 +385,16 @@ def paint(
     fibre_amp = np.full(n, cell_type.actin_fibres)
     fibre_amp[cells.responded] += effects.get("actin_fibres", 0.0)
     fibre_amp[cells.mitotic] = 0.0
-    phase = per_cell(rng.uniform(0, 2 * np.pi, n))
-    warp = _field(rng, size, 24.0)
-    period = 4.5
-    fib = (0.5 + 0.5 * np.cos(2 * np.pi * (geometry.across + 2.0 * warp) / period + phase)) ** 6
-    fib *= np.clip(_field(rng, size, 10.0) + 0.8, 0, 1.5)
-    actin = (0.2 * thick + 0.7 * cortex) * inside + per_cell(fibre_amp) * fib * (
+    offset = per_cell(r_actin.uniform(0, 64, n))
+    warp = _field(r_actin, size, 24.0)
+    period = 6.0
+    pos = (geometry.across + 2.5 * warp) / period + offset
+    # Each fibre (one period across the long axis) gets its own brightness; many are absent.
+    fibre_level = np.clip(r_actin.normal(0.2, 0.6, 256), 0, None).astype(np.float32)
+    fib = fibre_level[np.floor(pos).astype(np.int64) % 256]
+    fib *= np.exp(-((((pos % 1.0) - 0.5) / 0.12) ** 2))
+    fib *= np.clip(_field(r_actin, size, 14.0) + 0.7, 0, 1.5)
+    actin = (0.25 * thick + 0.5 * cortex) * inside + per_cell(fibre_amp) * fib * (
         geometry.score < 0.92
     )
     actin = np.where(mit, (0.5 * thick + 1.2 * cortex) * inside, actin)
@@ -389,41 +403,45 @@ def paint(
     # RNA: nucleoli, dimmer nucleoplasm, granular cytoplasm.
     granular = 1.0 + 0.35 * fine
     rna = (0.35 * thick * granular + 0.12 * near_nuc) * cyto + 0.25 * in_nuc + 0.9 * nucleoli
-    if "nucleolar_rna" in effects:
+    if "nucleolar_rna" in effects:  # responders: bigger, brighter nucleoli, less cytoplasmic RNA
+        big = resp[nl_owner + 1]
+        y, x, m = nl_y[big], nl_x[big], big.sum()
+        grown = _spots(size, y, x, np.full(m, effects["nucleolar_rna"]), nsig * 1.5)
+        rna += 0.9 * (grown - _spots(size, y, x, np.ones(m), nsig)) * in_nuc
         rna = np.where(per_cell(resp[1:].astype(float)) > 0, rna * np.where(cyto, 0.8, 1.0), rna)
     rna = np.where(mit, 0.45 * thick * granular * inside, rna)
     out[3] = lv[3] * rna
 
     # Mito: sinuous tubules concentrated around the nucleus; puncta when fragmented.
-    g = _field(rng, size, cell_type.mito_scale, low=cell_type.mito_scale * 2.5)
-    breaks = _field(rng, size, cell_type.mito_scale * 1.5) > -0.4
+    g = _field(r_mito, size, cell_type.mito_scale, low=cell_type.mito_scale * 2.5)
+    breaks = _field(r_mito, size, cell_type.mito_scale * 1.5) > -0.4
     tubules = np.exp(-((g / 0.3) ** 2)) * breaks
     frag = per_cell(resp[1:] * effects.get("mito_fragmentation", 0.0))
-    puncta = np.clip(_field(rng, size, 2.2) - 1.4, 0, None) * 2.0
+    puncta = np.clip(_field(r_mito, size, 2.2) - 1.4, 0, None) * 2.0
     mito_w = np.clip(0.15 + near_nuc, 0, 1) * cyto
     mito = mito_w * ((1 - frag) * tubules + frag * puncta) + 0.08 * thick * cyto
     mito = np.where(mit, (0.35 * thick + 0.3 * puncta) * inside, mito)
     out[4] = lv[4] * mito
 
     # Membrane (WGA): plasma-membrane rim, Golgi next to the nucleus, scattered vesicles.
-    golgi_dir = rng.uniform(0, 2 * np.pi, n)
+    golgi_dir = r_memb.uniform(0, 2 * np.pi, n)
     k = 10
     owner = np.repeat(np.arange(n), k)
     disp = np.zeros(n)
     disp[cells.responded] = effects.get("golgi_dispersal", 0.0)
-    dispersed = (rng.random(owner.size) < disp[owner]) | cells.mitotic[owner]
+    dispersed = (r_memb.random(owner.size) < disp[owner]) | cells.mitotic[owner]
     reach = np.sqrt(cells.na * cells.nb)[owner] + 3.0
-    ang = golgi_dir[owner] + rng.normal(0, 0.45, owner.size)
-    ys = cells.ny[owner] + reach * np.sin(ang) + rng.normal(0, 1.8, owner.size)
-    xs = cells.nx[owner] + reach * np.cos(ang) + rng.normal(0, 1.8, owner.size)
-    sy, sx, valid = _points_in_cells(rng, cells, lab, k, 0.8)
+    ang = golgi_dir[owner] + r_memb.normal(0, 0.45, owner.size)
+    ys = cells.ny[owner] + reach * np.sin(ang) + r_memb.normal(0, 1.8, owner.size)
+    xs = cells.nx[owner] + reach * np.cos(ang) + r_memb.normal(0, 1.8, owner.size)
+    sy, sx, valid = _points_in_cells(r_memb, cells, lab, k, 0.8)
     swap = dispersed & valid.ravel()  # a dispersed element moves anywhere in its cell
     ys[swap] = sy.ravel()[swap]
     xs[swap] = sx.ravel()[swap]
     golgi = _spots(size, ys, xs, np.full(owner.size, 0.6), 1.3)
     golgi *= inside
-    vesicles = np.clip(_field(rng, size, 2.0) - 1.6, 0, None)
-    memb = 0.9 * rim + (0.12 * thick + 0.25 * vesicles) * inside + golgi + 0.2 * envelope
+    vesicles = np.clip(_field(r_memb, size, 2.0) - 1.6, 0, None)
+    memb = 0.45 * rim + (0.22 * thick + 0.35 * vesicles) * inside + golgi + 0.15 * envelope
     memb = np.where(mit, (0.4 * thick + 1.2 * rim) * inside, memb)
     out[5] = lv[5] * memb
     return out

@@ -107,7 +107,7 @@ def _site_job(args) -> pd.DataFrame:
     lab_dir = out / "labels" / EXPERIMENT / f"Plate{plan.plate}"
     stem = f"{plan.well}_s{site}"
     for c in range(len(CHANNELS)):
-        iio.imwrite(img_dir / f"{stem}_w{c + 1}.png", result.image[c], compress_level=3)
+        iio.imwrite(img_dir / f"{stem}_w{c + 1}.png", result.image[c], compress_level=1)
     dtype = np.uint16 if result.cells.max() < 65536 else np.int32
     tifffile.imwrite(lab_dir / f"{stem}_cells.tif", result.cells.astype(dtype), compression="zlib")
     tifffile.imwrite(

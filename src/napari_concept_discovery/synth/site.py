@@ -120,7 +120,7 @@ def generate_site(
     rng = site_rng(seed, plate, well, site)
 
     cells = sample_cells(rng, ct, pt, size)
-    geometry, kept = rasterise(cells, size)
+    geometry, kept = rasterise(cells, size, rng)
     cells = cells.subset(kept)
     signal = paint(rng, cells, geometry, ct, pt)
 
