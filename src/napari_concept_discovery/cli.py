@@ -25,14 +25,99 @@ def _progress(total: int, desc: str):
 
 
 def _add_synth(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "synth",
+        help="write synthetic Cell Painting plates (RxRx layout) with labels and per-cell truth",
+    )
+    p.add_argument("out", help="output folder (created; existing files are overwritten)")
+    p.add_argument("--plates", type=int, default=2, help="number of plates (default 2)")
+    p.add_argument("--wells", type=int, default=24, help="wells per plate (default 24)")
+    p.add_argument("--sites", type=int, default=2, help="sites per well (default 2)")
+    p.add_argument("--size", type=int, default=512, help="site width and height in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same plates)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: up to 4 CPUs)"
+    )
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args) -> int:
+    from .synth import write_synthetic_plates
+
+    for name in ("plates", "wells", "sites"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} must be at least 1")
+    if args.size < 64:
+        raise SystemExit("error: --size must be at least 64")
+    total = args.plates * args.wells * args.sites
+    with _progress(total, "sites") as bar:
+        out = write_synthetic_plates(
+            args.out,
+            n_plates=args.plates,
+            n_wells=args.wells,
+            n_sites=args.sites,
+            size=args.size,
+            seed=args.seed,
+            workers=args.workers,
+            progress=bar.update,
+        )
+    print(f"wrote {total} sites to {out}")
+    return 0
 
 
 # --- segment -------------------------------------------------------------------------------
 
 
 def _add_segment(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "segment", help="segment nuclei and cells of every site of a plate into label TIFFs"
+    )
+    p.add_argument("plate", help="plate folder (any layout that 'info' understands)")
+    p.add_argument("--out", required=True, help="output folder for the label images")
+    p.add_argument("--layout", default="auto", help="folder layout (default: detect it)")
+    p.add_argument("--pattern", help="filename pattern with named fields (see 'info')")
+    p.add_argument("--channel-names", help="comma-separated channel names in channel order")
+    p.add_argument("--nuclear", default="DNA", help="nuclear channel name or index (default DNA)")
+    p.add_argument(
+        "--cell",
+        help="channel(s) for cell borders, comma-separated (default: a membrane stain by "
+        "name, else the sum of the non-nuclear channels)",
+    )
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args) -> int:
+    from pathlib import Path
+
+    import tifffile
+
+    from .errors import PlateError
+    from .plate import open_plate
+    from .segment import segment_site
+
+    names = args.channel_names.split(",") if args.channel_names else None
+    plate = open_plate(args.plate, layout=args.layout, pattern=args.pattern, channel_names=names)
+
+    def channel(value: str):
+        return int(value) if value.isdigit() else value
+
+    nuclear = channel(args.nuclear)
+    cell = [channel(c) for c in args.cell.split(",")] if args.cell else None
+    out = Path(args.out)
+    with _progress(len(plate), "segment") as bar:
+        for site in plate:
+            try:
+                nuclei, cells = segment_site(site.read(), plate.channel_names, nuclear, cell)
+            except ValueError as exc:  # a channel name or shape the user can fix
+                raise PlateError(f"cannot segment site {site.key}: {exc}") from exc
+            folder = out / site.key.plate
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = f"{site.key.well}_s{site.key.site}"
+            tifffile.imwrite(folder / f"{stem}_cells.tif", cells, compression="zlib")
+            tifffile.imwrite(folder / f"{stem}_nuclei.tif", nuclei, compression="zlib")
+            bar.update(1)
+    print(f"wrote labels of {len(plate)} sites to {out}")
+    return 0
 
 
 # --- info: describe a plate folder ---------------------------------------------------------
