@@ -32,7 +32,7 @@ _COLOURS: list[tuple[tuple[str, ...], str]] = [
     (("brightfield", "bf", "phase", "dic", "transmitted", "tl"), "gray"),
 ]
 # For channels whose names say nothing (Phenix "ch1".."ch6"): distinct colours, in this order.
-_FALLBACK = ["blue", "green", "red", "cyan", "magenta", "yellow", "bop orange", "gray"]
+_FALLBACK = ["blue", "green", "red", "magenta", "yellow", "cyan", "bop orange", "gray"]
 _BRIGHTFIELD_RATIO = 0.3
 
 
@@ -55,13 +55,27 @@ def looks_like_brightfield(plane: np.ndarray) -> bool:
     return hi > lo and (mid - lo) / (hi - lo) > _BRIGHTFIELD_RATIO
 
 
+def _foreground_fraction(plane: np.ndarray) -> float:
+    lo, hi = contrast_limits(plane)
+    return float((_subsample(plane) > lo + 0.25 * (hi - lo)).mean())
+
+
 def channel_colormaps(names: Sequence[str], image: np.ndarray | None = None) -> list[str]:
-    """A napari colormap per channel: by stain name, else distinct colours, gray for brightfield."""
+    """A napari colormap per channel: by stain name, else distinct colours, gray for brightfield.
+
+    With names that say nothing (Phenix "ch1".."ch6") and pixels at hand, the channel with the
+    smallest bright area is taken for the nuclear stain and drawn blue, as a biologist expects
+    DNA to be; only the colour is guessed, the name stays.
+    """
     colours = [_known_colour(n) for n in names]
     if image is not None:
         for i, colour in enumerate(colours):
             if colour is None and looks_like_brightfield(image[i]):
                 colours[i] = "gray"
+        unknown = [i for i, c in enumerate(colours) if c is None]
+        if "blue" not in colours and len(unknown) >= 2:
+            nuclear = min(unknown, key=lambda i: _foreground_fraction(image[i]))
+            colours[nuclear] = "blue"
     free = [c for c in _FALLBACK if c not in colours]
     for i, colour in enumerate(colours):
         if colour is None:
@@ -69,17 +83,39 @@ def channel_colormaps(names: Sequence[str], image: np.ndarray | None = None) -> 
     return colours
 
 
+def initially_visible(names: Sequence[str], colours: Sequence[str]) -> list[bool]:
+    """Which channels start shown: all stains, except brightfield.
+
+    When no name says which stain a channel holds, only the nuclear guess and the next two
+    start shown (blue, green, red): five unknown stains added up turn every nucleus white.
+    """
+    visible = [c != "gray" for c in colours]
+    if any(_known_colour(n) for n in names):
+        return visible
+    shown = sorted((i for i, v in enumerate(visible) if v), key=lambda i: colours[i] != "blue")
+    return [i in shown[:3] for i in range(len(names))]
+
+
 def _subsample(plane: np.ndarray, target: int = 512 * 512) -> np.ndarray:
     step = max(1, int(np.sqrt(plane.size / target)))
     return plane[::step, ::step]
 
 
-def contrast_limits(plane: np.ndarray, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
-    """Robust display range: percentiles, so a few saturated pixels do not darken the image."""
-    lo, hi = (float(v) for v in np.percentile(_subsample(plane), [low, high]))
-    if hi <= lo:
-        hi = lo + 1.0
-    return lo, hi
+def contrast_limits(plane: np.ndarray) -> tuple[float, float]:
+    """Display range: black at the background peak, white at the 99.8th percentile.
+
+    The background peak (the histogram's mode) rather than a low percentile puts camera offset
+    and background noise at black, which matters when five or six channels are added up;
+    it is capped at the median so a confluent field keeps its dim cytoplasm.
+    """
+    sub = _subsample(plane).astype(np.float64, copy=False)
+    p1, p50, hi = np.percentile(sub, [1, 50, 99.8])
+    if hi <= p1:
+        return float(p1), float(p1) + 1.0
+    counts, edges = np.histogram(sub, bins=256, range=(p1, hi))
+    mode = edges[np.argmax(counts)] + (edges[1] - edges[0]) / 2
+    lo = float(min(mode, p50))
+    return lo, float(hi)
 
 
 def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list[tuple]:
@@ -88,6 +124,7 @@ def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list
     image = site.read()
     names = list(site.channel_names)
     colours = channel_colormaps(names, image)
+    visible = initially_visible(names, colours)
     meta = {
         "plate_path": str(plate.root),
         "site_key": tuple(site.key),
@@ -100,7 +137,7 @@ def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list
         "colormap": colours,
         "contrast_limits": [contrast_limits(plane) for plane in image],
         "blending": "additive",
-        "visible": [c != "gray" for c in colours],
+        "visible": visible,
         "metadata": meta,
     }
     layers: list[tuple] = [(image, image_kwargs, "image")]
@@ -111,7 +148,9 @@ def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list
                 f"cell labels {site.labels_path} have shape {labels.shape}, "
                 f"the images of {site.key} {image.shape[1:]}"
             )
-        layers.append((labels, {"name": "cells", "opacity": 0.3, "metadata": dict(meta)}, "labels"))
+        # Hidden at first: filled labels over the stains hide what a biologist looks at.
+        labels_kwargs = {"name": "cells", "opacity": 0.5, "visible": False, "metadata": dict(meta)}
+        layers.append((labels, labels_kwargs, "labels"))
     return layers
 
 
