@@ -1,0 +1,213 @@
+"""What ICFL and the TopK SAE share: configs that round-trip JSON, codes, and the module API.
+
+Following sparsify's split, every method is an ``nn.Module`` with ``encode`` (tokens to sparse
+codes), ``decode`` (codes to tokens) and ``forward`` (a named tuple with the reconstruction, the
+codes and the loss terms), so that the training loop, the metrics and the file format never
+branch on the method except to build the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Codes(NamedTuple):
+    """Sparse codes as ``values`` and ``indices`` of shape (B, slots).
+
+    A slot whose value is zero is inactive. An index may repeat within a row (ICFL can pick an
+    atom again in a later pursuit iteration); decoding and conversion to a sparse matrix sum
+    repeats, so every consumer sees the same code.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+class ForwardOutput(NamedTuple):
+    """What ``forward`` returns: reconstruction, codes, the loss to minimise, and batch metrics."""
+
+    reconstruction: torch.Tensor
+    codes: Codes
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class DictionaryConfig:
+    """Base for method configs: plain fields that survive ``to_json``/``from_json`` unchanged."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            from ..errors import DictionaryError
+
+            raise DictionaryError(
+                f"unknown {cls.method} config field(s) {unknown}; known: {sorted(names)}"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
+
+
+def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, n_rows: int):
+    """out[m] = sum of weights[b, s] * x[b] over the slots (b, s) with indices[b, s] == m.
+
+    The gradient of a sparse code's atoms (or of the chosen encoder rows) has this form. A
+    sparse (n_rows x B) matrix times x does it several times faster on a CPU than ``index_add``
+    of B*slots scaled copies of the rows, and sums repeated indices.
+    """
+    b, slots = indices.shape
+    rows = torch.arange(b, device=x.device).repeat_interleave(slots)
+    coo = torch.sparse_coo_tensor(
+        torch.stack([indices.reshape(-1), rows]), weights.reshape(-1).to(x.dtype), (n_rows, b)
+    )
+    return torch.sparse.mm(coo, x)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``embedding_bag`` forward; backward through :func:`scatter_rows` for the atoms."""
+
+    @staticmethod
+    def forward(ctx, values, indices, atoms):
+        ctx.save_for_backward(values, indices, atoms)
+        return F.embedding_bag(indices, atoms, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, atoms = ctx.saved_tensors
+        grad_values = grad_atoms = None
+        if ctx.needs_input_grad[0]:
+            with torch.enable_grad():
+                v = values.detach().requires_grad_()
+                out = F.embedding_bag(indices, atoms.detach(), per_sample_weights=v, mode="sum")
+                (grad_values,) = torch.autograd.grad(out, v, grad)
+        if ctx.needs_input_grad[2]:
+            grad_atoms = scatter_rows(indices, values, grad, atoms.shape[0])
+        return grad_values, None, grad_atoms
+
+
+def sparse_decode(codes: Codes, atoms: torch.Tensor) -> torch.Tensor:
+    """Sum of the chosen atoms (rows of ``atoms``) weighted by the code values.
+
+    ``embedding_bag`` gathers only the B x slots rows it needs, so decoding costs B*slots*D
+    instead of the B*M*D of a dense code matrix times the dictionary; the backward gives the
+    gradients of both the atoms and the values at the same sparse cost.
+    """
+    values = codes.values.to(atoms.dtype)
+    if torch.is_grad_enabled() and (values.requires_grad or atoms.requires_grad):
+        return _SparseDecode.apply(values, codes.indices, atoms)
+    return F.embedding_bag(codes.indices, atoms, per_sample_weights=values, mode="sum")
+
+
+def fired_mask(codes: Codes, n_atoms: int) -> torch.Tensor:
+    """Which atoms are active (non-zero code) on at least one token of the batch."""
+    hits = torch.zeros(n_atoms, dtype=torch.float32)
+    hits.index_add_(0, codes.indices.reshape(-1), (codes.values != 0).reshape(-1).float())
+    return hits > 0
+
+
+def codes_to_csr(codes: Codes, n_atoms: int):
+    """Codes as a scipy CSR matrix (tokens x atoms); repeated indices are summed, zeros dropped."""
+    import scipy.sparse as sp
+
+    values = codes.values.detach().cpu().numpy()
+    indices = codes.indices.detach().cpu().numpy()
+    n, slots = values.shape
+    rows = np.repeat(np.arange(n), slots)
+    m = sp.coo_matrix(
+        (values.ravel().astype(np.float32), (rows, indices.ravel())), shape=(n, n_atoms)
+    ).tocsr()
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    return m
+
+
+class SparseDictionary(nn.Module):
+    """A dictionary of ``n_atoms`` unit-norm atoms in a ``d_in``-dimensional token space.
+
+    Subclasses provide ``encode``, ``forward`` and the hooks the training loop calls around the
+    optimiser step. ``atoms`` is (M, D): one row per atom, the transpose of DESIGN.md's W.
+    """
+
+    method: ClassVar[str] = ""
+    config: DictionaryConfig
+
+    def __init__(self, d_in: int, config: DictionaryConfig):
+        super().__init__()
+        self.d_in = int(d_in)
+        self.config = config
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.config.n_atoms)
+
+    @property
+    def atoms(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def bias(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        raise NotImplementedError
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return sparse_decode(codes, self.atoms) + self.bias
+
+    def init_from_data(self, sample: torch.Tensor, generator: torch.Generator) -> None:
+        """Set data-dependent initial values (bias at the data median) before training."""
+
+    def before_step(self) -> None:
+        """Called after ``backward`` and before the optimiser step."""
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called after the optimiser step (renormalise atoms, redraw duplicates...)."""
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.config.lr)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The learned tensors under the names the dictionary file uses."""
+        raise NotImplementedError
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def fit(self, tokens, *, steps: int, batch_size: int = 1024, **kwargs):
+        """Train on an (N, D) array; see :func:`napari_concept_discovery.dictionary.train.train`."""
+        from .train import train
+
+        return train(self, tokens, steps=steps, batch_size=batch_size, **kwargs)
+
+
+def coordinate_median(x: torch.Tensor) -> torch.Tensor:
+    """Per-dimension median: where tokens sit when no atom is active, if codes are sparse."""
+    return x.median(dim=0).values
+
+
+def batch_fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """FVU on one batch, as in :mod:`.metrics` (centred on the batch mean)."""
+    with torch.no_grad():
+        err = (x - x_hat).pow(2).sum()
+        var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
+        return float(err / var)

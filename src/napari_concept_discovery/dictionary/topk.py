@@ -1,0 +1,207 @@
+"""TopK sparse autoencoder after Gao et al. 2024 ("Scaling and evaluating sparse autoencoders").
+
+z = TopK(ReLU(W_enc (x - b_pre) + b_enc)), x_hat = W_dec z + b_pre. The decoder starts as the
+encoder's transpose with unit-norm atoms; before each step the gradient component parallel to
+each atom is removed and after it the atoms are renormalised; b_pre starts at the data's
+per-dimension median; an auxiliary loss (AuxK, coefficient 1/32) reconstructs the residual from
+the top pre-activations of latents that have been dead for ``dead_tokens`` tokens; Adam.
+
+Speed on a CPU: the encoder matmul (B*M*D) is the one dense cost. Everything after it touches
+only the k chosen latents: decoding is a gather (``embedding_bag``), and the encoder's backward
+is written by hand to scatter into the k chosen rows of W_enc instead of multiplying a mostly
+zero (B, M) gradient by the batch, which is what autograd through a dense ``linear`` would do
+(twice, once for W_enc and once for the input because b_pre is learned).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import (
+    Codes,
+    DictionaryConfig,
+    ForwardOutput,
+    SparseDictionary,
+    coordinate_median,
+    fired_mask,
+    scatter_rows,
+    sparse_decode,
+)
+
+
+@dataclasses.dataclass
+class TopKConfig(DictionaryConfig):
+    """TopK SAE settings.
+
+    ``lr=None`` uses Gao et al.'s scaling 2e-4 / sqrt(M / 2^14) (also sparsify's default).
+    ``auxk=None`` uses D / 2 latents for the auxiliary loss, as in the paper. ``dead_tokens``
+    is 10M in the paper; CPU runs see far fewer tokens, so the default counts a latent dead
+    after 1M tokens without firing.
+    """
+
+    method: ClassVar[str] = "topk"
+    n_atoms: int = 1024
+    k: int = 32
+    lr: float | None = None
+    auxk: int | None = None
+    auxk_coef: float = 1 / 32
+    dead_tokens: int = 1_000_000
+
+    @property
+    def max_nonzeros(self) -> int:
+        return self.k
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_atoms / 2**14)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """Pre-activations of chosen latents, with a backward that touches only those latents.
+
+    Forward takes the values already read off the dense pre-activations (no recomputation);
+    backward scatters into the chosen rows of W_enc and b_enc, and gives the input gradient as
+    a weighted sum of k encoder rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, indices, values):
+        ctx.save_for_backward(x, w_enc, indices)
+        ctx.n_atoms = w_enc.shape[0]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_enc, indices = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        flat_idx = indices.reshape(-1)
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, w_enc, per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_w = scatter_rows(indices, grad, x, ctx.n_atoms)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(ctx.n_atoms, dtype=grad.dtype).index_add_(
+                0, flat_idx, grad.reshape(-1)
+            )
+        return grad_x, grad_w, grad_b, None, None
+
+
+class TopKSAE(SparseDictionary):
+    """TopK SAE with encoder ``W_enc`` (M, D), ``b_enc`` (M,), atoms ``W_dec`` (M, D), ``b_pre``."""
+
+    method: ClassVar[str] = "topk"
+    config: TopKConfig
+
+    def __init__(self, d_in: int, config: TopKConfig | None = None, *, seed: int = 0):
+        config = config or TopKConfig()
+        super().__init__(d_in, config)
+        if not 1 <= config.k <= config.n_atoms:
+            from ..errors import DictionaryError
+
+            raise DictionaryError(f"TopK needs 1 <= k <= M; got k={config.k}, M={config.n_atoms}")
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(config.n_atoms, d_in, generator=g)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w.clone())
+        self.W_enc = nn.Parameter(w.clone())  # encoder = decoder transpose at the start
+        self.b_enc = nn.Parameter(torch.zeros(config.n_atoms))
+        self.b_pre = nn.Parameter(torch.zeros(d_in))
+        # tokens seen since each latent last fired, for AuxK; saved with the dictionary
+        self.register_buffer("tokens_since_fired", torch.zeros(config.n_atoms, dtype=torch.long))
+
+    @property
+    def atoms(self) -> torch.Tensor:
+        return self.W_dec
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.b_pre
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.config.learning_rate(), eps=6.25e-10)
+
+    @torch.no_grad()
+    def init_from_data(self, sample: torch.Tensor, generator: torch.Generator) -> None:
+        self.b_pre.copy_(coordinate_median(sample))
+
+    def _pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xc = x - self.b_pre
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc, self.W_enc.T)
+        return xc, pre
+
+    def _select(self, xc, pre, k, mask=None) -> Codes:
+        source = pre if mask is None else pre.masked_fill(~mask, -torch.inf)
+        top = source.topk(k, dim=1, sorted=False)
+        vals = _GatheredLinear.apply(xc, self.W_enc, self.b_enc, top.indices, top.values)
+        return Codes(F.relu(vals), top.indices)
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        xc, pre = self._pre(x)
+        return self._select(xc, pre, self.config.k)
+
+    def forward(self, x: torch.Tensor) -> ForwardOutput:
+        cfg = self.config
+        xc, pre = self._pre(x)
+        codes = self._select(xc, pre, cfg.k)
+        x_hat = sparse_decode(codes, self.W_dec) + self.b_pre
+        err = x - x_hat
+        var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        fvu = err.pow(2).sum() / var
+        loss = fvu
+        metrics = {"fvu": float(fvu.detach())}
+        if self.training:
+            self._count_firing(codes, x.shape[0])
+            dead = self.tokens_since_fired >= cfg.dead_tokens
+            n_dead = int(dead.sum())
+            if n_dead and cfg.auxk_coef > 0:
+                k_aux = min(cfg.auxk or x.shape[1] // 2, n_dead)
+                aux = self._select(xc, pre, k_aux, dead.unsqueeze(0))
+                e = err.detach()
+                e_hat = sparse_decode(aux, self.W_dec)
+                aux_fvu = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+                loss = loss + cfg.auxk_coef * aux_fvu.nan_to_num(0.0)
+                metrics["auxk"] = float(aux_fvu.detach())
+        metrics["loss"] = float(loss.detach())
+        return ForwardOutput(x_hat, codes, loss, metrics)
+
+    @torch.no_grad()
+    def _count_firing(self, codes: Codes, n_tokens: int) -> None:
+        fired = fired_mask(codes, self.n_atoms)
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Drop the gradient component along each atom, so the step cannot change its norm."""
+        g = self.W_dec.grad
+        if g is not None:
+            w = self.W_dec
+            g -= (g * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "atoms": self.W_dec.detach(),
+            "bias": self.b_pre.detach(),
+            "encoder": self.W_enc.detach(),
+            "encoder_bias": self.b_enc.detach(),
+            "tokens_since_fired": self.tokens_since_fired,
+        }
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.W_dec.copy_(tensors["atoms"])
+        self.b_pre.copy_(tensors["bias"])
+        self.W_enc.copy_(tensors["encoder"])
+        self.b_enc.copy_(tensors["encoder_bias"])
+        if "tokens_since_fired" in tensors:
+            self.tokens_since_fired.copy_(tensors["tokens_since_fired"])

@@ -1,0 +1,238 @@
+"""One training loop for every dictionary method, over an in-memory or a zarr array.
+
+Tokens stream in batches: an in-memory array is shuffled by index each epoch; a zarr (or any
+sliceable) array is read in chunk-aligned blocks, in random order, through a shuffle buffer of
+a few batches, so memory is bounded by the batch size and not by the data. Whitening, when
+given, is applied per batch. The loop reports progress, honours cancellation between steps
+(so the dictionary it returns is always the one after the last complete step), and writes
+checkpoints atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..errors import DictionaryError
+from .base import SparseDictionary, batch_fvu, fired_mask
+from .whiten import Whitener
+
+DEAD_WINDOW = 100_000  # tokens; not firing in 1e5 tokens = active on < 1e-5 of them (DESIGN.md)
+
+
+class TrainProgress(NamedTuple):
+    """One progress report: loss, FVU and dead fraction are those of the latest batch."""
+
+    step: int
+    steps: int
+    loss: float
+    fvu: float
+    dead_fraction: float
+    samples: int
+
+
+@dataclass
+class TrainResult:
+    model: SparseDictionary
+    steps_done: int
+    cancelled: bool
+    diverged: bool
+    samples: int
+    seconds: float
+    history: list[TrainProgress] = field(default_factory=list)
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def iterate_batches(
+    data,
+    batch_size: int,
+    rng: np.random.Generator,
+    groups: np.ndarray | None = None,
+    buffer_batches: int = 4,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Endless shuffled batches of rows of ``data`` (N, D), with their group labels.
+
+    numpy arrays are indexed directly; anything else (a zarr array) is read one block of whole
+    chunks at a time, so at most about ``buffer_batches + 1`` batches of rows are in memory.
+    """
+    n = data.shape[0]
+    if n == 0:
+        raise DictionaryError("no tokens to train on")
+    batch_size = min(batch_size, n)
+    if isinstance(data, np.ndarray):
+        while True:
+            perm = rng.permutation(n)
+            for start in range(0, n - batch_size + 1, batch_size):
+                idx = np.sort(perm[start : start + batch_size])
+                yield data[idx], None if groups is None else groups[idx]
+    chunk = int(getattr(data, "chunks", (batch_size,))[0]) or batch_size
+    block = chunk * max(1, batch_size // chunk)
+    starts = np.arange(0, n, block)
+    cap = buffer_batches * batch_size
+    buf_x: list[np.ndarray] = []
+    buf_g: list[np.ndarray] = []
+    held = 0
+    while True:
+        for s in rng.permutation(starts):
+            stop = min(s + block, n)
+            buf_x.append(np.asarray(data[s:stop]))
+            if groups is not None:
+                buf_g.append(groups[s:stop])
+            held += stop - s
+            if held < cap:
+                continue
+            x = np.concatenate(buf_x)
+            g = np.concatenate(buf_g) if groups is not None else None
+            perm = rng.permutation(len(x))
+            n_full = len(x) // batch_size * batch_size
+            for start in range(0, n_full, batch_size):
+                idx = perm[start : start + batch_size]
+                yield x[idx], None if g is None else g[idx]
+            rest = perm[n_full:]
+            buf_x = [x[rest]]
+            buf_g = [g[rest]] if g is not None else []
+            held = len(rest)
+
+
+def _prepare(batch, groups, whitener: Whitener | None) -> torch.Tensor:
+    x = np.asarray(batch, dtype=np.float32)
+    if whitener is not None:
+        x = whitener.transform(x, groups)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def train(
+    model: SparseDictionary,
+    data,
+    *,
+    steps: int,
+    batch_size: int = 1024,
+    seed: int = 0,
+    whitener: Whitener | None = None,
+    groups=None,
+    progress: Callable[[TrainProgress], None] | None = None,
+    progress_every: int = 10,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    checkpoint_meta: dict | None = None,
+    init_samples: int = 8192,
+) -> TrainResult:
+    """Train ``model`` in place for ``steps`` optimiser steps on (N, D) tokens ``data``.
+
+    ``data`` is raw tokens when ``whitener`` is given (each batch is whitened, using ``groups``
+    (N,) for per-group whitening), else tokens already in the dictionary's space. ``progress``
+    is called every ``progress_every`` steps and at the end. ``cancel`` (an Event or a callable)
+    is checked before each step; the model returned is the one after the last complete step.
+    A non-finite loss restores the last reported state and stops (``diverged=True``).
+    """
+    if steps < 0 or batch_size < 1:
+        raise DictionaryError(f"steps must be >= 0 and batch size >= 1; got {steps}, {batch_size}")
+    width = whitener.n_components_ if whitener is not None else data.shape[1]
+    if width != model.d_in:
+        raise DictionaryError(
+            f"the dictionary takes {model.d_in}-dimensional tokens but the training tokens are "
+            f"{width}-dimensional" + (" after whitening" if whitener is not None else "")
+        )
+    group_arr = None if groups is None else np.asarray(groups).astype(str)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+
+    init_stream = iterate_batches(
+        data, max(batch_size, 1), np.random.default_rng(seed + 1), group_arr
+    )
+    sample, seen = [], 0
+    while seen < min(init_samples, data.shape[0]):
+        xb, gb = next(init_stream)
+        sample.append(_prepare(xb, gb, whitener))
+        seen += len(xb)
+    model.train()
+    model.init_from_data(torch.cat(sample)[:init_samples], gen)
+    del sample, init_stream
+
+    optimizer = model.make_optimizer()
+    stream = iterate_batches(data, batch_size, rng, group_arr)
+    since_fired = torch.zeros(model.n_atoms, dtype=torch.long)
+    history: list[TrainProgress] = []
+    good = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    samples = step = good_step = 0
+    cancelled = diverged = False
+
+    def report(loss: float, fvu: float) -> None:
+        window = min(DEAD_WINDOW, samples)
+        dead = float((since_fired >= window).float().mean()) if window else 0.0
+        info = TrainProgress(step, steps, loss, fvu, dead, samples)
+        history.append(info)
+        if progress is not None:
+            progress(info)
+
+    loss_f = fvu_f = math.nan
+    for step_i in range(1, steps + 1):
+        if _is_cancelled(cancel):
+            cancelled = True
+            break
+        xb, gb = next(stream)
+        x = _prepare(xb, gb, whitener)
+        out = model(x)
+        loss_f = float(out.loss)
+        if not math.isfinite(loss_f):
+            model.load_state_dict(good)
+            step, diverged = good_step, True
+            break
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        model.before_step()
+        optimizer.step()
+        model.after_step(step_i, optimizer)
+        step = step_i
+        samples += len(x)
+        with torch.no_grad():
+            fired = fired_mask(out.codes, model.n_atoms)
+            since_fired += len(x)
+            since_fired[fired] = 0
+        fvu_f = out.metrics.get("fvu")
+        if fvu_f is None:
+            fvu_f = batch_fvu(x, out.reconstruction)
+        if step % progress_every == 0 or step == steps:
+            report(loss_f, fvu_f)
+            good = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            good_step = step
+        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+            _save_checkpoint(checkpoint, model, whitener, checkpoint_meta, step)
+    if cancelled and step and (not history or history[-1].step != step):
+        report(loss_f, fvu_f)
+    if checkpoint is not None and step:
+        _save_checkpoint(checkpoint, model, whitener, checkpoint_meta, step)
+    model.eval()
+    return TrainResult(
+        model=model,
+        steps_done=step,
+        cancelled=cancelled,
+        diverged=diverged,
+        samples=samples,
+        seconds=time.perf_counter() - t0,
+        history=history,
+    )
+
+
+def _save_checkpoint(path, model, whitener, meta, step) -> None:
+    from .io import save_dictionary
+
+    save_dictionary(path, model, whitener, {**(meta or {}), "steps": step, "checkpoint": True})
