@@ -206,7 +206,7 @@ def _plate_key(fields: dict[str, str], path: Path, root: Path) -> str:
     if exp or plate:
         return exp or plate
     folder = path.parent
-    if folder.name.lower() == "images" and folder != root.parent:
+    if folder.name.lower() == "images":  # plate/images/*.tif (Phenix exports, NF1)
         folder = folder.parent
     return folder.name
 
