@@ -1,0 +1,152 @@
+"""Dictionary files: exact round trip, atomic writes, refusal to apply to the wrong activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_concept_discovery.dictionary import (
+    ICFL,
+    ICFLConfig,
+    TopKConfig,
+    TopKSAE,
+    Whitener,
+    load_dictionary,
+    save_dictionary,
+    train,
+)
+from napari_concept_discovery.dictionary import io as dio
+from napari_concept_discovery.errors import DictionaryError
+
+META = {
+    "unit": "cell",
+    "model_id": "default-vit-s",
+    "block": 7,
+    "channel_names": ["DNA", "ER", "Actin"],
+    "signature": "abc123",
+    "metrics": {"fvu": 0.123456789012345, "dead_fraction": 0.0},
+}
+
+
+def _trained(method, tmp_path):
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((600, 10)).astype(np.float32) * 2 + 1
+    plates = np.array(["P1", "P2"] * 300)
+    w = Whitener(group_by="plate", n_components=8).fit(raw, plates)
+    model = (
+        ICFL(8, ICFLConfig(n_atoms=16, n_iter=2, n_pick=2))
+        if method == "icfl"
+        else TopKSAE(8, TopKConfig(n_atoms=16, k=3))
+    )
+    train(model, raw, steps=5, batch_size=100, whitener=w, groups=plates)
+    return model, w, raw, plates
+
+
+@pytest.mark.parametrize("method", ["icfl", "topk"])
+def test_round_trip_is_exact(method, tmp_path):
+    model, w, raw, plates = _trained(method, tmp_path)
+    path = save_dictionary(tmp_path / "d.safetensors", model, w, META)
+    loaded = load_dictionary(path)
+    assert loaded.model.method == method and loaded.model.config == model.config
+    for k, v in model.tensors().items():
+        assert torch.equal(loaded.model.tensors()[k], v), k
+    assert loaded.meta == META
+    assert loaded.whitener.groups_ == w.groups_ and loaded.whitener.get_params() == w.get_params()
+    np.testing.assert_array_equal(loaded.whitener.mean_, w.mean_)
+    np.testing.assert_array_equal(loaded.whitener.transform_, w.transform_)
+    a = loaded.encode(raw, plates, model_id="default-vit-s", block=7)
+    model.eval()
+    with torch.no_grad():
+        from napari_concept_discovery.dictionary import codes_to_csr
+
+        b = codes_to_csr(model.encode(torch.from_numpy(w.transform(raw, plates))), 16)
+    assert (a != b).nnz == 0
+    # saving what was loaded and loading again changes nothing
+    again = load_dictionary(
+        save_dictionary(tmp_path / "e.safetensors", loaded.model, loaded.whitener, loaded.meta)
+    )
+    for k, v in model.tensors().items():
+        assert torch.equal(again.model.tensors()[k], v), k
+    assert again.meta == META and again.model.config == model.config
+
+
+def test_config_json_round_trip_and_unknown_fields():
+    cfg = ICFLConfig(n_atoms=64, n_iter=3, n_pick=2, pursuit="plain")
+    assert ICFLConfig.from_json(cfg.to_json()) == cfg
+    t = TopKConfig(k=7, lr=1e-3)
+    assert TopKConfig.from_json(t.to_json()) == t
+    with pytest.raises(DictionaryError, match="unknown topk config field"):
+        TopKConfig.from_dict({"k": 3, "sparsity": 2})
+
+
+def test_refuses_other_model_block_or_width(tmp_path):
+    model, w, raw, plates = _trained("icfl", tmp_path)
+    loaded = load_dictionary(save_dictionary(tmp_path / "d.safetensors", model, w, META))
+    with pytest.raises(DictionaryError) as e:
+        loaded.check_compatible(model_id="openphenom", block=7, width=10)
+    msg = str(e.value)
+    assert "'default-vit-s' block 7 (width 10" in msg and "'openphenom' block 7" in msg
+    assert "model differ" in msg
+    with pytest.raises(DictionaryError, match=r"block 7 .* block 5 .* block differ"):
+        loaded.encode(raw, plates, model_id="default-vit-s", block=5)
+    with pytest.raises(DictionaryError, match=r"width 10.*width 384\); width differ"):
+        loaded.encode(np.zeros((3, 384), np.float32), model_id="default-vit-s", block=7)
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    model, w, *_ = _trained("topk", tmp_path)
+    path = save_dictionary(tmp_path / "d.safetensors", model, w, META)
+    before = path.read_bytes()
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dio.os, "replace", fail)
+    with torch.no_grad():
+        model.W_dec.mul_(2)
+    with pytest.raises(OSError, match="disk full"):
+        save_dictionary(path, model, w, META)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
+
+
+def test_load_refuses_other_files(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DictionaryError, match="not a concept-discovery dictionary"):
+        load_dictionary(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"nope")
+    with pytest.raises(DictionaryError, match="not a readable safetensors file"):
+        load_dictionary(tmp_path / "junk.safetensors")
+    with pytest.raises(DictionaryError, match="no dictionary file"):
+        load_dictionary(tmp_path / "missing.safetensors")
+
+
+def test_checkpoints_written_during_training(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 6)).astype(np.float32)
+    model = ICFL(6, ICFLConfig(n_atoms=8, n_iter=2, n_pick=1))
+    ck = tmp_path / "ck.safetensors"
+    seen = []
+
+    def progress(p):
+        if ck.exists():
+            seen.append(load_dictionary(ck).meta["steps"])
+
+    train(
+        model,
+        x,
+        steps=12,
+        batch_size=50,
+        checkpoint=ck,
+        checkpoint_every=4,
+        progress=progress,
+        progress_every=1,
+        checkpoint_meta={"unit": "cell"},
+    )
+    assert 4 in seen and 8 in seen
+    final = load_dictionary(ck)
+    assert final.meta["steps"] == 12 and final.meta["unit"] == "cell"
+    assert torch.equal(final.model.W, model.W.detach())
