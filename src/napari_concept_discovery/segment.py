@@ -21,6 +21,9 @@ from .errors import PlateError
 
 #: Channel names, lower case, that mark plasma membranes (watershed ridges between cells).
 MEMBRANE_NAMES = ("membrane", "wga", "agp", "cellmask", "plasma membrane")
+#: Stains whose signal peaks at cell borders; every other stain is brightest inside the cell
+#: and dims towards its edge, so touching cells meet in a valley of it instead.
+RIDGE_NAMES = (*MEMBRANE_NAMES, "actin", "phalloidin", "f-actin")
 NUCLEAR_NAMES = ("dna", "hoechst", "dapi", "nuclei", "nucleus")
 
 
@@ -87,11 +90,12 @@ def segment_nuclei(
 def cell_surface(
     image: np.ndarray, channel_names: Sequence[str], nuclear: str | int = "DNA", cell=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The foreground image (sum of non-nuclear stains) and the watershed surface for cells.
+    """The foreground image (mean of non-nuclear stains) and the watershed surface for cells.
 
     ``cell`` names one channel or a list of channels for the surface; None picks a membrane
-    stain by name if there is one (cell borders are ridges there) and otherwise the sum of the
-    non-nuclear stains. Returned arrays are smoothed and scaled to about [0, 1].
+    stain by name if there is one and otherwise all non-nuclear stains. Border stains (membrane,
+    actin: ``RIDGE_NAMES``) enter the surface as they are, other stains inverted, so that
+    borders between touching cells are ridges of the surface either way.
     """
     n = _channel_index(channel_names, nuclear, "nuclear")
     others = [i for i in range(image.shape[0]) if i != n]
@@ -108,7 +112,12 @@ def cell_surface(
         chosen = [_channel_index(channel_names, c, "cell") for c in cell]
     if not chosen:
         chosen = others
-    surface = sum(units[i] if i in units else _robust_unit(image[i]) for i in chosen)
+    lowered = [c.lower() for c in channel_names]
+    surface = sum(
+        (1.0 if lowered[i] in RIDGE_NAMES else -1.0)
+        * (units[i] if i in units else _robust_unit(image[i]))
+        for i in chosen
+    )
     surface = ndi.gaussian_filter(surface / len(chosen), 1.0)
     return foreground, surface
 
@@ -133,8 +142,10 @@ def segment_cells(
     # The surface gets a little of the distance from the nucleus so that flat regions are
     # shared out by proximity instead of by noise.
     dist = ndi.distance_transform_edt(nuclei == 0)
-    rel = surface / max(float(np.percentile(surface[mask], 99)), 1e-6) if mask.any() else surface
-    flood = rel + 0.01 * dist
+    if mask.any():  # scale the surface's range inside cells to about 1
+        lo, hi = np.percentile(surface[mask], [1, 99])
+        surface = (surface - lo) / max(float(hi - lo), 1e-6)
+    flood = surface + 0.01 * dist
     cells = segmentation.watershed(flood, nuclei, mask=mask)
     if min_area is not None:
         small = np.bincount(cells.ravel())[1:] < min_area

@@ -111,7 +111,7 @@ def sample_cells(
             break
         if near[i] and n > 0:
             j = int(pick[i] * n)
-            dist = 0.8 * (rad[j] + place_radius[i])
+            dist = max(0.8 * (rad[j] + place_radius[i]), 1.2 * (nrad[j] + place_nucleus[i]))
             y = cy[j] + dist * np.sin(direction[i])
             x = cx[j] + dist * np.cos(direction[i])
             if not (0 <= y < size and 0 <= x < size):
@@ -121,7 +121,7 @@ def sample_cells(
         nr = place_nucleus[i]
         if n:
             d = np.hypot(cy[:n] - y, cx[:n] - x)
-            if np.any(d < 0.72 * (rad[:n] + place_radius[i])) or np.any(d < 1.3 * (nrad[:n] + nr)):
+            if np.any(d < 0.72 * (rad[:n] + place_radius[i])) or np.any(d < 1.1 * (nrad[:n] + nr)):
                 continue
         cy[n], cx[n], rad[n], nrad[n], chosen[n] = y, x, place_radius[i], nr, i
         n += 1
