@@ -201,11 +201,157 @@ def _add_embed(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "train",
+        help="learn a sparse dictionary (ICFL or TopK SAE) on the tokens of an activation store",
+    )
+    p.add_argument("store", help="activation store folder (written by `concept-discovery embed`)")
+    p.add_argument("--method", choices=("icfl", "topk"), default="icfl", help="default icfl")
+    p.add_argument("--unit", choices=("cell", "patch", "crop"), default="cell", help="default cell")
+    p.add_argument(
+        "--whiten",
+        metavar="COLUMN=VALUE",
+        help="control tokens to fit the PCA whitening on, e.g. well_type=negative_control",
+    )
+    p.add_argument("--whiten-by", metavar="COLUMN", help="fit the whitening per group, e.g. plate")
+    p.add_argument("--whiten-mode", choices=("pca", "center"), default="pca")
+    p.add_argument("--components", type=int, help="keep this many principal components")
+    p.add_argument("--no-whiten", action="store_true", help="train on the tokens as stored")
+    p.add_argument("--size", type=int, default=1024, help="number of atoms M (default 1024)")
+    p.add_argument("--sparsity", type=int, help="non-zeros per token: TopK k, or ICFL J*L (L=4)")
+    p.add_argument("--J", type=int, dest="n_iter", help="ICFL pursuit iterations (default 8)")
+    p.add_argument("--L", type=int, dest="n_pick", help="ICFL atoms picked per iteration (4)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between saves")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", required=True, help="dictionary file to write (.safetensors)")
+    p.set_defaults(func=_run_train)
+
+
+def _train_config(args) -> dict:
+    cfg: dict = {"n_atoms": args.size}
+    if args.lr is not None:
+        cfg["lr"] = args.lr
+    if args.method == "topk":
+        if args.n_iter is not None or args.n_pick is not None:
+            raise SystemExit("error: --J/--L are ICFL settings; use --sparsity for TopK")
+        cfg["k"] = args.sparsity if args.sparsity is not None else 32
+        return cfg
+    n_pick = args.n_pick if args.n_pick is not None else 4
+    if args.sparsity is not None:
+        if args.n_iter is not None and args.n_iter * n_pick != args.sparsity:
+            raise SystemExit(
+                f"error: --sparsity {args.sparsity} disagrees with --J {args.n_iter} x --L {n_pick}"
+            )
+        if args.sparsity % n_pick:
+            raise SystemExit(f"error: ICFL --sparsity must be a multiple of --L ({n_pick})")
+        n_iter = args.sparsity // n_pick
+    else:
+        n_iter = args.n_iter if args.n_iter is not None else 8
+    cfg.update(n_iter=n_iter, n_pick=n_pick)
+    return cfg
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from .dictionary.pipeline import train_on_store
+    from .dictionary.whiten import parse_control
+    from .store import ActivationStore
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.no_whiten and (args.whiten or args.whiten_by):
+        raise SystemExit("error: --no-whiten cannot be combined with --whiten/--whiten-by")
+    if not args.no_whiten and not args.whiten:
+        raise SystemExit(
+            "error: choose control tokens for whitening with --whiten COLUMN=VALUE "
+            "(e.g. --whiten well_type=negative_control), or pass --no-whiten"
+        )
+    control = parse_control(args.whiten) if args.whiten else None
+    config = _train_config(args)
+    store = ActivationStore.open(args.store)
+    with _progress(args.steps, f"train {args.method}") as bar:
+
+        def progress(p) -> None:
+            bar.update(p.step - bar.n)
+            bar.set_postfix(loss=f"{p.loss:.4g}", fvu=f"{p.fvu:.3f}", dead=f"{p.dead_fraction:.2f}")
+
+        trained = train_on_store(
+            store,
+            method=args.method,
+            unit=args.unit,
+            control=control,
+            whiten=not args.no_whiten,
+            whiten_by=args.whiten_by,
+            whiten_mode=args.whiten_mode,
+            n_components=args.components,
+            config=config,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            out=args.out,
+            progress=progress,
+            checkpoint_every=args.checkpoint_every,
+        )
+    m = trained.metrics
+    print(
+        f"wrote {trained.path}: {args.method}, M={args.size}, {trained.result.steps_done} steps, "
+        f"FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, L0 {m['l0']:.1f}, "
+        f"dead {m['n_dead']}/{m['n_atoms']}"
+    )
+    return 0
 
 
 def _add_analyze(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "analyze",
+        help="encode a store with a dictionary; write feature table, selectivity and codes",
+    )
+    p.add_argument("store", help="activation store folder")
+    p.add_argument(
+        "dictionary", help="dictionary file (.safetensors) from `concept-discovery train`"
+    )
+    p.add_argument("--labels", default="", help="metadata columns for selectivity, comma-separated")
+    p.add_argument("--truth", default="", help="ground-truth columns for per-concept AUROC")
+    p.add_argument(
+        "--truth-file",
+        help="per-cell truth CSV (plate, well, site, label, ...) joined onto the cell table",
+    )
+    p.add_argument("--unit", choices=("cell", "patch", "crop"), help="default: the dictionary's")
+    p.add_argument("--top", type=int, default=10, help="top tokens listed per feature")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args) -> int:
+    from .concepts import write_analysis
+    from .dictionary.io import load_dictionary
+    from .dictionary.pipeline import encode_store
+    from .store import ActivationStore
+
+    store = ActivationStore.open(args.store)
+    dictionary = load_dictionary(args.dictionary)
+    codes, table = encode_store(store, dictionary, args.unit)
+    if args.truth_file:
+        import pandas as pd
+
+        from .concepts import join_truth
+
+        table = join_truth(table, pd.read_csv(args.truth_file))
+    labels = [c.strip() for c in args.labels.split(",") if c.strip()]
+    truth = [c.strip() for c in args.truth.split(",") if c.strip()]
+    paths = write_analysis(
+        args.out, codes, table, labels, meta=dictionary.meta, truth_columns=truth, top_n=args.top
+    )
+    print(
+        f"encoded {codes.shape[0]} tokens with {codes.shape[1]} features (L0 "
+        f"{codes.nnz / max(codes.shape[0], 1):.1f}); wrote {', '.join(p.name for p in paths.values())} to {args.out}"
+    )
+    return 0
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -158,6 +158,32 @@ def feature_auroc(codes, membership: np.ndarray) -> np.ndarray:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def join_truth(
+    table: pd.DataFrame, truth: pd.DataFrame, keys=("plate", "well", "site", "label")
+) -> pd.DataFrame:
+    """The token table with the truth table's other columns joined on ``keys``, row order kept.
+
+    Columns the table already has keep the table's values; tokens without truth get NaN.
+    """
+    keys = list(keys)
+    missing = [k for k in keys if k not in table.columns or k not in truth.columns]
+    if missing:
+        raise DictionaryError(
+            f"cannot join truth on {keys}: missing {missing} "
+            f"(table: {list(table.columns)}, truth: {list(truth.columns)})"
+        )
+    extra = [c for c in truth.columns if c not in table.columns]
+    right = truth[keys + extra].copy()
+    left = table.copy()
+    for k in keys:
+        left[k] = left[k].astype(str)
+        right[k] = right[k].astype(str)
+    joined = left.merge(right.drop_duplicates(keys), on=keys, how="left")
+    for k in keys:
+        joined[k] = table[k].to_numpy()
+    return joined
+
+
 def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """For each true concept (every value of each truth column), the best single-feature AUROC.
 

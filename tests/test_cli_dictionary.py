@@ -1,0 +1,133 @@
+"""`concept-discovery train` and `analyze` on a real activation store built from small_plates.
+
+The store is written by the real embedding code; the model is a tiny randomly initialised
+channel-agnostic ViT so that the test does not depend on the bundled weights and stays fast.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from napari_concept_discovery.cli import main
+from napari_concept_discovery.dictionary import load_dictionary, save_dictionary
+
+
+@pytest.fixture(scope="module")
+def store_path(small_plates, tmp_path_factory):
+    import torch
+
+    from napari_concept_discovery.embed import embed_plate
+    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
+    from napari_concept_discovery.models.vit import ChannelAgnosticViT
+
+    torch.manual_seed(0)
+    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
+    backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
+    out = tmp_path_factory.mktemp("store") / "store"
+    embed_plate(small_plates, backend, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "method,extra", [("icfl", ["--J", "2", "--L", "2"]), ("topk", ["--sparsity", "4"])]
+)
+def test_train_and_analyze_from_the_command_line(
+    store_path, small_plates, tmp_path, capsys, method, extra
+):
+    dict_path = tmp_path / f"{method}.safetensors"
+    args = [
+        "train",
+        str(store_path),
+        "--method",
+        method,
+        "--unit",
+        "cell",
+        "--whiten",
+        "well_type=negative_control",
+        "--whiten-by",
+        "plate",
+        "--size",
+        "48",
+        "--steps",
+        "30",
+        "--batch-size",
+        "64",
+        "--seed",
+        "1",
+        "--out",
+        str(dict_path),
+        *extra,
+    ]
+    assert main(args) == 0
+    assert "FVU" in capsys.readouterr().out
+    d = load_dictionary(dict_path)
+    assert d.model.method == method and d.model.n_atoms == 48
+    assert d.meta["model_id"] == "tiny-random" and d.meta["block"] == 1 and d.meta["unit"] == "cell"
+    assert d.meta["whitening"] == {
+        "controls": "well_type=negative_control",
+        "by": "plate",
+        "mode": "pca",
+    }
+    assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta["steps"] == 30
+    assert 0 < d.meta["metrics"]["fvu"] < 1.5
+
+    out = tmp_path / "analysis"
+    rc = main(
+        [
+            "analyze",
+            str(store_path),
+            str(dict_path),
+            "--labels",
+            "well_type,perturbation",
+            "--truth-file",
+            str(small_plates / "truth.csv"),
+            "--truth",
+            "mitotic,cell_type",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    feats = pd.read_parquet(out / "features.parquet")
+    assert len(feats) == 48 and {"frequency", "top_label", "selectivity_avg", "top_tokens"} <= set(
+        feats.columns
+    )
+    adata = ad.read_h5ad(out / "codes.h5ad")
+    assert sp.issparse(adata.X) and adata.shape[1] == 48
+    assert {"plate", "well", "well_type", "mitotic"} <= set(adata.obs.columns)
+    long = pd.read_parquet(out / "codes.parquet")
+    assert len(long) == adata.X.nnz and long["token"].max() < adata.shape[0]
+    concepts = pd.read_parquet(out / "concepts.parquet")
+    assert "mitotic" in set(concepts["concept"]) and concepts["auroc"].between(0, 1).all()
+    counts = pd.read_parquet(out / "selectivity_counts.parquet")
+    assert counts["column"].tolist() == ["well_type", "perturbation"]
+
+
+def test_cli_refusals(store_path, tmp_path, capsys):
+    base = [
+        "train",
+        str(store_path),
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "d.safetensors"),
+    ]
+    with pytest.raises(SystemExit, match="--whiten COLUMN=VALUE"):
+        main(base)
+    assert main([*base, "--whiten", "well_type=control"]) == 2
+    err = capsys.readouterr().err
+    assert "well_type == 'control'" in err and "'negative_control'" in err
+    assert main([*base, "--no-whiten", "--batch-size", "32"]) == 0
+    d = load_dictionary(tmp_path / "d.safetensors")
+    assert d.whitener is None and d.meta["whitening"]["controls"] is None
+    # a dictionary from another block is refused with both sides named
+    d.meta["block"] = 5
+    other = save_dictionary(tmp_path / "other.safetensors", d.model, None, d.meta)
+    assert main(["analyze", str(store_path), str(other), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "'tiny-random' block 5" in err and "block 1" in err and not (tmp_path / "a").exists()
