@@ -1,0 +1,184 @@
+"""Channel-agnostic ViT (the OpenPhenom family) on timm's VisionTransformer.
+
+Every channel is cut into 16x16 patches by one shared ``Conv2d(1, D, 16, 16)``, so a tile with C
+channels becomes C x (H/16 x W/16) tokens in channel-major order plus one CLS token. Positions are
+fixed 2-D sin-cos embeddings, repeated for every channel; there is no learned channel embedding,
+so the same weights take any number of channels. Subclassing timm's ``VisionTransformer`` keeps
+the parameter names timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.*``,
+``fc_norm.*``), which is what OpenPhenom's checkpoint uses under ``encoder.vit_backbone.``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+from torch import nn
+
+#: Variance floor of the per-image, per-channel standardisation (``nn.InstanceNorm2d``'s default).
+INSTANCE_NORM_EPS = 1e-5
+
+
+def sincos_2d(rows: int, cols: int, dim: int, scale: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions for a ``rows x cols`` grid, shape (rows*cols, dim).
+
+    The layout is OpenPhenom's: ``[sin(h w_k), cos(h w_k), sin(x w_k), cos(x w_k)]`` with
+    ``w_k = scale^(-k / (dim/4))``. Computed for any grid, so a 128 px crop gets exactly the
+    positions of the top-left 8x8 patches of a 256 px tile (training on crops stays consistent
+    with inference on tiles).
+    """
+    if dim % 4:
+        raise ValueError(f"embedding width {dim} must be divisible by 4 for 2-D sin-cos positions")
+    quarter = dim // 4
+    freqs = 1.0 / (scale ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    hh, ww = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float32),
+        torch.arange(cols, dtype=torch.float32),
+        indexing="ij",
+    )
+    ah = torch.outer(hh.flatten(), freqs)
+    aw = torch.outer(ww.flatten(), freqs)
+    return torch.cat([ah.sin(), ah.cos(), aw.sin(), aw.cos()], dim=1)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel standardisation: instance norm without affine (OpenPhenom's input norm)."""
+    return F.instance_norm(x.float(), eps=INSTANCE_NORM_EPS)
+
+
+class ChannelAgnosticViT(VisionTransformer):
+    """timm ViT with a shared per-channel patch embedding and fixed sin-cos positions.
+
+    ``forward_tokens(x, block)`` runs the blocks up to and including ``block`` and stops there.
+    Input ``x`` is (B, C, H, W) float scaled to [0, 1]; standardisation happens inside.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        max_channels: int = 11,
+        img_size: int = 256,
+        patch_size: int = 16,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=1,
+            num_classes=0,
+            global_pool="avg",
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=False,
+            qk_norm=True,
+            init_values=1e-4,
+            fc_norm=None,
+            class_token=True,
+            block_fn=ParallelScalingBlock,
+            drop_path_rate=drop_path_rate,
+        )
+        self.max_channels = int(max_channels)
+        self.patch_size = int(patch_size)
+        self.img_size = int(img_size)
+        grid = img_size // patch_size
+        pos = sincos_2d(grid, grid, embed_dim).repeat(self.max_channels, 1)
+        pos = torch.cat([torch.zeros(1, embed_dim), pos], dim=0)[None]
+        # Same name and shape as OpenPhenom's (1, 1 + max_channels * grid^2, D); never trained.
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def resolve_block(self, block: int | None) -> int:
+        """Block index in [0, num_blocks); negative counts from the end, None is the last."""
+        n = self.num_blocks
+        if block is None:
+            return n - 1
+        b = int(block)
+        if b < 0:
+            b += n
+        if not 0 <= b < n:
+            raise IndexError(f"block {block} out of range for a model with {n} blocks (0..{n - 1})")
+        return b
+
+    def positions(self, rows: int, cols: int, channels: int) -> torch.Tensor:
+        """Patch positions (1, channels*rows*cols, D), repeated per channel in channel-major order.
+
+        A full tile uses the stored ``pos_embed`` (so a checkpoint's own table is honoured); other
+        grids (training crops) compute the same sin-cos formula.
+        """
+        if channels > self.max_channels:
+            raise ValueError(
+                f"{channels} channels given, this model takes at most {self.max_channels}"
+            )
+        grid = self.img_size // self.patch_size
+        n = rows * cols
+        if rows == grid and cols == grid:
+            return self.pos_embed[:, 1 : 1 + channels * n]
+        key = (rows, cols)
+        pos = self._pos_cache.get(key)
+        if pos is None or pos.device != self.pos_embed.device:
+            pos = sincos_2d(rows, cols, self.embed_dim).to(self.pos_embed.device)
+            self._pos_cache[key] = pos
+        return pos.to(self.pos_embed.dtype).repeat(channels, 1)[None]
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Standardise, embed every channel with the shared projection, add positions.
+
+        Returns patch tokens (B, C*rows*cols, D) in channel-major order (no CLS) and (rows, cols).
+        """
+        x = standardize(x)
+        b, c, h, w = x.shape
+        t = self.patch_embed.proj(x.reshape(b * c, 1, h, w))  # (B*C, D, rows, cols)
+        rows, cols = t.shape[-2:]
+        t = t.reshape(b, c, self.embed_dim, rows * cols).transpose(2, 3)
+        t = t.reshape(b, c * rows * cols, self.embed_dim)
+        return t + self.positions(rows, cols, c), (rows, cols)
+
+    def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        return self.norm_pre(self.patch_drop(self.pos_drop(x)))
+
+    def forward_tokens(self, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        """Tokens (B, 1 + C*rows*cols, D) after ``block``; later blocks are not run.
+
+        After the last block the final norm is applied as ``forward_features`` does (an
+        identity with these settings), so ``forward_tokens(x)`` equals ``forward_features(x)``.
+        """
+        last = self.resolve_block(block)
+        t, _ = self.embed_patches(x)
+        t = self.prepend_cls(t)
+        for blk in self.blocks[: last + 1]:
+            t = blk(t)
+        if last == self.num_blocks - 1:
+            t = self.norm(t)
+        return t
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("attention masks are not used by the channel-agnostic ViT")
+        return self.forward_tokens(x, None)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Whole-image embedding: mean of the patch tokens with CLS dropped, then fc_norm."""
+        return self.head(self.fc_norm(x[:, self.num_prefix_tokens :].mean(dim=1)))
+
+    def architecture(self) -> dict:
+        """Keyword arguments that rebuild this network (written into model cards)."""
+        return {
+            "embed_dim": self.embed_dim,
+            "depth": self.num_blocks,
+            "num_heads": self.blocks[0].num_heads,
+            "max_channels": self.max_channels,
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "mlp_ratio": self.blocks[0].in_split[0] / self.embed_dim,
+        }
