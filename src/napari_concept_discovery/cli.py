@@ -194,7 +194,85 @@ def _run_info(args) -> int:
 
 
 def _add_embed(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "embed",
+        help="run a foundation model on a plate and keep one block's tokens in an activation store",
+        description=(
+            "Tile every site into 256x256 tiles, run the model up to --block, and store patch "
+            "grids, crop tokens and per-cell tokens (zarr). A store whose signature (image bytes, "
+            "model, block, settings, version) matches is reused; a stale one is rebuilt; an "
+            "interrupted one resumes."
+        ),
+    )
+    p.add_argument("plate", help="plate folder")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="default | openphenom | hub id | folder | weights file (default: default)",
+    )
+    p.add_argument("--arch", default=None, help="timm model name for a bare timm checkpoint")
+    p.add_argument(
+        "--channel-rule",
+        default="per-channel",
+        choices=["per-channel", "mean", "identity"],
+        help="how a plate's channels feed a fixed-channel timm model",
+    )
+    p.add_argument(
+        "--block", type=int, default=None, help="block index from 0, negative from the end "
+        "(default: the model's recommended block)"
+    )
+    p.add_argument("--out", required=True, help="activation store folder")
+    p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
+    p.add_argument(
+        "--cells",
+        default="auto",
+        choices=["auto", "file", "segment", "none"],
+        help="cell labels: the plate's label files, else segmentation (auto)",
+    )
+    p.add_argument("--channel-tokens", action="store_true", help="also keep per-channel tokens")
+    p.add_argument("--layout", default="auto", help="plate layout (see `info`)")
+    p.add_argument("--pattern", default=None, help="filename pattern for the plate")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.set_defaults(func=_run_embed)
+
+
+def _run_embed(args) -> int:
+    import torch
+
+    from .embed import embed_plate
+    from .models import load_model
+    from .plate import open_plate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plate = open_plate(args.plate, layout=args.layout, pattern=args.pattern)
+    backend = load_model(
+        args.model, args.device, arch=args.arch, channel_rule=args.channel_rule
+    )
+    block = backend.resolve_block(args.block)
+    print(
+        f"{backend.model_id} (D={backend.embed_dim}, {backend.num_blocks} blocks) block {block} "
+        f"on {backend.device}; {len(plate)} sites",
+        file=sys.stderr,
+    )
+    with _progress(len(plate), "embed") as bar:
+        store = embed_plate(
+            plate,
+            backend,
+            args.out,
+            block,
+            batch_size=args.batch_size,
+            channel_tokens=args.channel_tokens,
+            cells=args.cells,
+            progress=bar.update,
+        )
+    counts = store.attrs.get("counts", {})
+    print(
+        f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches, "
+        f"{counts.get('crop', 0)} crops" + (" (reused: signature matches)" if store.reused else "")
+    )
+    return 0
 
 
 # --- train / analyze (issue: dictionary learning core) -------------------------------------

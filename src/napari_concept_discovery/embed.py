@@ -1,0 +1,435 @@
+"""Embedding: sites -> tiles -> tokens of one block -> patch grids, crop tokens, cell tokens.
+
+Edge rule: a site is padded at the bottom and right by reflection up to a multiple of the tile
+size (256) and cut into non-overlapping tiles; the patch grid keeps only the ``ceil(H/16) x
+ceil(W/16)`` patches that touch real pixels, so patches made only of padding never reach a grid,
+a crop token or a cell. A crop token is the mean of a tile's kept patch tokens (the unit of the
+paper). A cell token is the mean of the patch tokens weighted by how many of the cell's pixels
+fall in each patch (its coverage), computed for all cells at once as one sparse matrix product.
+For channel-agnostic models a patch token is the mean over its channel tokens; the per-channel
+tokens are returned on request (``channel_tokens=True``).
+
+Tiles from consecutive sites share batches, so small sites do not starve the model of work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .errors import ModelError, PlateError
+from .models import Backend
+
+#: How a site's cells are found: the plate's label image, segmentation, either, or no cells.
+CELL_SOURCES = ("auto", "file", "segment", "none")
+
+
+@dataclass
+class SiteTokens:
+    """Tokens of one site. Arrays are float32; per-channel arrays are None unless asked for."""
+
+    key: Any
+    patch_grid: np.ndarray  # (rows, cols, D)
+    crop_tokens: np.ndarray  # (T, D)
+    crop_table: pd.DataFrame  # tile_row, tile_col, y0, x0, n_patches
+    cell_tokens: np.ndarray  # (N, D)
+    cell_table: pd.DataFrame  # label, centroid_y, centroid_x, area
+    patch_channels: np.ndarray | None = None  # (rows, cols, G, D)
+    crop_channels: np.ndarray | None = None  # (T, G, D)
+    cell_channels: np.ndarray | None = None  # (N, G, D)
+    shape: tuple[int, int] = (0, 0)  # (H, W) of the site
+    meta: dict = field(default_factory=dict)
+
+
+def check_image(image: np.ndarray, where: str = "site") -> np.ndarray:
+    """(C, H, W) view of an image, or a PlateError naming what is wrong with it."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise PlateError(f"{where}: expected a (C, H, W) image, got shape {a.shape}")
+    if a.size == 0 or 0 in a.shape:
+        raise PlateError(f"{where}: empty image (shape {a.shape})")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = [i for i in range(a.shape[0]) if not np.isfinite(a[i]).all()]
+        raise PlateError(f"{where}: NaN or infinite values in channel(s) {bad}")
+    if a.dtype.kind not in "uif":
+        raise PlateError(f"{where}: unsupported pixel type {a.dtype}")
+    return a
+
+
+def tile_image(image01: np.ndarray, tile: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Reflect-pad (C, H, W) to multiples of ``tile`` and cut it: (T, C, tile, tile), (tr, tc)."""
+    c, h, w = image01.shape
+    tr, tc = math.ceil(h / tile), math.ceil(w / tile)
+    ph, pw = tr * tile - h, tc * tile - w
+    if ph or pw:
+        mode = "reflect" if h > 1 and w > 1 else "edge"
+        image01 = np.pad(image01, ((0, 0), (0, ph), (0, pw)), mode=mode)
+    tiles = image01.reshape(c, tr, tile, tc, tile).transpose(1, 3, 0, 2, 4)
+    return np.ascontiguousarray(tiles.reshape(tr * tc, c, tile, tile)), (tr, tc)
+
+
+def coverage_matrix(labels: np.ndarray, patch: int, rows: int, cols: int):
+    """Sparse (n_cells, rows*cols) pixel counts per cell and patch; cell ids; pixel coords.
+
+    Returns ``(matrix, ids, ys, xs, inverse)`` where ``inverse`` maps each labelled pixel to its
+    row in ``ids``.
+
+    One ``np.bincount`` over (cell, patch) pairs of the labelled pixels; no per-cell loop.
+    """
+    lab = np.asarray(labels)
+    h, w = lab.shape
+    ys, xs = np.nonzero(lab)
+    if ys.size == 0:
+        empty = np.zeros(0, np.int64)
+        return sp.csr_matrix((0, rows * cols), dtype=np.float64), empty, ys, xs, empty
+    ids, inv = np.unique(lab[ys, xs], return_inverse=True)
+    pidx = (ys // patch) * cols + (xs // patch)
+    n = ids.size
+    pair = inv.astype(np.int64) * (rows * cols) + pidx
+    counts = np.bincount(pair, minlength=n * rows * cols)
+    nz = np.flatnonzero(counts)
+    mat = sp.csr_matrix(
+        (counts[nz].astype(np.float64), (nz // (rows * cols), nz % (rows * cols))),
+        shape=(n, rows * cols),
+    )
+    return mat, ids.astype(np.int64), ys, xs, inv
+
+
+def pool_cells(
+    labels: np.ndarray,
+    patch_flat: np.ndarray,
+    patch: int,
+    rows: int,
+    cols: int,
+    channel_flat: np.ndarray | None = None,
+):
+    """Cell tokens (N, D), their table, and optional per-channel cell tokens (N, G, D)."""
+    mat, ids, ys, xs, inv = coverage_matrix(labels, patch, rows, cols)
+    if ids.size == 0:
+        d = patch_flat.shape[1]
+        empty = pd.DataFrame(
+            {
+                "label": np.zeros(0, np.int64),
+                "centroid_y": np.zeros(0),
+                "centroid_x": np.zeros(0),
+                "area": np.zeros(0, np.int64),
+            }
+        )
+        ch = None
+        if channel_flat is not None:
+            ch = np.zeros((0, *channel_flat.shape[1:]), np.float32)
+        return np.zeros((0, d), np.float32), empty, ch
+    area = np.bincount(inv, minlength=ids.size)
+    cy = np.bincount(inv, weights=ys, minlength=ids.size) / area
+    cx = np.bincount(inv, weights=xs, minlength=ids.size) / area
+    weights = sp.diags(1.0 / area) @ mat  # rows sum to 1: each patch weighted by its coverage
+    tokens = np.asarray(weights @ patch_flat.astype(np.float64), dtype=np.float32)
+    ch = None
+    if channel_flat is not None:
+        g, d = channel_flat.shape[1:]
+        ch = np.asarray(
+            weights @ channel_flat.reshape(-1, g * d).astype(np.float64), dtype=np.float32
+        ).reshape(-1, g, d)
+    table = pd.DataFrame({"label": ids, "centroid_y": cy, "centroid_x": cx, "area": area})
+    return tokens, table, ch
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPUs (CUDA), full precision elsewhere (CPU bf16 is slower here)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@dataclass
+class _Pending:
+    key: Any
+    shape: tuple[int, int]
+    layout: tuple[int, int]
+    labels: np.ndarray | None
+    meta: dict
+    n_tiles: int
+    outputs: list = field(default_factory=list)  # per tile: (G, N, D) or (N, D)
+
+
+class Embedder:
+    """Runs a backend over sites: tiling, batching across sites, device, pooling.
+
+    ``Embedder(backend, block).embed(image, labels)`` for one site; ``iter_sites`` for many.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        block: int | None = None,
+        batch_size: int = 16,
+        channel_tokens: bool = False,
+    ):
+        self.backend = backend
+        self.block = backend.resolve_block(block)
+        self.batch_size = max(1, int(batch_size))
+        self.channel_tokens = bool(channel_tokens)
+        self.tiles_done = 0
+
+    # -- core --------------------------------------------------------------------------------
+
+    def run_tiles(self, tiles: np.ndarray) -> torch.Tensor:
+        """Tokens (T, G, N, D) float32 on CPU for a stack of [0, 1] tiles, in batches."""
+        dev = self.backend.device
+        outs = []
+        with torch.inference_mode(), autocast_for(dev):
+            for i in range(0, len(tiles), self.batch_size):
+                x = torch.from_numpy(tiles[i : i + self.batch_size]).to(dev, non_blocking=True)
+                outs.append(self.backend.tokens(x, self.block).float().cpu())
+        self.tiles_done += len(tiles)
+        return torch.cat(outs) if outs else torch.zeros(0)
+
+    def prepare(self, image: np.ndarray, where: str = "site") -> tuple[np.ndarray, tuple]:
+        a = check_image(image, where)
+        try:
+            self.backend.check_channels(a.shape[0])
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from exc
+        unit = self.backend.scale_to_unit(a)
+        tiles, layout = tile_image(unit, self.backend.tile_size)
+        return tiles, layout
+
+    def finish(
+        self, key, shape, layout, tile_tokens: torch.Tensor, labels, meta=None
+    ) -> SiteTokens:
+        """Assemble grids, crops and cells of one site from its tiles' tokens (T, G, N, D)."""
+        p, tile = self.backend.patch_size, self.backend.tile_size
+        side = tile // p
+        h, w = shape
+        rows, cols = math.ceil(h / p), math.ceil(w / p)
+        tr, tc = layout
+        t, g, n, d = tile_tokens.shape
+        mean = tile_tokens.mean(dim=1).numpy()  # (T, N, D)
+        grid = mean.reshape(tr, tc, side, side, d).transpose(0, 2, 1, 3, 4)
+        grid = grid.reshape(tr * side, tc * side, d)[:rows, :cols]
+        chan_grid = None
+        if self.channel_tokens:
+            cg = tile_tokens.numpy().reshape(tr, tc, g, side, side, d).transpose(0, 3, 1, 4, 2, 5)
+            chan_grid = np.ascontiguousarray(cg.reshape(tr * side, tc * side, g, d)[:rows, :cols])
+
+        crop_rows, crop_tok, crop_ch = [], [], []
+        for i in range(tr):
+            for j in range(tc):
+                r0, c0 = i * side, j * side
+                sub = grid[r0 : r0 + side, c0 : c0 + side]
+                crop_tok.append(sub.reshape(-1, d).mean(0))
+                if chan_grid is not None:
+                    crop_ch.append(
+                        chan_grid[r0 : r0 + side, c0 : c0 + side].reshape(-1, g, d).mean(0)
+                    )
+                crop_rows.append(
+                    {
+                        "tile_row": i,
+                        "tile_col": j,
+                        "y0": i * tile,
+                        "x0": j * tile,
+                        "n_patches": int(sub.shape[0] * sub.shape[1]),
+                    }
+                )
+        crop_table = pd.DataFrame(crop_rows)
+
+        flat = np.ascontiguousarray(grid.reshape(-1, d))
+        if labels is not None:
+            lab = np.asarray(labels)
+            if lab.shape != (h, w):
+                raise PlateError(f"{key}: labels of shape {lab.shape} do not match image {(h, w)}")
+            ch_flat = chan_grid.reshape(-1, g, d) if chan_grid is not None else None
+            cells, cell_table, cell_ch = pool_cells(lab, flat, p, rows, cols, ch_flat)
+        else:
+            cells = np.zeros((0, d), np.float32)
+            cell_table = pd.DataFrame(
+                {
+                    "label": np.zeros(0, np.int64),
+                    "centroid_y": [],
+                    "centroid_x": [],
+                    "area": np.zeros(0, np.int64),
+                }
+            )
+            cell_ch = np.zeros((0, g, d), np.float32) if chan_grid is not None else None
+        return SiteTokens(
+            key=key,
+            patch_grid=np.ascontiguousarray(grid, dtype=np.float32),
+            crop_tokens=np.stack(crop_tok).astype(np.float32),
+            crop_table=crop_table,
+            cell_tokens=cells,
+            cell_table=cell_table,
+            patch_channels=chan_grid,
+            crop_channels=np.stack(crop_ch).astype(np.float32) if crop_ch else None,
+            cell_channels=cell_ch,
+            shape=(h, w),
+            meta=meta or {},
+        )
+
+    # -- public ------------------------------------------------------------------------------
+
+    def embed(
+        self, image: np.ndarray, labels: np.ndarray | None = None, key: Any = None
+    ) -> SiteTokens:
+        """Tokens of one site (C, H, W) with optional cell labels (H, W)."""
+        tiles, layout = self.prepare(image, str(key or "site"))
+        out = self.run_tiles(tiles)
+        return self.finish(key, image.shape[-2:], layout, out, labels)
+
+    def iter_sites(
+        self,
+        items: Iterable[tuple[Any, np.ndarray, np.ndarray | None, dict]],
+        cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[SiteTokens]:
+        """Embed (key, image, labels, meta) items in order; tiles of neighbours share batches."""
+        pending: deque[_Pending] = deque()
+        queue: list[tuple[_Pending, np.ndarray]] = []  # (site, tiles not yet run)
+        queued = 0
+
+        def run_batch(limit: int) -> None:
+            nonlocal queued
+            take, count = [], 0
+            while queue and count < limit:
+                site, tiles = queue[0]
+                k = min(len(tiles), limit - count)
+                take.append((site, tiles[:k]))
+                count += k
+                if k == len(tiles):
+                    queue.pop(0)
+                else:
+                    queue[0] = (site, tiles[k:])
+            stacked = np.concatenate([t for _, t in take]) if len(take) > 1 else take[0][1]
+            out = self.run_tiles(stacked)
+            i = 0
+            for site, t in take:
+                site.outputs.append(out[i : i + len(t)])
+                i += len(t)
+            queued -= count
+
+        def ready() -> Iterator[SiteTokens]:
+            while pending and sum(len(o) for o in pending[0].outputs) == pending[0].n_tiles:
+                s = pending.popleft()
+                yield self.finish(s.key, s.shape, s.layout, torch.cat(s.outputs), s.labels, s.meta)
+
+        for key, image, labels, meta in items:
+            if cancel is not None and cancel():
+                return
+            tiles, layout = self.prepare(image, str(key))
+            site = _Pending(key, tuple(image.shape[-2:]), layout, labels, meta, len(tiles))
+            pending.append(site)
+            queue.append((site, tiles))
+            queued += len(tiles)
+            while queued >= self.batch_size:
+                run_batch(self.batch_size)
+                yield from ready()
+        while queued:
+            if cancel is not None and cancel():
+                return
+            run_batch(self.batch_size)
+            yield from ready()
+
+
+def site_labels(site, image: np.ndarray, cells: str = "auto") -> np.ndarray | None:
+    """Cell labels of a site: its label file, else ``segment.segment_site`` (``cells='auto'``)."""
+    if cells not in CELL_SOURCES:
+        raise ValueError(f"cells must be one of {CELL_SOURCES}, got {cells!r}")
+    if cells == "none":
+        return None
+    if cells in ("auto", "file"):
+        labels = site.read_labels()
+        if labels is not None:
+            return labels
+        if cells == "file":
+            raise PlateError(f"{site.key}: no label image on disk (cells='file')")
+    from .segment import segment_site
+
+    return segment_site(image, site.channel_names)[1]
+
+
+def read_sites(plate, keys, cells: str = "auto", prefetch: bool = True):
+    """(key, image, labels, metadata) per site, reading the next site on a thread meanwhile."""
+
+    def load(key):
+        site = plate[key]
+        image = site.read()
+        return key, image, site_labels(site, image, cells), dict(site.metadata or {})
+
+    keys = list(keys)
+    if not prefetch or len(keys) < 2:
+        for k in keys:
+            yield load(k)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(load, keys[0])
+        for nxt in keys[1:]:
+            cur = fut.result()
+            fut = pool.submit(load, nxt)
+            yield cur
+        yield fut.result()
+
+
+def embed_site(
+    image: np.ndarray,
+    backend: Backend,
+    block: int | None = None,
+    labels: np.ndarray | None = None,
+    batch_size: int = 16,
+    channel_tokens: bool = False,
+) -> SiteTokens:
+    """Tokens of one (C, H, W) site; see the module docstring for the edge and pooling rules."""
+    return Embedder(backend, block, batch_size, channel_tokens).embed(image, labels)
+
+
+def embed_plate(
+    plate,
+    model: Backend | str = "default",
+    out=None,
+    block: int | None = None,
+    *,
+    batch_size: int = 16,
+    device=None,
+    channel_tokens: bool = False,
+    cells: str = "auto",
+    progress: Callable[[int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+):
+    """Embed every site of a plate into an activation store at ``out``; returns the store.
+
+    A store whose signature matches is reused as is; a stale one is rebuilt; an interrupted one
+    continues with the sites it lacks. ``progress`` is called with 1 per finished site.
+    """
+    from .models import load_model
+    from .plate import Plate, open_plate
+    from .store import StoreWriter
+
+    if not isinstance(plate, Plate):
+        plate = open_plate(plate)
+    backend = load_model(model, device) if isinstance(model, str) else model
+    embedder = Embedder(backend, block, batch_size, channel_tokens)
+    writer = StoreWriter(
+        out, plate, backend, embedder.block, channel_tokens=channel_tokens, cells=cells
+    )
+    todo = writer.begin()
+    if progress is not None and len(plate) - len(todo):
+        progress(len(plate) - len(todo))
+    for st in embedder.iter_sites(read_sites(plate, todo, cells), cancel=cancel):
+        writer.write_site(st)
+        if progress is not None:
+            progress(1)
+    if cancel is not None and cancel():
+        return None
+    store = writer.finish()
+    store.reused = writer.reused
+    return store
