@@ -134,13 +134,15 @@ def _dense(values, indices, m):
     return out
 
 
-@pytest.mark.parametrize("n_iter,n_pick", [(3, 2), (5, 1), (2, 4)])
-def test_gram_pursuit_matches_plain_reference(n_iter, n_pick):
+@pytest.mark.parametrize(
+    "n_iter,n_pick,m,n", [(3, 2, 48, 40), (5, 1, 48, 40), (2, 4, 48, 40), (3, 4, 1024, 12)]
+)
+def test_gram_pursuit_matches_plain_reference(n_iter, n_pick, m, n):
     rng = np.random.default_rng(3)
-    m, d = 48, 16
+    d = 16
     atoms = rng.standard_normal((m, d))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    x = rng.standard_normal((40, d))
+    x = rng.standard_normal((n, d))
     bias = rng.standard_normal(d) * 0.1
     ref_v, ref_i = reference_pursuit(x, atoms, bias, n_iter, n_pick)
     model = ICFL(d, ICFLConfig(n_atoms=m, n_iter=n_iter, n_pick=n_pick)).double()
@@ -166,6 +168,18 @@ def test_gram_pursuit_matches_plain_reference(n_iter, n_pick):
     np.testing.assert_allclose(
         _dense(fast32.values.numpy(), fast32.indices.numpy(), m), got, atol=2e-3
     )
+
+
+def test_blocked_top_l_equals_topk():
+    from napari_concept_discovery.dictionary.icfl import top_l
+
+    scores = torch.randn(50, 4096)
+    for n_pick in (1, 4, 7):
+        v, i = top_l(scores, n_pick)
+        ref = scores.topk(n_pick, dim=1)
+        torch.testing.assert_close(v.sort(1).values, ref.values.sort(1).values, rtol=0, atol=0)
+        torch.testing.assert_close(i.sort(1).values, ref.indices.sort(1).values, rtol=0, atol=0)
+        torch.testing.assert_close(scores.gather(1, i), v, rtol=0, atol=0)
 
 
 def test_icfl_redraws_one_atom_of_each_duplicate_pair():

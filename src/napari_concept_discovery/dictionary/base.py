@@ -78,7 +78,10 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, 
     b, slots = indices.shape
     rows = torch.arange(b, device=x.device).repeat_interleave(slots)
     coo = torch.sparse_coo_tensor(
-        torch.stack([indices.reshape(-1), rows]), weights.reshape(-1).to(x.dtype), (n_rows, b)
+        torch.stack([indices.reshape(-1), rows]),
+        weights.reshape(-1).to(x.dtype),
+        (n_rows, b),
+        check_invariants=False,
     )
     return torch.sparse.mm(coo, x)
 

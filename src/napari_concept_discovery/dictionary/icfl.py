@@ -17,6 +17,7 @@ norm, and the least-squares coefficients absorb any scale, so nothing is lost.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar, Literal
 
 import torch
@@ -24,6 +25,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Codes, DictionaryConfig, ForwardOutput, SparseDictionary, coordinate_median
+
+# the CSR product below is stable in practice; torch flags all CSR use as beta on construction
+warnings.filterwarnings(
+    "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+)
 
 
 @dataclasses.dataclass
@@ -54,11 +60,65 @@ class ICFLConfig(DictionaryConfig):
 
 
 def _solve(gram_ss: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Batched least squares through the L x L normal equations."""
-    # a ridge of ~10 ulp keeps the system solvable when two picked atoms nearly coincide
+    """Batched least squares through the L x L normal equations (B, L, L) c = (B, L).
+
+    A Cholesky factorisation written as L^2 vector operations over the batch: for L of a few,
+    this is many times faster on a CPU than LAPACK's batched solvers, whose cost is a call per
+    matrix. A ridge of ~10 ulp keeps it defined when two picked atoms nearly coincide.
+    """
+    n = gram_ss.shape[-1]
     ridge = 10 * torch.finfo(gram_ss.dtype).eps
-    eye = torch.eye(gram_ss.shape[-1], dtype=gram_ss.dtype, device=gram_ss.device)
-    return torch.linalg.solve(gram_ss + ridge * eye, rhs.unsqueeze(-1)).squeeze(-1)
+    tiny = torch.finfo(gram_ss.dtype).tiny
+    chol = [[None] * n for _ in range(n)]
+    for j in range(n):
+        s = gram_ss[:, j, j] + ridge
+        for k in range(j):
+            s = s - chol[j][k] * chol[j][k]
+        d = s.clamp_min(tiny).sqrt()
+        chol[j][j] = d
+        for i in range(j + 1, n):
+            t = gram_ss[:, i, j]
+            for k in range(j):
+                t = t - chol[i][k] * chol[j][k]
+            chol[i][j] = t / d
+    y = [None] * n
+    for i in range(n):  # chol y = rhs
+        t = rhs[:, i]
+        for k in range(i):
+            t = t - chol[i][k] * y[k]
+        y[i] = t / chol[i][i]
+    x = [None] * n
+    for i in reversed(range(n)):  # chol^T x = y
+        t = y[i]
+        for k in range(i + 1, n):
+            t = t - chol[k][i] * x[k]
+        x[i] = t / chol[i][i]
+    return torch.stack(x, dim=1)
+
+
+def top_l(scores: torch.Tensor, n_pick: int, block: int = 64):
+    """Values and indices of the ``n_pick`` largest scores per row (unsorted), like ``topk``.
+
+    For a few picks out of thousands, it is cheaper to take each block's maximum (a vectorised
+    reduction), keep the ``n_pick`` best blocks, and run ``topk`` on those: the ``n_pick``
+    largest scores lie in the ``n_pick`` blocks with the largest maxima, so the result is
+    exact, at about half the cost of ``topk`` on the full rows.
+    """
+    b, m = scores.shape
+    n_blocks = m // block
+    if m % block or n_blocks < 4 * n_pick:
+        return scores.topk(n_pick, dim=1, sorted=False)
+    best = scores.view(b, n_blocks, block).amax(dim=2).topk(n_pick, dim=1, sorted=False).indices
+    offsets = torch.arange(block, device=scores.device)
+    cols = (best.unsqueeze(2) * block + offsets).reshape(b, n_pick * block)
+    values, where = scores.gather(1, cols).topk(n_pick, dim=1, sorted=False)
+    return values, cols.gather(1, where)
+
+
+def _gram_block(gram: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """G[S, S] for every row's picks S (B, L) as (B, L, L), through one flat ``take``."""
+    m = gram.shape[0]
+    return gram.take(picked.unsqueeze(2) * m + picked.unsqueeze(1))
 
 
 @torch.no_grad()
@@ -68,25 +128,39 @@ def pursuit_gram(
     n_iter: int,
     n_pick: int,
     gram: torch.Tensor | None = None,
+    chunk: int = 1024,
 ) -> Codes:
     """ICFL encoding through the Gram matrix G = W^T W.
 
     After picking S with coefficients c the scores become ``s - G[:, S] c`` (a weighted sum of
-    L rows of G, done by ``embedding_bag``), and the normal equations use G[S, S], so an
-    iteration costs B*M*L instead of the B*D*M of rescoring the residual.
+    L rows of G, done as a sparse-dense product), and the normal equations use G[S, S], so an
+    iteration costs B*M*L instead of the B*D*M of rescoring the residual. Rows go through in
+    chunks so that a chunk's (chunk, M) scores stay in cache across the J iterations; the
+    update is memory-bound, not compute-bound.
     """
     if gram is None:
         gram = atoms @ atoms.T
-    scores = residual @ atoms.T
-    values, indices = [], []
-    for _ in range(n_iter):
-        picked = scores.topk(n_pick, dim=1, sorted=False).indices
-        rhs = scores.gather(1, picked)
-        coef = _solve(gram[picked.unsqueeze(2), picked.unsqueeze(1)], rhs)
-        scores.sub_(F.embedding_bag(picked, gram, per_sample_weights=coef, mode="sum"))
-        values.append(coef)
-        indices.append(picked)
-    return Codes(torch.cat(values, 1), torch.cat(indices, 1))
+    b, m = residual.shape[0], atoms.shape[0]
+    values = residual.new_empty(b, n_iter * n_pick)
+    indices = torch.empty(b, n_iter * n_pick, dtype=torch.long, device=residual.device)
+    for start in range(0, b, chunk):
+        rows = slice(start, start + chunk)
+        scores = residual[rows] @ atoms.T
+        for j in range(n_iter):
+            rhs, picked = top_l(scores, n_pick)
+            coef = _solve(_gram_block(gram, picked), rhs)
+            # scores -= C G with C the (chunk, M) sparse matrix of this iteration's coefficients:
+            # a CSR product, in place, reads the L picked rows of G once per token
+            n = picked.shape[0]
+            crow = torch.arange(0, n * n_pick + 1, n_pick, device=picked.device)
+            c = torch.sparse_csr_tensor(
+                crow, picked.reshape(-1), -coef.reshape(-1), (n, m), check_invariants=False
+            )
+            scores.addmm_(c, gram)
+            slots = slice(j * n_pick, (j + 1) * n_pick)
+            values[rows, slots] = coef
+            indices[rows, slots] = picked
+    return Codes(values, indices)
 
 
 @torch.no_grad()
@@ -99,7 +173,7 @@ def pursuit_plain(residual: torch.Tensor, atoms: torch.Tensor, n_iter: int, n_pi
     values, indices = [], []
     for _ in range(n_iter):
         scores = r @ atoms.T
-        picked = scores.topk(n_pick, dim=1, sorted=False).indices
+        picked = top_l(scores, n_pick)[1]
         chosen = atoms[picked]  # (B, L, D)
         coef = _solve(chosen @ chosen.transpose(1, 2), scores.gather(1, picked))
         r = r - F.embedding_bag(picked, atoms, per_sample_weights=coef, mode="sum")
