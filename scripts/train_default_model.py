@@ -13,7 +13,7 @@ thrown away; masked tokens of channel c are given the mean of the visible tokens
 context, so the decoder knows which channel to draw without a learned channel embedding and the
 whole model stays channel-agnostic.
 
-    python scripts/train_default_model.py --steps 500 --real ../shared/data/real
+    python scripts/train_default_model.py --minutes 22 --real ../shared/data/real
 """
 
 from __future__ import annotations
@@ -42,8 +42,15 @@ ARCH = dict(embed_dim=192, depth=4, num_heads=3, max_channels=11, img_size=256, 
 class MaskedAutoencoder(nn.Module):
     """Channel-agnostic MAE around a ``ChannelAgnosticViT`` encoder (decoder used for training only)."""
 
-    def __init__(self, encoder: ChannelAgnosticViT, dec_dim: int = 128, dec_depth: int = 1):
+    def __init__(
+        self,
+        encoder: ChannelAgnosticViT,
+        dec_dim: int = 128,
+        dec_depth: int = 1,
+        fourier_weight: float = 1.0,
+    ):
         super().__init__()
+        self.fourier_weight = float(fourier_weight)
         self.encoder = encoder
         self.dec_embed = nn.Linear(encoder.embed_dim, dec_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
@@ -59,8 +66,19 @@ class MaskedAutoencoder(nn.Module):
         enc = self.encoder
         b, c, h, w = x.shape
         p = enc.patch_size
-        tokens, (rows, cols) = enc.embed_patches(x)  # (B, C*N, D)
+        # Patch embedding as in the encoder, but each crop gets the positions of a random place
+        # inside a full tile, so that positions 8..15 are seen in training, not only at inference.
+        xs = standardize(x)
+        tokens = enc.patch_embed.proj(xs.reshape(b * c, 1, h, w))
+        rows, cols = tokens.shape[-2:]
         n = rows * cols
+        tokens = tokens.reshape(b, c, enc.embed_dim, n).transpose(2, 3)
+        grid = enc.img_size // p
+        oy = np.random.randint(0, grid - rows + 1)  # noqa: NPY002 (seeded in main)
+        ox = np.random.randint(0, grid - cols + 1)  # noqa: NPY002
+        pos_full = sincos_2d(grid, grid, enc.embed_dim).reshape(grid, grid, -1)
+        pos = pos_full[oy : oy + rows, ox : ox + cols].reshape(n, -1)
+        tokens = (tokens + pos).reshape(b, c * n, enc.embed_dim)
         total = c * n
         keep = max(c, int(round(total * (1 - mask_ratio))))
         order = torch.rand(b, total).argsort(dim=1)
@@ -81,17 +99,25 @@ class MaskedAutoencoder(nn.Module):
         full = self.mask_token.expand(b, total, -1).clone()
         full = full + ctx.repeat_interleave(n, dim=1)
         full = full.scatter(1, visible[..., None].expand(-1, -1, self.dec_dim), zv)
-        pos = sincos_2d(rows, cols, self.dec_dim).repeat(c, 1)[None]
+        dpos = sincos_2d(grid, grid, self.dec_dim).reshape(grid, grid, -1)
+        pos = dpos[oy : oy + rows, ox : ox + cols].reshape(n, -1).repeat(c, 1)[None]
         y = torch.cat([cls, full + pos], dim=1)
         for blk in self.dec_blocks:
             y = blk(y)
         pred = self.dec_pred(self.dec_norm(y[:, 1:]))  # (B, C*N, p*p)
 
-        target = standardize(x).reshape(b, c, rows, p, cols, p).permute(0, 1, 2, 4, 3, 5)
+        target = xs.reshape(b, c, rows, p, cols, p).permute(0, 1, 2, 4, 3, 5)
         target = target.reshape(b, total, p * p)
         masked = torch.ones(b, total, dtype=torch.bool)
         masked.scatter_(1, visible, False)
         err = ((pred - target) ** 2).mean(-1)
+        if self.fourier_weight:
+            # Texture term (as OpenPhenom's MAE): amplitude spectra of the 16x16 patches, which a
+            # blurry mean prediction cannot match; phase is free, so stochastic textures
+            # (mitochondria, ER, Golgi puncta) are rewarded for their kind, not their exact pixels.
+            amp_p = torch.fft.rfft2(pred.reshape(b, total, p, p), norm="ortho").abs()
+            amp_t = torch.fft.rfft2(target.reshape(b, total, p, p), norm="ortho").abs()
+            err = err + self.fourier_weight * ((amp_p - amp_t) ** 2).mean((-1, -2))
         loss = (err * masked).sum() / masked.sum()
         return loss, pred
 
@@ -157,18 +183,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     ap.add_argument("--real", type=Path, nargs="*", default=[], help="folders of real plates")
     ap.add_argument("--train-plates", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=1500, help="at most this many steps")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=22.0,
+        help="time budget: the schedule runs on max(step/steps, elapsed/budget) and stops at 1",
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--mask-ratio", type=float, default=0.75)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--real-fraction", type=float, default=0.15)
+    ap.add_argument("--real-fraction", type=float, default=0.1)
+    ap.add_argument("--fourier-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 (crop positions inside the tile grid)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +243,7 @@ def main(argv=None) -> int:
     print(f"{len(synth_sites)} synthetic sites; real groups: {real_used}", flush=True)
 
     encoder = ChannelAgnosticViT(**ARCH)
-    mae = MaskedAutoencoder(encoder)
+    mae = MaskedAutoencoder(encoder, fourier_weight=args.fourier_weight)
     params = [p for p in mae.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -221,19 +255,29 @@ def main(argv=None) -> int:
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    warmup = max(1, args.steps // 20)
+    warmup = 25
+
+    budget = args.minutes * 60.0
+
+    def progress(step: int) -> float:
+        """Fraction of training done: steps or wall time, whichever runs out first."""
+        return max(step / args.steps, (time.time() - t_start) / budget)
 
     def lr_at(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, args.steps - warmup)
+        t = min(1.0, progress(step))
         return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
     curve = []
     t_start = time.time()
     running = None
     mae.train()
+    steps_done = 0
     for step in range(args.steps):
+        if step >= warmup and progress(step) >= 1.0:
+            break
+        steps_done = step + 1
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         x = sample_batch(groups, weights, args.batch, args.crop, rng)
@@ -242,9 +286,9 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        val = float(loss)
+        val = float(loss.detach())
         running = val if running is None else 0.95 * running + 0.05 * val
-        if step % 10 == 0 or step == args.steps - 1:
+        if step % 10 == 0:
             el = time.time() - t_start
             curve.append({"step": step, "loss": round(val, 4), "smoothed": round(running, 4)})
             print(
@@ -253,6 +297,8 @@ def main(argv=None) -> int:
                 flush=True,
             )
     train_seconds = time.time() - t_start
+    if not curve or curve[-1]["step"] != steps_done - 1:
+        curve.append({"step": steps_done - 1, "loss": round(val, 4), "smoothed": round(running, 4)})
 
     args.out.mkdir(parents=True, exist_ok=True)
     encoder.eval()
@@ -274,10 +320,15 @@ def main(argv=None) -> int:
             "standardisation (instance norm without affine, eps 1e-5)"
         ),
         "training": {
-            "objective": "masked autoencoder, MSE on standardised pixels of masked tokens",
+            "objective": (
+                "masked autoencoder: MSE on standardised pixels of masked tokens + "
+                f"{args.fourier_weight} x MSE of their 16x16 amplitude spectra"
+            ),
             "mask_ratio": args.mask_ratio,
             "decoder": {"dim": mae.dec_dim, "depth": len(mae.dec_blocks), "discarded": True},
-            "steps": args.steps,
+            "steps": steps_done,
+            "max_steps": args.steps,
+            "time_budget_minutes": args.minutes,
             "batch": args.batch,
             "crop": args.crop,
             "optimizer": {
@@ -285,9 +336,15 @@ def main(argv=None) -> int:
                 "lr": args.lr,
                 "betas": [0.9, 0.95],
                 "weight_decay": args.weight_decay,
-                "schedule": f"linear warmup {warmup} steps, cosine to 2%",
+                "schedule": (
+                    f"linear warmup {warmup} steps, then cosine to 2% over "
+                    "max(step/max_steps, elapsed/time budget)"
+                ),
             },
-            "augmentation": "random crops, flips, quarter turns, random channel subsets (p=0.3)",
+            "augmentation": (
+                "random 128 px crops placed at random positions of a 256 px tile's grid, flips, "
+                "quarter turns, random channel subsets (p=0.3)"
+            ),
             "seed": args.seed,
             "threads": args.threads,
             "seconds": round(train_seconds, 1),

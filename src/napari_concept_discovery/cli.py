@@ -218,8 +218,10 @@ def _add_embed(sub) -> None:
         help="how a plate's channels feed a fixed-channel timm model",
     )
     p.add_argument(
-        "--block", type=int, default=None, help="block index from 0, negative from the end "
-        "(default: the model's recommended block)"
+        "--block",
+        type=int,
+        default=None,
+        help="block index from 0, negative from the end (default: the model's recommended block)",
     )
     p.add_argument("--out", required=True, help="activation store folder")
     p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
@@ -247,9 +249,7 @@ def _run_embed(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     plate = open_plate(args.plate, layout=args.layout, pattern=args.pattern)
-    backend = load_model(
-        args.model, args.device, arch=args.arch, channel_rule=args.channel_rule
-    )
+    backend = load_model(args.model, args.device, arch=args.arch, channel_rule=args.channel_rule)
     block = backend.resolve_block(args.block)
     print(
         f"{backend.model_id} (D={backend.embed_dim}, {backend.num_blocks} blocks) block {block} "
