@@ -17,7 +17,13 @@ from napari_concept_discovery.concepts import (
     write_analysis,
 )
 from napari_concept_discovery.dictionary import ICFL, Codes, ICFLConfig, codes_to_csr, evaluate
-from napari_concept_discovery.dictionary.metrics import dead_mask, fvu, l0, mean_cosine
+from napari_concept_discovery.dictionary.metrics import (
+    activation_counts,
+    dead_mask,
+    fvu,
+    l0,
+    mean_cosine,
+)
 from napari_concept_discovery.errors import DictionaryError
 
 LABELS = ["A", "A", "B", "B", "C", "C"]
@@ -101,6 +107,13 @@ def test_metrics_match_their_definitions():
     assert res["l0"] <= 4
     counts = np.bincount(codes.indices, minlength=m)
     assert res["n_dead"] == int(((counts == 0) | (counts < 1e-5 * 500)).sum())
+
+
+def test_activation_counts_count_tokens_per_feature():
+    m = sp.csr_matrix(np.array([[1.0, 0, 2.0, 0], [0, 0, 3.0, 0], [0, 0, 1.0, 0]]))
+    m.data[0] = 0.0  # an explicit zero is not an activation
+    assert activation_counts(m).tolist() == [0, 0, 3, 0]
+    assert activation_counts(m.tocsc()).tolist() == [0, 0, 3, 0]
 
 
 def test_dead_mask_threshold_and_repeated_indices():

@@ -149,6 +149,11 @@ def pursuit_gram(
         for j in range(n_iter):
             rhs, picked = top_l(scores, n_pick)
             coef = _solve(_gram_block(gram, picked), rhs)
+            slots = slice(j * n_pick, (j + 1) * n_pick)
+            values[rows, slots] = coef
+            indices[rows, slots] = picked
+            if j == n_iter - 1:
+                break  # the scores after the last pick are not needed
             # scores -= C G with C the (chunk, M) sparse matrix of this iteration's coefficients:
             # a CSR product, in place, reads the L picked rows of G once per token
             n = picked.shape[0]
@@ -157,9 +162,7 @@ def pursuit_gram(
                 crow, picked.reshape(-1), -coef.reshape(-1), (n, m), check_invariants=False
             )
             scores.addmm_(c, gram)
-            slots = slice(j * n_pick, (j + 1) * n_pick)
-            values[rows, slots] = coef
-            indices[rows, slots] = picked
+
     return Codes(values, indices)
 
 

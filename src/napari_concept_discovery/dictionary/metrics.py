@@ -46,7 +46,7 @@ def l0(codes: sp.csr_matrix) -> float:
 
 def activation_counts(codes: sp.spmatrix) -> np.ndarray:
     """Number of tokens on which each feature is active."""
-    codes = sp.csc_matrix(codes)
+    codes = sp.csr_matrix(codes)
     return np.bincount(codes.indices[codes.data != 0], minlength=codes.shape[1])
 
 

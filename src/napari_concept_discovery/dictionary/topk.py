@@ -104,11 +104,13 @@ class TopKSAE(SparseDictionary):
             from ..errors import DictionaryError
 
             raise DictionaryError(f"TopK needs 1 <= k <= M; got k={config.k}, M={config.n_atoms}")
+        # as in OpenAI's reference code: the encoder keeps nn.Linear's default scale (rows of
+        # norm ~ 1/sqrt(3)), the decoder starts as its transpose with each atom at unit norm
         g = torch.Generator().manual_seed(seed)
-        w = torch.randn(config.n_atoms, d_in, generator=g)
-        w = w / w.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w.clone())
-        self.W_enc = nn.Parameter(w.clone())  # encoder = decoder transpose at the start
+        bound = 1 / math.sqrt(d_in)
+        w = torch.empty(config.n_atoms, d_in).uniform_(-bound, bound, generator=g)
+        self.W_enc = nn.Parameter(w.clone())
+        self.W_dec = nn.Parameter(w / w.norm(dim=1, keepdim=True))
         self.b_enc = nn.Parameter(torch.zeros(config.n_atoms))
         self.b_pre = nn.Parameter(torch.zeros(d_in))
         # tokens seen since each latent last fired, for AuxK; saved with the dictionary
