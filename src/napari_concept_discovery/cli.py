@@ -432,6 +432,67 @@ def _run_analyze(args) -> int:
     return 0
 
 
+# --- demo: every step on synthetic plates, offline ------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run every step offline on synthetic plates with ground truth and print what was found",
+    )
+    p.add_argument("out", nargs="?", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--plates", type=int, default=2, help="number of synthetic plates")
+    p.add_argument("--wells", type=int, default=16, help="wells per plate")
+    p.add_argument("--sites", type=int, default=1, help="sites per well")
+    p.add_argument("--size", type=int, default=512, help="site size in pixels")
+    p.add_argument("--method", choices=("icfl", "topk"), default="icfl")
+    p.add_argument("--atoms", type=int, default=512, help="dictionary size M")
+    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import format_report, run_demo
+
+    bars = {}
+
+    def site_progress(n: int) -> None:
+        if "sites" not in bars:
+            bars["sites"] = _progress(args.plates * args.wells * args.sites, "embed sites")
+        bars["sites"].update(n)
+
+    def train_progress(p) -> None:
+        if "train" not in bars:
+            bars["train"] = _progress(p.steps, f"train {args.method}")
+        bar = bars["train"]
+        bar.update(p.step - bar.n)
+        bar.set_postfix(fvu=f"{p.fvu:.3f}", dead=f"{p.dead_fraction:.2f}")
+
+    def log(msg: str) -> None:
+        for bar in bars.values():
+            bar.close()
+        bars.clear()
+        print(msg, flush=True)
+
+    result = run_demo(
+        args.out,
+        n_plates=args.plates,
+        n_wells=args.wells,
+        n_sites=args.sites,
+        size=args.size,
+        method=args.method,
+        n_atoms=args.atoms,
+        steps=args.steps,
+        seed=args.seed,
+        log=log,
+        site_progress=site_progress,
+        train_progress=train_progress,
+    )
+    log(format_report(result))
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 
@@ -442,7 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_synth, _add_info, _add_segment, _add_embed, _add_train, _add_analyze):
+    for add in (
+        _add_demo,
+        _add_synth,
+        _add_info,
+        _add_segment,
+        _add_embed,
+        _add_train,
+        _add_analyze,
+    ):
         add(sub)
     return parser
 

@@ -1,0 +1,53 @@
+"""The demo runs every step end to end on a tiny plate set and reuses its plates on a rerun."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from napari_concept_discovery.cli import main
+from napari_concept_discovery.demo import format_report, run_demo
+
+
+def test_demo_end_to_end_and_rerun(tmp_path):
+    kwargs = dict(n_plates=2, n_wells=6, n_sites=1, size=256, n_atoms=64, steps=30, seed=0)
+    result = run_demo(tmp_path / "demo", log=lambda s: None, **kwargs)
+
+    assert result.dictionary.is_file()
+    assert result.n_cells > 50
+    m = result.metrics
+    assert 0.0 <= m["fvu"] < 1.0  # the dictionary explains some of the variance
+    assert m["n_atoms"] == 64
+    # every true concept gets a best feature and an AUROC in [0, 1]
+    concepts = result.concepts
+    assert {"cell_type=HUVEC", "perturbation=control", "mitotic"} <= set(concepts["concept"])
+    assert concepts["auroc"].between(0, 1).all()
+    # codes land in AnnData with the cell table as obs, one row per cell token
+    adata = ad.read_h5ad(result.analysis / "codes.h5ad")
+    assert adata.shape == (result.n_cells, 64)
+    assert {"plate", "well", "cell_type", "perturbation", "mitotic"} <= set(adata.obs.columns)
+    truth = pd.read_csv(result.plates / "truth.csv")
+    assert adata.obs["mitotic"].astype(str).isin(["True", "False"]).all()
+    assert len(truth) >= result.n_cells * 0.8
+
+    report = format_report(result)
+    assert "FVU" in report and "cell_type=HUVEC" in report
+
+    # a rerun with the same parameters keeps the plates (same files, same mtimes)
+    before = {p: p.stat().st_mtime_ns for p in result.plates.rglob("*.png")}
+    again = run_demo(tmp_path / "demo", log=lambda s: None, **kwargs)
+    after = {p: p.stat().st_mtime_ns for p in again.plates.rglob("*.png")}
+    assert before == after
+    np.testing.assert_allclose(again.metrics["fvu"], m["fvu"], rtol=1e-5)
+
+
+def test_demo_cli(tmp_path, capsys):
+    rc = main(
+        ["demo", str(tmp_path / "d"), "--wells", "6", "--size", "256", "--atoms", "32",
+         "--steps", "10", "--plates", "2"]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "best single-feature AUROC" in out
+    assert (tmp_path / "d" / "dictionary.safetensors").is_file()
