@@ -198,6 +198,12 @@ def main(argv=None) -> int:
     ap.add_argument("--real-fraction", type=float, default=0.1)
     ap.add_argument("--fourier-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--init-encoder",
+        type=Path,
+        default=None,
+        help="continue from encoder weights (safetensors + card); the decoder starts fresh",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -243,6 +249,13 @@ def main(argv=None) -> int:
     print(f"{len(synth_sites)} synthetic sites; real groups: {real_used}", flush=True)
 
     encoder = ChannelAgnosticViT(**ARCH)
+    previous = None
+    if args.init_encoder is not None:
+        from safetensors.torch import load_file
+
+        encoder.load_state_dict(load_file(str(args.init_encoder)), strict=True)
+        card_in = args.init_encoder.with_suffix(".json")
+        previous = json.loads(card_in.read_text()).get("training") if card_in.is_file() else None
     mae = MaskedAutoencoder(encoder, fourier_weight=args.fourier_weight)
     params = [p for p in mae.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -349,6 +362,7 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "seconds": round(train_seconds, 1),
             "final_loss_smoothed": round(running, 4),
+            "continued_from": previous,
         },
         "data": {
             "synthetic": {
