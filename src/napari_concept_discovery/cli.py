@@ -14,6 +14,10 @@ from . import __version__
 from .errors import ConceptDiscoveryError
 
 
+class UsageError(ConceptDiscoveryError):
+    """Command-line options that contradict each other or are out of range."""
+
+
 def _progress(total: int, desc: str):
     """A terminal progress bar (tqdm) that writes to stderr."""
     from tqdm.auto import tqdm
@@ -46,9 +50,9 @@ def _run_synth(args) -> int:
 
     for name in ("plates", "wells", "sites"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be at least 1")
+            raise UsageError(f"--{name} must be at least 1")
     if args.size < 64:
-        raise SystemExit("error: --size must be at least 64")
+        raise UsageError("--size must be at least 64")
     total = args.plates * args.wells * args.sites
     with _progress(total, "sites") as bar:
         out = write_synthetic_plates(
@@ -315,17 +319,17 @@ def _train_config(args) -> dict:
         cfg["lr"] = args.lr
     if args.method == "topk":
         if args.n_iter is not None or args.n_pick is not None:
-            raise SystemExit("error: --J/--L are ICFL settings; use --sparsity for TopK")
+            raise UsageError("--J/--L are ICFL settings; use --sparsity for TopK")
         cfg["k"] = args.sparsity if args.sparsity is not None else 32
         return cfg
     n_pick = args.n_pick if args.n_pick is not None else 4
     if args.sparsity is not None:
         if args.n_iter is not None and args.n_iter * n_pick != args.sparsity:
-            raise SystemExit(
-                f"error: --sparsity {args.sparsity} disagrees with --J {args.n_iter} x --L {n_pick}"
+            raise UsageError(
+                f"--sparsity {args.sparsity} disagrees with --J {args.n_iter} x --L {n_pick}"
             )
         if args.sparsity % n_pick:
-            raise SystemExit(f"error: ICFL --sparsity must be a multiple of --L ({n_pick})")
+            raise UsageError(f"ICFL --sparsity must be a multiple of --L ({n_pick})")
         n_iter = args.sparsity // n_pick
     else:
         n_iter = args.n_iter if args.n_iter is not None else 8
@@ -343,10 +347,10 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_whiten and (args.whiten or args.whiten_by):
-        raise SystemExit("error: --no-whiten cannot be combined with --whiten/--whiten-by")
+        raise UsageError("--no-whiten cannot be combined with --whiten/--whiten-by")
     if not args.no_whiten and not args.whiten:
-        raise SystemExit(
-            "error: choose control tokens for whitening with --whiten COLUMN=VALUE "
+        raise UsageError(
+            "choose control tokens for whitening with --whiten COLUMN=VALUE "
             "(e.g. --whiten well_type=negative_control), or pass --no-whiten"
         )
     control = parse_control(args.whiten) if args.whiten else None
