@@ -1,0 +1,205 @@
+"""Embedding throughput and memory, side by side with the anchors, in one run.
+
+For the bundled default model and an OpenPhenom-shaped ViT-S/16 (random weights) it prints:
+tiles/s through our pipeline (scaling, tiling, batching, tokens of the last block, patch grids,
+crop tokens, coverage-weighted cell pooling) against a bare timm ``forward_features`` of the same
+network on the same pre-made tensors, their ratio (bar: >= 0.9), and the achieved GFLOP/s (FLOPs
+counted by ``torch.utils.flop_counter``) against a large fp32 matmul on this machine. Then the
+peak resident memory and wall time of embedding the 2-plate synthetic set (24 wells, 2 sites,
+512 px) with the default model through the CLI, in a child process.
+
+Images and labels are read before timing, so both sides see the same in-memory data; each side
+runs ``--repeats`` times interleaved and the best time counts (the machine is shared).
+
+    python benchmarks/bench_embed.py [--threads 2] [--tiles 16] [--phenom-tiles 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from napari_concept_discovery.embed import Embedder, tile_image
+from napari_concept_discovery.models import (
+    ChannelAgnosticBackend,
+    ChannelAgnosticViT,
+    hash_state_dict,
+    load_model,
+)
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def forward_flops(model, x) -> int:
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        model.forward_features(x)
+    return fc.get_total_flops()
+
+
+def bench_model(name, backend, sites, batch, repeats):
+    """(pipeline tiles/s, bare tiles/s, GFLOP/s of each) on the same sites."""
+    model = backend.model
+    block = backend.num_blocks - 1
+    tiles = np.concatenate([tile_image(backend.scale_to_unit(im), 256)[0] for _, im, _, _ in sites])
+    n_tiles = len(tiles)
+    batches = [torch.from_numpy(tiles[i : i + batch]) for i in range(0, n_tiles, batch)]
+    flops_per_tile = forward_flops(model, batches[0][:1])
+
+    def bare():
+        with torch.inference_mode():
+            for x in batches:
+                model.forward_features(x)
+
+    def pipeline():
+        emb = Embedder(backend, block, batch_size=batch)
+        out = list(emb.iter_sites(iter(sites)))
+        assert sum(len(s.crop_tokens) for s in out) == n_tiles
+
+    bare()  # warm-up (allocator, kernels)
+    t_pipe, t_bare = float("inf"), float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        pipeline()
+        t_pipe = min(t_pipe, time.perf_counter() - t)
+        t = time.perf_counter()
+        bare()
+        t_bare = min(t_bare, time.perf_counter() - t)
+    return {
+        "name": name,
+        "tiles": n_tiles,
+        "channels": tiles.shape[1],
+        "gflop_per_tile": flops_per_tile / 1e9,
+        "pipe_tps": n_tiles / t_pipe,
+        "bare_tps": n_tiles / t_bare,
+        "pipe_gflops": flops_per_tile * n_tiles / t_pipe / 1e9,
+        "bare_gflops": flops_per_tile * n_tiles / t_bare / 1e9,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tiles", type=int, default=16, help="tiles timed for the default model")
+    ap.add_argument("--phenom-tiles", type=int, default=4, help="tiles timed for ViT-S/16")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=None, help="where to write the synthetic set")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from napari_concept_discovery.plate import open_plate
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    data = args.data or Path(tempfile.gettempdir()) / "ncd_bench_synth_2x24x2x512"
+    if not (data / "metadata.csv").exists():
+        write_synthetic_plates(data, n_plates=2, n_wells=24, n_sites=2, size=512, seed=0)
+    plate = open_plate(data)
+    keys = list(plate.sites)
+
+    def load(n_tiles):
+        out = []
+        for k in keys[: max(1, n_tiles // 4)]:
+            s = plate[k]
+            out.append((k, s.read(), s.read_labels(), {}))
+        return out
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} threads, cpu count {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}"
+    )
+    mm = matmul_gflops()
+    print(f"anchor: fp32 matmul 2048^3: {mm:.1f} GFLOP/s")
+
+    default = load_model("default", "cpu")
+    torch.manual_seed(0)
+    phenom = ChannelAgnosticViT(embed_dim=384, depth=12, num_heads=6, max_channels=11).eval()
+    phenom_b = ChannelAgnosticBackend(
+        phenom,
+        model_id="openphenom-shaped-random",
+        weights_hash=hash_state_dict(phenom.state_dict()),
+    )
+    rows = [
+        bench_model(
+            "default (192w, 4 blocks)", default, load(args.tiles), args.batch, args.repeats
+        ),
+        bench_model(
+            "OpenPhenom-shaped ViT-S/16 (random)",
+            phenom_b,
+            load(args.phenom_tiles),
+            args.batch,
+            args.repeats,
+        ),
+    ]
+    head = (
+        f"{'model':38s} {'tiles':>5s} {'C':>2s} {'GFLOP/tile':>10s} {'pipeline t/s':>12s} "
+        f"{'bare timm t/s':>13s} {'ratio':>6s} {'pipe GFLOP/s':>12s} {'bare GFLOP/s':>12s} "
+        f"{'of matmul':>9s}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = r["pipe_tps"] / r["bare_tps"]
+        print(
+            f"{r['name']:38s} {r['tiles']:5d} {r['channels']:2d} {r['gflop_per_tile']:10.1f} "
+            f"{r['pipe_tps']:12.3f} {r['bare_tps']:13.3f} {ratio:6.3f} {r['pipe_gflops']:12.1f} "
+            f"{r['bare_gflops']:12.1f} {r['pipe_gflops'] / mm:9.0%}"
+        )
+    print("bar: ratio >= 0.9 (tiling, block hooks and pooling cost at most 10%)")
+
+    if not args.skip_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [
+                sys.executable,
+                "-m",
+                "napari_concept_discovery",
+                "embed",
+                str(data),
+                "--model",
+                "default",
+                "--out",
+                str(Path(tmp) / "store"),
+                "--threads",
+                str(args.threads),
+                "--batch-size",
+                str(args.batch),
+            ]
+            t = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            if res.returncode:
+                print(res.stderr[-2000:])
+                return res.returncode
+            print(
+                f"embed 2-plate synthetic set ({len(keys)} sites, 512 px, 6 channels, "
+                f"{4 * len(keys)} tiles) with the default model via the CLI: "
+                f"{wall:.1f} s wall, {4 * len(keys) / wall:.2f} tiles/s, "
+                f"peak RSS {peak_kb / 1024:.0f} MiB"
+            )
+            print("  " + res.stdout.strip().splitlines()[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
