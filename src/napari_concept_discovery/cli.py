@@ -236,6 +236,7 @@ def _add_embed(sub) -> None:
         choices=["auto", "file", "segment", "none"],
         help="cell labels: the plate's label files, else segmentation (auto)",
     )
+    p.add_argument("--nuclear", default="DNA", help="nuclear stain for segmentation (default: DNA)")
     p.add_argument("--channel-tokens", action="store_true", help="also keep per-channel tokens")
     p.add_argument("--layout", default="auto", help="plate layout (see `info`)")
     p.add_argument("--pattern", default=None, help="filename pattern for the plate")
@@ -269,6 +270,7 @@ def _run_embed(args) -> int:
             batch_size=args.batch_size,
             channel_tokens=args.channel_tokens,
             cells=args.cells,
+            nuclear=args.nuclear,
             progress=bar.update,
         )
     counts = store.attrs.get("counts", {})

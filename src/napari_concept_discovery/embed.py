@@ -341,8 +341,13 @@ class Embedder:
             yield from ready()
 
 
-def site_labels(site, image: np.ndarray, cells: str = "auto") -> np.ndarray | None:
-    """Cell labels of a site: its label file, else ``segment.segment_site`` (``cells='auto'``)."""
+def site_labels(
+    site, image: np.ndarray, cells: str = "auto", nuclear: str | int = "DNA"
+) -> np.ndarray | None:
+    """Cell labels of a site: its label file, else ``segment.segment_site`` (``cells='auto'``).
+
+    ``nuclear`` names the nuclear stain for segmentation (e.g. "ch5" on a Phenix plate).
+    """
     if cells not in CELL_SOURCES:
         raise ValueError(f"cells must be one of {CELL_SOURCES}, got {cells!r}")
     if cells == "none":
@@ -355,16 +360,22 @@ def site_labels(site, image: np.ndarray, cells: str = "auto") -> np.ndarray | No
             raise PlateError(f"{site.key}: no label image on disk (cells='file')")
     from .segment import segment_site
 
-    return segment_site(image, site.channel_names)[1]
+    try:
+        return segment_site(image, site.channel_names, nuclear=nuclear)[1]
+    except ValueError as exc:
+        raise PlateError(
+            f"{site.key}: cannot segment cells: {exc}; name the nuclear stain (--nuclear) or "
+            "embed without cells (--cells none)"
+        ) from exc
 
 
-def read_sites(plate, keys, cells: str = "auto", prefetch: bool = True):
+def read_sites(plate, keys, cells: str = "auto", prefetch: bool = True, nuclear="DNA"):
     """(key, image, labels, metadata) per site, reading the next site on a thread meanwhile."""
 
     def load(key):
         site = plate[key]
         image = site.read()
-        return key, image, site_labels(site, image, cells), dict(site.metadata or {})
+        return key, image, site_labels(site, image, cells, nuclear), dict(site.metadata or {})
 
     keys = list(keys)
     if not prefetch or len(keys) < 2:
@@ -402,6 +413,7 @@ def embed_plate(
     device=None,
     channel_tokens: bool = False,
     cells: str = "auto",
+    nuclear: str | int = "DNA",
     progress: Callable[[int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ):
@@ -419,12 +431,19 @@ def embed_plate(
     backend = load_model(model, device) if isinstance(model, str) else model
     embedder = Embedder(backend, block, batch_size, channel_tokens)
     writer = StoreWriter(
-        out, plate, backend, embedder.block, channel_tokens=channel_tokens, cells=cells
+        out,
+        plate,
+        backend,
+        embedder.block,
+        channel_tokens=channel_tokens,
+        cells=cells,
+        nuclear=nuclear,
     )
     todo = writer.begin()
     if progress is not None and len(plate) - len(todo):
         progress(len(plate) - len(todo))
-    for st in embedder.iter_sites(read_sites(plate, todo, cells), cancel=cancel):
+    items = read_sites(plate, todo, cells, nuclear=nuclear)
+    for st in embedder.iter_sites(items, cancel=cancel):
         writer.write_site(st)
         if progress is not None:
             progress(1)

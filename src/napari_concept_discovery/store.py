@@ -105,7 +105,15 @@ class StoreWriter:
     """
 
     def __init__(
-        self, path, plate, backend, block: int, *, channel_tokens: bool = False, cells: str = "auto"
+        self,
+        path,
+        plate,
+        backend,
+        block: int,
+        *,
+        channel_tokens: bool = False,
+        cells: str = "auto",
+        nuclear: str | int = "DNA",
     ):
         if path is None:
             raise StoreError("no output folder given for the activation store")
@@ -128,6 +136,7 @@ class StoreWriter:
             "tokens": dict(TOKEN_SETTINGS),
             "channel_tokens": self.channel_tokens,
             "cells": cells,
+            "nuclear": nuclear if cells in ("auto", "segment") else None,
             "channels": list(plate.channel_names),
             "package_version": __version__,
             "store_format": STORE_FORMAT,
