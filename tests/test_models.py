@@ -125,7 +125,7 @@ def test_hub_offline_message(tmp_path, monkeypatch):
     with pytest.raises(ModelError) as err:
         load_model("nobody-here/uncached-model-for-test")
     msg = str(err.value)
-    assert "HF_HUB_OFFLINE is set" in msg and "huggingface-cli download" in msg
+    assert "HF_HUB_OFFLINE is set" in msg and "hf download" in msg
 
 
 def test_pickles_are_loaded_without_code(tmp_path):

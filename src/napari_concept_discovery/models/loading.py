@@ -243,7 +243,7 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
             why = f"the hub refused it ({kind})"
         raise ModelError(
             f"cannot get {repo_id!r} from the Hugging Face hub: {why}. On a machine with network, "
-            f"run `huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass "
+            f"run `hf download {repo_id} --local-dir DIR`, copy DIR here and pass "
             f"DIR as the model (or run once online to fill the cache). Detail: {kind}: {exc}"
         ) from exc
 
