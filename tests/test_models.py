@@ -245,3 +245,16 @@ def test_timm_checkpoint_per_channel_rule(tmp_path):
     )
     with pytest.raises(ModelError, match="exactly 3 channels"):
         ident.tokens(x, 0)
+    # timm's hub layout: config.json names the architecture, weights beside it.
+    repo = tmp_path / "timm_repo"
+    repo.mkdir()
+    (repo / "config.json").write_text(
+        json.dumps({"architecture": "vit_tiny_patch16_224", "model_args": {"depth": 2}})
+    )
+    save_file(
+        {k: v.contiguous() for k, v in backend.model.state_dict().items()},
+        str(repo / "model.safetensors"),
+    )
+    from_folder = load_model(repo, device="cpu")
+    with torch.inference_mode():
+        assert torch.allclose(from_folder.tokens(x, -1), t0)
