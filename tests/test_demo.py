@@ -31,6 +31,10 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert adata.obs["mitotic"].astype(str).isin(["True", "False"]).all()
     assert len(truth) >= result.n_cells * 0.8
 
+    # both preparations are compared, each with an AUROC per concept group
+    assert result.comparison["preparation"].tolist() == ["center", "pca"]
+    assert result.comparison["auroc cell_type"].between(0, 1).all()
+
     report = format_report(result)
     assert "FVU" in report and "cell_type=HUVEC" in report
 
@@ -44,10 +48,24 @@ def test_demo_end_to_end_and_rerun(tmp_path):
 
 def test_demo_cli(tmp_path, capsys):
     rc = main(
-        ["demo", str(tmp_path / "d"), "--wells", "6", "--size", "256", "--atoms", "32",
-         "--steps", "10", "--plates", "2"]
+        [
+            "demo",
+            str(tmp_path / "d"),
+            "--wells",
+            "6",
+            "--size",
+            "256",
+            "--atoms",
+            "32",
+            "--steps",
+            "10",
+            "--plates",
+            "2",
+        ]
     )
     assert rc == 0
     out = capsys.readouterr().out
     assert "best single-feature AUROC" in out
-    assert (tmp_path / "d" / "dictionary.safetensors").is_file()
+    assert (tmp_path / "d" / "dictionary-center.safetensors").is_file()
+    assert (tmp_path / "d" / "dictionary-pca.safetensors").is_file()
+    assert "preparation" in out

@@ -452,8 +452,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--sites", type=int, default=1, help="sites per well")
     p.add_argument("--size", type=int, default=512, help="site size in pixels")
     p.add_argument("--method", choices=("icfl", "topk"), default="icfl")
-    p.add_argument("--atoms", type=int, default=512, help="dictionary size M")
-    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--atoms", type=int, default=64, help="dictionary size M")
+    p.add_argument("--sparsity", type=int, default=8, help="non-zeros per token")
+    p.add_argument("--steps", type=int, default=1000, help="training steps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_demo)
 
@@ -489,6 +490,7 @@ def _run_demo(args) -> int:
         size=args.size,
         method=args.method,
         n_atoms=args.atoms,
+        sparsity=args.sparsity,
         steps=args.steps,
         seed=args.seed,
         log=log,

@@ -33,6 +33,7 @@ class DemoResult:
     selectivity_counts: pd.DataFrame
     concepts: pd.DataFrame
     top_features: pd.DataFrame
+    comparison: pd.DataFrame
     timings: dict = field(default_factory=dict)
 
 
@@ -75,8 +76,9 @@ def run_demo(
     n_sites: int = 1,
     size: int = 512,
     method: str = "icfl",
-    n_atoms: int = 512,
-    steps: int = 1500,
+    n_atoms: int = 64,
+    sparsity: int = 8,
+    steps: int = 1000,
     seed: int = 0,
     log: Callable[[str], None] = print,
     site_progress: Callable[[int], None] | None = None,
@@ -85,7 +87,7 @@ def run_demo(
     """Run every step on synthetic plates with known ground truth and report what was found."""
     import time
 
-    from .concepts import write_analysis
+    from .concepts import concept_auroc, join_truth, write_analysis
     from .dictionary.pipeline import encode_store, train_on_store
     from .embed import embed_plate
 
@@ -105,38 +107,60 @@ def run_demo(
     n_cells = int(store.tokens("cell").shape[0])
 
     t = time.perf_counter()
+    truth = pd.read_csv(plates / "truth.csv")
     n_components = _whitening_components(store)
-    log(
-        f"3/4 {method} dictionary of {n_atoms} atoms on {n_cells} cell tokens, whitened on "
-        f"negative-control wells per plate (top {n_components} of {store.embed_dim} components)"
-    )
+    preparations = {
+        "center": dict(whiten_mode="center"),
+        "pca": dict(whiten_mode="pca", n_components=n_components),
+    }
     config = {"n_atoms": n_atoms}
-    trained = train_on_store(
-        store,
-        method=method,
-        unit="cell",
-        control=CONTROL,
-        whiten_by="plate",
-        n_components=n_components,
-        config=config,
-        steps=steps,
-        batch_size=min(1024, n_cells),
-        seed=seed,
-        out=out / "dictionary.safetensors",
-        progress=train_progress,
-    )
+    if method == "icfl":
+        config.update(n_iter=max(1, sparsity // 4), n_pick=min(4, sparsity))
+    else:
+        config.update(k=sparsity)
+    comparison = []
+    trained = None
+    for name, prep in preparations.items():
+        what = (
+            "centred on the negative-control mean"
+            if name == "center"
+            else f"PCA-whitened on negative controls (top {n_components} components)"
+        )
+        log(
+            f"3/4 {method} dictionary, {n_atoms} atoms, {sparsity} non-zeros, on {n_cells} "
+            f"cell tokens {what}, per plate"
+        )
+        result = train_on_store(
+            store,
+            method=method,
+            unit="cell",
+            control=CONTROL,
+            whiten_by="plate",
+            config=config,
+            steps=steps,
+            batch_size=min(1024, n_cells),
+            seed=seed,
+            out=out / f"dictionary-{name}.safetensors",
+            progress=train_progress,
+            **prep,
+        )
+        codes, table = encode_store(store, result.dictionary, "cell")
+        table = join_truth(table, truth)
+        aurocs = concept_auroc(codes, table, TRUTH_COLUMNS)
+        group = aurocs["concept"].str.split("=").str[0]
+        row = {"preparation": name, "fvu": result.metrics["fvu"]}
+        row.update({f"auroc {g}": v for g, v in aurocs.groupby(group)["auroc"].mean().items()})
+        comparison.append(row)
+        if trained is None:  # the first preparation gets the full analysis
+            trained, kept_codes, kept_table = result, codes, table
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log("4/4 selectivity for cell type and perturbation; best feature per true concept")
-    from .concepts import join_truth
-
-    codes, table = encode_store(store, trained.dictionary, "cell")
-    table = join_truth(table, pd.read_csv(plates / "truth.csv"))
     paths = write_analysis(
         out / "analysis",
-        codes,
-        table,
+        kept_codes,
+        kept_table,
         LABEL_COLUMNS,
         meta=trained.dictionary.meta,
         truth_columns=TRUTH_COLUMNS,
@@ -162,8 +186,16 @@ def run_demo(
         selectivity_counts=pd.read_parquet(paths["selectivity_counts"]),
         concepts=pd.read_parquet(paths["concepts"]),
         top_features=top,
+        comparison=pd.DataFrame(comparison),
         timings=timings,
     )
+
+
+def _better(comparison: pd.DataFrame) -> str:
+    """Which preparation gave the higher mean best AUROC, per concept group, in words."""
+    cols = [c for c in comparison.columns if c.startswith("auroc ")]
+    best = comparison.set_index("preparation")[cols].idxmax()
+    return "Higher here: " + ", ".join(f"{c[6:]} {p}" for c, p in best.items()) + "."
 
 
 def format_report(result: DemoResult) -> str:
@@ -180,7 +212,14 @@ def format_report(result: DemoResult) -> str:
         "",
         "most selective feature per label (avg = P(active|label) - P(active|other labels)):",
         result.top_features[
-            ["feature", "top_column", "top_label", "selectivity_avg", "selectivity_max", "frequency"]
+            [
+                "feature",
+                "top_column",
+                "top_label",
+                "selectivity_avg",
+                "selectivity_max",
+                "frequency",
+            ]
         ].to_string(index=False, float_format=lambda v: f"{v:.3f}"),
         "",
         "ground truth: best single-feature AUROC per true concept (0.5 = chance):",
@@ -188,8 +227,15 @@ def format_report(result: DemoResult) -> str:
             index=False, float_format=lambda v: f"{v:.3f}"
         ),
         "",
+        "the same dictionary on two input preparations (mean best AUROC per concept group):",
+        result.comparison.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+        "  The negative controls here mix all cell types, so PCA whitening on them treats the",
+        "  cell-type difference as control variation and scales it to unit variance like every",
+        "  other direction the controls vary in. " + _better(result.comparison),
+        "  The analysis above uses the first row; both dictionaries are in the output folder.",
+        "",
         "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()),
-        f"outputs in {result.out}: plates/, store.zarr/, dictionary.safetensors, analysis/ "
+        f"outputs in {result.out}: plates/, store.zarr/, dictionary-*.safetensors, analysis/ "
         "(features.parquet, codes.h5ad, ...)",
         "The bundled model is small and trained on synthetic plates: use OpenPhenom or your own "
         "checkpoint (--model) for real discovery.",
