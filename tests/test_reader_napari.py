@@ -133,7 +133,9 @@ def test_synthetic_site_has_cell_labels(small_plates):
     assert kwargs["metadata"]["site_key"] == tuple(key)
     assert labels.shape == image.shape[1:] and labels.max() > 0
     assert lkw["name"] == "cells" and lkw["metadata"]["site_key"] == tuple(key)
-    assert all(kwargs["visible"]) and lkw["visible"] is False
+    # DNA, ER and Actin start shown; RNA, Mito and Membrane are one click away
+    assert kwargs["visible"] == [True, True, True, False, False, False]
+    assert lkw["visible"] is False
 
 
 def test_sample_plate_is_cached(sample_cache):

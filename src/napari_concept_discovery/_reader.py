@@ -84,16 +84,16 @@ def channel_colormaps(names: Sequence[str], image: np.ndarray | None = None) -> 
 
 
 def initially_visible(names: Sequence[str], colours: Sequence[str]) -> list[bool]:
-    """Which channels start shown: all stains, except brightfield.
+    """Which channels start shown: the nucleus and the next two stains (blue, green, red).
 
-    When no name says which stain a channel holds, only the nuclear guess and the next two
-    start shown (blue, green, red): five unknown stains added up turn every nucleus white.
+    Five or six stains added up turn every cell white, so only a classic three-colour composite
+    starts shown; the other stains are one click away in the layer list. Brightfield never
+    starts shown.
     """
-    visible = [c != "gray" for c in colours]
-    if any(_known_colour(n) for n in names):
-        return visible
-    shown = sorted((i for i, v in enumerate(visible) if v), key=lambda i: colours[i] != "blue")
-    return [i in shown[:3] for i in range(len(names))]
+    rank = {"blue": 0, "green": 1, "red": 2}
+    stains = [i for i, c in enumerate(colours) if c != "gray"]
+    shown = sorted(stains, key=lambda i: rank.get(colours[i], 3))[:3]
+    return [i in shown for i in range(len(names))]
 
 
 def _subsample(plane: np.ndarray, target: int = 512 * 512) -> np.ndarray:
