@@ -25,6 +25,36 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
+def _add_plate_options(p) -> None:
+    """How to read the plate folder: the same options for every subcommand that opens one."""
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern"],
+        help="folder layout (default: detect it)",
+    )
+    p.add_argument(
+        "--pattern",
+        help="filename pattern with named fields, e.g. '{well}_01_{channel_index}_{site}_{channel}_001.tif'",
+    )
+    p.add_argument("--metadata", help="metadata table (csv/tsv/parquet) joined by plate/well/site")
+    p.add_argument("--channel-names", help="comma-separated channel names in channel order")
+
+
+def _open_plate(args, **kwargs):
+    from .plate import open_plate
+
+    names = args.channel_names.split(",") if args.channel_names else None
+    return open_plate(
+        args.plate,
+        layout=args.layout,
+        pattern=args.pattern,
+        metadata=args.metadata,
+        channel_names=names,
+        **kwargs,
+    )
+
+
 # --- synth (issue: package, plates, synthetic data) ----------------------------------------
 
 
@@ -78,9 +108,7 @@ def _add_segment(sub) -> None:
     )
     p.add_argument("plate", help="plate folder (any layout that 'info' understands)")
     p.add_argument("--out", required=True, help="output folder for the label images")
-    p.add_argument("--layout", default="auto", help="folder layout (default: detect it)")
-    p.add_argument("--pattern", help="filename pattern with named fields (see 'info')")
-    p.add_argument("--channel-names", help="comma-separated channel names in channel order")
+    _add_plate_options(p)
     p.add_argument("--nuclear", default="DNA", help="nuclear channel name or index (default DNA)")
     p.add_argument(
         "--cell",
@@ -96,11 +124,9 @@ def _run_segment(args) -> int:
     import tifffile
 
     from .errors import PlateError
-    from .plate import open_plate
     from .segment import segment_site
 
-    names = args.channel_names.split(",") if args.channel_names else None
-    plate = open_plate(args.plate, layout=args.layout, pattern=args.pattern, channel_names=names)
+    plate = _open_plate(args)
 
     def channel(value: str):
         return int(value) if value.isdigit() else value
@@ -133,18 +159,7 @@ def _add_info(sub) -> None:
         help="describe a plate folder: layout, plates, wells, sites, channels, metadata, problems",
     )
     p.add_argument("plate", help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern)")
-    p.add_argument(
-        "--layout",
-        default="auto",
-        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern"],
-        help="folder layout (default: detect it)",
-    )
-    p.add_argument(
-        "--pattern",
-        help="filename pattern with named fields, e.g. '{well}_01_{channel_index}_{site}_{channel}_001.tif'",
-    )
-    p.add_argument("--metadata", help="metadata table (csv/tsv/parquet) joined by plate/well/site")
-    p.add_argument("--channel-names", help="comma-separated channel names in channel order")
+    _add_plate_options(p)
     p.add_argument(
         "--check", action="store_true", help="read every file header, even on a big plate"
     )
@@ -154,20 +169,12 @@ def _add_info(sub) -> None:
 def _run_info(args) -> int:
     import warnings
 
-    from .plate import PlateWarning, open_plate
+    from .plate import PlateWarning
 
-    names = args.channel_names.split(",") if args.channel_names else None
     with warnings.catch_warnings():
         # Printed below from plate.warnings, once and in order.
         warnings.simplefilter("ignore", PlateWarning)
-        plate = open_plate(
-            args.plate,
-            layout=args.layout,
-            pattern=args.pattern,
-            metadata=args.metadata,
-            channel_names=names,
-            check=True if args.check else None,
-        )
+        plate = _open_plate(args, check=True if args.check else None)
     wells = plate.wells
     distinct = sorted({w for _, w in wells})
     shown = ", ".join(distinct[:12]) + (" ..." if len(distinct) > 12 else "")
@@ -238,8 +245,7 @@ def _add_embed(sub) -> None:
     )
     p.add_argument("--nuclear", default="DNA", help="nuclear stain for segmentation (default: DNA)")
     p.add_argument("--channel-tokens", action="store_true", help="also keep per-channel tokens")
-    p.add_argument("--layout", default="auto", help="plate layout (see `info`)")
-    p.add_argument("--pattern", default=None, help="filename pattern for the plate")
+    _add_plate_options(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=_run_embed)
 
@@ -249,11 +255,10 @@ def _run_embed(args) -> int:
 
     from .embed import embed_plate
     from .models import load_model
-    from .plate import open_plate
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    plate = open_plate(args.plate, layout=args.layout, pattern=args.pattern)
+    plate = _open_plate(args)
     backend = load_model(args.model, args.device, arch=args.arch, channel_rule=args.channel_rule)
     block = backend.resolve_block(args.block)
     print(
