@@ -150,3 +150,23 @@ def test_checkpoints_written_during_training(tmp_path):
     final = load_dictionary(ck)
     assert final.meta["steps"] == 12 and final.meta["unit"] == "cell"
     assert torch.equal(final.model.W, model.W.detach())
+
+
+def test_sparsity_config_one_rule_for_both_methods():
+    from napari_concept_discovery.dictionary.io import sparsity_config
+
+    assert sparsity_config("topk", 128, 16) == {"n_atoms": 128, "k": 16}
+    assert sparsity_config("icfl", 64, 8) == {"n_atoms": 64, "n_iter": 2, "n_pick": 4}
+    assert sparsity_config("icfl", 64, n_iter=3, n_pick=2, lr=1e-2) == {
+        "n_atoms": 64,
+        "lr": 1e-2,
+        "n_iter": 3,
+        "n_pick": 2,
+    }
+    assert sparsity_config("icfl", 64)["n_iter"] * sparsity_config("icfl", 64)["n_pick"] == 32
+    with pytest.raises(DictionaryError, match="multiple of L"):
+        sparsity_config("icfl", 64, 6)
+    with pytest.raises(DictionaryError, match="disagrees"):
+        sparsity_config("icfl", 64, 8, n_iter=3)
+    with pytest.raises(DictionaryError, match="ICFL settings"):
+        sparsity_config("topk", 64, 8, n_pick=2)

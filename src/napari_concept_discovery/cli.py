@@ -321,27 +321,11 @@ def _add_train(sub) -> None:
 
 
 def _train_config(args) -> dict:
-    cfg: dict = {"n_atoms": args.size}
-    if args.lr is not None:
-        cfg["lr"] = args.lr
-    if args.method == "topk":
-        if args.n_iter is not None or args.n_pick is not None:
-            raise UsageError("--J/--L are ICFL settings; use --sparsity for TopK")
-        cfg["k"] = args.sparsity if args.sparsity is not None else 32
-        return cfg
-    n_pick = args.n_pick if args.n_pick is not None else 4
-    if args.sparsity is not None:
-        if args.n_iter is not None and args.n_iter * n_pick != args.sparsity:
-            raise UsageError(
-                f"--sparsity {args.sparsity} disagrees with --J {args.n_iter} x --L {n_pick}"
-            )
-        if args.sparsity % n_pick:
-            raise UsageError(f"ICFL --sparsity must be a multiple of --L ({n_pick})")
-        n_iter = args.sparsity // n_pick
-    else:
-        n_iter = args.n_iter if args.n_iter is not None else 8
-    cfg.update(n_iter=n_iter, n_pick=n_pick)
-    return cfg
+    from .dictionary.io import sparsity_config
+
+    return sparsity_config(
+        args.method, args.size, args.sparsity, n_iter=args.n_iter, n_pick=args.n_pick, lr=args.lr
+    )
 
 
 def _run_train(args) -> int:

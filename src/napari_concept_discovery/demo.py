@@ -88,6 +88,7 @@ def run_demo(
     import time
 
     from .concepts import concept_auroc, join_truth, write_analysis
+    from .dictionary.io import sparsity_config
     from .dictionary.pipeline import encode_store, train_on_store
     from .embed import embed_plate
 
@@ -113,11 +114,7 @@ def run_demo(
         "center": dict(whiten_mode="center"),
         "pca": dict(whiten_mode="pca", n_components=n_components),
     }
-    config = {"n_atoms": n_atoms}
-    if method == "icfl":
-        config.update(n_iter=max(1, sparsity // 4), n_pick=min(4, sparsity))
-    else:
-        config.update(k=sparsity)
+    config = sparsity_config(method, n_atoms, sparsity)
     comparison = []
     trained = None
     for name, prep in preparations.items():

@@ -50,6 +50,42 @@ def build_model(method: str, d_in: int, config=None, *, seed: int = 0) -> Sparse
     return cls(d_in, config, seed=seed)
 
 
+def sparsity_config(
+    method: str,
+    n_atoms: int,
+    sparsity: int | None = None,
+    *,
+    n_iter: int | None = None,
+    n_pick: int | None = None,
+    lr: float | None = None,
+) -> dict:
+    """Config dict for ``build_model`` from a target number of non-zeros per token.
+
+    TopK takes ``k = sparsity`` (default 32). ICFL reaches ``sparsity = J * L`` with ``L = n_pick``
+    (default 4) atoms per pursuit iteration, so ``sparsity`` must be a multiple of ``L``; without
+    ``sparsity`` it uses ``J = n_iter`` (default 8). One rule for the CLI, the demo and widgets.
+    """
+    cfg: dict = {"n_atoms": n_atoms}
+    if lr is not None:
+        cfg["lr"] = lr
+    if method == "topk":
+        if n_iter is not None or n_pick is not None:
+            raise DictionaryError("J and L (--J/--L) are ICFL settings; TopK takes only sparsity k")
+        cfg["k"] = sparsity if sparsity is not None else 32
+        return cfg
+    n_pick = n_pick if n_pick is not None else 4
+    if sparsity is not None:
+        if n_iter is not None and n_iter * n_pick != sparsity:
+            raise DictionaryError(f"sparsity {sparsity} disagrees with J {n_iter} x L {n_pick}")
+        if sparsity % n_pick:
+            raise DictionaryError(f"ICFL sparsity {sparsity} must be a multiple of L ({n_pick})")
+        n_iter = sparsity // n_pick
+    elif n_iter is None:
+        n_iter = 8
+    cfg.update(n_iter=n_iter, n_pick=n_pick)
+    return cfg
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
