@@ -1,0 +1,119 @@
+"""File helpers every step shares: atomic writes and content hashes.
+
+A reader must never see half a file, so every write goes to a temporary name in the same folder
+and is renamed into place (``os.replace`` is atomic on one file system). Hashes identify content,
+not names: a renamed copy of the same weights or image hashes the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_CHUNK = 1 << 22
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file, fsync and a rename."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (parquet, tiff).
+
+    On normal exit the temporary file replaces ``path``; on an exception it is removed and
+    ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_parquet(df, path: str | os.PathLike) -> Path:
+    """Write a DataFrame to parquet atomically (no index)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder that replaces the folder ``path`` as a whole on normal exit.
+
+    The old folder (if any) stays whole until the new one is complete; on an exception the
+    temporary folder is removed and the old one is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def hash_file(path: str | os.PathLike, *, algorithm: str = "sha256") -> str:
+    """Hex digest of one file's bytes."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_files(paths: Iterable[str | os.PathLike]) -> str:
+    """blake2b over the given files' names (not folders), sizes and full contents, in order.
+
+    Raises ``OSError`` for a file that cannot be read; callers turn it into their own error
+    naming the file.
+    """
+    h = hashlib.blake2b(digest_size=20)
+    for p in paths:
+        p = Path(p)
+        h.update(f"{p.name}:{p.stat().st_size};".encode())
+        with open(p, "rb") as fh:
+            while block := fh.read(_CHUNK):
+                h.update(block)
+    return h.hexdigest()
