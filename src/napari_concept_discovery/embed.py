@@ -363,7 +363,7 @@ def embed_site(
 
 def __getattr__(name: str):
     """The plate/store orchestration moved to :mod:`.plate_embedding`; old imports still work."""
-    if name in ("embed_plate", "read_sites", "site_labels", "CELL_SOURCES"):
+    if name in ("embed_plate", "CELL_SOURCES"):
         from . import plate_embedding
 
         return getattr(plate_embedding, name)

@@ -282,9 +282,10 @@ def embed_plate(
     from .store import StoreWriter
 
     plate = _as_plate(plate, settings.labels)
+    # Decided before the model loads, so a site without the labels asked for fails at once.
+    inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
     backend = backend if backend is not None else load_embed_model(settings)
     embedder = Embedder(backend, settings.block, settings.batch_size, settings.channel_tokens)
-    inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
     record = settings.replace(model=model_source(backend), block=embedder.block)
     writer = StoreWriter(out, plate, backend, embedder.block, inputs, settings=record.to_dict())
     todo = writer.begin()
@@ -336,7 +337,10 @@ def reload_model(store: ActivationStore, device=None) -> Backend:
     recorded = store.embed_settings
     kwargs = {}
     if recorded.get("arch"):
-        kwargs = {"arch": recorded["arch"], "channel_rule": recorded.get("channel_rule")}
+        kwargs = {
+            "arch": recorded["arch"],
+            "channel_rule": recorded.get("channel_rule") or "per-channel",
+        }
     backend = load_model(store.model_source, device, **kwargs)
     _check_same_model(store, backend)
     return backend
