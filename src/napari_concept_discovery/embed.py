@@ -1,7 +1,7 @@
 """Embedding compute: an image -> tiles -> tokens of one block -> patch grid, crop and cell tokens.
 
 Pure compute: no files, no store. Reading a plate, choosing each site's cell labels and writing
-the activation store live in :mod:`.plate_embedding`. See docs/architecture.md (embedding).
+the activation store live in :mod:`.plate_embedding`. See docs/architecture.md, "Tokens".
 
 Edge rule: a site is padded at the bottom and right by reflection up to a multiple of the tile
 size (256) and cut into non-overlapping tiles; the patch grid keeps only the ``ceil(H/16) x

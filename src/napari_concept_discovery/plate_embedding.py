@@ -3,7 +3,8 @@
 The compute (tiles in, token grids and pooled tokens out) is :mod:`.embed`; this module decides
 what goes in (which sites, which cell labels), runs it with progress and cancel, and writes the
 store (:mod:`.store`). It also embeds one site on demand exactly as a store was built, from the
-plate and model the store records. See docs/architecture.md (embedding, activation store).
+plate and model the store records. See docs/architecture.md,
+"One room per step" and "The activation store".
 
 Which cell labels a site uses is one rule, :func:`site_inputs`: ``cells="none"``: none;
 ``"segment"``: segment the site; ``"file"``: the label file the plate gives the site (from a

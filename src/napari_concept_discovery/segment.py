@@ -7,7 +7,8 @@ nuclei. Cells: a foreground mask from the sum of the non-nuclear stains, then a 
 by the nuclei, so nucleus ``i`` lies in cell ``i``.
 
 ``segment_plate`` writes a whole plate into a label folder that ``open_plate`` and embedding
-find again (``plate.labels``), so cells are segmented once. See docs/architecture.md.
+find again (``plate.labels``), so cells are segmented once. See docs/architecture.md, "One
+room per step".
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ less than the forward pass it guards. A store is reused only when its signature 
 is marked complete; otherwise it is rebuilt, keeping only finished sites whose own inputs and
 settings still match (resume). Every file lands atomically (site parts and units are folders
 swapped into place; zarr's local store replaces metadata files atomically); the complete flag
-comes last. See docs/architecture.md (activation store).
+comes last. See docs/architecture.md, "The activation store".
 """
 
 from __future__ import annotations

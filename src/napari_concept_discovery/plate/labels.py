@@ -8,7 +8,7 @@ reads a marked folder's files as images and uses a complete one by itself (an in
 is not used unless named); ``open_plate(..., labels=DIR)`` names any label folder, inside the
 plate or not. Labels from a label folder take the place of the
 layout's own label files (the synthetic plates' ``labels/``) for the sites they cover, since
-the user made them on purpose. See docs/architecture.md (plates, cell labels).
+the user made them on purpose. See docs/architecture.md, "One room per step".
 """
 
 from __future__ import annotations
