@@ -51,8 +51,17 @@ def _open_plate(args, **kwargs):
         pattern=args.pattern,
         metadata=args.metadata,
         channel_names=names,
+        labels=getattr(args, "labels", None),
         **kwargs,
     )
+
+
+def _labels_help() -> str:
+    """The --labels help of EmbedSettings, so info and embed describe the option alike."""
+    from .plate_embedding import EmbedSettings
+    from .settings import describe
+
+    return next(d["help"] for d in describe(EmbedSettings) if d["name"] == "labels")
 
 
 # --- synth (issue: package, plates, synthetic data) ----------------------------------------
@@ -104,10 +113,18 @@ def _run_synth(args) -> int:
 
 def _add_segment(sub) -> None:
     p = sub.add_parser(
-        "segment", help="segment nuclei and cells of every site of a plate into label TIFFs"
+        "segment",
+        help="segment nuclei and cells of every site of a plate into a label folder",
+        description=(
+            "Write <plate>/<well>_s<site>_cells.tif and _nuclei.tif per site. The default "
+            "folder, <plate folder>/segmentation, is found by info and embed by themselves; "
+            "give any other folder to them with --labels."
+        ),
     )
     p.add_argument("plate", help="plate folder (any layout that 'info' understands)")
-    p.add_argument("--out", required=True, help="output folder for the label images")
+    p.add_argument(
+        "--out", default=None, help="label folder (default: <plate folder>/segmentation)"
+    )
     _add_plate_options(p)
     p.add_argument("--nuclear", default="DNA", help="nuclear channel name or index (default DNA)")
     p.add_argument(
@@ -119,33 +136,18 @@ def _add_segment(sub) -> None:
 
 
 def _run_segment(args) -> int:
-    from pathlib import Path
-
-    import tifffile
-
-    from .errors import PlateError
-    from .segment import segment_site
+    from .segment import channel_ref, segment_plate
 
     plate = _open_plate(args)
-
-    def channel(value: str):
-        return int(value) if value.isdigit() else value
-
-    nuclear = channel(args.nuclear)
-    cell = [channel(c) for c in args.cell.split(",")] if args.cell else None
-    out = Path(args.out)
+    cell = [channel_ref(c) for c in args.cell.split(",")] if args.cell else None
     with _progress(len(plate), "segment") as bar:
-        for site in plate:
-            try:
-                nuclei, cells = segment_site(site.read(), plate.channel_names, nuclear, cell)
-            except ValueError as exc:  # a channel name or shape the user can fix
-                raise PlateError(f"cannot segment site {site.key}: {exc}") from exc
-            folder = out / site.key.plate
-            folder.mkdir(parents=True, exist_ok=True)
-            stem = f"{site.key.well}_s{site.key.site}"
-            tifffile.imwrite(folder / f"{stem}_cells.tif", cells, compression="zlib")
-            tifffile.imwrite(folder / f"{stem}_nuclei.tif", nuclei, compression="zlib")
-            bar.update(1)
+        out = segment_plate(
+            plate,
+            args.out,
+            nuclear=channel_ref(args.nuclear),
+            cell=cell,
+            progress=lambda p: bar.update(p.done - bar.n),
+        )
     print(f"wrote labels of {len(plate)} sites to {out}")
     return 0
 
@@ -163,6 +165,7 @@ def _add_info(sub) -> None:
     p.add_argument(
         "--check", action="store_true", help="read every file header, even on a big plate"
     )
+    p.add_argument("--labels", default=None, metavar="DIR", help=_labels_help())
     p.set_defaults(func=_run_info)
 
 
@@ -194,7 +197,8 @@ def _run_info(args) -> int:
         print(f"metadata: {len(plate.metadata)} rows; columns: {', '.join(cols)}")
     labelled = sum(site.labels_path is not None for site in plate)
     if labelled:
-        print(f"labels:   {labelled} of {len(plate)} sites carry cell labels")
+        where = f" (label folder {plate.label_folder})" if plate.label_folder else ""
+        print(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
     print(f"warnings: {len(plate.warnings)}")
     for message in plate.warnings:
         print(f"  - {message}")
@@ -205,46 +209,22 @@ def _run_info(args) -> int:
 
 
 def _add_embed(sub) -> None:
+    from .plate_embedding import EmbedSettings
+    from .settings import add_arguments
+
     p = sub.add_parser(
         "embed",
         help="run a foundation model on a plate and keep one block's tokens in an activation store",
         description=(
             "Tile every site into 256x256 tiles, run the model up to --block, and store patch "
-            "grids, crop tokens and per-cell tokens (zarr). A store whose signature (image bytes, "
-            "model, block, settings, version) matches is reused; a stale one is rebuilt; an "
-            "interrupted one resumes."
+            "grids, crop tokens, per-cell tokens and the cell labels they were pooled over "
+            "(zarr). A store whose signature (image and label bytes, model, block, settings, "
+            "version) matches is reused; a stale one is rebuilt; an interrupted one resumes."
         ),
     )
     p.add_argument("plate", help="plate folder")
-    p.add_argument(
-        "--model",
-        default="default",
-        help="default | openphenom | hub id | folder | weights file (default: default)",
-    )
-    p.add_argument("--arch", default=None, help="timm model name for a bare timm checkpoint")
-    p.add_argument(
-        "--channel-rule",
-        default="per-channel",
-        choices=["per-channel", "mean", "identity"],
-        help="how a plate's channels feed a fixed-channel timm model",
-    )
-    p.add_argument(
-        "--block",
-        type=int,
-        default=None,
-        help="block index from 0, negative from the end (default: the model's recommended block)",
-    )
     p.add_argument("--out", required=True, help="activation store folder")
-    p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
-    p.add_argument(
-        "--cells",
-        default="auto",
-        choices=["auto", "file", "segment", "none"],
-        help="cell labels: the plate's label files, else segmentation (auto)",
-    )
-    p.add_argument("--nuclear", default="DNA", help="nuclear stain for segmentation (default: DNA)")
-    p.add_argument("--channel-tokens", action="store_true", help="also keep per-channel tokens")
+    add_arguments(p, EmbedSettings)
     _add_plate_options(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=_run_embed)
@@ -253,14 +233,15 @@ def _add_embed(sub) -> None:
 def _run_embed(args) -> int:
     import torch
 
-    from .embed import embed_plate
-    from .models import load_model
+    from .plate_embedding import EmbedSettings, embed_plate, load_embed_model
+    from .settings import from_args
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    settings = from_args(EmbedSettings, args)
     plate = _open_plate(args)
-    backend = load_model(args.model, args.device, arch=args.arch, channel_rule=args.channel_rule)
-    block = backend.resolve_block(args.block)
+    backend = load_embed_model(settings)
+    block = backend.resolve_block(settings.block)
     print(
         f"{backend.model_id} (D={backend.embed_dim}, {backend.num_blocks} blocks) block {block} "
         f"on {backend.device}; {len(plate)} sites",
@@ -269,14 +250,10 @@ def _run_embed(args) -> int:
     with _progress(len(plate), "embed") as bar:
         store = embed_plate(
             plate,
-            backend,
+            settings,
             args.out,
-            block,
-            batch_size=args.batch_size,
-            channel_tokens=args.channel_tokens,
-            cells=args.cells,
-            nuclear=args.nuclear,
-            progress=bar.update,
+            backend=backend,
+            progress=lambda p: bar.update(p.done - bar.n),
         )
     counts = store.attrs.get("counts", {})
     print(

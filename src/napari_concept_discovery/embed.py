@@ -1,4 +1,7 @@
-"""Embedding: sites -> tiles -> tokens of one block -> patch grids, crop tokens, cell tokens.
+"""Embedding compute: an image -> tiles -> tokens of one block -> patch grid, crop and cell tokens.
+
+Pure compute: no files, no store. Reading a plate, choosing each site's cell labels and writing
+the activation store live in :mod:`.plate_embedding`. See docs/architecture.md, "Tokens".
 
 Edge rule: a site is padded at the bottom and right by reflection up to a multiple of the tile
 size (256) and cut into non-overlapping tiles; the patch grid keeps only the ``ceil(H/16) x
@@ -16,8 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,14 +30,17 @@ import torch
 
 from .errors import ModelError, PlateError
 from .models import Backend
-
-#: How a site's cells are found: the plate's label image, segmentation, either, or no cells.
-CELL_SOURCES = ("auto", "file", "segment", "none")
+from .progress import Cancel, is_cancelled
 
 
 @dataclass
 class SiteTokens:
-    """Tokens of one site. Arrays are float32; per-channel arrays are None unless asked for."""
+    """Tokens of one site. Arrays are float32; per-channel arrays are None unless asked for.
+
+    ``labels`` is the (H, W) int32 cell label image the cell tokens were pooled over (None when
+    the site was embedded without cells): row ``i`` of ``cell_tokens`` is label
+    ``cell_table.label[i]`` in it.
+    """
 
     key: Any
     patch_grid: np.ndarray  # (rows, cols, D)
@@ -48,6 +53,7 @@ class SiteTokens:
     cell_channels: np.ndarray | None = None  # (N, G, D)
     shape: tuple[int, int] = (0, 0)  # (H, W) of the site
     meta: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None  # (H, W) int32
 
 
 def check_image(image: np.ndarray, where: str = "site") -> np.ndarray:
@@ -247,8 +253,9 @@ class Embedder:
         crop_table = pd.DataFrame(crop_rows)
 
         flat = np.ascontiguousarray(grid.reshape(-1, d))
+        lab = None
         if labels is not None:
-            lab = np.asarray(labels)
+            lab = np.asarray(labels, dtype=np.int32)
             if lab.shape != (h, w):
                 raise PlateError(f"{key}: labels of shape {lab.shape} do not match image {(h, w)}")
             ch_flat = chan_grid.reshape(-1, g, d) if chan_grid is not None else None
@@ -276,6 +283,7 @@ class Embedder:
             cell_channels=cell_ch,
             shape=(h, w),
             meta=meta or {},
+            labels=lab,
         )
 
     # -- public ------------------------------------------------------------------------------
@@ -291,7 +299,7 @@ class Embedder:
     def iter_sites(
         self,
         items: Iterable[tuple[Any, np.ndarray, np.ndarray | None, dict]],
-        cancel: Callable[[], bool] | None = None,
+        cancel: Cancel = None,
     ) -> Iterator[SiteTokens]:
         """Embed (key, image, labels, meta) items in order; tiles of neighbours share batches."""
         pending: deque[_Pending] = deque()
@@ -324,7 +332,7 @@ class Embedder:
                 yield self.finish(s.key, s.shape, s.layout, torch.cat(s.outputs), s.labels, s.meta)
 
         for key, image, labels, meta in items:
-            if cancel is not None and cancel():
+            if is_cancelled(cancel):
                 return
             tiles, layout = self.prepare(image, str(key))
             site = _Pending(key, tuple(image.shape[-2:]), layout, labels, meta, len(tiles))
@@ -335,60 +343,10 @@ class Embedder:
                 run_batch(self.batch_size)
                 yield from ready()
         while queued:
-            if cancel is not None and cancel():
+            if is_cancelled(cancel):
                 return
             run_batch(self.batch_size)
             yield from ready()
-
-
-def site_labels(
-    site, image: np.ndarray, cells: str = "auto", nuclear: str | int = "DNA"
-) -> np.ndarray | None:
-    """Cell labels of a site: its label file, else ``segment.segment_site`` (``cells='auto'``).
-
-    ``nuclear`` names the nuclear stain for segmentation (e.g. "ch5" on a Phenix plate).
-    """
-    if cells not in CELL_SOURCES:
-        raise ValueError(f"cells must be one of {CELL_SOURCES}, got {cells!r}")
-    if cells == "none":
-        return None
-    if cells in ("auto", "file"):
-        labels = site.read_labels()
-        if labels is not None:
-            return labels
-        if cells == "file":
-            raise PlateError(f"{site.key}: no label image on disk (cells='file')")
-    from .segment import segment_site
-
-    try:
-        return segment_site(image, site.channel_names, nuclear=nuclear)[1]
-    except ValueError as exc:
-        raise PlateError(
-            f"{site.key}: cannot segment cells: {exc}; name the nuclear stain (--nuclear) or "
-            "embed without cells (--cells none)"
-        ) from exc
-
-
-def read_sites(plate, keys, cells: str = "auto", prefetch: bool = True, nuclear="DNA"):
-    """(key, image, labels, metadata) per site, reading the next site on a thread meanwhile."""
-
-    def load(key):
-        site = plate[key]
-        image = site.read()
-        return key, image, site_labels(site, image, cells, nuclear), dict(site.metadata or {})
-
-    keys = list(keys)
-    if not prefetch or len(keys) < 2:
-        for k in keys:
-            yield load(k)
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(load, keys[0])
-        for nxt in keys[1:]:
-            cur = fut.result()
-            fut = pool.submit(load, nxt)
-            yield cur
-        yield fut.result()
 
 
 def embed_site(
@@ -403,52 +361,10 @@ def embed_site(
     return Embedder(backend, block, batch_size, channel_tokens).embed(image, labels)
 
 
-def embed_plate(
-    plate,
-    model: Backend | str = "default",
-    out=None,
-    block: int | None = None,
-    *,
-    batch_size: int = 16,
-    device=None,
-    channel_tokens: bool = False,
-    cells: str = "auto",
-    nuclear: str | int = "DNA",
-    progress: Callable[[int], None] | None = None,
-    cancel: Callable[[], bool] | None = None,
-):
-    """Embed every site of a plate into an activation store at ``out``; returns the store.
+def __getattr__(name: str):
+    """The plate/store orchestration moved to :mod:`.plate_embedding`; old imports still work."""
+    if name in ("embed_plate", "CELL_SOURCES"):
+        from . import plate_embedding
 
-    A store whose signature matches is reused as is; a stale one is rebuilt; an interrupted one
-    continues with the sites it lacks. ``progress`` is called with 1 per finished site.
-    """
-    from .models import load_model
-    from .plate import Plate, open_plate
-    from .store import StoreWriter
-
-    if not isinstance(plate, Plate):
-        plate = open_plate(plate)
-    backend = load_model(model, device) if isinstance(model, str) else model
-    embedder = Embedder(backend, block, batch_size, channel_tokens)
-    writer = StoreWriter(
-        out,
-        plate,
-        backend,
-        embedder.block,
-        channel_tokens=channel_tokens,
-        cells=cells,
-        nuclear=nuclear,
-    )
-    todo = writer.begin()
-    if progress is not None and len(plate) - len(todo):
-        progress(len(plate) - len(todo))
-    items = read_sites(plate, todo, cells, nuclear=nuclear)
-    for st in embedder.iter_sites(items, cancel=cancel):
-        writer.write_site(st)
-        if progress is not None:
-            progress(1)
-    if cancel is not None and cancel():
-        return None
-    store = writer.finish()
-    store.reused = writer.reused
-    return store
+        return getattr(plate_embedding, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

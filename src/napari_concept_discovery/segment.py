@@ -5,10 +5,16 @@ are pooled over, so what matters is one label per cell with the nucleus inside i
 perfect borders. Nuclei: smoothing, Otsu, a distance-transform watershed to split touching
 nuclei. Cells: a foreground mask from the sum of the non-nuclear stains, then a watershed seeded
 by the nuclei, so nucleus ``i`` lies in cell ``i``.
+
+``segment_plate`` writes a whole plate into a label folder that ``open_plate`` and embedding
+find again (``plate.labels``), so cells are segmented once. See docs/architecture.md, "One
+room per step".
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +23,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, measure, morphology, segmentation
 
+from . import __version__
+from ._files import atomic_write_bytes, atomic_write_text
 from .errors import PlateError
+from .plate.labels import MARKER, default_label_folder, label_paths
+from .progress import Cancel, ProgressCallback, is_cancelled, report
 
 #: Channel names, lower case, that mark plasma membranes (watershed ridges between cells).
 MEMBRANE_NAMES = ("membrane", "wga", "agp", "cellmask", "plasma membrane")
@@ -32,6 +42,13 @@ def _robust_unit(image: np.ndarray, lo: float = 1.0, hi: float = 99.8) -> np.nda
     image = np.asarray(image, dtype=np.float32)
     a, b = np.percentile(image, [lo, hi])
     return np.clip((image - a) / max(float(b - a), 1e-6), 0.0, None)
+
+
+def channel_ref(value: str | int) -> str | int:
+    """A channel as a user types it: an index when it is all digits, else a name."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
 
 
 def _channel_index(channel_names: Sequence[str], name: str | int, role: str) -> int:
@@ -263,3 +280,68 @@ def load_user_labels(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndar
     if values.max() > np.iinfo(np.int32).max:
         raise PlateError(f"label image {path} holds labels beyond int32")
     return data.astype(np.int32)
+
+
+def _write_tiff(path: Path, labels: np.ndarray) -> None:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.asarray(labels, np.int32), compression="zlib")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def segment_plate(
+    plate,
+    out: str | os.PathLike | None = None,
+    *,
+    nuclear: str | int = "DNA",
+    cell: str | int | Sequence[str | int] | None = None,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+) -> Path | None:
+    """Segment every site of a plate into a label folder; returns the folder (None if cancelled).
+
+    ``out`` defaults to ``<plate folder>/segmentation``, which ``open_plate`` then uses by
+    itself; any other folder is given to it (and to ``embed``) as ``labels=``. Each label file
+    lands atomically and the folder's marker says "complete" only at the end, so an
+    interrupted run is never taken for a finished one. Progress: stage "segment", done/total
+    sites, info ``site``.
+    """
+    folder = Path(out).expanduser() if out is not None else default_label_folder(plate.root)
+    names = plate.channel_names
+    total = len(plate)
+    try:  # a channel the plate lacks is found before anything is written
+        _channel_index(names, nuclear, "nuclear")
+    except ValueError as exc:
+        raise PlateError(f"cannot segment {plate.root}: {exc}") from exc
+    marker = {
+        "written_by": f"napari-concept-discovery {__version__} segment",
+        "complete": False,
+        "plate": str(Path(plate.root).resolve()),
+        "channels": list(names),
+        "nuclear": nuclear,
+        "cell": cell if cell is None or isinstance(cell, str | int) else list(cell),
+        "sites": total,
+    }
+    try:  # marked unfinished first, so the folder is never read as images nor used half done
+        atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
+    except OSError as exc:
+        raise PlateError(
+            f"cannot write cell labels to {folder}: {exc}; choose another folder (--out) and "
+            "give it to embed as --labels"
+        ) from exc
+    report(progress, "segment", 0, total)
+    for done, site in enumerate(plate, start=1):
+        if is_cancelled(cancel):
+            return None
+        try:
+            nuclei, cells = segment_site(site.read(), names, nuclear, cell)
+        except ValueError as exc:  # a channel name or shape the user can fix
+            raise PlateError(f"cannot segment site {site.key}: {exc}") from exc
+        cells_path, nuclei_path = label_paths(folder, site.key)
+        _write_tiff(cells_path, cells)
+        _write_tiff(nuclei_path, nuclei)
+        report(progress, "segment", done, total, site=str(site.key))
+    marker["complete"] = True
+    atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
+    return folder

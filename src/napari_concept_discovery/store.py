@@ -2,29 +2,41 @@
 
 Layout (zarr v3 arrays, parquet tables)::
 
-    STORE/zarr.json            root attributes: signature, its hash, model, block, complete flag
+    STORE/zarr.json            root attributes: signature and its hash, model (id, weights hash,
+                               source), block, plate source, embed settings, counts, complete
+    STORE/sites.parquet        one row per site: plate, well, site, site_id, height, width,
+                               rows, cols (patch grid), cells (file|segment|none), labels (bool),
+                               and {unit}_start, {unit}_count for cell, patch and crop
     STORE/patch/tokens         (N_patches, D) float16, row-major per site; patch/table.parquet
     STORE/cell/tokens          (N_cells, D) float32; cell/table.parquet
     STORE/crop/tokens          (N_tiles, D) float32; crop/table.parquet
     STORE/<unit>/channels      (N, G, D) per-channel tokens, only with ``channel_tokens=True``
-    STORE/parts/<site>/        one finished site while a plate is being embedded (resume unit)
+    STORE/labels/<site_id>     (H, W) int32 cell labels the site's cells were pooled over
+                               (zstd-compressed); row i of a site's cell tokens is label
+                               ``cell/table.label[i]`` in it
+    STORE/parts/<site_id>/     one finished site while a plate is being embedded (resume unit)
+
+Every unit's rows are grouped by site in the order of ``sites.parquet``, so a site's rows are
+one slice (``site_rows``). ``model_source`` is what ``load_model`` takes to rebuild the model and
+``plate_source`` the ``open_plate`` arguments of the plate, so a site that is not in the store
+can be embedded on demand the same way (``plate_embedding.embed_store_site``).
 
 The signature is the full content hash (blake2b) of every image and label file of the plate,
-the model id and weights hash, the block, the tiling/pooling settings, the channels and the
-package version. Hashing reads each file once, which costs far less than the forward pass it
-guards. A store is reused only when its signature matches and it is marked complete; otherwise it
-is rebuilt, keeping only finished sites whose own file hash and settings still match (resume).
-Every file lands atomically: site parts and units are written under a temporary name and renamed
-into place; zarr's local store replaces metadata files atomically; the complete flag comes last.
+how each site's labels were made, the model id and weights hash, the block, the tiling/pooling
+settings, the channels and the package version. Hashing reads each file once, which costs far
+less than the forward pass it guards. A store is reused only when its signature matches and it
+is marked complete; otherwise it is rebuilt, keeping only finished sites whose own inputs and
+settings still match (resume). Every file lands atomically (site parts and units are folders
+swapped into place; zarr's local store replaces metadata files atomically); the complete flag
+comes last. See docs/architecture.md, "The activation store".
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,55 +44,30 @@ import pandas as pd
 import zarr
 
 from . import __version__
+from ._files import atomic_dir, atomic_parquet, atomic_write_text, hash_files
 from .errors import StoreError
+from .plate import SiteKey
 
 UNITS = ("cell", "patch", "crop")
 MARKER = "napari-concept-discovery activation store"
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 TOKEN_SETTINGS = {
     "tiling": "reflect pad bottom/right to a multiple of the tile; patches of padding dropped",
     "patch": "mean over channel tokens",
     "crop": "mean of a tile's kept patch tokens",
     "cell": "mean of patch tokens weighted by the cell's pixel coverage of each patch",
 }
-
-
-def hash_files(paths, chunk: int = 1 << 22) -> str:
-    """blake2b over the names' order, sizes and full contents of the given files."""
-    h = hashlib.blake2b(digest_size=20)
-    for p in paths:
-        p = Path(p)
-        try:
-            size = p.stat().st_size
-        except OSError as exc:
-            raise StoreError(f"cannot read {p} to sign the store: {exc}") from exc
-        h.update(f"{p.name}:{size};".encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
-def site_files(site, cells: str) -> list[Path]:
-    """Files whose bytes decide a site's tokens: channel images, and labels when used."""
-    files = [Path(p) for p in site.paths]
-    if cells in ("auto", "file") and getattr(site, "labels_path", None):
-        files.append(Path(site.labels_path))
-    return files
+#: Label images are chunked in squares of this side (whole small sites in one chunk).
+LABEL_CHUNK = 1024
 
 
 def site_id(index: int, key) -> str:
+    """Folder-safe name of a site, unique within a store (its index comes first)."""
     return f"{index:05d}_{key.plate}_{key.well}_s{key.site}".replace("/", "-")
 
 
 def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def _write_array(group, name: str, data: np.ndarray, dtype, rows_per_chunk: int | None = None):
@@ -97,11 +84,29 @@ def _write_array(group, name: str, data: np.ndarray, dtype, rows_per_chunk: int 
     return arr
 
 
+def _write_labels(group, name: str, labels: np.ndarray):
+    labels = np.asarray(labels, dtype=np.int32)
+    chunks = tuple(max(1, min(n, LABEL_CHUNK)) for n in labels.shape)
+    arr = group.create_array(
+        name,
+        shape=labels.shape,
+        dtype=np.int32,
+        chunks=chunks,
+        compressors=zarr.codecs.ZstdCodec(level=3),
+        overwrite=True,
+    )
+    arr[...] = labels
+    return arr
+
+
 class StoreWriter:
     """Builds (or reuses, or resumes) the store of one plate, model and block.
 
-    ``begin()`` returns the site keys still to embed; ``write_site`` saves one finished site;
-    ``finish()`` gathers the sites into the unit arrays and tables and marks the store complete.
+    ``inputs`` maps every site key to what decides its tokens besides the model (its image and
+    label files and how its labels are made: ``plate_embedding.SiteInputs``, anything with
+    ``files``, ``token`` and ``cells``). ``begin()`` returns the keys still to embed;
+    ``write_site`` saves one finished site with its labels; ``finish()`` gathers the sites into
+    the unit arrays and tables and marks the store complete.
     """
 
     def __init__(
@@ -110,10 +115,9 @@ class StoreWriter:
         plate,
         backend,
         block: int,
+        inputs: Mapping,
         *,
-        channel_tokens: bool = False,
-        cells: str = "auto",
-        nuclear: str | int = "DNA",
+        settings: dict | None = None,
     ):
         if path is None:
             raise StoreError("no output folder given for the activation store")
@@ -121,9 +125,13 @@ class StoreWriter:
         self.plate = plate
         self.backend = backend
         self.block = int(block)
-        self.channel_tokens = bool(channel_tokens)
-        self.cells = cells
+        self.settings = dict(settings or {})
+        self.channel_tokens = bool(self.settings.get("channel_tokens", False))
         self.keys = list(plate.sites)
+        missing = [k for k in self.keys if k not in inputs]
+        if missing:
+            raise StoreError(f"no inputs given for site(s) {missing[:5]}")
+        self.inputs = inputs
         self.index = {k: i for i, k in enumerate(self.keys)}
         self.config = {
             "model_id": backend.model_id,
@@ -135,8 +143,7 @@ class StoreWriter:
             "normalisation": backend.normalisation,
             "tokens": dict(TOKEN_SETTINGS),
             "channel_tokens": self.channel_tokens,
-            "cells": cells,
-            "nuclear": nuclear if cells in ("auto", "segment") else None,
+            "cells": self.settings.get("cells", "auto"),
             "channels": list(plate.channel_names),
             "package_version": __version__,
             "store_format": STORE_FORMAT,
@@ -148,8 +155,16 @@ class StoreWriter:
     # -- signature ---------------------------------------------------------------------------
 
     def site_hash(self, key) -> str:
+        """Hash of a site's image and label bytes and of how its labels are made."""
         if key not in self._site_hashes:
-            self._site_hashes[key] = hash_files(site_files(self.plate[key], self.cells))
+            how = self.inputs[key]
+            try:
+                data = hash_files(how.files)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot read {exc.filename} to sign the store: {exc.strerror or exc}"
+                ) from exc
+            self._site_hashes[key] = f"{data}:{how.token}"
         return self._site_hashes[key]
 
     def signature(self) -> dict:
@@ -185,24 +200,35 @@ class StoreWriter:
         if attrs is not None and attrs.get("marker") != MARKER:
             raise StoreError(f"{self.path} is a zarr folder but not an activation store")
         if attrs and attrs.get("complete") and attrs.get("signature_hash") == self.sig_hash:
-            if all((self.path / u / "table.parquet").is_file() for u in UNITS):
+            if (
+                all((self.path / u / "table.parquet").is_file() for u in UNITS)
+                and (self.path / "sites.parquet").is_file()
+            ):
                 self.reused = True
+                # Where the plate and model are now (they may have moved); tokens are the same.
+                root = zarr.open_group(str(self.path), mode="a")
+                root.attrs.update(self._sources())
                 return []
-        # Stale or unfinished: drop gathered units and any part that no longer matches.
-        for u in UNITS:
+        # Stale or unfinished: drop gathered units, interrupted swaps and stale parts.
+        for u in (*UNITS, "labels"):
             shutil.rmtree(self.path / u, ignore_errors=True)
+        for d in self.path.glob(".*"):
+            if d.is_dir() and d.name.endswith((".tmp", ".old")):
+                shutil.rmtree(d, ignore_errors=True)
+        (self.path / "sites.parquet").unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         root = zarr.open_group(str(self.path), mode="a")
         root.attrs.update(self._attrs(complete=False))
         parts = self.path / "parts"
         parts.mkdir(exist_ok=True)
+        names = {site_id(self.index[k], k): k for k in self.keys}
         done = set()
         for d in parts.iterdir():
             if d.name.startswith("."):
                 shutil.rmtree(d, ignore_errors=True)  # an interrupted write
                 continue
             info = self._part_info(d)
-            key = next((k for k in self.keys if site_id(self.index[k], k) == d.name), None)
+            key = names.get(d.name)
             if (
                 info is None
                 or key is None
@@ -214,10 +240,19 @@ class StoreWriter:
             done.add(key)
         return [k for k in self.keys if k not in done]
 
+    def _sources(self) -> dict:
+        model_source = getattr(self.backend, "source", "") or self.backend.model_id
+        return {
+            "model_source": model_source,
+            "plate_source": dict(getattr(self.plate, "source", {}) or {}),
+            "embed_settings": dict(self.settings),
+        }
+
     def _attrs(self, complete: bool) -> dict:
         return {
             "marker": MARKER,
             "complete": complete,
+            "store_format": STORE_FORMAT,
             "signature": self.sig,
             "signature_hash": self.sig_hash,
             "model_id": self.backend.model_id,
@@ -229,6 +264,7 @@ class StoreWriter:
             "channel_names": list(self.plate.channel_names),
             "channel_tokens": self.channel_tokens,
             "package_version": __version__,
+            **self._sources(),
         }
 
     @staticmethod
@@ -240,35 +276,37 @@ class StoreWriter:
             return None
 
     def write_site(self, st) -> None:
-        """Save one site's tokens as a part: written under a temporary name, then renamed."""
+        """Save one site's tokens and labels as a part, a folder swapped into place whole."""
         key = st.key
         name = site_id(self.index[key], key)
-        parts = self.path / "parts"
-        tmp = parts / f".{name}.{uuid.uuid4().hex}"
-        g = zarr.open_group(str(tmp), mode="w")
-        _write_array(g, "patch", st.patch_grid.reshape(-1, st.patch_grid.shape[-1]), np.float16)
-        _write_array(g, "cell", st.cell_tokens, np.float32)
-        _write_array(g, "crop", st.crop_tokens, np.float32)
-        if self.channel_tokens:
-            pc = st.patch_channels
-            _write_array(g, "patch_channels", pc.reshape(-1, *pc.shape[2:]), np.float16)
-            _write_array(g, "cell_channels", st.cell_channels, np.float16)
-            _write_array(g, "crop_channels", st.crop_channels, np.float16)
-        st.cell_table.to_parquet(tmp / "cell.parquet", index=False)
-        st.crop_table.to_parquet(tmp / "crop.parquet", index=False)
-        info = {
-            "config_hash": self.config_hash,
-            "site_hash": self.site_hash(key),
-            "grid": list(st.patch_grid.shape[:2]),
-            "shape": list(st.shape),
-        }
-        (tmp / "part.json").write_text(json.dumps(info))
-        final = parts / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(self.path / "parts" / name) as tmp:
+            g = zarr.open_group(str(tmp), mode="w")
+            grid = st.patch_grid
+            _write_array(g, "patch", grid.reshape(-1, grid.shape[-1]), np.float16)
+            _write_array(g, "cell", st.cell_tokens, np.float32)
+            _write_array(g, "crop", st.crop_tokens, np.float32)
+            if self.channel_tokens:
+                pc = st.patch_channels
+                _write_array(g, "patch_channels", pc.reshape(-1, *pc.shape[2:]), np.float16)
+                _write_array(g, "cell_channels", st.cell_channels, np.float16)
+                _write_array(g, "crop_channels", st.crop_channels, np.float16)
+            labels = getattr(st, "labels", None)
+            if labels is not None:
+                _write_labels(g, "labels", labels)
+            st.cell_table.to_parquet(tmp / "cell.parquet", index=False)
+            st.crop_table.to_parquet(tmp / "crop.parquet", index=False)
+            info = {
+                "config_hash": self.config_hash,
+                "site_hash": self.site_hash(key),
+                "grid": list(grid.shape[:2]),
+                "shape": list(st.shape),
+                "cells": self.inputs[key].cells,
+                "labels": labels is not None,
+            }
+            atomic_write_text(tmp / "part.json", json.dumps(info))
 
     def finish(self) -> ActivationStore:
-        """Gather parts into units (each renamed into place), then mark the store complete."""
+        """Gather parts into units, labels and the site table, then mark the store complete."""
         if self.reused:
             return ActivationStore.open(self.path)
         meta = self.plate.site_table().set_index(["plate", "well", "site"])
@@ -276,20 +314,35 @@ class StoreWriter:
         pieces = {u: [] for u in UNITS}
         chans = {u: [] for u in UNITS}
         tables = {u: [] for u in UNITS}
-        grid_of = {}
+        site_rows = []
+        start = dict.fromkeys(UNITS, 0)
         for key in self.keys:
-            d = parts / site_id(self.index[key], key)
+            name = site_id(self.index[key], key)
+            d = parts / name
             info = self._part_info(d)
             if info is None:
                 raise StoreError(f"{self.path}: site {key} has not been embedded; run again")
             g = zarr.open_group(str(d), mode="r")
             rows, cols = info["grid"]
-            grid_of[key] = (rows, cols)
             base = {"plate": key.plate, "well": key.well, "site": key.site}
+            row = {
+                **base,
+                "site_id": name,
+                "height": int(info["shape"][0]),
+                "width": int(info["shape"][1]),
+                "rows": int(rows),
+                "cols": int(cols),
+                "cells": info["cells"],
+                "labels": bool(info["labels"]),
+            }
             for u in UNITS:
-                pieces[u].append(np.asarray(g[u]))
+                data = np.asarray(g[u])
+                pieces[u].append(data)
+                row[f"{u}_start"], row[f"{u}_count"] = start[u], len(data)
+                start[u] += len(data)
                 if self.channel_tokens:
                     chans[u].append(np.asarray(g[f"{u}_channels"]))
+            site_rows.append(row)
             cell = pd.read_parquet(d / "cell.parquet")
             crop = pd.read_parquet(d / "crop.parquet").rename(
                 columns={"tile_row": "row", "tile_col": "col"}
@@ -301,43 +354,28 @@ class StoreWriter:
                 for i, (k, v) in enumerate(base.items()):
                     t.insert(i, k, v)
                 tables[u].append(t)
-        offsets = np.cumsum([0] + [len(p) for p in pieces["patch"]])
-        units_tmp = self.path / f".units.{uuid.uuid4().hex}"
-        units_tmp.mkdir()
+        d = self.backend.embed_dim
         for u in UNITS:
-            g = zarr.open_group(str(units_tmp / u), mode="w")
-            dtype = np.float16 if u == "patch" else np.float32
-            d = self.backend.embed_dim
-            data = np.concatenate(pieces[u]) if pieces[u] else np.zeros((0, d), dtype)
-            _write_array(g, "tokens", data, dtype)
-            if self.channel_tokens:
-                _write_array(g, "channels", np.concatenate(chans[u]), np.float16)
-            table = pd.concat(tables[u], ignore_index=True)
-            table = self._join_metadata(table, meta)
-            _atomic_parquet(table, units_tmp / u / "table.parquet")
-        grids = pd.DataFrame(
-            [
-                {
-                    "plate": k.plate,
-                    "well": k.well,
-                    "site": k.site,
-                    "rows": grid_of[k][0],
-                    "cols": grid_of[k][1],
-                    "offset": int(offsets[i]),
-                }
-                for i, k in enumerate(self.keys)
-            ]
-        )
-        _atomic_parquet(grids, units_tmp / "patch" / "grids.parquet")
-        for u in UNITS:
-            shutil.rmtree(self.path / u, ignore_errors=True)
-            os.replace(units_tmp / u, self.path / u)
-        shutil.rmtree(units_tmp, ignore_errors=True)
+            with atomic_dir(self.path / u) as tmp:
+                g = zarr.open_group(str(tmp), mode="w")
+                dtype = np.float16 if u == "patch" else np.float32
+                data = np.concatenate(pieces[u]) if pieces[u] else np.zeros((0, d), dtype)
+                _write_array(g, "tokens", data, dtype)
+                if self.channel_tokens:
+                    _write_array(g, "channels", np.concatenate(chans[u]), np.float16)
+                table = self._join_metadata(pd.concat(tables[u], ignore_index=True), meta)
+                atomic_parquet(table, tmp / "table.parquet")
+        with atomic_dir(self.path / "labels") as tmp:
+            zarr.open_group(str(tmp), mode="w")
+            for row in site_rows:
+                if row["labels"]:  # copied, not moved: the parts stay whole until the end
+                    shutil.copytree(parts / row["site_id"] / "labels", tmp / row["site_id"])
+        atomic_parquet(pd.DataFrame(site_rows), self.path / "sites.parquet")
         root = zarr.open_group(str(self.path), mode="a")
         root.attrs.update(
             {
                 **self._attrs(complete=True),
-                "counts": {u: int(sum(len(p) for p in pieces[u])) for u in UNITS},
+                "counts": {u: int(start[u]) for u in UNITS},
             }
         )
         shutil.rmtree(parts, ignore_errors=True)
@@ -354,7 +392,10 @@ class StoreWriter:
 
 
 class ActivationStore:
-    """Read side of a finished store: tokens and tables per unit, patch grids per site."""
+    """Read side of a finished store: tokens and tables per unit, each site's rows and labels.
+
+    ``key`` is a ``SiteKey`` or a ``(plate, well, site)`` tuple everywhere.
+    """
 
     def __init__(self, path: Path, attrs: dict):
         self.path = Path(path)
@@ -363,6 +404,12 @@ class ActivationStore:
         self.signature_hash: str = attrs.get("signature_hash", "")
         self.model_id: str = attrs["model_id"]
         self.weights_hash: str = attrs.get("weights_hash", "")
+        #: What ``models.load_model`` takes to build the same backend again.
+        self.model_source: str = attrs.get("model_source", "") or self.model_id
+        #: ``open_plate`` keyword arguments of the plate the store was embedded from.
+        self.plate_source: dict = dict(attrs.get("plate_source", {}))
+        #: The ``EmbedSettings`` it was embedded with (as a dict; ``model`` is the source).
+        self.embed_settings: dict = dict(attrs.get("embed_settings", {}))
         self.block: int = int(attrs["block"])
         self.embed_dim: int = int(attrs["embed_dim"])
         self.patch_size: int = int(attrs.get("patch_size", 16))
@@ -370,12 +417,13 @@ class ActivationStore:
         self.channel_names: tuple[str, ...] = tuple(attrs.get("channel_names", ()))
         self.has_channel_tokens: bool = bool(attrs.get("channel_tokens", False))
         self._tables: dict[str, pd.DataFrame] = {}
-        self._grids: pd.DataFrame | None = None
+        self._sites: pd.DataFrame | None = None
+        self._site_index: dict[SiteKey, int] | None = None
         self.reused = False  # set by embed_plate: True when a matching store was kept as is
 
     @classmethod
     def open(cls, path) -> ActivationStore:
-        """Open a complete store; an unfinished or foreign folder is a StoreError."""
+        """Open a complete store; an unfinished, old or foreign folder is a StoreError."""
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"no activation store at {path}")
@@ -389,6 +437,12 @@ class ActivationStore:
             raise StoreError(
                 f"the activation store at {path} is unfinished (interrupted); run the embedding "
                 "again to complete it"
+            )
+        fmt = attrs.get("store_format", attrs.get("signature", {}).get("store_format"))
+        if fmt != STORE_FORMAT:
+            raise StoreError(
+                f"the activation store at {path} has format {fmt}, this version reads format "
+                f"{STORE_FORMAT}; run the embedding again to rebuild it"
             )
         return cls(path, attrs)
 
@@ -414,24 +468,69 @@ class ActivationStore:
             self._tables[u] = pd.read_parquet(self.path / u / "table.parquet")
         return self._tables[u].copy()
 
+    # -- per site ----------------------------------------------------------------------------
+
     def sites(self) -> pd.DataFrame:
-        """plate, well, site, rows, cols, offset (row of the site's first patch token)."""
-        if self._grids is None:
-            self._grids = pd.read_parquet(self.path / "patch" / "grids.parquet")
-        return self._grids.copy()
+        """One row per site, in row order: plate, well, site, site_id, height, width, rows, cols
+        (patch grid), cells (where its labels came from), labels (kept or not), and
+        ``{unit}_start``, ``{unit}_count`` (its rows in that unit's tokens and table)."""
+        if self._sites is None:
+            self._sites = pd.read_parquet(self.path / "sites.parquet")
+        return self._sites.copy()
+
+    def _site(self, key) -> pd.Series:
+        if self._site_index is None:
+            s = self.sites()
+            self._site_index = {
+                SiteKey(p, w, int(i)): n
+                for n, (p, w, i) in enumerate(zip(s.plate, s.well, s.site, strict=True))
+            }
+        try:
+            k = SiteKey.of(key)
+        except Exception as exc:
+            raise StoreError(f"{key!r} is not a site key (plate, well, site): {exc}") from exc
+        if k not in self._site_index:
+            raise StoreError(f"site {tuple(k)} is not in the store at {self.path}")
+        return self._sites.iloc[self._site_index[k]]
+
+    def __contains__(self, key) -> bool:
+        try:
+            self._site(key)
+        except StoreError:
+            return False
+        return True
+
+    def site_rows(self, unit: str, key) -> slice:
+        """The rows of one site in ``tokens(unit)`` and ``table(unit)``."""
+        r = self._site(key)
+        u = self._unit(unit)
+        start = int(r[f"{u}_start"])
+        return slice(start, start + int(r[f"{u}_count"]))
+
+    def site_tokens(self, unit: str, key) -> np.ndarray:
+        """(n, D) tokens of one site and unit, read from the store."""
+        return np.asarray(self.tokens(unit)[self.site_rows(unit, key)])
 
     def patch_grid(self, key) -> np.ndarray:
-        """(rows, cols, D) float16 patch tokens of one site (key: SiteKey or (plate, well, site))."""
-        plate, well, site = tuple(key)
-        g = self.sites()
-        hit = g[(g.plate == plate) & (g.well == well) & (g.site == int(site))]
-        if hit.empty:
-            raise StoreError(f"site {tuple(key)} is not in the store at {self.path}")
-        r = hit.iloc[0]
-        n = int(r.rows) * int(r.cols)
-        start = int(r.offset)
-        data = self.tokens("patch")[start : start + n]
-        return np.asarray(data).reshape(int(r.rows), int(r.cols), self.embed_dim)
+        """(rows, cols, D) float16 patch tokens of one site."""
+        r = self._site(key)
+        data = self.site_tokens("patch", key)
+        return data.reshape(int(r.rows), int(r.cols), self.embed_dim)
+
+    def has_site_labels(self, key) -> bool:
+        """Whether the store keeps cell labels for this site (not when embedded without cells)."""
+        return bool(self._site(key)["labels"])
+
+    def site_labels(self, key) -> np.ndarray:
+        """(H, W) int32 cell labels the site's cell tokens were pooled over."""
+        r = self._site(key)
+        if not r["labels"]:
+            raise StoreError(
+                f"site {tuple(SiteKey.of(key))} of the store at {self.path} has no cell labels "
+                f"(embedded with cells={self.embed_settings.get('cells', 'none')!r})"
+            )
+        path = self.path / "labels" / r["site_id"]
+        return np.asarray(zarr.open_array(str(path), mode="r")[...])
 
     def __len__(self) -> int:
         return int(self.attrs.get("counts", {}).get("cell", 0))

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..errors import PlateError
 from . import io
+from .labels import attach_label_folder, found_label_folder, marked_label_folder
 from .metadata import find_column, join_metadata, load_table, row_plates, row_wells
 from .model import Plate, Site, SiteKey, _listing, normalize_well, well_from_row_col
 from .pattern import FilenamePattern
@@ -40,6 +41,7 @@ def open_plate(
     metadata: str | os.PathLike | pd.DataFrame | None = None,
     channel_names: Sequence[str] | Mapping[int | str, str] | None = None,
     check: bool | None = None,
+    labels: str | os.PathLike | None = None,
 ) -> Plate:
     """Open a plate folder without reading pixels.
 
@@ -48,6 +50,11 @@ def open_plate(
         is found by itself. channel_names: names in channel order, or {index: name}.
     check: read every file header now and skip sites that cannot be read whole; by default
         only for folders of up to ``CHECK_LIMIT`` files (call ``Plate.check()`` on bigger ones).
+    labels: a label folder (``<plate>/<well>_s<site>_cells.tif``, as ``segment`` writes it);
+        by default ``<path>/segmentation`` when a finished segmentation is there (see
+        :mod:`.labels`). Its files are never read as images.
+
+    ``Plate.source`` keeps these options, so ``open_plate(**plate.source)`` opens it again.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -65,7 +72,13 @@ def open_plate(
             "layout='pattern' needs pattern=, e.g. '{well}_s{site}_w{channel_index}.tif'"
         )
 
-    files = _walk(root)
+    label_folder = Path(labels).expanduser().resolve() if labels is not None else None
+    if label_folder is not None and not label_folder.is_dir():
+        raise PlateError(f"label folder not found: {label_folder}")
+    if label_folder is None:
+        label_folder = found_label_folder(root)
+    skip = {f for f in (label_folder, marked_label_folder(root)) if f is not None}
+    files = _walk(root, skip=skip)
     notes: list[str] = []
     table, table_name = _metadata_source(root, metadata)
     if layout == "auto":
@@ -95,9 +108,26 @@ def open_plate(
 
     if layout == "rxrx":
         used |= _attach_labels(sites)
+    if label_folder is not None:
+        found, label_notes = attach_label_folder(sites, label_folder, explicit=labels is not None)
+        used |= found
+        notes += label_notes
     _report_stray_files(root, files, used, pat, notes)
 
-    plate = Plate(root, layout, names, sites, metadata=table)
+    table_path = None  # a table given as a DataFrame cannot be recorded; the layout's is re-found
+    if metadata is not None and not isinstance(metadata, pd.DataFrame):
+        table_path = str(Path(metadata).expanduser().resolve())
+    source = {
+        "path": str(root.resolve()),
+        "layout": layout,
+        "pattern": pattern,
+        "metadata": table_path,
+        "channel_names": _plain_names(channel_names),
+        "labels": str(label_folder) if labels is not None else None,
+    }
+    plate = Plate(
+        root, layout, names, sites, metadata=table, source=source, label_folder=label_folder
+    )
     for message in notes:
         plate.warn(message)
     if join is not None:
@@ -111,11 +141,28 @@ def open_plate(
 # --- finding files -------------------------------------------------------------------------
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every non-hidden file under root, sorted, so keys and messages are reproducible."""
+def _plain_names(channel_names) -> list[str] | dict[str, str] | None:
+    """Channel names as JSON keeps them (a mapping's keys become strings)."""
+    if channel_names is None:
+        return None
+    if isinstance(channel_names, Mapping):
+        return {str(k): str(v) for k, v in channel_names.items()}
+    return [str(n) for n in channel_names]
+
+
+def _walk(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
+    """Every non-hidden file under root, sorted, so keys and messages are reproducible.
+
+    Folders in ``skip`` (label folders) are left out, so that label files never pass for images.
+    """
     out = []
+    skip = {p.resolve() for p in skip}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and (Path(dirpath) / d).resolve() not in skip
+        )
         out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
     return out
 

@@ -6,6 +6,8 @@ screen of many thousand sites opens in seconds and never sits in memory at once.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -150,8 +152,14 @@ class Plate:
         sites: dict[SiteKey, Site],
         metadata: pd.DataFrame | None = None,
         warnings: list[str] | None = None,
+        source: dict | None = None,
+        label_folder: Path | None = None,
     ):
         self.root = Path(root)
+        #: ``open_plate`` keyword arguments that open this plate again (JSON-safe).
+        self.source = dict(source) if source else {"path": str(self.root), "layout": layout}
+        #: The label folder whose labels the sites carry (see ``plate.labels``), else None.
+        self.label_folder = Path(label_folder) if label_folder is not None else None
         self.layout = layout
         self.channel_names = tuple(channel_names)
         self.sites = dict(sorted(sites.items()))
@@ -245,6 +253,27 @@ class Plate:
         if not self.sites:
             raise PlateError(f"no readable site left in {self.root}: " + " ".join(new))
         return new
+
+    def with_labels(self, folder: str | os.PathLike) -> Plate:
+        """A copy of this plate whose sites take their cell labels from a label folder."""
+        from .labels import attach_label_folder
+
+        folder = Path(folder).expanduser().resolve()
+        sites = {k: dataclasses.replace(s) for k, s in self.sites.items()}
+        _, notes = attach_label_folder(sites, folder, explicit=True)
+        plate = Plate(
+            self.root,
+            self.layout,
+            self.channel_names,
+            sites,
+            metadata=self.metadata,
+            warnings=self.warnings,
+            source={**self.source, "labels": str(folder)},
+            label_folder=folder,
+        )
+        for message in notes:
+            plate.warn(message)
+        return plate
 
     def site_table(self) -> pd.DataFrame:
         """One row per site: plate, well, site, then every metadata column.

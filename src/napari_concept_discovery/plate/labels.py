@@ -1,0 +1,102 @@
+"""Label folders: where ``concept-discovery segment`` writes cell labels and how plates find them.
+
+A label folder holds, per site, ``<plate key>/<well>_s<site>_cells.tif`` (and
+``_nuclei.tif``), int32 with 0 as background, nucleus ``i`` inside cell ``i``. ``segment``
+writes one into ``<plate folder>/segmentation/`` by default, with a ``segmentation.json``
+marker written first (``"complete": false``) and again last (``true``). ``open_plate`` never
+reads a marked folder's files as images and uses a complete one by itself (an interrupted run
+is not used unless named); ``open_plate(..., labels=DIR)`` names any label folder, inside the
+plate or not. Labels from a label folder take the place of the
+layout's own label files (the synthetic plates' ``labels/``) for the sites they cover, since
+the user made them on purpose. See docs/architecture.md, "One room per step".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import PlateError
+from .model import Site, SiteKey, _listing
+
+#: Default label folder inside a plate folder, found by ``open_plate`` when it holds the marker.
+SEGMENTATION_FOLDER = "segmentation"
+#: Written last by the segmentation of a whole plate: a folder with it is complete.
+MARKER = "segmentation.json"
+
+
+def label_paths(folder: str | os.PathLike, key: SiteKey) -> tuple[Path, Path]:
+    """(cells, nuclei) file paths of one site in a label folder."""
+    stem = f"{key.well}_s{key.site}"
+    base = Path(folder) / key.plate
+    return base / f"{stem}_cells.tif", base / f"{stem}_nuclei.tif"
+
+
+def default_label_folder(root: str | os.PathLike) -> Path:
+    """Where ``segment`` writes a plate's labels unless told otherwise."""
+    return Path(root) / SEGMENTATION_FOLDER
+
+
+def marked_label_folder(root: str | os.PathLike) -> Path | None:
+    """The plate's own segmentation folder when it carries the marker (finished or not)."""
+    folder = default_label_folder(root)
+    return folder if (folder / MARKER).is_file() else None
+
+
+def found_label_folder(root: str | os.PathLike) -> Path | None:
+    """The plate's own segmentation folder when its segmentation finished, else None."""
+    folder = marked_label_folder(root)
+    return folder if folder is not None and read_marker(folder).get("complete") else None
+
+
+def read_marker(folder: str | os.PathLike) -> dict:
+    """What the segmentation that wrote ``folder`` used (empty when there is no marker)."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def attach_label_folder(
+    sites: dict[SiteKey, Site], folder: str | os.PathLike, *, explicit: bool
+) -> tuple[set[Path], list[str]]:
+    """Point each site with labels in ``folder`` at them; returns (files used, notes).
+
+    A folder named by the user that covers no site at all is an error (most likely the wrong
+    folder); partial coverage is a note, so that the rest of the sites fall back on the
+    layout's label files or segmentation.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise PlateError(f"label folder not found: {folder}")
+    used: set[Path] = set()
+    missing = []
+    for key, site in sites.items():
+        cells, nuclei = label_paths(folder, key)
+        if not cells.is_file():
+            missing.append(str(key))
+            continue
+        site.labels_path = cells
+        used.add(cells)
+        if nuclei.is_file():
+            site.nuclei_path = nuclei
+            used.add(nuclei)
+        else:
+            site.nuclei_path = None  # the layout's nuclei would not match these cells
+    notes = []
+    if not used and sites:
+        example = label_paths(folder, next(iter(sites)))[0]
+        message = (
+            f"no cell labels for any site in the label folder {folder}: expected files such as "
+            f"{example} (as `concept-discovery segment` writes them)"
+        )
+        if explicit:
+            raise PlateError(message)
+        notes.append(message)
+    elif missing:
+        notes.append(
+            f"label folder {folder} has no cell labels for {len(missing)} of {len(sites)} "
+            f"site(s): {_listing(missing, 5, '; ')}"
+        )
+    return used, notes

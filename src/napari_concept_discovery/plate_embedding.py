@@ -1,0 +1,400 @@
+"""Embedding a plate into an activation store: settings, each site's cell labels, resume.
+
+The compute (tiles in, token grids and pooled tokens out) is :mod:`.embed`; this module decides
+what goes in (which sites, which cell labels), runs it with progress and cancel, and writes the
+store (:mod:`.store`). It also embeds one site on demand exactly as a store was built, from the
+plate and model the store records. See docs/architecture.md,
+"One room per step" and "The activation store".
+
+Which cell labels a site uses is one rule, :func:`site_inputs`: ``cells="none"``: none;
+``"segment"``: segment the site; ``"file"``: the label file the plate gives the site (from a
+label folder, see :mod:`.plate.labels`, else the layout's own), an error when it has none;
+``"auto"``: that file when there is one, else segment. The same answer names the files whose
+bytes sign the site in the store, so the labels used and the signature cannot disagree.
+
+Heavy modules (torch, zarr, scikit-image) are imported where they are used, so that the CLI
+can build its options from :class:`EmbedSettings` without loading them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import PlateError, StoreError
+from .progress import Cancel, ProgressCallback, is_cancelled, report
+from .settings import Settings, check, option
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .embed import SiteTokens
+    from .models import Backend
+    from .plate import Plate, Site
+    from .store import ActivationStore
+
+#: Where a site's cells come from: its label file, segmentation, the file else segmentation
+#: ("auto"), or no cells.
+CELL_SOURCES = ("auto", "file", "segment", "none")
+CHANNEL_RULES = ("per-channel", "mean", "identity")
+
+
+@dataclass
+class EmbedSettings(Settings):
+    """How a plate is embedded: model, block, batching, device and where cells come from."""
+
+    model: str = option(
+        "default", "default | openphenom | hub id | folder | weights file", label="model"
+    )
+    arch: str | None = option(None, "timm model name for a bare timm checkpoint")
+    channel_rule: str = option(
+        "per-channel",
+        "how a plate's channels feed a fixed-channel timm model",
+        choices=CHANNEL_RULES,
+    )
+    block: int | None = option(
+        None,
+        "block index from 0, negative from the end (default: the model's recommended block)",
+    )
+    batch_size: int = option(16, "tiles per forward pass")
+    device: str | None = option(None, "cuda | mps | cpu (default: best available)")
+    cells: str = option(
+        "auto",
+        "cell labels: the plate's label files, else segmentation (auto); only files (file); "
+        "always segment (segment); no cell tokens (none)",
+        choices=CELL_SOURCES,
+    )
+    nuclear: str = option("DNA", "nuclear stain for segmentation, a channel name or index")
+    channel_tokens: bool = option(False, "also keep per-channel tokens")
+    labels: str | None = option(
+        None,
+        "folder of cell labels as `concept-discovery segment --out` writes them "
+        "(<plate>/<well>_s<site>_cells.tif); by default <plate folder>/segmentation is used "
+        "when a finished segmentation is there",
+        label="label folder",
+    )
+
+    def validate(self) -> None:
+        self.nuclear = str(self.nuclear)  # an index given as a number
+        check(bool(str(self.model).strip()), "model", "name a model (e.g. default)")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        check(
+            self.cells not in ("auto", "segment") or bool(self.nuclear.strip()),
+            "nuclear",
+            "name the nuclear stain for segmentation (a channel name or index)",
+        )
+
+
+def load_embed_model(settings: EmbedSettings) -> Backend:
+    """The backend ``settings`` name, on its device."""
+    from .models import load_model
+
+    return load_model(
+        settings.model, settings.device, arch=settings.arch, channel_rule=settings.channel_rule
+    )
+
+
+def model_source(backend: Backend) -> str:
+    """What ``load_model`` takes to build ``backend`` again (its id when it has no source)."""
+    return getattr(backend, "source", "") or backend.model_id
+
+
+# --- which labels a site uses: one rule ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteInputs:
+    """What decides a site's tokens besides the model: its image files and its cell labels.
+
+    ``cells`` is where this site's labels come from: "file" (``labels_path``), "segment"
+    (with ``nuclear``) or "none".
+    """
+
+    key: Any
+    images: tuple[Path, ...]
+    cells: str
+    labels_path: Path | None = None
+    nuclear: str | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        """Files whose bytes decide the site's tokens, in a fixed order (for the signature)."""
+        return [*self.images, *([self.labels_path] if self.labels_path is not None else [])]
+
+    @property
+    def token(self) -> str:
+        """How the labels are made, beyond the files' bytes (for the signature)."""
+        return f"segment:{self.nuclear}" if self.cells == "segment" else self.cells
+
+    def read_labels(self, image: np.ndarray, channel_names) -> np.ndarray | None:
+        """The site's (H, W) int32 cell labels, or None for ``cells="none"``."""
+        if self.cells == "none":
+            return None
+        if self.cells == "file":
+            from .plate.io import read_labels
+
+            return read_labels(self.labels_path)
+        from .segment import channel_ref, segment_site
+
+        try:
+            return segment_site(image, channel_names, nuclear=channel_ref(self.nuclear))[1]
+        except ValueError as exc:
+            raise PlateError(
+                f"{self.key}: cannot segment cells: {exc}; name the nuclear stain (--nuclear), "
+                "give a label folder (--labels) or embed without cells (--cells none)"
+            ) from exc
+
+
+def site_inputs(site: Site, cells: str = "auto", nuclear: str | int = "DNA") -> SiteInputs:
+    """The rule for a site's cell labels (module docstring), decided without reading pixels."""
+    if cells not in CELL_SOURCES:
+        raise PlateError(f"cells must be one of {', '.join(CELL_SOURCES)}, got {cells!r}")
+    images = tuple(Path(p) for p in site.paths)
+    path = getattr(site, "labels_path", None)
+    if cells == "none":
+        return SiteInputs(site.key, images, "none")
+    if cells in ("auto", "file") and path is not None:
+        return SiteInputs(site.key, images, "file", Path(path))
+    if cells == "file":
+        raise PlateError(
+            f"{site.key}: no label image for this site (cells='file'); give a label folder "
+            "(--labels), let the cells be segmented (--cells auto) or embed without cells "
+            "(--cells none)"
+        )
+    return SiteInputs(site.key, images, "segment", nuclear=str(nuclear))
+
+
+def site_labels(
+    site: Site, image: np.ndarray, cells: str = "auto", nuclear: str | int = "DNA"
+) -> tuple[np.ndarray | None, SiteInputs]:
+    """A site's cell labels by the rule, and the inputs (files, how) they came from."""
+    inputs = site_inputs(site, cells, nuclear)
+    return inputs.read_labels(image, site.channel_names), inputs
+
+
+def read_sites(
+    plate: Plate,
+    keys: Iterable,
+    inputs: Mapping[Any, SiteInputs] | None = None,
+    *,
+    cells: str = "auto",
+    nuclear: str | int = "DNA",
+    prefetch: bool = True,
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray | None, dict]]:
+    """(key, image, labels, metadata) per site, reading the next site on a thread meanwhile.
+
+    ``inputs`` holds each site's :class:`SiteInputs`; sites without one follow the rule with
+    ``cells`` and ``nuclear``.
+    """
+
+    def load(key):
+        site = plate[key]
+        image = site.read()
+        how = inputs.get(key) if inputs is not None else None
+        how = how or site_inputs(site, cells, nuclear)
+        labels = how.read_labels(image, site.channel_names)
+        return key, image, labels, dict(site.metadata or {})
+
+    keys = list(keys)
+    if not prefetch or len(keys) < 2:
+        for k in keys:
+            yield load(k)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(load, keys[0])
+        for nxt in keys[1:]:
+            cur = fut.result()
+            fut = pool.submit(load, nxt)
+            yield cur
+        yield fut.result()
+
+
+# --- a plate into a store ------------------------------------------------------------------
+
+_LEGACY = ("model", "block", "batch_size", "device", "channel_tokens", "cells", "nuclear")
+
+
+def _as_plate(plate, labels: str | None) -> Plate:
+    """An open plate whose sites carry the labels of ``labels`` (a folder) when given."""
+    from .plate import Plate, open_plate
+
+    if not isinstance(plate, Plate):
+        return open_plate(plate, labels=labels)
+    if labels is None:
+        return plate
+    folder = Path(labels).expanduser().resolve()
+    current = plate.label_folder.resolve() if plate.label_folder is not None else None
+    return plate if current == folder else plate.with_labels(folder)
+
+
+def _legacy_settings(settings, backend, legacy: dict):
+    """Settings and backend from the older call ``embed_plate(plate, model, out, block=...)``."""
+    unknown = sorted(set(legacy) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"embed_plate() got unexpected keyword argument(s) {', '.join(unknown)}")
+    if isinstance(settings, EmbedSettings):
+        raise TypeError(
+            f"embed_plate() takes settings or the older keyword arguments, not both "
+            f"(got {', '.join(sorted(legacy))})"
+        )
+    if settings is not None:
+        if "model" in legacy:
+            raise TypeError("embed_plate() got the model twice")
+        legacy["model"] = settings
+    model = legacy.pop("model", "default")
+    if not isinstance(model, str | os.PathLike):
+        backend = model if backend is None else backend
+        model = model_source(model)
+    return EmbedSettings(model=str(model), **legacy), backend
+
+
+def embed_plate(
+    plate,
+    settings: EmbedSettings | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    backend: Backend | None = None,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+    **legacy,
+) -> ActivationStore | None:
+    """Embed every site of a plate (a :class:`Plate` or its folder) into a store at ``out``.
+
+    Returns the store, or None when ``cancel`` stopped it (the finished sites are kept, and the
+    next call continues with the rest). A store whose signature matches is reused as is
+    (``store.reused``); a stale one is rebuilt. ``backend`` is a model already loaded (else
+    ``settings.model`` is loaded). Progress: stage "embed", done/total sites, info ``site``.
+
+    The older form ``embed_plate(plate, model, out, block=..., batch_size=..., device=...,
+    channel_tokens=..., cells=..., nuclear=...)`` (``model`` a backend or source string) still
+    works; there ``progress`` is called with the number of newly finished sites, as it was.
+    """
+    counting = bool(legacy) or (settings is not None and not isinstance(settings, EmbedSettings))
+    if counting:
+        settings, backend = _legacy_settings(settings, backend, dict(legacy))
+    settings = settings if settings is not None else EmbedSettings()
+    if out is None:
+        raise StoreError("no output folder given for the activation store")
+    from .embed import Embedder
+    from .store import StoreWriter
+
+    plate = _as_plate(plate, settings.labels)
+    # Decided before the model loads, so a site without the labels asked for fails at once.
+    inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
+    backend = backend if backend is not None else load_embed_model(settings)
+    embedder = Embedder(backend, settings.block, settings.batch_size, settings.channel_tokens)
+    record = settings.replace(model=model_source(backend), block=embedder.block)
+    writer = StoreWriter(out, plate, backend, embedder.block, inputs, settings=record.to_dict())
+    todo = writer.begin()
+    total = len(plate)
+    done = total - len(todo)
+    if counting:
+        if progress is not None and done:
+            progress(done)
+    else:
+        report(progress, "embed", done, total)
+    items = read_sites(plate, todo, inputs)
+    for st in embedder.iter_sites(items, cancel=cancel):
+        writer.write_site(st)
+        done += 1
+        if counting:
+            if progress is not None:
+                progress(1)
+        else:
+            report(progress, "embed", done, total, site=str(st.key))
+    if is_cancelled(cancel):
+        return None
+    store = writer.finish()
+    store.reused = writer.reused
+    return store
+
+
+# --- one site on demand, as a store was built ----------------------------------------------
+
+
+def reopen_plate(store: ActivationStore) -> Plate:
+    """The plate a store was embedded from, opened with the same options."""
+    from .plate import open_plate
+
+    source = dict(store.plate_source)
+    if not source.get("path"):
+        raise StoreError(f"the store at {store.path} does not record its plate folder")
+    try:
+        return open_plate(**source)
+    except PlateError as exc:
+        raise StoreError(
+            f"cannot open the plate of the store at {store.path} again: {exc}"
+        ) from exc
+
+
+def reload_model(store: ActivationStore, device=None) -> Backend:
+    """The store's model, loaded from its recorded source; refused if the weights differ."""
+    from .models import load_model
+
+    recorded = store.embed_settings
+    kwargs = {}
+    if recorded.get("arch"):
+        kwargs = {
+            "arch": recorded["arch"],
+            "channel_rule": recorded.get("channel_rule") or "per-channel",
+        }
+    backend = load_model(store.model_source, device, **kwargs)
+    _check_same_model(store, backend)
+    return backend
+
+
+def _check_same_model(store: ActivationStore, backend: Backend) -> None:
+    if backend.weights_hash != store.weights_hash or backend.embed_dim != store.embed_dim:
+        raise StoreError(
+            f"model {backend.model_id} (weights {backend.weights_hash[:12]}, D="
+            f"{backend.embed_dim}) is not the model of the store at {store.path} "
+            f"({store.model_id}, weights {store.weights_hash[:12]}, D={store.embed_dim})"
+        )
+
+
+def embed_store_site(
+    store: ActivationStore,
+    key,
+    *,
+    plate: Plate | None = None,
+    backend: Backend | None = None,
+    device=None,
+) -> SiteTokens:
+    """Tokens of one site embedded exactly as the store was built (model, block, cells).
+
+    For a site the store holds, its stored labels are pooled over; for any other site of the
+    plate (reopened from ``store.plate_source`` unless given), the labels follow the store's
+    cell rule. ``backend`` is reloaded from ``store.model_source`` unless given; either way it
+    must have the store's weights.
+    """
+    from .embed import Embedder
+    from .plate import SiteKey
+
+    key = SiteKey.of(key)
+    plate = plate if plate is not None else reopen_plate(store)
+    if tuple(plate.channel_names) != tuple(store.channel_names):
+        raise StoreError(
+            f"plate {plate.root} has channels {list(plate.channel_names)}, the store at "
+            f"{store.path} {list(store.channel_names)}"
+        )
+    if backend is None:
+        backend = reload_model(store, device)
+    else:
+        _check_same_model(store, backend)
+    recorded = store.embed_settings
+    site = plate[key]
+    image = site.read()
+    if key in store:
+        labels = store.site_labels(key) if store.has_site_labels(key) else None
+    else:
+        labels, _ = site_labels(
+            site, image, recorded.get("cells", "auto"), recorded.get("nuclear", "DNA")
+        )
+    embedder = Embedder(
+        backend, store.block, recorded.get("batch_size", 16), store.has_channel_tokens
+    )
+    return embedder.embed(image, labels, key=key)
