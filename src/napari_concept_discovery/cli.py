@@ -219,14 +219,28 @@ def _add_embed(sub) -> None:
     p.add_argument(
         "--model",
         default="default",
-        help="default | openphenom | hub id | folder | weights file (default: default)",
+        help=(
+            "model source: default (bundled, offline) | openphenom (= hf-hub:recursionpharma/"
+            "OpenPhenom) | hf-hub:<owner>/<name>[@<revision>] (local cache, else download unless "
+            "HF_HUB_OFFLINE) | timm:<name> (timm's pretrained weights, local cache only) | "
+            "timm:<name>:random | a model folder | a weights file; options after '?': "
+            "arch=, channel_rule=, seed=. `concept-discovery models` lists what is available "
+            "(default: default)"
+        ),
     )
-    p.add_argument("--arch", default=None, help="timm model name for a bare timm checkpoint")
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="timm model name of a bare timm checkpoint file or folder (same as ?arch=)",
+    )
     p.add_argument(
         "--channel-rule",
-        default="per-channel",
+        default=None,
         choices=["per-channel", "mean", "identity"],
-        help="how a plate's channels feed a fixed-channel timm model",
+        help=(
+            "how a plate's channels feed a fixed-channel timm model (same as ?channel_rule=; "
+            "default: per-channel); channel-agnostic models take every channel as it is"
+        ),
     )
     p.add_argument(
         "--block",
@@ -490,6 +504,36 @@ def _run_demo(args) -> int:
     return 0
 
 
+# --- models (issue 7: one model registry) -------------------------------------------------
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the models embed --model can use and whether each loads offline",
+        description=(
+            "List the bundled model, OpenPhenom and the ViTs in the local Hugging Face cache, "
+            "with the source string to pass as --model, then every accepted source form. "
+            "Never uses the network."
+        ),
+    )
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args) -> int:
+    from .models import list_models, source_forms_text
+
+    infos = list_models()
+    width = max(len(i.source) for i in infos)
+    print(f"{'SOURCE':<{width}}  OFFLINE  DESCRIPTION")
+    for i in infos:
+        print(
+            f"{i.source:<{width}}  {'yes' if i.available else 'no':<7}  {i.name}: {i.description}"
+        )
+    print("\nAccepted --model forms:\n" + source_forms_text())
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 
@@ -508,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_embed,
         _add_train,
         _add_analyze,
+        _add_models,
     ):
         add(sub)
     return parser
