@@ -467,6 +467,36 @@ def _run_demo(args) -> int:
     return 0
 
 
+# --- models (issue 7: one model registry) -------------------------------------------------
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the models embed --model can use and whether each loads offline",
+        description=(
+            "List the bundled model, OpenPhenom and the ViTs in the local Hugging Face cache, "
+            "with the source string to pass as --model, then every accepted source form. "
+            "Never uses the network."
+        ),
+    )
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args) -> int:
+    from .models import list_models, source_forms_text
+
+    infos = list_models()
+    width = max(len(i.source) for i in infos)
+    print(f"{'SOURCE':<{width}}  OFFLINE  DESCRIPTION")
+    for i in infos:
+        print(
+            f"{i.source:<{width}}  {'yes' if i.available else 'no':<7}  {i.name}: {i.description}"
+        )
+    print("\nAccepted --model forms:\n" + source_forms_text())
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 
@@ -485,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_embed,
         _add_train,
         _add_analyze,
+        _add_models,
     ):
         add(sub)
     return parser

@@ -48,12 +48,20 @@ class EmbedSettings(Settings):
     """How a plate is embedded: model, block, batching, device and where cells come from."""
 
     model: str = option(
-        "default", "default | openphenom | hub id | folder | weights file", label="model"
+        "default",
+        "model source: default (bundled, offline) | openphenom (= hf-hub:recursionpharma/"
+        "OpenPhenom) | hf-hub:<owner>/<name>[@<revision>] | timm:<name> (cached pretrained "
+        "weights) | timm:<name>:random | a model folder | a weights file; options after '?': "
+        "arch=, channel_rule=, seed=; `concept-discovery models` lists what is available",
+        label="model",
     )
-    arch: str | None = option(None, "timm model name for a bare timm checkpoint")
-    channel_rule: str = option(
-        "per-channel",
-        "how a plate's channels feed a fixed-channel timm model",
+    arch: str | None = option(
+        None, "timm model name of a bare timm checkpoint file or folder (same as ?arch=)"
+    )
+    channel_rule: str | None = option(
+        None,
+        "how a plate's channels feed a fixed-channel timm model (same as ?channel_rule=; "
+        "default per-channel); channel-agnostic models take every channel as it is",
         choices=CHANNEL_RULES,
     )
     block: int | None = option(

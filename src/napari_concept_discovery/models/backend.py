@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ModelError
-from .vit import ChannelAgnosticViT
+from .vit import ChannelAgnosticViT, resolve_block
 
 
 def scale_to_unit(image: np.ndarray) -> np.ndarray:
@@ -59,15 +58,6 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def hash_file(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (weights identity: a renamed copy hashes the same)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
     """sha256 over sorted names, shapes, dtypes and bytes, for weights that live only in memory."""
     h = hashlib.sha256()
@@ -85,7 +75,12 @@ class Backend:
     ``tokens(batch, block)`` takes (B, C, tile, tile) float in [0, 1] (from ``scale_to_unit``) and
     returns (B, G, N, D): G token groups per patch (G = C channel tokens for channel-agnostic
     models and the per-channel rule, 1 otherwise), N = (tile / patch)^2 patches in row-major order,
-    CLS and register tokens dropped. Blocks after ``block`` are not run.
+    CLS and register tokens dropped. Blocks after ``block`` are not run; ``block=None`` is
+    ``default_block`` (``resolve_block``, the one rule every model follows).
+
+    ``weights_hash`` identifies the weights (sha256 of the weights file, or of the tensors for
+    weights made in memory); ``source`` is the string ``load_model`` takes to rebuild this backend
+    (docs/architecture.md, "Models"), recorded by stores and dictionaries.
     """
 
     model_id: str
@@ -116,18 +111,8 @@ class Backend:
         return self
 
     def resolve_block(self, block: int | None) -> int:
-        """Block index in [0, num_blocks); negative counts from the end; None is the default."""
-        if block is None:
-            return self.default_block
-        b = int(block)
-        if b < 0:
-            b += self.num_blocks
-        if not 0 <= b < self.num_blocks:
-            raise ModelError(
-                f"block {block} out of range: {self.model_id} has {self.num_blocks} blocks "
-                f"(0..{self.num_blocks - 1}, or negative from the end)"
-            )
-        return b
+        """Block index in [0, num_blocks): None is ``default_block``, negative from the end."""
+        return resolve_block(block, self.num_blocks, self.default_block, self.model_id)
 
     def check_channels(self, channels: int) -> None:
         """Raise ModelError when this model cannot take ``channels`` channels."""
@@ -139,27 +124,8 @@ class Backend:
                 f"{channels}; pass a channel subset"
             )
 
-    def token_groups(self, channels: int) -> int:
-        """How many token groups (G in ``tokens``' output) a batch of ``channels`` channels yields."""
-        return channels
-
     def tokens(self, batch: torch.Tensor, block: int | None = None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
-
-    def describe(self) -> dict:
-        """Identity and geometry, for stores and cards."""
-        return {
-            "model_id": self.model_id,
-            "weights_hash": self.weights_hash,
-            "embed_dim": self.embed_dim,
-            "num_blocks": self.num_blocks,
-            "patch_size": self.patch_size,
-            "tile_size": self.tile_size,
-            "max_channels": self.max_channels,
-            "default_block": self.default_block,
-            "normalisation": self.normalisation,
-            "source": self.source,
-        }
 
 
 CA_NORMALISATION = (
@@ -169,7 +135,11 @@ CA_NORMALISATION = (
 
 
 class ChannelAgnosticBackend(Backend):
-    """Backend around a ``ChannelAgnosticViT`` (the bundled default, OpenPhenom-format weights)."""
+    """Backend around a ``ChannelAgnosticViT`` (the bundled default, OpenPhenom-format weights).
+
+    ``default_block=None`` keeps the model's own ``default_block``; a given one becomes the
+    model's too, so ``backend.resolve_block`` and ``model.resolve_block`` always agree.
+    """
 
     def __init__(
         self,
@@ -182,16 +152,17 @@ class ChannelAgnosticBackend(Backend):
         card: dict | None = None,
     ):
         model.eval()
-        n = model.num_blocks
+        if default_block is not None:
+            model.default_block = model.resolve_block(default_block)
         super().__init__(
             model_id=model_id,
             weights_hash=weights_hash,
             embed_dim=model.embed_dim,
-            num_blocks=n,
+            num_blocks=model.num_blocks,
             patch_size=model.patch_size,
             tile_size=model.img_size,
             max_channels=model.max_channels,
-            default_block=model.resolve_block(default_block if default_block is not None else -1),
+            default_block=model.default_block,
             normalisation=CA_NORMALISATION,
             source=source,
             card=card or {},

@@ -1,5 +1,6 @@
-"""``load_model``: one entry point from a name, hub id, folder or file to a backend.
+"""From weights on disk to a backend: readers, checks, and the builders of each model family.
 
+Which string means which files is ``registry``'s business; this module takes files and folders.
 Weights files are opened by their real format, found from their first bytes, never from the file
 name: OpenPhenom's hub repository names a torch zip pickle ``model.safetensors``. Pickles are read
 with ``torch.load(weights_only=True)`` so a weights file can never execute code.
@@ -10,19 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
+from .._files import hash_file
 from ..errors import ModelError
-from .backend import Backend, ChannelAgnosticBackend, hash_file, pick_device
+from .backend import Backend, ChannelAgnosticBackend, hash_state_dict
 from .vit import ChannelAgnosticViT
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 OPENPHENOM_REPO = "recursionpharma/OpenPhenom"
+#: OpenPhenom's encoder keys; its MAE decoder keys (not needed for inference) are ignored.
 OPENPHENOM_PREFIX = "encoder.vit_backbone."
-#: OpenPhenom's MAE parts that inference does not need.
-DECODER_PREFIXES = ("decoder", "encoder_decoder_proj", "decoder_pred", "mask_token")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
 
 
@@ -60,12 +62,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if fmt in ("torch-zip", "pickle"):
         try:
             # A file object, not the name: torch may pick a reader by the ".safetensors" suffix.
-            with open(path, "rb") as f:
+            # Checkpoints written with pickle protocol > 2 load fine; torch's note saying so is
+            # for its own developers, so it is silenced here and only here.
+            with open(path, "rb") as f, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
                 obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:
+            detail = str(exc)
+            # torch's message suggests weights_only=False; only the reason is worth showing.
+            if m := re.search(r"WeightsUnpickler error:\s*(.+)", detail):
+                detail = m.group(1).strip()
             raise ModelError(
                 f"{path}: cannot load as a torch checkpoint with weights_only=True "
-                f"(weights that need code to load are refused): {exc}"
+                f"(weights that need code to load are refused): {detail}"
             ) from exc
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -140,6 +149,49 @@ def infer_ca_architecture(state: dict[str, torch.Tensor], img_size: int = 256) -
     }
 
 
+def intermediate_block(num_blocks: int) -> int:
+    """Default block of a channel-agnostic ViT whose card names none: two thirds of the depth.
+
+    An intermediate block, as in the paper's dictionary learning (block 7 of 0..11 for
+    OpenPhenom's ViT-S/16); the last blocks of a masked autoencoder specialise in reconstruction.
+    """
+    return max(0, round(num_blocks * 2 / 3) - 1)
+
+
+def build_channel_agnostic(
+    state: dict[str, torch.Tensor],
+    arch: dict,
+    *,
+    weights: Path,
+    what: str,
+    model_id: str,
+    default_block: int | None = None,
+    card: dict | None = None,
+) -> ChannelAgnosticBackend:
+    """The one way weights become a channel-agnostic backend: build, check every key, load, wrap.
+
+    ``what`` names the weights in error messages. The default block is ``default_block``, else
+    the card's, else ``intermediate_block``.
+    """
+    card = dict(card or {})
+    card.setdefault("architecture", {"class": "ChannelAgnosticViT", **arch})
+    model = ChannelAgnosticViT(**arch)
+    check_state_dict(model, state, what)
+    model.load_state_dict(state, strict=True)
+    if default_block is None:
+        default_block = card.get("default_block")
+    if default_block is None:
+        default_block = intermediate_block(model.num_blocks)
+    return ChannelAgnosticBackend(
+        model,
+        model_id=model_id,
+        weights_hash=hash_file(weights),
+        default_block=default_block,
+        source=str(Path(weights).resolve()),
+        card=card,
+    )
+
+
 def _find_key(obj, name: str):
     """First value of ``name`` anywhere in a nested JSON config, else None."""
     if isinstance(obj, dict):
@@ -157,7 +209,22 @@ def _find_key(obj, name: str):
     return None
 
 
-def _weights_in(folder: Path) -> Path:
+def read_config(folder: Path) -> dict:
+    """A folder's ``config.json`` ({} when absent), with a clear message when it is not JSON."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def weights_in(folder: Path) -> Path:
+    """The weights file of a model folder, by the names hub repositories use."""
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
@@ -175,13 +242,8 @@ def load_openphenom(
     """
     source = Path(source)
     folder = source if source.is_dir() else source.parent
-    weights = _weights_in(source) if source.is_dir() else source
-    config = {}
-    if (folder / "config.json").is_file():
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{folder / 'config.json'}: not valid JSON: {exc}") from exc
+    weights = weights_in(source) if source.is_dir() else source
+    config = read_config(folder)
     state = read_state_dict(weights)
     enc = {
         k[len(OPENPHENOM_PREFIX) :]: v for k, v in state.items() if k.startswith(OPENPHENOM_PREFIX)
@@ -193,59 +255,37 @@ def load_openphenom(
             "not an OpenPhenom-format checkpoint"
         )
     img_size = int(_find_key(config, "img_size") or 256)
-    arch = infer_ca_architecture(enc, img_size=img_size)
-    model = ChannelAgnosticViT(**arch)
-    check_state_dict(model, enc, f"{weights} (keys under {OPENPHENOM_PREFIX!r})")
-    model.load_state_dict(enc, strict=True)
-    n = arch["depth"]
-    if default_block is None:
-        # An intermediate block, as in the paper's dictionary learning (7 of 0..11 for ViT-S/16).
-        default_block = max(0, round(n * 2 / 3) - 1)
-    return ChannelAgnosticBackend(
-        model,
+    return build_channel_agnostic(
+        enc,
+        infer_ca_architecture(enc, img_size=img_size),
+        weights=weights,
+        what=f"{weights} (keys under {OPENPHENOM_PREFIX!r})",
         model_id=model_id or f"openphenom-format:{folder.name}",
-        weights_hash=hash_file(weights),
         default_block=default_block,
-        source=str(weights),
-        card={"architecture": {"class": "ChannelAgnosticViT", **arch}, "config": config},
+        card={"config": config},
     )
 
 
-def load_openphenom_hub(repo_id: str = OPENPHENOM_REPO, revision: str | None = None):
-    """Download (or reuse the cache of) a hub repository in OpenPhenom format."""
-    folder = hub_snapshot(repo_id, revision)
-    return load_openphenom(folder, model_id=repo_id)
-
-
-def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """Local folder of a Hugging Face repository, with a clear message when offline."""
+def load_card_model(
+    weights: Path, card_path: Path, *, model_id: str | None = None, default_block: int | None = None
+) -> ChannelAgnosticBackend:
+    """A ChannelAgnosticViT saved by this project: safetensors weights + JSON card."""
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ModelError("huggingface_hub is needed to fetch models from the hub") from exc
-    try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.pth", "*.pt"],
-            )
-        )
-    except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = (
-            "HF_HUB_OFFLINE is set and it is not in the local cache"
-            if offline
-            else "the hub could not be reached and it is not in the local cache"
-        )
-        kind = type(exc).__name__
-        if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
-            why = f"the hub refused it ({kind})"
-        raise ModelError(
-            f"cannot get {repo_id!r} from the Hugging Face hub: {why}. On a machine with network, "
-            f"run `hf download {repo_id} --local-dir DIR`, copy DIR here and pass "
-            f"DIR as the model (or run once online to fill the cache). Detail: {kind}: {exc}"
-        ) from exc
+        card = json.loads(Path(card_path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{card_path}: not valid JSON: {exc}") from exc
+    arch = dict(card.get("architecture", {}))
+    if arch.pop("class", "ChannelAgnosticViT") != "ChannelAgnosticViT":
+        raise ModelError(f"{card_path}: not a ChannelAgnosticViT card")
+    return build_channel_agnostic(
+        read_state_dict(weights),
+        arch,
+        weights=Path(weights),
+        what=str(weights),
+        model_id=model_id or card.get("name") or Path(weights).stem,
+        default_block=default_block,
+        card=card,
+    )
 
 
 def load_default(default_block: int | None = None) -> ChannelAgnosticBackend:
@@ -257,31 +297,9 @@ def load_default(default_block: int | None = None) -> ChannelAgnosticBackend:
             f"the bundled default model is missing ({weights}); "
             "build it with `python scripts/train_default_model.py`"
         )
-    return load_card_model(weights, card_path, model_id="default", default_block=default_block)
-
-
-def load_card_model(
-    weights: Path, card_path: Path, *, model_id: str | None = None, default_block: int | None = None
-) -> ChannelAgnosticBackend:
-    """A ChannelAgnosticViT saved by this project: safetensors weights + JSON card."""
-    card = json.loads(Path(card_path).read_text())
-    arch = dict(card.get("architecture", {}))
-    if arch.pop("class", "ChannelAgnosticViT") != "ChannelAgnosticViT":
-        raise ModelError(f"{card_path}: not a ChannelAgnosticViT card")
-    state = read_state_dict(weights)
-    model = ChannelAgnosticViT(**arch)
-    check_state_dict(model, state, str(weights))
-    model.load_state_dict(state, strict=True)
-    if default_block is None:
-        default_block = card.get("default_block")
-    return ChannelAgnosticBackend(
-        model,
-        model_id=model_id or card.get("name") or Path(weights).stem,
-        weights_hash=hash_file(weights),
-        default_block=default_block,
-        source=str(weights),
-        card=card,
-    )
+    backend = load_card_model(weights, card_path, model_id="default", default_block=default_block)
+    backend.source = "default"
+    return backend
 
 
 def load_timm_checkpoint(
@@ -293,21 +311,25 @@ def load_timm_checkpoint(
     pretrained_cfg: dict | None = None,
     model_id: str | None = None,
     default_block: int | None = None,
+    seed: int = 0,
 ) -> Backend:
     """Any timm ViT: ``arch`` is a timm model name, ``weights`` its state dict (or None).
 
-    ``None`` weights builds the architecture with random weights (benchmarks, tests).
+    ``None`` weights builds the architecture with random weights drawn with ``seed`` (benchmarks,
+    tests), so the same call gives the same weights; the global torch RNG is left as it was.
     """
     import timm
 
-    from .backend import hash_state_dict
     from .timm_vit import TimmViTBackend
 
+    random_id = f"timm:{arch}:random" + (f"?seed={seed}" if seed else "")
     kwargs = dict(model_args or {})
     kwargs.setdefault("num_classes", 0)
     kwargs.setdefault("dynamic_img_size", True)
     try:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(arch, pretrained=False, **kwargs)
     except Exception as exc:
         raise ModelError(f"timm cannot build {arch!r}: {exc}") from exc
     if weights is not None:
@@ -315,58 +337,63 @@ def load_timm_checkpoint(
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         check_state_dict(model, state, f"{weights} for timm {arch!r}")
         model.load_state_dict(state, strict=True)
-        whash = hash_file(Path(weights))
+        whash = hash_file(weights)
     else:
         whash = hash_state_dict(model.state_dict())
     cfg = pretrained_cfg or getattr(model, "pretrained_cfg", {}) or {}
     return TimmViTBackend(
         model,
-        model_id=model_id
-        or (f"timm:{arch}" + (f":{Path(weights).name}" if weights else ":random")),
+        model_id=model_id or (f"timm:{arch}:{Path(weights).name}" if weights else random_id),
         weights_hash=whash,
         channel_rule=channel_rule,
         mean=cfg.get("mean"),
         std=cfg.get("std"),
         default_block=default_block,
-        source=str(weights) if weights else f"timm:{arch} (random weights)",
+        source=str(Path(weights).resolve()) if weights else random_id,
         card={"architecture": {"class": "timm", "name": arch, **kwargs}},
     )
 
 
-def _load_folder(
+def load_folder(
     folder: Path,
     *,
-    channel_rule: str,
-    arch: str | None,
-    default_block: int | None,
+    channel_rule: str = "per-channel",
+    arch: str | None = None,
+    default_block: int | None = None,
     model_id: str | None = None,
 ) -> Backend:
-    config = {}
-    if (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text())
-    timm_arch = arch or config.get("architecture")
-    if timm_arch and (folder / "config.json").is_file() and "architecture" in config:
+    """A model folder: timm hub layout (config.json naming an ``architecture``), a project card
+    beside its safetensors weights, or OpenPhenom layout (config.json + weights)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    if arch or "architecture" in config:
         # timm's hub layout: config.json {"architecture", "model_args", "pretrained_cfg"}.
         return load_timm_checkpoint(
-            _weights_in(folder),
-            timm_arch,
+            weights_in(folder),
+            arch or config["architecture"],
             channel_rule=channel_rule,
             model_args=config.get("model_args"),
             pretrained_cfg=config.get("pretrained_cfg"),
             model_id=model_id,
             default_block=default_block,
         )
-    cards = [p for p in folder.glob("*.json") if p.name != "config.json"]
-    for card in cards:
+    for card in sorted(folder.glob("*.json")):
         w = card.with_suffix(".safetensors")
-        if w.is_file():
+        if card.name != "config.json" and w.is_file():
             return load_card_model(w, card, model_id=model_id, default_block=default_block)
     return load_openphenom(folder, model_id=model_id, default_block=default_block)
 
 
-def _load_file(
-    path: Path, *, channel_rule: str, arch: str | None, default_block: int | None
+def load_file(
+    path: Path,
+    *,
+    channel_rule: str = "per-channel",
+    arch: str | None = None,
+    default_block: int | None = None,
 ) -> Backend:
+    """A weights file: any timm ViT when ``arch`` is given, else a project card beside it,
+    OpenPhenom keys, or a bare channel-agnostic ViT state dict."""
+    path = Path(path)
     if arch:
         return load_timm_checkpoint(
             path, arch, channel_rule=channel_rule, default_block=default_block
@@ -379,73 +406,15 @@ def _load_file(
         return load_openphenom(path, default_block=default_block)
     w = state.get("patch_embed.proj.weight")
     if w is not None and w.ndim == 4 and w.shape[1] == 1 and "pos_embed" in state:
-        archd = infer_ca_architecture(state)
-        model = ChannelAgnosticViT(**archd)
-        check_state_dict(model, state, str(path))
-        model.load_state_dict(state, strict=True)
-        return ChannelAgnosticBackend(
-            model,
+        return build_channel_agnostic(
+            state,
+            infer_ca_architecture(state),
+            weights=path,
+            what=str(path),
             model_id=f"ca-vit:{path.name}",
-            weights_hash=hash_file(path),
             default_block=default_block,
-            source=str(path),
-            card={"architecture": {"class": "ChannelAgnosticViT", **archd}},
         )
     raise ModelError(
         f"{path}: cannot tell the architecture from the file alone; pass arch='<timm model "
         "name>' (CLI: --arch) for a timm checkpoint"
     )
-
-
-def load_model(
-    name: str | Path = "default",
-    device: str | torch.device | None = None,
-    *,
-    arch: str | None = None,
-    channel_rule: str = "per-channel",
-    default_block: int | None = None,
-) -> Backend:
-    """A backend from a name, hub id, folder or weights file, moved to ``device``.
-
-    - ``"default"``: the bundled model (offline).
-    - ``"openphenom"`` or ``"recursionpharma/OpenPhenom"``: from the hub cache or the network.
-    - a folder: timm hub layout (config.json with ``architecture``), a project card + weights, or
-      OpenPhenom layout (config.json + ``model.safetensors`` of any real format).
-    - a weights file: a project card beside it, OpenPhenom keys, a channel-agnostic ViT state
-      dict, or any timm ViT with ``arch`` given (channels mapped by ``channel_rule``).
-    - another ``owner/name`` that is not a local path: fetched from the hub, then as a folder.
-    """
-    text = str(name)
-    path = Path(text).expanduser()
-    if text == "default":
-        backend = load_default(default_block)
-    elif text.lower() in ("openphenom", OPENPHENOM_REPO.lower()):
-        backend = load_openphenom(
-            hub_snapshot(OPENPHENOM_REPO), model_id=OPENPHENOM_REPO, default_block=default_block
-        )
-    elif path.is_dir():
-        backend = _load_folder(
-            path, channel_rule=channel_rule, arch=arch, default_block=default_block
-        )
-    elif path.is_file():
-        backend = _load_file(
-            path, channel_rule=channel_rule, arch=arch, default_block=default_block
-        )
-    elif text.startswith("timm:"):
-        backend = load_timm_checkpoint(
-            None, text[5:], channel_rule=channel_rule, default_block=default_block
-        )
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        backend = _load_folder(
-            hub_snapshot(text),
-            channel_rule=channel_rule,
-            arch=arch,
-            default_block=default_block,
-            model_id=text,
-        )
-    else:
-        raise ModelError(
-            f"unknown model {text!r}: use 'default', 'openphenom', a hub id, a folder or a "
-            "weights file"
-        )
-    return backend.to(pick_device(device))

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .backend import Backend
+from .vit import resolve_block, run_blocks
 
 CHANNEL_RULES = ("per-channel", "mean", "identity")
 
@@ -59,7 +60,8 @@ class TimmViTBackend(Backend):
             # Largest multiple of the patch size not above 256 (252 for DINOv2's 14 px patches).
             tile_size=patch * (256 // patch),
             max_channels=self.in_chans if channel_rule == "identity" else None,
-            default_block=(n - 1) if default_block is None else default_block,
+            # The last block unless told otherwise: timm ViTs are trained for their final tokens.
+            default_block=resolve_block(default_block, n, n - 1, model_id),
             normalisation=(
                 f"uint8 / 255, other dtypes / per-site per-channel maximum; channel rule "
                 f"{channel_rule!r}; then (x - {mean}) / {std} per input channel"
@@ -67,7 +69,6 @@ class TimmViTBackend(Backend):
             source=source,
             card=card or {},
         )
-        self.default_block = self.resolve_block(self.default_block)
         self.model = model
         self.channel_rule = channel_rule
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -85,20 +86,13 @@ class TimmViTBackend(Backend):
                 f"the image has {channels}; use channel_rule='per-channel' or 'mean'"
             )
 
-    def token_groups(self, channels: int) -> int:
-        return channels if self.channel_rule == "per-channel" else 1
-
     def _run(self, x: torch.Tensor, block: int) -> torch.Tensor:
         m = self.model
         x = (x - self._mean.to(x.device)) / self._std.to(x.device)
         t = m.patch_embed(x)
         t = m._pos_embed(t)
         t = m.patch_drop(t)
-        t = m.norm_pre(t)
-        for blk in m.blocks[: block + 1]:
-            t = blk(t)
-        if block == self.num_blocks - 1:
-            t = m.norm(t)
+        t = run_blocks(m, m.norm_pre(t), block)
         return t[:, m.num_prefix_tokens :]
 
     def tokens(self, batch: torch.Tensor, block: int | None = None) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
+from ..errors import ModelError
+
 #: Variance floor of the per-image, per-channel standardisation (``nn.InstanceNorm2d``'s default).
 INSTANCE_NORM_EPS = 1e-5
 
@@ -41,6 +43,39 @@ def sincos_2d(rows: int, cols: int, dim: int, scale: float = 10000.0) -> torch.T
     return torch.cat([ah.sin(), ah.cos(), aw.sin(), aw.cos()], dim=1)
 
 
+def resolve_block(block: int | None, num_blocks: int, default: int, name: str = "the model") -> int:
+    """The one block rule: ``None`` is ``default``, negative counts from the end, else in range.
+
+    Blocks are numbered from 0; "block b" means the tokens leaving block b. Every backend and
+    ``ChannelAgnosticViT`` resolve through this function (docs/architecture.md, "Models").
+    """
+    b = default if block is None else block
+    b = int(b)
+    if b < 0:
+        b += num_blocks
+    if not 0 <= b < num_blocks:
+        shown = default if block is None else block
+        raise ModelError(
+            f"block {shown} out of range: {name} has {num_blocks} blocks "
+            f"(0..{num_blocks - 1}, or negative from the end)"
+        )
+    return b
+
+
+def run_blocks(vit: VisionTransformer, tokens: torch.Tensor, last: int) -> torch.Tensor:
+    """Run a timm ViT's blocks 0..``last`` on prepared tokens and stop there.
+
+    After the final block the model's closing norm is applied, as ``forward_features`` does, so
+    stopping at the last block gives exactly ``forward_features``' tokens. Shared by the
+    channel-agnostic ViT and the timm backend so both stop at a block the same way.
+    """
+    for blk in vit.blocks[: last + 1]:
+        tokens = blk(tokens)
+    if last == len(vit.blocks) - 1:
+        tokens = vit.norm(tokens)
+    return tokens
+
+
 def standardize(x: torch.Tensor) -> torch.Tensor:
     """Per-image, per-channel standardisation: instance norm without affine (OpenPhenom's input norm)."""
     return F.instance_norm(x.float(), eps=INSTANCE_NORM_EPS)
@@ -49,7 +84,8 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 class ChannelAgnosticViT(VisionTransformer):
     """timm ViT with a shared per-channel patch embedding and fixed sin-cos positions.
 
-    ``forward_tokens(x, block)`` runs the blocks up to and including ``block`` and stops there.
+    ``forward_tokens(x, block)`` runs the blocks up to and including ``block`` and stops there;
+    ``block=None`` is ``default_block`` (the last block unless a loader or backend sets another).
     Input ``x`` is (B, C, H, W) float scaled to [0, 1]; standardisation happens inside.
     """
 
@@ -91,22 +127,15 @@ class ChannelAgnosticViT(VisionTransformer):
         # Same name and shape as OpenPhenom's (1, 1 + max_channels * grid^2, D); never trained.
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.default_block = int(depth) - 1
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
     def resolve_block(self, block: int | None) -> int:
-        """Block index in [0, num_blocks); negative counts from the end, None is the last."""
-        n = self.num_blocks
-        if block is None:
-            return n - 1
-        b = int(block)
-        if b < 0:
-            b += n
-        if not 0 <= b < n:
-            raise IndexError(f"block {block} out of range for a model with {n} blocks (0..{n - 1})")
-        return b
+        """Block index in [0, num_blocks) by the one rule of ``resolve_block``."""
+        return resolve_block(block, self.num_blocks, self.default_block, type(self).__name__)
 
     def positions(self, rows: int, cols: int, channels: int) -> torch.Tensor:
         """Patch positions (1, channels*rows*cols, D), repeated per channel in channel-major order.
@@ -151,21 +180,16 @@ class ChannelAgnosticViT(VisionTransformer):
         """Tokens (B, 1 + C*rows*cols, D) after ``block``; later blocks are not run.
 
         After the last block the final norm is applied as ``forward_features`` does (an
-        identity with these settings), so ``forward_tokens(x)`` equals ``forward_features(x)``.
+        identity with these settings), so ``forward_tokens(x, -1)`` equals ``forward_features(x)``.
         """
         last = self.resolve_block(block)
         t, _ = self.embed_patches(x)
-        t = self.prepend_cls(t)
-        for blk in self.blocks[: last + 1]:
-            t = blk(t)
-        if last == self.num_blocks - 1:
-            t = self.norm(t)
-        return t
+        return run_blocks(self, self.prepend_cls(t), last)
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
             raise NotImplementedError("attention masks are not used by the channel-agnostic ViT")
-        return self.forward_tokens(x, None)
+        return self.forward_tokens(x, -1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Whole-image embedding: mean of the patch tokens with CLS dropped, then fc_norm."""
