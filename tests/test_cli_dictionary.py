@@ -49,7 +49,7 @@ def test_train_and_analyze_from_the_command_line(
         "well_type=negative_control",
         "--whiten-by",
         "plate",
-        "--size",
+        "--atoms",
         "48",
         "--steps",
         "30",
@@ -110,7 +110,7 @@ def test_cli_refusals(store_path, tmp_path, capsys):
     base = [
         "train",
         str(store_path),
-        "--size",
+        "--atoms",
         "16",
         "--steps",
         "2",
