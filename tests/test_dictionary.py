@@ -230,7 +230,9 @@ def test_topk_sparse_gradients_match_dense_autograd():
     e = err.detach()
     aux_fvu = (e - za @ model.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     (loss + aux_fvu / 32).backward()
-    assert float(out.loss.detach()) == pytest.approx(float((loss + aux_fvu / 32).detach()), rel=1e-10)
+    assert float(out.loss.detach()) == pytest.approx(
+        float((loss + aux_fvu / 32).detach()), rel=1e-10
+    )
     for name, p in model.named_parameters():
         torch.testing.assert_close(fast[name], p.grad, rtol=1e-8, atol=1e-10, msg=name)
 

@@ -4,7 +4,7 @@ Inputs are codes as a sparse matrix (tokens x features; a feature is active on a
 code is non-zero) and a table with one row per token. Everything is vectorised over features
 through sparse products, so N ~ 1e5 tokens and M ~ 8192 features take seconds.
 
-Selectivity of feature f for value i of a column (the paper's two forms, docs/architecture.md):
+Selectivity of feature f for value i of a column (the paper's two forms; docs/architecture.md, "Dictionaries"):
 avg = P(active | i) - P(active | not i); max = P(active | i) - max over other values j of
 P(active | j).
 """

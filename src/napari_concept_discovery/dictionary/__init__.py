@@ -1,6 +1,6 @@
 """Sparse dictionary learning on foundation-model activations: whitening, ICFL, TopK SAE.
 
-Qt-free; torch lives here (docs/architecture.md). The modules, each importable on its own:
+Qt-free; torch lives here (docs/architecture.md, "Dictionaries"). The modules, each importable on its own:
 
 - ``settings``: WhitenSettings, TrainSettings, AnalyzeSettings (no torch; the CLI and forms);
 - ``whiten``: control-based whitening; ``base``, ``icfl``, ``topk``: the methods;

@@ -3,7 +3,7 @@
 Raw activations reach a dictionary's codes in one way only, :func:`encode_batches`: a batch of
 raw tokens, whitened (per group when the whitening was fitted per group), as a float32 tensor,
 encoded. Training batches, the metrics after training, ``analyze`` and the explore API all go
-through it, so they cannot disagree about what a token's code is (docs/architecture.md).
+through it, so they cannot disagree about what a token's code is (docs/architecture.md, "Dictionaries").
 """
 
 from __future__ import annotations

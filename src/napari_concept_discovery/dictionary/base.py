@@ -149,7 +149,7 @@ class SparseDictionary(nn.Module):
 
     Subclasses provide ``encode``, ``forward`` and the hooks the training loop calls around the
     optimiser step. ``atoms`` is (M, D): one row per atom, the transpose of the W in x ~ W z + b
-    (docs/architecture.md).
+    (docs/architecture.md, "Dictionaries").
     """
 
     method: ClassVar[str] = ""

@@ -1,6 +1,7 @@
-"""Reconstruction and sparsity metrics, one definition for every method (docs/architecture.md).
+"""Reconstruction and sparsity metrics, one definition for every method.
 
-All are computed in the space the dictionary models (after whitening and unit norm):
+All are computed in the space the dictionary models (after whitening and unit norm), as
+docs/architecture.md, "Dictionaries" states them:
 
 - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, with mean(x) the per-dimension mean over
   the evaluation set;

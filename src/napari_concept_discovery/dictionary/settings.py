@@ -1,9 +1,10 @@
 """Settings of the dictionary steps: whitening, training and analysis, checked where they are made.
 
 The command line builds its ``train`` and ``analyze`` options from these dataclasses, the demo
-constructs them, and the widgets build their forms from them (docs/architecture.md), so
-defaults, help and the rules between settings exist once. This module imports neither torch
-nor the store, so that building the command line or a form stays fast.
+constructs them, and the widgets build their forms from them, so defaults, help and the rules
+between settings exist once (docs/architecture.md, "Conventions every step shares"). This
+module imports neither torch nor the store, so that building the command line or a form stays
+fast.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Whitening fitted on control tokens maps the controls to zero mean and identity covariance, so
 a dictionary spends its atoms on what differs from the controls rather than on the directions of
-largest nuisance variance (docs/architecture.md). Fitting per group (per plate, as
+largest nuisance variance (docs/architecture.md, "Dictionaries"). Fitting per group (per plate, as
 typical-variation normalisation does, or per cell type) also removes batch effects between the
 groups. Note that controls mixing two cell types whiten the cell-type difference away.
 """
