@@ -77,23 +77,13 @@ def encode_batches(
 
 def _source(model_id=None, block=None, width=None, unit=None) -> str:
     """``model 'x' block 7 (width 384, unit 'cell')``, leaving out what is not known."""
-    head = " ".join(
-        part
-        for part in (
-            None if model_id is None else f"model {model_id!r}",
-            None if block is None else f"block {block!r}",
-        )
-        if part
-    )
-    tail = ", ".join(
-        part
-        for part in (
-            None if width is None else f"width {width}",
-            None if unit is None else f"unit {unit!r}",
-        )
-        if part
-    )
-    return (head or "activations") + (f" ({tail})" if tail else "")
+    head = [] if model_id is None else [f"model {model_id!r}"]
+    if block is not None:
+        head.append(f"block {block!r}")
+    tail = [] if width is None else [f"width {width}"]
+    if unit is not None:
+        tail.append(f"unit {unit!r}")
+    return (" ".join(head) or "activations") + (f" ({', '.join(tail)})" if tail else "")
 
 
 @dataclass
