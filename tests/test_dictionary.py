@@ -348,3 +348,34 @@ def test_streams_zarr_in_chunks_with_whitening(tmp_path):
     assert ev["n_tokens"] == 3000 and 0 < ev["fvu"] < 1
     with pytest.raises(DictionaryError, match="16-dimensional"):
         train(TopKSAE(16, TopKConfig(n_atoms=32, k=3)), z, steps=1, whitener=w)
+
+
+# --- no process-wide warning filters, no torch warnings for users ----------------------------
+
+
+def test_training_and_encoding_warn_nothing_and_change_no_warning_filter():
+    """In a fresh interpreter (torch warns some things once per process) with warnings as errors."""
+    import subprocess
+    import sys
+
+    code = """
+import warnings
+warnings.simplefilter("error")
+import numpy as np, pandas, scipy.sparse, torch  # these add filters of their own
+before = list(warnings.filters)
+from napari_concept_discovery.dictionary import (
+    ICFL, ICFLConfig, TopKConfig, TopKSAE, Dictionary, train
+)
+import napari_concept_discovery.dictionary.pipeline
+assert warnings.filters == before, "importing the dictionary changed the warning filters"
+x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+for model in (ICFL(8, ICFLConfig(n_atoms=16, n_iter=2, n_pick=2)),
+              TopKSAE(8, TopKConfig(n_atoms=16, k=3, dead_tokens=10))):
+    train(model, x, steps=6, batch_size=50, progress_every=2)
+    Dictionary(model).encode(x)
+silencing = [f for f in warnings.filters if f[1] is not None and "CSR" in f[1].pattern]
+assert not silencing, "training or encoding left a warning filter behind"
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -24,7 +24,7 @@ from .applied import prepare
 from .base import SparseDictionary, batch_fvu, fired_mask
 from .whiten import Whitener
 
-DEAD_WINDOW = 100_000  # tokens; not firing in 1e5 tokens = active on < 1e-5 of them (metrics)
+DEAD_WINDOW = 100_000  # tokens; not firing in 1e5 tokens = active on < metrics.DEAD_THRESHOLD
 
 
 @dataclass
