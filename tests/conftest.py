@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # Import torch before anything creates a Qt application (known crash when reversed).
-import torch  # noqa: F401
+import torch
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
@@ -31,3 +31,22 @@ def small_plates(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synth")
     return write_synthetic_plates(out, n_plates=2, n_wells=6, n_sites=1, size=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_store_path(small_plates, tmp_path_factory) -> Path:
+    """An activation store of ``small_plates``, written by the real embedding code.
+
+    The model is a tiny randomly initialised channel-agnostic ViT (D=32, 2 blocks), so the tests
+    that train and analyse dictionaries on it do not depend on the bundled weights and stay fast.
+    """
+    from napari_concept_discovery.embed import embed_plate
+    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
+    from napari_concept_discovery.models.vit import ChannelAgnosticViT
+
+    torch.manual_seed(0)
+    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
+    backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
+    out = tmp_path_factory.mktemp("store") / "store"
+    embed_plate(small_plates, backend, out)
+    return out

@@ -1,7 +1,7 @@
 """`concept-discovery train` and `analyze` on a real activation store built from small_plates.
 
-The store is written by the real embedding code; the model is a tiny randomly initialised
-channel-agnostic ViT so that the test does not depend on the bundled weights and stays fast.
+The store (``tiny_store_path`` in conftest) is written by the real embedding code with a tiny
+randomly initialised channel-agnostic ViT, so the test does not depend on the bundled weights.
 """
 
 from __future__ import annotations
@@ -15,32 +15,16 @@ from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import load_dictionary, save_dictionary
 
 
-@pytest.fixture(scope="module")
-def store_path(small_plates, tmp_path_factory):
-    import torch
-
-    from napari_concept_discovery.embed import embed_plate
-    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
-    from napari_concept_discovery.models.vit import ChannelAgnosticViT
-
-    torch.manual_seed(0)
-    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
-    backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
-    out = tmp_path_factory.mktemp("store") / "store"
-    embed_plate(small_plates, backend, out)
-    return out
-
-
 @pytest.mark.parametrize(
     "method,extra", [("icfl", ["--J", "2", "--L", "2"]), ("topk", ["--sparsity", "4"])]
 )
 def test_train_and_analyze_from_the_command_line(
-    store_path, small_plates, tmp_path, capsys, method, extra
+    tiny_store_path, small_plates, tmp_path, capsys, method, extra
 ):
     dict_path = tmp_path / f"{method}.safetensors"
     args = [
         "train",
-        str(store_path),
+        str(tiny_store_path),
         "--method",
         method,
         "--unit",
@@ -49,7 +33,7 @@ def test_train_and_analyze_from_the_command_line(
         "well_type=negative_control",
         "--whiten-by",
         "plate",
-        "--size",
+        "--atoms",
         "48",
         "--steps",
         "30",
@@ -78,7 +62,7 @@ def test_train_and_analyze_from_the_command_line(
     rc = main(
         [
             "analyze",
-            str(store_path),
+            str(tiny_store_path),
             str(dict_path),
             "--labels",
             "well_type,perturbation",
@@ -106,11 +90,11 @@ def test_train_and_analyze_from_the_command_line(
     assert counts["column"].tolist() == ["well_type", "perturbation"]
 
 
-def test_cli_refusals(store_path, tmp_path, capsys):
+def test_cli_refusals(tiny_store_path, tmp_path, capsys):
     base = [
         "train",
-        str(store_path),
-        "--size",
+        str(tiny_store_path),
+        "--atoms",
         "16",
         "--steps",
         "2",
@@ -128,6 +112,6 @@ def test_cli_refusals(store_path, tmp_path, capsys):
     # a dictionary from another block is refused with both sides named
     d.meta["block"] = 5
     other = save_dictionary(tmp_path / "other.safetensors", d.model, None, d.meta)
-    assert main(["analyze", str(store_path), str(other), "--out", str(tmp_path / "a")]) == 2
+    assert main(["analyze", str(tiny_store_path), str(other), "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "'tiny-random' block 5" in err and "block 1" in err and not (tmp_path / "a").exists()

@@ -230,7 +230,9 @@ def test_topk_sparse_gradients_match_dense_autograd():
     e = err.detach()
     aux_fvu = (e - za @ model.W_dec).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     (loss + aux_fvu / 32).backward()
-    assert float(out.loss) == pytest.approx(float(loss + aux_fvu / 32), rel=1e-10)
+    assert float(out.loss.detach()) == pytest.approx(
+        float((loss + aux_fvu / 32).detach()), rel=1e-10
+    )
     for name, p in model.named_parameters():
         torch.testing.assert_close(fast[name], p.grad, rtol=1e-8, atol=1e-10, msg=name)
 
@@ -271,7 +273,7 @@ def test_icfl_recovers_planted_dictionary(planted_data):
     torch.set_num_threads(1)
     model = ICFL(64, ICFLConfig(n_atoms=256, n_iter=5, n_pick=1, lr=3e-3), seed=0)
     result = train(model, x, steps=500, batch_size=256, seed=0, progress_every=50)
-    fvus = [p.fvu for p in result.history]
+    fvus = [p.info["fvu"] for p in result.history]
     score = recovery(w, model.atoms.detach().numpy())
     print(f"ICFL recovery {score:.4f}, FVU {fvus[0]:.3f} -> {fvus[-1]:.3f}")
     assert score >= 0.95
@@ -284,7 +286,7 @@ def test_topk_trains_on_planted_dictionary(planted_data):
     x, w = planted_data
     model = TopKSAE(64, TopKConfig(n_atoms=256, k=5), seed=0)
     result = train(model, x, steps=600, batch_size=256, seed=0, progress_every=50)
-    fvus = [p.fvu for p in result.history]
+    fvus = [p.info["fvu"] for p in result.history]
     score = recovery(w, model.atoms.detach().numpy())
     print(f"TopK recovery {score:.4f}, FVU {fvus[0]:.3f} -> {fvus[-1]:.3f}")
     assert fvus[-1] < 0.6 * fvus[0]
@@ -297,8 +299,8 @@ def test_cancellation_returns_the_dictionary_after_the_last_complete_step():
     stop = threading.Event()
 
     def progress(p):
-        seen.append(p.step)
-        if p.step == 6:
+        seen.append(p.done)
+        if p.done == 6:
             stop.set()
 
     a = ICFL(16, ICFLConfig(n_atoms=32, n_iter=3, n_pick=1))
@@ -321,7 +323,7 @@ def test_divergence_restores_last_good_state():
     x, _ = planted(n=1000, d=8, m=16, k=2)
 
     def corrupt(p):
-        if p.step == 5:
+        if p.done == 5:
             x[:] = np.nan  # every later batch is NaN: the loss turns non-finite at step 6
 
     model = ICFL(8, ICFLConfig(n_atoms=16, n_iter=2, n_pick=1))
@@ -346,3 +348,34 @@ def test_streams_zarr_in_chunks_with_whitening(tmp_path):
     assert ev["n_tokens"] == 3000 and 0 < ev["fvu"] < 1
     with pytest.raises(DictionaryError, match="16-dimensional"):
         train(TopKSAE(16, TopKConfig(n_atoms=32, k=3)), z, steps=1, whitener=w)
+
+
+# --- no process-wide warning filters, no torch warnings for users ----------------------------
+
+
+def test_training_and_encoding_warn_nothing_and_change_no_warning_filter():
+    """In a fresh interpreter (torch warns some things once per process) with warnings as errors."""
+    import subprocess
+    import sys
+
+    code = """
+import warnings
+warnings.simplefilter("error")
+import numpy as np, pandas, scipy.sparse, torch  # these add filters of their own
+before = list(warnings.filters)
+from napari_concept_discovery.dictionary import (
+    ICFL, ICFLConfig, TopKConfig, TopKSAE, Dictionary, train
+)
+import napari_concept_discovery.dictionary.pipeline
+assert warnings.filters == before, "importing the dictionary changed the warning filters"
+x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+for model in (ICFL(8, ICFLConfig(n_atoms=16, n_iter=2, n_pick=2)),
+              TopKSAE(8, TopKConfig(n_atoms=16, k=3, dead_tokens=10))):
+    train(model, x, steps=6, batch_size=50, progress_every=2)
+    Dictionary(model).encode(x)
+silencing = [f for f in warnings.filters if f[1] is not None and "CSR" in f[1].pattern]
+assert not silencing, "training or encoding left a warning filter behind"
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

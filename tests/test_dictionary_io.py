@@ -6,18 +6,21 @@ import numpy as np
 import pytest
 import torch
 
+from napari_concept_discovery import _files
 from napari_concept_discovery.dictionary import (
     ICFL,
     ICFLConfig,
     TopKConfig,
     TopKSAE,
+    TrainSettings,
     Whitener,
+    build_model,
     load_dictionary,
     save_dictionary,
     train,
 )
-from napari_concept_discovery.dictionary import io as dio
 from napari_concept_discovery.errors import DictionaryError
+from napari_concept_discovery.settings import SettingsError
 
 META = {
     "unit": "cell",
@@ -55,7 +58,8 @@ def test_round_trip_is_exact(method, tmp_path):
     assert loaded.whitener.groups_ == w.groups_ and loaded.whitener.get_params() == w.get_params()
     np.testing.assert_array_equal(loaded.whitener.mean_, w.mean_)
     np.testing.assert_array_equal(loaded.whitener.transform_, w.transform_)
-    a = loaded.encode(raw, plates, model_id="default-vit-s", block=7)
+    loaded.check_compatible(model_id="default-vit-s", block=7, width=10)
+    a = loaded.encode(raw, plates)
     model.eval()
     with torch.no_grad():
         from napari_concept_discovery.dictionary import codes_to_csr
@@ -89,9 +93,11 @@ def test_refuses_other_model_block_or_width(tmp_path):
     assert "'default-vit-s' block 7 (width 10" in msg and "'openphenom' block 7" in msg
     assert "model differ" in msg
     with pytest.raises(DictionaryError, match=r"block 7 .* block 5 .* block differ"):
-        loaded.encode(raw, plates, model_id="default-vit-s", block=5)
-    with pytest.raises(DictionaryError, match=r"width 10.*width 384\); width differ"):
-        loaded.encode(np.zeros((3, 384), np.float32), model_id="default-vit-s", block=7)
+        loaded.check_compatible(model_id="default-vit-s", block=5, width=10)
+    with pytest.raises(DictionaryError, match=r"width 10.*\(width 384\); width differ"):
+        loaded.encode(np.zeros((3, 384), np.float32))
+    with pytest.raises(DictionaryError, match=r"takes \(N, 10\) activations; got shape \(10,\)"):
+        loaded.encode(np.zeros(10, np.float32))
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
@@ -102,7 +108,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(dio.os, "replace", fail)
+    monkeypatch.setattr(_files.os, "replace", fail)
     with torch.no_grad():
         model.W_dec.mul_(2)
     with pytest.raises(OSError, match="disk full"):
@@ -129,7 +135,11 @@ def test_checkpoints_written_during_training(tmp_path):
     x = rng.standard_normal((400, 6)).astype(np.float32)
     model = ICFL(6, ICFLConfig(n_atoms=8, n_iter=2, n_pick=1))
     ck = tmp_path / "ck.safetensors"
-    seen = []
+    seen, saved = [], []
+
+    def checkpoint(m, step):
+        saved.append(step)
+        save_dictionary(ck, m, None, {"unit": "cell", "steps": step})
 
     def progress(p):
         if ck.exists():
@@ -138,35 +148,47 @@ def test_checkpoints_written_during_training(tmp_path):
     train(
         model,
         x,
-        steps=12,
+        steps=14,
         batch_size=50,
-        checkpoint=ck,
+        on_checkpoint=checkpoint,
         checkpoint_every=4,
         progress=progress,
         progress_every=1,
-        checkpoint_meta={"unit": "cell"},
     )
+    assert saved == [4, 8, 12, 14]  # every 4 steps and after the last one
     assert 4 in seen and 8 in seen
     final = load_dictionary(ck)
-    assert final.meta["steps"] == 12 and final.meta["unit"] == "cell"
+    assert final.meta["steps"] == 14 and final.meta["unit"] == "cell"
     assert torch.equal(final.model.W, model.W.detach())
+    saved.clear()
+    train(model, x, steps=8, batch_size=50, on_checkpoint=checkpoint, checkpoint_every=4)
+    assert saved == [4, 8]  # the last step's checkpoint is not written twice
 
 
-def test_sparsity_config_one_rule_for_both_methods():
-    from napari_concept_discovery.dictionary.io import sparsity_config
+def test_sparsity_one_rule_for_both_methods():
+    def config(**kw):
+        return TrainSettings(**kw).method_config()
 
-    assert sparsity_config("topk", 128, 16) == {"n_atoms": 128, "k": 16}
-    assert sparsity_config("icfl", 64, 8) == {"n_atoms": 64, "n_iter": 2, "n_pick": 4}
-    assert sparsity_config("icfl", 64, n_iter=3, n_pick=2, lr=1e-2) == {
+    assert config(method="topk", atoms=128, sparsity=16) == {"n_atoms": 128, "k": 16}
+    assert config(atoms=64, sparsity=8) == {"n_atoms": 64, "n_iter": 2, "n_pick": 4}
+    assert config(atoms=64, n_iter=3, n_pick=2, lr=1e-2) == {
         "n_atoms": 64,
         "lr": 1e-2,
         "n_iter": 3,
         "n_pick": 2,
     }
-    assert sparsity_config("icfl", 64)["n_iter"] * sparsity_config("icfl", 64)["n_pick"] == 32
-    with pytest.raises(DictionaryError, match="multiple of L"):
-        sparsity_config("icfl", 64, 6)
-    with pytest.raises(DictionaryError, match="disagrees"):
-        sparsity_config("icfl", 64, 8, n_iter=3)
-    with pytest.raises(DictionaryError, match="ICFL settings"):
-        sparsity_config("topk", 64, 8, n_pick=2)
+    assert config(atoms=64)["n_iter"] * config(atoms=64)["n_pick"] == 32
+    assert config(method="topk", atoms=64) == {"n_atoms": 64, "k": 32}
+    with pytest.raises(SettingsError, match="sparsity: ICFL sparsity 6 must be a multiple of L"):
+        config(atoms=64, sparsity=6)
+    with pytest.raises(SettingsError, match="sparsity: 8 disagrees with J 3 x L 4"):
+        config(atoms=64, sparsity=8, n_iter=3)
+    with pytest.raises(SettingsError, match="ICFL settings"):
+        config(method="topk", atoms=64, sparsity=8, n_pick=2)
+    with pytest.raises(SettingsError, match=r"sparsity: TopK k \(40\) cannot exceed atoms \(16\)"):
+        config(method="topk", atoms=16, sparsity=40)
+    with pytest.raises(SettingsError, match=r"n_pick: L \(8\) cannot exceed atoms \(4\)"):
+        config(atoms=4, n_pick=8)
+    # the configs build models of exactly that shape
+    model = build_model("icfl", 8, config(atoms=16, sparsity=6, n_pick=3))
+    assert (model.config.n_iter, model.config.n_pick, model.n_atoms) == (2, 3, 16)

@@ -266,97 +266,92 @@ def _run_embed(args) -> int:
 # --- train / analyze (issue: dictionary learning core) -------------------------------------
 
 
+class _Bars:
+    """Terminal bars for ``Progress`` reports: one per stage named in ``stages``, made on demand.
+
+    Training reports also show the latest loss, FVU and dead fraction.
+    """
+
+    def __init__(self, stages: dict[str, str]):
+        self.stages = stages
+        self.bars: dict = {}
+
+    def __call__(self, p) -> None:
+        if p.stage not in self.stages:
+            return
+        bar = self.bars.get(p.stage)
+        if bar is None:
+            bar = self.bars[p.stage] = _progress(p.total, self.stages[p.stage])
+        bar.update(p.done - bar.n)
+        if p.stage == "train":
+            i = p.info
+            bar.set_postfix(
+                loss=f"{i['loss']:.4g}", fvu=f"{i['fvu']:.3f}", dead=f"{i['dead_fraction']:.2f}"
+            )
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _add_train(sub) -> None:
+    from .dictionary.settings import TrainSettings, WhitenSettings
+    from .settings import add_arguments
+
     p = sub.add_parser(
         "train",
         help="learn a sparse dictionary (ICFL or TopK SAE) on the tokens of an activation store",
     )
     p.add_argument("store", help="activation store folder (written by `concept-discovery embed`)")
-    p.add_argument("--method", choices=("icfl", "topk"), default="icfl", help="default icfl")
-    p.add_argument("--unit", choices=("cell", "patch", "crop"), default="cell", help="default cell")
-    p.add_argument(
-        "--whiten",
-        metavar="COLUMN=VALUE",
-        help="control tokens to fit the PCA whitening on, e.g. well_type=negative_control",
-    )
-    p.add_argument("--whiten-by", metavar="COLUMN", help="fit the whitening per group, e.g. plate")
-    p.add_argument("--whiten-mode", choices=("pca", "center"), default="pca")
-    p.add_argument("--components", type=int, help="keep this many principal components")
+    add_arguments(p, TrainSettings)
+    add_arguments(p, WhitenSettings)
     p.add_argument("--no-whiten", action="store_true", help="train on the tokens as stored")
-    p.add_argument("--size", type=int, default=1024, help="number of atoms M (default 1024)")
-    p.add_argument("--sparsity", type=int, help="non-zeros per token: TopK k, or ICFL J*L (L=4)")
-    p.add_argument("--J", type=int, dest="n_iter", help="ICFL pursuit iterations (default 8)")
-    p.add_argument("--L", type=int, dest="n_pick", help="ICFL atoms picked per iteration (4)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default 1024)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between saves")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", required=True, help="dictionary file to write (.safetensors)")
     p.set_defaults(func=_run_train)
-
-
-def _train_config(args) -> dict:
-    from .dictionary.io import sparsity_config
-
-    return sparsity_config(
-        args.method, args.size, args.sparsity, n_iter=args.n_iter, n_pick=args.n_pick, lr=args.lr
-    )
 
 
 def _run_train(args) -> int:
     import torch
 
     from .dictionary.pipeline import train_on_store
-    from .dictionary.whiten import parse_control
+    from .dictionary.settings import TrainSettings, WhitenSettings
+    from .settings import describe, from_args
     from .store import ActivationStore
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_whiten and (args.whiten or args.whiten_by):
-        raise UsageError("--no-whiten cannot be combined with --whiten/--whiten-by")
-    if not args.no_whiten and not args.whiten:
-        raise UsageError(
-            "choose control tokens for whitening with --whiten COLUMN=VALUE "
-            "(e.g. --whiten well_type=negative_control), or pass --no-whiten"
-        )
-    control = parse_control(args.whiten) if args.whiten else None
-    config = _train_config(args)
+    whiten = None
+    if args.no_whiten:
+        given = [d["flag"] for d in describe(WhitenSettings) if d["name"] in vars(args)]
+        if given:
+            raise UsageError(f"--no-whiten cannot be combined with {', '.join(given)}")
+    else:
+        whiten = from_args(WhitenSettings, args)
+    settings = from_args(TrainSettings, args, whiten=whiten)
     store = ActivationStore.open(args.store)
-    with _progress(args.steps, f"train {args.method}") as bar:
-
-        def progress(p) -> None:
-            bar.update(p.step - bar.n)
-            bar.set_postfix(loss=f"{p.loss:.4g}", fvu=f"{p.fvu:.3f}", dead=f"{p.dead_fraction:.2f}")
-
-        trained = train_on_store(
-            store,
-            method=args.method,
-            unit=args.unit,
-            control=control,
-            whiten=not args.no_whiten,
-            whiten_by=args.whiten_by,
-            whiten_mode=args.whiten_mode,
-            n_components=args.components,
-            config=config,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            out=args.out,
-            progress=progress,
-            checkpoint_every=args.checkpoint_every,
-        )
+    with _Bars({"train": f"train {settings.method}", "evaluate": "evaluate"}) as bars:
+        trained = train_on_store(store, settings, out=args.out, progress=bars)
     m = trained.metrics
     print(
-        f"wrote {trained.path}: {args.method}, M={args.size}, {trained.result.steps_done} steps, "
-        f"FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, L0 {m['l0']:.1f}, "
-        f"dead {m['n_dead']}/{m['n_atoms']}"
+        f"wrote {trained.path}: {settings.method}, M={settings.atoms}, "
+        f"{trained.result.steps_done} steps, FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, "
+        f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
     )
     return 0
 
 
 def _add_analyze(sub) -> None:
+    from .dictionary.settings import AnalyzeSettings
+    from .settings import add_arguments
+
     p = sub.add_parser(
         "analyze",
         help="encode a store with a dictionary; write feature table, selectivity and codes",
@@ -365,41 +360,28 @@ def _add_analyze(sub) -> None:
     p.add_argument(
         "dictionary", help="dictionary file (.safetensors) from `concept-discovery train`"
     )
-    p.add_argument("--labels", default="", help="metadata columns for selectivity, comma-separated")
-    p.add_argument("--truth", default="", help="ground-truth columns for per-concept AUROC")
-    p.add_argument(
-        "--truth-file",
-        help="per-cell truth CSV (plate, well, site, label, ...) joined onto the cell table",
-    )
-    p.add_argument("--unit", choices=("cell", "patch", "crop"), help="default: the dictionary's")
-    p.add_argument("--top", type=int, default=10, help="top tokens listed per feature")
+    add_arguments(p, AnalyzeSettings)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_run_analyze)
 
 
 def _run_analyze(args) -> int:
-    from .concepts import write_analysis
     from .dictionary.io import load_dictionary
-    from .dictionary.pipeline import encode_store
+    from .dictionary.pipeline import analyze_store
+    from .dictionary.settings import AnalyzeSettings
+    from .settings import from_args
     from .store import ActivationStore
 
+    settings = from_args(AnalyzeSettings, args)
     store = ActivationStore.open(args.store)
     dictionary = load_dictionary(args.dictionary)
-    codes, table = encode_store(store, dictionary, args.unit)
-    if args.truth_file:
-        import pandas as pd
-
-        from .concepts import join_truth
-
-        table = join_truth(table, pd.read_csv(args.truth_file))
-    labels = [c.strip() for c in args.labels.split(",") if c.strip()]
-    truth = [c.strip() for c in args.truth.split(",") if c.strip()]
-    paths = write_analysis(
-        args.out, codes, table, labels, meta=dictionary.meta, truth_columns=truth, top_n=args.top
-    )
+    with _Bars({"encode": "encode"}) as bars:
+        analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
+    codes = analysis.codes
     print(
         f"encoded {codes.shape[0]} tokens with {codes.shape[1]} features (L0 "
-        f"{codes.nnz / max(codes.shape[0], 1):.1f}); wrote {', '.join(p.name for p in paths.values())} to {args.out}"
+        f"{codes.nnz / max(codes.shape[0], 1):.1f}); wrote "
+        f"{', '.join(p.name for p in analysis.paths.values())} to {args.out}"
     )
     return 0
 
@@ -408,6 +390,8 @@ def _run_analyze(args) -> int:
 
 
 def _add_demo(sub) -> None:
+    from .dictionary.settings import METHOD_NAMES
+
     p = sub.add_parser(
         "demo",
         help="run every step offline on synthetic plates with ground truth and print what was found",
@@ -417,7 +401,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--wells", type=int, default=16, help="wells per plate")
     p.add_argument("--sites", type=int, default=1, help="sites per well")
     p.add_argument("--size", type=int, default=512, help="site size in pixels")
-    p.add_argument("--method", choices=("icfl", "topk"), default="icfl")
+    p.add_argument("--method", choices=METHOD_NAMES, default="icfl")
     p.add_argument("--atoms", type=int, default=64, help="dictionary size M")
     p.add_argument("--sparsity", type=int, default=8, help="non-zeros per token")
     p.add_argument("--steps", type=int, default=1000, help="training steps")
@@ -428,24 +412,18 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from .demo import format_report, run_demo
 
-    bars = {}
+    sites = {}
+    bars = _Bars({"train": f"train {args.method}"})
 
     def site_progress(n: int) -> None:
-        if "sites" not in bars:
-            bars["sites"] = _progress(args.plates * args.wells * args.sites, "embed sites")
-        bars["sites"].update(n)
-
-    def train_progress(p) -> None:
-        if "train" not in bars:
-            bars["train"] = _progress(p.steps, f"train {args.method}")
-        bar = bars["train"]
-        bar.update(p.step - bar.n)
-        bar.set_postfix(fvu=f"{p.fvu:.3f}", dead=f"{p.dead_fraction:.2f}")
+        if "bar" not in sites:
+            sites["bar"] = _progress(args.plates * args.wells * args.sites, "embed sites")
+        sites["bar"].update(n)
 
     def log(msg: str) -> None:
-        for bar in bars.values():
-            bar.close()
-        bars.clear()
+        if "bar" in sites:
+            sites.pop("bar").close()
+        bars.close()
         print(msg, flush=True)
 
     result = run_demo(
@@ -461,7 +439,7 @@ def _run_demo(args) -> int:
         seed=args.seed,
         log=log,
         site_progress=site_progress,
-        train_progress=train_progress,
+        train_progress=bars,
     )
     log(format_report(result))
     return 0

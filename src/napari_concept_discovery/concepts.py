@@ -4,7 +4,7 @@ Inputs are codes as a sparse matrix (tokens x features; a feature is active on a
 code is non-zero) and a table with one row per token. Everything is vectorised over features
 through sparse products, so N ~ 1e5 tokens and M ~ 8192 features take seconds.
 
-Selectivity of feature f for value i of a column (the paper's two forms, DESIGN.md):
+Selectivity of feature f for value i of a column (the paper's two forms; docs/architecture.md, "Dictionaries"):
 avg = P(active | i) - P(active | not i); max = P(active | i) - max over other values j of
 P(active | j).
 """
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._files import atomic_parquet, atomic_path
 from .errors import DictionaryError
 
 THRESHOLDS = (0.5, 0.2)
@@ -104,12 +105,9 @@ def selectivity(codes, labels: Sequence, column: str = "label") -> Selectivity:
 
 def selectivity_report(codes, table: pd.DataFrame, columns: Sequence[str]):
     """Selectivity for several columns: (per-value best features table, per-column counts table)."""
+    require_columns(table, columns, "selectivity")
     best, counts, sel = [], [], {}
     for col in columns:
-        if col not in table.columns:
-            raise DictionaryError(
-                f"no column {col!r} for selectivity; columns are {list(table.columns)}"
-            )
         s = selectivity(codes, table[col].to_numpy(), col)
         sel[col] = s
         b = s.best_per_value("avg")
@@ -158,6 +156,29 @@ def feature_auroc(codes, membership: np.ndarray) -> np.ndarray:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def require_columns(table: pd.DataFrame, columns: Sequence[str], purpose: str) -> None:
+    """Refuse ``columns`` that ``table`` lacks, naming them, their purpose and the columns there are."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DictionaryError(
+            f"no column {', '.join(map(repr, missing))} for {purpose}; "
+            f"columns are {list(table.columns)}"
+        )
+
+
+def read_truth(path: str | Path) -> pd.DataFrame:
+    """A per-token truth table from csv, tsv or parquet, with a clear error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DictionaryError(f"no truth file at {path}")
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    except (ValueError, OSError) as exc:  # pandas' parser errors are ValueErrors
+        raise DictionaryError(f"cannot read the truth table {path}: {exc}") from exc
+
+
 def join_truth(
     table: pd.DataFrame, truth: pd.DataFrame, keys=("plate", "well", "site", "label")
 ) -> pd.DataFrame:
@@ -189,6 +210,7 @@ def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.Data
 
     Boolean columns give one concept (True); other columns give one concept per value.
     """
+    require_columns(truth, columns, "ground truth")
     rows = []
     for col in columns:
         series = truth[col]
@@ -316,23 +338,22 @@ def write_analysis(
     sels = None
     if columns:
         best, counts, sels = selectivity_report(csr, table, columns)
-        best.to_parquet(out / "selectivity.parquet", index=False)
-        counts.to_parquet(out / "selectivity_counts.parquet", index=False)
-        paths["selectivity"] = out / "selectivity.parquet"
-        paths["selectivity_counts"] = out / "selectivity_counts.parquet"
+        paths["selectivity"] = atomic_parquet(best, out / "selectivity.parquet")
+        paths["selectivity_counts"] = atomic_parquet(counts, out / "selectivity_counts.parquet")
     features = feature_table(csr, table, columns, top_n=top_n, selectivities=sels)
-    features.to_parquet(out / "features.parquet", index=False)
-    paths["features"] = out / "features.parquet"
+    paths["features"] = atomic_parquet(features, out / "features.parquet")
     coo = csr.tocoo()
-    pd.DataFrame(
+    long = pd.DataFrame(
         {"token": coo.row.astype(np.int64), "feature": coo.col.astype(np.int32), "code": coo.data}
-    ).to_parquet(out / "codes.parquet", index=False)
-    paths["codes"] = out / "codes.parquet"
-    table.reset_index(drop=True).to_parquet(out / "tokens.parquet", index=True)
+    )
+    paths["codes"] = atomic_parquet(long, out / "codes.parquet")
     paths["tokens"] = out / "tokens.parquet"
+    with atomic_path(paths["tokens"]) as tmp:
+        table.reset_index(drop=True).to_parquet(tmp, index=True)
     if truth_columns:
-        concept_auroc(csr, table, truth_columns).to_parquet(out / "concepts.parquet", index=False)
-        paths["concepts"] = out / "concepts.parquet"
-    codes_anndata(csr, table, features, meta).write_h5ad(out / "codes.h5ad")
+        aurocs = concept_auroc(csr, table, truth_columns)
+        paths["concepts"] = atomic_parquet(aurocs, out / "concepts.parquet")
     paths["h5ad"] = out / "codes.h5ad"
+    with atomic_path(paths["h5ad"]) as tmp:
+        codes_anndata(csr, table, features, meta).write_h5ad(tmp)
     return paths

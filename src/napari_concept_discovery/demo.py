@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from .dictionary.settings import AnalyzeSettings, TrainSettings, WhitenSettings
+from .dictionary.whiten import control_mask
+
 LABEL_COLUMNS = ("cell_type", "perturbation")
 TRUTH_COLUMNS = ("cell_type", "perturbation", "responded", "mitotic")
-CONTROL = ("well_type", "negative_control")
+CONTROL = "well_type=negative_control"
 
 
 @dataclass
@@ -55,16 +58,16 @@ def _plates(out: Path, n_plates: int, n_wells: int, n_sites: int, size: int, see
     return target
 
 
-def _whitening_components(store) -> int:
-    """Whitening components that the fewest controls of any plate can estimate.
+def _whitening_components(store, whiten: WhitenSettings) -> int:
+    """Whitening components that the fewest controls of any group can estimate.
 
     A covariance needs several samples per dimension before its small eigenvalues mean anything;
     whitening noise directions up to unit variance would drown the signal. Keep at most one
-    component per four control cells of the smallest plate.
+    component per four control cells of the smallest group (plate).
     """
     table = store.table("cell")
-    controls = table[table[CONTROL[0]].astype(str) == CONTROL[1]]
-    fewest = int(controls.groupby("plate").size().min()) if len(controls) else 0
+    controls = table[control_mask(table, *whiten.control)]
+    fewest = len(controls) if whiten.by is None else int(controls.groupby(whiten.by).size().min())
     return int(max(4, min(store.embed_dim, fewest // 4)))
 
 
@@ -87,9 +90,8 @@ def run_demo(
     """Run every step on synthetic plates with known ground truth and report what was found."""
     import time
 
-    from .concepts import concept_auroc, join_truth, write_analysis
-    from .dictionary.io import sparsity_config
-    from .dictionary.pipeline import encode_store, train_on_store
+    from .concepts import concept_auroc
+    from .dictionary.pipeline import analyze_store, encode_for_analysis, train_on_store
     from .embed import embed_plate
 
     out = Path(out)
@@ -108,16 +110,28 @@ def run_demo(
     n_cells = int(store.tokens("cell").shape[0])
 
     t = time.perf_counter()
-    truth = pd.read_csv(plates / "truth.csv")
-    n_components = _whitening_components(store)
+    center = WhitenSettings(controls=CONTROL, by="plate", mode="center")
+    n_components = _whitening_components(store, center)
     preparations = {
-        "center": dict(whiten_mode="center"),
-        "pca": dict(whiten_mode="pca", n_components=n_components),
+        "center": center,
+        "pca": center.replace(mode="pca", n_components=n_components),
     }
-    config = sparsity_config(method, n_atoms, sparsity)
+    analyze = AnalyzeSettings(
+        labels=LABEL_COLUMNS, truth=TRUTH_COLUMNS, truth_file=plates / "truth.csv"
+    )
     comparison = []
     trained = None
-    for name, prep in preparations.items():
+    for name, whiten in preparations.items():
+        settings = TrainSettings(
+            method=method,
+            unit="cell",
+            atoms=n_atoms,
+            sparsity=sparsity,
+            steps=steps,
+            batch_size=min(1024, n_cells),
+            seed=seed,
+            whiten=whiten,
+        )
         what = (
             "centred on the negative-control mean"
             if name == "center"
@@ -128,40 +142,21 @@ def run_demo(
             f"cell tokens {what}, per plate"
         )
         result = train_on_store(
-            store,
-            method=method,
-            unit="cell",
-            control=CONTROL,
-            whiten_by="plate",
-            config=config,
-            steps=steps,
-            batch_size=min(1024, n_cells),
-            seed=seed,
-            out=out / f"dictionary-{name}.safetensors",
-            progress=train_progress,
-            **prep,
+            store, settings, out=out / f"dictionary-{name}.safetensors", progress=train_progress
         )
-        codes, table = encode_store(store, result.dictionary, "cell")
-        table = join_truth(table, truth)
-        aurocs = concept_auroc(codes, table, TRUTH_COLUMNS)
+        codes, table = encode_for_analysis(store, result.dictionary, analyze)
+        aurocs = concept_auroc(codes, table, analyze.truth)
         group = aurocs["concept"].str.split("=").str[0]
         row = {"preparation": name, "fvu": result.metrics["fvu"]}
         row.update({f"auroc {g}": v for g, v in aurocs.groupby(group)["auroc"].mean().items()})
         comparison.append(row)
         if trained is None:  # the first preparation gets the full analysis
-            trained, kept_codes, kept_table = result, codes, table
+            trained = result
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log("4/4 selectivity for cell type and perturbation; best feature per true concept")
-    paths = write_analysis(
-        out / "analysis",
-        kept_codes,
-        kept_table,
-        LABEL_COLUMNS,
-        meta=trained.dictionary.meta,
-        truth_columns=TRUTH_COLUMNS,
-    )
+    paths = analyze_store(store, trained.dictionary, analyze, out / "analysis").paths
     timings["analyze"] = time.perf_counter() - t
 
     features = pd.read_parquet(paths["features"])

@@ -32,6 +32,14 @@ class Progress(NamedTuple):
         return 0.0 if self.total <= 0 else min(1.0, self.done / self.total)
 
 
+class Cancelled(Exception):
+    """Raised by a step that returns one result (an encoding) when its ``cancel`` was set.
+
+    Steps whose partial result is useful return it instead: a cancelled training returns the
+    dictionary after its last complete step, a cancelled embedding keeps the finished sites.
+    """
+
+
 Cancel = Union[threading.Event, Callable[[], bool], None]  # noqa: UP007
 ProgressCallback = Union[Callable[[Progress], None], None]  # noqa: UP007
 

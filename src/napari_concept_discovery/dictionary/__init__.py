@@ -1,34 +1,63 @@
 """Sparse dictionary learning on foundation-model activations: whitening, ICFL, TopK SAE.
 
-Qt-free; torch lives here. See DESIGN.md, "Dictionary learning".
+Qt-free; torch lives here (docs/architecture.md, "Dictionaries"). The modules, each importable on its own:
+
+- ``settings``: WhitenSettings, TrainSettings, AnalyzeSettings (no torch; the CLI and forms);
+- ``whiten``: control-based whitening; ``base``, ``icfl``, ``topk``: the methods;
+- ``registry``: the methods by name; ``training``: the training loop; ``metrics``: evaluation;
+- ``applied``: a trained dictionary (whitening + coder + metadata) and the one encode loop;
+- ``io``: the dictionary file; ``pipeline``: train, encode and analyse a whole store.
+
+Names are loaded on first use, so that importing the settings does not import torch.
 """
 
-from .base import Codes, ForwardOutput, SparseDictionary, codes_to_csr
-from .icfl import ICFL, ICFLConfig
-from .io import DictionaryFile, build_model, load_dictionary, save_dictionary
-from .metrics import evaluate
-from .topk import TopKConfig, TopKSAE
-from .train import TrainProgress, TrainResult, train
-from .whiten import Whitener, control_mask, parse_control
+from __future__ import annotations
 
-__all__ = [
-    "ICFL",
-    "Codes",
-    "DictionaryFile",
-    "ForwardOutput",
-    "ICFLConfig",
-    "SparseDictionary",
-    "TopKConfig",
-    "TopKSAE",
-    "TrainProgress",
-    "TrainResult",
-    "Whitener",
-    "build_model",
-    "codes_to_csr",
-    "control_mask",
-    "evaluate",
-    "load_dictionary",
-    "parse_control",
-    "save_dictionary",
-    "train",
-]
+import importlib
+
+_EXPORTS = {
+    "ICFL": "icfl",
+    "ICFLConfig": "icfl",
+    "TopKConfig": "topk",
+    "TopKSAE": "topk",
+    "Codes": "base",
+    "ForwardOutput": "base",
+    "SparseDictionary": "base",
+    "codes_to_csr": "base",
+    "METHODS": "registry",
+    "build_model": "registry",
+    "Dictionary": "applied",
+    "DictionaryFile": "applied",
+    "encode_batches": "applied",
+    "load_dictionary": "io",
+    "save_dictionary": "io",
+    "evaluate": "metrics",
+    "TrainResult": "training",
+    "train": "training",
+    "Whitener": "whiten",
+    "control_mask": "whiten",
+    "parse_control": "whiten",
+    "AnalyzeSettings": "settings",
+    "TrainSettings": "settings",
+    "WhitenSettings": "settings",
+    "Analysis": "pipeline",
+    "TrainedDictionary": "pipeline",
+    "analyze_store": "pipeline",
+    "encode_store": "pipeline",
+    "train_on_store": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import DictionaryError
+
 
 class Codes(NamedTuple):
     """Sparse codes as ``values`` and ``indices`` of shape (B, slots).
@@ -56,8 +58,6 @@ class DictionaryConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            from ..errors import DictionaryError
-
             raise DictionaryError(
                 f"unknown {cls.method} config field(s) {unknown}; known: {sorted(names)}"
             )
@@ -148,7 +148,8 @@ class SparseDictionary(nn.Module):
     """A dictionary of ``n_atoms`` unit-norm atoms in a ``d_in``-dimensional token space.
 
     Subclasses provide ``encode``, ``forward`` and the hooks the training loop calls around the
-    optimiser step. ``atoms`` is (M, D): one row per atom, the transpose of DESIGN.md's W.
+    optimiser step. ``atoms`` is (M, D): one row per atom, the transpose of the W in x ~ W z + b
+    (docs/architecture.md, "Dictionaries").
     """
 
     method: ClassVar[str] = ""
@@ -196,12 +197,6 @@ class SparseDictionary(nn.Module):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def fit(self, tokens, *, steps: int, batch_size: int = 1024, **kwargs):
-        """Train on an (N, D) array; see :func:`napari_concept_discovery.dictionary.train.train`."""
-        from .train import train
-
-        return train(self, tokens, steps=steps, batch_size=batch_size, **kwargs)
-
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     """Per-dimension median: where tokens sit when no atom is active, if codes are sparse."""
@@ -209,7 +204,7 @@ def coordinate_median(x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """FVU on one batch, as in :mod:`.metrics` (centred on the batch mean)."""
+    """FVU on one batch, as in :mod:`.metrics` but centred on the batch mean."""
     with torch.no_grad():
         err = (x - x_hat).pow(2).sum()
         var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)

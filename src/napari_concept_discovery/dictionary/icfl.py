@@ -24,12 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import DictionaryError
 from .base import Codes, DictionaryConfig, ForwardOutput, SparseDictionary, coordinate_median
-
-# the CSR product below is stable in practice; torch flags all CSR use as beta on construction
-warnings.filterwarnings(
-    "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
-)
 
 
 @dataclasses.dataclass
@@ -158,6 +154,21 @@ def _gram_block(gram: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     return gram.take(picked.unsqueeze(2) * m + picked.unsqueeze(1))
 
 
+def _coefficient_matrix(picked: torch.Tensor, coef: torch.Tensor, m: int) -> torch.Tensor:
+    """-C as a (B, M) CSR tensor: row b holds -coef[b] at the L columns picked[b].
+
+    The CSR product is stable in practice, but torch flags every CSR construction as beta with
+    a UserWarning; it is silenced here only, not for the whole process.
+    """
+    n, n_pick = picked.shape
+    crow = torch.arange(0, n * n_pick + 1, n_pick, device=picked.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, picked.reshape(-1), -coef.reshape(-1), (n, m), check_invariants=False
+        )
+
+
 @torch.no_grad()
 def pursuit_gram(
     residual: torch.Tensor,
@@ -198,12 +209,7 @@ def pursuit_gram(
                 break  # the scores after the last pick are not needed
             # scores -= C G with C the (chunk, M) sparse matrix of this iteration's coefficients:
             # a CSR product, in place, reads the L picked rows of G once per token
-            n = picked.shape[0]
-            crow = torch.arange(0, n * n_pick + 1, n_pick, device=picked.device)
-            c = torch.sparse_csr_tensor(
-                crow, picked.reshape(-1), -coef.reshape(-1), (n, m), check_invariants=False
-            )
-            scores.addmm_(c, gram)
+            scores.addmm_(_coefficient_matrix(picked, coef, m), gram)
 
     return Codes(values, indices)
 
@@ -241,8 +247,6 @@ class ICFL(SparseDictionary):
         config = config or ICFLConfig()
         super().__init__(d_in, config)
         if config.n_iter < 1 or config.n_pick < 1 or config.n_pick > config.n_atoms:
-            from ..errors import DictionaryError
-
             raise DictionaryError(
                 f"ICFL needs J >= 1 and 1 <= L <= M; got J={config.n_iter}, "
                 f"L={config.n_pick}, M={config.n_atoms}"

@@ -1,6 +1,7 @@
-"""Reconstruction and sparsity metrics, one definition for every method (DESIGN.md).
+"""Reconstruction and sparsity metrics, one definition for every method.
 
-All are computed in the space the dictionary models (after whitening and unit norm):
+All are computed in the space the dictionary models (after whitening and unit norm), as
+docs/architecture.md, "Dictionaries" states them:
 
 - FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, with mean(x) the per-dimension mean over
   the evaluation set;
@@ -8,8 +9,9 @@ All are computed in the space the dictionary models (after whitening and unit no
 - L0 = mean number of non-zero codes per token (a feature is active when its code is non-zero);
 - dead features: active on fewer than ``dead_threshold`` (1e-5) of the tokens, or on none.
 
-:func:`evaluate` streams over the tokens in batches with float64 accumulators, so it runs on a
-zarr array of any length in bounded memory and gives the same numbers as the in-memory forms.
+:func:`evaluate` streams over the tokens through the one batch-encode loop
+(:func:`.applied.encode_batches`) with float64 accumulators, so it runs on a zarr array of any
+length in bounded memory and gives the same numbers as the in-memory forms.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..progress import Cancel, ProgressCallback
+from .applied import encode_batches
 from .base import Codes, SparseDictionary, codes_to_csr
 
 DEAD_THRESHOLD = 1e-5
@@ -65,47 +69,48 @@ def evaluate(
     batch_size: int = 4096,
     dead_threshold: float = DEAD_THRESHOLD,
     return_codes: bool = False,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
 ):
     """FVU, mean cosine, L0 and dead fraction of ``model`` on all of ``tokens`` (N, D).
 
     ``tokens`` are raw when ``whitener`` is given (whitened per batch). Returns a dict, or
-    ``(dict, codes)`` with the codes as a CSR matrix (N, M) when ``return_codes``.
+    ``(dict, codes)`` with the codes as a CSR matrix (N, M) when ``return_codes``. Progress is
+    reported as stage ``"evaluate"``; a set ``cancel`` raises ``Cancelled`` between batches.
     """
-    n, _ = tokens.shape
-    group_arr = None if groups is None else np.asarray(groups).astype(str)
+    n = int(tokens.shape[0])
     err = 0.0
     cos_sum = 0.0
     nnz = 0
     s1 = s2 = None
     counts = np.zeros(model.n_atoms, dtype=np.int64)
     parts = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            xb = np.asarray(tokens[start:stop], dtype=np.float32)
-            if whitener is not None:
-                xb = whitener.transform(xb, None if group_arr is None else group_arr[start:stop])
-            x = torch.from_numpy(np.ascontiguousarray(xb))
-            with torch.no_grad():
-                codes = model.encode(x)
-                x_hat = model.decode(codes)
-            x64 = x.double()
-            h64 = x_hat.double()
-            err += float((x64 - h64).pow(2).sum())
-            cos = (x64 * h64).sum(1) / (x64.norm(dim=1) * h64.norm(dim=1)).clamp_min(1e-30)
-            cos_sum += float(cos.sum())
-            b1, b2 = x64.sum(0), x64.pow(2).sum(0)
-            s1 = b1 if s1 is None else s1 + b1
-            s2 = b2 if s2 is None else s2 + b2
-            csr = codes_to_csr(Codes(codes.values.detach(), codes.indices), model.n_atoms)
-            nnz += csr.nnz
-            counts += np.bincount(csr.indices, minlength=model.n_atoms)
-            if return_codes:
-                parts.append(csr)
-    finally:
-        model.train(was_training)
+    batches = encode_batches(
+        model,
+        tokens,
+        whitener=whitener,
+        groups=groups,
+        batch_size=batch_size,
+        progress=progress,
+        cancel=cancel,
+        stage="evaluate",
+    )
+    for _, _, x, codes in batches:
+        with torch.no_grad():
+            x_hat = model.decode(codes)
+        x64 = x.double()
+        h64 = x_hat.double()
+        err += float((x64 - h64).pow(2).sum())
+        cos = (x64 * h64).sum(1) / (x64.norm(dim=1) * h64.norm(dim=1)).clamp_min(1e-30)
+        cos_sum += float(cos.sum())
+        b1, b2 = x64.sum(0), x64.pow(2).sum(0)
+        s1 = b1 if s1 is None else s1 + b1
+        s2 = b2 if s2 is None else s2 + b2
+        csr = codes_to_csr(Codes(codes.values.detach(), codes.indices), model.n_atoms)
+        nnz += csr.nnz
+        counts += np.bincount(csr.indices, minlength=model.n_atoms)
+        if return_codes:
+            parts.append(csr)
     total_var = float((s2 - s1.pow(2) / n).sum()) if n else float("nan")
     dead = dead_mask(counts, n, dead_threshold)
     result = {
@@ -114,7 +119,7 @@ def evaluate(
         "l0": nnz / max(n, 1),
         "dead_fraction": float(dead.mean()),
         "n_dead": int(dead.sum()),
-        "n_tokens": int(n),
+        "n_tokens": n,
         "n_atoms": int(model.n_atoms),
     }
     if return_codes:

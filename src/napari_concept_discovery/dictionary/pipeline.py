@@ -1,24 +1,30 @@
-"""Train and apply dictionaries on an activation store: the one path the CLI and widgets share.
+"""Train, apply and analyse dictionaries on an activation store: the one path every front calls.
 
 A store is anything with the read API of :class:`napari_concept_discovery.store.ActivationStore`
 (``tokens(unit)``, ``table(unit)``, ``model_id``, ``block``, ``embed_dim``, ``channel_names``,
 ``signature``). Tokens stay on disk (zarr) and stream through training and evaluation; only the
-control tokens used to fit the whitening and the per-token table are held in memory.
+control tokens used to fit the whitening and the per-token table are held in memory. The CLI,
+the demo and the widgets pass settings objects (:mod:`.settings`) and get the same results.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 
+from ..concepts import join_truth, read_truth, require_columns, write_analysis
 from ..errors import DictionaryError
-from .io import DictionaryFile, build_model, save_dictionary
+from ..progress import Cancel, Cancelled, ProgressCallback, report
+from .applied import Dictionary
+from .io import save_dictionary
 from .metrics import evaluate
-from .train import TrainProgress, TrainResult, train
+from .registry import build_model
+from .settings import AnalyzeSettings, TrainSettings, WhitenSettings
+from .training import TrainResult, train
 from .whiten import Whitener, control_mask
 
 
@@ -42,154 +48,215 @@ def store_signature(store) -> str | dict:
     return getattr(store, "signature_hash", None) or getattr(store, "signature", None)
 
 
-def fit_whitener(
-    tokens,
-    table,
-    control: tuple[str, str] | None,
-    *,
-    by: str | None = None,
-    mode: str = "pca",
-    n_components: int | None = None,
-    eps: float = 1e-6,
-) -> Whitener:
-    """Fit whitening on the control tokens (``control`` = (column, value)), per ``by`` group.
+def _group_labels(table: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in table.columns:
+        raise DictionaryError(
+            f"no column {column!r} to whiten by; columns are {list(table.columns)}"
+        )
+    return table[column].astype(str).to_numpy()
 
-    Without ``control``, every token is a control (centring and whitening on all the data).
-    """
-    mask = np.ones(len(table), bool) if control is None else control_mask(table, *control)
+
+def fit_whitener(tokens, table: pd.DataFrame, settings: WhitenSettings) -> Whitener:
+    """Fit whitening on the control tokens that ``settings.controls`` picks, per ``settings.by``."""
+    mask = control_mask(table, *settings.control)
     if len(mask) != tokens.shape[0]:
         raise DictionaryError(
             f"the token table has {len(mask)} rows but there are {tokens.shape[0]} tokens"
         )
     rows = np.flatnonzero(mask)
-    groups = None
-    if by is not None:
-        if by not in table.columns:
-            raise DictionaryError(
-                f"no column {by!r} to whiten by; columns are {list(table.columns)}"
-            )
-        groups = table[by].astype(str).to_numpy()[rows]
-    w = Whitener(mode=mode, eps=eps, n_components=n_components, group_by=by)
+    groups = None if settings.by is None else _group_labels(table, settings.by)[rows]
+    w = Whitener(
+        mode=settings.mode,
+        eps=settings.eps,
+        n_components=settings.n_components,
+        group_by=settings.by,
+    )
     return w.fit(take_rows(tokens, rows), groups)
 
 
 @dataclass
 class TrainedDictionary:
-    dictionary: DictionaryFile
+    """A trained dictionary, how training went, its metrics and where it was written.
+
+    ``cancelled`` is True when ``cancel`` stopped the training or the evaluation after it; the
+    dictionary is then the one after the last complete step and ``metrics`` is empty.
+    """
+
+    dictionary: Dictionary
     result: TrainResult
     metrics: dict
     path: Path | None
+    cancelled: bool = False
 
 
 def train_on_store(
     store,
+    settings: TrainSettings,
     *,
-    method: str = "icfl",
-    unit: str = "cell",
-    control: tuple[str, str] | None = None,
-    whiten: bool = True,
-    whiten_by: str | None = None,
-    whiten_mode: str = "pca",
-    n_components: int | None = None,
-    config: dict | None = None,
-    steps: int = 2000,
-    batch_size: int = 1024,
-    seed: int = 0,
     out: str | Path | None = None,
-    progress: Callable[[TrainProgress], None] | None = None,
-    cancel: threading.Event | Callable[[], bool] | None = None,
-    checkpoint_every: int = 1000,
-    eval_max: int = 200_000,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
 ) -> TrainedDictionary:
-    """Whiten on controls, train ``method`` on ``unit`` tokens, evaluate, and save to ``out``.
+    """Whiten on controls, train on ``settings.unit`` tokens, evaluate, and save to ``out``.
 
-    ``whiten=False`` trains on the tokens as stored. The dictionary file's metadata records the
-    unit, model, block, width, channels, store signature, whitening controls and metrics.
+    Progress comes as stages ``"whiten"``, ``"train"`` (with loss, FVU, dead fraction and
+    samples) and ``"evaluate"``. Checkpoints go to ``out`` every ``settings.checkpoint_every``
+    steps. The file's metadata records the unit, model, block, width, channels, store
+    signature, whitening, the settings themselves and the metrics.
     """
+    unit = settings.unit
     tokens = store.tokens(unit)
     table = store.table(unit)
     if tokens.shape[0] == 0:
         raise DictionaryError(f"the store has no {unit} tokens to train on")
-    whitener = None
-    groups = None
-    if whiten:
-        if control is None:
-            raise DictionaryError(
-                "choose the control tokens for whitening as COLUMN=VALUE (for example "
-                "well_type=negative_control), or train without whitening"
-            )
-        whitener = fit_whitener(
-            tokens, table, control, by=whiten_by, mode=whiten_mode, n_components=n_components
-        )
-        if whiten_by is not None:
-            groups = table[whiten_by].astype(str).to_numpy()
+    whitener = groups = None
+    if settings.whiten is not None:
+        report(progress, "whiten", 0, 1)
+        whitener = fit_whitener(tokens, table, settings.whiten)
+        report(progress, "whiten", 1, 1)
+        if settings.whiten.by is not None:
+            groups = _group_labels(table, settings.whiten.by)
     d_in = whitener.n_components_ if whitener is not None else tokens.shape[1]
-    model = build_model(method, d_in, config, seed=seed)
+    model = build_model(settings.method, d_in, settings.method_config(), seed=settings.seed)
     meta = {
         "unit": unit,
         "model_id": store.model_id,
+        "model_source": getattr(store, "model_source", None),
         "block": int(store.block),
         "embed_dim": int(store.embed_dim),
         "channel_names": list(store.channel_names),
         "signature": store_signature(store),
-        "whitening": {
-            "controls": None if control is None or not whiten else f"{control[0]}={control[1]}",
-            "by": whiten_by if whiten else None,
-            "mode": whiten_mode if whiten else None,
-        },
+        "whitening": (
+            settings.whiten.describe_meta()
+            if settings.whiten is not None
+            else {"controls": None, "by": None, "mode": None}
+        ),
+        "train_settings": settings.to_dict(),
         "n_tokens": int(tokens.shape[0]),
-        "seed": seed,
-        "batch_size": batch_size,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size,
     }
+
+    def checkpoint(m, step: int) -> None:
+        save_dictionary(out, m, whitener, {**meta, "steps": step, "checkpoint": True})
+
     result = train(
         model,
         tokens,
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
         whitener=whitener,
         groups=groups,
         progress=progress,
         cancel=cancel,
-        checkpoint=out,
-        checkpoint_every=checkpoint_every,
-        checkpoint_meta=meta,
+        on_checkpoint=None if out is None else checkpoint,
+        checkpoint_every=settings.checkpoint_every,
     )
-    n = tokens.shape[0]
-    if n > eval_max:
-        rows = np.sort(np.random.default_rng(seed).choice(n, eval_max, replace=False))
-        ev_tokens = take_rows(tokens, rows)
-        ev_groups = None if groups is None else groups[rows]
-    else:
-        ev_tokens, ev_groups = tokens, groups
-    metrics = evaluate(model, ev_tokens, whitener=whitener, groups=ev_groups)
+    cancelled = result.cancelled
+    metrics: dict = {}
+    if not cancelled:
+        n = tokens.shape[0]
+        if n > settings.eval_max:
+            rng = np.random.default_rng(settings.seed)
+            rows = np.sort(rng.choice(n, settings.eval_max, replace=False))
+            ev_tokens = take_rows(tokens, rows)
+            ev_groups = None if groups is None else groups[rows]
+        else:
+            ev_tokens, ev_groups = tokens, groups
+        try:
+            metrics = evaluate(
+                model,
+                ev_tokens,
+                whitener=whitener,
+                groups=ev_groups,
+                progress=progress,
+                cancel=cancel,
+            )
+        except Cancelled:
+            cancelled = True
     meta.update(
         steps=result.steps_done,
         samples=result.samples,
-        cancelled=result.cancelled,
+        cancelled=cancelled,
         diverged=result.diverged,
         metrics=metrics,
     )
-    dictionary = DictionaryFile(model, whitener, meta)
-    path = save_dictionary(out, model, whitener, meta) if out is not None else None
-    return TrainedDictionary(dictionary, result, metrics, path)
+    dictionary = Dictionary(model, whitener, meta)
+    path = save_dictionary(out, dictionary) if out is not None else None
+    return TrainedDictionary(dictionary, result, metrics, path, cancelled)
 
 
-def encode_store(store, dictionary: DictionaryFile, unit: str | None = None, batch_size=4096):
-    """Codes (N, M) CSR of all ``unit`` tokens of ``store``, with the token table."""
+def encode_store(
+    store,
+    dictionary: Dictionary,
+    unit: str | None = None,
+    *,
+    batch_size: int = 4096,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """Codes (N, M) CSR of all ``unit`` tokens of ``store`` (default: the dictionary's unit),
+    with the token table. Refuses a store of another model, block or width."""
     unit = unit or dictionary.meta.get("unit") or "cell"
+    dictionary.check_compatible_store(store)
     tokens = store.tokens(unit)
     table = store.table(unit)
-    groups = None
-    w = dictionary.whitener
-    if w is not None and w.group_by is not None:
-        if w.group_by not in table.columns:
-            raise DictionaryError(
-                f"the dictionary whitens per {w.group_by!r} but the store's {unit} table has no "
-                f"such column"
-            )
-        groups = table[w.group_by].astype(str).to_numpy()
-    codes = dictionary.encode(
-        tokens, groups, batch_size=batch_size, model_id=store.model_id, block=store.block
+    codes = dictionary.encode_table(
+        tokens, table, batch_size=batch_size, progress=progress, cancel=cancel
     )
     return codes, table
+
+
+@dataclass
+class Analysis:
+    """Codes, the token table they index (with the truth joined) and the files written."""
+
+    codes: sp.csr_matrix
+    table: pd.DataFrame
+    paths: dict[str, Path]
+
+
+def encode_for_analysis(
+    store,
+    dictionary: Dictionary,
+    settings: AnalyzeSettings,
+    *,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """:func:`encode_store` with ``settings.truth_file`` joined onto the token table."""
+    codes, table = encode_store(store, dictionary, settings.unit, progress=progress, cancel=cancel)
+    if settings.truth_file is not None:
+        table = join_truth(table, read_truth(settings.truth_file))
+    return codes, table
+
+
+def analyze_store(
+    store,
+    dictionary: Dictionary,
+    settings: AnalyzeSettings,
+    out: str | Path,
+    *,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+) -> Analysis:
+    """Encode ``store`` and write the feature, selectivity, concept and code tables to ``out``.
+
+    Label and truth columns are checked against the token table before anything is written.
+    """
+    codes, table = encode_for_analysis(
+        store, dictionary, settings, progress=progress, cancel=cancel
+    )
+    require_columns(table, settings.labels, "selectivity (labels)")
+    require_columns(table, settings.truth, "ground truth (truth)")
+    paths = write_analysis(
+        out,
+        codes,
+        table,
+        settings.labels,
+        meta=dictionary.meta,
+        truth_columns=settings.truth,
+        top_n=settings.top_n,
+    )
+    return Analysis(codes, table, paths)

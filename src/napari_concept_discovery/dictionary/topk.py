@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import DictionaryError
 from .base import (
     Codes,
     DictionaryConfig,
@@ -101,8 +102,6 @@ class TopKSAE(SparseDictionary):
         config = config or TopKConfig()
         super().__init__(d_in, config)
         if not 1 <= config.k <= config.n_atoms:
-            from ..errors import DictionaryError
-
             raise DictionaryError(f"TopK needs 1 <= k <= M; got k={config.k}, M={config.n_atoms}")
         # as in OpenAI's reference code: the encoder keeps nn.Linear's default scale (rows of
         # norm ~ 1/sqrt(3)), the decoder starts as its transpose with each atom at unit norm

@@ -2,7 +2,7 @@
 
 Whitening fitted on control tokens maps the controls to zero mean and identity covariance, so
 a dictionary spends its atoms on what differs from the controls rather than on the directions of
-largest nuisance variance (DESIGN.md, "Dictionary learning"). Fitting per group (per plate, as
+largest nuisance variance (docs/architecture.md, "Dictionaries"). Fitting per group (per plate, as
 typical-variation normalisation does, or per cell type) also removes batch effects between the
 groups. Note that controls mixing two cell types whiten the cell-type difference away.
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import DictionaryError
 
+MODES = ("pca", "center")
 _MAX_LISTED = 20
 _RANK_TOL = 1e-7  # eigenvalues below this fraction of the largest are numerical zeros
 
@@ -89,8 +90,8 @@ class Whitener:
 
     def fit(self, tokens, groups: Sequence[Hashable] | None = None) -> Whitener:
         """Fit on control tokens (N, D); ``groups`` (N,) labels them when ``group_by`` is set."""
-        if self.mode not in ("pca", "center"):
-            raise DictionaryError(f"whitening mode must be 'pca' or 'center', got {self.mode!r}")
+        if self.mode not in MODES:
+            raise DictionaryError(f"whitening mode must be one of {MODES}, got {self.mode!r}")
         x = np.asarray(tokens, dtype=np.float64)
         if x.ndim != 2:
             raise DictionaryError(f"control tokens must be (N, D), got shape {x.shape}")

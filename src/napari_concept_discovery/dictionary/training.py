@@ -4,58 +4,40 @@ Tokens stream in batches: an in-memory array is shuffled by index each epoch; a 
 sliceable) array is read in chunk-aligned blocks, in random order, through a shuffle buffer of
 a few batches, so memory is bounded by the batch size and not by the data. Whitening, when
 given, is applied per batch. The loop reports progress, honours cancellation between steps
-(so the dictionary it returns is always the one after the last complete step), and writes
-checkpoints atomically.
+(so the dictionary it returns is always the one after the last complete step), and hands
+checkpoints to a callback (the caller decides where and how they are written).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import DictionaryError
+from ..progress import Cancel, Progress, ProgressCallback, is_cancelled
+from .applied import prepare
 from .base import SparseDictionary, batch_fvu, fired_mask
 from .whiten import Whitener
 
-DEAD_WINDOW = 100_000  # tokens; not firing in 1e5 tokens = active on < 1e-5 of them (DESIGN.md)
-
-
-class TrainProgress(NamedTuple):
-    """One progress report: loss, FVU and dead fraction are those of the latest batch."""
-
-    step: int
-    steps: int
-    loss: float
-    fvu: float
-    dead_fraction: float
-    samples: int
+DEAD_WINDOW = 100_000  # tokens; not firing in 1e5 tokens = active on < metrics.DEAD_THRESHOLD
 
 
 @dataclass
 class TrainResult:
+    """What :func:`train` did; ``history`` holds the ``Progress`` reports (stage ``"train"``)."""
+
     model: SparseDictionary
     steps_done: int
     cancelled: bool
     diverged: bool
     samples: int
     seconds: float
-    history: list[TrainProgress] = field(default_factory=list)
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
+    history: list[Progress] = field(default_factory=list)
 
 
 def iterate_batches(
@@ -109,13 +91,6 @@ def iterate_batches(
             held = len(rest)
 
 
-def _prepare(batch, groups, whitener: Whitener | None) -> torch.Tensor:
-    x = np.asarray(batch, dtype=np.float32)
-    if whitener is not None:
-        x = whitener.transform(x, groups)
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
 def train(
     model: SparseDictionary,
     data,
@@ -125,21 +100,23 @@ def train(
     seed: int = 0,
     whitener: Whitener | None = None,
     groups=None,
-    progress: Callable[[TrainProgress], None] | None = None,
+    progress: ProgressCallback = None,
     progress_every: int = 10,
-    cancel: threading.Event | Callable[[], bool] | None = None,
-    checkpoint: str | Path | None = None,
+    cancel: Cancel = None,
+    on_checkpoint: Callable[[SparseDictionary, int], None] | None = None,
     checkpoint_every: int = 1000,
-    checkpoint_meta: dict | None = None,
     init_samples: int = 8192,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimiser steps on (N, D) tokens ``data``.
 
     ``data`` is raw tokens when ``whitener`` is given (each batch is whitened, using ``groups``
     (N,) for per-group whitening), else tokens already in the dictionary's space. ``progress``
-    is called every ``progress_every`` steps and at the end. ``cancel`` (an Event or a callable)
-    is checked before each step; the model returned is the one after the last complete step.
-    A non-finite loss restores the last reported state and stops (``diverged=True``).
+    gets a ``Progress("train", step, steps, info)`` every ``progress_every`` steps and at the
+    end, with ``loss``, ``fvu`` and ``dead_fraction`` of the latest batch and ``samples`` seen.
+    ``cancel`` (an Event or a callable) is checked before each step; the model returned is the
+    one after the last complete step. A non-finite loss restores the last reported state and
+    stops (``diverged=True``). ``on_checkpoint(model, step)`` is called every
+    ``checkpoint_every`` steps and after the last one.
     """
     if steps < 0 or batch_size < 1:
         raise DictionaryError(f"steps must be >= 0 and batch size >= 1; got {steps}, {batch_size}")
@@ -161,7 +138,7 @@ def train(
     sample, seen = [], 0
     while seen < min(init_samples, data.shape[0]):
         xb, gb = next(init_stream)
-        sample.append(_prepare(xb, gb, whitener))
+        sample.append(prepare(xb, gb, whitener))
         seen += len(xb)
     model.train()
     model.init_from_data(torch.cat(sample)[:init_samples], gen)
@@ -170,7 +147,7 @@ def train(
     optimizer = model.make_optimizer()
     stream = iterate_batches(data, batch_size, rng, group_arr)
     since_fired = torch.zeros(model.n_atoms, dtype=torch.long)
-    history: list[TrainProgress] = []
+    history: list[Progress] = []
     good = {k: v.detach().clone() for k, v in model.state_dict().items()}
     samples = step = good_step = 0
     cancelled = diverged = False
@@ -178,20 +155,25 @@ def train(
     def report(loss: float, fvu: float) -> None:
         window = min(DEAD_WINDOW, samples)
         dead = float((since_fired >= window).float().mean()) if window else 0.0
-        info = TrainProgress(step, steps, loss, fvu, dead, samples)
+        info = Progress(
+            "train",
+            step,
+            steps,
+            {"loss": loss, "fvu": fvu, "dead_fraction": dead, "samples": samples},
+        )
         history.append(info)
         if progress is not None:
             progress(info)
 
     loss_f = fvu_f = math.nan
     for step_i in range(1, steps + 1):
-        if _is_cancelled(cancel):
+        if is_cancelled(cancel):
             cancelled = True
             break
         xb, gb = next(stream)
-        x = _prepare(xb, gb, whitener)
+        x = prepare(xb, gb, whitener)
         out = model(x)
-        loss_f = float(out.loss)
+        loss_f = float(out.loss.detach())
         if not math.isfinite(loss_f):
             model.load_state_dict(good)
             step, diverged = good_step, True
@@ -214,12 +196,12 @@ def train(
             report(loss_f, fvu_f)
             good = {k: v.detach().clone() for k, v in model.state_dict().items()}
             good_step = step
-        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
-            _save_checkpoint(checkpoint, model, whitener, checkpoint_meta, step)
-    if cancelled and step and (not history or history[-1].step != step):
+        if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+            on_checkpoint(model, step)
+    if cancelled and step and (not history or history[-1].done != step):
         report(loss_f, fvu_f)
-    if checkpoint is not None and step:
-        _save_checkpoint(checkpoint, model, whitener, checkpoint_meta, step)
+    if on_checkpoint is not None and step and (not checkpoint_every or step % checkpoint_every):
+        on_checkpoint(model, step)
     model.eval()
     return TrainResult(
         model=model,
@@ -230,9 +212,3 @@ def train(
         seconds=time.perf_counter() - t0,
         history=history,
     )
-
-
-def _save_checkpoint(path, model, whitener, meta, step) -> None:
-    from .io import save_dictionary
-
-    save_dictionary(path, model, whitener, {**(meta or {}), "steps": step, "checkpoint": True})

@@ -1,0 +1,198 @@
+"""A dictionary as it is applied: whitening + coder + provenance, and the one batch-encode loop.
+
+Raw activations reach a dictionary's codes in one way only, :func:`encode_batches`: a batch of
+raw tokens, whitened (per group when the whitening was fitted per group), as a float32 tensor,
+encoded. Training batches, the metrics after training, ``analyze`` and the explore API all go
+through it, so they cannot disagree about what a token's code is (docs/architecture.md, "Dictionaries").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ..errors import DictionaryError
+from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
+from .base import Codes, SparseDictionary, codes_to_csr
+from .whiten import Whitener
+
+
+def prepare(tokens, groups=None, whitener: Whitener | None = None) -> torch.Tensor:
+    """Raw tokens (B, D) as the dictionary's float32 input: whitened when there is a whitener."""
+    x = np.asarray(tokens, dtype=np.float32)
+    if whitener is not None:
+        x = whitener.transform(x, groups)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _as_rows(tokens):
+    """Anything with a 2-D ``shape`` and row slicing (numpy, zarr) as is; other input as numpy."""
+    return tokens if hasattr(tokens, "shape") else np.asarray(tokens, dtype=np.float32)
+
+
+def encode_batches(
+    model: SparseDictionary,
+    tokens,
+    *,
+    whitener: Whitener | None = None,
+    groups=None,
+    batch_size: int = 4096,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+    stage: str = "encode",
+) -> Iterator[tuple[int, int, torch.Tensor, Codes]]:
+    """``(start, stop, x, codes)`` per batch of rows of ``tokens`` (N, D), in order.
+
+    ``x`` is the batch in the dictionary's space (what ``codes`` reconstruct). ``groups`` (N,)
+    gives each token's whitening group. Raises :class:`~napari_concept_discovery.progress.
+    Cancelled` between batches once ``cancel`` is set; progress is reported as ``stage`` rows.
+    """
+    tokens = _as_rows(tokens)
+    n = int(tokens.shape[0])
+    g = None if groups is None else np.asarray(groups).astype(str)
+    if g is not None and len(g) != n:
+        raise DictionaryError(f"got {len(g)} whitening group labels for {n} tokens")
+    if batch_size < 1:
+        raise DictionaryError(f"batch size must be at least 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        report(progress, stage, 0, n)
+        for start in range(0, n, batch_size):
+            if is_cancelled(cancel):
+                raise Cancelled(f"{stage} cancelled after {start} of {n} tokens")
+            stop = min(start + batch_size, n)
+            x = prepare(tokens[start:stop], None if g is None else g[start:stop], whitener)
+            with torch.no_grad():
+                codes = model.encode(x)
+            yield start, stop, x, codes
+            report(progress, stage, stop, n)
+    finally:
+        model.train(was_training)
+
+
+def _source(model_id=None, block=None, width=None, unit=None) -> str:
+    """``model 'x' block 7 (width 384, unit 'cell')``, leaving out what is not known."""
+    head = [] if model_id is None else [f"model {model_id!r}"]
+    if block is not None:
+        head.append(f"block {block!r}")
+    tail = [] if width is None else [f"width {width}"]
+    if unit is not None:
+        tail.append(f"unit {unit!r}")
+    return (" ".join(head) or "activations") + (f" ({', '.join(tail)})" if tail else "")
+
+
+@dataclass
+class Dictionary:
+    """A trained dictionary ready to apply: the coder, its whitening and its metadata.
+
+    ``meta`` records what the dictionary was trained on (unit, model id and source, block,
+    embedding width, channels, store signature, training settings, metrics), so that it refuses
+    activations of another model, block or width.
+    """
+
+    model: SparseDictionary
+    whitener: Whitener | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_atoms(self) -> int:
+        return self.model.n_atoms
+
+    @property
+    def input_width(self) -> int:
+        """Width of the raw activations this dictionary takes (before whitening)."""
+        return self.whitener.n_features_in_ if self.whitener is not None else self.model.d_in
+
+    @property
+    def group_by(self) -> str | None:
+        """The token-table column whose value picks each token's whitening, or None."""
+        return None if self.whitener is None else self.whitener.group_by
+
+    def describe(self) -> str:
+        m = self.meta
+        return _source(m.get("model_id"), m.get("block"), self.input_width, m.get("unit"))
+
+    def check_compatible(self, *, model_id=None, block=None, width: int | None = None) -> None:
+        """Refuse activations of another model, block or width, naming both sides."""
+        m = self.meta
+        mismatch = []
+        if model_id is not None and m.get("model_id") is not None and model_id != m["model_id"]:
+            mismatch.append("model")
+        if block is not None and m.get("block") is not None and int(block) != int(m["block"]):
+            mismatch.append("block")
+        if width is not None and int(width) != self.input_width:
+            mismatch.append("width")
+        if mismatch:
+            raise DictionaryError(
+                f"this dictionary was trained on activations of {self.describe()}, but these "
+                f"come from {_source(model_id, block, width)}; {' and '.join(mismatch)} differ"
+            )
+
+    def check_compatible_store(self, store) -> None:
+        """Refuse a store embedded with another model, block or width."""
+        self.check_compatible(model_id=store.model_id, block=store.block, width=store.embed_dim)
+
+    def groups_of(self, table) -> np.ndarray | None:
+        """Each token's whitening group from ``table`` (one row per token), or None."""
+        column = self.group_by
+        if column is None:
+            return None
+        if column not in table.columns:
+            raise DictionaryError(
+                f"this dictionary whitens per {column!r}, but the token table has no such "
+                f"column; columns are {list(table.columns)}"
+            )
+        return table[column].astype(str).to_numpy()
+
+    def encode(
+        self,
+        tokens,
+        groups=None,
+        *,
+        batch_size: int = 4096,
+        progress: ProgressCallback = None,
+        cancel: Cancel = None,
+    ) -> sp.csr_matrix:
+        """Codes (N, M) as CSR of raw tokens (N, D), in batches; a feature is active when non-zero.
+
+        ``groups`` (N,) is each token's whitening group when the whitening was fitted per group.
+        Raises :class:`~napari_concept_discovery.progress.Cancelled` once ``cancel`` is set.
+        """
+        tokens = _as_rows(tokens)
+        if len(tokens.shape) != 2:
+            raise DictionaryError(
+                f"this dictionary takes (N, {self.input_width}) activations; got shape "
+                f"{tuple(tokens.shape)}"
+            )
+        self.check_compatible(width=tokens.shape[1])
+        parts = [
+            codes_to_csr(codes, self.n_atoms)
+            for *_, codes in encode_batches(
+                self.model,
+                tokens,
+                whitener=self.whitener,
+                groups=groups,
+                batch_size=batch_size,
+                progress=progress,
+                cancel=cancel,
+            )
+        ]
+        if not parts:
+            return sp.csr_matrix((0, self.n_atoms), dtype=np.float32)
+        return sp.vstack(parts, format="csr")
+
+    def encode_table(self, tokens, table, **kwargs) -> sp.csr_matrix:
+        """:meth:`encode` with the whitening groups taken from ``table`` (one row per token)."""
+        if len(table) != tokens.shape[0]:
+            raise DictionaryError(
+                f"the token table has {len(table)} rows but there are {tokens.shape[0]} tokens"
+            )
+        return self.encode(tokens, self.groups_of(table), **kwargs)
+
+
+DictionaryFile = Dictionary  # the name it had when it was only what load_dictionary returned

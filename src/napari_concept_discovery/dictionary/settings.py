@@ -1,0 +1,241 @@
+"""Settings of the dictionary steps: whitening, training and analysis, checked where they are made.
+
+The command line builds its ``train`` and ``analyze`` options from these dataclasses, the demo
+constructs them, and the widgets build their forms from them, so defaults, help and the rules
+between settings exist once (docs/architecture.md, "Conventions every step shares"). This
+module imports neither torch nor the store, so that building the command line or a form stays
+fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import DictionaryError
+from ..settings import Settings, SettingsError, check, option
+from .whiten import MODES, parse_control
+
+METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
+UNITS = ("cell", "patch", "crop")  # the store's token units (store.UNITS)
+DEFAULT_TOPK_K = 32
+DEFAULT_ICFL_L = 4
+DEFAULT_ICFL_J = 8
+
+
+@dataclass
+class WhitenSettings(Settings):
+    """Whitening fitted on control tokens before dictionary learning (see :class:`.Whitener`)."""
+
+    controls: str | None = option(
+        None,
+        "control tokens to fit the whitening on, as COLUMN=VALUE (e.g. well_type=negative_control)",
+        flag="--whiten",
+        label="controls (COLUMN=VALUE)",
+    )
+    by: str | None = option(
+        None,
+        "fit the whitening per group of this table column, e.g. plate (controls are then "
+        "needed in every group)",
+        flag="--whiten-by",
+        label="whiten per",
+    )
+    mode: str = option(
+        "pca",
+        "pca: PCA-whiten on the controls; center: only subtract the controls' mean",
+        choices=MODES,
+        flag="--whiten-mode",
+        label="whitening",
+    )
+    n_components: int | None = option(
+        None,
+        "principal components kept (default: the numerical rank of the controls' covariance)",
+        flag="--components",
+        label="components",
+    )
+    eps: float = option(
+        1e-6, "added to each eigenvalue before dividing by its square root", flag="--whiten-eps"
+    )
+
+    def validate(self) -> None:
+        check(
+            self.controls is not None,
+            "controls",
+            "choose the control tokens to fit the whitening on as COLUMN=VALUE "
+            "(command line: --whiten COLUMN=VALUE, e.g. --whiten well_type=negative_control), "
+            "or train without whitening (--no-whiten)",
+        )
+        try:
+            parse_control(self.controls)
+        except DictionaryError as exc:
+            raise SettingsError(str(exc)) from None
+        check(
+            self.n_components is None or self.n_components >= 1,
+            "n_components",
+            f"must be at least 1, got {self.n_components}",
+        )
+        check(self.eps >= 0, "eps", f"must not be negative, got {self.eps}")
+
+    @property
+    def control(self) -> tuple[str, str]:
+        """``controls`` as (column, value)."""
+        return parse_control(self.controls)
+
+    def describe_meta(self) -> dict:
+        """What a dictionary file records about its whitening."""
+        return {"controls": self.controls, "by": self.by, "mode": self.mode}
+
+
+@dataclass
+class TrainSettings(Settings):
+    """What to train: method, token unit, size and sparsity, optimisation, and the whitening.
+
+    The number of non-zeros per token (``sparsity``) is the one knob both methods share: TopK
+    keeps ``k = sparsity`` latents; ICFL picks ``L`` atoms in each of ``J`` pursuit iterations,
+    so ``sparsity = J * L`` (see :meth:`method_config`).
+    """
+
+    method: str = option(
+        "icfl",
+        "dictionary method: icfl (ICFL) or topk (TopK sparse autoencoder)",
+        choices=METHOD_NAMES,
+    )
+    unit: str = option("cell", "token unit to train on", choices=UNITS)
+    atoms: int = option(1024, "number of atoms (features) M", label="atoms (M)")
+    sparsity: int | None = option(
+        None,
+        f"non-zeros per token: TopK k (default {DEFAULT_TOPK_K}), or ICFL J*L "
+        f"(L={DEFAULT_ICFL_L} unless --L)",
+        label="non-zeros per token",
+    )
+    n_iter: int | None = option(
+        None,
+        f"ICFL pursuit iterations J (default {DEFAULT_ICFL_J}, or sparsity / L)",
+        flag="--J",
+        label="J (pursuit iterations)",
+    )
+    n_pick: int | None = option(
+        None,
+        f"ICFL atoms picked per iteration L (default {DEFAULT_ICFL_L})",
+        flag="--L",
+        label="L (atoms per iteration)",
+    )
+    lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")
+    steps: int = option(2000, "optimiser steps")
+    batch_size: int = option(1024, "tokens per step")
+    seed: int = option(0, "random seed (initialisation, batch order, evaluation sample)")
+    checkpoint_every: int = option(
+        1000, "steps between checkpoints written to the output file (0: only at the end)"
+    )
+    eval_max: int = option(
+        200_000, "tokens the metrics after training are computed on (a random sample if more)"
+    )
+    whiten: WhitenSettings | None = option(
+        None, "whitening fitted on control tokens; None trains on the tokens as stored", cli=False
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.whiten, dict):  # from to_dict / JSON
+            self.whiten = WhitenSettings.from_dict(self.whiten)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check(self.atoms >= 1, "atoms", f"must be at least 1, got {self.atoms}")
+        check(self.steps >= 0, "steps", f"must not be negative, got {self.steps}")
+        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(
+            self.checkpoint_every >= 0,
+            "checkpoint_every",
+            f"must not be negative, got {self.checkpoint_every}",
+        )
+        check(self.eval_max >= 1, "eval_max", f"must be at least 1, got {self.eval_max}")
+        check(
+            self.whiten is None or isinstance(self.whiten, WhitenSettings),
+            "whiten",
+            f"must be WhitenSettings or None, got {type(self.whiten).__name__}",
+        )
+        self.method_config()
+
+    def method_config(self) -> dict[str, Any]:
+        """The method's config (for ``build_model``) from atoms, sparsity, J, L and lr.
+
+        TopK takes ``k = sparsity``. ICFL takes ``L = n_pick`` and ``J = sparsity / L`` (which
+        must divide evenly), or ``J = n_iter`` without a sparsity. One rule for every front.
+        """
+        cfg: dict[str, Any] = {"n_atoms": self.atoms}
+        if self.lr is not None:
+            cfg["lr"] = self.lr
+        if self.sparsity is not None:
+            check(self.sparsity >= 1, "sparsity", f"must be at least 1, got {self.sparsity}")
+        if self.method == "topk":
+            check(
+                self.n_iter is None and self.n_pick is None,
+                "n_iter/n_pick",
+                "J and L (--J/--L) are ICFL settings; TopK takes only sparsity k",
+            )
+            k = self.sparsity if self.sparsity is not None else DEFAULT_TOPK_K
+            check(k <= self.atoms, "sparsity", f"TopK k ({k}) cannot exceed atoms ({self.atoms})")
+            cfg["k"] = k
+            return cfg
+        n_pick = self.n_pick if self.n_pick is not None else DEFAULT_ICFL_L
+        check(n_pick >= 1, "n_pick", f"L must be at least 1, got {n_pick}")
+        check(n_pick <= self.atoms, "n_pick", f"L ({n_pick}) cannot exceed atoms ({self.atoms})")
+        n_iter = self.n_iter
+        if self.sparsity is not None:
+            check(
+                n_iter is None or n_iter * n_pick == self.sparsity,
+                "sparsity",
+                f"{self.sparsity} disagrees with J {n_iter} x L {n_pick}",
+            )
+            check(
+                self.sparsity % n_pick == 0,
+                "sparsity",
+                f"ICFL sparsity {self.sparsity} must be a multiple of L ({n_pick})",
+            )
+            n_iter = self.sparsity // n_pick
+        elif n_iter is None:
+            n_iter = DEFAULT_ICFL_J
+        check(n_iter >= 1, "n_iter", f"J must be at least 1, got {n_iter}")
+        cfg.update(n_iter=n_iter, n_pick=n_pick)
+        return cfg
+
+
+def _columns(value) -> tuple[str, ...]:
+    """Column names from a comma-separated string or a sequence, blanks dropped."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(c.strip() for c in map(str, items) if c.strip())
+
+
+@dataclass
+class AnalyzeSettings(Settings):
+    """How a store's codes are read as concepts: selectivity labels, ground truth, top tokens."""
+
+    labels: tuple[str, ...] | None = option(
+        None, "table columns to compute feature selectivity for, comma-separated"
+    )
+    truth: tuple[str, ...] | None = option(
+        None, "ground-truth columns for the best single-feature AUROC per concept, comma-separated"
+    )
+    truth_file: str | None = option(
+        None,
+        "per-cell truth table (csv/tsv/parquet with plate, well, site, label, ...) joined onto "
+        "the cell table",
+        label="truth file",
+    )
+    unit: str | None = option(
+        None, "token unit to encode (default: the dictionary's)", choices=UNITS
+    )
+    top_n: int = option(10, "top tokens listed per feature", flag="--top", label="top tokens")
+
+    def __post_init__(self) -> None:
+        self.labels = _columns(self.labels)
+        self.truth = _columns(self.truth)
+        if self.truth_file is not None:
+            self.truth_file = str(self.truth_file)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check(self.top_n >= 1, "top_n", f"must be at least 1, got {self.top_n}")

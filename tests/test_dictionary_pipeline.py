@@ -1,0 +1,213 @@
+"""Training, encoding and analysis on a real store through settings, with progress and cancel.
+
+Codes from every path (training metrics, encode_store, analyze_store, the CLI's analyze) come
+from the one encode loop, so they must agree exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from napari_concept_discovery.cli import main
+from napari_concept_discovery.dictionary import (
+    AnalyzeSettings,
+    Dictionary,
+    TrainSettings,
+    WhitenSettings,
+    analyze_store,
+    encode_store,
+    evaluate,
+    load_dictionary,
+    save_dictionary,
+    train_on_store,
+)
+from napari_concept_discovery.errors import DictionaryError
+from napari_concept_discovery.progress import Cancelled, Progress
+from napari_concept_discovery.store import ActivationStore
+
+SETTINGS = TrainSettings(
+    atoms=24,
+    sparsity=4,
+    n_pick=2,
+    steps=20,
+    batch_size=64,
+    seed=3,
+    checkpoint_every=8,
+    whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8),
+)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store_path):
+    return ActivationStore.open(tiny_store_path)
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    reports: list[Progress] = []
+    path = tmp_path_factory.mktemp("dict") / "d.safetensors"
+    result = train_on_store(store, SETTINGS, out=path, progress=reports.append)
+    return result, reports
+
+
+def test_train_on_store_reports_stages_and_records_its_settings(store, trained):
+    result, reports = trained
+    assert all(isinstance(p, Progress) for p in reports)
+    stages = [p.stage for p in reports]
+    first = {s: stages.index(s) for s in ("whiten", "train", "evaluate")}
+    assert first["whiten"] < first["train"] < first["evaluate"]
+    train = [p for p in reports if p.stage == "train"]
+    assert [p.done for p in train] == [10, 20] and {p.total for p in train} == {20}
+    assert set(train[-1].info) == {"loss", "fvu", "dead_fraction", "samples"}
+    assert train[-1].info["samples"] == 20 * 64
+    n = store.tokens("cell").shape[0]
+    assert [(p.done, p.total) for p in reports if p.stage == "evaluate"][-1] == (n, n)
+
+    loaded = load_dictionary(result.path)
+    meta = loaded.meta
+    assert TrainSettings.from_dict(meta["train_settings"]) == SETTINGS
+    assert meta["steps"] == 20 and not meta["cancelled"] and "checkpoint" not in meta
+    assert meta["metrics"] == result.metrics and 0 < result.metrics["fvu"] < 1.5
+    assert loaded.model.config.n_iter == 2 and loaded.model.config.n_pick == 2
+    assert loaded.whitener.groups_ == ("SYNTH_1", "SYNTH_2")
+    assert loaded.whitener.n_components_ == 8
+
+
+def test_training_metrics_encode_store_and_evaluate_give_the_same_codes(store, trained):
+    result, _ = trained
+    loaded = load_dictionary(result.path)
+    tokens, table = store.tokens("cell"), store.table("cell")
+    metrics, ev_codes = evaluate(
+        loaded.model,
+        tokens,
+        whitener=loaded.whitener,
+        groups=loaded.groups_of(table),
+        return_codes=True,
+    )
+    assert metrics == result.metrics  # same loop, same batches, same numbers
+    reports = []
+    codes, table_out = encode_store(store, loaded, batch_size=50, progress=reports.append)
+    assert (codes != ev_codes).nnz == 0 and codes.shape == (len(table), 24)
+    pd.testing.assert_frame_equal(table_out, table)
+    done = [p.done for p in reports]
+    assert {p.stage for p in reports} == {"encode"}
+    assert done == sorted(done) and done[0] == 0 and done[-1] == len(table)
+    assert len(done) == 1 + -(-len(table) // 50)
+    # the in-memory dictionary of the result encodes the same
+    assert (result.dictionary.encode_table(tokens, table) != codes).nnz == 0
+
+
+def test_cancel_keeps_the_dictionary_after_the_last_complete_step(store, tmp_path):
+    stop = threading.Event()
+
+    def progress(p):
+        if p.stage == "train" and p.done == 10:
+            stop.set()
+
+    settings = SETTINGS.replace(steps=200, checkpoint_every=0)
+    path = tmp_path / "cancelled.safetensors"
+    result = train_on_store(store, settings, out=path, progress=progress, cancel=stop)
+    assert result.cancelled and result.result.steps_done == 10 and result.metrics == {}
+    meta = load_dictionary(path).meta
+    assert meta["cancelled"] and meta["steps"] == 10 and meta["metrics"] == {}
+    ref = train_on_store(store, SETTINGS.replace(steps=10))
+    assert not ref.cancelled
+    torch.testing.assert_close(result.dictionary.model.W, ref.dictionary.model.W, rtol=0, atol=0)
+
+    # a cancel during the evaluation after training also ends with the trained dictionary
+    seen = []
+    late = train_on_store(
+        store,
+        SETTINGS.replace(steps=5),
+        progress=lambda p: seen.append(p.stage),
+        cancel=lambda: "evaluate" in seen,
+    )
+    assert late.cancelled and late.result.steps_done == 5 and late.metrics == {}
+
+
+def test_encode_is_cancellable_and_refuses_what_does_not_fit(store, trained):
+    result, _ = trained
+    d = load_dictionary(result.path)
+    with pytest.raises(Cancelled):
+        encode_store(store, d, cancel=lambda: True)
+    calls = []
+
+    def after_two_batches():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled, match="after 100 of"):
+        encode_store(store, d, batch_size=50, cancel=after_two_batches)
+    other = Dictionary(d.model, d.whitener, {**d.meta, "block": 0})
+    with pytest.raises(DictionaryError, match=r"'tiny-random' block 0 .* block 1 .* block differ"):
+        encode_store(store, other)
+    table = store.table("cell").drop(columns=["plate"])
+    with pytest.raises(DictionaryError, match="whitens per 'plate'.*no such column"):
+        d.encode_table(store.tokens("cell"), table)
+    with pytest.raises(DictionaryError, match="got 3 whitening group labels for"):
+        d.encode(store.tokens("cell"), ["SYNTH_1"] * 3)
+
+
+def test_analyze_store_writes_what_the_cli_writes(store, trained, small_plates, tmp_path):
+    result, _ = trained
+    settings = AnalyzeSettings(
+        labels="well_type,perturbation",
+        truth="mitotic,cell_type",
+        truth_file=small_plates / "truth.csv",
+        top_n=4,
+    )
+    analysis = analyze_store(store, load_dictionary(result.path), settings, tmp_path / "a")
+    args = ["analyze", str(store.path), str(result.path), "--out", str(tmp_path / "b")]
+    args += ["--labels", "well_type,perturbation", "--truth", "mitotic,cell_type"]
+    args += ["--truth-file", str(small_plates / "truth.csv"), "--top", "4"]
+    assert main(args) == 0
+    assert set(analysis.paths) == {
+        "selectivity",
+        "selectivity_counts",
+        "features",
+        "codes",
+        "tokens",
+        "concepts",
+        "h5ad",
+    }
+    for name, path in analysis.paths.items():
+        if path.suffix == ".parquet":
+            pd.testing.assert_frame_equal(
+                pd.read_parquet(path), pd.read_parquet(tmp_path / "b" / path.name), obj=name
+            )
+    long = pd.read_parquet(analysis.paths["codes"])
+    back = sp.csr_matrix(
+        (long["code"], (long["token"], long["feature"])), shape=analysis.codes.shape
+    )
+    assert (back != analysis.codes).nnz == 0
+    assert "mitotic" in analysis.table.columns  # the truth file was joined
+    np.testing.assert_array_equal(
+        analysis.table["plate"].to_numpy(), store.table("cell")["plate"].to_numpy()
+    )
+
+
+def test_analyze_store_checks_columns_and_files_before_writing(store, trained, tmp_path):
+    d = load_dictionary(trained[0].path)
+    out = tmp_path / "never"
+    with pytest.raises(DictionaryError, match=r"no column 'kind' for selectivity \(labels\)"):
+        analyze_store(store, d, AnalyzeSettings(labels="well_type,kind"), out)
+    with pytest.raises(DictionaryError, match=r"no column 'mitotic' for ground truth \(truth\)"):
+        analyze_store(store, d, AnalyzeSettings(truth="mitotic"), out)
+    with pytest.raises(DictionaryError, match="no truth file at .*missing.csv"):
+        analyze_store(store, d, AnalyzeSettings(truth_file=tmp_path / "missing.csv"), out)
+    assert not out.exists()
+
+
+def test_save_dictionary_takes_a_dictionary(trained, tmp_path):
+    d = trained[0].dictionary
+    again = load_dictionary(save_dictionary(tmp_path / "x.safetensors", d))
+    assert again.meta == d.meta and torch.equal(again.model.W, d.model.W.detach())
+    np.testing.assert_array_equal(again.whitener.transform_, d.whitener.transform_)
+    with pytest.raises(DictionaryError, match="either a Dictionary or a model"):
+        save_dictionary(tmp_path / "y.safetensors", d, d.whitener)
