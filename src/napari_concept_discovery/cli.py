@@ -412,17 +412,9 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from .demo import format_report, run_demo
 
-    sites = {}
-    bars = _Bars({"train": f"train {args.method}"})
-
-    def site_progress(n: int) -> None:
-        if "bar" not in sites:
-            sites["bar"] = _progress(args.plates * args.wells * args.sites, "embed sites")
-        sites["bar"].update(n)
+    bars = _Bars({"embed": "embed sites", "train": f"train {args.method}"})
 
     def log(msg: str) -> None:
-        if "bar" in sites:
-            sites.pop("bar").close()
         bars.close()
         print(msg, flush=True)
 
@@ -438,8 +430,7 @@ def _run_demo(args) -> int:
         steps=args.steps,
         seed=args.seed,
         log=log,
-        site_progress=site_progress,
-        train_progress=bars,
+        progress=bars,
     )
     log(format_report(result))
     return 0

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .dictionary.settings import AnalyzeSettings, TrainSettings, WhitenSettings
 from .dictionary.whiten import control_mask
+from .progress import ProgressCallback
 
 LABEL_COLUMNS = ("cell_type", "perturbation")
 TRUTH_COLUMNS = ("cell_type", "perturbation", "responded", "mitotic")
@@ -84,15 +85,14 @@ def run_demo(
     steps: int = 1000,
     seed: int = 0,
     log: Callable[[str], None] = print,
-    site_progress: Callable[[int], None] | None = None,
-    train_progress: Callable | None = None,
+    progress: ProgressCallback = None,
 ) -> DemoResult:
     """Run every step on synthetic plates with known ground truth and report what was found."""
     import time
 
     from .concepts import concept_auroc
     from .dictionary.pipeline import analyze_store, encode_for_analysis, train_on_store
-    from .embed import embed_plate
+    from .plate_embedding import EmbedSettings, embed_plate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,9 @@ def run_demo(
 
     t = time.perf_counter()
     log("2/4 embedding with the bundled default model (cells from the plate's label images)")
-    store = embed_plate(plates, "default", out / "store.zarr", progress=site_progress)
+    store = embed_plate(
+        plates, EmbedSettings(model="default"), out / "store.zarr", progress=progress
+    )
     timings["embed"] = time.perf_counter() - t
     n_cells = int(store.tokens("cell").shape[0])
 
@@ -142,7 +144,7 @@ def run_demo(
             f"cell tokens {what}, per plate"
         )
         result = train_on_store(
-            store, settings, out=out / f"dictionary-{name}.safetensors", progress=train_progress
+            store, settings, out=out / f"dictionary-{name}.safetensors", progress=progress
         )
         codes, table = encode_for_analysis(store, result.dictionary, analyze)
         aurocs = concept_auroc(codes, table, analyze.truth)

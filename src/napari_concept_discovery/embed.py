@@ -359,12 +359,3 @@ def embed_site(
 ) -> SiteTokens:
     """Tokens of one (C, H, W) site; see the module docstring for the edge and pooling rules."""
     return Embedder(backend, block, batch_size, channel_tokens).embed(image, labels)
-
-
-def __getattr__(name: str):
-    """The plate/store orchestration moved to :mod:`.plate_embedding`; old imports still work."""
-    if name in ("embed_plate", "CELL_SOURCES"):
-        from . import plate_embedding
-
-        return getattr(plate_embedding, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -229,6 +229,7 @@ _LEGACY = ("model", "block", "batch_size", "device", "channel_tokens", "cells", 
 def _as_plate(plate, labels: str | None) -> Plate:
     """An open plate whose sites carry the labels of ``labels`` (a folder) when given."""
     from .plate import Plate, open_plate
+    from .plate.labels import with_label_folder
 
     if not isinstance(plate, Plate):
         return open_plate(plate, labels=labels)
@@ -236,7 +237,7 @@ def _as_plate(plate, labels: str | None) -> Plate:
         return plate
     folder = Path(labels).expanduser().resolve()
     current = plate.label_folder.resolve() if plate.label_folder is not None else None
-    return plate if current == folder else plate.with_labels(folder)
+    return plate if current == folder else with_label_folder(plate, folder)
 
 
 def _legacy_settings(settings, backend, legacy: dict):

@@ -13,12 +13,13 @@ the user made them on purpose. See docs/architecture.md, "One room per step".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from ..errors import PlateError
-from .model import Site, SiteKey, _listing
+from .model import Plate, Site, SiteKey, _listing
 
 #: Default label folder inside a plate folder, found by ``open_plate`` when it holds the marker.
 SEGMENTATION_FOLDER = "segmentation"
@@ -100,3 +101,23 @@ def attach_label_folder(
             f"site(s): {_listing(missing, 5, '; ')}"
         )
     return used, notes
+
+
+def with_label_folder(plate: Plate, folder: str | os.PathLike) -> Plate:
+    """A copy of ``plate`` whose sites take their cell labels from a label folder."""
+    folder = Path(folder).expanduser().resolve()
+    sites = {k: dataclasses.replace(s) for k, s in plate.sites.items()}
+    _, notes = attach_label_folder(sites, folder, explicit=True)
+    out = Plate(
+        plate.root,
+        plate.layout,
+        plate.channel_names,
+        sites,
+        metadata=plate.metadata,
+        warnings=plate.warnings,
+        source={**plate.source, "labels": str(folder)},
+        label_folder=folder,
+    )
+    for message in notes:
+        out.warn(message)
+    return out

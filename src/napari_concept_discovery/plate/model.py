@@ -6,8 +6,6 @@ screen of many thousand sites opens in seconds and never sits in memory at once.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -253,27 +251,6 @@ class Plate:
         if not self.sites:
             raise PlateError(f"no readable site left in {self.root}: " + " ".join(new))
         return new
-
-    def with_labels(self, folder: str | os.PathLike) -> Plate:
-        """A copy of this plate whose sites take their cell labels from a label folder."""
-        from .labels import attach_label_folder
-
-        folder = Path(folder).expanduser().resolve()
-        sites = {k: dataclasses.replace(s) for k, s in self.sites.items()}
-        _, notes = attach_label_folder(sites, folder, explicit=True)
-        plate = Plate(
-            self.root,
-            self.layout,
-            self.channel_names,
-            sites,
-            metadata=self.metadata,
-            warnings=self.warnings,
-            source={**self.source, "labels": str(folder)},
-            label_folder=folder,
-        )
-        for message in notes:
-            plate.warn(message)
-        return plate
 
     def site_table(self) -> pd.DataFrame:
         """One row per site: plate, well, site, then every metadata column.
