@@ -157,7 +157,8 @@ def test_read_site_and_new_layers_agree(small_plates):
     (_, kwargs, _), _ = layer_tuples(data)
     metas = kwargs["metadata"]
     assert len({id(m) for m in metas}) == len(metas)  # one dict per channel, never shared
-    # a widget that finds these layers gets the very plate the reader opened, not a rescan
+    # a widget that finds the reader's layers gets the very plate it opened, not a rescan
+    site_layer_data(plate, key)
     assert opened_plate(str(plate.root)) is plate
     assert opened_plate(small_plates).root == plate.root
 

@@ -161,7 +161,6 @@ def read_site(plate: Plate, key: SiteKey | Sequence | None = None) -> SiteData:
             f"cell labels {site.labels_path} have shape {labels.shape}, "
             f"the images of {site.key} {image.shape[1:]}"
         )
-    remember_plate(plate)
     return SiteData(
         plate_path=str(plate.root),
         layout=plate.layout,
@@ -202,7 +201,9 @@ def layer_tuples(data: SiteData) -> list[tuple]:
 
 def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list[tuple]:
     """Layer-data tuples for one site (the first by default): channels, then cell labels."""
-    return layer_tuples(read_site(plate, key))
+    data = read_site(plate, key)
+    remember_plate(plate)  # here, on the thread that opens layers, not in read_site's workers
+    return layer_tuples(data)
 
 
 # Plates the reader or the sample data opened, by folder, so that a widget finding their
