@@ -348,3 +348,24 @@ def test_screenshot_of_the_docked_navigator(make_napari_viewer, plates, qtbot, t
     colour = nav.map_view.colouring.colours[("SYNTH_1", "C03")]
     target = np.round(np.array(colour[:3]) * 255).astype(int)
     assert (np.abs(rgb - target).max(axis=-1) <= 2).sum() > 50
+
+
+def test_closing_the_navigator_leaves_the_session_working(make_napari_viewer, plates, qtbot):
+    from qtpy.QtWidgets import QApplication
+
+    from napari_concept_discovery.widgets import PlateNavigator
+
+    viewer = make_napari_viewer()
+    viewer.open(str(plates), plugin=PLUGIN)
+    session = navigator(viewer).session
+    before = len(session.site_changed)
+    second = PlateNavigator(viewer)
+    dock = viewer.window.add_dock_widget(second, name="second navigator")
+    assert len(session.site_changed) == before + 1
+    viewer.window.remove_dock_widget(dock)
+    second.deleteLater()
+    qtbot.waitUntil(lambda: len(session.site_changed) == before, timeout=5000)
+    QApplication.processEvents()
+    session.set_site(("SYNTH_1", "B03", 1))  # no slot of a deleted widget is called
+    wait_idle(qtbot, viewer)
+    assert viewer.layers["DNA"].metadata["site_key"] == ("SYNTH_1", "B03", 1)

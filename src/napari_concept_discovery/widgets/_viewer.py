@@ -114,7 +114,11 @@ class SiteLink:
         if viewer is None or not self.session.is_current(*ticket):
             self.dropped += 1
             return False
-        show_site(viewer, data)
+        try:
+            show_site(viewer, data)
+        except Exception as exc:  # a Qt slot: say it in the viewer, not as a console traceback
+            show_error(user_message(exc, f"Could not show {data.key}"))
+            return False
         return True
 
     def _failed(self, ticket: Ticket, exc: BaseException) -> None:

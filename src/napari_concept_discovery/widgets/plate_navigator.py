@@ -281,7 +281,6 @@ class PlateNavigator(QWidget):
             "Colour the wells by a column of the plate's metadata, or by a value per well."
         )
         self.map_view = PlateMapView()
-        self.map_view.setToolTip("")
         self.legend = QLabel()
         self.legend.setWordWrap(True)
         self.legend.setTextFormat(Qt.TextFormat.RichText)
@@ -322,6 +321,7 @@ class PlateNavigator(QWidget):
         )
         for signal, slot in slots:
             signal.connect(slot)
+        # the session outlives the widget: stop calling it once Qt has deleted it
         self.destroyed.connect(partial(_disconnect, slots))
         self._on_plate_changed(self.session.plate)
         self._on_site_changed(self.session.site_key)
@@ -521,15 +521,6 @@ class PlateNavigator(QWidget):
         self.map_view.set_colouring(colouring)
         self.colour_bar.set_colouring(colouring)
         self.legend.setText(_legend_html(colouring, self.plate_name))
-
-    def closeEvent(self, event) -> None:
-        _disconnect(
-            (
-                (self.session.plate_changed, self._on_plate_changed),
-                (self.session.site_changed, self._on_site_changed),
-            )
-        )
-        super().closeEvent(event)
 
 
 def _legend_html(colouring: PlateColouring | None, plate: str | None) -> str:
