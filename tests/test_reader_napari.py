@@ -56,7 +56,7 @@ def test_reader_warns_when_reading_not_when_asked(tmp_path):
         reader = napari_get_reader(str(tmp_path / "BR1"))
     with pytest.warns(PlateWarning, match=r"BR1: ignored 1 non-image file\(s\): notes\.txt"):
         layers = reader(str(tmp_path / "BR1"))
-    assert layers[0][1]["metadata"]["site_key"] == ("BR1", "A02", 1)
+    assert layers[0][1]["metadata"][0]["site_key"] == ("BR1", "A02", 1)
 
 
 def test_reader_layer_data_for_a_real_phenix_site(real_data):
@@ -73,13 +73,16 @@ def test_reader_layer_data_for_a_real_phenix_site(real_data):
     for plane, (lo, hi) in zip(image, kwargs["contrast_limits"], strict=True):
         assert plane.min() <= lo < hi <= plane.max()
         assert (plane > hi).mean() < 0.01  # a few bright pixels saturate, not the cells
-    meta = kwargs["metadata"]
-    assert meta == {
-        "plate_path": str(real_data / PEDIATRIC),
-        "site_key": (PEDIATRIC, "C03", 3),
-        "channel_names": kwargs["name"],
-        "layout": "phenix",
-    }
+    # one metadata dict per channel, naming the plate, the site and the channel it shows
+    for name, meta in zip(kwargs["name"], kwargs["metadata"], strict=True):
+        assert meta == {
+            "plate_path": str(real_data / PEDIATRIC),
+            "site_key": (PEDIATRIC, "C03", 3),
+            "channel_names": kwargs["name"],
+            "layout": "phenix",
+            "role": "channel",
+            "channel": name,
+        }
 
 
 def test_cell_painting_colours_follow_the_stain_names():
@@ -130,12 +133,34 @@ def test_synthetic_site_has_cell_labels(small_plates):
     assert [kind for *_, kind in layers] == ["image", "labels"]
     (image, kwargs, _), (labels, lkw, _) = layers
     assert kwargs["colormap"] == ["blue", "green", "red", "cyan", "magenta", "yellow"]
-    assert kwargs["metadata"]["site_key"] == tuple(key)
-    assert labels.shape == image.shape[1:] and labels.max() > 0
+    assert [m["site_key"] for m in kwargs["metadata"]] == [tuple(key)] * 6
+    assert [m["channel"] for m in kwargs["metadata"]] == kwargs["name"]
+    assert labels.shape == image.shape[1:] and labels.max() > 0 and labels.dtype == np.int32
     assert lkw["name"] == "cells" and lkw["metadata"]["site_key"] == tuple(key)
+    assert lkw["metadata"]["role"] == "cells"
     # DNA, ER and Actin start shown; RNA, Mito and Membrane are one click away
     assert kwargs["visible"] == [True, True, True, False, False, False]
     assert lkw["visible"] is False
+
+
+def test_read_site_and_new_layers_agree(small_plates):
+    from napari_concept_discovery._reader import layer_tuples, opened_plate, read_site
+
+    plate = open_plate(small_plates)
+    key = plate.keys[2]
+    data = read_site(plate, key)
+    image = plate[key].read()
+    np.testing.assert_array_equal(data.image, image)
+    np.testing.assert_array_equal(data.labels, plate[key].read_labels())
+    assert data.key == key and data.channel_names == plate.channel_names
+    assert data.contrast_limits == tuple(contrast_limits(p) for p in image)
+    (_, kwargs, _), _ = layer_tuples(data)
+    metas = kwargs["metadata"]
+    assert len({id(m) for m in metas}) == len(metas)  # one dict per channel, never shared
+    # a widget that finds the reader's layers gets the very plate it opened, not a rescan
+    site_layer_data(plate, key)
+    assert opened_plate(str(plate.root)) is plate
+    assert opened_plate(small_plates).root == plate.root
 
 
 def test_sample_plate_is_cached(sample_cache):
@@ -150,7 +175,7 @@ def test_sample_plate_is_cached(sample_cache):
     assert (folder / "metadata.csv").stat().st_mtime_ns == stamp
     assert [kind for *_, kind in layers] == ["image", "labels"]
     np.testing.assert_array_equal(layers[0][0], again[0][0])
-    assert layers[0][0].shape[0] == 6 and layers[0][1]["metadata"]["layout"] == "rxrx"
+    assert layers[0][0].shape[0] == 6 and layers[0][1]["metadata"][0]["layout"] == "rxrx"
 
 
 # --- through a real viewer -----------------------------------------------------------------

@@ -1,14 +1,17 @@
 """napari reader: a plate folder opens as one site, one coloured layer per channel.
 
 Qt-free: it returns layer-data tuples. The layers' ``metadata`` carries the plate path, site key,
-channel names and layout so that later widgets can go back to the plate without asking again.
+channel names, layout and the layer's role (``channel`` with its ``channel`` name, or ``cells``)
+so that widgets find the plate and show other sites in the same layers (:func:`read_site`).
 """
 
 from __future__ import annotations
 
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,40 +121,112 @@ def contrast_limits(plane: np.ndarray) -> tuple[float, float]:
     return lo, float(hi)
 
 
-def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list[tuple]:
-    """Layer-data tuples for one site (the first by default): channels, then cell labels."""
+@dataclass(frozen=True)
+class SiteData:
+    """One site's pixels and display range, read off the GUI thread and shown on it.
+
+    Holds what changes from site to site; colours and visibility are chosen once, when the
+    layers are made (:func:`layer_tuples`), and are the user's from then on.
+    """
+
+    plate_path: str
+    layout: str
+    key: SiteKey
+    channel_names: tuple[str, ...]
+    image: np.ndarray  # (C, H, W) as stored
+    contrast_limits: tuple[tuple[float, float], ...]
+    labels: np.ndarray | None  # (H, W) int32 cell labels, None when the plate has none
+
+    def metadata(self, role: str, channel: str | None = None) -> dict:
+        """A layer's metadata: where it came from, so widgets can go back to the plate."""
+        meta = {
+            "plate_path": self.plate_path,
+            "site_key": tuple(self.key),
+            "channel_names": list(self.channel_names),
+            "layout": self.layout,
+            "role": role,
+        }
+        if channel is not None:
+            meta["channel"] = channel
+        return meta
+
+
+def read_site(plate: Plate, key: SiteKey | Sequence | None = None) -> SiteData:
+    """Read one site (the first by default) with its labels and display range; no Qt."""
     site = plate[key] if key is not None else next(iter(plate))
     image = site.read()
-    names = list(site.channel_names)
-    colours = channel_colormaps(names, image)
-    visible = initially_visible(names, colours)
-    meta = {
-        "plate_path": str(plate.root),
-        "site_key": tuple(site.key),
-        "channel_names": names,
-        "layout": plate.layout,
-    }
+    labels = site.read_labels()
+    if labels is not None and labels.shape != image.shape[1:]:
+        raise PlateError(
+            f"cell labels {site.labels_path} have shape {labels.shape}, "
+            f"the images of {site.key} {image.shape[1:]}"
+        )
+    return SiteData(
+        plate_path=str(plate.root),
+        layout=plate.layout,
+        key=site.key,
+        channel_names=tuple(site.channel_names),
+        image=image,
+        contrast_limits=tuple(contrast_limits(plane) for plane in image),
+        labels=None if labels is None else labels.astype(np.int32, copy=False),
+    )
+
+
+def layer_tuples(data: SiteData) -> list[tuple]:
+    """Layer-data tuples for new layers: channels in Cell Painting colours, then cell labels."""
+    names = list(data.channel_names)
+    colours = channel_colormaps(names, data.image)
     image_kwargs = {
         "channel_axis": 0,
         "name": names,
         "colormap": colours,
-        "contrast_limits": [contrast_limits(plane) for plane in image],
+        "contrast_limits": list(data.contrast_limits),
         "blending": "additive",
-        "visible": visible,
-        "metadata": meta,
+        "visible": initially_visible(names, colours),
+        # one dict per channel: a shared dict would make every channel follow one's changes
+        "metadata": [data.metadata("channel", name) for name in names],
     }
-    layers: list[tuple] = [(image, image_kwargs, "image")]
-    labels = site.read_labels()
-    if labels is not None:
-        if labels.shape != image.shape[1:]:
-            raise PlateError(
-                f"cell labels {site.labels_path} have shape {labels.shape}, "
-                f"the images of {site.key} {image.shape[1:]}"
-            )
+    layers: list[tuple] = [(data.image, image_kwargs, "image")]
+    if data.labels is not None:
         # Hidden at first: filled labels over the stains hide what a biologist looks at.
-        labels_kwargs = {"name": "cells", "opacity": 0.5, "visible": False, "metadata": dict(meta)}
-        layers.append((labels, labels_kwargs, "labels"))
+        labels_kwargs = {
+            "name": "cells",
+            "opacity": 0.5,
+            "visible": False,
+            "metadata": data.metadata("cells"),
+        }
+        layers.append((data.labels, labels_kwargs, "labels"))
     return layers
+
+
+def site_layer_data(plate: Plate, key: SiteKey | Sequence | None = None) -> list[tuple]:
+    """Layer-data tuples for one site (the first by default): channels, then cell labels."""
+    data = read_site(plate, key)
+    remember_plate(plate)  # here, on the thread that opens layers, not in read_site's workers
+    return layer_tuples(data)
+
+
+# Plates the reader or the sample data opened, by folder, so that a widget finding their
+# layers gets the same Plate (and its metadata) without scanning the folder again.
+_OPENED: OrderedDict[str, Plate] = OrderedDict()
+_KEEP_OPENED = 8
+
+
+def remember_plate(plate: Plate) -> None:
+    key = str(plate.root)
+    _OPENED[key] = plate
+    _OPENED.move_to_end(key)
+    while len(_OPENED) > _KEEP_OPENED:
+        _OPENED.popitem(last=False)
+
+
+def opened_plate(path: str | Path) -> Plate:
+    """The plate a layer came from: the one the reader opened, else the folder opened again."""
+    plate = _OPENED.get(str(path))
+    if plate is None:
+        plate = open_plate(path)
+        remember_plate(plate)
+    return plate
 
 
 def napari_get_reader(path: str | Sequence[str]):

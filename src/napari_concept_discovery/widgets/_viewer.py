@@ -1,0 +1,133 @@
+"""One session per napari viewer, and the link between the session's site and the layers.
+
+``get_session(viewer)`` gives every widget of a viewer the same
+:class:`~napari_concept_discovery.session.ViewerSession`. The first call also links it to the
+viewer: a plate opened with File > Open Folder (or as sample data) becomes the session's plate,
+and a change of the session's site is read off the GUI thread and shown in the same layers.
+A read that finishes after the user moved on is dropped.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error
+
+from .._reader import SiteData, opened_plate, read_site
+from ..errors import ConceptDiscoveryError
+from ..plate import SiteKey
+from ..session import Ticket, ViewerSession
+from ._layers import plate_layers, show_site, shown_site
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_session(viewer) -> ViewerSession:
+    """The session of ``viewer``, made and linked to its layers on first use."""
+    entry = _SESSIONS.get(viewer)
+    if entry is None:
+        session = ViewerSession()
+        link = SiteLink(viewer, session)
+        _SESSIONS[viewer] = (session, link)
+        link.adopt_layers()
+        return session
+    return entry[0]
+
+
+def get_link(viewer) -> SiteLink:
+    """The object that keeps the viewer's layers on the session's site (for tests and waits)."""
+    get_session(viewer)
+    return _SESSIONS[viewer][1]
+
+
+def user_message(exc: BaseException, doing: str) -> str:
+    """Our own errors already say what to do; anything else gets its type and what we did."""
+    if isinstance(exc, ConceptDiscoveryError | KeyError):
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return f"{doing}: {text}"
+    return f"{doing}: {type(exc).__name__}: {exc}"
+
+
+class SiteLink:
+    """Keeps one viewer's plate layers on the session's site.
+
+    Holds the viewer weakly (the session registry is keyed by it), reads sites in napari thread
+    workers and shows a result only while :meth:`ViewerSession.is_current` says its ticket is.
+    """
+
+    def __init__(self, viewer, session: ViewerSession) -> None:
+        self._viewer = weakref.ref(viewer)
+        self.session = session
+        self._workers: set = set()
+        self.dropped = 0  # results that arrived for a site no longer in view
+        viewer.layers.events.inserted.connect(self._on_inserted)
+        session.site_changed.connect(self._on_site_changed)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a site is still being read."""
+        return bool(self._workers)
+
+    def adopt_layers(self) -> None:
+        """Take the plate of layers already in the viewer (opened before any widget was)."""
+        viewer = self._viewer()
+        if viewer is not None:
+            for layer in list(viewer.layers):
+                self._adopt(layer)
+
+    def _on_inserted(self, event) -> None:
+        self._adopt(event.value)
+
+    def _adopt(self, layer) -> None:
+        meta = layer.metadata
+        path, key = meta.get("plate_path"), meta.get("site_key")
+        if meta.get("role") not in ("channel", "cells") or path is None or key is None:
+            return
+        plate = self.session.plate
+        if plate is not None and str(plate.root) == path:
+            return
+        try:
+            plate = opened_plate(path)
+            self.session.set_plate(plate, site=key)
+        except (ConceptDiscoveryError, KeyError, OSError) as exc:
+            show_error(user_message(exc, f"Could not open plate {path}"))
+
+    def _on_site_changed(self, key: SiteKey | None) -> None:
+        viewer, plate = self._viewer(), self.session.plate
+        if key is None or viewer is None or plate is None:
+            return
+        if shown_site(viewer, str(plate.root)) == tuple(key):
+            return  # the reader just made these layers for this site
+        ticket = self.session.ticket()
+        worker = create_worker(read_site, plate, key, _start_thread=False)
+        worker.returned.connect(partial(self.show, ticket))
+        worker.errored.connect(partial(self._failed, ticket))
+        worker.finished.connect(partial(self._workers.discard, worker))
+        self._workers.add(worker)
+        worker.start()
+
+    def show(self, ticket: Ticket, data: SiteData) -> bool:
+        """Show a site that was read for ``ticket``; False (and nothing drawn) when stale."""
+        viewer = self._viewer()
+        if viewer is None or not self.session.is_current(*ticket):
+            self.dropped += 1
+            return False
+        try:
+            show_site(viewer, data)
+        except Exception as exc:  # a Qt slot: say it in the viewer, not as a console traceback
+            show_error(user_message(exc, f"Could not show {data.key}"))
+            return False
+        return True
+
+    def _failed(self, ticket: Ticket, exc: BaseException) -> None:
+        if self.session.is_current(*ticket):
+            show_error(user_message(exc, f"Could not show {ticket.site_key}"))
+
+    def layers(self):
+        """The channel layers (by channel) and cells layer of the session's plate."""
+        viewer, plate = self._viewer(), self.session.plate
+        if viewer is None or plate is None:
+            return {}, None
+        return plate_layers(viewer, str(plate.root))
