@@ -216,6 +216,14 @@ def overlay(rgb, nuclei, cells, extra=None):
     return out
 
 
+def _shown(path: Path) -> str:
+    """A path as the repository names it, when it is inside the repository."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def save_figure(path: Path, panels: list[tuple[str, np.ndarray]], width_in: float = 11.0):
     """Panels side by side, saved as a 128-colour PNG (small enough for a README)."""
     import matplotlib
@@ -291,7 +299,7 @@ def bench_unlabelled(lines: list[str], figures: Path | None) -> dict:
             name = "segment_jump.png" if folder.startswith("jump") else "segment_phenix.png"
             size = save_figure(figures / name, panels)
             lines.append(
-                f"figure: {figures.name}/{name} ({size // 1024} KB; crop y={y} x={x} {s} px)"
+                f"figure: {_shown(figures / name)} ({size // 1024} KB; crop y={y} x={x} {s} px)"
             )
     lines.append(
         "'>1 nucleus': cells holding two or more peaks of the smoothed DNA stain; 'nucleus-only':"
@@ -319,7 +327,7 @@ def nf1_figure(figures: Path, lines: list[str]) -> None:
         panels.append((title, overlay(rgb, nuclei[win], cells[win], extra=mask_cells[win])))
     size = save_figure(figures / "segment_nf1.png", panels, width_in=13.0)
     lines.append(
-        f"figure: {figures.name}/segment_nf1.png ({size // 1024} KB; NF1 well F07, crop y={y} "
+        f"figure: {_shown(figures / 'segment_nf1.png')} ({size // 1024} KB; NF1 well F07, crop y={y} "
         f"x={x} {s} px; border cells dropped in all three)"
     )
     lines.append("")

@@ -23,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 from skimage import measure
+from skimage.segmentation import relabel_sequential
 
 from . import __version__
 from ._files import atomic_write_bytes, atomic_write_text
 from .errors import PlateError
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .segment_classical import find_nuclei, segment_classical
+from .segment_classical import cell_channels, find_nuclei, segment_classical
+from .segment_legacy import segment_legacy
 from .settings import SegmentSettings
 
 #: (image, channel names) -> (nuclei, cells), both int32 with matching ids.
@@ -106,12 +108,8 @@ def make_segmenter(
         refs = cell_refs(settings.cell)
         chosen = None if refs is None else [_channel_index(channel_names, c, "cell") for c in refs]
         if settings.segmenter == "legacy":
-            from .segment_legacy import segment_legacy
-
             return segment_legacy(image, channel_names, n, chosen)
         if cellpose is not None:
-            from .segment_classical import cell_channels
-
             return cellpose(image, n, cell_channels(image, channel_names, n, chosen))
         return segment_classical(image, channel_names, n, chosen, settings)
 
@@ -132,8 +130,6 @@ def segment_nuclei(dna: np.ndarray, settings: SegmentSettings | None = None) -> 
         max_diameter=s.max_diameter,
         drop_edge=s.drop_edge,
     )
-    from skimage.segmentation import relabel_sequential
-
     kept = np.where(found.dropped[found.labels], 0, found.labels)
     return relabel_sequential(kept)[0].astype(np.int32)
 

@@ -78,8 +78,8 @@ def run_cellpose(model, planes: list[np.ndarray], diameter: float | None, major:
     """Labels (H, W) int32 of one image from ``model.eval`` on ``planes`` stacked last."""
     x = np.stack([unit_scale(p).astype(np.float32) for p in planes], axis=-1)
     kwargs: dict = {"diameter": diameter, "channel_axis": -1}
-    if major < 4:  # the first plane is segmented, the second is the optional nuclear plane
-        kwargs["channels"] = [1, 2] if len(planes) == 2 else [1, 0]
+    if major < 4:  # [plane to segment, nuclear plane]: 1-based, or [0, 0] for one grey plane
+        kwargs["channels"] = [1, 2] if len(planes) == 2 else [0, 0]
     result = model.eval(x, **kwargs)
     masks = np.asarray(result[0] if isinstance(result, tuple | list) else result)
     masks = np.squeeze(masks)

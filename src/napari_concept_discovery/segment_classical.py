@@ -169,7 +169,7 @@ def propagate(
     out = np.where(seeds > 0, seeds, 0).astype(np.int32)
     if n == 0 or not (nodes & (seeds > 0)).any():
         return out
-    index = np.full((h, w), -1, np.int64)
+    index = np.full((h, w), -1, np.int32 if n < 2**31 else np.int64)
     index[nodes] = np.arange(n)
     src, dst, length = [], [], []
     for (di, dj), rows, cols, cost in _step_costs(image, regularization):
