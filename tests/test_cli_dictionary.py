@@ -96,6 +96,8 @@ def test_cli_refusals(tiny_store_path, tmp_path, capsys):
         str(tiny_store_path),
         "--atoms",
         "16",
+        "--sparsity",
+        "4",
         "--steps",
         "2",
         "--out",

@@ -114,8 +114,11 @@ def test_cancel_keeps_the_dictionary_after_the_last_complete_step(store, tmp_pat
     path = tmp_path / "cancelled.safetensors"
     result = train_on_store(store, settings, out=path, progress=progress, cancel=stop)
     assert result.cancelled and result.result.steps_done == 10 and result.metrics == {}
-    meta = load_dictionary(path).meta
-    assert meta["cancelled"] and meta["steps"] == 10 and meta["metrics"] == {}
+    # the output path only ever holds a finished dictionary; the state went to the checkpoint
+    assert not path.exists() and result.path is None
+    assert result.checkpoint == tmp_path / "cancelled.ckpt.safetensors"
+    with pytest.raises(DictionaryError, match=r"training checkpoint \(after step 10\).*--resume"):
+        load_dictionary(result.checkpoint)
     ref = train_on_store(store, SETTINGS.replace(steps=10))
     assert not ref.cancelled
     torch.testing.assert_close(result.dictionary.model.W, ref.dictionary.model.W, rtol=0, atol=0)

@@ -295,7 +295,6 @@ def embed_plate(
         raise StoreError("no output folder given for the activation store")
     from ._files import check_output
     from ._lock import write_lock
-
     from .store import check_store_folder
 
     out = check_output(out, folder=True, what="activation store")

@@ -529,7 +529,6 @@ class StoreWriter:
         self.root = self.path
         shutil.rmtree(aside, ignore_errors=True)
 
-
     @staticmethod
     def _join_metadata(table: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
         if meta.empty or len(meta.columns) == 0:
