@@ -7,6 +7,7 @@ file or option, and every file it was given left byte-identical.
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 
@@ -17,15 +18,14 @@ from fault_helpers import snapshot, tiny_weights
 from napari_concept_discovery.cli import main
 
 
-@pytest.fixture()
-def work(tmp_path, small_plates, tiny_store_path, monkeypatch):
-    """A folder with a file, a plate, the tiny store, a dictionary and model folders; any
-    training, encoding or model loading during a refused command fails the test."""
-    import napari_concept_discovery.dictionary.applied as applied
-    import napari_concept_discovery.dictionary.pipeline as pipeline
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, small_plates, tiny_store_path):
+    """A folder with a file, a dictionary and model folders (each case checks it is left as
+    it was, so the cases can share it)."""
     from napari_concept_discovery.dictionary import TrainSettings, train_on_store
     from napari_concept_discovery.store import ActivationStore
 
+    tmp_path = tmp_path_factory.mktemp("faults_cli")
     (tmp_path / "file.csv").write_text("a,b\n1,2\n")
     dictionary = tmp_path / "d.safetensors"
     train_on_store(
@@ -45,12 +45,6 @@ def work(tmp_path, small_plates, tiny_store_path, monkeypatch):
     evil = tmp_path / "evil.pth"
     with open(evil, "wb") as f:
         pickle.dump({"w": torch.ones(1), "x": _Evil()}, f)
-
-    def never(*args, **kwargs):
-        raise AssertionError("expensive work started before the refusal")
-
-    monkeypatch.setattr(pipeline, "train", never)
-    monkeypatch.setattr(applied.Dictionary, "encode", never)
     return {
         "dir": tmp_path,
         "file": tmp_path / "file.csv",
@@ -62,6 +56,20 @@ def work(tmp_path, small_plates, tiny_store_path, monkeypatch):
         "evil": evil,
         "truth": small_plates / "truth.csv",
     }
+
+
+@pytest.fixture()
+def work(assets, monkeypatch):
+    """The assets, with any training or encoding during a refused command failing the test."""
+    import napari_concept_discovery.dictionary.applied as applied
+    import napari_concept_discovery.dictionary.pipeline as pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("expensive work started before the refusal")
+
+    monkeypatch.setattr(pipeline, "train", never)
+    monkeypatch.setattr(applied.Dictionary, "encode", never)
+    return assets
 
 
 class _Evil:
@@ -186,3 +194,19 @@ def test_plate_warnings_are_printed_without_python_source_lines(small_plates, tm
     err = capsys.readouterr().err
     assert "warning: ignored 1 non-image file(s): notes.txt\n" in err
     assert ".py:" not in err and "warnings.warn" not in err and "PlateWarning" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_folder_is_named(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["synth", str(locked / "s")]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"error: cannot write output folder {locked}/s: no write permission in {locked}\n"
+        )
+    finally:
+        locked.chmod(0o755)

@@ -393,3 +393,12 @@ def test_a_cell_dictionary_on_patch_tokens_is_said_and_done(store, trained, tmp_
         in (captured.err)
     )
     assert f"encoded {store.tokens('patch').shape[0]} tokens" in captured.out
+
+
+def test_whitening_refuses_non_finite_controls():
+    from napari_concept_discovery.dictionary import Whitener
+
+    x = np.random.default_rng(0).standard_normal((50, 4))
+    x[[3, 7], 1] = np.nan
+    with pytest.raises(DictionaryError, match="2 of 50 control tokens hold NaN or Inf"):
+        Whitener().fit(x)

@@ -199,6 +199,22 @@ def test_reader_answers_on_a_tree_with_loops_with_bounded_work(tmp_path, monkeyp
     assert len({os.path.realpath(p) for p in listed}) == len(listed)
 
 
+def test_reader_offers_a_big_plate_by_its_names_and_opens_it_when_used(
+    small_plates, tmp_path, monkeypatch
+):
+    from napari_concept_discovery import _reader
+
+    monkeypatch.setattr(_reader, "PROBE_ENTRIES", 20)  # the small plate passes for a big one
+    reader = _reader.napari_get_reader(str(small_plates))
+    assert reader is not None
+    layers = reader(str(small_plates))
+    assert layers[0][1]["metadata"][0]["site_key"] == ("SYNTH_1", "B02", 1)
+    # a plate deep inside a big folder does not make the folder a plate
+    deep = tmp_path / "a" / "b" / "c"
+    shutil.copytree(small_plates, deep)
+    assert _reader.napari_get_reader(str(tmp_path)) is None
+
+
 def test_a_plate_with_a_link_loop_opens_with_its_sites(small_plates, tmp_path):
     p = tmp_path / "plate"
     shutil.copytree(small_plates, p)

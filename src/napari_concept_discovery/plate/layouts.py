@@ -33,6 +33,8 @@ _SIDECARS = (".csv", ".tsv", ".parquet", ".xml", ".json")
 _FILE_COLUMNS = ("file", "filename", "file_name", "path", "image", "image_path", "filepath")
 # Checking every header costs ~1 ms a file: done at open time up to this many files.
 CHECK_LIMIT = 5000
+# How deep under a folder ``looks_like_plate`` looks for images (RxRx: images/EXP/Plate1/file).
+PROBE_DEPTH = 4
 
 
 def open_plate(
@@ -216,7 +218,8 @@ def _walk(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
 
 def looks_like_plate(root: Path, files: list[Path]) -> bool:
     """Whether some of ``files`` (a sample of a folder) are named as a preset layout names its
-    images, or a metadata table sits at the top: enough to offer to open the folder."""
+    images, at most ``PROBE_DEPTH`` folders down (a plate somewhere deep inside a disk does not
+    make the disk a plate), or a metadata table sits at the top: enough to offer to open it."""
     root = Path(root)
     patterns = [FilenamePattern(text) for text in PRESETS.values()]
     for path in files:
@@ -224,7 +227,7 @@ def looks_like_plate(root: Path, files: list[Path]) -> bool:
             return True
         if io.is_image_file(path):
             parts = _rel_parts(root, path)
-            if any(p.match(parts) is not None for p in patterns):
+            if len(parts) <= PROBE_DEPTH and any(p.match(parts) is not None for p in patterns):
                 return True
     return False
 
