@@ -210,3 +210,15 @@ def test_an_unwritable_folder_is_named(tmp_path, capsys):
         )
     finally:
         locked.chmod(0o755)
+
+
+def test_a_folder_without_write_permission_is_named(tmp_path, capsys, monkeypatch):
+    """The same check as above where the tests run as root: permission as os.access reports it."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and str(p) != str(locked))
+    assert main(["synth", str(locked / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write output folder {locked}/s: no write permission in {locked}\n"
+    assert list(locked.iterdir()) == []
