@@ -256,6 +256,17 @@ def test_scatter_rows_sums_repeated_indices():
 def test_topk_decoder_atoms_stay_unit_norm():
     x, _ = planted(n=2000, d=16, m=32, k=3)
     model = TopKSAE(16, TopKConfig(n_atoms=32, k=3))
+    # the gradient is projected off each atom's direction before the step (without it, the
+    # renormalisation after the step would hide a step that fights the unit norm)
+    model(torch.from_numpy(x[:256])).loss.backward()
+    w, g = model.W_dec.detach().clone(), model.W_dec.grad.clone()
+    radial = (g * w).sum(1)
+    assert radial.abs().max() > 1e-3  # there is something to project away
+    model.before_step()
+    projected = model.W_dec.grad
+    torch.testing.assert_close((projected * w).sum(1), torch.zeros(32), rtol=0, atol=1e-6)
+    torch.testing.assert_close(projected, g - radial[:, None] * w)
+    model.zero_grad()
     train(model, x, steps=20, batch_size=128)
     np.testing.assert_allclose(model.W_dec.detach().norm(dim=1).numpy(), 1, atol=1e-5)
 
@@ -322,14 +333,33 @@ def test_cancellation_returns_the_dictionary_after_the_last_complete_step():
 def test_divergence_restores_last_good_state():
     x, _ = planted(n=1000, d=8, m=16, k=2)
 
-    def corrupt(p):
-        if p.done == 5:
-            x[:] = np.nan  # every later batch is NaN: the loss turns non-finite at step 6
+    class Poisoned(np.ndarray):
+        """Batches turn NaN ``after`` reads once armed: steps 6 and 7 run, step 8 diverges."""
+
+        after = None
+
+        def __getitem__(self, index):
+            out = np.asarray(super().__getitem__(index))
+            if Poisoned.after is not None:
+                Poisoned.after -= 1
+                if Poisoned.after < 0:
+                    out = np.full_like(out, np.nan)
+            return out
 
     model = ICFL(8, ICFLConfig(n_atoms=16, n_iter=2, n_pick=1))
-    r = train(model, x, steps=200, batch_size=64, seed=0, progress=corrupt, progress_every=5)
+    at_five = {}
+
+    def arm(p):
+        if p.done == 5:  # the state after step 5, the last one reported before the NaN
+            at_five.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+            Poisoned.after = 2
+
+    data = x.view(Poisoned)
+    r = train(model, data, steps=200, batch_size=64, seed=0, progress=arm, progress_every=5)
     assert r.diverged and r.steps_done == 5
-    assert torch.isfinite(model.W).all() and torch.isfinite(model.b).all()
+    # the model is the one after step 5 exactly, not the one steps 6 and 7 made
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, at_five[name], rtol=0, atol=0, msg=name)
 
 
 def test_streams_zarr_in_chunks_with_whitening(tmp_path):

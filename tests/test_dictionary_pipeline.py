@@ -30,6 +30,7 @@ from napari_concept_discovery.dictionary import (
 from napari_concept_discovery.errors import DictionaryError
 from napari_concept_discovery.progress import Cancelled, Progress
 from napari_concept_discovery.store import ActivationStore
+from test_cli_dictionary import fvu_by_hand
 
 SETTINGS = TrainSettings(
     atoms=24,
@@ -73,7 +74,9 @@ def test_train_on_store_reports_stages_and_records_its_settings(store, trained):
     meta = loaded.meta
     assert TrainSettings.from_dict(meta["train_settings"]) == SETTINGS
     assert meta["steps"] == 20 and not meta["cancelled"] and "checkpoint" not in meta
-    assert meta["metrics"] == result.metrics and 0 < result.metrics["fvu"] < 1.5
+    assert meta["metrics"] == result.metrics
+    fvu = fvu_by_hand(loaded, store.tokens("cell"), store.table("cell"))
+    assert result.metrics["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
     assert loaded.model.config.n_iter == 2 and loaded.model.config.n_pick == 2
     assert loaded.whitener.groups_ == ("SYNTH_1", "SYNTH_2")
     assert loaded.whitener.n_components_ == 8
@@ -114,8 +117,11 @@ def test_cancel_keeps_the_dictionary_after_the_last_complete_step(store, tmp_pat
     path = tmp_path / "cancelled.safetensors"
     result = train_on_store(store, settings, out=path, progress=progress, cancel=stop)
     assert result.cancelled and result.result.steps_done == 10 and result.metrics == {}
-    meta = load_dictionary(path).meta
-    assert meta["cancelled"] and meta["steps"] == 10 and meta["metrics"] == {}
+    # the output path only ever holds a finished dictionary; the state went to the checkpoint
+    assert not path.exists() and result.path is None
+    assert result.checkpoint == tmp_path / "cancelled.ckpt.safetensors"
+    with pytest.raises(DictionaryError, match=r"training checkpoint \(after step 10\).*--resume"):
+        load_dictionary(result.checkpoint)
     ref = train_on_store(store, SETTINGS.replace(steps=10))
     assert not ref.cancelled
     torch.testing.assert_close(result.dictionary.model.W, ref.dictionary.model.W, rtol=0, atol=0)

@@ -89,16 +89,24 @@ def test_cli_train_settings_equal_the_dataclass_with_the_same_values():
     )
 
 
-def test_cli_refuses_the_old_size_option_and_contradictory_whitening(capsys, tmp_path):
+def test_cli_refuses_the_old_size_option_and_contradictory_whitening(
+    capsys, tmp_path, tiny_store_path
+):
     with pytest.raises(SystemExit):
         main(["train", str(tmp_path), "--size", "16", "--out", "d", "--no-whiten"])
     assert "unrecognized arguments: --size" in capsys.readouterr().err
     rc = main(["train", str(tmp_path), "--out", "d", "--no-whiten", "--whiten-by", "plate"])
     assert rc == 2
     assert "--no-whiten cannot be combined with --whiten-by" in capsys.readouterr().err
-    # settings are checked before the store is opened: the message names the setting
-    assert main(["train", str(tmp_path), "--out", "d", "--no-whiten", "--steps", "-1"]) == 2
-    assert "steps: must not be negative, got -1" in capsys.readouterr().err
+    # a missing store is named first (not the whitening the user has not chosen yet)
+    assert main(["train", str(tmp_path), "--out", "d"]) == 2
+    assert capsys.readouterr().err == f"error: no activation store at {tmp_path}\n"
+    # settings are checked before any work: the message names the setting
+    out = tmp_path / "d.safetensors"
+    args = ["train", str(tiny_store_path), "--out", str(out), "--no-whiten", "--steps", "0"]
+    assert main(args) == 2
+    assert "steps: must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_whiten_settings_checks():
@@ -121,7 +129,7 @@ def test_whiten_settings_checks():
     "kwargs,message",
     [
         ({"atoms": 0}, "atoms: must be at least 1, got 0"),
-        ({"steps": -1}, "steps: must not be negative, got -1"),
+        ({"steps": 0}, "steps: must be at least 1, got 0"),
         ({"batch_size": 0}, "batch_size: must be at least 1, got 0"),
         ({"lr": 0.0}, "lr: must be positive, got 0.0"),
         ({"checkpoint_every": -5}, "checkpoint_every: must not be negative"),

@@ -171,9 +171,12 @@ def test_reuse_rebuild_resume(plate_copy, tmp_path):
     assert count.tiles == n and second.reused and seen == [Progress("embed", n, n, {})]
     assert np.array_equal(np.asarray(second.tokens("cell")), ref)
 
-    # Another block -> stale -> rebuilt.
+    # Another block -> another store: refused, unless overwrite, then replaced whole.
     block0 = settings.replace(block=0)
-    third = embed_plate(open_plate(plate_copy), block0, out, backend=backend)
+    with pytest.raises(StoreError, match="block differ.*--overwrite"):
+        embed_plate(open_plate(plate_copy), block0, out, backend=backend)
+    assert count.tiles == n and ActivationStore.open(out).block == 1
+    third = embed_plate(open_plate(plate_copy), block0, out, backend=backend, overwrite=True)
     assert count.tiles == 2 * n and not third.reused and third.block == 0
 
     # Changed image bytes (same name, same size) -> stale -> rebuilt, never trusted.

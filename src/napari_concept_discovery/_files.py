@@ -11,17 +11,35 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 _CHUNK = 1 << 22
+_UMASK_LOCK = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0666 less the umask."""
+    with _UMASK_LOCK:  # the umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` with an ordinary file's mode (mkstemp's is 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, file_mode())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -92,6 +110,33 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> Path:
+    """Refuse, before any work is done, an output path that cannot be written.
+
+    A file where a folder is asked for (or the reverse), a parent that is a file, or a folder
+    without write permission is an :class:`~.errors.OutputError` naming ``what`` and the path.
+    Returns the path with ``~`` expanded.
+    """
+    from .errors import OutputError
+
+    path = Path(path).expanduser()
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        other = "a folder" if path.is_dir() else "a file"
+        raise OutputError(f"{what} {path} is {other}; give a {kind} path")
+    places = [path] if folder and path.is_dir() else []
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
+    places.append(ancestor)
+    for place in places:
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write {what} {path}: no write permission in {place}")
+    return path
 
 
 def hash_file(path: str | os.PathLike, *, algorithm: str = "sha256") -> str:

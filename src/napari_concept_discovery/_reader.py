@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import PlateError
 from .plate import Plate, PlateWarning, SiteKey, open_plate
+from .plate.layouts import CHECK_LIMIT, looks_like_plate, walk_files
 
 # Cell Painting colours as in RxRx's and JUMP's own renderings: DNA blue, ER green, actin/AGP red,
 # RNA cyan, mitochondria magenta, membrane yellow. Matched on whole words of the channel name.
@@ -229,8 +230,19 @@ def opened_plate(path: str | Path) -> Plate:
     return plate
 
 
+#: Directory entries the reader looks at before it answers: napari asks every reader about
+#: every folder dropped on it (``/usr`` included), so the answer must come at once.
+PROBE_ENTRIES = 10_000
+
+
 def napari_get_reader(path: str | Sequence[str]):
-    """A reader when ``path`` is one folder that opens as a plate; None for anything else."""
+    """A reader when ``path`` is one folder that opens as a plate; None for anything else.
+
+    The answer looks at no more than ``PROBE_ENTRIES`` folder entries and reads no pixels: a
+    folder that small is opened (file headers are checked when the reader is used); a bigger
+    one is offered when its first files are named as a plate layout names them, and opened
+    when the reader is used.
+    """
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
             return None
@@ -238,17 +250,31 @@ def napari_get_reader(path: str | Sequence[str]):
     root = Path(path)
     if not root.is_dir():
         return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PlateWarning)
-        try:
-            plate = open_plate(root)
-        except PlateError:
-            return None
+    probe = walk_files(root, limit=PROBE_ENTRIES)
+    plate = None
+    caught: list = []
+    if probe.complete:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PlateWarning)
+            try:
+                plate = open_plate(root, check=False)
+            except PlateError:
+                return None
+    elif not looks_like_plate(root, probe.files):
+        return None
     # napari asks every reader whether it can read a folder; warn only once this one is used.
     messages = [str(w.message) for w in caught if issubclass(w.category, PlateWarning)]
 
     def read_plate(_path) -> list[tuple]:
-        for message in messages:
+        nonlocal plate
+        with warnings.catch_warnings(record=True) as later:
+            warnings.simplefilter("always", PlateWarning)
+            if plate is None:
+                plate = open_plate(root)
+            elif len(probe.files) <= CHECK_LIMIT:
+                plate.check()
+        more = [str(w.message) for w in later if issubclass(w.category, PlateWarning)]
+        for message in messages + more:
             warnings.warn(f"{root.name}: {message}", PlateWarning, stacklevel=2)
         return site_layer_data(plate)
 

@@ -8,7 +8,9 @@ Imports of heavy modules (torch, napari) happen inside the handlers to keep ``--
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from . import __version__
 from .errors import ConceptDiscoveryError
@@ -16,6 +18,58 @@ from .errors import ConceptDiscoveryError
 
 class UsageError(ConceptDiscoveryError):
     """Command-line options that contradict each other or are out of range."""
+
+
+def _at_least(value, name: str, low: int = 1) -> None:
+    if value is not None and value < low:
+        raise UsageError(f"{name} must be at least {low}, got {value}")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_synth_args(args, workers: int = 1) -> None:
+    """Plate counts and site size a synthetic plate set can have, and the memory it takes."""
+    from .synth.plate import MAX_WELLS, PEAK_BYTES_PER_PIXEL, memory_needed
+
+    for name in ("plates", "wells", "sites"):
+        _at_least(getattr(args, name), f"--{name}")
+    if args.wells > MAX_WELLS:
+        raise UsageError(
+            f"--wells must be at most {MAX_WELLS} (rows B..O x 22 columns), got {args.wells}"
+        )
+    _at_least(args.size, "--size", 64)
+    need, have = memory_needed(args.size, workers), _physical_memory()
+    if have is not None and need > have:
+        most = int((have / PEAK_BYTES_PER_PIXEL / max(1, workers)) ** 0.5)
+        raise UsageError(
+            f"--size {args.size} would need about {_human_bytes(need)} of memory to draw "
+            f"{workers} site(s) at once; this machine has {_human_bytes(have)}. Use --size "
+            f"{most} or less"
+        )
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings about the user's data as one ``warning:`` line; others as Python shows them."""
+    from .plate import PlateWarning
+
+    out = file if file is not None else sys.stderr
+    if issubclass(category, PlateWarning):
+        out.write(f"warning: {message}\n")
+    else:
+        out.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _progress(total: int, desc: str):
@@ -72,7 +126,7 @@ def _add_synth(sub) -> None:
         "synth",
         help="write synthetic Cell Painting plates (RxRx layout) with labels and per-cell truth",
     )
-    p.add_argument("out", help="output folder (created; existing files are overwritten)")
+    p.add_argument("out", help="output folder (created; the plates' files in it are overwritten)")
     p.add_argument("--plates", type=int, default=2, help="number of plates (default 2)")
     p.add_argument("--wells", type=int, default=24, help="wells per plate (default 24)")
     p.add_argument("--sites", type=int, default=2, help="sites per well (default 2)")
@@ -85,14 +139,14 @@ def _add_synth(sub) -> None:
 
 
 def _run_synth(args) -> int:
+    from ._files import check_output
     from .synth import write_synthetic_plates
 
-    for name in ("plates", "wells", "sites"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
-    if args.size < 64:
-        raise UsageError("--size must be at least 64")
+    _at_least(args.workers, "--workers")
     total = args.plates * args.wells * args.sites
+    workers = args.workers or min(max(total, 1), os.cpu_count() or 1, 4)
+    _check_synth_args(args, workers)
+    check_output(args.out, folder=True, what="output folder")
     with _progress(total, "sites") as bar:
         out = write_synthetic_plates(
             args.out,
@@ -164,21 +218,39 @@ def _add_info(sub) -> None:
     p.add_argument("plate", help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern)")
     _add_plate_options(p)
     p.add_argument(
-        "--check", action="store_true", help="read every file header, even on a big plate"
+        "--check",
+        action="store_true",
+        help="read every file header and decode every site's pixels, even on a big plate "
+        "(without it: headers up to a few thousand files, pixels of the first site)",
     )
     p.add_argument("--labels", default=None, metavar="DIR", help=_labels_help())
     p.set_defaults(func=_run_info)
 
 
 def _run_info(args) -> int:
-    import warnings
-
+    from .errors import PlateError
     from .plate import PlateWarning
+    from .plate.layouts import CHECK_LIMIT
 
     with warnings.catch_warnings():
         # Printed below from plate.warnings, once and in order.
         warnings.simplefilter("ignore", PlateWarning)
         plate = _open_plate(args, check=True if args.check else None)
+    # Headers can be whole while the pixels are not (a truncated PNG): decode to be sure.
+    sites = list(plate) if args.check else list(plate)[:1]
+    undecodable = []
+    for site in sites:
+        try:
+            site.read()
+        except PlateError as exc:
+            undecodable.append(str(exc))
+    problems = list(plate.warnings)
+    if undecodable:
+        problems.append(
+            f"{len(undecodable)} of {len(sites)} decoded site(s) cannot be read: "
+            + "; ".join(undecodable[:5])
+            + (" ..." if len(undecodable) > 5 else "")
+        )
     wells = plate.wells
     distinct = sorted({w for _, w in wells})
     shown = ", ".join(distinct[:12]) + (" ..." if len(distinct) > 12 else "")
@@ -200,8 +272,15 @@ def _run_info(args) -> int:
     if labelled:
         where = f" (label folder {plate.label_folder})" if plate.label_folder else ""
         print(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
-    print(f"warnings: {len(plate.warnings)}")
-    for message in plate.warnings:
+    if args.check:
+        print(f"checked:  file headers and pixels of all {len(plate)} sites")
+    else:
+        print(
+            f"checked:  file headers (of every site when the folder holds up to {CHECK_LIMIT} "
+            "files), pixels of the first site only (--check decodes every site)"
+        )
+    print(f"warnings: {len(problems)}")
+    for message in problems:
         print(f"  - {message}")
     return 0
 
@@ -228,18 +307,28 @@ def _add_embed(sub) -> None:
     add_arguments(p, EmbedSettings)
     _add_plate_options(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a store of another plate, model, block or settings at --out (the old "
+        "one stays whole until the new one is complete)",
+    )
     p.set_defaults(func=_run_embed)
 
 
 def _run_embed(args) -> int:
     import torch
 
+    from ._files import check_output
     from .plate_embedding import EmbedSettings, embed_plate, load_embed_model
     from .settings import from_args
+    from .store import check_store_folder
 
+    _at_least(args.threads, "--threads")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = from_args(EmbedSettings, args)
+    check_store_folder(check_output(args.out, folder=True, what="activation store"))
     plate = _open_plate(args)
     backend = load_embed_model(settings)
     block = backend.resolve_block(settings.block)
@@ -255,6 +344,7 @@ def _run_embed(args) -> int:
             args.out,
             backend=backend,
             progress=lambda p: bar.update(p.done - bar.n),
+            overwrite=args.overwrite,
         )
     counts = store.attrs.get("counts", {})
     print(
@@ -316,17 +406,29 @@ def _add_train(sub) -> None:
     p.add_argument("--no-whiten", action="store_true", help="train on the tokens as stored")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", required=True, help="dictionary file to write (.safetensors)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a file at --out that is not a dictionary (a dictionary is replaced anyway)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the checkpoint beside --out (<name>.ckpt.safetensors) of an "
+        "interrupted training with the same settings",
+    )
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
     import torch
 
-    from .dictionary.pipeline import train_on_store
+    from .dictionary.pipeline import check_dictionary_out, train_on_store
     from .dictionary.settings import TrainSettings, WhitenSettings
     from .settings import describe, from_args
     from .store import ActivationStore
 
+    _at_least(args.threads, "--threads")
     if args.threads:
         torch.set_num_threads(args.threads)
     whiten = None
@@ -334,17 +436,27 @@ def _run_train(args) -> int:
         given = [d["flag"] for d in describe(WhitenSettings) if d["name"] in vars(args)]
         if given:
             raise UsageError(f"--no-whiten cannot be combined with {', '.join(given)}")
-    else:
+    store = ActivationStore.open(args.store)  # first: a missing store is the first thing to fix
+    if not args.no_whiten:
         whiten = from_args(WhitenSettings, args)
     settings = from_args(TrainSettings, args, whiten=whiten)
-    store = ActivationStore.open(args.store)
+    check_dictionary_out(args.out, args.overwrite)
     with _Bars({"train": f"train {settings.method}", "evaluate": "evaluate"}) as bars:
-        trained = train_on_store(store, settings, out=args.out, progress=bars)
+        trained = train_on_store(
+            store,
+            settings,
+            out=args.out,
+            progress=bars,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
     m = trained.metrics
+    dropped = trained.dictionary.meta.get("nonfinite_dropped")
     print(
         f"wrote {trained.path}: {settings.method}, M={settings.atoms}, "
         f"{trained.result.steps_done} steps, FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, "
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
+        + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
     return 0
 
@@ -367,6 +479,7 @@ def _add_analyze(sub) -> None:
 
 
 def _run_analyze(args) -> int:
+    from .concepts import check_analysis_folder
     from .dictionary.io import load_dictionary
     from .dictionary.pipeline import analyze_store
     from .dictionary.settings import AnalyzeSettings
@@ -374,8 +487,17 @@ def _run_analyze(args) -> int:
     from .store import ActivationStore
 
     settings = from_args(AnalyzeSettings, args)
+    check_analysis_folder(args.out)
     store = ActivationStore.open(args.store)
     dictionary = load_dictionary(args.dictionary)
+    trained_on = dictionary.meta.get("unit")
+    if settings.unit and trained_on and settings.unit != trained_on:
+        # Accepted on purpose (same model, block and width; the viewer's maps do it), but said.
+        print(
+            f"note: {args.dictionary} was trained on {trained_on} tokens; encoding the store's "
+            f"{settings.unit} tokens with it (--unit {settings.unit})",
+            file=sys.stderr,
+        )
     with _Bars({"encode": "encode"}) as bars:
         analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
     codes = analysis.codes
@@ -411,8 +533,13 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
+    from ._files import check_output
     from .demo import format_report, run_demo
 
+    _check_synth_args(args)
+    for name in ("atoms", "sparsity", "steps"):
+        _at_least(getattr(args, name), f"--{name}")
+    check_output(args.out, folder=True, what="demo output folder")
     bars = _Bars({"embed": "embed sites", "train": f"train {args.method}"})
 
     def log(msg: str) -> None:
@@ -493,14 +620,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConceptDiscoveryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.func(args) or 0)
+        except ConceptDiscoveryError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,10 +19,22 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._files import atomic_parquet, atomic_path
-from .errors import DictionaryError
+from ._files import atomic_dir, atomic_parquet, atomic_path, atomic_write_text, check_output
+from .errors import DictionaryError, OutputError
 
 THRESHOLDS = (0.5, 0.2)
+#: Written into every analysis folder; a folder without it (and with other files) is not one.
+ANALYSIS_MARKER = "analysis.json"
+ANALYSIS_FILES = (
+    "features.parquet",
+    "codes.parquet",
+    "tokens.parquet",
+    "codes.h5ad",
+    "selectivity.parquet",
+    "selectivity_counts.parquet",
+    "concepts.parquet",
+    ANALYSIS_MARKER,
+)
 
 
 def _csr(codes) -> sp.csr_matrix:
@@ -320,6 +332,25 @@ def codes_anndata(codes, obs: pd.DataFrame, features: pd.DataFrame | None = None
     return adata
 
 
+def check_analysis_folder(out_dir: str | Path) -> Path:
+    """Refuse an output folder that cannot be written or that holds anything but an analysis.
+
+    An analysis replaces its folder whole, so a folder of other files must never be taken for
+    one.
+    """
+    out = check_output(out_dir, folder=True, what="analysis folder")
+    if out.is_dir():
+        names = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in names if n not in ANALYSIS_FILES]
+        if foreign and ANALYSIS_MARKER not in names:
+            raise OutputError(
+                f"{out} exists and holds files that are not an analysis ({', '.join(foreign[:5])}"
+                f"{' ...' if len(foreign) > 5 else ''}); an analysis replaces its folder whole, "
+                "so choose another output folder"
+            )
+    return out
+
+
 def write_analysis(
     out_dir: str | Path,
     codes,
@@ -330,30 +361,50 @@ def write_analysis(
     truth_columns: Sequence[str] = (),
     top_n: int = 10,
 ) -> dict[str, Path]:
-    """Write features.parquet, codes.parquet (long form), selectivity tables and codes.h5ad."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write features.parquet, codes.parquet (long form), selectivity tables and codes.h5ad.
+
+    The files are written into a folder beside ``out_dir`` that replaces it once all are
+    written, so a failure leaves an earlier analysis whole rather than a mix of old and new.
+    """
+    out = check_analysis_folder(out_dir)
     csr = _csr(codes)
-    paths: dict[str, Path] = {}
-    sels = None
-    if columns:
-        best, counts, sels = selectivity_report(csr, table, columns)
-        paths["selectivity"] = atomic_parquet(best, out / "selectivity.parquet")
-        paths["selectivity_counts"] = atomic_parquet(counts, out / "selectivity_counts.parquet")
-    features = feature_table(csr, table, columns, top_n=top_n, selectivities=sels)
-    paths["features"] = atomic_parquet(features, out / "features.parquet")
-    coo = csr.tocoo()
-    long = pd.DataFrame(
-        {"token": coo.row.astype(np.int64), "feature": coo.col.astype(np.int32), "code": coo.data}
-    )
-    paths["codes"] = atomic_parquet(long, out / "codes.parquet")
-    paths["tokens"] = out / "tokens.parquet"
-    with atomic_path(paths["tokens"]) as tmp:
-        table.reset_index(drop=True).to_parquet(tmp, index=True)
-    if truth_columns:
-        aurocs = concept_auroc(csr, table, truth_columns)
-        paths["concepts"] = atomic_parquet(aurocs, out / "concepts.parquet")
-    paths["h5ad"] = out / "codes.h5ad"
-    with atomic_path(paths["h5ad"]) as tmp:
-        codes_anndata(csr, table, features, meta).write_h5ad(tmp)
-    return paths
+    names: dict[str, str] = {}
+    with atomic_dir(out) as tmp:
+        sels = None
+        if columns:
+            best, counts, sels = selectivity_report(csr, table, columns)
+            atomic_parquet(best, tmp / "selectivity.parquet")
+            atomic_parquet(counts, tmp / "selectivity_counts.parquet")
+            names.update(
+                selectivity="selectivity.parquet", selectivity_counts=("selectivity_counts.parquet")
+            )
+        features = feature_table(csr, table, columns, top_n=top_n, selectivities=sels)
+        names["features"] = "features.parquet"
+        atomic_parquet(features, tmp / names["features"])
+        coo = csr.tocoo()
+        long = pd.DataFrame(
+            {
+                "token": coo.row.astype(np.int64),
+                "feature": coo.col.astype(np.int32),
+                "code": coo.data,
+            }
+        )
+        names["codes"] = "codes.parquet"
+        atomic_parquet(long, tmp / names["codes"])
+        names["tokens"] = "tokens.parquet"
+        with atomic_path(tmp / names["tokens"]) as t:
+            table.reset_index(drop=True).to_parquet(t, index=True)
+        if truth_columns:
+            aurocs = concept_auroc(csr, table, truth_columns)
+            names["concepts"] = "concepts.parquet"
+            atomic_parquet(aurocs, tmp / names["concepts"])
+        names["h5ad"] = "codes.h5ad"
+        with atomic_path(tmp / names["h5ad"]) as t:
+            codes_anndata(csr, table, features, meta).write_h5ad(t)
+        import json
+
+        atomic_write_text(
+            tmp / ANALYSIS_MARKER,
+            json.dumps({"files": names, "dictionary": meta or {}}, default=str, sort_keys=True),
+        )
+    return {key: out / name for key, name in names.items()}

@@ -23,3 +23,7 @@ class StoreError(ConceptDiscoveryError, ValueError):
 
 class DictionaryError(ConceptDiscoveryError, ValueError):
     """A dictionary cannot be trained, loaded or applied as asked."""
+
+
+class OutputError(ConceptDiscoveryError, ValueError):
+    """An output path cannot be written as asked, or would replace something it must not."""

@@ -248,13 +248,18 @@ def embed_plate(
     backend: Backend | None = None,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
+    overwrite: bool = False,
 ) -> ActivationStore | None:
     """Embed every site of a plate (a :class:`Plate` or its folder) into a store at ``out``.
 
     Returns the store, or None when ``cancel`` stopped it (the finished sites are kept, and the
     next call continues with the rest). A store whose signature matches is reused as is
-    (``store.reused``); a stale one is rebuilt. ``backend`` is a model already loaded (else
-    ``settings.model`` is loaded). Progress: stage "embed", done/total sites, info ``site``.
+    (``store.reused``); a stale one of the same plate, model, block and settings is rebuilt;
+    a store of anything else is refused unless ``overwrite`` (then the new one is built beside
+    it and replaces it once complete). A lock file beside ``out`` keeps a second writer out.
+    Tokens that are not finite stop the run with an error naming the model and the site.
+    ``backend`` is a model already loaded (else ``settings.model`` is loaded). Progress: stage
+    "embed", done/total sites, info ``site``.
     """
     if settings is not None and not isinstance(settings, EmbedSettings):
         raise TypeError(
@@ -264,22 +269,37 @@ def embed_plate(
     settings = settings if settings is not None else EmbedSettings()
     if out is None:
         raise StoreError("no output folder given for the activation store")
-    from .embed import Embedder
-    from .store import StoreWriter
+    from ._files import check_output
+    from ._lock import write_lock
+    from .store import check_store_folder
 
+    out = check_output(out, folder=True, what="activation store")
+    check_store_folder(out)
     plate = _as_plate(plate, settings.labels)
     # Decided before the model loads, so a site without the labels asked for fails at once.
     inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
     backend = backend if backend is not None else load_embed_model(settings)
+    with write_lock(out, what="store", error=StoreError):
+        return _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overwrite)
+
+
+def _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overwrite):
+    """The body of :func:`embed_plate`, run while the store's lock is held."""
+    from .embed import Embedder
+    from .store import StoreWriter
+
     embedder = Embedder(backend, settings.block, settings.batch_size, settings.channel_tokens)
     record = settings.replace(model=model_source(backend), block=embedder.block)
-    writer = StoreWriter(out, plate, backend, embedder.block, inputs, settings=record.to_dict())
+    writer = StoreWriter(
+        out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite
+    )
     todo = writer.begin()
     total = len(plate)
     done = total - len(todo)
     report(progress, "embed", done, total)
     items = read_sites(plate, todo, inputs)
     for st in embedder.iter_sites(items, cancel=cancel):
+        check_finite(st, backend)
         writer.write_site(st)
         done += 1
         report(progress, "embed", done, total, site=str(st.key))
@@ -288,6 +308,36 @@ def embed_plate(
     store = writer.finish()
     store.reused = writer.reused
     return store
+
+
+def model_file(backend: Backend) -> str:
+    """The weights file (or source) a backend came from, for messages about its output."""
+    source = model_source(backend)
+    if source == "default":
+        from .models.loading import WEIGHTS_DIR
+
+        return str(WEIGHTS_DIR / "default.safetensors")
+    return source
+
+
+def check_finite(st: SiteTokens, backend: Backend) -> None:
+    """Refuse a site whose tokens hold NaN or Inf: damaged weights must not fill a store."""
+    import numpy as np
+
+    arrays = {
+        "patch": st.patch_grid,
+        "cell": st.cell_tokens,
+        "crop": st.crop_tokens,
+    }
+    bad = {u: int(np.size(a) - np.isfinite(a).sum()) for u, a in arrays.items() if np.size(a)}
+    bad = {u: n for u, n in bad.items() if n}
+    if bad:
+        counts = ", ".join(f"{n} of {np.size(arrays[u])} {u} values" for u, n in bad.items())
+        raise StoreError(
+            f"model {backend.model_id} ({model_file(backend)}) gave non-finite tokens (NaN or "
+            f"Inf) at site {st.key}: {counts}; its weights file may be damaged, nothing of this "
+            "site was stored"
+        )
 
 
 # --- one site on demand, as a store was built ----------------------------------------------

@@ -22,19 +22,24 @@ one slice (``site_rows``). ``model_source`` is what ``load_model`` takes to rebu
 can be embedded on demand the same way (``plate_embedding.embed_store_site``).
 
 The signature is the full content hash (blake2b) of every image and label file of the plate,
-how each site's labels were made, the model id and weights hash, the block, the tiling/pooling
-settings, the channels and the package version. Hashing reads each file once, which costs far
-less than the forward pass it guards. A store is reused only when its signature matches and it
-is marked complete; otherwise it is rebuilt, keeping only finished sites whose own inputs and
-settings still match (resume). Every file lands atomically (site parts and units are folders
-swapped into place; zarr's local store replaces metadata files atomically); the complete flag
-comes last. See docs/architecture.md, "The activation store".
+how each site's labels were made, the metadata joined into the tables, the model id and weights
+hash, the block, the tiling/pooling settings, the channels and the package version. Hashing
+reads each file once, which costs far less than the forward pass it guards. A store is reused
+only when its signature matches and it is marked complete (a changed metadata table alone is
+joined again, the tokens kept); a store of the same plate, model, block and settings whose data
+changed is rebuilt in place, keeping only finished sites whose own inputs and settings still
+match (resume); a store of anything else is refused unless ``overwrite``, and then the new
+store is built beside it (``.<name>.building``) and swapped in only once complete. Every file
+lands atomically (site parts and units are folders swapped into place; zarr's local store
+replaces metadata files atomically); the complete flag comes last. The writer holds a lock file
+beside the store (:mod:`._lock`). See docs/architecture.md, "The activation store".
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,6 +104,18 @@ def _write_labels(group, name: str, labels: np.ndarray):
     return arr
 
 
+def check_store_folder(path) -> dict | None:
+    """The root attributes of the store at ``path`` (None when there is none yet); a StoreError
+    for a folder that holds something else, which is never written into."""
+    path = Path(path)
+    attrs = StoreWriter._attrs_at(path)
+    if path.exists() and attrs is None and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(f"{path} exists and is not an activation store; choose another folder")
+    if attrs is not None and attrs.get("marker") != MARKER:
+        raise StoreError(f"{path} is a zarr folder but not an activation store")
+    return attrs
+
+
 class StoreWriter:
     """Builds (or reuses, or resumes) the store of one plate, model and block.
 
@@ -118,10 +135,15 @@ class StoreWriter:
         inputs: Mapping,
         *,
         settings: dict | None = None,
+        overwrite: bool = False,
     ):
         if path is None:
             raise StoreError("no output folder given for the activation store")
         self.path = Path(path)
+        #: Replace a store of another plate, model, block or settings (built beside, swapped in).
+        self.overwrite = bool(overwrite)
+        #: Where this run writes: the store itself, or a folder beside it when replacing one.
+        self.root = self.path
         self.plate = plate
         self.backend = backend
         self.block = int(block)
@@ -174,52 +196,129 @@ class StoreWriter:
         return {
             **self.config,
             "data": data.hexdigest(),
+            "metadata": self._metadata_hash(),
             "n_sites": len(self.keys),
             "plate_root": str(getattr(self.plate, "root", "")),
         }
 
+    def _metadata(self) -> pd.DataFrame:
+        return self.plate.site_table().set_index(["plate", "well", "site"])
+
+    def _metadata_hash(self) -> str:
+        """Hash of the metadata joined into the tables: a changed table must not stay frozen."""
+        table = self.plate.site_table()
+        text = table.to_csv(index=False) + "|" + ",".join(map(str, table.dtypes))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    # -- which store this is ------------------------------------------------------------------
+
+    def identity(self) -> dict:
+        """What makes a store this plate's store for this model, block and settings.
+
+        A store whose identity differs is another store (another plate, model, block or token
+        settings) and is never rebuilt in place without ``overwrite``; one that differs only in
+        its data (image, label or metadata bytes, sites added or gone, package version) is the
+        same store gone stale and is rebuilt.
+        """
+        skip = ("package_version", "store_format")
+        return {
+            **{k: v for k, v in self.config.items() if k not in skip},
+            "plate": str(self._sources()["plate_source"].get("path") or self.plate.root),
+        }
+
+    @staticmethod
+    def _identity_of(attrs: dict) -> dict:
+        sig = dict(attrs.get("signature", {}))
+        plate = dict(attrs.get("plate_source", {})).get("path") or sig.get("plate_root", "")
+        keys = (
+            "model_id",
+            "weights_hash",
+            "block",
+            "embed_dim",
+            "tile_size",
+            "patch_size",
+            "normalisation",
+            "tokens",
+            "channel_tokens",
+            "cells",
+            "channels",
+        )
+        return {**{k: sig.get(k) for k in keys}, "plate": str(plate)}
+
+    def _differences(self, attrs: dict) -> list[str]:
+        old, new = self._identity_of(attrs), self.identity()
+        names = {"weights_hash": "model weights", "model_id": "model", "plate": "plate folder"}
+        return [names.get(k, k.replace("_", " ")) for k in new if old.get(k) != new[k]]
+
+    def _refusal(self, attrs: dict, differ: list[str]) -> StoreError:
+        old = self._identity_of(attrs)
+        state = "" if attrs.get("complete") else "unfinished "
+        return StoreError(
+            f"{self.path} holds the {state}activation store of plate {old['plate']} "
+            f"(model {old['model_id']}, block {old['block']}); this run embeds plate "
+            f"{self.identity()['plate']} (model {self.config['model_id']}, block {self.block}): "
+            f"{', '.join(differ)} differ. Choose another output folder, or pass --overwrite "
+            "(overwrite=True) to replace it; the old store stays whole until the new one is "
+            "complete"
+        )
+
     # -- build -------------------------------------------------------------------------------
 
-    def _root_attrs(self) -> dict | None:
-        if not (self.path / "zarr.json").is_file():
+    def _staging(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.building")
+
+    def _aside(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.replaced")
+
+    @staticmethod
+    def _attrs_at(path: Path) -> dict | None:
+        if not (path / "zarr.json").is_file():
             return None
         try:
-            return dict(zarr.open_group(str(self.path), mode="r").attrs)
+            return dict(zarr.open_group(str(path), mode="r").attrs)
         except Exception:
             return None
 
+    def _root_attrs(self) -> dict | None:
+        return self._attrs_at(self.root)
+
     def begin(self) -> list:
-        """Keys of the sites still to embed ([] when a matching complete store exists)."""
+        """Keys of the sites still to embed ([] when a matching complete store exists).
+
+        Refuses (StoreError) a folder that is not a store, and a store of another plate, model,
+        block or settings unless ``overwrite``; then the new store is built beside it and
+        swapped in by :meth:`finish`, so the old one stays whole until the new one is complete.
+        """
         self.sig = self.signature()
         self.sig_hash = _hash_json({k: v for k, v in self.sig.items() if k != "plate_root"})
-        attrs = self._root_attrs()
-        if self.path.exists() and attrs is None and any(self.path.iterdir()):
-            raise StoreError(
-                f"{self.path} exists and is not an activation store; choose another folder"
-            )
-        if attrs is not None and attrs.get("marker") != MARKER:
-            raise StoreError(f"{self.path} is a zarr folder but not an activation store")
-        if attrs and attrs.get("complete") and attrs.get("signature_hash") == self.sig_hash:
-            if (
-                all((self.path / u / "table.parquet").is_file() for u in UNITS)
-                and (self.path / "sites.parquet").is_file()
-            ):
-                self.reused = True
-                # Where the plate and model are now (they may have moved); tokens are the same.
-                root = zarr.open_group(str(self.path), mode="a")
-                root.attrs.update(self._sources())
-                return []
+        aside = self._aside()
+        if aside.is_dir() and not self.path.exists():  # a swap cut short: put the old one back
+            aside.rename(self.path)
+        shutil.rmtree(aside, ignore_errors=True)
+        attrs = check_store_folder(self.path)
+        self.root = self.path
+        if self._reusable(attrs):
+            return []
+        differ = self._differences(attrs) if attrs is not None else []
+        if differ and not self.overwrite:
+            raise self._refusal(attrs, differ)
+        if differ:
+            self.root = self._staging()
+            staged = self._attrs_at(self.root)
+            if staged is None or staged.get("marker") != MARKER or self._differences(staged):
+                shutil.rmtree(self.root, ignore_errors=True)  # not this run's: start afresh
         # Stale or unfinished: drop gathered units, interrupted swaps and stale parts.
+        root_path = self.root
         for u in (*UNITS, "labels"):
-            shutil.rmtree(self.path / u, ignore_errors=True)
-        for d in self.path.glob(".*"):
+            shutil.rmtree(root_path / u, ignore_errors=True)
+        for d in root_path.glob(".*"):
             if d.is_dir() and d.name.endswith((".tmp", ".old")):
                 shutil.rmtree(d, ignore_errors=True)
-        (self.path / "sites.parquet").unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(self.path), mode="a")
+        (root_path / "sites.parquet").unlink(missing_ok=True)
+        root_path.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(root_path), mode="a")
         root.attrs.update(self._attrs(complete=False))
-        parts = self.path / "parts"
+        parts = root_path / "parts"
         parts.mkdir(exist_ok=True)
         names = {site_id(self.index[k], k): k for k in self.keys}
         done = set()
@@ -239,6 +338,39 @@ class StoreWriter:
                 continue
             done.add(key)
         return [k for k in self.keys if k not in done]
+
+    def _reusable(self, attrs: dict | None) -> bool:
+        """Keep a complete store whose signature matches; re-join a changed metadata table."""
+        if not attrs or not attrs.get("complete"):
+            return False
+        if not (
+            all((self.root / u / "table.parquet").is_file() for u in UNITS)
+            and (self.root / "sites.parquet").is_file()
+        ):
+            return False
+        if attrs.get("signature_hash") != self.sig_hash:
+            old = dict(attrs.get("signature", {}))
+            same_tokens = {k: v for k, v in old.items() if k not in ("plate_root", "metadata")}
+            now = {k: v for k, v in self.sig.items() if k not in ("plate_root", "metadata")}
+            if same_tokens != now or not attrs.get("table_columns"):
+                return False
+            self._rejoin(attrs["table_columns"])
+        self.reused = True
+        # Where the plate and model are now (they may have moved); tokens are the same.
+        root = zarr.open_group(str(self.root), mode="a")
+        root.attrs.update(
+            {**self._sources(), "signature": self.sig, "signature_hash": self.sig_hash}
+        )
+        return True
+
+    def _rejoin(self, table_columns: dict) -> None:
+        """Join the current metadata onto each unit's table in place of the old (tokens kept)."""
+        meta = self._metadata()
+        for u in UNITS:
+            path = self.root / u / "table.parquet"
+            table = pd.read_parquet(path)
+            base = table[[c for c in table_columns[u] if c in table.columns]]
+            atomic_parquet(self._join_metadata(base, meta), path)
 
     def _sources(self) -> dict:
         model_source = getattr(self.backend, "source", "") or self.backend.model_id
@@ -279,7 +411,7 @@ class StoreWriter:
         """Save one site's tokens and labels as a part, a folder swapped into place whole."""
         key = st.key
         name = site_id(self.index[key], key)
-        with atomic_dir(self.path / "parts" / name) as tmp:
+        with atomic_dir(self.root / "parts" / name) as tmp:
             g = zarr.open_group(str(tmp), mode="w")
             grid = st.patch_grid
             _write_array(g, "patch", grid.reshape(-1, grid.shape[-1]), np.float16)
@@ -309,8 +441,8 @@ class StoreWriter:
         """Gather parts into units, labels and the site table, then mark the store complete."""
         if self.reused:
             return ActivationStore.open(self.path)
-        meta = self.plate.site_table().set_index(["plate", "well", "site"])
-        parts = self.path / "parts"
+        meta = self._metadata()
+        parts = self.root / "parts"
         pieces = {u: [] for u in UNITS}
         chans = {u: [] for u in UNITS}
         tables = {u: [] for u in UNITS}
@@ -321,7 +453,7 @@ class StoreWriter:
             d = parts / name
             info = self._part_info(d)
             if info is None:
-                raise StoreError(f"{self.path}: site {key} has not been embedded; run again")
+                raise StoreError(f"{self.root}: site {key} has not been embedded; run again")
             g = zarr.open_group(str(d), mode="r")
             rows, cols = info["grid"]
             base = {"plate": key.plate, "well": key.well, "site": key.site}
@@ -355,31 +487,47 @@ class StoreWriter:
                     t.insert(i, k, v)
                 tables[u].append(t)
         d = self.backend.embed_dim
+        base_columns = {}
         for u in UNITS:
-            with atomic_dir(self.path / u) as tmp:
+            with atomic_dir(self.root / u) as tmp:
                 g = zarr.open_group(str(tmp), mode="w")
                 dtype = np.float16 if u == "patch" else np.float32
                 data = np.concatenate(pieces[u]) if pieces[u] else np.zeros((0, d), dtype)
                 _write_array(g, "tokens", data, dtype)
                 if self.channel_tokens:
                     _write_array(g, "channels", np.concatenate(chans[u]), np.float16)
-                table = self._join_metadata(pd.concat(tables[u], ignore_index=True), meta)
+                table = pd.concat(tables[u], ignore_index=True)
+                base_columns[u] = [str(c) for c in table.columns]
+                table = self._join_metadata(table, meta)
                 atomic_parquet(table, tmp / "table.parquet")
-        with atomic_dir(self.path / "labels") as tmp:
+        with atomic_dir(self.root / "labels") as tmp:
             zarr.open_group(str(tmp), mode="w")
             for row in site_rows:
                 if row["labels"]:  # copied, not moved: the parts stay whole until the end
                     shutil.copytree(parts / row["site_id"] / "labels", tmp / row["site_id"])
-        atomic_parquet(pd.DataFrame(site_rows), self.path / "sites.parquet")
-        root = zarr.open_group(str(self.path), mode="a")
+        atomic_parquet(pd.DataFrame(site_rows), self.root / "sites.parquet")
+        root = zarr.open_group(str(self.root), mode="a")
         root.attrs.update(
             {
                 **self._attrs(complete=True),
                 "counts": {u: int(start[u]) for u in UNITS},
+                "table_columns": base_columns,
             }
         )
         shutil.rmtree(parts, ignore_errors=True)
+        if self.root != self.path:
+            self._swap_in()
         return ActivationStore.open(self.path)
+
+    def _swap_in(self) -> None:
+        """Replace the old store by the finished one built beside it (two renames)."""
+        aside = self._aside()
+        shutil.rmtree(aside, ignore_errors=True)
+        if self.path.exists():
+            os.replace(self.path, aside)
+        os.replace(self.root, self.path)
+        self.root = self.path
+        shutil.rmtree(aside, ignore_errors=True)
 
     @staticmethod
     def _join_metadata(table: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:

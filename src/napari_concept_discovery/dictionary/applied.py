@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -98,6 +99,8 @@ class Dictionary:
     model: SparseDictionary
     whitener: Whitener | None = None
     meta: dict = field(default_factory=dict)
+    #: The file it was read from (None for one in memory), named in refusals.
+    path: Path | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -134,8 +137,24 @@ class Dictionary:
             )
 
     def check_compatible_store(self, store) -> None:
-        """Refuse a store embedded with another model, block or width."""
+        """Refuse a store embedded with another model, block, width or model weights.
+
+        Two models may share a name (a card's) and not their weights, so the weights hashes
+        are compared too when both sides record one; the refusal names both files.
+        """
         self.check_compatible(model_id=store.model_id, block=store.block, width=store.embed_dim)
+        mine = self.meta.get("weights_hash")
+        theirs = getattr(store, "weights_hash", None)
+        if mine and theirs and str(mine) != str(theirs):
+            where = f"the dictionary {self.path}" if self.path is not None else "this dictionary"
+            raise DictionaryError(
+                f"{where} was trained on tokens of model {self.meta.get('model_id')!r} with "
+                f"weights {str(mine)[:12]} ({self.meta.get('model_source') or 'source unknown'}), "
+                f"but the store at {getattr(store, 'path', '?')} was embedded by "
+                f"{store.model_id!r} with weights {str(theirs)[:12]} "
+                f"({getattr(store, 'model_source', '') or 'source unknown'}); the same model "
+                "name with other weights gives other tokens: model weights differ"
+            )
 
     def groups_of(self, table) -> np.ndarray | None:
         """Each token's whitening group from ``table`` (one row per token), or None."""

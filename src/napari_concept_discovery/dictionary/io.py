@@ -7,10 +7,17 @@ string metadata holds JSON: the method's config, the whitening parameters, and a
 dict (token unit, model id, source and block, embedding width, channel names, training-data
 signature, training settings, metrics). Keeping it all in one file means a dictionary cannot
 lose its whitening or its provenance. Writes are atomic, so a reader never sees half a file.
+
+The header also holds a checksum of every tensor's bytes, and loading checks it, the shapes
+against the config and that every value is finite, so a damaged file is refused rather than
+giving NaN codes. A training checkpoint (:func:`save_checkpoint`) is the same format with the
+optimiser and random state added and ``checkpoint`` in the header; it lives beside the output
+(:func:`checkpoint_path`) and is refused where a finished dictionary is expected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,20 +47,36 @@ def _jsonable(obj):
     return obj
 
 
-def save_dictionary(
-    path: str | Path,
-    model: SparseDictionary | Dictionary,
-    whitener: Whitener | None = None,
-    meta: dict | None = None,
-) -> Path:
-    """Write a dictionary (a :class:`Dictionary`, or a model + whitening + metadata) atomically."""
-    from safetensors.torch import save
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
+
+def checkpoint_path(out: str | Path) -> Path:
+    """Where the checkpoints of a training into ``out`` go: ``<stem>.ckpt.safetensors`` beside it."""
+    out = Path(out)
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    return out.with_name(f"{stem}.ckpt.safetensors")
+
+
+def _header_and_tensors(model, whitener, meta) -> tuple[dict, dict]:
     if isinstance(model, Dictionary):
         if whitener is not None or meta is not None:
             raise DictionaryError("pass either a Dictionary or a model with its whitener and meta")
         model, whitener, meta = model.model, model.whitener, model.meta
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.tensors().items()}
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise DictionaryError(
+                f"the dictionary's {name!r} holds {bad} non-finite values (NaN or Inf); "
+                "it is not written"
+            )
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -67,11 +90,102 @@ def save_dictionary(
         header["whitener"] = json.dumps(_jsonable(wmeta), sort_keys=True)
         for k, v in warrays.items():
             tensors[k] = torch.from_numpy(np.ascontiguousarray(v))
+    return header, tensors
+
+
+def save_dictionary(
+    path: str | Path,
+    model: SparseDictionary | Dictionary,
+    whitener: Whitener | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """Write a dictionary (a :class:`Dictionary`, or a model + whitening + metadata) atomically.
+
+    Non-finite tensors are refused: a file is only ever written for a usable dictionary.
+    """
+    from safetensors.torch import save
+
+    header, tensors = _header_and_tensors(model, whitener, meta)
+    header["checksum"] = tensors_checksum(tensors)
     return atomic_write_bytes(path, save(tensors, metadata=header))
 
 
-def load_dictionary(path: str | Path) -> Dictionary:
-    """Read a file written by :func:`save_dictionary`."""
+def save_checkpoint(
+    path: str | Path,
+    model: SparseDictionary,
+    whitener: Whitener | None,
+    meta: dict,
+    state: dict[str, torch.Tensor],
+    state_meta: dict,
+) -> Path:
+    """A training checkpoint: the dictionary file plus ``state`` tensors (optimiser moments,
+    random state; stored as ``state.<name>``) and ``state_meta`` (JSON) to resume from."""
+    from safetensors.torch import save
+
+    header, tensors = _header_and_tensors(model, whitener, {**meta, "checkpoint": True})
+    for k, v in state.items():
+        tensors[f"state.{k}"] = v.detach().cpu().contiguous()
+    header["checkpoint"] = json.dumps(_jsonable(state_meta), sort_keys=True)
+    header["checksum"] = tensors_checksum(tensors)
+    return atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def read_header(path: str | Path) -> dict | None:
+    """The string metadata of a safetensors file, or None when it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:
+        return None
+
+
+def is_dictionary_file(path: str | Path) -> bool:
+    """Whether ``path`` is a dictionary file (or a checkpoint of one) that may be replaced."""
+    header = read_header(path) if Path(path).is_file() else None
+    return header is not None and header.get("format") == FORMAT
+
+
+def _damaged(path: Path, what: str) -> DictionaryError:
+    return DictionaryError(f"{path} is damaged: {what}; train the dictionary again")
+
+
+def _check_shapes(path: Path, model: SparseDictionary, tensors: dict, whitener) -> None:
+    """Every tensor the method needs is there with the shape its config gives."""
+    expected = {k: tuple(v.shape) for k, v in model.tensors().items()}
+    for name, shape in expected.items():
+        if name == "tokens_since_fired" and name not in tensors:
+            continue
+        if name not in tensors:
+            raise _damaged(path, f"tensor {name!r} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise _damaged(
+                path, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}"
+            )
+    if whitener is None:
+        return
+    g, d_raw = len(whitener.groups_), whitener.n_features_in_
+    want = {"whiten_mean": (g, d_raw)}
+    if whitener.transform_ is not None:
+        want["whiten_transform"] = (g, model.d_in, d_raw)
+        want["whiten_eigenvalues"] = (g, model.d_in)
+    elif whitener.n_components_ != model.d_in:
+        raise _damaged(
+            path,
+            f"whitening gives {whitener.n_components_} dimensions, the dictionary takes "
+            f"{model.d_in}",
+        )
+    for name, shape in want.items():
+        if name not in tensors:
+            raise _damaged(path, f"tensor {name!r} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise _damaged(
+                path, f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}"
+            )
+
+
+def _read(path: str | Path, checkpoint: bool) -> tuple[Dictionary, dict, dict]:
     from safetensors import safe_open
 
     path = Path(path)
@@ -87,16 +201,58 @@ def load_dictionary(path: str | Path) -> Dictionary:
         raise DictionaryError(
             f"{path} is a safetensors file but not a concept-discovery dictionary"
         )
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+    try:
+        version = int(header.get("format_version", 0))
+    except ValueError:
+        raise _damaged(path, f"format version {header.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
         raise DictionaryError(
             f"{path} was written by a newer version (format {header['format_version']}); "
             f"this one reads format {FORMAT_VERSION}"
         )
-    model = build_model(header["method"], int(header["d_in"]), json.loads(header["config"]))
-    model.load_tensors(tensors)
+    if "checkpoint" in header and not checkpoint:
+        try:
+            steps = json.loads(header["meta"]).get("steps")
+        except (ValueError, AttributeError):
+            steps = None
+        at = f" (after step {steps})" if steps is not None else ""
+        raise DictionaryError(
+            f"{path} is a training checkpoint{at}, not a finished dictionary; finish the "
+            "training with `concept-discovery train ... --resume` (the same --out)"
+        )
+    if "checksum" in header and tensors_checksum(tensors) != header["checksum"]:
+        raise _damaged(path, "its tensors do not match the checksum written with them")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise _damaged(path, f"tensor {name!r} holds {bad} non-finite values (NaN or Inf)")
+    state = {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
+    try:
+        model = build_model(header["method"], int(header["d_in"]), json.loads(header["config"]))
+        whitener = None
+        if "whitener" in header:
+            arrays = {k: v.numpy() for k, v in tensors.items() if k.startswith("whiten_")}
+            whitener = Whitener.from_state(json.loads(header["whitener"]), arrays)
+        _check_shapes(path, model, tensors, whitener)
+        model.load_tensors(tensors)
+        meta = json.loads(header["meta"])
+        state_meta = json.loads(header["checkpoint"]) if "checkpoint" in header else {}
+    except DictionaryError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise _damaged(path, f"{type(exc).__name__}: {exc}") from exc
     model.eval()
-    whitener = None
-    if "whitener" in header:
-        arrays = {k: v.numpy() for k, v in tensors.items() if k.startswith("whiten_")}
-        whitener = Whitener.from_state(json.loads(header["whitener"]), arrays)
-    return Dictionary(model, whitener, json.loads(header["meta"]))
+    return Dictionary(model, whitener, meta, path=path), state, state_meta
+
+
+def load_dictionary(path: str | Path) -> Dictionary:
+    """Read a file written by :func:`save_dictionary`; damaged files and checkpoints are refused."""
+    return _read(path, checkpoint=False)[0]
+
+
+def load_checkpoint(path: str | Path) -> tuple[Dictionary, dict[str, torch.Tensor], dict]:
+    """(dictionary, state tensors, state metadata) of a file written by :func:`save_checkpoint`."""
+    dictionary, state, state_meta = _read(path, checkpoint=True)
+    if not state_meta:
+        raise DictionaryError(f"{path} is a finished dictionary, not a training checkpoint")
+    return dictionary, state, state_meta

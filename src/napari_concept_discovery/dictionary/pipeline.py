@@ -16,15 +16,28 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..concepts import join_truth, read_truth, require_columns, write_analysis
-from ..errors import DictionaryError
+from .._files import check_output
+from ..concepts import (
+    check_analysis_folder,
+    join_truth,
+    read_truth,
+    require_columns,
+    write_analysis,
+)
+from ..errors import DictionaryError, OutputError
 from ..progress import Cancel, Cancelled, ProgressCallback, report
 from .applied import Dictionary
-from .io import save_dictionary
+from .io import (
+    checkpoint_path,
+    is_dictionary_file,
+    load_checkpoint,
+    save_checkpoint,
+    save_dictionary,
+)
 from .metrics import evaluate
 from .registry import build_model
 from .settings import AnalyzeSettings, TrainSettings, WhitenSettings
-from .training import TrainResult, train
+from .training import TrainResult, TrainState, train
 from .whiten import Whitener, control_mask
 
 
@@ -41,6 +54,90 @@ def take_rows(data, rows: np.ndarray, block: int = 65536) -> np.ndarray:
             out[s : s + len(part)] = np.asarray(data[lo:hi])[part - lo]
         else:
             out[s : s + len(part)] = np.asarray(data.get_orthogonal_selection((part, slice(None))))
+    return out
+
+
+class RowSubset:
+    """Some rows (sorted) of an (N, D) numpy or zarr array, read like the array itself.
+
+    Training, whitening and evaluation slice their tokens; this lets them run on the finite
+    rows of a store without copying it.
+    """
+
+    def __init__(self, data, rows: np.ndarray):
+        self.data = data
+        self.rows = np.asarray(rows)
+        self.shape = (len(self.rows), int(data.shape[1]))
+        chunks = getattr(data, "chunks", None)
+        if chunks is not None:
+            self.chunks = (int(chunks[0]), self.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = self.rows[key]
+        if np.ndim(rows) == 0:
+            return take_rows(self.data, np.asarray([rows]))[0]
+        return take_rows(self.data, rows) if len(rows) else np.zeros((0, self.shape[1]), "f4")
+
+    def get_orthogonal_selection(self, selection) -> np.ndarray:
+        rows, cols = selection
+        return self[np.asarray(rows)][:, cols]
+
+
+def nonfinite_rows(tokens, block: int = 65536) -> np.ndarray:
+    """Boolean (N,) mask of the tokens holding NaN or Inf, read in blocks of rows."""
+    n = int(tokens.shape[0])
+    bad = np.zeros(n, dtype=bool)
+    for start in range(0, n, block):
+        part = np.asarray(tokens[start : start + block])
+        bad[start : start + len(part)] = ~np.isfinite(part).all(axis=1)
+    return bad
+
+
+def _where(table: pd.DataFrame, mask: np.ndarray, limit: int = 5) -> str:
+    """The sites of the masked rows, for a message: 'at 3 sites: P1 B02 site 1, ...'."""
+    keys = [c for c in ("plate", "well", "site") if c in table.columns]
+    if not keys:
+        rows = np.flatnonzero(mask)
+        return f"at rows {', '.join(map(str, rows[:limit]))}" + (
+            " ..." if len(rows) > limit else ""
+        )
+    sites = table.loc[mask, keys].drop_duplicates()
+    shown = "; ".join(" ".join(str(v) for v in row) for row in sites.head(limit).itertuples(False))
+    more = f"; ... and {len(sites) - limit} more" if len(sites) > limit else ""
+    return f"at {len(sites)} site(s): {shown}{more}"
+
+
+def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str):
+    """(tokens, table, dropped) with the non-finite tokens refused, or dropped and counted."""
+    bad = nonfinite_rows(tokens)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return tokens, table, 0
+    text = f"{n_bad} of {len(bad)} {unit} tokens of {where} hold NaN or Inf, {_where(table, bad)}"
+    if not drop:
+        raise DictionaryError(
+            f"{text}. Whitening and training on them would give NaN; embed again with sound "
+            "weights, or leave them out with --drop-nonfinite (drop_nonfinite=True; the count "
+            "is recorded in the dictionary)"
+        )
+    if n_bad == len(bad):
+        raise DictionaryError(f"{text}: no finite token is left to train on")
+    keep = np.flatnonzero(~bad)
+    return RowSubset(tokens, keep), table.iloc[keep].reset_index(drop=True), n_bad
+
+
+def check_dictionary_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before training, an output path that cannot be written, or that holds a file
+    that is not a dictionary (unless ``overwrite``): training must not cost the user a file."""
+    out = check_output(out, folder=False, what="dictionary file")
+    if out.exists() and not overwrite and not is_dictionary_file(out):
+        raise OutputError(
+            f"{out} exists and is not a dictionary file; choose another --out, or pass "
+            "--overwrite (overwrite=True) to replace it"
+        )
     return out
 
 
@@ -87,6 +184,47 @@ class TrainedDictionary:
     metrics: dict
     path: Path | None
     cancelled: bool = False
+    #: The checkpoint to resume from (``train_on_store(..., resume=True)``) when the training
+    #: was cancelled; the output path is written only for a finished dictionary.
+    checkpoint: Path | None = None
+
+
+#: Settings a resumed training may change: they do not change the dictionary's path to a step.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max")
+
+
+def _resume_state(store, settings: TrainSettings, ckpt: Path):
+    """(dictionary, TrainState, meta) from a checkpoint that this store and these settings
+    continue; anything else is refused, naming what differs."""
+    if not ckpt.is_file():
+        raise DictionaryError(
+            f"no checkpoint at {ckpt} to resume from; train without --resume to start afresh"
+        )
+    dictionary, tensors, state_meta = load_checkpoint(ckpt)
+    meta = dictionary.meta
+    recorded = dict(meta.get("train_settings", {}))
+    wanted = settings.to_dict()
+    differ = sorted(
+        k
+        for k in set(recorded) | set(wanted)
+        if k not in RESUMABLE_CHANGES and recorded.get(k) != wanted.get(k)
+    )
+    if differ:
+        raise DictionaryError(
+            f"the checkpoint {ckpt} was trained with other settings ({', '.join(differ)} "
+            "differ); resume with the settings it was started with, or train afresh"
+        )
+    if meta.get("signature") != store_signature(store):
+        raise DictionaryError(
+            f"the checkpoint {ckpt} was trained on another store (or one embedded again) "
+            f"than {getattr(store, 'path', 'this store')}; train afresh"
+        )
+    state = TrainState.from_tensors(tensors, state_meta)
+    if state.step > settings.steps:
+        raise DictionaryError(
+            f"the checkpoint {ckpt} is at step {state.step}, past --steps {settings.steps}"
+        )
+    return dictionary, state, meta
 
 
 def train_on_store(
@@ -96,49 +234,79 @@ def train_on_store(
     out: str | Path | None = None,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> TrainedDictionary:
     """Whiten on controls, train on ``settings.unit`` tokens, evaluate, and save to ``out``.
 
     Progress comes as stages ``"whiten"``, ``"train"`` (with loss, FVU, dead fraction and
-    samples) and ``"evaluate"``. Checkpoints go to ``out`` every ``settings.checkpoint_every``
-    steps. The file's metadata records the unit, model, block, width, channels, store
+    samples) and ``"evaluate"``. ``out`` is checked before any work: an existing file that is
+    not a dictionary is refused unless ``overwrite``. Checkpoints (with the optimiser state)
+    go beside it, to ``io.checkpoint_path(out)``, every ``settings.checkpoint_every`` steps and
+    when the training stops; ``out`` itself is written only once the dictionary is finished
+    (trained and evaluated), and the checkpoint is then removed. ``resume`` goes on from that
+    checkpoint and reaches the dictionary an uninterrupted run would have. Tokens holding NaN
+    or Inf are refused, or left out and counted with ``settings.drop_nonfinite``. The file's
+    metadata records the unit, model (id, source, weights hash), block, width, channels, store
     signature, whitening, the settings themselves and the metrics.
     """
     unit = settings.unit
+    if out is not None:
+        out = check_dictionary_out(out, overwrite)
+    elif resume:
+        raise DictionaryError("resume needs the output path whose checkpoint to go on from")
+    ckpt = checkpoint_path(out) if out is not None else None
     tokens = store.tokens(unit)
     table = store.table(unit)
     if tokens.shape[0] == 0:
         raise DictionaryError(f"the store has no {unit} tokens to train on")
-    whitener = groups = None
+    if len(table) != tokens.shape[0]:
+        raise DictionaryError(
+            f"the token table has {len(table)} rows but there are {tokens.shape[0]} tokens"
+        )
+    where = f"the store at {getattr(store, 'path', '?')}"
+    tokens, table, dropped = finite_tokens(tokens, table, unit, settings.drop_nonfinite, where)
+    state = whitener = None
+    if resume:
+        restored, state, meta = _resume_state(store, settings, ckpt)
+        model, whitener = restored.model, restored.whitener
+        meta = {**meta, "train_settings": settings.to_dict()}
+        meta.pop("checkpoint", None)
+    groups = None
     if settings.whiten is not None:
-        report(progress, "whiten", 0, 1)
-        whitener = fit_whitener(tokens, table, settings.whiten)
-        report(progress, "whiten", 1, 1)
+        if not resume:
+            report(progress, "whiten", 0, 1)
+            whitener = fit_whitener(tokens, table, settings.whiten)
+            report(progress, "whiten", 1, 1)
         if settings.whiten.by is not None:
             groups = _group_labels(table, settings.whiten.by)
-    d_in = whitener.n_components_ if whitener is not None else tokens.shape[1]
-    model = build_model(settings.method, d_in, settings.method_config(), seed=settings.seed)
-    meta = {
-        "unit": unit,
-        "model_id": store.model_id,
-        "model_source": getattr(store, "model_source", None),
-        "block": int(store.block),
-        "embed_dim": int(store.embed_dim),
-        "channel_names": list(store.channel_names),
-        "signature": store_signature(store),
-        "whitening": (
-            settings.whiten.describe_meta()
-            if settings.whiten is not None
-            else {"controls": None, "by": None, "mode": None}
-        ),
-        "train_settings": settings.to_dict(),
-        "n_tokens": int(tokens.shape[0]),
-        "seed": settings.seed,
-        "batch_size": settings.batch_size,
-    }
+    if not resume:
+        d_in = whitener.n_components_ if whitener is not None else tokens.shape[1]
+        model = build_model(settings.method, d_in, settings.method_config(), seed=settings.seed)
+        meta = {
+            "unit": unit,
+            "model_id": store.model_id,
+            "model_source": getattr(store, "model_source", None),
+            "weights_hash": getattr(store, "weights_hash", None),
+            "block": int(store.block),
+            "embed_dim": int(store.embed_dim),
+            "channel_names": list(store.channel_names),
+            "signature": store_signature(store),
+            "whitening": (
+                settings.whiten.describe_meta()
+                if settings.whiten is not None
+                else {"controls": None, "by": None, "mode": None}
+            ),
+            "train_settings": settings.to_dict(),
+            "n_tokens": int(tokens.shape[0]),
+            "nonfinite_dropped": dropped,
+            "seed": settings.seed,
+            "batch_size": settings.batch_size,
+        }
 
-    def checkpoint(m, step: int) -> None:
-        save_dictionary(out, m, whitener, {**meta, "steps": step, "checkpoint": True})
+    def checkpoint(m, step: int, st: TrainState) -> None:
+        tensors, state_meta = st.tensors()
+        save_checkpoint(ckpt, m, whitener, {**meta, "steps": step}, tensors, state_meta)
 
     result = train(
         model,
@@ -152,6 +320,7 @@ def train_on_store(
         cancel=cancel,
         on_checkpoint=None if out is None else checkpoint,
         checkpoint_every=settings.checkpoint_every,
+        resume=state,
     )
     cancelled = result.cancelled
     metrics: dict = {}
@@ -183,8 +352,13 @@ def train_on_store(
         metrics=metrics,
     )
     dictionary = Dictionary(model, whitener, meta)
-    path = save_dictionary(out, dictionary) if out is not None else None
-    return TrainedDictionary(dictionary, result, metrics, path, cancelled)
+    path = None
+    if out is not None and not cancelled:
+        path = save_dictionary(out, dictionary)
+        dictionary.path = path
+        ckpt.unlink(missing_ok=True)
+    kept = ckpt if ckpt is not None and ckpt.is_file() else None
+    return TrainedDictionary(dictionary, result, metrics, path, cancelled, kept)
 
 
 def encode_store(
@@ -197,7 +371,12 @@ def encode_store(
     cancel: Cancel = None,
 ) -> tuple[sp.csr_matrix, pd.DataFrame]:
     """Codes (N, M) CSR of all ``unit`` tokens of ``store`` (default: the dictionary's unit),
-    with the token table. Refuses a store of another model, block or width."""
+    with the token table. Refuses a store of another model, weights, block or width.
+
+    Tokens of another unit than the dictionary was trained on (a cell dictionary on patch
+    tokens, as the viewer's activation maps do) come from the same model, block and width, so
+    they are accepted; the CLI says when it does this.
+    """
     unit = unit or dictionary.meta.get("unit") or "cell"
     dictionary.check_compatible_store(store)
     tokens = store.tokens(unit)
@@ -224,12 +403,41 @@ def encode_for_analysis(
     *,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
+    truth: pd.DataFrame | None = None,
 ) -> tuple[sp.csr_matrix, pd.DataFrame]:
-    """:func:`encode_store` with ``settings.truth_file`` joined onto the token table."""
+    """:func:`encode_store` with ``settings.truth_file`` (or ``truth``, read already) joined
+    onto the token table."""
     codes, table = encode_store(store, dictionary, settings.unit, progress=progress, cancel=cancel)
-    if settings.truth_file is not None:
-        table = join_truth(table, read_truth(settings.truth_file))
+    if truth is None and settings.truth_file is not None:
+        truth = read_truth(settings.truth_file)
+    if truth is not None:
+        table = join_truth(table, truth)
     return codes, table
+
+
+def check_analysis(store, dictionary: Dictionary, settings: AnalyzeSettings) -> pd.DataFrame | None:
+    """Everything about an analysis that can be refused before encoding: the dictionary fits
+    the store, the truth file reads and joins, the label and truth columns exist. Returns the
+    truth table (or None)."""
+    unit = settings.unit or dictionary.meta.get("unit") or "cell"
+    dictionary.check_compatible_store(store)
+    columns = list(store.table(unit).columns)
+    truth = None
+    if settings.truth_file is not None:
+        truth = read_truth(settings.truth_file)
+        keys = ("plate", "well", "site", "label")
+        missing = [k for k in keys if k not in columns or k not in truth.columns]
+        if missing:
+            raise DictionaryError(
+                f"cannot join the truth file {settings.truth_file} onto the {unit} tokens on "
+                f"{list(keys)}: missing {missing} (tokens: {columns}, truth: "
+                f"{list(truth.columns)})"
+            )
+        columns += [c for c in truth.columns if c not in columns]
+    empty = pd.DataFrame(columns=columns)
+    require_columns(empty, settings.labels, "selectivity (labels)")
+    require_columns(empty, settings.truth, "ground truth (truth)")
+    return truth
 
 
 def analyze_store(
@@ -243,13 +451,16 @@ def analyze_store(
 ) -> Analysis:
     """Encode ``store`` and write the feature, selectivity, concept and code tables to ``out``.
 
-    Label and truth columns are checked against the token table before anything is written.
+    The output folder, the dictionary's fit to the store, the truth file and the label and
+    truth columns are checked before anything is encoded or written; the tables are written
+    into a folder beside ``out`` that replaces it whole, so a failed run leaves the old
+    analysis as it was.
     """
+    check_analysis_folder(out)
+    truth = check_analysis(store, dictionary, settings)
     codes, table = encode_for_analysis(
-        store, dictionary, settings, progress=progress, cancel=cancel
+        store, dictionary, settings, progress=progress, cancel=cancel, truth=truth
     )
-    require_columns(table, settings.labels, "selectivity (labels)")
-    require_columns(table, settings.truth, "ground truth (truth)")
     paths = write_analysis(
         out,
         codes,

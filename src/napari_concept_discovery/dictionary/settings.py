@@ -125,10 +125,18 @@ class TrainSettings(Settings):
     batch_size: int = option(1024, "tokens per step")
     seed: int = option(0, "random seed (initialisation, batch order, evaluation sample)")
     checkpoint_every: int = option(
-        1000, "steps between checkpoints written to the output file (0: only at the end)"
+        1000,
+        "steps between checkpoints (with the optimiser state) written beside the output, as "
+        "<name>.ckpt.safetensors, for train --resume (0: only when training stops)",
     )
     eval_max: int = option(
         200_000, "tokens the metrics after training are computed on (a random sample if more)"
+    )
+    drop_nonfinite: bool = option(
+        False,
+        "leave out tokens holding NaN or Inf (counted in the dictionary's metadata) instead of "
+        "refusing the store",
+        label="drop non-finite tokens",
     )
     whiten: WhitenSettings | None = option(
         None, "whitening fitted on control tokens; None trains on the tokens as stored", cli=False
@@ -141,7 +149,7 @@ class TrainSettings(Settings):
 
     def validate(self) -> None:
         check(self.atoms >= 1, "atoms", f"must be at least 1, got {self.atoms}")
-        check(self.steps >= 0, "steps", f"must not be negative, got {self.steps}")
+        check(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
         check(
@@ -197,6 +205,12 @@ class TrainSettings(Settings):
         elif n_iter is None:
             n_iter = DEFAULT_ICFL_J
         check(n_iter >= 1, "n_iter", f"J must be at least 1, got {n_iter}")
+        check(
+            n_iter * n_pick <= self.atoms,
+            "sparsity",
+            f"ICFL picks J x L = {n_iter} x {n_pick} = {n_iter * n_pick} atoms per token, "
+            f"more than the {self.atoms} atoms of the dictionary",
+        )
         cfg.update(n_iter=n_iter, n_pick=n_pick)
         return cfg
 

@@ -6,10 +6,17 @@ a few batches, so memory is bounded by the batch size and not by the data. White
 given, is applied per batch. The loop reports progress, honours cancellation between steps
 (so the dictionary it returns is always the one after the last complete step), and hands
 checkpoints to a callback (the caller decides where and how they are written).
+
+A checkpoint carries a :class:`TrainState` (optimiser moments, torch's random state, the
+dead-feature counters), and ``train(..., resume=state)`` goes on from it: the batch stream is
+drawn again from the seed and skipped to the step, so a resumed run reaches the same dictionary
+as one that was never interrupted.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +45,64 @@ class TrainResult:
     samples: int
     seconds: float
     history: list[Progress] = field(default_factory=list)
+
+
+@dataclass
+class TrainState:
+    """What a training needs besides the model to go on exactly where it stopped."""
+
+    step: int
+    samples: int
+    optimizer: dict  # torch optimiser state_dict
+    since_fired: torch.Tensor
+    torch_rng: torch.Tensor
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able metadata) for a checkpoint file; inverse of :meth:`from_tensors`."""
+        out = {"since_fired": self.since_fired, "torch_rng": self.torch_rng}
+        slots: dict[str, dict] = {}
+        for index, slot in self.optimizer["state"].items():
+            kinds = {}
+            for key, value in slot.items():
+                if isinstance(value, torch.Tensor):
+                    out[f"optimizer.{index}.{key}"] = value
+                    kinds[key] = "tensor"
+                else:
+                    kinds[key] = value
+            slots[str(index)] = kinds
+        meta = {
+            "step": self.step,
+            "samples": self.samples,
+            "optimizer_groups": json.loads(json.dumps(self.optimizer["param_groups"])),
+            "optimizer_slots": slots,
+        }
+        return out, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TrainState:
+        state = {}
+        for index, kinds in meta["optimizer_slots"].items():
+            state[int(index)] = {
+                key: tensors[f"optimizer.{index}.{key}"] if kind == "tensor" else kind
+                for key, kind in kinds.items()
+            }
+        return cls(
+            step=int(meta["step"]),
+            samples=int(meta["samples"]),
+            optimizer={"state": state, "param_groups": meta["optimizer_groups"]},
+            since_fired=tensors["since_fired"],
+            torch_rng=tensors["torch_rng"],
+        )
+
+
+def _wants_state(callback) -> bool:
+    """Whether a checkpoint callback takes (model, step, state) rather than (model, step)."""
+    try:
+        params = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def iterate_batches(
@@ -103,9 +168,10 @@ def train(
     progress: ProgressCallback = None,
     progress_every: int = 10,
     cancel: Cancel = None,
-    on_checkpoint: Callable[[SparseDictionary, int], None] | None = None,
+    on_checkpoint: Callable[..., None] | None = None,
     checkpoint_every: int = 1000,
     init_samples: int = 8192,
+    resume: TrainState | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimiser steps on (N, D) tokens ``data``.
 
@@ -115,8 +181,10 @@ def train(
     end, with ``loss``, ``fvu`` and ``dead_fraction`` of the latest batch and ``samples`` seen.
     ``cancel`` (an Event or a callable) is checked before each step; the model returned is the
     one after the last complete step. A non-finite loss restores the last reported state and
-    stops (``diverged=True``). ``on_checkpoint(model, step)`` is called every
-    ``checkpoint_every`` steps and after the last one.
+    stops (``diverged=True``). ``on_checkpoint(model, step)`` (or ``(model, step, state)``
+    with a :class:`TrainState`) is called every ``checkpoint_every`` steps and after the last
+    one. ``resume`` (a checkpoint's state, with ``model`` holding the checkpoint's tensors)
+    goes on from its step with the same ``seed`` and ``batch_size``.
     """
     if steps < 0 or batch_size < 1:
         raise DictionaryError(f"steps must be >= 0 and batch size >= 1; got {steps}, {batch_size}")
@@ -132,25 +200,48 @@ def train(
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
 
-    init_stream = iterate_batches(
-        data, max(batch_size, 1), np.random.default_rng(seed + 1), group_arr
-    )
-    sample, seen = [], 0
-    while seen < min(init_samples, data.shape[0]):
-        xb, gb = next(init_stream)
-        sample.append(prepare(xb, gb, whitener))
-        seen += len(xb)
     model.train()
-    model.init_from_data(torch.cat(sample)[:init_samples], gen)
-    del sample, init_stream
+    if resume is None:
+        init_stream = iterate_batches(
+            data, max(batch_size, 1), np.random.default_rng(seed + 1), group_arr
+        )
+        sample, seen = [], 0
+        while seen < min(init_samples, data.shape[0]):
+            xb, gb = next(init_stream)
+            sample.append(prepare(xb, gb, whitener))
+            seen += len(xb)
+        model.init_from_data(torch.cat(sample)[:init_samples], gen)
+        del sample, init_stream
 
     optimizer = model.make_optimizer()
     stream = iterate_batches(data, batch_size, rng, group_arr)
     since_fired = torch.zeros(model.n_atoms, dtype=torch.long)
     history: list[Progress] = []
+    samples = step = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        since_fired.copy_(resume.since_fired)
+        torch.set_rng_state(resume.torch_rng)
+        samples, step = int(resume.samples), int(resume.step)
+        for _ in range(step):  # the batches the interrupted run took, drawn again
+            next(stream)
     good = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    samples = step = good_step = 0
+    good_step = step
     cancelled = diverged = False
+    with_state = on_checkpoint is not None and _wants_state(on_checkpoint)
+
+    def checkpoint(at: int) -> None:
+        if not with_state:
+            on_checkpoint(model, at)
+            return
+        state = TrainState(
+            step=at,
+            samples=samples,
+            optimizer=optimizer.state_dict(),
+            since_fired=since_fired.clone(),
+            torch_rng=torch.get_rng_state(),
+        )
+        on_checkpoint(model, at, state)
 
     def report(loss: float, fvu: float) -> None:
         window = min(DEAD_WINDOW, samples)
@@ -166,7 +257,8 @@ def train(
             progress(info)
 
     loss_f = fvu_f = math.nan
-    for step_i in range(1, steps + 1):
+    first = step
+    for step_i in range(first + 1, steps + 1):
         if is_cancelled(cancel):
             cancelled = True
             break
@@ -197,11 +289,15 @@ def train(
             good = {k: v.detach().clone() for k, v in model.state_dict().items()}
             good_step = step
         if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
-            on_checkpoint(model, step)
-    if cancelled and step and (not history or history[-1].done != step):
+            checkpoint(step)
+    if cancelled and step > first and (not history or history[-1].done != step):
         report(loss_f, fvu_f)
-    if on_checkpoint is not None and step and (not checkpoint_every or step % checkpoint_every):
-        on_checkpoint(model, step)
+    if (
+        on_checkpoint is not None
+        and step > first
+        and (not checkpoint_every or step % checkpoint_every)
+    ):
+        checkpoint(step)
     model.eval()
     return TrainResult(
         model=model,

@@ -96,6 +96,12 @@ class Whitener:
         if x.ndim != 2:
             raise DictionaryError(f"control tokens must be (N, D), got shape {x.shape}")
         n, d = x.shape
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            raise DictionaryError(
+                f"{int((~finite).sum())} of {n} control tokens hold NaN or Inf; whitening on "
+                "them would give no usable components (leave them out first)"
+            )
         if self.n_components is not None and not 1 <= self.n_components <= d:
             raise DictionaryError(f"n_components must be in 1..{d}, got {self.n_components}")
         if self.group_by is not None:

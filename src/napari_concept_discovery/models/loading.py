@@ -175,7 +175,12 @@ def build_channel_agnostic(
     """
     card = dict(card or {})
     card.setdefault("architecture", {"class": "ChannelAgnosticViT", **arch})
-    model = ChannelAgnosticViT(**arch)
+    try:
+        model = ChannelAgnosticViT(**arch)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:
+        raise ModelError(
+            f"{what}: the architecture {arch} does not make a ChannelAgnosticViT: {exc}"
+        ) from exc
     check_state_dict(model, state, what)
     model.load_state_dict(state, strict=True)
     if default_block is None:
@@ -274,6 +279,10 @@ def load_card_model(
         card = json.loads(Path(card_path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{card_path}: not valid JSON: {exc}") from exc
+    if not isinstance(card, dict) or not isinstance(card.get("architecture", {}), dict):
+        raise ModelError(
+            f"{card_path}: a model card is a JSON object with an 'architecture' object"
+        )
     arch = dict(card.get("architecture", {}))
     if arch.pop("class", "ChannelAgnosticViT") != "ChannelAgnosticViT":
         raise ModelError(f"{card_path}: not a ChannelAgnosticViT card")

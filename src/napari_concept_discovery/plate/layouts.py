@@ -11,6 +11,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -32,6 +33,8 @@ _SIDECARS = (".csv", ".tsv", ".parquet", ".xml", ".json")
 _FILE_COLUMNS = ("file", "filename", "file_name", "path", "image", "image_path", "filepath")
 # Checking every header costs ~1 ms a file: done at open time up to this many files.
 CHECK_LIMIT = 5000
+# How deep under a folder ``looks_like_plate`` looks for images (RxRx: images/EXP/Plate1/file).
+PROBE_DEPTH = 4
 
 
 def open_plate(
@@ -150,21 +153,83 @@ def _plain_names(channel_names) -> list[str] | dict[str, str] | None:
     return [str(n) for n in channel_names]
 
 
-def _walk(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
-    """Every non-hidden file under root, sorted, so keys and messages are reproducible.
+class Walk(NamedTuple):
+    """Files found under a folder; ``complete`` is False when the walk stopped at its limit."""
 
-    Folders in ``skip`` (label folders) are left out, so that label files never pass for images.
+    files: list[Path]
+    complete: bool
+    entries: int  # directory entries looked at (the work done)
+
+
+def _real_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_files(root: Path, skip: set[Path] = frozenset(), limit: int | None = None) -> Walk:
+    """Every non-hidden file under root, in sorted depth-first order, links followed.
+
+    Each real folder is entered once (by device and inode), so symbolic links that loop, or
+    that point at a folder seen already, cost one entry each instead of an exponential walk.
+    Folders in ``skip`` (label folders) are left out, so that label files never pass for
+    images. With ``limit``, the walk stops after that many directory entries and says so
+    (``complete=False``): a probe that must answer at once on any folder.
     """
-    out = []
-    skip = {p.resolve() for p in skip}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(".") and (Path(dirpath) / d).resolve() not in skip
-        )
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return out
+    skip_ids = {i for i in map(_real_id, skip) if i is not None}
+    seen: set[tuple[int, int]] = set()
+    files: list[Path] = []
+    entries = 0
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        ident = _real_id(folder)
+        if ident is None or ident in seen or ident in skip_ids:
+            continue
+        seen.add(ident)
+        try:
+            with os.scandir(folder) as it:
+                listed = list(it)
+        except OSError:
+            continue
+        dirs, names = [], []
+        for entry in listed:
+            entries += 1
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else names).append(entry.name)
+        files += [folder / n for n in sorted(names)]
+        if limit is not None and entries >= limit:
+            return Walk(files, False, entries)
+        stack += [folder / d for d in sorted(dirs, reverse=True)]
+    return Walk(files, True, entries)
+
+
+def _walk(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
+    """Every non-hidden file under root (see :func:`walk_files`)."""
+    return walk_files(root, skip).files
+
+
+def looks_like_plate(root: Path, files: list[Path]) -> bool:
+    """Whether some of ``files`` (a sample of a folder) are named as a preset layout names its
+    images, at most ``PROBE_DEPTH`` folders down (a plate somewhere deep inside a disk does not
+    make the disk a plate), or a metadata table sits at the top: enough to offer to open it."""
+    root = Path(root)
+    patterns = [FilenamePattern(text) for text in PRESETS.values()]
+    for path in files:
+        if path.parent == root and path.suffix.lower() in (".csv", ".tsv"):
+            return True
+        if io.is_image_file(path):
+            parts = _rel_parts(root, path)
+            if len(parts) <= PROBE_DEPTH and any(p.match(parts) is not None for p in patterns):
+                return True
+    return False
 
 
 def _rel_parts(root: Path, path: Path) -> tuple[str, ...]:

@@ -1,0 +1,224 @@
+"""One-line errors where tracebacks were, checked before the expensive work, and messages that
+say what is wrong (issue 12, section 5).
+
+Each case runs the real command line and expects exit code 2, one ``error:`` line naming the
+file or option, and every file it was given left byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from fault_helpers import snapshot, tiny_weights
+from napari_concept_discovery.cli import main
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, small_plates, tiny_store_path):
+    """A folder with a file, a dictionary and model folders (each case checks it is left as
+    it was, so the cases can share it)."""
+    from napari_concept_discovery.dictionary import TrainSettings, train_on_store
+    from napari_concept_discovery.store import ActivationStore
+
+    tmp_path = tmp_path_factory.mktemp("faults_cli")
+    (tmp_path / "file.csv").write_text("a,b\n1,2\n")
+    dictionary = tmp_path / "d.safetensors"
+    train_on_store(
+        ActivationStore.open(tiny_store_path),
+        TrainSettings(atoms=8, sparsity=2, n_pick=1, steps=2, batch_size=32),
+        out=dictionary,
+    )
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    bad_config = tmp_path / "bad_config"
+    bad_config.mkdir()
+    shutil.copy(weights, bad_config / "model.safetensors")
+    (bad_config / "config.json").write_text('{"img_size": 256,')
+    bad_card = tmp_path / "bad_card"
+    bad_card.mkdir()
+    shutil.copy(weights, bad_card / "vit.safetensors")
+    (bad_card / "vit.json").write_text('["not", "a", "card"]')
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        pickle.dump({"w": torch.ones(1), "x": _Evil()}, f)
+    return {
+        "dir": tmp_path,
+        "file": tmp_path / "file.csv",
+        "plate": small_plates,
+        "store": tiny_store_path,
+        "dictionary": dictionary,
+        "bad_config": bad_config,
+        "bad_card": bad_card,
+        "evil": evil,
+        "truth": small_plates / "truth.csv",
+    }
+
+
+@pytest.fixture()
+def work(assets, monkeypatch):
+    """The assets, with any training or encoding during a refused command failing the test."""
+    import napari_concept_discovery.dictionary.applied as applied
+    import napari_concept_discovery.dictionary.pipeline as pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("expensive work started before the refusal")
+
+    monkeypatch.setattr(pipeline, "train", never)
+    monkeypatch.setattr(applied.Dictionary, "encode", never)
+    return assets
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+CASES = {
+    "synth wells": ("synth {dir}/s --wells 999", "--wells must be at most 308 (rows B..O x 22"),
+    "synth size": ("synth {dir}/s --size 1000000000", "--size 1000000000 would need about "),
+    "synth workers": ("synth {dir}/s --workers 0", "--workers must be at least 1, got 0"),
+    "synth onto a file": ("synth {file}", "output folder {file} is a file; give a folder path"),
+    "synth under a file": ("synth {file}/s", "cannot write output folder {file}/s: {file} is a"),
+    "demo plates": ("demo {dir}/demo --plates 0", "--plates must be at least 1, got 0"),
+    "demo onto a file": ("demo {file}", "demo output folder {file} is a file"),
+    "demo steps": ("demo {dir}/demo --steps 0", "--steps must be at least 1, got 0"),
+    "embed threads": ("embed {plate} --out {dir}/s --threads -3", "--threads must be at least 1"),
+    "embed onto a file": ("embed {plate} --out {file}", "activation store {file} is a file"),
+    "embed into other files": ("embed {plate} --out {dir}", "{dir} exists and is not an activ"),
+    "embed broken config": (
+        "embed {plate} --out {dir}/s --model {bad_config}",
+        "{bad_config}/config.json: not valid JSON",
+    ),
+    "embed broken card": (
+        "embed {plate} --out {dir}/s --model {bad_card}",
+        "{bad_card}/vit.json: a model card is a JSON object with an 'architecture' object",
+    ),
+    "embed missing weights": (
+        "embed {plate} --out {dir}/s --model {dir}/missing.safetensors",
+        "model source '{dir}/missing.safetensors': no file or folder '{dir}/missing.safe",
+    ),
+    "embed pickle with code": (
+        "embed {plate} --out {dir}/s --model {evil}",
+        "{evil}: cannot load as a torch checkpoint with weights_only=True (weights that need",
+    ),
+    "train missing store": (
+        "train {dir}/nostore --out {dir}/d2.st",
+        "no activation store at {dir}/nostore",
+    ),
+    "train threads": ("train {store} --out {dir}/x.st --threads -3", "--threads must be at least"),
+    "train under a file": (
+        "train {store} --no-whiten --atoms 8 --sparsity 4 --out {file}/d.safetensors",
+        "cannot write dictionary file {file}/d.safetensors: {file} is a file, not a folder",
+    ),
+    "train onto a folder": (
+        "train {store} --no-whiten --atoms 8 --sparsity 4 --out {plate}",
+        "dictionary file {plate} is a folder; give a file path",
+    ),
+    "analyze onto a file": (
+        "analyze {store} {dictionary} --out {file}",
+        "analysis folder {file} is a file; give a folder path",
+    ),
+    "analyze into other files": (
+        "analyze {store} {dictionary} --out {dir}",
+        "{dir} exists and holds files that are not an analysis",
+    ),
+    "analyze truth column": (
+        "analyze {store} {dictionary} --out {dir}/a --truth nope",
+        "no column 'nope' for ground truth (truth); columns are ['plate', 'well', 'site',",
+    ),
+    "analyze truth file": (
+        "analyze {store} {dictionary} --out {dir}/a --truth-file {dir}/missing.csv",
+        "no truth file at {dir}/missing.csv",
+    ),
+    "analyze truth column in the file": (
+        "analyze {store} {dictionary} --out {dir}/a --truth-file {truth} --truth nope",
+        "no column 'nope' for ground truth (truth)",
+    ),
+    "analyze truth file without keys": (
+        "analyze {store} {dictionary} --out {dir}/a --truth-file {file}",
+        "cannot join the truth file {file} onto the cell tokens on ['plate', 'well', 'site', "
+        "'label']: missing ['plate', 'well', 'site', 'label']",
+    ),
+}
+
+
+MULTILINE = {"embed missing weights"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_touches_nothing(work, case, capsys):
+    command, message = CASES[case]
+    args = [a.format(**work) for a in command.split()]
+    before = snapshot(work["dir"], work["plate"], work["store"])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert first.startswith(f"error: {message.format(**work)}"), err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    assert "hugging face hub" not in first.lower()
+    if case in MULTILINE:  # the message goes on with the accepted forms, one a line
+        assert err.count("error:") == 1 and "Accepted forms:" in first
+    else:
+        assert err.count("\n") == 1
+    assert snapshot(work["dir"], work["plate"], work["store"]) == before
+
+
+def test_info_says_what_it_checked_and_check_decodes_every_site(tmp_path, capsys):
+    from plate_helpers import write_rxrx
+
+    write_rxrx(tmp_path)
+    bad = tmp_path / "images" / "EXP-01" / "Plate1" / "C03_s1_w1.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # its header reads; its pixels do not
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pixels of the first site only (--check decodes every site)" in out
+    assert "warnings: 0" in out
+    assert main(["info", str(tmp_path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "checked:  file headers and pixels of all 4 sites" in out
+    assert "warnings: 1" in out and "1 of 4 decoded site(s) cannot be read" in out
+    assert str(bad) in out
+
+
+def test_plate_warnings_are_printed_without_python_source_lines(small_plates, tmp_path, capsys):
+    plate = tmp_path / "plate"
+    shutil.copytree(small_plates, plate)
+    (plate / "notes.txt").write_text("x")
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    args = ["embed", str(plate), "--out", str(tmp_path / "s"), "--model", str(weights)]
+    assert main([*args, "--cells", "none", "--batch-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: ignored 1 non-image file(s): notes.txt\n" in err
+    assert ".py:" not in err and "warnings.warn" not in err and "PlateWarning" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_folder_is_named(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["synth", str(locked / "s")]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"error: cannot write output folder {locked}/s: no write permission in {locked}\n"
+        )
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_folder_without_write_permission_is_named(tmp_path, capsys, monkeypatch):
+    """The same check as above where the tests run as root: permission as os.access reports it."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and str(p) != str(locked))
+    assert main(["synth", str(locked / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write output folder {locked}/s: no write permission in {locked}\n"
+    assert list(locked.iterdir()) == []

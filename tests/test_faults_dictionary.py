@@ -1,0 +1,404 @@
+"""Faults around dictionaries: training, checkpoints, files, analysis (issue 12, sections 1, 2,
+5, 6 and 7).
+
+Every bad input gets a clear error and leaves every existing file byte-identical; a training
+killed at any point leaves the old dictionary (or none) at the output path and a checkpoint
+that resumes to the dictionary an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from fault_helpers import run_and_kill, snapshot
+from napari_concept_discovery import concepts
+from napari_concept_discovery.cli import main
+from napari_concept_discovery.dictionary import (
+    AnalyzeSettings,
+    TrainSettings,
+    WhitenSettings,
+    analyze_store,
+    load_dictionary,
+    save_dictionary,
+    train_on_store,
+)
+from napari_concept_discovery.dictionary.io import checkpoint_path, read_header
+from napari_concept_discovery.errors import DictionaryError, OutputError
+from napari_concept_discovery.settings import SettingsError
+from napari_concept_discovery.store import ActivationStore
+
+torch.set_num_threads(2)
+
+SETTINGS = TrainSettings(
+    atoms=24,
+    sparsity=4,
+    n_pick=2,
+    steps=30,
+    batch_size=64,
+    seed=3,
+    checkpoint_every=10,
+    whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8),
+)
+TRAIN = ["--atoms", "24", "--sparsity", "4", "--steps", "5", "--batch-size", "64", "--no-whiten"]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store_path):
+    return ActivationStore.open(tiny_store_path)
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    """A finished dictionary of the tiny store (module-wide; tests copy it before damaging)."""
+    path = tmp_path_factory.mktemp("trained") / "d.safetensors"
+    return train_on_store(store, SETTINGS, out=path)
+
+
+def _store_copy(tiny_store_path, tmp_path, **attrs):
+    """A copy of the tiny store, with root attributes changed."""
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store_path, copy)
+    if attrs:
+        zarr.open_group(str(copy), mode="a").attrs.update(attrs)
+    return copy
+
+
+def _same_dictionary(a, b) -> None:
+    for name, t in a.model.tensors().items():
+        torch.testing.assert_close(t, b.model.tensors()[name], rtol=0, atol=0, msg=name)
+    if a.whitener is not None:
+        np.testing.assert_array_equal(a.whitener.transform_, b.whitener.transform_)
+
+
+# --- 1. the output path ----------------------------------------------------------------------
+
+
+def test_train_out_refuses_a_file_that_is_not_a_dictionary(tiny_store_path, tmp_path, capsys):
+    csv = tmp_path / "results.csv"
+    csv.write_text("plate,well\nP1,B02\n")
+    before = snapshot(tmp_path)
+    assert main(["train", str(tiny_store_path), *TRAIN, "--out", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {csv} exists and is not a dictionary file; choose another --out, or pass "
+        "--overwrite (overwrite=True) to replace it\n"
+    )
+    assert snapshot(tmp_path) == before
+    assert main(["train", str(tiny_store_path), *TRAIN, "--out", str(csv), "--overwrite"]) == 0
+    assert load_dictionary(csv).meta["steps"] == 5
+    # a dictionary at --out is replaced by the new one without --overwrite
+    assert main(["train", str(tiny_store_path), *TRAIN[:-1], "--no-whiten", "--out", str(csv)]) == 0
+
+
+# --- 1. checkpoints and resume ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["icfl", "topk"])
+def test_resume_reaches_the_dictionary_of_an_uninterrupted_run(store, tmp_path, method):
+    settings = SETTINGS.replace(checkpoint_every=5)
+    if method == "topk":
+        settings = settings.replace(method="topk", n_pick=None)
+    ref = train_on_store(store, settings, out=tmp_path / "ref.safetensors")
+    stop = threading.Event()
+
+    def progress(p):
+        if p.stage == "train" and p.done == 10:
+            stop.set()
+
+    out = tmp_path / "d.safetensors"
+    first = train_on_store(store, settings, out=out, progress=progress, cancel=stop)
+    assert first.cancelled and not out.exists()
+    ckpt = checkpoint_path(out)
+    assert first.checkpoint == ckpt and json.loads(read_header(ckpt)["meta"])["steps"] == 10
+    resumed = train_on_store(store, settings, out=out, resume=True)
+    assert resumed.result.steps_done == 30 and not ckpt.exists()
+    _same_dictionary(load_dictionary(out), load_dictionary(ref.path))
+    assert resumed.metrics == ref.metrics
+    meta = load_dictionary(out).meta
+    assert meta["weights_hash"] == store.weights_hash and meta["model_source"] == store.model_source
+    # nothing to resume from now
+    with pytest.raises(DictionaryError, match=r"no checkpoint at .*d\.ckpt\.safetensors"):
+        train_on_store(store, settings, out=out, resume=True)
+
+
+def test_resume_refuses_other_settings_and_checkpoints_are_not_dictionaries(
+    store, tmp_path, capsys
+):
+    out = tmp_path / "d.safetensors"
+    asked = itertools.count()
+    train_on_store(store, SETTINGS, out=out, cancel=lambda: next(asked) >= 3)
+    ckpt = checkpoint_path(out)
+    assert ckpt.exists() and not out.exists()
+    with pytest.raises(DictionaryError, match=r"other settings \(atoms, seed differ\)"):
+        train_on_store(store, SETTINGS.replace(seed=4, atoms=32), out=out, resume=True)
+    rc = main(["analyze", str(store.path), str(ckpt), "--out", str(tmp_path / "a")])
+    assert rc == 2
+    assert "is a training checkpoint (after step 3), not a finished dictionary" in (
+        capsys.readouterr().err
+    )
+
+
+TRAIN_CHILD = """
+import json, sys, time
+import torch
+from napari_concept_discovery.dictionary import TrainSettings, train_on_store
+from napari_concept_discovery.store import ActivationStore
+store, out, marker, settings = sys.argv[1:]
+torch.set_num_threads(2)
+
+def progress(p):
+    if p.stage == "train" and p.done >= 20:
+        open(marker, "w").write(str(p.done))
+        time.sleep(600)
+
+train_on_store(ActivationStore.open(store), TrainSettings.from_dict(json.loads(settings)),
+               out=out, progress=progress)
+"""
+
+
+def test_a_killed_training_keeps_the_old_dictionary_and_resumes(store, tmp_path):
+    out = tmp_path / "d.safetensors"
+    train_on_store(store, SETTINGS.replace(seed=9, steps=5), out=out)  # an earlier dictionary
+    before = snapshot(out)
+    marker = tmp_path / "marker"
+    args = (str(store.path), str(out), str(marker), json.dumps(SETTINGS.to_dict()))
+    run_and_kill(TRAIN_CHILD, marker, *args)
+    assert snapshot(out) == before  # the final path holds the old, finished dictionary
+    assert load_dictionary(out).meta["train_settings"]["seed"] == 9
+    ckpt = checkpoint_path(out)
+    assert json.loads(read_header(ckpt)["meta"])["steps"] == 10
+    resumed = train_on_store(store, SETTINGS, out=out, resume=True)
+    ref = train_on_store(store, SETTINGS, out=tmp_path / "ref.safetensors")
+    got, want = load_dictionary(out), load_dictionary(ref.path)
+    for name, t in want.model.tensors().items():
+        torch.testing.assert_close(got.model.tensors()[name], t, rtol=0, atol=1e-6, msg=name)
+    assert resumed.result.steps_done == 30 and not ckpt.exists()
+
+
+# --- 2. non-finite tokens --------------------------------------------------------------------
+
+
+def test_non_finite_tokens_are_refused_or_dropped_and_counted(tiny_store_path, tmp_path, capsys):
+    copy = _store_copy(tiny_store_path, tmp_path)
+    tokens = zarr.open_array(str(copy / "cell" / "tokens"), mode="r+")
+    table = ActivationStore.open(copy).table("cell")
+    controls = np.flatnonzero(table["well_type"] == "negative_control")
+    treated = np.flatnonzero(table["well_type"] != "negative_control")
+    bad = [int(controls[0]), int(controls[-1]), int(treated[-1])]
+    for row, value in zip(bad, (np.nan, np.inf, np.nan), strict=True):
+        data = np.asarray(tokens[row])
+        data[3] = value
+        tokens[row] = data
+    sites = table.iloc[bad][["plate", "well", "site"]].drop_duplicates()
+    out = tmp_path / "d.safetensors"
+    out.write_bytes(b"")  # not even a dictionary: untouched by a refusal
+    before = snapshot(tmp_path)
+    with pytest.raises(DictionaryError) as err:
+        train_on_store(ActivationStore.open(copy), SETTINGS, out=tmp_path / "new.safetensors")
+    msg = str(err.value)
+    assert msg.startswith(f"3 of {len(table)} cell tokens of the store at {copy} hold NaN or Inf")
+    assert f"at {len(sites)} site(s): " in msg and "--drop-nonfinite" in msg
+    first = sites.iloc[0]
+    assert f"{first.plate} {first.well} {first.site}" in msg
+    assert snapshot(tmp_path) == before
+    args = ["train", str(copy), "--whiten", "well_type=negative_control", "--whiten-by", "plate"]
+    args += ["--components", "8", "--atoms", "24", "--sparsity", "4", "--steps", "10"]
+    args += ["--batch-size", "64", "--out", str(tmp_path / "new.safetensors")]
+    assert main(args) == 2
+    assert "hold NaN or Inf" in capsys.readouterr().err
+    assert main([*args, "--drop-nonfinite"]) == 0
+    assert "left out 3 non-finite tokens" in capsys.readouterr().out
+    d = load_dictionary(tmp_path / "new.safetensors")
+    assert d.meta["nonfinite_dropped"] == 3 and d.meta["n_tokens"] == len(table) - 3
+    assert all(bool(torch.isfinite(t).all()) for t in d.model.tensors().values())
+    assert np.isfinite(d.whitener.transform_).all() and d.whitener.n_components_ == 8
+
+
+# --- 2. the model's weights, not only its name -----------------------------------------------
+
+
+def test_another_models_weights_under_the_same_name_are_refused(
+    tiny_store_path, trained, tmp_path, capsys
+):
+    other = _store_copy(tiny_store_path, tmp_path, weights_hash="1", model_source="/w/other.st")
+    path = trained.path
+    before = snapshot(tmp_path)
+    assert main(["analyze", str(other), str(path), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the dictionary {path} was trained on tokens of model ")
+    assert f"but the store at {other} was embedded by 'tiny-random' with weights 1 " in err
+    assert "(/w/other.st)" in err and err.rstrip().endswith("model weights differ")
+    assert snapshot(tmp_path) == before
+
+
+def test_another_model_is_refused_through_the_cli(tiny_store_path, trained, tmp_path, capsys):
+    other = _store_copy(tiny_store_path, tmp_path, model_id="another-vit")
+    rc = main(["analyze", str(other), str(trained.path), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model 'tiny-random' block 1" in err and "model 'another-vit'" in err
+    assert err.rstrip().endswith("model differ") and not (tmp_path / "a").exists()
+
+
+# --- 2. damaged dictionary files -------------------------------------------------------------
+
+
+def _rewrite(path, dest, change_tensors=None, change_header=None):
+    """Copy a dictionary file with its tensors or header changed (by safetensors, not bytes)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        header = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    if change_tensors:
+        change_tensors(tensors)
+    if change_header:
+        change_header(header)
+    save_file(tensors, str(dest), metadata=header)
+    return dest
+
+
+def test_damaged_dictionary_files_are_refused(trained, tmp_path):
+    good = trained.path
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray(good.read_bytes())
+    data[-100] ^= 0x40  # a byte of the last tensor
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(DictionaryError, match=r"flipped\.safetensors is damaged: its tensors do "):
+        load_dictionary(flipped)
+
+    def nan(t):
+        t["atoms"][0, 0] = float("nan")
+
+    def no_checksum(h):
+        del h["checksum"]
+
+    nan_file = _rewrite(good, tmp_path / "nan.safetensors", nan, no_checksum)
+    with pytest.raises(DictionaryError, match="'atoms' holds 1 non-finite values"):
+        load_dictionary(nan_file)
+
+    def shrink(t):
+        t["atoms"] = t["atoms"][:5].clone()
+
+    short = _rewrite(good, tmp_path / "short.safetensors", shrink, no_checksum)
+    with pytest.raises(DictionaryError, match=r"'atoms' has shape \(5, 8\), expected \(24, 8\)"):
+        load_dictionary(short)
+
+    def newer(h):
+        h["format_version"] = "2"
+
+    with pytest.raises(
+        DictionaryError, match=r"newer version \(format 2\); this one reads format 1"
+    ):
+        load_dictionary(_rewrite(good, tmp_path / "v2.safetensors", change_header=newer))
+
+    def junk(h):
+        h["config"] = "{not json"
+
+    with pytest.raises(DictionaryError, match="junk.safetensors is damaged: JSONDecodeError"):
+        load_dictionary(_rewrite(good, tmp_path / "junk.safetensors", change_header=junk))
+
+    # a dictionary that is not finite is never written
+    d = load_dictionary(good)
+    with torch.no_grad():
+        d.model.W[1, 2] = float("inf")
+    with pytest.raises(DictionaryError, match="'atoms' holds 1 non-finite values"):
+        save_dictionary(tmp_path / "inf.safetensors", d)
+    assert not (tmp_path / "inf.safetensors").exists()
+
+
+def test_dictionaries_are_written_with_an_ordinary_file_mode(trained, tmp_path):
+    d = load_dictionary(trained.path)
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            path = save_dictionary(tmp_path / f"{mode:o}.safetensors", d)
+        finally:
+            os.umask(old)
+        assert path.stat().st_mode & 0o777 == mode
+
+
+# --- 2. settings out of range ----------------------------------------------------------------
+
+
+def test_settings_out_of_range_are_refused_before_any_work(tiny_store_path, tmp_path, capsys):
+    base = ["train", str(tiny_store_path), "--no-whiten", "--out", str(tmp_path / "d.st")]
+    cases = [
+        (
+            [*base, "--atoms", "8", "--J", "4", "--L", "4"],
+            "sparsity: ICFL picks J x L = 4 x 4 = 16 atoms per token, more than the 8 atoms",
+        ),
+        ([*base, "--atoms", "8", "--sparsity", "4", "--steps", "0"], "steps: must be at least 1"),
+        (
+            ["analyze", str(tiny_store_path), "x.safetensors", "--out", "a", "--top", "-1"],
+            "top_n: must be at least 1, got -1",
+        ),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    with pytest.raises(SettingsError, match="more than the 8 atoms"):
+        TrainSettings(atoms=8, n_iter=4, n_pick=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- 2. analysis into a folder: all or nothing -----------------------------------------------
+
+
+def test_a_failed_analysis_leaves_the_old_one_whole(store, trained, tmp_path, monkeypatch):
+    d = load_dictionary(trained.path)
+    out = tmp_path / "analysis"
+    labelled = AnalyzeSettings(labels="well_type,perturbation")
+    analyze_store(store, d, labelled, out)
+    before = snapshot(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(concepts, "codes_anndata", full_disk)
+        with pytest.raises(OSError, match="disk full"):
+            analyze_store(store, d, AnalyzeSettings(top_n=3), out)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis"]
+    # a finished run replaces the folder whole: no selectivity tables of the old one are left
+    analyze_store(store, d, AnalyzeSettings(top_n=3), out)
+    assert not (out / "selectivity.parquet").exists() and (out / "features.parquet").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match=r"mine exists and holds files that are not an analysis"):
+        analyze_store(store, d, AnalyzeSettings(), mine)
+    assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
+
+
+def test_a_cell_dictionary_on_patch_tokens_is_said_and_done(store, trained, tmp_path, capsys):
+    out = tmp_path / "a"
+    rc = main(["analyze", str(store.path), str(trained.path), "--out", str(out), "--unit", "patch"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert (
+        f"note: {trained.path} was trained on cell tokens; encoding the store's patch tokens"
+        in (captured.err)
+    )
+    assert f"encoded {store.tokens('patch').shape[0]} tokens" in captured.out
+
+
+def test_whitening_refuses_non_finite_controls():
+    from napari_concept_discovery.dictionary import Whitener
+
+    x = np.random.default_rng(0).standard_normal((50, 4))
+    x[[3, 7], 1] = np.nan
+    with pytest.raises(DictionaryError, match="2 of 50 control tokens hold NaN or Inf"):
+        Whitener().fit(x)
