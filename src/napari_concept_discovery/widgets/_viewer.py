@@ -42,6 +42,24 @@ def get_link(viewer) -> SiteLink:
     return _SESSIONS[viewer][1]
 
 
+def observe(widget, slots) -> None:
+    """Connect session signals to a widget's slots until Qt deletes the widget.
+
+    The session outlives a closed dock widget; a slot of a deleted widget must not be called.
+    """
+    for signal, slot in slots:
+        signal.connect(slot)
+    widget.destroyed.connect(partial(_disconnect, tuple(slots)))
+
+
+def _disconnect(slots, *_) -> None:
+    for signal, slot in slots:
+        try:
+            signal.disconnect(slot)
+        except (ValueError, RuntimeError):
+            pass
+
+
 def user_message(exc: BaseException, doing: str) -> str:
     """Our own errors already say what to do; anything else gets its type and what we did."""
     if isinstance(exc, ConceptDiscoveryError | KeyError):
