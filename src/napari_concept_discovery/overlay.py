@@ -83,7 +83,11 @@ def cell_colours(
     inactive: RGBA | None = None,
     index: dict[int, int] | None = None,
 ) -> CellColours:
-    """Colour the cells whose ``column`` exceeds ``threshold`` by value, the others ``inactive``.
+    """Colour the active cells by value, the others ``inactive``.
+
+    A cell is active where the table's ``active`` column says so (the explore API's rule: a
+    non-zero code, which may be negative for ICFL's least-squares codes), else where
+    ``column`` exceeds ``threshold``.
 
     ``limits`` are fixed by the caller (per feature, not per site) so colours compare across
     sites. ``inactive=None`` hides inactive cells; :data:`DIMMED` shows them faintly. ``index``
@@ -102,7 +106,10 @@ def cell_colours(
         dup = pd.Series(labels)[pd.Series(labels).duplicated()].iloc[0]
         raise ValueError(f"per-cell values name cell {dup} twice")
     values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
-    active = np.isfinite(values) & (values > threshold)
+    if "active" in table.columns:
+        active = table["active"].to_numpy(dtype=bool) & np.isfinite(values)
+    else:
+        active = np.isfinite(values) & (values > threshold)
     ids = labels if index is None else np.array([index[int(x)] for x in labels], dtype=np.int64)
     rgba = map_values(values[active], colormap, limits)
     colours: dict[int | None, RGBA] = {
@@ -128,3 +135,62 @@ def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, dict[int, int] | Non
     shown = np.arange(start, start + len(ids), dtype=np.int32)
     mapping = {int(i): int(s) for i, s in zip(ids, shown, strict=True) if i != 0}
     return shown[inverse].reshape(labels.shape), mapping
+
+
+@dataclass(frozen=True)
+class FeaturePaint:
+    """Everything drawn for one feature on one site, computed off the GUI thread.
+
+    ``image`` is the patch activation map (data with the layer's scale and translate);
+    ``limits`` its contrast limits, the same on every site; ``cells`` the per-cell table
+    (``label``, ``value``, ``active``) and ``cell_limits`` its colour range, also the same on
+    every site (a cell token is a mean over patches, so its codes run lower than the patches'
+    and get their own range); ``labels`` the cell labels those values belong to (None when the
+    store kept none for the site).
+    """
+
+    key: tuple
+    feature: int
+    image: object  # explore.ActivationMap
+    limits: tuple[float, float]
+    cells: pd.DataFrame
+    cell_limits: tuple[float, float]
+    labels: np.ndarray | None
+
+
+#: Percentile of a feature's positive cell codes (whole store) at the top of the cells' colours.
+CELL_PERCENTILE = 99.5
+
+
+def cell_limits(explorer, feature: int, *, progress=None, cancel=None) -> tuple[float, float]:
+    """(0, the 99.5th percentile of ``feature``'s positive codes over the store's cells).
+
+    Fixed per feature across sites, like the patch map's limits; (0, 1) for a feature that
+    never fires on a cell. The store's cell codes are encoded once by the explorer.
+    """
+    codes, _ = explorer.cell_codes(progress=progress, cancel=cancel)
+    column = codes[:, int(feature)].tocsc().data
+    positive = column[column > 0]
+    hi = float(np.percentile(positive, CELL_PERCENTILE)) if positive.size else 0.0
+    return (0.0, hi if hi > 0 else 1.0)
+
+
+def feature_paint(explorer, key, feature: int, *, progress=None, cancel=None) -> FeaturePaint:
+    """What to draw for ``feature`` on site ``key``: one encoding of the site, then slices.
+
+    ``explorer`` is an :class:`~napari_concept_discovery.explore.Explorer`; the site's codes
+    are cached there, so the next feature on the same site costs a column slice.
+    """
+    explorer.site(key, progress=progress, cancel=cancel)
+    cells_range = cell_limits(explorer, feature, progress=progress, cancel=cancel)
+    image = explorer.activation_map(key, feature)
+    labels = explorer.labels(key) if explorer.store.has_site_labels(key) else None
+    return FeaturePaint(
+        key=tuple(image.key),
+        feature=int(feature),
+        image=image,
+        limits=explorer.feature_limits(feature),
+        cells=explorer.cell_values(key, feature),
+        cell_limits=cells_range,
+        labels=labels,
+    )

@@ -63,9 +63,7 @@ def outline(mask: np.ndarray) -> np.ndarray:
     """The inner boundary of a boolean mask: pixels of the mask with a 4-neighbour outside it."""
     mask = np.asarray(mask, bool)
     padded = np.pad(mask, 1, constant_values=False)
-    inner = (
-        padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
-    )
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
     return mask & ~inner
 
 

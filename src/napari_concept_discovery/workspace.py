@@ -115,7 +115,9 @@ def find_view_inputs(
         return ViewInputs(plate, store_path, dict_path)
     if store_path is None:
         resolved = root.resolve()
-        beside = [p for p in resolved.parent.glob(f"{resolved.name}-*{STORE_SUFFIX}") if _is_store(p)]
+        beside = [
+            p for p in resolved.parent.glob(f"{resolved.name}-*{STORE_SUFFIX}") if _is_store(p)
+        ]
         if len(beside) == 1:
             store_path = beside[0]
     return ViewInputs(root, store_path, dict_path)

@@ -14,8 +14,11 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QLineEdit,
+    QScrollArea,
     QSpinBox,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -100,10 +103,11 @@ def make_fields(
 ) -> dict[str, Field]:
     """Fields for ``names`` of ``cls``, in order; ``ranges`` gives (min, max) for numbers."""
     ranges = ranges or {}
-    return {
-        d["name"]: Field(d, **dict(zip(("minimum", "maximum"), ranges.get(d["name"], ()))))
-        for d in form_fields(cls, names)
-    }
+    out = {}
+    for d in form_fields(cls, names):
+        lo, hi = ranges.get(d["name"], (None, None))
+        out[d["name"]] = Field(d, minimum=lo, maximum=hi)
+    return out
 
 
 def add_rows(layout: QFormLayout, fields: dict[str, Field]) -> None:
@@ -113,3 +117,17 @@ def add_rows(layout: QFormLayout, fields: dict[str, Field]) -> None:
 
 def values(fields: dict[str, Field]) -> dict[str, Any]:
     return {name: f.value() for name, f in fields.items()}
+
+
+def scrolling_layout(widget: QWidget) -> QVBoxLayout:
+    """A layout for ``widget``'s content inside a scroll area, so a long form does not force its
+    dock (and the docks tabbed with it) to its full height."""
+    content = QWidget()
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setWidget(content)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
+    return QVBoxLayout(content)

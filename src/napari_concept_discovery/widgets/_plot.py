@@ -14,7 +14,11 @@ from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..forms import TrainingCurves
 
-CURVES = (("loss", "loss", "#f0a35e"), ("fvu", "FVU", "#5ec8f0"), ("dead_fraction", "dead", "#c77ddb"))
+CURVES = (
+    ("loss", "loss", "#f0a35e"),
+    ("fvu", "FVU", "#5ec8f0"),
+    ("dead_fraction", "dead", "#c77ddb"),
+)
 
 
 def _theme_colours(viewer) -> tuple[str, str]:

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -33,7 +32,7 @@ from ..dictionary.settings import TrainSettings, WhitenSettings
 from ..errors import ConceptDiscoveryError
 from ..forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ..progress import Progress
-from ._form import make_fields, values
+from ._form import make_fields, scrolling_layout, values
 from ._jobs import Job, JobOwner
 from ._plot import TrainingPlot
 from ._viewer import get_session, observe, user_message
@@ -83,7 +82,9 @@ class DictionaryWidget(QWidget):
         )
         self.whiten_fields = make_fields(WhitenSettings, ["mode", "n_components"], {})
         self.train_button = QPushButton("Train")
-        self.train_button.setToolTip("Learn a dictionary on the store's tokens (off the GUI thread).")
+        self.train_button.setToolTip(
+            "Learn a dictionary on the store's tokens (off the GUI thread)."
+        )
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("Stop after the current step and keep the dictionary so far.")
         self.cancel_button.setEnabled(False)
@@ -120,7 +121,7 @@ class DictionaryWidget(QWidget):
         file_row = QHBoxLayout()
         file_row.addWidget(self.load_button)
         file_row.addWidget(self.save_button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(train_form)
         layout.addWidget(whiten_group)
         layout.addLayout(run_row)
@@ -284,9 +285,11 @@ class DictionaryWidget(QWidget):
         unit = self.fields["unit"].value()
         job = Job(lambda: metadata_choices(store.table(unit)), keywords=())
         job.returned.connect(
-            lambda choices: self._set_choices(choices)
-            if self.jobs.alive and self.session.store is store
-            else None
+            lambda choices: (
+                self._set_choices(choices)
+                if self.jobs.alive and self.session.store is store
+                else None
+            )
         )
         job.errored.connect(lambda exc: self._fail(user_message(exc, "Cannot read the store")))
         self.jobs.run(job)

@@ -25,7 +25,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QRadioButton,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -36,7 +35,7 @@ from ..plate_embedding import EmbedSettings, embed_plate, reopen_plate
 from ..progress import Progress
 from ..store import ActivationStore
 from ..workspace import default_store_path, one_site_plate
-from ._form import make_fields
+from ._form import make_fields, scrolling_layout
 from ._jobs import Job, JobOwner
 from ._viewer import get_session, observe, user_message
 
@@ -67,7 +66,9 @@ class EmbedWidget(QWidget):
             text = info.name if info.available else f"{info.name} (downloads on first use)"
             self.model_combo.addItem(text, info.source)
             self.model_combo.setItemData(
-                self.model_combo.count() - 1, f"{info.source}: {info.description}", Qt.ItemDataRole.ToolTipRole
+                self.model_combo.count() - 1,
+                f"{info.source}: {info.description}",
+                Qt.ItemDataRole.ToolTipRole,
             )
         self.model_combo.addItem("Model folder…", _PICK_FOLDER)
         self.model_combo.addItem("Checkpoint file…", _PICK_FILE)
@@ -125,7 +126,7 @@ class EmbedWidget(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         buttons.addWidget(self.open_button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
@@ -272,7 +273,11 @@ class EmbedWidget(QWidget):
             return
         site = self.session.site_key if self.site_in_view.isChecked() else None
         self.out_edit.setText(
-            str(default_store_path(plate.root, self.model_source, self.fields["block"].value(), site))
+            str(
+                default_store_path(
+                    plate.root, self.model_source, self.fields["block"].value(), site
+                )
+            )
         )
 
     def _on_plate_changed(self, plate) -> None:
@@ -343,4 +348,3 @@ def _describe(store: ActivationStore) -> str:
         f"{store.path.name}: {store.model_id} block {store.block}, "
         f"{counts.get('cell', 0)} cells in {len(store.sites())} sites"
     )
-
