@@ -416,3 +416,21 @@ def test_view_opens_a_demo_folder_with_everything_loaded(make_napari_viewer, dem
     qtbot.waitUntil(lambda: opened.explorer.features is not None, timeout=WAIT)
     assert len(opened.explorer.features) == saved.n_atoms
     assert [layer.name for layer in viewer.layers][:1] == ["DNA"]
+
+
+def test_closing_the_dictionary_widget_cancels_its_training(make_napari_viewer, demo_folder, qtbot):
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session, widget = opened.embed.session, opened.dictionary
+    opened.embed.open_store(demo_folder / "store.zarr")
+    qtbot.waitUntil(lambda: bool(widget.choices), timeout=WAIT)
+    fill_dictionary_form(widget, dictionary_settings(steps=1_000_000))
+    click(qtbot, widget.train_button)
+    job = widget.job
+    qtbot.waitUntil(lambda: len(widget.curves) >= 1, timeout=WAIT)
+    dock = next(d for d in viewer.window._dock_widgets.values() if d.widget() is widget)
+    viewer.window.remove_dock_widget(dock)
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: not job.running, timeout=WAIT)
+    assert job.cancelled and job.error is None
+    assert job.result.cancelled and job.result.result.steps_done < 1_000_000
+    assert session.dictionary is None  # nobody is left to hand it to the session

@@ -48,7 +48,8 @@ class Job(QObject):
         self.running = False
         self.result: Any = None
         self.error: BaseException | None = None
-        self._worker = create_worker(fn, *args, _start_thread=False, **kwargs)
+        # errors go to ``errored`` (and from there to a notification), not re-raised by napari
+        self._worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=True, **kwargs)
         self._worker.returned.connect(self._on_returned)
         self._worker.errored.connect(self._on_errored)
         self._worker.finished.connect(self._on_finished)

@@ -123,7 +123,7 @@ class SiteLink:
         if shown_site(viewer, str(plate.root)) == tuple(key):
             return  # the reader just made these layers for this site
         ticket = self.session.ticket()
-        worker = create_worker(read_site, plate, key, _start_thread=False)
+        worker = create_worker(read_site, plate, key, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(partial(self.show, ticket))
         worker.errored.connect(partial(self._failed, ticket))
         worker.finished.connect(partial(self._workers.discard, worker))
