@@ -366,6 +366,9 @@ def test_a_stale_feature_paint_is_dropped(make_napari_viewer, demo_folder, qtbot
 
 
 def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
+    from napari_concept_discovery.explore import Explorer
+    from napari_concept_discovery.widgets._layers import feature_layers
+
     viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
     session, embed = opened.embed.session, opened.embed
     opened.navigator.select_well("B03")
@@ -385,6 +388,26 @@ def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
         store.site_tokens("cell", key), whole.site_tokens("cell", key), rtol=1e-5, atol=1e-6
     )
     assert store.plate_source == whole.plate_source  # it reopens the whole plate
+
+    # a feature on a site the one-site store lacks: embedded on demand with the store's model,
+    # the same codes as the whole plate's store gives (up to the store's float16 patch tokens)
+    opened.dictionary.load(demo_folder / "dictionary-center.safetensors")
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    session.select_feature(2)
+    wait_painter(qtbot, viewer)
+    opened.navigator.select_well("C02")
+    painter = wait_painter(qtbot, viewer)
+    assert painter.painted is not None and painter.painted.key == ("SYNTH_1", "C02", 1)
+    reference = Explorer(whole, session.dictionary)
+    other = ("SYNTH_1", "C02", 1)
+    image, cells = feature_layers(viewer)
+    np.testing.assert_allclose(
+        image.data, reference.activation_map(other, 2).data, rtol=1e-2, atol=1e-3
+    )
+    np.testing.assert_array_equal(cells.data, whole.site_labels(other))
+    np.testing.assert_allclose(
+        cells.features["value"], reference.cell_values(other, 2)["value"], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_view_opens_a_demo_folder_with_everything_loaded(make_napari_viewer, demo_folder, qtbot):

@@ -1,4 +1,4 @@
-"""What the concept explorer shows, decided Qt-free: the feature table, a cell's features, the gallery.
+"""What the concept explorer shows, Qt-free: the feature table, a cell's features, the gallery.
 
 The widget only lays these out. The numbers come from an
 :class:`~napari_concept_discovery.explore.Explorer`; this module picks the label columns,

@@ -10,6 +10,8 @@ See docs/architecture.md, "The viewer".
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +19,10 @@ import numpy as np
 import pandas as pd
 
 from .colours import RGBA, map_values
+from .errors import StoreError
+from .plate import SiteKey
+from .plate_embedding import embed_store_site, reload_model, reopen_plate
+from .progress import Cancelled, is_cancelled
 
 TRANSPARENT: RGBA = (0.0, 0.0, 0.0, 0.0)
 DIMMED: RGBA = (0.6, 0.6, 0.6, 0.25)  # inactive cells, when shown at all
@@ -176,21 +182,87 @@ def cell_limits(explorer, feature: int, *, progress=None, cancel=None) -> tuple[
 
 
 def feature_paint(explorer, key, feature: int, *, progress=None, cancel=None) -> FeaturePaint:
-    """What to draw for ``feature`` on site ``key``: one encoding of the site, then slices.
+    """What to draw for ``feature`` on site ``key`` of the store (see :class:`FeatureSource`)."""
+    return FeatureSource(explorer).paint(key, feature, progress=progress, cancel=cancel)
 
-    ``explorer`` is an :class:`~napari_concept_discovery.explore.Explorer`; the site's codes
-    are cached there, so the next feature on the same site costs a column slice.
+
+class FeatureSource:
+    """What to draw for a feature on any site of the plate, for one explorer.
+
+    A site of the store is encoded once by the explorer (its codes cached there), so the next
+    feature on it costs a column slice. A site the store does not hold is embedded on demand
+    exactly as the store was built (``plate_embedding.embed_store_site``: the store's model,
+    block and cell rule; the model is loaded once) and handed to the explorer
+    (``Explorer.add_site``); its cell labels are kept here, since the store has none for it.
+    ``plate`` is the plate such sites are read from (by default reopened from the store).
+    Safe to call from worker threads.
     """
-    explorer.site(key, progress=progress, cancel=cancel)
-    cells_range = cell_limits(explorer, feature, progress=progress, cancel=cancel)
-    image = explorer.activation_map(key, feature)
-    labels = explorer.labels(key) if explorer.store.has_site_labels(key) else None
-    return FeaturePaint(
-        key=tuple(image.key),
-        feature=int(feature),
-        image=image,
-        limits=explorer.feature_limits(feature),
-        cells=explorer.cell_values(key, feature),
-        cell_limits=cells_range,
-        labels=labels,
-    )
+
+    def __init__(self, explorer, plate=None, device=None, keep: int = 16) -> None:
+        self.explorer = explorer
+        self.plate = plate
+        self.device = device
+        self.keep = int(keep)
+        self._backend = None
+        self._labels: OrderedDict = OrderedDict()
+        self._lock = threading.RLock()
+
+    def _on_demand(self, key, cancel=None):
+        with self._lock:
+            if self.plate is None:
+                self.plate = reopen_plate(self.explorer.store)
+            if self._backend is None:
+                self._backend = reload_model(self.explorer.store, self.device)
+            plate, backend = self.plate, self._backend
+        if key not in plate:
+            raise StoreError(f"site {tuple(key)} is neither in the store nor in plate {plate.root}")
+        if is_cancelled(cancel):
+            raise Cancelled(f"embedding {key} cancelled")
+        tokens = embed_store_site(self.explorer.store, key, plate=plate, backend=backend)
+        self.explorer.add_site(tokens, metadata=dict(plate[key].metadata or {}))
+        with self._lock:
+            self._labels[key] = tokens.labels
+            while len(self._labels) > self.keep:
+                self._labels.popitem(last=False)
+        return tokens.labels
+
+    def label_at(self, key, y: float, x: float) -> int | None:
+        """The cell under pixel (y, x) of a site (None: background, outside, or no labels)."""
+        labels = self.labels(key)
+        if labels is None:
+            return None
+        yi, xi = int(np.floor(y + 0.5)), int(np.floor(x + 0.5))
+        if not (0 <= yi < labels.shape[0] and 0 <= xi < labels.shape[1]):
+            return None
+        return int(labels[yi, xi]) or None
+
+    def labels(self, key) -> np.ndarray | None:
+        """The cell labels the site's cell codes belong to (None when it has none)."""
+        key = SiteKey.of(key)
+        store = self.explorer.store
+        if key in store:
+            return self.explorer.labels(key) if store.has_site_labels(key) else None
+        with self._lock:
+            return self._labels.get(key)
+
+    def paint(self, key, feature: int, *, progress=None, cancel=None) -> FeaturePaint:
+        """Everything drawn for ``feature`` on site ``key``; embeds the site first if needed."""
+        key = SiteKey.of(key)
+        explorer = self.explorer
+        try:
+            explorer.site(key, progress=progress, cancel=cancel)
+        except StoreError:
+            if key in explorer.store:
+                raise
+            self._on_demand(key, cancel=cancel)  # not in the store, or dropped from the cache
+        cells_range = cell_limits(explorer, feature, progress=progress, cancel=cancel)
+        image = explorer.activation_map(key, feature)
+        return FeaturePaint(
+            key=tuple(image.key),
+            feature=int(feature),
+            image=image,
+            limits=explorer.feature_limits(feature),
+            cells=explorer.cell_values(key, feature),
+            cell_limits=cells_range,
+            labels=self.labels(key),
+        )

@@ -3,24 +3,26 @@
 One per viewer, made with the session (:func:`._viewer.get_session`), so painting works
 whichever widgets are docked. It builds the session's
 :class:`~napari_concept_discovery.explore.Explorer` when a store and a dictionary are both
-set, paints the selected feature on the site in view (patch map and cells,
-:func:`~napari_concept_discovery.overlay.feature_paint` in a worker), repaints when the site
-changes, and selects the cell under a plain left click. A result for a site, feature or
-explorer no longer in view is dropped (docs/architecture.md, "The viewer").
+set, paints the selected feature on the site in view (patch map and cells, from
+:class:`~napari_concept_discovery.overlay.FeatureSource` in a worker; a site the store lacks is
+embedded on demand with the store's model), repaints when the site changes, and selects the
+cell under a plain left click. A result for a site, feature or explorer no longer in view is
+dropped (docs/architecture.md, "The viewer").
 """
 
 from __future__ import annotations
 
 import weakref
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from napari.layers import Labels
-from napari.utils.notifications import show_error, show_warning
+from napari.utils.notifications import show_error
 
 from ..errors import ConceptDiscoveryError
 from ..explore import Explorer
-from ..overlay import FeaturePaint, feature_paint
+from ..overlay import FeaturePaint, FeatureSource
 from ..session import Ticket, ViewerSession
 from ._jobs import Job
 from ._layers import clear_features, paint_cells, paint_feature
@@ -36,6 +38,7 @@ class FeaturePainter:
         self.jobs: set[Job] = set()
         self.dropped = 0  # results that arrived for a site, feature or explorer out of view
         self.painted: FeaturePaint | None = None
+        self.source: FeatureSource | None = None
         self.errors: list[str] = []
         session.store_changed.connect(self._build_explorer)
         session.dictionary_changed.connect(self._build_explorer)
@@ -90,20 +93,26 @@ class FeaturePainter:
                 clear_features(viewer)
                 self.painted = None
             return
-        if key not in explorer:
-            clear_features(viewer)
-            self.painted = None
-            show_warning(
-                f"Feature {feature} is not shown on {key}: this site is not in the activation "
-                "store; embed it (Embed widget, 'Site in view' or 'Whole plate') to see "
-                "features here."
-            )
-            return
+        source = self._source_for(explorer)
         ticket = s.ticket()
-        job = Job(feature_paint, explorer, key, feature, keywords=("cancel",))
+        job = Job(source.paint, key, feature, keywords=("cancel",))
         job.returned.connect(partial(self.show, ticket, explorer))
         job.errored.connect(partial(self._error, f"Cannot paint feature {feature} on {key}"))
         self._run(job)
+
+    def _source_for(self, explorer) -> FeatureSource:
+        """One :class:`FeatureSource` per explorer; sites the store lacks are read from the
+        session's plate when it is the store's."""
+        if self.source is None or self.source.explorer is not explorer:
+            plate = self.session.plate
+            recorded = explorer.store.plate_source.get("path")
+            same = (
+                plate is not None
+                and bool(recorded)
+                and Path(recorded).resolve() == plate.root.resolve()
+            )
+            self.source = FeatureSource(explorer, plate if same else None)
+        return self.source
 
     def show(self, ticket: Ticket, explorer, paint: FeaturePaint) -> bool:
         """Draw ``paint`` if it is still what the session shows; False (dropped) otherwise."""
@@ -149,9 +158,9 @@ class FeaturePainter:
             return None
         y, x = (float(v) for v in tuple(position)[-2:])
         label = None
-        explorer = s.explorer
-        if explorer is not None and explorer.store.has_site_labels(s.site_key):
-            label = explorer.cell_at(s.site_key, y, x)
+        source = None if s.explorer is None else self._source_for(s.explorer)
+        if source is not None and source.labels(s.site_key) is not None:
+            label = source.label_at(s.site_key, y, x)
         else:
             cells = self._cells_layer()
             if cells is not None:

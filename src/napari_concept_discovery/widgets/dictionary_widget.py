@@ -217,7 +217,7 @@ class DictionaryWidget(QWidget):
     def cancel(self) -> None:
         if self.training:
             self.job.cancel()
-            self.status.setText("Cancelling: the dictionary after the last complete step is kept…")
+            self.status.setText("Cancelling: the dictionary after the last full step is kept…")
 
     def load(self, path: str | Path):
         """Apply a dictionary file to the session's store; refused when made for other data."""
