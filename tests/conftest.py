@@ -42,11 +42,11 @@ def tiny_store_path(small_plates, tmp_path_factory) -> Path:
     """
     from napari_concept_discovery.models.backend import ChannelAgnosticBackend
     from napari_concept_discovery.models.vit import ChannelAgnosticViT
-    from napari_concept_discovery.plate_embedding import embed_plate
+    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
 
     torch.manual_seed(0)
     vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
     backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
     out = tmp_path_factory.mktemp("store") / "store"
-    embed_plate(small_plates, backend, out)
+    embed_plate(small_plates, EmbedSettings(), out, backend=backend)
     return out

@@ -216,24 +216,21 @@ def test_reuse_rebuild_resume(plate_copy, tmp_path):
         assert np.array_equal(resumed.site_labels(key), fourth.site_labels(key))
 
 
-def test_older_call_form_still_works(plate_copy, tmp_path):
-    """``embed_plate(plate, model, out, block=..., ...)`` with int progress, as before."""
+def test_settings_are_required_and_progress_has_one_shape(plate_copy, tmp_path):
     backend = _backend()
-    ticks: list[int] = []
-    old = embed_plate(
-        plate_copy, backend, tmp_path / "old", block=0, batch_size=4, progress=ticks.append
+    seen = []
+    store = embed_plate(
+        plate_copy,
+        EmbedSettings(block=0, batch_size=4),
+        tmp_path / "s",
+        backend=backend,
+        progress=seen.append,
     )
-    assert ticks == [1] * len(old.sites())
-    new = embed_plate(
-        plate_copy, EmbedSettings(block=0, batch_size=4), tmp_path / "new", backend=backend
-    )
-    assert old.signature_hash == new.signature_hash
-    assert np.array_equal(np.asarray(old.tokens("cell")), np.asarray(new.tokens("cell")))
-    ticks.clear()
-    embed_plate(plate_copy, backend, tmp_path / "old", block=0, batch_size=4, progress=ticks.append)
-    assert ticks == [len(old.sites())]  # reused: one tick for all finished sites
-    with pytest.raises(TypeError, match="not both"):
-        embed_plate(plate_copy, EmbedSettings(), tmp_path / "x", batch_size=2)
+    n = len(store.sites())
+    assert [p.done for p in seen] == list(range(n + 1)) and {p.total for p in seen} == {n}
+    assert {p.stage for p in seen} == {"embed"}
+    with pytest.raises(TypeError, match="EmbedSettings"):
+        embed_plate(plate_copy, backend, tmp_path / "x")
 
 
 def test_without_cells_no_labels_are_kept(plate_copy, tmp_path):

@@ -223,8 +223,6 @@ def read_sites(
 
 # --- a plate into a store ------------------------------------------------------------------
 
-_LEGACY = ("model", "block", "batch_size", "device", "channel_tokens", "cells", "nuclear")
-
 
 def _as_plate(plate, labels: str | None) -> Plate:
     """An open plate whose sites carry the labels of ``labels`` (a folder) when given."""
@@ -240,27 +238,6 @@ def _as_plate(plate, labels: str | None) -> Plate:
     return plate if current == folder else with_label_folder(plate, folder)
 
 
-def _legacy_settings(settings, backend, legacy: dict):
-    """Settings and backend from the older call ``embed_plate(plate, model, out, block=...)``."""
-    unknown = sorted(set(legacy) - set(_LEGACY))
-    if unknown:
-        raise TypeError(f"embed_plate() got unexpected keyword argument(s) {', '.join(unknown)}")
-    if isinstance(settings, EmbedSettings):
-        raise TypeError(
-            f"embed_plate() takes settings or the older keyword arguments, not both "
-            f"(got {', '.join(sorted(legacy))})"
-        )
-    if settings is not None:
-        if "model" in legacy:
-            raise TypeError("embed_plate() got the model twice")
-        legacy["model"] = settings
-    model = legacy.pop("model", "default")
-    if not isinstance(model, str | os.PathLike):
-        backend = model if backend is None else backend
-        model = model_source(model)
-    return EmbedSettings(model=str(model), **legacy), backend
-
-
 def embed_plate(
     plate,
     settings: EmbedSettings | None = None,
@@ -269,7 +246,6 @@ def embed_plate(
     backend: Backend | None = None,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
-    **legacy,
 ) -> ActivationStore | None:
     """Embed every site of a plate (a :class:`Plate` or its folder) into a store at ``out``.
 
@@ -277,14 +253,12 @@ def embed_plate(
     next call continues with the rest). A store whose signature matches is reused as is
     (``store.reused``); a stale one is rebuilt. ``backend`` is a model already loaded (else
     ``settings.model`` is loaded). Progress: stage "embed", done/total sites, info ``site``.
-
-    The older form ``embed_plate(plate, model, out, block=..., batch_size=..., device=...,
-    channel_tokens=..., cells=..., nuclear=...)`` (``model`` a backend or source string) still
-    works; there ``progress`` is called with the number of newly finished sites, as it was.
     """
-    counting = bool(legacy) or (settings is not None and not isinstance(settings, EmbedSettings))
-    if counting:
-        settings, backend = _legacy_settings(settings, backend, dict(legacy))
+    if settings is not None and not isinstance(settings, EmbedSettings):
+        raise TypeError(
+            f"embed_plate() takes EmbedSettings (a loaded model goes in backend=), got "
+            f"{type(settings).__name__}"
+        )
     settings = settings if settings is not None else EmbedSettings()
     if out is None:
         raise StoreError("no output folder given for the activation store")
@@ -301,20 +275,12 @@ def embed_plate(
     todo = writer.begin()
     total = len(plate)
     done = total - len(todo)
-    if counting:
-        if progress is not None and done:
-            progress(done)
-    else:
-        report(progress, "embed", done, total)
+    report(progress, "embed", done, total)
     items = read_sites(plate, todo, inputs)
     for st in embedder.iter_sites(items, cancel=cancel):
         writer.write_site(st)
         done += 1
-        if counting:
-            if progress is not None:
-                progress(1)
-        else:
-            report(progress, "embed", done, total, site=str(st.key))
+        report(progress, "embed", done, total, site=str(st.key))
     if is_cancelled(cancel):
         return None
     store = writer.finish()
