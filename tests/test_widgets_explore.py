@@ -457,3 +457,32 @@ def test_closing_the_dictionary_widget_cancels_its_training(make_napari_viewer, 
     assert job.cancelled and job.error is None
     assert job.result.cancelled and job.result.result.steps_done < 1_000_000
     assert session.dictionary is None  # nobody is left to hand it to the session
+
+
+def test_cancel_an_embedding_then_resume_it(make_napari_viewer, demo_folder, qtbot, tmp_path):
+    from qtpy.QtCore import Qt
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session, embed = opened.embed.session, opened.embed
+    embed.set_model(str(demo_folder / "tiny.safetensors"))
+    embed.fields["batch_size"].set_value(1)  # one tile per batch: a site at a time
+    out = tmp_path / "resumed.zarr"
+    embed.out_edit.setText(str(out))
+    embed.out_edit.textEdited.emit(str(out))  # typed by the user: kept when the site changes
+    click(qtbot, embed.run_button)
+    job = embed.job
+    # the user presses Cancel once the first site is done (run in the worker's thread, so that
+    # it lands before the next site starts however fast the sites go)
+    job.progressed.connect(
+        lambda p: job.cancel() if p.done >= 1 else None, Qt.ConnectionType.DirectConnection
+    )
+    qtbot.waitUntil(lambda: not job.running, timeout=WAIT)
+    assert job.cancelled and job.result is None and session.store is None
+    assert "Cancelled" in embed.status.text()
+    parts = [p for p in (out / "parts").iterdir() if not p.name.startswith(".")]
+    assert 1 <= len(parts) < 6  # the finished sites are kept for the next run
+    click(qtbot, embed.run_button)
+    qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=WAIT)
+    whole = ActivationStore.open(demo_folder / "store.zarr")
+    assert session.store.path == out
+    np.testing.assert_array_equal(session.store.tokens("cell")[:], whole.tokens("cell")[:])
