@@ -4,8 +4,8 @@
         [--out /tmp/viewer_full.png] [--docs docs/images/viewer.png] [--feature N]
 
 DEMO_OUT is the output folder of `concept-discovery demo`. The feature painted is the most
-selective one that is active on several cells of the site shown (or ``--feature``); a cell
-where it fires is clicked so that the cell panel is filled too.
+selective of those active on at most a fifth of the cells and on several cells of the site
+shown (or ``--feature``); the cell where it fires most is clicked so the cell panel is filled.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main() -> None:
     feature = args.feature
     if feature is None:
         table = opened.explorer.features
-        ranked = table[table["n_active"] >= 5].sort_values("selectivity_avg", ascending=False)
+        sparse = table[(table["n_active"] >= 5) & (table["frequency"] <= 0.2)]
+        ranked = sparse.sort_values("selectivity_avg", ascending=False)
         feature = next(
             int(f) for f in ranked["feature"] if explorer.cell_values(key, f)["active"].sum() >= 3
         )

@@ -230,6 +230,7 @@ def test_selectivity_columns_prefer_known_labels():
             "batch": ["x", "y"] * 3,
             "perturbation": ["a", "b", "c"] * 2,
             "constant": ["k"] * 6,
+            "site_id": ["s1", "s2", "s3"] * 2,
         }
     )
     assert selectivity_columns(table) == ["perturbation", "batch"]

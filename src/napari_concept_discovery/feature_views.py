@@ -47,10 +47,21 @@ FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
 HIDDEN = {"top_column", "top_label", "top_tokens"}
 
 
+def _identifier(column: str) -> bool:
+    low = column.lower()
+    return low == "id" or low.endswith("_id")
+
+
 def selectivity_columns(table: pd.DataFrame, max_values: int = MAX_LABEL_VALUES) -> list[str]:
-    """Metadata columns of a cell table worth selectivity: 2..max_values labels, best first."""
+    """Metadata columns of a cell table worth selectivity: 2..max_values labels, best first.
+
+    Site keys and identifiers (``site_id``, ``well_id``) are left out: a feature "selective"
+    for one site says where a cell was imaged, not what it is.
+    """
     choices = metadata_choices(table, max_values)
-    useful = [c for c, v in choices.items() if c not in KEY_COLUMNS and len(v) >= 2]
+    useful = [
+        c for c, v in choices.items() if c not in KEY_COLUMNS and not _identifier(c) and len(v) >= 2
+    ]
     lower = {c.lower(): c for c in useful}
     first = [lower[p] for p in PREFERRED_COLUMNS if p in lower]
     return first + [c for c in useful if c not in first]
