@@ -15,7 +15,13 @@ from napari_concept_discovery.plate_embedding import (
     site_inputs,
     site_labels,
 )
-from napari_concept_discovery.settings import SettingsError, add_arguments, describe, from_args
+from napari_concept_discovery.settings import (
+    SEGMENT_ALGORITHM,
+    SettingsError,
+    add_arguments,
+    describe,
+    from_args,
+)
 
 
 def test_one_rule_gives_labels_and_the_files_behind_them(small_plates, monkeypatch):
@@ -30,18 +36,22 @@ def test_one_rule_gives_labels_and_the_files_behind_them(small_plates, monkeypat
     assert site_inputs(site, "file") == how
 
     labels, how = site_labels(site, image, "segment", nuclear="DNA")
-    assert how.cells == "segment" and how.token == "segment:DNA" and how.labels_path is None
+    assert (
+        how.cells == "segment"
+        and how.token == f"segment:DNA:{SEGMENT_ALGORITHM}"
+        and how.labels_path is None
+    )
     assert how.files == list(site.paths)  # the plate's label file does not sign these tokens
     from napari_concept_discovery.segment import segment_site
 
     assert np.array_equal(labels, segment_site(image, site.channel_names, "DNA")[1])
-    assert site_inputs(site, "segment", nuclear=0).token == "segment:0"
+    assert site_inputs(site, "segment", nuclear=0).token == f"segment:0:{SEGMENT_ALGORITHM}"
 
     labels, how = site_labels(site, image, "none")
     assert labels is None and how.files == list(site.paths) and how.token == "none"
 
     site.labels_path = None  # a site without a label file
-    assert site_inputs(site, "auto", "Mito").token == "segment:Mito"
+    assert site_inputs(site, "auto", "Mito").token == f"segment:Mito:{SEGMENT_ALGORITHM}"
     with pytest.raises(PlateError, match=r"no label image for this site \(cells='file'\)"):
         site_inputs(site, "file")
     with pytest.raises(PlateError, match="cannot segment cells.*DAPI.*--nuclear"):

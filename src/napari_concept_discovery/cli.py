@@ -112,13 +112,19 @@ def _run_synth(args) -> int:
 
 
 def _add_segment(sub) -> None:
+    from .settings import SegmentSettings, add_arguments
+
     p = sub.add_parser(
         "segment",
         help="segment nuclei and cells of every site of a plate into a label folder",
         description=(
             "Write <plate>/<well>_s<site>_cells.tif and _nuclei.tif per site. The default "
             "folder, <plate folder>/segmentation, is found by info and embed by themselves; "
-            "give any other folder to them with --labels."
+            "give any other folder to them with --labels. The classical segmenter is "
+            "CellProfiler's: nuclei from a per-image threshold, cells grown from them by "
+            "Propagation through a per-image foreground; to reproduce a CellProfiler pipeline, "
+            "give the same channel (--cell), threshold (--cell-threshold, --cell-log) and "
+            "correction factor."
         ),
     )
     p.add_argument("plate", help="plate folder (any layout that 'info' understands)")
@@ -126,26 +132,21 @@ def _add_segment(sub) -> None:
         "--out", default=None, help="label folder (default: <plate folder>/segmentation)"
     )
     _add_plate_options(p)
-    p.add_argument("--nuclear", default="DNA", help="nuclear channel name or index (default DNA)")
-    p.add_argument(
-        "--cell",
-        help="channel(s) for cell borders, comma-separated (default: a membrane stain by "
-        "name, else the sum of the non-nuclear channels)",
-    )
+    add_arguments(p, SegmentSettings)
     p.set_defaults(func=_run_segment)
 
 
 def _run_segment(args) -> int:
-    from .segment import channel_ref, segment_plate
+    from .segment import segment_plate
+    from .settings import SegmentSettings, from_args
 
+    settings = from_args(SegmentSettings, args)
     plate = _open_plate(args)
-    cell = [channel_ref(c) for c in args.cell.split(",")] if args.cell else None
     with _progress(len(plate), "segment") as bar:
         out = segment_plate(
             plate,
             args.out,
-            nuclear=channel_ref(args.nuclear),
-            cell=cell,
+            settings=settings,
             progress=lambda p: bar.update(p.done - bar.n),
         )
     print(f"wrote labels of {len(plate)} sites to {out}")

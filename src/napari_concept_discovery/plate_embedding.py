@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PlateError, StoreError
 from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .settings import Settings, check, option
+from .settings import SEGMENT_ALGORITHM, Settings, check, option
 
 if TYPE_CHECKING:
     import numpy as np
@@ -136,7 +136,9 @@ class SiteInputs:
     @property
     def token(self) -> str:
         """How the labels are made, beyond the files' bytes (for the signature)."""
-        return f"segment:{self.nuclear}" if self.cells == "segment" else self.cells
+        if self.cells != "segment":
+            return self.cells
+        return f"segment:{self.nuclear}:{SEGMENT_ALGORITHM}"
 
     def read_labels(self, image: np.ndarray, channel_names) -> np.ndarray | None:
         """The site's (H, W) int32 cell labels, or None for ``cells="none"``."""

@@ -1,14 +1,16 @@
-"""Nuclei and cell labels from a nuclear and a cytoplasm/membrane stain, or the user's own.
+"""Nuclei and cell labels of a site or a whole plate, or the user's own label images.
 
-Classical and dependency-light on purpose (scikit-image only): cells are the unit that tokens
-are pooled over, so what matters is one label per cell with the nucleus inside it, not pixel
-perfect borders. Nuclei: smoothing, Otsu, a distance-transform watershed to split touching
-nuclei. Cells: a foreground mask from the sum of the non-nuclear stains, then a watershed seeded
-by the nuclei, so nucleus ``i`` lies in cell ``i``.
+Three segmenters behind one call (:func:`segment_site`, chosen by
+:class:`~napari_concept_discovery.settings.SegmentSettings`): ``classical``, the pipeline
+CellProfiler's Cell Painting pipelines run (thresholds chosen per image, nuclei grown into cells
+by Propagation; :mod:`.segment_classical`), ``cellpose`` for users who have it
+(:mod:`.segment_cellpose`), and ``legacy``, the watershed of version 0.1
+(:mod:`.segment_legacy`). Whichever runs, the result is one label per cell with nucleus ``i``
+inside cell ``i``: cells are the unit tokens are pooled over.
 
 ``segment_plate`` writes a whole plate into a label folder that ``open_plate`` and embedding
-find again (``plate.labels``), so cells are segmented once. See docs/architecture.md, "One
-room per step".
+find again (``plate.labels``), so cells are segmented once. See docs/architecture.md,
+"One room per step".
 """
 
 from __future__ import annotations
@@ -16,32 +18,24 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
-from skimage import filters, measure, morphology, segmentation
+from skimage import measure
+from skimage.segmentation import relabel_sequential
 
 from . import __version__
 from ._files import atomic_write_bytes, atomic_write_text
 from .errors import PlateError
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
+from .segment_classical import cell_channels, find_nuclei, segment_classical
+from .segment_legacy import segment_legacy
+from .settings import SegmentSettings
 
-#: Channel names, lower case, that mark plasma membranes (watershed ridges between cells).
-MEMBRANE_NAMES = ("membrane", "wga", "agp", "cellmask", "plasma membrane")
-#: Stains whose signal peaks at cell borders; every other stain is brightest inside the cell
-#: and dims towards its edge, so touching cells meet in a valley of it instead.
-RIDGE_NAMES = (*MEMBRANE_NAMES, "actin", "phalloidin", "f-actin")
-NUCLEAR_NAMES = ("dna", "hoechst", "dapi", "nuclei", "nucleus")
-
-
-def _robust_unit(image: np.ndarray, lo: float = 1.0, hi: float = 99.8) -> np.ndarray:
-    """Scale to about [0, 1] by percentiles, so stains of any bit depth can be summed."""
-    image = np.asarray(image, dtype=np.float32)
-    a, b = np.percentile(image, [lo, hi])
-    return np.clip((image - a) / max(float(b - a), 1e-6), 0.0, None)
+#: (image, channel names) -> (nuclei, cells), both int32 with matching ids.
+Segmenter = Callable[[np.ndarray, Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def channel_ref(value: str | int) -> str | int:
@@ -62,135 +56,98 @@ def _channel_index(channel_names: Sequence[str], name: str | int, role: str) -> 
     raise ValueError(f"{role} channel {name!r} not among channels {list(channel_names)}")
 
 
-def _remove_small(labels: np.ndarray, min_area: int) -> np.ndarray:
-    """Zero the objects with fewer than ``min_area`` pixels."""
-    small = np.bincount(labels.ravel()) < min_area
-    small[0] = False
-    return np.where(small[labels], 0, labels)
-
-
-def segment_nuclei(
-    dna: np.ndarray,
-    *,
-    sigma: float = 1.5,
-    min_area: int | None = None,
-    split: bool = True,
-) -> np.ndarray:
-    """Label nuclei in a nuclear stain: smooth, Otsu, fill holes, split touching nuclei.
-
-    ``min_area`` defaults to a tenth of the median object area (at least 15 pixels), which
-    removes debris without knowing the magnification. Touching nuclei are split by a watershed
-    on the smoothed distance transform with h-maxima markers, which does not over-split
-    elongated nuclei as local-maximum markers do.
-    """
-    img = ndi.gaussian_filter(_robust_unit(dna), sigma)
-    if float(img.max()) <= float(img.min()):
-        return np.zeros(img.shape, np.int32)
-    mask = img > filters.threshold_otsu(img)
-    mask = ndi.binary_fill_holes(mask)
-    mask = ndi.binary_opening(mask, morphology.disk(1))
-    labels = measure.label(mask)
-    areas = np.bincount(labels.ravel())[1:]
-    if min_area is None:
-        min_area = max(15, int(np.median(areas) / 10)) if areas.size else 15
-    labels = _remove_small(labels, min_area)
-    if split and labels.max() > 0:
-        dist = ndi.distance_transform_edt(labels > 0)
-        dist = ndi.gaussian_filter(dist, 1.0)
-        markers = measure.label(morphology.h_maxima(dist, 1.5))
-        labels = segmentation.watershed(-dist, markers, mask=labels > 0)
-        labels = _remove_small(labels, min_area)
-    labels, _, _ = segmentation.relabel_sequential(labels)
-    return labels.astype(np.int32)
-
-
-def cell_surface(
-    image: np.ndarray, channel_names: Sequence[str], nuclear: str | int = "DNA", cell=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The foreground image (mean of non-nuclear stains) and the watershed surface for cells.
-
-    ``cell`` names one channel or a list of channels for the surface; None picks a membrane
-    stain by name if there is one and otherwise all non-nuclear stains. Border stains (membrane,
-    actin: ``RIDGE_NAMES``) enter the surface as they are, other stains inverted, so that
-    borders between touching cells are ridges of the surface either way.
-    """
-    n = _channel_index(channel_names, nuclear, "nuclear")
-    others = [i for i in range(image.shape[0]) if i != n]
-    if not others:
-        raise ValueError("cell segmentation needs at least one channel besides the nuclear one")
-    units = {i: _robust_unit(image[i]) for i in others}
-    foreground = ndi.gaussian_filter(sum(units.values()) / len(others), 2.0)
+def cell_refs(cell) -> list[str | int] | None:
+    """Channels as a user gives them: None, a name or index, a comma-separated string, a list."""
     if cell is None:
-        lowered = [c.lower() for c in channel_names]
-        chosen = [i for i in others if lowered[i] in MEMBRANE_NAMES]
-    elif isinstance(cell, str | int | np.integer):
-        chosen = [_channel_index(channel_names, cell, "cell")]
-    else:
-        chosen = [_channel_index(channel_names, c, "cell") for c in cell]
-    if not chosen:
-        chosen = others
-    lowered = [c.lower() for c in channel_names]
-    surface = sum(
-        (1.0 if lowered[i] in RIDGE_NAMES else -1.0)
-        * (units[i] if i in units else _robust_unit(image[i]))
-        for i in chosen
-    )
-    surface = ndi.gaussian_filter(surface / len(chosen), 1.0)
-    return foreground, surface
+        return None
+    if isinstance(cell, str):
+        parts = [c.strip() for c in cell.split(",") if c.strip()]
+        return [channel_ref(c) for c in parts] or None
+    if isinstance(cell, int | np.integer):
+        return [int(cell)]
+    return [channel_ref(c) for c in cell]
 
 
-def segment_cells(
-    foreground: np.ndarray,
-    surface: np.ndarray,
-    nuclei: np.ndarray,
+def _resolve(settings: SegmentSettings | None, nuclear, cell) -> SegmentSettings:
+    """Settings with the explicit ``nuclear``/``cell`` arguments taking precedence."""
+    settings = settings if settings is not None else SegmentSettings()
+    changes = {}
+    if nuclear is not None:
+        changes["nuclear"] = str(nuclear)
+    if cell is not None:
+        refs = cell_refs(cell)
+        changes["cell"] = ",".join(str(c) for c in refs) if refs else None
+    return settings.replace(**changes) if changes else settings
+
+
+def make_segmenter(
+    settings: SegmentSettings | None = None,
     *,
-    min_area: int | None = None,
-) -> np.ndarray:
-    """Cells by a nucleus-seeded watershed on ``surface`` inside the foreground mask.
+    nuclear: str | int | None = None,
+    cell: str | int | Sequence[str | int] | None = None,
+) -> Segmenter:
+    """A function (image, channel names) -> (nuclei, cells) for many sites.
 
-    The mask is Otsu on the log of the foreground (cell edges are dim, so a linear threshold
-    cuts them off), joined with the nuclei. Pixels of the mask that no seed reaches stay 0;
-    cell ``i`` always contains nucleus ``i``.
+    Made once per plate, so that a Cellpose model loads once. Channel names are resolved per
+    call; a name the image lacks raises ValueError naming it.
     """
-    logf = np.log1p(50.0 * foreground)
-    mask = logf > filters.threshold_otsu(logf)
-    mask = ndi.binary_fill_holes(mask | (nuclei > 0))
-    mask = ndi.binary_opening(mask, morphology.disk(2)) | (nuclei > 0)
-    # The surface gets a little of the distance from the nucleus so that flat regions are
-    # shared out by proximity instead of by noise.
-    dist = ndi.distance_transform_edt(nuclei == 0)
-    if mask.any():  # scale the surface's range inside cells to about 1
-        lo, hi = np.percentile(surface[mask], [1, 99])
-        surface = (surface - lo) / max(float(hi - lo), 1e-6)
-    flood = surface + 0.01 * dist
-    cells = segmentation.watershed(flood, nuclei, mask=mask)
-    if min_area is not None:
-        small = np.bincount(cells.ravel())[1:] < min_area
-        small_ids = np.flatnonzero(small) + 1
-        keep = ~np.isin(cells, small_ids) | (nuclei > 0)
-        cells = np.where(keep, cells, 0)
-    return cells.astype(np.int32)
+    settings = _resolve(settings, nuclear, cell)
+    cellpose = None
+    if settings.segmenter == "cellpose":
+        from .segment_cellpose import CellposeSegmenter
+
+        cellpose = CellposeSegmenter(settings)
+
+    def run(image: np.ndarray, channel_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[0] != len(channel_names):
+            raise ValueError(
+                f"image must be (C, H, W) with C = {len(channel_names)} channels, got {image.shape}"
+            )
+        n = _channel_index(channel_names, channel_ref(settings.nuclear), "nuclear")
+        refs = cell_refs(settings.cell)
+        chosen = None if refs is None else [_channel_index(channel_names, c, "cell") for c in refs]
+        if settings.segmenter == "legacy":
+            return segment_legacy(image, channel_names, n, chosen)
+        if cellpose is not None:
+            return cellpose(image, n, cell_channels(image, channel_names, n, chosen))
+        return segment_classical(image, channel_names, n, chosen, settings)
+
+    return run
+
+
+def segment_nuclei(dna: np.ndarray, settings: SegmentSettings | None = None) -> np.ndarray:
+    """Nuclei of one nuclear-stain image (int32 labels) by the classical pipeline's rules."""
+    s = settings if settings is not None else SegmentSettings()
+    found = find_nuclei(
+        dna,
+        method=s.nucleus_threshold,
+        log=s.nucleus_log,
+        factor=s.nucleus_threshold_factor,
+        sigma=s.smoothing,
+        declump=s.declump,
+        min_diameter=s.min_diameter,
+        max_diameter=s.max_diameter,
+        drop_edge=s.drop_edge,
+    )
+    kept = np.where(found.dropped[found.labels], 0, found.labels)
+    return relabel_sequential(kept)[0].astype(np.int32)
 
 
 def segment_site(
     image: np.ndarray,
     channel_names: Sequence[str],
-    nuclear: str | int = "DNA",
+    nuclear: str | int | None = None,
     cell: str | int | Sequence[str | int] | None = None,
+    *,
+    settings: SegmentSettings | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclei and cell labels (int32, same ids) of one (C, H, W) site."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[0] != len(channel_names):
-        raise ValueError(
-            f"image must be (C, H, W) with C = {len(channel_names)} channels, got {image.shape}"
-        )
-    n = _channel_index(channel_names, nuclear, "nuclear")
-    nuclei = segment_nuclei(image[n])
-    if image.shape[0] == 1:
-        return nuclei, nuclei.copy()
-    foreground, surface = cell_surface(image, channel_names, nuclear, cell)
-    cells = segment_cells(foreground, surface, nuclei)
-    return nuclei, cells
+    """Nuclei and cell labels (int32, same ids) of one (C, H, W) site.
+
+    ``nuclear`` and ``cell`` (channel names or indices) override those of ``settings``
+    (default :class:`SegmentSettings`: the classical pipeline, nuclear stain "DNA").
+    """
+    return make_segmenter(settings, nuclear=nuclear, cell=cell)(image, channel_names)
 
 
 def match_counts(pred: np.ndarray, truth: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
@@ -294,33 +251,40 @@ def segment_plate(
     plate,
     out: str | os.PathLike | None = None,
     *,
-    nuclear: str | int = "DNA",
+    nuclear: str | int | None = None,
     cell: str | int | Sequence[str | int] | None = None,
+    settings: SegmentSettings | None = None,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
 ) -> Path | None:
     """Segment every site of a plate into a label folder; returns the folder (None if cancelled).
 
-    ``out`` defaults to ``<plate folder>/segmentation``, which ``open_plate`` then uses by
-    itself; any other folder is given to it (and to ``embed``) as ``labels=``. Each label file
-    lands atomically and the folder's marker says "complete" only at the end, so an
-    interrupted run is never taken for a finished one. Progress: stage "segment", done/total
-    sites, info ``site``.
+    ``settings`` (default :class:`SegmentSettings`) says how; ``nuclear`` and ``cell`` override
+    its channels. ``out`` defaults to ``<plate folder>/segmentation``, which ``open_plate`` then
+    uses by itself; any other folder is given to it (and to ``embed``) as ``labels=``. Each
+    label file lands atomically and the folder's marker (which records the settings) says
+    "complete" only at the end, so an interrupted run is never taken for a finished one.
+    Progress: stage "segment", done/total sites, info ``site``.
     """
+    settings = _resolve(settings, nuclear, cell)
     folder = Path(out).expanduser() if out is not None else default_label_folder(plate.root)
     names = plate.channel_names
     total = len(plate)
-    try:  # a channel the plate lacks is found before anything is written
-        _channel_index(names, nuclear, "nuclear")
+    try:  # a channel the plate lacks is found before anything is written or loaded
+        _channel_index(names, channel_ref(settings.nuclear), "nuclear")
+        for c in cell_refs(settings.cell) or ():
+            _channel_index(names, c, "cell")
     except ValueError as exc:
         raise PlateError(f"cannot segment {plate.root}: {exc}") from exc
+    segmenter = make_segmenter(settings)
     marker = {
         "written_by": f"napari-concept-discovery {__version__} segment",
         "complete": False,
         "plate": str(Path(plate.root).resolve()),
         "channels": list(names),
-        "nuclear": nuclear,
-        "cell": cell if cell is None or isinstance(cell, str | int) else list(cell),
+        "nuclear": settings.nuclear,
+        "cell": settings.cell,
+        "settings": settings.to_dict(),
         "sites": total,
     }
     try:  # marked unfinished first, so the folder is never read as images nor used half done
@@ -335,7 +299,7 @@ def segment_plate(
         if is_cancelled(cancel):
             return None
         try:
-            nuclei, cells = segment_site(site.read(), names, nuclear, cell)
+            nuclei, cells = segmenter(site.read(), names)
         except ValueError as exc:  # a channel name or shape the user can fix
             raise PlateError(f"cannot segment site {site.key}: {exc}") from exc
         cells_path, nuclei_path = label_paths(folder, site.key)

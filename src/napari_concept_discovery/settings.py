@@ -168,3 +168,132 @@ def from_args(cls: type[Settings], args: argparse.Namespace, **overrides):
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(overrides)
     return cls(**values)
+
+
+# --- segmentation ------------------------------------------------------------------------------
+
+#: Who segments: our CellProfiler-style pipeline, an installed Cellpose, or the watershed of
+#: version 0.1 (kept to reproduce older label folders and for comparison).
+SEGMENTERS = ("classical", "cellpose", "legacy")
+#: Names the default classical segmentation in store signatures: sites segmented while
+#: embedding are re-embedded when it changes.
+SEGMENT_ALGORITHM = "propagation-1"
+#: Global thresholds: two-class Otsu, three-class Otsu with the middle class as foreground,
+#: minimum cross-entropy (Li).
+THRESHOLDS = ("otsu", "otsu3", "mce")
+
+
+@dataclass
+class SegmentSettings(Settings):
+    """How nuclei and cells are found, with CellProfiler's methods and names.
+
+    Nuclei: minimum cross-entropy threshold on the nuclear stain (as the JUMP production
+    pipeline), split by shape, size limits relative to the image's typical nucleus (so 20x and
+    40x both work unchanged). Cells: a foreground per cell stain from Otsu on the log
+    intensities, nuclei grown through it by CellProfiler's Propagation with regularisation
+    factor 0.05. To reproduce a CellProfiler pipeline, set the same channel, threshold method,
+    log transform and correction factor. See docs/architecture.md, "One room per step".
+    """
+
+    segmenter: str = option(
+        "classical",
+        "classical: CellProfiler-style thresholds and propagation (scikit-image, no extra "
+        "package); cellpose: an installed Cellpose (pip install "
+        "'napari-concept-discovery[cellpose]'); legacy: the watershed of version 0.1",
+        choices=SEGMENTERS,
+    )
+    nuclear: str = option("DNA", "nuclear stain, a channel name or index")
+    cell: str | None = option(
+        None,
+        "channel(s) for the cell foreground and borders, comma-separated (default: every "
+        "fluorescent channel besides the nuclear one; transmitted light is left out)",
+    )
+    nucleus_threshold: str = option(
+        "mce",
+        "nucleus threshold: mce (minimum cross-entropy), otsu, otsu3 (three classes, middle "
+        "class as foreground)",
+        choices=THRESHOLDS,
+    )
+    nucleus_log: bool = option(False, "threshold the log of the nuclear stain")
+    nucleus_threshold_factor: float = option(
+        1.0, "multiplies the nucleus threshold (CellProfiler's correction factor)"
+    )
+    cell_threshold: str = option(
+        "otsu",
+        "cell foreground threshold per stain: otsu, mce, otsu3 (three classes, middle class as "
+        "foreground)",
+        choices=THRESHOLDS,
+    )
+    cell_log: bool = option(
+        True,
+        "threshold the log of the cell stains, so that the dim edge of a cell counts as cell "
+        "(--no-cell-log thresholds the intensities as they are)",
+    )
+    cell_threshold_factor: float = option(
+        1.0, "multiplies the cell threshold (CellProfiler's correction factor)"
+    )
+    smoothing: float = option(
+        1.0, "Gaussian sigma in pixels applied before thresholding (CellProfiler's scale 1.35)"
+    )
+    regularization: float = option(
+        0.05,
+        "propagation's regularisation factor: 0 follows image edges only, large values divide "
+        "cells by distance alone",
+    )
+    min_diameter: float | None = option(
+        None,
+        "smallest nucleus kept, equivalent diameter in pixels (default: 0.4 x the image's "
+        "typical nucleus, at least 4)",
+    )
+    max_diameter: float | None = option(
+        None,
+        "largest nucleus kept, equivalent diameter in pixels (default: 3 x the typical nucleus)",
+    )
+    declump: bool = option(True, "split touching nuclei by shape")
+    drop_edge: bool = option(
+        False,
+        "drop cells that touch the image edge, with their nuclei (as CellProfiler pipelines do "
+        "before measuring)",
+    )
+    cellpose_model: str = option(
+        "cyto3",
+        "Cellpose model for cells: a built-in name (cyto3, cpsam, ...) or a model file",
+    )
+    cellpose_nuclei: str = option(
+        "classical",
+        "nuclei for Cellpose cells: classical (ours) or a Cellpose model name or file (nuclei)",
+    )
+    cellpose_diameter: float | None = option(
+        None, "typical cell diameter in pixels for Cellpose (default: Cellpose estimates it)"
+    )
+    device: str | None = option(None, "device for Cellpose: cuda | mps | cpu (default: cpu)")
+
+    def validate(self) -> None:
+        self.nuclear = str(self.nuclear).strip()  # an index given as a number
+        check(bool(self.nuclear), "nuclear", "name the nuclear stain (a channel name or index)")
+        if self.cell is not None:
+            self.cell = str(self.cell).strip() or None
+        for name in ("nucleus_threshold_factor", "cell_threshold_factor"):
+            value = getattr(self, name)
+            check(value > 0, name, f"must be positive, got {value}")
+        check(self.smoothing >= 0, "smoothing", f"must be 0 or more, got {self.smoothing}")
+        check(
+            self.regularization >= 0,
+            "regularization",
+            f"must be 0 or more, got {self.regularization}",
+        )
+        for name in ("min_diameter", "max_diameter", "cellpose_diameter"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, f"must be positive, got {value}")
+        if self.min_diameter is not None and self.max_diameter is not None:
+            check(
+                self.max_diameter > self.min_diameter,
+                "max_diameter",
+                f"must exceed min_diameter ({self.min_diameter}), got {self.max_diameter}",
+            )
+        check(bool(self.cellpose_model.strip()), "cellpose_model", "name a Cellpose model")
+        check(
+            bool(self.cellpose_nuclei.strip()),
+            "cellpose_nuclei",
+            "classical, or a Cellpose model name or file",
+        )

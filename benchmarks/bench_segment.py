@@ -1,0 +1,390 @@
+"""Segmentation on real plates: NF1 against CellProfiler's masks, JUMP and Phenix by inspection.
+
+NF1 (``nf1_plate2``, DAPI/GFP/RFP, 5 wells): CellProfiler's ``MaskCells`` and ``MaskNuclei`` come
+from the NF1 project's pipeline (nuclei: three-class Otsu on DAPI, no declumping, diameters
+30-90, border objects discarded; cells: Propagation on RFP, regularisation 0.05, three-class
+Otsu with the middle class as foreground, cells touching the border discarded while their
+nuclei are kept). Per well: foreground Jaccard and area ratio (ours / CellProfiler's) of the cell
+masks, and nucleus F1 at IoU 0.5 with nuclei touching the border dropped on our side as
+CellProfiler dropped them. Rows:
+
+- ``before``: the segmentation of version 0.1 (``segmenter="legacy"``) as a user ran it, and
+  with border cells dropped afterwards (the like-for-like reading).
+- ``CellProfiler's settings``: our classical segmenter told what that pipeline was told
+  (``--cell RFP --cell-threshold otsu3 --no-cell-log --nucleus-threshold otsu3 --no-declump
+  --min-diameter 30 --max-diameter 90 --drop-edge``). Bars: Jaccard >= 0.8 and ratio
+  0.8-1.25 in every well, nucleus F1 >= 0.95.
+- ``defaults``: only ``--nuclear DAPI --drop-edge``: both non-nuclear stains, Otsu on log
+  intensities, declumping, relative size limits. ``J (CP cells)`` compares only the cells whose
+  nucleus CellProfiler kept a cell for (border cells of ours kept), which separates how far cells
+  reach from which cells touch the border.
+
+JUMP (``jump_BR00117006``: AGP, RNA, DNA) and Phenix (``pediatric_cancer_atlas_BR00143976``,
+``--nuclear ch5``; ch1 is brightfield and is left out by itself) have no masks: per site, cells,
+cells holding more than one nucleus (two or more peaks of the smoothed DNA stain, smoothed at a
+quarter of the typical nucleus diameter, above the nucleus threshold, at least half a diameter
+apart) and nucleus-only cells (cell area < 1.3 x nucleus area), before and after, and a figure of
+labels over the image in ``docs/images/``. Synthetic plates: cell and nucleus F1 against truth.
+
+    python benchmarks/bench_segment.py [--out benchmarks/results/bench_segment.txt]
+                                       [--figures docs/images]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from skimage import feature, measure, segmentation
+
+from napari_concept_discovery.plate import open_plate
+from napari_concept_discovery.segment import match_counts, segment_site
+from napari_concept_discovery.segment_classical import (
+    smooth,
+    threshold,
+    touching_edge,
+    typical_diameter,
+)
+from napari_concept_discovery.settings import SegmentSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
+NF1_PATTERN = "{well}_01_{channel_index}_{site}_{channel}_001.tif"
+
+LEGACY = SegmentSettings(segmenter="legacy", nuclear="DAPI")
+CELLPROFILER = SegmentSettings(
+    nuclear="DAPI",
+    cell="RFP",
+    cell_threshold="otsu3",
+    cell_log=False,
+    nucleus_threshold="otsu3",
+    declump=False,
+    min_diameter=30,
+    max_diameter=90,
+    drop_edge=True,
+)
+DEFAULTS = SegmentSettings(nuclear="DAPI", drop_edge=True)
+
+
+def drop_edge(nuclei: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cells touching the border removed with their nuclei (for segmenters without the option)."""
+    gone = np.isin(cells, touching_edge(cells))
+    return np.where(gone, 0, nuclei), np.where(gone, 0, cells)
+
+
+def foreground_scores(cells: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    fg = cells > 0
+    return float((fg & mask).sum() / (fg | mask).sum()), float(fg.sum() / mask.sum())
+
+
+def nucleus_f1(nuclei: np.ndarray, truth: np.ndarray) -> float:
+    """F1 at IoU 0.5 with our nuclei touching the border dropped, as CellProfiler dropped them."""
+    kept = np.where(np.isin(nuclei, touching_edge(nuclei)), 0, nuclei)
+    tp, n_pred, n_truth = match_counts(kept, truth)
+    return 2 * tp / max(n_pred + n_truth, 1)
+
+
+def nf1_wells():
+    plate = open_plate(REAL / "nf1_plate2" / "images", layout="pattern", pattern=NF1_PATTERN)
+    masks = REAL / "nf1_plate2" / "masks"
+    for site in plate:
+        short = f"{site.key.well[0]}{int(site.key.well[1:])}"
+        cells = tifffile.imread(next(masks.glob(f"{short}_*_MaskCells.tiff"))) > 0
+        nuclei = measure.label(tifffile.imread(next(masks.glob(f"{short}_*_MaskNuclei.tiff"))) > 0)
+        yield site, cells, nuclei
+
+
+def bench_nf1(lines: list[str]) -> dict:
+    rows: dict[str, list] = {}
+    timings = []
+    for site, mask_cells, mask_nuclei in nf1_wells():
+        image, names = site.read(), site.channel_names
+        well = site.key.well
+        t = time.perf_counter()
+        nuc, cells = segment_site(image, names, settings=LEGACY)
+        timings.append(("legacy", time.perf_counter() - t))
+        f1 = nucleus_f1(nuc, mask_nuclei)
+        rows.setdefault("before: legacy, as run", []).append(
+            (well, *foreground_scores(cells, mask_cells), f1)
+        )
+        rows.setdefault("before: legacy, border cells dropped", []).append(
+            (well, *foreground_scores(drop_edge(nuc, cells)[1], mask_cells), f1)
+        )
+        for name, settings in (
+            ("after: CellProfiler's settings", CELLPROFILER),
+            ("after: defaults (--drop-edge)", DEFAULTS),
+        ):
+            t = time.perf_counter()
+            _, cells = segment_site(image, names, settings=settings)
+            timings.append((name, time.perf_counter() - t))
+            whole_nuc, whole = segment_site(
+                image, names, settings=settings.replace(drop_edge=False)
+            )
+            rows.setdefault(name, []).append(
+                (well, *foreground_scores(cells, mask_cells), nucleus_f1(whole_nuc, mask_nuclei))
+            )
+            # cells whose nucleus lies in one of CellProfiler's cells, border cells kept
+            inside = np.unique(whole[(whole_nuc > 0) & mask_cells])
+            kept = np.where(np.isin(whole, inside[inside > 0]), whole, 0)
+            rows.setdefault(name + ", J (CP cells)", []).append(
+                (well, *foreground_scores(kept, mask_cells), float("nan"))
+            )
+    lines.append("## NF1: against CellProfiler's MaskCells / MaskNuclei, per well")
+    wells = [r[0] for r in next(iter(rows.values()))]
+    head = "row".ljust(52) + "".join(f"{w:>18}" for w in wells)
+    lines.append(head)
+    lines.append("".ljust(52) + "".join(f"{'J  ratio  nucF1':>18}" for _ in wells))
+    lines.append("-" * len(head))
+    for name, values in rows.items():
+        cells_txt = "".join(
+            f"{j:>6.3f}{r:>6.2f}" + (f"{f:>6.3f}" if f == f else "      ") for _, j, r, f in values
+        )
+        lines.append(name.ljust(52) + cells_txt)
+    bars = rows["after: CellProfiler's settings"]
+    ok = all(j >= 0.8 and 0.8 <= r <= 1.25 and f >= 0.95 for _, j, r, f in bars)
+    lines.append(
+        "bars (CellProfiler's settings): J >= 0.8, ratio 0.8-1.25 in every well, nucleus F1 >= "
+        f"0.95: {'met' if ok else 'NOT met'}"
+    )
+    for name in dict(timings):
+        secs = [t for n, t in timings if n == name]
+        lines.append(f"time per site ({name}): {np.mean(secs):.2f} s (904 x 1224 px)")
+    lines.append("")
+    return rows
+
+
+def dna_peaks(dna: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
+    """Nucleus centres found independently of the segmentation (module docstring)."""
+    typical = typical_diameter(nuclei)
+    smoothed = smooth(dna, max(1.0, typical / 4))
+    return feature.peak_local_max(
+        smoothed,
+        min_distance=max(2, int(typical / 2)),
+        threshold_abs=threshold(dna, "mce"),
+        exclude_border=False,
+    )
+
+
+def cell_checks(dna: np.ndarray, nuclei: np.ndarray, cells: np.ndarray) -> dict:
+    peaks = dna_peaks(np.asarray(dna, np.float64), nuclei)
+    n = int(cells.max())
+    per_cell = np.bincount(cells[peaks[:, 0], peaks[:, 1]], minlength=n + 1)[1:]
+    cell_area = np.bincount(cells.ravel(), minlength=n + 1)[1:]
+    nucleus_area = np.bincount(nuclei.ravel(), minlength=n + 1)[1:]
+    present = cell_area > 0
+    return {
+        "cells": int(present.sum()),
+        "multi": int((per_cell[present] > 1).sum()),
+        "nucleus_only": int((cell_area[present] < 1.3 * nucleus_area[present]).sum()),
+        "fg": float((cells > 0).mean()),
+    }
+
+
+def composite(image: np.ndarray, names, nuclear: str) -> np.ndarray:
+    """RGB: the mean of the fluorescent cell stains in green (gamma 0.5), DNA in blue."""
+
+    def unit(x):
+        a, b = np.percentile(x, [0.5, 99.7])
+        return np.clip((x.astype(np.float64) - a) / max(b - a, 1e-9), 0, 1) ** 0.5
+
+    n = list(names).index(nuclear)
+    others = [i for i in range(len(names)) if i != n and names[i].lower() not in ("ch1",)]
+    green = np.mean([unit(image[i]) for i in others], axis=0)
+    rgb = np.zeros((*image.shape[1:], 3))
+    rgb[..., 1] = green
+    rgb[..., 0] = 0.5 * green
+    rgb[..., 2] = np.maximum(unit(image[n]), 0.3 * green)
+    return rgb
+
+
+def _edges(labels: np.ndarray) -> np.ndarray:
+    """Object borders two pixels wide, so that they survive the figure's downscaling."""
+    return segmentation.find_boundaries(labels, mode="thick")
+
+
+def overlay(rgb, nuclei, cells, extra=None):
+    out = rgb.copy()
+    if extra is not None:
+        out[_edges(extra)] = (0.0, 1.0, 1.0)
+    out[_edges(cells)] = (1.0, 1.0, 0.0)
+    out[_edges(nuclei)] = (1.0, 0.25, 0.25)
+    return out
+
+
+def _shown(path: Path) -> str:
+    """A path as the repository names it, when it is inside the repository."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def save_figure(path: Path, panels: list[tuple[str, np.ndarray]], width_in: float = 11.0):
+    """Panels side by side, saved as a 128-colour PNG (small enough for a README)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    h, w = panels[0][1].shape[:2]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(width_in, width_in / len(panels) * h / w + 0.35)
+    )
+    for ax, (title, img) in zip(np.atleast_1d(axes), panels, strict=True):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout(pad=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    image = Image.open(buf).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, optimize=True)
+    return path.stat().st_size
+
+
+def bench_unlabelled(lines: list[str], figures: Path | None) -> dict:
+    lines.append("## JUMP and Phenix: no masks; checks and figures")
+    lines.append(
+        f"{'site':44}{'segmenter':>10}{'cells':>7}{'>1 nucleus':>12}{'nucleus-only':>14}"
+        f"{'foreground':>12}{'s/site':>8}"
+    )
+    out = {}
+    crops = {"jump_BR00117006": (460, 560, 520), "pediatric_cancer_atlas_BR00143976": (0, 300, 620)}
+    for folder, nuclear in (
+        ("jump_BR00117006", "ch5"),
+        ("pediatric_cancer_atlas_BR00143976", "ch5"),
+    ):
+        plate = open_plate(REAL / folder)
+        site = next(iter(plate))
+        image, names = site.read(), site.channel_names
+        dna = image[list(names).index(nuclear)]
+        results = {}
+        for label, settings in (
+            ("legacy", SegmentSettings(segmenter="legacy", nuclear=nuclear)),
+            ("classical", SegmentSettings(nuclear=nuclear)),
+        ):
+            t = time.perf_counter()
+            nuclei, cells = segment_site(image, names, settings=settings)
+            secs = time.perf_counter() - t
+            c = cell_checks(dna, nuclei, cells)
+            results[label] = (nuclei, cells, c)
+            lines.append(
+                f"{folder:44}{label:>10}{c['cells']:>7}{c['multi']:>12}{c['nucleus_only']:>14}"
+                f"{c['fg']:>12.2f}{secs:>8.2f}"
+            )
+        out[folder] = {k: v[2] for k, v in results.items()}
+        if figures is not None:
+            y, x, s = crops[folder]
+            rgb = composite(image, names, nuclear)[y : y + s, x : x + s]
+            win = (slice(y, y + s), slice(x, x + s))
+            panels = [
+                (
+                    f"before (legacy): {folder.split('_')[0]}",
+                    overlay(rgb, *(a[win] for a in results["legacy"][:2])),
+                ),
+                (
+                    "after (classical, defaults)",
+                    overlay(rgb, *(a[win] for a in results["classical"][:2])),
+                ),
+            ]
+            name = "segment_jump.png" if folder.startswith("jump") else "segment_phenix.png"
+            size = save_figure(figures / name, panels)
+            lines.append(
+                f"figure: {_shown(figures / name)} ({size // 1024} KB; crop y={y} x={x} {s} px)"
+            )
+    lines.append(
+        "'>1 nucleus': cells holding two or more peaks of the smoothed DNA stain; 'nucleus-only':"
+        " cell area < 1.3 x its nucleus; 'foreground': fraction of the site covered by cells"
+    )
+    lines.append("")
+    return out
+
+
+def nf1_figure(figures: Path, lines: list[str]) -> None:
+    site, mask_cells, _ = next(w for w in nf1_wells() if w[0].key.well == "F07")
+    image, names = site.read(), site.channel_names
+    y, x, s = 280, 380, 560
+    win = (slice(y, y + s), slice(x, x + s))
+    rgb = composite(image, names, "DAPI")[win]
+    panels = []
+    for title, settings in (
+        ("legacy (yellow) vs CellProfiler (cyan)", LEGACY),
+        ("CellProfiler's settings (yellow) vs CellProfiler (cyan)", CELLPROFILER),
+        ("defaults (yellow) vs CellProfiler (cyan)", DEFAULTS),
+    ):
+        nuclei, cells = segment_site(image, names, settings=settings)
+        if settings.segmenter == "legacy":
+            nuclei, cells = drop_edge(nuclei, cells)
+        panels.append((title, overlay(rgb, nuclei[win], cells[win], extra=mask_cells[win])))
+    size = save_figure(figures / "segment_nf1.png", panels, width_in=13.0)
+    lines.append(
+        f"figure: {_shown(figures / 'segment_nf1.png')} ({size // 1024} KB; NF1 well F07, crop y={y} "
+        f"x={x} {s} px; border cells dropped in all three)"
+    )
+    lines.append("")
+
+
+def bench_synthetic(lines: list[str]) -> None:
+    from napari_concept_discovery.synth import generate_site
+
+    sites = [
+        ("HUVEC", "control", 1),
+        ("HUVEC", "golgi_dispersal", 2),
+        ("HEPG2", "control", 1),
+        ("HEPG2", "nuclear_enlargement", 2),
+        ("HEPG2", "actin_fibres", 3),
+        ("U2OS", "control", 1),
+        ("U2OS", "er_aggregation", 2),
+    ]
+    lines.append("## Synthetic sites (256 px, 7 sites): F1 at IoU 0.5 against truth")
+    for label, settings in (
+        ("legacy", SegmentSettings(segmenter="legacy")),
+        ("classical", SegmentSettings()),
+    ):
+        totals = np.zeros((2, 3), int)
+        for cell_type, pert, plate in sites:
+            site = generate_site(cell_type, pert, size=256, seed=0, plate=plate, well="C03")
+            nuclei, cells = segment_site(site.image, site.channel_names, settings=settings)
+            totals[0] += match_counts(cells, site.cells)
+            totals[1] += match_counts(nuclei, site.nuclei)
+        f1 = 2 * totals[:, 0] / (totals[:, 1] + totals[:, 2])
+        lines.append(f"{label:>10}: cells {f1[0]:.3f}, nuclei {f1[1]:.3f} ({totals[0, 2]} cells)")
+    lines.append("")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_segment.txt"))
+    parser.add_argument("--figures", default=str(ROOT / "docs" / "images"))
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    if not REAL.is_dir():
+        raise SystemExit(f"real images not found at {REAL}")
+    figures = None if args.no_figures else Path(args.figures)
+    lines = [
+        f"machine: {platform.machine()}, {platform.python_version()}",
+        "",
+    ]
+    bench_nf1(lines)
+    if figures is not None:
+        nf1_figure(figures, lines)
+    bench_unlabelled(lines, figures)
+    bench_synthetic(lines)
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
