@@ -70,6 +70,17 @@ def test_active_cells_are_coloured_by_value_inactive_ones_hidden():
     assert set(dim.colours) == {1, None} and dim.colours[None] == DIMMED
 
 
+def test_an_active_column_decides_which_cells_are_active():
+    """The explore API marks a cell active where its code is non-zero, negative ICFL codes too."""
+    cells = pd.DataFrame(
+        {"label": [1, 2, 3], "value": [-0.5, 0.0, 2.0], "active": [True, False, True]}
+    )
+    out = cell_colours(cells, "value", limits=(0.0, 2.0))
+    assert out.features["active"].tolist() == [True, False, True]
+    assert set(out.colours) == {1, 3, None}
+    assert np.allclose(out.colours[1], colormaps["magma"](0.0))  # below the limits: the bottom
+
+
 def test_cell_values_are_checked():
     with pytest.raises(ValueError, match="columns 'label' and 'activation'"):
         cell_colours(pd.DataFrame({"cell": [1], "activation": [1.0]}), limits=(0, 1))

@@ -14,6 +14,7 @@ SIGNALS = (
     "site_changed",
     "store_changed",
     "dictionary_changed",
+    "explorer_changed",
     "feature_changed",
     "cell_changed",
 )
@@ -99,6 +100,40 @@ def test_new_dictionary_forgets_the_feature(plate):
     assert events == [("feature_changed", None), ("dictionary_changed", "second")]
 
 
+def test_the_explorer_belongs_to_the_store_and_dictionary(plate, tiny_store_path):
+    from napari_concept_discovery.dictionary.pipeline import train_on_store
+    from napari_concept_discovery.dictionary.settings import TrainSettings
+    from napari_concept_discovery.explore import Explorer
+    from napari_concept_discovery.store import ActivationStore
+
+    store = ActivationStore.open(tiny_store_path)
+    trained = train_on_store(store, TrainSettings(atoms=8, sparsity=4, steps=3, batch_size=32))
+    session = ViewerSession()
+    session.set_plate(plate)
+    explorer = Explorer(store, trained.dictionary)
+    with pytest.raises(ValueError, match="another store"):
+        session.set_explorer(explorer)  # made for a store the session does not use
+    session.set_store(store)
+    session.set_dictionary(trained.dictionary)
+    session.select_feature(2)
+    ticket = session.ticket()
+    events = record(session)
+    session.set_explorer(explorer)
+    assert session.explorer is explorer and events == [("explorer_changed", explorer)]
+    assert not session.is_current(*ticket)  # results of no explorer are stale
+    assert session.feature == 2  # the feature stays: same dictionary
+    session.set_store(ActivationStore.open(tiny_store_path))  # the store changes: forgotten
+    assert session.explorer is None and events[-2:] == [
+        ("explorer_changed", None),
+        ("store_changed", session.store),
+    ]
+    other = train_on_store(store, TrainSettings(atoms=8, sparsity=4, steps=3, batch_size=32))
+    with pytest.raises(ValueError, match="another store"):
+        session.set_explorer(explorer)
+    session.set_dictionary(other.dictionary)
+    assert session.explorer is None and session.feature is None
+
+
 def test_tickets_go_stale_when_what_they_were_computed_from_changes(plate):
     session = ViewerSession()
     session.set_plate(plate)
@@ -155,6 +190,8 @@ def test_the_viewer_state_modules_import_no_qt_and_no_napari():
         "import sys\n"
         "import napari_concept_discovery.session, napari_concept_discovery.platemap\n"
         "import napari_concept_discovery.overlay, napari_concept_discovery._reader\n"
+        "import napari_concept_discovery.forms, napari_concept_discovery.feature_views\n"
+        "import napari_concept_discovery.thumbnails, napari_concept_discovery.workspace\n"
         "gui = ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'vispy')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(gui)))\n"
     )

@@ -594,6 +594,49 @@ def _run_models(args) -> int:
     return 0
 
 
+# --- view (issue 9: in-viewer concept discovery) -----------------------------------------
+
+
+def _add_view(sub) -> None:
+    p = sub.add_parser(
+        "view",
+        help="open napari with a plate, its activation store and dictionary, and the widgets",
+        description=(
+            "Open the plate's first site in napari with the plate navigator, concept explorer, "
+            "embed and dictionary widgets docked. On the output folder of `concept-discovery "
+            "demo` the plates, store and dictionary are found by themselves; for a plate folder, "
+            "a single store beside it (as the Embed widget names them) is used."
+        ),
+    )
+    p.add_argument(
+        "plate", nargs="?", default=".", help="plate folder or demo output folder (default: .)"
+    )
+    p.add_argument("--store", help="activation store folder (.zarr)")
+    p.add_argument("--dictionary", help="dictionary file (.safetensors), applied to the store")
+    p.set_defaults(func=_run_view)
+
+
+def _run_view(args) -> int:
+    from .workspace import find_view_inputs
+
+    inputs = find_view_inputs(args.plate, args.store, args.dictionary)
+    if inputs.dictionary is not None and inputs.store is None:
+        raise UsageError("--dictionary needs an activation store (--store) to apply it to")
+    import napari
+
+    from .widgets import open_viewer
+
+    open_viewer(inputs.plate, inputs.store, inputs.dictionary)
+    print(
+        f"plate {inputs.plate}"
+        + (f", store {inputs.store}" if inputs.store else ", no store yet (Embed widget)")
+        + (f", dictionary {inputs.dictionary}" if inputs.dictionary else ""),
+        file=sys.stderr,
+    )
+    napari.run()
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 
@@ -613,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train,
         _add_analyze,
         _add_models,
+        _add_view,
     ):
         add(sub)
     return parser

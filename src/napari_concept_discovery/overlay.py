@@ -10,6 +10,8 @@ See docs/architecture.md, "The viewer".
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +19,10 @@ import numpy as np
 import pandas as pd
 
 from .colours import RGBA, map_values
+from .errors import StoreError
+from .plate import SiteKey
+from .plate_embedding import embed_store_site, reload_model, reopen_plate
+from .progress import Cancelled, is_cancelled
 
 TRANSPARENT: RGBA = (0.0, 0.0, 0.0, 0.0)
 DIMMED: RGBA = (0.6, 0.6, 0.6, 0.25)  # inactive cells, when shown at all
@@ -83,7 +89,11 @@ def cell_colours(
     inactive: RGBA | None = None,
     index: dict[int, int] | None = None,
 ) -> CellColours:
-    """Colour the cells whose ``column`` exceeds ``threshold`` by value, the others ``inactive``.
+    """Colour the active cells by value, the others ``inactive``.
+
+    A cell is active where the table's ``active`` column says so (the explore API's rule: a
+    non-zero code, which may be negative for ICFL's least-squares codes), else where
+    ``column`` exceeds ``threshold``.
 
     ``limits`` are fixed by the caller (per feature, not per site) so colours compare across
     sites. ``inactive=None`` hides inactive cells; :data:`DIMMED` shows them faintly. ``index``
@@ -102,7 +112,10 @@ def cell_colours(
         dup = pd.Series(labels)[pd.Series(labels).duplicated()].iloc[0]
         raise ValueError(f"per-cell values name cell {dup} twice")
     values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
-    active = np.isfinite(values) & (values > threshold)
+    if "active" in table.columns:
+        active = table["active"].to_numpy(dtype=bool) & np.isfinite(values)
+    else:
+        active = np.isfinite(values) & (values > threshold)
     ids = labels if index is None else np.array([index[int(x)] for x in labels], dtype=np.int64)
     rgba = map_values(values[active], colormap, limits)
     colours: dict[int | None, RGBA] = {
@@ -128,3 +141,128 @@ def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, dict[int, int] | Non
     shown = np.arange(start, start + len(ids), dtype=np.int32)
     mapping = {int(i): int(s) for i, s in zip(ids, shown, strict=True) if i != 0}
     return shown[inverse].reshape(labels.shape), mapping
+
+
+@dataclass(frozen=True)
+class FeaturePaint:
+    """Everything drawn for one feature on one site, computed off the GUI thread.
+
+    ``image`` is the patch activation map (data with the layer's scale and translate);
+    ``limits`` its contrast limits, the same on every site; ``cells`` the per-cell table
+    (``label``, ``value``, ``active``) and ``cell_limits`` its colour range, also the same on
+    every site (a cell token is a mean over patches, so its codes run lower than the patches'
+    and get their own range); ``labels`` the cell labels those values belong to (None when the
+    store kept none for the site).
+    """
+
+    key: tuple
+    feature: int
+    image: object  # explore.ActivationMap
+    limits: tuple[float, float]
+    cells: pd.DataFrame
+    cell_limits: tuple[float, float]
+    labels: np.ndarray | None
+
+
+#: Percentile of a feature's positive cell codes (whole store) at the top of the cells' colours.
+CELL_PERCENTILE = 99.5
+
+
+def cell_limits(explorer, feature: int, *, progress=None, cancel=None) -> tuple[float, float]:
+    """(0, the 99.5th percentile of ``feature``'s positive codes over the store's cells).
+
+    Fixed per feature across sites, like the patch map's limits; (0, 1) for a feature that
+    never fires on a cell. The store's cell codes are encoded once by the explorer.
+    """
+    codes, _ = explorer.cell_codes(progress=progress, cancel=cancel)
+    column = codes[:, int(feature)].tocsc().data
+    positive = column[column > 0]
+    hi = float(np.percentile(positive, CELL_PERCENTILE)) if positive.size else 0.0
+    return (0.0, hi if hi > 0 else 1.0)
+
+
+def feature_paint(explorer, key, feature: int, *, progress=None, cancel=None) -> FeaturePaint:
+    """What to draw for ``feature`` on site ``key`` of the store (see :class:`FeatureSource`)."""
+    return FeatureSource(explorer).paint(key, feature, progress=progress, cancel=cancel)
+
+
+class FeatureSource:
+    """What to draw for a feature on any site of the plate, for one explorer.
+
+    A site of the store is encoded once by the explorer (its codes cached there), so the next
+    feature on it costs a column slice. A site the store does not hold is embedded on demand
+    exactly as the store was built (``plate_embedding.embed_store_site``: the store's model,
+    block and cell rule; the model is loaded once) and handed to the explorer
+    (``Explorer.add_site``); its cell labels are kept here, since the store has none for it.
+    ``plate`` is the plate such sites are read from (by default reopened from the store).
+    Safe to call from worker threads.
+    """
+
+    def __init__(self, explorer, plate=None, device=None, keep: int = 16) -> None:
+        self.explorer = explorer
+        self.plate = plate
+        self.device = device
+        self.keep = int(keep)
+        self._backend = None
+        self._labels: OrderedDict = OrderedDict()
+        self._lock = threading.RLock()
+
+    def _on_demand(self, key, cancel=None):
+        with self._lock:
+            if self.plate is None:
+                self.plate = reopen_plate(self.explorer.store)
+            if self._backend is None:
+                self._backend = reload_model(self.explorer.store, self.device)
+            plate, backend = self.plate, self._backend
+        if key not in plate:
+            raise StoreError(f"site {tuple(key)} is neither in the store nor in plate {plate.root}")
+        if is_cancelled(cancel):
+            raise Cancelled(f"embedding {key} cancelled")
+        tokens = embed_store_site(self.explorer.store, key, plate=plate, backend=backend)
+        self.explorer.add_site(tokens, metadata=dict(plate[key].metadata or {}))
+        with self._lock:
+            self._labels[key] = tokens.labels
+            while len(self._labels) > self.keep:
+                self._labels.popitem(last=False)
+        return tokens.labels
+
+    def label_at(self, key, y: float, x: float) -> int | None:
+        """The cell under pixel (y, x) of a site (None: background, outside, or no labels)."""
+        labels = self.labels(key)
+        if labels is None:
+            return None
+        yi, xi = int(np.floor(y + 0.5)), int(np.floor(x + 0.5))
+        if not (0 <= yi < labels.shape[0] and 0 <= xi < labels.shape[1]):
+            return None
+        return int(labels[yi, xi]) or None
+
+    def labels(self, key) -> np.ndarray | None:
+        """The cell labels the site's cell codes belong to (None when it has none)."""
+        key = SiteKey.of(key)
+        store = self.explorer.store
+        if key in store:
+            return self.explorer.labels(key) if store.has_site_labels(key) else None
+        with self._lock:
+            return self._labels.get(key)
+
+    def paint(self, key, feature: int, *, progress=None, cancel=None) -> FeaturePaint:
+        """Everything drawn for ``feature`` on site ``key``; embeds the site first if needed."""
+        key = SiteKey.of(key)
+        explorer = self.explorer
+        try:
+            explorer.site(key, progress=progress, cancel=cancel)
+        except StoreError:
+            if key in explorer.store:
+                raise
+            self._on_demand(key, cancel=cancel)  # not in the store, or dropped from the cache
+        cells_range = cell_limits(explorer, feature, progress=progress, cancel=cancel)
+        image = explorer.activation_map(key, feature)
+        return FeaturePaint(
+            key=tuple(image.key),
+            feature=int(feature),
+            image=image,
+            limits=explorer.feature_limits(feature),
+            cells=explorer.cell_values(key, feature),
+            cell_limits=cells_range,
+            labels=self.labels(key),
+        )

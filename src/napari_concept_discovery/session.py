@@ -1,4 +1,4 @@
-"""The state of one viewer session: plate, site in view, store, dictionary, selected feature, cell.
+"""The state of one viewer session: plate, site in view, store, dictionary, explorer, feature, cell.
 
 Widgets read this one object and observe its signals instead of talking to each other, so a new
 widget only needs the session (see docs/architecture.md, "The viewer"). Qt-free and napari-free:
@@ -32,19 +32,21 @@ class ViewerSession:
     """One viewer's plate, site, activation store, dictionary and selection.
 
     ``generation`` counts changes of what results are computed from (plate, site, store,
-    dictionary); selecting a feature or a cell does not change it, since those only pick a
+    dictionary, explorer); selecting a feature or a cell does not change it, since those only pick a
     column or a row of results already computed for the site.
 
     Changing the plate forgets the store (a store belongs to its plate) and the cell; changing
     the site forgets the cell (labels are per site) but keeps the feature, so the selected
     feature stays painted as the user moves through the plate; changing the dictionary forgets
-    the feature (feature numbers mean nothing across dictionaries).
+    the feature (feature numbers mean nothing across dictionaries). The explorer is made from
+    the store and the dictionary, so changing either forgets it.
     """
 
     plate_changed = Signal(object)  # Plate | None
     site_changed = Signal(object)  # SiteKey | None
     store_changed = Signal(object)  # store | None
     dictionary_changed = Signal(object)  # dictionary | None
+    explorer_changed = Signal(object)  # explore.Explorer of (store, dictionary) | None
     feature_changed = Signal(object)  # int | None
     cell_changed = Signal(object)  # int (label in the site in view) | None
 
@@ -53,6 +55,7 @@ class ViewerSession:
         self._site_key: SiteKey | None = None
         self._store: Any = None
         self._dictionary: Any = None
+        self._explorer: Any = None
         self._feature: int | None = None
         self._cell: int | None = None
         self._generation = 0
@@ -92,6 +95,11 @@ class ViewerSession:
         return self._dictionary
 
     @property
+    def explorer(self) -> Any:
+        """What the viewer asks of the store and dictionary (``explore.Explorer``), or None."""
+        return self._explorer
+
+    @property
     def feature(self) -> int | None:
         return self._feature
 
@@ -123,12 +131,15 @@ class ViewerSession:
         if plate is self._plate:
             self._set_site_key(key)
             return
-        old_store, old_cell = self._store, self._cell
+        old_store, old_cell, old_explorer = self._store, self._cell, self._explorer
         self._plate, self._store, self._cell, self._site_key = plate, None, None, key
+        self._explorer = None
         self._bump()
         self.plate_changed.emit(plate)
         if old_store is not None:
             self.store_changed.emit(None)
+        if old_explorer is not None:
+            self.explorer_changed.emit(None)
         if old_cell is not None:
             self.cell_changed.emit(None)
         # even with an equal key: it names a site of another plate (synthetic plates share keys)
@@ -151,11 +162,15 @@ class ViewerSession:
         self.site_changed.emit(key)
 
     def set_store(self, store: Any) -> None:
-        """Use another activation store (None: none); results from the old one are stale."""
+        """Use another activation store (None: none); results from the old one are stale.
+
+        The explorer, made from the old store, is forgotten.
+        """
         if store is self._store:
             return
         self._store = store
         self._bump()
+        self._forget_explorer()
         self.store_changed.emit(store)
 
     def set_dictionary(self, dictionary: Any) -> None:
@@ -164,8 +179,31 @@ class ViewerSession:
             return
         self._dictionary = dictionary
         self._bump()
+        self._forget_explorer()
         self.select_feature(None)
         self.dictionary_changed.emit(dictionary)
+
+    def set_explorer(self, explorer: Any) -> None:
+        """Use an explorer of the session's store and dictionary (made off the GUI thread).
+
+        An explorer made for a store or dictionary that is no longer the session's is refused
+        (ValueError): check the ticket it was made under before setting it.
+        """
+        if explorer is self._explorer:
+            return
+        if explorer is not None:
+            for name in ("store", "dictionary"):
+                mine, its = getattr(self, f"_{name}"), getattr(explorer, name, None)
+                if its is not None and its is not mine:
+                    raise ValueError(f"this explorer was made for another {name}")
+        self._explorer = explorer
+        self._bump()
+        self.explorer_changed.emit(explorer)
+
+    def _forget_explorer(self) -> None:
+        if self._explorer is not None:
+            self._explorer = None
+            self.explorer_changed.emit(None)
 
     def select_feature(self, feature: int | None) -> None:
         """Select a dictionary feature by number (None: none)."""

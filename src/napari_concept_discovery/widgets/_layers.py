@@ -80,7 +80,7 @@ def show_site(viewer, data: SiteData) -> list[Layer]:
         cells.data = data.labels if data.labels is not None else np.zeros(shape, np.int32)
         cells.metadata = {**cells.metadata, **data.metadata("cells")}
         updated.append(cells)
-    clear_features(viewer, data.image.shape[1:])
+    clear_features(viewer, data.image.shape[1:], keep=data.key)
     return updated
 
 
@@ -103,6 +103,7 @@ def paint_feature(
     patch_size: int | Sequence[int],
     contrast_limits: tuple[float, float],
     offset: float | Sequence[float] = 0.0,
+    translate: Sequence[float] | None = None,
     name: str = "feature",
     colormap: str = "magma",
     site_key: Sequence | None = None,
@@ -112,10 +113,12 @@ def paint_feature(
     The grid stays at its own resolution; the layer's scale and translate place it
     (:func:`~napari_concept_discovery.overlay.grid_placement`). Additive blending adds it to the
     stains without hiding them; ``contrast_limits`` are fixed by the caller per feature so that
-    sites compare.
+    sites compare. ``translate`` (y, x), when given, replaces the one computed from ``offset``
+    (an ``explore.ActivationMap`` carries its own).
     """
     data = activation_grid(grid)
-    scale, translate = grid_placement(patch_size, offset)
+    scale, placed = grid_placement(patch_size, offset)
+    translate = placed if translate is None else tuple(float(t) for t in translate)
     meta = {"role": FEATURE_MAP, "site_key": None if site_key is None else tuple(site_key)}
     layer = _find(viewer, FEATURE_MAP, Image)
     if layer is None:
@@ -186,13 +189,20 @@ def paint_cells(
     return layer
 
 
-def clear_features(viewer, shape: Sequence[int] | None = None) -> None:
-    """Empty the painted feature layers (kept, with the user's settings) until the next paint."""
+def clear_features(
+    viewer, shape: Sequence[int] | None = None, keep: Sequence | None = None
+) -> None:
+    """Empty the painted feature layers (kept, with the user's settings) until the next paint.
+
+    A layer already painted for site ``keep`` stays: the feature for the new site may arrive
+    before the site's pixels do.
+    """
     image, cells = feature_layers(viewer)
-    if image is not None:
+    keep = None if keep is None else tuple(keep)
+    if image is not None and (keep is None or image.metadata.get("site_key") != keep):
         image.data = np.zeros_like(image.data)
         image.metadata = {**image.metadata, "site_key": None}
-    if cells is not None:
+    if cells is not None and (keep is None or cells.metadata.get("site_key") != keep):
         shape = tuple(shape) if shape is not None else cells.data.shape
         cells.data = np.zeros(shape, np.int32)
         cells.features = pd.DataFrame({"index": [], "label": []})

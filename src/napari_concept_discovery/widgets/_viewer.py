@@ -20,6 +20,8 @@ from ..errors import ConceptDiscoveryError
 from ..plate import SiteKey
 from ..session import Ticket, ViewerSession
 from ._layers import plate_layers, show_site, shown_site
+from ._notify import user_message
+from ._painter import FeaturePainter
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -30,8 +32,12 @@ def get_session(viewer) -> ViewerSession:
     if entry is None:
         session = ViewerSession()
         link = SiteLink(viewer, session)
-        _SESSIONS[viewer] = (session, link)
+        painter = FeaturePainter(viewer, session)
+        _SESSIONS[viewer] = (session, link, painter)
         link.adopt_layers()
+        qt_viewer = getattr(getattr(viewer, "window", None), "_qt_viewer", None)
+        if qt_viewer is not None:  # closing the viewer makes every result in flight stale
+            qt_viewer.destroyed.connect(lambda *_: session.close())
         return session
     return entry[0]
 
@@ -42,12 +48,28 @@ def get_link(viewer) -> SiteLink:
     return _SESSIONS[viewer][1]
 
 
-def user_message(exc: BaseException, doing: str) -> str:
-    """Our own errors already say what to do; anything else gets its type and what we did."""
-    if isinstance(exc, ConceptDiscoveryError | KeyError):
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        return f"{doing}: {text}"
-    return f"{doing}: {type(exc).__name__}: {exc}"
+def get_painter(viewer):
+    """The viewer's :class:`~._painter.FeaturePainter` (paints the selected feature)."""
+    get_session(viewer)
+    return _SESSIONS[viewer][2]
+
+
+def observe(widget, slots) -> None:
+    """Connect session signals to a widget's slots until Qt deletes the widget.
+
+    The session outlives a closed dock widget; a slot of a deleted widget must not be called.
+    """
+    for signal, slot in slots:
+        signal.connect(slot)
+    widget.destroyed.connect(partial(_disconnect, tuple(slots)))
+
+
+def _disconnect(slots, *_) -> None:
+    for signal, slot in slots:
+        try:
+            signal.disconnect(slot)
+        except (ValueError, RuntimeError):
+            pass
 
 
 class SiteLink:
@@ -101,7 +123,7 @@ class SiteLink:
         if shown_site(viewer, str(plate.root)) == tuple(key):
             return  # the reader just made these layers for this site
         ticket = self.session.ticket()
-        worker = create_worker(read_site, plate, key, _start_thread=False)
+        worker = create_worker(read_site, plate, key, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(partial(self.show, ticket))
         worker.errored.connect(partial(self._failed, ticket))
         worker.finished.connect(partial(self._workers.discard, worker))

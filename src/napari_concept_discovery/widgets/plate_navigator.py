@@ -1,7 +1,8 @@
 """Plate navigator: the plate as a grid of wells; click a well to show its sites in the viewer.
 
 Wells are coloured by a metadata column (cell type, perturbation, well type, ...) or by a number
-per well (:meth:`PlateNavigator.show_values`, e.g. a feature's mean activation). The layout,
+per well (:meth:`PlateNavigator.show_values`): once a feature is selected, its mean activation
+per cell in each well (``Explorer.well_means``, computed in a worker). The layout,
 the colours and the tooltips come from :mod:`napari_concept_discovery.platemap`; this module
 only paints them and turns clicks into :class:`~napari_concept_discovery.session.ViewerSession`
 calls. The grid is painted with QPainter rather than a matplotlib canvas: a 1536-well plate
@@ -47,7 +48,8 @@ from ..platemap import (
     well_table,
     well_tooltip,
 )
-from ._viewer import get_session, user_message
+from ._jobs import Job, JobOwner
+from ._viewer import get_session, observe, user_message
 
 _VALUES = "\x00values"  # item data of the "Colour by" entry for per-well values (not a column)
 
@@ -69,7 +71,7 @@ class PlateMapView(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setMouseTracking(True)
-        self.setMinimumSize(220, 150)
+        self.setMinimumSize(220, 120)
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
         self.plate: str | None = None
         self.grid = PlateGrid.for_wells([])
@@ -118,9 +120,11 @@ class PlateMapView(QWidget):
         return max(150, min(520, int(margin + 4 + pitch * self.grid.n_rows)))
 
     def _fit_height(self) -> None:
+        """At most the height of square wells, so the legend sits right below; smaller (wells
+        drawn smaller) when the dock is short, e.g. shared with the concept explorer."""
         height = self.heightForWidth(self.width())
-        if height != self.height():
-            self.setFixedHeight(height)
+        if height != self.maximumHeight():
+            self.setMaximumHeight(height)
 
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
@@ -315,14 +319,16 @@ class PlateNavigator(QWidget):
         self.map_view.well_clicked.connect(self.select_well)
         self.site_combo.activated.connect(self._on_site_chosen)
 
-        slots = (
-            (self.session.plate_changed, self._on_plate_changed),
-            (self.session.site_changed, self._on_site_changed),
+        self.jobs = JobOwner(self)
+        observe(
+            self,
+            (
+                (self.session.plate_changed, self._on_plate_changed),
+                (self.session.site_changed, self._on_site_changed),
+                (self.session.feature_changed, self._colour_by_feature),
+                (self.session.explorer_changed, self._colour_by_feature),
+            ),
         )
-        for signal, slot in slots:
-            signal.connect(slot)
-        # the session outlives the widget: stop calling it once Qt has deleted it
-        self.destroyed.connect(partial(_disconnect, slots))
         self._on_plate_changed(self.session.plate)
         self._on_site_changed(self.session.site_key)
 
@@ -416,6 +422,30 @@ class PlateNavigator(QWidget):
         self._on_site_chosen(i)
 
     # --- reactions ------------------------------------------------------------------------------
+
+    def _colour_by_feature(self, *_) -> None:
+        """Colour the wells by the selected feature's mean activation (the metadata stay)."""
+        explorer, feature = self.session.explorer, self.session.feature
+        if explorer is None or feature is None:
+            if self._values is not None:
+                self.clear_values()
+            return
+        job = Job(explorer.well_means, feature, keywords=())
+        job.returned.connect(partial(self._show_feature_values, explorer, feature))
+        job.errored.connect(
+            lambda exc: (
+                show_error(user_message(exc, f"Cannot colour wells by feature {feature}"))
+                if self.jobs.alive
+                else None
+            )
+        )
+        self.jobs.run(job)
+
+    def _show_feature_values(self, explorer, feature: int, means: pd.DataFrame) -> None:
+        s = self.session
+        if not self.jobs.alive or s.explorer is not explorer or s.feature != feature:
+            return
+        self.show_values(means, f"feature {feature}: mean per cell", colormap="magma")
 
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Open a plate folder")
@@ -535,11 +565,3 @@ def _legend_html(colouring: PlateColouring | None, plate: str | None) -> str:
         for e in colouring.legend_for(plate)
     ]
     return "&nbsp;&nbsp; ".join(entries)
-
-
-def _disconnect(slots, *_) -> None:
-    for signal, slot in slots:
-        try:
-            signal.disconnect(slot)
-        except (ValueError, RuntimeError):
-            pass

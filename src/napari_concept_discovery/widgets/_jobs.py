@@ -1,0 +1,110 @@
+"""Library calls off the GUI thread, with their progress reports and cancel, for the widgets.
+
+A :class:`Job` runs one call that takes the library's ``progress=`` and ``cancel=`` keywords
+(docs/architecture.md, "Conventions every step shares") in a napari thread worker. Progress
+reports arrive on the GUI thread through a Qt signal (a signal emitted on the worker thread is
+queued to the receiver's thread), so slots may touch widgets; cancel is a ``threading.Event``
+the call checks between units of work.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from napari.qt.threading import create_worker
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QWidget
+
+
+class Job(QObject):
+    """One library call in a worker: ``progressed(Progress)``, ``returned``, ``errored``, ``done``.
+
+    ``done`` fires last, after ``returned`` or ``errored``, on the GUI thread. ``keywords``
+    names the keywords the call takes (``progress``, ``cancel``); leave one out for calls that
+    do not take it.
+    """
+
+    progressed = Signal(object)
+    returned = Signal(object)
+    errored = Signal(object)
+    done = Signal()
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *args,
+        keywords: tuple[str, ...] = ("progress", "cancel"),
+        parent: QObject | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(parent)
+        self.cancel_event = threading.Event()
+        if "progress" in keywords:
+            kwargs["progress"] = self.progressed.emit
+        if "cancel" in keywords:
+            kwargs["cancel"] = self.cancel_event
+        self.running = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        # errors go to ``errored`` (and from there to a notification), not re-raised by napari
+        self._worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+        self._worker.returned.connect(self._on_returned)
+        self._worker.errored.connect(self._on_errored)
+        self._worker.finished.connect(self._on_finished)
+
+    def start(self) -> Job:
+        self.running = True
+        self._worker.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the call to stop at its next check; it returns what it finished, or raises."""
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def _on_returned(self, value) -> None:
+        self.result = value
+        self.returned.emit(value)
+
+    def _on_errored(self, exc) -> None:
+        self.error = exc
+        self.errored.emit(exc)
+
+    def _on_finished(self) -> None:
+        self.running = False
+        self.done.emit()
+
+
+class JobOwner:
+    """Keeps a widget's jobs alive while they run and cancels them when the widget goes away.
+
+    Closing a dock widget (or the viewer) deletes the widget; its jobs are asked to stop, and
+    their late results find no widget to draw on because every slot checks ``alive``.
+    """
+
+    def __init__(self, widget: QWidget) -> None:
+        self.jobs: set[Job] = set()
+        self.alive = True
+        widget.destroyed.connect(self._on_destroyed)
+
+    def run(self, job: Job) -> Job:
+        self.jobs.add(job)
+        job.done.connect(lambda: self.jobs.discard(job))
+        return job.start()
+
+    @property
+    def busy(self) -> bool:
+        return any(job.running for job in self.jobs)
+
+    def cancel_all(self) -> None:
+        for job in list(self.jobs):
+            job.cancel()
+
+    def _on_destroyed(self, *_) -> None:
+        self.alive = False
+        self.cancel_all()

@@ -1,0 +1,80 @@
+"""A viewer with a plate, its store and dictionary loaded and every widget docked.
+
+``concept-discovery view`` calls :func:`open_viewer` and then starts napari's event loop; tests
+call it on a viewer of their own. Loading goes through the widgets' own methods (the ones their
+buttons call), so a problem is reported exactly as it would be to a user clicking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from qtpy.QtCore import Qt, QTimer
+
+PLUGIN = "napari-concept-discovery"
+# Dock widget display names in napari.yaml, in docking order.
+WIDGETS = ("Plate navigator", "Concept explorer", "Embed", "Dictionary")
+
+
+@dataclass
+class OpenedViewer:
+    """The viewer and its docked widgets."""
+
+    viewer: object
+    navigator: object
+    explorer: object
+    embed: object
+    dictionary: object
+
+
+def dock_widgets(viewer) -> dict[str, object]:
+    """Dock the plugin's four widgets on the right: the navigator above the explorer, with
+    Embed and Dictionary as tabs beside the navigator so the explorer keeps its height."""
+    widgets, docks = {}, {}
+    for name in WIDGETS:
+        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    qt_window = viewer.window._qt_window  # noqa: SLF001
+    qt_window.tabifyDockWidget(docks["Plate navigator"], docks["Embed"])
+    qt_window.tabifyDockWidget(docks["Plate navigator"], docks["Dictionary"])
+    docks["Plate navigator"].raise_()
+    # The explorer's table, cell panel and gallery need the height, the plate map little of it.
+    # Sizes are given once the window is laid out (the next turn of the event loop).
+    QTimer.singleShot(0, partial(_share_height, qt_window, docks))
+    return widgets
+
+
+def _share_height(qt_window, docks) -> None:
+    try:
+        height = max(600, qt_window.height())
+        qt_window.resizeDocks(
+            [docks["Plate navigator"], docks["Concept explorer"]],
+            [int(height * 0.4), int(height * 0.6)],
+            Qt.Orientation.Vertical,
+        )
+        qt_window.resizeDocks([docks["Concept explorer"]], [460], Qt.Orientation.Horizontal)
+    except RuntimeError:  # the window was closed before it was laid out
+        pass
+
+
+def open_viewer(
+    plate: str | Path,
+    store: str | Path | None = None,
+    dictionary: str | Path | None = None,
+    viewer=None,
+) -> OpenedViewer:
+    """Open ``plate`` (its first site) in ``viewer`` (a new one by default), dock the widgets,
+    use ``store`` and apply ``dictionary``; the feature table fills in once the dictionary's
+    explorer is ready (in a worker)."""
+    import napari
+
+    viewer = viewer if viewer is not None else napari.Viewer(title="Concept discovery")
+    viewer.open(str(plate), plugin=PLUGIN)
+    widgets = dock_widgets(viewer)
+    embed, dict_widget = widgets["Embed"], widgets["Dictionary"]
+    if store is not None and embed.open_store(store) is not None and dictionary is not None:
+        dict_widget.load(dictionary)
+    return OpenedViewer(
+        viewer, widgets["Plate navigator"], widgets["Concept explorer"], embed, dict_widget
+    )

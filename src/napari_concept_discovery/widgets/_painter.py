@@ -1,0 +1,196 @@
+"""Keeps a viewer's feature layers on the session's feature and site, and turns clicks into cells.
+
+One per viewer, made with the session (:func:`._viewer.get_session`), so painting works
+whichever widgets are docked. It builds the session's
+:class:`~napari_concept_discovery.explore.Explorer` when a store and a dictionary are both
+set, paints the selected feature on the site in view (patch map and cells, from
+:class:`~napari_concept_discovery.overlay.FeatureSource` in a worker; a site the store lacks is
+embedded on demand with the store's model), repaints when the site changes, and selects the
+cell under a plain left click. A result for a site, feature or explorer no longer in view is
+dropped (docs/architecture.md, "The viewer").
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Labels
+from napari.utils.notifications import show_error
+
+from ..errors import ConceptDiscoveryError
+from ..explore import Explorer
+from ..overlay import FeaturePaint, FeatureSource
+from ..session import Ticket, ViewerSession
+from ._jobs import Job
+from ._layers import clear_features, paint_cells, paint_feature
+from ._notify import user_message
+
+
+class FeaturePainter:
+    """Paints the session's feature on its site; see the module docstring."""
+
+    def __init__(self, viewer, session: ViewerSession) -> None:
+        self._viewer = weakref.ref(viewer)
+        self.session = session
+        self.jobs: set[Job] = set()
+        self.dropped = 0  # results that arrived for a site, feature or explorer out of view
+        self.painted: FeaturePaint | None = None
+        self.source: FeatureSource | None = None
+        self.errors: list[str] = []
+        session.store_changed.connect(self._build_explorer)
+        session.dictionary_changed.connect(self._build_explorer)
+        session.explorer_changed.connect(self.repaint)
+        session.feature_changed.connect(self.repaint)
+        session.site_changed.connect(self.repaint)
+        viewer.mouse_drag_callbacks.append(self._on_mouse)
+
+    @property
+    def busy(self) -> bool:
+        """Whether an explorer is being built or a feature painted."""
+        return any(job.running for job in self.jobs)
+
+    def _run(self, job: Job) -> Job:
+        self.jobs.add(job)
+        job.done.connect(partial(self.jobs.discard, job))
+        return job.start()
+
+    def _error(self, doing: str, exc: BaseException) -> None:
+        text = user_message(exc, doing)
+        self.errors.append(text)
+        show_error(text)
+
+    # --- the explorer ---------------------------------------------------------------------
+
+    def _build_explorer(self, *_) -> None:
+        store, dictionary = self.session.store, self.session.dictionary
+        if store is None or dictionary is None:
+            return
+        job = Job(Explorer, store, dictionary, keywords=())
+        job.returned.connect(self._explorer_built)
+        job.errored.connect(partial(self._error, "Cannot explore this dictionary on the store"))
+        self._run(job)
+
+    def _explorer_built(self, explorer: Explorer) -> None:
+        s = self.session
+        if s.closed or explorer.store is not s.store or explorer.dictionary is not s.dictionary:
+            self.dropped += 1
+            return
+        s.set_explorer(explorer)
+
+    # --- painting -------------------------------------------------------------------------
+
+    def repaint(self, *_) -> None:
+        """Paint the session's feature on its site (in a worker), or clear it when none."""
+        viewer, s = self._viewer(), self.session
+        if viewer is None:
+            return
+        explorer, feature, key = s.explorer, s.feature, s.site_key
+        if explorer is None or feature is None or key is None:
+            if feature is None or explorer is None:
+                clear_features(viewer)
+                self.painted = None
+            return
+        source = self._source_for(explorer)
+        ticket = s.ticket()
+        job = Job(source.paint, key, feature, keywords=("cancel",))
+        job.returned.connect(partial(self.show, ticket, explorer))
+        job.errored.connect(partial(self._error, f"Cannot paint feature {feature} on {key}"))
+        self._run(job)
+
+    def _source_for(self, explorer) -> FeatureSource:
+        """One :class:`FeatureSource` per explorer; sites the store lacks are read from the
+        session's plate when it is the store's."""
+        if self.source is None or self.source.explorer is not explorer:
+            plate = self.session.plate
+            recorded = explorer.store.plate_source.get("path")
+            same = (
+                plate is not None
+                and bool(recorded)
+                and Path(recorded).resolve() == plate.root.resolve()
+            )
+            self.source = FeatureSource(explorer, plate if same else None)
+        return self.source
+
+    def show(self, ticket: Ticket, explorer, paint: FeaturePaint) -> bool:
+        """Draw ``paint`` if it is still what the session shows; False (dropped) otherwise."""
+        viewer, s = self._viewer(), self.session
+        if (
+            viewer is None
+            or not s.is_current(*ticket)
+            or s.explorer is not explorer
+            or s.feature != paint.feature
+        ):
+            self.dropped += 1
+            return False
+        name = f"feature {paint.feature}"
+        image = paint.image
+        paint_feature(
+            viewer,
+            image.data,
+            patch_size=image.scale,
+            translate=image.translate,
+            contrast_limits=paint.limits,
+            name=name,
+            site_key=paint.key,
+        )
+        if paint.labels is not None:
+            paint_cells(
+                viewer,
+                paint.labels,
+                paint.cells,
+                column="value",
+                contrast_limits=paint.cell_limits,
+                name=f"{name} cells",
+                site_key=paint.key,
+            )
+        self.painted = paint
+        return True
+
+    # --- clicks ---------------------------------------------------------------------------
+
+    def select_cell_at(self, position) -> int | None:
+        """Select the cell under a world position (y, x) of the site in view; its label or None."""
+        s = self.session
+        if s.site_key is None:
+            return None
+        y, x = (float(v) for v in tuple(position)[-2:])
+        label = None
+        source = None if s.explorer is None else self._source_for(s.explorer)
+        if source is not None and source.labels(s.site_key) is not None:
+            label = source.label_at(s.site_key, y, x)
+        else:
+            cells = self._cells_layer()
+            if cells is not None:
+                value = cells.get_value((y, x), world=True)
+                label = int(value) if value is not None and np.isscalar(value) else None
+        s.select_cell(label)
+        return s.cell
+
+    def _cells_layer(self) -> Labels | None:
+        viewer = self._viewer()
+        if viewer is None:
+            return None
+        for layer in viewer.layers:
+            if layer.metadata.get("role") == "cells" and isinstance(layer, Labels):
+                return layer
+        return None
+
+    def _on_mouse(self, viewer, event):
+        """A plain left click (no drag, no modifier, no layer tool active) selects a cell."""
+        if event.button != 1 or event.modifiers:
+            return
+        active = viewer.layers.selection.active
+        mode = getattr(active, "mode", "pan_zoom")
+        if str(mode) != "pan_zoom":
+            return  # the user is drawing or picking with a layer tool
+        position = event.position
+        yield
+        if event.type == "mouse_move":
+            return  # a drag pans the view; not a click
+        try:
+            self.select_cell_at(position)
+        except (ConceptDiscoveryError, ValueError, KeyError) as exc:
+            self._error("Cannot select a cell here", exc)

@@ -1,0 +1,394 @@
+"""Dictionary dock widget: train ICFL or TopK on the session's store, or load a dictionary file.
+
+The form comes from ``TrainSettings`` and ``WhitenSettings``; the control and group dropdowns
+from the store's token table (:func:`~napari_concept_discovery.forms.metadata_choices`).
+Training is :func:`~napari_concept_discovery.dictionary.pipeline.train_on_store` in a thread
+worker, the call ``concept-discovery train`` makes; cancel keeps the dictionary after the last
+complete step. A loaded file is checked against the store (``check_compatible_store``) and
+refused with both sides named (docs/architecture.md, "Dictionaries").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QWidget,
+)
+
+from ..dictionary.io import load_dictionary, save_dictionary
+from ..dictionary.pipeline import train_on_store
+from ..dictionary.settings import TrainSettings, WhitenSettings
+from ..errors import ConceptDiscoveryError
+from ..forms import TrainingCurves, group_choices, guess_control, metadata_choices
+from ..progress import Progress
+from ._form import make_fields, scrolling_layout, values
+from ._jobs import Job, JobOwner
+from ._plot import TrainingPlot
+from ._viewer import get_session, observe, user_message
+
+_ALL = "\x00all"  # "whiten per": one whitening for all tokens
+TRAIN_FIELDS = ["method", "unit", "atoms", "sparsity", "steps", "batch_size", "seed"]
+TRAIN_RANGES = {
+    "atoms": (1, 1_000_000),
+    "sparsity": (1, 100_000),
+    "steps": (0, 10_000_000),
+    "batch_size": (1, 10_000_000),
+}
+
+
+class DictionaryWidget(QWidget):
+    """Dock widget: train a dictionary with a live plot, or load one; save it to a file."""
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.jobs = JobOwner(self)
+        self.job: Job | None = None
+        self.curves = TrainingCurves()
+        self.choices: dict[str, list[str]] = {}
+        self.last_trained = None  # the TrainedDictionary of the last run, cancelled or not
+
+        self.store_label = QLabel()
+        self.store_label.setWordWrap(True)
+        self.fields = make_fields(TrainSettings, TRAIN_FIELDS, TRAIN_RANGES)
+        self.fields["atoms"].set_value(256)  # a first dictionary that trains in a minute on a CPU
+        self.fields["steps"].set_value(1000)
+        self.whiten_box = QCheckBox("Whiten on control cells")
+        self.whiten_box.setToolTip(
+            "Centre (and PCA-whiten) the activations on control tokens before training, so "
+            "features describe how cells differ from the controls. Mixing cell types in the "
+            "controls scales the cell-type difference down like any control variation."
+        )
+        self.control_column = QComboBox()
+        self.control_column.setToolTip("The metadata column that marks control wells.")
+        self.control_value = QComboBox()
+        self.control_value.setToolTip("The value of that column the control tokens have.")
+        self.group_combo = QComboBox()
+        self.group_combo.setToolTip(
+            "Fit one whitening per group of this column (e.g. per plate or cell type); "
+            "every group then needs its own controls."
+        )
+        self.whiten_fields = make_fields(WhitenSettings, ["mode", "n_components"], {})
+        self.train_button = QPushButton("Train")
+        self.train_button.setToolTip(
+            "Learn a dictionary on the store's tokens (off the GUI thread)."
+        )
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the current step and keep the dictionary so far.")
+        self.cancel_button.setEnabled(False)
+        self.load_button = QPushButton("Load…")
+        self.load_button.setToolTip("Apply a dictionary file (.safetensors) to the store.")
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Write the dictionary in use to a file (.safetensors).")
+        self.save_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.plot = TrainingPlot(napari_viewer)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        train_form = QFormLayout()
+        train_form.addRow("Store", self.store_label)
+        for f in self.fields.values():
+            train_form.addRow(f.label, f.widget)
+        whiten_form = QFormLayout()
+        whiten_form.addRow(self.whiten_box)
+        control_row = QHBoxLayout()
+        control_row.addWidget(self.control_column, 1)
+        control_row.addWidget(QLabel("="))
+        control_row.addWidget(self.control_value, 1)
+        whiten_form.addRow("Controls", control_row)
+        whiten_form.addRow("Whiten per", self.group_combo)
+        for f in self.whiten_fields.values():
+            whiten_form.addRow(f.label, f.widget)
+        whiten_group = QGroupBox("Whitening")
+        whiten_group.setLayout(whiten_form)
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.train_button)
+        run_row.addWidget(self.cancel_button)
+        file_row = QHBoxLayout()
+        file_row.addWidget(self.load_button)
+        file_row.addWidget(self.save_button)
+        layout = scrolling_layout(self)
+        layout.addLayout(train_form)
+        layout.addWidget(whiten_group)
+        layout.addLayout(run_row)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.plot)
+        layout.addLayout(file_row)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.whiten_box.toggled.connect(self._on_whiten_toggled)
+        self.control_column.currentIndexChanged.connect(self._fill_values)
+        self.fields["unit"].widget.currentIndexChanged.connect(self._read_choices)
+        self.train_button.clicked.connect(self.train)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.load_button.clicked.connect(self._choose_load)
+        self.save_button.clicked.connect(self._choose_save)
+        observe(
+            self,
+            (
+                (self.session.store_changed, self._on_store_changed),
+                (self.session.dictionary_changed, self._on_dictionary_changed),
+            ),
+        )
+        self._on_store_changed(self.session.store)
+        self._on_dictionary_changed(self.session.dictionary)
+
+    # --- what a user does -----------------------------------------------------------------
+
+    @property
+    def training(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def set_control(self, column: str, value: str) -> None:
+        """Pick the control tokens as COLUMN=VALUE (as in the two dropdowns)."""
+        i = self.control_column.findText(column)
+        if i < 0:
+            raise ValueError(f"no column {column!r}; choices: {list(self.choices)}")
+        self.control_column.setCurrentIndex(i)
+        j = self.control_value.findText(value)
+        if j < 0:
+            raise ValueError(f"{column} has no value {value!r}; values: {self.choices[column]}")
+        self.control_value.setCurrentIndex(j)
+        self.whiten_box.setChecked(True)
+
+    def set_group(self, column: str | None) -> None:
+        i = self.group_combo.findData(_ALL if column is None else column)
+        if i < 0:
+            raise ValueError(f"cannot whiten per {column!r}")
+        self.group_combo.setCurrentIndex(i)
+
+    def settings(self) -> TrainSettings:
+        """The form as ``TrainSettings`` with its whitening (SettingsError names a bad field)."""
+        whiten = None
+        if self.whiten_box.isChecked():
+            column, value = self.control_column.currentText(), self.control_value.currentText()
+            if not column or not value:
+                raise ConceptDiscoveryError(
+                    "controls: the store's table has no column to pick control tokens by; "
+                    "untick 'Whiten on control cells' to train on the tokens as stored"
+                )
+            by = self.group_combo.currentData()
+            whiten = WhitenSettings(
+                controls=f"{column}={value}",
+                by=None if by == _ALL else by,
+                **values(self.whiten_fields),
+            )
+        return TrainSettings(whiten=whiten, **values(self.fields))
+
+    def train(self) -> Job | None:
+        """Train on the session's store; the dictionary becomes the session's when done."""
+        if self.training:
+            return self.job
+        store = self.session.store
+        if store is None:
+            self._fail("Embed the plate or open an activation store first (Embed widget).")
+            return None
+        try:
+            settings = self.settings()
+        except ConceptDiscoveryError as exc:
+            self._fail(user_message(exc, "Cannot train"))
+            return None
+        self.curves.clear()
+        self.plot.show_curves(self.curves)
+        job = Job(train_on_store, store, settings)
+        job.progressed.connect(self._on_progress)
+        job.returned.connect(self._on_trained)
+        job.errored.connect(lambda exc: self._fail(user_message(exc, "Training failed")))
+        job.done.connect(self._on_done)
+        self.job = job
+        self._set_running(True, f"Training {settings.method} with {settings.atoms} atoms…")
+        return self.jobs.run(job)
+
+    def cancel(self) -> None:
+        if self.training:
+            self.job.cancel()
+            self.status.setText("Cancelling: the dictionary after the last full step is kept…")
+
+    def load(self, path: str | Path):
+        """Apply a dictionary file to the session's store; refused when made for other data."""
+        store = self.session.store
+        try:
+            if store is None:
+                raise ConceptDiscoveryError(
+                    "a dictionary is applied to a store's activations: embed the plate or open "
+                    "a store first (Embed widget)"
+                )
+            dictionary = load_dictionary(path)
+            dictionary.check_compatible_store(store)
+        except (ConceptDiscoveryError, OSError) as exc:
+            self._fail(user_message(exc, f"Cannot use {Path(path).name}"))
+            return None
+        self.session.set_dictionary(dictionary)
+        self.status.setText(f"Loaded {Path(path).name}: {_describe(dictionary)}.")
+        return dictionary
+
+    def save(self, path: str | Path) -> Path | None:
+        """Write the session's dictionary to ``path`` (atomically)."""
+        dictionary = self.session.dictionary
+        if dictionary is None:
+            self._fail("There is no dictionary to save yet: train or load one.")
+            return None
+        try:
+            written = save_dictionary(path, dictionary)
+        except (ConceptDiscoveryError, OSError) as exc:
+            self._fail(user_message(exc, f"Could not save {path}"))
+            return None
+        self.status.setText(f"Saved to {written}.")
+        return written
+
+    # --- reactions ------------------------------------------------------------------------
+
+    def _choose_load(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load a dictionary", "", "Dictionaries (*.safetensors);;All files (*)"
+        )
+        if path:
+            self.load(path)
+
+    def _choose_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save the dictionary", "dictionary.safetensors", "Dictionaries (*.safetensors)"
+        )
+        if path:
+            self.save(path)
+
+    def _on_store_changed(self, store) -> None:
+        if store is None:
+            self.store_label.setText("none: embed the plate or open a store (Embed widget)")
+        else:
+            self.store_label.setText(f"{store.path.name} ({store.model_id}, block {store.block})")
+            self.store_label.setToolTip(str(store.path))
+        self._read_choices()
+        self._set_running(self.training)
+
+    def _read_choices(self, *_) -> None:
+        """Fill the control and group dropdowns from the store's table (read off the GUI thread)."""
+        store = self.session.store
+        if store is None:
+            self._set_choices({})
+            return
+        unit = self.fields["unit"].value()
+        job = Job(lambda: metadata_choices(store.table(unit)), keywords=())
+        job.returned.connect(
+            lambda choices: (
+                self._set_choices(choices)
+                if self.jobs.alive and self.session.store is store
+                else None
+            )
+        )
+        job.errored.connect(lambda exc: self._fail(user_message(exc, "Cannot read the store")))
+        self.jobs.run(job)
+
+    def _set_choices(self, choices: dict[str, list[str]]) -> None:
+        self.choices = choices
+        previous = (self.control_column.currentText(), self.control_value.currentText())
+        self.control_column.blockSignals(True)
+        self.control_column.clear()
+        self.control_column.addItems(list(choices))
+        self.control_column.blockSignals(False)
+        self.group_combo.clear()
+        self.group_combo.addItem("(all tokens together)", _ALL)
+        for column in group_choices(choices):
+            self.group_combo.addItem(column, column)
+        pick = previous if previous[0] in choices and previous[1] in choices[previous[0]] else None
+        pick = pick or guess_control(choices)
+        if pick is not None:
+            self.control_column.setCurrentIndex(self.control_column.findText(pick[0]))
+        self._fill_values()
+        if pick is not None:
+            self.control_value.setCurrentIndex(self.control_value.findText(pick[1]))
+        self.whiten_box.setChecked(pick is not None)
+        self._on_whiten_toggled(self.whiten_box.isChecked())
+
+    def _fill_values(self, *_) -> None:
+        column = self.control_column.currentText()
+        self.control_value.clear()
+        self.control_value.addItems(self.choices.get(column, []))
+
+    def _on_whiten_toggled(self, on: bool) -> None:
+        for w in (self.control_column, self.control_value, self.group_combo):
+            w.setEnabled(on)
+        for f in self.whiten_fields.values():
+            f.widget.setEnabled(on)
+
+    def _on_dictionary_changed(self, dictionary) -> None:
+        self.save_button.setEnabled(dictionary is not None)
+
+    def _on_progress(self, p: Progress) -> None:
+        if not self.jobs.alive:
+            return
+        if p.stage == "train":
+            self.curves.add(p)
+            self.plot.show_curves(self.curves)
+            self.progress.setRange(0, max(1, p.total))
+            self.progress.setValue(p.done)
+            self.status.setText(self.curves.summary())
+        elif p.stage == "whiten":
+            self.status.setText("Fitting the whitening on the control tokens…")
+        elif p.stage == "evaluate":
+            self.progress.setRange(0, max(1, p.total))
+            self.progress.setValue(p.done)
+            self.status.setText(f"Evaluating: {p.done} of {p.total} tokens")
+
+    def _on_trained(self, trained) -> None:
+        if not self.jobs.alive:
+            return
+        self.last_trained = trained
+        self.session.set_dictionary(trained.dictionary)
+        if trained.cancelled:
+            text = (
+                f"Cancelled: keeping the dictionary after step {trained.result.steps_done} of "
+                f"{self.curves.total}; Save it or train again."
+            )
+        else:
+            m = trained.metrics
+            text = (
+                f"Trained {trained.result.steps_done} steps: FVU {m['fvu']:.3f}, L0 "
+                f"{m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}."
+            )
+        self.status.setText(text)
+        show_info(text)
+
+    def _on_done(self) -> None:
+        if self.jobs.alive:
+            self._set_running(False)
+
+    def _set_running(self, running: bool, text: str | None = None) -> None:
+        has_store = self.session.store is not None
+        self.train_button.setEnabled(not running and has_store)
+        self.load_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.progress.setVisible(running)
+        if running:
+            self.progress.setRange(0, 0)
+        if text is not None:
+            self.status.setText(text)
+
+    def _fail(self, message: str) -> None:
+        if not self.jobs.alive:
+            return
+        self.status.setText(message)
+        show_error(message)
+
+
+def _describe(dictionary) -> str:
+    m = dictionary.meta
+    method = dictionary.model.method if hasattr(dictionary.model, "method") else "dictionary"
+    return f"{method}, {dictionary.n_atoms} atoms, trained on {dictionary.describe()}" + (
+        f", {m['steps']} steps" if m.get("steps") is not None else ""
+    )

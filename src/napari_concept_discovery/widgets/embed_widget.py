@@ -1,0 +1,350 @@
+"""Embed dock widget: run a model on the plate (or the site in view) into an activation store.
+
+The form is built from ``EmbedSettings`` and the model menu from ``models.list_models``; the
+run is :func:`~napari_concept_discovery.plate_embedding.embed_plate` in a thread worker, the
+same call as ``concept-discovery embed``, so a store that matches is reused, not recomputed.
+An existing store can be opened instead. Either way the store becomes the session's
+(docs/architecture.md, "The activation store").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QToolButton,
+    QWidget,
+)
+
+from .._reader import remember_plate
+from ..errors import ConceptDiscoveryError
+from ..models import list_models
+from ..plate_embedding import EmbedSettings, embed_plate, reopen_plate
+from ..progress import Progress
+from ..store import ActivationStore
+from ..workspace import default_store_path, one_site_plate
+from ._form import make_fields, scrolling_layout
+from ._jobs import Job, JobOwner
+from ._viewer import get_session, observe, user_message
+
+_PICK_FOLDER = "\x00folder"
+_PICK_FILE = "\x00file"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class EmbedWidget(QWidget):
+    """Dock widget: model, block, device and cells; embed the plate or the site in view."""
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.session = get_session(napari_viewer)
+        self.jobs = JobOwner(self)
+        self.job: Job | None = None
+        self._out_edited = False
+
+        self.plate_label = QLabel()
+        self.plate_label.setWordWrap(True)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip(
+            "The foundation model whose activations are kept. 'default' is bundled and works "
+            "offline; pick a model folder or checkpoint file of your own at the bottom."
+        )
+        for info in list_models():
+            text = info.name if info.available else f"{info.name} (downloads on first use)"
+            self.model_combo.addItem(text, info.source)
+            self.model_combo.setItemData(
+                self.model_combo.count() - 1,
+                f"{info.source}: {info.description}",
+                Qt.ItemDataRole.ToolTipRole,
+            )
+        self.model_combo.addItem("Model folder…", _PICK_FOLDER)
+        self.model_combo.addItem("Checkpoint file…", _PICK_FILE)
+        self.fields = make_fields(
+            EmbedSettings, ["block", "cells", "batch_size"], {"block": (-64, 64)}
+        )
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.device_combo.setToolTip(
+            "Where the model runs: auto picks CUDA, then Apple MPS, then the CPU."
+        )
+        self.whole_plate = QRadioButton("Whole plate")
+        self.whole_plate.setToolTip("Embed every site of the plate into one store.")
+        self.site_in_view = QRadioButton("Site in view")
+        self.site_in_view.setToolTip("Embed only the site shown now (quick, to try a model).")
+        self.whole_plate.setChecked(True)
+        self._scope = QButtonGroup(self)
+        self._scope.addButton(self.whole_plate)
+        self._scope.addButton(self.site_in_view)
+        self.out_edit = QLineEdit()
+        self.out_edit.setToolTip(
+            "Store folder. By default beside the plate folder, named after the plate, model and "
+            "block; a store there that matches is reused."
+        )
+        self.out_button = QToolButton()
+        self.out_button.setText("…")
+        self.out_button.setToolTip("Choose the store folder.")
+        self.run_button = QPushButton("Embed")
+        self.run_button.setToolTip("Run the model and keep its activations in the store.")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the site being embedded; finished sites stay.")
+        self.cancel_button.setEnabled(False)
+        self.open_button = QPushButton("Open store…")
+        self.open_button.setToolTip("Use an activation store embedded before (a .zarr folder).")
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Plate", self.plate_label)
+        form.addRow("Model", self.model_combo)
+        for f in self.fields.values():
+            form.addRow(f.label, f.widget)
+        form.addRow("Device", self.device_combo)
+        scope = QHBoxLayout()
+        scope.addWidget(self.whole_plate)
+        scope.addWidget(self.site_in_view)
+        form.addRow("Embed", scope)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out_edit, 1)
+        out_row.addWidget(self.out_button)
+        form.addRow("Store", out_row)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.open_button)
+        layout = scrolling_layout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.model_combo.currentIndexChanged.connect(self._update_out)
+        self.fields["block"].widget.valueChanged.connect(self._update_out)
+        self.whole_plate.toggled.connect(self._update_out)
+        self.out_edit.textEdited.connect(self._on_out_edited)
+        self.out_button.clicked.connect(self._choose_out)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.open_button.clicked.connect(self._choose_store)
+        observe(
+            self,
+            (
+                (self.session.plate_changed, self._on_plate_changed),
+                (self.session.site_changed, self._update_out),
+                (self.session.store_changed, self._on_store_changed),
+            ),
+        )
+        self._on_plate_changed(self.session.plate)
+        self._on_store_changed(self.session.store)
+
+    # --- what a user does -----------------------------------------------------------------
+
+    @property
+    def model_source(self) -> str:
+        return str(self.model_combo.currentData())
+
+    def set_model(self, source: str) -> None:
+        """Pick a model by source (one of the menu's, or a path, added to the menu)."""
+        i = self.model_combo.findData(source)
+        if i < 0:
+            i = self.model_combo.count() - 2  # before the two "pick…" entries
+            self.model_combo.insertItem(i, Path(source).name or source, source)
+            self.model_combo.setItemData(i, source, Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.setCurrentIndex(i)
+
+    def settings(self) -> EmbedSettings:
+        """The form as ``EmbedSettings`` (SettingsError names a bad field)."""
+        device = self.device_combo.currentText()
+        values = {name: f.value() for name, f in self.fields.items()}
+        return EmbedSettings(
+            model=self.model_source, device=None if device == "auto" else device, **values
+        )
+
+    def out_path(self) -> Path | None:
+        text = self.out_edit.text().strip()
+        return Path(text).expanduser() if text else None
+
+    def run(self) -> Job | None:
+        """Embed with the form's settings; the store becomes the session's when it is done."""
+        if self.job is not None and self.job.running:
+            return self.job
+        plate = self.session.plate
+        if plate is None:
+            self._fail("Open a plate first (File > Open Folder, or the plate navigator).")
+            return None
+        try:
+            settings = self.settings()
+            out = self.out_path()
+            if out is None:
+                raise ConceptDiscoveryError("choose a folder for the activation store")
+            if self.site_in_view.isChecked():
+                if self.session.site_key is None:
+                    raise ConceptDiscoveryError("no site is in view")
+                plate = one_site_plate(plate, self.session.site_key)
+        except (ConceptDiscoveryError, KeyError) as exc:
+            self._fail(user_message(exc, "Cannot embed"))
+            return None
+        job = Job(embed_plate, plate, settings, out)
+        job.progressed.connect(self._on_progress)
+        job.returned.connect(self._on_embedded)
+        job.errored.connect(lambda exc: self._fail(user_message(exc, "Embedding failed")))
+        job.done.connect(self._on_done)
+        self.job = job
+        self._set_running(True, f"Embedding {len(plate)} site(s) with {settings.model}…")
+        return self.jobs.run(job)
+
+    def cancel(self) -> None:
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+            self.status.setText("Cancelling after the site being embedded…")
+
+    def open_store(self, path: str | Path) -> ActivationStore | None:
+        """Use an existing store; its plate is opened when it is not the one in view."""
+        try:
+            store = ActivationStore.open(path)
+            plate = self.session.plate
+            recorded = store.plate_source.get("path")
+            if plate is None or (
+                recorded and Path(recorded).resolve() != Path(plate.root).resolve()
+            ):
+                plate = reopen_plate(store)
+                remember_plate(plate)
+                self.session.set_plate(plate)
+        except (ConceptDiscoveryError, KeyError, OSError) as exc:
+            self._fail(user_message(exc, f"Could not open the store {path}"))
+            return None
+        self.session.set_store(store)
+        self.status.setText(f"Opened {_describe(store)}.")
+        return store
+
+    # --- reactions ------------------------------------------------------------------------
+
+    def _on_model_activated(self, index: int) -> None:
+        data = self.model_combo.itemData(index)
+        if data not in (_PICK_FOLDER, _PICK_FILE):
+            return
+        if data == _PICK_FOLDER:
+            path = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        else:
+            path, _ = QFileDialog.getOpenFileName(
+                self,
+                "Choose a checkpoint file",
+                "",
+                "Checkpoints (*.safetensors *.pth *.pt *.bin *.ckpt);;All files (*)",
+            )
+        if path:
+            self.set_model(path)
+        else:
+            self.model_combo.setCurrentIndex(0)
+
+    def _on_out_edited(self, *_) -> None:
+        self._out_edited = True
+
+    def _choose_out(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Folder for the activation store")
+        if path:
+            self.out_edit.setText(path)
+            self._out_edited = True
+
+    def _choose_store(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open an activation store (.zarr folder)")
+        if path:
+            self.open_store(path)
+
+    def _update_out(self, *_) -> None:
+        plate = self.session.plate
+        if self._out_edited or plate is None or self.model_source.startswith("\x00"):
+            return
+        site = self.session.site_key if self.site_in_view.isChecked() else None
+        self.out_edit.setText(
+            str(
+                default_store_path(
+                    plate.root, self.model_source, self.fields["block"].value(), site
+                )
+            )
+        )
+
+    def _on_plate_changed(self, plate) -> None:
+        if plate is None:
+            self.plate_label.setText("none: open a plate folder first")
+        else:
+            self.plate_label.setText(f"{plate.root.name} ({len(plate)} sites)")
+            self.plate_label.setToolTip(str(plate.root))
+        self.run_button.setEnabled(plate is not None and not self.jobs.busy)
+        self._out_edited = False
+        self._update_out()
+
+    def _on_store_changed(self, store) -> None:
+        if store is not None and not self.jobs.busy:
+            self.status.setText(f"In use: {_describe(store)}.")
+
+    def _on_progress(self, p: Progress) -> None:
+        if not self.jobs.alive or p.stage != "embed":
+            return
+        self.progress.setRange(0, max(1, p.total))
+        self.progress.setValue(p.done)
+        site = p.info.get("site")
+        self.status.setText(
+            f"Embedded {p.done} of {p.total} sites" + (f" (last: {site})" if site else "")
+        )
+
+    def _on_embedded(self, store) -> None:
+        if not self.jobs.alive:
+            return
+        if store is None:
+            self.status.setText(
+                "Cancelled: the finished sites are kept; Embed again to continue where it stopped."
+            )
+            return
+        self.session.set_store(store)
+        text = f"{_describe(store)}" + (
+            " (reused: a store with the same images, model and block was there)"
+            if store.reused
+            else ""
+        )
+        self.status.setText(f"Done: {text}.")
+        show_info(f"Activation store ready: {text}")
+
+    def _on_done(self) -> None:
+        if self.jobs.alive:
+            self._set_running(False)
+
+    def _set_running(self, running: bool, text: str | None = None) -> None:
+        self.run_button.setEnabled(not running and self.session.plate is not None)
+        self.open_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.progress.setVisible(running)
+        if running:
+            self.progress.setRange(0, 0)
+        if text is not None:
+            self.status.setText(text)
+
+    def _fail(self, message: str) -> None:
+        if not self.jobs.alive:
+            return
+        self.status.setText(message)
+        show_error(message)
+
+
+def _describe(store: ActivationStore) -> str:
+    counts = store.attrs.get("counts", {})
+    return (
+        f"{store.path.name}: {store.model_id} block {store.block}, "
+        f"{counts.get('cell', 0)} cells in {len(store.sites())} sites"
+    )

@@ -1,0 +1,488 @@
+"""Embed, train, explore: the four dock widgets driven as a user would, in a real viewer.
+
+A small synthetic plate (one plate, six wells of 160 px) and a tiny random channel-agnostic
+ViT saved as a checkpoint file (picked in the Embed widget as "Checkpoint file…" would) keep
+this fast. Every result shown is compared with the library call the CLI makes.
+Needs a display: ``xvfb-run -a python -m pytest tests/test_widgets_explore.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_concept_discovery.colours import map_values
+from napari_concept_discovery.dictionary.io import load_dictionary
+from napari_concept_discovery.dictionary.pipeline import train_on_store
+from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
+from napari_concept_discovery.feature_views import feature_overview
+from napari_concept_discovery.overlay import cell_limits
+from napari_concept_discovery.plate import SiteKey
+from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+from napari_concept_discovery.store import ActivationStore
+from napari_concept_discovery.workspace import default_store_path
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-concept-discovery"
+WAIT = 30000
+CONTROL = ("well_type", "negative_control")
+
+
+def _tiny_vit(path, dim: int, seed: int):
+    from safetensors.torch import save_file
+
+    from napari_concept_discovery.models.vit import ChannelAgnosticViT
+
+    torch.manual_seed(seed)
+    vit = ChannelAgnosticViT(embed_dim=dim, depth=2, num_heads=2, max_channels=6)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A demo-like folder: plates/, and two tiny models (the second of another width)."""
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    root = tmp_path_factory.mktemp("explore_gui")
+    write_synthetic_plates(root / "plates", n_plates=1, n_wells=6, n_sites=1, size=160, seed=2)
+    _tiny_vit(root / "tiny.safetensors", 32, 0)
+    _tiny_vit(root / "other.safetensors", 48, 1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_folder(workdir):
+    """What `concept-discovery demo` leaves, made by library calls: store.zarr and a dictionary."""
+    model = str(workdir / "tiny.safetensors")
+    store = embed_plate(workdir / "plates", EmbedSettings(model=model), workdir / "store.zarr")
+    train_on_store(store, dictionary_settings(), out=workdir / "dictionary-center.safetensors")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def other_dictionary(workdir):
+    """A dictionary trained on the activations of another model (width 48, not 32)."""
+    model = str(workdir / "other.safetensors")
+    store = embed_plate(workdir / "plates", EmbedSettings(model=model), workdir / "other.zarr")
+    path = workdir / "other-dictionary.safetensors"
+    train_on_store(store, dictionary_settings(steps=5), out=path)
+    return path
+
+
+def dictionary_settings(steps: int = 30) -> TrainSettings:
+    return TrainSettings(
+        method="icfl",
+        atoms=16,
+        sparsity=4,
+        steps=steps,
+        batch_size=64,
+        seed=0,
+        whiten=WhitenSettings(controls="=".join(CONTROL), mode="center"),
+    )
+
+
+def fill_dictionary_form(widget, settings: TrainSettings) -> None:
+    """Type the settings into the form, as a user would."""
+    for name in ("method", "unit", "atoms", "sparsity", "steps", "batch_size", "seed"):
+        widget.fields[name].set_value(getattr(settings, name))
+    widget.set_control(*settings.whiten.control)
+    widget.set_group(settings.whiten.by)
+    widget.whiten_fields["mode"].set_value(settings.whiten.mode)
+
+
+def click(qtbot, button) -> None:
+    from qtpy.QtCore import Qt
+
+    assert button.isEnabled(), f"{button.text()} is disabled"
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+def open_docked(make_napari_viewer, workdir, qtbot, show=False):
+    from napari_concept_discovery.widgets import open_viewer
+
+    viewer = make_napari_viewer(show=show)
+    opened = open_viewer(workdir / "plates", viewer=viewer)
+    return viewer, opened
+
+
+def wait_painter(qtbot, viewer):
+    from napari_concept_discovery.widgets._viewer import get_link, get_painter
+
+    painter, link = get_painter(viewer), get_link(viewer)
+    qtbot.waitUntil(lambda: not painter.busy and not link.busy, timeout=WAIT)
+    return painter
+
+
+def embed_and_train(qtbot, viewer, opened, workdir):
+    """Embed with the tiny model and train a small dictionary, through the widgets' buttons."""
+    session = opened.embed.session
+    opened.embed.set_model(str(workdir / "tiny.safetensors"))
+    click(qtbot, opened.embed.run_button)
+    qtbot.waitUntil(lambda: session.store is not None and not opened.embed.jobs.busy, timeout=WAIT)
+    qtbot.waitUntil(lambda: bool(opened.dictionary.choices), timeout=WAIT)
+    fill_dictionary_form(opened.dictionary, dictionary_settings())
+    click(qtbot, opened.dictionary.train_button)
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    qtbot.waitUntil(lambda: opened.explorer.features is not None, timeout=WAIT)
+    return session
+
+
+def test_embed_train_select_a_feature_click_a_cell_open_a_top_cell(
+    make_napari_viewer, workdir, demo_folder, qtbot
+):
+    viewer, opened = open_docked(make_napari_viewer, workdir, qtbot, show=True)
+    session = opened.embed.session
+    plate = session.plate
+    assert plate.root == workdir / "plates" and session.site_key == plate.keys[0]
+    model = str(workdir / "tiny.safetensors")
+    opened.embed.set_model(model)
+    expected_out = default_store_path(plate.root, model, None)
+    assert opened.embed.out_path() == expected_out  # beside the plate, named by plate and model
+
+    click(qtbot, opened.embed.run_button)
+    qtbot.waitUntil(lambda: session.store is not None and not opened.embed.jobs.busy, timeout=WAIT)
+    first = session.store
+    assert first.path == expected_out and first.model_id == "ca-vit:tiny.safetensors"
+    assert "Done:" in opened.embed.status.text() and not first.reused
+    lib = ActivationStore.open(demo_folder / "store.zarr")  # embed_plate, the CLI's call
+    np.testing.assert_array_equal(first.tokens("cell")[:], lib.tokens("cell")[:])
+    pd.testing.assert_frame_equal(
+        first.sites().drop(columns="site_id"), lib.sites().drop(columns="site_id")
+    )
+    click(qtbot, opened.embed.run_button)  # again: the matching store is reused
+    qtbot.waitUntil(lambda: not opened.embed.jobs.busy, timeout=WAIT)
+    store = session.store
+    assert store is not first and store.reused and "reused" in opened.embed.status.text()
+
+    # train through the form: the library's dictionary for the same settings, plotted live
+    qtbot.waitUntil(lambda: bool(opened.dictionary.choices), timeout=WAIT)
+    fill_dictionary_form(opened.dictionary, dictionary_settings())
+    click(qtbot, opened.dictionary.train_button)
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    dictionary = session.dictionary
+    trained = train_on_store(store, dictionary_settings())
+    for name, value in trained.dictionary.model.tensors().items():
+        torch.testing.assert_close(dictionary.model.tensors()[name], value)
+    steps, fvu = opened.dictionary.plot.data("fvu")
+    assert steps == [p.done for p in trained.result.history]
+    np.testing.assert_allclose(fvu, [p.info["fvu"] for p in trained.result.history], rtol=1e-5)
+    assert "Trained 30 steps" in opened.dictionary.status.text()
+
+    # the feature table is the library's, sorted by frequency
+    qtbot.waitUntil(
+        lambda: session.explorer is not None and opened.explorer.features is not None, timeout=WAIT
+    )
+    explorer = session.explorer
+    pd.testing.assert_frame_equal(opened.explorer.features, feature_overview(explorer))
+    shown = opened.explorer.visible_features()
+    freq = opened.explorer.features.set_index("feature")["frequency"]
+    assert list(freq[shown]) == sorted(freq[shown], reverse=True)
+    assert all(freq[f] > 0 for f in shown)  # "Active only"
+
+    # select a feature active on the site in view by clicking its row
+    key = session.site_key
+    feature = next(f for f in shown if explorer.cell_values(key, f)["active"].sum() >= 2)
+    _click_row(qtbot, opened.explorer, feature)
+    assert session.feature == feature
+    wait_painter(qtbot, viewer)
+    _assert_painted(viewer, explorer, key, feature)
+
+    # the navigator colours the wells by the feature's mean per cell
+    title = f"feature {feature}: mean per cell"
+    nav = opened.navigator
+    qtbot.waitUntil(lambda: nav.colour_combo.currentText() == title, timeout=WAIT)
+    means = explorer.well_means(feature)
+    assert nav.map_view.colouring.values == {
+        (p, w): pytest.approx(v)
+        for p, w, v in zip(means.plate, means.well, means.value, strict=True)
+    }
+
+    # click a cell in the viewer: the cell panel lists its strongest features
+    values = explorer.cell_values(key, feature)
+    label = int(values[values.active]["label"].iloc[0])
+    y, x = np.argwhere(explorer.labels(key) == label)[0]
+    _click_canvas(qtbot, viewer, (float(y), float(x)))
+    assert session.cell == label
+    qtbot.waitUntil(lambda: len(opened.explorer.cell_table) > 0, timeout=WAIT)
+    top = explorer.cell_features(key, label, n=10)
+    pd.testing.assert_frame_equal(opened.explorer.cell_table[["feature", "value"]], top)
+    assert feature in top["feature"].tolist()
+    other = (
+        int(top["feature"].iloc[-1])
+        if int(top["feature"].iloc[0]) == feature
+        else int(top["feature"].iloc[0])
+    )
+    index = opened.explorer.cell_model.index(top["feature"].tolist().index(other), 0)
+    opened.explorer.cell_view.clicked.emit(index)  # what a click on that row sends
+    assert session.feature == other
+    wait_painter(qtbot, viewer)
+    _assert_painted(viewer, explorer, key, other)
+
+    # the gallery holds the feature's top cells; a click opens the site and centres the cell
+    qtbot.waitUntil(lambda: len(opened.explorer.thumbnails) > 0, timeout=WAIT)
+    best = explorer.top_cells(other, n=24)
+    got = [(t.plate, t.well, t.site, t.label) for t in opened.explorer.thumbnails]
+    assert got == list(best[["plate", "well", "site", "label"]].itertuples(index=False, name=None))
+    elsewhere = next(
+        (i for i, t in enumerate(opened.explorer.thumbnails) if t.key != tuple(key)), 0
+    )
+    thumb = opened.explorer.thumbnails[elsewhere]
+    item = opened.explorer.gallery.item(elsewhere)
+    opened.explorer.gallery.itemClicked.emit(item)
+    assert session.site_key == SiteKey(*thumb.key) and session.cell == thumb.label
+    wait_painter(qtbot, viewer)
+    y0, x0, y1, x1 = thumb.box
+    assert tuple(viewer.camera.center[-2:]) == pytest.approx(((y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2))
+    # the feature stays painted on the new site
+    _assert_painted(viewer, explorer, session.site_key, other)
+    np.testing.assert_array_equal(viewer.layers["DNA"].data, plate[thumb.key].read()[0])
+
+
+def _click_row(qtbot, widget, feature: int) -> None:
+    from qtpy.QtCore import Qt
+
+    row = widget._proxy_row(feature)
+    rect = widget.table.visualRect(widget.proxy.index(row, 0))
+    widget.table.scrollTo(widget.proxy.index(row, 0))
+    rect = widget.table.visualRect(widget.proxy.index(row, 0))
+    qtbot.mouseClick(widget.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+
+
+def _click_canvas(qtbot, viewer, world_yx) -> None:
+    """A left click on the canvas at a world position: centre the camera there, click the middle."""
+    viewer.camera.center = world_yx
+    canvas = viewer.window._qt_viewer.canvas
+    w, h = canvas._scene_canvas.size
+    pos = (w / 2, h / 2)
+    canvas._scene_canvas.events.mouse_press(pos=pos, button=1, modifiers=())
+    canvas._scene_canvas.events.mouse_release(pos=pos, button=1, modifiers=())
+    qtbot.wait(10)
+
+
+def _assert_painted(viewer, explorer, key, feature) -> None:
+    from napari_concept_discovery.widgets._layers import feature_layers
+
+    image, cells = feature_layers(viewer)
+    amap = explorer.activation_map(key, feature)
+    np.testing.assert_array_equal(image.data, amap.data)
+    assert tuple(image.scale) == amap.scale and tuple(image.translate) == amap.translate
+    assert tuple(image.contrast_limits) == pytest.approx(explorer.feature_limits(feature))
+    assert image.metadata["site_key"] == tuple(key) and image.name == f"feature {feature}"
+    values = explorer.cell_values(key, feature)
+    np.testing.assert_array_equal(cells.data, explorer.labels(key))
+    got = cells.features[["label", "value", "active"]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, values, check_dtype=False)
+    # exactly the active cells are coloured, by value within the feature's fixed cell range;
+    # the others are hidden
+    colours = cells.colormap.map(values["label"].to_numpy())
+    active = values["active"].to_numpy()
+    np.testing.assert_array_equal(colours[:, 3] > 0, active)
+    expected = map_values(values["value"][active], "magma", cell_limits(explorer, feature))
+    np.testing.assert_allclose(colours[active], expected, atol=1e-6)
+
+
+def test_a_dictionary_of_another_model_is_refused_naming_both(
+    make_napari_viewer, demo_folder, other_dictionary, qtbot
+):
+    from napari.utils.notifications import notification_manager
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session = opened.embed.session
+    assert opened.embed.open_store(demo_folder / "store.zarr") is not None
+    n = len(notification_manager.records)
+    assert opened.dictionary.load(other_dictionary) is None
+    assert session.dictionary is None
+    text = opened.dictionary.status.text()
+    assert "ca-vit:other.safetensors" in text and "ca-vit:tiny.safetensors" in text
+    assert "width 48" in text and "width 32" in text
+    assert notification_manager.records[n].message == text
+    # the matching one is accepted and becomes the session's
+    good = opened.dictionary.load(demo_folder / "dictionary-center.safetensors")
+    assert good is not None and session.dictionary is good
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+
+
+def test_cancel_keeps_a_usable_dictionary_and_the_viewer_responsive(
+    make_napari_viewer, demo_folder, qtbot, tmp_path
+):
+    from napari_concept_discovery.widgets._viewer import get_link
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session, widget = opened.embed.session, opened.dictionary
+    opened.embed.open_store(demo_folder / "store.zarr")
+    qtbot.waitUntil(lambda: bool(widget.choices), timeout=WAIT)
+    fill_dictionary_form(widget, dictionary_settings(steps=1_000_000))
+    click(qtbot, widget.train_button)
+    qtbot.waitUntil(lambda: len(widget.curves) >= 3, timeout=WAIT)
+    assert widget.training and widget.cancel_button.isEnabled()
+    # while it trains the viewer still moves through the plate
+    opened.navigator.select_well("C03")
+    link = get_link(viewer)
+    qtbot.waitUntil(lambda: not link.busy, timeout=WAIT)
+    assert viewer.layers["DNA"].metadata["site_key"] == ("SYNTH_1", "C03", 1)
+    click(qtbot, widget.cancel_button)
+    qtbot.waitUntil(lambda: not widget.training, timeout=WAIT)
+    dictionary = session.dictionary
+    assert dictionary is not None and dictionary.meta["cancelled"]
+    assert 0 < dictionary.meta["steps"] < 1_000_000 and "Cancelled" in widget.status.text()
+    # usable: it encodes the store, and a feature paints
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    session.select_feature(0)
+    painter = wait_painter(qtbot, viewer)
+    assert painter.painted is not None and painter.painted.feature == 0
+    # and it saves (atomically, through save_dictionary) and loads back the same
+    path = widget.save(tmp_path / "cancelled.safetensors")
+    again = load_dictionary(path)
+    for name, value in dictionary.model.tensors().items():
+        torch.testing.assert_close(again.model.tensors()[name], value)
+    assert again.meta["cancelled"] and path.name in widget.status.text()
+
+
+def test_a_stale_feature_paint_is_dropped(make_napari_viewer, demo_folder, qtbot):
+    from napari_concept_discovery.overlay import feature_paint
+    from napari_concept_discovery.widgets._layers import feature_layers
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session = opened.embed.session
+    opened.embed.open_store(demo_folder / "store.zarr")
+    opened.dictionary.load(demo_folder / "dictionary-center.safetensors")
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    explorer = session.explorer
+    session.select_feature(1)
+    painter = wait_painter(qtbot, viewer)
+    old = session.ticket()
+    late = feature_paint(explorer, old.site_key, 1)  # finishes after the user moved on
+    opened.navigator.select_well("C04")
+    painter = wait_painter(qtbot, viewer)
+    dropped = painter.dropped
+    assert painter.show(old, explorer, late) is False and painter.dropped == dropped + 1
+    image, _ = feature_layers(viewer)
+    assert image.metadata["site_key"] == ("SYNTH_1", "C04", 1)
+    np.testing.assert_array_equal(image.data, explorer.activation_map(session.site_key, 1).data)
+
+
+def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
+    from napari_concept_discovery.explore import Explorer
+    from napari_concept_discovery.widgets._layers import feature_layers
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session, embed = opened.embed.session, opened.embed
+    opened.navigator.select_well("B03")
+    qtbot.waitUntil(lambda: session.site_key == ("SYNTH_1", "B03", 1), timeout=WAIT)
+    embed.set_model(str(demo_folder / "tiny.safetensors"))
+    embed.site_in_view.setChecked(True)
+    assert embed.out_path().name == "plates-tiny.safetensors-SYNTH_1_B03_s1.zarr"
+    click(qtbot, embed.run_button)
+    qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=WAIT)
+    store = session.store
+    assert [tuple(k) for k in store.sites()[["plate", "well", "site"]].itertuples(index=False)] == [
+        ("SYNTH_1", "B03", 1)
+    ]
+    whole = ActivationStore.open(demo_folder / "store.zarr")
+    key = ("SYNTH_1", "B03", 1)
+    np.testing.assert_allclose(
+        store.site_tokens("cell", key), whole.site_tokens("cell", key), rtol=1e-5, atol=1e-6
+    )
+    assert store.plate_source == whole.plate_source  # it reopens the whole plate
+
+    # a feature on a site the one-site store lacks: embedded on demand with the store's model,
+    # the same codes as the whole plate's store gives (up to the store's float16 patch tokens)
+    opened.dictionary.load(demo_folder / "dictionary-center.safetensors")
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    session.select_feature(2)
+    wait_painter(qtbot, viewer)
+    opened.navigator.select_well("C02")
+    painter = wait_painter(qtbot, viewer)
+    assert painter.painted is not None and painter.painted.key == ("SYNTH_1", "C02", 1)
+    reference = Explorer(whole, session.dictionary)
+    other = ("SYNTH_1", "C02", 1)
+    image, cells = feature_layers(viewer)
+    np.testing.assert_allclose(
+        image.data, reference.activation_map(other, 2).data, rtol=1e-2, atol=1e-3
+    )
+    np.testing.assert_array_equal(cells.data, whole.site_labels(other))
+    np.testing.assert_allclose(
+        cells.features["value"], reference.cell_values(other, 2)["value"], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_view_opens_a_demo_folder_with_everything_loaded(make_napari_viewer, demo_folder, qtbot):
+    from napari_concept_discovery.cli import build_parser
+    from napari_concept_discovery.widgets import (
+        ConceptExplorer,
+        DictionaryWidget,
+        EmbedWidget,
+        PlateNavigator,
+        open_viewer,
+    )
+    from napari_concept_discovery.workspace import find_view_inputs
+
+    args = build_parser().parse_args(["view", str(demo_folder)])
+    assert args.func.__name__ == "_run_view" and args.store is None
+    inputs = find_view_inputs(args.plate, args.store, args.dictionary)
+    viewer = make_napari_viewer()
+    opened = open_viewer(inputs.plate, inputs.store, inputs.dictionary, viewer=viewer)
+    assert isinstance(opened.navigator, PlateNavigator)
+    assert isinstance(opened.explorer, ConceptExplorer)
+    assert isinstance(opened.embed, EmbedWidget)
+    assert isinstance(opened.dictionary, DictionaryWidget)
+    session = opened.embed.session
+    assert session.plate.root == demo_folder / "plates"
+    assert session.store.path == demo_folder / "store.zarr"
+    saved = load_dictionary(demo_folder / "dictionary-center.safetensors")
+    for name, value in saved.model.tensors().items():
+        torch.testing.assert_close(session.dictionary.model.tensors()[name], value)
+    qtbot.waitUntil(lambda: opened.explorer.features is not None, timeout=WAIT)
+    assert len(opened.explorer.features) == saved.n_atoms
+    assert [layer.name for layer in viewer.layers][:1] == ["DNA"]
+
+
+def test_closing_the_dictionary_widget_cancels_its_training(make_napari_viewer, demo_folder, qtbot):
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session, widget = opened.embed.session, opened.dictionary
+    opened.embed.open_store(demo_folder / "store.zarr")
+    qtbot.waitUntil(lambda: bool(widget.choices), timeout=WAIT)
+    fill_dictionary_form(widget, dictionary_settings(steps=1_000_000))
+    click(qtbot, widget.train_button)
+    job = widget.job
+    qtbot.waitUntil(lambda: len(widget.curves) >= 1, timeout=WAIT)
+    dock = next(d for d in viewer.window._dock_widgets.values() if d.widget() is widget)
+    viewer.window.remove_dock_widget(dock)
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: not job.running, timeout=WAIT)
+    assert job.cancelled and job.error is None
+    assert job.result.cancelled and job.result.result.steps_done < 1_000_000
+    assert session.dictionary is None  # nobody is left to hand it to the session
+
+
+def test_cancel_an_embedding_then_resume_it(make_napari_viewer, demo_folder, qtbot, tmp_path):
+    from qtpy.QtCore import Qt
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session, embed = opened.embed.session, opened.embed
+    embed.set_model(str(demo_folder / "tiny.safetensors"))
+    embed.fields["batch_size"].set_value(1)  # one tile per batch: a site at a time
+    out = tmp_path / "resumed.zarr"
+    embed.out_edit.setText(str(out))
+    embed.out_edit.textEdited.emit(str(out))  # typed by the user: kept when the site changes
+    click(qtbot, embed.run_button)
+    job = embed.job
+    # the user presses Cancel once the first site is done (run in the worker's thread, so that
+    # it lands before the next site starts however fast the sites go)
+    job.progressed.connect(
+        lambda p: job.cancel() if p.done >= 1 else None, Qt.ConnectionType.DirectConnection
+    )
+    qtbot.waitUntil(lambda: not job.running, timeout=WAIT)
+    assert job.cancelled and job.result is None and session.store is None
+    assert "Cancelled" in embed.status.text()
+    parts = [p for p in (out / "parts").iterdir() if not p.name.startswith(".")]
+    assert 1 <= len(parts) < 6  # the finished sites are kept for the next run
+    click(qtbot, embed.run_button)
+    qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=WAIT)
+    whole = ActivationStore.open(demo_folder / "store.zarr")
+    assert session.store.path == out
+    np.testing.assert_array_equal(session.store.tokens("cell")[:], whole.tokens("cell")[:])
