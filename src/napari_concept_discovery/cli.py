@@ -386,6 +386,51 @@ def _run_analyze(args) -> int:
     return 0
 
 
+# --- report (issue 10: headless discovery for a whole screen) ------------------------------
+
+
+def _add_report(sub) -> None:
+    from .report import ReportSettings
+    from .settings import add_arguments
+
+    p = sub.add_parser(
+        "report",
+        help="write an HTML report of a dictionary on a store: top features, cells, plate maps, "
+        "concept profiles",
+        description=(
+            "Write DIR/index.html, one self-contained file that opens in a browser from disk: "
+            "for the most selective features of the first dictionary their top cells, a site "
+            "with the activation overlay, plate maps and selectivity per label; concept "
+            "profiles against the control wells; and a table comparing all the dictionaries "
+            "given. Example: concept-discovery report store.zarr dictionary-center.safetensors "
+            "dictionary-pca.safetensors --out report --labels cell_type,perturbation"
+        ),
+    )
+    p.add_argument("store", help="activation store folder")
+    p.add_argument(
+        "dictionaries",
+        nargs="+",
+        metavar="DICT",
+        help="dictionary files; the first is reported feature by feature, all are compared",
+    )
+    add_arguments(p, ReportSettings)
+    p.add_argument("--out", required=True, help="output folder (index.html, hits.csv)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from .report import ReportSettings, write_report
+    from .settings import from_args
+    from .store import ActivationStore
+
+    settings = from_args(ReportSettings, args)
+    store = ActivationStore.open(args.store)
+    with _Bars({"encode": "encode", "report": "figures"}) as bars:
+        path = write_report(store, args.dictionaries, args.out, settings, progress=bars)
+    print(f"wrote {path}")
+    return 0
+
+
 # --- demo: every step on synthetic plates, offline ------------------------------------------
 
 
@@ -484,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_embed,
         _add_train,
         _add_analyze,
+        _add_report,
         _add_models,
     ):
         add(sub)
