@@ -30,7 +30,7 @@ def _add_plate_options(p) -> None:
     p.add_argument(
         "--layout",
         default="auto",
-        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern"],
+        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern", "ome-zarr"],
         help="folder layout (default: detect it)",
     )
     p.add_argument(

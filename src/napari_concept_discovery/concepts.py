@@ -541,8 +541,8 @@ def write_analysis(
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables and codes.h5ad.
 
-    With ``controls`` (COLUMN=VALUE) also the concept profiles of every label column:
-    profiles.parquet (long form, one row per value and feature) and the AnnData fields.
+    With ``controls`` (COLUMN=VALUE) also the concept profiles of every label column but the
+    control column: profiles.parquet (long form, one row per value and feature) and the AnnData fields.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -567,8 +567,12 @@ def write_analysis(
         aurocs = concept_auroc(csr, table, truth_columns)
         paths["concepts"] = atomic_parquet(aurocs, out / "concepts.parquet")
     profiles = []
-    if controls and columns:
-        profiles = [concept_profiles(csr, table, c, controls) for c in columns]
+    if controls:
+        control_column = controls.partition("=")[0].strip()
+        profiles = [
+            concept_profiles(csr, table, c, controls) for c in columns if c != control_column
+        ]
+    if profiles:
         long = pd.concat([p.table() for p in profiles], ignore_index=True)
         paths["profiles"] = atomic_parquet(long, out / "profiles.parquet")
     paths["h5ad"] = out / "codes.h5ad"
