@@ -222,12 +222,71 @@ def _add_embed(sub) -> None:
             "version) matches is reused; a stale one is rebuilt; an interrupted one resumes."
         ),
     )
-    p.add_argument("plate", help="plate folder")
+    p.add_argument(
+        "plate",
+        nargs="+",
+        help="plate folder; with several, --out is a folder with one store per plate "
+        "(<out>/<plate folder name>.zarr)",
+    )
     p.add_argument("--out", required=True, help="activation store folder")
     add_arguments(p, EmbedSettings)
     _add_plate_options(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="embed on a local Dask cluster of N worker processes, one model load each "
+        "(needs the [dask] extra)",
+    )
+    p.add_argument("--scheduler", default=None, help="embed on the Dask cluster at this address")
+    p.add_argument("--sites-per-task", type=int, default=4, help="sites per Dask task")
     p.set_defaults(func=_run_embed)
+
+
+def _run_embed_cluster(args, settings) -> int:
+    from pathlib import Path
+
+    from .cluster import connect, embed_plate_on_cluster
+
+    plates = list(args.plate)
+    outs = [Path(args.out)]
+    if len(plates) > 1:
+        outs = [Path(args.out) / f"{Path(p).resolve().name}.zarr" for p in plates]
+        if len({o.name for o in outs}) < len(outs):
+            raise UsageError("several plate folders share a name; embed them one by one")
+    client = connect(args.workers, args.scheduler) if (args.workers or args.scheduler) else None
+    try:
+        for folder, out in zip(plates, outs, strict=True):
+            args.plate = folder
+            plate = _open_plate(args)
+            with _progress(len(plate), f"embed {Path(folder).name}") as bar:
+
+                def step(p, bar=bar):
+                    bar.update(p.done - bar.n)
+
+                if client is None:
+                    from .plate_embedding import embed_plate
+
+                    store = embed_plate(plate, settings, out, progress=step)
+                else:
+                    store = embed_plate_on_cluster(
+                        plate,
+                        settings,
+                        out,
+                        client,
+                        sites_per_task=args.sites_per_task,
+                        progress=step,
+                    )
+            counts = store.attrs.get("counts", {})
+            print(f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches")
+    finally:
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and args.scheduler is None:
+                cluster.close()
+    return 0
 
 
 def _run_embed(args) -> int:
@@ -236,6 +295,11 @@ def _run_embed(args) -> int:
     from .plate_embedding import EmbedSettings, embed_plate, load_embed_model
     from .settings import from_args
 
+    if len(args.plate) > 1 or args.workers or args.scheduler:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run_embed_cluster(args, from_args(EmbedSettings, args))
+    args.plate = args.plate[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = from_args(EmbedSettings, args)
