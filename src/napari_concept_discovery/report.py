@@ -225,7 +225,7 @@ def _encode(fig, photo: bool = False) -> bytes:
 def top_cells_figure(ex, pixels: _Pixels, cells: pd.DataFrame, feature: int):
     """Thumbnails of the feature's top cells, the cell outlined, code and well in the title."""
     n = len(cells)
-    ncol = min(6, max(n, 1))
+    ncol = max(1, math.ceil(n / math.ceil(n / 8))) if n else 1  # rows of at most 8, even
     nrow = max(1, math.ceil(n / ncol))
     fig = _figure(1.6 * ncol, 1.75 * nrow)
     fig.set_facecolor("black")
@@ -242,7 +242,9 @@ def top_cells_figure(ex, pixels: _Pixels, cells: pd.DataFrame, feature: int):
         if mask.any():
             ax.contour(mask.astype(float), levels=[0.5], colors=["white"], linewidths=0.9)
         ax.set_title(f"{c.plate} {c.well} s{c.site}\ncode {c.value:.2f}", fontsize=7, color="w")
-    fig.suptitle(f"feature {feature}: its {n} most active cells", color="w", fontsize=9)
+    fig.suptitle(
+        f"feature {feature}: its {n} most active cells", color="w", fontsize=9, y=1.0, va="bottom"
+    )
     return fig
 
 
@@ -604,6 +606,11 @@ def write_report(
         )
 
     chosen = rank_features(features, settings.top)
+    # the features that perturbations switch on most strongly get a section too
+    hits = pd.concat([p.hits() for p in profiles]) if profiles else pd.DataFrame()
+    extra = [] if hits.empty else hits.sort_values("median_z", ascending=False)["feature"]
+    extra = [int(f) for f in dict.fromkeys(extra) if int(f) not in chosen]
+    chosen += extra[: max(2, settings.top // 3)]
     shown = set(chosen)
     pixels = _Pixels(store)
     plates = sorted(table["plate"].astype(str).unique())
@@ -697,7 +704,8 @@ def _toc(chosen, feats) -> str:
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
-        "(most selective first; the best feature of each label before the runners-up)</p>"
+        "(most selective first, the best feature of each label before the runners-up; then "
+        "the features that perturbations switch on most strongly)</p>"
         f"<nav class='toc'><ol>{''.join(items)}</ol></nav>"
     )
 
