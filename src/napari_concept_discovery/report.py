@@ -608,9 +608,13 @@ def write_report(
     chosen = rank_features(features, settings.top)
     # the features that perturbations switch on most strongly get a section too
     hits = pd.concat([p.hits() for p in profiles]) if profiles else pd.DataFrame()
-    extra = [] if hits.empty else hits.sort_values("median_z", ascending=False)["feature"]
-    extra = [int(f) for f in dict.fromkeys(extra) if int(f) not in chosen]
-    chosen += extra[: max(2, settings.top // 3)]
+    why: dict[int, str] = {}
+    if not hits.empty:
+        for h in hits.sort_values("median_z", ascending=False).itertuples(index=False):
+            f = int(h.feature)
+            if f not in chosen and f not in why and len(why) < max(2, settings.top // 3):
+                why[f] = f"{h.column} = {h.value} (median z {h.median_z:+.1f})"
+    chosen += list(why)
     shown = set(chosen)
     pixels = _Pixels(store)
     plates = sorted(table["plate"].astype(str).unique())
@@ -618,7 +622,7 @@ def write_report(
     feats = features.set_index("feature")
 
     parts = [_header(store, name, primary, table, labels, controls)]
-    parts.append(_toc(chosen, feats))
+    parts.append(_toc(chosen, feats, why))
     parts.append("<h2 id='dictionaries'>Dictionaries</h2>")
     parts.append(
         "<p class='note'>FVU (fraction of variance unexplained), mean cosine, L0 (non-zeros per "
@@ -649,6 +653,7 @@ def write_report(
                 plates,
                 control_wells,
                 settings.cells,
+                why.get(f),
             )
         )
     report(progress, "report", len(chosen), len(chosen))
@@ -690,15 +695,19 @@ def _header(store, name, dictionary, table, labels, controls) -> str:
     )
 
 
-def _toc(chosen, feats) -> str:
+def _toc(chosen, feats, why: dict[int, str]) -> str:
     items = []
     for f in chosen:
         r = feats.loc[f]
         label = (
-            f" {html.escape(str(r['top_column']))} = {html.escape(str(r['top_label']))}"
-            f" ({r['selectivity_avg']:+.2f})"
-            if "top_label" in r.index
-            else ""
+            f" switched on by {html.escape(why[f])}"
+            if f in why
+            else (
+                f" {html.escape(str(r['top_column']))} = {html.escape(str(r['top_label']))}"
+                f" ({r['selectivity_avg']:+.2f})"
+                if "top_label" in r.index
+                else ""
+            )
         )
         items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{label}</li>")
     return (
@@ -769,18 +778,22 @@ def _profiles_html(profiles, chosen, shown, notes, out) -> str:
 
 
 def _feature_html(
-    ex, pixels, f, row, sels, stain_cols, profiles, plates, control_wells, n_cells
+    ex, pixels, f, row, sels, stain_cols, profiles, plates, control_wells, n_cells, why=None
 ) -> str:
     facts = [
         f"<b>frequency</b> {row['frequency']:.3f} of cells",
         f"<b>mean code when active</b> {row['mean_activation']:.3g}",
     ]
     title = f"Feature {f}"
+    if why is not None:
+        title += f": switched on by {why.rsplit(' (', 1)[0]}"
     if "top_label" in row.index and row["top_column"]:
-        title += f": {row['top_column']} = {row['top_label']}"
+        if why is None:
+            title += f": {row['top_column']} = {row['top_label']}"
         facts.append(
             f"<b>selectivity</b> {row['selectivity_avg']:+.2f} (avg), "
-            f"{row['selectivity_max']:+.2f} (max)"
+            f"{row['selectivity_max']:+.2f} (max) for {html.escape(str(row['top_column']))} = "
+            f"{html.escape(str(row['top_label']))}"
         )
     switched = []
     for prof in profiles:
