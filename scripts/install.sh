@@ -2,14 +2,16 @@
 # Set up a fresh machine: a virtual environment in .venv with the project installed.
 #   bash scripts/install.sh          # the library, CLI and napari plugin
 #   bash scripts/install.sh --test   # plus test tools and the Debian packages that a headless
-#                                    # Qt/OpenGL test needs (Xvfb, Mesa, xcb); needs root or sudo
+#                                    # Qt/OpenGL test needs (Xvfb, Mesa, xcb) and chromium (the
+#                                    # HTML report is rendered in it); needs root or sudo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--test" ]; then
   pkgs="xvfb xauth libgl1-mesa-dri libglx-mesa0 libegl1 libxkbcommon-x11-0 libxcb-icccm4
         libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0
-        libxcb-xinput0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1"
+        libxcb-xinput0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+        chromium"
   missing=$(for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
   if [ -n "$missing" ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

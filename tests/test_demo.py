@@ -43,6 +43,10 @@ def test_demo_end_to_end_and_rerun(tmp_path):
 
     report = format_report(result)
     assert "FVU" in report and "cell_type=HUVEC" in report
+    # the HTML report is written beside the other outputs and its path printed
+    assert result.report == result.out / "report" / "index.html" and result.report.is_file()
+    assert f"report: {result.report}" in report
+    assert "dictionary-pca" in result.report.read_text()  # both preparations compared
 
     # a rerun with the same parameters keeps the plates (same files, same mtimes)
     before = {p: p.stat().st_mtime_ns for p in result.plates.rglob("*.png")}

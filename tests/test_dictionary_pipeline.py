@@ -181,7 +181,11 @@ def test_analyze_store_writes_what_the_cli_writes(store, trained, small_plates, 
         "tokens",
         "concepts",
         "h5ad",
+        "profiles",  # the dictionary is whitened on controls: profiles against them
     }
+    profiles = pd.read_parquet(analysis.paths["profiles"])
+    assert set(profiles["column"]) == {"perturbation"}  # not the control column itself
+    assert set(profiles["value"]) == set(store.table("cell")["perturbation"])
     for name, path in analysis.paths.items():
         if path.suffix == ".parquet":
             pd.testing.assert_frame_equal(

@@ -84,7 +84,7 @@ def _add_plate_options(p) -> None:
     p.add_argument(
         "--layout",
         default="auto",
-        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern"],
+        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern", "ome-zarr"],
         help="folder layout (default: detect it)",
     )
     p.add_argument(
@@ -302,7 +302,12 @@ def _add_embed(sub) -> None:
             "version) matches is reused; a stale one is rebuilt; an interrupted one resumes."
         ),
     )
-    p.add_argument("plate", help="plate folder")
+    p.add_argument(
+        "plate",
+        nargs="+",
+        help="plate folder; with several, --out is a folder with one store per plate "
+        "(<out>/<plate folder name>.zarr)",
+    )
     p.add_argument("--out", required=True, help="activation store folder")
     add_arguments(p, EmbedSettings)
     _add_plate_options(p)
@@ -313,7 +318,61 @@ def _add_embed(sub) -> None:
         help="replace a store of another plate, model, block or settings at --out (the old "
         "one stays whole until the new one is complete)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="embed on a local Dask cluster of N worker processes, one model load each "
+        "(needs the [dask] extra)",
+    )
+    p.add_argument("--scheduler", default=None, help="embed on the Dask cluster at this address")
+    p.add_argument("--sites-per-task", type=int, default=4, help="sites per Dask task")
     p.set_defaults(func=_run_embed)
+
+
+def _run_embed_cluster(args, settings) -> int:
+    from pathlib import Path
+
+    from .cluster import connect, embed_plate_on_cluster
+
+    plates = list(args.plate)
+    outs = [Path(args.out)]
+    if len(plates) > 1:
+        outs = [Path(args.out) / f"{Path(p).resolve().name}.zarr" for p in plates]
+        if len({o.name for o in outs}) < len(outs):
+            raise UsageError("several plate folders share a name; embed them one by one")
+    client = connect(args.workers, args.scheduler) if (args.workers or args.scheduler) else None
+    try:
+        for folder, out in zip(plates, outs, strict=True):
+            args.plate = folder
+            plate = _open_plate(args)
+            with _progress(len(plate), f"embed {Path(folder).name}") as bar:
+
+                def step(p, bar=bar):
+                    bar.update(p.done - bar.n)
+
+                if client is None:
+                    from .plate_embedding import embed_plate
+
+                    store = embed_plate(plate, settings, out, progress=step)
+                else:
+                    store = embed_plate_on_cluster(
+                        plate,
+                        settings,
+                        out,
+                        client,
+                        sites_per_task=args.sites_per_task,
+                        progress=step,
+                    )
+            counts = store.attrs.get("counts", {})
+            print(f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches")
+    finally:
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and args.scheduler is None:
+                cluster.close()
+    return 0
 
 
 def _run_embed(args) -> int:
@@ -325,6 +384,11 @@ def _run_embed(args) -> int:
     from .store import check_store_folder
 
     _at_least(args.threads, "--threads")
+    if len(args.plate) > 1 or args.workers or args.scheduler:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run_embed_cluster(args, from_args(EmbedSettings, args))
+    args.plate = args.plate[0]
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = from_args(EmbedSettings, args)
@@ -509,6 +573,51 @@ def _run_analyze(args) -> int:
     return 0
 
 
+# --- report (issue 10: headless discovery for a whole screen) ------------------------------
+
+
+def _add_report(sub) -> None:
+    from .report import ReportSettings
+    from .settings import add_arguments
+
+    p = sub.add_parser(
+        "report",
+        help="write an HTML report of a dictionary on a store: top features, cells, plate maps, "
+        "concept profiles",
+        description=(
+            "Write DIR/index.html, one self-contained file that opens in a browser from disk: "
+            "for the most selective features of the first dictionary their top cells, a site "
+            "with the activation overlay, plate maps and selectivity per label; concept "
+            "profiles against the control wells; and a table comparing all the dictionaries "
+            "given. Example: concept-discovery report store.zarr dictionary-center.safetensors "
+            "dictionary-pca.safetensors --out report --labels cell_type,perturbation"
+        ),
+    )
+    p.add_argument("store", help="activation store folder")
+    p.add_argument(
+        "dictionaries",
+        nargs="+",
+        metavar="DICT",
+        help="dictionary files; the first is reported feature by feature, all are compared",
+    )
+    add_arguments(p, ReportSettings)
+    p.add_argument("--out", required=True, help="output folder (index.html, hits.csv)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from .report import ReportSettings, write_report
+    from .settings import from_args
+    from .store import ActivationStore
+
+    settings = from_args(ReportSettings, args)
+    store = ActivationStore.open(args.store)
+    with _Bars({"encode": "encode", "report": "figures"}) as bars:
+        path = write_report(store, args.dictionaries, args.out, settings, progress=bars)
+    print(f"wrote {path}")
+    return 0
+
+
 # --- demo: every step on synthetic plates, offline ------------------------------------------
 
 
@@ -655,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_embed,
         _add_train,
         _add_analyze,
+        _add_report,
         _add_models,
         _add_view,
     ):

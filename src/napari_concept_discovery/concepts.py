@@ -308,8 +308,199 @@ def feature_table(
     return out
 
 
-def codes_anndata(codes, obs: pd.DataFrame, features: pd.DataFrame | None = None, meta=None):
-    """AnnData with the codes as sparse X (tokens x features), the token table as obs."""
+# --- concept profiles: which perturbations switch a feature on, well by well ---------------
+
+#: z above which a well counts as switching a feature on.
+Z_THRESHOLD = 2.0
+#: A hit needs more than this fraction of its wells above the threshold (a majority).
+HIT_FRACTION = 0.5
+#: A hit needs at least this many wells, so that one odd well cannot make one.
+MIN_WELLS = 2
+#: The control spread is floored at this fraction of the feature's spread over all wells of the
+#: plate, so that a feature silent in every control well does not give infinite z.
+SD_FLOOR = 0.1
+
+WELL_KEYS = ("plate", "well")
+
+
+@dataclass
+class ConceptProfiles:
+    """Per-well mean activation of every feature, z-scored against the control wells of the
+    same plate, summarised per value of one label column (docs/architecture.md, "Concept
+    profiles").
+
+    A well is the cells of one (plate, well) with one value of the column. Its z for feature f
+    is ``(mean_f(well) - mean_f(controls)) / sd_f(controls)``, both over the control wells of
+    its plate, the spread floored at ``SD_FLOOR`` times the feature's spread over all wells of
+    that plate. A value's profile is the median of its wells' z, with the fraction of its wells
+    above ``threshold`` as the consistency measure.
+    """
+
+    column: str
+    control: tuple[str, str]
+    threshold: float
+    values: list[str]  # V label values, sorted
+    n_wells: np.ndarray  # (V,)
+    median_z: np.ndarray  # (V, M)
+    mean_z: np.ndarray  # (V, M)
+    fraction_above: np.ndarray  # (V, M) fraction of the value's wells with z > threshold
+    wells: pd.DataFrame  # W rows: plate, well, value, n_cells, is_control
+    well_z: np.ndarray  # (W, M)
+    skipped_plates: list[str]  # plates without control wells, left out
+
+    @property
+    def n_features(self) -> int:
+        return int(self.median_z.shape[1])
+
+    def hit_mask(self, min_wells: int = MIN_WELLS) -> np.ndarray:
+        """(V, M) True where a majority of at least ``min_wells`` wells have z above threshold."""
+        enough = (self.n_wells >= int(min_wells))[:, None]
+        return enough & (self.fraction_above > HIT_FRACTION)
+
+    def table(self, min_wells: int = MIN_WELLS) -> pd.DataFrame:
+        """Long form: one row per (value, feature) with median and mean z, consistency, hit."""
+        v, m = self.median_z.shape
+        above = np.rint(self.fraction_above * self.n_wells[:, None]).astype(np.int64)
+        return pd.DataFrame(
+            {
+                "column": self.column,
+                "value": np.repeat(np.asarray(self.values, dtype=object), m),
+                "feature": np.tile(np.arange(m), v),
+                "n_wells": np.repeat(self.n_wells, m),
+                "median_z": self.median_z.ravel(),
+                "mean_z": self.mean_z.ravel(),
+                "wells_above": above.ravel(),
+                "fraction_above": self.fraction_above.ravel(),
+                "hit": self.hit_mask(min_wells).ravel(),
+            }
+        )
+
+    def hits(self, min_wells: int = MIN_WELLS) -> pd.DataFrame:
+        """The (value, feature) pairs that switch a feature on, strongest median z first."""
+        t = self.table(min_wells)
+        t = t[t["hit"]].drop(columns="hit")
+        return t.sort_values(["median_z", "value", "feature"], ascending=[False, True, True])
+
+    def frame(self) -> pd.DataFrame:
+        """Median z as a (features x values) frame, for AnnData ``.varm``."""
+        return pd.DataFrame(
+            self.median_z.T.astype(np.float32),
+            index=pd.Index([str(f) for f in range(self.n_features)]),
+            columns=[str(v) for v in self.values],
+        )
+
+
+def well_means(codes, table: pd.DataFrame, column: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Mean code of every feature over the tokens of each (plate, well, value of ``column``).
+
+    Returns the well table (plate, well, value, n_cells) and a dense (W, M) array.
+    """
+    require_columns(table, [*WELL_KEYS, column], "concept profiles")
+    csr = _csr(codes)
+    keys = pd.DataFrame(
+        {
+            "plate": table["plate"].astype(str).to_numpy(),
+            "well": table["well"].astype(str).to_numpy(),
+            "value": table[column].astype(str).to_numpy(),
+        }
+    )
+    group = keys.groupby(["plate", "well", "value"], sort=True).ngroup().to_numpy()
+    wells = keys.groupby(["plate", "well", "value"], sort=True).size().rename("n_cells")
+    wells = wells.reset_index()
+    n = np.bincount(group, minlength=len(wells)).astype(np.float64)
+    onehot = sp.csr_matrix(
+        (1.0 / n[group], (group, np.arange(len(group)))), shape=(len(wells), csr.shape[0])
+    )
+    return wells, np.asarray((onehot @ csr).todense(), dtype=np.float64)
+
+
+def concept_profiles(
+    codes,
+    table: pd.DataFrame,
+    column: str,
+    control: str | tuple[str, str],
+    *,
+    threshold: float = Z_THRESHOLD,
+) -> ConceptProfiles:
+    """:class:`ConceptProfiles` of ``column``, z-scored against the ``control`` wells
+    (``COLUMN=VALUE`` or a pair) of each plate.
+
+    Plates without a control well are left out (named in ``skipped_plates``); none with one is
+    an error naming the control.
+    """
+    from .dictionary.whiten import parse_control
+
+    ccol, cval = parse_control(control) if isinstance(control, str) else control
+    require_columns(table, [ccol], "the control wells of concept profiles")
+    wells, means = well_means(codes, table, column)
+    # a well is a control well when its cells are controls (the control column may differ)
+    is_ctrl = table[ccol].astype(str).to_numpy() == str(cval)
+    ctrl_keys = pd.DataFrame(
+        {"plate": table["plate"].astype(str), "well": table["well"].astype(str), "c": is_ctrl}
+    )
+    ctrl_wells = ctrl_keys.groupby(["plate", "well"])["c"].mean() > 0.5
+    wells["is_control"] = [
+        bool(ctrl_wells.get((p, w), False))
+        for p, w in zip(wells["plate"], wells["well"], strict=True)
+    ]
+    z = np.full_like(means, np.nan)
+    skipped = []
+    for plate, idx in wells.groupby("plate", sort=True).groups.items():
+        idx = np.asarray(idx)
+        ctrl = idx[wells.loc[idx, "is_control"].to_numpy()]
+        if ctrl.size == 0:
+            skipped.append(str(plate))
+            continue
+        mu = means[ctrl].mean(0)
+        sd = means[ctrl].std(0, ddof=1) if ctrl.size > 1 else np.zeros(means.shape[1])
+        floor = SD_FLOOR * means[idx].std(0)
+        sd = np.maximum(np.maximum(sd, floor), 1e-12)
+        z[idx] = (means[idx] - mu) / sd
+    if len(skipped) == wells["plate"].nunique():
+        raise DictionaryError(
+            f"no control wells ({ccol}={cval}) on any plate; concept profiles need them"
+        )
+    keep = ~np.isnan(z[:, 0]) if z.shape[1] else np.ones(len(wells), bool)
+    wells, z = wells[keep].reset_index(drop=True), z[keep]
+    values = sorted(wells["value"].unique())
+    vi = wells["value"].map({v: i for i, v in enumerate(values)}).to_numpy()
+    n_wells = np.bincount(vi, minlength=len(values))
+    m = z.shape[1]
+    median = np.zeros((len(values), m))
+    mean = np.zeros((len(values), m))
+    frac = np.zeros((len(values), m))
+    for i in range(len(values)):
+        zi = z[vi == i]
+        median[i] = np.median(zi, 0)
+        mean[i] = zi.mean(0)
+        frac[i] = (zi > threshold).mean(0)
+    return ConceptProfiles(
+        column,
+        (ccol, str(cval)),
+        float(threshold),
+        values,
+        n_wells,
+        median,
+        mean,
+        frac,
+        wells,
+        z,
+        skipped,
+    )
+
+
+def codes_anndata(
+    codes,
+    obs: pd.DataFrame,
+    features: pd.DataFrame | None = None,
+    meta=None,
+    profiles: Sequence[ConceptProfiles] = (),
+):
+    """AnnData with the codes as sparse X (tokens x features), the token table as obs.
+
+    Each :class:`ConceptProfiles` lands in ``.varm["profile_<column>"]`` (features x values,
+    median z) and ``.uns["profiles"][column]`` (control, threshold, wells per value, hits).
+    """
     import anndata as ad
 
     obs = obs.reset_index(drop=True).copy()
@@ -329,6 +520,23 @@ def codes_anndata(codes, obs: pd.DataFrame, features: pd.DataFrame | None = None
         import json
 
         adata.uns["dictionary"] = json.dumps(meta, sort_keys=True, default=str)
+    if profiles:
+        adata.uns["profiles"] = {}
+    for prof in profiles:
+        frame = prof.frame()
+        frame.index = adata.var_names
+        adata.varm[f"profile_{prof.column}"] = frame
+        hits = prof.hits()
+        adata.uns["profiles"][prof.column] = {
+            "control": "=".join(prof.control),
+            "threshold": prof.threshold,
+            "values": np.asarray(prof.values, dtype=str),
+            "n_wells": prof.n_wells.astype(np.int64),
+            "skipped_plates": np.asarray(prof.skipped_plates, dtype=str),
+            "hit_value": hits["value"].to_numpy(dtype=str),
+            "hit_feature": hits["feature"].to_numpy(np.int64),
+            "hit_median_z": hits["median_z"].to_numpy(np.float64),
+        }
     return adata
 
 
@@ -360,11 +568,15 @@ def write_analysis(
     meta: dict | None = None,
     truth_columns: Sequence[str] = (),
     top_n: int = 10,
+    controls: str | None = None,
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables and codes.h5ad.
 
     The files are written into a folder beside ``out_dir`` that replaces it once all are
     written, so a failure leaves an earlier analysis whole rather than a mix of old and new.
+    With ``controls`` (COLUMN=VALUE) also the concept profiles of every label column but the
+    control column: profiles.parquet (long form, one row per value and feature) and the AnnData
+    fields.
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -398,9 +610,21 @@ def write_analysis(
             aurocs = concept_auroc(csr, table, truth_columns)
             names["concepts"] = "concepts.parquet"
             atomic_parquet(aurocs, tmp / names["concepts"])
+        profiles = []
+        if controls:
+            control_column = controls.partition("=")[0].strip()
+            profiles = [
+                concept_profiles(csr, table, c, controls) for c in columns if c != control_column
+            ]
+        if profiles:
+            names["profiles"] = "profiles.parquet"
+            atomic_parquet(
+                pd.concat([p.table() for p in profiles], ignore_index=True),
+                tmp / names["profiles"],
+            )
         names["h5ad"] = "codes.h5ad"
         with atomic_path(tmp / names["h5ad"]) as t:
-            codes_anndata(csr, table, features, meta).write_h5ad(t)
+            codes_anndata(csr, table, features, meta, profiles).write_h5ad(t)
         import json
 
         atomic_write_text(

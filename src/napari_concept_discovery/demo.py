@@ -39,6 +39,7 @@ class DemoResult:
     top_features: pd.DataFrame
     comparison: pd.DataFrame
     timings: dict = field(default_factory=dict)
+    report: Path | None = None
 
 
 def _plates(out: Path, n_plates: int, n_wells: int, n_sites: int, size: int, seed: int) -> Path:
@@ -169,6 +170,14 @@ def run_demo(
         .head(1)
         .head(12)
     )
+    from .report import ReportSettings, write_report
+
+    t = time.perf_counter()
+    log("report: the top features with their cells, plate maps and concept profiles (HTML)")
+    dictionaries = [out / f"dictionary-{name}.safetensors" for name in preparations]
+    settings = ReportSettings(labels=LABEL_COLUMNS, top=8, cells=8)
+    html = write_report(store, dictionaries, out / "report", settings)
+    timings["report"] = time.perf_counter() - t
     return DemoResult(
         out=out,
         plates=plates,
@@ -182,6 +191,7 @@ def run_demo(
         top_features=top,
         comparison=pd.DataFrame(comparison),
         timings=timings,
+        report=html,
     )
 
 
@@ -234,4 +244,6 @@ def format_report(result: DemoResult) -> str:
         "The bundled model is small and trained on synthetic plates: use OpenPhenom or your own "
         "checkpoint (--model) for real discovery.",
     ]
+    if result.report is not None:
+        lines.append(f"report: {result.report} (open it in a web browser)")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from .metrics import evaluate
 from .registry import build_model
 from .settings import AnalyzeSettings, TrainSettings, WhitenSettings
 from .training import TrainResult, TrainState, train
-from .whiten import Whitener, control_mask
+from .whiten import Whitener, control_mask, parse_control
 
 
 def take_rows(data, rows: np.ndarray, block: int = 65536) -> np.ndarray:
@@ -461,6 +461,11 @@ def analyze_store(
     codes, table = encode_for_analysis(
         store, dictionary, settings, progress=progress, cancel=cancel, truth=truth
     )
+    controls = profile_controls(dictionary, settings.controls)
+    if settings.controls is not None:
+        require_columns(table, [parse_control(controls)[0]], "concept profiles (controls)")
+    elif controls is not None and parse_control(controls)[0] not in table.columns:
+        controls = None
     paths = write_analysis(
         out,
         codes,
@@ -469,5 +474,14 @@ def analyze_store(
         meta=dictionary.meta,
         truth_columns=settings.truth,
         top_n=settings.top_n,
+        controls=controls,
     )
     return Analysis(codes, table, paths)
+
+
+def profile_controls(dictionary: Dictionary, controls: str | None = None) -> str | None:
+    """The control wells concept profiles are z-scored against: ``controls`` when given, else
+    the controls the dictionary's whitening was fitted on (COLUMN=VALUE), else None."""
+    if controls is not None:
+        return controls
+    return (dictionary.meta.get("whitening") or {}).get("controls")

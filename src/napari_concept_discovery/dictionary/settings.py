@@ -243,6 +243,12 @@ class AnalyzeSettings(Settings):
         None, "token unit to encode (default: the dictionary's)", choices=UNITS
     )
     top_n: int = option(10, "top tokens listed per feature", flag="--top", label="top tokens")
+    controls: str | None = option(
+        None,
+        "control wells the concept profiles are z-scored against, as COLUMN=VALUE (default: "
+        "the dictionary's whitening controls; profiles need label columns)",
+        label="profile controls (COLUMN=VALUE)",
+    )
 
     def __post_init__(self) -> None:
         self.labels = _columns(self.labels)
@@ -253,3 +259,8 @@ class AnalyzeSettings(Settings):
 
     def validate(self) -> None:
         check(self.top_n >= 1, "top_n", f"must be at least 1, got {self.top_n}")
+        if self.controls is not None:
+            try:
+                parse_control(self.controls)
+            except DictionaryError as exc:
+                raise SettingsError(str(exc)) from None

@@ -21,6 +21,17 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _is_zarr(path: Path) -> bool:
+    """An OME-Zarr field (a folder), read through :mod:`.omezarr`."""
+    return Path(path).is_dir()
+
+
+def _omezarr():
+    from . import omezarr
+
+    return omezarr
+
+
 def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in TIFF_SUFFIXES
 
@@ -103,6 +114,9 @@ def _channel_first_order(shape: tuple[int, ...], axes: str, path: Path) -> tuple
 def plane_header(path: Path) -> tuple[tuple[int, int], np.dtype]:
     """(H, W) and dtype of a single-channel image file."""
     path = Path(path)
+    if _is_zarr(path):
+        (c, h, w), dtype = _omezarr().image_header(path)
+        return (h, w), dtype
     try:
         if _is_tiff(path):
             shape, axes, dtype, _ = _tiff_axes(path)
@@ -132,6 +146,8 @@ def _to_plane(image: np.ndarray, path: Path) -> np.ndarray:
 def read_plane(path: Path) -> np.ndarray:
     """A 2-D single-channel image as stored."""
     path = Path(path)
+    if _is_zarr(path):
+        return _to_plane(_omezarr().read_image(path), path)
     try:
         if _is_tiff(path):
             import tifffile
@@ -150,6 +166,9 @@ def read_plane(path: Path) -> np.ndarray:
 def multichannel_header(path: Path) -> tuple[tuple[int, int, int], np.dtype, list[str]]:
     """(C, H, W), dtype and channel names (from OME-XML, else empty) of a per-site file."""
     path = Path(path)
+    if _is_zarr(path):
+        shape, dtype = _omezarr().image_header(path)
+        return shape, dtype, []
     try:
         if not _is_tiff(path):
             (h, w), dtype = _pil_header(path)
@@ -165,6 +184,8 @@ def multichannel_header(path: Path) -> tuple[tuple[int, int, int], np.dtype, lis
 def read_multichannel(path: Path) -> np.ndarray:
     """A (C, H, W) array from a per-site multi-channel TIFF / OME-TIFF (or a grey image)."""
     path = Path(path)
+    if _is_zarr(path):
+        return _omezarr().read_image(path)
     try:
         if not _is_tiff(path):
             return read_plane(path)[None]

@@ -3,6 +3,7 @@
 
 RxRx and Phenix/JUMP are presets of one filename-pattern mechanism; per-site multi-channel
 TIFFs are either named by a pattern without a channel field or listed in a CSV (``tiff-csv``).
+OME-Zarr HCS plates (``ome-zarr``) are read from their NGFF metadata (:mod:`.omezarr`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,7 +30,7 @@ PRESETS: dict[str, str] = {
     "rxrx": "{experiment}/Plate{plate}/{well}_s{site}_w{channel_index}.png",
     "phenix": "r{row}c{col}f{field}p{plane}-ch{channel_index}*.tif*",
 }
-LAYOUTS = ("auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern")
+LAYOUTS = ("auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern", "ome-zarr")
 _SIDECARS = (".csv", ".tsv", ".parquet", ".xml", ".json")
 _FILE_COLUMNS = ("file", "filename", "file_name", "path", "image", "image_path", "filepath")
 # Checking every header costs ~1 ms a file: done at open time up to this many files.
@@ -48,7 +50,8 @@ def open_plate(
 ) -> Plate:
     """Open a plate folder without reading pixels.
 
-    layout: "auto", "rxrx", "phenix" (alias "jump"), "tiff-csv" or "pattern" (with ``pattern``).
+    layout: "auto", "rxrx", "phenix" (alias "jump"), "tiff-csv", "pattern" (with ``pattern``)
+        or "ome-zarr" (an NGFF plate, or a folder of them).
     metadata: a table path or DataFrame joined by plate/well(/site); RxRx's ``metadata.csv``
         is found by itself. channel_names: names in channel order, or {index: name}.
     check: read every file header now and skip sites that cannot be read whole; by default
@@ -74,6 +77,9 @@ def open_plate(
         raise PlateError(
             "layout='pattern' needs pattern=, e.g. '{well}_s{site}_w{channel_index}.tif'"
         )
+
+    if layout == "ome-zarr" or (layout == "auto" and pattern is None and _ome_zarr_plates(root)):
+        return _open_ome_zarr(root, metadata, channel_names, labels, check)
 
     label_folder = Path(labels).expanduser().resolve() if labels is not None else None
     if label_folder is not None and not label_folder.is_dir():
@@ -137,6 +143,69 @@ def open_plate(
         for message in join_metadata(plate.sites, join, table_name)[0]:
             plate.warn(message)
     if check or (check is None and len(files) <= CHECK_LIMIT):
+        plate.check()
+    return plate
+
+
+# --- OME-Zarr plates ------------------------------------------------------------------------
+
+
+def _ome_zarr_plates(root: Path) -> list[Path]:
+    from .omezarr import plate_roots
+
+    return plate_roots(root)
+
+
+def _open_ome_zarr(root: Path, metadata, channel_names, labels, check) -> Plate:
+    """An OME-Zarr plate (or a folder of them) as a Plate; see :mod:`.omezarr`."""
+    from .omezarr import find_fields
+
+    names, fields, notes = find_fields(root)
+    sites = {}
+    for f in fields:
+        key = SiteKey(f.plate, normalize_well(f.well), f.site)
+        sites[key] = Site(key, tuple(names), (f.path,), labels_path=f.labels, nuclei_path=f.nuclei)
+    if channel_names is not None:
+        given = _plain_names(channel_names)
+        if isinstance(given, dict):
+            names = [given.get(str(i), n) for i, n in enumerate(names)]
+        else:
+            if len(given) != len(names):
+                raise PlateError(
+                    f"{len(given)} channel names given for the {len(names)} channels of {root}"
+                )
+            names = list(given)
+        for key, site in sites.items():
+            sites[key] = replace(site, channel_names=tuple(names))
+    label_folder = Path(labels).expanduser().resolve() if labels is not None else None
+    if label_folder is not None and not label_folder.is_dir():
+        raise PlateError(f"label folder not found: {label_folder}")
+    if label_folder is None:
+        label_folder = found_label_folder(root)
+    if label_folder is not None:
+        _, label_notes = attach_label_folder(sites, label_folder, explicit=labels is not None)
+        notes += label_notes
+    table, table_name = _metadata_source(root, metadata)
+    table_path = None
+    if metadata is not None and not isinstance(metadata, pd.DataFrame):
+        table_path = str(Path(metadata).expanduser().resolve())
+    source = {
+        "path": str(root.resolve()),
+        "layout": "ome-zarr",
+        "pattern": None,
+        "metadata": table_path,
+        "channel_names": _plain_names(channel_names),
+        "labels": str(label_folder) if labels is not None else None,
+    }
+    plate = Plate(
+        root, "ome-zarr", names, sites, metadata=table, source=source, label_folder=label_folder
+    )
+    for message in notes:
+        plate.warn(message)
+    if table is not None:
+        for message in join_metadata(plate.sites, table, table_name)[0]:
+            plate.warn(message)
+    if check or (check is None and len(sites) <= CHECK_LIMIT):
         plate.check()
     return plate
 
