@@ -193,6 +193,16 @@ class Explorer:
         cell = self._encode(np.asarray(cell_x, np.float32), cells)
         return self._remember(SiteCodes(key, (rows, cols), self.patch_size, patch, cell, cells))
 
+    def cached(self, key) -> SiteCodes | None:
+        """The site's codes if they are in the cache (no encoding), else None."""
+        with self._lock:
+            return self._sites.get(SiteKey.of(key))
+
+    def forget(self, key) -> None:
+        """Drop a site's cached codes (the next question encodes it again from the store)."""
+        with self._lock:
+            self._sites.pop(SiteKey.of(key), None)
+
     def _remember(self, sc: SiteCodes) -> SiteCodes:
         with self._lock:
             self._sites[sc.key] = sc
