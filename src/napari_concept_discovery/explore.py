@@ -198,6 +198,16 @@ class Explorer:
         with self._lock:
             return self._sites.get(SiteKey.of(key))
 
+    def ready(self, key) -> bool:
+        """Whether a feature on site ``key`` costs no encoding: the site's codes, the store's
+        cell codes and the contrast limits are all cached (then painting is a column slice)."""
+        with self._lock:
+            return (
+                SiteKey.of(key) in self._sites
+                and self._cells is not None
+                and self._limits is not None
+            )
+
     def forget(self, key) -> None:
         """Drop a site's cached codes (the next question encodes it again from the store)."""
         with self._lock:

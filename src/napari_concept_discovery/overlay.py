@@ -239,10 +239,21 @@ class FeatureSource:
             raise Cancelled(f"embedding {key} with the chosen cells cancelled")
         tokens = embed_with_cells(self.explorer.store, key, labels, plate=plate, backend=backend)
         metadata = dict(plate[key].metadata or {})
-        self.explorer.add_site(tokens, metadata=metadata)
+        codes = self.explorer.add_site(tokens, metadata=metadata)
         with self._lock:
-            self._custom[key] = (tokens.labels, tokens, metadata)
+            self._custom[key] = (tokens.labels, tokens, metadata, codes)
         return tokens.labels
+
+    def ready(self, key) -> bool:
+        """Whether :meth:`paint` on site ``key`` is quick (nothing to embed or encode): the
+        widgets then paint at once instead of queueing a worker behind slower jobs."""
+        key = SiteKey.of(key)
+        explorer = self.explorer
+        if not explorer.ready(key):
+            return False
+        with self._lock:
+            custom = self._custom.get(key)
+        return custom is None or explorer.cached(key) is custom[3]
 
     def custom_cells(self, key) -> bool:
         """Whether site ``key`` uses cells the user chose (:meth:`use_cells`)."""
@@ -257,10 +268,7 @@ class FeatureSource:
             raise Cancelled(f"embedding {key} cancelled")
         tokens = embed_store_site(self.explorer.store, key, plate=plate, backend=backend)
         self.explorer.add_site(tokens, metadata=dict(plate[key].metadata or {}))
-        with self._lock:
-            self._labels[key] = tokens.labels
-            while len(self._labels) > self.keep:
-                self._labels.popitem(last=False)
+        self._keep_labels(key, tokens.labels)
         return tokens.labels
 
     def label_at(self, key, y: float, x: float) -> int | None:
@@ -281,10 +289,22 @@ class FeatureSource:
         if custom is not None:
             return custom[0]
         store = self.explorer.store
-        if key in store:
-            return self.explorer.labels(key) if store.has_site_labels(key) else None
         with self._lock:
-            return self._labels.get(key)
+            if key in self._labels:  # decoded once: the same array again, so a layer showing it
+                self._labels.move_to_end(key)  # is not handed new data for every feature
+                return self._labels[key]
+        if key not in store:
+            return None
+        labels = self.explorer.labels(key) if store.has_site_labels(key) else None
+        self._keep_labels(key, labels)
+        return labels
+
+    def _keep_labels(self, key, labels) -> None:
+        with self._lock:
+            self._labels[key] = labels
+            self._labels.move_to_end(key)
+            while len(self._labels) > self.keep:
+                self._labels.popitem(last=False)
 
     def paint(self, key, feature: int, *, progress=None, cancel=None) -> FeaturePaint:
         """Everything drawn for ``feature`` on site ``key``; embeds the site first if needed."""
@@ -292,8 +312,11 @@ class FeatureSource:
         explorer = self.explorer
         with self._lock:
             custom = self._custom.get(key)
-        if custom is not None and explorer.cached(key) is None:
-            explorer.add_site(custom[1], metadata=custom[2])  # dropped from the cache: again
+        if custom is not None and explorer.cached(key) is not custom[3]:
+            codes = explorer.add_site(custom[1], metadata=custom[2])  # dropped from the cache
+            with self._lock:
+                if self._custom.get(key) is custom:
+                    self._custom[key] = (*custom[:3], codes)
         try:
             explorer.site(key, progress=progress, cancel=cancel)
         except StoreError:

@@ -95,6 +95,14 @@ class FeaturePainter:
             return
         source = self._source_for(explorer)
         ticket = s.ticket()
+        if source.ready(key):  # a column slice: paint now, not queued behind slower workers
+            try:
+                paint = source.paint(key, feature)
+            except (ConceptDiscoveryError, ValueError, KeyError, IndexError) as exc:
+                self._error(f"Cannot paint feature {feature} on {key}", exc)
+                return
+            self.show(ticket, explorer, paint)
+            return
         job = Job(source.paint, key, feature, keywords=("cancel",))
         job.returned.connect(partial(self.show, ticket, explorer))
         job.errored.connect(partial(self._error, f"Cannot paint feature {feature} on {key}"))
