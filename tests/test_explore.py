@@ -211,3 +211,23 @@ def test_refusals(explored, tmp_path):
     other = type(dictionary)(dictionary.model, dictionary.whitener, {**dictionary.meta, "block": 0})
     with pytest.raises(DictionaryError, match="block"):
         Explorer(store, other)
+
+
+def test_ready_cached_and_forget(explored):
+    store, dictionary, _, _ = explored
+    from napari_concept_discovery.overlay import FeatureSource
+
+    explorer = Explorer(store, dictionary, max_sites=2)
+    source = FeatureSource(explorer)
+    key = explorer.keys()[0]
+    assert not explorer.ready(key) and not source.ready(key) and explorer.cached(key) is None
+    first = source.paint(key, 0)  # encodes the site, the store's cells and the limits
+    assert explorer.ready(key) and source.ready(key)
+    assert explorer.cached(key) is explorer.site(key)
+    assert source.labels(key) is source.labels(key)  # decoded once per site
+    np.testing.assert_array_equal(source.labels(key), store.site_labels(key))
+    explorer.forget(key)
+    assert explorer.cached(key) is None and not source.ready(key)
+    again = source.paint(key, 0)
+    np.testing.assert_array_equal(again.image.data, first.image.data)
+    pd.testing.assert_frame_equal(again.cells, first.cells)

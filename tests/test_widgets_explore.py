@@ -486,3 +486,53 @@ def test_cancel_an_embedding_then_resume_it(make_napari_viewer, demo_folder, qtb
     whole = ActivationStore.open(demo_folder / "store.zarr")
     assert session.store.path == out
     np.testing.assert_array_equal(session.store.tokens("cell")[:], whole.tokens("cell")[:])
+
+
+def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, demo_folder, qtbot):
+    from napari_concept_discovery.embed import embed_site
+    from napari_concept_discovery.plate_embedding import reload_model
+    from napari_concept_discovery.widgets._layers import feature_layers
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session, embed = opened.embed.session, opened.embed
+    store = opened.embed.open_store(demo_folder / "store.zarr")
+    opened.dictionary.load(demo_folder / "dictionary-center.safetensors")
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    explorer, key = session.explorer, session.site_key
+    session.select_feature(0)
+    painter = wait_painter(qtbot, viewer)
+
+    # the user draws two cells on the site in view and picks that layer under "Cells from"
+    image = session.plate[key].read()
+    drawn = np.zeros(image.shape[-2:], np.int32)
+    drawn[10:60, 20:80] = 7
+    drawn[90:150, 40:120] = 9
+    viewer.add_labels(drawn, name="my cells")
+    assert embed.cells_combo.itemText(0) == "Segmentation"
+    index = embed.cells_combo.findData("my cells")
+    assert index > 0 and embed.cells_combo.findData("feature 0 cells") < 0
+    embed.cells_combo.setCurrentIndex(index)
+    embed.cells_combo.activated.emit(index)  # what choosing it in the menu sends
+    painter = wait_painter(qtbot, viewer)
+    assert not painter.errors
+
+    # the cell values are the drawn cells', pooled with the store's model and encoded
+    values = explorer.cell_values(key, 0)
+    assert values["label"].tolist() == [7, 9]
+    tokens = embed_site(image, reload_model(store), store.block, labels=drawn)
+    table = tokens.cell_table.assign(plate=key.plate, well=key.well, site=key.site)
+    for column, value in (session.plate[key].metadata or {}).items():
+        if column not in table.columns:
+            table[column] = value
+    codes = session.dictionary.encode_table(tokens.cell_tokens, table).toarray()
+    np.testing.assert_allclose(values["value"], codes[:, 0], rtol=1e-5, atol=1e-6)
+    _, cells = feature_layers(viewer)
+    np.testing.assert_array_equal(cells.data, drawn)
+    assert cells.features["label"].tolist() == [7, 9]
+    # a click inside a drawn cell selects it
+    assert painter.select_cell_at((100.0, 60.0)) == 9
+
+    # back to the segmentation: the store's cells again
+    embed.use_cells(None)
+    painter = wait_painter(qtbot, viewer)
+    _assert_painted(viewer, explorer, key, 0)

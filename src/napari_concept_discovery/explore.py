@@ -193,6 +193,26 @@ class Explorer:
         cell = self._encode(np.asarray(cell_x, np.float32), cells)
         return self._remember(SiteCodes(key, (rows, cols), self.patch_size, patch, cell, cells))
 
+    def cached(self, key) -> SiteCodes | None:
+        """The site's codes if they are in the cache (no encoding), else None."""
+        with self._lock:
+            return self._sites.get(SiteKey.of(key))
+
+    def ready(self, key) -> bool:
+        """Whether a feature on site ``key`` costs no encoding: the site's codes, the store's
+        cell codes and the contrast limits are all cached (then painting is a column slice)."""
+        with self._lock:
+            return (
+                SiteKey.of(key) in self._sites
+                and self._cells is not None
+                and self._limits is not None
+            )
+
+    def forget(self, key) -> None:
+        """Drop a site's cached codes (the next question encodes it again from the store)."""
+        with self._lock:
+            self._sites.pop(SiteKey.of(key), None)
+
     def _remember(self, sc: SiteCodes) -> SiteCodes:
         with self._lock:
             self._sites[sc.key] = sc

@@ -205,25 +205,70 @@ class FeatureSource:
         self.keep = int(keep)
         self._backend = None
         self._labels: OrderedDict = OrderedDict()
+        self._custom: dict = {}  # key -> (labels, SiteTokens) chosen by the user
         self._lock = threading.RLock()
 
-    def _on_demand(self, key, cancel=None):
+    def _plate_and_model(self):
         with self._lock:
             if self.plate is None:
                 self.plate = reopen_plate(self.explorer.store)
             if self._backend is None:
                 self._backend = reload_model(self.explorer.store, self.device)
-            plate, backend = self.plate, self._backend
+            return self.plate, self._backend
+
+    def use_cells(self, key, labels: np.ndarray | None, *, cancel=None) -> np.ndarray | None:
+        """Take ``labels`` (a label image the user drew or loaded) as the cells of site ``key``.
+
+        The site is embedded again with the store's model and block, its cell tokens pooled over
+        these labels (:func:`embed_with_cells`), and its codes replace the cached ones, so the
+        painted cells, their values and cell clicks all follow these labels. ``None`` goes back
+        to the store's (or the plate's) cells. Store-wide answers (top cells, well means) keep
+        the store's cells. Returns the labels now in use for the site.
+        """
+        key = SiteKey.of(key)
+        if labels is None:
+            with self._lock:
+                had = self._custom.pop(key, None)
+            if had is not None:
+                self.explorer.forget(key)
+            return self.labels(key)
+        plate, backend = self._plate_and_model()
+        if key not in plate:
+            raise StoreError(f"site {tuple(key)} is not in plate {plate.root}")
+        if is_cancelled(cancel):
+            raise Cancelled(f"embedding {key} with the chosen cells cancelled")
+        tokens = embed_with_cells(self.explorer.store, key, labels, plate=plate, backend=backend)
+        metadata = dict(plate[key].metadata or {})
+        codes = self.explorer.add_site(tokens, metadata=metadata)
+        with self._lock:
+            self._custom[key] = (tokens.labels, tokens, metadata, codes)
+        return tokens.labels
+
+    def ready(self, key) -> bool:
+        """Whether :meth:`paint` on site ``key`` is quick (nothing to embed or encode): the
+        widgets then paint at once instead of queueing a worker behind slower jobs."""
+        key = SiteKey.of(key)
+        explorer = self.explorer
+        if not explorer.ready(key):
+            return False
+        with self._lock:
+            custom = self._custom.get(key)
+        return custom is None or explorer.cached(key) is custom[3]
+
+    def custom_cells(self, key) -> bool:
+        """Whether site ``key`` uses cells the user chose (:meth:`use_cells`)."""
+        with self._lock:
+            return SiteKey.of(key) in self._custom
+
+    def _on_demand(self, key, cancel=None):
+        plate, backend = self._plate_and_model()
         if key not in plate:
             raise StoreError(f"site {tuple(key)} is neither in the store nor in plate {plate.root}")
         if is_cancelled(cancel):
             raise Cancelled(f"embedding {key} cancelled")
         tokens = embed_store_site(self.explorer.store, key, plate=plate, backend=backend)
         self.explorer.add_site(tokens, metadata=dict(plate[key].metadata or {}))
-        with self._lock:
-            self._labels[key] = tokens.labels
-            while len(self._labels) > self.keep:
-                self._labels.popitem(last=False)
+        self._keep_labels(key, tokens.labels)
         return tokens.labels
 
     def label_at(self, key, y: float, x: float) -> int | None:
@@ -239,16 +284,39 @@ class FeatureSource:
     def labels(self, key) -> np.ndarray | None:
         """The cell labels the site's cell codes belong to (None when it has none)."""
         key = SiteKey.of(key)
-        store = self.explorer.store
-        if key in store:
-            return self.explorer.labels(key) if store.has_site_labels(key) else None
         with self._lock:
-            return self._labels.get(key)
+            custom = self._custom.get(key)
+        if custom is not None:
+            return custom[0]
+        store = self.explorer.store
+        with self._lock:
+            if key in self._labels:  # decoded once: the same array again, so a layer showing it
+                self._labels.move_to_end(key)  # is not handed new data for every feature
+                return self._labels[key]
+        if key not in store:
+            return None
+        labels = self.explorer.labels(key) if store.has_site_labels(key) else None
+        self._keep_labels(key, labels)
+        return labels
+
+    def _keep_labels(self, key, labels) -> None:
+        with self._lock:
+            self._labels[key] = labels
+            self._labels.move_to_end(key)
+            while len(self._labels) > self.keep:
+                self._labels.popitem(last=False)
 
     def paint(self, key, feature: int, *, progress=None, cancel=None) -> FeaturePaint:
         """Everything drawn for ``feature`` on site ``key``; embeds the site first if needed."""
         key = SiteKey.of(key)
         explorer = self.explorer
+        with self._lock:
+            custom = self._custom.get(key)
+        if custom is not None and explorer.cached(key) is not custom[3]:
+            codes = explorer.add_site(custom[1], metadata=custom[2])  # dropped from the cache
+            with self._lock:
+                if self._custom.get(key) is custom:
+                    self._custom[key] = (*custom[:3], codes)
         try:
             explorer.site(key, progress=progress, cancel=cancel)
         except StoreError:
@@ -266,3 +334,34 @@ class FeatureSource:
             cell_limits=cells_range,
             labels=self.labels(key),
         )
+
+
+def embed_with_cells(store, key, labels: np.ndarray, *, plate=None, backend=None, device=None):
+    """Tokens of one site embedded as the store was (model, block, channel tokens), with its
+    cells pooled over ``labels`` instead of the store's segmentation.
+
+    ``labels`` is an (H, W) integer image of the site's size (0 = background); a float or
+    negative label image is refused naming the site.
+    """
+    from .embed import Embedder
+
+    key = SiteKey.of(key)
+    lab = np.asarray(labels)
+    if lab.ndim != 2 or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+        raise StoreError(
+            f"site {tuple(key)}: cells must be a 2-D integer label image, got "
+            f"{lab.dtype} of shape {lab.shape}"
+        )
+    if lab.size and int(lab.min()) < 0:
+        raise StoreError(f"site {tuple(key)}: cell labels must not be negative")
+    plate = plate if plate is not None else reopen_plate(store)
+    backend = backend if backend is not None else reload_model(store, device)
+    image = plate[key].read()
+    if lab.shape != tuple(image.shape[-2:]):
+        raise StoreError(
+            f"site {tuple(key)}: the cells are {lab.shape[0]} x {lab.shape[1]} pixels, the site "
+            f"{image.shape[-2]} x {image.shape[-1]}"
+        )
+    batch = store.embed_settings.get("batch_size", 16)
+    embedder = Embedder(backend, store.block, batch, store.has_channel_tokens)
+    return embedder.embed(image, lab.astype(np.int32), key=key)

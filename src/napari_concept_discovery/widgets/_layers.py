@@ -133,11 +133,17 @@ def paint_feature(
             interpolation2d="nearest",
             metadata=meta,
         )
+    # each assignment refreshes the layer: set only what changed (features on one site share
+    # the placement)
+    if tuple(layer.scale[-2:]) != tuple(scale):
+        layer.scale = scale
+    if tuple(layer.translate[-2:]) != tuple(translate):
+        layer.translate = translate
     layer.data = data
-    layer.scale = scale
-    layer.translate = translate
-    layer.contrast_limits = tuple(contrast_limits)
-    layer.name = name
+    if tuple(layer.contrast_limits) != tuple(contrast_limits):
+        layer.contrast_limits = tuple(contrast_limits)
+    if layer.name != name:
+        layer.name = name
     layer.metadata = {**layer.metadata, **meta}
     return layer
 
@@ -184,7 +190,8 @@ def paint_cells(
         layer.data = shown
     layer.colormap = cmap
     layer.features = colours.features
-    layer.name = name
+    if layer.name != name:
+        layer.name = name
     layer.metadata = {**layer.metadata, **meta}
     return layer
 

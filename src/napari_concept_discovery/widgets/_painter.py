@@ -95,6 +95,14 @@ class FeaturePainter:
             return
         source = self._source_for(explorer)
         ticket = s.ticket()
+        if source.ready(key):  # a column slice: paint now, not queued behind slower workers
+            try:
+                paint = source.paint(key, feature)
+            except (ConceptDiscoveryError, ValueError, KeyError, IndexError) as exc:
+                self._error(f"Cannot paint feature {feature} on {key}", exc)
+                return
+            self.show(ticket, explorer, paint)
+            return
         job = Job(source.paint, key, feature, keywords=("cancel",))
         job.returned.connect(partial(self.show, ticket, explorer))
         job.errored.connect(partial(self._error, f"Cannot paint feature {feature} on {key}"))
@@ -148,6 +156,33 @@ class FeaturePainter:
             )
         self.painted = paint
         return True
+
+    # --- cells chosen by the user ---------------------------------------------------------
+
+    def use_cells(self, labels: np.ndarray | None) -> Job | None:
+        """Take ``labels`` as the cells of the site in view (None: back to the segmentation).
+
+        The site is embedded again with those cells in a worker
+        (:meth:`~napari_concept_discovery.overlay.FeatureSource.use_cells`), then the feature
+        is painted again; a result for a site no longer in view still lands on its own site's
+        codes, never on the layers of another.
+        """
+        s = self.session
+        if s.explorer is None or s.site_key is None:
+            self._error(
+                "Cannot use these cells",
+                ConceptDiscoveryError(
+                    "embed the plate (or open a store) and load a dictionary first: the cells "
+                    "are embedded with the store's model"
+                ),
+            )
+            return None
+        source = self._source_for(s.explorer)
+        data = None if labels is None else np.asarray(labels)
+        job = Job(source.use_cells, s.site_key, data, keywords=("cancel",))
+        job.returned.connect(lambda *_: self.repaint())
+        job.errored.connect(partial(self._error, f"Cannot use these cells on {s.site_key}"))
+        return self._run(job)
 
     # --- clicks ---------------------------------------------------------------------------
 

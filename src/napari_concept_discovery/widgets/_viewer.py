@@ -10,6 +10,7 @@ A read that finishes after the user moved on is dropped.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from functools import partial
 
 from napari.qt.threading import create_worker
@@ -72,6 +73,11 @@ def _disconnect(slots, *_) -> None:
             pass
 
 
+#: Sites whose pixels a viewer keeps after reading them (a 1080 x 1080 site of 6 channels is
+#: ~14 MB as uint16).
+KEEP_SITES = 8
+
+
 class SiteLink:
     """Keeps one viewer's plate layers on the session's site.
 
@@ -84,6 +90,8 @@ class SiteLink:
         self.session = session
         self._workers: set = set()
         self.dropped = 0  # results that arrived for a site no longer in view
+        # sites read lately, by (plate folder, key): going back to one shows it at once
+        self._read: OrderedDict[tuple, SiteData] = OrderedDict()
         viewer.layers.events.inserted.connect(self._on_inserted)
         session.site_changed.connect(self._on_site_changed)
 
@@ -123,12 +131,24 @@ class SiteLink:
         if shown_site(viewer, str(plate.root)) == tuple(key):
             return  # the reader just made these layers for this site
         ticket = self.session.ticket()
+        cache_key = (str(plate.root), tuple(key))
+        data = self._read.get(cache_key)
+        if data is not None:  # read before: no worker, no decoding
+            self._read.move_to_end(cache_key)
+            self.show(ticket, data)
+            return
         worker = create_worker(read_site, plate, key, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(partial(self.show, ticket))
+        worker.returned.connect(partial(self._returned, ticket, cache_key))
         worker.errored.connect(partial(self._failed, ticket))
         worker.finished.connect(partial(self._workers.discard, worker))
         self._workers.add(worker)
         worker.start()
+
+    def _returned(self, ticket: Ticket, cache_key: tuple, data: SiteData) -> bool:
+        self._read[cache_key] = data
+        while len(self._read) > KEEP_SITES:
+            self._read.popitem(last=False)
+        return self.show(ticket, data)
 
     def show(self, ticket: Ticket, data: SiteData) -> bool:
         """Show a site that was read for ``ticket``; False (and nothing drawn) when stale."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from napari.layers import Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -37,7 +38,8 @@ from ..store import ActivationStore
 from ..workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
 from ._jobs import Job, JobOwner
-from ._viewer import get_session, observe, user_message
+from ._layers import FEATURE_CELLS
+from ._viewer import get_painter, get_session, observe, user_message
 
 _PICK_FOLDER = "\x00folder"
 _PICK_FILE = "\x00file"
@@ -103,6 +105,13 @@ class EmbedWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.open_button = QPushButton("Open store…")
         self.open_button.setToolTip("Use an activation store embedded before (a .zarr folder).")
+        self.cells_combo = QComboBox()
+        self.cells_combo.setToolTip(
+            "The cells of the site in view: the plate's segmentation, or a Labels layer you drew "
+            "or loaded. Choosing a layer embeds the site again with the store's model, its "
+            "cells pooled over that layer's labels, and paints the feature on them."
+        )
+        self._fill_cells()
         self.progress = QProgressBar()
         self.progress.setVisible(False)
         self.status = QLabel("")
@@ -122,6 +131,7 @@ class EmbedWidget(QWidget):
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(self.out_button)
         form.addRow("Store", out_row)
+        form.addRow("Cells from", self.cells_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -142,12 +152,17 @@ class EmbedWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.open_button.clicked.connect(self._choose_store)
+        self.cells_combo.activated.connect(self._on_cells_chosen)
+        layer_events = napari_viewer.layers.events
         observe(
             self,
             (
                 (self.session.plate_changed, self._on_plate_changed),
                 (self.session.site_changed, self._update_out),
                 (self.session.store_changed, self._on_store_changed),
+                (self.session.site_changed, self._reset_cells),
+                (layer_events.inserted, self._fill_cells),
+                (layer_events.removed, self._fill_cells),
             ),
         )
         self._on_plate_changed(self.session.plate)
@@ -233,7 +248,52 @@ class EmbedWidget(QWidget):
         self.status.setText(f"Opened {_describe(store)}.")
         return store
 
+    def use_cells(self, layer_name: str | None) -> Job | None:
+        """Take the Labels layer ``layer_name`` as the cells of the site in view (None: the
+        segmentation), as choosing it in "Cells from" does."""
+        i = self.cells_combo.findData(layer_name) if layer_name else 0
+        if i < 0:
+            self._fail(f"There is no Labels layer named {layer_name!r} to take the cells from.")
+            return None
+        self.cells_combo.setCurrentIndex(i)
+        return self._on_cells_chosen(i)
+
     # --- reactions ------------------------------------------------------------------------
+
+    def _cell_layers(self) -> list[Labels]:
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Labels) and layer.metadata.get("role") != FEATURE_CELLS
+        ]
+
+    def _fill_cells(self, *_) -> None:
+        current = self.cells_combo.currentData()
+        self.cells_combo.blockSignals(True)
+        self.cells_combo.clear()
+        self.cells_combo.addItem("Segmentation", None)
+        for layer in self._cell_layers():
+            self.cells_combo.addItem(f"Layer: {layer.name}", layer.name)
+        i = self.cells_combo.findData(current) if current else 0
+        self.cells_combo.setCurrentIndex(max(i, 0))
+        self.cells_combo.blockSignals(False)
+
+    def _reset_cells(self, *_) -> None:
+        """A new site starts on the segmentation (each site keeps the cells chosen for it)."""
+        self.cells_combo.setCurrentIndex(0)
+
+    def _on_cells_chosen(self, index: int) -> Job | None:
+        name = self.cells_combo.itemData(index)
+        layer = next((x for x in self._cell_layers() if x.name == name), None)
+        if name is not None and layer is None:
+            self._fail(f"The Labels layer {name!r} is gone; choose another.")
+            return None
+        painter = get_painter(self.viewer)
+        job = painter.use_cells(None if layer is None else layer.data)
+        if job is not None:
+            what = "the segmentation" if layer is None else f"the labels of layer {name!r}"
+            self.status.setText(f"Cells of {self.session.site_key}: {what}.")
+        return job
 
     def _on_model_activated(self, index: int) -> None:
         data = self.model_combo.itemData(index)

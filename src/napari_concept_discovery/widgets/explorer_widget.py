@@ -45,7 +45,7 @@ from ..feature_views import (
 )
 from ..plate import SiteKey
 from ..plate_embedding import reopen_plate
-from ..progress import Progress
+from ..progress import Cancelled, Progress
 from ..thumbnails import named_colour
 from ._jobs import Job, JobOwner
 from ._table import DataFrameModel, FeatureFilter
@@ -70,6 +70,7 @@ class ConceptExplorer(QWidget):
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
         self.jobs = JobOwner(self)
+        self._gallery_job: Job | None = None
         self.features: pd.DataFrame | None = None
         self.cell_table = pd.DataFrame(columns=["feature", "value", "top"])
         self.thumbnails: list[Thumbnail] = []
@@ -262,10 +263,12 @@ class ConceptExplorer(QWidget):
         col = self._column("feature")
         if col < 0:
             return None
-        for r in range(self.proxy.rowCount()):
-            if int(self.proxy.data(self.proxy.index(r, col), Qt.ItemDataRole.UserRole)) == feature:
-                return r
-        return None
+        # through the source model: asking the proxy row by row costs ~90 ms at 4096 features
+        hits = np.flatnonzero(self.model.frame["feature"].to_numpy() == int(feature))
+        if not hits.size:
+            return None
+        index = self.proxy.mapFromSource(self.model.index(int(hits[0]), col))
+        return index.row() if index.isValid() else None
 
     def _on_row_selected(self, *_) -> None:
         if self._syncing:
@@ -297,8 +300,15 @@ class ConceptExplorer(QWidget):
             size=THUMB,
         )
         job.returned.connect(partial(self._show_gallery, explorer, feature))
-        job.errored.connect(partial(self._fail, f"Cannot show the top cells of feature {feature}"))
+        job.errored.connect(partial(self._gallery_failed, feature))
+        if self._gallery_job is not None and self._gallery_job.running:
+            self._gallery_job.cancel()  # another feature now: do not keep the workers busy
+        self._gallery_job = job
         self.jobs.run(job)
+
+    def _gallery_failed(self, feature, exc: BaseException) -> None:
+        if not isinstance(exc, Cancelled):
+            self._fail(f"Cannot show the top cells of feature {feature}", exc)
 
     def _sync_row(self, feature) -> None:
         self._syncing = True
