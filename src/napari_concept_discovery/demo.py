@@ -106,8 +106,14 @@ def run_demo(
 
     t = time.perf_counter()
     log("2/4 embedding with the bundled default model (cells from the plate's label images)")
+    # The demo owns its folder: a store left by an older model or version is replaced, not
+    # refused (the plates above were just written by the demo itself).
     store = embed_plate(
-        plates, EmbedSettings(model="default"), out / "store.zarr", progress=progress
+        plates,
+        EmbedSettings(model="default"),
+        out / "store.zarr",
+        progress=progress,
+        overwrite=True,
     )
     timings["embed"] = time.perf_counter() - t
     n_cells = int(store.tokens("cell").shape[0])
