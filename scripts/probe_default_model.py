@@ -66,19 +66,10 @@ class HeldoutSite:
 
 
 def _site_job(args) -> HeldoutSite:
-    from napari_concept_discovery.synth import PlateBatch, generate_site
+    from napari_concept_discovery.synth import planned_site
 
     plan, site, size, seed = args
-    s = generate_site(
-        plan.cell_type,
-        plan.perturbation,
-        size=size,
-        seed=seed,
-        plate=plan.plate,
-        well=plan.well,
-        site=site,
-        batch=PlateBatch.sample(seed, plan.plate),
-    )
+    s = planned_site(plan, site, size, seed)
     return HeldoutSite(plan.plate, plan.well, site, s.image, s.cells, s.truth)
 
 

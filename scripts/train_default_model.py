@@ -263,19 +263,10 @@ class MaskedAutoencoder(nn.Module):
 
 
 def _synth_job(args) -> np.ndarray:
-    from napari_concept_discovery.synth import PlateBatch, generate_site
+    from napari_concept_discovery.synth import planned_site
 
     plan, site, size, seed = args
-    s = generate_site(
-        plan.cell_type,
-        plan.perturbation,
-        size=size,
-        seed=seed,
-        plate=plan.plate,
-        well=plan.well,
-        site=site,
-        batch=PlateBatch.sample(seed, plan.plate),
-    )
+    s = planned_site(plan, site, size, seed)
     return s.image
 
 

@@ -49,17 +49,6 @@ HITS_SHOWN = 40
 #: Sites whose composites are kept in memory while the thumbnails are cut.
 SITE_CACHE = 16
 
-_RGB = {
-    "blue": (0.2, 0.35, 1.0),
-    "green": (0.0, 1.0, 0.0),
-    "red": (1.0, 0.0, 0.0),
-    "cyan": (0.0, 1.0, 1.0),
-    "magenta": (1.0, 0.0, 1.0),
-    "yellow": (1.0, 1.0, 0.0),
-    "gray": (1.0, 1.0, 1.0),
-    "bop orange": (1.0, 0.5, 0.0),
-}
-
 
 class ReportError(ConceptDiscoveryError):
     """The report cannot be made from these inputs (the message says which)."""
@@ -164,6 +153,7 @@ class _Pixels:
         """An RGB (H, W, 3) float image in [0, 1] of the site, or None without the plate."""
         from ._reader import channel_colormaps, contrast_limits, initially_visible
         from .plate import SiteKey
+        from .thumbnails import composite, named_colour
 
         if self.plate is None:
             return None
@@ -175,14 +165,15 @@ class _Pixels:
         names = list(self.plate.channel_names)
         colours = channel_colormaps(names, image)
         shown = initially_visible(names, colours)
-        rgb = np.zeros((*image.shape[1:], 3), np.float32)
-        for plane, colour, on in zip(image, colours, shown, strict=True):
-            if not on:
-                continue
-            lo, hi = contrast_limits(plane)
-            v = np.clip((plane - lo) / max(hi - lo, 1e-12), 0, 1)
-            rgb += v[..., None] * np.asarray(_RGB.get(colour, (1.0, 1.0, 1.0)), np.float32)
-        rgb = np.clip(rgb, 0, 1)
+        on = [i for i, v in enumerate(shown) if v]
+        rgb = (
+            composite(
+                image[on],
+                [named_colour(colours[i]) for i in on],
+                [contrast_limits(image[i]) for i in on],
+            ).astype(np.float32)
+            / 255.0
+        )
         self._cache[key] = rgb
         while len(self._cache) > SITE_CACHE:
             self._cache.popitem(last=False)

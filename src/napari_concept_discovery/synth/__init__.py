@@ -6,7 +6,7 @@ declared in ``synth.concepts``.
 """
 
 from .concepts import CELL_TYPES, CHANNELS, CONTROL, MITOTIC_FRACTION, PERTURBATIONS
-from .plate import plan_plate, well_names, write_synthetic_plates
+from .plate import plan_plate, planned_site, well_names, write_synthetic_plates
 from .site import PlateBatch, SyntheticSite, generate_site
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "SyntheticSite",
     "generate_site",
     "plan_plate",
+    "planned_site",
     "well_names",
     "write_synthetic_plates",
 ]

@@ -92,13 +92,10 @@ def plan_plate(plate: int, n_wells: int, seed: int = 0) -> list[WellPlan]:
     return plans
 
 
-def _site_job(args) -> pd.DataFrame:
-    """Generate one site and write its images and labels; returns its truth rows."""
-    out, plan, site, size, seed = args
-    import imageio.v3 as iio
-    import tifffile
-
-    result = generate_site(
+def planned_site(plan, site: int, size: int, seed: int):
+    """Site ``site`` of a planned well, with its plate's batch effects: exactly what
+    ``write_synthetic_plates`` writes for it, for scripts that need the site in memory."""
+    return generate_site(
         plan.cell_type,
         plan.perturbation,
         size=size,
@@ -108,6 +105,15 @@ def _site_job(args) -> pd.DataFrame:
         site=site,
         batch=PlateBatch.sample(seed, plan.plate),
     )
+
+
+def _site_job(args) -> pd.DataFrame:
+    """Generate one site and write its images and labels; returns its truth rows."""
+    out, plan, site, size, seed = args
+    import imageio.v3 as iio
+    import tifffile
+
+    result = planned_site(plan, site, size, seed)
     img_dir = out / "images" / EXPERIMENT / f"Plate{plan.plate}"
     lab_dir = out / "labels" / EXPERIMENT / f"Plate{plan.plate}"
     stem = f"{plan.well}_s{site}"
