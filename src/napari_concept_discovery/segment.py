@@ -30,7 +30,7 @@ from ._files import atomic_write_bytes, atomic_write_text
 from .errors import PlateError
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .segment_classical import cell_channels, find_nuclei, segment_classical
+from .segment_classical import cell_channels, find_nuclei_with, segment_classical
 from .segment_legacy import segment_legacy
 from .settings import SegmentSettings
 
@@ -119,17 +119,7 @@ def make_segmenter(
 def segment_nuclei(dna: np.ndarray, settings: SegmentSettings | None = None) -> np.ndarray:
     """Nuclei of one nuclear-stain image (int32 labels) by the classical pipeline's rules."""
     s = settings if settings is not None else SegmentSettings()
-    found = find_nuclei(
-        dna,
-        method=s.nucleus_threshold,
-        log=s.nucleus_log,
-        factor=s.nucleus_threshold_factor,
-        sigma=s.smoothing,
-        declump=s.declump,
-        min_diameter=s.min_diameter,
-        max_diameter=s.max_diameter,
-        drop_edge=s.drop_edge,
-    )
+    found = find_nuclei_with(dna, s)
     kept = np.where(found.dropped[found.labels], 0, found.labels)
     return relabel_sequential(kept)[0].astype(np.int32)
 

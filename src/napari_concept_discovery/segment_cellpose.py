@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .segment_classical import find_nuclei, touching_edge, unit_scale
+from .segment_classical import find_nuclei_with, touching_edge, unit_scale
 
 INSTALL_HINT = "pip install 'napari-concept-discovery[cellpose]' (or: pip install cellpose)"
 
@@ -155,16 +155,7 @@ class CellposeSegmenter:
         s = self.settings
         dna = image[nuclear]
         if self.nucleus_model is None:
-            found = find_nuclei(
-                dna,
-                method=s.nucleus_threshold,
-                log=s.nucleus_log,
-                factor=s.nucleus_threshold_factor,
-                sigma=s.smoothing,
-                declump=s.declump,
-                min_diameter=s.min_diameter,
-                max_diameter=s.max_diameter,
-            )
+            found = find_nuclei_with(dna, s, drop_edge=False)
             nuclei = np.where(found.dropped[found.labels], 0, found.labels)
         else:
             nuclei = run_cellpose(self.nucleus_model, [dna], None, self.major)

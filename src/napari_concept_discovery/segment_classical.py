@@ -389,12 +389,11 @@ def grow_cells(
     return lookup[seeds], lookup[cells]
 
 
-def segment_classical(
-    image: np.ndarray, channel_names: Sequence[str], nuclear: int, cell, settings
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclei and cells of one (C, H, W) site with :class:`SegmentSettings` ``settings``."""
-    nuclei = find_nuclei(
-        image[nuclear],
+def find_nuclei_with(dna: np.ndarray, settings, *, drop_edge: bool | None = None) -> Nuclei:
+    """:func:`find_nuclei` with the nucleus options of a :class:`SegmentSettings`
+    (``drop_edge`` overrides the settings' own)."""
+    return find_nuclei(
+        dna,
         method=settings.nucleus_threshold,
         log=settings.nucleus_log,
         factor=settings.nucleus_threshold_factor,
@@ -402,8 +401,15 @@ def segment_classical(
         declump=settings.declump,
         min_diameter=settings.min_diameter,
         max_diameter=settings.max_diameter,
-        drop_edge=settings.drop_edge,
+        drop_edge=settings.drop_edge if drop_edge is None else drop_edge,
     )
+
+
+def segment_classical(
+    image: np.ndarray, channel_names: Sequence[str], nuclear: int, cell, settings
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei and cells of one (C, H, W) site with :class:`SegmentSettings` ``settings``."""
+    nuclei = find_nuclei_with(image[nuclear], settings)
     channels = cell_channels(image, channel_names, nuclear, cell)
     return grow_cells(
         image,
