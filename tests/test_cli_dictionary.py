@@ -54,7 +54,10 @@ def test_train_and_analyze_from_the_command_line(
         "controls": "well_type=negative_control",
         "by": "plate",
         "mode": "pca",
+        "shrinkage": "auto",
+        "n_components": None,
     }
+    assert d.meta["tokens"] == "concat"  # the store keeps channel tokens: the default form
     assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta["steps"] == 30
     assert 0 < d.meta["metrics"]["fvu"] < 1.5
 

@@ -12,13 +12,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ..concepts import channel_shares, stain_table
 from ..errors import DictionaryError
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .base import Codes, SparseDictionary, codes_to_csr
-from .whiten import Whitener
+from .whiten import Whitener, group_labels
 
 
 def prepare(tokens, groups=None, whitener: Whitener | None = None) -> torch.Tensor:
@@ -113,9 +115,58 @@ class Dictionary:
         """The token-table column whose value picks each token's whitening, or None."""
         return None if self.whitener is None else self.whitener.group_by
 
+    @property
+    def token_form(self) -> str:
+        """The token form it was trained on: "concat" (channel tokens side by side) or "mean"."""
+        return self.meta.get("tokens", "mean")
+
+    @property
+    def token_groups(self) -> int:
+        """Channel blocks side by side in its input (G = C for "concat", 1 for "mean")."""
+        return int(self.meta.get("token_groups", 1)) if self.token_form == "concat" else 1
+
+    @property
+    def stain_names(self) -> list[str]:
+        """Names of its input's channel blocks (the store's channel names), in order."""
+        names = list(self.meta.get("channel_names") or [])
+        if len(names) != self.token_groups:
+            names = [f"channel{g}" for g in range(self.token_groups)]
+        return names
+
     def describe(self) -> str:
         m = self.meta
-        return _source(m.get("model_id"), m.get("block"), self.input_width, m.get("unit"))
+        text = _source(m.get("model_id"), m.get("block"), self.input_width, m.get("unit"))
+        if self.token_form == "concat":
+            text += f", {self.token_groups} channel tokens side by side"
+        return text
+
+    def stain_attribution(self) -> np.ndarray | None:
+        """Each atom's share of squared norm in each channel block, (M, C); None for "mean".
+
+        With concatenated channel tokens an atom is C blocks of D numbers, one per stain, and
+        the share of its norm in each block says which stains drive the feature. The shares are
+        taken in the raw token space, not the whitened one: PCA whitening mixes the channels
+        (its components span all blocks), so an atom is first mapped back through the
+        whitening's pseudo-inverse (:meth:`.Whitener.inverse_directions`), giving the change it
+        makes to a raw token. That is the direction the feature adds to the stains' tokens; its
+        shares do not depend on how strongly the controls happened to vary per channel. With
+        per-group whitening the shares are averaged over groups, weighted by their controls.
+        Rows sum to 1 (docs/architecture.md, "Tokens").
+        """
+        if self.token_form != "concat":
+            return None
+        atoms = self.model.atoms.detach().cpu().numpy().astype(np.float64)
+        if self.whitener is None:
+            return channel_shares(atoms, self.token_groups)
+        raw = self.whitener.inverse_directions(atoms)  # (G_w, M, D)
+        weights = np.asarray(self.whitener.n_samples_, dtype=np.float64)
+        shares = np.stack([channel_shares(r, self.token_groups) for r in raw])
+        return np.tensordot(weights / weights.sum(), shares, axes=1)
+
+    def stain_table(self) -> pd.DataFrame | None:
+        """``stain_<name>`` shares per feature and its ``top_stain`` (None for "mean")."""
+        shares = self.stain_attribution()
+        return None if shares is None else stain_table(shares, self.stain_names)
 
     def check_compatible(self, *, model_id=None, block=None, width: int | None = None) -> None:
         """Refuse activations of another model, block or width, naming both sides."""
@@ -128,26 +179,53 @@ class Dictionary:
         if width is not None and int(width) != self.input_width:
             mismatch.append("width")
         if mismatch:
+            hint = ""
+            if mismatch == ["width"] and self.token_form == "concat":
+                hint = (
+                    f"; it reads the {self.token_groups} channel tokens side by side: "
+                    "store.tokens(unit, form='concat')"
+                )
             raise DictionaryError(
                 f"this dictionary was trained on activations of {self.describe()}, but these "
                 f"come from {_source(model_id, block, width)}; {' and '.join(mismatch)} differ"
+                + hint
             )
 
     def check_compatible_store(self, store) -> None:
-        """Refuse a store embedded with another model, block or width."""
-        self.check_compatible(model_id=store.model_id, block=store.block, width=store.embed_dim)
+        """Refuse a store embedded with another model, block, width or channel order, or one
+        that lacks the token form this dictionary reads."""
+        form = self.token_form
+        where = getattr(store, "path", "this store")
+        if form == "concat" and not getattr(store, "has_channel_tokens", False):
+            raise DictionaryError(
+                f"this dictionary was trained on concatenated per-channel tokens ({self.describe()}"
+                f"), but the activation store at {where} keeps only their mean; embed the plate "
+                f"again with --channel-tokens, or use a dictionary trained with --tokens mean"
+            )
+        groups = int(getattr(store, "token_groups", 1)) if form == "concat" else 1
+        self.check_compatible(
+            model_id=store.model_id, block=store.block, width=store.embed_dim * groups
+        )
+        mine = list(self.meta.get("channel_names") or [])
+        theirs = list(getattr(store, "channel_names", ()) or [])
+        if form == "concat" and mine and theirs and mine != theirs:
+            raise DictionaryError(
+                f"this dictionary's channel blocks are {mine}, but the store at {where} has "
+                f"channels {theirs}; concatenated tokens must come in the same channel order"
+            )
 
     def groups_of(self, table) -> np.ndarray | None:
         """Each token's whitening group from ``table`` (one row per token), or None."""
         column = self.group_by
         if column is None:
             return None
-        if column not in table.columns:
+        try:
+            return group_labels(table, column)
+        except DictionaryError:
             raise DictionaryError(
                 f"this dictionary whitens per {column!r}, but the token table has no such "
                 f"column; columns are {list(table.columns)}"
-            )
-        return table[column].astype(str).to_numpy()
+            ) from None
 
     def encode(
         self,

@@ -1,8 +1,11 @@
 """Train, apply and analyse dictionaries on an activation store: the one path every front calls.
 
 A store is anything with the read API of :class:`napari_concept_discovery.store.ActivationStore`
-(``tokens(unit)``, ``table(unit)``, ``model_id``, ``block``, ``embed_dim``, ``channel_names``,
-``signature``). Tokens stay on disk (zarr) and stream through training and evaluation; only the
+(``tokens(unit, form)``, ``table(unit)``, ``model_id``, ``block``, ``embed_dim``,
+``token_groups``, ``channel_names``, ``signature``). A dictionary is trained on one token form
+(``TrainSettings.tokens``, recorded as ``meta["tokens"]``): the per-channel tokens side by side
+("concat", the default where the store keeps them) or their mean, and it reads that form
+wherever it is applied. Tokens stay on disk (zarr) and stream through training and evaluation; only the
 control tokens used to fit the whitening and the per-token table are held in memory. The CLI,
 the demo and the widgets pass settings objects (:mod:`.settings`) and get the same results.
 """
@@ -25,7 +28,7 @@ from .metrics import evaluate
 from .registry import build_model
 from .settings import AnalyzeSettings, TrainSettings, WhitenSettings
 from .training import TrainResult, train
-from .whiten import Whitener, control_mask
+from .whiten import Whitener, control_mask, group_labels
 
 
 def take_rows(data, rows: np.ndarray, block: int = 65536) -> np.ndarray:
@@ -49,29 +52,51 @@ def store_signature(store) -> str | dict:
 
 
 def _group_labels(table: pd.DataFrame, column: str) -> np.ndarray:
-    if column not in table.columns:
-        raise DictionaryError(
-            f"no column {column!r} to whiten by; columns are {list(table.columns)}"
-        )
-    return table[column].astype(str).to_numpy()
+    return group_labels(table, column)
 
 
 def fit_whitener(tokens, table: pd.DataFrame, settings: WhitenSettings) -> Whitener:
-    """Fit whitening on the control tokens that ``settings.controls`` picks, per ``settings.by``."""
+    """Fit whitening on the control tokens that ``settings.controls`` picks, per ``settings.by``.
+
+    With ``by``, every group of the table must have controls of its own: a group without any is
+    refused here, naming it, rather than failing on its first token later.
+    """
     mask = control_mask(table, *settings.control)
     if len(mask) != tokens.shape[0]:
         raise DictionaryError(
             f"the token table has {len(mask)} rows but there are {tokens.shape[0]} tokens"
         )
     rows = np.flatnonzero(mask)
-    groups = None if settings.by is None else _group_labels(table, settings.by)[rows]
+    groups = None
+    if settings.by is not None:
+        labels = group_labels(table, settings.by)
+        groups = labels[rows]
+        lacking = sorted(set(labels.tolist()) - set(groups.tolist()))
+        if lacking:
+            column, value = settings.control
+            counts = pd.Series(labels).value_counts()
+            named = ", ".join(f"{g!r} ({counts[g]} tokens)" for g in lacking[:10])
+            more = f" and {len(lacking) - 10} more" if len(lacking) > 10 else ""
+            raise DictionaryError(
+                f"whitening per {settings.by} needs controls ({column} == {value!r}) in every "
+                f"group, but {settings.by} {named}{more} has none; whiten per another column, "
+                f"add controls there, or train without --whiten-by"
+            )
     w = Whitener(
         mode=settings.mode,
         eps=settings.eps,
         n_components=settings.n_components,
         group_by=settings.by,
+        shrinkage=settings.shrinkage_value,
     )
     return w.fit(take_rows(tokens, rows), groups)
+
+
+def token_form(store, form: str | None = None) -> str:
+    """The token form to use: ``form``, else "concat" where the store keeps channel tokens."""
+    if form is not None:
+        return form
+    return "concat" if getattr(store, "has_channel_tokens", False) else "mean"
 
 
 @dataclass
@@ -105,7 +130,9 @@ def train_on_store(
     signature, whitening, the settings themselves and the metrics.
     """
     unit = settings.unit
-    tokens = store.tokens(unit)
+    form = token_form(store, settings.tokens)
+    settings = settings.replace(tokens=form)
+    tokens = store.tokens(unit, form)
     table = store.table(unit)
     if tokens.shape[0] == 0:
         raise DictionaryError(f"the store has no {unit} tokens to train on")
@@ -115,11 +142,14 @@ def train_on_store(
         whitener = fit_whitener(tokens, table, settings.whiten)
         report(progress, "whiten", 1, 1)
         if settings.whiten.by is not None:
-            groups = _group_labels(table, settings.whiten.by)
+            groups = group_labels(table, settings.whiten.by)
     d_in = whitener.n_components_ if whitener is not None else tokens.shape[1]
     model = build_model(settings.method, d_in, settings.method_config(), seed=settings.seed)
+    groups_per_token = int(getattr(store, "token_groups", 1)) if form == "concat" else 1
     meta = {
         "unit": unit,
+        "tokens": form,
+        "token_groups": groups_per_token,
         "model_id": store.model_id,
         "model_source": getattr(store, "model_source", None),
         "block": int(store.block),
@@ -200,7 +230,7 @@ def encode_store(
     with the token table. Refuses a store of another model, block or width."""
     unit = unit or dictionary.meta.get("unit") or "cell"
     dictionary.check_compatible_store(store)
-    tokens = store.tokens(unit)
+    tokens = store.tokens(unit, dictionary.token_form)
     table = store.table(unit)
     codes = dictionary.encode_table(
         tokens, table, batch_size=batch_size, progress=progress, cancel=cancel
@@ -258,5 +288,6 @@ def analyze_store(
         meta=dictionary.meta,
         truth_columns=settings.truth,
         top_n=settings.top_n,
+        stains=dictionary.stain_table(),
     )
     return Analysis(codes, table, paths)
