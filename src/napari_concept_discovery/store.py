@@ -79,6 +79,36 @@ CHANNEL_CHUNK_BYTES = 2 << 20
 LABEL_CHUNK = 1024
 
 
+def layout_bytes(
+    height: int,
+    width: int,
+    channels: int,
+    dim: int,
+    cells: int = 0,
+    *,
+    channel_tokens: bool = True,
+    patch: int = 16,
+    tile: int = 256,
+) -> dict[str, int]:
+    """Bytes one site's tokens take in this layout, before compression, per unit and in total.
+
+    Patch grid ``ceil(H/patch) x ceil(W/patch)``; tiles ``ceil(H/tile) x ceil(W/tile)``; mean
+    tokens float16 (patch) or float32 (cell, crop); channel tokens float16, ``channels x dim``
+    wide. Labels (int32, zstd) are left out: they compress to a small fraction. Activations
+    barely compress, so this is close to the size on disk.
+    """
+    patches = -(-height // patch) * -(-width // patch)
+    tiles = -(-height // tile) * -(-width // tile)
+    chan = channels * dim * 2 if channel_tokens else 0
+    out = {
+        "patch": patches * (dim * 2 + chan),
+        "cell": cells * (dim * 4 + chan),
+        "crop": tiles * (dim * 4 + chan),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 def site_id(index: int, key) -> str:
     """Folder-safe name of a site, unique within a store (its index comes first)."""
     return f"{index:05d}_{key.plate}_{key.well}_s{key.site}".replace("/", "-")
