@@ -56,6 +56,7 @@ def test_train_and_analyze_from_the_command_line(
         "mode": "pca",
         "shrinkage": "auto",
         "n_components": None,
+        "within": None,
     }
     assert d.meta["tokens"] == "concat"  # the store keeps channel tokens: the default form
     assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta["steps"] == 30

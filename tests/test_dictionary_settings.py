@@ -120,6 +120,7 @@ def test_whiten_settings_checks():
         "mode": "pca",
         "shrinkage": "auto",
         "n_components": None,
+        "within": None,
     }
 
 

@@ -56,6 +56,29 @@ def test_whiten_by_any_column_fits_each_groups_controls():
     assert np.linalg.norm(gap) < 1.5  # 8 raw units apart, about one control SD once whitened
 
 
+def test_covariance_within_cell_types_keeps_their_difference():
+    x, table = two_cell_types()
+    # both types with unit control variance, 8 apart in each of the 6 dimensions
+    x = np.where((table.cell_type == "B").to_numpy()[:, None], x / 3.0 + 8.0 - 8.0 / 3.0, x)
+    settings = WhitenSettings(CONTROLS, within="cell_type", shrinkage="none")
+    w = fit_whitener(x, table, settings)
+    assert w.within == "cell_type" and w.groups_ == (None,)
+    w.unit_norm = False
+    y = w.transform(x)
+    ctrl = (table.well_type == "negative_control").to_numpy()
+    a, b = (ctrl & (table.cell_type == t).to_numpy() for t in ("A", "B"))
+    # within each type the controls are white; the types stay ~20 SD apart instead of ~2
+    for part in (y[a], y[b]):
+        np.testing.assert_allclose(np.cov(part, rowvar=False), np.eye(6), atol=0.25)
+    assert np.linalg.norm(y[b].mean(0) - y[a].mean(0)) > 15
+    plain = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none"))
+    plain.unit_norm = False
+    yp = plain.transform(x)
+    assert np.linalg.norm(yp[b].mean(0) - yp[a].mean(0)) < 2.5
+    with pytest.raises(DictionaryError, match="no column 'cell_line' to whiten by"):
+        fit_whitener(x, table, WhitenSettings(CONTROLS, within="cell_line"))
+
+
 def test_whiten_by_several_columns_joins_them():
     x, table = two_cell_types()
     w = fit_whitener(x, table, WhitenSettings(CONTROLS, by="plate,cell_type"))

@@ -42,6 +42,14 @@ class WhitenSettings(Settings):
         flag="--whiten-by",
         label="whiten per",
     )
+    within: str | None = option(
+        None,
+        "estimate the controls' covariance within groups of this column (e.g. cell_type), "
+        "pooled: where controls mix cell types, their difference is then not taken for control "
+        "variation and not scaled down, while centring still follows --whiten-by",
+        flag="--whiten-within",
+        label="covariance within",
+    )
     mode: str = option(
         "pca",
         "pca: PCA-whiten on the controls; center: only subtract the controls' mean",
@@ -90,6 +98,11 @@ class WhitenSettings(Settings):
             "by",
             f"name a table column to whiten by, got {self.by!r}",
         )
+        check(
+            self.within is None or bool(group_columns(self.within)),
+            "within",
+            f"name a table column to estimate the covariance within, got {self.within!r}",
+        )
         self.shrinkage = str(self.shrinkage).strip().lower()
         self.shrinkage_value  # noqa: B018  (checks the value)
 
@@ -122,6 +135,7 @@ class WhitenSettings(Settings):
             "mode": self.mode,
             "shrinkage": self.shrinkage,
             "n_components": self.n_components,
+            "within": self.within,
         }
 
 

@@ -121,6 +121,7 @@ class Whitener:
         unit_norm: bool = True,
         group_by: str | None = None,
         shrinkage: float | str | None = None,
+        within: str | None = None,
     ):
         self.mode = mode
         self.eps = eps
@@ -128,6 +129,7 @@ class Whitener:
         self.unit_norm = unit_norm
         self.group_by = group_by
         self.shrinkage = shrinkage
+        self.within = within
 
     # -- fitting -------------------------------------------------------------------------------
 
@@ -148,8 +150,14 @@ class Whitener:
         if isinstance(a, str) or not 0.0 <= float(a) <= 1.0:
             raise DictionaryError(f"shrinkage must be 'auto' or a number in [0, 1], got {a!r}")
 
-    def fit(self, tokens, groups: Sequence[Hashable] | None = None) -> Whitener:
-        """Fit on control tokens (N, D); ``groups`` (N,) labels them when ``group_by`` is set."""
+    def fit(
+        self,
+        tokens,
+        groups: Sequence[Hashable] | None = None,
+        within: Sequence[Hashable] | None = None,
+    ) -> Whitener:
+        """Fit on control tokens (N, D); ``groups`` (N,) labels them when ``group_by`` is set,
+        ``within`` (N,) when ``within`` is set."""
         if self.mode not in MODES:
             raise DictionaryError(f"whitening mode must be one of {MODES}, got {self.mode!r}")
         self._check_shrinkage()
@@ -169,8 +177,19 @@ class Whitener:
                 raise DictionaryError(f"got {labels.shape[0]} group labels for {n} control tokens")
             names = tuple(sorted(set(labels.tolist())))
             parts = [x[labels == g] for g in names]
+            rows = [labels == g for g in names]
         else:
-            names, parts = (None,), [x]
+            names, parts, rows = (None,), [x], [np.ones(n, dtype=bool)]
+        sub = None
+        if self.within is not None and self.mode == "pca":
+            if within is None:
+                raise DictionaryError(
+                    f"whitening within {self.within!r} needs a {self.within} label for every "
+                    "control token"
+                )
+            sub = np.asarray(within).astype(str)
+            if sub.shape != (n,):
+                raise DictionaryError(f"got {sub.shape[0]} {self.within} labels for {n} controls")
         needed = self._needed(d)
         for name, part in zip(names, parts, strict=True):
             if len(part) < needed:
@@ -189,12 +208,18 @@ class Whitener:
                     + (" (choose controls with --whiten COLUMN=VALUE)" if len(part) == 0 else "")
                 )
         means, vecs, vals, shrink = [], [], [], []
-        for part in parts:
+        for part, in_group in zip(parts, rows, strict=True):
             mu = part.mean(0)
             means.append(mu)
             if self.mode == "pca":
-                centred = part - mu
-                cov = np.cov(centred, rowvar=False).reshape(d, d)
+                centred, dof = part - mu, len(part) - 1
+                if sub is not None:  # pooled within subgroups: each centred on its own mean
+                    kinds = sub[in_group]
+                    centred = np.empty_like(part)
+                    for k in np.unique(kinds):
+                        centred[kinds == k] = part[kinds == k] - part[kinds == k].mean(0)
+                    dof = len(part) - len(np.unique(kinds))
+                cov = (centred.T @ centred / max(dof, 1)).reshape(d, d)
                 lam, u = np.linalg.eigh(cov)
                 order = np.argsort(lam)[::-1]
                 lam, u = np.clip(lam[order], 0, None), u[:, order]
@@ -317,6 +342,7 @@ class Whitener:
             "unit_norm": self.unit_norm,
             "group_by": self.group_by,
             "shrinkage": self.shrinkage,
+            "within": self.within,
         }
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:

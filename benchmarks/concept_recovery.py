@@ -1,0 +1,400 @@
+"""Concept recovery on synthetic plates with ground truth: the paper's table, with its anchor.
+
+What it measures (arXiv 2412.16247, Table 1 and the AUROC figure, on our synthetic plates): for
+ICFL and a TopK SAE, each with and without whitening on control wells, at the same dictionary
+size and the same non-zeros per token, trained through the product's own path
+(``embed_plate`` -> ``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default
+model (whatever ``load_model("default")`` gives), in the token form the product defaults to (the
+channel tokens side by side):
+
+- dead features, FVU and mean cosine (in the space each dictionary models);
+- how many features have average selectivity above 0.5 and 0.2 for cell type, perturbation and
+  plate (batch; among control cells, since the plates hold different treatments and every
+  perturbation feature would otherwise count as a plate feature);
+- for every true concept (each cell type, each perturbation's responding cells against control
+  cells of the same plates and cell types, the mitotic subpopulation, each null perturbation's
+  cells against the same controls), the best single-feature AUROC, beside the best single
+  per-cell intensity statistic (mean, sd and max of each stain over the cell, and its area: a
+  CellProfiler-lite anchor computed here from the same images and the same cell labels), and
+  beside a linear probe on the same tokens (5-fold cross-validated; the ceiling a single
+  feature can approach, so the table shows what the model loses and what the dictionary loses).
+
+Two plate sets (seeds 1 and 2 by default; never the seed the model was trained on, read from
+its card) are embedded and analysed separately; the table shows the mean of the two. A feature's
+AUROC is its code as a score in the direction it fires (a feature is a direction); a statistic
+counts in either direction (small nuclei are as much a statistic as large ones), which favours
+the anchor.
+
+Bars (issue 8): every non-null concept has an ICFL (whitened) feature whose AUROC is at least
+the anchor's, and >= 0.9 wherever the anchor is >= 0.9; null perturbations stay <= 0.6; ICFL
+with whitening has fewer dead features and no lower selectivity than TopK with whitening (the
+paper's finding); fewer features are selective for plate with whitening than without.
+
+Where concepts are lost (measured here, see benchmarks/results/concept_recovery.txt):
+
+FINDINGS
+
+Threads: one torch thread by default (``--threads``): on a shared 2-core machine one thread per
+process ran ICFL's many short operations 5 to 10 times faster than two.
+
+Run: python benchmarks/concept_recovery.py [--quick] [--work DIR] [--seeds 1 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CONTROLS = "well_type=negative_control"
+ARMS = (  # name, method, whitened
+    ("ICFL+W", "icfl", True),
+    ("ICFL", "icfl", False),
+    ("TopK+W", "topk", True),
+    ("TopK", "topk", False),
+)
+SELECTIVITY_COLUMNS = ("cell_type", "perturbation", "plate")
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def plates_for(work: Path, seed: int, n_plates: int, n_wells: int, size: int) -> Path:
+    """Synthetic plates of ``seed`` under ``work``, written again only if the parameters changed."""
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    params = dict(n_plates=n_plates, n_wells=n_wells, n_sites=1, size=size, seed=seed)
+    target = work / f"seed{seed}" / "plates"
+    stamp = target / "params.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        return target
+    write_synthetic_plates(target, workers=1, **params)
+    stamp.write_text(json.dumps(params))
+    return target
+
+
+def intensity_statistics(store, names) -> pd.DataFrame:
+    """Per cell (rows of the store's cell table): area and mean, sd, max of every stain.
+
+    Computed from the plate's images over the cell labels the store pooled its tokens over, so
+    anchor and tokens describe the same cells.
+    """
+    from napari_concept_discovery.plate import open_plate
+
+    plate = open_plate(**store.plate_source)
+    cells = store.table("cell")
+    parts = []
+    for _, site in store.sites().iterrows():
+        key = (site.plate, site.well, int(site.site))
+        image = plate[key].read().astype(np.float64)
+        labels = store.site_labels(key).ravel()
+        ids = cells["label"].to_numpy()[store.site_rows("cell", key)]
+        n = int(labels.max()) + 1
+        area = np.bincount(labels, minlength=n).astype(np.float64)
+        stats = {"area": area[ids]}
+        for c, name in enumerate(names):
+            v = image[c].ravel()
+            mean = np.bincount(labels, v, n) / np.maximum(area, 1)
+            sq = np.bincount(labels, v * v, n) / np.maximum(area, 1)
+            peak = np.zeros(n)
+            np.maximum.at(peak, labels, v)
+            stats[f"{name}_mean"] = mean[ids]
+            stats[f"{name}_sd"] = np.sqrt(np.maximum(sq - mean**2, 0))[ids]
+            stats[f"{name}_max"] = peak[ids]
+        parts.append(pd.DataFrame(stats))
+    return pd.concat(parts, ignore_index=True)
+
+
+def true_concepts(table: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """Concept name -> (rows of the cell table, membership of those rows, kind).
+
+    A perturbation's members are its responding cells; its non-members are the control cells of
+    the plates and cell types its members come from, so neither plate nor cell type can stand
+    in for it. A null perturbation's members are all cells of its wells, against the same kind
+    of controls.
+    """
+    from napari_concept_discovery.synth import CELL_TYPES, PERTURBATIONS
+
+    out = {}
+    every = np.arange(len(table))
+    for ct in CELL_TYPES:
+        out[ct.name] = (every, (table["cell_type"] == ct.name).to_numpy(), "cell type")
+    out["mitotic"] = (every, table["mitotic"].astype(bool).to_numpy(), "subpopulation")
+    control = (table["perturbation"] == "control").to_numpy()
+    stratum = table["plate"].astype(str) + "/" + table["cell_type"].astype(str)
+    responded = table["responded"].astype(bool).to_numpy()
+    for p in PERTURBATIONS:
+        inside = (table["perturbation"] == p.name).to_numpy()
+        member = inside if p.is_null else inside & responded
+        if member.sum() < 10:
+            continue
+        negative = control & stratum.isin(set(stratum[member])).to_numpy()
+        rows = np.flatnonzero(member | negative)
+        kind = "null" if p.is_null else f"perturbation ({', '.join(p.channels)})"
+        out[p.name] = (rows, member[rows], kind)
+    return out
+
+
+def best_statistic_auroc(stats: pd.DataFrame, rows, member) -> tuple[float, str]:
+    """The best single statistic's AUROC for a concept, in either direction, and its name."""
+    from sklearn.metrics import roc_auc_score
+
+    best, name = 0.0, ""
+    for col in stats.columns:
+        auc = roc_auc_score(member, stats[col].to_numpy()[rows])
+        auc = max(auc, 1.0 - auc)
+        if auc > best:
+            best, name = auc, col
+    return best, name
+
+
+def probe_auroc(x: np.ndarray, rows, member, seed: int) -> float:
+    """5-fold cross-validated AUROC of a linear probe (standardised, L2, C = 0.1)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=200))
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    score = cross_val_predict(clf, x[rows], member, cv=folds, method="decision_function")
+    return float(roc_auc_score(member, score))
+
+
+# --- one plate set -----------------------------------------------------------------------
+
+
+def run_seed(seed: int, args, log) -> dict:
+    from napari_concept_discovery.concepts import feature_auroc, join_truth, selectivity
+    from napari_concept_discovery.dictionary import (
+        TrainSettings,
+        WhitenSettings,
+        encode_store,
+        train_on_store,
+    )
+    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    plates = plates_for(work, seed, args.plates, args.wells, args.size)
+    store = embed_plate(
+        plates, EmbedSettings(model=args.model, batch_size=8), work / f"seed{seed}" / "store.zarr"
+    )
+    t_embed = time.perf_counter() - t0
+    table = join_truth(store.table("cell"), pd.read_csv(plates / "truth.csv"))
+    stats = intensity_statistics(store, store.channel_names)
+    concepts = true_concepts(table)
+    log(
+        f"seed {seed}: {len(table)} cells, {len(store.sites())} sites, tokens "
+        f"{store.token_groups} x {store.embed_dim} ({'reused' if store.reused else 'embedded'} "
+        f"in {t_embed:.0f} s)"
+    )
+    out: dict = {"n_cells": len(table), "concepts": {}, "arms": {}, "kinds": {}}
+    tokens = None
+    if not args.no_probe:
+        tokens = np.asarray(store.tokens("cell", store.default_token_form), dtype=np.float32)
+    for name, (rows, member, kind) in concepts.items():
+        anchor, stat = best_statistic_auroc(stats, rows, member)
+        row = {"anchor": anchor, "statistic": stat, "n": int(member.sum())}
+        if tokens is not None:
+            row["probe"] = probe_auroc(tokens, rows, member, seed)
+        out["concepts"][name] = row
+        out["kinds"][name] = kind
+    for arm, method, whitened in ARMS:
+        t = time.perf_counter()
+        whiten = (
+            WhitenSettings(CONTROLS, by="plate", shrinkage=args.shrinkage)
+            if whitened
+            else WhitenSettings(CONTROLS, mode="center")
+        )
+        settings = TrainSettings(
+            method=method,
+            atoms=args.atoms,
+            sparsity=args.sparsity,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=seed,
+            whiten=whiten,
+            checkpoint_every=0,
+        )
+        trained = train_on_store(store, settings)
+        codes, _ = encode_store(store, trained.dictionary)
+        shares = trained.dictionary.stain_attribution()
+        m = trained.metrics
+        res = {
+            "dead": m["n_dead"],
+            "fvu": m["fvu"],
+            "cosine": m["mean_cosine"],
+            "auroc": {},
+            "stain": {},
+        }
+        control = (table["well_type"] == "negative_control").to_numpy()
+        for col in SELECTIVITY_COLUMNS:
+            # plate among control cells only: the plates hold different treatments, so over all
+            # cells every perturbation feature would count as a plate (batch) feature
+            rows = control if col == "plate" else slice(None)
+            sel = selectivity(codes[rows], table[col].to_numpy()[rows], col)
+            c = sel.counts()
+            res[f"sel {col} >0.5"] = c["n_avg_above_0.5"]
+            res[f"sel {col} >0.2"] = c["n_avg_above_0.2"]
+            res[f"best sel {col}"] = float(sel.avg.max(1).mean())
+        for name, (rows, member, _) in concepts.items():
+            auc = feature_auroc(codes[rows], member)
+            best = int(np.nanargmax(auc))
+            res["auroc"][name] = float(auc[best])
+            if shares is not None:
+                top = int(shares[best].argmax())
+                res["stain"][name] = (store.channel_names[top], float(shares[best, top]))
+        out["arms"][arm] = res
+        log(f"  {arm:7s} trained and analysed in {time.perf_counter() - t:.0f} s")
+    return out
+
+
+# --- the table -----------------------------------------------------------------------------
+
+
+def mean_over(runs: list[dict], get) -> float:
+    return float(np.mean([get(r) for r in runs]))
+
+
+def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
+    names = list(runs[0]["concepts"])
+    kinds = runs[0]["kinds"]
+    arms = [a for a, _, _ in ARMS]
+    has_probe = "probe" in runs[0]["concepts"][names[0]]
+    lines = []
+    head = f"{'concept':22s} {'kind':26s} {'anchor':>7s} "
+    head += f"{'probe':>6s} " if has_probe else ""
+    head += " ".join(f"{a:>7s}" for a in arms) + "   stain of the ICFL+W feature"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for name in names:
+        anchor = mean_over(runs, lambda r, n=name: r["concepts"][n]["anchor"])
+        row = f"{name:22s} {kinds[name]:26s} {anchor:7.3f} "
+        if has_probe:
+            row += f"{mean_over(runs, lambda r, n=name: r['concepts'][n]['probe']):6.3f} "
+        row += " ".join(
+            f"{mean_over(runs, lambda r, a=a, n=name: r['arms'][a]['auroc'][n]):7.3f}"
+            for a in arms
+        )
+        stains = [r["arms"]["ICFL+W"]["stain"].get(name) for r in runs]
+        if all(stains):
+            row += "   " + ", ".join(f"{s} {v:.2f}" for s, v in stains)
+        lines.append(row)
+    lines.append("")
+    rows = [("dead features", "dead", "d"), ("FVU", "fvu", ".3f"), ("mean cosine", "cosine", ".3f")]
+    for col in SELECTIVITY_COLUMNS:
+        rows.append((f"selective >0.5 {col}", f"sel {col} >0.5", ".1f"))
+        rows.append((f"selective >0.2 {col}", f"sel {col} >0.2", ".1f"))
+        rows.append((f"best avg sel. {col}", f"best sel {col}", ".3f"))
+    lines.append(f"{'dictionary (M=' + str(args.atoms) + ', k=' + str(args.sparsity) + ')':49s} ")
+    for label, key, fmt in rows:
+        vals = [mean_over(runs, lambda r, a=a, k=key: r["arms"][a][k]) for a in arms]
+        shown = " ".join(f"{v:7{'.1f' if fmt == 'd' else fmt}}" for v in vals)
+        lines.append(f"{label:{49 + (7 if has_probe else 0)}s} {shown}")
+    lines.append("(means over seeds " + ", ".join(str(s) for s in args.seeds) + ")")
+
+    bars: list[tuple[str, bool, str]] = []
+
+    def arm_mean(a, key):
+        return mean_over(runs, lambda r: r["arms"][a][key])
+
+    for name in names:
+        kind = kinds[name]
+        got = mean_over(runs, lambda r, n=name: r["arms"]["ICFL+W"]["auroc"][n])
+        anchor = mean_over(runs, lambda r, n=name: r["concepts"][n]["anchor"])
+        if kind == "null":
+            bars.append((f"null {name} <= 0.6", got <= 0.6, f"{got:.3f}"))
+            continue
+        need = max(anchor, 0.9) if anchor >= 0.9 else anchor
+        bars.append((f"{name} >= anchor", got >= need, f"{got:.3f} vs {need:.3f}"))
+    d_icfl, d_topk = arm_mean("ICFL+W", "dead"), arm_mean("TopK+W", "dead")
+    bars.append(("ICFL+W fewer dead than TopK+W", d_icfl < d_topk, f"{d_icfl:.1f} vs {d_topk:.1f}"))
+    for col in ("cell_type", "perturbation"):
+        a, b = arm_mean("ICFL+W", f"best sel {col}"), arm_mean("TopK+W", f"best sel {col}")
+        bars.append((f"ICFL+W selectivity {col} >= TopK+W", a >= b, f"{a:.3f} vs {b:.3f}"))
+    for method in ("ICFL", "TopK"):
+        w = arm_mean(f"{method}+W", "sel plate >0.2")
+        c = arm_mean(method, "sel plate >0.2")
+        bars.append(
+            (f"{method}: fewer plate-selective (>0.2) with whitening", w < c, f"{w:.1f} vs {c:.1f}")
+        )
+    return "\n".join(lines), bars
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller plates and fewer steps")
+    ap.add_argument("--work", default="concept-recovery-work", help="plates and stores (reused)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--plates", type=int, default=2)
+    ap.add_argument("--wells", type=int, default=24)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--atoms", type=int, default=None)
+    ap.add_argument("--sparsity", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--shrinkage", default="auto", help="whitening shrinkage (auto|none|0..1)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the linear-probe column")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    from napari_concept_discovery.dictionary.settings import TrainSettings
+    from napari_concept_discovery.models import load_model
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    defaults = TrainSettings()
+    if args.quick:
+        args.wells, args.size = min(args.wells, 12), min(args.size, 384)
+    args.atoms = args.atoms or DEFAULT_ATOMS
+    args.sparsity = args.sparsity or DEFAULT_SPARSITY
+    args.steps = args.steps or (DEFAULT_STEPS // 2 if args.quick else DEFAULT_STEPS)
+    backend = load_model(args.model)
+    trained_on = backend.card.get("data", {}).get("synthetic", {}).get("seed")
+    clash = [s for s in args.seeds if trained_on is not None and s == int(trained_on)]
+    if clash:
+        print(f"error: seed {clash[0]} is the seed the model was trained on", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    log(
+        f"model {backend.model_id} ({backend.embed_dim} wide, block {backend.default_block}, "
+        f"trained on synthetic seed {trained_on}); plates {args.plates} x {args.wells} wells x "
+        f"{args.size} px per seed; M={args.atoms}, k={args.sparsity}, {args.steps} steps x "
+        f"{args.batch_size} (library defaults M={defaults.atoms}, {defaults.steps} steps)"
+    )
+    runs = [run_seed(seed, args, log) for seed in args.seeds]
+    table, bars = report(runs, args)
+    print(
+        f"concept recovery: {backend.model_id} model, block {backend.default_block}, cell tokens "
+        f"(channel tokens side by side), seeds {args.seeds}, {runs[0]['n_cells']} cells per seed"
+    )
+    print(table)
+    print()
+    for what, ok, detail in bars:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}: {detail}")
+    n_ok = sum(ok for _, ok, _ in bars)
+    print(f"\n{n_ok} of {len(bars)} bars met; total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+DEFAULT_ATOMS = 64
+DEFAULT_SPARSITY = 8
+DEFAULT_STEPS = 1500
+
+if __name__ == "__main__":
+    sys.exit(main())
