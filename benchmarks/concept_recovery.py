@@ -111,36 +111,6 @@ def intensity_statistics(store, names) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def true_concepts(table: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
-    """Concept name -> (rows of the cell table, membership of those rows, kind).
-
-    A perturbation's members are its responding cells; its non-members are the control cells of
-    the plates and cell types its members come from, so neither plate nor cell type can stand
-    in for it. A null perturbation's members are all cells of its wells, against the same kind
-    of controls.
-    """
-    from napari_concept_discovery.synth import CELL_TYPES, PERTURBATIONS
-
-    out = {}
-    every = np.arange(len(table))
-    for ct in CELL_TYPES:
-        out[ct.name] = (every, (table["cell_type"] == ct.name).to_numpy(), "cell type")
-    out["mitotic"] = (every, table["mitotic"].astype(bool).to_numpy(), "subpopulation")
-    control = (table["perturbation"] == "control").to_numpy()
-    stratum = table["plate"].astype(str) + "/" + table["cell_type"].astype(str)
-    responded = table["responded"].astype(bool).to_numpy()
-    for p in PERTURBATIONS:
-        inside = (table["perturbation"] == p.name).to_numpy()
-        member = inside if p.is_null else inside & responded
-        if member.sum() < 10:
-            continue
-        negative = control & stratum.isin(set(stratum[member])).to_numpy()
-        rows = np.flatnonzero(member | negative)
-        kind = "null" if p.is_null else f"perturbation ({', '.join(p.channels)})"
-        out[p.name] = (rows, member[rows], kind)
-    return out
-
-
 def best_statistic_auroc(stats: pd.DataFrame, rows, member) -> tuple[float, str]:
     """The best single statistic's AUROC for a concept, in either direction, and its name."""
     from sklearn.metrics import roc_auc_score
@@ -172,7 +142,12 @@ def probe_auroc(x: np.ndarray, rows, member, seed: int) -> float:
 
 
 def run_seed(seed: int, args, log) -> dict:
-    from napari_concept_discovery.concepts import feature_auroc, join_truth, selectivity
+    from napari_concept_discovery.concepts import (
+        feature_auroc,
+        join_truth,
+        selectivity,
+        truth_concepts,
+    )
     from napari_concept_discovery.dictionary import (
         TrainSettings,
         WhitenSettings,
@@ -180,6 +155,7 @@ def run_seed(seed: int, args, log) -> dict:
         train_on_store,
     )
     from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+    from napari_concept_discovery.synth.concepts import PERTURBATION_BY_NAME
 
     work = Path(args.work)
     t0 = time.perf_counter()
@@ -190,7 +166,7 @@ def run_seed(seed: int, args, log) -> dict:
     t_embed = time.perf_counter() - t0
     table = join_truth(store.table("cell"), pd.read_csv(plates / "truth.csv"))
     stats = intensity_statistics(store, store.channel_names)
-    concepts = true_concepts(table)
+    concepts = {c.name: c for c in truth_concepts(table)}
     log(
         f"seed {seed}: {len(table)} cells, {len(store.sites())} sites, tokens "
         f"{store.token_groups} x {store.embed_dim} ({'reused' if store.reused else 'embedded'} "
@@ -200,12 +176,15 @@ def run_seed(seed: int, args, log) -> dict:
     tokens = None
     if not args.no_probe:
         tokens = np.asarray(store.tokens("cell", store.default_token_form), dtype=np.float32)
-    for name, (rows, member, kind) in concepts.items():
-        anchor, stat = best_statistic_auroc(stats, rows, member)
-        row = {"anchor": anchor, "statistic": stat, "n": int(member.sum())}
+    for name, c in concepts.items():
+        anchor, stat = best_statistic_auroc(stats, c.rows, c.member)
+        row = {"anchor": anchor, "statistic": stat, "n": int(c.member.sum())}
         if tokens is not None:
-            row["probe"] = probe_auroc(tokens, rows, member, seed)
+            row["probe"] = probe_auroc(tokens, c.rows, c.member, seed)
         out["concepts"][name] = row
+        kind = c.kind
+        if kind == "perturbation":
+            kind += f" ({', '.join(PERTURBATION_BY_NAME[name].channels)})"
         out["kinds"][name] = kind
     for arm, method, whitened in ARMS:
         t = time.perf_counter()
@@ -245,8 +224,8 @@ def run_seed(seed: int, args, log) -> dict:
             res[f"sel {col} >0.5"] = c["n_avg_above_0.5"]
             res[f"sel {col} >0.2"] = c["n_avg_above_0.2"]
             res[f"best sel {col}"] = float(sel.avg.max(1).mean())
-        for name, (rows, member, _) in concepts.items():
-            auc = feature_auroc(codes[rows], member)
+        for name, c in concepts.items():
+            auc = feature_auroc(codes[c.rows], c.member)
             best = int(np.nanargmax(auc))
             res["auroc"][name] = float(auc[best])
             if shares is not None:
@@ -281,8 +260,7 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
         if has_probe:
             row += f"{mean_over(runs, lambda r, n=name: r['concepts'][n]['probe']):6.3f} "
         row += " ".join(
-            f"{mean_over(runs, lambda r, a=a, n=name: r['arms'][a]['auroc'][n]):7.3f}"
-            for a in arms
+            f"{mean_over(runs, lambda r, a=a, n=name: r['arms'][a]['auroc'][n]):7.3f}" for a in arms
         )
         stains = [r["arms"]["ICFL+W"]["stain"].get(name) for r in runs]
         if all(stains):
@@ -310,7 +288,7 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
         kind = kinds[name]
         got = mean_over(runs, lambda r, n=name: r["arms"]["ICFL+W"]["auroc"][n])
         anchor = mean_over(runs, lambda r, n=name: r["concepts"][n]["anchor"])
-        if kind == "null":
+        if kind == "null perturbation":
             bars.append((f"null {name} <= 0.6", got <= 0.6, f"{got:.3f}"))
             continue
         need = max(anchor, 0.9) if anchor >= 0.9 else anchor

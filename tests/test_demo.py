@@ -8,6 +8,7 @@ import pandas as pd
 
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.demo import format_report, run_demo
+from napari_concept_discovery.dictionary import load_dictionary
 
 
 def test_demo_end_to_end_and_rerun(tmp_path):
@@ -19,10 +20,18 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     m = result.metrics
     assert 0.0 <= m["fvu"] < 1.0  # the dictionary explains some of the variance
     assert m["n_atoms"] == 64
-    # every true concept gets a best feature and an AUROC in [0, 1]
+    # every true concept gets a best feature, an AUROC in [0, 1] and the stain that carries it
     concepts = result.concepts
-    assert {"cell_type=HUVEC", "perturbation=control", "mitotic"} <= set(concepts["concept"])
+    assert {"HUVEC", "HEPG2", "U2OS", "mitotic"} <= set(concepts["concept"])
+    perts = concepts[concepts["kind"] == "perturbation"]
+    assert len(perts) >= 2 and "control" not in set(concepts["concept"])
     assert concepts["auroc"].between(0, 1).all()
+    names = {"DNA", "ER", "Actin", "RNA", "Mito", "Membrane"}
+    assert set(concepts["top_stain"]) <= names and concepts["stain_share"].between(0, 1).all()
+    # what each perturbation really changes comes from the generator's declaration
+    touched = dict(zip(perts["concept"], perts["stains touched"], strict=True))
+    assert touched.get("nuclear_enlargement", "DNA") == "DNA"
+    assert all(t in names for t in touched.values())
     # codes land in AnnData with the cell table as obs, one row per cell token
     adata = ad.read_h5ad(result.analysis / "codes.h5ad")
     assert adata.shape == (result.n_cells, 64)
@@ -31,12 +40,25 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert adata.obs["mitotic"].astype(str).isin(["True", "False"]).all()
     assert len(truth) >= result.n_cells * 0.8
 
-    # both preparations are compared, each with an AUROC per concept group
-    assert result.comparison["preparation"].tolist() == ["center", "pca"]
-    assert result.comparison["auroc cell_type"].between(0, 1).all()
+    # the controls mix cell types: three whitenings are compared, the first is analysed
+    assert result.comparison["whitening"].tolist() == [
+        "within cell type",
+        "controls",
+        "per cell type",
+    ]
+    assert result.preparation == "within cell type"
+    assert result.comparison["cell types"].between(0, 1).all()
+    assert result.comparison["perturbations"].between(0, 1).all()
+    d = load_dictionary(result.dictionary)
+    assert d.meta["tokens"] == "concat" and d.meta["whitening"]["within"] == "cell_type"
+
+    # the feature table carries each feature's stains
+    features = pd.read_parquet(result.analysis / "features.parquet")
+    assert {f"stain_{n}" for n in names} | {"top_stain"} <= set(features.columns)
 
     report = format_report(result)
-    assert "FVU" in report and "cell_type=HUVEC" in report
+    assert "FVU" in report and "HUVEC" in report and "stains touched" in report
+    assert "MB per site" in report
 
     # a rerun with the same parameters keeps the plates (same files, same mtimes)
     before = {p: p.stat().st_mtime_ns for p in result.plates.rglob("*.png")}
@@ -65,7 +87,7 @@ def test_demo_cli(tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "best single-feature AUROC" in out
-    assert (tmp_path / "d" / "dictionary-center.safetensors").is_file()
-    assert (tmp_path / "d" / "dictionary-pca.safetensors").is_file()
-    assert "preparation" in out
+    assert "the best single feature for each" in out
+    for name in ("within-cell-type", "controls", "per-cell-type"):
+        assert (tmp_path / "d" / f"dictionary-{name}.safetensors").is_file()
+    assert "whitening" in out and "top_stain" in out

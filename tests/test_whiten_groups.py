@@ -151,5 +151,7 @@ def test_train_whiten_by_cell_type_on_a_store_and_encode_it_again(tiny_store_pat
         batch_size=64,
         whiten=WhitenSettings("perturbation=nuclear_enlargement", by="cell_type"),
     )
-    with pytest.raises(DictionaryError, match=r"whitening per cell_type needs controls .* has none"):
+    with pytest.raises(
+        DictionaryError, match=r"whitening per cell_type needs controls .* has none"
+    ):
         train_on_store(store, settings)

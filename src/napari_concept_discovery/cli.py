@@ -424,6 +424,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--sparsity", type=int, default=8, help="non-zeros per token")
     p.add_argument("--steps", type=int, default=1000, help="training steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="default", help="model source (default: the bundled model)")
     p.set_defaults(func=_run_demo)
 
 
@@ -447,6 +448,7 @@ def _run_demo(args) -> int:
         sparsity=args.sparsity,
         steps=args.steps,
         seed=args.seed,
+        model=args.model,
         log=log,
         progress=bars,
     )

@@ -136,6 +136,8 @@ def feature_auroc(codes, membership: np.ndarray) -> np.ndarray:
     n_neg = n - n_pos
     if n_pos == 0 or n_neg == 0:
         return np.full(m, np.nan)
+    if csc.nnz == 0:  # every code zero: one tie, chance for every feature
+        return np.full(m, 0.5)
     col = np.repeat(np.arange(m), np.diff(csc.indptr))
     val = csc.data.astype(np.float64)
     pos = y[csc.indices]
@@ -308,6 +310,89 @@ def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.Data
     return pd.DataFrame(rows)
 
 
+@dataclass
+class TrueConcept:
+    """A concept with per-cell ground truth: the cells it is judged on and which are members."""
+
+    name: str
+    kind: str  # "cell type", "subpopulation", "perturbation" or "null perturbation"
+    rows: np.ndarray  # rows of the cell table the concept is judged on
+    member: np.ndarray  # (len(rows),) bool
+
+
+def truth_concepts(
+    table: pd.DataFrame,
+    *,
+    control: str = "control",
+    min_members: int = 10,
+) -> list[TrueConcept]:
+    """The true concepts of a cell table with synthetic-style truth columns.
+
+    Columns used: ``cell_type``, ``perturbation``, ``responded``, ``mitotic`` (bool), and
+    ``plate``. Each cell type and the mitotic cells are judged against all other cells. A
+    perturbation's members are its responding cells, judged against the control cells
+    (``perturbation == control``) of the plates and cell types its members come from, so that
+    neither plate nor cell type can stand in for it; a perturbation none of whose cells respond
+    is a null one, and all its cells are judged against the same kind of controls (a feature
+    that finds it finds a well or plate difference, not biology).
+    """
+    require_columns(
+        table, ("cell_type", "perturbation", "responded", "mitotic", "plate"), "true concepts"
+    )
+    every = np.arange(len(table))
+    out = [
+        TrueConcept(str(ct), "cell type", every, (table["cell_type"] == ct).to_numpy())
+        for ct in sorted(table["cell_type"].dropna().astype(str).unique())
+    ]
+    mitotic = table["mitotic"].astype(str).str.lower().isin(("true", "1")).to_numpy()
+    out.append(TrueConcept("mitotic", "subpopulation", every, mitotic))
+    responded = table["responded"].astype(str).str.lower().isin(("true", "1")).to_numpy()
+    pert = table["perturbation"].astype(str).to_numpy()
+    is_control = pert == control
+    stratum = (table["plate"].astype(str) + "/" + table["cell_type"].astype(str)).to_numpy()
+    for name in sorted(set(pert.tolist()) - {control}):
+        inside = pert == name
+        null = not (inside & responded).any()
+        member = inside if null else inside & responded
+        if member.sum() < min_members:
+            continue
+        negative = is_control & np.isin(stratum, np.unique(stratum[member]))
+        if not negative.any():
+            continue
+        rows = np.flatnonzero(member | negative)
+        kind = "null perturbation" if null else "perturbation"
+        out.append(TrueConcept(name, kind, rows, member[rows]))
+    return out
+
+
+def recovery_table(
+    codes, concepts: Sequence[TrueConcept], stains: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Per true concept: members, the best single feature, its AUROC and its top stain.
+
+    ``stains`` is a :func:`stain_table` of the dictionary (one row per feature), adding the
+    best feature's ``top_stain`` and its ``stain_share``.
+    """
+    csr = _csr(codes)
+    rows = []
+    for c in concepts:
+        auc = feature_auroc(csr[c.rows], c.member)
+        best = int(np.nanargmax(auc)) if np.isfinite(auc).any() else -1
+        row = {
+            "concept": c.name,
+            "kind": c.kind,
+            "n_members": int(c.member.sum()),
+            "best_feature": best,
+            "auroc": float(auc[best]) if best >= 0 else float("nan"),
+        }
+        if stains is not None and best >= 0:
+            top = stains["top_stain"].iloc[best]
+            row["top_stain"] = top
+            row["stain_share"] = float(stains[f"stain_{top}"].iloc[best])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def top_tokens(codes, n: int = 10) -> list[np.ndarray]:
     """For each feature, the rows of its ``n`` largest codes, largest first."""
     csc = sp.csc_matrix(_csr(codes))
@@ -431,9 +516,7 @@ def write_analysis(
         best, counts, sels = selectivity_report(csr, table, columns)
         paths["selectivity"] = atomic_parquet(best, out / "selectivity.parquet")
         paths["selectivity_counts"] = atomic_parquet(counts, out / "selectivity_counts.parquet")
-    features = feature_table(
-        csr, table, columns, top_n=top_n, selectivities=sels, stains=stains
-    )
+    features = feature_table(csr, table, columns, top_n=top_n, selectivities=sels, stains=stains)
     paths["features"] = atomic_parquet(features, out / "features.parquet")
     coo = csr.tocoo()
     long = pd.DataFrame(

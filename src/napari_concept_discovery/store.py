@@ -571,7 +571,7 @@ class ActivationStore:
 
     @property
     def default_token_form(self) -> str:
-        """"concat" when the store keeps channel tokens (what a dictionary trains on by default)."""
+        """The form a dictionary trains on by default: "concat" where channel tokens are kept."""
         return "concat" if self.has_channel_tokens else "mean"
 
     def token_width(self, form: str = "mean") -> int:

@@ -328,9 +328,7 @@ class Whitener:
         if self.transform_ is None:
             return np.broadcast_to(v, (len(self.groups_), *v.shape)).copy()
         scale = self.eigenvalues_ + self.eps  # (G, K): T^+ = T^T diag(l + eps)
-        return np.stack(
-            [(v * scale[g]) @ self.transform_[g] for g in range(len(self.groups_))]
-        )
+        return np.stack([(v * scale[g]) @ self.transform_[g] for g in range(len(self.groups_))])
 
     # -- state for the dictionary file ---------------------------------------------------------
 
