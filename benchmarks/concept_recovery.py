@@ -1,8 +1,9 @@
 """Concept recovery on synthetic plates with ground truth: the paper's table, with its anchor.
 
 What it measures (arXiv 2412.16247, Table 1 and the AUROC figure, on our synthetic plates): for
-ICFL and a TopK SAE, each with and without whitening on control wells, at the same dictionary
-size and the same non-zeros per token, trained through the product's own path
+ICFL and a TopK SAE, each with PCA whitening on each plate's control wells (+W) and with
+centring on the controls only, and ICFL whitened on each plate and cell type's own controls
+(+Wct), at the same dictionary size and the same non-zeros per token, trained through the product's own path
 (``embed_plate`` -> ``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default
 model (whatever ``load_model("default")`` gives), in the token form the product defaults to (the
 channel tokens side by side):
@@ -11,9 +12,10 @@ channel tokens side by side):
 - how many features have average selectivity above 0.5 and 0.2 for cell type, perturbation and
   plate (batch; among control cells, since the plates hold different treatments and every
   perturbation feature would otherwise count as a plate feature);
-- for every true concept (each cell type, each perturbation's responding cells against control
-  cells of the same plates and cell types, the mitotic subpopulation, each null perturbation's
-  cells against the same controls), the best single-feature AUROC, beside the best single
+- for every true concept (``concepts.truth_concepts``: each cell type, each perturbation's
+  responding cells against control cells of the same plates and cell types and against its own
+  non-responders, the mitotic subpopulation, each null perturbation's cells against the same
+  controls), the best single-feature AUROC, beside the best single
   per-cell intensity statistic (mean, sd and max of each stain over the cell, and its area: a
   CellProfiler-lite anchor computed here from the same images and the same cell labels), and
   beside a linear probe on the same tokens (5-fold cross-validated; the ceiling a single
@@ -53,11 +55,12 @@ import numpy as np
 import pandas as pd
 
 CONTROLS = "well_type=negative_control"
-ARMS = (  # name, method, whitened
-    ("ICFL+W", "icfl", True),
-    ("ICFL", "icfl", False),
-    ("TopK+W", "topk", True),
-    ("TopK", "topk", False),
+ARMS = (  # name, method, whitening: per plate on its controls | centred only | per plate and type
+    ("ICFL+W", "icfl", "plate"),
+    ("ICFL", "icfl", None),
+    ("TopK+W", "topk", "plate"),
+    ("TopK", "topk", None),
+    ("ICFL+Wct", "icfl", "plate,cell_type"),
 )
 SELECTIVITY_COLUMNS = ("cell_type", "perturbation", "plate")
 
@@ -160,9 +163,8 @@ def run_seed(seed: int, args, log) -> dict:
     work = Path(args.work)
     t0 = time.perf_counter()
     plates = plates_for(work, seed, args.plates, args.wells, args.size)
-    store = embed_plate(
-        plates, EmbedSettings(model=args.model, batch_size=8), work / f"seed{seed}" / "store.zarr"
-    )
+    store_path = work / f"seed{seed}" / f"store-{args.weights[:12]}.zarr"  # one per model
+    store = embed_plate(plates, EmbedSettings(model=args.model, batch_size=8), store_path)
     t_embed = time.perf_counter() - t0
     table = join_truth(store.table("cell"), pd.read_csv(plates / "truth.csv"))
     stats = intensity_statistics(store, store.channel_names)
@@ -186,11 +188,11 @@ def run_seed(seed: int, args, log) -> dict:
         if kind == "perturbation":
             kind += f" ({', '.join(PERTURBATION_BY_NAME[name].channels)})"
         out["kinds"][name] = kind
-    for arm, method, whitened in ARMS:
+    for arm, method, by in ARMS:
         t = time.perf_counter()
         whiten = (
-            WhitenSettings(CONTROLS, by="plate", shrinkage=args.shrinkage)
-            if whitened
+            WhitenSettings(CONTROLS, by=by, shrinkage=args.shrinkage)
+            if by
             else WhitenSettings(CONTROLS, mode="center")
         )
         settings = TrainSettings(
@@ -339,6 +341,7 @@ def main() -> int:
     args.sparsity = args.sparsity or DEFAULT_SPARSITY
     args.steps = args.steps or (DEFAULT_STEPS // 2 if args.quick else DEFAULT_STEPS)
     backend = load_model(args.model)
+    args.weights = backend.weights_hash
     trained_on = backend.card.get("data", {}).get("synthetic", {}).get("seed")
     clash = [s for s in args.seeds if trained_on is not None and s == int(trained_on)]
     if clash:
@@ -372,7 +375,7 @@ def main() -> int:
 
 DEFAULT_ATOMS = 64
 DEFAULT_SPARSITY = 8
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 1000
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,10 +40,11 @@ def test_members_and_matched_controls():
     assert list(found) == ["A", "B", "mitotic", "drug", "null"]
     assert found["A"].kind == "cell type" and found["A"].member.sum() == 75
     drug = found["drug"]
-    # responders only, against controls of the same plate and cell type (P1/A): not P1/B, not P2
+    # responders only, against controls of the same plate and cell type (P1/A; not P1/B, not
+    # P2) and against the same well's non-responders
     assert drug.kind == "perturbation" and drug.member.sum() == 12
     others = table.iloc[drug.rows[~drug.member]]
-    assert set(others["perturbation"]) == {"control"}
+    assert others["perturbation"].value_counts().to_dict() == {"control": 20, "drug": 8}
     assert set(zip(others.plate, others.cell_type, strict=True)) == {("P1", "A")}
     # no cell of "null" responds: all its cells are members, judged against P2/A controls
     null = found["null"]

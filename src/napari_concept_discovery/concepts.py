@@ -332,9 +332,11 @@ def truth_concepts(
     ``plate``. Each cell type and the mitotic cells are judged against all other cells. A
     perturbation's members are its responding cells, judged against the control cells
     (``perturbation == control``) of the plates and cell types its members come from, so that
-    neither plate nor cell type can stand in for it; a perturbation none of whose cells respond
-    is a null one, and all its cells are judged against the same kind of controls (a feature
-    that finds it finds a well or plate difference, not biology).
+    neither plate nor cell type can stand in for it, and against its own cells that did not
+    respond, so that a feature of the treated well rather than of the response does not count;
+    a perturbation none of whose cells respond is a null one, and all its cells are judged
+    against the same kind of controls (a feature that finds it finds a well or plate
+    difference, not biology).
     """
     require_columns(
         table, ("cell_type", "perturbation", "responded", "mitotic", "plate"), "true concepts"
@@ -359,6 +361,7 @@ def truth_concepts(
         negative = is_control & np.isin(stratum, np.unique(stratum[member]))
         if not negative.any():
             continue
+        negative |= inside & ~member  # its non-responders
         rows = np.flatnonzero(member | negative)
         kind = "null perturbation" if null else "perturbation"
         out.append(TrueConcept(name, kind, rows, member[rows]))
