@@ -141,6 +141,7 @@ def check_dictionary_out(out: str | Path, overwrite: bool = False) -> Path:
             f"{out} exists and is not a dictionary file; choose another --out, or pass "
             "--overwrite (overwrite=True) to replace it"
         )
+    return out
 
 
 #: Tokens whose prepared (whitened) form fits in this many bytes are prepared once, in memory,
