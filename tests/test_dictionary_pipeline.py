@@ -79,7 +79,7 @@ def test_train_on_store_reports_stages_and_records_its_settings(store, trained):
     assert loaded.input_width == 6 * store.embed_dim == store.token_width("concat")
     assert meta["steps"] == 20 and not meta["cancelled"] and "checkpoint" not in meta
     assert meta["metrics"] == result.metrics
-    fvu = fvu_by_hand(loaded, store.tokens("cell"), store.table("cell"))
+    fvu = fvu_by_hand(loaded, store.tokens("cell", "concat"), store.table("cell"))
     assert result.metrics["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
     assert loaded.model.config.n_iter == 2 and loaded.model.config.n_pick == 2
     assert loaded.whitener.groups_ == ("SYNTH_1", "SYNTH_2")
