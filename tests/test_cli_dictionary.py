@@ -86,7 +86,7 @@ def test_train_and_analyze_from_the_command_line(
     assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta["steps"] == 30
     # the recorded FVU is the one the tokens give, and the dictionary explains something
     store = ActivationStore.open(tiny_store_path)
-    fvu = fvu_by_hand(d, store.tokens("cell"), store.table("cell"))
+    fvu = fvu_by_hand(d, store.tokens("cell", d.token_form), store.table("cell"))
     assert d.meta["metrics"]["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
 
     out = tmp_path / "analysis"
