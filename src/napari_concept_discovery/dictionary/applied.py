@@ -164,7 +164,7 @@ class Dictionary:
         each feature over every stain; measured on planted one-stain shifts, the raw norm put the
         best feature of a DNA-only shift on Mito (tests/test_stains.py). With per-group whitening
         the shares are averaged over the groups, weighted by their controls. Rows sum to 1
-        (docs/architecture.md, "Tokens").
+        (docs/architecture.md, "Dictionaries").
         """
         if self.token_form != "concat":
             return None
