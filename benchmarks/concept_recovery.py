@@ -113,6 +113,7 @@ ARMS = (  # name, method, whitening: per plate on its controls | centred only | 
     ("TopK+W", "topk", "plate"),
     ("TopK", "topk", None),
     ("ICFL+Wct", "icfl", "plate,cell_type"),
+    ("ICFL+Wc", "icfl", "plate contrastive"),
 )
 SELECTIVITY_COLUMNS = ("cell_type", "perturbation", "plate")
 
@@ -197,18 +198,8 @@ def probe_auroc(x: np.ndarray, rows, member, seed: int) -> float:
 
 
 def run_seed(seed: int, args, log) -> dict:
-    from napari_concept_discovery.concepts import (
-        feature_auroc,
-        join_truth,
-        selectivity,
-        truth_concepts,
-    )
-    from napari_concept_discovery.dictionary import (
-        TrainSettings,
-        WhitenSettings,
-        encode_store,
-        train_on_store,
-    )
+    from napari_concept_discovery.concepts import join_truth, truth_concepts
+    from napari_concept_discovery.dictionary import encode_store, train_on_store
     from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
     from napari_concept_discovery.synth.concepts import PERTURBATION_BY_NAME
 
@@ -240,54 +231,136 @@ def run_seed(seed: int, args, log) -> dict:
         if kind == "perturbation":
             kind += f" ({', '.join(PERTURBATION_BY_NAME[name].channels)})"
         out["kinds"][name] = kind
+    control = (table["well_type"] == "negative_control").to_numpy()
+    cell_types = table["cell_type"].astype(str).to_numpy()
     for arm, method, by in ARMS:
         t = time.perf_counter()
-        whiten = (
-            WhitenSettings(CONTROLS, by=by, shrinkage=args.shrinkage)
-            if by
-            else WhitenSettings(CONTROLS, mode="center")
-        )
-        settings = TrainSettings(
-            method=method,
-            atoms=args.atoms,
-            sparsity=args.sparsity,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=seed,
-            whiten=whiten,
-            checkpoint_every=0,
-        )
-        trained = train_on_store(store, settings)
+        if by == "plate contrastive":
+            settings = arm_settings(method, "plate", seed, args)
+            codes, metrics, n_kept = contrastive_arm(store, table, settings)
+            res = analyse(codes, metrics, None, table, concepts, control, cell_types, store)
+            res["kept"] = n_kept
+            out["arms"][arm] = res
+            log(
+                f"  {arm:7s} ({n_kept} components) trained and analysed in "
+                f"{time.perf_counter() - t:.0f} s"
+            )
+            continue
+        trained = train_on_store(store, arm_settings(method, by, seed, args))
         codes, _ = encode_store(store, trained.dictionary)
         shares = trained.dictionary.stain_attribution()
-        m = trained.metrics
-        res = {
-            "dead": m["n_dead"],
-            "fvu": m["fvu"],
-            "cosine": m["mean_cosine"],
-            "auroc": {},
-            "stain": {},
-        }
-        control = (table["well_type"] == "negative_control").to_numpy()
-        for col in SELECTIVITY_COLUMNS:
-            # plate among control cells only: the plates hold different treatments, so over all
-            # cells every perturbation feature would count as a plate (batch) feature
-            rows = control if col == "plate" else slice(None)
-            sel = selectivity(codes[rows], table[col].to_numpy()[rows], col)
-            c = sel.counts()
-            res[f"sel {col} >0.5"] = c["n_avg_above_0.5"]
-            res[f"sel {col} >0.2"] = c["n_avg_above_0.2"]
-            res[f"best sel {col}"] = float(sel.avg.max(1).mean())
-        for name, c in concepts.items():
-            auc = feature_auroc(codes[c.rows], c.member)
-            best = int(np.nanargmax(auc))
-            res["auroc"][name] = float(auc[best])
-            if shares is not None:
-                top = int(shares[best].argmax())
-                res["stain"][name] = (store.channel_names[top], float(shares[best, top]))
+        res = analyse(codes, trained.metrics, shares, table, concepts, control, cell_types, store)
         out["arms"][arm] = res
         log(f"  {arm:7s} trained and analysed in {time.perf_counter() - t:.0f} s")
     return out
+
+
+def arm_settings(method: str, by: str | None, seed: int, args):
+    """The training settings of one arm: whitened per ``by`` on controls, or centred only."""
+    from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings
+
+    whiten = (
+        WhitenSettings(CONTROLS, by=by, shrinkage=args.shrinkage)
+        if by
+        else WhitenSettings(CONTROLS, mode="center")
+    )
+    return TrainSettings(
+        method=method,
+        atoms=args.atoms,
+        sparsity=args.sparsity,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=seed,
+        whiten=whiten,
+        checkpoint_every=0,
+    )
+
+
+def contrastive_arm(store, table, settings):
+    """Codes, metrics and kept width of a dictionary on contrastively reduced tokens.
+
+    The tokens are whitened on each plate's controls as in +W (without the unit norm), then
+    projected onto the eigenvectors of all tokens' second moment in that space whose eigenvalue
+    exceeds the Marchenko-Pastur edge (1 + sqrt(D / n))^2 of n isotropic control tokens (n: the
+    fewest controls of a plate): the directions in which cells vary beyond the controls (the
+    generalised eigenproblem of all tokens' against the controls' covariance, contrastive PCA).
+    It uses only the control flag whitening already uses. Unit norm follows, then the same
+    training as the other arms.
+    """
+    import torch
+
+    from napari_concept_discovery.dictionary import build_model, evaluate, train
+    from napari_concept_discovery.dictionary.pipeline import fit_whitener, prepare_all
+    from napari_concept_discovery.dictionary.whiten import group_labels
+
+    tokens = store.tokens("cell", store.default_token_form)
+    whitener = fit_whitener(tokens, table, settings.whiten)
+    whitener.unit_norm = False
+    z = prepare_all(tokens, whitener, group_labels(table, settings.whiten.by)).astype(np.float64)
+    lam, vec = np.linalg.eigh(z.T @ z / len(z))
+    lam, vec = lam[::-1], vec[:, ::-1]
+    edge = (1.0 + np.sqrt(z.shape[1] / whitener.n_samples_.min())) ** 2
+    kept = max(int((lam > edge).sum()), 1)
+    y = (z @ vec[:, :kept]).astype(np.float32)
+    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    model = build_model(settings.method, kept, settings.method_config(), seed=settings.seed)
+    torch.manual_seed(settings.seed)
+    train(
+        model,
+        y,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        checkpoint_every=0,
+    )
+    metrics, codes = evaluate(model, y, return_codes=True)
+    return codes, metrics, kept
+
+
+def analyse(codes, m, shares, table, concepts, control, cell_types, store) -> dict:
+    """One arm's dictionary statistics, selectivity and best feature per true concept.
+
+    ``auroc`` is the best single feature over all cells a concept is judged on; ``per type``
+    (perturbations only) is the mean over cell types of the best single feature among that
+    cell type's cells, where a feature may differ between cell types.
+    """
+    from napari_concept_discovery.concepts import feature_auroc, selectivity
+
+    res = {
+        "dead": m["n_dead"],
+        "fvu": m["fvu"],
+        "cosine": m["mean_cosine"],
+        "auroc": {},
+        "per type": {},
+        "stain": {},
+    }
+    for col in SELECTIVITY_COLUMNS:
+        # plate among control cells only: the plates hold different treatments, so over all
+        # cells every perturbation feature would count as a plate (batch) feature
+        rows = control if col == "plate" else slice(None)
+        sel = selectivity(codes[rows], table[col].to_numpy()[rows], col)
+        c = sel.counts()
+        res[f"sel {col} >0.5"] = c["n_avg_above_0.5"]
+        res[f"sel {col} >0.2"] = c["n_avg_above_0.2"]
+        res[f"best sel {col}"] = float(sel.avg.max(1).mean())
+    for name, c in concepts.items():
+        auc = feature_auroc(codes[c.rows], c.member)
+        best = int(np.nanargmax(auc))
+        res["auroc"][name] = float(auc[best])
+        if c.kind == "perturbation":
+            types = cell_types[c.rows]
+            within = []
+            for t in np.unique(types[c.member]):
+                sel = types == t
+                if c.member[sel].sum() >= 10 and (~c.member[sel]).sum() >= 10:
+                    within.append(
+                        float(np.nanmax(feature_auroc(codes[c.rows[sel]], c.member[sel])))
+                    )
+            res["per type"][name] = float(np.mean(within)) if within else float("nan")
+        if shares is not None:
+            top = int(shares[best].argmax())
+            res["stain"][name] = (store.channel_names[top], float(shares[best, top]))
+    return res
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -305,7 +378,7 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
     lines = []
     head = f"{'concept':22s} {'kind':26s} {'anchor':>7s} "
     head += f"{'probe':>6s} " if has_probe else ""
-    head += " ".join(f"{a:>7s}" for a in arms) + "   stain of the ICFL+W feature"
+    head += " ".join(f"{a:>7s}" for a in arms) + f" {'W/type':>7s}   stain of the ICFL+W feature"
     lines.append(head)
     lines.append("-" * len(head))
     for name in names:
@@ -316,6 +389,8 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
         row += " ".join(
             f"{mean_over(runs, lambda r, a=a, n=name: r['arms'][a]['auroc'][n]):7.3f}" for a in arms
         )
+        per_type = [r["arms"]["ICFL+W"]["per type"].get(name) for r in runs]
+        row += f" {np.mean(per_type):7.3f}" if all(v is not None for v in per_type) else " " * 8
         stains = [r["arms"]["ICFL+W"]["stain"].get(name) for r in runs]
         if all(stains):
             row += "   " + ", ".join(f"{s} {v:.2f}" for s, v in stains)
@@ -331,6 +406,9 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
         vals = [mean_over(runs, lambda r, a=a, k=key: r["arms"][a][k]) for a in arms]
         shown = " ".join(f"{v:7{'.1f' if fmt == 'd' else fmt}}" for v in vals)
         lines.append(f"{label:{49 + (7 if has_probe else 0)}s} {shown}")
+    kept = ", ".join(str(r["arms"]["ICFL+Wc"]["kept"]) for r in runs)
+    lines.append(f"ICFL+Wc: whitened as +W, then the {kept} components above the MP edge")
+    lines.append("W/type: ICFL+W, best single feature within each cell type, mean over cell types")
     lines.append("(means over seeds " + ", ".join(str(s) for s in args.seeds) + ")")
 
     bars: list[tuple[str, bool, str]] = []
