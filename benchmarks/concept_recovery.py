@@ -2,8 +2,9 @@
 
 What it measures (arXiv 2412.16247, Table 1 and the AUROC figure, on our synthetic plates): for
 ICFL and a TopK SAE, each with PCA whitening on each plate's control wells (+W) and with
-centring on the controls only, and ICFL whitened on each plate and cell type's own controls
-(+Wct), at the same dictionary size and the same non-zeros per token, trained through the product's own path
+centring on the controls only, ICFL whitened on each plate and cell type's own controls
+(+Wct), and ICFL on the whitened tokens reduced to the directions in which cells vary beyond
+the controls (+Wc, contrastive PCA; see below), at the same dictionary size and the same non-zeros per token, trained through the product's own path
 (``embed_plate`` -> ``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default
 model (whatever ``load_model("default")`` gives), in the token form the product defaults to (the
 channel tokens side by side):
@@ -20,6 +21,8 @@ channel tokens side by side):
   CellProfiler-lite anchor computed here from the same images and the same cell labels), and
   beside a linear probe on the same tokens (5-fold cross-validated; the ceiling a single
   feature can approach, so the table shows what the model loses and what the dictionary loses).
+  For perturbations, W/type is the best single ICFL+W feature within each cell type, averaged
+  over cell types (a different feature may win in each).
 
 Two plate sets (seeds 1 and 2 by default; never the seed the model was trained on, read from
 its card) are embedded and analysed separately; the table shows the mean of the two. A feature's
@@ -66,6 +69,41 @@ model (6 blocks), means of both seeds.
   where every direction the controls vary in has unit variance, no unsupervised direction
   separates them as well; more cells per concept is what would close it (the paper had
   millions of tokens). The stain of the best feature is right for 5 of the 6 perturbations.
+- Contrastive reduction (+Wc). After whitening on controls, the second moment of all tokens
+  is I plus what cells add beyond the controls, so its top eigenvectors (the generalised
+  eigenproblem of all tokens' against the controls' covariance) should hold the perturbation
+  directions, and a dictionary on them should not spend its atoms on isotropic control noise.
+  It does not help (table: +Wc against +W). Measured on seed 1 (ICFL, M = 64, k = 8, 500
+  steps; +W: actin / ER / golgi / mito / nuclear / nucleolar 0.63 / 0.74 / 0.60 / 0.65 / 0.78
+  / 0.73): keeping the top 16, 32, 64 or 128 components, scaled or not by 1 / sqrt(eigenvalue),
+  gave 0.54-0.62 / 0.66-0.75 / 0.54-0.58 / 0.55-0.64 / 0.68-0.80 / 0.62-0.72. Why: cells that
+  the whitening was not fitted on are far from isotropic in the whitened space. The controls'
+  mean squared norm there is 319 (434 control cells per plate span 433 of 1152 directions),
+  the other cells' 1550; with the whitening fitted on half of the control wells, the held-out
+  control wells' top eigenvalue is 53, as large as the treated cells' (26). The excess
+  variance is what a few hundred controls cannot span (Ledoit-Wolf's 0.05 leaves the unspanned
+  directions scaled up about 4.5-fold), not perturbations: a perturbation whose ~6 % responding
+  cells shift by d' ~ 3 adds ~0.5 to the variance along its direction, at the edge of what any
+  variance-based method can see in 1152 dimensions with 3.5k cells (sqrt(D / n) ~ 0.58).
+  Within one stain's block (192 dimensions, fewer than the controls; held-out / in-sample
+  norm ratio 1.5 instead of 4.9) the shifts of the ER, nuclear and nucleolar perturbations lie
+  83-93 % in the top 4 contrastive components of their own stain's block, but ICFL on the six
+  blocks' top 4, 8 or 16 components was no better either (0.77 / 0.72-0.79 / 0.68-0.75).
+  Shrinkage 0.3 and 0.7, PCA of all cells (32-256 components) before whitening, M = 16-256,
+  k = 2-8, unit norm before whitening: all within about 0.05 of +W; centring each well on its
+  own mean lost the perturbations (ER 0.61), as it removes their mean effect.
+- What limits a single feature is not where the atoms point but that the model's tokens
+  encode one perturbation differently in each cell type. A single direction does exist: the
+  responders' mean shift, estimated on half of the cells, separates the other half at
+  0.93 / 1.00 / 0.85 / 0.91 / 0.98 / 0.97 in the whitened space. But within one cell type the
+  best ICFL+W feature reaches ER 1.00 (HUVEC) and 0.98 (U2OS), nuclear 0.95 (HepG2),
+  nucleolar 0.92 (HUVEC), actin 0.87 (U2OS), each by a feature of that cell type (ER: one
+  atom in HUVEC, another in U2OS; the two cell types' ER shifts are orthogonal, cosine -0.02,
+  in the six blocks' top 8 contrastive components); pooled over cell types the best feature
+  covers one cell type's response (there it was active in 54-60 % of the ER and nucleolar
+  responders and 4-16 % of their controls). The
+  anchor (e.g. the ER stain's sd) moves the same way in every cell type. W/type in the table
+  shows this on both seeds.
 - Whitening on controls that mix cell types removes the cell types (0.55-0.61, against
   0.62-0.76 centred only and 1.00 for the probe) and the mitotic cells (0.63 against 0.91).
   Estimating the covariance within cell types (``--whiten-within cell_type``) keeps the cell
