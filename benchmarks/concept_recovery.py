@@ -73,10 +73,10 @@ model (6 blocks), means of both seeds.
   is I plus what cells add beyond the controls, so its top eigenvectors (the generalised
   eigenproblem of all tokens' against the controls' covariance) should hold the perturbation
   directions, and a dictionary on them should not spend its atoms on isotropic control noise.
-  It does not help (table, both seeds, +Wc against +W: 0.56 / 0.71 / 0.58 / 0.56 / 0.74 /
-  0.70 against 0.63 / 0.74 / 0.59 / 0.65 / 0.77 / 0.73, with 12-16 components kept). Measured on seed 1 (ICFL, M = 64, k = 8, 500
-  steps; +W: actin / ER / golgi / mito / nuclear / nucleolar 0.63 / 0.74 / 0.60 / 0.65 / 0.78
-  / 0.73): keeping the top 16, 32, 64 or 128 components, scaled or not by 1 / sqrt(eigenvalue),
+  It does not help. On both seeds (table), actin / ER / golgi / mito / nuclear / nucleolar
+  with +Wc were 0.56 / 0.71 / 0.58 / 0.56 / 0.74 / 0.70 against 0.63 / 0.74 / 0.59 / 0.65 /
+  0.77 / 0.73 with +W (12-16 components kept). On seed 1 (ICFL, M = 64, k = 8, 500 steps; +W
+  0.63 / 0.74 / 0.60 / 0.65 / 0.78 / 0.73), keeping the top 16, 32, 64 or 128 components, scaled or not by 1 / sqrt(eigenvalue),
   gave 0.54-0.62 / 0.66-0.75 / 0.54-0.58 / 0.55-0.64 / 0.68-0.80 / 0.62-0.72. Why: cells that
   the whitening was not fitted on are far from isotropic in the whitened space. The controls'
   mean squared norm there is 319 (434 control cells per plate span 433 of 1152 directions),
