@@ -4,9 +4,9 @@ What it measures (arXiv 2412.16247, Table 1 and the AUROC figure, on our synthet
 ICFL and a TopK SAE, each with PCA whitening on each plate's control wells (+W) and with
 centring on the controls only, ICFL whitened on each plate and cell type's own controls
 (+Wct), and ICFL on the whitened tokens reduced to the directions in which cells vary beyond
-the controls (+Wc, contrastive PCA; see below), at the same dictionary size and the same non-zeros per token, trained through the product's own path
-(``embed_plate`` -> ``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default
-model (whatever ``load_model("default")`` gives), in the token form the product defaults to (the
+the controls (+Wc, contrastive PCA; see below), at the same dictionary size and the same
+non-zeros per token, trained through the product's own path (``embed_plate`` ->
+``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default model (whatever ``load_model("default")`` gives), in the token form the product defaults to (the
 channel tokens side by side):
 
 - dead features, FVU and mean cosine (in the space each dictionary models);
@@ -76,8 +76,9 @@ model (6 blocks), means of both seeds.
   It does not help. On both seeds (table), actin / ER / golgi / mito / nuclear / nucleolar
   with +Wc were 0.56 / 0.71 / 0.58 / 0.56 / 0.74 / 0.70 against 0.63 / 0.74 / 0.59 / 0.65 /
   0.77 / 0.73 with +W (12-16 components kept). On seed 1 (ICFL, M = 64, k = 8, 500 steps; +W
-  0.63 / 0.74 / 0.60 / 0.65 / 0.78 / 0.73), keeping the top 16, 32, 64 or 128 components, scaled or not by 1 / sqrt(eigenvalue),
-  gave 0.54-0.62 / 0.66-0.75 / 0.54-0.58 / 0.55-0.64 / 0.68-0.80 / 0.62-0.72. Why: cells that
+  0.63 / 0.74 / 0.60 / 0.65 / 0.78 / 0.73), keeping the top 16, 32, 64 or 128 components,
+  scaled or not by 1 / sqrt(eigenvalue), gave 0.54-0.62 / 0.66-0.75 / 0.54-0.58 /
+  0.55-0.64 / 0.68-0.80 / 0.62-0.72. Why: cells that
   the whitening was not fitted on are far from isotropic in the whitened space. The controls'
   mean squared norm there is 319 (434 control cells per plate span 433 of 1152 directions),
   the other cells' 1550; with the whitening fitted on half of the control wells, the held-out
