@@ -6,7 +6,8 @@ centring on the controls only, ICFL whitened on each plate and cell type's own c
 (+Wct), and ICFL on the whitened tokens reduced to the directions in which cells vary beyond
 the controls (+Wc, contrastive PCA; see below), at the same dictionary size and the same
 non-zeros per token, trained through the product's own path (``embed_plate`` ->
-``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default model (whatever ``load_model("default")`` gives), in the token form the product defaults to (the
+``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default model
+(whatever ``load_model("default")`` gives), in the token form the product defaults to (the
 channel tokens side by side):
 
 - dead features, FVU and mean cosine (in the space each dictionary models);
