@@ -2,10 +2,12 @@
 
 What it measures (arXiv 2412.16247, Table 1 and the AUROC figure, on our synthetic plates): for
 ICFL and a TopK SAE, each with PCA whitening on each plate's control wells (+W) and with
-centring on the controls only, and ICFL whitened on each plate and cell type's own controls
-(+Wct), at the same dictionary size and the same non-zeros per token, trained through the product's own path
-(``embed_plate`` -> ``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default
-model (whatever ``load_model("default")`` gives), in the token form the product defaults to (the
+centring on the controls only, ICFL whitened on each plate and cell type's own controls
+(+Wct), and ICFL on the whitened tokens reduced to the directions in which cells vary beyond
+the controls (+Wc, contrastive PCA; see below), at the same dictionary size and the same
+non-zeros per token, trained through the product's own path (``embed_plate`` ->
+``train_on_store`` -> ``encode_store``) on cell tokens of the bundled default model
+(whatever ``load_model("default")`` gives), in the token form the product defaults to (the
 channel tokens side by side):
 
 - dead features, FVU and mean cosine (in the space each dictionary models);
@@ -20,6 +22,8 @@ channel tokens side by side):
   CellProfiler-lite anchor computed here from the same images and the same cell labels), and
   beside a linear probe on the same tokens (5-fold cross-validated; the ceiling a single
   feature can approach, so the table shows what the model loses and what the dictionary loses).
+  For perturbations, W/type is the best single ICFL+W feature within each cell type, averaged
+  over cell types (a different feature may win in each).
 
 Two plate sets (seeds 1 and 2 by default; never the seed the model was trained on, read from
 its card) are embedded and analysed separately; the table shows the mean of the two. A feature's
@@ -66,6 +70,47 @@ model (6 blocks), means of both seeds.
   where every direction the controls vary in has unit variance, no unsupervised direction
   separates them as well; more cells per concept is what would close it (the paper had
   millions of tokens). The stain of the best feature is right for 5 of the 6 perturbations.
+- Contrastive reduction (+Wc). After whitening on controls, the second moment of all tokens
+  is I plus what cells add beyond the controls, so its top eigenvectors (the generalised
+  eigenproblem of all tokens' against the controls' covariance) should hold the perturbation
+  directions, and a dictionary on them should not spend its atoms on isotropic control noise.
+  It does not help. On both seeds (table), actin / ER / golgi / mito / nuclear / nucleolar
+  with +Wc were 0.56 / 0.71 / 0.58 / 0.56 / 0.74 / 0.70 against 0.63 / 0.74 / 0.59 / 0.65 /
+  0.77 / 0.73 with +W (12-16 components kept). On seed 1 (ICFL, M = 64, k = 8, 500 steps; +W
+  0.63 / 0.74 / 0.60 / 0.65 / 0.78 / 0.73), keeping the top 16, 32, 64 or 128 components,
+  scaled or not by 1 / sqrt(eigenvalue), gave 0.54-0.62 / 0.66-0.75 / 0.54-0.58 /
+  0.55-0.64 / 0.68-0.80 / 0.62-0.72. Why: cells that
+  the whitening was not fitted on are far from isotropic in the whitened space. The controls'
+  mean squared norm there is 319 (434 control cells per plate span 433 of 1152 directions),
+  the other cells' 1550; with the whitening fitted on half of the control wells, the held-out
+  control wells' top eigenvalue is 53, as large as the treated cells' (26). The excess
+  variance is what a few hundred controls cannot span (Ledoit-Wolf's 0.05 leaves the unspanned
+  directions scaled up about 4.5-fold), not perturbations: a perturbation whose ~6 % responding
+  cells shift by d' ~ 3 adds ~0.5 to the variance along its direction, at the edge of what any
+  variance-based method can see in 1152 dimensions with 3.5k cells (sqrt(D / n) ~ 0.58).
+  Within one stain's block (192 dimensions, fewer than the controls; held-out / in-sample
+  norm ratio 1.5 instead of 4.9) the shifts of the ER, nuclear and nucleolar perturbations lie
+  83-93 % in the top 4 contrastive components of their own stain's block, but ICFL on the six
+  blocks' top 4, 8 or 16 components was no better either (0.77 / 0.72-0.79 / 0.68-0.75).
+  Shrinkage 0.3 and 0.7, PCA of all cells (32-256 components) before whitening, M = 16-256,
+  k = 2-8, unit norm before whitening: all within about 0.05 of +W; centring each well on its
+  own mean lost the perturbations (ER 0.61), as it removes their mean effect.
+- What limits a single feature is not where the atoms point but that the model's tokens
+  encode one perturbation differently in each cell type. A single direction does exist: the
+  responders' mean shift, estimated on half of the cells, separates the other half at
+  0.93 / 1.00 / 0.85 / 0.91 / 0.98 / 0.97 in the whitened space. But within one cell type the
+  best ICFL+W feature reaches ER 1.00 (HUVEC) and 0.98 (U2OS), nuclear 0.95 (HepG2),
+  nucleolar 0.92 (HUVEC), actin 0.87 (U2OS), each by a feature of that cell type (ER: one
+  atom in HUVEC, another in U2OS; the two cell types' ER shifts are orthogonal, cosine -0.02,
+  in the six blocks' top 8 contrastive components); pooled over cell types the best feature
+  covers one cell type's response (there it was active in 54-60 % of the ER and nucleolar
+  responders and 4-16 % of their controls). The anchor (e.g. the ER stain's sd) moves the
+  same way in every cell type. On both seeds (table, W/type against ICFL+W): actin / ER /
+  golgi / mito / nuclear / nucleolar 0.74 / 0.90 / 0.70 / 0.73 / 0.81 / 0.78 within cell types
+  against 0.63 / 0.74 / 0.59 / 0.65 / 0.77 / 0.73 pooled; the probe's 0.87-1.00 is a
+  combination of such features. A concept that a screen reads per cell type is found better
+  than the pooled bar says; one feature for all cell types would need tokens in which the
+  response looks alike across cell types (the model), or many more cells.
 - Whitening on controls that mix cell types removes the cell types (0.55-0.61, against
   0.62-0.76 centred only and 1.00 for the probe) and the mitotic cells (0.63 against 0.91).
   Estimating the covariance within cell types (``--whiten-within cell_type``) keeps the cell
@@ -113,6 +158,7 @@ ARMS = (  # name, method, whitening: per plate on its controls | centred only | 
     ("TopK+W", "topk", "plate"),
     ("TopK", "topk", None),
     ("ICFL+Wct", "icfl", "plate,cell_type"),
+    ("ICFL+Wc", "icfl", "plate contrastive"),
 )
 SELECTIVITY_COLUMNS = ("cell_type", "perturbation", "plate")
 
@@ -197,18 +243,8 @@ def probe_auroc(x: np.ndarray, rows, member, seed: int) -> float:
 
 
 def run_seed(seed: int, args, log) -> dict:
-    from napari_concept_discovery.concepts import (
-        feature_auroc,
-        join_truth,
-        selectivity,
-        truth_concepts,
-    )
-    from napari_concept_discovery.dictionary import (
-        TrainSettings,
-        WhitenSettings,
-        encode_store,
-        train_on_store,
-    )
+    from napari_concept_discovery.concepts import join_truth, truth_concepts
+    from napari_concept_discovery.dictionary import encode_store, train_on_store
     from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
     from napari_concept_discovery.synth.concepts import PERTURBATION_BY_NAME
 
@@ -240,54 +276,136 @@ def run_seed(seed: int, args, log) -> dict:
         if kind == "perturbation":
             kind += f" ({', '.join(PERTURBATION_BY_NAME[name].channels)})"
         out["kinds"][name] = kind
+    control = (table["well_type"] == "negative_control").to_numpy()
+    cell_types = table["cell_type"].astype(str).to_numpy()
     for arm, method, by in ARMS:
         t = time.perf_counter()
-        whiten = (
-            WhitenSettings(CONTROLS, by=by, shrinkage=args.shrinkage)
-            if by
-            else WhitenSettings(CONTROLS, mode="center")
-        )
-        settings = TrainSettings(
-            method=method,
-            atoms=args.atoms,
-            sparsity=args.sparsity,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=seed,
-            whiten=whiten,
-            checkpoint_every=0,
-        )
-        trained = train_on_store(store, settings)
+        if by == "plate contrastive":
+            settings = arm_settings(method, "plate", seed, args)
+            codes, metrics, n_kept = contrastive_arm(store, table, settings)
+            res = analyse(codes, metrics, None, table, concepts, control, cell_types, store)
+            res["kept"] = n_kept
+            out["arms"][arm] = res
+            log(
+                f"  {arm:7s} ({n_kept} components) trained and analysed in "
+                f"{time.perf_counter() - t:.0f} s"
+            )
+            continue
+        trained = train_on_store(store, arm_settings(method, by, seed, args))
         codes, _ = encode_store(store, trained.dictionary)
         shares = trained.dictionary.stain_attribution()
-        m = trained.metrics
-        res = {
-            "dead": m["n_dead"],
-            "fvu": m["fvu"],
-            "cosine": m["mean_cosine"],
-            "auroc": {},
-            "stain": {},
-        }
-        control = (table["well_type"] == "negative_control").to_numpy()
-        for col in SELECTIVITY_COLUMNS:
-            # plate among control cells only: the plates hold different treatments, so over all
-            # cells every perturbation feature would count as a plate (batch) feature
-            rows = control if col == "plate" else slice(None)
-            sel = selectivity(codes[rows], table[col].to_numpy()[rows], col)
-            c = sel.counts()
-            res[f"sel {col} >0.5"] = c["n_avg_above_0.5"]
-            res[f"sel {col} >0.2"] = c["n_avg_above_0.2"]
-            res[f"best sel {col}"] = float(sel.avg.max(1).mean())
-        for name, c in concepts.items():
-            auc = feature_auroc(codes[c.rows], c.member)
-            best = int(np.nanargmax(auc))
-            res["auroc"][name] = float(auc[best])
-            if shares is not None:
-                top = int(shares[best].argmax())
-                res["stain"][name] = (store.channel_names[top], float(shares[best, top]))
+        res = analyse(codes, trained.metrics, shares, table, concepts, control, cell_types, store)
         out["arms"][arm] = res
         log(f"  {arm:7s} trained and analysed in {time.perf_counter() - t:.0f} s")
     return out
+
+
+def arm_settings(method: str, by: str | None, seed: int, args):
+    """The training settings of one arm: whitened per ``by`` on controls, or centred only."""
+    from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings
+
+    whiten = (
+        WhitenSettings(CONTROLS, by=by, shrinkage=args.shrinkage)
+        if by
+        else WhitenSettings(CONTROLS, mode="center")
+    )
+    return TrainSettings(
+        method=method,
+        atoms=args.atoms,
+        sparsity=args.sparsity,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=seed,
+        whiten=whiten,
+        checkpoint_every=0,
+    )
+
+
+def contrastive_arm(store, table, settings):
+    """Codes, metrics and kept width of a dictionary on contrastively reduced tokens.
+
+    The tokens are whitened on each plate's controls as in +W (without the unit norm), then
+    projected onto the eigenvectors of all tokens' second moment in that space whose eigenvalue
+    exceeds the Marchenko-Pastur edge (1 + sqrt(D / n))^2 of n isotropic control tokens (n: the
+    fewest controls of a plate): the directions in which cells vary beyond the controls (the
+    generalised eigenproblem of all tokens' against the controls' covariance, contrastive PCA).
+    It uses only the control flag whitening already uses. Unit norm follows, then the same
+    training as the other arms.
+    """
+    import torch
+
+    from napari_concept_discovery.dictionary import build_model, evaluate, train
+    from napari_concept_discovery.dictionary.pipeline import fit_whitener, prepare_all
+    from napari_concept_discovery.dictionary.whiten import group_labels
+
+    tokens = store.tokens("cell", store.default_token_form)
+    whitener = fit_whitener(tokens, table, settings.whiten)
+    whitener.unit_norm = False
+    z = prepare_all(tokens, whitener, group_labels(table, settings.whiten.by)).astype(np.float64)
+    lam, vec = np.linalg.eigh(z.T @ z / len(z))
+    lam, vec = lam[::-1], vec[:, ::-1]
+    edge = (1.0 + np.sqrt(z.shape[1] / whitener.n_samples_.min())) ** 2
+    kept = max(int((lam > edge).sum()), 1)
+    y = (z @ vec[:, :kept]).astype(np.float32)
+    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    model = build_model(settings.method, kept, settings.method_config(), seed=settings.seed)
+    torch.manual_seed(settings.seed)
+    train(
+        model,
+        y,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        checkpoint_every=0,
+    )
+    metrics, codes = evaluate(model, y, return_codes=True)
+    return codes, metrics, kept
+
+
+def analyse(codes, m, shares, table, concepts, control, cell_types, store) -> dict:
+    """One arm's dictionary statistics, selectivity and best feature per true concept.
+
+    ``auroc`` is the best single feature over all cells a concept is judged on; ``per type``
+    (perturbations only) is the mean over cell types of the best single feature among that
+    cell type's cells, where a feature may differ between cell types.
+    """
+    from napari_concept_discovery.concepts import feature_auroc, selectivity
+
+    res = {
+        "dead": m["n_dead"],
+        "fvu": m["fvu"],
+        "cosine": m["mean_cosine"],
+        "auroc": {},
+        "per type": {},
+        "stain": {},
+    }
+    for col in SELECTIVITY_COLUMNS:
+        # plate among control cells only: the plates hold different treatments, so over all
+        # cells every perturbation feature would count as a plate (batch) feature
+        rows = control if col == "plate" else slice(None)
+        sel = selectivity(codes[rows], table[col].to_numpy()[rows], col)
+        c = sel.counts()
+        res[f"sel {col} >0.5"] = c["n_avg_above_0.5"]
+        res[f"sel {col} >0.2"] = c["n_avg_above_0.2"]
+        res[f"best sel {col}"] = float(sel.avg.max(1).mean())
+    for name, c in concepts.items():
+        auc = feature_auroc(codes[c.rows], c.member)
+        best = int(np.nanargmax(auc))
+        res["auroc"][name] = float(auc[best])
+        if c.kind == "perturbation":
+            types = cell_types[c.rows]
+            within = []
+            for t in np.unique(types[c.member]):
+                sel = types == t
+                if c.member[sel].sum() >= 10 and (~c.member[sel]).sum() >= 10:
+                    within.append(
+                        float(np.nanmax(feature_auroc(codes[c.rows[sel]], c.member[sel])))
+                    )
+            res["per type"][name] = float(np.mean(within)) if within else float("nan")
+        if shares is not None:
+            top = int(shares[best].argmax())
+            res["stain"][name] = (store.channel_names[top], float(shares[best, top]))
+    return res
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -305,7 +423,7 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
     lines = []
     head = f"{'concept':22s} {'kind':26s} {'anchor':>7s} "
     head += f"{'probe':>6s} " if has_probe else ""
-    head += " ".join(f"{a:>7s}" for a in arms) + "   stain of the ICFL+W feature"
+    head += " ".join(f"{a:>7s}" for a in arms) + f" {'W/type':>7s}   stain of the ICFL+W feature"
     lines.append(head)
     lines.append("-" * len(head))
     for name in names:
@@ -316,6 +434,8 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
         row += " ".join(
             f"{mean_over(runs, lambda r, a=a, n=name: r['arms'][a]['auroc'][n]):7.3f}" for a in arms
         )
+        per_type = [r["arms"]["ICFL+W"]["per type"].get(name) for r in runs]
+        row += f" {np.mean(per_type):7.3f}" if all(v is not None for v in per_type) else " " * 8
         stains = [r["arms"]["ICFL+W"]["stain"].get(name) for r in runs]
         if all(stains):
             row += "   " + ", ".join(f"{s} {v:.2f}" for s, v in stains)
@@ -331,6 +451,9 @@ def report(runs: list[dict], args) -> tuple[str, list[tuple[str, bool, str]]]:
         vals = [mean_over(runs, lambda r, a=a, k=key: r["arms"][a][k]) for a in arms]
         shown = " ".join(f"{v:7{'.1f' if fmt == 'd' else fmt}}" for v in vals)
         lines.append(f"{label:{49 + (7 if has_probe else 0)}s} {shown}")
+    kept = ", ".join(str(r["arms"]["ICFL+Wc"]["kept"]) for r in runs)
+    lines.append(f"ICFL+Wc: whitened as +W, then the {kept} components above the MP edge")
+    lines.append("W/type: ICFL+W, best single feature within each cell type, mean over cell types")
     lines.append("(means over seeds " + ", ".join(str(s) for s in args.seeds) + ")")
 
     bars: list[tuple[str, bool, str]] = []
