@@ -257,8 +257,14 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def is_binary(labels: np.ndarray) -> bool:
-    """True for a mask: at most one value besides 0."""
-    return np.unique(labels).size <= 2
+    """True for a mask: one foreground value, and one a mask uses (1, 255, 65535, the type's
+    maximum). A label image holding one cell numbered otherwise keeps its id."""
+    values = np.unique(labels)
+    values = values[values > 0]
+    if values.size != 1:
+        return values.size == 0
+    top = np.iinfo(labels.dtype).max if labels.dtype.kind in "iu" else None
+    return int(values[0]) in (1, 255, 65535, top)
 
 
 def split_by_nuclei(mask: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
