@@ -303,7 +303,7 @@ def test_two_files_for_one_role_take_the_image_and_say_so(tmp_path):
     assert plate[("P1", "B02", 1)].labels_path.name == "B02_s1_ER_cp_masks.tif"
 
 
-def test_label_images_by_a_pattern_round_trip(tmp_path, weights):
+def test_label_images_by_a_pattern_round_trip(tmp_path, weights, capsys):
     _, _, cells = _two_cells()
     other = np.where(cells == 2, 5, 0).astype(np.uint16)
     nuclei = np.zeros(SHAPE, np.uint16)
@@ -321,6 +321,9 @@ def test_label_images_by_a_pattern_round_trip(tmp_path, weights):
     assert np.array_equal(plate[("P1", "B02", 1)].read_labels(), cells)
     assert np.array_equal(plate[("P1", "B02", 1)].read_nuclei(), np.where(nuclei > 0, 1, 0))
     assert np.array_equal(plate[("P1", "C03", 1)].read_labels(), other)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "P1"), "--pattern", pattern, "--labels", spec]) == 0
+    assert f"2 of 2 sites carry cell labels (label folder {folder})" in capsys.readouterr().out
     again = open_plate(**plate.source)  # the recorded options find the same files
     assert {k: s.labels_path for k, s in again.sites.items()} == {
         k: s.labels_path for k, s in plate.sites.items()
