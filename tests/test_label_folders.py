@@ -352,7 +352,7 @@ def test_user_label_errors_name_the_file(tmp_path):
         plate[("P1", "C03", 1)].read_labels()
     (folder / "B02_s1_ER_seg.npy").write_bytes(b"not an array")
     with pytest.raises(PlateError, match=r"cannot read label image .*B02_s1_ER_seg\.npy"):
-        from napari_concept_discovery.plate.label_files import read_label_image
+        from napari_concept_discovery.plate.label_images import read_label_image
 
         read_label_image(folder / "B02_s1_ER_seg.npy")
     # A folder with labels for no site says which names it looked for.
@@ -407,3 +407,25 @@ def test_nf1_cellprofiler_masks_as_the_cells(real_data):
         assert np.unique(cells[cells > 0]).size == inside[inside > 0].size
         assert measure.label(mask).max() < inside[inside > 0].size  # the mask alone merges
         assert np.array_equal(np.unique(nuc[nuc > 0]), np.unique(cells[cells > 0]))
+
+
+def test_an_image_name_shared_by_sites_names_none(tmp_path):
+    """OME-Zarr fields are all called "0": a file named after "0" belongs to no one site."""
+    from types import SimpleNamespace
+
+    from napari_concept_discovery.plate.label_files import find_user_labels
+
+    sites = {
+        SiteKey("P", well, 1): SimpleNamespace(
+            paths=(tmp_path / well / "0",), channel_names=("DNA",)
+        )
+        for well in ("B02", "C03")
+    }
+    sites[SiteKey("P", "D04", 1)] = SimpleNamespace(
+        paths=(tmp_path / "D04" / "d4",), channel_names=("DNA",)
+    )
+    for name in ("0_cp_masks.tif", "d4_cp_masks.tif"):
+        tifffile.imwrite(tmp_path / name, np.ones((4, 4), np.uint16))
+    found, notes = find_user_labels(tmp_path, sites)
+    assert found == {SiteKey("P", "D04", 1): {"nuclei": tmp_path / "d4_cp_masks.tif"}}
+    assert notes == []

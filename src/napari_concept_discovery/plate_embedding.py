@@ -151,7 +151,7 @@ class SiteInputs:
         if self.cells == "none":
             return None
         if self.cells == "file":
-            from .plate.label_files import read_user_labels
+            from .plate.label_images import read_user_labels
 
             if self.user:
                 return read_user_labels(self.labels_path, self.split_by, image.shape[-2:])[0]

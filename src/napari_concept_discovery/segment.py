@@ -27,7 +27,7 @@ from skimage.segmentation import relabel_sequential
 from . import __version__
 from ._files import atomic_write_bytes, atomic_write_text
 from .errors import PlateError
-from .plate.label_files import read_user_labels
+from .plate.label_images import read_user_labels
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
 from .segment_classical import cell_channels, find_nuclei_with, segment_classical

@@ -115,7 +115,7 @@ class Site:
         if self.labels_path is None:
             return None
         if self.user_labels:
-            from .label_files import read_user_labels
+            from .label_images import read_user_labels
 
             return read_user_labels(self.labels_path, self.nuclei_path)[0]
         return io.read_labels(self.labels_path)
@@ -125,7 +125,7 @@ class Site:
         if self.nuclei_path is None:
             return None
         if self.user_labels and self.labels_path is not None:
-            from .label_files import read_user_labels
+            from .label_images import read_user_labels
 
             return read_user_labels(self.labels_path, self.nuclei_path)[1]
         return io.read_labels(self.nuclei_path)
