@@ -14,7 +14,7 @@ from napari_concept_discovery import segment
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.errors import PlateError
 from napari_concept_discovery.plate import PlateWarning, SiteKey, label_paths, open_plate
-from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate, site_inputs
 from napari_concept_discovery.progress import Progress
 from napari_concept_discovery.store import ActivationStore
 
@@ -181,3 +181,251 @@ def test_label_folder_errors_and_partial_coverage(tmp_path):
     assert plate[("P1", "C03", 1)].labels_path == cells.resolve()
     with pytest.raises(PlateError, match=r"P1 B02 site 1: no label image .*cells='file'"):
         embed_plate(plate, EmbedSettings(cells="file"), tmp_path / "store")
+
+
+# --- labels a user brings: CellProfiler, Cellpose, a pattern ----------------------------------
+
+SHAPE = (48, 64)
+
+
+def _two_cells():
+    """One binary mask holding two touching cells (one connected piece), their two nuclei,
+    and the cells as labels: the split falls halfway between the nuclei (column 32)."""
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[10:30, 6:58] = 255
+    nuclei = np.zeros(SHAPE, np.uint8)
+    nuclei[15:25, 10:20] = 255
+    nuclei[15:25, 44:54] = 255
+    cells = np.zeros(SHAPE, np.int32)
+    cells[10:30, 6:32] = 1
+    cells[10:30, 32:58] = 2
+    return mask, nuclei, cells
+
+
+def _plate_with(root, files: dict):
+    """A two-well pattern plate whose label folder ``root/"labels"`` holds ``files``."""
+    root.mkdir()
+    pattern = _pattern_plate(root)
+    labels = root.parent / f"{root.name}-labels"
+    for name, data in files.items():
+        path = labels / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".npy"):
+            np.save(path, data, allow_pickle=True)
+        elif name.endswith(".png"):
+            import imageio.v3 as iio
+
+            iio.imwrite(path, data)
+        else:
+            tifffile.imwrite(path, data)
+    return pattern, labels
+
+
+def test_cellprofiler_binary_masks_are_split_by_the_nuclei(tmp_path):
+    mask, nuclei, _ = _two_cells()
+    files = {
+        "B02_s1_ER_MaskCells.tiff": mask,
+        "B02_s1_DNA_MaskNuclei.tiff": nuclei,
+        "B02_s1_ER_MaskCytoplasm.tiff": mask,  # not whole objects: never read as cells
+        "C03_s1_ER_MaskCells.tiff": mask,  # no nuclei: the mask's connected pieces
+    }
+    pattern, folder = _plate_with(tmp_path / "P1", files)
+    plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
+    assert plate.warnings == []
+    site = plate[("P1", "B02", 1)]
+    assert site.labels_path.name == "B02_s1_ER_MaskCells.tiff" and site.user_labels
+    assert site.nuclei_path.name == "B02_s1_DNA_MaskNuclei.tiff"
+    cells, nuc = site.read_labels(), site.read_nuclei()
+    assert cells.dtype == np.int32 and set(np.unique(cells)) == {0, 1, 2}
+    assert np.array_equal(cells > 0, mask > 0)  # every mask pixel in a cell, nothing else
+    left, right = cells[15, 10], cells[15, 50]
+    assert left != right
+    assert (cells[10:30, 6:31] == left).all() and (cells[10:30, 34:58] == right).all()
+    # nucleus i lies in cell i
+    assert (nuc[15:25, 10:20] == left).all() and (nuc[15:25, 44:54] == right).all()
+    assert np.array_equal(nuc > 0, nuclei > 0)
+    one = plate[("P1", "C03", 1)].read_labels()
+    assert set(np.unique(one)) == {0, 1} and plate[("P1", "C03", 1)].read_nuclei() is None
+
+
+def test_cellprofiler_label_exports_keep_their_ids(tmp_path):
+    _, _, cells = _two_cells()
+    cells = (cells * 7).astype(np.uint16)  # ids 7 and 14, as CellProfiler numbered them
+    nuclei = np.zeros(SHAPE, np.uint16)
+    nuclei[15:25, 10:20] = 2  # nuclei numbered otherwise: they take their cell's id
+    nuclei[15:25, 44:54] = 1
+    files = {"B02_s1_ER_Cells.png": cells, "B02_s1_DNA_Nuclei.png": nuclei}
+    pattern, folder = _plate_with(tmp_path / "P1", files)
+    with pytest.warns(PlateWarning, match=r"no cell labels for 1 of 2 site\(s\): P1 C03 site 1"):
+        plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
+    site = plate[("P1", "B02", 1)]
+    assert np.array_equal(site.read_labels(), cells.astype(np.int32))
+    expected = np.where(nuclei > 0, cells, 0)
+    assert np.array_equal(site.read_nuclei(), expected)
+    assert plate[("P1", "C03", 1)].labels_path is None
+
+
+def test_cellpose_seg_npy_and_masks(tmp_path):
+    _, _, cells = _two_cells()
+    masks = cells.astype(np.uint16)
+    nuclei = np.zeros(SHAPE, np.uint16)
+    nuclei[15:25, 44:54] = 1  # Cellpose numbers each run from 1
+    seg = {"masks": masks, "outlines": np.zeros_like(masks), "filename": "B02_s1_ER.tif"}
+    flows = np.full(SHAPE, 3, np.uint8)
+    files = {
+        "B02_s1_ER_seg.npy": seg,  # the GUI's file: a pickled dict
+        "B02_s1_DNA_seg.npy": {"masks": nuclei},  # Cellpose run on the DNA image: nuclei
+        "C03_s1_ER_cp_masks.png": masks,  # the command line's --save_png
+        "C03_s1_ER_flows.tif": flows,  # not labels
+    }
+    pattern, folder = _plate_with(tmp_path / "P1", files)
+    plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
+    assert plate.warnings == []
+    b02, c03 = plate[("P1", "B02", 1)], plate[("P1", "C03", 1)]
+    assert b02.labels_path.name == "B02_s1_ER_seg.npy"
+    assert b02.nuclei_path.name == "B02_s1_DNA_seg.npy"
+    assert np.array_equal(b02.read_labels(), cells)
+    assert np.array_equal(b02.read_nuclei(), np.where(nuclei > 0, 2, 0))
+    assert c03.labels_path.name == "C03_s1_ER_cp_masks.png" and c03.nuclei_path is None
+    assert np.array_equal(c03.read_labels(), cells)
+
+
+def test_two_files_for_one_role_take_the_image_and_say_so(tmp_path):
+    _, _, cells = _two_cells()
+    files = {
+        "B02_s1_ER_seg.npy": {"masks": cells.astype(np.uint16)},
+        "B02_s1_ER_cp_masks.tif": cells.astype(np.uint16),
+        "C03_s1_ER_cp_masks.tif": cells.astype(np.uint16),
+    }
+    pattern, folder = _plate_with(tmp_path / "P1", files)
+    with pytest.warns(PlateWarning, match=r"P1 B02 site 1: 2 files hold cells; using "):
+        plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
+    assert plate[("P1", "B02", 1)].labels_path.name == "B02_s1_ER_cp_masks.tif"
+
+
+def test_label_images_by_a_pattern_round_trip(tmp_path, weights, capsys):
+    _, _, cells = _two_cells()
+    other = np.where(cells == 2, 5, 0).astype(np.uint16)
+    nuclei = np.zeros(SHAPE, np.uint16)
+    nuclei[15:25, 10:20] = 9
+    files = {
+        "B02-1-objects.png": cells.astype(np.uint16),
+        "B02-1-nuclei.png": nuclei,
+        "C03-1-objects.png": other,
+        "notes-1-objects.png": other,  # not a well: not matched
+    }
+    pattern, folder = _plate_with(tmp_path / "P1", files)
+    spec = f"{folder}/{{well}}-{{site}}-*.png"
+    plate = open_plate(tmp_path / "P1", pattern=pattern, labels=spec)
+    assert plate.warnings == [] and plate.source["labels"] == spec
+    assert np.array_equal(plate[("P1", "B02", 1)].read_labels(), cells)
+    assert np.array_equal(plate[("P1", "B02", 1)].read_nuclei(), np.where(nuclei > 0, 1, 0))
+    assert np.array_equal(plate[("P1", "C03", 1)].read_labels(), other)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "P1"), "--pattern", pattern, "--labels", spec]) == 0
+    assert f"2 of 2 sites carry cell labels (label folder {folder})" in capsys.readouterr().out
+    again = open_plate(**plate.source)  # the recorded options find the same files
+    assert {k: s.labels_path for k, s in again.sites.items()} == {
+        k: s.labels_path for k, s in plate.sites.items()
+    }
+    # Embedding pools over exactly these labels (given as the settings' label folder).
+    bare = open_plate(tmp_path / "P1", pattern=pattern)
+    store = embed_plate(
+        bare, EmbedSettings(model=str(weights), labels=spec, cells="file"), tmp_path / "store"
+    )
+    assert np.array_equal(store.site_labels(SiteKey("P1", "B02", 1)), cells)
+    assert np.array_equal(store.site_labels(SiteKey("P1", "C03", 1)), other)
+    assert store.tokens("cell").shape[0] == 3
+
+
+def test_user_label_errors_name_the_file(tmp_path):
+    _, _, cells = _two_cells()
+    files = {
+        "B02_s1_ER_cp_masks.tif": cells[:40].astype(np.uint16),  # not the site's shape
+        "C03_s1_ER_cp_masks.tif": cells.astype(np.float32) + 0.5,  # not labels
+    }
+    pattern, folder = _plate_with(tmp_path / "P1", files)
+    plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
+    with pytest.raises(PlateError, match=r"B02_s1_ER_cp_masks\.tif has shape \(40, 64\) but the"):
+        embed_plate(plate, EmbedSettings(cells="file"), tmp_path / "store")
+    with pytest.raises(PlateError, match=r"C03_s1_ER_cp_masks\.tif holds non-integer values"):
+        plate[("P1", "C03", 1)].read_labels()
+    (folder / "B02_s1_ER_seg.npy").write_bytes(b"not an array")
+    with pytest.raises(PlateError, match=r"cannot read label image .*B02_s1_ER_seg\.npy"):
+        from napari_concept_discovery.plate.label_images import read_label_image
+
+        read_label_image(folder / "B02_s1_ER_seg.npy")
+    # A folder with labels for no site says which names it looked for.
+    with pytest.raises(PlateError, match=r"no cell labels for any site .*_MaskCells.tiff"):
+        empty = tmp_path / "elsewhere"
+        empty.mkdir()
+        tifffile.imwrite(empty / "B02_s1_DNA.tif", cells.astype(np.uint16))  # an image, no suffix
+        open_plate(tmp_path / "P1", pattern=pattern, labels=empty)
+    # A site without labels, when only files may give cells, is named.
+    (folder / "C03_s1_ER_cp_masks.tif").unlink()
+    with pytest.warns(PlateWarning, match=r"no cell labels for 1 of 2 site\(s\): P1 C03 site 1"):
+        plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
+    with pytest.raises(PlateError, match=r"P1 C03 site 1: no label image"):
+        site_inputs(plate[("P1", "C03", 1)], cells="file")
+
+
+def test_cellpose_masks_beside_the_images(tmp_path):
+    """Cellpose writes its files next to the images: the plate folder is its own label
+    folder, and the masks are neither channels nor stray images."""
+    root = tmp_path / "P1"
+    root.mkdir()
+    pattern = _pattern_plate(root)
+    _, _, cells = _two_cells()
+    tifffile.imwrite(root / "B02_s1_ER_cp_masks.tif", cells.astype(np.uint16))
+    tifffile.imwrite(root / "C03_s1_ER_cp_masks.tif", cells.astype(np.uint16))
+    plate = open_plate(root, pattern=pattern, labels=root)
+    assert plate.channel_names == ("DNA", "ER") and plate.warnings == []
+    assert all(np.array_equal(s.read_labels(), cells) for s in plate)
+
+
+def test_nf1_cellprofiler_masks_as_the_cells(real_data):
+    """The NF1 plate with CellProfiler's binary masks as its label folder: each site's cells
+    cover MaskCells exactly, one cell per nucleus inside it (touching cells are one piece of
+    the mask, so only the nuclei can split them)."""
+    from skimage import measure
+
+    nf1 = real_data / "nf1_plate2"
+    plate = open_plate(
+        nf1 / "images",
+        pattern="{well}_01_{channel_index}_{site}_{channel}_001.tif",
+        labels=nf1 / "masks",
+    )
+    assert plate.warnings == []
+    for site in plate:
+        assert site.labels_path.name.endswith("_MaskCells.tiff")
+        assert site.nuclei_path.name.endswith("_MaskNuclei.tiff")
+        mask = tifffile.imread(site.labels_path) > 0
+        nuclei = measure.label(tifffile.imread(site.nuclei_path) > 0)
+        inside = np.unique(nuclei[mask])
+        cells, nuc = site.read_labels(), site.read_nuclei()
+        assert np.array_equal(cells > 0, mask)
+        assert np.unique(cells[cells > 0]).size == inside[inside > 0].size
+        assert measure.label(mask).max() < inside[inside > 0].size  # the mask alone merges
+        assert np.array_equal(np.unique(nuc[nuc > 0]), np.unique(cells[cells > 0]))
+
+
+def test_an_image_name_shared_by_sites_names_none(tmp_path):
+    """OME-Zarr fields are all called "0": a file named after "0" belongs to no one site."""
+    from types import SimpleNamespace
+
+    from napari_concept_discovery.plate.label_files import find_user_labels
+
+    sites = {
+        SiteKey("P", well, 1): SimpleNamespace(
+            paths=(tmp_path / well / "0",), channel_names=("DNA",)
+        )
+        for well in ("B02", "C03")
+    }
+    sites[SiteKey("P", "D04", 1)] = SimpleNamespace(
+        paths=(tmp_path / "D04" / "d4",), channel_names=("DNA",)
+    )
+    for name in ("0_cp_masks.tif", "d4_cp_masks.tif"):
+        tifffile.imwrite(tmp_path / name, np.ones((4, 4), np.uint16))
+    found, notes = find_user_labels(tmp_path, sites)
+    assert found == {SiteKey("P", "D04", 1): {"nuclei": tmp_path / "d4_cp_masks.tif"}}
+    assert notes == []

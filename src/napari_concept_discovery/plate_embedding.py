@@ -85,9 +85,11 @@ class EmbedSettings(Settings):
     )
     labels: str | None = option(
         None,
-        "folder of cell labels as `concept-discovery segment --out` writes them "
-        "(<plate>/<well>_s<site>_cells.tif); by default <plate folder>/segmentation is used "
-        "when a finished segmentation is there",
+        "folder of cell labels: as `concept-discovery segment --out` writes them "
+        "(<plate>/<well>_s<site>_cells.tif), CellProfiler masks or label images and Cellpose "
+        "_seg.npy/_cp_masks files named after the site's images, or a folder followed by a "
+        "filename pattern (DIR/{well}_s{site}_*.png); by default <plate folder>/segmentation "
+        "is used when a finished segmentation is there",
         label="label folder",
     )
 
@@ -148,11 +150,15 @@ class SiteInputs:
     cells: str
     labels_path: Path | None = None
     nuclear: str | None = None
+    #: the user's label files (plate.label_files): a binary mask is split by these nuclei
+    split_by: Path | None = None
+    user: bool = False
 
     @property
     def files(self) -> list[Path]:
         """Files whose bytes decide the site's tokens, in a fixed order (for the signature)."""
-        return [*self.images, *([self.labels_path] if self.labels_path is not None else [])]
+        labels = [p for p in (self.labels_path, self.split_by) if p is not None]
+        return [*self.images, *labels]
 
     @property
     def token(self) -> str:
@@ -166,9 +172,19 @@ class SiteInputs:
         if self.cells == "none":
             return None
         if self.cells == "file":
+            from .plate.label_images import read_user_labels
+
+            if self.user:
+                return read_user_labels(self.labels_path, self.split_by, image.shape[-2:])[0]
             from .plate.io import read_labels
 
-            return read_labels(self.labels_path)
+            labels = read_labels(self.labels_path)
+            if labels.shape != tuple(image.shape[-2:]):
+                raise PlateError(
+                    f"cell labels {self.labels_path} have shape {labels.shape} but the images "
+                    f"of {self.key} are {tuple(image.shape[-2:])}"
+                )
+            return labels
         from .segment import channel_ref, segment_site
 
         try:
@@ -189,6 +205,10 @@ def site_inputs(site: Site, cells: str = "auto", nuclear: str | int = "DNA") -> 
     if cells == "none":
         return SiteInputs(site.key, images, "none")
     if cells in ("auto", "file") and path is not None:
+        if getattr(site, "user_labels", False):
+            nuclei = getattr(site, "nuclei_path", None)
+            split_by = Path(nuclei) if nuclei is not None else None
+            return SiteInputs(site.key, images, "file", Path(path), split_by=split_by, user=True)
         return SiteInputs(site.key, images, "file", Path(path))
     if cells == "file":
         raise PlateError(

@@ -22,12 +22,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from skimage import measure
 from skimage.segmentation import relabel_sequential
 
 from . import __version__
 from ._files import atomic_write_bytes, atomic_write_text
 from .errors import PlateError
+from .plate.label_images import read_user_labels
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
 from .segment_classical import cell_channels, find_nuclei_with, segment_classical
@@ -187,46 +187,10 @@ def load_user_labels(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndar
     """Read the user's label image (or binary mask) for a site of ``shape`` as int32 labels.
 
     A binary mask (two values, e.g. 0/1 or 0/255, as CellProfiler writes) becomes connected
-    components; an integer image is taken as labels. Errors name the file.
+    components; an integer image is taken as labels. Errors name the file. To split a binary
+    mask by nuclei, see :func:`.plate.label_files.read_user_labels`.
     """
-    path = Path(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            data = tifffile.imread(path)
-        else:
-            import imageio.v3 as iio
-
-            data = iio.imread(path)
-    except FileNotFoundError:
-        raise PlateError(f"label image not found: {path}") from None
-    except Exception as exc:  # any reader failure is a bad file, named for the user
-        raise PlateError(f"cannot read label image {path}: {exc}") from exc
-    data = np.squeeze(np.asarray(data))
-    if data.ndim == 3 and data.shape[-1] in (3, 4) and tuple(data.shape[:2]) == tuple(shape):
-        if np.all(data[..., :3] == data[..., :1]):  # a grey mask saved as RGB(A)
-            data = data[..., 0]
-    if data.ndim != 2:
-        raise PlateError(f"label image {path} must be 2-D, got shape {data.shape}")
-    if tuple(data.shape) != tuple(shape):
-        raise PlateError(
-            f"label image {path} has shape {data.shape} but the site is {tuple(shape)}"
-        )
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
-            raise PlateError(f"label image {path} holds non-integer values")
-        data = data.astype(np.int64)
-    if data.dtype.kind not in "biu":
-        raise PlateError(f"label image {path} has unsupported type {data.dtype}")
-    if data.min() < 0:
-        raise PlateError(f"label image {path} holds negative labels")
-    values = np.unique(data)
-    if values.size <= 2:  # binary mask: 0 and one foreground value
-        return measure.label(data > 0, connectivity=1).astype(np.int32)
-    if values.max() > np.iinfo(np.int32).max:
-        raise PlateError(f"label image {path} holds labels beyond int32")
-    return data.astype(np.int32)
+    return read_user_labels(path, None, shape)[0]
 
 
 def _write_tiff(path: Path, labels: np.ndarray) -> None:

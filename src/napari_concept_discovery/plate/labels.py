@@ -8,7 +8,13 @@ reads a marked folder's files as images and uses a complete one by itself (an in
 is not used unless named); ``open_plate(..., labels=DIR)`` names any label folder, inside the
 plate or not. Labels from a label folder take the place of the
 layout's own label files (the synthetic plates' ``labels/``) for the sites they cover, since
-the user made them on purpose. See docs/architecture.md, "One room per step".
+the user made them on purpose.
+
+A label folder may also hold labels made elsewhere (:mod:`.label_files`): CellProfiler's masks
+or label exports and Cellpose's ``_seg.npy`` / ``_cp_masks`` files named after the site's
+images, or any label images named by a pattern, given as the folder followed by the pattern
+(``labels="masks/{well}_s{site}_*.png"``). Sites the folder's own files do not cover are
+looked up that way. See docs/architecture.md, "One room per step".
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 from pathlib import Path
 
 from ..errors import PlateError
+from .label_files import find_user_labels
 from .model import Plate, Site, SiteKey, _listing
 
 #: Default label folder inside a plate folder, found by ``open_plate`` when it holds the marker.
@@ -59,14 +66,38 @@ def read_marker(folder: str | os.PathLike) -> dict:
         return {}
 
 
+def split_label_spec(spec: str | os.PathLike) -> tuple[Path, str | None]:
+    """(folder, pattern) of a label folder as a user names it: the folder, or the folder
+    followed by a filename pattern (the first path component holding ``{`` or ``*`` starts
+    the pattern)."""
+    parts = Path(spec).expanduser().parts
+    for i, part in enumerate(parts):
+        if "{" in part or "*" in part:
+            if i == 0:
+                return Path("."), "/".join(parts)
+            return Path(*parts[:i]), "/".join(parts[i:])
+    return Path(*parts) if parts else Path("."), None
+
+
+def label_spec(folder: Path, pattern: str | None) -> str:
+    """The inverse of :func:`split_label_spec` (what ``Plate.source`` records)."""
+    return str(folder) if pattern is None else f"{folder}/{pattern}"
+
+
 def attach_label_folder(
-    sites: dict[SiteKey, Site], folder: str | os.PathLike, *, explicit: bool
+    sites: dict[SiteKey, Site],
+    folder: str | os.PathLike,
+    *,
+    explicit: bool,
+    pattern: str | None = None,
 ) -> tuple[set[Path], list[str]]:
     """Point each site with labels in ``folder`` at them; returns (files used, notes).
 
-    A folder named by the user that covers no site at all is an error (most likely the wrong
-    folder); partial coverage is a note, so that the rest of the sites fall back on the
-    layout's label files or segmentation.
+    Our own files (:func:`label_paths`) first; with ``pattern``, or for the sites they leave
+    out, the user's files (:func:`.label_files.find_user_labels`). A folder named by the user
+    that covers no site at all is an error (most likely the wrong folder); partial coverage
+    is a note, so that the rest of the sites fall back on the layout's label files or
+    segmentation.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -75,10 +106,11 @@ def attach_label_folder(
     missing = []
     for key, site in sites.items():
         cells, nuclei = label_paths(folder, key)
-        if not cells.is_file():
-            missing.append(str(key))
+        if pattern is not None or not cells.is_file():
+            missing.append(key)
             continue
         site.labels_path = cells
+        site.user_labels = False
         used.add(cells)
         if nuclei.is_file():
             site.nuclei_path = nuclei
@@ -86,11 +118,25 @@ def attach_label_folder(
         else:
             site.nuclei_path = None  # the layout's nuclei would not match these cells
     notes = []
+    if missing:
+        found, notes = find_user_labels(folder, {k: sites[k] for k in missing}, pattern)
+        for key, files in found.items():
+            if "cells" not in files:
+                continue
+            site = sites[key]
+            site.labels_path = files["cells"]
+            site.nuclei_path = files.get("nuclei")
+            site.user_labels = True
+            used.update(files.values())
+        missing = [k for k in missing if "cells" not in found.get(k, {})]
     if not used and sites:
         example = label_paths(folder, next(iter(sites)))[0]
         message = (
             f"no cell labels for any site in the label folder {folder}: expected files such as "
-            f"{example} (as `concept-discovery segment` writes them)"
+            f"{example} (as `concept-discovery segment` writes them), files named after the "
+            "site's images with a suffix naming cells or nuclei (CellProfiler's "
+            "<image>_MaskCells.tiff, Cellpose's <image>_seg.npy or <image>_cp_masks.png)"
+            + (f", or files matching the pattern {pattern!r}" if pattern else "")
         )
         if explicit:
             raise PlateError(message)
@@ -98,16 +144,18 @@ def attach_label_folder(
     elif missing:
         notes.append(
             f"label folder {folder} has no cell labels for {len(missing)} of {len(sites)} "
-            f"site(s): {_listing(missing, 5, '; ')}"
+            f"site(s): {_listing([str(k) for k in missing], 5, '; ')}"
         )
     return used, notes
 
 
 def with_label_folder(plate: Plate, folder: str | os.PathLike) -> Plate:
-    """A copy of ``plate`` whose sites take their cell labels from a label folder."""
-    folder = Path(folder).expanduser().resolve()
+    """A copy of ``plate`` whose sites take their cell labels from a label folder (which may
+    end in a filename pattern, :func:`split_label_spec`)."""
+    folder, pattern = split_label_spec(folder)
+    folder = folder.resolve()
     sites = {k: dataclasses.replace(s) for k, s in plate.sites.items()}
-    _, notes = attach_label_folder(sites, folder, explicit=True)
+    _, notes = attach_label_folder(sites, folder, explicit=True, pattern=pattern)
     out = Plate(
         plate.root,
         plate.layout,
@@ -115,7 +163,7 @@ def with_label_folder(plate: Plate, folder: str | os.PathLike) -> Plate:
         sites,
         metadata=plate.metadata,
         warnings=plate.warnings,
-        source={**plate.source, "labels": str(folder)},
+        source={**plate.source, "labels": label_spec(folder, pattern)},
         label_folder=folder,
     )
     for message in notes:

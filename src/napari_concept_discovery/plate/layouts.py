@@ -19,7 +19,14 @@ import pandas as pd
 
 from ..errors import PlateError
 from . import io
-from .labels import attach_label_folder, found_label_folder, marked_label_folder
+from .label_files import named_after_others
+from .labels import (
+    attach_label_folder,
+    found_label_folder,
+    label_spec,
+    marked_label_folder,
+    split_label_spec,
+)
 from .metadata import find_column, join_metadata, load_table, row_plates, row_wells
 from .model import Plate, Site, SiteKey, _listing, normalize_well, well_from_row_col
 from .pattern import FilenamePattern
@@ -81,13 +88,16 @@ def open_plate(
     if layout == "ome-zarr" or (layout == "auto" and pattern is None and _ome_zarr_plates(root)):
         return _open_ome_zarr(root, metadata, channel_names, labels, check)
 
-    label_folder = Path(labels).expanduser().resolve() if labels is not None else None
-    if label_folder is not None and not label_folder.is_dir():
-        raise PlateError(f"label folder not found: {label_folder}")
-    if label_folder is None:
-        label_folder = found_label_folder(root)
+    label_folder, label_pattern = _label_folder(root, labels)
     skip = {f for f in (label_folder, marked_label_folder(root)) if f is not None}
-    files = _walk(root, skip=skip)
+    if label_folder is not None and root.resolve().is_relative_to(label_folder):
+        # labels beside the images (Cellpose writes them there): the walk keeps the folder and
+        # the label files, named after the images, are kept out of the image listing
+        skip.discard(label_folder)
+        files = _walk(root, skip=skip)
+        files = [f for f in files if f not in named_after_others(files)]
+    else:
+        files = _walk(root, skip=skip)
     notes: list[str] = []
     table, table_name = _metadata_source(root, metadata)
     if layout == "auto":
@@ -118,7 +128,9 @@ def open_plate(
     if layout == "rxrx":
         used |= _attach_labels(sites)
     if label_folder is not None:
-        found, label_notes = attach_label_folder(sites, label_folder, explicit=labels is not None)
+        found, label_notes = attach_label_folder(
+            sites, label_folder, explicit=labels is not None, pattern=label_pattern
+        )
         used |= found
         notes += label_notes
     _report_stray_files(root, files, used, pat, notes)
@@ -132,7 +144,7 @@ def open_plate(
         "pattern": pattern,
         "metadata": table_path,
         "channel_names": _plain_names(channel_names),
-        "labels": str(label_folder) if labels is not None else None,
+        "labels": label_spec(label_folder, label_pattern) if labels is not None else None,
     }
     plate = Plate(
         root, layout, names, sites, metadata=table, source=source, label_folder=label_folder
@@ -177,13 +189,11 @@ def _open_ome_zarr(root: Path, metadata, channel_names, labels, check) -> Plate:
             names = list(given)
         for key, site in sites.items():
             sites[key] = replace(site, channel_names=tuple(names))
-    label_folder = Path(labels).expanduser().resolve() if labels is not None else None
-    if label_folder is not None and not label_folder.is_dir():
-        raise PlateError(f"label folder not found: {label_folder}")
-    if label_folder is None:
-        label_folder = found_label_folder(root)
+    label_folder, label_pattern = _label_folder(root, labels)
     if label_folder is not None:
-        _, label_notes = attach_label_folder(sites, label_folder, explicit=labels is not None)
+        _, label_notes = attach_label_folder(
+            sites, label_folder, explicit=labels is not None, pattern=label_pattern
+        )
         notes += label_notes
     table, table_name = _metadata_source(root, metadata)
     table_path = None
@@ -195,7 +205,7 @@ def _open_ome_zarr(root: Path, metadata, channel_names, labels, check) -> Plate:
         "pattern": None,
         "metadata": table_path,
         "channel_names": _plain_names(channel_names),
-        "labels": str(label_folder) if labels is not None else None,
+        "labels": label_spec(label_folder, label_pattern) if labels is not None else None,
     }
     plate = Plate(
         root, "ome-zarr", names, sites, metadata=table, source=source, label_folder=label_folder
@@ -278,6 +288,18 @@ def walk_files(root: Path, skip: set[Path] = frozenset(), limit: int | None = No
             return Walk(files, False, entries)
         stack += [folder / d for d in sorted(dirs, reverse=True)]
     return Walk(files, True, entries)
+
+
+def _label_folder(root: Path, labels) -> tuple[Path | None, str | None]:
+    """(folder, pattern) of the ``labels`` argument (:func:`.labels.split_label_spec`), or the
+    plate's own finished segmentation folder when none is given."""
+    if labels is None:
+        return found_label_folder(root), None
+    folder, pattern = split_label_spec(labels)
+    folder = folder.resolve()
+    if not folder.is_dir():
+        raise PlateError(f"label folder not found: {folder}")
+    return folder, pattern
 
 
 def _walk(root: Path, skip: set[Path] = frozenset()) -> list[Path]:

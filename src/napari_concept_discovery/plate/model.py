@@ -86,6 +86,9 @@ class Site:
     metadata: dict = field(default_factory=dict)
     labels_path: Path | None = None
     nuclei_path: Path | None = None
+    #: The label files are the user's (CellProfiler, Cellpose, a pattern): binary masks are
+    #: split by the nuclei and nucleus ids matched to the cells (:mod:`.label_files`).
+    user_labels: bool = False
 
     def read(self) -> np.ndarray:
         """The (C, H, W) image as stored (uint8/uint16); PlateError names the file at fault."""
@@ -109,11 +112,23 @@ class Site:
 
     def read_labels(self) -> np.ndarray | None:
         """Cell labels (int32, 0 = background) when the plate carries them, else None."""
-        return None if self.labels_path is None else io.read_labels(self.labels_path)
+        if self.labels_path is None:
+            return None
+        if self.user_labels:
+            from .label_images import read_user_labels
+
+            return read_user_labels(self.labels_path, self.nuclei_path)[0]
+        return io.read_labels(self.labels_path)
 
     def read_nuclei(self) -> np.ndarray | None:
         """Nucleus labels (same ids as the cells) when the plate carries them, else None."""
-        return None if self.nuclei_path is None else io.read_labels(self.nuclei_path)
+        if self.nuclei_path is None:
+            return None
+        if self.user_labels and self.labels_path is not None:
+            from .label_images import read_user_labels
+
+            return read_user_labels(self.labels_path, self.nuclei_path)[1]
+        return io.read_labels(self.nuclei_path)
 
     def header(self) -> tuple[tuple[int, ...], np.dtype]:
         """(C, H, W) and dtype from file headers only; PlateError on unreadable or unequal files."""

@@ -75,5 +75,20 @@ class FilenamePattern:
         m = self._regex.fullmatch("/".join(parts[-self.depth :]))
         return None if m is None else m.groupdict()
 
+    def literal_text(self, parts: tuple[str, ...]) -> str | None:
+        """The matched name with each field's text blanked (what the literal parts and ``*``
+        matched), or None when it does not match."""
+        if len(parts) < self.depth:
+            return None
+        text = "/".join(parts[-self.depth :])
+        m = self._regex.fullmatch(text)
+        if m is None:
+            return None
+        out = list(text)
+        for name in self.fields:
+            start, end = m.span(name)
+            out[start:end] = [" "] * (end - start)
+        return "".join(out)
+
     def __repr__(self) -> str:
         return f"FilenamePattern({self.text!r})"
