@@ -42,7 +42,9 @@ def _writer(plate, settings: EmbedSettings, out, backend):
     from .store import StoreWriter
 
     inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
-    embedder = Embedder(backend, settings.block, settings.batch_size, settings.channel_tokens)
+    embedder = Embedder(
+        backend, settings.block, settings.batch_size, settings.channel_tokens, settings.precision
+    )
     record = settings.replace(model=model_source(backend), block=embedder.block)
     writer = StoreWriter(out, plate, backend, embedder.block, inputs, settings=record.to_dict())
     return writer, embedder, inputs
