@@ -461,3 +461,25 @@ print("ok")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_training_whitens_once_and_reaches_the_dictionary_of_prewhitened_tokens():
+    """Raw tokens with a (per-group) whitener train batch for batch like tokens whitened by hand
+    beforehand; above the memory limit the set streams and is whitened per batch instead."""
+    from napari_concept_discovery.dictionary.training import whiten_once
+
+    rng = np.random.default_rng(4)
+    raw = (rng.standard_normal((1500, 12)) @ rng.standard_normal((12, 12)) + 2).astype(np.float32)
+    groups = np.array(["P1", "P2"] * 750)
+    w = Whitener(group_by="plate").fit(raw, groups)
+    cfg = ICFLConfig(n_atoms=32, n_iter=2, n_pick=2)
+    a = train(ICFL(12, cfg, seed=1), raw, steps=12, batch_size=256, whitener=w, groups=groups)
+    white = w.transform(raw, groups)
+    b = train(ICFL(12, cfg, seed=1), white, steps=12, batch_size=256)
+    torch.testing.assert_close(a.model.W, b.model.W, rtol=0, atol=0)
+    torch.testing.assert_close(a.model.b, b.model.b, rtol=0, atol=0)
+    once, none_w, none_g = whiten_once(raw, w, groups)
+    np.testing.assert_array_equal(once, white)
+    assert none_w is None and none_g is None
+    kept = whiten_once(raw, w, groups, limit=1000)
+    assert kept[0] is raw and kept[1] is w and kept[2] is groups
