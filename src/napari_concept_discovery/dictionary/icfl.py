@@ -114,27 +114,6 @@ def top_l(scores: torch.Tensor, n_pick: int, block: int = 64):
     return values, cols.gather(1, where)
 
 
-def gram_matrix(atoms: torch.Tensor, out: torch.Tensor | None = None, tile: int = 256):
-    """G = W^T W for atoms as rows (M, D), written into ``out`` when given.
-
-    G is symmetric, so only its upper triangle is multiplied out, one strip of ``tile`` rows at
-    a time (strip i against atoms from i on), and the lower triangle is copied from it tile by
-    tile. Kept for callers that want G in row layout; the pursuit uses :func:`gram_blocks`.
-    """
-    m = atoms.shape[0]
-    if out is None:
-        out = atoms.new_empty(m, m)
-    if m < 2 * tile:
-        return torch.mm(atoms, atoms.T, out=out)
-    edges = list(range(0, m, tile)) + [m]
-    for a in edges[:-1]:
-        torch.mm(atoms[a : a + tile], atoms[a:].T, out=out[a : a + tile, a:])
-    for i, a in enumerate(edges[:-1]):
-        for c in edges[i + 1 : -1]:
-            out[c : c + tile, a : a + tile].copy_(out[a : a + tile, c : c + tile].T)
-    return out
-
-
 def gram_blocks(atoms: torch.Tensor, width: int, out: torch.Tensor | None = None):
     """G = W^T W in column blocks: ``out[k]`` (M, width) holds the columns of block k.
 
