@@ -74,12 +74,13 @@ def phases(model: ICFL, x: torch.Tensor) -> dict[str, float]:
     s1, s2 = picked.unsqueeze(2), picked.unsqueeze(1)
     where = (s2 // width) * (m * width) + s1 * width + s2 % width
     coef = icfl_mod._solve(flat.take(where), rhs)
-    update = icfl_mod._coefficient_matrix(picked, coef, m)
+    rows = (torch.arange(n_blocks) * m).view(n_blocks, 1, 1)
 
     def score_update():
-        for k in range(n_blocks):
-            scores[k].addmm_(update, gram[k])
-            torch.amax(scores[k], 1, out=block_max[k])
+        cols = (rows + picked).view(-1, cfg.n_pick)
+        update = icfl_mod._coefficient_matrix(cols, coef.expand(n_blocks, -1, -1), n_blocks * m)
+        scores.view(-1, width).addmm_(update, gram.view(-1, width))
+        torch.amax(scores, 2, out=block_max)
 
     j = cfg.n_iter
     return {

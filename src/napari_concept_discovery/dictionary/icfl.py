@@ -214,11 +214,14 @@ def pursuit_gram(
     After picking S with coefficients c the scores become ``s - G[:, S] c``, and the normal
     equations use G[S, S], so an iteration costs B*M*L instead of the B*D*M of rescoring the
     residual. That update is bound by memory, not arithmetic, so scores and G are kept in
-    column blocks of ``width`` atoms (:func:`gram_blocks`): one block of G stays in cache while
-    every token's scores in that block are updated (a sparse-dense product), and the block's
-    per-token maxima are taken while its scores are still in cache, which is all the next pick
-    needs to find its candidates (:func:`_pick_blocked`). Tokens go through in chunks of
-    ``chunk`` (the scores take chunk x M floats).
+    column blocks of ``width`` atoms (:func:`gram_blocks`): the update is one sparse-dense
+    product over the stacked blocks, block after block, so each block of G stays in cache while
+    every token's scores in that block are updated, and G streams from memory once per
+    iteration. One product rather than a call per block also matters on a shared machine: with
+    several threads, every parallel call waits for a thread another process may hold. Each
+    block's per-token maximum is all the next pick needs to find its candidates
+    (:func:`_pick_blocked`). Tokens go through in chunks of ``chunk`` (the scores take
+    chunk x M floats).
 
     ``gram``: G in the layout :func:`gram_blocks` returns for the padded atoms, when the caller
     has it. ``workspace``, a dict the caller keeps between calls (the training step does),
@@ -237,6 +240,8 @@ def pursuit_gram(
         )
     blocks_t = padded.view(n_blocks, width, -1).transpose(1, 2)  # (blocks, D, width)
     flat_gram = gram.view(-1)
+    stacked_gram = gram.view(n_blocks * mp, width)
+    block_rows = (torch.arange(n_blocks, device=atoms.device) * mp).view(n_blocks, 1, 1)
     values = residual.new_empty(b, n_iter * n_pick)
     indices = torch.empty(b, n_iter * n_pick, dtype=torch.long, device=residual.device)
     for start in range(0, b, chunk):
@@ -259,10 +264,12 @@ def pursuit_gram(
             indices[rows, slots] = picked
             if j == n_iter - 1:
                 break  # the scores after the last pick are not needed
-            update = _coefficient_matrix(picked, coef, mp)  # -C, (n, M) with L per row
-            for k in range(n_blocks):
-                scores[k].addmm_(update, gram[k])
-                torch.amax(scores[k], 1, out=block_max[k])
+            # scores[k] -= C G[:, block k] for every block k at once: one CSR product whose row
+            # (k, b) holds token b's L coefficients at rows k*M + S of the stacked blocks of G
+            cols = (block_rows + picked).view(n_blocks * n, n_pick)
+            update = _coefficient_matrix(cols, coef.expand(n_blocks, n, n_pick), n_blocks * mp)
+            scores.view(n_blocks * n, width).addmm_(update, stacked_gram)
+            torch.amax(scores, 2, out=block_max)
     return Codes(values, indices)
 
 
