@@ -170,6 +170,58 @@ def test_gram_pursuit_matches_plain_reference(n_iter, n_pick, m, n):
     )
 
 
+def test_gram_blocks_hold_the_full_symmetric_gram_matrix():
+    from napari_concept_discovery.dictionary.icfl import gram_blocks
+
+    atoms = torch.randn(96, 20, dtype=torch.float64)
+    blocks = gram_blocks(atoms, 32)  # (3, 96, 32): column block k of G
+    full = torch.cat(list(blocks), dim=1)
+    torch.testing.assert_close(full, atoms @ atoms.T, rtol=0, atol=1e-12)
+    assert torch.equal(full, full.T)  # the lower tiles are copies of the upper ones
+
+
+@pytest.mark.parametrize("m,width", [(48, 32), (300, 128), (64, 128), (512, 128)])
+def test_gram_pursuit_column_blocks_match_plain_pursuit(m, width):
+    """Padding to whole blocks (48 -> 64, 300 -> 384), fewer blocks than picks (2 < 4) and a
+    dictionary narrower than one block give the plain pursuit's codes, pick for pick."""
+    g = torch.Generator().manual_seed(m)
+    d, n, n_iter, n_pick = 24, 300, 8, 4
+    atoms = torch.randn(m, d, generator=g, dtype=torch.float64)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    fast = pursuit_gram(x, atoms, n_iter, n_pick, chunk=128, width=width)
+    plain = pursuit_plain(x, atoms, n_iter, n_pick)
+    for j in range(n_iter):
+        sl = slice(j * n_pick, (j + 1) * n_pick)
+        torch.testing.assert_close(
+            fast.indices[:, sl].sort(1).values, plain.indices[:, sl].sort(1).values, rtol=0, atol=0
+        )
+    np.testing.assert_allclose(
+        _dense(fast.values.numpy(), fast.indices.numpy(), m),
+        _dense(plain.values.numpy(), plain.indices.numpy(), m),
+        atol=1e-9,
+    )
+
+
+def test_icfl_encode_keeps_its_gram_matrix_only_while_the_atoms_stay():
+    d, m = 16, 200
+    model = ICFL(d, ICFLConfig(n_atoms=m, n_iter=3, n_pick=2), seed=0).double().eval()
+    x = torch.randn(50, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    first = model.encode(x)
+    gram = model._gram_cache[1]
+    assert model.encode(x).indices.equal(first.indices) and model._gram_cache[1] is gram
+    other = ICFL(d, ICFLConfig(n_atoms=m, n_iter=3, n_pick=2), seed=5).double()
+    model.load_tensors(other.tensors())  # new atoms in the same storage
+    codes = model.encode(x)
+    assert model._gram_cache[1] is not gram
+    plain = pursuit_plain(x - model.b.detach(), model.W.detach(), 3, 2)
+    np.testing.assert_allclose(
+        _dense(codes.values.numpy(), codes.indices.numpy(), m),
+        _dense(plain.values.numpy(), plain.indices.numpy(), m),
+        atol=1e-9,
+    )
+
+
 def test_blocked_top_l_equals_topk():
     from napari_concept_discovery.dictionary.icfl import top_l
 
@@ -409,3 +461,25 @@ print("ok")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_training_whitens_once_and_reaches_the_dictionary_of_prewhitened_tokens():
+    """Raw tokens with a (per-group) whitener train batch for batch like tokens whitened by hand
+    beforehand; above the memory limit the set streams and is whitened per batch instead."""
+    from napari_concept_discovery.dictionary.training import whiten_once
+
+    rng = np.random.default_rng(4)
+    raw = (rng.standard_normal((1500, 12)) @ rng.standard_normal((12, 12)) + 2).astype(np.float32)
+    groups = np.array(["P1", "P2"] * 750)
+    w = Whitener(group_by="plate").fit(raw, groups)
+    cfg = ICFLConfig(n_atoms=32, n_iter=2, n_pick=2)
+    a = train(ICFL(12, cfg, seed=1), raw, steps=12, batch_size=256, whitener=w, groups=groups)
+    white = w.transform(raw, groups)
+    b = train(ICFL(12, cfg, seed=1), white, steps=12, batch_size=256)
+    torch.testing.assert_close(a.model.W, b.model.W, rtol=0, atol=0)
+    torch.testing.assert_close(a.model.b, b.model.b, rtol=0, atol=0)
+    once, none_w, none_g = whiten_once(raw, w, groups)
+    np.testing.assert_array_equal(once, white)
+    assert none_w is None and none_g is None
+    kept = whiten_once(raw, w, groups, limit=1000)
+    assert kept[0] is raw and kept[1] is w and kept[2] is groups

@@ -93,3 +93,57 @@ def test_clear_errors(backend):
         embed_site(bad, backend)
     with pytest.raises(PlateError, match="labels of shape"):
         embed_site(_image(h=32, w=32), backend, labels=np.zeros((16, 16), np.int32))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _default_backend():
+    from napari_concept_discovery.models import load_model
+
+    return load_model("default", "cpu")
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [
+        pytest.param(
+            "bf16",
+            marks=pytest.mark.skipif(
+                not __import__("napari_concept_discovery.embed").embed.cpu_has_bf16(),
+                reason="this CPU has no native bf16",
+            ),
+        ),
+        "int8",
+    ],
+)
+def test_reduced_precision_tokens_stay_at_cosine_099_to_fp32(precision):
+    """The bundled (trained) model on a synthetic Cell Painting site: every patch, crop and
+    cell token of the bf16 / int8 forward points where the fp32 one does."""
+    from napari_concept_discovery.synth import generate_site
+
+    backend = _default_backend()
+    site = generate_site("HEPG2", size=256, seed=3)
+    image, labels = site.image, site.cells
+    ref = embed_site(image, backend, labels=labels)
+    got = embed_site(image, backend, labels=labels, precision=precision)
+    assert got.patch_grid.dtype == np.float32 and got.patch_grid.shape == ref.patch_grid.shape
+    assert len(ref.cell_tokens) > 3
+    for name in ("patch_grid", "crop_tokens", "cell_tokens"):
+        cos = _cosines(getattr(got, name), getattr(ref, name))
+        assert cos.min() >= 0.99, (name, float(cos.min()))
+    assert not np.array_equal(got.patch_grid, ref.patch_grid)  # it did run at lower precision
+    # the int8 copy leaves the backend's own float weights alone
+    again = embed_site(image, backend, labels=labels)
+    np.testing.assert_array_equal(again.patch_grid, ref.patch_grid)
+
+
+def test_precision_errors_name_the_problem(backend):
+    from napari_concept_discovery.embed import check_precision
+
+    with pytest.raises(ModelError, match=r"precision 'fp16' is not one of fp32, bf16, int8"):
+        embed_site(_image(h=32, w=32), backend, precision="fp16")
+    with pytest.raises(ModelError, match="int8 .* runs on the CPU, not cuda"):
+        check_precision("int8", torch.device("cuda"))

@@ -44,7 +44,7 @@ def _writer(plate, settings: EmbedSettings, out, backend):
 
     inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
     channels = resolve_channel_tokens(settings, backend, len(plate.channel_names))
-    embedder = Embedder(backend, settings.block, settings.batch_size, channels)
+    embedder = Embedder(backend, settings.block, settings.batch_size, channels, settings.precision)
     record = settings.replace(
         model=model_source(backend), block=embedder.block, channel_tokens=channels
     )

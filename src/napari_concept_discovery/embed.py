@@ -30,6 +30,7 @@ import torch
 
 from .errors import ModelError, PlateError
 from .models import Backend
+from .plate_embedding import PRECISIONS
 from .progress import Cancel, is_cancelled
 
 
@@ -151,13 +152,61 @@ def pool_cells(
     return tokens, table, ch
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPUs (CUDA), full precision elsewhere (CPU bf16 is slower here)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+# Precision of the forward pass (PRECISIONS): full float32; bfloat16 autocast (matrix
+# products and attention in bf16, norms and sums in fp32), for CPUs with native bf16
+# (AVX512-BF16 / AMX) and GPUs; or the Linear layers' weights quantised to int8 with per-batch
+# dynamic activation scales (CPU). benchmarks/bench_embed.py measures tiles/s and token cosine.
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise ModelError when ``precision`` is unknown or cannot run (fast) on ``device``."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        raise ModelError(
+            "precision bf16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), "
+            "where bf16 is slower than fp32; use precision fp32"
+        )
+    if precision == "int8" and device.type != "cpu":
+        raise ModelError(f"precision int8 (dynamic quantisation) runs on the CPU, not {device}")
+
+
+def autocast_for(device: torch.device, precision: str = "fp32"):
+    """The autocast context of a forward pass at ``precision`` (bf16 only; else none)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def with_precision(backend: Backend, precision: str) -> Backend:
+    """``backend`` as it runs at ``precision``: itself, or for int8 a copy whose Linear layers
+    are dynamically quantised (the original keeps its float weights)."""
+    check_precision(precision, backend.device)
+    if precision != "int8":
+        return backend
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    quantised = copy.copy(backend)
+    with warnings.catch_warnings():  # torch marks its quantised tensor types as deprecated
+        warnings.filterwarnings("ignore", ".*quantize_per_tensor.*deprecated", UserWarning)
+        warnings.filterwarnings("ignore", ".*torch.ao.quantization.*deprecated", DeprecationWarning)
+        quantised.model = quantize_dynamic(
+            copy.deepcopy(backend.module), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return quantised
 
 
 @dataclass
@@ -183,8 +232,10 @@ class Embedder:
         block: int | None = None,
         batch_size: int = 16,
         channel_tokens: bool = False,
+        precision: str = "fp32",
     ):
-        self.backend = backend
+        self.backend = with_precision(backend, precision)
+        self.precision = precision
         self.block = backend.resolve_block(block)
         self.batch_size = max(1, int(batch_size))
         self.channel_tokens = bool(channel_tokens)
@@ -196,7 +247,7 @@ class Embedder:
         """Tokens (T, G, N, D) float32 on CPU for a stack of [0, 1] tiles, in batches."""
         dev = self.backend.device
         outs = []
-        with torch.inference_mode(), autocast_for(dev):
+        with torch.inference_mode(), autocast_for(dev, self.precision):
             for i in range(0, len(tiles), self.batch_size):
                 x = torch.from_numpy(tiles[i : i + self.batch_size]).to(dev, non_blocking=True)
                 outs.append(self.backend.tokens(x, self.block).float().cpu())
@@ -356,6 +407,7 @@ def embed_site(
     labels: np.ndarray | None = None,
     batch_size: int = 16,
     channel_tokens: bool = False,
+    precision: str = "fp32",
 ) -> SiteTokens:
     """Tokens of one (C, H, W) site; see the module docstring for the edge and pooling rules."""
-    return Embedder(backend, block, batch_size, channel_tokens).embed(image, labels)
+    return Embedder(backend, block, batch_size, channel_tokens, precision).embed(image, labels)

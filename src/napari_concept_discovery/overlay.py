@@ -363,5 +363,6 @@ def embed_with_cells(store, key, labels: np.ndarray, *, plate=None, backend=None
             f"{image.shape[-2]} x {image.shape[-1]}"
         )
     batch = store.embed_settings.get("batch_size", 16)
-    embedder = Embedder(backend, store.block, batch, store.has_channel_tokens)
+    precision = store.embed_settings.get("precision", "fp32")
+    embedder = Embedder(backend, store.block, batch, store.has_channel_tokens, precision)
     return embedder.embed(image, lab.astype(np.int32), key=key)

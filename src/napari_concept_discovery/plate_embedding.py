@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 #: ("auto"), or no cells.
 CELL_SOURCES = ("auto", "file", "segment", "none")
 CHANNEL_RULES = ("per-channel", "mean", "identity")
+#: Arithmetic of the forward pass (:func:`.embed.with_precision`).
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass
@@ -69,6 +71,13 @@ class EmbedSettings(Settings):
         "block index from 0, negative from the end (default: the model's recommended block)",
     )
     batch_size: int = option(16, "tiles per forward pass")
+    precision: str = option(
+        "fp32",
+        "arithmetic of the forward pass: fp32 | bf16 (bfloat16 autocast; GPUs and CPUs with "
+        "AVX512-BF16/AMX, tokens at cosine >= 0.99 to fp32) | int8 (dynamically quantised "
+        "Linear layers, CPU); benchmarks/bench_embed.py measures what each gives",
+        choices=PRECISIONS,
+    )
     device: str | None = option(None, "cuda | mps | cpu (default: best available)")
     cells: str = option(
         "auto",
@@ -330,7 +339,7 @@ def _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overw
     from .store import StoreWriter
 
     channels = resolve_channel_tokens(settings, backend, len(plate.channel_names))
-    embedder = Embedder(backend, settings.block, settings.batch_size, channels)
+    embedder = Embedder(backend, settings.block, settings.batch_size, channels, settings.precision)
     record = settings.replace(
         model=model_source(backend), block=embedder.block, channel_tokens=channels
     )
@@ -466,6 +475,10 @@ def embed_store_site(
             site, image, recorded.get("cells", "auto"), recorded.get("nuclear", "DNA")
         )
     embedder = Embedder(
-        backend, store.block, recorded.get("batch_size", 16), store.has_channel_tokens
+        backend,
+        store.block,
+        recorded.get("batch_size", 16),
+        store.has_channel_tokens,
+        recorded.get("precision", "fp32"),
     )
     return embedder.embed(image, labels, key=key)

@@ -55,6 +55,9 @@ class ICFLConfig(DictionaryConfig):
         return self.n_iter * self.n_pick
 
 
+GRAM_WIDTH = 128  # atoms per column block of G and of the scores (see pursuit_gram)
+
+
 def _solve(gram_ss: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Batched least squares through the L x L normal equations (B, L, L) c = (B, L).
 
@@ -111,27 +114,27 @@ def top_l(scores: torch.Tensor, n_pick: int, block: int = 64):
     return values, cols.gather(1, where)
 
 
-def gram_matrix(atoms: torch.Tensor, out: torch.Tensor | None = None, tile: int = 256):
-    """G = W^T W for atoms as rows (M, D), written into ``out`` when given.
+def gram_blocks(atoms: torch.Tensor, width: int, out: torch.Tensor | None = None):
+    """G = W^T W in column blocks: ``out[k]`` (M, width) holds the columns of block k.
 
-    G is symmetric, so only its upper triangle is multiplied out, one strip of ``tile`` rows at
-    a time (strip i against atoms from i on), and the lower triangle is copied from it tile by
-    tile: (n + 1) / 2n of the multiply-adds of one full product for n strips (17/32 at
-    M = 4096), and the same dot products as ``atoms @ atoms.T`` up to rounding. Reusing ``out``
-    across training steps also saves the page faults of a fresh (M, M) allocation per step
-    (measured: a third of the cost of the product at M = 4096 on one thread).
+    ``atoms`` (M, D) with M a multiple of ``width``. The layout is what the pursuit's score
+    update wants: updating one column block of every token's scores reads only that block of
+    G (a few MiB, cache-resident), so G streams from memory once per pursuit iteration instead
+    of once per token row. G is symmetric: block k's rows from block k on are multiplied out
+    (one product per block, about half the multiply-adds of the full product), and its rows
+    above come from the transposed tiles of the blocks before it (one copy per block).
     """
     m = atoms.shape[0]
+    n_blocks = m // width
     if out is None:
-        out = atoms.new_empty(m, m)
-    if m < 2 * tile:
-        return torch.mm(atoms, atoms.T, out=out)
-    edges = list(range(0, m, tile)) + [m]
-    for a in edges[:-1]:
-        torch.mm(atoms[a : a + tile], atoms[a:].T, out=out[a : a + tile, a:])
-    for i, a in enumerate(edges[:-1]):
-        for c in edges[i + 1 : -1]:
-            out[c : c + tile, a : a + tile].copy_(out[a : a + tile, c : c + tile].T)
+        out = atoms.new_empty(n_blocks, m, width)
+    for k in range(n_blocks):
+        a = k * width
+        torch.mm(atoms[a:], atoms[a : a + width].T, out=out[k, a:])
+    for k in range(1, n_blocks):
+        a = k * width
+        # out[k][j-th tile] = G[block j, block k] = G[block k, block j]^T = out[j][k-th tile]^T
+        out[k, :a].view(k, width, width).copy_(out[:k, a : a + width].transpose(1, 2))
     return out
 
 
@@ -146,12 +149,6 @@ def _workspace_buffer(workspace: dict | None, name: str, shape, like: torch.Tens
     if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
         buf = workspace[name] = like.new_empty(n)
     return buf[:n].view(shape)
-
-
-def _gram_block(gram: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """G[S, S] for every row's picks S (B, L) as (B, L, L), through one flat ``take``."""
-    m = gram.shape[0]
-    return gram.take(picked.unsqueeze(2) * m + picked.unsqueeze(1))
 
 
 def _coefficient_matrix(picked: torch.Tensor, coef: torch.Tensor, m: int) -> torch.Tensor:
@@ -169,6 +166,38 @@ def _coefficient_matrix(picked: torch.Tensor, coef: torch.Tensor, m: int) -> tor
         )
 
 
+def _block_width(m: int, width: int = GRAM_WIDTH) -> int:
+    """The column-block width the pursuit uses for M atoms: ``width``, or M when fewer."""
+    return max(1, min(width, m))
+
+
+def _padded_atoms(atoms: torch.Tensor, width: int) -> torch.Tensor:
+    """``atoms`` with zero rows appended up to a multiple of ``width`` (no copy when none)."""
+    m = atoms.shape[0]
+    pad = -m % width
+    if not pad:
+        return atoms
+    return torch.cat([atoms, atoms.new_zeros(pad, atoms.shape[1])])
+
+
+def _pick_blocked(scores: torch.Tensor, block_max: torch.Tensor, n_pick: int):
+    """The ``n_pick`` highest scores per token from block-layout scores (blocks, B, width).
+
+    The ``n_pick`` largest scores of a row lie in its ``n_pick`` blocks with the largest
+    maxima, so ``topk`` runs on those few blocks only (exact, as :func:`top_l`).
+    Returns (values, atom indices), both (B, n_pick), unsorted.
+    """
+    n_blocks, b, width = scores.shape
+    n_sel = min(n_pick, n_blocks)
+    best = block_max.T.topk(n_sel, dim=1, sorted=False).indices  # (B, n_sel)
+    rows = best * b + torch.arange(b, device=scores.device).unsqueeze(1)
+    flat = scores.view(n_blocks * b, width)
+    candidates = flat.index_select(0, rows.reshape(-1)).view(b, n_sel * width)
+    values, where = candidates.topk(n_pick, dim=1, sorted=False)
+    picked = best.gather(1, where // width) * width + where % width
+    return values, picked
+
+
 @torch.no_grad()
 def pursuit_gram(
     residual: torch.Tensor,
@@ -176,41 +205,71 @@ def pursuit_gram(
     n_iter: int,
     n_pick: int,
     gram: torch.Tensor | None = None,
-    chunk: int = 1024,
+    chunk: int = 4096,
     workspace: dict | None = None,
+    width: int = GRAM_WIDTH,
 ) -> Codes:
     """ICFL encoding through the Gram matrix G = W^T W.
 
-    After picking S with coefficients c the scores become ``s - G[:, S] c`` (a weighted sum of
-    L rows of G, done as a sparse-dense product), and the normal equations use G[S, S], so an
-    iteration costs B*M*L instead of the B*D*M of rescoring the residual. Rows go through in
-    chunks so that a chunk's (chunk, M) scores stay in cache across the J iterations; the
-    update is memory-bound, not compute-bound.
+    After picking S with coefficients c the scores become ``s - G[:, S] c``, and the normal
+    equations use G[S, S], so an iteration costs B*M*L instead of the B*D*M of rescoring the
+    residual. That update is bound by memory, not arithmetic, so scores and G are kept in
+    column blocks of ``width`` atoms (:func:`gram_blocks`): the update is one sparse-dense
+    product over the stacked blocks, block after block, so each block of G stays in cache while
+    every token's scores in that block are updated, and G streams from memory once per
+    iteration. One product rather than a call per block also matters on a shared machine: with
+    several threads, every parallel call waits for a thread another process may hold. Each
+    block's per-token maximum is all the next pick needs to find its candidates
+    (:func:`_pick_blocked`). Tokens go through in chunks of ``chunk`` (the scores take
+    chunk x M floats).
 
-    ``workspace``, a dict the caller keeps between calls (the training step does), holds the
-    Gram matrix and score buffers so that repeated calls reuse their memory.
+    ``gram``: G in the layout :func:`gram_blocks` returns for the padded atoms, when the caller
+    has it. ``workspace``, a dict the caller keeps between calls (the training step does),
+    holds G and the score buffers so that repeated calls reuse their memory.
     """
     b, m = residual.shape[0], atoms.shape[0]
+    width = _block_width(m, width)
+    if gram is not None and gram.shape[-1] != width:
+        raise ValueError(f"the Gram blocks are {gram.shape[-1]} wide, the pursuit's {width}")
+    padded = _padded_atoms(atoms, width)
+    mp = padded.shape[0]
+    n_blocks = mp // width
     if gram is None:
-        gram = gram_matrix(atoms, _workspace_buffer(workspace, "gram", (m, m), atoms))
+        gram = gram_blocks(
+            padded, width, _workspace_buffer(workspace, "gram", (n_blocks, mp, width), atoms)
+        )
+    blocks_t = padded.view(n_blocks, width, -1).transpose(1, 2)  # (blocks, D, width)
+    flat_gram = gram.view(-1)
+    stacked_gram = gram.view(n_blocks * mp, width)
+    block_rows = (torch.arange(n_blocks, device=atoms.device) * mp).view(n_blocks, 1, 1)
     values = residual.new_empty(b, n_iter * n_pick)
     indices = torch.empty(b, n_iter * n_pick, dtype=torch.long, device=residual.device)
-    buf = _workspace_buffer(workspace, "scores", (min(chunk, b), m), residual)
     for start in range(0, b, chunk):
         rows = slice(start, start + chunk)
-        scores = torch.mm(residual[rows], atoms.T, out=buf[: min(chunk, b - start)])
+        n = min(chunk, b - start)
+        scores = _workspace_buffer(workspace, "scores", (n_blocks, n, width), residual)
+        block_max = _workspace_buffer(workspace, "block_max", (n_blocks, n), residual)
+        torch.matmul(residual[rows], blocks_t, out=scores)
+        if mp > m:
+            scores[-1, :, width - (mp - m) :] = -torch.inf  # padding atoms are never picked
+        torch.amax(scores, 2, out=block_max)
         for j in range(n_iter):
-            rhs, picked = top_l(scores, n_pick)
-            coef = _solve(_gram_block(gram, picked), rhs)
+            rhs, picked = _pick_blocked(scores, block_max, n_pick)
+            # G[S, S] per token: G[s1, s2] sits at gram[s2 // width, s1, s2 % width]
+            s1, s2 = picked.unsqueeze(2), picked.unsqueeze(1)
+            gss = flat_gram.take((s2 // width) * (mp * width) + s1 * width + s2 % width)
+            coef = _solve(gss, rhs)
             slots = slice(j * n_pick, (j + 1) * n_pick)
             values[rows, slots] = coef
             indices[rows, slots] = picked
             if j == n_iter - 1:
                 break  # the scores after the last pick are not needed
-            # scores -= C G with C the (chunk, M) sparse matrix of this iteration's coefficients:
-            # a CSR product, in place, reads the L picked rows of G once per token
-            scores.addmm_(_coefficient_matrix(picked, coef, m), gram)
-
+            # scores[k] -= C G[:, block k] for every block k at once: one CSR product whose row
+            # (k, b) holds token b's L coefficients at rows k*M + S of the stacked blocks of G
+            cols = (block_rows + picked).view(n_blocks * n, n_pick)
+            update = _coefficient_matrix(cols, coef.expand(n_blocks, n, n_pick), n_blocks * mp)
+            scores.view(n_blocks * n, width).addmm_(update, stacked_gram)
+            torch.amax(scores, 2, out=block_max)
     return Codes(values, indices)
 
 
@@ -255,6 +314,7 @@ class ICFL(SparseDictionary):
         self.W = nn.Parameter(_unit_rows(torch.randn(config.n_atoms, d_in, generator=g)))
         self.b = nn.Parameter(torch.zeros(d_in))
         self._workspace: dict | None = {}
+        self._gram_cache: tuple | None = None
 
     @property
     def atoms(self) -> torch.Tensor:
@@ -287,7 +347,26 @@ class ICFL(SparseDictionary):
             r = x - self.b
             if cfg.pursuit == "plain":
                 return pursuit_plain(r, self.W, cfg.n_iter, cfg.n_pick)
+            if gram is None and not self.training:
+                gram = self._fixed_gram()
             return pursuit_gram(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
+
+    def _fixed_gram(self) -> torch.Tensor:
+        """G of the atoms as they are now, computed once and kept while they do not change.
+
+        Applying a trained dictionary batch after batch (a store, a site in the viewer) would
+        otherwise multiply out the same (M, M) Gram matrix for every batch. The key is the
+        atoms' storage and version counter, which every in-place change (a training step,
+        ``load_tensors``) bumps. The cached tensor is never written to, so concurrent encodes
+        may share it.
+        """
+        w = self.W.detach()
+        key = (w.data_ptr(), self.W._version, w.dtype, w.device, tuple(w.shape))
+        cached = self._gram_cache
+        if cached is None or cached[0] != key:
+            width = _block_width(w.shape[0])
+            cached = self._gram_cache = (key, gram_blocks(_padded_atoms(w, width), width))
+        return cached[1]
 
     def train(self, mode: bool = True):
         # training steps reuse the pursuit's (M, M) Gram and score buffers; evaluation and

@@ -3,7 +3,8 @@
 Tokens stream in batches: an in-memory array is shuffled by index each epoch; a zarr (or any
 sliceable) array is read in chunk-aligned blocks, in random order, through a shuffle buffer of
 a few batches, so memory is bounded by the batch size and not by the data. Whitening, when
-given, is applied per batch. The loop reports progress, honours cancellation between steps
+given, is applied once to the whole set when it fits in memory (then it trains as an in-memory
+array), else per batch. The loop reports progress, honours cancellation between steps
 (so the dictionary it returns is always the one after the last complete step), and hands
 checkpoints to a callback (the caller decides where and how they are written).
 
@@ -32,6 +33,9 @@ from .base import SparseDictionary, batch_fvu, fired_mask
 from .whiten import Whitener
 
 DEAD_WINDOW = 100_000  # tokens; not firing in 1e5 tokens = active on < metrics.DEAD_THRESHOLD
+#: Whiten the whole training set once, up front, when its raw and whitened float32 copies take
+#: at most this many bytes; larger sets are whitened batch by batch as they stream.
+WHITEN_ONCE_BYTES = 1 << 30
 
 
 @dataclass
@@ -156,6 +160,28 @@ def iterate_batches(
             held = len(rest)
 
 
+def whiten_once(data, whitener: Whitener | None, groups, limit: int = WHITEN_ONCE_BYTES):
+    """``(tokens, whitener, groups)`` for the loop: whitened once when they fit in ``limit``.
+
+    Whitening every batch as it is drawn repeats the same work once per epoch (hundreds of
+    times on one plate's cells); whitening the set once gives every row exactly the values the
+    per-batch whitening would (it is row by row), so an in-memory array trains to the same
+    dictionary, batch for batch. Returns the inputs unchanged when there is no whitener or the
+    set is too large.
+    """
+    if whitener is None:
+        return data, whitener, groups
+    n, d = int(data.shape[0]), int(data.shape[1])
+    if n * (d + whitener.n_components_) * 4 > limit:
+        return data, whitener, groups
+    out = np.empty((n, whitener.n_components_), dtype=np.float32)
+    step = 65536
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        out[rows] = prepare(data[rows], None if groups is None else groups[rows], whitener).numpy()
+    return out, None, None
+
+
 def train(
     model: SparseDictionary,
     data,
@@ -175,8 +201,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimiser steps on (N, D) tokens ``data``.
 
-    ``data`` is raw tokens when ``whitener`` is given (each batch is whitened, using ``groups``
-    (N,) for per-group whitening), else tokens already in the dictionary's space. ``progress``
+    ``data`` is raw tokens when ``whitener`` is given (whitened using ``groups`` (N,) for
+    per-group whitening: all at once when they fit in memory, see :func:`whiten_once`, else
+    batch by batch), else tokens already in the dictionary's space. ``progress``
     gets a ``Progress("train", step, steps, info)`` every ``progress_every`` steps and at the
     end, with ``loss``, ``fvu`` and ``dead_fraction`` of the latest batch and ``samples`` seen.
     ``cancel`` (an Event or a callable) is checked before each step; the model returned is the
@@ -195,6 +222,7 @@ def train(
             f"{width}-dimensional" + (" after whitening" if whitener is not None else "")
         )
     group_arr = None if groups is None else np.asarray(groups).astype(str)
+    data, whitener, group_arr = whiten_once(data, whitener, group_arr)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -1,0 +1,146 @@
+"""Where a training step of ICFL (Gram pursuit) and of our TopK SAE spends its time.
+
+The bench_dictionary setting (M = 4096, D = 384, batch 4096, 32 non-zeros: ICFL J = 8, L = 4,
+TopK k = 32), one torch thread. Two views of the same steps, both in CPU time of this thread
+(``time.thread_time``), which other processes on a shared machine disturb far less than wall
+time: the median step of each method over steps taken in turn, and a per-phase split of the
+ICFL pursuit (each phase repeated on real picks). Last, torch's profiler table (self CPU time
+per operator) for two steps of each.
+
+Run: python benchmarks/profile_icfl.py [--steps 9] [--no-table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import torch
+
+from napari_concept_discovery.dictionary import ICFL, ICFLConfig, TopKConfig, TopKSAE
+from napari_concept_discovery.dictionary import icfl as icfl_mod
+
+
+def unit_tokens(n: int, d: int, seed: int) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def build(name: str, d: int, m: int, x: torch.Tensor):
+    if name == "topk":
+        model = TopKSAE(d, TopKConfig(n_atoms=m, k=32), seed=0)
+    else:
+        model = ICFL(d, ICFLConfig(n_atoms=m, n_iter=8, n_pick=4), seed=0)
+    model.train()
+    model.init_from_data(x, torch.Generator().manual_seed(0))
+    return model, model.make_optimizer()
+
+
+def step(model, opt, x, i) -> None:
+    out = model(x)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    model.before_step()
+    opt.step()
+    model.after_step(i, opt)
+
+
+def cpu_ms(fn, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def phases(model: ICFL, x: torch.Tensor) -> dict[str, float]:
+    """CPU ms of each part of one Gram pursuit of ``x`` (J = 8 picks, 7 score updates)."""
+    cfg = model.config
+    atoms = model.W.detach()
+    r = x - model.b.detach()
+    width = 128
+    m = atoms.shape[0]
+    n_blocks = m // width
+    gram = icfl_mod.gram_blocks(atoms, width)
+    blocks_t = atoms.view(n_blocks, width, -1).transpose(1, 2)
+    scores = torch.matmul(r, blocks_t)
+    block_max = scores.amax(2)
+    rhs, picked = icfl_mod._pick_blocked(scores, block_max, cfg.n_pick)
+    flat = gram.view(-1)
+    s1, s2 = picked.unsqueeze(2), picked.unsqueeze(1)
+    where = (s2 // width) * (m * width) + s1 * width + s2 % width
+    coef = icfl_mod._solve(flat.take(where), rhs)
+    rows = (torch.arange(n_blocks) * m).view(n_blocks, 1, 1)
+
+    def score_update():
+        cols = (rows + picked).view(-1, cfg.n_pick)
+        update = icfl_mod._coefficient_matrix(cols, coef.expand(n_blocks, -1, -1), n_blocks * m)
+        scores.view(-1, width).addmm_(update, gram.view(-1, width))
+        torch.amax(scores, 2, out=block_max)
+
+    j = cfg.n_iter
+    return {
+        "Gram matrix (symmetric, column blocks)": cpu_ms(
+            lambda: icfl_mod.gram_blocks(atoms, width, gram)
+        ),
+        "first scores (B x D x M product)": cpu_ms(lambda: torch.matmul(r, blocks_t, out=scores)),
+        f"picks x {j} (block maxima -> top-L)": j
+        * cpu_ms(lambda: icfl_mod._pick_blocked(scores, block_max, cfg.n_pick)),
+        f"G[S, S] + L x L solves x {j}": j * cpu_ms(lambda: icfl_mod._solve(flat.take(where), rhs)),
+        f"score updates + block maxima x {j - 1}": (j - 1) * cpu_ms(score_update),
+        "whole pursuit": cpu_ms(
+            lambda: icfl_mod.pursuit_gram(r, atoms, cfg.n_iter, cfg.n_pick), repeat=3
+        ),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--atoms", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--no-table", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+    print(f"torch {torch.__version__}, 1 thread, load {os.getloadavg()}")
+    print(f"M={args.atoms}, D={args.dim}, batch {args.batch}, 32 non-zeros")
+    x = unit_tokens(4 * args.batch, args.dim, 0)
+    runs = {name: build(name, args.dim, args.atoms, x[: args.batch]) for name in ("topk", "icfl")}
+    times = {name: [] for name in runs}
+    for i in range(1, args.steps + 2):
+        xb = x[(i % 4) * args.batch : (i % 4 + 1) * args.batch]
+        for name, (model, opt) in runs.items():
+            t = time.thread_time()
+            step(model, opt, xb, i)
+            if i > 1:
+                times[name].append(time.thread_time() - t)
+    med = {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
+    print(f"\nmedian CPU ms per training step over {args.steps} steps each, taken in turn:")
+    for name, ms in med.items():
+        print(f"  {name:<6}{ms:8.1f} ms  ({args.batch / ms * 1e3:8.0f} samples/s)")
+    print(f"  ICFL / TopK samples/s = {med['topk'] / med['icfl']:.2f}x (bar >= 0.85x)")
+
+    if hasattr(icfl_mod, "gram_blocks"):  # the column-block pursuit (not in older versions)
+        print("\nICFL Gram pursuit of one batch, CPU ms per phase:")
+        for name, ms in phases(runs["icfl"][0], x[: args.batch]).items():
+            print(f"  {name:<44}{ms:8.1f}")
+
+    if not args.no_table:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, (model, opt) in runs.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i in range(2):
+                    step(model, opt, x[: args.batch], 100 + i)
+            print(f"\n{name}: torch profiler, two steps")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+if __name__ == "__main__":
+    main()
