@@ -335,13 +335,15 @@ def contrastive_arm(store, table, settings):
     import torch
 
     from napari_concept_discovery.dictionary import build_model, evaluate, train
-    from napari_concept_discovery.dictionary.pipeline import fit_whitener, prepare_all
+    from napari_concept_discovery.dictionary.pipeline import fit_whitener
+    from napari_concept_discovery.dictionary.training import whiten_once
     from napari_concept_discovery.dictionary.whiten import group_labels
 
     tokens = store.tokens("cell", store.default_token_form)
     whitener = fit_whitener(tokens, table, settings.whiten)
     whitener.unit_norm = False
-    z = prepare_all(tokens, whitener, group_labels(table, settings.whiten.by)).astype(np.float64)
+    z, _, _ = whiten_once(tokens, whitener, group_labels(table, settings.whiten.by), limit=1 << 62)
+    z = np.asarray(z, dtype=np.float64)
     lam, vec = np.linalg.eigh(z.T @ z / len(z))
     lam, vec = lam[::-1], vec[:, ::-1]
     edge = (1.0 + np.sqrt(z.shape[1] / whitener.n_samples_.min())) ** 2

@@ -144,26 +144,6 @@ def check_dictionary_out(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-#: Tokens whose prepared (whitened) form fits in this many bytes are prepared once, in memory,
-#: rather than batch by batch at every step: a store of a few thousand cells then trains
-#: several times faster, since whitening a batch costs as much as an ICFL step at C x D wide.
-PREPARE_IN_MEMORY_BYTES = 512 << 20
-
-
-def prepare_all(tokens, whitener: Whitener | None, groups, block: int = 16384) -> np.ndarray:
-    """All tokens (N, D) in the dictionary's space, float32, prepared in blocks of rows."""
-    n = int(tokens.shape[0])
-    width = whitener.n_components_ if whitener is not None else int(tokens.shape[1])
-    out = np.empty((n, width), dtype=np.float32)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        x = np.asarray(tokens[start:stop], dtype=np.float32)
-        if whitener is not None:
-            x = whitener.transform(x, None if groups is None else groups[start:stop])
-        out[start:stop] = x
-    return out
-
-
 def store_signature(store) -> str | dict:
     return getattr(store, "signature_hash", None) or getattr(store, "signature", None)
 
@@ -284,8 +264,8 @@ def train_on_store(
 ) -> TrainedDictionary:
     """Whiten on controls, train on ``settings.unit`` tokens, evaluate, and save to ``out``.
 
-    Tokens whose whitened form fits in ``PREPARE_IN_MEMORY_BYTES`` are whitened once and
-    shuffled in memory; larger stores stream from disk and are whitened batch by batch.
+    Tokens whose whitened form fits in memory are whitened once (``training.whiten_once``);
+    larger stores stream from disk and are whitened batch by batch.
     Progress comes as stages ``"whiten"``, ``"train"`` (with loss, FVU, dead fraction and
     samples) and ``"evaluate"``. ``out`` is checked before any work: an existing file that is
     not a dictionary is refused unless ``overwrite``. Checkpoints (with the optimiser state)
@@ -360,17 +340,14 @@ def train_on_store(
         tensors, state_meta = st.tensors()
         save_checkpoint(ckpt, m, whitener, {**meta, "steps": step}, tensors, state_meta)
 
-    data, train_whitener, train_groups = tokens, whitener, groups
-    if tokens.shape[0] * d_in * 4 <= PREPARE_IN_MEMORY_BYTES:
-        data, train_whitener, train_groups = prepare_all(tokens, whitener, groups), None, None
     result = train(
         model,
-        data,
+        tokens,
         steps=settings.steps,
         batch_size=settings.batch_size,
         seed=settings.seed,
-        whitener=train_whitener,
-        groups=train_groups,
+        whitener=whitener,
+        groups=groups,
         progress=progress,
         cancel=cancel,
         on_checkpoint=None if out is None else checkpoint,
