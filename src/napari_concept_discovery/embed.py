@@ -30,8 +30,8 @@ import torch
 
 from .errors import ModelError, PlateError
 from .models import Backend
-from .plate_embedding import PRECISIONS
 from .progress import Cancel, is_cancelled
+from .settings import PRECISIONS
 
 
 @dataclass

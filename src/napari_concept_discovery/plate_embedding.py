@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PlateError, StoreError
 from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .settings import SEGMENT_ALGORITHM, Settings, check, option
+from .settings import PRECISIONS, SEGMENT_ALGORITHM, Settings, check, option
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 #: ("auto"), or no cells.
 CELL_SOURCES = ("auto", "file", "segment", "none")
 CHANNEL_RULES = ("per-channel", "mean", "identity")
-#: Arithmetic of the forward pass (:func:`.embed.with_precision`).
-PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass

@@ -175,6 +175,9 @@ def from_args(cls: type[Settings], args: argparse.Namespace, **overrides):
 #: Who segments: our CellProfiler-style pipeline, an installed Cellpose, or the watershed of
 #: version 0.1 (kept to reproduce older label folders and for comparison).
 SEGMENTERS = ("classical", "cellpose", "legacy")
+#: Precisions of the embedding forward pass (:func:`.embed.with_precision`): here, so that the
+#: settings and the compute both name them without importing each other.
+PRECISIONS = ("fp32", "bf16", "int8")
 #: Names the default classical segmentation in store signatures: sites segmented while
 #: embedding are re-embedded when it changes.
 SEGMENT_ALGORITHM = "propagation-1"
