@@ -144,7 +144,7 @@ def main() -> None:
         )
 
         def painted(feature, key):
-            image, cells = feature_layers(viewer)
+            layers = feature_layers(viewer)
             p = painter.painted
             return (
                 not painter.busy
@@ -152,14 +152,14 @@ def main() -> None:
                 and p is not None
                 and p.feature == feature
                 and p.key == tuple(key)
-                and image is not None
-                and cells is not None
-                and image.metadata.get("site_key") == tuple(key)
-                and cells.metadata.get("site_key") == tuple(key)
+                and all(
+                    layer is not None and layer.metadata.get("site_key") == tuple(key)
+                    for layer in layers
+                )
             )
 
         def state():
-            image, cells = feature_layers(viewer)
+            image, cells, _ = feature_layers(viewer)
             p = painter.painted
             return (
                 f"site {session.site_key}, painted {None if p is None else (p.feature, p.key)}, "
