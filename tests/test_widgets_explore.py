@@ -543,3 +543,29 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
     embed.use_cells(None)
     painter = wait_painter(qtbot, viewer)
     _assert_painted(viewer, explorer, key, 0)
+
+
+def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_folder, qtbot):
+    """Steps for 100 passes over the store's tokens (50 to 1000), until the user types some."""
+    from napari_concept_discovery.widgets.dictionary_widget import first_steps
+
+    assert (first_steps(624, 1024), first_steps(10**6, 1024), first_steps(0, 1024)) == (
+        61,
+        1000,
+        50,
+    )
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    widget = opened.dictionary
+    steps = widget.fields["steps"]
+    store = opened.embed.open_store(demo_folder / "store.zarr")
+    n_cells = int(store.tokens("cell").shape[0])
+    n_patches = int(store.tokens("patch").shape[0])
+    assert steps.value() == first_steps(n_cells, widget.fields["batch_size"].value())
+    widget.fields["batch_size"].set_value(8)
+    assert steps.value() == first_steps(n_cells, 8) == max(50, -(-100 * n_cells // 8))
+    widget.fields["unit"].set_value("patch")
+    assert steps.value() == first_steps(n_patches, 8)
+    steps.widget.setValue(123)  # the user's number stays, whatever the store
+    widget.fields["unit"].set_value("cell")
+    opened.embed.open_store(demo_folder / "store.zarr")
+    assert steps.value() == 123

@@ -89,7 +89,7 @@ def test_each_pixel_takes_its_cells_value(offset):
     values = np.array([0.3, -0.2, 0.0, 0.9], np.float32)
     active = np.array([True, True, False, True])
     index = cell_index(labels, ids)
-    assert index.dtype == np.int32 and index.shape == labels.shape
+    assert index.dtype == np.intp and index.shape == labels.shape
     image = cell_value_image(index, values, active)
     expected = np.full(labels.shape, np.nan, np.float32)
     for label, value, on in zip(ids, values, active, strict=True):

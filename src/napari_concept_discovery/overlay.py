@@ -92,7 +92,8 @@ def cell_table(
 
 
 def cell_index(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """(H, W) int32: ``i + 1`` where ``labels`` is ``ids[i]``, 0 on background and unlisted cells.
+    """(H, W) ``np.intp``: ``i + 1`` where ``labels`` is ``ids[i]``, 0 on background and unlisted
+    cells (the platform's index type: a gather with it needs no conversion, ~4x faster).
 
     Built once per label image, it turns a feature's per-cell values into pixels with one
     ``np.take`` (:func:`cell_value_image`) instead of a label colormap napari rebuilds per
@@ -101,16 +102,16 @@ def cell_index(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     lab = np.asarray(labels)
     ids = np.asarray(ids, dtype=np.int64)
     if lab.size == 0 or ids.size == 0:
-        return np.zeros(lab.shape, np.int32)
+        return np.zeros(lab.shape, np.intp)
     top = int(lab.max())
     if top <= 4 * lab.size:  # a dense table: one gather
-        table = np.zeros(top + 1, np.int32)
-        known = ids[(ids > 0) & (ids <= top)]
-        table[known] = np.nonzero((ids > 0) & (ids <= top))[0].astype(np.int32) + 1
+        table = np.zeros(top + 1, np.intp)
+        listed = (ids > 0) & (ids <= top)
+        table[ids[listed]] = np.nonzero(listed)[0] + 1
         return table[np.clip(lab, 0, top)]
     order = np.argsort(ids)  # sparse ids (e.g. plate-wide numbering): a binary search
     row = order[np.clip(np.searchsorted(ids, lab, sorter=order), 0, len(ids) - 1)]
-    return np.where(ids[row] == lab, row + 1, 0).astype(np.int32)
+    return np.where(ids[row] == lab, row + 1, 0).astype(np.intp)
 
 
 def cell_value_image(
@@ -123,7 +124,9 @@ def cell_value_image(
     lut = np.full(len(values) + 1, np.nan, np.float32)
     act = np.asarray(active, dtype=bool)
     lut[1:][act] = np.asarray(values, dtype=np.float32)[act]
-    return np.take(lut, index, out=out)
+    if out is None:
+        return np.take(lut, index)
+    return np.take(lut, index, out=out, mode="clip")  # "raise" would buffer a copy
 
 
 class CellImages:
