@@ -66,6 +66,7 @@ def main() -> None:
         embed_s, embed_cpu = time.perf_counter() - t, time.process_time() - c
         print(f"embed: {embed_s:.1f} s ({embed_cpu:.1f} s CPU)", flush=True)
         store = session.store
+        wait(app, lambda: not dictionary.jobs.busy)  # the form's control dropdowns are filled
         settings = dictionary.settings()
         t, c = time.perf_counter(), time.process_time()
         dictionary.train()
