@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from napari.layers import Image, Labels, Layer
+from napari.utils.colormaps import DirectLabelColormap
 
 from .._reader import SiteData, layer_tuples
 from ..overlay import CellImages, activation_grid, cell_table, grid_placement
@@ -28,6 +29,7 @@ FEATURE_LABELS = "feature_labels"
 #: Roles of the layers a feature is painted into (not cells a user may embed with).
 FEATURE_ROLES = (FEATURE_MAP, FEATURE_CELLS, FEATURE_LABELS)
 CELL_OUTLINES = "cell outlines"
+OUTLINE = (1.0, 1.0, 1.0, 1.0)  # the outlines' colour (the layer's opacity dims it)
 _CELL_IMAGES = CellImages()  # the label index of the site in view, built once per site
 
 
@@ -249,10 +251,13 @@ def paint_cells(
         layer = viewer.add_labels(
             labels,
             name=CELL_OUTLINES,
-            opacity=0.5,
+            opacity=0.4,
             metadata={"role": FEATURE_LABELS, **meta},
         )
         layer.contour = 1
+        # one colour for every cell, set once: outlines say where cells are, not which is which
+        layer.colormap = DirectLabelColormap(color_dict={None: OUTLINE, 0: (0.0, 0.0, 0.0, 0.0)})
+        viewer.layers.selection.active = image  # its controls (range, colormap) matter most
     elif layer.data is not labels:
         layer.data = labels
     layer.features = features
