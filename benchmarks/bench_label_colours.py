@@ -3,10 +3,12 @@
 The known trap is napari issue 6732 (slow updates of a DirectLabelColormap). This compares the
 ways to show per-cell values on napari 0.9.2 and prints the median and p95 over features of:
 
-- ``paint_cells`` (what the widgets use): int32 labels, a new DirectLabelColormap per feature,
-  the table into ``Labels.features``;
-- the same colormap on uint16 labels (napari then builds a 65536-entry lookup in Python);
-- the values as an Image layer through a per-label lookup (no per-cell identity, for scale).
+- ``paint_cells`` (what the widgets use): each active cell's value as pixels of an image layer
+  (NaN elsewhere) gathered through a label index kept per site and written in place, plus the
+  table into the ``features`` of a labels layer of outlines whose colours never change;
+- a new DirectLabelColormap per feature on int32 labels with the table in ``Labels.features``
+  (what the widgets did before);
+- the same colormap on uint16 labels (napari then builds a 65536-entry lookup in Python).
 
 "update" is the time until the layer holds the new colours (CPU), "shown" adds one render of
 the canvas (a screenshot); an idle screenshot's time is printed beside them for reference.
@@ -51,7 +53,8 @@ def main() -> None:
     import napari
     from napari.utils.colormaps import DirectLabelColormap
 
-    from napari_concept_discovery.overlay import cell_colours
+    from napari_concept_discovery.colours import map_values
+    from napari_concept_discovery.overlay import cell_table
     from napari_concept_discovery.widgets._layers import paint_cells
 
     labels = site_labels(args.size, args.cells, args.seed)
@@ -62,6 +65,13 @@ def main() -> None:
         values = rng.random(len(ids))
         values[values < 0.6] = 0.0  # sparse codes: most cells inactive
         tables.append(pd.DataFrame({"label": ids, "activation": values}))
+
+    def direct_colormap(table) -> DirectLabelColormap:
+        active = table["activation"].to_numpy() > 0
+        rgba = map_values(table["activation"][active], "magma", (0.0, 1.0))
+        colours = {int(i): tuple(c) for i, c in zip(table["label"][active], rgba, strict=True)}
+        colours[None] = (0.0, 0.0, 0.0, 0.0)
+        return DirectLabelColormap(color_dict=colours)
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1280, 900)
@@ -87,29 +97,25 @@ def main() -> None:
         return update, shown
 
     results = {}
-    results["paint_cells (int32, direct colormap, features)"] = timed(
+    results["paint_cells (values image + outlines, features)"] = timed(
         lambda table: paint_cells(viewer, labels, table, contrast_limits=(0.0, 1.0))
     )
     viewer.layers.clear()
+    viewer.add_image(rng.random((args.size, args.size), np.float32), name="stain")
+    direct = viewer.add_labels(labels, name="direct", opacity=0.6)
+
+    def direct_int32(table):
+        direct.colormap = direct_colormap(table)
+        direct.features = cell_table(table)
+
+    results["direct colormap per feature (int32, features)"] = timed(direct_int32)
+    viewer.layers.remove(direct)
     u16 = viewer.add_labels(labels.astype(np.uint16), name="uint16")
 
     def direct_uint16(table):
-        u16.colormap = DirectLabelColormap(
-            color_dict=cell_colours(table, limits=(0.0, 1.0)).colours
-        )
+        u16.colormap = direct_colormap(table)
 
     results["direct colormap on uint16 labels"] = timed(direct_uint16)
-    viewer.layers.clear()
-    image = viewer.add_image(
-        np.zeros(labels.shape, np.float32), colormap="magma", contrast_limits=(0, 1)
-    )
-    lut = np.zeros(int(labels.max()) + 1, np.float32)
-
-    def image_lookup(table):
-        lut[table["label"].to_numpy()] = table["activation"].to_numpy()
-        image.data = lut[labels]
-
-    results["image of values via lookup (no cell identity)"] = timed(image_lookup)
 
     print(
         f"{args.size} x {args.size} site, {len(ids)} cells, {args.features} features, "

@@ -242,3 +242,42 @@ def test_ready_cached_and_forget(explored):
     again = source.paint(key, 0)
     np.testing.assert_array_equal(again.image.data, first.image.data)
     pd.testing.assert_frame_equal(again.cells, first.cells)
+
+
+def test_contrast_limits_are_sampled_once_and_equal_the_percentile(explored):
+    """Fixed per feature: the 99.5th percentile of its positive codes over a seeded sample of
+    the store's patches, encoded once however many threads ask at the same time."""
+    import threading
+
+    from napari_concept_discovery.explore import LIMIT_PERCENTILE, LIMIT_SAMPLE
+
+    store, dictionary, _, analyses = explored
+    patch_codes, patch_table = analyses["patch"]
+    ex = Explorer(store, dictionary)
+    encoded = []
+    encode = ex._encode
+
+    def counting(tokens, table, *args):
+        encoded.append(len(tokens))
+        return encode(tokens, table, *args)
+
+    ex._encode = counting  # the real encoder, counted
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(ex.limits())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    n = len(patch_table)
+    assert encoded == [min(n, LIMIT_SAMPLE)] and all(g is got[0] for g in got)
+    rows = np.sort(np.random.default_rng(0).choice(n, min(n, LIMIT_SAMPLE), replace=False))
+    sample = patch_codes[rows].tocsc()
+    fired = 0
+    for f in range(dictionary.n_atoms):
+        column = sample[:, f].data
+        positive = column[column > 0]
+        expected = float(np.percentile(positive, LIMIT_PERCENTILE)) if positive.size else 0.0
+        assert got[0][f] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert ex.feature_limits(f) == pytest.approx((0.0, expected if expected > 0 else 1.0))
+        fired += positive.size > 0
+    assert fired > 0

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_concept_discovery.colours import map_values
 from napari_concept_discovery.dictionary.io import load_dictionary
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
@@ -266,23 +265,29 @@ def _click_canvas(qtbot, viewer, world_yx) -> None:
 def _assert_painted(viewer, explorer, key, feature) -> None:
     from napari_concept_discovery.widgets._layers import feature_layers
 
-    image, cells = feature_layers(viewer)
+    image, cells, outlines = feature_layers(viewer)
     amap = explorer.activation_map(key, feature)
     np.testing.assert_array_equal(image.data, amap.data)
     assert tuple(image.scale) == amap.scale and tuple(image.translate) == amap.translate
     assert tuple(image.contrast_limits) == pytest.approx(explorer.feature_limits(feature))
     assert image.metadata["site_key"] == tuple(key) and image.name == f"feature {feature}"
     values = explorer.cell_values(key, feature)
-    np.testing.assert_array_equal(cells.data, explorer.labels(key))
-    got = cells.features[["label", "value", "active"]].reset_index(drop=True)
+    labels = explorer.labels(key)
+    # the cells' identity: the store's labels, with the library's per-cell values as features
+    np.testing.assert_array_equal(outlines.data, labels)
+    got = outlines.features[["label", "value", "active"]].reset_index(drop=True)
     pd.testing.assert_frame_equal(got, values, check_dtype=False)
-    # exactly the active cells are coloured, by value within the feature's fixed cell range;
-    # the others are hidden
-    colours = cells.colormap.map(values["label"].to_numpy())
-    active = values["active"].to_numpy()
-    np.testing.assert_array_equal(colours[:, 3] > 0, active)
-    expected = map_values(values["value"][active], "magma", cell_limits(explorer, feature))
-    np.testing.assert_allclose(colours[active], expected, atol=1e-6)
+    # exactly the active cells are coloured, each by its own value within the feature's fixed
+    # cell range; inactive cells and background are clear (NaN, drawn transparent)
+    assert cells.metadata["site_key"] == tuple(key) and cells.name == f"feature {feature} cells"
+    assert tuple(cells.contrast_limits) == pytest.approx(cell_limits(explorer, feature))
+    expected = np.full(labels.shape, np.nan, np.float32)
+    for label, value, active in values.itertuples(index=False):
+        if active:
+            expected[labels == label] = value
+    np.testing.assert_array_equal(cells.data, expected)
+    coloured = np.unique(labels[~np.isnan(cells.data)])
+    np.testing.assert_array_equal(coloured, np.sort(values["label"][values["active"]]))
 
 
 def test_a_dictionary_of_another_model_is_refused_naming_both(
@@ -361,8 +366,9 @@ def test_a_stale_feature_paint_is_dropped(make_napari_viewer, demo_folder, qtbot
     painter = wait_painter(qtbot, viewer)
     dropped = painter.dropped
     assert painter.show(old, explorer, late) is False and painter.dropped == dropped + 1
-    image, _ = feature_layers(viewer)
+    image, cells, _ = feature_layers(viewer)
     assert image.metadata["site_key"] == ("SYNTH_1", "C04", 1)
+    assert cells.metadata["site_key"] == ("SYNTH_1", "C04", 1)
     np.testing.assert_array_equal(image.data, explorer.activation_map(session.site_key, 1).data)
 
 
@@ -401,7 +407,7 @@ def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
     assert painter.painted is not None and painter.painted.key == ("SYNTH_1", "C02", 1)
     reference = Explorer(whole, session.dictionary)
     other = ("SYNTH_1", "C02", 1)
-    image, cells = feature_layers(viewer)
+    image, _, cells = feature_layers(viewer)
     np.testing.assert_allclose(
         image.data, reference.activation_map(other, 2).data, rtol=1e-2, atol=1e-3
     )
@@ -530,9 +536,10 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
     x = side_by_side.astype(np.float16).astype(np.float32)
     codes = session.dictionary.encode_table(x, table).toarray()
     np.testing.assert_allclose(values["value"], codes[:, 0], rtol=1e-5, atol=1e-6)
-    _, cells = feature_layers(viewer)
+    _, coloured, cells = feature_layers(viewer)
     np.testing.assert_array_equal(cells.data, drawn)
     assert cells.features["label"].tolist() == [7, 9]
+    assert np.isnan(coloured.data[drawn == 0]).all()  # only the drawn cells can be coloured
     # a click inside a drawn cell selects it
     assert painter.select_cell_at((100.0, 60.0)) == 9
 
@@ -540,3 +547,29 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
     embed.use_cells(None)
     painter = wait_painter(qtbot, viewer)
     _assert_painted(viewer, explorer, key, 0)
+
+
+def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_folder, qtbot):
+    """Steps for 100 passes over the store's tokens (50 to 1000), until the user types some."""
+    from napari_concept_discovery.widgets.dictionary_widget import first_steps
+
+    assert (first_steps(624, 1024), first_steps(10**6, 1024), first_steps(0, 1024)) == (
+        61,
+        1000,
+        50,
+    )
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    widget = opened.dictionary
+    steps = widget.fields["steps"]
+    store = opened.embed.open_store(demo_folder / "store.zarr")
+    n_cells = int(store.tokens("cell").shape[0])
+    n_patches = int(store.tokens("patch").shape[0])
+    assert steps.value() == first_steps(n_cells, widget.fields["batch_size"].value())
+    widget.fields["batch_size"].set_value(8)
+    assert steps.value() == first_steps(n_cells, 8) == max(50, -(-100 * n_cells // 8))
+    widget.fields["unit"].set_value("patch")
+    assert steps.value() == first_steps(n_patches, 8)
+    steps.widget.setValue(123)  # the user's number stays, whatever the store
+    widget.fields["unit"].set_value("cell")
+    opened.embed.open_store(demo_folder / "store.zarr")
+    assert steps.value() == 123

