@@ -394,8 +394,8 @@ def check_finite_codes(
     codes: sp.csr_matrix, table: pd.DataFrame, bad_tokens, dictionary: Dictionary, store, unit
 ) -> None:
     """Refuse codes that are not finite, or that came from tokens that are not: naming the
-    store, the dictionary file and the sites. A NaN token gives ICFL no atom at all, so all-zero
-    codes that look sound; the tokens are checked as well as the codes."""
+    store, the dictionary file and the sites. A NaN token can give ICFL no atom at all (all-zero
+    codes that look sound), so the tokens are checked as well as the codes."""
     n = codes.shape[0]
     bad = np.zeros(n, dtype=bool)
     bad[np.asarray(bad_tokens, dtype=np.int64)] = True
