@@ -12,7 +12,8 @@ Encoding: the tokens of a store are cut into blocks of rows that are whole multi
 encode batch, so every batch a worker encodes is the batch the single-process loop
 (:func:`~.dictionary.pipeline.encode_store`) encodes, and the codes are equal bit for bit. The
 workers read the store from its path (a file system they share with the client), the
-dictionary is sent to each worker once.
+dictionary is sent to each worker once (as the
+result of a task, so that a worker's death loses nothing that cannot be made again).
 
 Anything the library refuses on a worker (non-finite tokens, a store changed under the run)
 comes back as that refusal, without retries. ``distributed`` is an optional dependency
@@ -43,8 +44,6 @@ from .progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 
 #: Models loaded in this (worker) process, by the settings that load them.
 _MODELS: dict[str, object] = {}
-#: Stores opened in this (worker) process, by path.
-_STORES: dict[str, object] = {}
 
 
 def _worker_backend(settings: EmbedSettings):
@@ -65,6 +64,12 @@ def _writer(plate, settings: EmbedSettings, out, backend, overwrite: bool = Fals
         out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite
     )
     return writer, embedder, inputs
+
+
+def _hold(obj):
+    """A task whose result is ``obj``: what the other tasks take it from. Unlike scattered
+    data, a task's result that is lost with a dead worker is computed again elsewhere."""
+    return obj
 
 
 def embed_sites_task(plate, settings: dict, out: str, keys: list, root: str | None = None):
@@ -181,7 +186,7 @@ def embed_plate_on_cluster(
         done = total - len(todo)
         report(progress, "embed", done, total)
         if todo:
-            remote = client.scatter(plate, broadcast=False)
+            remote = client.submit(_hold, plate, pure=False)
             payload = settings.to_dict()
             chunks = [todo[i : i + sites_per_task] for i in range(0, len(todo), sites_per_task)]
             futures = [
@@ -238,13 +243,12 @@ def embed_plates_on_cluster(
 
 
 def _worker_store(path: str, signature: str):
-    """The store at ``path``, opened once per worker process; refused when it is not the store
-    the client signed (embedded again under the run)."""
+    """The store at ``path``, refused when it is not the store the client signed (embedded
+    again under the run). Opened for every task: reading its attributes is cheap, and a store
+    kept open would not see the change."""
     from .store import ActivationStore
 
-    store = _STORES.get(path)
-    if store is None or store.signature_hash != signature:
-        store = _STORES[path] = ActivationStore.open(path)
+    store = ActivationStore.open(path)
     if store.signature_hash != signature:
         raise StoreError(
             f"the activation store at {path} changed while it was being encoded (its "
@@ -311,7 +315,7 @@ def encode_store_on_cluster(
     was_training = model.training
     model.eval()  # sent in eval mode: the workers' encode loops then never switch it
     try:
-        remote = client.scatter(dictionary, broadcast=True, hash=False)
+        remote = client.submit(_hold, dictionary, pure=False)
     finally:
         model.train(was_training)
     bounds = [(lo, min(lo + per_task, n)) for lo in range(0, n, per_task)]
