@@ -376,7 +376,10 @@ def _run_embed_cluster(args, settings) -> int:
         if len({o.name for o in outs}) < len(outs):
             raise UsageError("several plate folders share a name; embed them one by one")
     _at_least(args.sites_per_task, "--sites-per-task")
+    from .plate_embedding import load_embed_model
+
     with _cluster_client(args) as client:
+        backend = load_embed_model(settings)  # once, for every plate
         for folder, out in zip(plates, outs, strict=True):
             args.plate = folder
             plate = _open_plate(args)
@@ -389,7 +392,12 @@ def _run_embed_cluster(args, settings) -> int:
                     from .plate_embedding import embed_plate
 
                     store = embed_plate(
-                        plate, settings, out, progress=step, overwrite=args.overwrite
+                        plate,
+                        settings,
+                        out,
+                        backend=backend,
+                        progress=step,
+                        overwrite=args.overwrite,
                     )
                 else:
                     store = embed_plate_on_cluster(
@@ -400,6 +408,7 @@ def _run_embed_cluster(args, settings) -> int:
                         sites_per_task=args.sites_per_task,
                         progress=step,
                         overwrite=args.overwrite,
+                        backend=backend,
                     )
             counts = store.attrs.get("counts", {})
             print(f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches")

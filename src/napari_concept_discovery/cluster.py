@@ -159,12 +159,13 @@ def embed_plate_on_cluster(
     progress: ProgressCallback = None,
     cancel: Cancel = None,
     overwrite: bool = False,
+    backend=None,
 ):
     """:func:`~.plate_embedding.embed_plate` with the sites embedded by ``client``'s workers.
 
     Returns the store (``store.reused`` when its signature matched), or None when cancelled.
-    The client loads the model too, once, to sign the store as the workers will, and holds the
-    store's lock. A run that fails (a refusal, a site whose workers keep dying) leaves the
+    The client loads the model too (or takes ``backend``, loaded already from
+    ``settings.model``), to sign the store as the workers will, and holds the store's lock. A run that fails (a refusal, a site whose workers keep dying) leaves the
     store unfinished, with the sites finished so far kept as parts: nothing half-written, and
     the next run resumes from them.
     """
@@ -178,7 +179,7 @@ def embed_plate_on_cluster(
     out = check_output(out, folder=True, what="activation store")
     check_store_folder(out)
     plate = _as_plate(plate, settings.labels)
-    backend = load_embed_model(settings)
+    backend = backend if backend is not None else load_embed_model(settings)
     with write_lock(out, what="store", error=StoreError):
         writer, _, _ = _writer(plate, settings, out, backend, overwrite)
         todo = writer.begin()
@@ -230,9 +231,13 @@ def embed_plates_on_cluster(
     client,
     **kw,
 ) -> list:
-    """Several plates, one store each, all on the same cluster (one after the other)."""
+    """Several plates, one store each, all on the same cluster (one after the other); the
+    client loads the model once for all of them."""
     if len(plates) != len(outs):
         raise ConceptDiscoveryError(f"{len(plates)} plates but {len(outs)} output stores")
+    settings = settings if settings is not None else EmbedSettings()
+    if kw.get("backend") is None:
+        kw["backend"] = load_embed_model(settings)
     return [
         embed_plate_on_cluster(p, settings, o, client, **kw)
         for p, o in zip(plates, outs, strict=True)
