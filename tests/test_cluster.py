@@ -199,3 +199,41 @@ def test_cluster_options_are_checked(tiny_store_path, dictionaries, tmp_path, ca
     assert "not both" in capsys.readouterr().err
     assert main([*base, "--workers", "1", "--rows-per-task", "0"]) == 2
     assert "--rows-per-task must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cluster_embedding_refuses_another_store_and_replaces_it_with_overwrite(
+    small_plates, tmp_path, client
+):
+    from fault_helpers import tiny_weights
+    from napari_concept_discovery.errors import StoreError
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    other = write_synthetic_plates(tmp_path / "other", 1, 2, 1, 256, seed=5)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    settings = EmbedSettings(model=str(weights))
+    out = tmp_path / "store"
+    first = embed_plate(small_plates, settings, out)
+    n_first = len(first.sites())
+    with pytest.raises(StoreError, match="--overwrite"):
+        embed_plate_on_cluster(other, settings, out, client)
+    assert len(ActivationStore.open(out).sites()) == n_first  # the old store is whole
+    # with overwrite the workers build the new store beside the old one, swapped in at the end
+    replaced = embed_plate_on_cluster(other, settings, out, client, overwrite=True)
+    _same_store(embed_plate(other, settings, tmp_path / "single"), replaced)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other",
+        "single",
+        "store",
+        "tiny.safetensors",
+    ]
+
+
+def test_cluster_encoding_is_cancelled_between_tasks(tiny_store_path, dictionaries, client):
+    from napari_concept_discovery.cluster import encode_store_on_cluster
+    from napari_concept_discovery.dictionary import load_dictionary
+    from napari_concept_discovery.progress import Cancelled
+
+    store = ActivationStore.open(tiny_store_path)
+    d = load_dictionary(dictionaries["icfl"])
+    with pytest.raises(Cancelled):
+        encode_store_on_cluster(store, d, client=client, rows_per_task=32, cancel=lambda: True)
