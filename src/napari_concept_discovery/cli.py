@@ -635,6 +635,57 @@ def _run_analyze(args) -> int:
     return 0
 
 
+# --- convert (issue 10: OME-Zarr plates) ----------------------------------------------------
+
+
+def _add_convert(sub) -> None:
+    from .convert import NGFF_VERSIONS
+
+    p = sub.add_parser(
+        "convert",
+        help="write a plate folder of any layout as OME-Zarr HCS plates",
+        description=(
+            "Write one OME-Zarr (NGFF) plate per plate of PLATE into --out: wells with their "
+            "sites as fields, channel names, the cell and nucleus labels the plate carries as "
+            "label images, and the metadata as --out/metadata.csv, which every command reads "
+            "with the plates (concept-discovery info OUT). The folder appears "
+            "only when complete. Example: concept-discovery convert synth/ --out synth-zarr/"
+        ),
+    )
+    p.add_argument("plate", help="plate folder (any layout `info` reads)")
+    p.add_argument("--out", required=True, help="folder for the OME-Zarr plates")
+    p.add_argument(
+        "--ngff",
+        default="0.5",
+        choices=NGFF_VERSIONS,
+        help="NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2, for older tools) (default: 0.5)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_plate_options(p)
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from ._files import check_output
+    from .convert import convert_plate
+
+    check_output(args.out, folder=True, what="OME-Zarr output folder")
+    plate = _open_plate(args)
+    with _progress(len(plate), "convert") as bar:
+        written = convert_plate(
+            plate,
+            args.out,
+            ngff=args.ngff,
+            overwrite=args.overwrite,
+            progress=lambda p: bar.update(p.done - bar.n),
+        )
+    print(
+        f"wrote {len(plate)} sites as {len(written)} OME-Zarr plate(s) in {args.out}: "
+        + ", ".join(w.name for w in written)
+    )
+    return 0
+
+
 # --- report (issue 10: headless discovery for a whole screen) ------------------------------
 
 
@@ -826,6 +877,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_embed,
         _add_train,
         _add_analyze,
+        _add_convert,
         _add_report,
         _add_models,
         _add_view,
