@@ -78,11 +78,15 @@ def test_train_and_analyze_from_the_command_line(
         "controls": "well_type=negative_control",
         "by": "plate",
         "mode": "pca",
+        "shrinkage": "auto",
+        "n_components": None,
+        "within": None,
     }
+    assert d.meta["tokens"] == "concat"  # the store keeps channel tokens: the default form
     assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta["steps"] == 30
     # the recorded FVU is the one the tokens give, and the dictionary explains something
     store = ActivationStore.open(tiny_store_path)
-    fvu = fvu_by_hand(d, store.tokens("cell"), store.table("cell"))
+    fvu = fvu_by_hand(d, store.tokens("cell", d.token_form), store.table("cell"))
     assert d.meta["metrics"]["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
 
     out = tmp_path / "analysis"

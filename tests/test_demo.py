@@ -5,11 +5,10 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytest
 
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.demo import format_report, run_demo
-from test_cli_dictionary import assert_best_aurocs
+from napari_concept_discovery.dictionary import load_dictionary
 
 
 def test_demo_end_to_end_and_rerun(tmp_path):
@@ -21,32 +20,49 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     m = result.metrics
     assert 0.0 <= m["fvu"] < 1.0  # the dictionary explains some of the variance
     assert m["n_atoms"] == 64
-    # every true concept gets its best feature and AUROC, as sklearn finds them on the codes
+    # every true concept gets a best feature, an AUROC in [0, 1] and the stain that carries it
     concepts = result.concepts
-    assert {"cell_type=HUVEC", "perturbation=control", "mitotic"} <= set(concepts["concept"])
-    adata = ad.read_h5ad(result.analysis / "codes.h5ad")
-    assert_best_aurocs(concepts, adata)
+    assert {"HUVEC", "HEPG2", "U2OS", "mitotic"} <= set(concepts["concept"])
+    perts = concepts[concepts["kind"] == "perturbation"]
+    assert len(perts) >= 1 and "control" not in set(concepts["concept"])
+    assert concepts["auroc"].between(0, 1).all()
+    names = {"DNA", "ER", "Actin", "RNA", "Mito", "Membrane"}
+    assert set(concepts["top_stain"]) <= names and concepts["stain_share"].between(0, 1).all()
+    # what each perturbation really changes comes from the generator's declaration
+    touched = dict(zip(perts["concept"], perts["stains touched"], strict=True))
+    assert touched.get("nuclear_enlargement", "DNA") == "DNA"
+    assert all(t in names for t in touched.values())
     # codes land in AnnData with the cell table as obs, one row per cell token
+    adata = ad.read_h5ad(result.analysis / "codes.h5ad")
     assert adata.shape == (result.n_cells, 64)
     assert {"plate", "well", "cell_type", "perturbation", "mitotic"} <= set(adata.obs.columns)
     truth = pd.read_csv(result.plates / "truth.csv")
     assert adata.obs["mitotic"].astype(str).isin(["True", "False"]).all()
     assert len(truth) >= result.n_cells * 0.8
 
-    # both preparations are compared, each with an AUROC per concept group
-    assert result.comparison["preparation"].tolist() == ["center", "pca"]
-    center = result.comparison.set_index("preparation").loc["center"]
-    by_group = concepts.groupby(concepts["concept"].str.split("=").str[0])["auroc"].mean()
-    for group, value in by_group.items():  # the analysed dictionary is the first preparation's
-        assert center[f"auroc {group}"] == pytest.approx(value)
-    assert result.comparison["auroc cell_type"].notna().all()
+    # the controls mix cell types: three whitenings are compared, the first is analysed
+    assert result.comparison["whitening"].tolist() == [
+        "per cell type",
+        "controls",
+        "within cell type",
+    ]
+    assert result.preparation == "per cell type"
+    assert result.comparison["cell types"].between(0, 1).all()
+    assert result.comparison["perturbations"].between(0, 1).all()
+    d = load_dictionary(result.dictionary)
+    assert d.meta["tokens"] == "concat" and d.meta["whitening"]["by"] == "plate,cell_type"
+
+    # the feature table carries each feature's stains
+    features = pd.read_parquet(result.analysis / "features.parquet")
+    assert {f"stain_{n}" for n in names} | {"top_stain"} <= set(features.columns)
 
     report = format_report(result)
-    assert "FVU" in report and "cell_type=HUVEC" in report
+    assert "FVU" in report and "HUVEC" in report and "stains touched" in report
+    assert "MB per site" in report
     # the HTML report is written beside the other outputs and its path printed
     assert result.report == result.out / "report" / "index.html" and result.report.is_file()
     assert f"report: {result.report}" in report
-    assert "dictionary-pca" in result.report.read_text()  # both preparations compared
+    assert "dictionary-controls" in result.report.read_text()  # the whitenings compared
 
     # a rerun with the same parameters keeps the plates (same files, same mtimes)
     before = {p: p.stat().st_mtime_ns for p in result.plates.rglob("*.png")}
@@ -75,7 +91,7 @@ def test_demo_cli(tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "best single-feature AUROC" in out
-    assert (tmp_path / "d" / "dictionary-center.safetensors").is_file()
-    assert (tmp_path / "d" / "dictionary-pca.safetensors").is_file()
-    assert "preparation" in out
+    assert "the best single feature for each" in out
+    for name in ("within-cell-type", "controls", "per-cell-type"):
+        assert (tmp_path / "d" / f"dictionary-{name}.safetensors").is_file()
+    assert "whitening" in out and "top_stain" in out

@@ -72,10 +72,14 @@ def test_train_on_store_reports_stages_and_records_its_settings(store, trained):
 
     loaded = load_dictionary(result.path)
     meta = loaded.meta
-    assert TrainSettings.from_dict(meta["train_settings"]) == SETTINGS
+    # the store keeps channel tokens (a channel-agnostic model), so the default form is concat,
+    # recorded as resolved
+    assert TrainSettings.from_dict(meta["train_settings"]) == SETTINGS.replace(tokens="concat")
+    assert meta["tokens"] == "concat" and meta["token_groups"] == 6
+    assert loaded.input_width == 6 * store.embed_dim == store.token_width("concat")
     assert meta["steps"] == 20 and not meta["cancelled"] and "checkpoint" not in meta
     assert meta["metrics"] == result.metrics
-    fvu = fvu_by_hand(loaded, store.tokens("cell"), store.table("cell"))
+    fvu = fvu_by_hand(loaded, store.tokens("cell", "concat"), store.table("cell"))
     assert result.metrics["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
     assert loaded.model.config.n_iter == 2 and loaded.model.config.n_pick == 2
     assert loaded.whitener.groups_ == ("SYNTH_1", "SYNTH_2")
@@ -85,7 +89,7 @@ def test_train_on_store_reports_stages_and_records_its_settings(store, trained):
 def test_training_metrics_encode_store_and_evaluate_give_the_same_codes(store, trained):
     result, _ = trained
     loaded = load_dictionary(result.path)
-    tokens, table = store.tokens("cell"), store.table("cell")
+    tokens, table = store.tokens("cell", loaded.token_form), store.table("cell")
     metrics, ev_codes = evaluate(
         loaded.model,
         tokens,
@@ -155,9 +159,12 @@ def test_encode_is_cancellable_and_refuses_what_does_not_fit(store, trained):
         encode_store(store, other)
     table = store.table("cell").drop(columns=["plate"])
     with pytest.raises(DictionaryError, match="whitens per 'plate'.*no such column"):
-        d.encode_table(store.tokens("cell"), table)
+        d.encode_table(store.tokens("cell", "concat"), table)
     with pytest.raises(DictionaryError, match="got 3 whitening group labels for"):
-        d.encode(store.tokens("cell"), ["SYNTH_1"] * 3)
+        d.encode(store.tokens("cell", "concat"), ["SYNTH_1"] * 3)
+    # the channel mean is not what a concat dictionary reads; the message says what is
+    with pytest.raises(DictionaryError, match=r"width 192.*width 32.*form='concat'"):
+        d.encode(store.tokens("cell"), store.table("cell")["plate"])
 
 
 def test_analyze_store_writes_what_the_cli_writes(store, trained, small_plates, tmp_path):

@@ -122,7 +122,14 @@ def test_whiten_settings_checks():
         WhitenSettings(CONTROLS, eps=-1.0)
     w = WhitenSettings(" well_type = negative_control ", by="plate")
     assert w.control == ("well_type", "negative_control")
-    assert w.describe_meta() == {"controls": w.controls, "by": "plate", "mode": "pca"}
+    assert w.describe_meta() == {
+        "controls": w.controls,
+        "by": "plate",
+        "mode": "pca",
+        "shrinkage": "auto",
+        "n_components": None,
+        "within": None,
+    }
 
 
 @pytest.mark.parametrize(

@@ -71,10 +71,15 @@ def test_site_codes_equal_analyze(explored):
         sc = ex.site(key)
         rows = _site_rows(cell_table, key)
         np.testing.assert_array_equal(sc.cells["label"], cell_table.label.to_numpy()[rows])
-        np.testing.assert_allclose(sc.cell_codes.toarray(), cell_codes[rows].toarray(), atol=1e-6)
+        # equal to float32 precision: batches of another size sum in another order
+        np.testing.assert_allclose(
+            sc.cell_codes.toarray(), cell_codes[rows].toarray(), rtol=1e-5, atol=1e-6
+        )
         prow = _site_rows(patch_table, key)
         assert sc.grid[0] * sc.grid[1] == len(prow)
-        np.testing.assert_allclose(sc.patch_codes.toarray(), patch_codes[prow].toarray(), atol=1e-6)
+        np.testing.assert_allclose(
+            sc.patch_codes.toarray(), patch_codes[prow].toarray(), rtol=1e-5, atol=1e-6
+        )
     # the LRU cache keeps at most max_sites sites
     assert len(ex._sites) == 2
 
@@ -192,7 +197,13 @@ def test_site_embedded_on_demand_encodes_like_the_store(explored):
     vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
     backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
     site = plate[key]
-    st = embed_site(site.read(), backend, store.block, labels=store.site_labels(key))
+    mean_only = embed_site(site.read(), backend, store.block, labels=store.site_labels(key))
+    mean_only.key = SiteKey(key.plate, key.well, 99)
+    with pytest.raises(StoreError, match="per-channel tokens"):
+        ex.add_site(mean_only, dict(site.metadata or {}))  # the dictionary reads channel tokens
+    st = embed_site(
+        site.read(), backend, store.block, labels=store.site_labels(key), channel_tokens=True
+    )
     st.key = SiteKey(key.plate, key.well, 99)  # a site the store does not hold
     fresh = ex.add_site(st, dict(site.metadata or {}))
     stored = ex.site(key)

@@ -189,7 +189,9 @@ def test_a_killed_training_keeps_the_old_dictionary_and_resumes(store, tmp_path)
 
 def test_non_finite_tokens_are_refused_or_dropped_and_counted(tiny_store_path, tmp_path, capsys):
     copy = _store_copy(tiny_store_path, tmp_path)
-    tokens = zarr.open_array(str(copy / "cell" / "tokens"), mode="r+")
+    # the dictionary's default input: the channel tokens side by side (the store keeps them)
+    assert ActivationStore.open(copy).default_token_form == "concat"
+    tokens = zarr.open_array(str(copy / "cell" / "channels"), mode="r+")
     table = ActivationStore.open(copy).table("cell")
     controls = np.flatnonzero(table["well_type"] == "negative_control")
     treated = np.flatnonzero(table["well_type"] != "negative_control")

@@ -298,7 +298,8 @@ def test_a_dictionary_of_another_model_is_refused_naming_both(
     assert session.dictionary is None
     text = opened.dictionary.status.text()
     assert "ca-vit:other.safetensors" in text and "ca-vit:tiny.safetensors" in text
-    assert "width 48" in text and "width 32" in text
+    # both read 6 channel tokens side by side: 6 x 48 against 6 x 32
+    assert "width 288" in text and "width 192" in text
     assert notification_manager.records[n].message == text
     # the matching one is accepted and becomes the session's
     good = opened.dictionary.load(demo_folder / "dictionary-center.safetensors")
@@ -519,12 +520,15 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
     # the cell values are the drawn cells', pooled with the store's model and encoded
     values = explorer.cell_values(key, 0)
     assert values["label"].tolist() == [7, 9]
-    tokens = embed_site(image, reload_model(store), store.block, labels=drawn)
+    tokens = embed_site(image, reload_model(store), store.block, labels=drawn, channel_tokens=True)
     table = tokens.cell_table.assign(plate=key.plate, well=key.well, site=key.site)
     for column, value in (session.plate[key].metadata or {}).items():
         if column not in table.columns:
             table[column] = value
-    codes = session.dictionary.encode_table(tokens.cell_tokens, table).toarray()
+    # the dictionary reads the channel tokens side by side, as the store keeps them (float16)
+    side_by_side = tokens.cell_channels.reshape(len(tokens.cell_tokens), -1)
+    x = side_by_side.astype(np.float16).astype(np.float32)
+    codes = session.dictionary.encode_table(x, table).toarray()
     np.testing.assert_allclose(values["value"], codes[:, 0], rtol=1e-5, atol=1e-6)
     _, cells = feature_layers(viewer)
     np.testing.assert_array_equal(cells.data, drawn)

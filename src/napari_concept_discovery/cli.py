@@ -455,7 +455,25 @@ def _run_embed(args) -> int:
         f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches, "
         f"{counts.get('crop', 0)} crops" + (" (reused: signature matches)" if store.reused else "")
     )
+    print(_size_line(store))
     return 0
+
+
+def _size_line(store) -> str:
+    """Store size per site, and what the per-channel tokens cost of it."""
+    sizes = store.nbytes()
+    n = max(1, len(store.sites()))
+    forms = (
+        f"per-channel tokens kept ({store.token_groups} x {store.embed_dim}, float16)"
+        if store.has_channel_tokens
+        else "channel mean only"
+    )
+    mb = 1e6
+    return (
+        f"store size {sizes['total'] / mb:.1f} MB, {sizes['total'] / n / mb:.2f} MB per site "
+        f"(patches {sizes['patch'] / n / mb:.2f}, cells {sizes['cell'] / n / mb:.2f}, crops "
+        f"{sizes['crop'] / n / mb:.2f}, labels {sizes['labels'] / n / mb:.2f}); {forms}"
+    )
 
 
 # --- train / analyze (issue: dictionary learning core) -------------------------------------
@@ -751,6 +769,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--sparsity", type=int, default=8, help="non-zeros per token")
     p.add_argument("--steps", type=int, default=1000, help="training steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="default", help="model source (default: the bundled model)")
     p.set_defaults(func=_run_demo)
 
 
@@ -779,6 +798,7 @@ def _run_demo(args) -> int:
         sparsity=args.sparsity,
         steps=args.steps,
         seed=args.seed,
+        model=args.model,
         log=log,
         progress=bars,
     )

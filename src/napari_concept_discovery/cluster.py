@@ -38,6 +38,7 @@ from .plate_embedding import (
     load_embed_model,
     model_source,
     read_sites,
+    resolve_channel_tokens,
     site_inputs,
 )
 from .progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
@@ -58,8 +59,11 @@ def _writer(plate, settings: EmbedSettings, out, backend, overwrite: bool = Fals
     from .store import StoreWriter
 
     inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
-    embedder = Embedder(backend, settings.block, settings.batch_size, settings.channel_tokens)
-    record = settings.replace(model=model_source(backend), block=embedder.block)
+    channels = resolve_channel_tokens(settings, backend, len(plate.channel_names))
+    embedder = Embedder(backend, settings.block, settings.batch_size, channels)
+    record = settings.replace(
+        model=model_source(backend), block=embedder.block, channel_tokens=channels
+    )
     writer = StoreWriter(
         out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite
     )

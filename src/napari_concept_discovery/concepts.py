@@ -7,6 +7,11 @@ through sparse products, so N ~ 1e5 tokens and M ~ 8192 features take seconds.
 Selectivity of feature f for value i of a column (the paper's two forms; docs/architecture.md, "Dictionaries"):
 avg = P(active | i) - P(active | not i); max = P(active | i) - max over other values j of
 P(active | j).
+
+Which stains drive a feature: for a dictionary on concatenated channel tokens, each atom's
+share of norm per channel block (:func:`channel_shares`, applied through the dictionary's
+``stain_attribution``); for other inputs, the correlation of a feature's activation map with
+each channel's intensity on a site (:func:`stain_correlation`).
 """
 
 from __future__ import annotations
@@ -143,6 +148,8 @@ def feature_auroc(codes, membership: np.ndarray) -> np.ndarray:
     n_neg = n - n_pos
     if n_pos == 0 or n_neg == 0:
         return np.full(m, np.nan)
+    if csc.nnz == 0:  # every code zero: one tie, chance for every feature
+        return np.full(m, 0.5)
     col = np.repeat(np.arange(m), np.diff(csc.indptr))
     val = csc.data.astype(np.float64)
     pos = y[csc.indices]
@@ -166,6 +173,75 @@ def feature_auroc(codes, membership: np.ndarray) -> np.ndarray:
     pos_in_nz = np.bincount(col, weights=pos.astype(float), minlength=m)
     rank_sum = np.bincount(col, weights=rank * pos, minlength=m) + (n_pos - pos_in_nz) * zero_rank
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def channel_shares(vectors, n_groups: int) -> np.ndarray:
+    """Share of each row's squared norm in each of ``n_groups`` equal column blocks, (M, G).
+
+    Rows of (M, G*D) vectors with channel g in columns g*D:(g+1)*D; each row of the result sums
+    to 1 (a zero row gives equal shares).
+    """
+    v = np.asarray(vectors, dtype=np.float64)
+    m, width = v.shape
+    if n_groups < 1 or width % n_groups:
+        raise DictionaryError(f"cannot split {width} columns into {n_groups} channel blocks")
+    energy = (v.reshape(m, n_groups, width // n_groups) ** 2).sum(2)
+    total = energy.sum(1, keepdims=True)
+    return np.divide(energy, total, out=np.full_like(energy, 1.0 / n_groups), where=total > 0)
+
+
+def stain_table(shares, names: Sequence[str]) -> pd.DataFrame:
+    """``stain_<name>`` columns of (M, C) shares and ``top_stain``, the largest, per feature."""
+    shares = np.asarray(shares, dtype=np.float64)
+    names = [str(n) for n in names]
+    if shares.ndim != 2 or shares.shape[1] != len(names):
+        raise DictionaryError(f"{shares.shape} stain shares for {len(names)} stain names")
+    out = pd.DataFrame({f"stain_{n}": shares[:, i] for i, n in enumerate(names)})
+    out["top_stain"] = np.asarray(names, dtype=object)[shares.argmax(1)] if len(out) else []
+    return out
+
+
+def stain_correlation(activations, image, patch_size: int = 16) -> np.ndarray:
+    """Correlation of features' activation maps with each channel's intensity on one site.
+
+    For dictionaries on channel-mean tokens, whose atoms have no channel blocks: a feature
+    whose map follows the ER stain's brightness is, at least, read where ER is bright.
+    ``activations`` is a (rows, cols) map or (rows, cols, M) maps on the site's patch grid;
+    ``image`` is (C, H, W). Each channel is averaged over every patch (the grid's rows x cols
+    patches of ``patch_size``; a patch at the edge over its real pixels), then Pearson's r is
+    taken per feature and channel over the patches. Returns (C,) or (M, C); 0 where a map or a
+    channel is constant.
+    """
+    a = np.asarray(activations, dtype=np.float64)
+    single = a.ndim == 2
+    if single:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise DictionaryError(f"activations must be (rows, cols[, M]), got shape {a.shape}")
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 2:
+        img = img[None]
+    rows, cols, m = a.shape
+    c, h, w = img.shape
+    if (-(-h // patch_size), -(-w // patch_size)) != (rows, cols):
+        raise DictionaryError(
+            f"a {h} x {w} image has a {-(-h // patch_size)} x {-(-w // patch_size)} patch grid, "
+            f"the activations {rows} x {cols}"
+        )
+    ry = np.arange(h) // patch_size
+    rx = np.arange(w) // patch_size
+    idx = (ry[:, None] * cols + rx[None, :]).ravel()
+    count = np.bincount(idx, minlength=rows * cols)
+    means = np.stack(
+        [np.bincount(idx, weights=img[k].ravel(), minlength=rows * cols) / count for k in range(c)]
+    )  # (C, P)
+    x = a.reshape(rows * cols, m).T  # (M, P)
+    x = x - x.mean(1, keepdims=True)
+    y = means - means.mean(1, keepdims=True)
+    num = x @ y.T
+    den = np.sqrt((x**2).sum(1))[:, None] * np.sqrt((y**2).sum(1))[None, :]
+    r = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return r[0] if single else r
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], purpose: str) -> None:
@@ -246,6 +322,92 @@ def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.Data
     return pd.DataFrame(rows)
 
 
+@dataclass
+class TrueConcept:
+    """A concept with per-cell ground truth: the cells it is judged on and which are members."""
+
+    name: str
+    kind: str  # "cell type", "subpopulation", "perturbation" or "null perturbation"
+    rows: np.ndarray  # rows of the cell table the concept is judged on
+    member: np.ndarray  # (len(rows),) bool
+
+
+def truth_concepts(
+    table: pd.DataFrame,
+    *,
+    control: str = "control",
+    min_members: int = 10,
+) -> list[TrueConcept]:
+    """The true concepts of a cell table with synthetic-style truth columns.
+
+    Columns used: ``cell_type``, ``perturbation``, ``responded``, ``mitotic`` (bool), and
+    ``plate``. Each cell type and the mitotic cells are judged against all other cells. A
+    perturbation's members are its responding cells, judged against the control cells
+    (``perturbation == control``) of the plates and cell types its members come from, so that
+    neither plate nor cell type can stand in for it, and against its own cells that did not
+    respond, so that a feature of the treated well rather than of the response does not count;
+    a perturbation none of whose cells respond is a null one, and all its cells are judged
+    against the same kind of controls (a feature that finds it finds a well or plate
+    difference, not biology).
+    """
+    require_columns(
+        table, ("cell_type", "perturbation", "responded", "mitotic", "plate"), "true concepts"
+    )
+    every = np.arange(len(table))
+    out = [
+        TrueConcept(str(ct), "cell type", every, (table["cell_type"] == ct).to_numpy())
+        for ct in sorted(table["cell_type"].dropna().astype(str).unique())
+    ]
+    mitotic = table["mitotic"].astype(str).str.lower().isin(("true", "1")).to_numpy()
+    out.append(TrueConcept("mitotic", "subpopulation", every, mitotic))
+    responded = table["responded"].astype(str).str.lower().isin(("true", "1")).to_numpy()
+    pert = table["perturbation"].astype(str).to_numpy()
+    is_control = pert == control
+    stratum = (table["plate"].astype(str) + "/" + table["cell_type"].astype(str)).to_numpy()
+    for name in sorted(set(pert.tolist()) - {control}):
+        inside = pert == name
+        null = not (inside & responded).any()
+        member = inside if null else inside & responded
+        if member.sum() < min_members:
+            continue
+        negative = is_control & np.isin(stratum, np.unique(stratum[member]))
+        if not negative.any():
+            continue
+        negative |= inside & ~member  # its non-responders
+        rows = np.flatnonzero(member | negative)
+        kind = "null perturbation" if null else "perturbation"
+        out.append(TrueConcept(name, kind, rows, member[rows]))
+    return out
+
+
+def recovery_table(
+    codes, concepts: Sequence[TrueConcept], stains: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Per true concept: members, the best single feature, its AUROC and its top stain.
+
+    ``stains`` is a :func:`stain_table` of the dictionary (one row per feature), adding the
+    best feature's ``top_stain`` and its ``stain_share``.
+    """
+    csr = _csr(codes)
+    rows = []
+    for c in concepts:
+        auc = feature_auroc(csr[c.rows], c.member)
+        best = int(np.nanargmax(auc)) if np.isfinite(auc).any() else -1
+        row = {
+            "concept": c.name,
+            "kind": c.kind,
+            "n_members": int(c.member.sum()),
+            "best_feature": best,
+            "auroc": float(auc[best]) if best >= 0 else float("nan"),
+        }
+        if stains is not None and best >= 0:
+            top = stains["top_stain"].iloc[best]
+            row["top_stain"] = top
+            row["stain_share"] = float(stains[f"stain_{top}"].iloc[best])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def top_tokens(codes, n: int = 10) -> list[np.ndarray]:
     """For each feature, the rows of its ``n`` largest codes, largest first."""
     csc = sp.csc_matrix(_csr(codes))
@@ -265,12 +427,14 @@ def feature_table(
     *,
     top_n: int = 10,
     selectivities: dict[str, Selectivity] | None = None,
+    stains: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per feature: frequency, mean activation, top label and its selectivity, top cells.
 
     ``frequency`` is the fraction of tokens the feature is active on; ``mean_activation`` is
     its mean code over those tokens. The top label is the (column, value) with the highest avg
     selectivity over the chosen columns. ``top_tokens`` are row numbers into ``table``.
+    ``stains`` (one row per feature, e.g. :func:`stain_table`) adds its columns.
     """
     csr = _csr(codes)
     n, m = csr.shape
@@ -304,6 +468,11 @@ def feature_table(
         out["top_label"] = best_val
         out["selectivity_avg"] = best_s
         out["selectivity_max"] = best_max
+    if stains is not None:
+        if len(stains) != m:
+            raise DictionaryError(f"stain attribution for {len(stains)} features, codes have {m}")
+        for c in stains.columns:
+            out[c] = stains[c].to_numpy()
     out["top_tokens"] = [r.tolist() for r in top_tokens(csr, top_n)]
     return out
 
@@ -516,6 +685,11 @@ def codes_anndata(
                 var[c] = var[c].astype(str)
         var.index = pd.Index(var["feature"].astype(str).to_numpy(), name=None)
     adata = ad.AnnData(X=_csr(codes).astype(np.float32), obs=obs, var=var)
+    if features is not None:
+        stain_cols = [c for c in features.columns if c.startswith("stain_")]
+        if stain_cols:  # the (M, C) attribution as one matrix too, named in uns
+            adata.varm["stain_attribution"] = features[stain_cols].to_numpy(np.float64)
+            adata.uns["stain_names"] = [c[len("stain_") :] for c in stain_cols]
     if meta:
         import json
 
@@ -569,6 +743,7 @@ def write_analysis(
     truth_columns: Sequence[str] = (),
     top_n: int = 10,
     controls: str | None = None,
+    stains: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables and codes.h5ad.
 
@@ -576,7 +751,8 @@ def write_analysis(
     written, so a failure leaves an earlier analysis whole rather than a mix of old and new.
     With ``controls`` (COLUMN=VALUE) also the concept profiles of every label column but the
     control column: profiles.parquet (long form, one row per value and feature) and the AnnData
-    fields.
+    fields. ``stains`` (:func:`stain_table`) adds each feature's stain attribution to the
+    feature table and to the AnnData (``var`` columns and ``varm["stain_attribution"]``).
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -590,7 +766,9 @@ def write_analysis(
             names.update(
                 selectivity="selectivity.parquet", selectivity_counts=("selectivity_counts.parquet")
             )
-        features = feature_table(csr, table, columns, top_n=top_n, selectivities=sels)
+        features = feature_table(
+            csr, table, columns, top_n=top_n, selectivities=sels, stains=stains
+        )
         names["features"] = "features.parquet"
         atomic_parquet(features, tmp / names["features"])
         coo = csr.tocoo()

@@ -182,8 +182,10 @@ class Explorer:
                     f"site {key}: this dictionary takes per-channel tokens; embed the site with "
                     "channel tokens"
                 )
-            patch_x = tokens.patch_channels.reshape(rows * cols, -1)
-            cell_x = tokens.cell_channels.reshape(len(tokens.cell_tokens), -1)
+            # rounded as the store keeps them (float16), so a site embedded on demand encodes
+            # as it would from the store
+            patch_x = _as_stored(tokens.patch_channels.reshape(rows * cols, -1))
+            cell_x = _as_stored(tokens.cell_channels.reshape(len(tokens.cell_tokens), -1))
         patch_table = pd.DataFrame([base] * (rows * cols))
         cells = tokens.cell_table.reset_index(drop=True).copy()
         for k, v in base.items():
@@ -391,3 +393,8 @@ def _row_index(letters: str) -> int:
 
 
 __all__ = ["ActivationMap", "Explorer", "SiteCodes"]
+
+
+def _as_stored(channels: np.ndarray) -> np.ndarray:
+    """Per-channel tokens as the store holds them: float16, read back as float32."""
+    return np.asarray(channels, dtype=np.float16).astype(np.float32)

@@ -77,7 +77,12 @@ class EmbedSettings(Settings):
         choices=CELL_SOURCES,
     )
     nuclear: str = option("DNA", "nuclear stain for segmentation, a channel name or index")
-    channel_tokens: bool = option(False, "also keep per-channel tokens")
+    channel_tokens: bool | None = option(
+        None,
+        "keep the per-channel tokens too, side by side (C x D), the dictionaries' default input; "
+        "default: yes for models that give one token per channel (channel-agnostic ViTs, timm "
+        "models with the per-channel rule) on plates of more than one channel",
+    )
     labels: str | None = option(
         None,
         "folder of cell labels as `concept-discovery segment --out` writes them "
@@ -104,6 +109,22 @@ def load_embed_model(settings: EmbedSettings) -> Backend:
     return load_model(
         settings.model, settings.device, arch=settings.arch, channel_rule=settings.channel_rule
     )
+
+
+def keeps_channels(backend: Backend, n_channels: int) -> bool:
+    """Whether ``backend`` gives one token per channel for an image of ``n_channels`` channels.
+
+    Channel-agnostic ViTs always do; a timm ViT does under the per-channel rule (its ``mean``
+    and ``identity`` rules give one token per patch). One channel has nothing to keep apart.
+    """
+    return n_channels > 1 and getattr(backend, "channel_rule", "per-channel") == "per-channel"
+
+
+def resolve_channel_tokens(settings: EmbedSettings, backend: Backend, n_channels: int) -> bool:
+    """``settings.channel_tokens`` when given, else whether the model keeps channels apart."""
+    if settings.channel_tokens is None:
+        return keeps_channels(backend, n_channels)
+    return bool(settings.channel_tokens)
 
 
 def model_source(backend: Backend) -> str:
@@ -288,8 +309,11 @@ def _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overw
     from .embed import Embedder
     from .store import StoreWriter
 
-    embedder = Embedder(backend, settings.block, settings.batch_size, settings.channel_tokens)
-    record = settings.replace(model=model_source(backend), block=embedder.block)
+    channels = resolve_channel_tokens(settings, backend, len(plate.channel_names))
+    embedder = Embedder(backend, settings.block, settings.batch_size, channels)
+    record = settings.replace(
+        model=model_source(backend), block=embedder.block, channel_tokens=channels
+    )
     writer = StoreWriter(
         out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite
     )

@@ -150,7 +150,7 @@ def add_arguments(
         shown = "" if default is None else f" (default: {default})"
         if d["type"] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-            shown = f" (default: {'yes' if default else 'no'})"
+            shown = f" (default: {'auto' if default is None else 'yes' if default else 'no'})"
         else:
             kwargs["type"] = d["type"] if d["type"] in (int, float) else str
             if d["choices"]:

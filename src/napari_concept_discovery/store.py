@@ -10,11 +10,24 @@ Layout (zarr v3 arrays, parquet tables)::
     STORE/patch/tokens         (N_patches, D) float16, row-major per site; patch/table.parquet
     STORE/cell/tokens          (N_cells, D) float32; cell/table.parquet
     STORE/crop/tokens          (N_tiles, D) float32; crop/table.parquet
-    STORE/<unit>/channels      (N, G, D) per-channel tokens, only with ``channel_tokens=True``
+    STORE/<unit>/channels      (N, G*D) float16 per-channel tokens side by side (channel g in
+                               columns g*D..(g+1)*D), only with ``channel_tokens``
     STORE/labels/<site_id>     (H, W) int32 cell labels the site's cells were pooled over
                                (zstd-compressed); row i of a site's cell tokens is label
                                ``cell/table.label[i]`` in it
     STORE/parts/<site_id>/     one finished site while a plate is being embedded (resume unit)
+
+Token forms: ``tokens(unit, form="mean")`` is the mean over a patch's G channel tokens (G = C
+for a channel-agnostic model), ``tokens(unit, form="concat")`` the G channel tokens concatenated,
+which keeps what is specific to one stain (docs/architecture.md, "Tokens"). Both are stored.
+The mean could be derived from the concatenation, but it costs only 1/G of it on disk (patch
+tokens, which dominate), a viewer that paints a mean dictionary would otherwise read G times
+the bytes for every site, and deriving it from float16 channel tokens would change the mean
+tokens that existing dictionaries were trained on. Activations do not compress (zstd saves
+about 7% on float16 tokens), so float16 is what keeps the store small: a 1080 x 1080 site of
+6 channels with a 384-wide model costs about 26 MB, 21 MB of it the per-channel patch tokens
+(see README, "Store size"). Channel arrays are chunked by about 2 MiB of rows, so one cell
+read for the viewer decompresses little, while training still reads whole chunks.
 
 Every unit's rows are grouped by site in the order of ``sites.parquet``, so a site's rows are
 one slice (``site_rows``). ``model_source`` is what ``load_model`` takes to rebuild the model and
@@ -55,15 +68,50 @@ from .plate import SiteKey
 
 UNITS = ("cell", "patch", "crop")
 MARKER = "napari-concept-discovery activation store"
-STORE_FORMAT = 2
+STORE_FORMAT = 3  # 3: per-channel tokens as (N, G*D), token_groups recorded
 TOKEN_SETTINGS = {
     "tiling": "reflect pad bottom/right to a multiple of the tile; patches of padding dropped",
     "patch": "mean over channel tokens",
     "crop": "mean of a tile's kept patch tokens",
     "cell": "mean of patch tokens weighted by the cell's pixel coverage of each patch",
+    "channels": "per-channel tokens side by side, channel-major (G*D), pooled like the mean",
 }
+#: The forms ``ActivationStore.tokens`` gives: the channel mean, or the channel tokens side by side.
+TOKEN_FORMS = ("mean", "concat")
+#: Target bytes per chunk of the per-channel token arrays (see the module docstring).
+CHANNEL_CHUNK_BYTES = 2 << 20
 #: Label images are chunked in squares of this side (whole small sites in one chunk).
 LABEL_CHUNK = 1024
+
+
+def layout_bytes(
+    height: int,
+    width: int,
+    channels: int,
+    dim: int,
+    cells: int = 0,
+    *,
+    channel_tokens: bool = True,
+    patch: int = 16,
+    tile: int = 256,
+) -> dict[str, int]:
+    """Bytes one site's tokens take in this layout, before compression, per unit and in total.
+
+    Patch grid ``ceil(H/patch) x ceil(W/patch)``; tiles ``ceil(H/tile) x ceil(W/tile)``; mean
+    tokens float16 (patch) or float32 (cell, crop); channel tokens float16, ``channels x dim``
+    wide. Labels (int32, zstd) are left out: they compress to a small fraction. Activations
+    barely compress, so this is close to the size on disk.
+    """
+    patches = -(-height // patch) * -(-width // patch)
+    tiles = -(-height // tile) * -(-width // tile)
+    chan = channels * dim * 2 if channel_tokens else 0
+    out = {
+        "patch": patches * (dim * 2 + chan),
+        "cell": cells * (dim * 4 + chan),
+        "crop": tiles * (dim * 4 + chan),
+    }
+    out["total"] = sum(out.values())
+    return out
 
 
 def site_id(index: int, key) -> str:
@@ -75,11 +123,15 @@ def _hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _rows_per_chunk(n_rows: int, row_shape, dtype, target: int = 8 << 20) -> int:
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return max(1, min(n_rows or 1, target // row_bytes))
+
+
 def _write_array(group, name: str, data: np.ndarray, dtype, rows_per_chunk: int | None = None):
     data = np.asarray(data, dtype=dtype)
     if rows_per_chunk is None:
-        row_bytes = max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * data.dtype.itemsize)
-        rows_per_chunk = max(1, min(len(data) or 1, (8 << 20) // row_bytes))
+        rows_per_chunk = _rows_per_chunk(len(data), data.shape[1:], data.dtype)
     chunks = (max(1, rows_per_chunk), *data.shape[1:])
     arr = group.create_array(
         name, shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True
@@ -87,6 +139,50 @@ def _write_array(group, name: str, data: np.ndarray, dtype, rows_per_chunk: int 
     if data.size:
         arr[...] = data
     return arr
+
+
+class _RowWriter:
+    """Fills an (N, width) zarr array from pieces in row order, writing whole chunks only.
+
+    Gathering a plate's units this way holds at most one chunk plus one site's rows in memory,
+    whatever the plate's size (the per-channel patch tokens of a large screen do not fit).
+    """
+
+    def __init__(self, group, name: str, n_rows: int, width: int, dtype, target: int):
+        self.chunk = _rows_per_chunk(n_rows, (width,), dtype, target)
+        self.arr = group.create_array(
+            name, shape=(n_rows, width), dtype=dtype, chunks=(self.chunk, width), overwrite=True
+        )
+        self.dtype = np.dtype(dtype)
+        self.pending: list[np.ndarray] = []
+        self.held = 0
+        self.at = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=self.dtype)
+        if len(rows):
+            rows = rows.reshape(len(rows), self.arr.shape[1])
+            self.pending.append(rows)
+            self.held += len(rows)
+        if self.held >= self.chunk:
+            self._flush(whole_chunks=True)
+
+    def _flush(self, whole_chunks: bool) -> None:
+        if not self.held:
+            return
+        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        n = len(data) // self.chunk * self.chunk if whole_chunks else len(data)
+        if n:
+            self.arr[self.at : self.at + n] = data[:n]
+            self.at += n
+        rest = data[n:]
+        self.pending = [rest] if len(rest) else []
+        self.held = len(rest)
+
+    def close(self) -> None:
+        self._flush(whole_chunks=False)
+        if self.at != self.arr.shape[0]:
+            raise StoreError(f"wrote {self.at} of {self.arr.shape[0]} rows of {self.arr.path}")
 
 
 def _write_labels(group, name: str, labels: np.ndarray):
@@ -418,10 +514,13 @@ class StoreWriter:
             _write_array(g, "cell", st.cell_tokens, np.float32)
             _write_array(g, "crop", st.crop_tokens, np.float32)
             if self.channel_tokens:
-                pc = st.patch_channels
-                _write_array(g, "patch_channels", pc.reshape(-1, *pc.shape[2:]), np.float16)
-                _write_array(g, "cell_channels", st.cell_channels, np.float16)
-                _write_array(g, "crop_channels", st.crop_channels, np.float16)
+                for u, ch in (
+                    ("patch", st.patch_channels),
+                    ("cell", st.cell_channels),
+                    ("crop", st.crop_channels),
+                ):
+                    flat = np.asarray(ch).reshape(-1, ch.shape[-2] * ch.shape[-1])
+                    _write_array(g, f"{u}_channels", flat, np.float16)
             labels = getattr(st, "labels", None)
             if labels is not None:
                 _write_labels(g, "labels", labels)
@@ -438,16 +537,20 @@ class StoreWriter:
             atomic_write_text(tmp / "part.json", json.dumps(info))
 
     def finish(self) -> ActivationStore:
-        """Gather parts into units, labels and the site table, then mark the store complete."""
+        """Gather parts into units, labels and the site table, then mark the store complete.
+
+        Units are written site by site in whole chunks (:class:`_RowWriter`), so memory stays
+        bounded by a chunk and one site, not by the plate.
+        """
         if self.reused:
             return ActivationStore.open(self.path)
         meta = self._metadata()
         parts = self.root / "parts"
-        pieces = {u: [] for u in UNITS}
-        chans = {u: [] for u in UNITS}
         tables = {u: [] for u in UNITS}
         site_rows = []
         start = dict.fromkeys(UNITS, 0)
+        opened = []
+        groups = 1
         for key in self.keys:
             name = site_id(self.index[key], key)
             d = parts / name
@@ -455,6 +558,7 @@ class StoreWriter:
             if info is None:
                 raise StoreError(f"{self.root}: site {key} has not been embedded; run again")
             g = zarr.open_group(str(d), mode="r")
+            opened.append((name, g))
             rows, cols = info["grid"]
             base = {"plate": key.plate, "well": key.well, "site": key.site}
             row = {
@@ -468,12 +572,11 @@ class StoreWriter:
                 "labels": bool(info["labels"]),
             }
             for u in UNITS:
-                data = np.asarray(g[u])
-                pieces[u].append(data)
-                row[f"{u}_start"], row[f"{u}_count"] = start[u], len(data)
-                start[u] += len(data)
-                if self.channel_tokens:
-                    chans[u].append(np.asarray(g[f"{u}_channels"]))
+                n = int(g[u].shape[0])
+                row[f"{u}_start"], row[f"{u}_count"] = start[u], n
+                start[u] += n
+            if self.channel_tokens:
+                groups = int(g["patch_channels"].shape[1]) // self.backend.embed_dim
             site_rows.append(row)
             cell = pd.read_parquet(d / "cell.parquet")
             crop = pd.read_parquet(d / "crop.parquet").rename(
@@ -490,12 +593,19 @@ class StoreWriter:
         base_columns = {}
         for u in UNITS:
             with atomic_dir(self.root / u) as tmp:
-                g = zarr.open_group(str(tmp), mode="w")
+                out = zarr.open_group(str(tmp), mode="w")
                 dtype = np.float16 if u == "patch" else np.float32
-                data = np.concatenate(pieces[u]) if pieces[u] else np.zeros((0, d), dtype)
-                _write_array(g, "tokens", data, dtype)
+                writers = [(u, _RowWriter(out, "tokens", start[u], d, dtype, 8 << 20))]
                 if self.channel_tokens:
-                    _write_array(g, "channels", np.concatenate(chans[u]), np.float16)
+                    w = _RowWriter(
+                        out, "channels", start[u], groups * d, np.float16, CHANNEL_CHUNK_BYTES
+                    )
+                    writers.append((f"{u}_channels", w))
+                for _, g in opened:
+                    for part, w in writers:
+                        w.add(np.asarray(g[part]))
+                for _, w in writers:
+                    w.close()
                 table = pd.concat(tables[u], ignore_index=True)
                 base_columns[u] = [str(c) for c in table.columns]
                 table = self._join_metadata(table, meta)
@@ -510,6 +620,7 @@ class StoreWriter:
         root.attrs.update(
             {
                 **self._attrs(complete=True),
+                "token_groups": groups if self.channel_tokens else 1,
                 "counts": {u: int(start[u]) for u in UNITS},
                 "table_columns": base_columns,
             }
@@ -564,6 +675,8 @@ class ActivationStore:
         self.tile_size: int = int(attrs.get("tile_size", 256))
         self.channel_names: tuple[str, ...] = tuple(attrs.get("channel_names", ()))
         self.has_channel_tokens: bool = bool(attrs.get("channel_tokens", False))
+        #: Token groups per patch kept side by side (G = C channels), 1 without channel tokens.
+        self.token_groups: int = int(attrs.get("token_groups", 1)) if self.has_channel_tokens else 1
         self._tables: dict[str, pd.DataFrame] = {}
         self._sites: pd.DataFrame | None = None
         self._site_index: dict[SiteKey, int] | None = None
@@ -599,15 +712,45 @@ class ActivationStore:
             raise StoreError(f"unknown token unit {unit!r}; use one of {UNITS}")
         return unit
 
-    def tokens(self, unit: str = "cell"):
-        """(N, D) zarr array of one unit's tokens (patch: float16; cell, crop: float32)."""
-        return zarr.open_array(str(self.path / self._unit(unit) / "tokens"), mode="r")
+    @property
+    def token_forms(self) -> tuple[str, ...]:
+        """The token forms this store holds: ("mean", "concat") with channel tokens, else ("mean",)."""
+        return TOKEN_FORMS if self.has_channel_tokens else TOKEN_FORMS[:1]
+
+    @property
+    def default_token_form(self) -> str:
+        """The form a dictionary trains on by default: "concat" where channel tokens are kept."""
+        return "concat" if self.has_channel_tokens else "mean"
+
+    def token_width(self, form: str = "mean") -> int:
+        """Width of ``tokens(unit, form)``: D for the mean, G*D for the concatenation."""
+        return self.embed_dim * (self.token_groups if self._form(form) == "concat" else 1)
+
+    def _form(self, form: str) -> str:
+        if form not in TOKEN_FORMS:
+            raise StoreError(f"unknown token form {form!r}; use one of {TOKEN_FORMS}")
+        if form == "concat" and not self.has_channel_tokens:
+            raise StoreError(
+                f"the activation store at {self.path} has no per-channel tokens, only their mean "
+                f"(embedded with channel_tokens off, or with a model that gives one token per "
+                f"patch); embed again with --channel-tokens to use concatenated tokens"
+            )
+        return form
+
+    def tokens(self, unit: str = "cell", form: str = "mean"):
+        """(N, width) zarr array of one unit's tokens in one form.
+
+        ``form="mean"``: (N, D), the mean over channel tokens (patch: float16; cell, crop:
+        float32). ``form="concat"``: (N, G*D) float16, the G channel tokens side by side
+        (channel g in columns g*D:(g+1)*D), only in a store with channel tokens. Both support
+        ``[a:b]`` row slices, ``.shape`` and ``get_orthogonal_selection``.
+        """
+        name = "channels" if self._form(form) == "concat" else "tokens"
+        return zarr.open_array(str(self.path / self._unit(unit) / name), mode="r")
 
     def channel_tokens(self, unit: str = "cell"):
-        """(N, G, D) per-channel tokens, when the store was built with ``channel_tokens=True``."""
-        if not self.has_channel_tokens:
-            raise StoreError(f"{self.path} has no per-channel tokens; embed with channel_tokens")
-        return zarr.open_array(str(self.path / self._unit(unit) / "channels"), mode="r")
+        """(N, G*D) per-channel tokens side by side: ``tokens(unit, "concat")``."""
+        return self.tokens(unit, "concat")
 
     def table(self, unit: str = "cell") -> pd.DataFrame:
         """One row per token of ``unit``: plate, well, site, unit columns, metadata columns."""
@@ -655,15 +798,28 @@ class ActivationStore:
         start = int(r[f"{u}_start"])
         return slice(start, start + int(r[f"{u}_count"]))
 
-    def site_tokens(self, unit: str, key) -> np.ndarray:
-        """(n, D) tokens of one site and unit, read from the store."""
-        return np.asarray(self.tokens(unit)[self.site_rows(unit, key)])
+    def site_tokens(self, unit: str, key, form: str = "mean") -> np.ndarray:
+        """(n, width) tokens of one site and unit in one form, read from the store."""
+        return np.asarray(self.tokens(unit, form)[self.site_rows(unit, key)])
 
-    def patch_grid(self, key) -> np.ndarray:
-        """(rows, cols, D) float16 patch tokens of one site."""
+    def patch_grid(self, key, form: str = "mean") -> np.ndarray:
+        """(rows, cols, width) float16 patch tokens of one site (width: ``token_width(form)``)."""
         r = self._site(key)
-        data = self.site_tokens("patch", key)
-        return data.reshape(int(r.rows), int(r.cols), self.embed_dim)
+        data = self.site_tokens("patch", key, form)
+        return data.reshape(int(r.rows), int(r.cols), self.token_width(form))
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes on disk per part of the store: each unit, labels, and ``total``."""
+        sizes = {}
+        for part in (*UNITS, "labels"):
+            folder = self.path / part
+            sizes[part] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        sizes["total"] = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return sizes
+
+    def size_per_site(self) -> float:
+        """Mean bytes on disk per site."""
+        return self.nbytes()["total"] / max(1, len(self.sites()))
 
     def has_site_labels(self, key) -> bool:
         """Whether the store keeps cell labels for this site (not when embedded without cells)."""

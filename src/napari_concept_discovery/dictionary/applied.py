@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ..concepts import channel_shares, stain_table
 from ..errors import DictionaryError
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .base import Codes, SparseDictionary, codes_to_csr
-from .whiten import Whitener
+from .whiten import Whitener, group_labels
 
 
 def prepare(tokens, groups=None, whitener: Whitener | None = None) -> torch.Tensor:
@@ -116,9 +118,79 @@ class Dictionary:
         """The token-table column whose value picks each token's whitening, or None."""
         return None if self.whitener is None else self.whitener.group_by
 
+    @property
+    def token_form(self) -> str:
+        """The token form it was trained on: "concat" (channel tokens side by side) or "mean"."""
+        return self.meta.get("tokens", "mean")
+
+    @property
+    def token_groups(self) -> int:
+        """Channel blocks side by side in its input (G = C for "concat", 1 for "mean")."""
+        return int(self.meta.get("token_groups", 1)) if self.token_form == "concat" else 1
+
+    @property
+    def stain_names(self) -> list[str]:
+        """Names of its input's channel blocks (the store's channel names), in order."""
+        names = list(self.meta.get("channel_names") or [])
+        if len(names) != self.token_groups:
+            names = [f"channel{g}" for g in range(self.token_groups)]
+        return names
+
     def describe(self) -> str:
         m = self.meta
-        return _source(m.get("model_id"), m.get("block"), self.input_width, m.get("unit"))
+        text = _source(m.get("model_id"), m.get("block"), self.input_width, m.get("unit"))
+        if self.token_form == "concat":
+            text += f", {self.token_groups} channel tokens side by side"
+        return text
+
+    def stain_attribution(self) -> np.ndarray | None:
+        """Each atom's share of norm in each channel block, (M, C); None for "mean" tokens.
+
+        With concatenated channel tokens an atom is C blocks, one per stain, and its share of
+        norm per block says which stains drive the feature. Whitening mixes the channels (its
+        components span all blocks), so the blocks are read in raw token space, through the
+        whitening T: an atom ``a`` (unit norm in the whitened space) makes the raw change
+        ``r = T^+ a`` (:meth:`.Whitener.inverse_directions`) and its score responds to a raw
+        change along ``s = T^T a``. Its unit norm splits exactly over the blocks,
+        ``1 = a.a = sum_g r_g . s_g``, and ``r_g . s_g`` is channel g's share: the part of the
+        atom's norm, measured against the controls' variation, that channel g carries. Negative
+        terms (a channel whose part cancels another's) are clipped to 0 and the rest
+        renormalised. Without whitening, or with centring only, T = I and this is the plain
+        share of squared norm per block.
+
+        Why not the raw norm ``|r_g|^2`` alone: it weighs a change by its raw size, so the small
+        errors every learned atom has along the directions where controls vary most (which
+        whitening damps) come back multiplied by the square root of their variance and smear
+        each feature over every stain; measured on planted one-stain shifts, the raw norm put the
+        best feature of a DNA-only shift on Mito (tests/test_stains.py). With per-group whitening
+        the shares are averaged over the groups, weighted by their controls. Rows sum to 1
+        (docs/architecture.md, "Dictionaries").
+        """
+        if self.token_form != "concat":
+            return None
+        atoms = self.model.atoms.detach().cpu().numpy().astype(np.float64)
+        g = self.token_groups
+        if self.whitener is None or self.whitener.transform_ is None:
+            return channel_shares(atoms, g)
+        w = self.whitener
+        raw = w.inverse_directions(atoms)  # (G_w, M, D): r = T^+ a
+        m, width = raw.shape[1:]
+        weights = np.asarray(w.n_samples_, dtype=np.float64)
+        weights = weights / weights.sum()
+        total = np.zeros((m, g))
+        for k in range(len(w.groups_)):
+            score = atoms @ w.transform_[k]  # s = T^T a
+            part = (raw[k] * score).reshape(m, g, width // g).sum(2)
+            part = np.clip(part, 0.0, None)
+            norm = part.sum(1, keepdims=True)
+            part = np.divide(part, norm, out=np.full_like(part, 1.0 / g), where=norm > 0)
+            total += weights[k] * part
+        return total
+
+    def stain_table(self) -> pd.DataFrame | None:
+        """``stain_<name>`` shares per feature and its ``top_stain`` (None for "mean")."""
+        shares = self.stain_attribution()
+        return None if shares is None else stain_table(shares, self.stain_names)
 
     def check_compatible(self, *, model_id=None, block=None, width: int | None = None) -> None:
         """Refuse activations of another model, block or width, naming both sides."""
@@ -131,18 +203,44 @@ class Dictionary:
         if width is not None and int(width) != self.input_width:
             mismatch.append("width")
         if mismatch:
+            hint = ""
+            if mismatch == ["width"] and self.token_form == "concat":
+                hint = (
+                    f"; it reads the {self.token_groups} channel tokens side by side: "
+                    "store.tokens(unit, form='concat')"
+                )
             raise DictionaryError(
                 f"this dictionary was trained on activations of {self.describe()}, but these "
                 f"come from {_source(model_id, block, width)}; {' and '.join(mismatch)} differ"
+                + hint
             )
 
     def check_compatible_store(self, store) -> None:
-        """Refuse a store embedded with another model, block, width or model weights.
+        """Refuse a store embedded with another model, block, width, channel order or model
+        weights, or one that lacks the token form this dictionary reads.
 
         Two models may share a name (a card's) and not their weights, so the weights hashes
         are compared too when both sides record one; the refusal names both files.
         """
-        self.check_compatible(model_id=store.model_id, block=store.block, width=store.embed_dim)
+        form = self.token_form
+        where = getattr(store, "path", "this store")
+        if form == "concat" and not getattr(store, "has_channel_tokens", False):
+            raise DictionaryError(
+                f"this dictionary was trained on concatenated per-channel tokens ({self.describe()}"
+                f"), but the activation store at {where} keeps only their mean; embed the plate "
+                f"again with --channel-tokens, or use a dictionary trained with --tokens mean"
+            )
+        groups = int(getattr(store, "token_groups", 1)) if form == "concat" else 1
+        self.check_compatible(
+            model_id=store.model_id, block=store.block, width=store.embed_dim * groups
+        )
+        mine_names = list(self.meta.get("channel_names") or [])
+        their_names = list(getattr(store, "channel_names", ()) or [])
+        if form == "concat" and mine_names and their_names and mine_names != their_names:
+            raise DictionaryError(
+                f"this dictionary's channel blocks are {mine_names}, but the store at {where} has "
+                f"channels {their_names}; concatenated tokens must come in the same channel order"
+            )
         mine = self.meta.get("weights_hash")
         theirs = getattr(store, "weights_hash", None)
         if mine and theirs and str(mine) != str(theirs):
@@ -161,12 +259,13 @@ class Dictionary:
         column = self.group_by
         if column is None:
             return None
-        if column not in table.columns:
+        try:
+            return group_labels(table, column)
+        except DictionaryError:
             raise DictionaryError(
                 f"this dictionary whitens per {column!r}, but the token table has no such "
                 f"column; columns are {list(table.columns)}"
-            )
-        return table[column].astype(str).to_numpy()
+            ) from None
 
     def encode(
         self,

@@ -14,10 +14,11 @@ from typing import Any
 
 from ..errors import DictionaryError
 from ..settings import Settings, SettingsError, check, option
-from .whiten import MODES, parse_control
+from .whiten import MODES, group_columns, parse_control
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
 UNITS = ("cell", "patch", "crop")  # the store's token units (store.UNITS)
+TOKEN_FORMS = ("concat", "mean")  # the store's token forms (store.TOKEN_FORMS)
 DEFAULT_TOPK_K = 32
 DEFAULT_ICFL_L = 4
 DEFAULT_ICFL_J = 8
@@ -35,10 +36,19 @@ class WhitenSettings(Settings):
     )
     by: str | None = option(
         None,
-        "fit the whitening per group of this table column, e.g. plate (controls are then "
-        "needed in every group)",
+        "fit the whitening on each group's own controls, grouped by this table column (any "
+        "metadata column, e.g. plate or cell_type; several comma-separated, e.g. "
+        "plate,cell_type); every group then needs controls",
         flag="--whiten-by",
         label="whiten per",
+    )
+    within: str | None = option(
+        None,
+        "estimate the controls' covariance within groups of this column (e.g. cell_type), "
+        "pooled: where controls mix cell types, their difference is then not taken for control "
+        "variation and not scaled down, while centring still follows --whiten-by",
+        flag="--whiten-within",
+        label="covariance within",
     )
     mode: str = option(
         "pca",
@@ -55,6 +65,14 @@ class WhitenSettings(Settings):
     )
     eps: float = option(
         1e-6, "added to each eigenvalue before dividing by its square root", flag="--whiten-eps"
+    )
+    shrinkage: str = option(
+        "auto",
+        "shrink the controls' covariance towards a multiple of the identity before whitening: "
+        "auto (Ledoit-Wolf), a number in [0, 1], or none; needed when controls are fewer than "
+        "dimensions",
+        flag="--whiten-shrinkage",
+        label="shrinkage",
     )
 
     def validate(self) -> None:
@@ -75,15 +93,50 @@ class WhitenSettings(Settings):
             f"must be at least 1, got {self.n_components}",
         )
         check(self.eps >= 0, "eps", f"must not be negative, got {self.eps}")
+        check(
+            self.by is None or bool(group_columns(self.by)),
+            "by",
+            f"name a table column to whiten by, got {self.by!r}",
+        )
+        check(
+            self.within is None or bool(group_columns(self.within)),
+            "within",
+            f"name a table column to estimate the covariance within, got {self.within!r}",
+        )
+        self.shrinkage = str(self.shrinkage).strip().lower()
+        self.shrinkage_value  # noqa: B018  (checks the value)
 
     @property
     def control(self) -> tuple[str, str]:
         """``controls`` as (column, value)."""
         return parse_control(self.controls)
 
+    @property
+    def shrinkage_value(self) -> float | str | None:
+        """``shrinkage`` as :class:`.Whitener` takes it: "auto", a float, or None."""
+        if self.shrinkage in ("auto", "none"):
+            return None if self.shrinkage == "none" else "auto"
+        try:
+            a = float(self.shrinkage)
+        except ValueError:
+            a = -1.0
+        check(
+            0.0 <= a <= 1.0,
+            "shrinkage",
+            f"must be auto, none or a number in [0, 1], got {self.shrinkage!r}",
+        )
+        return a or None
+
     def describe_meta(self) -> dict:
         """What a dictionary file records about its whitening."""
-        return {"controls": self.controls, "by": self.by, "mode": self.mode}
+        return {
+            "controls": self.controls,
+            "by": self.by,
+            "mode": self.mode,
+            "shrinkage": self.shrinkage,
+            "n_components": self.n_components,
+            "within": self.within,
+        }
 
 
 @dataclass
@@ -101,6 +154,14 @@ class TrainSettings(Settings):
         choices=METHOD_NAMES,
     )
     unit: str = option("cell", "token unit to train on", choices=UNITS)
+    tokens: str | None = option(
+        None,
+        "token form: concat (the per-channel tokens side by side, C x D: keeps what is "
+        "specific to one stain) or mean (over channels); default: concat when the store keeps "
+        "per-channel tokens, else mean",
+        choices=TOKEN_FORMS,
+        label="token form",
+    )
     atoms: int = option(1024, "number of atoms (features) M", label="atoms (M)")
     sparsity: int | None = option(
         None,
