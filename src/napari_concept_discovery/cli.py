@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 
 from . import __version__
 from .errors import ConceptDiscoveryError
@@ -318,22 +319,55 @@ def _add_embed(sub) -> None:
         help="replace a store of another plate, model, block or settings at --out (the old "
         "one stays whole until the new one is complete)",
     )
+    _add_cluster_options(p, "embed", "one model load each")
+    p.add_argument("--sites-per-task", type=int, default=4, help="sites per Dask task")
+    p.set_defaults(func=_run_embed)
+
+
+def _add_cluster_options(p, verb: str, note: str) -> None:
+    """--workers and --scheduler, the same for every step that runs on a Dask cluster."""
     p.add_argument(
         "--workers",
         type=int,
         default=None,
-        help="embed on a local Dask cluster of N worker processes, one model load each "
-        "(needs the [dask] extra)",
+        help=f"{verb} on a local Dask cluster of N worker processes, {note} (needs the "
+        "[dask] extra)",
     )
-    p.add_argument("--scheduler", default=None, help="embed on the Dask cluster at this address")
-    p.add_argument("--sites-per-task", type=int, default=4, help="sites per Dask task")
-    p.set_defaults(func=_run_embed)
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help=f"{verb} on the Dask cluster at this address (tcp://host:8786); the workers "
+        "must see the same files at the same paths",
+    )
+
+
+@contextmanager
+def _cluster_client(args):
+    """A Dask client for --workers/--scheduler (None when neither is given), closed after."""
+    if args.workers is not None and args.scheduler is not None:
+        raise UsageError(
+            "give --workers (a local cluster) or --scheduler (a running one), not both"
+        )
+    _at_least(args.workers, "--workers")
+    if not (args.workers or args.scheduler):
+        yield None
+        return
+    from .cluster import connect
+
+    client = connect(args.workers, args.scheduler)
+    try:
+        yield client
+    finally:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and args.scheduler is None:
+            cluster.close()
 
 
 def _run_embed_cluster(args, settings) -> int:
     from pathlib import Path
 
-    from .cluster import connect, embed_plate_on_cluster
+    from .cluster import embed_plate_on_cluster
 
     plates = list(args.plate)
     outs = [Path(args.out)]
@@ -341,8 +375,11 @@ def _run_embed_cluster(args, settings) -> int:
         outs = [Path(args.out) / f"{Path(p).resolve().name}.zarr" for p in plates]
         if len({o.name for o in outs}) < len(outs):
             raise UsageError("several plate folders share a name; embed them one by one")
-    client = connect(args.workers, args.scheduler) if (args.workers or args.scheduler) else None
-    try:
+    _at_least(args.sites_per_task, "--sites-per-task")
+    from .plate_embedding import load_embed_model
+
+    with _cluster_client(args) as client:
+        backend = load_embed_model(settings)  # once, for every plate
         for folder, out in zip(plates, outs, strict=True):
             args.plate = folder
             plate = _open_plate(args)
@@ -354,7 +391,14 @@ def _run_embed_cluster(args, settings) -> int:
                 if client is None:
                     from .plate_embedding import embed_plate
 
-                    store = embed_plate(plate, settings, out, progress=step)
+                    store = embed_plate(
+                        plate,
+                        settings,
+                        out,
+                        backend=backend,
+                        progress=step,
+                        overwrite=args.overwrite,
+                    )
                 else:
                     store = embed_plate_on_cluster(
                         plate,
@@ -363,15 +407,11 @@ def _run_embed_cluster(args, settings) -> int:
                         client,
                         sites_per_task=args.sites_per_task,
                         progress=step,
+                        overwrite=args.overwrite,
+                        backend=backend,
                     )
             counts = store.attrs.get("counts", {})
             print(f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches")
-    finally:
-        if client is not None:
-            cluster = getattr(client, "cluster", None)
-            client.close()
-            if cluster is not None and args.scheduler is None:
-                cluster.close()
     return 0
 
 
@@ -557,6 +597,14 @@ def _add_analyze(sub) -> None:
     )
     add_arguments(p, AnalyzeSettings)
     p.add_argument("--out", required=True, help="output folder")
+    _add_cluster_options(p, "encode", "each encoding blocks of token rows")
+    p.add_argument(
+        "--rows-per-task",
+        type=int,
+        default=None,
+        help="token rows per Dask task, rounded up to whole encode batches (default: about "
+        "four tasks per worker)",
+    )
     p.set_defaults(func=_run_analyze)
 
 
@@ -580,13 +628,78 @@ def _run_analyze(args) -> int:
             f"{settings.unit} tokens with it (--unit {settings.unit})",
             file=sys.stderr,
         )
-    with _Bars({"encode": "encode"}) as bars:
-        analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
+    _at_least(args.rows_per_task, "--rows-per-task")
+    with _cluster_client(args) as client, _Bars({"encode": "encode"}) as bars:
+        if client is None:
+            analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
+        else:
+            from .cluster import analyze_store_on_cluster
+
+            analysis = analyze_store_on_cluster(
+                store,
+                dictionary,
+                settings,
+                args.out,
+                client=client,
+                rows_per_task=args.rows_per_task,
+                progress=bars,
+            )
     codes = analysis.codes
     print(
         f"encoded {codes.shape[0]} tokens with {codes.shape[1]} features (L0 "
         f"{codes.nnz / max(codes.shape[0], 1):.1f}); wrote "
         f"{', '.join(p.name for p in analysis.paths.values())} to {args.out}"
+    )
+    return 0
+
+
+# --- convert (issue 10: OME-Zarr plates) ----------------------------------------------------
+
+
+def _add_convert(sub) -> None:
+    from .convert import NGFF_VERSIONS
+
+    p = sub.add_parser(
+        "convert",
+        help="write a plate folder of any layout as OME-Zarr HCS plates",
+        description=(
+            "Write one OME-Zarr (NGFF) plate per plate of PLATE into --out: wells with their "
+            "sites as fields, channel names, the cell and nucleus labels the plate carries as "
+            "label images, and the metadata as --out/metadata.csv, which every command reads "
+            "with the plates (concept-discovery info OUT). The folder appears "
+            "only when complete. Example: concept-discovery convert synth/ --out synth-zarr/"
+        ),
+    )
+    p.add_argument("plate", help="plate folder (any layout `info` reads)")
+    p.add_argument("--out", required=True, help="folder for the OME-Zarr plates")
+    p.add_argument(
+        "--ngff",
+        default="0.5",
+        choices=NGFF_VERSIONS,
+        help="NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2, for older tools) (default: 0.5)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_plate_options(p)
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from ._files import check_output
+    from .convert import convert_plate
+
+    check_output(args.out, folder=True, what="OME-Zarr output folder")
+    plate = _open_plate(args)
+    with _progress(len(plate), "convert") as bar:
+        written = convert_plate(
+            plate,
+            args.out,
+            ngff=args.ngff,
+            overwrite=args.overwrite,
+            progress=lambda p: bar.update(p.done - bar.n),
+        )
+    print(
+        f"wrote {len(plate)} sites as {len(written)} OME-Zarr plate(s) in {args.out}: "
+        + ", ".join(w.name for w in written)
     )
     return 0
 
@@ -784,6 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_embed,
         _add_train,
         _add_analyze,
+        _add_convert,
         _add_report,
         _add_models,
         _add_view,

@@ -1,12 +1,24 @@
-"""Embedding on a Dask cluster: the sites of a plate as tasks, each written as a store part.
+"""Embedding and encoding on a Dask cluster: sites and row blocks as tasks.
 
-The client opens the store (``StoreWriter.begin``: which sites are still to do) and gathers the
-parts at the end (``finish``), exactly as :func:`~.plate_embedding.embed_plate` does; in between,
-each task embeds a few sites on a worker and writes each as a part folder swapped into place
-whole, so a task that fails or a worker that dies leaves nothing half-written and its sites are
-simply run again (``retries``), and a run stopped altogether resumes like any store. Each worker
-process loads the model once and keeps it for every task it runs. ``distributed`` is an optional
-dependency (``pip install napari-concept-discovery[dask]``).
+Embedding: the client opens the store (``StoreWriter.begin``: which sites are still to do) and
+gathers the parts at the end (``finish``), exactly as :func:`~.plate_embedding.embed_plate`
+does, holding the store's lock throughout; in between, each task embeds a few sites on a worker
+and writes each as a part folder swapped into place whole, so a task that fails or a worker that
+dies leaves nothing half-written and its sites are simply run again (``retries`` for errors, the
+scheduler's ``allowed-failures`` for dead workers), and a run stopped altogether resumes like
+any store. Each worker process loads the model once and keeps it for every task it runs.
+
+Encoding: the tokens of a store are cut into blocks of rows that are whole multiples of the
+encode batch, so every batch a worker encodes is the batch the single-process loop
+(:func:`~.dictionary.pipeline.encode_store`) encodes, and the codes are equal bit for bit. The
+workers read the store from its path (a file system they share with the client), the
+dictionary is sent to each worker once (as the
+result of a task, so that a worker's death loses nothing that cannot be made again).
+
+Anything the library refuses on a worker (non-finite tokens, a store changed under the run)
+comes back as that refusal, without retries. ``distributed`` is an optional dependency
+(``pip install napari-concept-discovery[dask]``); see docs/architecture.md, "Beyond one
+machine".
 """
 
 from __future__ import annotations
@@ -14,11 +26,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 from .errors import ConceptDiscoveryError, StoreError
 from .plate_embedding import (
     EmbedSettings,
     _as_plate,
+    check_finite,
     load_embed_model,
     model_source,
     read_sites,
@@ -38,7 +54,7 @@ def _worker_backend(settings: EmbedSettings):
     return _MODELS[key]
 
 
-def _writer(plate, settings: EmbedSettings, out, backend):
+def _writer(plate, settings: EmbedSettings, out, backend, overwrite: bool = False):
     from .embed import Embedder
     from .store import StoreWriter
 
@@ -48,16 +64,35 @@ def _writer(plate, settings: EmbedSettings, out, backend):
     record = settings.replace(
         model=model_source(backend), block=embedder.block, channel_tokens=channels
     )
-    writer = StoreWriter(out, plate, backend, embedder.block, inputs, settings=record.to_dict())
+    writer = StoreWriter(
+        out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite
+    )
     return writer, embedder, inputs
 
 
-def embed_sites_task(plate, settings: dict, out: str, keys: list) -> list:
-    """Run on a worker: embed ``keys`` of ``plate`` and write each as a part of the store."""
+def _hold(obj):
+    """A task whose result is ``obj``: what the other tasks take it from. Unlike scattered
+    data, a task's result that is lost with a dead worker is computed again elsewhere."""
+    return obj
+
+
+def embed_sites_task(plate, settings: dict, out: str, keys: list, root: str | None = None):
+    """Run on a worker: embed ``keys`` of ``plate`` and write each as a part of the store.
+
+    ``root`` is where the client's writer builds the store (``out``, or the folder beside it
+    that replaces it). Returns the keys, or the library's refusal (not raised: retrying a
+    refusal gives the same refusal).
+    """
     settings = EmbedSettings.from_dict(settings)
-    writer, embedder, inputs = _writer(plate, settings, out, _worker_backend(settings))
-    for st in embedder.iter_sites(read_sites(plate, keys, inputs, prefetch=False)):
-        writer.write_site(st)
+    backend = _worker_backend(settings)
+    writer, embedder, inputs = _writer(plate, settings, out, backend)
+    writer.root = Path(root or out)
+    try:
+        for st in embedder.iter_sites(read_sites(plate, keys, inputs, prefetch=False)):
+            check_finite(st, backend)
+            writer.write_site(st)
+    except ConceptDiscoveryError as exc:
+        return exc
     return keys
 
 
@@ -84,6 +119,39 @@ def connect(workers: int | None = None, scheduler: str | None = None, threads: i
     return Client(cluster)
 
 
+def _gather(client, futures, labels, on_result, cancel: Cancel, what: str) -> None:
+    """Wait for ``futures`` as they complete, handing each result (in completion order, with
+    its index) to ``on_result``; a refusal returned by a task is raised, a task that failed
+    or whose workers died is named. Everything still running is cancelled on the way out."""
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    index = {f.key: i for i, f in enumerate(futures)}
+    try:
+        for fut in as_completed(futures):
+            if is_cancelled(cancel):
+                raise Cancelled(f"{what} cancelled")
+            i = index[fut.key]
+            try:
+                result = fut.result()
+            except KilledWorker as exc:
+                raise ConceptDiscoveryError(
+                    f"{what}: the workers running {labels[i]} died (killed, or out of memory) "
+                    f"every time it was tried: {exc}"
+                ) from exc
+            except ConceptDiscoveryError:
+                raise
+            except Exception as exc:
+                raise ConceptDiscoveryError(
+                    f"{what}: {labels[i]} failed on the cluster: {type(exc).__name__}: {exc}"
+                ) from exc
+            if isinstance(result, ConceptDiscoveryError):
+                raise result
+            on_result(i, result)
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+
+
 def embed_plate_on_cluster(
     plate,
     settings: EmbedSettings | None,
@@ -94,56 +162,70 @@ def embed_plate_on_cluster(
     retries: int = 2,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
+    overwrite: bool = False,
+    backend=None,
 ):
     """:func:`~.plate_embedding.embed_plate` with the sites embedded by ``client``'s workers.
 
     Returns the store (``store.reused`` when its signature matched), or None when cancelled.
-    The client loads the model too, once, to sign the store as the workers will.
+    The client loads the model too (or takes ``backend``, loaded already from
+    ``settings.model``), to sign the store as the workers will, and holds the store's lock. A run that fails (a refusal, a site whose workers keep dying) leaves the
+    store unfinished, with the sites finished so far kept as parts: nothing half-written, and
+    the next run resumes from them.
     """
-    from distributed import as_completed
+    from ._files import check_output
+    from ._lock import write_lock
+    from .store import check_store_folder
 
     settings = settings if settings is not None else EmbedSettings()
     if sites_per_task < 1:
         raise ConceptDiscoveryError(f"sites_per_task must be at least 1, got {sites_per_task}")
+    out = check_output(out, folder=True, what="activation store")
+    check_store_folder(out)
     plate = _as_plate(plate, settings.labels)
-    writer, _, _ = _writer(plate, settings, out, load_embed_model(settings))
-    todo = writer.begin()
-    total = len(plate)
-    done = total - len(todo)
-    report(progress, "embed", done, total)
-    if todo:
-        remote = client.scatter(plate, broadcast=False)
-        payload = settings.to_dict()
-        chunks = [todo[i : i + sites_per_task] for i in range(0, len(todo), sites_per_task)]
-        futures = [
-            client.submit(
-                embed_sites_task, remote, payload, str(out), chunk, retries=retries, pure=False
-            )
-            for chunk in chunks
-        ]
-        try:
-            for fut in as_completed(futures):
-                if is_cancelled(cancel):
-                    raise Cancelled("embedding cancelled")
-                try:
-                    keys = fut.result()
-                except Exception as exc:
-                    chunk = chunks[futures.index(fut)]
-                    raise StoreError(
-                        f"embedding sites {', '.join(map(str, chunk))} failed after {retries} "
-                        f"retries: {exc}"
-                    ) from exc
+    backend = backend if backend is not None else load_embed_model(settings)
+    with write_lock(out, what="store", error=StoreError):
+        writer, _, _ = _writer(plate, settings, out, backend, overwrite)
+        todo = writer.begin()
+        total = len(plate)
+        done = total - len(todo)
+        report(progress, "embed", done, total)
+        if todo:
+            remote = client.submit(_hold, plate, pure=False)
+            payload = settings.to_dict()
+            chunks = [todo[i : i + sites_per_task] for i in range(0, len(todo), sites_per_task)]
+            futures = [
+                client.submit(
+                    embed_sites_task,
+                    remote,
+                    payload,
+                    str(out),
+                    chunk,
+                    str(writer.root),
+                    retries=retries,
+                    pure=False,
+                )
+                for chunk in chunks
+            ]
+            labels = [f"sites {', '.join(map(str, c))}" for c in chunks]
+
+            def finished(i: int, keys: list) -> None:
+                nonlocal done
                 done += len(keys)
                 report(progress, "embed", done, total, site=str(keys[-1]))
-        except Cancelled:
-            client.cancel(futures)
-            return None
-        except BaseException:
-            client.cancel(futures)
-            raise
-    store = writer.finish()
-    store.reused = writer.reused
-    return store
+
+            try:
+                _gather(client, futures, labels, finished, cancel, f"embedding {out}")
+            except Cancelled:
+                return None
+            except ConceptDiscoveryError as exc:
+                raise type(exc)(
+                    f"{exc}. The store at {out} is left unfinished, with the sites done so far "
+                    "kept; run again to resume"
+                ) from exc
+        store = writer.finish()
+        store.reused = writer.reused
+        return store
 
 
 def embed_plates_on_cluster(
@@ -153,13 +235,171 @@ def embed_plates_on_cluster(
     client,
     **kw,
 ) -> list:
-    """Several plates, one store each, all on the same cluster (one after the other)."""
+    """Several plates, one store each, all on the same cluster (one after the other); the
+    client loads the model once for all of them."""
     if len(plates) != len(outs):
         raise ConceptDiscoveryError(f"{len(plates)} plates but {len(outs)} output stores")
+    settings = settings if settings is not None else EmbedSettings()
+    if kw.get("backend") is None:
+        kw["backend"] = load_embed_model(settings)
     return [
         embed_plate_on_cluster(p, settings, o, client, **kw)
         for p, o in zip(plates, outs, strict=True)
     ]
 
 
-__all__ = ["connect", "embed_plate_on_cluster", "embed_plates_on_cluster", "embed_sites_task"]
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _worker_store(path: str, signature: str):
+    """The store at ``path``, refused when it is not the store the client signed (embedded
+    again under the run). Opened for every task: reading its attributes is cheap, and a store
+    kept open would not see the change."""
+    from .store import ActivationStore
+
+    store = ActivationStore.open(path)
+    if store.signature_hash != signature:
+        raise StoreError(
+            f"the activation store at {path} changed while it was being encoded (its "
+            "signature differs from the one the run started with); run the analysis again"
+        )
+    return store
+
+
+def encode_rows_task(
+    path: str, signature: str, dictionary, unit: str, lo: int, hi: int, groups, batch_size: int
+):
+    """Run on a worker: codes of rows ``lo:hi`` of the store's ``unit`` tokens, with the rows
+    whose tokens are not finite; or the library's refusal (returned, not raised)."""
+    from .dictionary.pipeline import WatchedRows, dictionary_tokens
+
+    try:
+        store = _worker_store(path, signature)
+        block = np.asarray(dictionary_tokens(store, dictionary, unit)[lo:hi])
+        tokens = WatchedRows(block, offset=lo)
+        codes = dictionary.encode(tokens, groups, batch_size=batch_size)
+    except ConceptDiscoveryError as exc:
+        return exc
+    return codes, tokens.bad_rows()
+
+
+def encode_store_on_cluster(
+    store,
+    dictionary,
+    unit: str | None = None,
+    *,
+    client,
+    rows_per_task: int | None = None,
+    batch_size: int = 4096,
+    retries: int = 2,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+):
+    """:func:`~.dictionary.pipeline.encode_store` with blocks of rows encoded by ``client``'s
+    workers: the same checks, the same codes (bit for bit) and the same token table.
+
+    ``rows_per_task`` is rounded up to a whole number of ``batch_size`` batches (default: about
+    four tasks per worker). Raises ``Cancelled`` once ``cancel`` is set, as encode_store does.
+    """
+    import scipy.sparse as sp
+
+    from .dictionary.pipeline import check_finite_codes, encode_store
+
+    unit = unit or dictionary.meta.get("unit") or "cell"
+    if batch_size < 1:
+        raise ConceptDiscoveryError(f"batch size must be at least 1, got {batch_size}")
+    dictionary.check_compatible_store(store)
+    table = store.table(unit)
+    n = len(table)
+    if n == 0:
+        return encode_store(store, dictionary, unit, batch_size=batch_size, progress=progress)
+    if rows_per_task is None:
+        workers = max(1, len(client.scheduler_info().get("workers", {})))
+        rows_per_task = -(-n // (4 * workers))
+    if rows_per_task < 1:
+        raise ConceptDiscoveryError(f"rows_per_task must be at least 1, got {rows_per_task}")
+    per_task = -(-int(rows_per_task) // batch_size) * batch_size  # whole batches
+    groups = dictionary.groups_of(table)
+    model = dictionary.model
+    was_training = model.training
+    model.eval()  # sent in eval mode: the workers' encode loops then never switch it
+    try:
+        remote = client.submit(_hold, dictionary, pure=False)
+    finally:
+        model.train(was_training)
+    bounds = [(lo, min(lo + per_task, n)) for lo in range(0, n, per_task)]
+    path, signature = str(Path(store.path).resolve()), store.signature_hash
+    futures = [
+        client.submit(
+            encode_rows_task,
+            path,
+            signature,
+            remote,
+            unit,
+            lo,
+            hi,
+            None if groups is None else groups[lo:hi],
+            batch_size,
+            retries=retries,
+            pure=False,
+        )
+        for lo, hi in bounds
+    ]
+    labels = [f"{unit} token rows {lo}-{hi - 1}" for lo, hi in bounds]
+    parts: list = [None] * len(bounds)
+    bad: list = []
+    done = 0
+    report(progress, "encode", 0, n)
+
+    def finished(i: int, result) -> None:
+        nonlocal done
+        parts[i], rows = result
+        bad.append(rows)
+        done += bounds[i][1] - bounds[i][0]
+        report(progress, "encode", done, n)
+
+    _gather(client, futures, labels, finished, cancel, f"encoding the store at {store.path}")
+    codes = sp.vstack(parts, format="csr")
+    check_finite_codes(codes, table, np.concatenate(bad), dictionary, store, unit)
+    return codes, table
+
+
+def analyze_store_on_cluster(
+    store,
+    dictionary,
+    settings,
+    out,
+    *,
+    client,
+    rows_per_task=None,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+):
+    """:func:`~.dictionary.pipeline.analyze_store` with the encoding on ``client``'s workers."""
+    from .dictionary.pipeline import analyze_store
+
+    def encode(store, dictionary, unit, *, progress=None, cancel=None):
+        return encode_store_on_cluster(
+            store,
+            dictionary,
+            unit,
+            client=client,
+            rows_per_task=rows_per_task,
+            progress=progress,
+            cancel=cancel,
+        )
+
+    return analyze_store(
+        store, dictionary, settings, out, progress=progress, cancel=cancel, encode=encode
+    )
+
+
+__all__ = [
+    "analyze_store_on_cluster",
+    "connect",
+    "embed_plate_on_cluster",
+    "embed_plates_on_cluster",
+    "embed_sites_task",
+    "encode_rows_task",
+    "encode_store_on_cluster",
+]

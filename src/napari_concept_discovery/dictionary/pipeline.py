@@ -393,6 +393,64 @@ def train_on_store(
     return TrainedDictionary(dictionary, result, metrics, path, cancelled, kept)
 
 
+def dictionary_tokens(store, dictionary: Dictionary, unit: str):
+    """The ``unit`` tokens of ``store`` in the form ``dictionary`` reads (zarr, not loaded):
+    the per-channel tokens side by side or their mean (``dictionary.token_form``)."""
+    return store.tokens(unit, dictionary.token_form)
+
+
+class WatchedRows:
+    """Row blocks of an (N, D) array, read as the array itself, noting the rows that are not
+    finite: the encode loop reads every token once, so the check costs no second read."""
+
+    def __init__(self, data, offset: int = 0):
+        self.data = data
+        self.shape = tuple(int(n) for n in data.shape)
+        self.offset = int(offset)
+        self.bad: list[np.ndarray] = []
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("WatchedRows reads blocks of consecutive rows (a slice)")
+        part = np.asarray(self.data[key])
+        finite = np.isfinite(part).all(axis=1)
+        if not finite.all():
+            start = key.indices(self.shape[0])[0]
+            self.bad.append(np.flatnonzero(~finite) + start + self.offset)
+        return part
+
+    def bad_rows(self) -> np.ndarray:
+        return np.concatenate(self.bad) if self.bad else np.zeros(0, dtype=np.int64)
+
+
+def check_finite_codes(
+    codes: sp.csr_matrix, table: pd.DataFrame, bad_tokens, dictionary: Dictionary, store, unit
+) -> None:
+    """Refuse codes that are not finite, or that came from tokens that are not: naming the
+    store, the dictionary file and the sites. A NaN token can give ICFL no atom at all (all-zero
+    codes that look sound), so the tokens are checked as well as the codes."""
+    n = codes.shape[0]
+    bad = np.zeros(n, dtype=bool)
+    bad[np.asarray(bad_tokens, dtype=np.int64)] = True
+    tokens_bad = int(bad.sum())
+    rows = np.repeat(np.arange(n), np.diff(codes.indptr))[~np.isfinite(codes.data)]
+    bad[rows] = True
+    if not bad.any():
+        return
+    name = f"the dictionary {dictionary.path}" if dictionary.path else "the dictionary"
+    where = f"{int(bad.sum())} of {n} {unit} tokens of the store at {getattr(store, 'path', '?')}"
+    if tokens_bad:
+        raise DictionaryError(
+            f"{where} hold NaN or Inf ({tokens_bad} tokens), {_where(table, bad)}; their codes "
+            f"from {name} would be wrong, so nothing is written. Embed those sites again "
+            "with sound model weights"
+        )
+    raise DictionaryError(
+        f"{name} gives NaN or Inf codes for {where}, {_where(table, bad)}, although those "
+        "tokens are finite: its tensors overflow; train it again, nothing is written"
+    )
+
+
 def encode_store(
     store,
     dictionary: Dictionary,
@@ -403,19 +461,22 @@ def encode_store(
     cancel: Cancel = None,
 ) -> tuple[sp.csr_matrix, pd.DataFrame]:
     """Codes (N, M) CSR of all ``unit`` tokens of ``store`` (default: the dictionary's unit),
-    with the token table. Refuses a store of another model, weights, block or width.
+    with the token table. Refuses a store of another model, weights, block or width, and
+    tokens or codes that are not finite (:func:`check_finite_codes`).
 
     Tokens of another unit than the dictionary was trained on (a cell dictionary on patch
     tokens, as the viewer's activation maps do) come from the same model, block and width, so
-    they are accepted; the CLI says when it does this.
+    they are accepted; the CLI says when it does this. ``cluster.encode_store_on_cluster``
+    gives the same codes from the workers of a Dask cluster.
     """
     unit = unit or dictionary.meta.get("unit") or "cell"
     dictionary.check_compatible_store(store)
-    tokens = store.tokens(unit, dictionary.token_form)
+    tokens = WatchedRows(dictionary_tokens(store, dictionary, unit))
     table = store.table(unit)
     codes = dictionary.encode_table(
         tokens, table, batch_size=batch_size, progress=progress, cancel=cancel
     )
+    check_finite_codes(codes, table, tokens.bad_rows(), dictionary, store, unit)
     return codes, table
 
 
@@ -436,10 +497,12 @@ def encode_for_analysis(
     progress: ProgressCallback = None,
     cancel: Cancel = None,
     truth: pd.DataFrame | None = None,
+    encode=None,
 ) -> tuple[sp.csr_matrix, pd.DataFrame]:
-    """:func:`encode_store` with ``settings.truth_file`` (or ``truth``, read already) joined
-    onto the token table."""
-    codes, table = encode_store(store, dictionary, settings.unit, progress=progress, cancel=cancel)
+    """:func:`encode_store` (or ``encode``, a function called as it is) with
+    ``settings.truth_file`` (or ``truth``, read already) joined onto the token table."""
+    encode = encode_store if encode is None else encode
+    codes, table = encode(store, dictionary, settings.unit, progress=progress, cancel=cancel)
     if truth is None and settings.truth_file is not None:
         truth = read_truth(settings.truth_file)
     if truth is not None:
@@ -480,8 +543,12 @@ def analyze_store(
     *,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
+    encode=None,
 ) -> Analysis:
     """Encode ``store`` and write the feature, selectivity, concept and code tables to ``out``.
+
+    ``encode`` replaces :func:`encode_store` (same arguments, same result), as
+    ``cluster.encode_store_on_cluster`` does to encode on a Dask cluster.
 
     The output folder, the dictionary's fit to the store, the truth file and the label and
     truth columns are checked before anything is encoded or written; the tables are written
@@ -491,7 +558,7 @@ def analyze_store(
     check_analysis_folder(out)
     truth = check_analysis(store, dictionary, settings)
     codes, table = encode_for_analysis(
-        store, dictionary, settings, progress=progress, cancel=cancel, truth=truth
+        store, dictionary, settings, progress=progress, cancel=cancel, truth=truth, encode=encode
     )
     controls = profile_controls(dictionary, settings.controls)
     if settings.controls is not None:
