@@ -36,10 +36,9 @@ from .plate_embedding import (
     _as_plate,
     check_finite,
     load_embed_model,
-    model_source,
     read_sites,
-    resolve_channel_tokens,
     site_inputs,
+    store_writer,
 )
 from .progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 
@@ -55,18 +54,8 @@ def _worker_backend(settings: EmbedSettings):
 
 
 def _writer(plate, settings: EmbedSettings, out, backend, overwrite: bool = False):
-    from .embed import Embedder
-    from .store import StoreWriter
-
     inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
-    channels = resolve_channel_tokens(settings, backend, len(plate.channel_names))
-    embedder = Embedder(backend, settings.block, settings.batch_size, channels, settings.precision)
-    record = settings.replace(
-        model=model_source(backend), block=embedder.block, channel_tokens=channels
-    )
-    writer = StoreWriter(
-        out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite
-    )
+    writer, embedder = store_writer(plate, settings, out, backend, inputs, overwrite)
     return writer, embedder, inputs
 
 

@@ -331,8 +331,10 @@ def embed_plate(
         return _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overwrite)
 
 
-def _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overwrite):
-    """The body of :func:`embed_plate`, run while the store's lock is held."""
+def store_writer(plate, settings: EmbedSettings, out, backend, inputs, overwrite: bool = False):
+    """(StoreWriter, Embedder) for ``plate``: the settings resolved (channel tokens, block, model
+    source) and recorded as the store signs them. One place, so a single process and a cluster's
+    client and workers sign a store alike."""
     from .embed import Embedder
     from .store import StoreWriter
 
@@ -344,6 +346,12 @@ def _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overw
     writer = StoreWriter(
         out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite
     )
+    return writer, embedder
+
+
+def _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overwrite):
+    """The body of :func:`embed_plate`, run while the store's lock is held."""
+    writer, embedder = store_writer(plate, settings, out, backend, inputs, overwrite)
     todo = writer.begin()
     total = len(plate)
     done = total - len(todo)
