@@ -551,7 +551,7 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
 
 def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_folder, qtbot):
     """Steps for 100 passes over the store's tokens (50 to 1000), until the user types some."""
-    from napari_concept_discovery.widgets.dictionary_widget import first_steps
+    from napari_concept_discovery.dictionary.settings import first_steps
 
     assert (first_steps(624, 1024), first_steps(10**6, 1024), first_steps(0, 1024)) == (
         61,

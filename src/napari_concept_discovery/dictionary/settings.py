@@ -325,3 +325,18 @@ class AnalyzeSettings(Settings):
                 parse_control(self.controls)
             except DictionaryError as exc:
                 raise SettingsError(str(exc)) from None
+
+
+#: The first dictionary of a store trains this many passes over its tokens, within these steps:
+#: a sample plate (~600 cells) then trains in seconds (~60 steps, benchmarks/bench_sample_plate.py)
+#: and a screen gets the full 1000 steps. The Dictionary widget sizes its steps with it until the
+#: user types a number; here, in the library, so the command line can use the same rule.
+FIRST_EPOCHS = 100
+FIRST_STEPS = (50, 1000)
+
+
+def first_steps(n_tokens: int, batch_size: int) -> int:
+    """Steps for ``FIRST_EPOCHS`` passes over ``n_tokens`` in batches, within ``FIRST_STEPS``."""
+    lo, hi = FIRST_STEPS
+    need = -(-FIRST_EPOCHS * max(int(n_tokens), 0) // max(int(batch_size), 1))
+    return int(min(max(need, lo), hi))

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from ..dictionary.io import load_dictionary, save_dictionary
 from ..dictionary.pipeline import train_on_store
-from ..dictionary.settings import TrainSettings, WhitenSettings
+from ..dictionary.settings import FIRST_STEPS, TrainSettings, WhitenSettings, first_steps
 from ..errors import ConceptDiscoveryError
 from ..forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ..progress import Progress
@@ -45,20 +45,6 @@ TRAIN_RANGES = {
     "steps": (0, 10_000_000),
     "batch_size": (1, 10_000_000),
 }
-
-
-#: The first dictionary of a store trains this many passes over its tokens, within these steps:
-#: a sample plate (~600 cells) then trains in seconds (~60 steps, benchmarks/bench_sample_plate.py)
-#: and a screen gets the full 1000 steps. A number the user typed is never replaced.
-FIRST_EPOCHS = 100
-FIRST_STEPS = (50, 1000)
-
-
-def first_steps(n_tokens: int, batch_size: int) -> int:
-    """Steps for ``FIRST_EPOCHS`` passes over ``n_tokens`` in batches, within ``FIRST_STEPS``."""
-    lo, hi = FIRST_STEPS
-    need = -(-FIRST_EPOCHS * max(int(n_tokens), 0) // max(int(batch_size), 1))
-    return int(min(max(need, lo), hi))
 
 
 class DictionaryWidget(QWidget):
