@@ -1,4 +1,4 @@
-"""Every folder of real images in ../shared/data/real opens, with the keys its README gives."""
+"""Every folder of real images in tests/data/real opens, with the keys its README gives."""
 
 from __future__ import annotations
 
