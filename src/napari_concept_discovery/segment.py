@@ -188,7 +188,7 @@ def load_user_labels(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndar
 
     A binary mask (two values, e.g. 0/1 or 0/255, as CellProfiler writes) becomes connected
     components; an integer image is taken as labels. Errors name the file. To split a binary
-    mask by nuclei, see :func:`.plate.label_files.read_user_labels`.
+    mask by nuclei, see :func:`.plate.label_images.read_user_labels`.
     """
     return read_user_labels(path, None, shape)[0]
 

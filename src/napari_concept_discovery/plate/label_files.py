@@ -14,7 +14,9 @@ What a file holds is read from the rest of its name (:func:`role_of`): "nuc" say
 "cytoplasm", "outline" or "flow" say it is not a label image of whole objects, anything else
 is cells. A binary mask (one foreground value, as CellProfiler's ``Mask*`` images) is split
 into cells by the site's nuclei (each mask pixel joins the nucleus nearest to it inside the
-mask; mask pieces without a nucleus are dropped), or into connected pieces without nuclei.
+mask; mask pieces without a nucleus are dropped): the nuclei file's, else our own nuclei of the
+site's nuclear stain; only a site with no nuclear stain to find keeps the mask's connected
+pieces.
 Nuclei take the id of the cell they lie in, so nucleus ``i`` is inside cell ``i`` as everywhere
 else. See docs/architecture.md, "One room per step".
 """
