@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..errors import PlateError
+from .label_images import NUCLEAR_NAMES
 from .model import SiteKey, normalize_well, well_from_row_col
 from .pattern import FilenamePattern
 
@@ -35,8 +36,6 @@ from .pattern import FilenamePattern
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 #: Words in a file name that mark it as something other than whole objects.
 NOT_OBJECTS = ("cytoplasm", "outline", "flow", "overlay", "prob")
-#: Channel names of nuclear stains (a label file named after such an image holds nuclei).
-NUCLEAR_NAMES = ("dna", "dapi", "hoechst", "nuclei", "nucleus", "h33342")
 #: Words that mark a file named after an image as a label image at all.
 OBJECT_WORDS = ("nuc", "cell", "mask", "seg", "label", "object")
 

@@ -120,13 +120,13 @@ def _check_shape(data: np.ndarray, path: Path, shape, what: str) -> None:
 
 #: Our own nuclei of a site, asked for only when a binary mask comes without a nuclei file.
 OwnNuclei = Callable[[], "np.ndarray | None"]
+#: Channel names of nuclear stains (a label file named after such an image holds nuclei).
+NUCLEAR_NAMES = ("dna", "dapi", "hoechst", "nuclei", "nucleus", "h33342")
 
 
 def nuclear_index(channel_names: Sequence[str], nuclear: str | int | None = None) -> int | None:
     """The nuclear stain's channel: ``nuclear`` (a name or index) when the site has it, else the
     first channel named like a nuclear stain (DNA, DAPI, Hoechst, ...), else None."""
-    from .label_files import NUCLEAR_NAMES
-
     lowered = [str(c).lower() for c in channel_names]
     if nuclear is not None:
         text = str(nuclear).strip()
@@ -141,16 +141,18 @@ def nuclear_index(channel_names: Sequence[str], nuclear: str | int | None = None
 
 
 def own_nuclei(read_image: Callable[[], np.ndarray], channel_names, nuclear=None) -> OwnNuclei:
-    """Our nuclei of a site (the classical segmenter's nuclei, :func:`..segment.segment_nuclei`),
-    made only when asked; None when the site has no channel that names a nuclear stain."""
+    """Our nuclei of a site (the classical segmenter's default nuclei, as ``segment_nuclei``
+    finds them), made only when asked; None when the site has no channel that names a nuclear
+    stain."""
 
     def make() -> np.ndarray | None:
         index = nuclear_index(channel_names, nuclear)
         if index is None:
             return None
-        from ..segment import segment_nuclei
+        from ..segment_classical import find_nuclei
 
-        return segment_nuclei(np.asarray(read_image())[index])
+        found = find_nuclei(np.asarray(read_image())[index])
+        return np.where(found.dropped[found.labels], 0, found.labels).astype(np.int32)
 
     return make
 
