@@ -227,9 +227,10 @@ def test_cellprofiler_binary_masks_are_split_by_the_nuclei(tmp_path):
         "B02_s1_ER_MaskCells.tiff": mask,
         "B02_s1_DNA_MaskNuclei.tiff": nuclei,
         "B02_s1_ER_MaskCytoplasm.tiff": mask,  # not whole objects: never read as cells
-        "C03_s1_ER_MaskCells.tiff": mask,  # no nuclei: the mask's connected pieces
+        "C03_s1_ER_MaskCells.tiff": mask,  # no nuclei file: split by our own nuclei
     }
     pattern, folder = _plate_with(tmp_path / "P1", files)
+    tifffile.imwrite(tmp_path / "P1" / "C03_s1_DNA.tif", _dna_of(nuclei))
     plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
     assert plate.warnings == []
     site = plate[("P1", "B02", 1)]
@@ -244,8 +245,59 @@ def test_cellprofiler_binary_masks_are_split_by_the_nuclei(tmp_path):
     # nucleus i lies in cell i
     assert (nuc[15:25, 10:20] == left).all() and (nuc[15:25, 44:54] == right).all()
     assert np.array_equal(nuc > 0, nuclei > 0)
-    one = plate[("P1", "C03", 1)].read_labels()
-    assert set(np.unique(one)) == {0, 1} and plate[("P1", "C03", 1)].read_nuclei() is None
+    # without a nuclei file the touching cells are split by the nuclei of the DNA channel
+    own = plate[("P1", "C03", 1)].read_labels()
+    assert set(np.unique(own)) == {0, 1, 2} and np.array_equal(own > 0, mask > 0)
+    assert own[15, 10] != own[15, 50]
+    assert (own[10:30, 6:29] == own[15, 10]).all() and (own[10:30, 36:58] == own[15, 50]).all()
+    assert plate[("P1", "C03", 1)].read_nuclei() is None  # no nuclei file
+
+
+def _dna_of(nuclei: np.ndarray) -> np.ndarray:
+    """A nuclear stain showing ``nuclei``: dim noisy background, bright nuclei."""
+    rng = np.random.default_rng(1)
+    dna = rng.integers(5, 25, nuclei.shape).astype(np.uint8)
+    dna[nuclei > 0] = rng.integers(180, 230, int((nuclei > 0).sum()))
+    return dna
+
+
+def test_binary_mask_without_nuclei_is_split_by_our_nuclei(tmp_path):
+    """Issue 13 section 3: a binary mask of two touching cells and no nuclei file becomes two
+    cells, split by the nuclei found in the plate's nuclear stain, when embedding too (the
+    stain named by ``nuclear``); with no nuclear stain to find, its connected pieces."""
+    from napari_concept_discovery.plate.label_images import (
+        nuclear_index,
+        own_nuclei,
+        read_user_labels,
+    )
+
+    mask, nuclei, _ = _two_cells()
+    pattern, folder = _plate_with(tmp_path / "P1", {"B02_s1_ER_MaskCells.tiff": mask})
+    tifffile.imwrite(tmp_path / "P1" / "B02_s1_DNA.tif", _dna_of(nuclei))
+    with pytest.warns(PlateWarning, match="no cell labels"):
+        plate = open_plate(tmp_path / "P1", pattern=pattern, labels=folder)
+    site = plate[("P1", "B02", 1)]
+    assert site.nuclei_path is None
+    inputs = site_inputs(site, nuclear="DNA")
+    assert inputs.nuclear == "DNA" and "DNA" in inputs.token  # the split depends on the stain
+    for cells in (site.read_labels(), inputs.read_labels(site.read(), site.channel_names)):
+        assert set(np.unique(cells)) == {0, 1, 2} and np.array_equal(cells > 0, mask > 0)
+        left, right = cells[15, 10], cells[15, 50]
+        assert left != right and (cells[10:30, 6:29] == left).all()
+        assert (cells[10:30, 36:58] == right).all()
+    # the nuclei come back with the cells' ids when asked for directly
+    dna = _dna_of(nuclei)
+    cells, own = read_user_labels(
+        site.labels_path, nuclei_from=own_nuclei(lambda: dna[None], ["DNA"])
+    )
+    assert set(np.unique(own)) == {0, 1, 2} and own[20, 15] == cells[20, 15]
+    # channels that name no nuclear stain: nothing to split by, the mask's connected pieces
+    assert nuclear_index(["ch1", "ch2"]) is None and nuclear_index(["ch1", "ch5"], "ch5") == 1
+    assert nuclear_index(["GFP", "DAPI"]) == 1 and nuclear_index(["a", "b"], "1") == 1
+    pieces, none = read_user_labels(
+        site.labels_path, nuclei_from=own_nuclei(lambda: dna[None], ["ch1"])
+    )
+    assert set(np.unique(pieces)) == {0, 1} and none is None
 
 
 def test_cellprofiler_label_exports_keep_their_ids(tmp_path):

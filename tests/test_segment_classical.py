@@ -112,10 +112,46 @@ def test_size_limits_relative_and_explicit():
     assert merged[160, 40] == merged[160, 63] > 0
 
 
+def _edge_scene():
+    """DNA and a cell stain (160 x 160): A's nucleus touches the top edge; B's nucleus is
+    interior but its cell reaches the left edge; C lies wholly inside."""
+    shape = (160, 160)
+    dna = np.full(shape, 10.0)
+    stain = np.full(shape, 10.0)
+    for center, cell_r in (((4, 80), 26), ((80, 30), 40), ((110, 110), 28)):
+        stain[_disc(shape, center, cell_r)] = 400.0
+        dna[_disc(shape, center, 9)] = 2000.0
+    return np.stack([dna, stain]), ["DNA", "Actin"]
+
+
+def test_drop_edge_by_nucleus_keeps_cells_of_interior_nuclei():
+    """CellProfiler's IdentifyPrimaryObjects rule: a nucleus touching the border is dropped with
+    its cell; a cell reaching the border from an interior nucleus is kept."""
+    image, names = _edge_scene()
+    nuclei, cells = segment_site(image, names)
+    a, b, c = cells[2, 80], cells[80, 30], cells[110, 110]
+    assert 0 not in (a, b, c) and len({a, b, c}) == 3
+    assert cells[80, 0] == b  # B's cell reaches the left edge, its nucleus does not
+    assert touching_edge(nuclei).tolist() == [a]
+    n1, c1 = segment_site(image, names, settings=SegmentSettings(drop_edge=True))
+    assert c1[2, 80] == 0 and n1[2, 80] == 0  # A: nucleus on the edge, gone with its cell
+    assert c1[80, 0] > 0 and c1[80, 0] == c1[80, 30] == n1[80, 30]  # B kept, reaching the edge
+    assert np.array_equal(c1 > 0, (cells == b) | (cells == c))
+    assert touching_edge(n1).size == 0
+    n2, c2 = segment_site(
+        image, names, settings=SegmentSettings(drop_edge=True, drop_edge_by="cell")
+    )
+    assert np.array_equal(c2 > 0, cells == c) and np.array_equal(n2 > 0, nuclei == c)
+    assert c2.max() == n2.max() == 1
+    with pytest.raises(SettingsError, match="drop_edge_by"):
+        SegmentSettings(drop_edge_by="pixel")
+
+
 def test_drop_edge_keeps_interior_cells_unchanged():
     site = generate_site("HEPG2", size=256, seed=3)
     nuclei, cells = segment_site(site.image, site.channel_names)
-    n2, c2 = segment_site(site.image, site.channel_names, settings=SegmentSettings(drop_edge=True))
+    by_cell = SegmentSettings(drop_edge=True, drop_edge_by="cell")
+    n2, c2 = segment_site(site.image, site.channel_names, settings=by_cell)
     edge = touching_edge(cells)
     assert edge.size > 0 and touching_edge(c2).size == 0
     assert c2.max() == cells.max() - edge.size

@@ -170,6 +170,9 @@ class SiteInputs:
     @property
     def token(self) -> str:
         """How the labels are made, beyond the files' bytes (for the signature)."""
+        if self.cells == "file" and self.user and self.split_by is None:
+            # a binary mask is split by our own nuclei of this stain
+            return f"file:nuclei:{self.nuclear}:{SEGMENT_ALGORITHM}"
         if self.cells != "segment":
             return self.cells
         return f"segment:{self.nuclear}:{SEGMENT_ALGORITHM}"
@@ -179,10 +182,15 @@ class SiteInputs:
         if self.cells == "none":
             return None
         if self.cells == "file":
-            from .plate.label_images import read_user_labels
+            from .plate.label_images import own_nuclei, read_user_labels
 
             if self.user:
-                return read_user_labels(self.labels_path, self.split_by, image.shape[-2:])[0]
+                split = None
+                if self.split_by is None:
+                    split = own_nuclei(lambda: image, channel_names, self.nuclear)
+                return read_user_labels(
+                    self.labels_path, self.split_by, image.shape[-2:], nuclei_from=split
+                )[0]
             from .plate.io import read_labels
 
             labels = read_labels(self.labels_path)
@@ -215,7 +223,15 @@ def site_inputs(site: Site, cells: str = "auto", nuclear: str | int = "DNA") -> 
         if getattr(site, "user_labels", False):
             nuclei = getattr(site, "nuclei_path", None)
             split_by = Path(nuclei) if nuclei is not None else None
-            return SiteInputs(site.key, images, "file", Path(path), split_by=split_by, user=True)
+            return SiteInputs(
+                site.key,
+                images,
+                "file",
+                Path(path),
+                nuclear=str(nuclear) if split_by is None else None,
+                split_by=split_by,
+                user=True,
+            )
         return SiteInputs(site.key, images, "file", Path(path))
     if cells == "file":
         raise PlateError(

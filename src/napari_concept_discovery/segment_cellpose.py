@@ -168,7 +168,8 @@ class CellposeSegmenter:
             cells = nuclei.copy()
         nuclei, cells = match_ids(cells, nuclei)
         if s.drop_edge:
-            edge = touching_edge(cells)
+            # the rule of the classical segmenter: by the nucleus, or by the cell when asked
+            edge = touching_edge(cells if s.drop_edge_by == "cell" else nuclei)
             gone = np.isin(cells, edge)
             nuclei, cells = match_ids(np.where(gone, 0, cells), np.where(gone, 0, nuclei))
         return nuclei, cells

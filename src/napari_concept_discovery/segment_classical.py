@@ -17,8 +17,11 @@ shortest-path problem on the pixel graph (scipy's Dijkstra with all seeds as sou
 
 Nucleus ``i`` always lies inside cell ``i``. Objects whose nucleus fails the size limits, or
 that touch the image edge when asked, are still grown (so their neighbours do not take their
-cytoplasm) and dropped afterwards, with their nucleus. See docs/architecture.md, "One room per
-step".
+cytoplasm) and dropped afterwards, with their nucleus. Touching the edge means, as in
+CellProfiler, the nucleus touching it (IdentifyPrimaryObjects' "discard objects touching the
+border": a cell grown from an interior nucleus is whole enough to keep even where it reaches
+the edge), or, by choice, the cell touching it (IdentifySecondaryObjects' option of the same
+name, which the NF1 pipeline also sets). See docs/architecture.md, "One room per step".
 """
 
 from __future__ import annotations
@@ -362,13 +365,17 @@ def grow_cells(
     sigma: float = 1.0,
     regularization: float = 0.05,
     drop_edge: bool = False,
+    drop_edge_by: str = "nucleus",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(nuclei, cells) with matching ids: nuclei propagated through the cell foreground.
 
     The foreground is the union of each channel's own threshold (stains differ in brightness
     and in which part of the cell they fill); the propagation image is the mean of the channels
-    on a common scale (:func:`unit_scale`).
+    on a common scale (:func:`unit_scale`). ``drop_edge``: nuclei touching the edge were marked
+    by :func:`find_nuclei`; with ``drop_edge_by="cell"`` cells touching it go too.
     """
+    if drop_edge_by not in ("nucleus", "cell"):
+        raise ValueError(f"unknown edge rule {drop_edge_by!r}; use nucleus or cell")
     seeds = nuclei.labels
     if not channels:
         cells = seeds.copy()
@@ -381,7 +388,9 @@ def grow_cells(
         cells = fill_label_holes(cells)
     dropped = nuclei.dropped.copy()
     if drop_edge:
-        dropped[touching_edge(cells)] = True
+        dropped[touching_edge(seeds)] = True
+        if drop_edge_by == "cell":
+            dropped[touching_edge(cells)] = True
     keep = ~dropped
     keep[0] = False
     lookup = np.zeros(dropped.size, np.int32)
@@ -421,4 +430,5 @@ def segment_classical(
         sigma=settings.smoothing,
         regularization=settings.regularization,
         drop_edge=settings.drop_edge,
+        drop_edge_by=settings.drop_edge_by,
     )

@@ -184,6 +184,9 @@ SEGMENT_ALGORITHM = "propagation-1"
 #: Global thresholds: two-class Otsu, three-class Otsu with the middle class as foreground,
 #: minimum cross-entropy (Li).
 THRESHOLDS = ("otsu", "otsu3", "mce")
+#: Which object touching the image edge drops a cell (with ``drop_edge``): its nucleus
+#: (CellProfiler's IdentifyPrimaryObjects) or the cell itself (IdentifySecondaryObjects).
+EDGE_RULES = ("nucleus", "cell")
 
 
 @dataclass
@@ -255,8 +258,16 @@ class SegmentSettings(Settings):
     declump: bool = option(True, "split touching nuclei by shape")
     drop_edge: bool = option(
         False,
-        "drop cells that touch the image edge, with their nuclei (as CellProfiler pipelines do "
-        "before measuring)",
+        "drop objects cut by the image edge: by default cells whose nucleus touches it (as "
+        "CellProfiler's IdentifyPrimaryObjects does; cells grown from interior nuclei are kept "
+        "where they reach the edge), see --drop-edge-by",
+    )
+    drop_edge_by: str = option(
+        "nucleus",
+        "with --drop-edge, which object touching the edge drops a cell and its nucleus: "
+        "nucleus, or cell (also every cell that reaches the edge, as IdentifySecondaryObjects' "
+        "'discard objects touching the border' does, e.g. in the NF1 pipeline)",
+        choices=EDGE_RULES,
     )
     cellpose_model: str = option(
         "cyto3",

@@ -14,7 +14,9 @@ What a file holds is read from the rest of its name (:func:`role_of`): "nuc" say
 "cytoplasm", "outline" or "flow" say it is not a label image of whole objects, anything else
 is cells. A binary mask (one foreground value, as CellProfiler's ``Mask*`` images) is split
 into cells by the site's nuclei (each mask pixel joins the nucleus nearest to it inside the
-mask; mask pieces without a nucleus are dropped), or into connected pieces without nuclei.
+mask; mask pieces without a nucleus are dropped): the nuclei file's, else our own nuclei of the
+site's nuclear stain; only a site with no nuclear stain to find keeps the mask's connected
+pieces.
 Nuclei take the id of the cell they lie in, so nucleus ``i`` is inside cell ``i`` as everywhere
 else. See docs/architecture.md, "One room per step".
 """
@@ -26,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..errors import PlateError
+from .label_images import NUCLEAR_NAMES
 from .model import SiteKey, normalize_well, well_from_row_col
 from .pattern import FilenamePattern
 
@@ -33,8 +36,6 @@ from .pattern import FilenamePattern
 LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
 #: Words in a file name that mark it as something other than whole objects.
 NOT_OBJECTS = ("cytoplasm", "outline", "flow", "overlay", "prob")
-#: Channel names of nuclear stains (a label file named after such an image holds nuclei).
-NUCLEAR_NAMES = ("dna", "dapi", "hoechst", "nuclei", "nucleus", "h33342")
 #: Words that mark a file named after an image as a label image at all.
 OBJECT_WORDS = ("nuc", "cell", "mask", "seg", "label", "object")
 

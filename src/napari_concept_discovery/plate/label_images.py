@@ -1,11 +1,13 @@
 """Reading the label images a user brings (:mod:`.label_files` finds them): TIFF, PNG, a plain
-``.npy`` array or Cellpose's ``_seg.npy``; binary masks split into cells by the nuclei, nucleus
-ids matched to the cells. See docs/architecture.md, "One room per step".
+``.npy`` array or Cellpose's ``_seg.npy``; binary masks split into cells by the nuclei (the
+user's nuclei file, else our own nuclei from the site's nuclear stain), nucleus ids matched to
+the cells. See docs/architecture.md, "One room per step".
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,14 +118,58 @@ def _check_shape(data: np.ndarray, path: Path, shape, what: str) -> None:
         )
 
 
+#: Our own nuclei of a site, asked for only when a binary mask comes without a nuclei file.
+OwnNuclei = Callable[[], "np.ndarray | None"]
+#: Channel names of nuclear stains (a label file named after such an image holds nuclei).
+NUCLEAR_NAMES = ("dna", "dapi", "hoechst", "nuclei", "nucleus", "h33342")
+
+
+def nuclear_index(channel_names: Sequence[str], nuclear: str | int | None = None) -> int | None:
+    """The nuclear stain's channel: ``nuclear`` (a name or index) when the site has it, else the
+    first channel named like a nuclear stain (DNA, DAPI, Hoechst, ...), else None."""
+    lowered = [str(c).lower() for c in channel_names]
+    if nuclear is not None:
+        text = str(nuclear).strip()
+        if text.isdigit() and int(text) < len(lowered):
+            return int(text)
+        if text.lower() in lowered:
+            return lowered.index(text.lower())
+    for i, name in enumerate(lowered):
+        if name in NUCLEAR_NAMES:
+            return i
+    return None
+
+
+def own_nuclei(read_image: Callable[[], np.ndarray], channel_names, nuclear=None) -> OwnNuclei:
+    """Our nuclei of a site (the classical segmenter's default nuclei, as ``segment_nuclei``
+    finds them), made only when asked; None when the site has no channel that names a nuclear
+    stain."""
+
+    def make() -> np.ndarray | None:
+        index = nuclear_index(channel_names, nuclear)
+        if index is None:
+            return None
+        from ..segment_classical import find_nuclei
+
+        found = find_nuclei(np.asarray(read_image())[index])
+        return np.where(found.dropped[found.labels], 0, found.labels).astype(np.int32)
+
+    return make
+
+
 def read_user_labels(
     cells_path: str | os.PathLike,
     nuclei_path: str | os.PathLike | None = None,
     shape: tuple[int, int] | None = None,
+    *,
+    nuclei_from: OwnNuclei | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(cells, nuclei) int32 of one site from the user's files, ids matched (module docs).
 
-    ``shape``: the site's (H, W); a file of another shape is an error naming it.
+    ``shape``: the site's (H, W); a file of another shape is an error naming it. A binary cell
+    mask is split by the nuclei file, or without one by ``nuclei_from()`` (our own nuclei, see
+    :func:`own_nuclei`; they are returned as the nuclei); only when neither gives nuclei is it
+    split into its connected pieces.
     """
     cells_path = Path(cells_path)
     data = read_label_image(cells_path)
@@ -135,6 +181,10 @@ def read_user_labels(
         _check_shape(raw, nuclei_path, data.shape, "nucleus labels")
         nuclei = _as_objects(raw)
     if is_binary(data):
+        if nuclei is None and nuclei_from is not None:
+            nuclei = nuclei_from()
+            if nuclei is not None:
+                _check_shape(data, cells_path, nuclei.shape, "cell mask")
         cells = (
             split_by_nuclei(data, nuclei)
             if nuclei is not None and nuclei.any()

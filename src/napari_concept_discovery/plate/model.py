@@ -115,19 +115,23 @@ class Site:
         if self.labels_path is None:
             return None
         if self.user_labels:
-            from .label_images import read_user_labels
-
-            return read_user_labels(self.labels_path, self.nuclei_path)[0]
+            return self._user_labels()[0]
         return io.read_labels(self.labels_path)
+
+    def _user_labels(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The user's (cells, nuclei); a binary mask without a nuclei file is split by our own
+        nuclei of the channel named like a nuclear stain (:mod:`.label_images`)."""
+        from .label_images import own_nuclei, read_user_labels
+
+        split = own_nuclei(self.read, self.channel_names) if self.nuclei_path is None else None
+        return read_user_labels(self.labels_path, self.nuclei_path, nuclei_from=split)
 
     def read_nuclei(self) -> np.ndarray | None:
         """Nucleus labels (same ids as the cells) when the plate carries them, else None."""
         if self.nuclei_path is None:
             return None
         if self.user_labels and self.labels_path is not None:
-            from .label_images import read_user_labels
-
-            return read_user_labels(self.labels_path, self.nuclei_path)[1]
+            return self._user_labels()[1]
         return io.read_labels(self.nuclei_path)
 
     def header(self) -> tuple[tuple[int, ...], np.dtype]:
