@@ -81,7 +81,7 @@ from napari_concept_discovery.segment_classical import (
 from napari_concept_discovery.settings import SegmentSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "data" / "real"
+REAL = ROOT / "tests" / "data" / "real"
 NF1_PATTERN = "{well}_01_{channel_index}_{site}_{channel}_001.tif"
 
 LEGACY = SegmentSettings(segmenter="legacy", nuclear="DAPI")

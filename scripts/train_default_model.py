@@ -33,8 +33,8 @@ The shipped model came from two runs on one NVIDIA H200 (bf16 autocast; 270 s of
 the shipped variant, about 9.5 minutes of machine time with data generation and probes):
 
     python scripts/train_default_model.py --pack-real real.npz --real \
-        ../shared/data/real/jump_BR00117006 ../shared/data/real/pediatric_cancer_atlas_BR00143976 \
-        ../shared/data/real/nf1_plate2/images
+        tests/data/real/jump_BR00117006 tests/data/real/pediatric_cancer_atlas_BR00143976 \
+        tests/data/real/nf1_plate2/images
     python scripts/train_default_model.py --device cuda --minutes 5.0 --workdir W \
         --real-npz real.npz --variant A --variant B:pixel_weight=0,fourier_weight=0
     python scripts/train_default_model.py --device cuda --minutes 4.5 --workdir W \
