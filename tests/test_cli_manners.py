@@ -231,7 +231,7 @@ def test_quiet_prints_nothing(tiny_store_path, tmp_path, capsys):
 # --- exit codes ----------------------------------------------------------------------------
 
 
-def test_bad_option_exits_2_naming_it(tiny_store_path, tmp_path, capsys):
+def test_bad_option_exits_2_naming_it(tiny_store_path, dictionary, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["synth", str(tmp_path), "--plates", "two"])
     assert exc.value.code == 2 and "--plates" in capsys.readouterr().err
@@ -248,6 +248,13 @@ def test_bad_option_exits_2_naming_it(tiny_store_path, tmp_path, capsys):
     assert summary["ok"] is False and summary["exit_code"] == 2
     assert summary["error"] == "--wells must be at least 1, got 0"
     assert not (tmp_path / "s").exists()
+    # an output that cannot be written is refused before the work, naming it
+    (tmp_path / "taken.csv").write_text("x\n")
+    argv = ["report", str(tiny_store_path), str(dictionary), "--out", str(tmp_path / "taken.csv")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: report folder {tmp_path / 'taken.csv'} is a file; give a folder path\n"
+    )
 
 
 def test_subprocess_exit_codes_and_stdout(tmp_path):
@@ -280,6 +287,7 @@ def test_subprocess_exit_codes_and_stdout(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["sites"] == 3 and "wrote 3 sites" in ok.stderr
+    assert "synth sites" not in ok.stderr  # no progress under --json
     missing = run("info", str(tmp_path / "nowhere"), "--json")
     assert missing.returncode == 2
     assert json.loads(missing.stdout)["error"] == f"plate folder not found: {tmp_path / 'nowhere'}"
