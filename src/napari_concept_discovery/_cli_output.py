@@ -5,7 +5,8 @@ every subcommand behaves alike:
 
 - result lines (``wrote store.zarr: ...``) go to stdout; with ``--json`` to stderr, so stdout holds
   only the summary; with ``--quiet`` nowhere;
-- informational notes and progress go to stderr, and are off with ``--quiet`` or ``--json``;
+- notes about the run (model, device) go to stderr, and are off with ``--quiet``;
+- progress bars go to stderr, and are off with ``--quiet`` or ``--json``;
 - warnings and errors always go to stderr;
 - with ``--json`` one JSON object is printed on stdout at the end, on success or failure.
 
