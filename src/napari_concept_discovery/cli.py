@@ -3,6 +3,8 @@
 Each ``_add_<step>`` function registers one subcommand and its ``_run_<step>`` handler; the
 handler only parses arguments and calls the library, so the CLI and the GUI share one code path.
 Imports of heavy modules (torch, napari) happen inside the handlers to keep ``--help`` fast.
+Where output goes (``--quiet``, ``--json``, progress bars, exit codes) is decided in
+``_cli_output``, once for every subcommand; see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -10,10 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
+import traceback
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 from . import __version__
+from ._cli_output import (
+    EXIT_CODES,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_REFUSED,
+    Console,
+    HelpFormatter,
+    examples,
+)
 from .errors import ConceptDiscoveryError
 
 
@@ -73,11 +87,48 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         out.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
-def _progress(total: int, desc: str):
-    """A terminal progress bar (tqdm) that writes to stderr."""
-    from tqdm.auto import tqdm
+def _global_options(sub: bool) -> argparse.ArgumentParser:
+    """--quiet, --json and --debug, accepted before the command and after it.
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    The copy on each subcommand defaults to SUPPRESS, so an option given before the command is
+    not reset by the subcommand's parser.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if sub else False
+    g = p.add_argument_group("output options (before or after the command)")
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bars and no result lines; warnings and errors still go to stderr",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        default=default,
+        help="print one JSON object on stdout at the end (what was made: paths, counts, "
+        "timings, metrics); result lines go to stderr and progress bars are off",
+    )
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of an unexpected error (exit code 1)",
+    )
+    return p
+
+
+def _command(sub, name: str, help: str, example_lines, *, description=None, note: str = ""):
+    """A subcommand's parser: the global options and runnable examples under its --help."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        epilog=examples(*example_lines, note=note),
+        formatter_class=HelpFormatter,
+        parents=[_global_options(sub=True)],
+    )
 
 
 def _add_plate_options(p) -> None:
@@ -123,9 +174,16 @@ def _labels_help() -> str:
 
 
 def _add_synth(sub) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "synth",
-        help="write synthetic Cell Painting plates (RxRx layout) with labels and per-cell truth",
+        "write synthetic Cell Painting plates (RxRx layout) with labels and per-cell truth",
+        [
+            "concept-discovery synth plates/ --plates 2 --wells 24 --sites 2",
+            "concept-discovery synth small/ --plates 1 --wells 6 --size 256 --json",
+        ],
+        note="The plates carry cell and nucleus label images, metadata.csv and truth.csv (one "
+        "row per cell); `concept-discovery embed plates/ --out store.zarr` comes next.",
     )
     p.add_argument("out", help="output folder (created; the plates' files in it are overwritten)")
     p.add_argument("--plates", type=int, default=2, help="number of plates (default 2)")
@@ -139,16 +197,17 @@ def _add_synth(sub) -> None:
     p.set_defaults(func=_run_synth)
 
 
-def _run_synth(args) -> int:
+def _run_synth(args, con: Console) -> int:
     from ._files import check_output
     from .synth import write_synthetic_plates
+    from .synth.plate import EXPERIMENT
 
     _at_least(args.workers, "--workers")
     total = args.plates * args.wells * args.sites
     workers = args.workers or min(max(total, 1), os.cpu_count() or 1, 4)
     _check_synth_args(args, workers)
     check_output(args.out, folder=True, what="output folder")
-    with _progress(total, "sites") as bar:
+    with con.bar(total, "synth sites") as bar:
         out = write_synthetic_plates(
             args.out,
             n_plates=args.plates,
@@ -159,7 +218,20 @@ def _run_synth(args) -> int:
             workers=args.workers,
             progress=bar.update,
         )
-    print(f"wrote {total} sites to {out}")
+    out = Path(out).resolve()
+    con.say(f"wrote {total} sites to {out}")
+    con.result(
+        out=out,
+        plates=[out / "images" / EXPERIMENT / f"Plate{i}" for i in range(1, args.plates + 1)],
+        n_plates=args.plates,
+        wells_per_plate=args.wells,
+        sites_per_well=args.sites,
+        sites=total,
+        size=args.size,
+        seed=args.seed,
+        metadata=out / "metadata.csv",
+        truth=out / "truth.csv",
+    )
     return 0
 
 
@@ -169,9 +241,14 @@ def _run_synth(args) -> int:
 def _add_segment(sub) -> None:
     from .settings import SegmentSettings, add_arguments
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "segment",
-        help="segment nuclei and cells of every site of a plate into a label folder",
+        "segment nuclei and cells of every site of a plate into a label folder",
+        [
+            "concept-discovery segment plates/ --out labels/",
+            "concept-discovery embed plates/ --labels labels/ --out store.zarr",
+        ],
         description=(
             "Write <plate>/<well>_s<site>_cells.tif and _nuclei.tif per site. The default "
             "folder, <plate folder>/segmentation, is found by info and embed by themselves; "
@@ -191,20 +268,18 @@ def _add_segment(sub) -> None:
     p.set_defaults(func=_run_segment)
 
 
-def _run_segment(args) -> int:
+def _run_segment(args, con: Console) -> int:
     from .segment import segment_plate
     from .settings import SegmentSettings, from_args
 
     settings = from_args(SegmentSettings, args)
     plate = _open_plate(args)
-    with _progress(len(plate), "segment") as bar:
-        out = segment_plate(
-            plate,
-            args.out,
-            settings=settings,
-            progress=lambda p: bar.update(p.done - bar.n),
-        )
-    print(f"wrote labels of {len(plate)} sites to {out}")
+    with con.bar(len(plate), "segment sites") as bar:
+        out = segment_plate(plate, args.out, settings=settings, progress=bar)
+    con.say(f"wrote labels of {len(plate)} sites to {out}")
+    con.result(
+        out=Path(out).resolve(), plate=plate.root, sites=len(plate), settings=settings.to_dict()
+    )
     return 0
 
 
@@ -212,9 +287,16 @@ def _run_segment(args) -> int:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "info",
-        help="describe a plate folder: layout, plates, wells, sites, channels, metadata, problems",
+        "describe a plate folder: layout, plates, wells, sites, channels, metadata, problems",
+        [
+            "concept-discovery info plates/",
+            "concept-discovery info plates/ --check --json",
+            "concept-discovery info screen/ --pattern '{well}_{site}_{channel}.tif' "
+            "--metadata platemap.csv",
+        ],
     )
     p.add_argument("plate", help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern)")
     _add_plate_options(p)
@@ -228,7 +310,7 @@ def _add_info(sub) -> None:
     p.set_defaults(func=_run_info)
 
 
-def _run_info(args) -> int:
+def _run_info(args, con: Console) -> int:
     from .errors import PlateError
     from .plate import PlateWarning
     from .plate.layouts import CHECK_LIMIT
@@ -240,11 +322,13 @@ def _run_info(args) -> int:
     # Headers can be whole while the pixels are not (a truncated PNG): decode to be sure.
     sites = list(plate) if args.check else list(plate)[:1]
     undecodable = []
-    for site in sites:
-        try:
-            site.read()
-        except PlateError as exc:
-            undecodable.append(str(exc))
+    with con.bar(len(sites), "decode sites") as bar:
+        for site in sites:
+            try:
+                site.read()
+            except PlateError as exc:
+                undecodable.append(str(exc))
+            bar.update()
     problems = list(plate.warnings)
     if undecodable:
         problems.append(
@@ -255,34 +339,54 @@ def _run_info(args) -> int:
     wells = plate.wells
     distinct = sorted({w for _, w in wells})
     shown = ", ".join(distinct[:12]) + (" ..." if len(distinct) > 12 else "")
-    print(f"folder:   {plate.root}")
-    print(f"layout:   {plate.layout}")
+    say = con.say
+    say(f"folder:   {plate.root}")
+    say(f"layout:   {plate.layout}")
     more = " ..." if len(plate.plates) > 6 else ""
-    print(f"plates:   {len(plate.plates)} ({', '.join(plate.plates[:6])}{more})")
-    print(f"wells:    {len(wells)} on all plates ({shown})")
-    print(f"sites:    {len(plate)}")
-    print(f"channels: {len(plate.channel_names)} ({', '.join(plate.channel_names)})")
-    print(f"shape:    {plate.image_shape} (C, H, W)")
-    print(f"dtype:    {plate.dtype}")
+    say(f"plates:   {len(plate.plates)} ({', '.join(plate.plates[:6])}{more})")
+    say(f"wells:    {len(wells)} on all plates ({shown})")
+    say(f"sites:    {len(plate)}")
+    say(f"channels: {len(plate.channel_names)} ({', '.join(plate.channel_names)})")
+    say(f"shape:    {plate.image_shape} (C, H, W)")
+    say(f"dtype:    {plate.dtype}")
     if plate.metadata is None:
-        print("metadata: none")
+        say("metadata: none")
     else:
         cols = [str(c) for c in plate.metadata.columns]
-        print(f"metadata: {len(plate.metadata)} rows; columns: {', '.join(cols)}")
+        say(f"metadata: {len(plate.metadata)} rows; columns: {', '.join(cols)}")
     labelled = sum(site.labels_path is not None for site in plate)
     if labelled:
         where = f" (label folder {plate.label_folder})" if plate.label_folder else ""
-        print(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
+        say(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
     if args.check:
-        print(f"checked:  file headers and pixels of all {len(plate)} sites")
+        say(f"checked:  file headers and pixels of all {len(plate)} sites")
     else:
-        print(
+        say(
             f"checked:  file headers (of every site when the folder holds up to {CHECK_LIMIT} "
             "files), pixels of the first site only (--check decodes every site)"
         )
-    print(f"warnings: {len(problems)}")
+    say(f"warnings: {len(problems)}")
     for message in problems:
-        print(f"  - {message}")
+        if con.quiet:
+            con.warn(message)  # the problems are what info is for: said even under --quiet
+        say(f"  - {message}")
+    con.result(
+        folder=Path(plate.root).resolve(),
+        layout=plate.layout,
+        plates=list(plate.plates),
+        wells=len(wells),
+        sites=len(plate),
+        channels=list(plate.channel_names),
+        shape=list(plate.image_shape),
+        dtype=str(plate.dtype),
+        metadata=None
+        if plate.metadata is None
+        else {"rows": len(plate.metadata), "columns": [str(c) for c in plate.metadata.columns]},
+        labelled_sites=labelled,
+        label_folder=plate.label_folder,
+        checked="all sites" if args.check else "first site",
+        warnings=problems,
+    )
     return 0
 
 
@@ -293,9 +397,15 @@ def _add_embed(sub) -> None:
     from .plate_embedding import EmbedSettings
     from .settings import add_arguments
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "embed",
-        help="run a foundation model on a plate and keep one block's tokens in an activation store",
+        "run a foundation model on a plate and keep one block's tokens in an activation store",
+        [
+            "concept-discovery embed plates/ --out store.zarr",
+            "concept-discovery embed plates/ --model openphenom --block 8 --out store.zarr",
+            "concept-discovery embed plate1/ plate2/ --workers 4 --out stores/",
+        ],
         description=(
             "Tile every site into 256x256 tiles, run the model up to --block, and store patch "
             "grids, crop tokens, per-cell tokens and the cell labels they were pooled over "
@@ -364,9 +474,7 @@ def _cluster_client(args):
             cluster.close()
 
 
-def _run_embed_cluster(args, settings) -> int:
-    from pathlib import Path
-
+def _run_embed_cluster(args, settings, con: Console) -> int:
     from .cluster import embed_plate_on_cluster
 
     plates = list(args.plate)
@@ -378,16 +486,13 @@ def _run_embed_cluster(args, settings) -> int:
     _at_least(args.sites_per_task, "--sites-per-task")
     from .plate_embedding import load_embed_model
 
+    stores = []
     with _cluster_client(args) as client:
         backend = load_embed_model(settings)  # once, for every plate
         for folder, out in zip(plates, outs, strict=True):
             args.plate = folder
             plate = _open_plate(args)
-            with _progress(len(plate), f"embed {Path(folder).name}") as bar:
-
-                def step(p, bar=bar):
-                    bar.update(p.done - bar.n)
-
+            with con.bar(len(plate), f"embed {Path(folder).name}") as step:
                 if client is None:
                     from .plate_embedding import embed_plate
 
@@ -411,11 +516,15 @@ def _run_embed_cluster(args, settings) -> int:
                         backend=backend,
                     )
             counts = store.attrs.get("counts", {})
-            print(f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches")
+            con.say(
+                f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches"
+            )
+            stores.append(_store_summary(store, folder, len(plate)))
+    con.result(model=backend.model_id, stores=stores)
     return 0
 
 
-def _run_embed(args) -> int:
+def _run_embed(args, con: Console) -> int:
     import torch
 
     from ._files import check_output
@@ -427,7 +536,7 @@ def _run_embed(args) -> int:
     if len(args.plate) > 1 or args.workers or args.scheduler:
         if args.threads:
             torch.set_num_threads(args.threads)
-        return _run_embed_cluster(args, from_args(EmbedSettings, args))
+        return _run_embed_cluster(args, from_args(EmbedSettings, args), con)
     args.plate = args.plate[0]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -436,27 +545,43 @@ def _run_embed(args) -> int:
     plate = _open_plate(args)
     backend = load_embed_model(settings)
     block = backend.resolve_block(settings.block)
-    print(
+    con.note(
         f"{backend.model_id} (D={backend.embed_dim}, {backend.num_blocks} blocks) block {block} "
-        f"on {backend.device}; {len(plate)} sites",
-        file=sys.stderr,
+        f"on {backend.device}; {len(plate)} sites"
     )
-    with _progress(len(plate), "embed") as bar:
+    with con.bar(len(plate), "embed sites") as bar:
         store = embed_plate(
-            plate,
-            settings,
-            args.out,
-            backend=backend,
-            progress=lambda p: bar.update(p.done - bar.n),
-            overwrite=args.overwrite,
+            plate, settings, args.out, backend=backend, progress=bar, overwrite=args.overwrite
         )
     counts = store.attrs.get("counts", {})
-    print(
+    con.say(
         f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches, "
         f"{counts.get('crop', 0)} crops" + (" (reused: signature matches)" if store.reused else "")
     )
-    print(_size_line(store))
+    con.say(_size_line(store))
+    con.result(
+        model=backend.model_id,
+        block=block,
+        device=str(backend.device),
+        store=Path(store.path).resolve(),
+        stores=[_store_summary(store, plate.root, len(plate))],
+    )
     return 0
+
+
+def _store_summary(store, plate, sites: int) -> dict:
+    """What one store holds, for the JSON summary of embed."""
+    counts = store.attrs.get("counts", {})
+    return {
+        "path": Path(store.path).resolve(),
+        "plate": Path(plate).resolve(),
+        "sites": sites,
+        "cells": counts.get("cell", 0),
+        "patches": counts.get("patch", 0),
+        "crops": counts.get("crop", 0),
+        "reused": bool(getattr(store, "reused", False)),
+        "bytes": store.nbytes()["total"],
+    }
 
 
 def _size_line(store) -> str:
@@ -479,48 +604,21 @@ def _size_line(store) -> str:
 # --- train / analyze (issue: dictionary learning core) -------------------------------------
 
 
-class _Bars:
-    """Terminal bars for ``Progress`` reports: one per stage named in ``stages``, made on demand.
-
-    Training reports also show the latest loss, FVU and dead fraction.
-    """
-
-    def __init__(self, stages: dict[str, str]):
-        self.stages = stages
-        self.bars: dict = {}
-
-    def __call__(self, p) -> None:
-        if p.stage not in self.stages:
-            return
-        bar = self.bars.get(p.stage)
-        if bar is None:
-            bar = self.bars[p.stage] = _progress(p.total, self.stages[p.stage])
-        bar.update(p.done - bar.n)
-        if p.stage == "train":
-            i = p.info
-            bar.set_postfix(
-                loss=f"{i['loss']:.4g}", fvu=f"{i['fvu']:.3f}", dead=f"{i['dead_fraction']:.2f}"
-            )
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def _add_train(sub) -> None:
     from .dictionary.settings import TrainSettings, WhitenSettings
     from .settings import add_arguments
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "train",
-        help="learn a sparse dictionary (ICFL or TopK SAE) on the tokens of an activation store",
+        "learn a sparse dictionary (ICFL or TopK SAE) on the tokens of an activation store",
+        [
+            "concept-discovery train store.zarr --atoms 256 --out dict.safetensors",
+            "concept-discovery train store.zarr --method topk --atoms 256 --sparsity 16 "
+            "--no-whiten --out dict-topk.safetensors",
+        ],
+        note="Tokens are PCA-whitened on the control wells unless --no-whiten; an interrupted "
+        "training goes on with --resume.",
     )
     p.add_argument("store", help="activation store folder (written by `concept-discovery embed`)")
     add_arguments(p, TrainSettings)
@@ -542,7 +640,7 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args) -> int:
+def _run_train(args, con: Console) -> int:
     import torch
 
     from .dictionary.pipeline import check_dictionary_out, train_on_store
@@ -563,7 +661,7 @@ def _run_train(args) -> int:
         whiten = from_args(WhitenSettings, args)
     settings = from_args(TrainSettings, args, whiten=whiten)
     check_dictionary_out(args.out, args.overwrite)
-    with _Bars({"train": f"train {settings.method}", "evaluate": "evaluate"}) as bars:
+    with con.bars({"train": f"train {settings.method}", "evaluate": "evaluate"}) as bars:
         trained = train_on_store(
             store,
             settings,
@@ -574,11 +672,22 @@ def _run_train(args) -> int:
         )
     m = trained.metrics
     dropped = trained.dictionary.meta.get("nonfinite_dropped")
-    print(
+    con.say(
         f"wrote {trained.path}: {settings.method}, M={settings.atoms}, "
         f"{trained.result.steps_done} steps, FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, "
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
+    )
+    con.result(
+        dictionary=Path(trained.path).resolve(),
+        method=settings.method,
+        unit=settings.unit,
+        atoms=trained.dictionary.model.n_atoms,
+        steps=trained.result.steps_done,
+        train_seconds=round(trained.result.seconds, 3),
+        whitened=whiten is not None,
+        nonfinite_dropped=dropped or 0,
+        metrics=m,
     )
     return 0
 
@@ -587,9 +696,17 @@ def _add_analyze(sub) -> None:
     from .dictionary.settings import AnalyzeSettings
     from .settings import add_arguments
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "analyze",
-        help="encode a store with a dictionary; write feature table, selectivity and codes",
+        "encode a store with a dictionary; write feature table, selectivity and codes",
+        [
+            "concept-discovery analyze store.zarr dict.safetensors --out analysis/",
+            "concept-discovery analyze store.zarr dict.safetensors --labels "
+            "cell_type,perturbation --truth-file plates/truth.csv --truth mitotic --out analysis/",
+        ],
+        note="Writes features.parquet, selectivity, concept profiles and codes.h5ad (AnnData) "
+        "into --out; `concept-discovery report` draws them.",
     )
     p.add_argument("store", help="activation store folder")
     p.add_argument(
@@ -608,7 +725,7 @@ def _add_analyze(sub) -> None:
     p.set_defaults(func=_run_analyze)
 
 
-def _run_analyze(args) -> int:
+def _run_analyze(args, con: Console) -> int:
     from .concepts import check_analysis_folder
     from .dictionary.io import load_dictionary
     from .dictionary.pipeline import analyze_store
@@ -623,13 +740,12 @@ def _run_analyze(args) -> int:
     trained_on = dictionary.meta.get("unit")
     if settings.unit and trained_on and settings.unit != trained_on:
         # Accepted on purpose (same model, block and width; the viewer's maps do it), but said.
-        print(
+        con.note(
             f"note: {args.dictionary} was trained on {trained_on} tokens; encoding the store's "
-            f"{settings.unit} tokens with it (--unit {settings.unit})",
-            file=sys.stderr,
+            f"{settings.unit} tokens with it (--unit {settings.unit})"
         )
     _at_least(args.rows_per_task, "--rows-per-task")
-    with _cluster_client(args) as client, _Bars({"encode": "encode"}) as bars:
+    with _cluster_client(args) as client, con.bars({"encode": "encode"}) as bars:
         if client is None:
             analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
         else:
@@ -645,10 +761,18 @@ def _run_analyze(args) -> int:
                 progress=bars,
             )
     codes = analysis.codes
-    print(
-        f"encoded {codes.shape[0]} tokens with {codes.shape[1]} features (L0 "
-        f"{codes.nnz / max(codes.shape[0], 1):.1f}); wrote "
+    l0 = codes.nnz / max(codes.shape[0], 1)
+    con.say(
+        f"encoded {codes.shape[0]} tokens with {codes.shape[1]} features (L0 {l0:.1f}); wrote "
         f"{', '.join(p.name for p in analysis.paths.values())} to {args.out}"
+    )
+    con.result(
+        out=Path(args.out).resolve(),
+        files={k: Path(v).resolve() for k, v in analysis.paths.items()},
+        tokens=codes.shape[0],
+        features=codes.shape[1],
+        l0=round(l0, 4),
+        unit=settings.unit or trained_on,
     )
     return 0
 
@@ -659,15 +783,21 @@ def _run_analyze(args) -> int:
 def _add_convert(sub) -> None:
     from .convert import NGFF_VERSIONS
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "convert",
-        help="write a plate folder of any layout as OME-Zarr HCS plates",
+        "write a plate folder of any layout as OME-Zarr HCS plates",
+        [
+            "concept-discovery convert plates/ --out plates-zarr/",
+            "concept-discovery convert plates/ --out plates-zarr-v04/ --ngff 0.4",
+            "concept-discovery info plates-zarr/",
+        ],
         description=(
             "Write one OME-Zarr (NGFF) plate per plate of PLATE into --out: wells with their "
             "sites as fields, channel names, the cell and nucleus labels the plate carries as "
             "label images, and the metadata as --out/metadata.csv, which every command reads "
             "with the plates (concept-discovery info OUT). The folder appears "
-            "only when complete. Example: concept-discovery convert synth/ --out synth-zarr/"
+            "only when complete."
         ),
     )
     p.add_argument("plate", help="plate folder (any layout `info` reads)")
@@ -683,23 +813,25 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=_run_convert)
 
 
-def _run_convert(args) -> int:
+def _run_convert(args, con: Console) -> int:
     from ._files import check_output
     from .convert import convert_plate
 
     check_output(args.out, folder=True, what="OME-Zarr output folder")
     plate = _open_plate(args)
-    with _progress(len(plate), "convert") as bar:
+    with con.bar(len(plate), "convert sites") as bar:
         written = convert_plate(
-            plate,
-            args.out,
-            ngff=args.ngff,
-            overwrite=args.overwrite,
-            progress=lambda p: bar.update(p.done - bar.n),
+            plate, args.out, ngff=args.ngff, overwrite=args.overwrite, progress=bar
         )
-    print(
+    con.say(
         f"wrote {len(plate)} sites as {len(written)} OME-Zarr plate(s) in {args.out}: "
         + ", ".join(w.name for w in written)
+    )
+    con.result(
+        out=Path(args.out).resolve(),
+        plates=[Path(w).resolve() for w in written],
+        sites=len(plate),
+        ngff=args.ngff,
     )
     return 0
 
@@ -711,17 +843,22 @@ def _add_report(sub) -> None:
     from .report import ReportSettings
     from .settings import add_arguments
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "report",
-        help="write an HTML report of a dictionary on a store: top features, cells, plate maps, "
+        "write an HTML report of a dictionary on a store: top features, cells, plate maps, "
         "concept profiles",
+        [
+            "concept-discovery report store.zarr dict.safetensors --out report/",
+            "concept-discovery report store.zarr dict.safetensors dict-topk.safetensors "
+            "--out report/ --labels cell_type,perturbation",
+        ],
         description=(
             "Write DIR/index.html, one self-contained file that opens in a browser from disk: "
             "for the most selective features of the first dictionary their top cells, a site "
             "with the activation overlay, plate maps and selectivity per label; concept "
             "profiles against the control wells; and a table comparing all the dictionaries "
-            "given. Example: concept-discovery report store.zarr dictionary-center.safetensors "
-            "dictionary-pca.safetensors --out report --labels cell_type,perturbation"
+            "given."
         ),
     )
     p.add_argument("store", help="activation store folder")
@@ -736,16 +873,26 @@ def _add_report(sub) -> None:
     p.set_defaults(func=_run_report)
 
 
-def _run_report(args) -> int:
+def _run_report(args, con: Console) -> int:
+    from ._files import check_output
     from .report import ReportSettings, write_report
     from .settings import from_args
     from .store import ActivationStore
 
     settings = from_args(ReportSettings, args)
+    check_output(args.out, folder=True, what="report folder")  # before minutes of figures
     store = ActivationStore.open(args.store)
-    with _Bars({"encode": "encode", "report": "figures"}) as bars:
+    with con.bars({"encode": "encode", "report": "report figures"}) as bars:
         path = write_report(store, args.dictionaries, args.out, settings, progress=bars)
-    print(f"wrote {path}")
+    con.say(f"wrote {path}")
+    out = Path(args.out).resolve()
+    con.result(
+        report=Path(path).resolve(),
+        out=out,
+        hits=out / "hits.csv" if (out / "hits.csv").is_file() else None,
+        dictionaries=[Path(d).resolve() for d in args.dictionaries],
+        store=Path(args.store).resolve(),
+    )
     return 0
 
 
@@ -755,9 +902,17 @@ def _run_report(args) -> int:
 def _add_demo(sub) -> None:
     from .dictionary.settings import METHOD_NAMES
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "demo",
-        help="run every step offline on synthetic plates with ground truth and print what was found",
+        "run every step offline on synthetic plates with ground truth and print what was found",
+        [
+            "concept-discovery demo demo-out/",
+            "concept-discovery demo demo-out/ --wells 6 --size 256 --steps 100 --json",
+            "concept-discovery view demo-out/",
+        ],
+        note="The steps are the ones synth, embed, train, analyze and report run; the output "
+        "folder holds plates/, store.zarr, the dictionaries, analysis/ and report/index.html.",
     )
     p.add_argument("out", nargs="?", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--plates", type=int, default=2, help="number of synthetic plates")
@@ -773,19 +928,30 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_run_demo)
 
 
-def _run_demo(args) -> int:
+def _run_demo(args, con: Console) -> int:
     from ._files import check_output
     from .demo import format_report, run_demo
+    from .dictionary.settings import TrainSettings
 
     _check_synth_args(args)
     for name in ("atoms", "sparsity", "steps"):
         _at_least(getattr(args, name), f"--{name}")
+    # Refused now, not after the plates are drawn and embedded (the demo trains these).
+    TrainSettings(method=args.method, atoms=args.atoms, sparsity=args.sparsity, steps=args.steps)
     check_output(args.out, folder=True, what="demo output folder")
-    bars = _Bars({"embed": "embed sites", "train": f"train {args.method}"})
+    bars = con.bars(
+        {
+            "synth": "synth sites",
+            "embed": "embed sites",
+            "train": f"train {args.method}",
+            "encode": "encode",
+            "report": "report figures",
+        }
+    )
 
     def log(msg: str) -> None:
         bars.close()
-        print(msg, flush=True)
+        con.say(msg)
 
     result = run_demo(
         args.out,
@@ -803,6 +969,18 @@ def _run_demo(args) -> int:
         progress=bars,
     )
     log(format_report(result))
+    con.result(
+        out=Path(result.out).resolve(),
+        plates=Path(result.plates).resolve(),
+        store=Path(result.store).resolve(),
+        dictionary=Path(result.dictionary).resolve(),
+        analysis=Path(result.analysis).resolve(),
+        report=Path(result.report).resolve() if result.report else None,
+        cells=result.n_cells,
+        metrics=result.metrics,
+        timings_s={k: round(v, 3) for k, v in result.timings.items()},
+        concepts=result.concepts[["concept", "kind", "best_feature", "auroc"]].to_dict("records"),
+    )
     return 0
 
 
@@ -810,9 +988,11 @@ def _run_demo(args) -> int:
 
 
 def _add_models(sub) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "models",
-        help="list the models embed --model can use and whether each loads offline",
+        "list the models embed --model can use and whether each loads offline",
+        ["concept-discovery models", "concept-discovery models --json"],
         description=(
             "List the bundled model, OpenPhenom and the ViTs in the local Hugging Face cache, "
             "with the source string to pass as --model, then every accepted source form. "
@@ -822,17 +1002,28 @@ def _add_models(sub) -> None:
     p.set_defaults(func=_run_models)
 
 
-def _run_models(args) -> int:
+def _run_models(args, con: Console) -> int:
     from .models import list_models, source_forms_text
 
     infos = list_models()
     width = max(len(i.source) for i in infos)
-    print(f"{'SOURCE':<{width}}  OFFLINE  DESCRIPTION")
+    con.say(f"{'SOURCE':<{width}}  OFFLINE  DESCRIPTION")
     for i in infos:
-        print(
+        con.say(
             f"{i.source:<{width}}  {'yes' if i.available else 'no':<7}  {i.name}: {i.description}"
         )
-    print("\nAccepted --model forms:\n" + source_forms_text())
+    con.say("\nAccepted --model forms:\n" + source_forms_text())
+    con.result(
+        models=[
+            {
+                "source": i.source,
+                "name": i.name,
+                "offline": bool(i.available),
+                "description": i.description,
+            }
+            for i in infos
+        ]
+    )
     return 0
 
 
@@ -840,9 +1031,14 @@ def _run_models(args) -> int:
 
 
 def _add_view(sub) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "view",
-        help="open napari with a plate, its activation store and dictionary, and the widgets",
+        "open napari with a plate, its activation store and dictionary, and the widgets",
+        [
+            "concept-discovery view demo-out/",
+            "concept-discovery view plates/ --store store.zarr --dictionary dict.safetensors",
+        ],
         description=(
             "Open the plate's first site in napari with the plate navigator, concept explorer, "
             "embed and dictionary widgets docked. On the output folder of `concept-discovery "
@@ -858,7 +1054,7 @@ def _add_view(sub) -> None:
     p.set_defaults(func=_run_view)
 
 
-def _run_view(args) -> int:
+def _run_view(args, con: Console) -> int:
     from .workspace import find_view_inputs
 
     inputs = find_view_inputs(args.plate, args.store, args.dictionary)
@@ -869,12 +1065,12 @@ def _run_view(args) -> int:
     from .widgets import open_viewer
 
     open_viewer(inputs.plate, inputs.store, inputs.dictionary)
-    print(
+    con.note(
         f"plate {inputs.plate}"
         + (f", store {inputs.store}" if inputs.store else ", no store yet (Embed widget)")
-        + (f", dictionary {inputs.dictionary}" if inputs.dictionary else ""),
-        file=sys.stderr,
+        + (f", dictionary {inputs.dictionary}" if inputs.dictionary else "")
     )
+    con.result(plate=inputs.plate, store=inputs.store, dictionary=inputs.dictionary)
     napari.run()
     return 0
 
@@ -882,10 +1078,38 @@ def _run_view(args) -> int:
 # --- entry point ---------------------------------------------------------------------------
 
 
+STORY = (
+    "concept-discovery synth plates/ --plates 2 --wells 24",
+    "concept-discovery embed plates/ --out store.zarr",
+    "concept-discovery train store.zarr --atoms 256 --out dict.safetensors",
+    "concept-discovery analyze store.zarr dict.safetensors --out analysis/",
+    "concept-discovery report store.zarr dict.safetensors --out report/",
+)
+
+
+def _top_epilog() -> str:
+    codes = "\n".join(
+        textwrap.fill(text, 78, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7)
+        for code, text in EXIT_CODES.items()
+    )
+    return (
+        examples(*STORY, "concept-discovery demo demo-out/ --json")
+        + "\n\nEvery command takes -q/--quiet, --json and --debug, before or after its name; "
+        "`concept-discovery COMMAND --help` shows its options and examples. With --json, "
+        "stdout holds one JSON object (command, ok, exit_code, elapsed_s, error on failure, "
+        "and what the command made) and everything else goes to stderr."
+        + "\n\nexit codes:\n"
+        + codes
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="concept-discovery",
         description="Discover biological concepts in microscopy foundation models.",
+        epilog=_top_epilog(),
+        formatter_class=HelpFormatter,
+        parents=[_global_options(sub=False)],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -907,17 +1131,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (see EXIT_CODES and the README)."""
     args = build_parser().parse_args(argv)
+    con = Console(args.command, quiet=args.quiet, json=args.json)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return int(args.func(args) or 0)
+            code = int(args.func(args, con) or 0)
         except ConceptDiscoveryError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            con.error(str(exc))
+            return con.finish(EXIT_REFUSED, str(exc))
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+            print("interrupted", file=sys.stderr, flush=True)
+            return con.finish(EXIT_INTERRUPTED, "interrupted")
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            if args.debug:
+                traceback.print_exc()
+                con.error(message)
+            else:
+                con.error(f"{message} (rerun with --debug to see the traceback)")
+            return con.finish(EXIT_FAILED, message)
+    return con.finish(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,8 +50,20 @@ class DemoResult:
     store_size: str = ""
 
 
-def _plates(out: Path, n_plates: int, n_wells: int, n_sites: int, size: int, seed: int) -> Path:
-    """Synthetic plates under ``out/plates``, regenerated only when the parameters changed."""
+def _plates(
+    out: Path,
+    n_plates: int,
+    n_wells: int,
+    n_sites: int,
+    size: int,
+    seed: int,
+    progress: ProgressCallback = None,
+) -> Path:
+    """Synthetic plates under ``out/plates``, regenerated only when the parameters changed.
+
+    Progress: stage "synth", done/total sites.
+    """
+    from .progress import report
     from .synth import write_synthetic_plates
 
     params = dict(n_plates=n_plates, n_wells=n_wells, n_sites=n_sites, size=size, seed=seed)
@@ -61,7 +73,14 @@ def _plates(out: Path, n_plates: int, n_wells: int, n_sites: int, size: int, see
         return target
     tmp = out / "plates.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_synthetic_plates(tmp, **params)
+    total, done = n_plates * n_wells * n_sites, 0
+
+    def site_done(n: int) -> None:
+        nonlocal done
+        done += n
+        report(progress, "synth", done, total)
+
+    write_synthetic_plates(tmp, **params, progress=site_done)
     (tmp / "demo-params.json").write_text(json.dumps(params))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -158,7 +177,7 @@ def run_demo(
 
     t = time.perf_counter()
     log(f"1/4 synthetic plates: {n_plates} plates x {n_wells} wells x {n_sites} sites, {size} px")
-    plates = _plates(out, n_plates, n_wells, n_sites, size, seed)
+    plates = _plates(out, n_plates, n_wells, n_sites, size, seed, progress)
     timings["synth"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -223,7 +242,7 @@ def run_demo(
         "selectivity, best feature per true concept, stains"
     )
     dictionary = trained[chosen].dictionary
-    paths = analyze_store(store, dictionary, analyze, out / "analysis").paths
+    paths = analyze_store(store, dictionary, analyze, out / "analysis", progress=progress).paths
     timings["analyze"] = time.perf_counter() - t
 
     features = pd.read_parquet(paths["features"])
@@ -242,7 +261,9 @@ def run_demo(
     t = time.perf_counter()
     log("report: the top features with their cells, plate maps and concept profiles (HTML)")
     settings = ReportSettings(labels=LABEL_COLUMNS, top=8, cells=8)
-    html = write_report(store, [r.path for r in trained.values()], out / "report", settings)
+    html = write_report(
+        store, [r.path for r in trained.values()], out / "report", settings, progress=progress
+    )
     timings["report"] = time.perf_counter() - t
     return DemoResult(
         out=out,
