@@ -580,6 +580,7 @@ def _run_train(args) -> int:
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
+    print(trained.dictionary.meta["steps_chosen"])  # e.g. "391 steps: 100 passes over ..."
     return 0
 
 
