@@ -116,7 +116,7 @@ def main() -> None:
         "--steps",
         type=int,
         default=None,
-        help="steps per run (default: 1.5x the default's, <= 1000)",
+        help="steps per run (default: 150 epochs, <= 1000)",
     )
     p.add_argument("--every", type=int, default=20, help="steps between held-out evaluations")
     p.add_argument(
@@ -148,7 +148,7 @@ def run(args) -> None:
         x, held = data[:n].numpy(), data[n:]
         default = first_steps(n, args.batch)
         batch = min(args.batch, n)  # samples per step
-        steps = args.steps or min(3 * default // 2, FIRST_STEPS[1])
+        steps = args.steps or min(-(-150 * n // batch), FIRST_STEPS[1])
         steps = max(steps, default)
         curves = {name: curve(name, x, held, args, steps) for name in ("icfl", "topk")}
         runs[n] = (default, steps, curves)

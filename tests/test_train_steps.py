@@ -22,7 +22,7 @@ def test_steps_default_counts_passes_over_the_tokens():
     settings = TrainSettings()
     assert settings.steps is None
     steps, why = settings.steps_for(4000)
-    assert steps == first_steps(4000, 1024) == -(-FIRST_EPOCHS * 4000 // 1024) == 391
+    assert steps == first_steps(4000, 1024) == -(-FIRST_EPOCHS * 4000 // 1024) == 196
     assert f"{FIRST_EPOCHS} passes over 4000 tokens" in why and "--steps" in why
     assert settings.steps_for(10**6)[0] == FIRST_STEPS[1]
     assert "(the most)" in settings.steps_for(10**6)[1]
