@@ -37,7 +37,9 @@ def test_library_train_without_steps_runs_first_steps():
     x = rng.standard_normal((40, 8)).astype(np.float32)
     model = ICFL(8, ICFLConfig(n_atoms=16, n_iter=2, n_pick=2), seed=0)
     result = train(model, x, batch_size=16)
-    assert result.steps_done == first_steps(40, 16) == max(FIRST_STEPS[0], -(-100 * 40 // 16))
+    assert (
+        result.steps_done == first_steps(40, 16) == max(FIRST_STEPS[0], -(-FIRST_EPOCHS * 40 // 16))
+    )
     assert result.samples == 16 * result.steps_done
 
 
