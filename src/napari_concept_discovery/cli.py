@@ -580,9 +580,7 @@ def _run_train(args) -> int:
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
-    print(
-        trained.dictionary.meta["steps_chosen"]
-    )  # e.g. "196 steps: 50 passes over 4000 tokens ..."
+    print(trained.dictionary.meta["steps_chosen"])  # "196 steps: 50 passes over 4000 tokens..."
     return 0
 
 
