@@ -26,6 +26,8 @@ which penalises methods made of many short operations (ICFL's pursuit) far more 
 matmul. ``--threads 2`` runs it the other way.
 
 Run: python benchmarks/bench_dictionary.py [--steps 30] [--threads 1]
+     (prints the tables and writes them to benchmarks/results/bench_dictionary.txt; --out ''
+     keeps none)
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import default_path, results_file  # noqa: E402
 
 # sparsify picks its Triton decoder whenever triton imports (it comes with torch), and that
 # decoder needs a GPU; its own switch selects the eager (embedding_bag) decoder on a CPU
@@ -205,9 +210,15 @@ def main() -> None:
     p.add_argument("--datasets", default="random,planted")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--probe", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=default_path("bench_dictionary"), help="also write it here")
     args = p.parse_args()
     if args.probe:
         return memory_probe(args)
+    with results_file(args.out):
+        run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     t_start = time.perf_counter()
@@ -301,8 +312,8 @@ def main() -> None:
             g = results[kind, "icfl-gram"]
             ratio = g["samples_s"] / base["samples_s"]
             print(
-                f"  ICFL Gram / our TopK samples/s = {ratio:.2f}x (bar >= 0.5x): "
-                f"{'PASS' if ratio >= 0.5 else 'FAIL'}"
+                f"  ICFL Gram / our TopK samples/s = {ratio:.2f}x (bar >= 0.85x): "
+                f"{'PASS' if ratio >= 0.85 else 'FAIL'}"
             )
             if "icfl-plain" in methods:
                 pl = results[kind, "icfl-plain"]

@@ -7,17 +7,28 @@ time: the median step of each method over steps taken in turn, and a per-phase s
 ICFL pursuit (each phase repeated on real picks). Last, torch's profiler table (self CPU time
 per operator) for two steps of each.
 
-Run: python benchmarks/profile_icfl.py [--steps 9] [--no-table]
+Then the same for applying a trained dictionary to one 1080 x 1080 site (4,624 tokens, as in
+bench_encode's viewer line): CPU ms of whitening, the coder and the CSR conversion, and the
+profiler table of one site encode per method.
+
+Run: python benchmarks/profile_icfl.py [--steps 9] [--no-table] [--out FILE]
+     (writes benchmarks/results/profile_icfl.txt unless --out '')
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import default_path, results_file  # noqa: E402
 
 from napari_concept_discovery.dictionary import ICFL, ICFLConfig, TopKConfig, TopKSAE
 from napari_concept_discovery.dictionary import icfl as icfl_mod
@@ -105,7 +116,47 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=9)
     p.add_argument("--no-table", action="store_true")
+    p.add_argument("--site-tokens", type=int, default=4624)
+    p.add_argument("--out", default=default_path("profile_icfl"))
     args = p.parse_args()
+    with results_file(args.out):
+        run(args)
+
+
+def site_encode(args, x: torch.Tensor) -> None:
+    """Applying a dictionary (M atoms) to one site: whitening, coder, CSR; CPU ms, 1 thread."""
+    from napari_concept_discovery.dictionary import Whitener
+    from napari_concept_discovery.dictionary.applied import Dictionary, prepare
+    from napari_concept_discovery.dictionary.base import codes_to_csr
+
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((5000 + args.site_tokens, args.dim)).astype(np.float32) * 3 + 0.5
+    whitener = Whitener().fit(raw[:5000])
+    site = raw[5000:]
+    white = prepare(site, None, whitener)
+    print(f"\napplying a dictionary to one site ({len(site)} tokens, M={args.atoms}), CPU ms:")
+    for name in ("icfl", "topk"):
+        model = build(name, whitener.n_components_, args.atoms, white)[0].eval()
+        dic = Dictionary(model, whitener)
+        with torch.no_grad():
+            codes = model.encode(white)
+            parts = {
+                "whole Dictionary.encode": cpu_ms(lambda dic=dic: dic.encode(site), 3),
+                "whitening": cpu_ms(lambda: prepare(site, None, whitener), 3),
+                "coder": cpu_ms(lambda model=model: model.encode(white), 3),
+                "to CSR": cpu_ms(lambda m=model, c=codes: codes_to_csr(c, m.n_atoms), 3),
+            }
+        print(f"  {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))
+        if not args.no_table:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                dic.encode(site)
+            print(f"\n{name}: torch profiler, one site encode")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+
+
+def run(args) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
     print(f"torch {torch.__version__}, 1 thread, load {os.getloadavg()}")
@@ -140,6 +191,8 @@ def main() -> None:
                     step(model, opt, x[: args.batch], 100 + i)
             print(f"\n{name}: torch profiler, two steps")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+    site_encode(args, x)
 
 
 if __name__ == "__main__":

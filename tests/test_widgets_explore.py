@@ -550,11 +550,12 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
 
 
 def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_folder, qtbot):
-    """Steps for 100 passes over the store's tokens (50 to 1000), until the user types some."""
-    from napari_concept_discovery.dictionary.settings import first_steps
+    """Steps for FIRST_EPOCHS passes over the store's tokens (50 to 1000), until the user types
+    some."""
+    from napari_concept_discovery.dictionary.settings import FIRST_EPOCHS, first_steps
 
-    assert (first_steps(624, 1024), first_steps(10**6, 1024), first_steps(0, 1024)) == (
-        61,
+    assert (first_steps(4000, 1024), first_steps(10**6, 1024), first_steps(0, 1024)) == (
+        -(-FIRST_EPOCHS * 4000 // 1024),
         1000,
         50,
     )
@@ -566,7 +567,7 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     n_patches = int(store.tokens("patch").shape[0])
     assert steps.value() == first_steps(n_cells, widget.fields["batch_size"].value())
     widget.fields["batch_size"].set_value(8)
-    assert steps.value() == first_steps(n_cells, 8) == max(50, -(-100 * n_cells // 8))
+    assert steps.value() == first_steps(n_cells, 8) == max(50, -(-FIRST_EPOCHS * n_cells // 8))
     widget.fields["unit"].set_value("patch")
     assert steps.value() == first_steps(n_patches, 8)
     steps.widget.setValue(123)  # the user's number stays, whatever the store

@@ -678,6 +678,9 @@ def _run_train(args, con: Console) -> int:
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
+    chosen = trained.dictionary.meta.get("steps_chosen")
+    if chosen:  # "196 steps: 50 passes over 4000 tokens ..." (or that --steps chose)
+        con.say(chosen)
     con.result(
         dictionary=Path(trained.path).resolve(),
         method=settings.method,
@@ -687,6 +690,7 @@ def _run_train(args, con: Console) -> int:
         train_seconds=round(trained.result.seconds, 3),
         whitened=whiten is not None,
         nonfinite_dropped=dropped or 0,
+        steps_chosen=chosen,
         metrics=m,
     )
     return 0

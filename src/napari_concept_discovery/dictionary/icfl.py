@@ -17,6 +17,7 @@ norm, and the least-squares coefficients absorb any scale, so nothing is lost.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 from typing import ClassVar, Literal
 
@@ -151,6 +152,25 @@ def _workspace_buffer(workspace: dict | None, name: str, shape, like: torch.Tens
     return buf[:n].view(shape)
 
 
+#: Per-thread score buffers for applying a dictionary (``ICFL.encode`` outside training): the
+#: viewer encodes site after site, and a fresh chunk x M score matrix (64 MiB for 4096 tokens at
+#: M = 4096) costs its page faults on every call. Each thread keeps its own, so concurrent
+#: encodes never share memory; :func:`release_encode_buffers` frees the calling thread's.
+_ENCODE_BUFFERS = threading.local()
+
+
+def _encode_workspace() -> dict:
+    ws = getattr(_ENCODE_BUFFERS, "workspace", None)
+    if ws is None:
+        ws = _ENCODE_BUFFERS.workspace = {}
+    return ws
+
+
+def release_encode_buffers() -> None:
+    """Free the score buffers this thread's ICFL encodes keep between calls."""
+    _ENCODE_BUFFERS.workspace = None
+
+
 def _coefficient_matrix(picked: torch.Tensor, coef: torch.Tensor, m: int) -> torch.Tensor:
     """-C as a (B, M) CSR tensor: row b holds -coef[b] at the L columns picked[b].
 
@@ -228,6 +248,8 @@ def pursuit_gram(
     holds G and the score buffers so that repeated calls reuse their memory.
     """
     b, m = residual.shape[0], atoms.shape[0]
+    if workspace is None:
+        workspace = {}  # the chunks of this call share their buffers
     width = _block_width(m, width)
     if gram is not None and gram.shape[-1] != width:
         raise ValueError(f"the Gram blocks are {gram.shape[-1]} wide, the pursuit's {width}")
@@ -347,8 +369,11 @@ class ICFL(SparseDictionary):
             r = x - self.b
             if cfg.pursuit == "plain":
                 return pursuit_plain(r, self.W, cfg.n_iter, cfg.n_pick)
-            if gram is None and not self.training:
-                gram = self._fixed_gram()
+            if not self.training:
+                if gram is None:
+                    gram = self._fixed_gram()
+                if workspace is None:
+                    workspace = _encode_workspace()
             return pursuit_gram(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
 
     def _fixed_gram(self) -> torch.Tensor:
@@ -370,8 +395,8 @@ class ICFL(SparseDictionary):
 
     def train(self, mode: bool = True):
         # training steps reuse the pursuit's (M, M) Gram and score buffers; evaluation and
-        # encoding allocate their own (so concurrent encodes never share memory), and leaving
-        # training frees the buffers
+        # encoding use their thread's buffers (so concurrent encodes never share memory), and
+        # leaving training frees the training buffers
         if not mode:
             self._workspace = None
         elif self._workspace is None:

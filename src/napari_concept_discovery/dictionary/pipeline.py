@@ -295,6 +295,8 @@ def train_on_store(
         )
     where = f"the store at {getattr(store, 'path', '?')}"
     tokens, table, dropped = finite_tokens(tokens, table, unit, settings.drop_nonfinite, where)
+    steps, steps_why = settings.steps_for(tokens.shape[0])
+    settings = settings.replace(steps=steps)
     state = whitener = None
     if resume:
         restored, state, meta = _resume_state(store, settings, ckpt)
@@ -378,6 +380,7 @@ def train_on_store(
             cancelled = True
     meta.update(
         steps=result.steps_done,
+        steps_chosen=f"{steps} steps: {steps_why}",
         samples=result.samples,
         cancelled=cancelled,
         diverged=result.diverged,

@@ -182,7 +182,11 @@ class TrainSettings(Settings):
         label="L (atoms per iteration)",
     )
     lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")
-    steps: int = option(2000, "optimiser steps")
+    steps: int | None = option(
+        None,
+        "optimiser steps (default: sized to the tokens, FIRST_EPOCHS passes over them within "
+        "FIRST_STEPS; see first_steps)",
+    )
     batch_size: int = option(1024, "tokens per step")
     seed: int = option(0, "random seed (initialisation, batch order, evaluation sample)")
     checkpoint_every: int = option(
@@ -210,7 +214,9 @@ class TrainSettings(Settings):
 
     def validate(self) -> None:
         check(self.atoms >= 1, "atoms", f"must be at least 1, got {self.atoms}")
-        check(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
+        check(
+            self.steps is None or self.steps >= 1, "steps", f"must be at least 1, got {self.steps}"
+        )
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
         check(
@@ -225,6 +231,19 @@ class TrainSettings(Settings):
             f"must be WhitenSettings or None, got {type(self.whiten).__name__}",
         )
         self.method_config()
+
+    def steps_for(self, n_tokens: int) -> tuple[int, str]:
+        """(steps, why): ``steps`` when given, else :func:`first_steps` for ``n_tokens``."""
+        if self.steps is not None:
+            return self.steps, "as given"
+        steps = first_steps(n_tokens, self.batch_size)
+        lo, hi = FIRST_STEPS
+        epochs = steps * self.batch_size / max(int(n_tokens), 1)
+        bound = " (the most)" if steps == hi else " (the fewest)" if steps == lo else ""
+        return steps, (
+            f"{FIRST_EPOCHS} passes over {n_tokens} tokens in batches of {self.batch_size}, "
+            f"within {lo}-{hi} steps{bound}: {epochs:.0f} passes; --steps chooses"
+        )
 
     def method_config(self) -> dict[str, Any]:
         """The method's config (for ``build_model``) from atoms, sparsity, J, L and lr.
@@ -327,11 +346,15 @@ class AnalyzeSettings(Settings):
                 raise SettingsError(str(exc)) from None
 
 
-#: The first dictionary of a store trains this many passes over its tokens, within these steps:
-#: a sample plate (~600 cells) then trains in seconds (~60 steps, benchmarks/bench_sample_plate.py)
-#: and a screen gets the full 1000 steps. The Dictionary widget sizes its steps with it until the
-#: user types a number; here, in the library, so the command line can use the same rule.
-FIRST_EPOCHS = 100
+#: A dictionary trains this many passes over its tokens, within these steps, unless its steps are
+#: given. On one plate's ~4,000 cells (M = 1024, batch 1024) ICFL's held-out FVU stays within 2%
+#: of its best from ~30 passes on, and TopK's is best near 10 passes and then rises as it fits
+#: the training tokens; on 40,000 tokens both settle within ~10 passes
+#: (benchmarks/results/bench_convergence.txt, docs/images/convergence.png). So one plate trains
+#: ~200 steps (about half a minute on a CPU), a sample plate (~600 cells) the 50-step floor and a
+#: screen the full 1000 steps. The library, the command line and the Dictionary widget (until
+#: the user types a number) all use this rule.
+FIRST_EPOCHS = 50
 FIRST_STEPS = (50, 1000)
 
 

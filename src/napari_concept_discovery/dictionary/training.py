@@ -30,6 +30,7 @@ from ..errors import DictionaryError
 from ..progress import Cancel, Progress, ProgressCallback, is_cancelled
 from .applied import prepare
 from .base import SparseDictionary, batch_fvu, fired_mask
+from .settings import first_steps
 from .whiten import Whitener
 
 DEAD_WINDOW = 100_000  # tokens; not firing in 1e5 tokens = active on < metrics.DEAD_THRESHOLD
@@ -186,7 +187,7 @@ def train(
     model: SparseDictionary,
     data,
     *,
-    steps: int,
+    steps: int | None = None,
     batch_size: int = 1024,
     seed: int = 0,
     whitener: Whitener | None = None,
@@ -201,6 +202,9 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place for ``steps`` optimiser steps on (N, D) tokens ``data``.
 
+    ``steps=None`` sizes them to the data: ``settings.FIRST_EPOCHS`` passes over the N tokens,
+    within ``settings.FIRST_STEPS`` (:func:`.settings.first_steps`).
+
     ``data`` is raw tokens when ``whitener`` is given (whitened using ``groups`` (N,) for
     per-group whitening: all at once when they fit in memory, see :func:`whiten_once`, else
     batch by batch), else tokens already in the dictionary's space. ``progress``
@@ -213,6 +217,8 @@ def train(
     one. ``resume`` (a checkpoint's state, with ``model`` holding the checkpoint's tensors)
     goes on from its step with the same ``seed`` and ``batch_size``.
     """
+    if steps is None:
+        steps = first_steps(int(data.shape[0]), batch_size)
     if steps < 0 or batch_size < 1:
         raise DictionaryError(f"steps must be >= 0 and batch size >= 1; got {steps}, {batch_size}")
     width = whitener.n_components_ if whitener is not None else data.shape[1]

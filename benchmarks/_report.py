@@ -1,0 +1,53 @@
+"""Printing a benchmark's output and keeping it: ``with results_file(path): ...``.
+
+Every line printed inside the block also goes to ``path`` (benchmarks/results/<name>.txt by
+default), written atomically when the block ends, so that one command both shows the table and
+records it for the quiet-machine rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+from napari_concept_discovery._files import atomic_write_text
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s: str) -> int:
+        for stream in self.streams:
+            stream.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def results_file(path: Path | str | None, header: str = ""):
+    """Mirror stdout into ``path`` (nothing kept when ``path`` is None or empty)."""
+    if not path:
+        yield
+        return
+    buf = io.StringIO()
+    old = sys.stdout
+    sys.stdout = _Tee(old, buf)
+    try:
+        yield
+    finally:
+        sys.stdout = old
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(path), header + buf.getvalue())
+        print(f"wrote {path}")
+
+
+def default_path(name: str) -> str:
+    return str(RESULTS / f"{name}.txt")

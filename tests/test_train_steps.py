@@ -1,0 +1,64 @@
+"""Training steps default to passes over the tokens (first_steps); given steps win."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_concept_discovery.dictionary import (
+    ICFL,
+    ICFLConfig,
+    TrainSettings,
+    WhitenSettings,
+    train,
+    train_on_store,
+)
+from napari_concept_discovery.dictionary.settings import FIRST_EPOCHS, FIRST_STEPS, first_steps
+from napari_concept_discovery.settings import SettingsError
+from napari_concept_discovery.store import ActivationStore
+
+
+def test_steps_default_counts_passes_over_the_tokens():
+    settings = TrainSettings()
+    assert settings.steps is None
+    steps, why = settings.steps_for(4000)
+    assert steps == first_steps(4000, 1024) == -(-FIRST_EPOCHS * 4000 // 1024) == 196
+    assert f"{FIRST_EPOCHS} passes over 4000 tokens" in why and "--steps" in why
+    assert settings.steps_for(10**6)[0] == FIRST_STEPS[1]
+    assert "(the most)" in settings.steps_for(10**6)[1]
+    assert settings.steps_for(10)[0] == FIRST_STEPS[0]
+    assert TrainSettings(steps=7).steps_for(4000) == (7, "as given")
+    with pytest.raises(SettingsError, match="steps"):
+        TrainSettings(steps=0)
+
+
+def test_library_train_without_steps_runs_first_steps():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    model = ICFL(8, ICFLConfig(n_atoms=16, n_iter=2, n_pick=2), seed=0)
+    result = train(model, x, batch_size=16)
+    assert (
+        result.steps_done == first_steps(40, 16) == max(FIRST_STEPS[0], -(-FIRST_EPOCHS * 40 // 16))
+    )
+    assert result.samples == 16 * result.steps_done
+
+
+def test_train_on_store_sizes_steps_to_its_tokens_and_records_why(tiny_store_path, tmp_path):
+    store = ActivationStore.open(tiny_store_path)
+    settings = TrainSettings(
+        atoms=16,
+        sparsity=4,
+        n_pick=2,
+        batch_size=256,
+        whiten=WhitenSettings("well_type=negative_control", n_components=8),
+    )
+    trained = train_on_store(store, settings, out=tmp_path / "d.safetensors")
+    n = trained.dictionary.meta["n_tokens"]
+    expected = first_steps(n, 256)
+    assert trained.result.steps_done == expected
+    meta = trained.dictionary.meta
+    assert meta["train_settings"]["steps"] == expected  # the file says what was run
+    assert meta["steps_chosen"].startswith(f"{expected} steps: {FIRST_EPOCHS} passes over {n}")
+    given = train_on_store(store, settings.replace(steps=3), out=tmp_path / "e.safetensors")
+    assert given.result.steps_done == 3
+    assert given.dictionary.meta["steps_chosen"] == "3 steps: as given"
