@@ -62,3 +62,16 @@ def test_train_on_store_sizes_steps_to_its_tokens_and_records_why(tiny_store_pat
     given = train_on_store(store, settings.replace(steps=3), out=tmp_path / "e.safetensors")
     assert given.result.steps_done == 3
     assert given.dictionary.meta["steps_chosen"] == "3 steps: as given"
+
+
+def test_the_steps_help_states_the_rule_in_numbers():
+    from napari_concept_discovery.dictionary.settings import (
+        FIRST_EPOCHS,
+        FIRST_STEPS,
+        TrainSettings,
+    )
+    from napari_concept_discovery.settings import describe
+
+    text = next(d["help"] for d in describe(TrainSettings) if d["name"] == "steps")
+    lo, hi = FIRST_STEPS
+    assert f"{FIRST_EPOCHS} passes" in text and f"{lo}-{hi} steps" in text
