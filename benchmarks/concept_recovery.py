@@ -540,7 +540,8 @@ def main() -> int:
         f"model {backend.model_id} ({backend.embed_dim} wide, block {backend.default_block}, "
         f"trained on synthetic seed {trained_on}); plates {args.plates} x {args.wells} wells x "
         f"{args.size} px per seed; M={args.atoms}, k={args.sparsity}, {args.steps} steps x "
-        f"{args.batch_size} (library defaults M={defaults.atoms}, {defaults.steps} steps)"
+        f"{args.batch_size} (library defaults M={defaults.atoms}, "
+        f"{defaults.steps or 'steps sized to the tokens'})"
     )
     runs = [run_seed(seed, args, log) for seed in args.seeds]
     table, bars = report(runs, args)
