@@ -281,3 +281,37 @@ def test_contrast_limits_are_sampled_once_and_equal_the_percentile(explored):
         assert ex.feature_limits(f) == pytest.approx((0.0, expected if expected > 0 else 1.0))
         fired += positive.size > 0
     assert fired > 0
+
+
+def test_patch_coverage_is_the_share_of_each_patch_in_cells():
+    from napari_concept_discovery.overlay import patch_coverage
+
+    labels = np.zeros((10, 9), np.int32)  # a 3 x 3 grid of 4-px patches overhangs it
+    labels[0, 0] = 1  # one pixel of patch (0, 0)
+    labels[4:8, 8] = 2  # patch (1, 2): its only column inside the image
+    labels[8:10, 0:4] = 3  # patch (2, 0) is rows 8-11: rows 8-9 are inside the image
+    got = patch_coverage(labels, (3, 3), 4)
+    want = np.zeros((3, 3))
+    want[0, 0], want[1, 2], want[2, 0] = 1 / 16, 4 / 16, 8 / 16
+    np.testing.assert_allclose(got, want)
+
+
+def test_a_cell_dictionary_paints_no_patch_outside_the_cells(explored):
+    from napari_concept_discovery.overlay import CELL_COVERAGE, FeatureSource, patch_coverage
+
+    store, dictionary, _, analyses = explored
+    assert dictionary.meta["unit"] == "cell"
+    patch_codes, patch_table = analyses["patch"]
+    ex = Explorer(store, dictionary)
+    key = ex.keys()[0]
+    rows = _site_rows(patch_table, key)
+    f = int(np.argmax(np.asarray((patch_codes[rows] != 0).sum(0)).ravel()))
+    painted = FeatureSource(ex).paint(key, f).image
+    full = ex.activation_map(key, f)
+    share = patch_coverage(store.site_labels(key), full.data.shape, ex.patch_size)
+    inside = share >= CELL_COVERAGE
+    assert inside.any() and ((share > 0) & ~inside).any()  # cells, edges and background
+    assert np.isnan(painted.data[~inside]).all()
+    np.testing.assert_array_equal(painted.data[inside], full.data[inside])
+    assert (full.data[~inside] != 0).any()  # there was something to hide
+    assert painted.scale == full.scale and painted.translate == full.translate

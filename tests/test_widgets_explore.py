@@ -17,7 +17,7 @@ from napari_concept_discovery.dictionary.io import load_dictionary
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
 from napari_concept_discovery.feature_views import feature_overview
-from napari_concept_discovery.overlay import cell_limits
+from napari_concept_discovery.overlay import cell_limits, cells_only
 from napari_concept_discovery.plate import SiteKey
 from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
 from napari_concept_discovery.store import ActivationStore
@@ -266,7 +266,9 @@ def _assert_painted(viewer, explorer, key, feature) -> None:
     from napari_concept_discovery.widgets._layers import feature_layers
 
     image, cells, outlines = feature_layers(viewer)
-    amap = explorer.activation_map(key, feature)
+    # a cell dictionary's patch map, blank outside the cells drawn (overlay.cells_only)
+    amap = cells_only(explorer.activation_map(key, feature), np.asarray(outlines.data))
+    assert np.isnan(amap.data).any() and not np.isnan(amap.data).all()
     np.testing.assert_array_equal(image.data, amap.data)
     assert tuple(image.scale) == amap.scale and tuple(image.translate) == amap.translate
     assert tuple(image.contrast_limits) == pytest.approx(explorer.feature_limits(feature))
@@ -366,10 +368,11 @@ def test_a_stale_feature_paint_is_dropped(make_napari_viewer, demo_folder, qtbot
     painter = wait_painter(qtbot, viewer)
     dropped = painter.dropped
     assert painter.show(old, explorer, late) is False and painter.dropped == dropped + 1
-    image, cells, _ = feature_layers(viewer)
+    image, cells, outlines = feature_layers(viewer)
     assert image.metadata["site_key"] == ("SYNTH_1", "C04", 1)
     assert cells.metadata["site_key"] == ("SYNTH_1", "C04", 1)
-    np.testing.assert_array_equal(image.data, explorer.activation_map(session.site_key, 1).data)
+    shown = cells_only(explorer.activation_map(session.site_key, 1), np.asarray(outlines.data))
+    np.testing.assert_array_equal(image.data, shown.data)
 
 
 def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
@@ -409,7 +412,10 @@ def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
     other = ("SYNTH_1", "C02", 1)
     image, _, cells = feature_layers(viewer)
     np.testing.assert_allclose(
-        image.data, reference.activation_map(other, 2).data, rtol=1e-2, atol=1e-3
+        image.data,
+        cells_only(reference.activation_map(other, 2), whole.site_labels(other)).data,
+        rtol=1e-2,
+        atol=1e-3,
     )
     np.testing.assert_array_equal(cells.data, whole.site_labels(other))
     np.testing.assert_allclose(

@@ -91,6 +91,41 @@ def cell_table(
     return pd.DataFrame({"index": labels, "label": labels, column: values, "active": active})
 
 
+def patch_coverage(labels: np.ndarray, grid: Sequence[int], patch_size: int) -> np.ndarray:
+    """(rows, cols) float: the share of each patch's pixels that lie in a cell.
+
+    Patch (r, c) covers pixels [r p, (r + 1) p) x [c p, (c + 1) p); a grid that overhangs the
+    image (its last tiles padded) sees background there.
+    """
+    rows, cols = (int(g) for g in grid)
+    p = int(patch_size)
+    cells = np.zeros((rows * p, cols * p), bool)
+    h, w = min(labels.shape[0], rows * p), min(labels.shape[1], cols * p)
+    cells[:h, :w] = labels[:h, :w] > 0
+    return cells.reshape(rows, p, cols, p).mean(axis=(1, 3))
+
+
+#: Share of a patch's pixels in cells below which a cell dictionary's patch map leaves it blank.
+CELL_COVERAGE = 0.5
+
+
+def cells_only(image, labels: np.ndarray | None):
+    """The patch map with the patches mostly outside the cells blank (NaN, drawn transparent).
+
+    For a dictionary learnt on cell tokens: a patch that is mostly background was never in its
+    training data, and what its atoms do there means nothing, yet a bright empty background
+    is the first thing a user would read. Unchanged when the site has no cell labels.
+    """
+    from .explore import ActivationMap
+
+    if labels is None:
+        return image
+    share = patch_coverage(labels, image.data.shape, int(image.scale[0]))
+    covered = share >= CELL_COVERAGE
+    data = np.where(covered, image.data, np.float32(np.nan)).astype(np.float32, copy=False)
+    return ActivationMap(data, image.scale, image.translate, image.feature, image.key)
+
+
 def cell_index(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """(H, W) ``np.intp``: ``i + 1`` where ``labels`` is ``ids[i]``, 0 on background and unlisted
     cells (the platform's index type: a gather with it needs no conversion, ~4x faster).
@@ -165,7 +200,8 @@ class CellImages:
 class FeaturePaint:
     """Everything drawn for one feature on one site, computed off the GUI thread.
 
-    ``image`` is the patch activation map (data with the layer's scale and translate);
+    ``image`` is the patch activation map (data with the layer's scale and translate; for a
+    dictionary learnt on cells, NaN on the patches mostly outside the cells: :func:`cells_only`);
     ``limits`` its contrast limits, the same on every site; ``cells`` the per-cell table
     (``label``, ``value``, ``active``) and ``cell_limits`` its colour range, also the same on
     every site (a cell token is a mean over patches, so its codes run lower than the patches'
@@ -343,6 +379,9 @@ class FeatureSource:
             self._on_demand(key, cancel=cancel)  # not in the store, or dropped from the cache
         cells_range = cell_limits(explorer, feature, progress=progress, cancel=cancel)
         image = explorer.activation_map(key, feature)
+        labels = self.labels(key)
+        if explorer.dictionary.meta.get("unit") == "cell":
+            image = cells_only(image, labels)
         return FeaturePaint(
             key=tuple(image.key),
             feature=int(feature),
@@ -350,7 +389,7 @@ class FeatureSource:
             limits=explorer.feature_limits(feature),
             cells=explorer.cell_values(key, feature),
             cell_limits=cells_range,
-            labels=self.labels(key),
+            labels=labels,
         )
 
 
