@@ -240,12 +240,16 @@ def top_cells_figure(ex, pixels: _Pixels, cells: pd.DataFrame, feature: int):
 
 
 def site_figure(ex, pixels: _Pixels, key, feature: int):
-    """One site: its channel composite, and the feature's patch activations over it."""
+    """One site: its channel composite, and the feature's patch activations over it (for a
+    cell dictionary only the patches mostly in cells, as the viewer shows them)."""
+    from .overlay import cells_only
     from .plate import SiteKey
 
     key = SiteKey.of(key)
     rgb = pixels.composite(key)
     amap = ex.activation_map(key, feature)
+    if ex.dictionary.meta.get("unit") == "cell":
+        amap = cells_only(amap, ex.labels(key))
     lo, hi = ex.feature_limits(feature)
     fig = _figure(8.6, 4.2)
     ax1 = fig.add_subplot(1, 2, 1)
@@ -255,7 +259,7 @@ def site_figure(ex, pixels: _Pixels, key, feature: int):
     if rgb is not None:
         ax1.imshow(rgb, interpolation="nearest")
         ax2.imshow(rgb.mean(-1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    shown = np.ma.masked_less_equal(up, 0)
+    shown = np.ma.masked_invalid(np.ma.masked_less_equal(up, 0))
     im = ax2.imshow(shown, cmap="magma", vmin=lo, vmax=hi, alpha=0.75, interpolation="nearest")
     for ax in (ax1, ax2):
         ax.set_xticks([])
