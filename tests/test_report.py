@@ -94,6 +94,13 @@ def test_concept_profiles_hand_computed():
     spread = np.std([0, 0, 0, 0, 0, 0, 9, 0])
     assert z.loc["Y1", 1] == pytest.approx(9 / (0.1 * spread))
     assert w.loc["C1", "is_control"] and not w.loc["X1", "is_control"]
+    # calibration: each of P1's three control wells against the other two (P2 has only two);
+    # feature 0: C3 = 3 against (1, 2) gives z = 1.5 / sqrt(0.5) = 2.12 > 2, C1 gives -2.12,
+    # C2 gives 0; features 1 and 2 are 0 in every control: 1 of 9 pairs
+    assert prof.control_exceed == pytest.approx(1 / 9)
+    p = 1 / 9  # a value with 4 wells needs 3 above threshold, on any of the 3 features
+    assert prof.chance_hits(4) == pytest.approx(3 * (4 * p**3 * (1 - p) + p**4))
+    assert np.isnan(prof.chance_hits(1))  # the hit rule needs at least two wells
 
     hits = prof.hits()
     pairs = set(zip(hits["value"], hits["feature"], strict=True))
@@ -285,6 +292,9 @@ def test_report_tables(written):
         np.testing.assert_allclose(t["median z"], top["median_z"], atol=0.006)
         assert all(int(a.split("/")[0]) * 2 > int(a.split("/")[1]) for a in t["wells above"])
     assert len(hits) > 0  # cell types (four wells each) switch features on at z > 0.5
+    # every profile says how many hits chance alone would give, from held-out control wells
+    assert "expected by chance" in prof.columns
+    assert html.read_text().count("class='note calibration'>Calibration: ") == 2
 
 
 def test_report_opens_in_headless_chromium(written, tmp_path):

@@ -503,6 +503,12 @@ class ConceptProfiles:
     its plate, the spread floored at ``SD_FLOOR`` times the feature's spread over all wells of
     that plate. A value's profile is the median of its wells' z, with the fraction of its wells
     above ``threshold`` as the consistency measure.
+
+    Calibration: each control well is also z-scored against the plate's other control wells;
+    how often those exceed the threshold (:attr:`control_exceed`) says how many hits a value
+    with no effect would get by chance (:meth:`chance_hits`). With a few control wells that mix
+    conditions (e.g. cell types) it is far above the ~2 % of a normal tail, and the report says
+    so rather than let such hits pass for findings.
     """
 
     column: str
@@ -516,10 +522,25 @@ class ConceptProfiles:
     wells: pd.DataFrame  # W rows: plate, well, value, n_cells, is_control
     well_z: np.ndarray  # (W, M)
     skipped_plates: list[str]  # plates without control wells, left out
+    # share of (control well, feature) pairs with z above threshold when each control well is
+    # z-scored against the other control wells of its plate (NaN: no plate has 3 or more)
+    control_exceed: float = float("nan")
 
     @property
     def n_features(self) -> int:
         return int(self.median_z.shape[1])
+
+    def chance_hits(self, n_wells: int) -> float:
+        """Hits a value with ``n_wells`` wells and no effect at all would get by chance, over
+        all features: each of its wells exceeds the threshold as often as a held-out control
+        well does (:attr:`control_exceed`), and the hit rule asks for a majority."""
+        from scipy.stats import binom
+
+        n = int(n_wells)
+        if n < MIN_WELLS or not np.isfinite(self.control_exceed):
+            return float("nan")
+        need = int(np.floor(n * HIT_FRACTION)) + 1
+        return float(self.n_features * binom.sf(need - 1, n, self.control_exceed))
 
     def hit_mask(self, min_wells: int = MIN_WELLS) -> np.ndarray:
         """(V, M) True where a majority of at least ``min_wells`` wells have z above threshold."""
@@ -612,19 +633,27 @@ def concept_profiles(
         bool(ctrl_wells.get((p, w), False))
         for p, w in zip(wells["plate"], wells["well"], strict=True)
     ]
+
+    def zscore(values, ctrl_means, floor):
+        mu = ctrl_means.mean(0)
+        sd = ctrl_means.std(0, ddof=1) if len(ctrl_means) > 1 else np.zeros(means.shape[1])
+        return (values - mu) / np.maximum(np.maximum(sd, floor), 1e-12)
+
     z = np.full_like(means, np.nan)
     skipped = []
+    held_out = []  # z of each control well against the plate's other control wells
     for plate, idx in wells.groupby("plate", sort=True).groups.items():
         idx = np.asarray(idx)
         ctrl = idx[wells.loc[idx, "is_control"].to_numpy()]
         if ctrl.size == 0:
             skipped.append(str(plate))
             continue
-        mu = means[ctrl].mean(0)
-        sd = means[ctrl].std(0, ddof=1) if ctrl.size > 1 else np.zeros(means.shape[1])
         floor = SD_FLOOR * means[idx].std(0)
-        sd = np.maximum(np.maximum(sd, floor), 1e-12)
-        z[idx] = (means[idx] - mu) / sd
+        z[idx] = zscore(means[idx], means[ctrl], floor)
+        if ctrl.size >= 3:
+            for i in range(ctrl.size):
+                rest = np.delete(ctrl, i)
+                held_out.append(zscore(means[ctrl[i]], means[rest], floor))
     if len(skipped) == wells["plate"].nunique():
         raise DictionaryError(
             f"no control wells ({ccol}={cval}) on any plate; concept profiles need them"
@@ -655,6 +684,7 @@ def concept_profiles(
         wells,
         z,
         skipped,
+        float((np.asarray(held_out) > threshold).mean()) if held_out else float("nan"),
     )
 
 
@@ -707,6 +737,7 @@ def codes_anndata(
             "values": np.asarray(prof.values, dtype=str),
             "n_wells": prof.n_wells.astype(np.int64),
             "skipped_plates": np.asarray(prof.skipped_plates, dtype=str),
+            "control_exceed": float(prof.control_exceed),
             "hit_value": hits["value"].to_numpy(dtype=str),
             "hit_feature": hits["feature"].to_numpy(np.int64),
             "hit_median_z": hits["median_z"].to_numpy(np.float64),

@@ -514,6 +514,38 @@ def comparison_table(entries, labels: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _chance(prof: ConceptProfiles, n_wells: int) -> str:
+    value = prof.chance_hits(n_wells)
+    return "-" if not np.isfinite(value) else f"{value:.1f}"
+
+
+def calibration_note(prof: ConceptProfiles) -> str | None:
+    """One sentence on how far the hits can be trusted, from the held-out control wells."""
+    if not np.isfinite(prof.control_exceed):
+        return (
+            f"Calibration: no plate has 3 or more control wells, so how often a well with no "
+            f"effect passes z {prof.threshold:g} cannot be measured here; read the hits with care."
+        )
+    typical = int(np.median(prof.n_wells)) if len(prof.n_wells) else 0
+    text = (
+        f"Calibration: each control well, z-scored against the other control wells of its plate, "
+        f"is above z {prof.threshold:g} on {prof.control_exceed:.1%} of the features"
+    )
+    chance = prof.chance_hits(typical)
+    if np.isfinite(chance):
+        text += (
+            f"; a value with {typical} wells and no effect would switch on about {chance:.1f} "
+            f"of the {prof.n_features} features by chance (column 'expected by chance')"
+        )
+    if prof.control_exceed > 0.05:
+        text += (
+            ". That is well above the ~2% of a normal tail (few control wells, or control wells "
+            "that differ among themselves, e.g. in cell type): a value with no more hits than "
+            "chance has not shown an effect"
+        )
+    return text + "."
+
+
 def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.DataFrame:
     """Per label value: wells, hit features, and its strongest features by median z."""
     hits = prof.hit_mask()
@@ -525,6 +557,7 @@ def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.Da
                 prof.column: v,
                 "wells": int(prof.n_wells[i]),
                 "features switched on": int(hits[i].sum()),
+                "expected by chance": _chance(prof, int(prof.n_wells[i])),
                 "strongest (median z)": ", ".join(
                     f"{_feature_link(int(f), shown)} ({prof.median_z[i, f]:+.1f})" for f in top
                 ),
@@ -737,6 +770,9 @@ def _profiles_html(profiles, chosen, shown, notes, out) -> str:
                 "<p class='note'>Left out, no control wells: plates "
                 f"{html.escape(', '.join(prof.skipped_plates))}.</p>"
             )
+        note = calibration_note(prof)
+        if note:
+            parts.append(f"<p class='note calibration'>{html.escape(note)}</p>")
         strength = np.abs(prof.median_z).max(0)
         hit_f = np.flatnonzero(prof.hit_mask().any(0))
         pool = list(dict.fromkeys([*hit_f[np.argsort(-strength[hit_f])].tolist(), *chosen]))

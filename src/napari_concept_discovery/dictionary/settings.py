@@ -184,8 +184,7 @@ class TrainSettings(Settings):
     lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")
     steps: int | None = option(
         None,
-        "optimiser steps (default: sized to the tokens: 50 passes over them, within 50-1000 "
-        "steps)",
+        "optimiser steps (default: sized to the tokens: 50 passes over them, within 50-1000 steps)",
     )
     batch_size: int = option(1024, "tokens per step")
     seed: int = option(0, "random seed (initialisation, batch order, evaluation sample)")
