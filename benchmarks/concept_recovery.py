@@ -77,8 +77,8 @@ model (6 blocks), means of both seeds.
   whitening found ER at 0.89 (anchor 0.85) and nuclear enlargement at 0.87 (anchor 0.75),
   nucleolar at 0.81 (anchor 0.95). At the library's default size (M = 1024, k = 32) the
   whitened arms stay at 0.51-0.63 (FVU 0.59), while TopK without whitening reaches ER 0.998 /
-  0.995, nuclear 0.956 / 0.757, nucleolar 0.914 / 0.935 (seeds 1 / 2), above the anchor in 5 of 6. Shrinking
-  the whitening toward the identity (0.9) did not help. So whitening on the controls, which the
+  0.995, nuclear 0.956 / 0.757, nucleolar 0.914 / 0.935 (seeds 1 / 2), above the anchor in 5
+  of 6. Shrinking the whitening toward the identity (0.9) did not help. So whitening on the controls, which the
   paper does, is what loses these concepts at this size (results file, "More cells").
 - Contrastive reduction (+Wc). After whitening on controls, the second moment of all tokens
   is I plus what cells add beyond the controls, so its top eigenvectors (the generalised
