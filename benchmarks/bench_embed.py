@@ -86,19 +86,29 @@ def forward_flops(model, x) -> int:
     return total
 
 
+def tile_batches(backend, images, batch: int) -> list[torch.Tensor]:
+    """The model's 256 px tiles of ``images`` in batches: the bare forward's input."""
+    tiles = np.concatenate([tile_image(backend.scale_to_unit(im), 256)[0] for im in images])
+    return [torch.from_numpy(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
+
+
+def bare_forward(model, batches) -> None:
+    """timm's ``forward_features`` over ``batches``: the anchor every pipeline row is held to."""
+    with torch.inference_mode():
+        for x in batches:
+            model.forward_features(x)
+
+
 def bench_model(name, backend, sites, batch, repeats):
     """(pipeline tiles/s, bare tiles/s, GFLOP/s of each) on the same sites."""
     model = backend.model
     block = backend.num_blocks - 1
-    tiles = np.concatenate([tile_image(backend.scale_to_unit(im), 256)[0] for _, im, _, _ in sites])
-    n_tiles = len(tiles)
-    batches = [torch.from_numpy(tiles[i : i + batch]) for i in range(0, n_tiles, batch)]
+    batches = tile_batches(backend, [im for _, im, _, _ in sites], batch)
+    n_tiles = sum(len(x) for x in batches)
     flops_per_tile = forward_flops(model, batches[0][:1])
 
     def bare():
-        with torch.inference_mode():
-            for x in batches:
-                model.forward_features(x)
+        bare_forward(model, batches)
 
     def pipeline():
         emb = Embedder(backend, block, batch_size=batch)
@@ -117,7 +127,7 @@ def bench_model(name, backend, sites, batch, repeats):
     return {
         "name": name,
         "tiles": n_tiles,
-        "channels": tiles.shape[1],
+        "channels": batches[0].shape[1],
         "gflop_per_tile": flops_per_tile / 1e9,
         "pipe_tps": n_tiles / t_pipe,
         "bare_tps": n_tiles / t_bare,
@@ -152,14 +162,11 @@ def bench_from_disk(backend, plate, keys, batch, repeats):
 
     model = backend.model
     block = backend.num_blocks - 1
-    images = [plate[k].read() for k in keys]
-    tiles = np.concatenate([tile_image(backend.scale_to_unit(im), 256)[0] for im in images])
-    batches = [torch.from_numpy(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
+    batches = tile_batches(backend, [plate[k].read() for k in keys], batch)
+    n_tiles = sum(len(x) for x in batches)
 
     def bare():
-        with torch.inference_mode():
-            for x in batches:
-                model.forward_features(x)
+        bare_forward(model, batches)
 
     def pipeline():
         emb = Embedder(backend, block, batch_size=batch)
@@ -175,7 +182,7 @@ def bench_from_disk(backend, plate, keys, batch, repeats):
         t = time.perf_counter()
         bare()
         t_bare = min(t_bare, time.perf_counter() - t)
-    return len(tiles) / t_pipe, len(tiles) / t_bare
+    return n_tiles / t_pipe, n_tiles / t_bare
 
 
 def bench_precision_concepts(precisions, work: Path, steps: int = 1000):
@@ -186,6 +193,7 @@ def bench_precision_concepts(precisions, work: Path, steps: int = 1000):
         recovery_table,
         truth_concepts,
     )
+    from napari_concept_discovery.demo import CONTROL
     from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings
     from napari_concept_discovery.dictionary.pipeline import encode_store, train_on_store
     from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
@@ -213,7 +221,7 @@ def bench_precision_concepts(precisions, work: Path, steps: int = 1000):
             steps=steps,
             batch_size=min(1024, n_cells),
             seed=seed,
-            whiten=WhitenSettings("well_type=negative_control", by="plate"),
+            whiten=WhitenSettings(CONTROL, by="plate"),
         )
         return train_on_store(stores[p], settings, out=work / f"d-{p}-{seed}.safetensors")
 

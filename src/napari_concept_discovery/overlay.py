@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import StoreError
+from .explore import ActivationMap
 from .plate import SiteKey
 from .plate_embedding import embed_store_site, reload_model, reopen_plate
 from .progress import Cancelled, is_cancelled
@@ -116,14 +117,21 @@ def cells_only(image, labels: np.ndarray | None):
     training data, and what its atoms do there means nothing, yet a bright empty background
     is the first thing a user would read. Unchanged when the site has no cell labels.
     """
-    from .explore import ActivationMap
-
     if labels is None:
         return image
     share = patch_coverage(labels, image.data.shape, int(image.scale[0]))
     covered = share >= CELL_COVERAGE
     data = np.where(covered, image.data, np.float32(np.nan)).astype(np.float32, copy=False)
     return ActivationMap(data, image.scale, image.translate, image.feature, image.key)
+
+
+def shown_map(explorer, key, feature: int, labels: np.ndarray | None) -> ActivationMap:
+    """``feature``'s patch map on site ``key`` as the viewer and the report draw it: for a
+    dictionary learnt on cells, :func:`cells_only` over the site's cell ``labels``."""
+    image = explorer.activation_map(key, feature)
+    if explorer.dictionary.meta.get("unit") == "cell":
+        image = cells_only(image, labels)
+    return image
 
 
 def cell_index(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -378,10 +386,8 @@ class FeatureSource:
                 raise
             self._on_demand(key, cancel=cancel)  # not in the store, or dropped from the cache
         cells_range = cell_limits(explorer, feature, progress=progress, cancel=cancel)
-        image = explorer.activation_map(key, feature)
         labels = self.labels(key)
-        if explorer.dictionary.meta.get("unit") == "cell":
-            image = cells_only(image, labels)
+        image = shown_map(explorer, key, feature, labels)
         return FeaturePaint(
             key=tuple(image.key),
             feature=int(feature),

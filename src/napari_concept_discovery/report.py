@@ -242,14 +242,12 @@ def top_cells_figure(ex, pixels: _Pixels, cells: pd.DataFrame, feature: int):
 def site_figure(ex, pixels: _Pixels, key, feature: int):
     """One site: its channel composite, and the feature's patch activations over it (for a
     cell dictionary only the patches mostly in cells, as the viewer shows them)."""
-    from .overlay import cells_only
+    from .overlay import shown_map
     from .plate import SiteKey
 
     key = SiteKey.of(key)
     rgb = pixels.composite(key)
-    amap = ex.activation_map(key, feature)
-    if ex.dictionary.meta.get("unit") == "cell":
-        amap = cells_only(amap, ex.labels(key))
+    amap = shown_map(ex, key, feature, ex.labels(key))
     lo, hi = ex.feature_limits(feature)
     fig = _figure(8.6, 4.2)
     ax1 = fig.add_subplot(1, 2, 1)
