@@ -84,7 +84,7 @@ class Explorer:
     Every method is safe to call from a worker thread.
     """
 
-    def __init__(self, store, dictionary, *, max_sites: int = 16, batch_size: int = 4096):
+    def __init__(self, store, dictionary, *, max_sites: int = 16, batch_size: int = 8192):
         dictionary.check_compatible_store(store)
         self.store = store
         self.dictionary = dictionary

@@ -272,7 +272,7 @@ class Dictionary:
         tokens,
         groups=None,
         *,
-        batch_size: int = 4096,
+        batch_size: int = 8192,
         progress: ProgressCallback = None,
         cancel: Cancel = None,
     ) -> sp.csr_matrix:

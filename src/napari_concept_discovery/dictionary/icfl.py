@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from ..errors import DictionaryError
 from .base import Codes, DictionaryConfig, ForwardOutput, SparseDictionary, coordinate_median
+from .pursuit_cpu import gram_rows, pursuit_rows
 
 
 @dataclasses.dataclass
@@ -364,6 +365,11 @@ class ICFL(SparseDictionary):
     def encode(
         self, x: torch.Tensor, gram: torch.Tensor | None = None, workspace: dict | None = None
     ) -> Codes:
+        """Codes of ``x``: the compiled kernel on a CPU, the torch Gram pursuit elsewhere.
+
+        ``gram``, when given, must be in the layout the device's pursuit takes
+        (:func:`.pursuit_cpu.gram_rows` on a CPU, :func:`gram_blocks` elsewhere).
+        """
         cfg = self.config
         with torch.no_grad():
             r = x - self.b
@@ -374,6 +380,8 @@ class ICFL(SparseDictionary):
                     gram = self._fixed_gram()
                 if workspace is None:
                     workspace = _encode_workspace()
+            if r.device.type == "cpu":
+                return pursuit_rows(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
             return pursuit_gram(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
 
     def _fixed_gram(self) -> torch.Tensor:
@@ -389,8 +397,12 @@ class ICFL(SparseDictionary):
         key = (w.data_ptr(), self.W._version, w.dtype, w.device, tuple(w.shape))
         cached = self._gram_cache
         if cached is None or cached[0] != key:
-            width = _block_width(w.shape[0])
-            cached = self._gram_cache = (key, gram_blocks(_padded_atoms(w, width), width))
+            if w.device.type == "cpu":
+                gram = gram_rows(w)
+            else:
+                width = _block_width(w.shape[0])
+                gram = gram_blocks(_padded_atoms(w, width), width)
+            cached = self._gram_cache = (key, gram)
         return cached[1]
 
     def train(self, mode: bool = True):

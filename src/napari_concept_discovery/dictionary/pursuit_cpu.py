@@ -1,0 +1,332 @@
+"""ICFL's Gram pursuit as one compiled CPU kernel: token by token, every iteration in cache.
+
+The torch Gram pursuit (:func:`.icfl.pursuit_gram`) runs iteration by iteration over the whole
+batch, so the batch x M score matrix streams through memory once per iteration and every
+step (pick, solve, update, block maxima) is a separate pass. Here each token runs all J
+iterations while its M scores (16 KiB at M = 4096) stay in the core's cache; the update reads
+the L picked rows of the full symmetric G = W W^T (shared by all tokens, so it stays in the
+last-level cache) and computes the block maxima of the updated scores in the same pass, and
+the pick, the L x L Cholesky solve and the update never leave the token. Tokens are
+independent, so they spread over threads with no synchronisation.
+
+The arithmetic is the torch pursuit's (same scores, same exact block-wise top-L, same ridge in
+the normal equations); only the order of the floating-point sums in the update differs, so the
+codes agree to rounding (the tests compare supports and values with both torch pursuits).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from numba import njit
+
+from .base import Codes
+
+#: Scores per block whose maximum the pick keeps (see :func:`_pursuit_rows`).
+BLOCK = 128
+
+#: Scores held at once by default (2^25 floats, 128 MiB in float32): 8,192 tokens at M = 4096.
+SCORE_BUDGET = 1 << 25
+
+# Not "fast" math: no assumption that values are finite (a NaN token must not turn into an
+# out-of-range read); reassociation and contraction are what vectorise the update and maxima.
+_MATH = {"nsz", "arcp", "contract", "reassoc"}
+
+#: Threads that run the kernel on runs of rows (it releases the GIL). Plain Python threads
+#: rather than numba's parallel loops: numba's OpenMP layer shares the OpenMP runtime with
+#: torch and changes its thread count, and its fallback layer may not be entered from two
+#: threads at once, as the viewer's workers would.
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="icfl-pursuit")
+        return _POOL
+
+
+@njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+def _solve_into(gss, rhs, out, ridge, tiny):
+    """Solve gss out = rhs by Cholesky (gss overwritten), as ``icfl._solve`` does."""
+    n = gss.shape[0]
+    for j in range(n):
+        s = gss[j, j] + ridge
+        for k in range(j):
+            s -= gss[j, k] * gss[j, k]
+        if s < tiny:  # clamp_min; a NaN stays NaN
+            s = tiny
+        d = np.sqrt(s)
+        gss[j, j] = d
+        for i in range(j + 1, n):
+            t = gss[i, j]
+            for k in range(j):
+                t -= gss[i, k] * gss[j, k]
+            gss[i, j] = t / d
+    for i in range(n):
+        t = rhs[i]
+        for k in range(i):
+            t -= gss[i, k] * out[k]
+        out[i] = t / gss[i, i]
+    for i in range(n - 1, -1, -1):
+        t = out[i]
+        for k in range(i + 1, n):
+            t -= gss[k, i] * out[k]
+        out[i] = t / gss[i, i]
+
+
+@njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+def _block_max(row, a):
+    """The maximum of row[a : a + BLOCK], in eight independent running maxima (instruction
+    parallelism a single running maximum would not have)."""
+    m0, m1, m2, m3 = row[a], row[a + 1], row[a + 2], row[a + 3]
+    m4, m5, m6, m7 = row[a + 4], row[a + 5], row[a + 6], row[a + 7]
+    for t in range(a + 8, a + BLOCK, 8):
+        v = row[t]
+        m0 = v if v > m0 else m0
+        v = row[t + 1]
+        m1 = v if v > m1 else m1
+        v = row[t + 2]
+        m2 = v if v > m2 else m2
+        v = row[t + 3]
+        m3 = v if v > m3 else m3
+        v = row[t + 4]
+        m4 = v if v > m4 else m4
+        v = row[t + 5]
+        m5 = v if v > m5 else m5
+        v = row[t + 6]
+        m6 = v if v > m6 else m6
+        v = row[t + 7]
+        m7 = v if v > m7 else m7
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+@njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+def _pursuit_rows(scores, gram, n_iter, n_pick, values, indices, ridge, tiny):
+    """Run the pursuit on every row of ``scores`` (B, M) in place, writing the codes.
+
+    M is a multiple of BLOCK (the caller pads). The pick: the ``n_pick`` largest scores of a
+    row lie in its ``n_pick`` blocks with the largest maxima, so only those blocks are
+    searched (exact, as ``icfl.top_l``). Fixed-width blocks are what let the update and the
+    maxima vectorise. Runs without the GIL: the caller's threads each take a run of rows.
+    """
+    n, m = scores.shape
+    nb = m // BLOCK
+    nsel = min(n_pick, nb)
+    bmax = np.empty(nb, scores.dtype)
+    best = np.empty(nsel, np.int64)
+    bestv = np.empty(nsel, scores.dtype)
+    topv = np.empty(n_pick, scores.dtype)
+    topi = np.empty(n_pick, np.int64)
+    gss = np.empty((n_pick, n_pick), scores.dtype)
+    coef = np.empty(n_pick, scores.dtype)
+    for b in range(n):
+        _pursue_row(
+            scores[b],
+            gram,
+            n_iter,
+            values[b],
+            indices[b],
+            ridge,
+            tiny,
+            bmax,
+            best,
+            bestv,
+            topv,
+            topi,
+            gss,
+            coef,
+        )
+
+
+@njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+def _pursue_row(
+    row, gram, n_iter, values, indices, ridge, tiny, bmax, best, bestv, topv, topi, gss, coef
+):
+    """The pursuit for one token: ``row`` (its M scores) is updated in place.
+
+    The remaining arguments are scratch arrays, allocated once per call of the kernel.
+    """
+    nb, nsel, n_pick = bmax.shape[0], best.shape[0], topv.shape[0]
+    for k in range(nb):
+        bmax[k] = _block_max(row, k * BLOCK)
+    for j in range(n_iter):
+        # the nsel blocks with the largest maxima (insertion into a short sorted list)
+        cnt = 0
+        for k in range(nb):
+            v = bmax[k]
+            if cnt < nsel:
+                pos = cnt
+                cnt += 1
+            elif v > bestv[nsel - 1]:
+                pos = nsel - 1
+            else:
+                continue
+            while pos > 0 and bestv[pos - 1] < v:
+                bestv[pos] = bestv[pos - 1]
+                best[pos] = best[pos - 1]
+                pos -= 1
+            bestv[pos] = v
+            best[pos] = k
+        # the n_pick largest scores within them: none is below the smallest of those maxima
+        floor = bestv[nsel - 1] if nsel == n_pick else -np.inf
+        cnt = 0
+        for q in range(nsel):
+            o = best[q] * BLOCK
+            for t in range(BLOCK):
+                v = row[o + t]
+                if v < floor:
+                    continue
+                if cnt < n_pick:
+                    pos = cnt
+                    cnt += 1
+                elif v > topv[n_pick - 1]:
+                    pos = n_pick - 1
+                else:
+                    continue
+                while pos > 0 and topv[pos - 1] < v:
+                    topv[pos] = topv[pos - 1]
+                    topi[pos] = topi[pos - 1]
+                    pos -= 1
+                topv[pos] = v
+                topi[pos] = o + t
+        for p in range(n_pick):
+            for q in range(n_pick):
+                gss[p, q] = gram[topi[p], topi[q]]
+        _solve_into(gss, topv, coef, ridge, tiny)
+        for p in range(n_pick):
+            values[j * n_pick + p] = coef[p]
+            indices[j * n_pick + p] = topi[p]
+        if j == n_iter - 1:
+            break
+        # scores -= G[:, S] c, block by block so each block is updated and reduced in cache
+        for k in range(nb):
+            o = k * BLOCK
+            p = 0
+            while p + 4 <= n_pick:  # four rows of G per pass over the block
+                c0, c1, c2, c3 = coef[p], coef[p + 1], coef[p + 2], coef[p + 3]
+                g0, g1, g2, g3 = (
+                    gram[topi[p]],
+                    gram[topi[p + 1]],
+                    gram[topi[p + 2]],
+                    gram[topi[p + 3]],
+                )
+                for t in range(BLOCK):
+                    row[o + t] -= c0 * g0[o + t] + c1 * g1[o + t] + c2 * g2[o + t] + c3 * g3[o + t]
+                p += 4
+            while p < n_pick:
+                c = coef[p]
+                g = gram[topi[p]]
+                for t in range(BLOCK):
+                    row[o + t] -= c * g[o + t]
+                p += 1
+            bmax[k] = _block_max(row, o)
+
+
+def padded_size(m: int) -> int:
+    """M rounded up to whole blocks: the kernel's scores and G carry that many columns."""
+    return -(-m // BLOCK) * BLOCK
+
+
+def gram_rows(atoms: torch.Tensor, out: torch.Tensor | None = None, width: int = 256):
+    """G = W W^T, row-major, zero-padded to (M', M') with M' = :func:`padded_size` (M).
+
+    Row block k is multiplied out from its diagonal on (about half the multiply-adds of the
+    full product), and the part left of the diagonal is copied from the transposed blocks
+    above, so G is exactly symmetric. The zero padding leaves padded scores unchanged by
+    every update.
+    """
+    m = atoms.shape[0]
+    mp = padded_size(m)
+    if out is None:
+        out = atoms.new_empty(mp, mp)
+    for a in range(0, m, width):
+        e = min(a + width, m)
+        torch.mm(atoms[a:e], atoms[a:].T, out=out[a:e, a:m])
+    for a in range(0, m, width):
+        e = min(a + width, m)
+        out[e:m, a:e].copy_(out[a:e, e:m].T)
+    if mp > m:
+        out[m:].zero_()
+        out[:m, m:].zero_()
+    return out
+
+
+def _buffer(workspace: dict | None, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    n = int(np.prod(shape))
+    if workspace is None:
+        return like.new_empty(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < n:
+        buf = workspace[name] = like.new_empty(n)
+    return buf[:n].view(shape)
+
+
+@torch.no_grad()
+def pursuit_rows(
+    residual: torch.Tensor,
+    atoms: torch.Tensor,
+    n_iter: int,
+    n_pick: int,
+    gram: torch.Tensor | None = None,
+    chunk: int | None = None,
+    workspace: dict | None = None,
+) -> Codes:
+    """ICFL encoding of CPU tensors through the compiled kernel (same codes as ``pursuit_gram``).
+
+    ``gram``: :func:`gram_rows` of ``atoms`` when the caller has it. ``workspace``, a dict the
+    caller keeps between calls, holds G and the score buffer so repeated calls reuse their
+    memory. Tokens go through in chunks of ``chunk`` (the scores take chunk x M floats; by
+    default as many tokens as fit :data:`SCORE_BUDGET`, so that a viewer's site is one product
+    and one kernel call). Uses as many threads as torch is set to.
+    """
+    if residual.device.type != "cpu" or atoms.device.type != "cpu":
+        raise ValueError("pursuit_rows runs on CPU tensors; use icfl.pursuit_gram on a GPU")
+    b, m = residual.shape[0], atoms.shape[0]
+    mp = padded_size(m)
+    chunk = max(1, SCORE_BUDGET // mp) if chunk is None else chunk
+    atoms = atoms.detach()
+    residual = residual.detach().to(atoms.dtype)
+    if gram is None:
+        gram = gram_rows(atoms, _buffer(workspace, "gram_rows", (mp, mp), atoms))
+    if gram.shape != (mp, mp):
+        raise ValueError(f"G is {tuple(gram.shape)}; gram_rows gives ({mp}, {mp}) for {m} atoms")
+    values = np.empty((b, n_iter * n_pick), dtype=gram.numpy().dtype)
+    indices = np.empty((b, n_iter * n_pick), dtype=np.int64)
+    finfo = torch.finfo(atoms.dtype)
+    ridge, tiny = values.dtype.type(10 * finfo.eps), values.dtype.type(finfo.tiny)
+    g = gram.numpy()
+    threads = max(1, torch.get_num_threads())
+    for start in range(0, b, chunk):
+        n = min(chunk, b - start)
+        scores = _buffer(workspace, "scores_rows", (n, mp), atoms)
+        torch.mm(residual[start : start + n], atoms.T, out=scores[:, :m])
+        if mp > m:
+            scores[:, m:] = finfo.min  # padding atoms are never picked
+        s, v, i = scores.numpy(), values[start : start + n], indices[start : start + n]
+        cuts = np.linspace(0, n, min(threads, n) + 1).astype(int)
+        runs = [slice(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+        # the other runs go to the pool, the first is worked on here meanwhile
+        jobs = [
+            _pool().submit(_pursuit_rows, s[r], g, n_iter, n_pick, v[r], i[r], ridge, tiny)
+            for r in runs[1:]
+        ]
+        r = runs[0]
+        _pursuit_rows(s[r], g, n_iter, n_pick, v[r], i[r], ridge, tiny)
+        for job in jobs:
+            job.result()
+    if b and int(indices.max()) >= m:  # only when scores were NaN: no real atom compared higher
+        raise ValueError("ICFL pursuit: tokens or atoms hold NaN or infinite values")
+    return Codes(torch.from_numpy(values), torch.from_numpy(indices))
