@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -10,7 +11,7 @@ import pytest
 import tifffile
 import torch
 
-from napari_concept_discovery import segment
+from napari_concept_discovery import plate_embedding, segment
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.errors import PlateError
 from napari_concept_discovery.plate import PlateWarning, SiteKey, label_paths, open_plate
@@ -22,11 +23,20 @@ torch.set_num_threads(2)
 
 
 class SegmentedAgain(AssertionError):
-    """Raised by the stand-in for segment_site: the step under test must not segment."""
+    """Raised by the stand-in segmenter: the step under test must not segment."""
 
 
 def _refuse(*args, **kwargs):
-    raise SegmentedAgain("segment_site was called")
+    raise SegmentedAgain("a site was segmented")
+
+
+def _no_segmenting(monkeypatch) -> None:
+    """Every segmenter made during the test refuses; embedding's cache of segmenters is a
+    fresh one for the test, so no refusing segmenter outlives it."""
+    monkeypatch.setattr(segment, "make_segmenter", lambda *a, **k: _refuse)
+    fresh = functools.lru_cache(maxsize=2)(plate_embedding._segmenter.__wrapped__)
+    monkeypatch.setattr(plate_embedding, "_segmenter", fresh)
+    monkeypatch.setattr(segment, "segment_site", _refuse)
 
 
 @pytest.fixture()
@@ -64,7 +74,7 @@ def test_segment_then_embed_segments_once(bare_plate, weights, tmp_path, capsys,
     assert f"12 of 12 sites carry cell labels (label folder {folder})" in info
     assert "warnings: 0" in info  # the label files are not taken for stray images
 
-    monkeypatch.setattr(segment, "segment_site", _refuse)
+    _no_segmenting(monkeypatch)
     out = tmp_path / "store"
     rc = main(["embed", str(bare_plate), "--model", str(weights), "--out", str(out)])
     assert rc == 0
@@ -89,7 +99,7 @@ def test_label_folder_outside_the_plate(bare_plate, weights, tmp_path, capsys, m
     assert main(["info", str(bare_plate), "--labels", str(labels)]) == 0
     assert f"12 of 12 sites carry cell labels (label folder {labels})" in capsys.readouterr().out
 
-    monkeypatch.setattr(segment, "segment_site", _refuse)
+    _no_segmenting(monkeypatch)
     plate = open_plate(bare_plate)  # opened without labels: the settings' folder is applied
     assert all(s.labels_path is None for s in plate)
     settings = EmbedSettings(model=str(weights), labels=str(labels), cells="file")

@@ -256,6 +256,18 @@ def test_match_ids_pairs_cells_and_nuclei():
         match_ids(cells, nuclei[:10])
 
 
+def test_match_ids_with_no_nucleus_inside_a_cell_gives_no_cells():
+    """Cells and nuclei that overlap, but no nucleus half inside one cell (what an untrained
+    Cellpose network's fragments gave): no pairs, and no crash."""
+    cells = np.zeros((10, 10), np.int32)
+    nuclei = np.zeros_like(cells)
+    cells[0:10, 0:3] = 1
+    cells[0:10, 7:10] = 2
+    nuclei[2:8, 2:8] = 5  # 12 of its 36 pixels in cell 1, 6 in cell 2
+    n, c = match_ids(cells, nuclei)
+    assert n.dtype == c.dtype == np.int32 and not n.any() and not c.any()
+
+
 class _FakeCellModel:
     """Stands in for a Cellpose model in this unit test of the id matching only: returns the
     synthetic site's true cells under shuffled ids and records what it was given."""

@@ -36,8 +36,8 @@ from .plate_embedding import (
     _as_plate,
     check_finite,
     load_embed_model,
+    plate_inputs,
     read_sites,
-    site_inputs,
     store_writer,
 )
 from .progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
@@ -54,7 +54,7 @@ def _worker_backend(settings: EmbedSettings):
 
 
 def _writer(plate, settings: EmbedSettings, out, backend, overwrite: bool = False):
-    inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
+    inputs = plate_inputs(plate, settings)
     writer, embedder = store_writer(plate, settings, out, backend, inputs, overwrite)
     return writer, embedder, inputs
 

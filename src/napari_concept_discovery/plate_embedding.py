@@ -18,6 +18,7 @@ can build its options from :class:`EmbedSettings` without loading them.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import PlateError, StoreError
 from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .settings import PRECISIONS, SEGMENT_ALGORITHM, Settings, check, option
+from .settings import (
+    PRECISIONS,
+    SEGMENT_ALGORITHM,
+    SEGMENTERS,
+    SegmentSettings,
+    Settings,
+    check,
+    option,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -84,6 +93,19 @@ class EmbedSettings(Settings):
         choices=CELL_SOURCES,
     )
     nuclear: str = option("DNA", "nuclear stain for segmentation, a channel name or index")
+    segmenter: str = option(
+        "classical",
+        "how sites without label files are segmented: classical (CellProfiler-style, as "
+        "`concept-discovery segment` does by default) | cellpose (an installed Cellpose, "
+        "--cellpose-model) | legacy; for every other segmentation setting run "
+        "`concept-discovery segment` first, and embedding uses its labels",
+        choices=SEGMENTERS,
+    )
+    cellpose_model: str = option(
+        SegmentSettings.cellpose_model,
+        "with --segmenter cellpose: a built-in Cellpose model name or a model file",
+        label="Cellpose model",
+    )
     channel_tokens: bool | None = option(
         None,
         "keep the per-channel tokens too, side by side (C x D), the dictionaries' default input; "
@@ -109,6 +131,7 @@ class EmbedSettings(Settings):
             "nuclear",
             "name the nuclear stain for segmentation (a channel name or index)",
         )
+        check(bool(self.cellpose_model.strip()), "cellpose_model", "name a Cellpose model")
 
 
 def load_embed_model(settings: EmbedSettings) -> Backend:
@@ -160,6 +183,9 @@ class SiteInputs:
     #: the user's label files (plate.label_files): a binary mask is split by these nuclei
     split_by: Path | None = None
     user: bool = False
+    #: with cells="segment": the segmenter (SEGMENTERS) and, for Cellpose, its model
+    segmenter: str = "classical"
+    cellpose_model: str | None = None
 
     @property
     def files(self) -> list[Path]:
@@ -175,6 +201,10 @@ class SiteInputs:
             return f"file:nuclei:{self.nuclear}:{SEGMENT_ALGORITHM}"
         if self.cells != "segment":
             return self.cells
+        if self.segmenter == "cellpose":
+            return f"segment:{self.nuclear}:cellpose:{self.cellpose_model}"
+        if self.segmenter != "classical":
+            return f"segment:{self.nuclear}:{self.segmenter}"
         return f"segment:{self.nuclear}:{SEGMENT_ALGORITHM}"
 
     def read_labels(self, image: np.ndarray, channel_names) -> np.ndarray | None:
@@ -200,10 +230,9 @@ class SiteInputs:
                     f"of {self.key} are {tuple(image.shape[-2:])}"
                 )
             return labels
-        from .segment import channel_ref, segment_site
-
+        segment = _segmenter(self.segmenter, self.cellpose_model, self.nuclear)
         try:
-            return segment_site(image, channel_names, nuclear=channel_ref(self.nuclear))[1]
+            return segment(image, channel_names)[1]
         except ValueError as exc:
             raise PlateError(
                 f"{self.key}: cannot segment cells: {exc}; name the nuclear stain (--nuclear), "
@@ -211,7 +240,24 @@ class SiteInputs:
             ) from exc
 
 
-def site_inputs(site: Site, cells: str = "auto", nuclear: str | int = "DNA") -> SiteInputs:
+@functools.lru_cache(maxsize=2)
+def _segmenter(segmenter: str, cellpose_model: str | None, nuclear: str):
+    """One segmenter per plate and settings, so that a Cellpose model loads once, not per site."""
+    from .segment import channel_ref, make_segmenter
+
+    settings = SegmentSettings(segmenter=segmenter, nuclear=str(channel_ref(nuclear)))
+    if cellpose_model:
+        settings = settings.replace(cellpose_model=cellpose_model)
+    return make_segmenter(settings)
+
+
+def site_inputs(
+    site: Site,
+    cells: str = "auto",
+    nuclear: str | int = "DNA",
+    segmenter: str = "classical",
+    cellpose_model: str | None = None,
+) -> SiteInputs:
     """The rule for a site's cell labels (module docstring), decided without reading pixels."""
     if cells not in CELL_SOURCES:
         raise PlateError(f"cells must be one of {', '.join(CELL_SOURCES)}, got {cells!r}")
@@ -239,14 +285,36 @@ def site_inputs(site: Site, cells: str = "auto", nuclear: str | int = "DNA") -> 
             "(--labels), let the cells be segmented (--cells auto) or embed without cells "
             "(--cells none)"
         )
-    return SiteInputs(site.key, images, "segment", nuclear=str(nuclear))
+    return SiteInputs(
+        site.key,
+        images,
+        "segment",
+        nuclear=str(nuclear),
+        segmenter=segmenter,
+        cellpose_model=cellpose_model if segmenter == "cellpose" else None,
+    )
+
+
+def plate_inputs(plate, settings: EmbedSettings) -> dict[Any, SiteInputs]:
+    """Every site's :class:`SiteInputs` under ``settings``."""
+    return {
+        k: site_inputs(
+            s, settings.cells, settings.nuclear, settings.segmenter, settings.cellpose_model
+        )
+        for k, s in plate.sites.items()
+    }
 
 
 def site_labels(
-    site: Site, image: np.ndarray, cells: str = "auto", nuclear: str | int = "DNA"
+    site: Site,
+    image: np.ndarray,
+    cells: str = "auto",
+    nuclear: str | int = "DNA",
+    segmenter: str = "classical",
+    cellpose_model: str | None = None,
 ) -> tuple[np.ndarray | None, SiteInputs]:
     """A site's cell labels by the rule, and the inputs (files, how) they came from."""
-    inputs = site_inputs(site, cells, nuclear)
+    inputs = site_inputs(site, cells, nuclear, segmenter, cellpose_model)
     return inputs.read_labels(image, site.channel_names), inputs
 
 
@@ -494,7 +562,12 @@ def embed_store_site(
         labels = store.site_labels(key) if store.has_site_labels(key) else None
     else:
         labels, _ = site_labels(
-            site, image, recorded.get("cells", "auto"), recorded.get("nuclear", "DNA")
+            site,
+            image,
+            recorded.get("cells", "auto"),
+            recorded.get("nuclear", "DNA"),
+            recorded.get("segmenter", "classical"),
+            recorded.get("cellpose_model"),
         )
     embedder = Embedder(
         backend,

@@ -74,10 +74,25 @@ def load_cellpose(source: str, device: str | None = None):
         ) from exc
 
 
-def run_cellpose(model, planes: list[np.ndarray], diameter: float | None, major: int):
-    """Labels (H, W) int32 of one image from ``model.eval`` on ``planes`` stacked last."""
+def run_cellpose(
+    model,
+    planes: list[np.ndarray],
+    diameter: float | None,
+    major: int,
+    cellprob: float = 0.0,
+    flow: float = 0.4,
+):
+    """Labels (H, W) int32 of one image from ``model.eval`` on ``planes`` stacked last.
+
+    ``cellprob`` and ``flow`` are Cellpose's ``cellprob_threshold`` and ``flow_threshold``.
+    """
     x = np.stack([unit_scale(p).astype(np.float32) for p in planes], axis=-1)
-    kwargs: dict = {"diameter": diameter, "channel_axis": -1}
+    kwargs: dict = {
+        "diameter": diameter,
+        "channel_axis": -1,
+        "cellprob_threshold": cellprob,
+        "flow_threshold": flow,
+    }
     if major < 4:  # [plane to segment, nuclear plane]: 1-based, or [0, 0] for one grey plane
         kwargs["channels"] = [1, 2] if len(planes) == 2 else [0, 0]
     result = model.eval(x, **kwargs)
@@ -117,6 +132,8 @@ def match_ids(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, np.nda
     pairs, overlap = pairs[:, first], overlap[first]
     inside = 2 * overlap >= n_area[pairs[0]]
     pairs, overlap = pairs[:, inside], overlap[inside]
+    if not pairs.size:  # no nucleus lies (at least half) in a cell
+        return out_n, out_c
     # each cell: the nucleus it overlaps most
     order = np.lexsort((-overlap, pairs[1]))
     pairs = pairs[:, order]
@@ -158,11 +175,18 @@ class CellposeSegmenter:
             found = find_nuclei_with(dna, s, drop_edge=False)
             nuclei = np.where(found.dropped[found.labels], 0, found.labels)
         else:
-            nuclei = run_cellpose(self.nucleus_model, [dna], None, self.major)
+            nuclei = run_cellpose(
+                self.nucleus_model, [dna], None, self.major, s.cellpose_cellprob, s.cellpose_flow
+            )
         if channels:
             cell_plane = np.mean([unit_scale(image[c]) for c in channels], axis=0)
             cells = run_cellpose(
-                self.cell_model, [cell_plane, dna], s.cellpose_diameter, self.major
+                self.cell_model,
+                [cell_plane, dna],
+                s.cellpose_diameter,
+                self.major,
+                s.cellpose_cellprob,
+                s.cellpose_flow,
             )
         else:
             cells = nuclei.copy()

@@ -280,6 +280,13 @@ class SegmentSettings(Settings):
     cellpose_diameter: float | None = option(
         None, "typical cell diameter in pixels for Cellpose (default: Cellpose estimates it)"
     )
+    cellpose_cellprob: float = option(
+        0.0,
+        "Cellpose's cell probability threshold, -6 to 6 (lower: more and larger cells)",
+    )
+    cellpose_flow: float = option(
+        0.4, "Cellpose's flow error threshold (higher: more cells kept; 0 turns the check off)"
+    )
     device: str | None = option(None, "device for Cellpose: cuda | mps | cpu (default: cpu)")
 
     def validate(self) -> None:
@@ -306,6 +313,14 @@ class SegmentSettings(Settings):
                 f"must exceed min_diameter ({self.min_diameter}), got {self.max_diameter}",
             )
         check(bool(self.cellpose_model.strip()), "cellpose_model", "name a Cellpose model")
+        check(
+            -6 <= self.cellpose_cellprob <= 6,
+            "cellpose_cellprob",
+            f"must be between -6 and 6, got {self.cellpose_cellprob}",
+        )
+        check(
+            self.cellpose_flow >= 0, "cellpose_flow", f"must be 0 or more, got {self.cellpose_flow}"
+        )
         check(
             bool(self.cellpose_nuclei.strip()),
             "cellpose_nuclei",

@@ -75,8 +75,14 @@ class EmbedWidget(QWidget):
         self.model_combo.addItem("Model folder…", _PICK_FOLDER)
         self.model_combo.addItem("Checkpoint file…", _PICK_FILE)
         self.fields = make_fields(
-            EmbedSettings, ["block", "cells", "batch_size"], {"block": (-64, 64)}
+            EmbedSettings,
+            ["block", "cells", "segmenter", "cellpose_model", "batch_size"],
+            {"block": (-64, 64)},
         )
+        # the Cellpose model matters only with the Cellpose segmenter
+        segmenter = self.fields["segmenter"].widget
+        segmenter.currentTextChanged.connect(self._segmenter_changed)
+        self._segmenter_changed(segmenter.currentText())
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICES))
         self.device_combo.setToolTip(
@@ -182,6 +188,9 @@ class EmbedWidget(QWidget):
             self.model_combo.insertItem(i, Path(source).name or source, source)
             self.model_combo.setItemData(i, source, Qt.ItemDataRole.ToolTipRole)
         self.model_combo.setCurrentIndex(i)
+
+    def _segmenter_changed(self, name: str) -> None:
+        self.fields["cellpose_model"].widget.setEnabled(name == "cellpose")
 
     def settings(self) -> EmbedSettings:
         """The form as ``EmbedSettings`` (SettingsError names a bad field)."""
