@@ -13,7 +13,6 @@ from collections.abc import Hashable, Sequence
 from typing import Literal
 
 import numpy as np
-import torch
 
 from ..errors import DictionaryError
 
@@ -102,7 +101,10 @@ def control_mask(table, column: str, value) -> np.ndarray:
 
 def _times_transposed(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     """``x @ t.T`` through torch's BLAS: numpy's own BLAS threads keep spinning after the
-    product and slow the torch products that follow (the coder's), by ~40 ms per site."""
+    product and slow the torch products that follow (the coder's), by ~40 ms per site. torch
+    is imported here: the settings and the command-line parser import this module without it."""
+    import torch
+
     return (torch.from_numpy(np.ascontiguousarray(x)) @ torch.from_numpy(t).T).numpy()
 
 
