@@ -193,3 +193,25 @@ def test_concurrent_encodes_from_threads_give_the_serial_codes():
     for i in range(3):
         assert torch.equal(got[i].indices, serial[i].indices)
         assert torch.equal(got[i].values, serial[i].values)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vector_block_maximum_is_the_maximum_of_each_block(dtype):
+    """The LLVM-vector block maximum equals numpy's, block by block, and skips a NaN."""
+    from numba import njit
+
+    @njit
+    def maxima(row):
+        out = np.empty(row.shape[0] // P.BLOCK, row.dtype)
+        for k in range(out.shape[0]):
+            out[k] = P._block_max(row, k * P.BLOCK)
+        return out
+
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal(P.BLOCK * 5).astype(dtype)
+    row[3 * P.BLOCK - 1] = 50.0  # the last value of a block
+    row[P.BLOCK] = 40.0  # the first of one
+    np.testing.assert_array_equal(maxima(row), row.reshape(5, P.BLOCK).max(1))
+    row[2 * P.BLOCK + 7] = np.nan
+    got = maxima(row)
+    np.testing.assert_array_equal(got[2], np.nanmax(row[2 * P.BLOCK : 3 * P.BLOCK]))
