@@ -215,3 +215,28 @@ def test_vector_block_maximum_is_the_maximum_of_each_block(dtype):
     row[2 * P.BLOCK + 7] = np.nan
     got = maxima(row)
     np.testing.assert_array_equal(got[2], np.nanmax(row[2 * P.BLOCK : 3 * P.BLOCK]))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_does_not_inherit_the_kernel_threads():
+    """A forked child (multiprocessing's default on Linux) has none of its parent's threads:
+    it starts without the parent's pool and makes its own on first use, instead of queueing
+    runs for threads that do not exist. (torch's own OpenMP threads hang in such a child when
+    the parent used them, so the child here runs the kernel on one thread.)"""
+    import multiprocessing as mp
+
+    P._pool()  # the parent's pool exists
+    x, atoms = _problem(384, 32, 300, seed=8)
+    serial = P.pursuit_rows(x, atoms, 8, 4)
+    with mp.get_context("fork").Pool(1) as pool:
+        had_pool, made_pool, indices = pool.apply(_in_child, (x, atoms))
+    assert not had_pool and made_pool
+    assert torch.equal(indices, serial.indices)
+
+
+def _in_child(x, atoms):
+    had = P._POOL is not None
+    torch.set_num_threads(1)
+    codes = P.pursuit_rows(x, atoms, 8, 4)
+    P._pool()
+    return had, P._POOL is not None, codes.indices

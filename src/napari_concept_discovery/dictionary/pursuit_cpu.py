@@ -54,6 +54,16 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist; a new pool is made on first use."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 @njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
 def _solve_into(gss, rhs, out, ridge, tiny):
     """Solve gss out = rhs by Cholesky (gss overwritten), as ``icfl._solve`` does."""
