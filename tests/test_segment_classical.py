@@ -303,3 +303,24 @@ def test_cellpose_adapter_matches_ids(major):
     for k in range(1, cells.max() + 1):
         assert np.unique(site.cells[cells == k]).size == 1
     assert cells.max() >= 0.8 * site.cells.max()
+
+
+def test_auto_cellpose_model_is_the_installed_versions_default(monkeypatch, tmp_path):
+    """ "auto" is Cellpose's own default of the installed version, and a store's signature
+    records the model it resolved to, so upgrading Cellpose re-segments instead of reusing."""
+    import napari_concept_discovery.segment_cellpose as sc
+    from napari_concept_discovery.plate import open_plate
+    from napari_concept_discovery.plate_embedding import EmbedSettings, plate_inputs
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    assert SegmentSettings().cellpose_model == EmbedSettings().cellpose_model == "auto"
+    write_synthetic_plates(tmp_path, n_plates=1, n_wells=1, n_sites=1, size=64, seed=0)
+    plate = open_plate(next(p for p in tmp_path.iterdir() if p.is_dir()))
+    settings = EmbedSettings(cells="segment", segmenter="cellpose")
+    for major, name in ((4, "cpsam"), (3, "cyto3")):
+        monkeypatch.setattr(sc, "cellpose_major", lambda major=major: major)
+        assert sc.cellpose_model_name("auto") == sc.cellpose_model_name(" Auto") == name
+        (inputs,) = plate_inputs(plate, settings).values()
+        assert inputs.token == f"segment:DNA:cellpose:{name}"
+    assert sc.cellpose_model_name("cyto2") == "cyto2"
+    assert sc.cellpose_model_name("/models/mine.pt") == "/models/mine.pt"

@@ -291,8 +291,14 @@ def site_inputs(
         "segment",
         nuclear=str(nuclear),
         segmenter=segmenter,
-        cellpose_model=cellpose_model if segmenter == "cellpose" else None,
+        cellpose_model=_cellpose_name(cellpose_model) if segmenter == "cellpose" else None,
     )
+
+
+def _cellpose_name(source: str | None) -> str | None:
+    from .segment_cellpose import cellpose_model_name
+
+    return None if source is None else cellpose_model_name(source)
 
 
 def plate_inputs(plate, settings: EmbedSettings) -> dict[Any, SiteInputs]:

@@ -43,6 +43,14 @@ def cellpose_major() -> int:
         return 4
 
 
+def cellpose_model_name(source: str) -> str:
+    """``source`` with "auto" made the installed Cellpose's default model (cpsam from version
+    4, cyto3 before), so that a store records which model made its cells."""
+    if source.strip().lower() != "auto":
+        return source
+    return "cpsam" if cellpose_major() >= 4 else "cyto3"
+
+
 def load_cellpose(source: str, device: str | None = None):
     """A ``cellpose.models.CellposeModel`` for a built-in name or a model file.
 
@@ -50,6 +58,7 @@ def load_cellpose(source: str, device: str | None = None):
     network, built-in weights must already be in Cellpose's model folder.
     """
     models = _import_cellpose()
+    source = cellpose_model_name(source)
     kwargs: dict = {"gpu": device not in (None, "cpu")}
     if device is not None:
         import torch

@@ -270,8 +270,9 @@ class SegmentSettings(Settings):
         choices=EDGE_RULES,
     )
     cellpose_model: str = option(
-        "cyto3",
-        "Cellpose model for cells: a built-in name (cyto3, cpsam, ...) or a model file",
+        "auto",
+        "Cellpose model for cells: auto (the installed Cellpose's own default: cpsam from "
+        "version 4, cyto3 before), a built-in name (cpsam, cyto3, ...) or a model file",
     )
     cellpose_nuclei: str = option(
         "classical",
