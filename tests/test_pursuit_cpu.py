@@ -240,3 +240,28 @@ def _in_child(x, atoms):
     codes = P.pursuit_rows(x, atoms, 8, 4)
     P._pool()
     return had, P._POOL is not None, codes.indices
+
+
+def test_the_kernel_imports_and_runs_where_numba_cannot_cache():
+    """A read-only install and home (numba finds no folder to cache in) compiles the kernel in
+    the process instead of failing the import. Run in a child, with numba's cache locators
+    made to find nothing (as root, file permissions cannot show it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numba.core.caching as c\n"
+        "for k in c.CacheImpl._locator_classes:\n"
+        "    k.from_function = classmethod(lambda cls, f, s: None)\n"
+        "import torch\n"
+        "from napari_concept_discovery.dictionary import pursuit_cpu as P\n"
+        "from napari_concept_discovery.dictionary.icfl import pursuit_plain\n"
+        "x = torch.randn(20, 16, dtype=torch.float64)\n"
+        "a = torch.randn(300, 16, dtype=torch.float64)\n"
+        "a = a / a.norm(dim=1, keepdim=True)\n"
+        "got, ref = P.pursuit_rows(x, a, 3, 2), pursuit_plain(x, a, 3, 2)\n"
+        "assert torch.equal(got.indices.sort(1).values, ref.indices.sort(1).values)\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

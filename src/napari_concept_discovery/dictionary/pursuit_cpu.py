@@ -38,6 +38,18 @@ SCORE_BUDGET = 1 << 25
 # out-of-range read); reassociation and contraction are what vectorise the update and maxima.
 _MATH = {"nsz", "arcp", "contract", "reassoc"}
 
+
+def _compiled(fn):
+    """``fn`` compiled without the GIL, cached on disk where numba finds a writable place (the
+    package's folder, else the user's cache folder); where it finds none (a read-only install
+    and home), compiled anew in each process rather than failing the import."""
+    options = dict(nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+    try:
+        return njit(cache=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(**options)(fn)
+
+
 #: Threads that run the kernel on runs of rows (it releases the GIL). Plain Python threads
 #: rather than numba's parallel loops: numba's OpenMP layer shares the OpenMP runtime with
 #: torch and changes its thread count, and its fallback layer may not be entered from two
@@ -64,7 +76,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-@njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+@_compiled
 def _solve_into(gss, rhs, out, ridge, tiny):
     """Solve gss out = rhs by Cholesky (gss overwritten), as ``icfl._solve`` does."""
     n = gss.shape[0]
@@ -135,7 +147,7 @@ def _block_max(typingctx, row, start):
     return row.dtype(row, types.intp), codegen
 
 
-@njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+@_compiled
 def _pursuit_rows(scores, gram, n_iter, n_pick, values, indices, ridge, tiny):
     """Run the pursuit on every row of ``scores`` (B, M) in place, writing the codes.
 
@@ -173,7 +185,7 @@ def _pursuit_rows(scores, gram, n_iter, n_pick, values, indices, ridge, tiny):
         )
 
 
-@njit(cache=True, nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+@_compiled
 def _pursue_row(
     row, gram, n_iter, values, indices, ridge, tiny, bmax, best, bestv, topv, topi, gss, coef
 ):
