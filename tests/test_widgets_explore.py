@@ -515,7 +515,7 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
     session.select_feature(0)
     painter = wait_painter(qtbot, viewer)
 
-    # the user draws two cells on the site in view and picks that layer under "Cells from"
+    # the user draws two cells on the site in view and picks that layer under "Cells in view"
     image = session.plate[key].read()
     drawn = np.zeros(image.shape[-2:], np.int32)
     drawn[10:60, 20:80] = 7

@@ -91,6 +91,7 @@ class EmbedSettings(Settings):
         "cell labels: the plate's label files, else segmentation (auto); only files (file); "
         "always segment (segment); no cell tokens (none)",
         choices=CELL_SOURCES,
+        label="cell labels",
     )
     nuclear: str = option("DNA", "nuclear stain for segmentation, a channel name or index")
     segmenter: str = option(

@@ -137,7 +137,7 @@ class EmbedWidget(QWidget):
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(self.out_button)
         form.addRow("Store", out_row)
-        form.addRow("Cells from", self.cells_combo)
+        form.addRow("Cells in view", self.cells_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -259,7 +259,7 @@ class EmbedWidget(QWidget):
 
     def use_cells(self, layer_name: str | None) -> Job | None:
         """Take the Labels layer ``layer_name`` as the cells of the site in view (None: the
-        segmentation), as choosing it in "Cells from" does."""
+        segmentation), as choosing it in "Cells in view" does."""
         i = self.cells_combo.findData(layer_name) if layer_name else 0
         if i < 0:
             self._fail(f"There is no Labels layer named {layer_name!r} to take the cells from.")
