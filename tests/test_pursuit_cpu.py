@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_concept_discovery.dictionary import ICFL, ICFLConfig
+from napari_concept_discovery.dictionary import ICFL, ICFLConfig, train
 from napari_concept_discovery.dictionary import pursuit_cpu as P
 from napari_concept_discovery.dictionary.icfl import pursuit_gram, pursuit_plain
 
@@ -152,25 +152,15 @@ def test_icfl_on_a_cpu_encodes_and_trains_through_the_kernel():
     assert torch.equal(codes.indices, ref.indices) and torch.equal(codes.values, ref.values)
     assert model._fixed_gram().shape == (256, 256)
 
-    def train():
+    def trained(steps: int):
         m = ICFL(48, ICFLConfig(n_atoms=200, n_iter=4, n_pick=2), seed=0)
-        m.init_from_data(x, torch.Generator().manual_seed(0))
+        train(m, x, steps=steps, batch_size=600, seed=0)  # the library's training loop
         m.train()
-        opt = m.make_optimizer()
-        for step in range(1, 6):
-            out = m(x)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            m.before_step()
-            opt.step()
-            m.after_step(step, opt)
-        return m.W.detach().clone(), float(out.loss.detach())
+        return m.W.detach().clone(), float(m(x).loss.detach())
 
-    (w1, loss1), (w2, loss2) = train(), train()
+    (w1, loss1), (w2, loss2) = trained(5), trained(5)
     assert torch.equal(w1, w2) and loss1 == loss2
-    start = ICFL(48, ICFLConfig(n_atoms=200, n_iter=4, n_pick=2), seed=0)
-    start.init_from_data(x, torch.Generator().manual_seed(0))
-    assert loss1 < float(start.train()(x).loss.detach())  # the steps learned something
+    assert loss1 < trained(0)[1]  # the steps learned something
 
 
 def test_concurrent_encodes_from_threads_give_the_serial_codes():

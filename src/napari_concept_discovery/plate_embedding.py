@@ -246,10 +246,13 @@ def _segmenter(segmenter: str, cellpose_model: str | None, nuclear: str):
     """One segmenter per plate and settings, so that a Cellpose model loads once, not per site."""
     from .segment import channel_ref, make_segmenter
 
-    settings = SegmentSettings(segmenter=segmenter, nuclear=str(channel_ref(nuclear)))
-    if cellpose_model:
-        settings = settings.replace(cellpose_model=cellpose_model)
-    return make_segmenter(settings)
+    return make_segmenter(
+        SegmentSettings(
+            segmenter=segmenter,
+            nuclear=str(channel_ref(nuclear)),
+            cellpose_model=cellpose_model or SegmentSettings.cellpose_model,
+        )
+    )
 
 
 def site_inputs(

@@ -198,6 +198,20 @@ class SparseDictionary(nn.Module):
         raise NotImplementedError
 
 
+def workspace_buffer(workspace: dict | None, name: str, shape, like: torch.Tensor):
+    """An uninitialised tensor of ``shape`` like ``like``, reused from ``workspace`` (a dict the
+    caller keeps between calls) when one fits; fresh when there is no workspace."""
+    if workspace is None:
+        return like.new_empty(shape)
+    n = 1
+    for s in shape:
+        n *= s
+    buf = workspace.get(name)
+    if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
+        buf = workspace[name] = like.new_empty(n)
+    return buf[:n].view(shape)
+
+
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     """Per-dimension median: where tokens sit when no atom is active, if codes are sparse."""
     return x.median(dim=0).values

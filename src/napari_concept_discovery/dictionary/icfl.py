@@ -26,7 +26,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DictionaryError
-from .base import Codes, DictionaryConfig, ForwardOutput, SparseDictionary, coordinate_median
+from .base import (
+    Codes,
+    DictionaryConfig,
+    ForwardOutput,
+    SparseDictionary,
+    coordinate_median,
+    workspace_buffer,
+)
 from .pursuit_cpu import gram_rows, pursuit_rows
 
 
@@ -140,19 +147,6 @@ def gram_blocks(atoms: torch.Tensor, width: int, out: torch.Tensor | None = None
     return out
 
 
-def _workspace_buffer(workspace: dict | None, name: str, shape, like: torch.Tensor):
-    """An uninitialised tensor of ``shape``, reused from ``workspace`` when one fits."""
-    if workspace is None:
-        return like.new_empty(shape)
-    n = 1
-    for s in shape:
-        n *= s
-    buf = workspace.get(name)
-    if buf is None or buf.dtype != like.dtype or buf.device != like.device or buf.numel() < n:
-        buf = workspace[name] = like.new_empty(n)
-    return buf[:n].view(shape)
-
-
 #: Per-thread score buffers for applying a dictionary (``ICFL.encode`` outside training): the
 #: viewer encodes site after site, and a fresh chunk x M score matrix (64 MiB for 4096 tokens at
 #: M = 4096) costs its page faults on every call. Each thread keeps its own, so concurrent
@@ -259,7 +253,7 @@ def pursuit_gram(
     n_blocks = mp // width
     if gram is None:
         gram = gram_blocks(
-            padded, width, _workspace_buffer(workspace, "gram", (n_blocks, mp, width), atoms)
+            padded, width, workspace_buffer(workspace, "gram", (n_blocks, mp, width), atoms)
         )
     blocks_t = padded.view(n_blocks, width, -1).transpose(1, 2)  # (blocks, D, width)
     flat_gram = gram.view(-1)
@@ -270,8 +264,8 @@ def pursuit_gram(
     for start in range(0, b, chunk):
         rows = slice(start, start + chunk)
         n = min(chunk, b - start)
-        scores = _workspace_buffer(workspace, "scores", (n_blocks, n, width), residual)
-        block_max = _workspace_buffer(workspace, "block_max", (n_blocks, n), residual)
+        scores = workspace_buffer(workspace, "scores", (n_blocks, n, width), residual)
+        block_max = workspace_buffer(workspace, "block_max", (n_blocks, n), residual)
         torch.matmul(residual[rows], blocks_t, out=scores)
         if mp > m:
             scores[-1, :, width - (mp - m) :] = -torch.inf  # padding atoms are never picked

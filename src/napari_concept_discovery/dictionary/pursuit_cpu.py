@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .base import Codes
+from .base import Codes, workspace_buffer
 
 #: Scores per block whose maximum the pick keeps (see :func:`_pursuit_rows`).
 BLOCK = 128
@@ -300,16 +300,6 @@ def gram_rows(atoms: torch.Tensor, out: torch.Tensor | None = None, width: int =
     return out
 
 
-def _buffer(workspace: dict | None, name: str, shape, like: torch.Tensor) -> torch.Tensor:
-    n = int(np.prod(shape))
-    if workspace is None:
-        return like.new_empty(shape)
-    buf = workspace.get(name)
-    if buf is None or buf.dtype != like.dtype or buf.numel() < n:
-        buf = workspace[name] = like.new_empty(n)
-    return buf[:n].view(shape)
-
-
 @torch.no_grad()
 def pursuit_rows(
     residual: torch.Tensor,
@@ -336,18 +326,18 @@ def pursuit_rows(
     atoms = atoms.detach()
     residual = residual.detach().to(atoms.dtype)
     if gram is None:
-        gram = gram_rows(atoms, _buffer(workspace, "gram_rows", (mp, mp), atoms))
+        gram = gram_rows(atoms, workspace_buffer(workspace, "gram_rows", (mp, mp), atoms))
     if gram.shape != (mp, mp):
         raise ValueError(f"G is {tuple(gram.shape)}; gram_rows gives ({mp}, {mp}) for {m} atoms")
-    values = np.empty((b, n_iter * n_pick), dtype=gram.numpy().dtype)
+    g = gram.numpy()
+    values = np.empty((b, n_iter * n_pick), dtype=g.dtype)
     indices = np.empty((b, n_iter * n_pick), dtype=np.int64)
     finfo = torch.finfo(atoms.dtype)
-    ridge, tiny = values.dtype.type(10 * finfo.eps), values.dtype.type(finfo.tiny)
-    g = gram.numpy()
+    ridge, tiny = g.dtype.type(10 * finfo.eps), g.dtype.type(finfo.tiny)
     threads = max(1, torch.get_num_threads())
     for start in range(0, b, chunk):
         n = min(chunk, b - start)
-        scores = _buffer(workspace, "scores_rows", (n, mp), atoms)
+        scores = workspace_buffer(workspace, "scores_rows", (n, mp), atoms)
         torch.mm(residual[start : start + n], atoms.T, out=scores[:, :m])
         if mp > m:
             scores[:, m:] = finfo.min  # padding atoms are never picked
