@@ -191,6 +191,8 @@ def test_segment_settings_are_checked():
         ({"cell_threshold": "kapur"}, "cell_threshold"),
         ({"segmenter": "stardist"}, "segmenter"),
         ({"cellpose_diameter": -5}, "cellpose_diameter"),
+        ({"cellpose_cellprob": 7}, "cellpose_cellprob"),
+        ({"cellpose_flow": -0.1}, "cellpose_flow"),
     ):
         with pytest.raises(SettingsError, match=name):
             SegmentSettings(**bad)
@@ -324,3 +326,12 @@ def test_auto_cellpose_model_is_the_installed_versions_default(monkeypatch, tmp_
         assert inputs.token == f"segment:DNA:cellpose:{name}"
     assert sc.cellpose_model_name("cyto2") == "cyto2"
     assert sc.cellpose_model_name("/models/mine.pt") == "/models/mine.pt"
+
+
+def test_embed_settings_refuse_an_empty_cellpose_model_and_an_unknown_segmenter():
+    from napari_concept_discovery.plate_embedding import EmbedSettings
+
+    with pytest.raises(SettingsError, match="cellpose_model"):
+        EmbedSettings(segmenter="cellpose", cellpose_model=" ")
+    with pytest.raises(SettingsError, match="segmenter"):
+        EmbedSettings(segmenter="stardist")
