@@ -34,6 +34,7 @@ from .base import (
     coordinate_median,
     workspace_buffer,
 )
+from .decode_cpu import fixed_codes_loss
 from .pursuit_cpu import gram_rows, pursuit_rows
 
 
@@ -366,14 +367,18 @@ class ICFL(SparseDictionary):
         """
         cfg = self.config
         with torch.no_grad():
-            r = x - self.b
             if cfg.pursuit == "plain":
-                return pursuit_plain(r, self.W, cfg.n_iter, cfg.n_pick)
+                return pursuit_plain(x - self.b, self.W, cfg.n_iter, cfg.n_pick)
             if not self.training:
                 if gram is None:
                     gram = self._fixed_gram()
                 if workspace is None:
                     workspace = _encode_workspace()
+            if x.dtype == self.b.dtype:  # the residual in a reused buffer: no fresh pages
+                r = workspace_buffer(workspace, "residual", tuple(x.shape), x)
+                torch.sub(x, self.b, out=r)
+            else:
+                r = x - self.b
             if r.device.type == "cpu":
                 return pursuit_rows(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
             return pursuit_gram(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
@@ -412,8 +417,11 @@ class ICFL(SparseDictionary):
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         workspace = self._workspace if self.training else None
         codes = self.encode(x, workspace=workspace)
-        x_hat = self.decode(codes)
-        loss = (x - x_hat).pow(2).sum(1).mean()
+        if x.device.type == "cpu" and self.W.device.type == "cpu":
+            x_hat, loss = fixed_codes_loss(x, codes, self.W, self.b)
+        else:
+            x_hat = self.decode(codes)
+            loss = (x - x_hat).pow(2).sum(1).mean()
         return ForwardOutput(x_hat, codes, loss, {"loss": float(loss.detach())})
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .base import Codes, workspace_buffer
+from .base import Codes, huge_empty, workspace_buffer
 
 #: Scores per block whose maximum the pick keeps (see :func:`_pursuit_rows`).
 BLOCK = 128
@@ -287,7 +287,7 @@ def gram_rows(atoms: torch.Tensor, out: torch.Tensor | None = None, width: int =
     m = atoms.shape[0]
     mp = padded_size(m)
     if out is None:
-        out = atoms.new_empty(mp, mp)
+        out = huge_empty(mp * mp, atoms).view(mp, mp)
     for a in range(0, m, width):
         e = min(a + width, m)
         torch.mm(atoms[a:e], atoms[a:].T, out=out[a:e, a:m])
@@ -326,7 +326,9 @@ def pursuit_rows(
     atoms = atoms.detach()
     residual = residual.detach().to(atoms.dtype)
     if gram is None:
-        gram = gram_rows(atoms, workspace_buffer(workspace, "gram_rows", (mp, mp), atoms))
+        gram = gram_rows(
+            atoms, workspace_buffer(workspace, "gram_rows", (mp, mp), atoms, huge=True)
+        )
     if gram.shape != (mp, mp):
         raise ValueError(f"G is {tuple(gram.shape)}; gram_rows gives ({mp}, {mp}) for {m} atoms")
     g = gram.numpy()
@@ -337,7 +339,7 @@ def pursuit_rows(
     threads = max(1, torch.get_num_threads())
     for start in range(0, b, chunk):
         n = min(chunk, b - start)
-        scores = workspace_buffer(workspace, "scores_rows", (n, mp), atoms)
+        scores = workspace_buffer(workspace, "scores_rows", (n, mp), atoms, huge=True)
         torch.mm(residual[start : start + n], atoms.T, out=scores[:, :m])
         if mp > m:
             scores[:, m:] = finfo.min  # padding atoms are never picked
