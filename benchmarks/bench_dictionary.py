@@ -98,7 +98,7 @@ class Ours:
         self.model.before_step()
         self.opt.step()
         self.model.after_step(i, self.opt)
-        return float(out.loss)
+        return float(out.loss.detach())
 
     @torch.no_grad()
     def reconstruct(self, x):

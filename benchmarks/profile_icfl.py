@@ -109,20 +109,25 @@ def phases(model: ICFL, x: torch.Tensor) -> dict[str, float]:
     }
 
 
-def phases_kernel(model: ICFL, x: torch.Tensor) -> dict[str, float]:
+def phases_kernel(model: ICFL, x: torch.Tensor, huge: bool = True) -> dict[str, float]:
     """CPU ms of each part of the compiled CPU pursuit (``pursuit_cpu``), the path ICFL takes
     on a CPU: Gram rows, the first scores, then the kernel (every pick, solve, score update and
-    block maxima of all J iterations, token by token)."""
+    block maxima of all J iterations, token by token). ``huge``: G and the scores on 2 MiB
+    pages, as the library allocates them; else on ordinary 4 KiB pages."""
     from napari_concept_discovery.dictionary import pursuit_cpu
+    from napari_concept_discovery.dictionary.base import huge_empty
 
     cfg = model.config
     atoms = model.W.detach()
     r = x - model.b.detach()
     m = atoms.shape[0]
     mp = pursuit_cpu.padded_size(m)
-    gram = pursuit_cpu.gram_rows(atoms)
-    scores = torch.empty(len(r), mp)
-    fresh = torch.empty_like(scores)
+
+    def buffer(rows: int) -> torch.Tensor:
+        return huge_empty(rows * mp, atoms).view(rows, mp) if huge else torch.empty(rows, mp)
+
+    gram = pursuit_cpu.gram_rows(atoms, buffer(mp))
+    scores, fresh = buffer(len(r)), buffer(len(r))
     values = np.empty((len(r), cfg.n_iter * cfg.n_pick), np.float32)
     indices = np.empty(values.shape, np.int64)
     eps, tiny = np.float32(10 * np.finfo(np.float32).eps), np.float32(np.finfo(np.float32).tiny)
@@ -135,14 +140,50 @@ def phases_kernel(model: ICFL, x: torch.Tensor) -> dict[str, float]:
         )
 
     copy = cpu_ms(lambda: fresh.copy_(scores))
-    return {
+    out = {
         "Gram matrix (symmetric, rows)": cpu_ms(lambda: pursuit_cpu.gram_rows(atoms, gram)),
         "first scores (B x D x M product)": cpu_ms(lambda: torch.mm(r, atoms.T, out=scores[:, :m])),
         f"kernel: {cfg.n_iter} picks and solves, {cfg.n_iter - 1} updates": cpu_ms(kernel) - copy,
-        "whole pursuit": cpu_ms(
-            lambda: pursuit_cpu.pursuit_rows(r, atoms, cfg.n_iter, cfg.n_pick), repeat=3
-        ),
     }
+    if huge:
+        ws: dict = {}
+        out["whole pursuit (reused buffers, as in training)"] = cpu_ms(
+            lambda: pursuit_cpu.pursuit_rows(r, atoms, cfg.n_iter, cfg.n_pick, workspace=ws)
+        )
+    return out
+
+
+def step_parts(model: ICFL, opt, x: torch.Tensor) -> dict[str, float]:
+    """CPU ms of an ICFL training step outside the Gram matrix and the kernel: the loss with
+    its backward, compiled (``decode_cpu``, what the step runs) and through torch's ops (what
+    it ran before), and the optimiser step with the renormalisation."""
+    from napari_concept_discovery.dictionary.base import sparse_decode
+    from napari_concept_discovery.dictionary.decode_cpu import fixed_codes_loss
+
+    codes = model.encode(x, workspace=model._workspace)
+
+    def compiled():
+        fixed_codes_loss(x, codes, model.W, model.b)[1].backward()
+
+    def through_torch():
+        x_hat = sparse_decode(codes, model.W) + model.b
+        (x - x_hat).pow(2).sum(1).mean().backward()
+
+    def optimiser():
+        opt.step()
+        model.after_step(1, opt)
+
+    parts = {
+        "pursuit (residual, G, scores, kernel)": cpu_ms(
+            lambda: model.encode(x, workspace=model._workspace), 3
+        ),
+        "loss + backward, compiled (decode_cpu)": cpu_ms(compiled),
+        "loss + backward through torch (before)": cpu_ms(through_torch),
+    }
+    compiled()
+    parts["Adam + unit-norm atoms"] = cpu_ms(optimiser)
+    opt.zero_grad(set_to_none=True)
+    return parts
 
 
 def main() -> None:
@@ -216,6 +257,12 @@ def run(args) -> None:
     print("\nICFL pursuit of one batch, CPU ms per phase: the compiled CPU kernel (the path ICFL")
     print("takes on a CPU)")
     for name, ms in phases_kernel(runs["icfl"][0], x[: args.batch]).items():
+        print(f"  {name:<44}{ms:8.1f}")
+    print("the same kernel with G and the scores on ordinary 4 KiB pages:")
+    for name, ms in phases_kernel(runs["icfl"][0], x[: args.batch], huge=False).items():
+        print(f"  {name:<44}{ms:8.1f}")
+    print("ICFL training step, CPU ms per part:")
+    for name, ms in step_parts(*runs["icfl"], x[: args.batch]).items():
         print(f"  {name:<44}{ms:8.1f}")
     print("and the torch Gram pursuit (the path on a GPU; on a CPU before the kernel):")
     for name, ms in phases(runs["icfl"][0], x[: args.batch]).items():
