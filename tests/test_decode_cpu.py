@@ -53,7 +53,10 @@ def test_equals_autograd_through_torch_in_float64(extra):
     gradient that arrives through x_hat adds to the loss's)."""
     case = _case(torch.float64)
     for ours, ref, name in zip(
-        _ours(*case, extra), _reference(*case, extra), ["loss", "x_hat", "dW", "db", "dx"]
+        _ours(*case, extra),
+        _reference(*case, extra),
+        ["loss", "x_hat", "dW", "db", "dx"],
+        strict=True,
     ):
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-12, atol=1e-12, err_msg=name)
 
@@ -61,7 +64,10 @@ def test_equals_autograd_through_torch_in_float64(extra):
 def test_float32_within_rounding():
     case = _case(torch.float32, seed=1)
     for ours, ref, name in zip(
-        _ours(*case, False), _reference(*case, False), ["loss", "x_hat", "dW", "db", "dx"]
+        _ours(*case, False),
+        _reference(*case, False),
+        ["loss", "x_hat", "dW", "db", "dx"],
+        strict=True,
     ):
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
 
@@ -77,7 +83,7 @@ def test_same_bits_on_one_and_two_threads():
         two = _ours(*case, False)
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
 
 
@@ -89,7 +95,11 @@ def test_refuses_codes_with_a_gradient_and_handles_an_empty_batch():
     w = atoms.clone().requires_grad_()
     x_hat, loss = fixed_codes_loss(x[:0], empty, w, bias)
     loss.backward()
-    assert x_hat.shape == (0, x.shape[1]) and float(loss.detach()) == 0 and float(w.grad.abs().sum()) == 0
+    assert (
+        x_hat.shape == (0, x.shape[1])
+        and float(loss.detach()) == 0
+        and float(w.grad.abs().sum()) == 0
+    )
 
 
 def test_icfl_training_step_takes_it_with_the_same_loss_and_gradient():
