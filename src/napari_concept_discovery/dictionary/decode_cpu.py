@@ -4,9 +4,9 @@ ICFL's codes come from a pursuit and carry no gradient, so a training step needs
 x_hat = b + sum_s v_s W[i_s], the loss mean ||x_hat - x||^2, and, going back, the atoms'
 gradient: row W[i] collects v * (2/B)(x_hat - x) from every slot that chose atom i. Through
 torch that is a gather (``embedding_bag``), three elementwise passes for the loss and their
-backward, and a sparse matrix product for the scatter, which cost about 40 ms per step of
-4,096 tokens at D = 384 here; these kernels do the same in about half (benchmarks/
-profile_icfl.py). Both walks are bound by reading the chosen rows of W from the last-level
+backward, and a sparse matrix product for the scatter: 28-36 ms per step of 4,096 tokens at
+D = 384 here, against 23-26 ms for these kernels (benchmarks/profile_icfl.py), with fewer
+fresh (B, D) buffers. Both walks are bound by reading the chosen rows of W from the last-level
 cache, not by arithmetic.
 
 The scatter splits the atoms, not the tokens, between threads: every atom's sum runs over the
