@@ -72,6 +72,18 @@ def test_float32_within_rounding():
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_tokens_of_another_dtype_get_their_gradient_in_their_dtype():
+    """float64 tokens against float32 atoms: computed in the atoms' dtype, and the tokens'
+    gradient comes back as float64, as autograd requires."""
+    x, atoms, bias, codes = _case(torch.float32, seed=4)
+    x64 = x.double().requires_grad_()
+    x_hat, loss = fixed_codes_loss(x64, codes, atoms, bias)
+    loss.backward()
+    assert x_hat.dtype == torch.float32 and x64.grad.dtype == torch.float64
+    ref = _reference(x, atoms, bias, codes, extra=False)[4]
+    np.testing.assert_allclose(x64.grad.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_same_bits_on_one_and_two_threads():
     """The scatter splits atoms between threads, so every atom's sum keeps its order."""
     case = _case(torch.float32, n=1000, m=64, seed=2)  # many tokens per atom: order would show
