@@ -225,8 +225,7 @@ def huge_empty(n: int, like: torch.Tensor) -> torch.Tensor:
         return like.new_empty(n)
     start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     offset = (-start) % HUGE_PAGE  # huge pages need 2 MiB-aligned addresses
-    dtype = torch.empty(0, dtype=like.dtype).numpy().dtype
-    return torch.from_numpy(np.frombuffer(buf, dtype=dtype, count=n, offset=offset))
+    return torch.frombuffer(buf, dtype=like.dtype, count=n, offset=offset)  # keeps buf alive
 
 
 def workspace_buffer(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .pursuit_cpu import _compiled, _pool
+from .pursuit_cpu import _compiled, _runs, _threaded
 
 
 @_compiled
@@ -65,18 +65,6 @@ def _scatter(values, indices, grad, out, lo, hi):
                 o[t] += v * g[t]
 
 
-def _runs(n: int, threads: int) -> list[tuple[int, int]]:
-    cuts = np.linspace(0, n, max(1, min(threads, n)) + 1).astype(int)
-    return [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
-
-
-def _threaded(kernel, runs, *args) -> list:
-    """``kernel(*args, lo, hi)`` for every run, the first on this thread, the rest in the pool."""
-    jobs = [_pool().submit(kernel, *args, lo, hi) for lo, hi in runs[1:]]
-    first = kernel(*args, *runs[0])
-    return [first] + [job.result() for job in jobs]
-
-
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -92,7 +80,7 @@ class _FixedCodesLoss(torch.autograd.Function):
         scale = w.dtype.type(2 / max(b, 1))
         args = (_numpy(values.to(atoms.dtype)), _numpy(indices), w, _numpy(bias))
         args += (_numpy(x.to(atoms.dtype)), out.numpy(), err.numpy(), scale)
-        sums = _threaded(_reconstruct, _runs(b, max(1, torch.get_num_threads())), *args)
+        sums = _threaded(_reconstruct, _runs(b), *args)
         loss = torch.tensor(sum(sums) / max(b, 1), dtype=atoms.dtype)
         ctx.save_for_backward(err, values, indices)
         ctx.n_atoms = atoms.shape[0]
@@ -115,9 +103,8 @@ class _FixedCodesLoss(torch.autograd.Function):
         grad_atoms = grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_atoms = torch.zeros(ctx.n_atoms, grad.shape[1], dtype=grad.dtype)
-            runs = _runs(ctx.n_atoms, max(1, torch.get_num_threads()))
             v, i = _numpy(values.to(grad.dtype)), _numpy(indices)
-            _threaded(_scatter, runs, v, i, _numpy(grad), grad_atoms.numpy())
+            _threaded(_scatter, _runs(ctx.n_atoms), v, i, _numpy(grad), grad_atoms.numpy())
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_atoms, grad_bias, None, None

@@ -76,6 +76,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _runs(n: int) -> list[tuple[int, int]]:
+    """``n`` rows cut into one contiguous run per torch thread (at most ``n``, at least one)."""
+    cuts = np.linspace(0, n, max(1, min(torch.get_num_threads(), n)) + 1).astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def _threaded(kernel, runs, *args) -> list:
+    """``kernel(*args, lo, hi)`` for every run: the first on this thread, the others in the
+    pool meanwhile. Returns the results in the order of the runs."""
+    jobs = [_pool().submit(kernel, *args, lo, hi) for lo, hi in runs[1:]]
+    first = kernel(*args, *runs[0])
+    return [first] + [job.result() for job in jobs]
+
+
 @_compiled
 def _solve_into(gss, rhs, out, ridge, tiny):
     """Solve gss out = rhs by Cholesky (gss overwritten), as ``icfl._solve`` does."""
@@ -271,6 +285,12 @@ def _pursue_row(
             bmax[k] = _block_max(row, o)
 
 
+def _pursue_run(scores, gram, n_iter, n_pick, values, indices, ridge, tiny, lo, hi):
+    """The kernel on rows lo:hi (one thread's run)."""
+    rows = slice(lo, hi)
+    _pursuit_rows(scores[rows], gram, n_iter, n_pick, values[rows], indices[rows], ridge, tiny)
+
+
 def padded_size(m: int) -> int:
     """M rounded up to whole blocks: the kernel's scores and G carry that many columns."""
     return -(-m // BLOCK) * BLOCK
@@ -336,7 +356,6 @@ def pursuit_rows(
     indices = np.empty((b, n_iter * n_pick), dtype=np.int64)
     finfo = torch.finfo(atoms.dtype)
     ridge, tiny = g.dtype.type(10 * finfo.eps), g.dtype.type(finfo.tiny)
-    threads = max(1, torch.get_num_threads())
     for start in range(0, b, chunk):
         n = min(chunk, b - start)
         scores = workspace_buffer(workspace, "scores_rows", (n, mp), atoms, huge=True)
@@ -344,17 +363,7 @@ def pursuit_rows(
         if mp > m:
             scores[:, m:] = finfo.min  # padding atoms are never picked
         s, v, i = scores.numpy(), values[start : start + n], indices[start : start + n]
-        cuts = np.linspace(0, n, min(threads, n) + 1).astype(int)
-        runs = [slice(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
-        # the other runs go to the pool, the first is worked on here meanwhile
-        jobs = [
-            _pool().submit(_pursuit_rows, s[r], g, n_iter, n_pick, v[r], i[r], ridge, tiny)
-            for r in runs[1:]
-        ]
-        r = runs[0]
-        _pursuit_rows(s[r], g, n_iter, n_pick, v[r], i[r], ridge, tiny)
-        for job in jobs:
-            job.result()
+        _threaded(_pursue_run, _runs(n), s, g, n_iter, n_pick, v, i, ridge, tiny)
     if b and int(indices.max()) >= m:  # only when scores were NaN: no real atom compared higher
         raise ValueError("ICFL pursuit: tokens or atoms hold NaN or infinite values")
     return Codes(torch.from_numpy(values), torch.from_numpy(indices))
