@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment in .venv with the project installed.
-#   bash scripts/install.sh          # the library, CLI and napari plugin
+#   bash scripts/install.sh          # the library, CLI and napari plugin (with Qt)
 #   bash scripts/install.sh --test   # plus test tools and the Debian packages that a headless
 #                                    # Qt/OpenGL test needs (Xvfb, Mesa, xcb) and chromium (the
 #                                    # HTML report is rendered in it); needs root or sudo
+# Both install within constraints.txt (the versions the tests last passed with), so running them
+# in either order, or again later, gives the same working set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +28,8 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # timm imports torchvision, and PyPI's torchvision only loads beside the torch build it was made
-# for: install the matching pair first (on this workplace both lie on local disk), so that pip
-# neither pulls another multi-GB torch nor mixes builds.
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".${extra}"
+# for: install the matching pair first, so that pip neither pulls another multi-GB torch nor
+# mixes builds.
+.venv/bin/python -m pip install -q -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".${extra}"
 echo "installed into .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -204,28 +204,47 @@ class SparseDictionary(nn.Module):
 HUGE_PAGE = 1 << 21
 
 
+def _libc_madvise():
+    """libc's ``madvise`` through ctypes, or None where there is none (not Linux/glibc)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise()
+
+
 def huge_empty(n: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised 1-D CPU tensor of ``n`` elements like ``like``, on transparent huge pages
-    where the system offers them on request (Linux's ``madvise`` mode); else ``new_empty``.
+    """An uninitialised 1-D CPU tensor of ``n`` elements like ``like``, its whole 2 MiB pages
+    advised onto transparent huge pages where the system offers them on request (Linux's
+    ``madvise`` mode).
 
     ICFL's CPU pursuit reads random rows of the (M, M) Gram matrix, 64 MiB at M = 4096. On 4 KiB
     pages each row spans four pages, every read of G[S, S] is a TLB miss, and the hardware
     prefetchers stop at each page boundary; on 2 MiB pages the kernel ran 10-20% faster here
-    (benchmarks/profile_icfl.py). The mapping is private and anonymous and is unmapped when the
-    tensor is freed.
+    (benchmarks/profile_icfl.py).
+
+    The memory is torch's own allocation (one huge page larger, so an aligned run fits inside
+    it); only advice is added. It must never be a Python object seen through the tensor
+    (``torch.frombuffer`` over an ``mmap``, ``torch.from_numpy``): such a tensor's deleter
+    re-enters Python, and when the last reference goes while a thread's Python state is torn
+    down (a per-thread workspace of a Qt pool thread), that deletes the thread state twice and
+    crashes the process (tests/test_thread_teardown.py).
     """
-    nbytes = n * like.element_size()
+    size = like.element_size()
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
-    if like.device.type != "cpu" or nbytes < HUGE_PAGE or advise is None:
+    if like.device.type != "cpu" or n * size < HUGE_PAGE or advise is None or _MADVISE is None:
         return like.new_empty(n)
-    try:
-        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf.madvise(advise)
-    except (OSError, ValueError):
-        return like.new_empty(n)
-    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    offset = (-start) % HUGE_PAGE  # huge pages need 2 MiB-aligned addresses
-    return torch.frombuffer(buf, dtype=like.dtype, count=n, offset=offset)  # keeps buf alive
+    raw = like.new_empty(n + HUGE_PAGE // size)
+    skip = (-raw.data_ptr()) % HUGE_PAGE  # huge pages need 2 MiB-aligned addresses
+    out = raw[skip // size : skip // size + n]
+    whole = (n * size) // HUGE_PAGE * HUGE_PAGE
+    _MADVISE(out.data_ptr(), whole, advise)  # advice only: a refusal leaves ordinary pages
+    return out
 
 
 def workspace_buffer(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
+from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 import torch
@@ -141,6 +142,9 @@ def gram_blocks(atoms: torch.Tensor, width: int, out: torch.Tensor | None = None
     for k in range(n_blocks):
         a = k * width
         torch.mm(atoms[a:], atoms[a : a + width].T, out=out[k, a:])
+        # the diagonal tile is symmetric only up to the order of the matmul's sums: mirror it
+        tile = out[k, a : a + width]
+        tile.copy_(tile.triu() + tile.triu(1).T)
     for k in range(1, n_blocks):
         a = k * width
         # out[k][j-th tile] = G[block j, block k] = G[block k, block j]^T = out[j][k-th tile]^T
@@ -148,23 +152,49 @@ def gram_blocks(atoms: torch.Tensor, width: int, out: torch.Tensor | None = None
     return out
 
 
-#: Per-thread score buffers for applying a dictionary (``ICFL.encode`` outside training): the
-#: viewer encodes site after site, and a fresh chunk x M score matrix (64 MiB for 4096 tokens at
-#: M = 4096) costs its page faults on every call. Each thread keeps its own, so concurrent
-#: encodes never share memory; :func:`release_encode_buffers` frees the calling thread's.
-_ENCODE_BUFFERS = threading.local()
+class WorkspacePool:
+    """Score buffers for applying a dictionary (``ICFL.encode`` outside training), lent to one
+    encode at a time and kept between encodes.
+
+    The viewer encodes site after site, and a fresh chunk x M score matrix (64 MiB for 4096
+    tokens at M = 4096) costs its page faults on every call. Concurrent encodes each borrow their
+    own workspace, so they never share memory. The buffers are not thread-local on purpose: a
+    ``threading.local`` of a thread that Python did not start (Qt's pool threads) is freed while
+    that thread's Python state is torn down, and freeing a tensor there (a view, or one holding
+    a Python object) re-enters Python and deletes the thread state twice, which crashed the
+    viewer (tests/test_thread_teardown.py). Here a workspace is only ever freed by ordinary
+    Python code: when more than ``keep`` are idle, or by :meth:`clear`.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._idle: list[dict] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lease(self):
+        with self._lock:
+            workspace = self._idle.pop() if self._idle else {}
+        try:
+            yield workspace
+        finally:
+            with self._lock:
+                if len(self._idle) < self.keep:
+                    self._idle.append(workspace)
+
+    def clear(self) -> None:
+        """Free the idle workspaces (those lent out are freed when they come back)."""
+        with self._lock:
+            self._idle.clear()
 
 
-def _encode_workspace() -> dict:
-    ws = getattr(_ENCODE_BUFFERS, "workspace", None)
-    if ws is None:
-        ws = _ENCODE_BUFFERS.workspace = {}
-    return ws
+#: The workspaces of every ICFL encode outside training.
+ENCODE_WORKSPACES = WorkspacePool()
 
 
 def release_encode_buffers() -> None:
-    """Free the score buffers this thread's ICFL encodes keep between calls."""
-    _ENCODE_BUFFERS.workspace = None
+    """Free the score buffers that ICFL encodes keep between calls."""
+    ENCODE_WORKSPACES.clear()
 
 
 def _coefficient_matrix(picked: torch.Tensor, coef: torch.Tensor, m: int) -> torch.Tensor:
@@ -369,19 +399,23 @@ class ICFL(SparseDictionary):
         with torch.no_grad():
             if cfg.pursuit == "plain":
                 return pursuit_plain(x - self.b, self.W, cfg.n_iter, cfg.n_pick)
-            if not self.training:
-                if gram is None:
-                    gram = self._fixed_gram()
-                if workspace is None:
-                    workspace = _encode_workspace()
-            if x.dtype == self.b.dtype:  # the residual in a reused buffer: no fresh pages
-                r = workspace_buffer(workspace, "residual", tuple(x.shape), x)
-                torch.sub(x, self.b, out=r)
-            else:
-                r = x - self.b
-            if r.device.type == "cpu":
-                return pursuit_rows(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
-            return pursuit_gram(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
+            if not self.training and gram is None:
+                gram = self._fixed_gram()
+            if workspace is not None or self.training:
+                return self._pursue(x, gram, workspace)
+            with ENCODE_WORKSPACES.lease() as borrowed:
+                return self._pursue(x, gram, borrowed)
+
+    def _pursue(self, x: torch.Tensor, gram, workspace: dict | None) -> Codes:
+        cfg = self.config
+        if x.dtype == self.b.dtype and workspace is not None:
+            r = workspace_buffer(workspace, "residual", tuple(x.shape), x)  # no fresh pages
+            torch.sub(x, self.b, out=r)
+        else:
+            r = x - self.b
+        if r.device.type == "cpu":
+            return pursuit_rows(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
+        return pursuit_gram(r, self.W, cfg.n_iter, cfg.n_pick, gram, workspace=workspace)
 
     def _fixed_gram(self) -> torch.Tensor:
         """G of the atoms as they are now, computed once and kept while they do not change.

@@ -300,8 +300,8 @@ def gram_rows(atoms: torch.Tensor, out: torch.Tensor | None = None, width: int =
     """G = W W^T, row-major, zero-padded to (M', M') with M' = :func:`padded_size` (M).
 
     Row block k is multiplied out from its diagonal on (about half the multiply-adds of the
-    full product), and the part left of the diagonal is copied from the transposed blocks
-    above, so G is exactly symmetric. The zero padding leaves padded scores unchanged by
+    full product), and the part below the diagonal is copied from the transposed part above,
+    so G is exactly symmetric. The zero padding leaves padded scores unchanged by
     every update.
     """
     m = atoms.shape[0]
@@ -314,6 +314,10 @@ def gram_rows(atoms: torch.Tensor, out: torch.Tensor | None = None, width: int =
     for a in range(0, m, width):
         e = min(a + width, m)
         out[e:m, a:e].copy_(out[a:e, e:m].T)
+        # a diagonal block's product is symmetric only up to the order of its sums, which the
+        # matmul kernel may choose per tile: mirror its upper triangle too
+        block = out[a:e, a:e]
+        block.copy_(block.triu() + block.triu(1).T)
     if mp > m:
         out[m:].zero_()
         out[:m, m:].zero_()
@@ -352,8 +356,14 @@ def pursuit_rows(
     if gram.shape != (mp, mp):
         raise ValueError(f"G is {tuple(gram.shape)}; gram_rows gives ({mp}, {mp}) for {m} atoms")
     g = gram.numpy()
-    values = np.empty((b, n_iter * n_pick), dtype=g.dtype)
-    indices = np.empty((b, n_iter * n_pick), dtype=np.int64)
+    # torch owns the codes' memory and the kernel writes through numpy views of it: a tensor
+    # made by from_numpy would hold a Python object, which is not safe to free in every thread
+    # (see base.huge_empty)
+    codes = Codes(
+        torch.empty((b, n_iter * n_pick), dtype=atoms.dtype),
+        torch.empty((b, n_iter * n_pick), dtype=torch.int64),
+    )
+    values, indices = codes.values.numpy(), codes.indices.numpy()
     finfo = torch.finfo(atoms.dtype)
     ridge, tiny = g.dtype.type(10 * finfo.eps), g.dtype.type(finfo.tiny)
     for start in range(0, b, chunk):
@@ -366,4 +376,4 @@ def pursuit_rows(
         _threaded(_pursue_run, _runs(n), s, g, n_iter, n_pick, v, i, ridge, tiny)
     if b and int(indices.max()) >= m:  # only when scores were NaN: no real atom compared higher
         raise ValueError("ICFL pursuit: tokens or atoms hold NaN or infinite values")
-    return Codes(torch.from_numpy(values), torch.from_numpy(indices))
+    return codes
