@@ -1031,7 +1031,7 @@ def _run_models(args, con: Console) -> int:
     return 0
 
 
-# --- view (issue 9: in-viewer concept discovery) -----------------------------------------
+# --- view: in-viewer concept discovery -----------------------------------------------------
 
 
 def _add_view(sub) -> None:
@@ -1067,8 +1067,10 @@ def _run_view(args, con: Console) -> int:
     import napari
 
     from .widgets import open_viewer
+    from .widgets._drive import scripted_user
 
-    open_viewer(inputs.plate, inputs.store, inputs.dictionary)
+    opened = open_viewer(inputs.plate, inputs.store, inputs.dictionary)
+    user = scripted_user(opened)  # tests only: a scripted user acting in the real process
     con.note(
         f"plate {inputs.plate}"
         + (f", store {inputs.store}" if inputs.store else ", no store yet (Embed widget)")
@@ -1076,7 +1078,7 @@ def _run_view(args, con: Console) -> int:
     )
     con.result(plate=inputs.plate, store=inputs.store, dictionary=inputs.dictionary)
     napari.run()
-    return 0
+    return 0 if user is None else user.exit_code or 0
 
 
 # --- entry point ---------------------------------------------------------------------------
