@@ -6,8 +6,9 @@ a scripted user (:mod:`napari_concept_discovery.widgets._drive`) who applies the
 paints a feature, opens another site and clicks a cell; the viewer must stay up for 30 s and
 close with exit code 0. These caught what in-process widget tests could not: the viewer died a
 few seconds after the dictionary was applied, as Qt's pool threads ended
-(test_thread_teardown.py has the root cause). The ``view`` session runs with glibc's heap checks
-on, so a write past a buffer aborts in it rather than later.
+(test_thread_teardown.py has the root cause). The ``view`` session runs with glibc's and
+Python's allocator checks and bounds-checked kernels, so a write past a buffer fails in it
+rather than later.
 
 ``CONCEPT_DISCOVERY_DEMO_OUT`` names a finished ``concept-discovery demo`` folder to use (CI gives
 it the README's ``demo-out``); otherwise a small demo is made with the real command.
@@ -44,7 +45,10 @@ def demo_out(tmp_path_factory) -> Path:
         return path
     out = tmp_path_factory.mktemp("view") / "demo-out"
     proc = subprocess.run(
-        [*CLI, "-q", "demo", str(out), "--wells", "6", "--size", "256", "--steps", "100"],
+        # sites of 512 x 512 as the README's demo: the store's patch tokens then fill encode
+        # buffers of several MiB, as a real plate's do (smaller ones never took the path that
+        # crashed the viewer)
+        [*CLI, "-q", "demo", str(out), "--wells", "6", "--size", "512", "--steps", "100"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -100,6 +104,8 @@ def test_view_command_stays_up_while_a_user_paints_moves_and_clicks(demo_out, tm
         [*CLI, "view", str(demo_out)],
         MALLOC_CHECK_="3",  # glibc checks its heap on every call: corruption aborts here
         MALLOC_PERTURB_="165",  # freed memory is scribbled over, so a use after free shows
+        PYTHONMALLOC="debug",  # Python's allocator checks its blocks too
+        CONCEPT_DISCOVERY_CHECKED_KERNELS="1",  # bounds checks in the compiled kernels
     )
     _check_steps(result, log)
 

@@ -39,11 +39,21 @@ SCORE_BUDGET = 1 << 25
 _MATH = {"nsz", "arcp", "contract", "reassoc"}
 
 
+#: ``CONCEPT_DISCOVERY_CHECKED_KERNELS=1`` (the tests set it) compiles the kernels with bounds
+#: checks: an index past an array raises IndexError in the call that made it, instead of
+#: writing over memory that a later, unrelated call (or another thread) finds corrupted.
+CHECKED = os.environ.get("CONCEPT_DISCOVERY_CHECKED_KERNELS", "") == "1"
+
+
 def _compiled(fn):
     """``fn`` compiled without the GIL, cached on disk where numba finds a writable place (the
     package's folder, else the user's cache folder); where it finds none (a read-only install
-    and home), compiled anew in each process rather than failing the import."""
-    options = dict(nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=False)
+    and home), compiled anew in each process rather than failing the import. With
+    :data:`CHECKED`, compiled with bounds checks and never cached (the cache holds the fast
+    build)."""
+    options = dict(nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=CHECKED)
+    if CHECKED:
+        return njit(**options)(fn)
     try:
         return njit(cache=True, **options)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
@@ -171,6 +181,11 @@ def _pursuit_rows(scores, gram, n_iter, n_pick, values, indices, ridge, tiny):
     maxima vectorise. Runs without the GIL: the caller's threads each take a run of rows.
     """
     n, m = scores.shape
+    # the block maxima read whole blocks through raw vector loads, which no bounds check sees
+    if m % BLOCK != 0 or gram.shape[0] < m or gram.shape[1] < m:
+        raise ValueError("ICFL kernel: scores and G must have whole blocks of columns")
+    if values.shape[0] < n or values.shape[1] < n_iter * n_pick or indices.shape != values.shape:
+        raise ValueError("ICFL kernel: the code arrays are smaller than J x L per row")
     nb = m // BLOCK
     nsel = min(n_pick, nb)
     bmax = np.empty(nb, scores.dtype)
