@@ -274,11 +274,28 @@ def _run_segment(args, con: Console) -> int:
 
     settings = from_args(SegmentSettings, args)
     plate = _open_plate(args)
+    from .segment_qc import QC_FILE, read_qc, summary
+
     with con.bar(len(plate), "segment sites") as bar:
         out = segment_plate(plate, args.out, settings=settings, progress=bar)
     con.say(f"wrote labels of {len(plate)} sites to {out}")
+    qc = read_qc(out)
+    lines = summary(qc)
+    for line in lines:
+        con.say(line)
+    flagged = int(qc["flag"].sum()) if qc is not None else 0
+    if flagged:  # said even under --quiet: the cells of these sites are likely wrong
+        con.warn(
+            f"{flagged} of {len(plate)} site(s) flagged by quality control; see "
+            f"{Path(out) / QC_FILE}"
+        )
     con.result(
-        out=Path(out).resolve(), plate=plate.root, sites=len(plate), settings=settings.to_dict()
+        out=Path(out).resolve(),
+        plate=plate.root,
+        sites=len(plate),
+        settings=settings.to_dict(),
+        qc=str(Path(out) / QC_FILE),
+        flagged=flagged,
     )
     return 0
 
@@ -355,9 +372,15 @@ def _run_info(args, con: Console) -> int:
         cols = [str(c) for c in plate.metadata.columns]
         say(f"metadata: {len(plate.metadata)} rows; columns: {', '.join(cols)}")
     labelled = sum(site.labels_path is not None for site in plate)
+    qc_lines: list[str] = []
     if labelled:
+        from .segment_qc import read_qc, summary
+
         where = f" (label folder {plate.label_folder})" if plate.label_folder else ""
         say(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
+        qc_lines = summary(read_qc(plate.label_folder))
+        for line in qc_lines:
+            say(line)
     if args.check:
         say(f"checked:  file headers and pixels of all {len(plate)} sites")
     else:
@@ -384,6 +407,7 @@ def _run_info(args, con: Console) -> int:
         else {"rows": len(plate.metadata), "columns": [str(c) for c in plate.metadata.columns]},
         labelled_sites=labelled,
         label_folder=plate.label_folder,
+        quality=qc_lines,
         checked="all sites" if args.check else "first site",
         warnings=problems,
     )
