@@ -102,12 +102,14 @@ class Background:
 def background(smoothed: np.ndarray) -> Background:
     """The background level and noise of a (smoothed) fluorescence image.
 
-    Level: the mode of the darker half of the pixels (a histogram of 200 bins, lightly
-    smoothed), which is the background's peak whether the cells cover a tenth of the site or
-    nine tenths of it. Noise: the median distance below that mode of the pixels under it, as a
-    normal deviation (/ 0.6745); the pixels above it hold the cells, so only the lower side
-    measures the noise. Clipped at zero (an 8-bit background a count above 0), the lower side
-    is short and the noise comes out small, never large.
+    Level: the lowest clear peak (the highest within 15 bins, and at least a fifth of the
+    highest) of the histogram of the
+    darker half of the pixels (200 bins, lightly smoothed), which is the background's peak
+    whether the cells cover a tenth of the site or nine tenths of it. Noise: the median
+    distance below that level of the pixels under it, as a normal deviation (/ 0.6745); the
+    pixels above it hold the cells, so only the lower side measures the noise. Clipped at zero
+    (an 8-bit background a count above 0), the lower side is short and the noise comes out
+    small, never large.
     """
     values = np.asarray(smoothed, dtype=np.float64)
     lo, med = np.percentile(values, [0.05, 50])
@@ -115,8 +117,11 @@ def background(smoothed: np.ndarray) -> Background:
         return Background(float(med), 0.0)
     low = values[values <= med]
     hist, edges = np.histogram(low, bins=200, range=(lo, med))
-    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)
-    mode = float(0.5 * (edges[:-1] + edges[1:])[np.argmax(hist)])
+    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 3.0)
+    # peaks: the highest within 15 bins either side, and at least a fifth of the highest
+    local = ndi.maximum_filter1d(hist, 31, mode="constant", cval=-1.0)
+    peaks = (hist >= local) & (hist >= 0.2 * hist.max())
+    mode = float(0.5 * (edges[:-1] + edges[1:])[np.flatnonzero(peaks)[0]])
     below = low[low < mode]
     noise = float(np.median(mode - below) / 0.6745) if below.size else 0.0
     return Background(mode, noise)
@@ -502,7 +507,10 @@ def judge_stain(mask: np.ndarray, nuclei: np.ndarray, typical: float) -> tuple[s
             measured,
         )
     if near == near and near < NEAR_SHARE:
-        return f"its foreground covers only {near:.0%} of the nuclei and their surroundings", measured
+        return (
+            f"its foreground covers only {near:.0%} of the nuclei and their surroundings",
+            measured,
+        )
     far_share = measured["far"]
     if far_share == far_share and near == near and far_share > FAR_RATIO * near:
         return (

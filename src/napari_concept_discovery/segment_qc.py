@@ -41,7 +41,7 @@ COLUMNS = (
 #: site, with cells this many times their nuclei: the cells tile the site (a flooded foreground).
 TILED_ENCLOSED = 0.8
 TILED_FOREGROUND = 0.85
-TILED_RATIO = 6.0
+TILED_RATIO = 3.0
 #: A median cell larger than this many times its nucleus is implausible for a cultured cell.
 MAX_RATIO = 15.0
 #: A median cell below this many times its nucleus has no cytoplasm found.
