@@ -116,7 +116,10 @@ def background(smoothed: np.ndarray) -> Background:
     if med <= lo:
         return Background(float(med), 0.0)
     low = values[values <= med]
-    hist, edges = np.histogram(low, bins=200, range=(lo, med))
+    try:
+        hist, edges = np.histogram(low, bins=200, range=(lo, med))
+    except ValueError:  # a range too narrow for 200 bins: the darker half is one level
+        return Background(float(med), 0.0)
     hist = ndi.gaussian_filter1d(hist.astype(np.float64), 3.0)
     # peaks: the highest within 15 bins either side, and at least a fifth of the highest
     local = ndi.maximum_filter1d(hist, 31, mode="constant", cval=-1.0)
