@@ -181,3 +181,36 @@ def test_cli_segment_writes_and_info_shows_quality(small_plates, tmp_path, capsy
     assert main(["info", str(small_plates), "--labels", str(out)]) == 0
     said = capsys.readouterr().out
     assert "12 flagged" in said and "tile the site" in said
+
+
+def test_store_keeps_the_quality_table(tiny_store_path):
+    from napari_concept_discovery.store import ActivationStore
+
+    quality = ActivationStore.open(tiny_store_path).quality()
+    assert quality is not None and len(quality) == 12
+    assert {"plate", "well", "site", "foreground", "cells", "flag", "reason"} <= set(quality)
+    assert not quality["flag"].any()  # the synthetic truth is plausible
+    assert (quality["cells"] > 0).all() and (quality["cell_nucleus_ratio"] > 1.3).all()
+
+
+def test_report_quality_section_draws_flagged_sites():
+    from napari_concept_discovery.report import _quality_html
+
+    site = generate_zoo_site("base", size=128, seed=0)
+    tiled = expand_labels(site.nuclei, 200)
+    row = {"plate": "P1", "well": "B02", "site": 1} | site_qc(site.nuclei, tiled)
+
+    class Store:
+        def quality(self):
+            return pd.DataFrame([row])
+
+    class Ex:
+        def labels(self, key):
+            return tiled
+
+    class Pixels:
+        def composite(self, key):
+            return np.zeros((128, 128, 3), np.float32)
+
+    text = _quality_html(Store(), Ex(), Pixels())
+    assert "1 flagged" in text and "tile the site" in text and "data:image/jpeg" in text

@@ -268,27 +268,33 @@ def _add_segment(sub) -> None:
     p.set_defaults(func=_run_segment)
 
 
+def _say_quality(con: Console, qc, sites: int, where: str = "the store's quality table") -> int:
+    """Print a segmentation quality table's summary and flagged sites; warn (even under
+    --quiet) when sites are flagged. Returns the number flagged."""
+    from .segment_qc import summary
+
+    for line in summary(qc):
+        con.say(line)
+    flagged = int(qc["flag"].sum()) if qc is not None and len(qc) else 0
+    if flagged:  # said even under --quiet: the cells of these sites are likely wrong
+        con.warn(
+            f"{flagged} of {sites} site(s) flagged by segmentation quality control; see {where}"
+        )
+    return flagged
+
+
 def _run_segment(args, con: Console) -> int:
     from .segment import segment_plate
     from .settings import SegmentSettings, from_args
 
     settings = from_args(SegmentSettings, args)
     plate = _open_plate(args)
-    from .segment_qc import QC_FILE, read_qc, summary
+    from .segment_qc import QC_FILE, read_qc
 
     with con.bar(len(plate), "segment sites") as bar:
         out = segment_plate(plate, args.out, settings=settings, progress=bar)
     con.say(f"wrote labels of {len(plate)} sites to {out}")
-    qc = read_qc(out)
-    lines = summary(qc)
-    for line in lines:
-        con.say(line)
-    flagged = int(qc["flag"].sum()) if qc is not None else 0
-    if flagged:  # said even under --quiet: the cells of these sites are likely wrong
-        con.warn(
-            f"{flagged} of {len(plate)} site(s) flagged by quality control; see "
-            f"{Path(out) / QC_FILE}"
-        )
+    flagged = _say_quality(con, read_qc(out), len(plate), str(Path(out) / QC_FILE))
     con.result(
         out=Path(out).resolve(),
         plate=plate.root,
@@ -543,6 +549,7 @@ def _run_embed_cluster(args, settings, con: Console) -> int:
             con.say(
                 f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches"
             )
+            _say_quality(con, store.quality(), len(plate))
             stores.append(_store_summary(store, folder, len(plate)))
     con.result(model=backend.model_id, stores=stores)
     return 0
@@ -583,6 +590,7 @@ def _run_embed(args, con: Console) -> int:
         f"{counts.get('crop', 0)} crops" + (" (reused: signature matches)" if store.reused else "")
     )
     con.say(_size_line(store))
+    _say_quality(con, store.quality(), len(plate))
     con.result(
         model=backend.model_id,
         block=block,

@@ -180,7 +180,7 @@ SEGMENTERS = ("classical", "cellpose", "legacy")
 PRECISIONS = ("fp32", "bf16", "int8")
 #: Names the default classical segmentation in store signatures: sites segmented while
 #: embedding are re-embedded when it changes.
-SEGMENT_ALGORITHM = "propagation-1"
+SEGMENT_ALGORITHM = "propagation-2"
 #: Global thresholds: two-class Otsu, three-class Otsu with the middle class as foreground,
 #: minimum cross-entropy (Li).
 THRESHOLDS = ("otsu", "otsu3", "mce")
