@@ -630,13 +630,13 @@ def bench_zoo(lines: list[str], seeds: int, real: bool = True) -> None:
     lines.append(
         "rules: " + "; ".join(f"{k}: {v or 'SegmentSettings()'}" for k, v in ZOO_RULES.items())
     )
-    head = f"{'variant':28}" + "".join(f"{name:>20}" for name in ZOO_RULES)
+    head = f"{'variant':36}" + "".join(f"{name:>20}" for name in ZOO_RULES)
     lines.append(head)
-    lines.append(f"{'':28}" + "".join(f"{'J ratio  F1':>20}" for _ in ZOO_RULES))
+    lines.append(f"{'':36}" + "".join(f"{'J ratio  F1':>20}" for _ in ZOO_RULES))
     lines.append("-" * len(head))
     failing: dict[str, list[str]] = {name: [] for name in ZOO_RULES}
     for variant in ZOO:
-        text = f"{variant:28}"
+        text = f"{variant:36}"
         for rule, changes in ZOO_RULES.items():
             j, ratio, f1 = zoo_scores(variant, SegmentSettings(**changes), seeds)
             text += f"{j:>10.3f}{ratio:>5.2f}{f1:>5.2f}"
@@ -647,7 +647,7 @@ def bench_zoo(lines: list[str], seeds: int, real: bool = True) -> None:
     if real:
         nf1 = list(nf1_wells())
         for site, mask_cells, mask_nuclei in nf1:
-            text = f"{'NF1 ' + site.key.well + ' (J ratio F1m)':28}"
+            text = f"{'NF1 ' + site.key.well + ' (J ratio F1m)':36}"
             for rule, changes in ZOO_RULES.items():
                 settings = DEFAULTS.replace(**changes)
                 with warnings.catch_warnings():
@@ -667,7 +667,7 @@ def bench_zoo(lines: list[str], seeds: int, real: bool = True) -> None:
             site = next(iter(open_plate(REAL / folder)))
             image, names = site.read(), site.channel_names
             dna = image[list(names).index("ch5")]
-            text = f"{folder.split('_')[0] + ' (cells >1nuc n-only)':28}"
+            text = f"{folder.split('_')[0] + ' (cells >1nuc n-only)':36}"
             for rule, changes in ZOO_RULES.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
