@@ -198,9 +198,10 @@ class SegmentSettings(Settings):
 
     Nuclei: minimum cross-entropy threshold on the nuclear stain (as the JUMP production
     pipeline), split by shape, size limits relative to the image's typical nucleus (so 20x and
-    40x both work unchanged). Cells: a foreground per cell stain from Otsu on the log
-    intensities, nuclei grown through it by CellProfiler's Propagation with regularisation
-    factor 0.05. To reproduce a CellProfiler pipeline, set the same channel, threshold method,
+    40x both work unchanged). Cells: a foreground per cell stain from its own background
+    (estimated from the image) plus 15% of its bright level above it, each stain judged before
+    it joins the others, nuclei grown through it by CellProfiler's Propagation with
+    regularisation factor 0.05. No threshold lies inside a stain's background noise. To reproduce a CellProfiler pipeline, set the same channel, threshold method,
     log transform and correction factor. See docs/architecture.md, "One room per step".
     """
 
@@ -247,7 +248,8 @@ class SegmentSettings(Settings):
     noise_floor: float = option(
         4.0,
         "no threshold (nuclei or cells) lies within this many robust deviations of the stain's "
-        "background (its mode and the spread below it, estimated per image); 0 turns it off",
+        "background (the lowest clear peak of its histogram and the spread below it, estimated "
+        "per image); 0 turns it off",
     )
     judge_stains: bool = option(
         True,
