@@ -214,3 +214,21 @@ def test_report_quality_section_draws_flagged_sites():
 
     text = _quality_html(Store(), Ex(), Pixels())
     assert "1 flagged" in text and "tile the site" in text and "data:image/jpeg" in text
+
+
+def test_quality_flags_cells_over_the_background_of_a_sparse_site():
+    """A sparse flood does not tile the site; the image says its cells are mostly background."""
+    from napari_concept_discovery.segment import quality_channels
+
+    site = generate_zoo_site("sparse", size=256, seed=1)
+    stains = quality_channels(SegmentSettings(), site.channel_names)(site.image)
+    _, flooded = segment_site(site.image, site.channel_names, settings=BEFORE)
+    nuclei = site.nuclei
+    bad = site_qc(nuclei, flooded, image=site.image, channels=stains)
+    assert bad["flag"] and "background in every cell stain" in bad["reason"]
+    assert "tile the site" not in bad["reason"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StainWarning)
+        _, cells = segment_site(site.image, site.channel_names)
+    good = site_qc(nuclei, cells, image=site.image, channels=stains)
+    assert not good["flag"] and good["background_share"] < 0.1

@@ -239,7 +239,14 @@ class SiteInputs:
                 for w in caught
                 if issubclass(w.category, StainWarning)
             ]
-            return cells, site_qc(nuclei, cells, left_out)
+            from .segment import quality_channels
+
+            try:
+                stains = quality_channels(SegmentSettings(nuclear=str(self.nuclear)), channel_names)
+                channels = stains(image)
+            except ValueError:
+                channels = []
+            return cells, site_qc(nuclei, cells, left_out, image=image, channels=channels)
         labels = self._read_labels(image, channel_names)
         quality = None
         if self.cells == "file" and not self.user and self.labels_path is not None:

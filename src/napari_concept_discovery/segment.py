@@ -118,6 +118,15 @@ def make_segmenter(
     return run
 
 
+def quality_channels(settings: SegmentSettings, channel_names: Sequence[str]):
+    """A function image -> the cell stains a site's quality is judged on: the settings' cell
+    channels, else every fluorescent channel besides the nuclear one."""
+    n = _channel_index(channel_names, channel_ref(settings.nuclear), "nuclear")
+    refs = cell_refs(settings.cell)
+    chosen = None if refs is None else [_channel_index(channel_names, c, "cell") for c in refs]
+    return lambda image: cell_channels(np.asarray(image), channel_names, n, chosen)
+
+
 def segment_nuclei(dna: np.ndarray, settings: SegmentSettings | None = None) -> np.ndarray:
     """Nuclei of one nuclear-stain image (int32 labels) by the classical pipeline's rules."""
     s = settings if settings is not None else SegmentSettings()
@@ -265,6 +274,7 @@ def segment_plate(
     except ValueError as exc:
         raise PlateError(f"cannot segment {plate.root}: {exc}") from exc
     segmenter = make_segmenter(settings)
+    stains = quality_channels(settings, names)
     marker = {
         "written_by": f"napari-concept-discovery {__version__} segment",
         "complete": False,
@@ -288,9 +298,10 @@ def segment_plate(
         if is_cancelled(cancel):
             return None
         try:
+            image = site.read()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", StainWarning)
-                nuclei, cells = segmenter(site.read(), names)
+                nuclei, cells = segmenter(image, names)
         except ValueError as exc:  # a channel name or shape the user can fix
             raise PlateError(f"cannot segment site {site.key}: {exc}") from exc
         left_out = []
@@ -301,7 +312,7 @@ def segment_plate(
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         rows.append(
             {"plate": site.key.plate, "well": site.key.well, "site": site.key.site}
-            | site_qc(nuclei, cells, left_out)
+            | site_qc(nuclei, cells, left_out, image=image, channels=stains(image))
         )
         cells_path, nuclei_path = label_paths(folder, site.key)
         _write_tiff(cells_path, cells)

@@ -4,7 +4,8 @@ Per site (:func:`site_qc`): the share of the site covered by cells (``foreground
 numbers of cells and nuclei, cells without a nucleus, the median cell / nucleus area ratio, and
 the share of cells ``enclosed`` by their neighbours (no pixel of the cell borders the
 background: true of the inner cells of a confluent culture, and of every cell when the cell
-foreground has flooded the site and the cells became a Voronoi tiling of it). Then
+foreground has flooded the site and the cells became a Voronoi tiling of it), and, given the
+image, the share of the cells' area that is background in every cell stain. Then
 :func:`flags` says, with a reason, when these are implausible. :func:`write_qc` keeps the table
 beside the label files (``qc.csv``), where ``segment`` writes it and ``info`` reads it. No Qt:
 the viewer, CLI and report read the same table.
@@ -32,6 +33,7 @@ COLUMNS = (
     "cells_without_nucleus",
     "cell_nucleus_ratio",
     "enclosed",
+    "background_share",
     "stains_left_out",
     "flag",
     "reason",
@@ -48,10 +50,45 @@ MAX_RATIO = 15.0
 MIN_RATIO = 1.3
 #: Share of cells without a nucleus above which the labels are suspect.
 MAX_WITHOUT_NUCLEUS = 0.05
+#: Share of the cells' area where every cell stain is within its background's noise above
+#: which the cells reach over the background.
+MAX_BACKGROUND_SHARE = 0.3
 
 
-def site_qc(nuclei: np.ndarray, cells: np.ndarray, stains_left_out: Iterable[str] = ()) -> dict:
-    """The quality measures of one site's labels (module docs), with its flag and reason."""
+def background_share(
+    image: np.ndarray, channels: Iterable[int], cells: np.ndarray, noise_floor: float = 4.0
+) -> float:
+    """The share of the cells' area where no cell stain rises above its background's noise
+    floor (:func:`.segment_classical.background`, level + ``noise_floor`` deviations, on the
+    lightly smoothed stain): background that the cells took in. NaN without cells or stains."""
+    from .segment_classical import background, smooth
+
+    inside = np.asarray(cells) > 0
+    channels = list(channels)
+    if not inside.any() or not channels:
+        return float("nan")
+    lit = np.zeros(inside.shape, bool)
+    for c in channels:
+        s = smooth(image[c], 1.0)
+        if float(s.max()) <= float(s.min()):
+            continue
+        lit |= s > background(s).floor(noise_floor)
+    return float((inside & ~lit).sum() / inside.sum())
+
+
+def site_qc(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    stains_left_out: Iterable[str] = (),
+    *,
+    image: np.ndarray | None = None,
+    channels: Iterable[int] = (),
+) -> dict:
+    """The quality measures of one site's labels (module docs), with its flag and reason.
+
+    With the site's ``image`` and its cell stains ``channels`` also the share of the cells'
+    area that is background in every stain (:func:`background_share`; else NaN).
+    """
     nuclei = np.asarray(nuclei)
     cells = np.asarray(cells)
     n = int(max(cells.max(initial=0), nuclei.max(initial=0)))
@@ -80,6 +117,9 @@ def site_qc(nuclei: np.ndarray, cells: np.ndarray, stains_left_out: Iterable[str
         "cells_without_nucleus": int((present & (nucleus_area == 0)).sum()),
         "cell_nucleus_ratio": float(np.median(ratio)) if ratio.size else float("nan"),
         "enclosed": enclosed,
+        "background_share": (
+            background_share(image, channels, cells) if image is not None else float("nan")
+        ),
         "stains_left_out": "; ".join(stains_left_out),
     }
     reasons = flags(row)
@@ -107,6 +147,12 @@ def flags(row: dict) -> list[str]:
         )
     elif ratio > MAX_RATIO:
         reasons.append(f"cells are {ratio:.1f}x their nuclei (more than {MAX_RATIO:g}x)")
+    share = row.get("background_share", float("nan"))
+    if share == share and share > MAX_BACKGROUND_SHARE:
+        reasons.append(
+            f"{share:.0%} of the cells' area is background in every cell stain: the cells reach "
+            "over the background"
+        )
     if ratio < MIN_RATIO:
         reasons.append(f"cells are {ratio:.2f}x their nuclei: no cytoplasm found")
     without = row["cells_without_nucleus"]
