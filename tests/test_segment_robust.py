@@ -232,3 +232,16 @@ def test_quality_flags_cells_over_the_background_of_a_sparse_site():
         _, cells = segment_site(site.image, site.channel_names)
     good = site_qc(nuclei, cells, image=site.image, channels=stains)
     assert not good["flag"] and good["background_share"] < 0.1
+
+
+@pytest.mark.parametrize(
+    "variant,stain", [("empty stain (Mito)", "Mito"), ("missing stain (ER)", "ER")]
+)
+def test_an_empty_or_missing_stain_is_named(variant, stain):
+    site = generate_zoo_site(variant, size=256, seed=0)
+    with pytest.warns(StainWarning, match=f"'{stain}'"):
+        segment_site(site.image, site.channel_names)
+    base = generate_zoo_site("base", size=256, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StainWarning)
+        segment_site(base.image, base.channel_names)  # every stain of a good site is kept

@@ -644,12 +644,41 @@ def find_nuclei_with(dna: np.ndarray, settings, *, drop_edge: bool | None = None
     )
 
 
+def looks_empty(image: np.ndarray, noise_floor: float = 4.0) -> bool:
+    """True for a stain with nothing above its background's noise: no pixel of the smoothed
+    image beyond the 99.9th percentile's reach of the noise floor (a stain that failed, or a
+    channel that is all zero)."""
+    s = smooth(image, 1.0)
+    if float(s.max()) <= float(s.min()):
+        return True
+    bg = background(s)
+    return float(np.percentile(s, 99.9)) <= bg.floor(noise_floor)
+
+
+def _warn_empty(image, channel_names, nuclear: int, channels, noise_floor: float) -> None:
+    """A StainWarning for each fluorescent channel that the automatic choice left out
+    (:func:`cell_channels`: its histogram looked like transmitted light) because it is empty."""
+    lowered = [str(c).lower() for c in channel_names]
+    for i in range(image.shape[0]):
+        if i == nuclear or i in channels or lowered[i] in TRANSMITTED_NAMES:
+            continue
+        if looks_empty(image[i], noise_floor):
+            warnings.warn(
+                f"stain {channel_names[i]!r} left out of the cell foreground: it holds nothing "
+                "above its background's noise (an empty stain)",
+                StainWarning,
+                stacklevel=3,
+            )
+
+
 def segment_classical(
     image: np.ndarray, channel_names: Sequence[str], nuclear: int, cell, settings
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nuclei and cells of one (C, H, W) site with :class:`SegmentSettings` ``settings``."""
     nuclei = find_nuclei_with(image[nuclear], settings)
     channels = cell_channels(image, channel_names, nuclear, cell)
+    if cell is None and settings.judge_stains:
+        _warn_empty(image, channel_names, nuclear, channels, settings.noise_floor)
     return grow_cells(
         image,
         channels,
