@@ -47,8 +47,20 @@ NF1 J and ratio on the cells both keep, JUMP and Phenix cells, >1 nucleus, nucle
 foreground share and the median cell / nucleus area. Synthetic plates: cell and nucleus F1
 against truth.
 
+The zoo (``napari_concept_discovery.synth.zoo``: generated sites with true masks, one thing
+varied at a time: background offset, read and shot noise, bit depth, stain brightness, a dim
+cytoplasm, density, cell size, uneven illumination, an empty or missing stain, debris,
+saturated blobs, touching nuclei; and one row combining issue 23's plate) is scored per cell
+foreground rule (J, area ratio, cell F1 at IoU 0.5, medians over ``--zoo-sites`` sites) beside
+NF1 (J and ratio with the pipeline's border rule, nucleus F1m), JUMP and Phenix (cells, >1
+nucleus, nucleus-only), in one table, with the bars of issue 23 judged per rule. ``qc``:
+which sites the quality control (``segment_qc``) flags, with the defaults and with the previous
+default, on the zoo and the real sites.
+
     python benchmarks/bench_segment.py [--out benchmarks/results/bench_segment.txt]
-                                       [--figures docs/images]
+                                       [--figures docs/images] [--zoo-sites 4]
+    python benchmarks/bench_segment.py --only qc --zoo-sites 2 --no-figures \
+        --out benchmarks/results/bench_segment_qc.txt
 """
 
 from __future__ import annotations
@@ -774,7 +786,7 @@ def bench_qc(lines: list[str], seeds: int) -> None:
     lines.append(
         f"zoo sites whose cells are over 1.5x the true area: {caught} flagged, {missed} not; "
         f"sites flagged while within 1.5x: {false} (a stain left out is a reason to flag: the "
-        "missing ER stain is reported so)"
+        "empty Mito and missing ER stains are reported so)"
     )
     lines.append("")
 
