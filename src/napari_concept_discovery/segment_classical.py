@@ -103,9 +103,9 @@ def background(smoothed: np.ndarray) -> Background:
     """The background level and noise of a (smoothed) fluorescence image.
 
     Level: the lowest clear peak (the highest within 15 bins, and at least a fifth of the
-    highest) of the histogram of the
-    darker half of the pixels (200 bins, lightly smoothed), which is the background's peak
-    whether the cells cover a tenth of the site or nine tenths of it. Noise: the median
+    highest) of the histogram of the darker half of the pixels (200 bins, lightly smoothed),
+    which is the background's peak whether the cells cover a tenth of the site or nine tenths
+    of it. Noise: the median
     distance below that level of the pixels under it, as a normal deviation (/ 0.6745); the
     pixels above it hold the cells, so only the lower side measures the noise. Clipped at zero
     (an 8-bit background a count above 0), the lower side is short and the noise comes out
@@ -645,9 +645,9 @@ def find_nuclei_with(dna: np.ndarray, settings, *, drop_edge: bool | None = None
 
 
 def looks_empty(image: np.ndarray, noise_floor: float = 4.0) -> bool:
-    """True for a stain with nothing above its background's noise: no pixel of the smoothed
-    image beyond the 99.9th percentile's reach of the noise floor (a stain that failed, or a
-    channel that is all zero)."""
+    """True for a stain with nothing above its background's noise: the 99.9th percentile of the
+    smoothed stain is not above its noise floor (a stain that failed, or a channel that is all
+    zero)."""
     s = smooth(image, 1.0)
     if float(s.max()) <= float(s.min()):
         return True
