@@ -47,8 +47,20 @@ NF1 J and ratio on the cells both keep, JUMP and Phenix cells, >1 nucleus, nucle
 foreground share and the median cell / nucleus area. Synthetic plates: cell and nucleus F1
 against truth.
 
+The zoo (``napari_concept_discovery.synth.zoo``: generated sites with true masks, one thing
+varied at a time: background offset, read and shot noise, bit depth, stain brightness, a dim
+cytoplasm, density, cell size, uneven illumination, an empty or missing stain, debris,
+saturated blobs, touching nuclei; and one row combining issue 23's plate) is scored per cell
+foreground rule (J, area ratio, cell F1 at IoU 0.5, medians over ``--zoo-sites`` sites) beside
+NF1 (J and ratio with the pipeline's border rule, nucleus F1m), JUMP and Phenix (cells, >1
+nucleus, nucleus-only), in one table, with the bars of issue 23 judged per rule. ``qc``:
+which sites the quality control (``segment_qc``) flags, with the defaults and with the previous
+default, on the zoo and the real sites.
+
     python benchmarks/bench_segment.py [--out benchmarks/results/bench_segment.txt]
-                                       [--figures docs/images]
+                                       [--figures docs/images] [--zoo-sites 4]
+    python benchmarks/bench_segment.py --only qc --zoo-sites 2 --no-figures \
+        --out benchmarks/results/bench_segment_qc.txt
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ import argparse
 import io
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +78,12 @@ from scipy import ndimage as ndi
 from skimage import feature, measure, segmentation
 
 from napari_concept_discovery.plate import open_plate
-from napari_concept_discovery.segment import match_counts, merge_within, segment_site
+from napari_concept_discovery.segment import (
+    match_counts,
+    merge_within,
+    quality_channels,
+    segment_site,
+)
 from napari_concept_discovery.segment_classical import (
     cell_channels,
     fill_label_holes,
@@ -429,7 +447,8 @@ def _mean_of_stains(image: np.ndarray, channels) -> np.ndarray:
 
 #: Cell foreground rules compared (per image, per stain or on the mean of the stains).
 FOREGROUND_RULES = {
-    "otsu on log, each stain (default)": ("otsu", True, False),
+    "background + 0.15, each (default)": ("background", False, False),
+    "otsu on log, each stain": ("otsu", True, False),
     "mce on log, each stain": ("mce", True, False),
     "otsu, each stain": ("otsu", False, False),
     "mce, each stain": ("mce", False, False),
@@ -469,7 +488,8 @@ def bench_rules(lines: list[str]) -> None:
         site = next(iter(open_plate(REAL / folder)))
         others.append((folder.split("_")[0], site.read(), site.channel_names))
     lines.append(
-        "## Cell foreground rules on all three plates (nuclei and propagation as defaults)"
+        "## Cell foreground rules on all three plates (nuclei and propagation as defaults; every "
+        "rule under the noise floor, stains not judged)"
     )
     head = (
         f"{'rule':36}"
@@ -583,11 +603,205 @@ def bench_synthetic(lines: list[str]) -> None:
     lines.append("")
 
 
+#: Cell foreground rules compared on the zoo and the real sites (settings beside the defaults).
+ZOO_RULES = {
+    "default": {},
+    "fraction 0.1": {"cell_fraction": 0.1},
+    "fraction 0.2": {"cell_fraction": 0.2},
+    "otsu log + floor": {"cell_threshold": "otsu"},
+    "before": {"cell_threshold": "otsu", "noise_floor": 0.0, "judge_stains": False},
+}
+
+
+def zoo_scores(name: str, settings: SegmentSettings, seeds: int) -> tuple[float, float, float]:
+    """Median over ``seeds`` sites of a zoo variant: cell foreground Jaccard, area ratio (ours /
+    true) and cell F1 at IoU 0.5."""
+    from napari_concept_discovery.synth.zoo import generate_zoo_site
+
+    scores = []
+    for seed in range(seeds):
+        site = generate_zoo_site(name, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, cells = segment_site(site.image, site.channel_names, settings=settings)
+        fg, truth = cells > 0, site.cells > 0
+        tp, n_pred, n_true = match_counts(cells, site.cells)
+        scores.append(
+            (
+                (fg & truth).sum() / (fg | truth).sum(),
+                fg.sum() / truth.sum(),
+                2 * tp / (n_pred + n_true),
+            )
+        )
+    return tuple(float(v) for v in np.median(np.array(scores), axis=0))
+
+
+def bench_zoo(lines: list[str], seeds: int, real: bool = True) -> None:
+    """The zoo (``synth.zoo``: one thing varied at a time) and the real sites, one table, each
+    cell foreground rule a column group (module docs)."""
+    from napari_concept_discovery.synth.zoo import ZOO
+
+    lines.append(
+        f"## Segmentation zoo ({seeds} sites of 512 px per variant, medians) and the real sites"
+    )
+    lines.append(
+        "rules: " + "; ".join(f"{k}: {v or 'SegmentSettings()'}" for k, v in ZOO_RULES.items())
+    )
+    head = f"{'variant':36}" + "".join(f"{name:>20}" for name in ZOO_RULES)
+    lines.append(head)
+    lines.append(f"{'':36}" + "".join(f"{'J ratio  F1':>20}" for _ in ZOO_RULES))
+    lines.append("-" * len(head))
+    failing: dict[str, list[str]] = {name: [] for name in ZOO_RULES}
+    for variant in ZOO:
+        text = f"{variant:36}"
+        for rule, changes in ZOO_RULES.items():
+            j, ratio, f1 = zoo_scores(variant, SegmentSettings(**changes), seeds)
+            text += f"{j:>10.3f}{ratio:>5.2f}{f1:>5.2f}"
+            if not (j >= 0.85 and 0.85 <= ratio <= 1.2 and f1 >= 0.85):
+                failing[rule].append(variant)
+        lines.append(text)
+        print(text, flush=True)
+    if real:
+        nf1 = list(nf1_wells())
+        for site, mask_cells, mask_nuclei in nf1:
+            text = f"{'NF1 ' + site.key.well + ' (J ratio F1m)':36}"
+            for rule, changes in ZOO_RULES.items():
+                settings = DEFAULTS.replace(**changes)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    _, cells = segment_site(site.read(), site.channel_names, settings=settings)
+                    whole_nuc, _ = segment_site(
+                        site.read(), site.channel_names, settings=settings.replace(drop_edge=False)
+                    )
+                j, ratio = foreground_scores(cells, mask_cells)
+                f1 = nucleus_f1(whole_nuc, mask_nuclei, merged=True)
+                text += f"{j:>10.3f}{ratio:>5.2f}{f1:>5.2f}"
+                if j < 0.8:
+                    failing[rule].append(f"NF1 {site.key.well}")
+            lines.append(text)
+            print(text, flush=True)
+        for folder in ("jump_BR00117006", "pediatric_cancer_atlas_BR00143976"):
+            site = next(iter(open_plate(REAL / folder)))
+            image, names = site.read(), site.channel_names
+            dna = image[list(names).index("ch5")]
+            text = f"{folder.split('_')[0] + ' (cells >1nuc n-only)':36}"
+            for rule, changes in ZOO_RULES.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    nuclei, cells = segment_site(
+                        image, names, settings=SegmentSettings(nuclear="ch5", **changes)
+                    )
+                c = cell_checks(dna, nuclei, cells)
+                text += f"{c['cells']:>10}{c['multi']:>5}{c['nucleus_only']:>5}"
+                if c["multi"] or c["nucleus_only"]:
+                    failing[rule].append(folder.split("_")[0])
+            lines.append(text)
+            print(text, flush=True)
+    lines.append(
+        "zoo: J = cell foreground Jaccard, ratio = our cell area / true, F1 = cells matched at "
+        "IoU 0.5. NF1: J and ratio against MaskCells with the pipeline's border rule "
+        "(--drop-edge --drop-edge-by cell), F1m = nucleus F1 merged within MaskNuclei. JUMP, "
+        "Phenix: cells, cells holding >1 nucleus, nucleus-only cells"
+    )
+    for rule, failed in failing.items():
+        lines.append(
+            f"bars ({rule}): zoo J >= 0.85, ratio 0.85-1.2, F1 >= 0.85 in every variant"
+            + (
+                "; NF1 J >= 0.8 in every well; JUMP, Phenix 0 >1-nucleus and 0 nucleus-only"
+                if real
+                else ""
+            )
+            + (": met" if not failed else f": NOT met ({', '.join(failed)})")
+        )
+    lines.append("")
+
+
+def bench_qc(lines: list[str], seeds: int) -> None:
+    """Quality control (``segment_qc``) on the zoo and the real sites: which sites it flags with
+    the defaults and with the previous default, beside how far the cells are from the truth."""
+    from napari_concept_discovery.segment_qc import site_qc
+    from napari_concept_discovery.synth.zoo import ZOO, generate_zoo_site
+
+    before = SegmentSettings(**ZOO_RULES["before"])
+    lines.append(f"## Quality control: sites flagged ({seeds} zoo sites per variant)")
+    lines.append(
+        f"{'variant':36}{'defaults: area  flagged':>26}{'before: area  flagged':>26}  reason (before)"
+    )
+    caught = missed = false = 0
+    for variant in ZOO:
+        text = f"{variant:36}"
+        reasons = []
+        for settings in (SegmentSettings(), before):
+            flagged, ratios = 0, []
+            for seed in range(seeds):
+                site = generate_zoo_site(variant, seed=seed)
+                with warnings.catch_warnings(record=True) as got:
+                    warnings.simplefilter("always")
+                    nuclei, cells = segment_site(site.image, site.channel_names, settings=settings)
+                left = [str(w.message) for w in got if "left out" in str(w.message)]
+                stains = quality_channels(settings, site.channel_names)(site.image)
+                q = site_qc(nuclei, cells, left, image=site.image, channels=stains)
+                ratio = (cells > 0).sum() / (site.cells > 0).sum()
+                ratios.append(ratio)
+                flagged += q["flag"]
+                if settings is before and q["flag"]:
+                    reasons.append(q["reason"])
+                wrong = ratio > 1.5
+                if wrong and q["flag"]:
+                    caught += 1
+                elif wrong:
+                    missed += 1
+                elif q["flag"]:
+                    false += 1
+            text += f"{np.median(ratios):>17.2f}{flagged:>3}/{seeds:<3}  "
+        lines.append(text + (reasons[0][:70] if reasons else ""))
+        print(lines[-1], flush=True)
+    for folder, nuclear in (
+        ("nf1_plate2/images", "DAPI"),
+        ("jump_BR00117006", "ch5"),
+        ("pediatric_cancer_atlas_BR00143976", "ch5"),
+    ):
+        if folder.startswith("nf1"):
+            plate = open_plate(REAL / folder, layout="pattern", pattern=NF1_PATTERN)
+        else:
+            plate = open_plate(REAL / folder)
+        for site in plate:
+            with warnings.catch_warnings(record=True) as got:
+                warnings.simplefilter("always")
+                nuclei, cells = segment_site(
+                    site.read(), site.channel_names, settings=SegmentSettings(nuclear=nuclear)
+                )
+            left = [str(w.message) for w in got if "left out" in str(w.message)]
+            image = site.read()
+            stains = quality_channels(SegmentSettings(nuclear=nuclear), site.channel_names)(image)
+            q = site_qc(nuclei, cells, left, image=image, channels=stains)
+            lines.append(
+                f"{folder.split('_')[0].split('/')[0] + ' ' + site.key.well:36}"
+                f" fg {q['foreground']:.2f}, {q['cells']} cells, {q['nuclei']} nuclei, "
+                f"cell/nucleus {q['cell_nucleus_ratio']:.1f}x, enclosed {q['enclosed']:.2f}, "
+                f"background {q['background_share']:.2f}: "
+                + ("FLAGGED " + q["reason"] if q["flag"] else "not flagged")
+            )
+            print(lines[-1], flush=True)
+    lines.append(
+        f"zoo sites whose cells are over 1.5x the true area: {caught} flagged, {missed} not; "
+        f"sites flagged while within 1.5x: {false} (a stain left out is a reason to flag: the "
+        "empty Mito and missing ER stains are reported so)"
+    )
+    lines.append("")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_segment.txt"))
     parser.add_argument("--figures", default=str(ROOT / "docs" / "images"))
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--zoo-sites", type=int, default=4, help="sites per zoo variant")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated sections: zoo, qc, nf1, unlabelled, rules, synthetic",
+    )
     args = parser.parse_args(argv)
     if not REAL.is_dir():
         raise SystemExit(f"real images not found at {REAL}")
@@ -596,12 +810,25 @@ def main(argv=None) -> int:
         f"machine: {platform.machine()}, {platform.python_version()}",
         "",
     ]
-    bench_nf1(lines, figures)
-    if figures is not None:
-        nf1_figure(figures, lines)
-    bench_unlabelled(lines, figures)
-    bench_rules(lines)
-    bench_synthetic(lines)
+    only = set(args.only.split(",")) if args.only else None
+
+    def run(section: str) -> bool:
+        return only is None or section in only
+
+    if run("zoo"):
+        bench_zoo(lines, args.zoo_sites)
+    if run("qc"):
+        bench_qc(lines, min(args.zoo_sites, 2))
+    if run("nf1"):
+        bench_nf1(lines, figures)
+        if figures is not None:
+            nf1_figure(figures, lines)
+    if run("unlabelled"):
+        bench_unlabelled(lines, figures)
+    if run("rules"):
+        bench_rules(lines)
+    if run("synthetic"):
+        bench_synthetic(lines)
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

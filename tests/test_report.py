@@ -256,6 +256,7 @@ def test_report_structure(written):
     assert (html.parent / "hits.csv").is_file()
     for src in page.images:
         _decode(src)
+    assert "id='quality'" in text and "Segmentation quality" in text
 
 
 def test_report_tables(written):

@@ -20,6 +20,7 @@ import tifffile
 
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.segment import label_paths
+from napari_concept_discovery.settings import SEGMENT_ALGORITHM
 from napari_concept_discovery.synth import write_synthetic_plates
 
 if importlib.util.find_spec("cellpose") is None:
@@ -114,7 +115,7 @@ def test_embedding_segments_with_cellpose_and_loads_the_model_once(model_file, p
     finally:
         pe._segmenter.cache_clear()  # let the 1.2 GB model go
     classical = pe.plate_inputs(opened, pe.EmbedSettings(cells="segment"))
-    assert all(h.token == "segment:DNA:propagation-1" for h in classical.values())
+    assert all(h.token == f"segment:DNA:{SEGMENT_ALGORITHM}" for h in classical.values())
 
 
 def test_embed_widget_offers_cellpose_and_embeds_with_it(

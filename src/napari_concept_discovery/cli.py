@@ -268,17 +268,40 @@ def _add_segment(sub) -> None:
     p.set_defaults(func=_run_segment)
 
 
+def _say_quality(con: Console, qc, sites: int, where: str = "the store's quality table") -> int:
+    """Print a segmentation quality table's summary and flagged sites; warn (even under
+    --quiet) when sites are flagged. Returns the number flagged."""
+    from .segment_qc import summary
+
+    for line in summary(qc):
+        con.say(line)
+    flagged = int(qc["flag"].sum()) if qc is not None and len(qc) else 0
+    if flagged:  # said even under --quiet: the cells of these sites are likely wrong
+        con.warn(
+            f"{flagged} of {sites} site(s) flagged by segmentation quality control; see {where}"
+        )
+    return flagged
+
+
 def _run_segment(args, con: Console) -> int:
     from .segment import segment_plate
     from .settings import SegmentSettings, from_args
 
     settings = from_args(SegmentSettings, args)
     plate = _open_plate(args)
+    from .segment_qc import QC_FILE, read_qc
+
     with con.bar(len(plate), "segment sites") as bar:
         out = segment_plate(plate, args.out, settings=settings, progress=bar)
     con.say(f"wrote labels of {len(plate)} sites to {out}")
+    flagged = _say_quality(con, read_qc(out), len(plate), str(Path(out) / QC_FILE))
     con.result(
-        out=Path(out).resolve(), plate=plate.root, sites=len(plate), settings=settings.to_dict()
+        out=Path(out).resolve(),
+        plate=plate.root,
+        sites=len(plate),
+        settings=settings.to_dict(),
+        qc=str(Path(out) / QC_FILE),
+        flagged=flagged,
     )
     return 0
 
@@ -355,9 +378,15 @@ def _run_info(args, con: Console) -> int:
         cols = [str(c) for c in plate.metadata.columns]
         say(f"metadata: {len(plate.metadata)} rows; columns: {', '.join(cols)}")
     labelled = sum(site.labels_path is not None for site in plate)
+    qc_lines: list[str] = []
     if labelled:
+        from .segment_qc import read_qc, summary
+
         where = f" (label folder {plate.label_folder})" if plate.label_folder else ""
         say(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
+        qc_lines = summary(read_qc(plate.label_folder))
+        for line in qc_lines:
+            say(line)
     if args.check:
         say(f"checked:  file headers and pixels of all {len(plate)} sites")
     else:
@@ -384,6 +413,7 @@ def _run_info(args, con: Console) -> int:
         else {"rows": len(plate.metadata), "columns": [str(c) for c in plate.metadata.columns]},
         labelled_sites=labelled,
         label_folder=plate.label_folder,
+        quality=qc_lines,
         checked="all sites" if args.check else "first site",
         warnings=problems,
     )
@@ -519,6 +549,7 @@ def _run_embed_cluster(args, settings, con: Console) -> int:
             con.say(
                 f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches"
             )
+            _say_quality(con, store.quality(), len(plate))
             stores.append(_store_summary(store, folder, len(plate)))
     con.result(model=backend.model_id, stores=stores)
     return 0
@@ -559,6 +590,7 @@ def _run_embed(args, con: Console) -> int:
         f"{counts.get('crop', 0)} crops" + (" (reused: signature matches)" if store.reused else "")
     )
     con.say(_size_line(store))
+    _say_quality(con, store.quality(), len(plate))
     con.result(
         model=backend.model_id,
         block=block,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -210,6 +211,49 @@ class SiteInputs:
 
     def read_labels(self, image: np.ndarray, channel_names) -> np.ndarray | None:
         """The site's (H, W) int32 cell labels, or None for ``cells="none"``."""
+        return self.read_labels_and_quality(image, channel_names)[0]
+
+    def read_labels_and_quality(
+        self, image: np.ndarray, channel_names
+    ) -> tuple[np.ndarray | None, dict | None]:
+        """The site's cell labels and their quality (:func:`.segment_qc.site_qc`), when its
+        nuclei are known: segmented here, or read from a label folder of ours (its ``qc.csv``
+        row, which also names the stains left out, else the nuclei file beside the cells)."""
+        from .segment_qc import site_qc
+
+        if self.cells == "segment":
+            from .segment_classical import StainWarning
+
+            segment = _segmenter(self.segmenter, self.cellpose_model, self.nuclear)
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", StainWarning)
+                    nuclei, cells = segment(image, channel_names)
+            except ValueError as exc:
+                raise PlateError(
+                    f"{self.key}: cannot segment cells: {exc}; name the nuclear stain (--nuclear), "
+                    "give a label folder (--labels) or embed without cells (--cells none)"
+                ) from exc
+            left_out = [
+                str(w.message).replace(" left out of the cell foreground", "")
+                for w in caught
+                if issubclass(w.category, StainWarning)
+            ]
+            from .segment import quality_channels
+
+            try:
+                stains = quality_channels(SegmentSettings(nuclear=str(self.nuclear)), channel_names)
+                channels = stains(image)
+            except ValueError:
+                channels = []
+            return cells, site_qc(nuclei, cells, left_out, image=image, channels=channels)
+        labels = self._read_labels(image, channel_names)
+        quality = None
+        if self.cells == "file" and not self.user and self.labels_path is not None:
+            quality = _folder_quality(self.labels_path, self.key, labels)
+        return labels, quality
+
+    def _read_labels(self, image: np.ndarray, channel_names) -> np.ndarray | None:
         if self.cells == "none":
             return None
         if self.cells == "file":
@@ -239,6 +283,33 @@ class SiteInputs:
                 f"{self.key}: cannot segment cells: {exc}; name the nuclear stain (--nuclear), "
                 "give a label folder (--labels) or embed without cells (--cells none)"
             ) from exc
+
+
+def _folder_quality(cells_path: Path, key, cells: np.ndarray) -> dict | None:
+    """A site's row of its label folder's ``qc.csv``, else measured from the nuclei file
+    beside its cells file; None without either."""
+    from .segment_qc import QC_FILE, read_qc, site_qc
+
+    plate_folder = Path(cells_path).parent
+    for folder in (plate_folder.parent, plate_folder):
+        if (folder / QC_FILE).is_file():
+            table = read_qc(folder)
+            match = table[
+                (table["plate"].astype(str) == str(key.plate))
+                & (table["well"].astype(str) == str(key.well))
+                & (table["site"].astype(int) == int(key.site))
+            ]
+            if len(match):
+                row = match.iloc[0].to_dict()
+                return {k: row[k] for k in row if k not in ("plate", "well", "site")}
+    nuclei_path = Path(str(cells_path).replace("_cells", "_nuclei"))
+    if nuclei_path != Path(cells_path) and nuclei_path.is_file():
+        from .plate.io import read_labels
+
+        nuclei = read_labels(nuclei_path)
+        if nuclei.shape == cells.shape:
+            return site_qc(nuclei, cells)
+    return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -328,6 +399,10 @@ def site_labels(
     return inputs.read_labels(image, site.channel_names), inputs
 
 
+#: Where a site's segmentation quality rides along with its metadata to the store writer.
+QUALITY_KEY = "_segment_quality"
+
+
 def read_sites(
     plate: Plate,
     keys: Iterable,
@@ -348,8 +423,11 @@ def read_sites(
         image = site.read()
         how = inputs.get(key) if inputs is not None else None
         how = how or site_inputs(site, cells, nuclear)
-        labels = how.read_labels(image, site.channel_names)
-        return key, image, labels, dict(site.metadata or {})
+        labels, quality = how.read_labels_and_quality(image, site.channel_names)
+        meta = dict(site.metadata or {})
+        if quality is not None:
+            meta[QUALITY_KEY] = quality
+        return key, image, labels, meta
 
     keys = list(keys)
     if not prefetch or len(keys) < 2:

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import math
+import textwrap
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -659,6 +660,7 @@ def write_report(
         f"sections describe <b>{html.escape(name)}</b>.</p>"
     )
     parts.append(_table(comparison_table(entries, labels), "comparison"))
+    parts.append(_quality_html(store, ex, pixels))
     parts.append(_profiles_html(profiles, chosen, shown, notes, out))
     parts.append("<h2 id='features'>Features</h2>")
     if pixels.problem:
@@ -695,6 +697,70 @@ def write_report(
         with atomic_path(out / "hits.csv") as tmp:
             hits.to_csv(tmp, index=False)
     return atomic_write_text(out / "index.html", page)
+
+
+#: Flagged sites drawn with their cell outlines in the report's quality section.
+QUALITY_FIGURES = 4
+
+
+def quality_figure(ex, pixels: _Pixels, keys: Sequence, reasons: Sequence[str]):
+    """Flagged sites: the composite with the cells' outlines in white, the reason as title."""
+    from skimage.segmentation import find_boundaries
+
+    from .plate import SiteKey
+
+    n = len(keys)
+    fig = _figure(4.2 * n, 4.6)
+    for i, (key, why) in enumerate(zip(keys, reasons, strict=True)):
+        key = SiteKey.of(key)
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.set_axis_off()
+        rgb = pixels.composite(key)
+        labels = ex.labels(key)
+        if rgb is None:
+            rgb = np.zeros((*labels.shape, 3), np.float32)
+        rgb = rgb.copy()
+        if labels is not None and labels.shape == rgb.shape[:2]:
+            rgb[find_boundaries(labels, mode="inner")] = (1.0, 1.0, 1.0)
+        ax.imshow(rgb, interpolation="nearest")
+        title = textwrap.fill(f"{key.plate} {key.well} s{key.site}: {why}", 48)
+        ax.set_title(title, fontsize=7)
+    return fig
+
+
+def _quality_html(store, ex, pixels: _Pixels) -> str:
+    """The segmentation quality section: the plate's medians, the flagged sites and reasons,
+    and the first flagged sites drawn with their cells."""
+    from .segment_qc import summary
+
+    parts = ["<h2 id='quality'>Segmentation quality</h2>"]
+    quality = store.quality() if hasattr(store, "quality") else None
+    if quality is None or quality.empty:
+        parts.append(
+            "<p class='note'>No quality table: the store's cells came from label files without "
+            "nuclei, or from a version before the table was kept.</p>"
+        )
+        return "".join(parts)
+    head = summary(quality, limit=0)[0].removeprefix("quality:").strip()
+    parts.append(
+        f"<p class='note'>Per site (segmentation quality control): {html.escape(head)}. A site "
+        "is flagged when its cells tile it (the cell foreground floods the background), are "
+        "implausibly large or small against their nuclei, lack nuclei, or a stain was left out "
+        "of its cell foreground.</p>"
+    )
+    flagged = quality[quality["flag"]]
+    if flagged.empty:
+        return "".join(parts)
+    cols = ["plate", "well", "site", "foreground", "cells", "cell_nucleus_ratio", "reason"]
+    parts.append(_table(flagged[[c for c in cols if c in flagged]].reset_index(drop=True), "qc"))
+    first = flagged.head(QUALITY_FIGURES)
+    keys = [(r.plate, r.well, int(r.site)) for r in first.itertuples(index=False)]
+    try:
+        fig = quality_figure(ex, pixels, keys, list(first["reason"]))
+        parts.append(_img(fig, "flagged sites with their cells outlined", "quality", photo=True))
+    except Exception as exc:  # a figure is a courtesy; the table above says what matters
+        parts.append(f"<p class='note'>No figure of the flagged sites: {html.escape(str(exc))}</p>")
+    return "".join(parts)
 
 
 def _cancelled():
@@ -738,6 +804,7 @@ def _toc(chosen, feats, why: dict[int, str]) -> str:
         items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{label}</li>")
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
+        "<a href='#quality'>Segmentation quality</a> · "
         "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
         "(most selective first, the best feature of each label before the runners-up; then "
         "the features that perturbations switch on most strongly)</p>"

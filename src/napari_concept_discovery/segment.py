@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from .errors import PlateError
 from .plate.label_images import read_user_labels
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .segment_classical import cell_channels, find_nuclei_with, segment_classical
+from .segment_classical import StainWarning, cell_channels, find_nuclei_with, segment_classical
 from .segment_legacy import segment_legacy
+from .segment_qc import qc_table, site_qc, write_qc
 from .settings import SegmentSettings
 
 #: (image, channel names) -> (nuclei, cells), both int32 with matching ids.
@@ -114,6 +116,15 @@ def make_segmenter(
         return segment_classical(image, channel_names, n, chosen, settings)
 
     return run
+
+
+def quality_channels(settings: SegmentSettings, channel_names: Sequence[str]):
+    """A function image -> the cell stains a site's quality is judged on: the settings' cell
+    channels, else every fluorescent channel besides the nuclear one."""
+    n = _channel_index(channel_names, channel_ref(settings.nuclear), "nuclear")
+    refs = cell_refs(settings.cell)
+    chosen = None if refs is None else [_channel_index(channel_names, c, "cell") for c in refs]
+    return lambda image: cell_channels(np.asarray(image), channel_names, n, chosen)
 
 
 def segment_nuclei(dna: np.ndarray, settings: SegmentSettings | None = None) -> np.ndarray:
@@ -263,6 +274,7 @@ def segment_plate(
     except ValueError as exc:
         raise PlateError(f"cannot segment {plate.root}: {exc}") from exc
     segmenter = make_segmenter(settings)
+    stains = quality_channels(settings, names)
     marker = {
         "written_by": f"napari-concept-discovery {__version__} segment",
         "complete": False,
@@ -281,17 +293,32 @@ def segment_plate(
             "give it to embed as --labels"
         ) from exc
     report(progress, "segment", 0, total)
+    rows: list[dict] = []
     for done, site in enumerate(plate, start=1):
         if is_cancelled(cancel):
             return None
         try:
-            nuclei, cells = segmenter(site.read(), names)
+            image = site.read()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", StainWarning)
+                nuclei, cells = segmenter(image, names)
         except ValueError as exc:  # a channel name or shape the user can fix
             raise PlateError(f"cannot segment site {site.key}: {exc}") from exc
+        left_out = []
+        for w in caught:
+            if issubclass(w.category, StainWarning):
+                left_out.append(str(w.message).replace(" left out of the cell foreground", ""))
+            else:  # not ours to keep: passed on as it came
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        rows.append(
+            {"plate": site.key.plate, "well": site.key.well, "site": site.key.site}
+            | site_qc(nuclei, cells, left_out, image=image, channels=stains(image))
+        )
         cells_path, nuclei_path = label_paths(folder, site.key)
         _write_tiff(cells_path, cells)
         _write_tiff(nuclei_path, nuclei)
         report(progress, "segment", done, total, site=str(site.key))
+    write_qc(folder, qc_table(rows))
     marker["complete"] = True
     atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
     return folder

@@ -1,13 +1,19 @@
 """Nuclei and cells the way CellProfiler's standard Cell Painting pipelines find them.
 
-Nuclei: a threshold chosen per image (minimum cross-entropy, Otsu or three-class Otsu, on the
-intensities or their log), compared with the lightly smoothed stain, holes filled, touching
-nuclei split by shape, size limits. Cells: a foreground threshold per cell stain, chosen per
-image (by default Otsu on the log intensities: cell stains fade towards the cell's edge, and on
-a linear scale that dim rim falls on the background's side; two classes rather than three
-because a three-class split of the log histogram lands inside the background when the
-illumination is uneven), the union over the stains; then every nucleus grows inside that
-foreground by
+Every threshold knows where the background is: each stain's background level and noise are
+estimated from the image itself (:func:`background`: the mode of the darker half of the
+smoothed stain and the spread below it, CellProfiler's "Robust Background" in spirit), and no
+threshold lies within ``noise_floor`` robust deviations of that level, so a dark, noisy
+background never counts as foreground. Nuclei: a threshold chosen per image (minimum
+cross-entropy, Otsu or three-class Otsu, on the intensities or their log), compared with the
+lightly smoothed stain, holes filled, touching nuclei split by shape, size limits. Cells: a
+foreground threshold per cell stain, by default the stain's background plus a share (0.15) of
+its bright level above it (the 99.5th percentile, saturated pixels left out); CellProfiler's
+per-image methods (Otsu on the log intensities was the default before) stay available. Each
+stain's mask is judged before it joins the others (:func:`judge_stain`): one that covers most
+of a sparse site, or does not follow the nuclei, is left out with a :class:`StainWarning`
+naming the stain. The union over the stains is the foreground; then every nucleus grows inside
+it by
 CellProfiler's *Propagation*: a pixel joins the nucleus nearest to it, where the length of a
 step between neighbouring pixels is ``sqrt(d**2 + lambda**2 * step)`` with ``d`` the summed
 absolute intensity difference of the two pixels' 3 x 3 windows and ``lambda`` the regularisation
@@ -26,6 +32,7 @@ name, which the NF1 pipeline also sets). See docs/architecture.md, "One room per
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,6 +83,91 @@ def threshold(
     return float(t) * factor
 
 
+class StainWarning(UserWarning):
+    """A stain left out of the cell foreground (the message names it and says why)."""
+
+
+@dataclass(frozen=True)
+class Background:
+    """A stain's background: its level and the robust deviation of its noise (smoothed image)."""
+
+    level: float
+    noise: float
+
+    def floor(self, k: float) -> float:
+        """The lowest threshold that is not inside the noise: level + k deviations."""
+        return self.level + k * self.noise
+
+
+def background(smoothed: np.ndarray) -> Background:
+    """The background level and noise of a (smoothed) fluorescence image.
+
+    Level: the lowest clear peak (the highest within 15 bins, and at least a fifth of the
+    highest) of the histogram of the darker half of the pixels (200 bins, lightly smoothed),
+    which is the background's peak whether the cells cover a tenth of the site or nine tenths
+    of it. Noise: the median
+    distance below that level of the pixels under it, as a normal deviation (/ 0.6745); the
+    pixels above it hold the cells, so only the lower side measures the noise. Clipped at zero
+    (an 8-bit background a count above 0), the lower side is short and the noise comes out
+    small, never large.
+    """
+    values = np.asarray(smoothed, dtype=np.float64)
+    lo, med = np.percentile(values, [0.05, 50])
+    if med <= lo:
+        return Background(float(med), 0.0)
+    low = values[values <= med]
+    try:
+        hist, edges = np.histogram(low, bins=200, range=(lo, med))
+    except ValueError:  # a range too narrow for 200 bins: the darker half is one level
+        return Background(float(med), 0.0)
+    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 3.0)
+    # peaks: the highest within 15 bins either side, and at least a fifth of the highest
+    local = ndi.maximum_filter1d(hist, 31, mode="constant", cval=-1.0)
+    peaks = (hist >= local) & (hist >= 0.2 * hist.max())
+    mode = float(0.5 * (edges[:-1] + edges[1:])[np.flatnonzero(peaks)[0]])
+    below = low[low < mode]
+    noise = float(np.median(mode - below) / 0.6745) if below.size else 0.0
+    return Background(mode, noise)
+
+
+def bright_level(image: np.ndarray, smoothed: np.ndarray, percentile: float = 99.5) -> float:
+    """The stain's bright level: a high percentile of the smoothed image, leaving out pixels
+    saturated in the raw image (at its maximum, when more than one in 10,000 are), so that
+    saturated blobs do not set it."""
+    raw = np.asarray(image)
+    top = raw.max()
+    at_top = raw == top
+    keep = ~at_top if at_top.mean() > 1e-4 and not at_top.all() else np.ones(raw.shape, bool)
+    return float(np.percentile(smoothed[keep], percentile))
+
+
+def stain_threshold(
+    image: np.ndarray,
+    method: str = "background",
+    *,
+    log: bool = False,
+    factor: float = 1.0,
+    sigma: float = 1.0,
+    noise_floor: float = 4.0,
+    fraction: float = 0.15,
+) -> tuple[float, Background, np.ndarray]:
+    """(threshold, background, smoothed image) of one stain (module docs).
+
+    ``method`` "background": level + max(k noise, ``fraction`` (bright level - level)), times
+    ``factor``; else :func:`threshold` of the raw image. Either way never below the noise
+    floor, level + ``noise_floor`` deviations.
+    """
+    smoothed = smooth(image, sigma)
+    bg = background(smoothed)
+    floor = bg.floor(noise_floor)
+    if method == "background":
+        level = bright_level(image, smoothed)
+        t = (bg.level + max(noise_floor * bg.noise, fraction * (level - bg.level))) * factor
+    else:
+        t = threshold(image, method, log=log, factor=factor)
+    return max(float(t), floor), bg, smoothed
+
+
 def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing that does not darken the image edge (normalised by the kernel mass)."""
     image = np.asarray(image, dtype=np.float64)
@@ -86,10 +178,31 @@ def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
     return num / den
 
 
-def foreground(image: np.ndarray, method: str, *, log: bool, factor: float, sigma: float):
-    """Pixels of the smoothed image at or above the image's threshold (threshold from raw)."""
-    t = threshold(image, method, log=log, factor=factor)
-    return smooth(image, sigma) >= t
+def foreground(
+    image: np.ndarray,
+    method: str,
+    *,
+    log: bool,
+    factor: float,
+    sigma: float,
+    noise_floor: float = 4.0,
+    fraction: float = 0.15,
+):
+    """Pixels of the smoothed image at or above the stain's threshold (:func:`stain_threshold`)
+    and above its background level; none in a constant image (a missing stain)."""
+    image = np.asarray(image)
+    if image.size == 0 or float(image.max()) <= float(image.min()):
+        return np.zeros(image.shape, bool)
+    t, bg, smoothed = stain_threshold(
+        image,
+        method,
+        log=log,
+        factor=factor,
+        sigma=sigma,
+        noise_floor=noise_floor,
+        fraction=fraction,
+    )
+    return (smoothed >= t) & (smoothed > bg.level)
 
 
 def unit_scale(image: np.ndarray, lo: float = 0.5, hi: float = 99.8) -> np.ndarray:
@@ -302,6 +415,7 @@ def find_nuclei(
     min_diameter: float | None = None,
     max_diameter: float | None = None,
     drop_edge: bool = False,
+    noise_floor: float = 4.0,
 ) -> Nuclei:
     """Threshold, fill, split and size-filter nuclei (module docs).
 
@@ -314,7 +428,9 @@ def find_nuclei(
     empty = np.zeros(dna.shape, np.int32)
     if float(dna.max()) <= float(dna.min()):
         return Nuclei(empty, np.zeros(1, bool), NucleusSizes(0.0, 0.0, 0.0))
-    mask = ndi.binary_fill_holes(foreground(dna, method, log=log, factor=factor, sigma=sigma))
+    mask = ndi.binary_fill_holes(
+        foreground(dna, method, log=log, factor=factor, sigma=sigma, noise_floor=noise_floor)
+    )
     labels = measure.label(mask)
     sizes = nucleus_sizes(labels, min_diameter, max_diameter)
     if declump:
@@ -354,35 +470,148 @@ def cell_channels(
     ]
 
 
+#: A stain's mask "covers most of a sparse site" above this share of the site ...
+FLOOD_SHARE = 0.5
+#: ... when the nuclei cover less than this share of the site.
+SPARSE_NUCLEI = 0.05
+#: A stain "follows the nuclei" when its mask covers at least this share of the nuclei and the
+#: ring around them (half a typical nucleus diameter wide) ...
+NEAR_SHARE = 0.1
+#: ... and covers the ground far from every nucleus (over two diameters away) less densely
+#: than this share of its coverage of the nuclei and their ring.
+FAR_RATIO = 0.8
+
+
+def judge_stain(mask: np.ndarray, nuclei: np.ndarray, typical: float) -> tuple[str | None, dict]:
+    """Why a stain's foreground ``mask`` should be left out of the cells, or None; and the
+    measurements (share of the site, of the ring around the nuclei, of the ground far from them).
+
+    A cell stain's foreground holds the nuclei's surroundings and thins out away from them. A
+    mask of the background's noise covers both alike (or most of a site whose nuclei are few);
+    an empty stain covers neither.
+    """
+    mask = np.asarray(mask, bool)
+    found = nuclei > 0
+    share = float(mask.mean())
+    measured = {"share": share, "near": float("nan"), "far": float("nan")}
+    if not found.any():
+        return None, measured  # nothing to judge by; no cells grow anyway
+    dist = ndi.distance_transform_edt(~found)
+    d = max(typical, 4.0)
+    ring = dist <= d / 2
+    far = dist > 2 * d
+    near = float(mask[ring].mean()) if ring.any() else float("nan")
+    measured["near"] = near
+    if far.mean() > 0.02:
+        measured["far"] = float(mask[far].mean())
+    if share > FLOOD_SHARE and found.mean() < SPARSE_NUCLEI:
+        return (
+            f"its foreground covers {share:.0%} of a sparse site (nuclei {found.mean():.1%})",
+            measured,
+        )
+    if near == near and near < NEAR_SHARE:
+        return (
+            f"its foreground covers only {near:.0%} of the nuclei and their surroundings",
+            measured,
+        )
+    far_share = measured["far"]
+    if far_share == far_share and near == near and far_share > FAR_RATIO * near:
+        return (
+            f"its foreground does not follow the nuclei (covers {far_share:.0%} of the ground far "
+            f"from them, {near:.0%} around them)",
+            measured,
+        )
+    return None, measured
+
+
+def cell_foreground(
+    image: np.ndarray,
+    channels: Sequence[int],
+    nuclei: Nuclei,
+    *,
+    method: str = "background",
+    log: bool = True,
+    factor: float = 1.0,
+    sigma: float = 1.0,
+    noise_floor: float = 4.0,
+    fraction: float = 0.15,
+    judge: bool = True,
+    channel_names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """The union of the cell stains' masks, each judged first (:func:`judge_stain`), and the
+    channels used. A stain left out is named in a :class:`StainWarning`."""
+    mask = np.zeros(nuclei.labels.shape, bool)
+    used = []
+    for c in channels:
+        own = foreground(
+            image[c],
+            method,
+            log=log,
+            factor=factor,
+            sigma=sigma,
+            noise_floor=noise_floor,
+            fraction=fraction,
+        )
+        if judge:
+            reason, _ = judge_stain(own, nuclei.labels, nuclei.sizes.typical)
+            if reason is not None:
+                name = channel_names[c] if channel_names is not None else f"channel {c}"
+                warnings.warn(
+                    f"stain {name!r} left out of the cell foreground: {reason}",
+                    StainWarning,
+                    stacklevel=2,
+                )
+                continue
+        mask |= own
+        used.append(c)
+    return mask, used
+
+
 def grow_cells(
     image: np.ndarray,
     channels: Sequence[int],
     nuclei: Nuclei,
     *,
-    method: str = "otsu",
+    method: str = "background",
     log: bool = True,
     factor: float = 1.0,
     sigma: float = 1.0,
     regularization: float = 0.05,
     drop_edge: bool = False,
     drop_edge_by: str = "nucleus",
+    noise_floor: float = 4.0,
+    fraction: float = 0.15,
+    judge: bool = True,
+    channel_names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(nuclei, cells) with matching ids: nuclei propagated through the cell foreground.
 
     The foreground is the union of each channel's own threshold (stains differ in brightness
-    and in which part of the cell they fill); the propagation image is the mean of the channels
-    on a common scale (:func:`unit_scale`). ``drop_edge``: nuclei touching the edge were marked
-    by :func:`find_nuclei`; with ``drop_edge_by="cell"`` cells touching it go too.
+    and in which part of the cell they fill), each judged first (:func:`cell_foreground`); the
+    propagation image is the mean of the channels kept, on a common scale (:func:`unit_scale`).
+    With no channel kept the cells are their nuclei. ``drop_edge``: nuclei touching the edge
+    were marked by :func:`find_nuclei`; with ``drop_edge_by="cell"`` cells touching it go too.
     """
     if drop_edge_by not in ("nucleus", "cell"):
         raise ValueError(f"unknown edge rule {drop_edge_by!r}; use nucleus or cell")
     seeds = nuclei.labels
+    if channels:
+        mask, channels = cell_foreground(
+            image,
+            channels,
+            nuclei,
+            method=method,
+            log=log,
+            factor=factor,
+            sigma=sigma,
+            noise_floor=noise_floor,
+            fraction=fraction,
+            judge=judge,
+            channel_names=channel_names,
+        )
     if not channels:
         cells = seeds.copy()
     else:
-        mask = np.zeros(seeds.shape, bool)
-        for c in channels:
-            mask |= foreground(image[c], method, log=log, factor=factor, sigma=sigma)
         surface = np.mean([unit_scale(image[c]) for c in channels], axis=0)
         cells = propagate(surface, seeds, mask, regularization)
         cells = fill_label_holes(cells)
@@ -411,7 +640,35 @@ def find_nuclei_with(dna: np.ndarray, settings, *, drop_edge: bool | None = None
         min_diameter=settings.min_diameter,
         max_diameter=settings.max_diameter,
         drop_edge=settings.drop_edge if drop_edge is None else drop_edge,
+        noise_floor=settings.noise_floor,
     )
+
+
+def looks_empty(image: np.ndarray, noise_floor: float = 4.0) -> bool:
+    """True for a stain with nothing above its background's noise: the 99.9th percentile of the
+    smoothed stain is not above its noise floor (a stain that failed, or a channel that is all
+    zero)."""
+    s = smooth(image, 1.0)
+    if float(s.max()) <= float(s.min()):
+        return True
+    bg = background(s)
+    return float(np.percentile(s, 99.9)) <= bg.floor(noise_floor)
+
+
+def _warn_empty(image, channel_names, nuclear: int, channels, noise_floor: float) -> None:
+    """A StainWarning for each fluorescent channel that the automatic choice left out
+    (:func:`cell_channels`: its histogram looked like transmitted light) because it is empty."""
+    lowered = [str(c).lower() for c in channel_names]
+    for i in range(image.shape[0]):
+        if i == nuclear or i in channels or lowered[i] in TRANSMITTED_NAMES:
+            continue
+        if looks_empty(image[i], noise_floor):
+            warnings.warn(
+                f"stain {channel_names[i]!r} left out of the cell foreground: it holds nothing "
+                "above its background's noise (an empty stain)",
+                StainWarning,
+                stacklevel=3,
+            )
 
 
 def segment_classical(
@@ -420,6 +677,8 @@ def segment_classical(
     """Nuclei and cells of one (C, H, W) site with :class:`SegmentSettings` ``settings``."""
     nuclei = find_nuclei_with(image[nuclear], settings)
     channels = cell_channels(image, channel_names, nuclear, cell)
+    if cell is None and settings.judge_stains:
+        _warn_empty(image, channel_names, nuclear, channels, settings.noise_floor)
     return grow_cells(
         image,
         channels,
@@ -431,4 +690,8 @@ def segment_classical(
         regularization=settings.regularization,
         drop_edge=settings.drop_edge,
         drop_edge_by=settings.drop_edge_by,
+        noise_floor=settings.noise_floor,
+        fraction=settings.cell_fraction,
+        judge=settings.judge_stains,
+        channel_names=channel_names,
     )

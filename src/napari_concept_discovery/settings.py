@@ -180,10 +180,13 @@ SEGMENTERS = ("classical", "cellpose", "legacy")
 PRECISIONS = ("fp32", "bf16", "int8")
 #: Names the default classical segmentation in store signatures: sites segmented while
 #: embedding are re-embedded when it changes.
-SEGMENT_ALGORITHM = "propagation-1"
+SEGMENT_ALGORITHM = "propagation-2"
 #: Global thresholds: two-class Otsu, three-class Otsu with the middle class as foreground,
 #: minimum cross-entropy (Li).
 THRESHOLDS = ("otsu", "otsu3", "mce")
+#: Cell foreground thresholds: the stain's background plus a share of its bright level, or one
+#: of CellProfiler's per-image methods.
+CELL_THRESHOLDS = ("background", *THRESHOLDS)
 #: Which object touching the image edge drops a cell (with ``drop_edge``): its nucleus
 #: (CellProfiler's IdentifyPrimaryObjects) or the cell itself (IdentifySecondaryObjects).
 EDGE_RULES = ("nucleus", "cell")
@@ -195,9 +198,10 @@ class SegmentSettings(Settings):
 
     Nuclei: minimum cross-entropy threshold on the nuclear stain (as the JUMP production
     pipeline), split by shape, size limits relative to the image's typical nucleus (so 20x and
-    40x both work unchanged). Cells: a foreground per cell stain from Otsu on the log
-    intensities, nuclei grown through it by CellProfiler's Propagation with regularisation
-    factor 0.05. To reproduce a CellProfiler pipeline, set the same channel, threshold method,
+    40x both work unchanged). Cells: a foreground per cell stain from its own background
+    (estimated from the image) plus 15% of its bright level above it, each stain judged before
+    it joins the others, nuclei grown through it by CellProfiler's Propagation with
+    regularisation factor 0.05. No threshold lies inside a stain's background noise. To reproduce a CellProfiler pipeline, set the same channel, threshold method,
     log transform and correction factor. See docs/architecture.md, "One room per step".
     """
 
@@ -225,15 +229,32 @@ class SegmentSettings(Settings):
         1.0, "multiplies the nucleus threshold (CellProfiler's correction factor)"
     )
     cell_threshold: str = option(
-        "otsu",
-        "cell foreground threshold per stain: otsu, mce, otsu3 (three classes, middle class as "
-        "foreground)",
-        choices=THRESHOLDS,
+        "background",
+        "cell foreground threshold per stain: background (the stain's own background level "
+        "plus --cell-fraction of its bright level above it), otsu, mce, otsu3 (three classes, "
+        "middle class as foreground)",
+        choices=CELL_THRESHOLDS,
+    )
+    cell_fraction: float = option(
+        0.15,
+        "with --cell-threshold background: the share of the stain's bright level (99.5th "
+        "percentile, saturated pixels left out) above its background that counts as cell",
     )
     cell_log: bool = option(
         True,
-        "threshold the log of the cell stains, so that the dim edge of a cell counts as cell "
-        "(--no-cell-log thresholds the intensities as they are)",
+        "otsu, mce, otsu3: threshold the log of the cell stains, so that the dim edge of a cell "
+        "counts as cell (--no-cell-log thresholds the intensities as they are)",
+    )
+    noise_floor: float = option(
+        4.0,
+        "no threshold (nuclei or cells) lies within this many robust deviations of the stain's "
+        "background (the lowest clear peak of its histogram and the spread below it, estimated "
+        "per image); 0 turns it off",
+    )
+    judge_stains: bool = option(
+        True,
+        "leave out of the cell foreground a stain whose mask covers most of a sparse site or "
+        "does not follow the nuclei, with a warning naming it (--no-judge-stains keeps all)",
     )
     cell_threshold_factor: float = option(
         1.0, "multiplies the cell threshold (CellProfiler's correction factor)"
@@ -295,6 +316,12 @@ class SegmentSettings(Settings):
         check(bool(self.nuclear), "nuclear", "name the nuclear stain (a channel name or index)")
         if self.cell is not None:
             self.cell = str(self.cell).strip() or None
+        check(
+            0 <= self.cell_fraction < 1,
+            "cell_fraction",
+            f"must be in [0, 1), got {self.cell_fraction}",
+        )
+        check(self.noise_floor >= 0, "noise_floor", f"must be >= 0, got {self.noise_floor}")
         for name in ("nucleus_threshold_factor", "cell_threshold_factor"):
             value = getattr(self, name)
             check(value > 0, name, f"must be positive, got {value}")

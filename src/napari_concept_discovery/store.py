@@ -200,6 +200,20 @@ def _write_labels(group, name: str, labels: np.ndarray):
     return arr
 
 
+def _plain(quality: dict | None) -> dict | None:
+    """A quality row with plain JSON values (numpy scalars and NaN made JSON-safe)."""
+    if quality is None:
+        return None
+    out = {}
+    for k, v in quality.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float) and v != v:
+            v = None
+        out[str(k)] = v
+    return out
+
+
 def check_store_folder(path) -> dict | None:
     """The root attributes of the store at ``path`` (None when there is none yet); a StoreError
     for a folder that holds something else, which is never written into."""
@@ -533,6 +547,7 @@ class StoreWriter:
                 "shape": list(st.shape),
                 "cells": self.inputs[key].cells,
                 "labels": labels is not None,
+                "quality": _plain(getattr(st, "meta", {}).get("_segment_quality")),
             }
             atomic_write_text(tmp / "part.json", json.dumps(info))
 
@@ -571,6 +586,8 @@ class StoreWriter:
                 "cells": info["cells"],
                 "labels": bool(info["labels"]),
             }
+            for k, v in (info.get("quality") or {}).items():
+                row[f"qc_{k}"] = v
             for u in UNITS:
                 n = int(g[u].shape[0])
                 row[f"{u}_start"], row[f"{u}_count"] = start[u], n
@@ -807,6 +824,25 @@ class ActivationStore:
         r = self._site(key)
         data = self.site_tokens("patch", key, form)
         return data.reshape(int(r.rows), int(r.cols), self.token_width(form))
+
+    def quality(self) -> pd.DataFrame | None:
+        """The segmentation quality table (:mod:`.segment_qc`): one row per site with plate,
+        well, site and the measures, flag and reason; None when no site's was known (labels
+        given as files without nuclei, or no cells)."""
+        sites = self.sites()
+        cols = [c for c in sites.columns if c.startswith("qc_")]
+        if not cols:
+            return None
+        table = sites[["plate", "well", "site", *cols]].rename(
+            columns=lambda c: c.removeprefix("qc_")
+        )
+        table = table[sites[cols].notna().any(axis=1)].reset_index(drop=True)
+        if "flag" in table:
+            table["flag"] = table["flag"].fillna(False).astype(bool)
+        for c in ("reason", "stains_left_out"):
+            if c in table:
+                table[c] = table[c].fillna("").astype(str)
+        return table
 
     def nbytes(self) -> dict[str, int]:
         """Bytes on disk per part of the store: each unit, labels, and ``total``."""
