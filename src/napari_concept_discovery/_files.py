@@ -148,17 +148,32 @@ def hash_file(path: str | os.PathLike, *, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def hash_files(paths: Iterable[str | os.PathLike]) -> str:
-    """blake2b over the given files' names (not folders), sizes and full contents, in order.
+def _files_under(path: Path) -> list[Path]:
+    """``path`` itself when it is a file; every file under a folder (a zarr image), in a fixed
+    order (by relative path), hidden ones (``.zarray``, ``.zattrs``) too."""
+    if not path.is_dir():
+        return [path]
+    found = []
+    for folder, dirs, names in os.walk(path):
+        dirs.sort()
+        found.extend(Path(folder) / n for n in sorted(names))
+    return sorted(found, key=lambda f: f.relative_to(path).as_posix())
 
-    Raises ``OSError`` for a file that cannot be read; callers turn it into their own error
-    naming the file.
+
+def hash_files(paths: Iterable[str | os.PathLike]) -> str:
+    """blake2b over the given files' names, sizes and full contents, in order.
+
+    A folder (an OME-Zarr field or label image) stands for every file under it: their paths
+    relative to the folder, sizes and contents, in sorted order. Raises ``OSError`` for a file
+    that cannot be read; callers turn it into their own error naming the file.
     """
     h = hashlib.blake2b(digest_size=20)
     for p in paths:
         p = Path(p)
-        h.update(f"{p.name}:{p.stat().st_size};".encode())
-        with open(p, "rb") as fh:
-            while block := fh.read(_CHUNK):
-                h.update(block)
+        for f in _files_under(p):
+            name = p.name if f == p else f"{p.name}/{f.relative_to(p).as_posix()}"
+            h.update(f"{name}:{f.stat().st_size};".encode())
+            with open(f, "rb") as fh:
+                while block := fh.read(_CHUNK):
+                    h.update(block)
     return h.hexdigest()
