@@ -383,6 +383,12 @@ def test_a_failed_analysis_leaves_the_old_one_whole(store, trained, tmp_path, mo
     with pytest.raises(OutputError, match=r"mine exists and holds files that are not an analysis"):
         analyze_store(store, d, AnalyzeSettings(), mine)
     assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
+    # issue 21: a file the user put into an analysis folder is not the analysis's to delete
+    (out / "notes.txt").write_text("keep")
+    before = snapshot(out)
+    with pytest.raises(OutputError, match=r"holds files that are not an analysis \(notes.txt\)"):
+        analyze_store(store, d, AnalyzeSettings(), out)
+    assert snapshot(out) == before
 
 
 def test_a_cell_dictionary_on_patch_tokens_is_said_and_done(store, trained, tmp_path, capsys):

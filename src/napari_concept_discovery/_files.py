@@ -139,6 +139,58 @@ def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> Path:
     return path
 
 
+def owned_files(folder: str | os.PathLike, marker: str) -> set[str]:
+    """The names of the files in ``folder`` that this package wrote there, by the folder's
+    ``marker`` (a JSON object whose ``files`` lists them, as a list or as a dict's values),
+    the marker itself included; empty when there is no readable marker."""
+    import json
+
+    try:
+        listed = json.loads((Path(folder) / marker).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if isinstance(listed, dict):
+        listed = list(listed.values())
+    if not isinstance(listed, list):
+        return set()
+    return {str(n) for n in listed} | {marker}
+
+
+def check_not_foreign(
+    folder: str | os.PathLike,
+    *,
+    marker: str,
+    what: str,
+    kind: str,
+    writes: Iterable[str] | None = None,
+) -> Path:
+    """The one rule of every command that writes: never write over a file it did not write.
+
+    ``folder`` (``what``, e.g. "report folder") is an output folder that a command fills with
+    the files ``writes`` (or, with ``writes=None``, replaces whole, so that every file in it
+    counts) and in which it leaves ``marker`` listing them (:func:`owned_files`). A file that
+    would be replaced and that the marker does not list is somebody else's: an
+    :class:`~.errors.OutputError` names it before any work. ``kind`` names what the command
+    writes ("an analysis"). Returns the folder with ``~`` expanded.
+    """
+    from .errors import OutputError
+
+    out = check_output(folder, folder=True, what=what)
+    if not out.is_dir():
+        return out
+    present = sorted(p.name for p in out.iterdir())
+    at_risk = present if writes is None else [n for n in writes if n in present]
+    foreign = sorted(set(at_risk) - owned_files(out, marker))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        how = "replaces its folder whole" if writes is None else "would replace them"
+        raise OutputError(
+            f"{out} exists and holds files that are not {kind} ({shown}); {kind} {how}, so "
+            "choose another output folder (or move those files away)"
+        )
+    return out
+
+
 def hash_file(path: str | os.PathLike, *, algorithm: str = "sha256") -> str:
     """Hex digest of one file's bytes."""
     h = hashlib.new(algorithm)

@@ -878,13 +878,12 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args, con: Console) -> int:
-    from ._files import check_output
-    from .report import ReportSettings, write_report
+    from .report import ReportSettings, check_report_folder, write_report
     from .settings import from_args
     from .store import ActivationStore
 
     settings = from_args(ReportSettings, args)
-    check_output(args.out, folder=True, what="report folder")  # before minutes of figures
+    check_report_folder(args.out)  # before minutes of figures
     store = ActivationStore.open(args.store)
     with con.bars({"encode": "encode", "report": "report figures"}) as bars:
         path = write_report(store, args.dictionaries, args.out, settings, progress=bars)

@@ -24,22 +24,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._files import atomic_dir, atomic_parquet, atomic_path, atomic_write_text, check_output
-from .errors import DictionaryError, OutputError
+from ._files import atomic_dir, atomic_parquet, atomic_path, atomic_write_text, check_not_foreign
+from .errors import DictionaryError
 
 THRESHOLDS = (0.5, 0.2)
 #: Written into every analysis folder; a folder without it (and with other files) is not one.
 ANALYSIS_MARKER = "analysis.json"
-ANALYSIS_FILES = (
-    "features.parquet",
-    "codes.parquet",
-    "tokens.parquet",
-    "codes.h5ad",
-    "selectivity.parquet",
-    "selectivity_counts.parquet",
-    "concepts.parquet",
-    ANALYSIS_MARKER,
-)
 
 
 def _csr(codes) -> sp.csr_matrix:
@@ -746,22 +736,12 @@ def codes_anndata(
 
 
 def check_analysis_folder(out_dir: str | Path) -> Path:
-    """Refuse an output folder that cannot be written or that holds anything but an analysis.
-
-    An analysis replaces its folder whole, so a folder of other files must never be taken for
-    one.
-    """
-    out = check_output(out_dir, folder=True, what="analysis folder")
-    if out.is_dir():
-        names = sorted(p.name for p in out.iterdir())
-        foreign = [n for n in names if n not in ANALYSIS_FILES]
-        if foreign and ANALYSIS_MARKER not in names:
-            raise OutputError(
-                f"{out} exists and holds files that are not an analysis ({', '.join(foreign[:5])}"
-                f"{' ...' if len(foreign) > 5 else ''}); an analysis replaces its folder whole, "
-                "so choose another output folder"
-            )
-    return out
+    """Refuse an output folder that cannot be written or that holds any file this package did
+    not write there as an analysis (:func:`._files.check_not_foreign`): an analysis replaces
+    its folder whole, so a folder of other files must never be taken for one."""
+    return check_not_foreign(
+        out_dir, marker=ANALYSIS_MARKER, what="analysis folder", kind="an analysis"
+    )
 
 
 def write_analysis(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._files import atomic_path, atomic_write_text
+from ._files import atomic_path, atomic_write_text, check_not_foreign, owned_files
 from .concepts import (
     HIT_FRACTION,
     MIN_WELLS,
@@ -48,6 +49,9 @@ HEATMAP_VALUES = 60
 HITS_SHOWN = 40
 #: Sites whose composites are kept in memory while the thumbnails are cut.
 SITE_CACHE = 16
+#: The files a report writes into its folder, and the marker that lists the ones it wrote.
+REPORT_FILES = ("index.html", "hits.csv")
+REPORT_MARKER = "report.json"
 
 
 class ReportError(ConceptDiscoveryError):
@@ -564,6 +568,28 @@ def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def check_report_folder(out: str | Path) -> Path:
+    """Refuse, before any work, a report folder that cannot be written, that holds an
+    ``index.html`` or ``hits.csv`` this package did not write there (the one rule of
+    :func:`._files.check_not_foreign`), or that lies inside an activation store."""
+    from .store import store_around
+
+    out = check_not_foreign(
+        out,
+        marker=REPORT_MARKER,
+        what="report folder",
+        kind="a report",
+        writes=(*REPORT_FILES, REPORT_MARKER),
+    )
+    store = store_around(out)
+    if store is not None:
+        raise ReportError(
+            f"report folder {out} is inside the activation store {store}; a store holds only "
+            "its tokens, so choose a folder outside it"
+        )
+    return out
+
+
 def write_report(
     store,
     dictionaries: Sequence,
@@ -582,6 +608,7 @@ def write_report(
     settings = settings or ReportSettings()
     if not dictionaries:
         raise ReportError("a report needs at least one dictionary")
+    out = check_report_folder(out)
     loaded = [_load(d) for d in dictionaries]
     name, primary = loaded[0]
     ex = Explorer(store, primary)
@@ -688,12 +715,18 @@ def write_report(
         f"<title>Concept report: {html.escape(name)}</title><style>{_CSS}</style></head>"
         f"<body>{''.join(parts)}</main></body></html>"
     )
-    out = Path(out)
+    out = check_report_folder(out)  # again: the folder may have changed in the meantime
     out.mkdir(parents=True, exist_ok=True)
+    written = ["index.html"]
     if profiles:
         hits = pd.concat([p.hits() for p in profiles], ignore_index=True)
         with atomic_path(out / "hits.csv") as tmp:
             hits.to_csv(tmp, index=False)
+        written.append("hits.csv")
+    elif "hits.csv" in owned_files(out, REPORT_MARKER):
+        (out / "hits.csv").unlink(missing_ok=True)  # an earlier report's, not this one's
+    # the marker first: a file it lists but that is not there yet is never somebody else's
+    atomic_write_text(out / REPORT_MARKER, json.dumps({"files": written}))
     return atomic_write_text(out / "index.html", page)
 
 

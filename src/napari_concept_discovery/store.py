@@ -212,6 +212,17 @@ def check_store_folder(path) -> dict | None:
     return attrs
 
 
+def store_around(path) -> Path | None:
+    """The activation store that holds ``path`` (``path`` itself or a folder above it), or None:
+    nothing else is written into a store, whose size and signature cover all it holds."""
+    path = Path(path).expanduser().absolute()
+    for folder in (path, *path.parents):
+        attrs = StoreWriter._attrs_at(folder) if folder.is_dir() else None
+        if attrs is not None and attrs.get("marker") == MARKER:
+            return folder
+    return None
+
+
 class StoreWriter:
     """Builds (or reuses, or resumes) the store of one plate, model and block.
 
