@@ -819,10 +819,11 @@ def _add_convert(sub) -> None:
 
 def _run_convert(args, con: Console) -> int:
     from ._files import check_output
-    from .convert import convert_plate
+    from .convert import check_convert_out, convert_plate
 
     check_output(args.out, folder=True, what="OME-Zarr output folder")
     plate = _open_plate(args)
+    check_convert_out(plate, args.out)
     with con.bar(len(plate), "convert sites") as bar:
         written = convert_plate(
             plate, args.out, ngff=args.ngff, overwrite=args.overwrite, progress=bar
