@@ -184,6 +184,100 @@ def test_a_killed_training_keeps_the_old_dictionary_and_resumes(store, tmp_path)
     assert resumed.result.steps_done == 30 and not ckpt.exists()
 
 
+# --- issue 21: Ctrl-C, a second writer, divergence ----------------------------------------
+
+
+SIGINT_CHILD = """
+import signal, subprocess, sys
+p = subprocess.Popen(
+    [sys.executable, "-m", "napari_concept_discovery.cli", *sys.argv[1:]],
+    stderr=subprocess.PIPE, text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+)
+said = []
+for line in p.stderr:  # Ctrl-C once the first steps are reported
+    said.append(line)
+    if line.startswith("train icfl: ") and not line.startswith("train icfl: 0/"):
+        p.send_signal(signal.SIGINT)
+        break
+said.append(p.stderr.read())
+print(p.wait())
+print("".join(said))
+"""
+
+
+def test_ctrl_c_keeps_a_checkpoint_that_resumes(store, tmp_path, capsys):
+    """Ctrl-C ends the training after the step under way with exit 130, writing a final
+    checkpoint; --resume then reaches the dictionary of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from fault_helpers import SRC
+
+    out = tmp_path / "d.safetensors"
+
+    def train_args(steps: int) -> list[str]:
+        return ["train", str(store.path), *TRAIN[:4], "--steps", str(steps), "--batch-size",
+                "64", "--no-whiten", "--seed", "3", "--checkpoint-every", "0"]  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGINT_CHILD, *train_args(3000), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    rc, _, said = done.stdout.partition("\n")
+    ckpt = checkpoint_path(out)
+    assert rc == "130", done.stdout + done.stderr
+    assert "interrupted: training stopped after step " in said
+    assert f"checkpoint {ckpt} kept: train again with --resume" in said
+    assert "Traceback" not in said and not out.exists()
+    step = json.loads(read_header(ckpt)["meta"])["steps"]
+    assert 0 < step < 3000
+    # resumed to a nearer end: the dictionary of a run straight to that end
+    assert main([*train_args(step + 5), "--out", str(out), "--resume"]) == 0
+    assert main([*train_args(step + 5), "--out", str(tmp_path / "r.st")]) == 0
+    got, want = load_dictionary(out), load_dictionary(tmp_path / "r.st")
+    for name, t in want.model.tensors().items():
+        torch.testing.assert_close(got.model.tensors()[name], t, rtol=0, atol=1e-6, msg=name)
+    assert not ckpt.exists()
+
+
+def test_two_trainings_to_one_file_are_refused(tiny_store_path, tmp_path, capsys):
+    from napari_concept_discovery._lock import lock_path, write_lock
+
+    out = tmp_path / "d.safetensors"
+    with write_lock(out, what="dictionary file", error=OutputError):
+        assert main(["train", str(tiny_store_path), *TRAIN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: dictionary file {out} is being written by process {os.getpid()} since"
+    ), err
+    assert not out.exists() and not lock_path(out).exists()
+    assert main(["train", str(tiny_store_path), *TRAIN, "--out", str(out)]) == 0
+    assert out.exists() and not lock_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    "method, lr", [("icfl", "1e30"), ("topk", "1e10")], ids=["icfl-1e30", "topk-1e10"]
+)
+def test_a_diverging_training_writes_no_dictionary(tiny_store_path, tmp_path, capsys, method, lr):
+    out = tmp_path / "d.safetensors"
+    args = ["train", str(tiny_store_path), *TRAIN, "--method", method, "--lr", lr]
+    assert main([*args, "--out", str(out), "--steps", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged: the loss was not finite at step "), err
+    assert f"no dictionary was written to {out}; train again with a smaller --lr" in err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+    # through --json too: no "ok: true"
+    assert main(["--json", *args, "--out", str(out), "--steps", "20"]) == 2
+    assert '"ok": false' in capsys.readouterr().out
+    assert main([*args[:-2], "--lr", "inf", "--out", str(out)]) == 2
+    assert "lr: must be positive and finite, got inf" in capsys.readouterr().err
+
+
 # --- 2. non-finite tokens --------------------------------------------------------------------
 
 

@@ -1145,9 +1145,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConceptDiscoveryError as exc:
             con.error(str(exc))
             return con.finish(EXIT_REFUSED, str(exc))
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr, flush=True)
-            return con.finish(EXIT_INTERRUPTED, "interrupted")
+        except KeyboardInterrupt as exc:
+            said = f"interrupted: {exc}" if str(exc) else "interrupted"
+            print(said, file=sys.stderr, flush=True)
+            return con.finish(EXIT_INTERRUPTED, said)
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
             if args.debug:

@@ -20,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._files import check_output
+from .._lock import write_lock
 from ..concepts import (
     check_analysis_folder,
     join_truth,
@@ -277,11 +278,19 @@ def train_on_store(
     metadata records the unit, model (id, source, weights hash), block, width, channels, store
     signature, whitening, the settings themselves and the metrics.
     """
-    unit = settings.unit
     if out is not None:
         out = check_dictionary_out(out, overwrite)
     elif resume:
         raise DictionaryError("resume needs the output path whose checkpoint to go on from")
+    if out is None:
+        return _train_on_store(store, settings, None, progress, cancel, resume)
+    # the lock embed takes on its store: a second training to the same file is refused
+    with write_lock(out, what="dictionary file", error=OutputError):
+        return _train_on_store(store, settings, out, progress, cancel, resume)
+
+
+def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDictionary:
+    unit = settings.unit
     ckpt = checkpoint_path(out) if out is not None else None
     form = token_form(store, settings.tokens)
     settings = settings.replace(tokens=form)
@@ -342,20 +351,38 @@ def train_on_store(
         tensors, state_meta = st.tensors()
         save_checkpoint(ckpt, m, whitener, {**meta, "steps": step}, tensors, state_meta)
 
-    result = train(
-        model,
-        tokens,
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
-        whitener=whitener,
-        groups=groups,
-        progress=progress,
-        cancel=cancel,
-        on_checkpoint=None if out is None else checkpoint,
-        checkpoint_every=settings.checkpoint_every,
-        resume=state,
-    )
+    try:
+        result = train(
+            model,
+            tokens,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            whitener=whitener,
+            groups=groups,
+            progress=progress,
+            cancel=cancel,
+            on_checkpoint=None if out is None else checkpoint,
+            checkpoint_every=settings.checkpoint_every,
+            resume=state,
+        )
+    except KeyboardInterrupt as exc:
+        if ckpt is not None and ckpt.is_file():
+            told = f"{exc}; " if str(exc) else ""
+            raise KeyboardInterrupt(
+                f"{told}checkpoint {ckpt} kept: train again with --resume (resume=True) to go on"
+            ) from None
+        raise
+    if result.diverged:
+        if ckpt is not None:  # the state before the blow-up would only blow up again
+            ckpt.unlink(missing_ok=True)
+        lr = getattr(getattr(model, "config", None), "lr", settings.lr)
+        raise DictionaryError(
+            f"training diverged: the loss was not finite at step {result.diverged_at} of "
+            f"{settings.steps} (learning rate {lr}); no dictionary was written"
+            + (f" to {out}" if out is not None else "")
+            + "; train again with a smaller --lr (lr=)"
+        )
     cancelled = result.cancelled
     metrics: dict = {}
     if not cancelled:
