@@ -504,3 +504,44 @@ def test_whitening_refuses_non_finite_controls():
     x[[3, 7], 1] = np.nan
     with pytest.raises(DictionaryError, match="2 of 50 control tokens hold NaN or Inf"):
         Whitener().fit(x)
+
+
+def test_a_partial_truth_file_is_said_and_its_gaps_left_out(
+    store, trained, small_plates, tmp_path, capsys
+):
+    """Issue 21: a truth file covering half the cells warns, naming the file and the count,
+    and the cells without truth make no 'mitotic=nan' concept of their own."""
+    import pandas as pd
+
+    truth = pd.read_csv(small_plates / "truth.csv")
+    half = tmp_path / "half.csv"
+    truth.iloc[: len(truth) // 2].to_csv(half, index=False)
+    cells = len(store.table("cell"))
+    joined = concepts.join_truth(store.table("cell"), pd.read_csv(half))
+    missing = int(joined["mitotic"].isna().sum())
+    assert 0 < missing < cells
+    out = tmp_path / "a"
+    args = ["analyze", str(store.path), str(trained.path), "--out", str(out)]
+    assert main([*args, "--truth", "mitotic,cell_type", "--truth-file", str(half)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"warning: {half} gives no 'mitotic' for {missing} of {cells} tokens; they are left out "
+        "of the mitotic concepts\n" in err
+    )
+    table = pd.read_parquet(out / "concepts.parquet")
+    assert not table["concept"].str.contains("nan").any(), table
+    mitotic = table[table["concept"] == "mitotic"].iloc[0]
+    assert mitotic["n_judged"] == cells - missing
+    # the same concepts as an analysis of only the cells with truth
+    known = np.flatnonzero(joined["mitotic"].notna().to_numpy())
+    codes = pd.read_parquet(out / "codes.parquet")
+    import scipy.sparse as sp
+
+    csr = sp.csr_matrix(
+        (codes["code"], (codes["token"], codes["feature"])),
+        shape=(cells, trained.dictionary.model.n_atoms),
+    )
+    alone = concepts.concept_auroc(
+        csr[known], joined.iloc[known].astype({"mitotic": bool}), ["mitotic"]
+    )
+    assert alone["auroc"].iloc[0] == pytest.approx(mitotic["auroc"])

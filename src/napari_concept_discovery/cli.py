@@ -78,10 +78,10 @@ def _check_synth_args(args, workers: int = 1) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings about the user's data as one ``warning:`` line; others as Python shows them."""
-    from .plate import PlateWarning
+    from .errors import DataWarning
 
     out = file if file is not None else sys.stderr
-    if issubclass(category, PlateWarning):
+    if issubclass(category, DataWarning):
         out.write(f"warning: {message}\n")
     else:
         out.write(warnings.formatwarning(message, category, filename, lineno, line))

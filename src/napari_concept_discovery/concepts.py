@@ -286,25 +286,31 @@ def join_truth(
 def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """For each true concept (every value of each truth column), the best single-feature AUROC.
 
-    Boolean columns give one concept (True); other columns give one concept per value.
+    Boolean columns give one concept (True); other columns give one concept per value. Tokens
+    without a value in a column (NaN: a truth file that covers only some cells) are left out of
+    that column's concepts, never made a concept of their own; ``n_judged`` counts the rest.
     """
     require_columns(truth, columns, "ground truth")
+    csr = _csr(codes)
     rows = []
     for col in columns:
-        series = truth[col]
+        known = truth[col].notna().to_numpy()
+        series = truth[col][known].infer_objects()
+        judged = csr if known.all() else csr[np.flatnonzero(known)]
         if series.dtype == bool:
             concepts = [(str(col), series.to_numpy())]
         else:
             s = series.astype(str).to_numpy()
             concepts = [(f"{col}={v}", s == v) for v in sorted(set(s))]
         for name, member in concepts:
-            auc = feature_auroc(codes, member)
+            auc = feature_auroc(judged, member)
             best = int(np.nanargmax(auc)) if np.isfinite(auc).any() else -1
             rows.append(
                 {
                     "concept": name,
                     "column": col,
                     "n_members": int(np.sum(member)),
+                "n_judged": len(member),
                     "best_feature": best,
                     "auroc": float(auc[best]) if best >= 0 else float("nan"),
                 }

@@ -12,6 +12,7 @@ the demo and the widgets pass settings objects (:mod:`.settings`) and get the sa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from ..concepts import (
     require_columns,
     write_analysis,
 )
-from ..errors import DictionaryError, OutputError
+from ..errors import DataWarning, DictionaryError, OutputError
 from ..progress import Cancel, Cancelled, ProgressCallback, report
 from .applied import Dictionary
 from .io import (
@@ -537,6 +538,16 @@ def encode_for_analysis(
         truth = read_truth(settings.truth_file)
     if truth is not None:
         table = join_truth(table, truth)
+        where = settings.truth_file or "the truth table"
+        for col in settings.truth:
+            missing = int(table[col].isna().sum()) if col in table.columns else 0
+            if missing:
+                warnings.warn(
+                    f"{where} gives no {col!r} for {missing} of {len(table)} tokens; they are "
+                    f"left out of the {col} concepts",
+                    DataWarning,
+                    stacklevel=2,
+                )
     return codes, table
 
 

@@ -16,11 +16,11 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from ..errors import PlateError
+from ..errors import DataWarning, PlateError
 from . import io
 
 
-class PlateWarning(UserWarning):
+class PlateWarning(DataWarning):
     """A problem in a plate folder that was worked around (a site skipped, a row unmatched)."""
 
 
