@@ -310,7 +310,7 @@ def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.Data
                     "concept": name,
                     "column": col,
                     "n_members": int(np.sum(member)),
-                "n_judged": len(member),
+                    "n_judged": len(member),
                     "best_feature": best,
                     "auroc": float(auc[best]) if best >= 0 else float("nan"),
                 }

@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from .concepts import (
     require_columns,
     selectivity,
 )
-from .errors import ConceptDiscoveryError, StoreError
+from .errors import ConceptDiscoveryError, DataWarning, StoreError
 from .progress import Cancel, ProgressCallback, is_cancelled, report
 from .settings import Settings, SettingsError, check, option
 
@@ -611,6 +612,9 @@ def write_report(
     out = check_report_folder(out)
     loaded = [_load(d) for d in dictionaries]
     name, primary = loaded[0]
+    stale = store.stale_labels()
+    if stale:
+        warnings.warn(stale, DataWarning, stacklevel=2)
     ex = Explorer(store, primary)
     report(progress, "encode", 0, len(loaded))
     codes, table = ex.cell_codes(cancel=cancel)

@@ -212,6 +212,13 @@ def check_store_folder(path) -> dict | None:
     return attrs
 
 
+def metadata_hash(plate) -> str:
+    """Hash of a plate's site table (its metadata joined to its sites), as a store records it."""
+    table = plate.site_table()
+    text = table.to_csv(index=False) + "|" + ",".join(map(str, table.dtypes))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def store_around(path) -> Path | None:
     """The activation store that holds ``path`` (``path`` itself or a folder above it), or None:
     nothing else is written into a store, whose size and signature cover all it holds."""
@@ -313,9 +320,7 @@ class StoreWriter:
 
     def _metadata_hash(self) -> str:
         """Hash of the metadata joined into the tables: a changed table must not stay frozen."""
-        table = self.plate.site_table()
-        text = table.to_csv(index=False) + "|" + ",".join(map(str, table.dtypes))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return metadata_hash(self.plate)
 
     # -- which store this is ------------------------------------------------------------------
 
@@ -717,6 +722,34 @@ class ActivationStore:
                 f"{STORE_FORMAT}; run the embedding again to rebuild it"
             )
         return cls(path, attrs)
+
+    def stale_labels(self) -> str | None:
+        """What to tell a user when the plate's metadata has changed since the embedding: the
+        labels in this store's tables are those of embedding time. None when it is the same,
+        or when the plate cannot be opened from where it was (moved, another machine)."""
+        import warnings
+
+        from .plate import open_plate
+
+        recorded = self.signature.get("metadata")
+        where = self.plate_source.get("path")
+        if not recorded or not where or not Path(where).exists():
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plate = open_plate(**self.plate_source)
+            if metadata_hash(plate) == recorded:
+                return None
+        except Exception:  # noqa: BLE001 - a plate that no longer opens is not this note's case
+            return None
+        table = self.plate_source.get("metadata") or f"the metadata table of {where}"
+        return (
+            f"{table} has changed since the activation store {self.path} was embedded; its "
+            "labels (well_type, perturbation, ...) are still the old ones: run `concept-discovery "
+            "embed` again (embed_plate) to take the new ones; it joins them again without "
+            "running the model on unchanged sites"
+        )
 
     def _unit(self, unit: str) -> str:
         if unit not in UNITS:

@@ -533,6 +533,9 @@ def encode_for_analysis(
     """:func:`encode_store` (or ``encode``, a function called as it is) with
     ``settings.truth_file`` (or ``truth``, read already) joined onto the token table."""
     encode = encode_store if encode is None else encode
+    stale = getattr(store, "stale_labels", lambda: None)()
+    if stale:
+        warnings.warn(stale, DataWarning, stacklevel=2)
     codes, table = encode(store, dictionary, settings.unit, progress=progress, cancel=cancel)
     if truth is None and settings.truth_file is not None:
         truth = read_truth(settings.truth_file)
