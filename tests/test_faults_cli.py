@@ -45,6 +45,8 @@ def assets(tmp_path_factory, small_plates, tiny_store_path):
     evil = tmp_path / "evil.pth"
     with open(evil, "wb") as f:
         pickle.dump({"w": torch.ones(1), "x": _Evil()}, f)
+    evil_zip = tmp_path / "evil.pt"  # torch's own zip format, naming a forbidden global
+    torch.save({"w": torch.ones(1), "x": _Evil()}, evil_zip)
     return {
         "dir": tmp_path,
         "file": tmp_path / "file.csv",
@@ -54,6 +56,7 @@ def assets(tmp_path_factory, small_plates, tiny_store_path):
         "bad_config": bad_config,
         "bad_card": bad_card,
         "evil": evil,
+        "evil_zip": evil_zip,
         "truth": small_plates / "truth.csv",
     }
 
@@ -104,6 +107,12 @@ CASES = {
     "embed pickle with code": (
         "embed {plate} --out {dir}/s --model {evil}",
         "{evil}: cannot load as a torch checkpoint with weights_only=True (weights that need",
+    ),
+    "embed zip pickle with a global": (
+        "embed {plate} --out {dir}/s --model {evil_zip}",
+        "{evil_zip}: cannot load as a torch checkpoint with weights_only=True (weights that need "
+        "code to load are refused): it names the global print, which loading would "
+        "import and call",
     ),
     "train missing store": (
         "train {dir}/nostore --out {dir}/d2.st",
@@ -159,6 +168,7 @@ def test_bad_input_is_one_line_and_touches_nothing(work, case, capsys):
     first = err.splitlines()[0]
     assert first.startswith(f"error: {message.format(**work)}"), err
     assert "Traceback" not in err and "weights_only=False" not in err
+    assert "safe_globals" not in err and "if you trust" not in err
     assert "hugging face hub" not in first.lower()
     if case in MULTILINE:  # the message goes on with the accepted forms, one a line
         assert err.count("error:") == 1 and "Accepted forms:" in first
