@@ -38,6 +38,10 @@ def assets(tmp_path_factory, small_plates, tiny_store_path):
     bad_config.mkdir()
     shutil.copy(weights, bad_config / "model.safetensors")
     (bad_config / "config.json").write_text('{"img_size": 256,')
+    string_card = tmp_path / "string_card"
+    string_card.mkdir()
+    shutil.copy(weights, string_card / "vit.safetensors")
+    (string_card / "vit.json").write_text('{"architecture": {"embed_dim": "32", "depth": 2}}')
     bad_card = tmp_path / "bad_card"
     bad_card.mkdir()
     shutil.copy(weights, bad_card / "vit.safetensors")
@@ -55,6 +59,7 @@ def assets(tmp_path_factory, small_plates, tiny_store_path):
         "dictionary": dictionary,
         "bad_config": bad_config,
         "bad_card": bad_card,
+        "string_card": string_card,
         "evil": evil,
         "evil_zip": evil_zip,
         "truth": small_plates / "truth.csv",
@@ -99,6 +104,11 @@ CASES = {
     "embed broken card": (
         "embed {plate} --out {dir}/s --model {bad_card}",
         "{bad_card}/vit.json: a model card is a JSON object with an 'architecture' object",
+    ),
+    "embed card with a string width": (
+        "embed {plate} --out {dir}/s --model {string_card}",
+        "{string_card}/vit.json: architecture field 'embed_dim' must be a positive whole number, "
+        "got '32'",
     ),
     "embed missing weights": (
         "embed {plate} --out {dir}/s --model {dir}/missing.safetensors",

@@ -283,6 +283,25 @@ def load_openphenom(
     )
 
 
+def check_architecture(arch: dict, where) -> None:
+    """Refuse, naming ``where`` and the field, an architecture whose fields ChannelAgnosticViT
+    does not take or whose values are not numbers of the right kind (a string "384" would
+    fail deep inside timm with an unrelated message)."""
+    import inspect
+
+    params = inspect.signature(ChannelAgnosticViT.__init__).parameters
+    for key, value in arch.items():
+        if key not in params or key == "self":
+            known = ", ".join(k for k in params if k != "self")
+            raise ModelError(f"{where}: architecture field {key!r} is not one of {known}")
+        default = params[key].default
+        want = float if isinstance(default, float) else int
+        ok = isinstance(value, int | float) if want is float else isinstance(value, int)
+        if not ok or isinstance(value, bool) or value <= 0 and key != "drop_path_rate":
+            kind = "a number" if want is float else "a positive whole number"
+            raise ModelError(f"{where}: architecture field {key!r} must be {kind}, got {value!r}")
+
+
 def load_card_model(
     weights: Path, card_path: Path, *, model_id: str | None = None, default_block: int | None = None
 ) -> ChannelAgnosticBackend:
@@ -298,6 +317,7 @@ def load_card_model(
     arch = dict(card.get("architecture", {}))
     if arch.pop("class", "ChannelAgnosticViT") != "ChannelAgnosticViT":
         raise ModelError(f"{card_path}: not a ChannelAgnosticViT card")
+    check_architecture(arch, card_path)
     return build_channel_agnostic(
         read_state_dict(weights),
         arch,
