@@ -199,7 +199,7 @@ def test_info_says_what_it_checked_and_check_decodes_every_site(tmp_path, capsys
     assert "warnings: 0" in out
     assert main(["info", str(tmp_path), "--check"]) == 0
     out = capsys.readouterr().out
-    assert "checked:  file headers and pixels of all 4 sites" in out
+    assert "checked:  file headers, pixels and label files of all 4 sites" in out
     assert "warnings: 1" in out and "1 of 4 decoded site(s) cannot be read" in out
     assert str(bad) in out
 
@@ -242,3 +242,23 @@ def test_a_folder_without_write_permission_is_named(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert err == f"error: cannot write output folder {locked}/s: no write permission in {locked}\n"
     assert list(locked.iterdir()) == []
+
+
+def test_info_check_reads_label_files_and_a_refused_embed_leaves_nothing(
+    small_plates, tmp_path, capsys
+):
+    """Issue 21: a truncated label TIFF passed `info --check` and was refused only by embed,
+    which then left a store skeleton that train called 'unfinished (interrupted)'."""
+    plate = tmp_path / "plate"
+    shutil.copytree(small_plates, plate)
+    bad = sorted(plate.rglob("*_cells.tif"))[0]
+    bad.write_bytes(bad.read_bytes()[:200])
+    assert main(["info", str(plate), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "warnings: 1" in out and "1 of 12 decoded site(s) cannot be read" in out
+    assert str(bad) in out
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    store = tmp_path / "store"
+    assert main(["embed", str(plate), "--out", str(store), "--model", str(weights)]) == 2
+    assert str(bad.name) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plate", "tiny.safetensors"]

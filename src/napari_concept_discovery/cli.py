@@ -325,7 +325,7 @@ def _run_info(args, con: Console) -> int:
     with con.bar(len(sites), "decode sites") as bar:
         for site in sites:
             try:
-                site.read()
+                site.check()
             except PlateError as exc:
                 undecodable.append(str(exc))
             bar.update()
@@ -359,7 +359,7 @@ def _run_info(args, con: Console) -> int:
         where = f" (label folder {plate.label_folder})" if plate.label_folder else ""
         say(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
     if args.check:
-        say(f"checked:  file headers and pixels of all {len(plate)} sites")
+        say(f"checked:  file headers, pixels and label files of all {len(plate)} sites")
     else:
         say(
             f"checked:  file headers (of every site when the folder holds up to {CHECK_LIMIT} "

@@ -712,7 +712,7 @@ class ActivationStore:
             raise StoreError(f"{path} is not an activation store")
         if not attrs.get("complete"):
             raise StoreError(
-                f"the activation store at {path} is unfinished (interrupted); run the embedding "
+                f"the activation store at {path} is unfinished (its embedding was interrupted or stopped by an error); run the embedding "
                 "again to complete it"
             )
         fmt = attrs.get("store_format", attrs.get("signature", {}).get("store_format"))

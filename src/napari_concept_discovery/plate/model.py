@@ -134,6 +134,13 @@ class Site:
             return self._user_labels()[1]
         return io.read_labels(self.nuclei_path)
 
+    def check(self) -> None:
+        """Decode everything the site is read from (pixels, cell and nucleus label files), as
+        embedding will; PlateError names the first file that cannot be read."""
+        self.read()
+        self.read_labels()
+        self.read_nuclei()
+
     def header(self) -> tuple[tuple[int, ...], np.dtype]:
         """(C, H, W) and dtype from file headers only; PlateError on unreadable or unequal files."""
         if len(self.paths) == 1 and len(self.channel_names) != 1:
