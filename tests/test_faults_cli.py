@@ -262,3 +262,43 @@ def test_info_check_reads_label_files_and_a_refused_embed_leaves_nothing(
     assert main(["embed", str(plate), "--out", str(store), "--model", str(weights)]) == 2
     assert str(bad.name) in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plate", "tiny.safetensors"]
+
+
+def test_a_fifo_named_like_an_image_is_skipped_with_a_warning(small_plates, tmp_path):
+    """Issue 21: a FIFO named like a channel image blocked `info --check` and the napari reader
+    forever in the header read; it is now left out and said (run with timeouts, so that the
+    old behaviour fails instead of hanging)."""
+    import subprocess
+    import sys
+    import threading
+
+    from fault_helpers import SRC
+    from napari_concept_discovery._reader import napari_get_reader
+
+    plate = tmp_path / "plate"
+    shutil.copytree(small_plates, plate)
+    image = sorted(plate.rglob("*_w2.png"))[0]
+    image.unlink()
+    os.mkfifo(image)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-m", "napari_concept_discovery.cli", "info", str(plate), "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rel = image.relative_to(plate)
+    assert (
+        f"skipped 1 entry of {plate} that is not a regular file (a FIFO, socket or device would "
+        f"block the read): {rel}" in done.stdout
+    )
+    layers = []
+    reader = threading.Thread(
+        target=lambda: layers.append(napari_get_reader(str(plate))(str(plate))), daemon=True
+    )
+    reader.start()
+    reader.join(120)
+    assert not reader.is_alive(), "the napari reader blocks on the FIFO"
+    assert layers and layers[0]
