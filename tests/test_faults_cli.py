@@ -302,3 +302,22 @@ def test_a_fifo_named_like_an_image_is_skipped_with_a_warning(small_plates, tmp_
     reader.join(120)
     assert not reader.is_alive(), "the napari reader blocks on the FIFO"
     assert layers and layers[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 700), (700, 1)])
+def test_thin_images_keep_their_two_dimensions(tmp_path, shape):
+    """Issue 21: a 1 x 1 or 1 x N image was read as shape () or (N,) and refused, while info
+    showed (C, 1, 1) from its header; its pixels now read as the header says."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    from napari_concept_discovery.plate import open_plate
+    from plate_helpers import write_rxrx
+
+    write_rxrx(tmp_path)
+    for f in tmp_path.rglob("*.png"):
+        iio.imwrite(f, np.full(shape, 7, np.uint8))
+    plate = open_plate(tmp_path)
+    assert plate.image_shape == (3, *shape)
+    for site in plate:
+        assert site.read().shape == (3, *shape)

@@ -130,7 +130,12 @@ def plane_header(path: Path) -> tuple[tuple[int, int], np.dtype]:
 
 
 def _to_plane(image: np.ndarray, path: Path) -> np.ndarray:
-    image = np.squeeze(image)
+    # drop length-1 axes around the plane, never the plane's own: a 1 x 1 or 1 x N image
+    # stays 2-D, as its header says
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    while image.ndim > 2 and image.shape[-1] == 1:
+        image = image[..., 0]
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         rgb = image[..., :3]
         if not (
