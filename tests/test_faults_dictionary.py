@@ -545,3 +545,40 @@ def test_a_partial_truth_file_is_said_and_its_gaps_left_out(
         csr[known], joined.iloc[known].astype({"mitotic": bool}), ["mitotic"]
     )
     assert alone["auroc"].iloc[0] == pytest.approx(mitotic["auroc"])
+
+
+def test_a_full_disk_ends_in_one_line_and_a_clean_folder(
+    store, trained, tmp_path, capsys, monkeypatch
+):
+    """Issue 21: analyze onto a full disk printed hundreds of h5py tracebacks and died of a
+    segmentation fault; the codes.h5ad write is not started without room for it, and a full
+    disk in any other write is one line, exit 1, with nothing left behind."""
+    import errno
+    from collections import namedtuple
+
+    import napari_concept_discovery._files as files
+
+    usage = namedtuple("usage", "total used free")
+    out = tmp_path / "a"
+    args = ["analyze", str(store.path), str(trained.path), "--out", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(files.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 50_000, 50_000))
+        assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if line.startswith("error:")]
+    assert said == [
+        f"error: the disk is full writing {out}: not enough free space to write "
+        f"{out}/codes.h5ad: it needs about {said[0].split('about ')[1].split(' MB')[0]} MB, "
+        "0.1 MB are free on that disk; free some space or choose another output folder"
+    ], err
+    assert "Traceback" not in "\n".join(err) and sorted(tmp_path.iterdir()) == []
+
+    def no_room(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(concepts, "atomic_parquet", no_room)
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"error: the disk is full writing {out}: No space left on device\n" in err
+    assert "Traceback" not in err and sorted(tmp_path.iterdir()) == []

@@ -139,6 +139,26 @@ def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> Path:
     return path
 
 
+#: Room left free beyond what a write is expected to take (file system and HDF5 overheads).
+FREE_MARGIN = 1 << 20
+
+
+def check_free_space(folder: str | os.PathLike, need: int, *, what: str) -> None:
+    """Refuse, before writing, a write of about ``need`` bytes into ``folder`` that the disk
+    has no room for: an ``OSError`` (ENOSPC) naming ``what`` and both sizes. Some writers
+    (HDF5 through h5py) do not fail cleanly on a full disk, so they are not started."""
+    import errno
+
+    free = shutil.disk_usage(folder).free
+    if free < need + FREE_MARGIN:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space to write {what}: it needs about "
+            f"{(need + FREE_MARGIN) / 1e6:.1f} MB, {free / 1e6:.1f} MB are free on that disk; "
+            "free some space or choose another output folder",
+        )
+
+
 def owned_files(folder: str | os.PathLike, marker: str) -> set[str]:
     """The names of the files in ``folder`` that this package wrote there, by the folder's
     ``marker`` (a JSON object whose ``files`` lists them, as a list or as a dict's values),

@@ -10,6 +10,7 @@ Where output goes (``--quiet``, ``--json``, progress bars, exit codes) is decide
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
@@ -1149,15 +1150,30 @@ def main(argv: list[str] | None = None) -> int:
             said = f"interrupted: {exc}" if str(exc) else "interrupted"
             print(said, file=sys.stderr, flush=True)
             return con.finish(EXIT_INTERRUPTED, said)
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return _failed(args, con, exc)
+            where = f" ({exc.filename})" if exc.filename else ""
+            out = f" writing {args.out}" if getattr(args, "out", None) else ""
+            message = f"the disk is full{out}: {exc.strerror or exc}{where}"
             if args.debug:
                 traceback.print_exc()
-                con.error(message)
-            else:
-                con.error(f"{message} (rerun with --debug to see the traceback)")
+            con.error(message)
             return con.finish(EXIT_FAILED, message)
+        except Exception as exc:
+            return _failed(args, con, exc)
     return con.finish(code)
+
+
+def _failed(args, con: Console, exc: Exception) -> int:
+    """An unexpected error: one line (the traceback with --debug), exit 1."""
+    message = f"{type(exc).__name__}: {exc}"
+    if args.debug:
+        traceback.print_exc()
+        con.error(message)
+    else:
+        con.error(f"{message} (rerun with --debug to see the traceback)")
+    return con.finish(EXIT_FAILED, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._files import atomic_dir, atomic_parquet, atomic_path, atomic_write_text, check_not_foreign
+from ._files import (
+    atomic_dir,
+    atomic_parquet,
+    atomic_path,
+    atomic_write_text,
+    check_free_space,
+    check_not_foreign,
+)
 from .errors import DictionaryError
 
 THRESHOLDS = (0.5, 0.2)
@@ -741,6 +748,22 @@ def codes_anndata(
     return adata
 
 
+def _h5ad_bytes(adata) -> int:
+    """About how many bytes ``write_h5ad`` writes for ``adata`` (uncompressed, as written)."""
+    x = adata.X
+    total = sum(int(getattr(x, a).nbytes) for a in ("data", "indices", "indptr") if hasattr(x, a))
+    for frame in (adata.obs, adata.var):
+        total += int(frame.memory_usage(index=True, deep=True).sum())
+    for key in adata.varm.keys():
+        value = adata.varm[key]
+        total += int(
+            value.memory_usage(deep=True).sum()
+            if hasattr(value, "memory_usage")
+            else np.asarray(value).nbytes
+        )
+    return total + len(str(dict(adata.uns)))
+
+
 def check_analysis_folder(out_dir: str | Path) -> Path:
     """Refuse an output folder that cannot be written or that holds any file this package did
     not write there as an analysis (:func:`._files.check_not_foreign`): an analysis replaces
@@ -818,8 +841,10 @@ def write_analysis(
                 tmp / names["profiles"],
             )
         names["h5ad"] = "codes.h5ad"
+        adata = codes_anndata(csr, table, features, meta, profiles)
+        check_free_space(tmp, _h5ad_bytes(adata), what=f"{out / names['h5ad']}")
         with atomic_path(tmp / names["h5ad"]) as t:
-            codes_anndata(csr, table, features, meta, profiles).write_h5ad(t)
+            adata.write_h5ad(t)
         import json
 
         atomic_write_text(
