@@ -582,3 +582,35 @@ def test_a_full_disk_ends_in_one_line_and_a_clean_folder(
     err = capsys.readouterr().err
     assert f"error: the disk is full writing {out}: No space left on device\n" in err
     assert "Traceback" not in err and sorted(tmp_path.iterdir()) == []
+
+
+ANALYZE_CHILD = """
+import sys, time
+import napari_concept_discovery.concepts as concepts
+from napari_concept_discovery.dictionary import AnalyzeSettings, analyze_store, load_dictionary
+from napari_concept_discovery.store import ActivationStore
+store, dictionary, out, marker = sys.argv[1:]
+real = concepts.codes_anndata
+
+def stall(*args, **kwargs):  # killed while the folder beside --out is half-written
+    open(marker, "w").write("x")
+    time.sleep(600)
+
+concepts.codes_anndata = stall
+analyze_store(ActivationStore.open(store), load_dictionary(dictionary), AnalyzeSettings(), out)
+"""
+
+
+def test_folders_left_by_a_killed_analysis_are_cleaned_up(store, trained, tmp_path):
+    """Issue 21: the `.analysis.<hex>.tmp` folder of an analysis killed with kill -9 stayed
+    forever; the next write to the same folder removes it (a live writer's is left alone)."""
+    out = tmp_path / "analysis"
+    marker = tmp_path / "marker"
+    args = (str(store.path), str(trained.path), str(out), str(marker))
+    pid = run_and_kill(ANALYZE_CHILD, marker, *args)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".analysis.")]
+    assert len(left) == 1 and f"-{pid}-" in left[0].name and left[0].name.endswith(".tmp")
+    live = tmp_path / f"{left[0].name.split(f'-{pid}-')[0]}-{os.getpid()}-{'0' * 32}.tmp"
+    live.mkdir()  # as a writer still running in this process would hold it
+    analyze_store(store, load_dictionary(trained.path), AnalyzeSettings(top_n=3), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["analysis", "marker", live.name])

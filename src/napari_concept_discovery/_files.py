@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -87,6 +88,40 @@ def atomic_parquet(df, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _owner_tag() -> str:
+    """``<host>-<pid>-<random>``: whose temporary folder this is, so an orphan can be told."""
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def remove_orphans(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders beside ``path`` (``.<name>.<host>-<pid>-<hex>.tmp`` or
+    ``.old``) left by a process of this host that no longer runs (killed with ``kill -9``, a
+    power cut); the folders of a live process, or of another host, are left alone."""
+    import socket
+
+    from ._lock import _alive
+
+    path = Path(path)
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
+    pattern = re.compile(
+        rf"^\.{re.escape(path.name)}\.{re.escape(host)}-(\d+)-[0-9a-f]{{32}}\.(tmp|old)$"
+    )
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder that replaces the folder ``path`` as a whole on normal exit.
@@ -96,7 +131,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    remove_orphans(path)
+    tmp = path.with_name(f".{path.name}.{_owner_tag()}.tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -105,7 +141,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+        old = path.with_name(f".{path.name}.{_owner_tag()}.old")
         os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:
