@@ -614,3 +614,27 @@ def test_folders_left_by_a_killed_analysis_are_cleaned_up(store, trained, tmp_pa
     live.mkdir()  # as a writer still running in this process would hold it
     analyze_store(store, load_dictionary(trained.path), AnalyzeSettings(top_n=3), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["analysis", "marker", live.name])
+
+
+@pytest.mark.parametrize("method", ["icfl", "topk"])
+def test_too_many_atoms_for_the_memory_are_refused_with_what_fits(
+    tiny_store_path, tmp_path, capsys, monkeypatch, method
+):
+    """Issue 21: train --atoms 100000 ended in torch's raw allocator error; it now says the
+    memory it would need and the most atoms that fit, before allocating anything."""
+    import napari_concept_discovery._files as files
+    from napari_concept_discovery.dictionary.training import training_memory
+
+    monkeypatch.setattr(files, "physical_memory", lambda: 10**9)
+    out = tmp_path / "d.safetensors"
+    args = ["train", str(tiny_store_path), "--no-whiten", "--method", method, "--atoms"]
+    assert main([*args, "200000", "--sparsity", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: atoms: 200000 atoms would need about "), err
+    assert "this machine has 1 GB. Use --atoms " in err and err.count("\n") == 1
+    most = int(err.split("Use --atoms ")[1].split()[0])
+    width = ActivationStore.open(tiny_store_path).token_width("concat")  # the default form
+    assert f"({method} on {width}-wide tokens, batch 1024)" in err
+    assert training_memory(method, most, width, 1024) <= 10**9
+    assert training_memory(method, most + 1, width, 1024) > 10**9
+    assert list(tmp_path.iterdir()) == []

@@ -175,6 +175,23 @@ def check_output(path: str | os.PathLike, *, folder: bool, what: str) -> Path:
     return path
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human_bytes(n: float) -> str:
+    """``40.1 GB``: a size in powers of 1000, three significant digits."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
 #: Room left free beyond what a write is expected to take (file system and HDF5 overheads).
 FREE_MARGIN = 1 << 20
 

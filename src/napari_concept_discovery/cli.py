@@ -42,18 +42,15 @@ def _at_least(value, name: str, low: int = 1) -> None:
 
 
 def _human_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} EB"
+    from ._files import human_bytes
+
+    return human_bytes(n)
 
 
 def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+    from ._files import physical_memory
+
+    return physical_memory()
 
 
 def _check_synth_args(args, workers: int = 1) -> None:

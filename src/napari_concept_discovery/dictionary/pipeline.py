@@ -42,7 +42,7 @@ from .io import (
 from .metrics import evaluate
 from .registry import build_model
 from .settings import AnalyzeSettings, TrainSettings, WhitenSettings
-from .training import TrainResult, TrainState, train
+from .training import TrainResult, TrainState, check_training_memory, train
 from .whiten import Whitener, control_mask, group_labels, parse_control
 
 
@@ -323,6 +323,13 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
             groups = group_labels(table, settings.whiten.by)
     d_in = whitener.n_components_ if whitener is not None else tokens.shape[1]
     if not resume:
+        check_training_memory(
+            settings.method,
+            settings.atoms,
+            d_in,
+            settings.batch_size,
+            settings.method_config().get("pursuit", "gram"),
+        )
         model = build_model(settings.method, d_in, settings.method_config(), seed=settings.seed)
         groups_per_token = int(getattr(store, "token_groups", 1)) if form == "concat" else 1
         meta = {

@@ -189,6 +189,45 @@ def whiten_once(data, whitener: Whitener | None, groups, limit: int = WHITEN_ONC
     return out, None, None
 
 
+def training_memory(
+    method: str, atoms: int, d_in: int, batch_size: int, pursuit: str = "gram"
+) -> int:
+    """About how many bytes training a dictionary of ``atoms`` atoms on ``d_in``-wide tokens
+    takes at its peak (float32): the weights with their gradient and two Adam moments, ICFL's
+    Gram matrix (atoms x atoms, with the Gram pursuit) and the batch's scores or activations."""
+    f = 4
+    params = 4 * d_in * atoms * f
+    if method == "topk":  # encoder and decoder, and pre-activations, codes and their gradients
+        return 2 * params + 3 * batch_size * atoms * f
+    gram = atoms * atoms * f if pursuit == "gram" else 0
+    return params + gram + 2 * batch_size * atoms * f
+
+
+def check_training_memory(
+    method: str, atoms: int, d_in: int, batch_size: int, pursuit: str = "gram"
+) -> None:
+    """Refuse, before any allocation, a dictionary too large for this machine's memory: the
+    memory it would need and the most atoms that fit (as ``synth --size`` says)."""
+    from .._files import human_bytes, physical_memory
+
+    have = physical_memory()
+    need = training_memory(method, atoms, d_in, batch_size, pursuit)
+    if have is None or need <= have:
+        return
+    lo, hi = 1, atoms  # the largest atom count that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if training_memory(method, mid, d_in, batch_size, pursuit) <= have:
+            lo = mid
+        else:
+            hi = mid - 1
+    raise DictionaryError(
+        f"atoms: {atoms} atoms would need about {human_bytes(need)} of memory to train "
+        f"({method} on {d_in}-wide tokens, batch {batch_size}); this machine has "
+        f"{human_bytes(have)}. Use --atoms {lo} or less (atoms=), or a smaller --batch-size"
+    )
+
+
 @contextmanager
 def interrupt_between_steps() -> Iterator[threading.Event]:
     """While training runs in the main thread under Python's own Ctrl-C handler, a first
