@@ -95,6 +95,14 @@ CASES = {
     "demo onto a file": ("demo {file}", "demo output folder {file} is a file"),
     "demo steps": ("demo {dir}/demo --steps 0", "--steps must be at least 1, got 0"),
     "embed threads": ("embed {plate} --out {dir}/s --threads -3", "--threads must be at least 1"),
+    "embed threads huge": (
+        "embed {plate} --out {dir}/s --threads 100000",
+        "--threads must be at most ",
+    ),
+    "train threads huge": (
+        "train {store} --out {dir}/x.st --threads 100000",
+        "--threads must be at",
+    ),
     "embed onto a file": ("embed {plate} --out {file}", "activation store {file} is a file"),
     "embed into other files": ("embed {plate} --out {dir}", "{dir} exists and is not an activ"),
     "embed broken config": (

@@ -41,6 +41,18 @@ def _at_least(value, name: str, low: int = 1) -> None:
         raise UsageError(f"{name} must be at least {low}, got {value}")
 
 
+def _check_threads(value: int | None) -> None:
+    """--threads at least 1 and at most a few per CPU: each thread takes a stack, and tens of
+    thousands of them leave no memory to load anything (it surfaced as unreadable images)."""
+    _at_least(value, "--threads")
+    most = max(64, 4 * (os.cpu_count() or 1))
+    if value is not None and value > most:
+        raise UsageError(
+            f"--threads must be at most {most} (4 per CPU, this machine has "
+            f"{os.cpu_count()}), got {value}"
+        )
+
+
 def _human_bytes(n: float) -> str:
     from ._files import human_bytes
 
@@ -530,7 +542,7 @@ def _run_embed(args, con: Console) -> int:
     from .settings import from_args
     from .store import check_store_folder
 
-    _at_least(args.threads, "--threads")
+    _check_threads(args.threads)
     if len(args.plate) > 1 or args.workers or args.scheduler:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -646,7 +658,7 @@ def _run_train(args, con: Console) -> int:
     from .settings import describe, from_args
     from .store import ActivationStore
 
-    _at_least(args.threads, "--threads")
+    _check_threads(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     whiten = None
