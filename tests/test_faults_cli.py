@@ -329,3 +329,24 @@ def test_thin_images_keep_their_two_dimensions(tmp_path, shape):
     assert plate.image_shape == (3, *shape)
     for site in plate:
         assert site.read().shape == (3, *shape)
+
+
+def test_segment_says_which_sites_gave_no_cell_and_why(small_plates, tmp_path, capsys):
+    """Issue 21: segment on all-zero images wrote 0 cells on every site with exit 0 and no word."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    from napari_concept_discovery.plate import open_plate
+
+    plate = tmp_path / "plate"
+    shutil.copytree(small_plates, plate)
+    site = open_plate(plate).sites[open_plate(plate).keys[0]]
+    for path in site.paths:
+        iio.imwrite(path, np.zeros_like(iio.imread(path)))
+    assert main(["segment", str(plate), "--out", str(tmp_path / "labels")]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"warning: 1 of 12 site(s) gave no cell: {site.key}; the DNA image of 1 of them holds "
+        "a single value (all zero or constant), so there is nothing to segment: check those "
+        "files\n" in err
+    ), err

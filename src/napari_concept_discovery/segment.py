@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from skimage.segmentation import relabel_sequential
 
 from . import __version__
 from ._files import atomic_write_bytes, atomic_write_text
-from .errors import PlateError
+from .errors import DataWarning, PlateError
 from .plate.label_images import read_user_labels
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
@@ -281,17 +282,41 @@ def segment_plate(
             "give it to embed as --labels"
         ) from exc
     report(progress, "segment", 0, total)
+    nuclear_index = _channel_index(names, channel_ref(settings.nuclear), "nuclear")
+    empty, flat = [], []  # sites without a cell; those whose nuclear stain has one value
     for done, site in enumerate(plate, start=1):
         if is_cancelled(cancel):
             return None
+        image = site.read()
         try:
-            nuclei, cells = segmenter(site.read(), names)
+            nuclei, cells = segmenter(image, names)
         except ValueError as exc:  # a channel name or shape the user can fix
             raise PlateError(f"cannot segment site {site.key}: {exc}") from exc
         cells_path, nuclei_path = label_paths(folder, site.key)
         _write_tiff(cells_path, cells)
         _write_tiff(nuclei_path, nuclei)
+        if not np.any(cells):
+            empty.append(str(site.key))
+            plane = image[nuclear_index]
+            if plane.min() == plane.max():
+                flat.append(str(site.key))
         report(progress, "segment", done, total, site=str(site.key))
     marker["complete"] = True
     atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
+    if empty:
+        warnings.warn(_no_cells_note(empty, flat, total, names[nuclear_index]), DataWarning, 2)
     return folder
+
+
+def _no_cells_note(empty: list[str], flat: list[str], total: int, stain: str) -> str:
+    """What to tell a user whose sites gave no cell: which, and whether their images are blank."""
+    shown = "; ".join(empty[:5]) + (f"; ... and {len(empty) - 5} more" if len(empty) > 5 else "")
+    note = f"{len(empty)} of {total} site(s) gave no cell: {shown}"
+    if flat:
+        note += (
+            f"; the {stain} image of {len(flat)} of them holds a single value (all zero or "
+            "constant), so there is nothing to segment: check those files"
+        )
+    else:
+        note += f"; check their {stain} images, or the nuclear channel and thresholds"
+    return note
