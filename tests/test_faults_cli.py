@@ -350,3 +350,28 @@ def test_segment_says_which_sites_gave_no_cell_and_why(small_plates, tmp_path, c
         "a single value (all zero or constant), so there is nothing to segment: check those "
         "files\n" in err
     ), err
+
+
+def test_segment_never_replaces_label_files_it_did_not_write(small_plates, tmp_path, capsys):
+    """Issue 21, the one rule: segment --out onto a folder of the user's own label files (a
+    Cellpose run, say) replaced them; it now refuses, and replaces only its own."""
+    from napari_concept_discovery.plate import open_plate
+    from napari_concept_discovery.plate.labels import label_paths
+
+    plate = open_plate(small_plates)
+    mine = tmp_path / "mine"
+    theirs = label_paths(mine, plate.keys[0])[0]
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"my cellpose masks")
+    rel = theirs.relative_to(mine).as_posix()
+    assert main(["segment", str(small_plates), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {mine} exists and holds files that are not labels written by segment ({rel}); "
+        "labels written by segment would replace them, so choose another output folder (or move "
+        "those files away)\n"
+    )
+    assert theirs.read_bytes() == b"my cellpose masks" and len(list(mine.rglob("*"))) == 2
+    ours = tmp_path / "ours"
+    assert main(["segment", str(small_plates), "--out", str(ours)]) == 0
+    assert main(["segment", str(small_plates), "--out", str(ours)]) == 0  # its own: replaced

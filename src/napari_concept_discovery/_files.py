@@ -240,7 +240,7 @@ def check_not_foreign(
     """The one rule of every command that writes: never write over a file it did not write.
 
     ``folder`` (``what``, e.g. "report folder") is an output folder that a command fills with
-    the files ``writes`` (or, with ``writes=None``, replaces whole, so that every file in it
+    the files ``writes`` (names or relative paths; or, with ``writes=None``, replaces whole, so that every file in it
     counts) and in which it leaves ``marker`` listing them (:func:`owned_files`). A file that
     would be replaced and that the marker does not list is somebody else's: an
     :class:`~.errors.OutputError` names it before any work. ``kind`` names what the command
@@ -251,8 +251,10 @@ def check_not_foreign(
     out = check_output(folder, folder=True, what=what)
     if not out.is_dir():
         return out
-    present = sorted(p.name for p in out.iterdir())
-    at_risk = present if writes is None else [n for n in writes if n in present]
+    if writes is None:
+        at_risk = sorted(p.name for p in out.iterdir())
+    else:  # names in the folder, or paths below it
+        at_risk = [str(n) for n in writes if (out / n).exists() or (out / n).is_symlink()]
     foreign = sorted(set(at_risk) - owned_files(out, marker))
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")

@@ -26,7 +26,7 @@ import numpy as np
 from skimage.segmentation import relabel_sequential
 
 from . import __version__
-from ._files import atomic_write_bytes, atomic_write_text
+from ._files import atomic_write_bytes, atomic_write_text, check_not_foreign
 from .errors import DataWarning, PlateError
 from .plate.label_images import read_user_labels
 from .plate.labels import MARKER, default_label_folder, label_paths
@@ -263,6 +263,20 @@ def segment_plate(
             _channel_index(names, c, "cell")
     except ValueError as exc:
         raise PlateError(f"cannot segment {plate.root}: {exc}") from exc
+    files = [
+        path.relative_to(folder).as_posix()
+        for key in plate.keys
+        for path in label_paths(folder, key)
+    ]
+    # the one rule of every writer: label files this package did not write are never replaced
+    if not _older_own_folder(folder):
+        check_not_foreign(
+            folder,
+            marker=MARKER,
+            what="label folder",
+            kind="labels written by segment",
+            writes=files,
+        )
     segmenter = make_segmenter(settings)
     marker = {
         "written_by": f"napari-concept-discovery {__version__} segment",
@@ -273,6 +287,7 @@ def segment_plate(
         "cell": settings.cell,
         "settings": settings.to_dict(),
         "sites": total,
+        "files": files,
     }
     try:  # marked unfinished first, so the folder is never read as images nor used half done
         atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
@@ -306,6 +321,20 @@ def segment_plate(
     if empty:
         warnings.warn(_no_cells_note(empty, flat, total, names[nuclear_index]), DataWarning, 2)
     return folder
+
+
+def _older_own_folder(folder: Path) -> bool:
+    """A label folder that an earlier version of ``segment`` wrote (its marker names no files):
+    its label files are this package's."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(marker, dict)
+        and "files" not in marker
+        and str(marker.get("written_by", "")).startswith("napari-concept-discovery")
+    )
 
 
 def _no_cells_note(empty: list[str], flat: list[str], total: int, stain: str) -> str:
