@@ -375,3 +375,22 @@ def test_segment_never_replaces_label_files_it_did_not_write(small_plates, tmp_p
     ours = tmp_path / "ours"
     assert main(["segment", str(small_plates), "--out", str(ours)]) == 0
     assert main(["segment", str(small_plates), "--out", str(ours)]) == 0  # its own: replaced
+
+
+def test_synth_never_replaces_a_metadata_table_it_did_not_write(tmp_path, capsys):
+    """Issue 21, the one rule, a case of our own: synth into a folder holding the user's
+    metadata.csv replaced it in silence; it now refuses, and rewrites only its own plates."""
+    out = tmp_path / "screen"
+    out.mkdir()
+    (out / "metadata.csv").write_text("plate,well,compound\n1,B02,mine\n")
+    before = snapshot(out)
+    args = ["synth", str(out), "--plates", "1", "--wells", "2", "--sites", "1", "--size", "64"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {out} exists and holds files that are not a synthetic plate (metadata.csv); "
+    ), err
+    assert snapshot(out) == before
+    ours = tmp_path / "ours"
+    assert main([*args[:1], str(ours), *args[2:]]) == 0
+    assert main([*args[:1], str(ours), *args[2:]]) == 0
