@@ -394,3 +394,24 @@ def test_synth_never_replaces_a_metadata_table_it_did_not_write(tmp_path, capsys
     ours = tmp_path / "ours"
     assert main([*args[:1], str(ours), *args[2:]]) == 0
     assert main([*args[:1], str(ours), *args[2:]]) == 0
+
+
+def test_nan_pixels_are_blamed_on_their_file_not_the_model(tmp_path, capsys):
+    """A case of our own: a float TIFF with NaN pixels reached the model and the refusal said
+    its weights file might be damaged; the image file is now named."""
+    import numpy as np
+    import tifffile
+
+    from plate_helpers import write_phenix
+
+    plate = tmp_path / "plate"
+    write_phenix(plate)
+    bad = sorted(plate.glob("*.tiff"))[0]
+    image = tifffile.imread(bad).astype(np.float32)
+    image[3:5, 3:5] = np.nan
+    tifffile.imwrite(bad, image)
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    args = ["embed", str(plate), "--out", str(tmp_path / "s"), "--model", str(weights)]
+    assert main([*args, "--cells", "none"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} holds 4 NaN or Inf pixels of " in err and "weights" not in err, err

@@ -145,7 +145,7 @@ def _to_plane(image: np.ndarray, path: Path) -> np.ndarray:
         image = rgb[..., 0]
     if image.ndim != 2:
         raise PlateError(f"{path} has shape {image.shape}; expected one 2-D channel")
-    return image
+    return _real_pixels(image, path)
 
 
 def read_plane(path: Path) -> np.ndarray:
@@ -206,9 +206,22 @@ def read_multichannel(path: Path) -> np.ndarray:
         data = np.transpose(data, order + drop).reshape(
             [shape[i] for i in order] if extra else [1, shape[order[0]], shape[order[1]]]
         )
-        return np.ascontiguousarray(data)
+        return _real_pixels(np.ascontiguousarray(data), path)
     except Exception as exc:
         raise _wrap(path, exc) from exc
+
+
+def _real_pixels(image: np.ndarray, path: Path) -> np.ndarray:
+    """Refuse pixels that are not real numbers (complex, NaN or Inf), naming the file: they
+    would reach the model as NaN tokens and be blamed on its weights."""
+    if image.dtype.kind == "c":
+        raise PlateError(f"{path} holds {image.dtype} pixels; expected integers or floats")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        bad = int(image.size - np.isfinite(image).sum())
+        raise PlateError(
+            f"{path} holds {bad} NaN or Inf pixels of {image.size}; a pixel must be a number"
+        )
+    return image
 
 
 def read_labels(path: Path) -> np.ndarray:
