@@ -42,9 +42,10 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
         if suffix == ".npy":
             data = _read_npy(path)
         elif suffix in (".tif", ".tiff"):
-            import tifffile
+            from .io import open_tiff
 
-            data = tifffile.imread(path)
+            with open_tiff(path) as tif:
+                data = tif.asarray()
         else:
             import imageio.v3 as iio
 
