@@ -276,6 +276,19 @@ def test_a_diverging_training_writes_no_dictionary(tiny_store_path, tmp_path, ca
     assert '"ok": false' in capsys.readouterr().out
     assert main([*args[:-2], "--lr", "inf", "--out", str(out)]) == 2
     assert "lr: must be positive and finite, got inf" in capsys.readouterr().err
+    # --keep-diverged keeps the last sound state, marked, and analyze and report refuse it
+    assert main([*args, "--out", str(out), "--steps", "20", "--keep-diverged"]) == 2
+    err = capsys.readouterr().err
+    assert f"is kept at {out}, marked as diverged (analyze and report refuse it)" in err
+    assert load_dictionary(out).meta["diverged"] is True
+    for command in (
+        ["analyze", str(tiny_store_path), str(out), "--out", str(tmp_path / "a")],
+        ["report", str(tiny_store_path), str(out), "--out", str(tmp_path / "r")],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out} is the state of a training that diverged (at step " in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
 
 
 # --- 2. non-finite tokens --------------------------------------------------------------------

@@ -217,7 +217,7 @@ class TrainedDictionary:
 
 
 #: Settings a resumed training may change: they do not change the dictionary's path to a step.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max", "keep_diverged")
 
 
 def _resume_state(store, settings: TrainSettings, ckpt: Path):
@@ -385,9 +385,26 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
         if ckpt is not None:  # the state before the blow-up would only blow up again
             ckpt.unlink(missing_ok=True)
         lr = getattr(getattr(model, "config", None), "lr", settings.lr)
-        raise DictionaryError(
+        told = (
             f"training diverged: the loss was not finite at step {result.diverged_at} of "
-            f"{settings.steps} (learning rate {lr}); no dictionary was written"
+            f"{settings.steps} (learning rate {lr})"
+        )
+        if out is not None and settings.keep_diverged:
+            meta.update(
+                steps=result.steps_done,
+                samples=result.samples,
+                cancelled=False,
+                diverged=True,
+                diverged_at=result.diverged_at,
+                metrics={},
+            )
+            save_dictionary(out, Dictionary(model, whitener, meta))
+            raise DictionaryError(
+                f"{told}; its state after step {result.steps_done} is kept at {out}, marked as "
+                "diverged (analyze and report refuse it); train again with a smaller --lr (lr=)"
+            )
+        raise DictionaryError(
+            f"{told}; no dictionary was written"
             + (f" to {out}" if out is not None else "")
             + "; train again with a smaller --lr (lr=)"
         )

@@ -203,6 +203,12 @@ class TrainSettings(Settings):
         "refusing the store",
         label="drop non-finite tokens",
     )
+    keep_diverged: bool = option(
+        False,
+        "when the training diverges, keep its last sound state at the output, marked as "
+        "diverged (analyze and report refuse it), instead of writing nothing",
+        label="keep a diverged dictionary",
+    )
     whiten: WhitenSettings | None = option(
         None, "whitening fitted on control tokens; None trains on the tokens as stored", cli=False
     )
