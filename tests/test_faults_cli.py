@@ -153,6 +153,14 @@ CASES = {
         "analyze {store} {dictionary} --out {dir}",
         "{dir} exists and holds files that are not an analysis",
     ),
+    "analyze inside the store": (
+        "analyze {store} {dictionary} --out {store}/a",
+        "analysis folder {store}/a is inside the activation store {store}; a store holds only",
+    ),
+    "train inside the store": (
+        "train {store} --no-whiten --atoms 8 --sparsity 4 --out {store}/d.safetensors",
+        "dictionary file {store}/d.safetensors is inside the activation store {store}",
+    ),
     "analyze truth column": (
         "analyze {store} {dictionary} --out {dir}/a --truth nope",
         "no column 'nope' for ground truth (truth); columns are ['plate', 'well', 'site',",

@@ -32,7 +32,7 @@ from ._files import (
     check_free_space,
     check_not_foreign,
 )
-from .errors import DictionaryError
+from .errors import DictionaryError, OutputError
 
 THRESHOLDS = (0.5, 0.2)
 #: Written into every analysis folder; a folder without it (and with other files) is not one.
@@ -768,9 +768,13 @@ def check_analysis_folder(out_dir: str | Path) -> Path:
     """Refuse an output folder that cannot be written or that holds any file this package did
     not write there as an analysis (:func:`._files.check_not_foreign`): an analysis replaces
     its folder whole, so a folder of other files must never be taken for one."""
-    return check_not_foreign(
+    from .store import refuse_inside_store
+
+    out = check_not_foreign(
         out_dir, marker=ANALYSIS_MARKER, what="analysis folder", kind="an analysis"
     )
+    refuse_inside_store(out, "analysis folder", OutputError)
+    return out
 
 
 def write_analysis(

@@ -573,7 +573,7 @@ def check_report_folder(out: str | Path) -> Path:
     """Refuse, before any work, a report folder that cannot be written, that holds an
     ``index.html`` or ``hits.csv`` this package did not write there (the one rule of
     :func:`._files.check_not_foreign`), or that lies inside an activation store."""
-    from .store import store_around
+    from .store import refuse_inside_store
 
     out = check_not_foreign(
         out,
@@ -582,12 +582,7 @@ def check_report_folder(out: str | Path) -> Path:
         kind="a report",
         writes=(*REPORT_FILES, REPORT_MARKER),
     )
-    store = store_around(out)
-    if store is not None:
-        raise ReportError(
-            f"report folder {out} is inside the activation store {store}; a store holds only "
-            "its tokens, so choose a folder outside it"
-        )
+    refuse_inside_store(out, "report folder", ReportError)
     return out
 
 

@@ -230,6 +230,19 @@ def store_around(path) -> Path | None:
     return None
 
 
+def refuse_inside_store(path, what: str, error: type[Exception] = StoreError) -> None:
+    """``error`` when ``path`` (an output: a report, an analysis, a dictionary) lies inside an
+    activation store, whose size and contents would then count it."""
+    store = store_around(Path(path).expanduser().absolute().parent)
+    if store is None and Path(path).is_dir():
+        store = store_around(path)
+    if store is not None:
+        raise error(
+            f"{what} {path} is inside the activation store {store}; a store holds only its "
+            "tokens, so choose a place outside it"
+        )
+
+
 class StoreWriter:
     """Builds (or reuses, or resumes) the store of one plate, model and block.
 

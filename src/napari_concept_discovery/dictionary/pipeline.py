@@ -137,7 +137,10 @@ def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str
 def check_dictionary_out(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before training, an output path that cannot be written, or that holds a file
     that is not a dictionary (unless ``overwrite``): training must not cost the user a file."""
+    from ..store import refuse_inside_store
+
     out = check_output(out, folder=False, what="dictionary file")
+    refuse_inside_store(out, "dictionary file", OutputError)
     if out.exists() and not overwrite and not is_dictionary_file(out):
         raise OutputError(
             f"{out} exists and is not a dictionary file; choose another --out, or pass "
