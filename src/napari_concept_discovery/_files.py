@@ -88,6 +88,19 @@ def atomic_parquet(df, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid runs (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def _owner_tag() -> str:
     """``<host>-<pid>-<random>``: whose temporary folder this is, so an orphan can be told."""
     import socket
@@ -102,8 +115,6 @@ def remove_orphans(path: str | os.PathLike) -> list[Path]:
     power cut); the folders of a live process, or of another host, are left alone."""
     import socket
 
-    from ._lock import _alive
-
     path = Path(path)
     host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40]
     pattern = re.compile(
@@ -116,7 +127,7 @@ def remove_orphans(path: str | os.PathLike) -> list[Path]:
         return removed
     for p in siblings:
         m = pattern.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
