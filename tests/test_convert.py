@@ -30,7 +30,8 @@ def test_convert_round_trip(synth, tmp_path, capsys, ngff):
     assert back.layout == "ome-zarr"
     assert back.channel_names == source.channel_names
     assert back.keys == source.keys
-    assert sorted(p.name for p in out.iterdir()) == ["SYNTH_1.zarr", "SYNTH_2.zarr", "metadata.csv"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["SYNTH_1.zarr", "SYNTH_2.zarr", "metadata.csv", "truth.csv"]
     for key in source.keys:
         a, b = source[key], back[key]
         image = b.read()
@@ -69,3 +70,87 @@ def test_convert_refuses_a_full_folder_and_is_atomic(synth, tmp_path, capsys):
     assert main(["convert", str(synth), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "notes.txt").exists()
     assert open_plate(out).keys == open_plate(synth).keys
+
+
+@pytest.fixture(scope="module")
+def tiny_backend():
+    import torch
+
+    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
+    from napari_concept_discovery.models.vit import ChannelAgnosticViT
+
+    torch.manual_seed(0)
+    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
+    return ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_converted_plate_embeds_to_the_same_tokens(synth, tmp_path, tiny_backend, ngff):
+    """An OME-Zarr plate embeds (its fields are folders, signed by every file under them), and
+    its tokens are those of the same plate in its original layout."""
+    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+
+    out = tmp_path / "zarr"
+    convert_plate(synth, out, ngff=ngff)
+    original = embed_plate(synth, EmbedSettings(), tmp_path / "a", backend=tiny_backend)
+    converted = embed_plate(out, EmbedSettings(), tmp_path / "b", backend=tiny_backend)
+    for unit in ("cell", "patch", "crop"):
+        a, b = original.table(unit), converted.table(unit)
+        assert len(a) == len(b) > 0
+        for col in ("plate", "well", "site"):
+            assert list(a[col]) == list(b[col])
+        np.testing.assert_allclose(
+            np.asarray(converted.tokens(unit)), np.asarray(original.tokens(unit)), atol=1e-5
+        )
+    # signed by content: embedding again reuses the store; a changed pixel file rebuilds it
+    again = embed_plate(out, EmbedSettings(), tmp_path / "b", backend=tiny_backend)
+    assert again.reused
+    import zarr
+
+    level = sorted((out / "SYNTH_1.zarr").glob("*/*/0/s0"))[0]  # first field, full resolution
+    pixels = zarr.open_array(str(level), mode="r+")
+    pixels[0, 0, 0] = pixels[0, 0, 0] + 1
+    assert not embed_plate(out, EmbedSettings(), tmp_path / "b", backend=tiny_backend).reused
+
+
+def test_convert_never_replaces_its_own_input(synth, tmp_path, capsys):
+    """Issue 21: --overwrite never lets convert replace the plate it reads, a folder inside it
+    or one that holds it; the refusal names both; the current folder is refused by name."""
+    import shutil
+
+    plate = tmp_path / "plate"
+    shutil.copytree(synth, plate)
+    before = snapshot(tmp_path)
+    cases = {
+        str(plate): f"OME-Zarr output folder {plate} is the plate folder {plate} being converted",
+        str(plate / "images"): f"OME-Zarr output folder {plate / 'images'} is inside the plate "
+        f"folder {plate} being converted",
+        str(tmp_path): f"OME-Zarr output folder {tmp_path} holds the plate folder {plate}",
+    }
+    for out, message in cases.items():
+        assert main(["convert", str(plate), "--out", out, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_current_folder_is_named(synth, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    assert main(["convert", str(synth), "--out", ".", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: OME-Zarr output folder {work} is the current folder, which convert cannot "
+        "replace whole; give a new folder\n"
+    )
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_convert_carries_the_truth_table(synth, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "zarr"
+    convert_plate(synth, out)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "truth.csv"), pd.read_csv(synth / "truth.csv"))

@@ -138,7 +138,7 @@ def test_whiten_settings_checks():
         ({"atoms": 0}, "atoms: must be at least 1, got 0"),
         ({"steps": 0}, "steps: must be at least 1, got 0"),
         ({"batch_size": 0}, "batch_size: must be at least 1, got 0"),
-        ({"lr": 0.0}, "lr: must be positive, got 0.0"),
+        ({"lr": 0.0}, "lr: must be positive and finite, got 0.0"),
         ({"checkpoint_every": -5}, "checkpoint_every: must not be negative"),
         ({"eval_max": 0}, "eval_max: must be at least 1"),
         ({"method": "nmf"}, "method: 'nmf' is not one of 'icfl', 'topk'"),

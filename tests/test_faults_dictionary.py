@@ -184,6 +184,113 @@ def test_a_killed_training_keeps_the_old_dictionary_and_resumes(store, tmp_path)
     assert resumed.result.steps_done == 30 and not ckpt.exists()
 
 
+# --- issue 21: Ctrl-C, a second writer, divergence ----------------------------------------
+
+
+SIGINT_CHILD = """
+import signal, subprocess, sys
+p = subprocess.Popen(
+    [sys.executable, "-m", "napari_concept_discovery.cli", *sys.argv[1:]],
+    stderr=subprocess.PIPE, text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+)
+said = []
+for line in p.stderr:  # Ctrl-C once the first steps are reported
+    said.append(line)
+    if line.startswith("train icfl: ") and not line.startswith("train icfl: 0/"):
+        p.send_signal(signal.SIGINT)
+        break
+said.append(p.stderr.read())
+print(p.wait())
+print("".join(said))
+"""
+
+
+def test_ctrl_c_keeps_a_checkpoint_that_resumes(store, tmp_path, capsys):
+    """Ctrl-C ends the training after the step under way with exit 130, writing a final
+    checkpoint; --resume then reaches the dictionary of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from fault_helpers import SRC
+
+    out = tmp_path / "d.safetensors"
+
+    def train_args(steps: int) -> list[str]:
+        return ["train", str(store.path), *TRAIN[:4], "--steps", str(steps), "--batch-size",
+                "64", "--no-whiten", "--seed", "3", "--checkpoint-every", "0"]  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGINT_CHILD, *train_args(3000), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    rc, _, said = done.stdout.partition("\n")
+    ckpt = checkpoint_path(out)
+    assert rc == "130", done.stdout + done.stderr
+    assert "interrupted: training stopped after step " in said
+    assert f"checkpoint {ckpt} kept: train again with --resume" in said
+    assert "Traceback" not in said and not out.exists()
+    step = json.loads(read_header(ckpt)["meta"])["steps"]
+    assert 0 < step < 3000
+    # resumed to a nearer end: the dictionary of a run straight to that end
+    assert main([*train_args(step + 5), "--out", str(out), "--resume"]) == 0
+    assert main([*train_args(step + 5), "--out", str(tmp_path / "r.st")]) == 0
+    got, want = load_dictionary(out), load_dictionary(tmp_path / "r.st")
+    for name, t in want.model.tensors().items():
+        torch.testing.assert_close(got.model.tensors()[name], t, rtol=0, atol=1e-6, msg=name)
+    assert not ckpt.exists()
+
+
+def test_two_trainings_to_one_file_are_refused(tiny_store_path, tmp_path, capsys):
+    from napari_concept_discovery._lock import lock_path, write_lock
+
+    out = tmp_path / "d.safetensors"
+    with write_lock(out, what="dictionary file", error=OutputError):
+        assert main(["train", str(tiny_store_path), *TRAIN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: dictionary file {out} is being written by process {os.getpid()} since"
+    ), err
+    assert not out.exists() and not lock_path(out).exists()
+    assert main(["train", str(tiny_store_path), *TRAIN, "--out", str(out)]) == 0
+    assert out.exists() and not lock_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    "method, lr", [("icfl", "1e30"), ("topk", "1e10")], ids=["icfl-1e30", "topk-1e10"]
+)
+def test_a_diverging_training_writes_no_dictionary(tiny_store_path, tmp_path, capsys, method, lr):
+    out = tmp_path / "d.safetensors"
+    args = ["train", str(tiny_store_path), *TRAIN, "--method", method, "--lr", lr]
+    assert main([*args, "--out", str(out), "--steps", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged: the loss was not finite at step "), err
+    assert f"no dictionary was written to {out}; train again with a smaller --lr" in err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+    # through --json too: no "ok: true"
+    assert main(["--json", *args, "--out", str(out), "--steps", "20"]) == 2
+    assert '"ok": false' in capsys.readouterr().out
+    assert main([*args[:-2], "--lr", "inf", "--out", str(out)]) == 2
+    assert "lr: must be positive and finite, got inf" in capsys.readouterr().err
+    # --keep-diverged keeps the last sound state, marked, and analyze and report refuse it
+    assert main([*args, "--out", str(out), "--steps", "20", "--keep-diverged"]) == 2
+    err = capsys.readouterr().err
+    assert f"is kept at {out}, marked as diverged (analyze and report refuse it)" in err
+    assert load_dictionary(out).meta["diverged"] is True
+    for command in (
+        ["analyze", str(tiny_store_path), str(out), "--out", str(tmp_path / "a")],
+        ["report", str(tiny_store_path), str(out), "--out", str(tmp_path / "r")],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out} is the state of a training that diverged (at step " in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
+
+
 # --- 2. non-finite tokens --------------------------------------------------------------------
 
 
@@ -383,6 +490,12 @@ def test_a_failed_analysis_leaves_the_old_one_whole(store, trained, tmp_path, mo
     with pytest.raises(OutputError, match=r"mine exists and holds files that are not an analysis"):
         analyze_store(store, d, AnalyzeSettings(), mine)
     assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
+    # issue 21: a file the user put into an analysis folder is not the analysis's to delete
+    (out / "notes.txt").write_text("keep")
+    before = snapshot(out)
+    with pytest.raises(OutputError, match=r"holds files that are not an analysis \(notes.txt\)"):
+        analyze_store(store, d, AnalyzeSettings(), out)
+    assert snapshot(out) == before
 
 
 def test_a_cell_dictionary_on_patch_tokens_is_said_and_done(store, trained, tmp_path, capsys):
@@ -404,3 +517,137 @@ def test_whitening_refuses_non_finite_controls():
     x[[3, 7], 1] = np.nan
     with pytest.raises(DictionaryError, match="2 of 50 control tokens hold NaN or Inf"):
         Whitener().fit(x)
+
+
+def test_a_partial_truth_file_is_said_and_its_gaps_left_out(
+    store, trained, small_plates, tmp_path, capsys
+):
+    """Issue 21: a truth file covering half the cells warns, naming the file and the count,
+    and the cells without truth make no 'mitotic=nan' concept of their own."""
+    import pandas as pd
+
+    truth = pd.read_csv(small_plates / "truth.csv")
+    half = tmp_path / "half.csv"
+    truth.iloc[: len(truth) // 2].to_csv(half, index=False)
+    cells = len(store.table("cell"))
+    joined = concepts.join_truth(store.table("cell"), pd.read_csv(half))
+    missing = int(joined["mitotic"].isna().sum())
+    assert 0 < missing < cells
+    out = tmp_path / "a"
+    args = ["analyze", str(store.path), str(trained.path), "--out", str(out)]
+    assert main([*args, "--truth", "mitotic,cell_type", "--truth-file", str(half)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"warning: {half} gives no 'mitotic' for {missing} of {cells} tokens; they are left out "
+        "of the mitotic concepts\n" in err
+    )
+    table = pd.read_parquet(out / "concepts.parquet")
+    assert not table["concept"].str.contains("nan").any(), table
+    mitotic = table[table["concept"] == "mitotic"].iloc[0]
+    assert mitotic["n_judged"] == cells - missing
+    # the same concepts as an analysis of only the cells with truth
+    known = np.flatnonzero(joined["mitotic"].notna().to_numpy())
+    codes = pd.read_parquet(out / "codes.parquet")
+    import scipy.sparse as sp
+
+    csr = sp.csr_matrix(
+        (codes["code"], (codes["token"], codes["feature"])),
+        shape=(cells, trained.dictionary.model.n_atoms),
+    )
+    alone = concepts.concept_auroc(
+        csr[known], joined.iloc[known].astype({"mitotic": bool}), ["mitotic"]
+    )
+    assert alone["auroc"].iloc[0] == pytest.approx(mitotic["auroc"])
+
+
+def test_a_full_disk_ends_in_one_line_and_a_clean_folder(
+    store, trained, tmp_path, capsys, monkeypatch
+):
+    """Issue 21: analyze onto a full disk printed hundreds of h5py tracebacks and died of a
+    segmentation fault; the codes.h5ad write is not started without room for it, and a full
+    disk in any other write is one line, exit 1, with nothing left behind."""
+    import errno
+    from collections import namedtuple
+
+    import napari_concept_discovery._files as files
+
+    usage = namedtuple("usage", "total used free")
+    out = tmp_path / "a"
+    args = ["analyze", str(store.path), str(trained.path), "--out", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(files.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 50_000, 50_000))
+        assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if line.startswith("error:")]
+    assert said == [
+        f"error: the disk is full writing {out}: not enough free space to write "
+        f"{out}/codes.h5ad: it needs about {said[0].split('about ')[1].split(' MB')[0]} MB, "
+        "0.1 MB are free on that disk; free some space or choose another output folder"
+    ], err
+    assert "Traceback" not in "\n".join(err) and sorted(tmp_path.iterdir()) == []
+
+    def no_room(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(concepts, "atomic_parquet", no_room)
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"error: the disk is full writing {out}: No space left on device\n" in err
+    assert "Traceback" not in err and sorted(tmp_path.iterdir()) == []
+
+
+ANALYZE_CHILD = """
+import sys, time
+import napari_concept_discovery.concepts as concepts
+from napari_concept_discovery.dictionary import AnalyzeSettings, analyze_store, load_dictionary
+from napari_concept_discovery.store import ActivationStore
+store, dictionary, out, marker = sys.argv[1:]
+real = concepts.codes_anndata
+
+def stall(*args, **kwargs):  # killed while the folder beside --out is half-written
+    open(marker, "w").write("x")
+    time.sleep(600)
+
+concepts.codes_anndata = stall
+analyze_store(ActivationStore.open(store), load_dictionary(dictionary), AnalyzeSettings(), out)
+"""
+
+
+def test_folders_left_by_a_killed_analysis_are_cleaned_up(store, trained, tmp_path):
+    """Issue 21: the `.analysis.<hex>.tmp` folder of an analysis killed with kill -9 stayed
+    forever; the next write to the same folder removes it (a live writer's is left alone)."""
+    out = tmp_path / "analysis"
+    marker = tmp_path / "marker"
+    args = (str(store.path), str(trained.path), str(out), str(marker))
+    pid = run_and_kill(ANALYZE_CHILD, marker, *args)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".analysis.")]
+    assert len(left) == 1 and f"-{pid}-" in left[0].name and left[0].name.endswith(".tmp")
+    live = tmp_path / f"{left[0].name.split(f'-{pid}-')[0]}-{os.getpid()}-{'0' * 32}.tmp"
+    live.mkdir()  # as a writer still running in this process would hold it
+    analyze_store(store, load_dictionary(trained.path), AnalyzeSettings(top_n=3), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["analysis", "marker", live.name])
+
+
+@pytest.mark.parametrize("method", ["icfl", "topk"])
+def test_too_many_atoms_for_the_memory_are_refused_with_what_fits(
+    tiny_store_path, tmp_path, capsys, monkeypatch, method
+):
+    """Issue 21: train --atoms 100000 ended in torch's raw allocator error; it now says the
+    memory it would need and the most atoms that fit, before allocating anything."""
+    import napari_concept_discovery._files as files
+    from napari_concept_discovery.dictionary.training import training_memory
+
+    monkeypatch.setattr(files, "physical_memory", lambda: 10**9)
+    out = tmp_path / "d.safetensors"
+    args = ["train", str(tiny_store_path), "--no-whiten", "--method", method, "--atoms"]
+    assert main([*args, "200000", "--sparsity", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: atoms: 200000 atoms would need about "), err
+    assert "this machine has 1 GB. Use --atoms " in err and err.count("\n") == 1
+    most = int(err.split("Use --atoms ")[1].split()[0])
+    width = ActivationStore.open(tiny_store_path).token_width("concat")  # the default form
+    assert f"({method} on {width}-wide tokens, batch 1024)" in err
+    assert training_memory(method, most, width, 1024) <= 10**9
+    assert training_memory(method, most + 1, width, 1024) > 10**9
+    assert list(tmp_path.iterdir()) == []

@@ -128,3 +128,19 @@ def test_a_dictionary_that_overflows_is_refused_naming_its_file(
     assert main(["analyze", str(tiny_store_path), str(path), "--out", str(out)]) == 2
     assert "gives NaN or Inf codes" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_report_refuses_non_finite_tokens_by_name(tiny_store_path, dictionaries, tmp_path, capsys):
+    """Issue 21: report refuses a store with NaN or Inf tokens as analyze does (it gave a raw
+    'Cannot cast array data' TypeError)."""
+    copy, _, sites = _poisoned_store(tiny_store_path, tmp_path)
+    out = tmp_path / "report"
+    assert main(["report", str(copy), str(dictionaries["icfl"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    n = len(ActivationStore.open(copy).table("cell"))
+    said = [line for line in err if line.startswith("error:")]  # after the progress lines
+    assert len(said) == 1 and "Traceback" not in "\n".join(err)
+    assert said[0].startswith(f"error: 3 of {n} cell tokens of the store at {copy} hold NaN")
+    first = sites.iloc[0]
+    assert f"{first.plate} {first.well} {first.site}" in said[0]
+    assert not out.exists()

@@ -148,8 +148,8 @@ def test_damaged_weights_are_refused_at_embed_naming_the_file_and_site(plates, t
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: model ") and f"({weights})" in line
     assert "gave non-finite tokens (NaN or Inf) at site SYNTH_1 B02 site 1" in line
-    with pytest.raises(StoreError, match="unfinished"):
-        ActivationStore.open(out)
+    # refused at its first site: nothing is left at --out (issue 21), no skeleton to resume
+    assert not out.exists()
 
 
 # --- 3. symbolic-link loops ------------------------------------------------------------------
@@ -362,3 +362,39 @@ def test_a_killed_overwrite_leaves_the_old_store_whole(plates, tmp_path):
     assert old.attrs["complete"] and old.plate_source["path"] == str(p.resolve())
     new = embed_plate(open_plate(q), settings, out, overwrite=True)
     assert new.plate_source["path"] == str(q.resolve())
+
+
+def test_labels_gone_stale_are_said_and_embed_takes_the_new_ones(small_plates, tmp_path, capsys):
+    """Issue 21: after metadata.csv changes, analyze and report say that the store's labels are
+    those of embedding time; embedding again takes the new ones without running the model."""
+    import warnings
+
+    from napari_concept_discovery.dictionary import TrainSettings, train_on_store
+    from napari_concept_discovery.errors import DataWarning
+
+    plate = tmp_path / "P"
+    shutil.copytree(small_plates, plate)
+    out = tmp_path / "store"
+    backend = _backend()
+    store = embed_plate(open_plate(plate), SETTINGS, out, backend=backend)
+    assert store.stale_labels() is None
+    d = tmp_path / "d.safetensors"
+    train_on_store(store, TrainSettings(atoms=8, sparsity=2, n_pick=1, steps=3), out=d)
+    meta = pd.read_csv(plate / "metadata.csv")
+    meta.loc[meta["well_type"] == "treatment", "perturbation"] = "renamed"
+    meta.to_csv(plate / "metadata.csv", index=False)
+    note = ActivationStore.open(out).stale_labels()
+    assert note.startswith(f"the metadata table of {plate.resolve()} has changed since the ")
+    for args in (
+        ["analyze", str(out), str(d), "--out", str(tmp_path / "a")],
+        ["report", str(out), str(d), "--out", str(tmp_path / "r"), "--top", "1", "--cells", "1"],
+    ):
+        assert main(args) == 0
+        assert f"warning: {note}\n" in capsys.readouterr().err
+    tiles = Tiles(backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        again = embed_plate(open_plate(plate), SETTINGS, out, backend=backend)
+    assert tiles.n == 0  # the labels are joined again; no site goes through the model
+    assert again.stale_labels() is None
+    assert "renamed" in set(again.table("cell")["perturbation"])

@@ -127,3 +127,60 @@ def test_ome_zarr_cli_info_and_napari_reader(tmp_path, capsys):
     assert len(images) == 1  # one layer split by channel_axis into the stains
     np.testing.assert_array_equal(np.asarray(images[0]), pixels[("B03", 1)])
     assert any(kind == "labels" for _, _, kind in layers)
+
+
+def _one_field_plate(path, image, axes="cyx"):
+    store = zarr.open_group(str(path), mode="w", zarr_format=3)
+    write_plate_metadata(store, ["B"], ["3"], ["B/3"], fmt=FormatV05(), field_count=1)
+    well = store.require_group("B").require_group("3")
+    write_well_metadata(well, ["0"], fmt=FormatV05())
+    write_image(image, well.require_group("0"), axes=axes, fmt=FormatV05(), scale_factors=[])
+    return path / "B" / "3" / "0"
+
+
+def test_broken_wells_and_fields_say_why(tmp_path, caplog):
+    """Issue 21: a well whose zarr.json is broken JSON was 'listed but missing'; a NGFF 0.4
+    well without .zattrs gave only the ome-zarr library's version-mismatch lines; a complex
+    field passed `info --check`; a 7x7 NaN field under 3 named axes gave a raw zip() error."""
+    import json
+    import logging
+    import warnings
+
+    from napari_concept_discovery.errors import PlateError
+
+    caplog.set_level(logging.DEBUG)
+    a = tmp_path / "a.zarr"
+    write_plate(a, FormatV05())
+    (a / "B" / "3" / "zarr.json").write_text("{broken")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        plate = open_plate(a)
+    said = " | ".join(str(w.message) for w in seen)
+    assert f"{a}: well B/3 has metadata {a}/B/3/zarr.json that is not valid JSON (" in said
+    assert len(plate) == FIELDS  # the other well is read
+
+    b = tmp_path / "b.zarr"
+    write_plate(b, FormatV04())
+    (b / "B" / "3" / ".zattrs").unlink()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        open_plate(b)
+    said = " | ".join(str(w.message) for w in seen)
+    assert f"{b}: well B/3 has no well metadata listing its fields (the 'well' attributes" in said
+    assert not [r for r in caplog.records if "version mismatch" in r.getMessage()]
+
+    c = tmp_path / "c.zarr"
+    field = _one_field_plate(c, np.ones((2, 16, 16), np.complex128))
+    with pytest.raises(PlateError, match=rf"{field} holds complex128 pixels; expected integers"):
+        open_plate(c)
+
+    d = tmp_path / "d.zarr"
+    field = _one_field_plate(d, np.full((7, 7), np.nan), axes="yx")
+    with pytest.raises(PlateError, match=rf"{field} holds 49 NaN or Inf pixels of 49"):
+        open_plate(d)[("d", "B03", 1)].read()
+    meta = json.loads((field / "zarr.json").read_text())
+    ms = meta["attributes"]["ome"]["multiscales"][0]
+    ms["axes"] = [{"name": "c", "type": "channel"}, *ms["axes"]]
+    (field / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(PlateError, match=r"names 3 axes \(c, y, x\) but its array has 2 dim"):
+        open_plate(d)

@@ -348,6 +348,50 @@ def test_report_cli_and_errors(two_dictionaries, tmp_path, capsys):
         ReportSettings(controls="well_type")
 
 
+def test_report_never_replaces_files_it_did_not_write(two_dictionaries, tmp_path, capsys):
+    """Issue 21: a report refuses an index.html or hits.csv that it did not write (as analyze
+    and train refuse theirs), goes on replacing its own, and stays out of a store."""
+    from fault_helpers import snapshot
+    from napari_concept_discovery._files import owned_files
+    from napari_concept_discovery.errors import OutputError
+    from napari_concept_discovery.report import REPORT_MARKER
+
+    store, paths = two_dictionaries
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("<p>my lab notebook</p>")
+    (mine / "hits.csv").write_text("mine\n")
+    (mine / "notes.txt").write_text("kept")
+    before = snapshot(mine)
+    argv = ["report", str(store.path), str(paths[1]), "--top", "1", "--cells", "2"]
+    argv += ["--labels", "cell_type", "--controls", "well_type=negative_control"]
+    assert main([*argv, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {mine} exists and holds files that are not a report (hits.csv, index.html); a "
+        "report would replace them, so choose another output folder (or move those files "
+        "away)\n"
+    )
+    with pytest.raises(OutputError, match="not a report"):
+        write_report(store, paths[1:], mine)
+    assert snapshot(mine) == before
+    # only the hits.csv is foreign: still refused
+    (mine / "index.html").unlink()
+    assert main([*argv, "--out", str(mine)]) == 2
+    assert "(hits.csv)" in capsys.readouterr().err
+    # its own folder is replaced run after run; a folder beside other files is fine
+    (mine / "hits.csv").unlink()
+    assert main([*argv, "--out", str(mine)]) == 0
+    assert main([*argv, "--out", str(mine)]) == 0
+    assert (mine / "notes.txt").read_text() == "kept"
+    assert owned_files(mine, REPORT_MARKER) >= {"index.html", REPORT_MARKER}
+    # a report inside a store would count in its size
+    capsys.readouterr()
+    assert main([*argv, "--out", str(store.path / "report")]) == 2
+    assert f"is inside the activation store {store.path}" in capsys.readouterr().err
+    assert not (store.path / "report").exists()
+
+
 def test_default_labels_and_ranking():
     table = pd.DataFrame(
         {

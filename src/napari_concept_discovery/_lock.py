@@ -20,24 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._files import atomic_write_text
+from ._files import process_alive as _alive
 
 
 def lock_path(target: str | os.PathLike) -> Path:
     """Where the lock of ``target`` (a folder) lives."""
     target = Path(target)
     return target.with_name(f".{target.name}.lock")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def read_lock(target: str | os.PathLike) -> dict | None:

@@ -10,6 +10,7 @@ Where output goes (``--quiet``, ``--json``, progress bars, exit codes) is decide
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
@@ -40,19 +41,28 @@ def _at_least(value, name: str, low: int = 1) -> None:
         raise UsageError(f"{name} must be at least {low}, got {value}")
 
 
+def _check_threads(value: int | None) -> None:
+    """--threads at least 1 and at most a few per CPU: each thread takes a stack, and tens of
+    thousands of them leave no memory to load anything (it surfaced as unreadable images)."""
+    _at_least(value, "--threads")
+    most = max(64, 4 * (os.cpu_count() or 1))
+    if value is not None and value > most:
+        raise UsageError(
+            f"--threads must be at most {most} (4 per CPU, this machine has "
+            f"{os.cpu_count()}), got {value}"
+        )
+
+
 def _human_bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} EB"
+    from ._files import human_bytes
+
+    return human_bytes(n)
 
 
 def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+    from ._files import physical_memory
+
+    return physical_memory()
 
 
 def _check_synth_args(args, workers: int = 1) -> None:
@@ -78,10 +88,10 @@ def _check_synth_args(args, workers: int = 1) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings about the user's data as one ``warning:`` line; others as Python shows them."""
-    from .plate import PlateWarning
+    from .errors import DataWarning
 
     out = file if file is not None else sys.stderr
-    if issubclass(category, PlateWarning):
+    if issubclass(category, DataWarning):
         out.write(f"warning: {message}\n")
     else:
         out.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -348,7 +358,7 @@ def _run_info(args, con: Console) -> int:
     with con.bar(len(sites), "decode sites") as bar:
         for site in sites:
             try:
-                site.read()
+                site.check()
             except PlateError as exc:
                 undecodable.append(str(exc))
             bar.update()
@@ -388,7 +398,7 @@ def _run_info(args, con: Console) -> int:
         for line in qc_lines:
             say(line)
     if args.check:
-        say(f"checked:  file headers and pixels of all {len(plate)} sites")
+        say(f"checked:  file headers, pixels and label files of all {len(plate)} sites")
     else:
         say(
             f"checked:  file headers (of every site when the folder holds up to {CHECK_LIMIT} "
@@ -563,7 +573,7 @@ def _run_embed(args, con: Console) -> int:
     from .settings import from_args
     from .store import check_store_folder
 
-    _at_least(args.threads, "--threads")
+    _check_threads(args.threads)
     if len(args.plate) > 1 or args.workers or args.scheduler:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -680,7 +690,7 @@ def _run_train(args, con: Console) -> int:
     from .settings import describe, from_args
     from .store import ActivationStore
 
-    _at_least(args.threads, "--threads")
+    _check_threads(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     whiten = None
@@ -851,10 +861,11 @@ def _add_convert(sub) -> None:
 
 def _run_convert(args, con: Console) -> int:
     from ._files import check_output
-    from .convert import convert_plate
+    from .convert import check_convert_out, convert_plate
 
     check_output(args.out, folder=True, what="OME-Zarr output folder")
     plate = _open_plate(args)
+    check_convert_out(plate, args.out)
     with con.bar(len(plate), "convert sites") as bar:
         written = convert_plate(
             plate, args.out, ngff=args.ngff, overwrite=args.overwrite, progress=bar
@@ -910,13 +921,12 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args, con: Console) -> int:
-    from ._files import check_output
-    from .report import ReportSettings, write_report
+    from .report import ReportSettings, check_report_folder, write_report
     from .settings import from_args
     from .store import ActivationStore
 
     settings = from_args(ReportSettings, args)
-    check_output(args.out, folder=True, what="report folder")  # before minutes of figures
+    check_report_folder(args.out)  # before minutes of figures
     store = ActivationStore.open(args.store)
     with con.bars({"encode": "encode", "report": "report figures"}) as bars:
         path = write_report(store, args.dictionaries, args.out, settings, progress=bars)
@@ -1179,18 +1189,34 @@ def main(argv: list[str] | None = None) -> int:
         except ConceptDiscoveryError as exc:
             con.error(str(exc))
             return con.finish(EXIT_REFUSED, str(exc))
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr, flush=True)
-            return con.finish(EXIT_INTERRUPTED, "interrupted")
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
+        except KeyboardInterrupt as exc:
+            said = f"interrupted: {exc}" if str(exc) else "interrupted"
+            print(said, file=sys.stderr, flush=True)
+            return con.finish(EXIT_INTERRUPTED, said)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return _failed(args, con, exc)
+            where = f" ({exc.filename})" if exc.filename else ""
+            out = f" writing {args.out}" if getattr(args, "out", None) else ""
+            message = f"the disk is full{out}: {exc.strerror or exc}{where}"
             if args.debug:
                 traceback.print_exc()
-                con.error(message)
-            else:
-                con.error(f"{message} (rerun with --debug to see the traceback)")
+            con.error(message)
             return con.finish(EXIT_FAILED, message)
+        except Exception as exc:
+            return _failed(args, con, exc)
     return con.finish(code)
+
+
+def _failed(args, con: Console, exc: Exception) -> int:
+    """An unexpected error: one line (the traceback with --debug), exit 1."""
+    message = f"{type(exc).__name__}: {exc}"
+    if args.debug:
+        traceback.print_exc()
+        con.error(message)
+    else:
+        con.error(f"{message} (rerun with --debug to see the traceback)")
+    return con.finish(EXIT_FAILED, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,22 +24,19 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._files import atomic_dir, atomic_parquet, atomic_path, atomic_write_text, check_output
+from ._files import (
+    atomic_dir,
+    atomic_parquet,
+    atomic_path,
+    atomic_write_text,
+    check_free_space,
+    check_not_foreign,
+)
 from .errors import DictionaryError, OutputError
 
 THRESHOLDS = (0.5, 0.2)
 #: Written into every analysis folder; a folder without it (and with other files) is not one.
 ANALYSIS_MARKER = "analysis.json"
-ANALYSIS_FILES = (
-    "features.parquet",
-    "codes.parquet",
-    "tokens.parquet",
-    "codes.h5ad",
-    "selectivity.parquet",
-    "selectivity_counts.parquet",
-    "concepts.parquet",
-    ANALYSIS_MARKER,
-)
 
 
 def _csr(codes) -> sp.csr_matrix:
@@ -296,25 +293,31 @@ def join_truth(
 def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """For each true concept (every value of each truth column), the best single-feature AUROC.
 
-    Boolean columns give one concept (True); other columns give one concept per value.
+    Boolean columns give one concept (True); other columns give one concept per value. Tokens
+    without a value in a column (NaN: a truth file that covers only some cells) are left out of
+    that column's concepts, never made a concept of their own; ``n_judged`` counts the rest.
     """
     require_columns(truth, columns, "ground truth")
+    csr = _csr(codes)
     rows = []
     for col in columns:
-        series = truth[col]
+        known = truth[col].notna().to_numpy()
+        series = truth[col][known].infer_objects()
+        judged = csr if known.all() else csr[np.flatnonzero(known)]
         if series.dtype == bool:
             concepts = [(str(col), series.to_numpy())]
         else:
             s = series.astype(str).to_numpy()
             concepts = [(f"{col}={v}", s == v) for v in sorted(set(s))]
         for name, member in concepts:
-            auc = feature_auroc(codes, member)
+            auc = feature_auroc(judged, member)
             best = int(np.nanargmax(auc)) if np.isfinite(auc).any() else -1
             rows.append(
                 {
                     "concept": name,
                     "column": col,
                     "n_members": int(np.sum(member)),
+                    "n_judged": len(member),
                     "best_feature": best,
                     "auroc": float(auc[best]) if best >= 0 else float("nan"),
                 }
@@ -745,22 +748,32 @@ def codes_anndata(
     return adata
 
 
-def check_analysis_folder(out_dir: str | Path) -> Path:
-    """Refuse an output folder that cannot be written or that holds anything but an analysis.
+def _h5ad_bytes(adata) -> int:
+    """About how many bytes ``write_h5ad`` writes for ``adata`` (uncompressed, as written)."""
+    x = adata.X
+    total = sum(int(getattr(x, a).nbytes) for a in ("data", "indices", "indptr") if hasattr(x, a))
+    for frame in (adata.obs, adata.var):
+        total += int(frame.memory_usage(index=True, deep=True).sum())
+    for key in adata.varm.keys():
+        value = adata.varm[key]
+        total += int(
+            value.memory_usage(deep=True).sum()
+            if hasattr(value, "memory_usage")
+            else np.asarray(value).nbytes
+        )
+    return total + len(str(dict(adata.uns)))
 
-    An analysis replaces its folder whole, so a folder of other files must never be taken for
-    one.
-    """
-    out = check_output(out_dir, folder=True, what="analysis folder")
-    if out.is_dir():
-        names = sorted(p.name for p in out.iterdir())
-        foreign = [n for n in names if n not in ANALYSIS_FILES]
-        if foreign and ANALYSIS_MARKER not in names:
-            raise OutputError(
-                f"{out} exists and holds files that are not an analysis ({', '.join(foreign[:5])}"
-                f"{' ...' if len(foreign) > 5 else ''}); an analysis replaces its folder whole, "
-                "so choose another output folder"
-            )
+
+def check_analysis_folder(out_dir: str | Path) -> Path:
+    """Refuse an output folder that cannot be written or that holds any file this package did
+    not write there as an analysis (:func:`._files.check_not_foreign`): an analysis replaces
+    its folder whole, so a folder of other files must never be taken for one."""
+    from .store import refuse_inside_store
+
+    out = check_not_foreign(
+        out_dir, marker=ANALYSIS_MARKER, what="analysis folder", kind="an analysis"
+    )
+    refuse_inside_store(out, "analysis folder", OutputError)
     return out
 
 
@@ -832,8 +845,10 @@ def write_analysis(
                 tmp / names["profiles"],
             )
         names["h5ad"] = "codes.h5ad"
+        adata = codes_anndata(csr, table, features, meta, profiles)
+        check_free_space(tmp, _h5ad_bytes(adata), what=f"{out / names['h5ad']}")
         with atomic_path(tmp / names["h5ad"]) as t:
-            codes_anndata(csr, table, features, meta, profiles).write_h5ad(t)
+            adata.write_h5ad(t)
         import json
 
         atomic_write_text(

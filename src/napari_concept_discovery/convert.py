@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from .progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 
 #: NGFF versions ``convert`` writes: 0.5 (zarr v3, the default) and 0.4 (zarr v2, for older tools).
 NGFF_VERSIONS = ("0.4", "0.5")
+#: A plate's per-cell ground truth (``synth`` writes it), carried over as it is.
+TRUTH_FILE = "truth.csv"
 _WELL = re.compile(r"^([A-Za-z]+)0*(\d+)$")
 
 
@@ -52,6 +55,60 @@ def _metadata_row(site, site_number: int) -> dict:
     key = site.key
     row = {k: v for k, v in (site.metadata or {}).items() if k not in ("plate", "well", "site")}
     return {"plate": key.plate, "well": key.well, "site": site_number, **row}
+
+
+def _carry_truth(source: Path, dest: Path, renumbered: dict) -> None:
+    """Copy the truth table, with the site numbers of sites that the fields renumbered."""
+    if not renumbered:
+        shutil.copyfile(source, dest)
+        return
+    from .plate.model import normalize_well
+
+    truth = pd.read_csv(source)
+    new = [
+        renumbered.get((str(p), normalize_well(str(w)), int(s)), s)
+        for p, w, s in zip(truth["plate"], truth["well"], truth["site"], strict=True)
+    ]
+    truth["site"] = new
+    truth.to_csv(dest, index=False)
+
+
+def _inputs(plate) -> list[tuple[str, Path]]:
+    """The folders and files a plate is read from: its folder, label folder and metadata."""
+    found = [("plate folder", plate.root)]
+    if getattr(plate, "label_folder", None) is not None:
+        found.append(("label folder", plate.label_folder))
+    table = (getattr(plate, "source", None) or {}).get("metadata")
+    if table:
+        found.append(("metadata table", Path(table)))
+    return [(what, Path(p).expanduser().resolve()) for what, p in found]
+
+
+def check_convert_out(plate, out: str | os.PathLike) -> Path:
+    """Refuse an output folder that ``convert`` cannot write, or whose replacement would take
+    the plate it reads along: the plate's folder itself, a folder inside it or one that holds
+    it (and likewise its label folder and metadata table), whatever ``overwrite`` says.
+    Returns the output folder as an absolute path."""
+    out = check_output(out, folder=True, what="OME-Zarr output folder").absolute()
+    real = out.resolve()
+    for what, source in _inputs(plate):
+        if real == source or real in source.parents:
+            where = "is" if real == source else "holds"
+            raise OutputError(
+                f"OME-Zarr output folder {out} {where} the {what} {source} being converted; "
+                "convert replaces its output folder whole, so choose a folder outside it"
+            )
+        if source in real.parents:
+            raise OutputError(
+                f"OME-Zarr output folder {out} is inside the {what} {source} being converted; "
+                "choose a folder outside it"
+            )
+    if real == Path.cwd().resolve():
+        raise OutputError(
+            f"OME-Zarr output folder {out} is the current folder, which convert cannot replace "
+            "whole; give a new folder"
+        )
+    return out
 
 
 def convert_plate(
@@ -81,7 +138,7 @@ def convert_plate(
 
     fmt = _format(ngff)
     plate = plate if isinstance(plate, Plate) else open_plate(plate)
-    out = check_output(out, folder=True, what="OME-Zarr output folder")
+    out = check_convert_out(plate, out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(
             f"{out} exists and is not empty; choose another --out, or pass --overwrite "
@@ -97,6 +154,7 @@ def convert_plate(
     zarr_format = 2 if ngff == "0.4" else 3
     total, done = len(plate), 0
     rows_out: list[dict] = []
+    renumbered: dict[tuple[str, str, int], int] = {}
     report(progress, "convert", 0, total)
     try:
         with atomic_dir(out) as tmp:
@@ -136,14 +194,19 @@ def convert_plate(
                                     labels, field, name, axes="yx", fmt=fmt, scale_factors=[]
                                 )
                         rows_out.append(_metadata_row(site, i + 1))
+                        if site.key.site != i + 1:
+                            renumbered[(str(site.key.plate), site.key.well, site.key.site)] = i + 1
                         done += 1
                         report(progress, "convert", done, total, site=str(site.key))
             table = pd.DataFrame(rows_out)
             if len(table.columns) > 3:  # the plate had metadata beyond the keys
                 table.to_csv(tmp / "metadata.csv", index=False)
+            truth = Path(plate.root) / TRUTH_FILE
+            if truth.is_file():  # per-cell truth keyed by plate, well, site and label
+                _carry_truth(truth, tmp / TRUTH_FILE, renumbered)
     except Cancelled:
         return None
     return [out / f"{names[p]}.zarr" for p in by_plate]
 
 
-__all__ = ["NGFF_VERSIONS", "convert_plate"]
+__all__ = ["NGFF_VERSIONS", "check_convert_out", "convert_plate"]

@@ -27,3 +27,8 @@ class DictionaryError(ConceptDiscoveryError, ValueError):
 
 class OutputError(ConceptDiscoveryError, ValueError):
     """An output path cannot be written as asked, or would replace something it must not."""
+
+
+class DataWarning(UserWarning):
+    """A problem in the user's data that was worked around and is said (rows left out, labels
+    out of date); the CLI prints it as one ``warning:`` line."""

@@ -136,10 +136,20 @@ class Explorer:
             tokens, table, batch_size=self.batch_size, progress=progress, cancel=cancel
         ).tocsr()
 
-    def _encode_rows(self, unit: str, rows: slice, progress=None, cancel=None) -> sp.csr_matrix:
+    def _encode_rows(
+        self, unit: str, rows: slice, progress=None, cancel=None, *, check: bool = False
+    ) -> sp.csr_matrix:
         tokens = np.asarray(self._tokens(unit)[rows], dtype=np.float32)
         table = self.store.table(unit).iloc[rows]
-        return self._encode(tokens, table, progress, cancel)
+        codes = self._encode(tokens, table, progress, cancel)
+        if check:  # NaN or Inf tokens (or codes) refused by name, as analyze refuses them
+            from .dictionary.pipeline import check_finite_codes
+
+            bad = np.flatnonzero(~np.isfinite(tokens).all(axis=1))
+            check_finite_codes(
+                codes, table.reset_index(drop=True), bad, self.dictionary, self.store, unit
+            )
+        return codes
 
     # -- one site ------------------------------------------------------------------------------
 
@@ -283,7 +293,7 @@ class Explorer:
             if self._cells is not None:
                 return self._cells
         n = int(self.store.tokens("cell").shape[0])
-        codes = self._encode_rows("cell", slice(0, n), progress, cancel)
+        codes = self._encode_rows("cell", slice(0, n), progress, cancel, check=True)
         with self._lock:
             if self._cells is None:
                 self._cells = (codes, self.store.table("cell"))

@@ -500,7 +500,26 @@ def embed_plate(
     inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
     backend = backend if backend is not None else load_embed_model(settings)
     with write_lock(out, what="store", error=StoreError):
-        return _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overwrite)
+        fresh = not out.exists()
+        try:
+            return _embed_locked(plate, settings, out, inputs, backend, progress, cancel, overwrite)
+        except BaseException:
+            if fresh:
+                _drop_if_empty(out)
+            raise
+
+
+def _drop_if_empty(out: Path) -> None:
+    """Remove a store folder this run created when the run failed before any site was done:
+    a refused embedding leaves nothing behind (a store with finished sites stays, to resume)."""
+    import shutil
+
+    parts = out / "parts"
+    done = parts.is_dir() and any(
+        (p / "part.json").is_file() for p in parts.iterdir() if not p.name.startswith(".")
+    )
+    if not done:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def store_writer(plate, settings: EmbedSettings, out, backend, inputs, overwrite: bool = False):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import textwrap
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._files import atomic_path, atomic_write_text
+from ._files import atomic_path, atomic_write_text, check_not_foreign, owned_files
 from .concepts import (
     HIT_FRACTION,
     MIN_WELLS,
@@ -32,7 +34,7 @@ from .concepts import (
     require_columns,
     selectivity,
 )
-from .errors import ConceptDiscoveryError, StoreError
+from .errors import ConceptDiscoveryError, DataWarning, StoreError
 from .progress import Cancel, ProgressCallback, is_cancelled, report
 from .settings import Settings, SettingsError, check, option
 
@@ -49,6 +51,9 @@ HEATMAP_VALUES = 60
 HITS_SHOWN = 40
 #: Sites whose composites are kept in memory while the thumbnails are cut.
 SITE_CACHE = 16
+#: The files a report writes into its folder, and the marker that lists the ones it wrote.
+REPORT_FILES = ("index.html", "hits.csv")
+REPORT_MARKER = "report.json"
 
 
 class ReportError(ConceptDiscoveryError):
@@ -565,6 +570,23 @@ def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def check_report_folder(out: str | Path) -> Path:
+    """Refuse, before any work, a report folder that cannot be written, that holds an
+    ``index.html`` or ``hits.csv`` this package did not write there (the one rule of
+    :func:`._files.check_not_foreign`), or that lies inside an activation store."""
+    from .store import refuse_inside_store
+
+    out = check_not_foreign(
+        out,
+        marker=REPORT_MARKER,
+        what="report folder",
+        kind="a report",
+        writes=(*REPORT_FILES, REPORT_MARKER),
+    )
+    refuse_inside_store(out, "report folder", ReportError)
+    return out
+
+
 def write_report(
     store,
     dictionaries: Sequence,
@@ -583,8 +605,12 @@ def write_report(
     settings = settings or ReportSettings()
     if not dictionaries:
         raise ReportError("a report needs at least one dictionary")
+    out = check_report_folder(out)
     loaded = [_load(d) for d in dictionaries]
     name, primary = loaded[0]
+    stale = store.stale_labels()
+    if stale:
+        warnings.warn(stale, DataWarning, stacklevel=2)
     ex = Explorer(store, primary)
     report(progress, "encode", 0, len(loaded))
     codes, table = ex.cell_codes(cancel=cancel)
@@ -690,12 +716,18 @@ def write_report(
         f"<title>Concept report: {html.escape(name)}</title><style>{_CSS}</style></head>"
         f"<body>{''.join(parts)}</main></body></html>"
     )
-    out = Path(out)
+    out = check_report_folder(out)  # again: the folder may have changed in the meantime
     out.mkdir(parents=True, exist_ok=True)
+    written = ["index.html"]
     if profiles:
         hits = pd.concat([p.hits() for p in profiles], ignore_index=True)
         with atomic_path(out / "hits.csv") as tmp:
             hits.to_csv(tmp, index=False)
+        written.append("hits.csv")
+    elif "hits.csv" in owned_files(out, REPORT_MARKER):
+        (out / "hits.csv").unlink(missing_ok=True)  # an earlier report's, not this one's
+    # the marker first: a file it lists but that is not there yet is never somebody else's
+    atomic_write_text(out / REPORT_MARKER, json.dumps({"files": written}))
     return atomic_write_text(out / "index.html", page)
 
 

@@ -26,14 +26,14 @@ import numpy as np
 from skimage.segmentation import relabel_sequential
 
 from . import __version__
-from ._files import atomic_write_bytes, atomic_write_text
-from .errors import PlateError
+from ._files import atomic_write_bytes, atomic_write_text, check_not_foreign
+from .errors import DataWarning, PlateError
 from .plate.label_images import read_user_labels
 from .plate.labels import MARKER, default_label_folder, label_paths
 from .progress import Cancel, ProgressCallback, is_cancelled, report
 from .segment_classical import StainWarning, cell_channels, find_nuclei_with, segment_classical
 from .segment_legacy import segment_legacy
-from .segment_qc import qc_table, site_qc, write_qc
+from .segment_qc import QC_FILE, qc_table, site_qc, write_qc
 from .settings import SegmentSettings
 
 #: (image, channel names) -> (nuclei, cells), both int32 with matching ids.
@@ -273,6 +273,20 @@ def segment_plate(
             _channel_index(names, c, "cell")
     except ValueError as exc:
         raise PlateError(f"cannot segment {plate.root}: {exc}") from exc
+    files = [
+        path.relative_to(folder).as_posix()
+        for key in plate.keys
+        for path in label_paths(folder, key)
+    ] + [QC_FILE]
+    # the one rule of every writer: label files this package did not write are never replaced
+    if not _older_own_folder(folder):
+        check_not_foreign(
+            folder,
+            marker=MARKER,
+            what="label folder",
+            kind="labels written by segment",
+            writes=files,
+        )
     segmenter = make_segmenter(settings)
     stains = quality_channels(settings, names)
     marker = {
@@ -284,6 +298,7 @@ def segment_plate(
         "cell": settings.cell,
         "settings": settings.to_dict(),
         "sites": total,
+        "files": files,
     }
     try:  # marked unfinished first, so the folder is never read as images nor used half done
         atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
@@ -294,11 +309,13 @@ def segment_plate(
         ) from exc
     report(progress, "segment", 0, total)
     rows: list[dict] = []
+    nuclear_index = _channel_index(names, channel_ref(settings.nuclear), "nuclear")
+    empty, flat = [], []  # sites without a cell; those whose nuclear stain has one value
     for done, site in enumerate(plate, start=1):
         if is_cancelled(cancel):
             return None
+        image = site.read()
         try:
-            image = site.read()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", StainWarning)
                 nuclei, cells = segmenter(image, names)
@@ -317,8 +334,43 @@ def segment_plate(
         cells_path, nuclei_path = label_paths(folder, site.key)
         _write_tiff(cells_path, cells)
         _write_tiff(nuclei_path, nuclei)
+        if not np.any(cells):
+            empty.append(str(site.key))
+            plane = image[nuclear_index]
+            if plane.min() == plane.max():
+                flat.append(str(site.key))
         report(progress, "segment", done, total, site=str(site.key))
     write_qc(folder, qc_table(rows))
     marker["complete"] = True
     atomic_write_text(folder / MARKER, json.dumps(marker, indent=1))
+    if empty:
+        warnings.warn(_no_cells_note(empty, flat, total, names[nuclear_index]), DataWarning, 2)
     return folder
+
+
+def _older_own_folder(folder: Path) -> bool:
+    """A label folder that an earlier version of ``segment`` wrote (its marker names no files):
+    its label files are this package's."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(marker, dict)
+        and "files" not in marker
+        and str(marker.get("written_by", "")).startswith("napari-concept-discovery")
+    )
+
+
+def _no_cells_note(empty: list[str], flat: list[str], total: int, stain: str) -> str:
+    """What to tell a user whose sites gave no cell: which, and whether their images are blank."""
+    shown = "; ".join(empty[:5]) + (f"; ... and {len(empty) - 5} more" if len(empty) > 5 else "")
+    note = f"{len(empty)} of {total} site(s) gave no cell: {shown}"
+    if flat:
+        note += (
+            f"; the {stain} image of {len(flat)} of them holds a single value (all zero or "
+            "constant), so there is nothing to segment: check those files"
+        )
+    else:
+        note += f"; check their {stain} images, or the nuclear channel and thresholds"
+    return note

@@ -226,6 +226,37 @@ def check_store_folder(path) -> dict | None:
     return attrs
 
 
+def metadata_hash(plate) -> str:
+    """Hash of a plate's site table (its metadata joined to its sites), as a store records it."""
+    table = plate.site_table()
+    text = table.to_csv(index=False) + "|" + ",".join(map(str, table.dtypes))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def store_around(path) -> Path | None:
+    """The activation store that holds ``path`` (``path`` itself or a folder above it), or None:
+    nothing else is written into a store, whose size and signature cover all it holds."""
+    path = Path(path).expanduser().absolute()
+    for folder in (path, *path.parents):
+        attrs = StoreWriter._attrs_at(folder) if folder.is_dir() else None
+        if attrs is not None and attrs.get("marker") == MARKER:
+            return folder
+    return None
+
+
+def refuse_inside_store(path, what: str, error: type[Exception] = StoreError) -> None:
+    """``error`` when ``path`` (an output: a report, an analysis, a dictionary) lies inside an
+    activation store, whose size and contents would then count it."""
+    store = store_around(Path(path).expanduser().absolute().parent)
+    if store is None and Path(path).is_dir():
+        store = store_around(path)
+    if store is not None:
+        raise error(
+            f"{what} {path} is inside the activation store {store}; a store holds only its "
+            "tokens, so choose a place outside it"
+        )
+
+
 class StoreWriter:
     """Builds (or reuses, or resumes) the store of one plate, model and block.
 
@@ -316,9 +347,7 @@ class StoreWriter:
 
     def _metadata_hash(self) -> str:
         """Hash of the metadata joined into the tables: a changed table must not stay frozen."""
-        table = self.plate.site_table()
-        text = table.to_csv(index=False) + "|" + ",".join(map(str, table.dtypes))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return metadata_hash(self.plate)
 
     # -- which store this is ------------------------------------------------------------------
 
@@ -713,7 +742,7 @@ class ActivationStore:
             raise StoreError(f"{path} is not an activation store")
         if not attrs.get("complete"):
             raise StoreError(
-                f"the activation store at {path} is unfinished (interrupted); run the embedding "
+                f"the activation store at {path} is unfinished (its embedding was interrupted or stopped by an error); run the embedding "
                 "again to complete it"
             )
         fmt = attrs.get("store_format", attrs.get("signature", {}).get("store_format"))
@@ -723,6 +752,34 @@ class ActivationStore:
                 f"{STORE_FORMAT}; run the embedding again to rebuild it"
             )
         return cls(path, attrs)
+
+    def stale_labels(self) -> str | None:
+        """What to tell a user when the plate's metadata has changed since the embedding: the
+        labels in this store's tables are those of embedding time. None when it is the same,
+        or when the plate cannot be opened from where it was (moved, another machine)."""
+        import warnings
+
+        from .plate import open_plate
+
+        recorded = self.signature.get("metadata")
+        where = self.plate_source.get("path")
+        if not recorded or not where or not Path(where).exists():
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                plate = open_plate(**self.plate_source)
+            if metadata_hash(plate) == recorded:
+                return None
+        except Exception:  # noqa: BLE001 - a plate that no longer opens is not this note's case
+            return None
+        table = self.plate_source.get("metadata") or f"the metadata table of {where}"
+        return (
+            f"{table} has changed since the activation store {self.path} was embedded; its "
+            "labels (well_type, perturbation, ...) are still the old ones: run `concept-discovery "
+            "embed` again (embed_plate) to take the new ones; it joins them again without "
+            "running the model on unchanged sites"
+        )
 
     def _unit(self, unit: str) -> str:
         if unit not in UNITS:

@@ -222,6 +222,14 @@ class Dictionary:
         Two models may share a name (a card's) and not their weights, so the weights hashes
         are compared too when both sides record one; the refusal names both files.
         """
+        if self.meta.get("diverged"):
+            name = self.path or "this dictionary"
+            at = self.meta.get("diverged_at")
+            raise DictionaryError(
+                f"{name} is the state of a training that diverged"
+                + (f" (at step {at})" if at else "")
+                + ": its features are not a result; train again with a smaller --lr (lr=)"
+            )
         form = self.token_form
         where = getattr(store, "path", "this store")
         if form == "concat" and not getattr(store, "has_channel_tokens", False):

@@ -12,6 +12,7 @@ the demo and the widgets pass settings objects (:mod:`.settings`) and get the sa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._files import check_output
+from .._lock import write_lock
 from ..concepts import (
     check_analysis_folder,
     join_truth,
@@ -27,7 +29,7 @@ from ..concepts import (
     require_columns,
     write_analysis,
 )
-from ..errors import DictionaryError, OutputError
+from ..errors import DataWarning, DictionaryError, OutputError
 from ..progress import Cancel, Cancelled, ProgressCallback, report
 from .applied import Dictionary
 from .io import (
@@ -40,7 +42,7 @@ from .io import (
 from .metrics import evaluate
 from .registry import build_model
 from .settings import AnalyzeSettings, TrainSettings, WhitenSettings
-from .training import TrainResult, TrainState, train
+from .training import TrainResult, TrainState, check_training_memory, train
 from .whiten import Whitener, control_mask, group_labels, parse_control
 
 
@@ -135,7 +137,10 @@ def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str
 def check_dictionary_out(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before training, an output path that cannot be written, or that holds a file
     that is not a dictionary (unless ``overwrite``): training must not cost the user a file."""
+    from ..store import refuse_inside_store
+
     out = check_output(out, folder=False, what="dictionary file")
+    refuse_inside_store(out, "dictionary file", OutputError)
     if out.exists() and not overwrite and not is_dictionary_file(out):
         raise OutputError(
             f"{out} exists and is not a dictionary file; choose another --out, or pass "
@@ -215,7 +220,7 @@ class TrainedDictionary:
 
 
 #: Settings a resumed training may change: they do not change the dictionary's path to a step.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max", "keep_diverged")
 
 
 def _resume_state(store, settings: TrainSettings, ckpt: Path):
@@ -277,11 +282,19 @@ def train_on_store(
     metadata records the unit, model (id, source, weights hash), block, width, channels, store
     signature, whitening, the settings themselves and the metrics.
     """
-    unit = settings.unit
     if out is not None:
         out = check_dictionary_out(out, overwrite)
     elif resume:
         raise DictionaryError("resume needs the output path whose checkpoint to go on from")
+    if out is None:
+        return _train_on_store(store, settings, None, progress, cancel, resume)
+    # the lock embed takes on its store: a second training to the same file is refused
+    with write_lock(out, what="dictionary file", error=OutputError):
+        return _train_on_store(store, settings, out, progress, cancel, resume)
+
+
+def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDictionary:
+    unit = settings.unit
     ckpt = checkpoint_path(out) if out is not None else None
     form = token_form(store, settings.tokens)
     settings = settings.replace(tokens=form)
@@ -313,6 +326,13 @@ def train_on_store(
             groups = group_labels(table, settings.whiten.by)
     d_in = whitener.n_components_ if whitener is not None else tokens.shape[1]
     if not resume:
+        check_training_memory(
+            settings.method,
+            settings.atoms,
+            d_in,
+            settings.batch_size,
+            settings.method_config().get("pursuit", "gram"),
+        )
         model = build_model(settings.method, d_in, settings.method_config(), seed=settings.seed)
         groups_per_token = int(getattr(store, "token_groups", 1)) if form == "concat" else 1
         meta = {
@@ -342,20 +362,55 @@ def train_on_store(
         tensors, state_meta = st.tensors()
         save_checkpoint(ckpt, m, whitener, {**meta, "steps": step}, tensors, state_meta)
 
-    result = train(
-        model,
-        tokens,
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        seed=settings.seed,
-        whitener=whitener,
-        groups=groups,
-        progress=progress,
-        cancel=cancel,
-        on_checkpoint=None if out is None else checkpoint,
-        checkpoint_every=settings.checkpoint_every,
-        resume=state,
-    )
+    try:
+        result = train(
+            model,
+            tokens,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            whitener=whitener,
+            groups=groups,
+            progress=progress,
+            cancel=cancel,
+            on_checkpoint=None if out is None else checkpoint,
+            checkpoint_every=settings.checkpoint_every,
+            resume=state,
+        )
+    except KeyboardInterrupt as exc:
+        if ckpt is not None and ckpt.is_file():
+            told = f"{exc}; " if str(exc) else ""
+            raise KeyboardInterrupt(
+                f"{told}checkpoint {ckpt} kept: train again with --resume (resume=True) to go on"
+            ) from None
+        raise
+    if result.diverged:
+        if ckpt is not None:  # the state before the blow-up would only blow up again
+            ckpt.unlink(missing_ok=True)
+        lr = getattr(getattr(model, "config", None), "lr", settings.lr)
+        told = (
+            f"training diverged: the loss was not finite at step {result.diverged_at} of "
+            f"{settings.steps} (learning rate {lr})"
+        )
+        if out is not None and settings.keep_diverged:
+            meta.update(
+                steps=result.steps_done,
+                samples=result.samples,
+                cancelled=False,
+                diverged=True,
+                diverged_at=result.diverged_at,
+                metrics={},
+            )
+            save_dictionary(out, Dictionary(model, whitener, meta))
+            raise DictionaryError(
+                f"{told}; its state after step {result.steps_done} is kept at {out}, marked as "
+                "diverged (analyze and report refuse it); train again with a smaller --lr (lr=)"
+            )
+        raise DictionaryError(
+            f"{told}; no dictionary was written"
+            + (f" to {out}" if out is not None else "")
+            + "; train again with a smaller --lr (lr=)"
+        )
     cancelled = result.cancelled
     metrics: dict = {}
     if not cancelled:
@@ -505,11 +560,24 @@ def encode_for_analysis(
     """:func:`encode_store` (or ``encode``, a function called as it is) with
     ``settings.truth_file`` (or ``truth``, read already) joined onto the token table."""
     encode = encode_store if encode is None else encode
+    stale = getattr(store, "stale_labels", lambda: None)()
+    if stale:
+        warnings.warn(stale, DataWarning, stacklevel=2)
     codes, table = encode(store, dictionary, settings.unit, progress=progress, cancel=cancel)
     if truth is None and settings.truth_file is not None:
         truth = read_truth(settings.truth_file)
     if truth is not None:
         table = join_truth(table, truth)
+        where = settings.truth_file or "the truth table"
+        for col in settings.truth:
+            missing = int(table[col].isna().sum()) if col in table.columns else 0
+            if missing:
+                warnings.warn(
+                    f"{where} gives no {col!r} for {missing} of {len(table)} tokens; they are "
+                    f"left out of the {col} concepts",
+                    DataWarning,
+                    stacklevel=2,
+                )
     return codes, table
 
 

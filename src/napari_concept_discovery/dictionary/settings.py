@@ -9,6 +9,7 @@ fast.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +203,12 @@ class TrainSettings(Settings):
         "refusing the store",
         label="drop non-finite tokens",
     )
+    keep_diverged: bool = option(
+        False,
+        "when the training diverges, keep its last sound state at the output, marked as "
+        "diverged (analyze and report refuse it), instead of writing nothing",
+        label="keep a diverged dictionary",
+    )
     whiten: WhitenSettings | None = option(
         None, "whitening fitted on control tokens; None trains on the tokens as stored", cli=False
     )
@@ -217,7 +224,11 @@ class TrainSettings(Settings):
             self.steps is None or self.steps >= 1, "steps", f"must be at least 1, got {self.steps}"
         )
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
-        check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        check(
+            self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
+            "lr",
+            f"must be positive and finite, got {self.lr}",
+        )
         check(
             self.checkpoint_every >= 0,
             "checkpoint_every",

@@ -19,8 +19,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +53,9 @@ class TrainResult:
     samples: int
     seconds: float
     history: list[Progress] = field(default_factory=list)
+    #: with ``diverged``: the step whose loss was not finite (the model is the one of
+    #: ``steps_done``, the last reported state before it)
+    diverged_at: int | None = None
 
 
 @dataclass
@@ -183,6 +189,72 @@ def whiten_once(data, whitener: Whitener | None, groups, limit: int = WHITEN_ONC
     return out, None, None
 
 
+def training_memory(
+    method: str, atoms: int, d_in: int, batch_size: int, pursuit: str = "gram"
+) -> int:
+    """About how many bytes training a dictionary of ``atoms`` atoms on ``d_in``-wide tokens
+    takes at its peak (float32): the weights with their gradient and two Adam moments, ICFL's
+    Gram matrix (atoms x atoms, with the Gram pursuit) and the batch's scores or activations."""
+    f = 4
+    params = 4 * d_in * atoms * f
+    if method == "topk":  # encoder and decoder, and pre-activations, codes and their gradients
+        return 2 * params + 3 * batch_size * atoms * f
+    gram = atoms * atoms * f if pursuit == "gram" else 0
+    return params + gram + 2 * batch_size * atoms * f
+
+
+def check_training_memory(
+    method: str, atoms: int, d_in: int, batch_size: int, pursuit: str = "gram"
+) -> None:
+    """Refuse, before any allocation, a dictionary too large for this machine's memory: the
+    memory it would need and the most atoms that fit (as ``synth --size`` says)."""
+    from .._files import human_bytes, physical_memory
+
+    have = physical_memory()
+    need = training_memory(method, atoms, d_in, batch_size, pursuit)
+    if have is None or need <= have:
+        return
+    lo, hi = 1, atoms  # the largest atom count that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if training_memory(method, mid, d_in, batch_size, pursuit) <= have:
+            lo = mid
+        else:
+            hi = mid - 1
+    raise DictionaryError(
+        f"atoms: {atoms} atoms would need about {human_bytes(need)} of memory to train "
+        f"({method} on {d_in}-wide tokens, batch {batch_size}); this machine has "
+        f"{human_bytes(have)}. Use --atoms {lo} or less (atoms=), or a smaller --batch-size"
+    )
+
+
+@contextmanager
+def interrupt_between_steps() -> Iterator[threading.Event]:
+    """While training runs in the main thread under Python's own Ctrl-C handler, a first
+    Ctrl-C sets the event instead of raising: the loop ends after the step under way, so the
+    final checkpoint holds a whole step, and :func:`train` then raises ``KeyboardInterrupt``.
+    A second Ctrl-C raises at once. Elsewhere (a worker thread, a host with its own handler)
+    the event is never set and Ctrl-C is left alone."""
+    hit = threading.Event()
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield hit
+        return
+
+    def handler(signum, frame):
+        if hit.is_set():
+            raise KeyboardInterrupt
+        hit.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def train(
     model: SparseDictionary,
     data,
@@ -262,6 +334,7 @@ def train(
     good = {k: v.detach().clone() for k, v in model.state_dict().items()}
     good_step = step
     cancelled = diverged = False
+    diverged_at = None
     with_state = on_checkpoint is not None and _wants_state(on_checkpoint)
 
     def checkpoint(at: int) -> None:
@@ -292,38 +365,39 @@ def train(
 
     loss_f = fvu_f = math.nan
     first = step
-    for step_i in range(first + 1, steps + 1):
-        if is_cancelled(cancel):
-            cancelled = True
-            break
-        xb, gb = next(stream)
-        x = prepare(xb, gb, whitener)
-        out = model(x)
-        loss_f = float(out.loss.detach())
-        if not math.isfinite(loss_f):
-            model.load_state_dict(good)
-            step, diverged = good_step, True
-            break
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        model.before_step()
-        optimizer.step()
-        model.after_step(step_i, optimizer)
-        step = step_i
-        samples += len(x)
-        with torch.no_grad():
-            fired = fired_mask(out.codes, model.n_atoms)
-            since_fired += len(x)
-            since_fired[fired] = 0
-        fvu_f = out.metrics.get("fvu")
-        if fvu_f is None:
-            fvu_f = batch_fvu(x, out.reconstruction)
-        if step % progress_every == 0 or step == steps:
-            report(loss_f, fvu_f)
-            good = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            good_step = step
-        if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
-            checkpoint(step)
+    with interrupt_between_steps() as interrupted:
+        for step_i in range(first + 1, steps + 1):
+            if is_cancelled(cancel) or interrupted.is_set():
+                cancelled = True
+                break
+            xb, gb = next(stream)
+            x = prepare(xb, gb, whitener)
+            out = model(x)
+            loss_f = float(out.loss.detach())
+            if not math.isfinite(loss_f):
+                model.load_state_dict(good)
+                step, diverged, diverged_at = good_step, True, step_i
+                break
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            model.before_step()
+            optimizer.step()
+            model.after_step(step_i, optimizer)
+            step = step_i
+            samples += len(x)
+            with torch.no_grad():
+                fired = fired_mask(out.codes, model.n_atoms)
+                since_fired += len(x)
+                since_fired[fired] = 0
+            fvu_f = out.metrics.get("fvu")
+            if fvu_f is None:
+                fvu_f = batch_fvu(x, out.reconstruction)
+            if step % progress_every == 0 or step == steps:
+                report(loss_f, fvu_f)
+                good = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                good_step = step
+            if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                checkpoint(step)
     if cancelled and step > first and (not history or history[-1].done != step):
         report(loss_f, fvu_f)
     if (
@@ -333,6 +407,8 @@ def train(
     ):
         checkpoint(step)
     model.eval()
+    if interrupted.is_set():
+        raise KeyboardInterrupt(f"training stopped after step {step} of {steps}")
     return TrainResult(
         model=model,
         steps_done=step,
@@ -341,4 +417,5 @@ def train(
         samples=samples,
         seconds=time.perf_counter() - t0,
         history=history,
+        diverged_at=diverged_at,
     )

@@ -68,13 +68,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
                 obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:
-            detail = str(exc)
-            # torch's message suggests weights_only=False; only the reason is worth showing.
-            if m := re.search(r"WeightsUnpickler error:\s*(.+)", detail):
-                detail = m.group(1).strip()
             raise ModelError(
                 f"{path}: cannot load as a torch checkpoint with weights_only=True "
-                f"(weights that need code to load are refused): {detail}"
+                f"(weights that need code to load are refused): {_refusal_reason(str(exc))}"
             ) from exc
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -84,6 +80,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ModelError(f"{path}: checkpoint holds no flat dict of tensors")
         return obj
     raise ModelError(f"{path}: not a safetensors file or torch checkpoint (first bytes {fmt})")
+
+
+def _refusal_reason(detail: str) -> str:
+    """Why torch's weights-only unpickler refused a file, without torch's advice on loading
+    it anyway (``weights_only=False``, allow-listing the global): that would run its code."""
+    if m := re.search(r"GLOBAL (\S+) was not an allowed global", detail):
+        return (
+            f"it names the global {m.group(1)}, which loading would import and call; a file "
+            "of plain tensors names none"
+        )
+    if m := re.search(r"WeightsUnpickler error:\s*(.+)", detail):
+        detail = m.group(1)
+    sentences = re.split(r"(?<=[.!?])\s+", detail.strip().splitlines()[0] if detail else "")
+    advice = ("weights_only", "safe_globals", "trust", "re-running", "rerun")
+    kept = [x for x in sentences if not any(a in x.lower() for a in advice)]
+    return " ".join(kept).strip() or "it holds objects other than tensors"
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -271,6 +283,25 @@ def load_openphenom(
     )
 
 
+def check_architecture(arch: dict, where) -> None:
+    """Refuse, naming ``where`` and the field, an architecture whose fields ChannelAgnosticViT
+    does not take or whose values are not numbers of the right kind (a string "384" would
+    fail deep inside timm with an unrelated message)."""
+    import inspect
+
+    params = inspect.signature(ChannelAgnosticViT.__init__).parameters
+    for key, value in arch.items():
+        if key not in params or key == "self":
+            known = ", ".join(k for k in params if k != "self")
+            raise ModelError(f"{where}: architecture field {key!r} is not one of {known}")
+        default = params[key].default
+        want = float if isinstance(default, float) else int
+        ok = isinstance(value, int | float) if want is float else isinstance(value, int)
+        if not ok or isinstance(value, bool) or value <= 0 and key != "drop_path_rate":
+            kind = "a number" if want is float else "a positive whole number"
+            raise ModelError(f"{where}: architecture field {key!r} must be {kind}, got {value!r}")
+
+
 def load_card_model(
     weights: Path, card_path: Path, *, model_id: str | None = None, default_block: int | None = None
 ) -> ChannelAgnosticBackend:
@@ -286,6 +317,7 @@ def load_card_model(
     arch = dict(card.get("architecture", {}))
     if arch.pop("class", "ChannelAgnosticViT") != "ChannelAgnosticViT":
         raise ModelError(f"{card_path}: not a ChannelAgnosticViT card")
+    check_architecture(arch, card_path)
     return build_channel_agnostic(
         read_state_dict(weights),
         arch,

@@ -6,7 +6,9 @@ screen of thousands says which one it is instead of ending in a traceback from a
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,30 @@ def _omezarr():
 
 def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in TIFF_SUFFIXES
+
+
+class _Silence(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_SILENCE = _Silence()
+
+
+@contextmanager
+def open_tiff(path: Path):
+    """``tifffile.TiffFile(path)`` with tifffile's own log lines held back ("<TiffTag.fromfile>
+    raised ..." on a damaged file): a file that cannot be read is said once, by the PlateError
+    that names it."""
+    import tifffile
+
+    log = logging.getLogger("tifffile")
+    log.addFilter(_SILENCE)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            yield tif
+    finally:
+        log.removeFilter(_SILENCE)
 
 
 def _wrap(path: Path, exc: Exception) -> PlateError:
@@ -66,9 +92,7 @@ def _pil_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 def _tiff_axes(path: Path) -> tuple[tuple[int, ...], str, np.dtype, list[str]]:
     """Shape, axes, dtype and OME channel names of the first series, without reading pixels."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
+    with open_tiff(path) as tif:
         series = _first_series(tif, path)
         names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else []
         return tuple(series.shape), series.axes, np.dtype(series.dtype), names
@@ -130,7 +154,12 @@ def plane_header(path: Path) -> tuple[tuple[int, int], np.dtype]:
 
 
 def _to_plane(image: np.ndarray, path: Path) -> np.ndarray:
-    image = np.squeeze(image)
+    # drop length-1 axes around the plane, never the plane's own: a 1 x 1 or 1 x N image
+    # stays 2-D, as its header says
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    while image.ndim > 2 and image.shape[-1] == 1:
+        image = image[..., 0]
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         rgb = image[..., :3]
         if not (
@@ -140,7 +169,7 @@ def _to_plane(image: np.ndarray, path: Path) -> np.ndarray:
         image = rgb[..., 0]
     if image.ndim != 2:
         raise PlateError(f"{path} has shape {image.shape}; expected one 2-D channel")
-    return image
+    return _real_pixels(image, path)
 
 
 def read_plane(path: Path) -> np.ndarray:
@@ -150,9 +179,7 @@ def read_plane(path: Path) -> np.ndarray:
         return _to_plane(_omezarr().read_image(path), path)
     try:
         if _is_tiff(path):
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
+            with open_tiff(path) as tif:
                 image = _first_series(tif, path).asarray()
         else:
             import imageio.v3 as iio
@@ -189,9 +216,7 @@ def read_multichannel(path: Path) -> np.ndarray:
     try:
         if not _is_tiff(path):
             return read_plane(path)[None]
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
+        with open_tiff(path) as tif:
             series = _first_series(tif, path)
             shape, axes = tuple(series.shape), series.axes
             extra, _ = _channel_first_order(shape, axes, path)
@@ -201,9 +226,22 @@ def read_multichannel(path: Path) -> np.ndarray:
         data = np.transpose(data, order + drop).reshape(
             [shape[i] for i in order] if extra else [1, shape[order[0]], shape[order[1]]]
         )
-        return np.ascontiguousarray(data)
+        return _real_pixels(np.ascontiguousarray(data), path)
     except Exception as exc:
         raise _wrap(path, exc) from exc
+
+
+def _real_pixels(image: np.ndarray, path: Path) -> np.ndarray:
+    """Refuse pixels that are not real numbers (complex, NaN or Inf), naming the file: they
+    would reach the model as NaN tokens and be blamed on its weights."""
+    if image.dtype.kind == "c":
+        raise PlateError(f"{path} holds {image.dtype} pixels; expected integers or floats")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        bad = int(image.size - np.isfinite(image).sum())
+        raise PlateError(
+            f"{path} holds {bad} NaN or Inf pixels of {image.size}; a pixel must be a number"
+        )
+    return image
 
 
 def read_labels(path: Path) -> np.ndarray:

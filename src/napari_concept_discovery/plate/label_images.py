@@ -42,9 +42,10 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
         if suffix == ".npy":
             data = _read_npy(path)
         elif suffix in (".tif", ".tiff"):
-            import tifffile
+            from .io import open_tiff
 
-            data = tifffile.imread(path)
+            with open_tiff(path) as tif:
+                data = tif.asarray()
         else:
             import imageio.v3 as iio
 
@@ -55,7 +56,11 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
         raise
     except Exception as exc:  # any reader failure is a bad file, named for the user
         raise PlateError(f"cannot read label image {path}: {exc}") from exc
-    data = np.squeeze(np.asarray(data))
+    data = np.asarray(data)
+    while data.ndim > 2 and data.shape[0] == 1:  # length-1 axes around the plane only
+        data = data[0]
+    while data.ndim > 2 and data.shape[-1] == 1:
+        data = data[..., 0]
     if data.ndim == 3 and data.shape[-1] in (3, 4) and np.all(data[..., :3] == data[..., :1]):
         data = data[..., 0]  # a grey mask saved as RGB(A)
     if data.ndim != 2:

@@ -90,15 +90,15 @@ def open_plate(
 
     label_folder, label_pattern = _label_folder(root, labels)
     skip = {f for f in (label_folder, marked_label_folder(root)) if f is not None}
+    notes: list[str] = []
     if label_folder is not None and root.resolve().is_relative_to(label_folder):
         # labels beside the images (Cellpose writes them there): the walk keeps the folder and
         # the label files, named after the images, are kept out of the image listing
         skip.discard(label_folder)
-        files = _walk(root, skip=skip)
+        files = _walk(root, skip=skip, notes=notes)
         files = [f for f in files if f not in named_after_others(files)]
     else:
-        files = _walk(root, skip=skip)
-    notes: list[str] = []
+        files = _walk(root, skip=skip, notes=notes)
     table, table_name = _metadata_source(root, metadata)
     if layout == "auto":
         layout = "pattern" if pattern is not None else _detect(root, files, table)
@@ -238,6 +238,9 @@ class Walk(NamedTuple):
     files: list[Path]
     complete: bool
     entries: int  # directory entries looked at (the work done)
+    #: entries that are neither folders nor regular files (a FIFO, socket or device): reading
+    #: one would block or never end, so they are left out and said
+    special: tuple[Path, ...] = ()
 
 
 def _real_id(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -260,6 +263,7 @@ def walk_files(root: Path, skip: set[Path] = frozenset(), limit: int | None = No
     skip_ids = {i for i in map(_real_id, skip) if i is not None}
     seen: set[tuple[int, int]] = set()
     files: list[Path] = []
+    special: list[Path] = []
     entries = 0
     stack = [Path(root)]
     while stack:
@@ -280,14 +284,18 @@ def walk_files(root: Path, skip: set[Path] = frozenset(), limit: int | None = No
                 continue
             try:
                 is_dir = entry.is_dir()
+                is_file = is_dir or entry.is_file() or entry.is_symlink()  # a dangling link
             except OSError:
-                is_dir = False
-            (dirs if is_dir else names).append(entry.name)
+                is_dir, is_file = False, True
+            if is_file:
+                (dirs if is_dir else names).append(entry.name)
+            else:
+                special.append(folder / entry.name)
         files += [folder / n for n in sorted(names)]
         if limit is not None and entries >= limit:
-            return Walk(files, False, entries)
+            return Walk(files, False, entries, tuple(sorted(special)))
         stack += [folder / d for d in sorted(dirs, reverse=True)]
-    return Walk(files, True, entries)
+    return Walk(files, True, entries, tuple(sorted(special)))
 
 
 def _label_folder(root: Path, labels) -> tuple[Path | None, str | None]:
@@ -302,9 +310,20 @@ def _label_folder(root: Path, labels) -> tuple[Path | None, str | None]:
     return folder, pattern
 
 
-def _walk(root: Path, skip: set[Path] = frozenset()) -> list[Path]:
-    """Every non-hidden file under root (see :func:`walk_files`)."""
-    return walk_files(root, skip).files
+def _walk(root: Path, skip: set[Path] = frozenset(), notes: list[str] | None = None) -> list[Path]:
+    """Every non-hidden file under root (see :func:`walk_files`); entries that are not regular
+    files are said in ``notes``."""
+    walk = walk_files(root, skip)
+    if walk.special and notes is not None:
+        shown = [
+            str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in walk.special
+        ]
+        notes.append(
+            f"skipped {len(shown)} entr{'y' if len(shown) == 1 else 'ies'} of {root} that "
+            f"{'is' if len(shown) == 1 else 'are'} not a regular file (a FIFO, socket or "
+            "device would block the read): " + _listing(shown)
+        )
+    return walk.files
 
 
 def looks_like_plate(root: Path, files: list[Path]) -> bool:

@@ -16,11 +16,11 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from ..errors import PlateError
+from ..errors import DataWarning, PlateError
 from . import io
 
 
-class PlateWarning(UserWarning):
+class PlateWarning(DataWarning):
     """A problem in a plate folder that was worked around (a site skipped, a row unmatched)."""
 
 
@@ -133,6 +133,13 @@ class Site:
         if self.user_labels and self.labels_path is not None:
             return self._user_labels()[1]
         return io.read_labels(self.nuclei_path)
+
+    def check(self) -> None:
+        """Decode everything the site is read from (pixels, cell and nucleus label files), as
+        embedding will; PlateError names the first file that cannot be read."""
+        self.read()
+        self.read_labels()
+        self.read_nuclei()
 
     def header(self) -> tuple[tuple[int, ...], np.dtype]:
         """(C, H, W) and dtype from file headers only; PlateError on unreadable or unequal files."""

@@ -12,6 +12,8 @@ screen.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +26,65 @@ CELL_LABELS = ("cells", "cell", "cytoplasm")
 NUCLEUS_LABELS = ("nuclei", "nucleus")
 
 
+class _NoVersionNotes(logging.Filter):
+    """ome-zarr logs "version mismatch" for every NGFF 0.4 group it opens; the version is
+    found and read all the same, so the note only hides the real message from the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "version mismatch" not in record.getMessage()
+
+
+_QUIET = _NoVersionNotes()
+
+
 def _location(path: Path):
     from ome_zarr.io import ZarrLocation
 
+    log = logging.getLogger("ome_zarr.io")
+    log.addFilter(_QUIET)
     try:
         loc = ZarrLocation(str(path))
+        return loc if loc.exists() else None
     except Exception as exc:  # noqa: BLE001 - zarr/fsspec raise many kinds; name the path
         raise PlateError(f"cannot open the OME-Zarr group {path}: {exc}") from exc
-    return loc if loc.exists() else None
+    finally:
+        log.removeFilter(_QUIET)
+
+
+def why_unreadable(path: Path) -> str:
+    """Why the OME-Zarr group at ``path`` cannot be opened: missing, metadata that is not
+    JSON, or no group metadata at all (``zarr.json`` for NGFF 0.5, ``.zattrs`` for 0.4)."""
+    path = Path(path)
+    if not path.exists():
+        return "is listed but missing"
+    for name in ("zarr.json", ".zattrs", ".zgroup"):
+        meta = path / name
+        if meta.is_file():
+            try:
+                json.loads(meta.read_text())
+            except (OSError, ValueError) as exc:
+                return f"has metadata {meta} that is not valid JSON ({exc})"
+    if not (path / "zarr.json").is_file() and not (path / ".zattrs").is_file():
+        return "has no group metadata (zarr.json for NGFF 0.5, .zattrs for NGFF 0.4)"
+    return "cannot be read as an OME-Zarr group"
+
+
+#: Pixel types a field may hold (unsigned and signed integers, floats).
+PIXEL_KINDS = "uif"
+
+
+def _check_array(arr, axes: list[str], where: Path) -> None:
+    """A field's array must have one dimension per axis its metadata names, and real pixels."""
+    if len(axes) != len(arr.shape):
+        raise PlateError(
+            f"{where}: its metadata names {len(axes)} axes ({', '.join(axes)}) but its array "
+            f"has {len(arr.shape)} dimensions, shape {tuple(arr.shape)}"
+        )
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind not in PIXEL_KINDS:
+        raise PlateError(
+            f"{where} holds {dtype} pixels; expected integers or floats (one real value a pixel)"
+        )
 
 
 def is_plate(path: Path) -> bool:
@@ -87,9 +140,18 @@ def read_image(path: Path) -> np.ndarray:
     attrs = loc.root_attrs
     axes = _axes(attrs, path)
     try:
-        data = np.asarray(loc.load(attrs["multiscales"][0]["datasets"][0]["path"]))
+        arr = loc.load(attrs["multiscales"][0]["datasets"][0]["path"])
+        _check_array(arr, axes, path)
+        data = np.asarray(arr)
+    except PlateError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise PlateError(f"cannot read the OME-Zarr field {path}: {exc}") from exc
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        bad = int(data.size - np.isfinite(data).sum())
+        raise PlateError(
+            f"{path} holds {bad} NaN or Inf pixels of {data.size}; a pixel must be a number"
+        )
     index = tuple(slice(None) if a in ("c", "y", "x") else 0 for a in axes)
     data = data[index]
     kept = [a for a in axes if a in ("c", "y", "x")]
@@ -106,6 +168,7 @@ def image_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     attrs = loc.root_attrs
     axes = _axes(attrs, path)
     arr = loc.load(attrs["multiscales"][0]["datasets"][0]["path"])
+    _check_array(arr, axes, path)
     shape = dict(zip(axes, arr.shape, strict=True))
     return (shape.get("c", 1), shape["y"], shape["x"]), np.dtype(arr.dtype)
 
@@ -161,19 +224,33 @@ def find_fields(root: Path) -> tuple[list[str], list[Field], list[str]]:
             wpath = str(well["path"])
             wloc = _location(proot / wpath)
             if wloc is None:
-                notes.append(f"{proot}: well {wpath} is listed but missing; skipped")
+                notes.append(f"{proot}: well {wpath} {why_unreadable(proot / wpath)}; skipped")
                 continue
             well_name = "".join(wpath.strip("/").split("/")[-2:])
             images = (wloc.root_attrs.get("well") or {}).get("images") or []
+            if not images:
+                meta = ".zattrs (NGFF 0.4)" if (proot / ".zattrs").is_file() else "zarr.json"
+                notes.append(
+                    f"{proot}: well {wpath} has no well metadata listing its fields (the 'well' "
+                    f"attributes of its {meta}); skipped"
+                )
+                continue
             for i, image in enumerate(images):
                 field = proot / wpath / str(image["path"])
                 floc = _location(field)
                 if floc is None:
-                    notes.append(f"{field}: field listed in its well but missing; skipped")
+                    notes.append(
+                        f"{field}: field listed in its well {why_unreadable(field)}; skipped"
+                    )
                     continue
                 attrs = floc.root_attrs
                 axes = _axes(attrs, field)
                 arr = floc.load(attrs["multiscales"][0]["datasets"][0]["path"])
+                try:
+                    _check_array(arr, axes, field)
+                except PlateError as exc:
+                    notes.append(f"{exc}; skipped")
+                    continue
                 n_channels = dict(zip(axes, arr.shape, strict=True)).get("c", 1)
                 channels = _channel_names(attrs, n_channels)
                 if names is None:
@@ -194,5 +271,6 @@ def find_fields(root: Path) -> tuple[list[str], list[Field], list[str]]:
                     )
                 )
     if not sites:
-        raise PlateError(f"the OME-Zarr plate(s) at {root} hold no readable fields")
+        why = (": " + "; ".join(notes[:5]) + (" ..." if len(notes) > 5 else "")) if notes else ""
+        raise PlateError(f"the OME-Zarr plate(s) at {root} hold no readable fields{why}")
     return list(names or []), sites, notes

@@ -17,6 +17,7 @@ Well assignment (documented because small plates depend on it):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -27,11 +28,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._files import atomic_write_text, check_not_foreign, owned_files
 from .concepts import CELL_TYPES, CHANNELS, CONTROL, DATASET, EXPERIMENT, PERTURBATIONS
 from .site import PlateBatch, generate_site
 
 #: Peak memory of drawing one site, per pixel (measured with tracemalloc: about 226 bytes).
 PEAK_BYTES_PER_PIXEL = 230
+#: Left in a folder of synthetic plates, listing what ``write_synthetic_plates`` wrote there.
+SYNTH_MARKER = "synth.json"
 #: Most wells a plate holds here: rows B..O, 22 columns (see :func:`well_names`).
 MAX_WELLS = 14 * 22
 
@@ -161,6 +165,16 @@ def write_synthetic_plates(
         raise ValueError("n_plates and n_sites must be at least 1")
     if size < 64:
         raise ValueError(f"size must be at least 64 pixels, got {size}")
+    # the one rule of every writer: a metadata.csv, truth.csv or plate folder this package did
+    # not write there is never replaced
+    written = ["metadata.csv", "truth.csv"] + [
+        f"{kind}/{EXPERIMENT}/Plate{p}"
+        for kind in ("images", "labels")
+        for p in range(1, n_plates + 1)
+    ]
+    check_not_foreign(
+        out, marker=SYNTH_MARKER, what="output folder", kind="a synthetic plate", writes=written
+    )
     rows, jobs = [], []
     for p in range(1, n_plates + 1):
         (out / "images" / EXPERIMENT / f"Plate{p}").mkdir(parents=True, exist_ok=True)
@@ -203,4 +217,6 @@ def write_synthetic_plates(
 
     pd.DataFrame(rows, columns=METADATA_COLUMNS).to_csv(out / "metadata.csv", index=False)
     pd.concat(truths, ignore_index=True).to_csv(out / "truth.csv", index=False)
+    listed = sorted(owned_files(out, SYNTH_MARKER) - {SYNTH_MARKER} | set(written))
+    atomic_write_text(out / SYNTH_MARKER, json.dumps({"files": listed}))
     return out
