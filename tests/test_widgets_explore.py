@@ -580,3 +580,30 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     widget.fields["unit"].set_value("cell")
     opened.embed.open_store(demo_folder / "store.zarr")
     assert steps.value() == 123
+
+
+def test_a_diverged_dictionary_is_refused_by_the_dictionary_widget(
+    make_napari_viewer, demo_folder, qtbot, tmp_path
+):
+    """A dictionary that `train --keep-diverged` kept is refused where a user loads it, naming
+    the file and why, and the session keeps no dictionary (no explorer built on it)."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_concept_discovery.cli import main
+
+    diverged = tmp_path / "diverged.safetensors"
+    args = ["train", str(demo_folder / "store.zarr"), "--method", "icfl", "--atoms", "16"]
+    args += ["--sparsity", "4", "--steps", "20", "--batch-size", "64", "--lr", "1e30"]
+    args += ["--whiten", "=".join(CONTROL), "--whiten-mode", "center"]
+    assert main([*args, "--out", str(diverged), "--keep-diverged"]) == 2
+    assert diverged.is_file()
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session = opened.embed.session
+    assert opened.embed.open_store(demo_folder / "store.zarr") is not None
+    n = len(notification_manager.records)
+    assert opened.dictionary.load(diverged) is None
+    assert session.dictionary is None and session.explorer is None
+    text = opened.dictionary.status.text()
+    assert "diverged" in text and "diverged.safetensors" in text, text
+    assert notification_manager.records[n].message == text

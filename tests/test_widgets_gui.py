@@ -388,3 +388,38 @@ def test_closing_the_navigator_leaves_the_session_working(make_napari_viewer, pl
     session.set_site(("SYNTH_1", "B03", 1))  # no slot of a deleted widget is called
     wait_idle(qtbot, viewer)
     assert viewer.layers["DNA"].metadata["site_key"] == ("SYNTH_1", "B03", 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_like_an_image_does_not_freeze_the_navigator(
+    make_napari_viewer, plates, tmp_path, qtbot
+):
+    """A FIFO (or socket, device) where a channel image should be is skipped with a warning that
+    names it; opening the plate does not block the viewer on reading its header."""
+    import signal
+
+    from napari.utils.notifications import notification_manager
+
+    copy = tmp_path / "plates"
+    shutil.copytree(plates, copy)
+    image = sorted(copy.rglob("*_w1.png"))[-1]
+    image.unlink()
+    os.mkfifo(image)
+
+    def stuck(*_):
+        raise TimeoutError(f"opening the plate blocked on {image}")
+
+    viewer = make_napari_viewer()
+    nav = navigator(viewer)
+    n = len(notification_manager.records)
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(60)
+    try:
+        opened = nav.open_plate_folder(str(copy))
+        wait_idle(qtbot, viewer)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert opened is True and nav.session.plate is not None
+    said = " ".join(str(r.message) for r in notification_manager.records[n:])
+    assert image.name in said and "not a regular file" in said, said
