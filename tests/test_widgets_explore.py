@@ -607,3 +607,28 @@ def test_a_diverged_dictionary_is_refused_by_the_dictionary_widget(
     text = opened.dictionary.status.text()
     assert "diverged" in text and "diverged.safetensors" in text, text
     assert notification_manager.records[n].message == text
+
+
+def test_the_navigator_colours_wells_by_the_stores_segmentation_quality(
+    make_napari_viewer, demo_folder, qtbot
+):
+    """Once a store is open, "Colour by" offers its segmentation quality per well; the colours
+    follow the store's QC table (cells per site: the mean over the well's sites)."""
+    from napari_concept_discovery.store import ActivationStore
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    nav = opened.navigator
+    assert not any(c.startswith("segmentation:") for c in nav.colour_choices())
+    assert opened.embed.open_store(demo_folder / "store.zarr") is not None
+    title = "segmentation: cells per site"
+    assert title in nav.colour_choices()
+    nav.colour_combo.setCurrentIndex(nav.colour_choices().index(title))
+    colouring = nav.map_view.colouring
+    assert colouring is not None and colouring.numeric and colouring.title == title
+    quality = ActivationStore.open(demo_folder / "store.zarr").quality()
+    expected = quality.groupby(["plate", "well"])["cells"].mean()
+    got = {k: v for k, v in colouring.values.items()}
+    assert got and all(got[k] == expected[k] for k in got), (got, expected)
+    assert "cells per site" in nav.legend.text()
+    # the metadata columns stay one click away
+    assert "cell_type" in nav.colour_choices()

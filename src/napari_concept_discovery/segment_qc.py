@@ -208,3 +208,27 @@ def summary(table: pd.DataFrame | None, limit: int = 20) -> list[str]:
     if len(flagged) > limit:
         lines.append(f"  ... and {len(flagged) - limit} more flagged site(s) (see qc.csv)")
     return lines
+
+
+#: What a plate map can colour wells by, from the QC table: (title, column, how per well).
+WELL_MEASURES = (
+    ("segmentation: share of sites flagged", "flag", "mean"),
+    ("segmentation: cells per site", "cells", "mean"),
+    ("segmentation: cell / nucleus area", "cell_nucleus_ratio", "median"),
+    ("segmentation: cell foreground share", "foreground", "mean"),
+)
+
+
+def per_well(table: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
+    """Per-well values of the QC table, one (plate, well, value) frame per measure of
+    :data:`WELL_MEASURES` the table has, so a plate map shows where the cells are doubtful."""
+    if table is None or table.empty:
+        return {}
+    out = {}
+    for title, column, how in WELL_MEASURES:
+        if column not in table.columns:
+            continue
+        values = pd.to_numeric(table[column].astype(float), errors="coerce")
+        frame = table[["plate", "well"]].assign(value=values)
+        out[title] = frame.groupby(["plate", "well"], sort=True)["value"].agg(how).reset_index()
+    return out

@@ -48,10 +48,12 @@ from ..platemap import (
     well_table,
     well_tooltip,
 )
+from ..segment_qc import per_well
 from ._jobs import Job, JobOwner
 from ._viewer import get_session, observe, user_message
 
 _VALUES = "\x00values"  # item data of the "Colour by" entry for per-well values (not a column)
+_QC = "\x00qc:"  # item data prefix of the entries for the store's segmentation quality
 
 
 def _qcolor(rgba) -> QColor:
@@ -272,6 +274,7 @@ class PlateNavigator(QWidget):
         self.session = get_session(napari_viewer)
         self._wells = pd.DataFrame()
         self._values: PlateColouring | None = None
+        self._quality: dict[str, pd.DataFrame] = {}  # per-well segmentation QC, by title
 
         self.open_button = QPushButton("Open plate folder…")
         self.open_button.setToolTip(
@@ -327,6 +330,7 @@ class PlateNavigator(QWidget):
                 (self.session.site_changed, self._on_site_changed),
                 (self.session.feature_changed, self._colour_by_feature),
                 (self.session.explorer_changed, self._colour_by_feature),
+                (self.session.store_changed, self._on_store_changed),
             ),
         )
         self._on_plate_changed(self.session.plate)
@@ -466,6 +470,18 @@ class PlateNavigator(QWidget):
     def _plates(self) -> list[str]:
         return [self.plate_combo.itemText(i) for i in range(self.plate_combo.count())]
 
+    def _on_store_changed(self, store) -> None:
+        """Offer the store's segmentation quality per well in "Colour by" (where it has one)."""
+        try:
+            quality = per_well(store.quality()) if store is not None else {}
+        except (ConceptDiscoveryError, OSError, ValueError) as exc:
+            show_error(user_message(exc, "Cannot read the store's segmentation quality"))
+            quality = {}
+        if quality.keys() == self._quality.keys() and not quality:
+            return
+        self._quality = quality
+        self._on_plate_changed(self.session.plate)
+
     def _on_plate_changed(self, plate) -> None:
         self._values = None
         if plate is None:
@@ -485,7 +501,9 @@ class PlateNavigator(QWidget):
         self.colour_combo.clear()
         for column in columns:
             self.colour_combo.addItem(str(column), column)
-        if not columns:
+        for title in self._quality:
+            self.colour_combo.addItem(title, _QC + title)
+        if not columns and not self._quality:
             self.colour_combo.addItem("(no metadata)", None)
         keep = self.colour_combo.findData(previous) if previous is not None else -1
         self.colour_combo.setCurrentIndex(max(0, keep))
@@ -546,6 +564,9 @@ class PlateNavigator(QWidget):
         colouring = None
         if choice == _VALUES:
             colouring = self._values
+        elif isinstance(choice, str) and choice.startswith(_QC):
+            title = choice.removeprefix(_QC)
+            colouring = colour_by_value(self._quality[title], title, colormap="viridis")
         elif choice is not None and not self._wells.empty:
             colouring = colour_by_column(self._wells, choice)
         self.map_view.set_colouring(colouring)
