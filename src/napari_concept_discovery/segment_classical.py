@@ -572,43 +572,25 @@ def grow_cells(
     channels: Sequence[int],
     nuclei: Nuclei,
     *,
-    method: str = "background",
-    log: bool = True,
-    factor: float = 1.0,
-    sigma: float = 1.0,
     regularization: float = 0.05,
     drop_edge: bool = False,
     drop_edge_by: str = "nucleus",
-    noise_floor: float = 4.0,
-    fraction: float = 0.15,
-    judge: bool = True,
-    channel_names: Sequence[str] | None = None,
+    **foreground,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(nuclei, cells) with matching ids: nuclei propagated through the cell foreground.
 
     The foreground is the union of each channel's own threshold (stains differ in brightness
     and in which part of the cell they fill), each judged first (:func:`cell_foreground`); the
-    propagation image is the mean of the channels kept, on a common scale (:func:`unit_scale`).
-    With no channel kept the cells are their nuclei. ``drop_edge``: nuclei touching the edge
+    propagation image is the mean of the channels kept, on a common scale (:func:`unit_scale`);
+    ``foreground`` holds :func:`cell_foreground`'s options (method, log, factor, sigma,
+    noise_floor, fraction, judge, channel_names), with its defaults. With no channel kept the cells are their nuclei. ``drop_edge``: nuclei touching the edge
     were marked by :func:`find_nuclei`; with ``drop_edge_by="cell"`` cells touching it go too.
     """
     if drop_edge_by not in ("nucleus", "cell"):
         raise ValueError(f"unknown edge rule {drop_edge_by!r}; use nucleus or cell")
     seeds = nuclei.labels
     if channels:
-        mask, channels = cell_foreground(
-            image,
-            channels,
-            nuclei,
-            method=method,
-            log=log,
-            factor=factor,
-            sigma=sigma,
-            noise_floor=noise_floor,
-            fraction=fraction,
-            judge=judge,
-            channel_names=channel_names,
-        )
+        mask, channels = cell_foreground(image, channels, nuclei, **foreground)
     if not channels:
         cells = seeds.copy()
     else:

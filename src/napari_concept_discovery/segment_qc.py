@@ -228,7 +228,6 @@ def per_well(table: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
     for title, column, how in WELL_MEASURES:
         if column not in table.columns:
             continue
-        values = pd.to_numeric(table[column].astype(float), errors="coerce")
-        frame = table[["plate", "well"]].assign(value=values)
+        frame = table[["plate", "well"]].assign(value=table[column].astype(float))
         out[title] = frame.groupby(["plate", "well"], sort=True)["value"].agg(how).reset_index()
     return out

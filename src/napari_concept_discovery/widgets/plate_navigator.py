@@ -477,8 +477,8 @@ class PlateNavigator(QWidget):
         except (ConceptDiscoveryError, OSError, ValueError) as exc:
             show_error(user_message(exc, "Cannot read the store's segmentation quality"))
             quality = {}
-        if quality.keys() == self._quality.keys() and not quality:
-            return
+        if not quality and not self._quality:
+            return  # nothing to offer before or now
         self._quality = quality
         self._on_plate_changed(self.session.plate)
 
