@@ -44,11 +44,7 @@ def run_mode(mode: str, folders: list[Path], out: Path) -> dict:
     """Child side: embed ``folders`` into ``out/<name>.zarr`` one way; a JSON-able summary."""
     import torch
 
-    from napari_concept_discovery.plate_embedding import (
-        EmbedSettings,
-        embed_plate,
-        load_embed_model,
-    )
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate, load_embed_model
 
     settings = EmbedSettings(model="default")
     outs = [out / f"{f.name}.zarr" for f in folders]
@@ -64,7 +60,7 @@ def run_mode(mode: str, folders: list[Path], out: Path) -> dict:
         summary["wall"] = time.perf_counter() - t
         summary["workers_rss"] = []
     else:
-        from napari_concept_discovery.cluster import connect, embed_plates_on_cluster
+        from napari_concept_discovery.embed.cluster import connect, embed_plates_on_cluster
 
         n = int(mode.split("=")[1])
         t = time.perf_counter()
@@ -96,7 +92,7 @@ def max_difference(a: str, b: str) -> float:
     """Largest absolute difference between the tokens of two stores of the same plate."""
     import numpy as np
 
-    from napari_concept_discovery.store import UNITS, ActivationStore
+    from napari_concept_discovery.embed.store import UNITS, ActivationStore
 
     sa, sb = ActivationStore.open(a), ActivationStore.open(b)
     worst = 0.0

@@ -33,19 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import default_path, results_file  # noqa: E402
 from bench_dictionary import make_data  # noqa: E402
 
-from napari_concept_discovery.dictionary import (  # noqa: E402
-    ICFL,
-    ICFLConfig,
-    TopKConfig,
-    TopKSAE,
-    train,
-)
-from napari_concept_discovery.dictionary.metrics import fvu  # noqa: E402
-from napari_concept_discovery.dictionary.settings import (  # noqa: E402
-    FIRST_EPOCHS,
-    FIRST_STEPS,
-    first_steps,
-)
+from napari_concept_discovery.dictionary import ICFL, ICFLConfig, TopKConfig, TopKSAE, train
+from napari_concept_discovery.dictionary.metrics import fvu
+from napari_concept_discovery.dictionary.settings import FIRST_EPOCHS, FIRST_STEPS, first_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 WITHIN = 0.02  # "converged": held-out FVU within 2% (relative) of the run's best

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_concept_discovery.embed import Embedder, cpu_has_bf16, tile_image
+from napari_concept_discovery.embed.compute import Embedder, cpu_has_bf16, tile_image
 from napari_concept_discovery.models import (
     ChannelAgnosticBackend,
     ChannelAgnosticViT,
@@ -158,7 +158,7 @@ def bench_precisions(backend, sites, batch, repeats, precisions):
 
 def bench_from_disk(backend, plate, keys, batch, repeats):
     """(pipeline tiles/s reading the sites from disk, bare forward tiles/s on tiles in memory)."""
-    from napari_concept_discovery.plate_embedding import read_sites
+    from napari_concept_discovery.embed.plate import read_sites
 
     model = backend.model
     block = backend.num_blocks - 1
@@ -187,7 +187,8 @@ def bench_from_disk(backend, plate, keys, batch, repeats):
 
 def bench_precision_concepts(precisions, work: Path, steps: int = 1000):
     """{arm: recovery table}: best single-feature AUROC per true concept at each precision."""
-    from napari_concept_discovery.concepts import (
+    from napari_concept_discovery.analysis.encode import encode_store
+    from napari_concept_discovery.analysis.truth import (
         join_truth,
         read_truth,
         recovery_table,
@@ -195,8 +196,8 @@ def bench_precision_concepts(precisions, work: Path, steps: int = 1000):
     )
     from napari_concept_discovery.demo import CONTROL
     from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings
-    from napari_concept_discovery.dictionary.pipeline import encode_store, train_on_store
-    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+    from napari_concept_discovery.dictionary.pipeline import train_on_store
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
     from napari_concept_discovery.synth import write_synthetic_plates
 
     plates = work / "plates"

@@ -45,17 +45,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import default_path, results_file  # noqa: E402
 from bench_dictionary import make_data  # noqa: E402
 
-from napari_concept_discovery.dictionary import (  # noqa: E402
-    ICFL,
-    ICFLConfig,
-    TopKConfig,
-    TopKSAE,
-    Whitener,
-)
-from napari_concept_discovery.dictionary.applied import Dictionary, prepare  # noqa: E402
-from napari_concept_discovery.dictionary.base import codes_to_csr  # noqa: E402
-from napari_concept_discovery.dictionary.icfl import pursuit_gram, pursuit_plain  # noqa: E402
-from napari_concept_discovery.dictionary.pursuit_cpu import pursuit_rows  # noqa: E402
+from napari_concept_discovery.dictionary import ICFL, ICFLConfig, TopKConfig, TopKSAE, Whitener
+from napari_concept_discovery.dictionary.applied import Dictionary, prepare
+from napari_concept_discovery.dictionary.base import codes_to_csr
+from napari_concept_discovery.dictionary.icfl import pursuit_gram, pursuit_plain
+from napari_concept_discovery.dictionary.pursuit_cpu import pursuit_rows
 
 
 def best_time(fn, repeats: int) -> float:

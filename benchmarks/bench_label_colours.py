@@ -53,8 +53,8 @@ def main() -> None:
     import napari
     from napari.utils.colormaps import DirectLabelColormap
 
-    from napari_concept_discovery.colours import map_values
-    from napari_concept_discovery.overlay import cell_table
+    from napari_concept_discovery.views.colours import map_values
+    from napari_concept_discovery.views.overlay import cell_table
     from napari_concept_discovery.widgets._layers import paint_cells
 
     labels = site_labels(args.size, args.cells, args.seed)

@@ -48,7 +48,7 @@ def build(root: Path, size: int, atoms: int, steps: int, seed: int):
     """Plate, store and dictionary files under ``root``; returns their paths."""
     from napari_concept_discovery.dictionary.pipeline import train_on_store
     from napari_concept_discovery.dictionary.settings import TrainSettings
-    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
     from napari_concept_discovery.synth import write_synthetic_plates
 
     t = time.perf_counter()

@@ -10,7 +10,7 @@ associated primary objects" off: ``MaskCells`` has no pixel within 6 px of the b
 ratio (ours / CellProfiler's) of the cell masks, and nucleus F1 at IoU 0.5 with nuclei touching
 the border dropped on our side as CellProfiler dropped them, two ways: ``F1m``, our nuclei
 merged within each connected piece of the binary ``MaskNuclei`` first
-(:func:`~napari_concept_discovery.segment.merge_within`; the mask cannot hold touching nuclei
+(:func:`~napari_concept_discovery.segment.site.merge_within`; the mask cannot hold touching nuclei
 apart, and the pipeline does not declump), on which the bar is judged, and ``F1``, one to one.
 Rows:
 
@@ -78,13 +78,7 @@ from scipy import ndimage as ndi
 from skimage import feature, measure, segmentation
 
 from napari_concept_discovery.plate import open_plate
-from napari_concept_discovery.segment import (
-    match_counts,
-    merge_within,
-    quality_channels,
-    segment_site,
-)
-from napari_concept_discovery.segment_classical import (
+from napari_concept_discovery.segment.classical import (
     cell_channels,
     fill_label_holes,
     find_nuclei_with,
@@ -95,6 +89,12 @@ from napari_concept_discovery.segment_classical import (
     touching_edge,
     typical_diameter,
     unit_scale,
+)
+from napari_concept_discovery.segment.site import (
+    match_counts,
+    merge_within,
+    quality_channels,
+    segment_site,
 )
 from napari_concept_discovery.settings import SegmentSettings
 
@@ -719,7 +719,7 @@ def bench_zoo(lines: list[str], seeds: int, real: bool = True) -> None:
 def bench_qc(lines: list[str], seeds: int) -> None:
     """Quality control (``segment_qc``) on the zoo and the real sites: which sites it flags with
     the defaults and with the previous default, beside how far the cells are from the truth."""
-    from napari_concept_discovery.segment_qc import site_qc
+    from napari_concept_discovery.segment.qc import site_qc
     from napari_concept_discovery.synth.zoo import ZOO, generate_zoo_site
 
     before = SegmentSettings(**ZOO_RULES["before"])

@@ -17,7 +17,7 @@ import time
 
 import pandas as pd
 
-from napari_concept_discovery.segment import matched_f1, segment_site
+from napari_concept_discovery.segment.site import matched_f1, segment_site
 from napari_concept_discovery.synth import generate_site, write_synthetic_plates
 
 

@@ -253,9 +253,10 @@ def probe_auroc(x: np.ndarray, rows, member, seed: int) -> float:
 
 
 def run_seed(seed: int, args, log) -> dict:
-    from napari_concept_discovery.concepts import join_truth, truth_concepts
-    from napari_concept_discovery.dictionary import encode_store, train_on_store
-    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+    from napari_concept_discovery.analysis.encode import encode_store
+    from napari_concept_discovery.analysis.truth import join_truth, truth_concepts
+    from napari_concept_discovery.dictionary import train_on_store
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
     from napari_concept_discovery.synth.concepts import PERTURBATION_BY_NAME
 
     work = Path(args.work)
@@ -381,7 +382,7 @@ def analyse(codes, m, shares, table, concepts, control, cell_types, store) -> di
     (perturbations only) is the mean over cell types of the best single feature among that
     cell type's cells, where a feature may differ between cell types.
     """
-    from napari_concept_discovery.concepts import feature_auroc, selectivity
+    from napari_concept_discovery.analysis.concepts import feature_auroc, selectivity
 
     res = {
         "dead": m["n_dead"],

@@ -160,7 +160,7 @@ def model_cell_tokens(
     backend, sites: list[HeldoutSite], blocks: list[int] | None = None, batch_size: int = 16
 ) -> dict[int, np.ndarray]:
     """Cell tokens (N, C*D) per block, pooled by ``Embedder.finish`` (the product's pooling)."""
-    from napari_concept_discovery.embed import Embedder, autocast_for
+    from napari_concept_discovery.embed.compute import Embedder, autocast_for
 
     blocks = list(range(backend.num_blocks)) if blocks is None else sorted(blocks)
     emb = Embedder(backend, blocks[0], batch_size, channel_tokens=True)

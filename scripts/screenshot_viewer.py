@@ -39,9 +39,9 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
+    from napari_concept_discovery.views.workspace import find_view_inputs
     from napari_concept_discovery.widgets import open_viewer
     from napari_concept_discovery.widgets._viewer import get_link, get_painter
-    from napari_concept_discovery.workspace import find_view_inputs
 
     inputs = find_view_inputs(args.demo_out)
     viewer = napari.Viewer(title="Concept discovery")

@@ -60,9 +60,9 @@ def tiny_store_path(small_plates, tmp_path_factory) -> Path:
     The model is a tiny randomly initialised channel-agnostic ViT (D=32, 2 blocks), so the tests
     that train and analyse dictionaries on it do not depend on the bundled weights and stay fast.
     """
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
     from napari_concept_discovery.models.backend import ChannelAgnosticBackend
     from napari_concept_discovery.models.vit import ChannelAgnosticViT
-    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
 
     torch.manual_seed(0)
     vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)

@@ -11,24 +11,24 @@ import numpy as np
 import pytest
 import torch
 
+from napari_concept_discovery.analysis.encode import encode_store
 from napari_concept_discovery.cli import _size_line
 from napari_concept_discovery.dictionary import (
     TrainSettings,
     WhitenSettings,
-    encode_store,
     load_dictionary,
     train_on_store,
 )
-from napari_concept_discovery.errors import DictionaryError, StoreError
-from napari_concept_discovery.models.backend import ChannelAgnosticBackend
-from napari_concept_discovery.models.vit import ChannelAgnosticViT
-from napari_concept_discovery.plate_embedding import (
+from napari_concept_discovery.embed.plate import (
     EmbedSettings,
     embed_plate,
     keeps_channels,
     resolve_channel_tokens,
 )
-from napari_concept_discovery.store import ActivationStore, layout_bytes
+from napari_concept_discovery.embed.store import ActivationStore, layout_bytes
+from napari_concept_discovery.errors import DictionaryError, StoreError
+from napari_concept_discovery.models.backend import ChannelAgnosticBackend
+from napari_concept_discovery.models.vit import ChannelAgnosticViT
 
 SETTINGS = TrainSettings(atoms=16, sparsity=4, n_pick=2, steps=6, batch_size=64, seed=1)
 

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import load_dictionary, save_dictionary
-from napari_concept_discovery.store import ActivationStore
+from napari_concept_discovery.embed.store import ActivationStore
 
 
 def fvu_by_hand(d, tokens, table) -> float:

@@ -21,7 +21,7 @@ import pytest
 from fault_helpers import SRC, tiny_weights
 from napari_concept_discovery import cli
 from napari_concept_discovery.cli import build_parser, main
-from napari_concept_discovery.store import ActivationStore
+from napari_concept_discovery.embed.store import ActivationStore
 
 TRAIN = ["--atoms", "24", "--sparsity", "4", "--steps", "5", "--batch-size", "64", "--no-whiten"]
 
@@ -352,7 +352,7 @@ def test_unexpected_error_exits_1_with_one_line(monkeypatch, capsys):
 
 
 def test_exit_code_table_is_the_one_main_uses():
-    from napari_concept_discovery._cli_output import EXIT_CODES
+    from napari_concept_discovery.cli.output import EXIT_CODES
 
     assert sorted(EXIT_CODES) == [0, 1, 2, 130]
     assert cli.EXIT_REFUSED == 2 and cli.EXIT_INTERRUPTED == 130 and cli.EXIT_FAILED == 1

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from napari_concept_discovery.cluster import connect, embed_plate_on_cluster  # noqa: E402
-from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate  # noqa: E402
-from napari_concept_discovery.store import UNITS, ActivationStore  # noqa: E402
+from napari_concept_discovery.embed.cluster import connect, embed_plate_on_cluster
+from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
+from napari_concept_discovery.embed.store import UNITS, ActivationStore
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,9 @@ def test_cluster_embedding_equals_single_process(small_plates, tmp_path, client)
     assert stages[-1] == (n, n)
     _same_store(single, on_cluster)
     # each worker loaded the model once, whatever the number of tasks it ran
-    loaded = client.run(lambda: len(__import__("napari_concept_discovery.cluster").cluster._MODELS))
+    loaded = client.run(
+        lambda: len(__import__("napari_concept_discovery.embed.cluster").embed.cluster._MODELS)
+    )
     assert set(loaded.values()) <= {0, 1} and sum(loaded.values()) >= 1
     # a second run finds the store complete and embeds nothing
     again = embed_plate_on_cluster(small_plates, settings, tmp_path / "cluster", client)
@@ -136,8 +138,9 @@ def _same_codes(a, b) -> None:
 def test_cluster_encoding_equals_encode_store_bit_for_bit(
     tiny_store_path, dictionaries, client, method, unit
 ):
-    from napari_concept_discovery.cluster import encode_store_on_cluster
-    from napari_concept_discovery.dictionary import encode_store, load_dictionary
+    from napari_concept_discovery.analysis.cluster import encode_store_on_cluster
+    from napari_concept_discovery.analysis.encode import encode_store
+    from napari_concept_discovery.dictionary import load_dictionary
 
     store = ActivationStore.open(tiny_store_path)
     d = load_dictionary(dictionaries[method])
@@ -229,7 +232,7 @@ def test_cluster_embedding_refuses_another_store_and_replaces_it_with_overwrite(
 
 
 def test_cluster_encoding_is_cancelled_between_tasks(tiny_store_path, dictionaries, client):
-    from napari_concept_discovery.cluster import encode_store_on_cluster
+    from napari_concept_discovery.analysis.cluster import encode_store_on_cluster
     from napari_concept_discovery.dictionary import load_dictionary
     from napari_concept_discovery.progress import Cancelled
 

@@ -8,14 +8,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from napari_concept_discovery.concepts import (
-    concept_auroc,
+from napari_concept_discovery.analysis.concepts import (
     feature_auroc,
     feature_table,
     selectivity,
     selectivity_report,
-    write_analysis,
 )
+from napari_concept_discovery.analysis.truth import concept_auroc
+from napari_concept_discovery.analysis.write import write_analysis
 from napari_concept_discovery.dictionary import ICFL, Codes, ICFLConfig, codes_to_csr, evaluate
 from napari_concept_discovery.dictionary.metrics import (
     activation_counts,

@@ -8,10 +8,10 @@ import pytest
 pytest.importorskip("ome_zarr")
 
 from fault_helpers import snapshot  # noqa: E402
-from napari_concept_discovery.cli import main  # noqa: E402
-from napari_concept_discovery.convert import convert_plate  # noqa: E402
-from napari_concept_discovery.plate import open_plate  # noqa: E402
-from napari_concept_discovery.synth import write_synthetic_plates  # noqa: E402
+from napari_concept_discovery.cli import main
+from napari_concept_discovery.plate import open_plate
+from napari_concept_discovery.plate.convert import convert_plate
+from napari_concept_discovery.synth import write_synthetic_plates
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def tiny_backend():
 def test_converted_plate_embeds_to_the_same_tokens(synth, tmp_path, tiny_backend, ngff):
     """An OME-Zarr plate embeds (its fields are folders, signed by every file under them), and
     its tokens are those of the same plate in its original layout."""
-    from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
 
     out = tmp_path / "zarr"
     convert_plate(synth, out, ngff=ngff)

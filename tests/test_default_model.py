@@ -14,8 +14,8 @@ import torch
 
 from napari_concept_discovery import cli
 from napari_concept_discovery._files import hash_file
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.models import WEIGHTS_DIR, load_model
-from napari_concept_discovery.store import ActivationStore
 
 torch.set_num_threads(2)
 

@@ -14,22 +14,22 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from napari_concept_discovery.analysis.analyze import analyze_store
+from napari_concept_discovery.analysis.encode import encode_store
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     Dictionary,
     TrainSettings,
     WhitenSettings,
-    analyze_store,
-    encode_store,
     evaluate,
     load_dictionary,
     save_dictionary,
     train_on_store,
 )
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError
 from napari_concept_discovery.progress import Cancelled, Progress
-from napari_concept_discovery.store import ActivationStore
 from test_cli_dictionary import fvu_by_hand
 
 SETTINGS = TrainSettings(

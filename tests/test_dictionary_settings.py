@@ -18,8 +18,8 @@ from napari_concept_discovery.dictionary.settings import (
     TrainSettings,
     WhitenSettings,
 )
+from napari_concept_discovery.embed.store import UNITS as STORE_UNITS
 from napari_concept_discovery.settings import SettingsError, describe, from_args
-from napari_concept_discovery.store import UNITS as STORE_UNITS
 
 CONTROLS = "well_type=negative_control"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_concept_discovery.embed import Embedder, embed_site, tile_image
+from napari_concept_discovery.embed.compute import Embedder, embed_site, tile_image
 from napari_concept_discovery.errors import ModelError, PlateError
 from napari_concept_discovery.models import ChannelAgnosticBackend, ChannelAgnosticViT
 
@@ -112,7 +112,9 @@ def _default_backend():
         pytest.param(
             "bf16",
             marks=pytest.mark.skipif(
-                not __import__("napari_concept_discovery.embed").embed.cpu_has_bf16(),
+                not __import__(
+                    "napari_concept_discovery.embed.compute"
+                ).embed.compute.cpu_has_bf16(),
                 reason="this CPU has no native bf16",
             ),
         ),
@@ -141,7 +143,7 @@ def test_reduced_precision_tokens_stay_at_cosine_099_to_fp32(precision):
 
 
 def test_precision_errors_name_the_problem(backend):
-    from napari_concept_discovery.embed import check_precision
+    from napari_concept_discovery.embed.compute import check_precision
 
     with pytest.raises(ModelError, match=r"precision 'fp16' is not one of fp32, bf16, int8"):
         embed_site(_image(h=32, w=32), backend, precision="fp16")

@@ -7,16 +7,17 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from napari_concept_discovery.dictionary.pipeline import analyze_store, train_on_store
+from napari_concept_discovery.analysis.analyze import analyze_store
+from napari_concept_discovery.analysis.explore import Explorer
+from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import (
     AnalyzeSettings,
     TrainSettings,
     WhitenSettings,
 )
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError, StoreError
-from napari_concept_discovery.explore import Explorer
 from napari_concept_discovery.plate.model import SiteKey
-from napari_concept_discovery.store import ActivationStore
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +187,10 @@ def test_feature_table_matches_analyze(explored):
 def test_site_embedded_on_demand_encodes_like_the_store(explored):
     import torch
 
-    from napari_concept_discovery.embed import embed_site
+    from napari_concept_discovery.embed.compute import embed_site
+    from napari_concept_discovery.embed.plate import reopen_plate
     from napari_concept_discovery.models.backend import ChannelAgnosticBackend
     from napari_concept_discovery.models.vit import ChannelAgnosticViT
-    from napari_concept_discovery.plate_embedding import reopen_plate
 
     store, dictionary, _, _ = explored
     ex = Explorer(store, dictionary)
@@ -228,7 +229,7 @@ def test_refusals(explored, tmp_path):
 
 def test_ready_cached_and_forget(explored):
     store, dictionary, _, _ = explored
-    from napari_concept_discovery.overlay import FeatureSource
+    from napari_concept_discovery.views.overlay import FeatureSource
 
     explorer = Explorer(store, dictionary, max_sites=2)
     source = FeatureSource(explorer)
@@ -251,7 +252,7 @@ def test_contrast_limits_are_sampled_once_and_equal_the_percentile(explored):
     the store's patches, encoded once however many threads ask at the same time."""
     import threading
 
-    from napari_concept_discovery.explore import LIMIT_PERCENTILE, LIMIT_SAMPLE
+    from napari_concept_discovery.analysis.explore import LIMIT_PERCENTILE, LIMIT_SAMPLE
 
     store, dictionary, _, analyses = explored
     patch_codes, patch_table = analyses["patch"]
@@ -286,7 +287,7 @@ def test_contrast_limits_are_sampled_once_and_equal_the_percentile(explored):
 
 
 def test_patch_coverage_is_the_share_of_each_patch_in_cells():
-    from napari_concept_discovery.overlay import patch_coverage
+    from napari_concept_discovery.views.overlay import patch_coverage
 
     labels = np.zeros((10, 9), np.int32)  # a 3 x 3 grid of 4-px patches overhangs it
     labels[0, 0] = 1  # one pixel of patch (0, 0)
@@ -299,7 +300,7 @@ def test_patch_coverage_is_the_share_of_each_patch_in_cells():
 
 
 def test_a_cell_dictionary_paints_no_patch_outside_the_cells(explored):
-    from napari_concept_discovery.overlay import CELL_COVERAGE, FeatureSource, patch_coverage
+    from napari_concept_discovery.views.overlay import CELL_COVERAGE, FeatureSource, patch_coverage
 
     store, dictionary, _, analyses = explored
     assert dictionary.meta["unit"] == "cell"

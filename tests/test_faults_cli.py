@@ -23,7 +23,7 @@ def assets(tmp_path_factory, small_plates, tiny_store_path):
     """A folder with a file, a dictionary and model folders (each case checks it is left as
     it was, so the cases can share it)."""
     from napari_concept_discovery.dictionary import TrainSettings, train_on_store
-    from napari_concept_discovery.store import ActivationStore
+    from napari_concept_discovery.embed.store import ActivationStore
 
     tmp_path = tmp_path_factory.mktemp("faults_cli")
     (tmp_path / "file.csv").write_text("a,b\n1,2\n")

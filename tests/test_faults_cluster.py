@@ -28,14 +28,11 @@ distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402
 
 from fault_helpers import tiny_weights  # noqa: E402
-from napari_concept_discovery.cluster import (  # noqa: E402
-    connect,
-    embed_plate_on_cluster,
-    encode_store_on_cluster,
-)
+from napari_concept_discovery.analysis.cluster import encode_store_on_cluster  # noqa: E402
+from napari_concept_discovery.embed.cluster import connect, embed_plate_on_cluster  # noqa: E402
+from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate  # noqa: E402
+from napari_concept_discovery.embed.store import ActivationStore, site_id  # noqa: E402
 from napari_concept_discovery.errors import ConceptDiscoveryError, DictionaryError  # noqa: E402
-from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate  # noqa: E402
-from napari_concept_discovery.store import ActivationStore, site_id  # noqa: E402
 from test_cluster import _same_store  # noqa: E402
 from test_faults_encode import poison  # noqa: E402
 
@@ -70,7 +67,7 @@ class DieWhileWriting(distributed.WorkerPlugin):
         self.site, self.marker, self.once = site, marker, once
 
     def setup(self, worker):
-        from napari_concept_discovery import store
+        from napari_concept_discovery.embed import store
 
         plugin, writing = self, {}
         write_site, write_array = store.StoreWriter.write_site, store._write_array

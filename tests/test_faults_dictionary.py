@@ -20,21 +20,21 @@ import torch
 import zarr
 
 from fault_helpers import run_and_kill, snapshot
-from napari_concept_discovery import concepts
+from napari_concept_discovery.analysis import concepts
+from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     TrainSettings,
     WhitenSettings,
-    analyze_store,
     load_dictionary,
     save_dictionary,
     train_on_store,
 )
 from napari_concept_discovery.dictionary.io import checkpoint_path, read_header
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError, OutputError
 from napari_concept_discovery.settings import SettingsError
-from napari_concept_discovery.store import ActivationStore
 
 torch.set_num_threads(2)
 
@@ -151,7 +151,7 @@ TRAIN_CHILD = """
 import json, sys, time
 import torch
 from napari_concept_discovery.dictionary import TrainSettings, train_on_store
-from napari_concept_discovery.store import ActivationStore
+from napari_concept_discovery.embed.store import ActivationStore
 store, out, marker, settings = sys.argv[1:]
 torch.set_num_threads(2)
 
@@ -599,9 +599,10 @@ def test_a_full_disk_ends_in_one_line_and_a_clean_folder(
 
 ANALYZE_CHILD = """
 import sys, time
-import napari_concept_discovery.concepts as concepts
-from napari_concept_discovery.dictionary import AnalyzeSettings, analyze_store, load_dictionary
-from napari_concept_discovery.store import ActivationStore
+import napari_concept_discovery.analysis.concepts as concepts
+from napari_concept_discovery.dictionary import AnalyzeSettings, load_dictionary
+from napari_concept_discovery.analysis.analyze import analyze_store
+from napari_concept_discovery.embed.store import ActivationStore
 store, dictionary, out, marker = sys.argv[1:]
 real = concepts.codes_anndata
 

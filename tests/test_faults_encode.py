@@ -16,18 +16,18 @@ import torch
 import zarr
 
 from fault_helpers import snapshot
+from napari_concept_discovery.analysis.analyze import analyze_store
+from napari_concept_discovery.analysis.encode import encode_store
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     TrainSettings,
-    analyze_store,
-    encode_store,
     load_dictionary,
     save_dictionary,
     train_on_store,
 )
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError
-from napari_concept_discovery.store import ActivationStore
 
 torch.set_num_threads(2)
 
@@ -144,3 +144,37 @@ def test_report_refuses_non_finite_tokens_by_name(tiny_store_path, dictionaries,
     first = sites.iloc[0]
     assert f"{first.plate} {first.well} {first.site}" in said[0]
     assert not out.exists()
+
+
+def test_one_site_is_encoded_by_the_store_encoder_and_refused_by_name(
+    tiny_store_path, dictionaries, tmp_path
+):
+    """The explorer's site codes come from the store encoder's row range: equal to those rows of
+    the whole store's codes, and a site holding a NaN token is refused naming that site, while
+    the sites beside it still encode."""
+    from napari_concept_discovery.analysis.explore import Explorer
+    from napari_concept_discovery.plate.model import SiteKey
+
+    store = ActivationStore.open(tiny_store_path)
+    d = load_dictionary(dictionaries["icfl"])
+    whole, table = encode_store(store, d, batch_size=64)
+    for key in [
+        SiteKey(*k) for k in store.sites()[["plate", "well", "site"]].itertuples(index=False)
+    ]:
+        rows = store.site_rows("cell", key)
+        part, part_table = encode_store(store, d, rows=rows, batch_size=64)
+        # the same codes up to float32 rounding: the batches start at other rows, so the
+        # whitening's products sum in another order
+        np.testing.assert_allclose(part.toarray(), whole[rows].toarray(), rtol=1e-3, atol=1e-4)
+        assert part_table.index[0] == 0
+        assert part_table["label"].tolist() == table.iloc[rows]["label"].tolist()
+
+    copy, rows, sites = _poisoned_store(tiny_store_path, tmp_path, rows=(5,))
+    poisoned = ActivationStore.open(copy)
+    bad = SiteKey(*sites.iloc[0])
+    ex = Explorer(poisoned, d)
+    with pytest.raises(DictionaryError) as err:
+        ex.site(bad)
+    assert f"{bad.well}" in str(err.value) and str(copy) in str(err.value)
+    good = next(k for k in ex.keys() if k != bad)
+    assert ex.site(good).cell_codes.shape[1] == d.n_atoms

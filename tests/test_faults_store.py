@@ -23,12 +23,12 @@ import torch
 from fault_helpers import run_and_kill, snapshot, tiny_weights
 from napari_concept_discovery._lock import lock_path, read_lock
 from napari_concept_discovery.cli import main
+from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import StoreError
 from napari_concept_discovery.models import ChannelAgnosticBackend, ChannelAgnosticViT
 from napari_concept_discovery.plate import open_plate
 from napari_concept_discovery.plate.layouts import walk_files
-from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
-from napari_concept_discovery.store import ActivationStore
 
 torch.set_num_threads(2)
 
@@ -315,7 +315,7 @@ def test_changed_metadata_is_joined_again_without_embedding(plates, tmp_path):
 EMBED_CHILD = """
 import sys, time
 import torch
-from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
+from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
 plate, out, weights, marker, after, overwrite = sys.argv[1:]
 torch.set_num_threads(2)
 

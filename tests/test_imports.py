@@ -226,3 +226,66 @@ def test_the_import_graph_has_no_cycle():
         in graph["napari_concept_discovery.dictionary.training"]
     )
     assert cycles(graph) == []
+
+
+# The data flow, bottom to top: a module imports only from its own layer and those below, so no
+# import runs back up the flow. A package counts as a whole; the root's modules count one by one.
+LAYERS = (
+    ("", "errors", "progress", "settings", "_files", "_lock"),  # shared by every step
+    ("synth", "segment"),  # pixels only: synthetic plates, the segmenters
+    ("plate",),
+    ("models",),
+    ("embed",),
+    ("dictionary",),
+    ("analysis",),
+    ("views",),
+    ("report",),
+    ("widgets", "cli", "demo", "_reader", "_sample_data"),  # the doors
+)
+MAX_ROOT_MODULES = 12
+
+
+def layer_of(module: str, package: str) -> int:
+    room = module[len(package) + 1 :].split(".")[0] if module != package else ""
+    for i, rooms in enumerate(LAYERS):
+        if room in rooms:
+            return i
+    raise AssertionError(f"{module} is in no layer: add its room to LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]], package: str) -> list[str]:
+    """Every import from a lower layer into a higher one, as 'importer -> imported'."""
+    return sorted(
+        f"{a} -> {b}"
+        for a, deps in graph.items()
+        for b in deps
+        if layer_of(b, package) > layer_of(a, package)
+    )
+
+
+def test_the_layer_check_catches_an_import_running_back_up(tmp_path):
+    root = _plant(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "errors.py": "",
+            "plate/__init__.py": "",
+            "plate/model.py": "def f():\n    from ..embed import compute\n",
+            "embed/__init__.py": "",
+            "embed/compute.py": "from ..plate import model\n",
+        },
+    )
+    found = upward_imports(import_graph(root), "planted")
+    assert found == [
+        "planted.plate.model -> planted.embed",
+        "planted.plate.model -> planted.embed.compute",
+    ]
+
+
+def test_no_import_runs_back_up_the_data_flow():
+    assert upward_imports(import_graph(PACKAGE), PACKAGE.name) == []
+
+
+def test_the_package_root_keeps_at_most_a_dozen_modules():
+    root = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root) <= MAX_ROOT_MODULES, root

@@ -11,13 +11,14 @@ import pytest
 import tifffile
 import torch
 
-from napari_concept_discovery import plate_embedding, segment
 from napari_concept_discovery.cli import main
+from napari_concept_discovery.embed import plate as plate_embedding
+from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate, site_inputs
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import PlateError
 from napari_concept_discovery.plate import PlateWarning, SiteKey, label_paths, open_plate
-from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate, site_inputs
+from napari_concept_discovery.plate import segmentation as segment
 from napari_concept_discovery.progress import Progress
-from napari_concept_discovery.store import ActivationStore
 
 torch.set_num_threads(2)
 

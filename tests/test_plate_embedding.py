@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from napari_concept_discovery.cli import build_parser
+from napari_concept_discovery.embed.plate import EmbedSettings, site_inputs, site_labels
 from napari_concept_discovery.errors import PlateError
 from napari_concept_discovery.plate import open_plate
-from napari_concept_discovery.plate_embedding import (
-    EmbedSettings,
-    site_inputs,
-    site_labels,
-)
 from napari_concept_discovery.settings import (
     SEGMENT_ALGORITHM,
     SettingsError,
@@ -42,7 +38,7 @@ def test_one_rule_gives_labels_and_the_files_behind_them(small_plates, monkeypat
         and how.labels_path is None
     )
     assert how.files == list(site.paths)  # the plate's label file does not sign these tokens
-    from napari_concept_discovery.segment import segment_site
+    from napari_concept_discovery.segment.site import segment_site
 
     assert np.array_equal(labels, segment_site(image, site.channel_names, "DNA")[1])
     assert site_inputs(site, "segment", nuclear=0).token == f"segment:0:{SEGMENT_ALGORITHM}"

@@ -16,9 +16,9 @@ from ome_zarr.writer import (  # noqa: E402
     write_well_metadata,
 )
 
-from napari_concept_discovery._reader import napari_get_reader  # noqa: E402
-from napari_concept_discovery.cli import main  # noqa: E402
-from napari_concept_discovery.plate import SiteKey, open_plate  # noqa: E402
+from napari_concept_discovery._reader import napari_get_reader
+from napari_concept_discovery.cli import main
+from napari_concept_discovery.plate import SiteKey, open_plate
 
 CHANNELS = ["DNA", "ER", "Mito"]
 WELLS = [("B", "3"), ("C", "11")]

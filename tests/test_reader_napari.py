@@ -11,13 +11,9 @@ import warnings
 import numpy as np
 import pytest
 
-from napari_concept_discovery._reader import (
-    channel_colormaps,
-    contrast_limits,
-    napari_get_reader,
-    site_layer_data,
-)
+from napari_concept_discovery._reader import napari_get_reader, site_layer_data
 from napari_concept_discovery.plate import open_plate
+from napari_concept_discovery.views.channels import channel_colormaps, contrast_limits
 
 PLUGIN = "napari-concept-discovery"
 PEDIATRIC = "pediatric_cancer_atlas_BR00143976"

@@ -15,12 +15,14 @@ import pytest
 import scipy.sparse as sp
 from PIL import Image
 
+from napari_concept_discovery.analysis.profiles import concept_profiles
+from napari_concept_discovery.analysis.write import write_analysis
 from napari_concept_discovery.cli import main
-from napari_concept_discovery.concepts import concept_profiles, write_analysis
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError
-from napari_concept_discovery.report import (
+from napari_concept_discovery.report.build import (
     HITS_SHOWN,
     ReportSettings,
     default_labels,
@@ -28,7 +30,6 @@ from napari_concept_discovery.report import (
     write_report,
 )
 from napari_concept_discovery.settings import SettingsError
-from napari_concept_discovery.store import ActivationStore
 
 # --- concept profiles -------------------------------------------------------------------------
 
@@ -354,7 +355,7 @@ def test_report_never_replaces_files_it_did_not_write(two_dictionaries, tmp_path
     from fault_helpers import snapshot
     from napari_concept_discovery._files import owned_files
     from napari_concept_discovery.errors import OutputError
-    from napari_concept_discovery.report import REPORT_MARKER
+    from napari_concept_discovery.report.build import REPORT_MARKER
 
     store, paths = two_dictionaries
     mine = tmp_path / "mine"

@@ -11,14 +11,14 @@ from skimage.segmentation import clear_border
 
 from napari_concept_discovery.errors import PlateError
 from napari_concept_discovery.plate import open_plate
-from napari_concept_discovery.segment import (
-    load_user_labels,
+from napari_concept_discovery.plate.segmentation import load_user_labels
+from napari_concept_discovery.segment.classical import touching_edge
+from napari_concept_discovery.segment.site import (
     match_counts,
     matched_f1,
     segment_nuclei,
     segment_site,
 )
-from napari_concept_discovery.segment_classical import touching_edge
 from napari_concept_discovery.settings import SegmentSettings
 from napari_concept_discovery.synth import generate_site
 
@@ -267,7 +267,7 @@ def test_merge_within_a_binary_reference():
     """Two touching nuclei that a binary reference holds as one piece: one to one they score
     F1 2/3 at best (one miss or false object); merged within the piece, F1 1. A nucleus
     lying mostly outside every piece stays as it is."""
-    from napari_concept_discovery.segment import merge_within
+    from napari_concept_discovery.segment.site import merge_within
 
     yy, xx = np.mgrid[:60, :90]
     left = (yy - 30) ** 2 + (xx - 30) ** 2 <= 12**2

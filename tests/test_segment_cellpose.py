@@ -19,7 +19,7 @@ import pytest
 import tifffile
 
 from napari_concept_discovery.cli import main
-from napari_concept_discovery.segment import label_paths
+from napari_concept_discovery.plate.labels import label_paths
 from napari_concept_discovery.settings import SEGMENT_ALGORITHM
 from napari_concept_discovery.synth import write_synthetic_plates
 
@@ -95,7 +95,7 @@ def test_a_missing_model_file_is_one_line_naming_it(plate, tmp_path, capsys):
 def test_embedding_segments_with_cellpose_and_loads_the_model_once(model_file, plate):
     """EmbedSettings(segmenter="cellpose"): the sites' labels come from the model file, loaded
     once for the plate; the site signature says how they were made."""
-    from napari_concept_discovery import plate_embedding as pe
+    from napari_concept_discovery.embed import plate as pe
     from napari_concept_discovery.plate import open_plate
 
     opened = open_plate(plate)
@@ -155,6 +155,6 @@ def test_embed_widget_offers_cellpose_and_embeds_with_it(
     assert recorded["segmenter"] == "cellpose"
     assert recorded["cellpose_model"] == str(model_file)
     assert "Done:" in embed.status.text(), embed.status.text()
-    from napari_concept_discovery.plate_embedding import _segmenter
+    from napari_concept_discovery.embed.plate import _segmenter
 
     _segmenter.cache_clear()  # let the 1.2 GB model go

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from napari_concept_discovery.errors import ModelError
-from napari_concept_discovery.segment import make_segmenter, segment_nuclei, segment_site
-from napari_concept_discovery.segment_cellpose import CellposeSegmenter, match_ids
-from napari_concept_discovery.segment_classical import (
+from napari_concept_discovery.segment.cellpose import CellposeSegmenter, match_ids
+from napari_concept_discovery.segment.classical import (
     cell_channels,
     find_nuclei,
     propagate,
     threshold,
     touching_edge,
 )
+from napari_concept_discovery.segment.site import make_segmenter, segment_nuclei, segment_site
 from napari_concept_discovery.settings import SegmentSettings, SettingsError
 from napari_concept_discovery.synth import generate_site
 
@@ -310,9 +310,9 @@ def test_cellpose_adapter_matches_ids(major):
 def test_auto_cellpose_model_is_the_installed_versions_default(monkeypatch, tmp_path):
     """ "auto" is Cellpose's own default of the installed version, and a store's signature
     records the model it resolved to, so upgrading Cellpose re-segments instead of reusing."""
-    import napari_concept_discovery.segment_cellpose as sc
+    import napari_concept_discovery.segment.cellpose as sc
+    from napari_concept_discovery.embed.plate import EmbedSettings, plate_inputs
     from napari_concept_discovery.plate import open_plate
-    from napari_concept_discovery.plate_embedding import EmbedSettings, plate_inputs
     from napari_concept_discovery.synth import write_synthetic_plates
 
     assert SegmentSettings().cellpose_model == EmbedSettings().cellpose_model == "auto"
@@ -329,7 +329,7 @@ def test_auto_cellpose_model_is_the_installed_versions_default(monkeypatch, tmp_
 
 
 def test_embed_settings_refuse_an_empty_cellpose_model_and_an_unknown_segmenter():
-    from napari_concept_discovery.plate_embedding import EmbedSettings
+    from napari_concept_discovery.embed.plate import EmbedSettings
 
     with pytest.raises(SettingsError, match="cellpose_model"):
         EmbedSettings(segmenter="cellpose", cellpose_model=" ")

@@ -13,15 +13,15 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
-from napari_concept_discovery.segment import segment_site
-from napari_concept_discovery.segment_classical import (
+from napari_concept_discovery.segment.classical import (
     StainWarning,
     background,
     foreground,
     judge_stain,
     smooth,
 )
-from napari_concept_discovery.segment_qc import read_qc, site_qc
+from napari_concept_discovery.segment.qc import read_qc, site_qc
+from napari_concept_discovery.segment.site import segment_site
 from napari_concept_discovery.settings import SegmentSettings
 from napari_concept_discovery.synth.zoo import ZOO, generate_zoo_site
 
@@ -175,7 +175,7 @@ def test_cli_segment_writes_and_info_shows_quality(small_plates, tmp_path, capsy
             {"plate": r["plate"], "well": r["well"], "site": r["site"]}
             | site_qc(tifffile.imread(f"{stem}_nuclei.tif"), tifffile.imread(f"{stem}_cells.tif"))
         )
-    from napari_concept_discovery.segment_qc import write_qc
+    from napari_concept_discovery.segment.qc import write_qc
 
     write_qc(out, pd.DataFrame(rows))
     assert main(["info", str(small_plates), "--labels", str(out)]) == 0
@@ -184,7 +184,7 @@ def test_cli_segment_writes_and_info_shows_quality(small_plates, tmp_path, capsy
 
 
 def test_store_keeps_the_quality_table(tiny_store_path):
-    from napari_concept_discovery.store import ActivationStore
+    from napari_concept_discovery.embed.store import ActivationStore
 
     quality = ActivationStore.open(tiny_store_path).quality()
     assert quality is not None and len(quality) == 12
@@ -194,7 +194,7 @@ def test_store_keeps_the_quality_table(tiny_store_path):
 
 
 def test_report_quality_section_draws_flagged_sites():
-    from napari_concept_discovery.report import _quality_html
+    from napari_concept_discovery.report.build import _quality_html
 
     site = generate_zoo_site("base", size=128, seed=0)
     tiled = expand_labels(site.nuclei, 200)
@@ -218,7 +218,7 @@ def test_report_quality_section_draws_flagged_sites():
 
 def test_quality_flags_cells_over_the_background_of_a_sparse_site():
     """A sparse flood does not tile the site; the image says its cells are mostly background."""
-    from napari_concept_discovery.segment import quality_channels
+    from napari_concept_discovery.segment.site import quality_channels
 
     site = generate_zoo_site("sparse", size=256, seed=1)
     stains = quality_channels(SegmentSettings(), site.channel_names)(site.image)

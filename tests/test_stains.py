@@ -12,25 +12,21 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_concept_discovery.concepts import (
-    channel_shares,
-    feature_auroc,
-    stain_correlation,
-    stain_table,
-)
+from napari_concept_discovery.analysis.analyze import analyze_store
+from napari_concept_discovery.analysis.concepts import feature_auroc, stain_correlation
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     Dictionary,
     TrainSettings,
     Whitener,
     WhitenSettings,
-    analyze_store,
     build_model,
     train,
     train_on_store,
 )
+from napari_concept_discovery.dictionary.stains import channel_shares, stain_table
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError
-from napari_concept_discovery.store import ActivationStore
 
 STAINS = ["DNA", "ER", "Actin", "Mito"]
 

@@ -11,19 +11,19 @@ import pytest
 import torch
 import zarr
 
-from napari_concept_discovery.embed import embed_site, pool_cells
-from napari_concept_discovery.errors import StoreError
-from napari_concept_discovery.models import ChannelAgnosticBackend, ChannelAgnosticViT
-from napari_concept_discovery.plate import SiteKey, open_plate
-from napari_concept_discovery.plate_embedding import (
+from napari_concept_discovery.embed.compute import embed_site, pool_cells
+from napari_concept_discovery.embed.plate import (
     EmbedSettings,
     embed_plate,
     embed_store_site,
     reload_model,
     reopen_plate,
 )
+from napari_concept_discovery.embed.store import UNITS, ActivationStore
+from napari_concept_discovery.errors import StoreError
+from napari_concept_discovery.models import ChannelAgnosticBackend, ChannelAgnosticViT
+from napari_concept_discovery.plate import SiteKey, open_plate
 from napari_concept_discovery.progress import Progress
-from napari_concept_discovery.store import UNITS, ActivationStore
 
 torch.set_num_threads(2)
 

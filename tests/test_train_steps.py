@@ -14,8 +14,8 @@ from napari_concept_discovery.dictionary import (
     train_on_store,
 )
 from napari_concept_discovery.dictionary.settings import FIRST_EPOCHS, FIRST_STEPS, first_steps
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.settings import SettingsError
-from napari_concept_discovery.store import ActivationStore
 
 
 def test_steps_default_counts_passes_over_the_tokens():

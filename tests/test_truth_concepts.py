@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from napari_concept_discovery.concepts import recovery_table, stain_table, truth_concepts
+from napari_concept_discovery.analysis.truth import recovery_table, truth_concepts
+from napari_concept_discovery.dictionary.stains import stain_table
 
 
 def cells() -> pd.DataFrame:

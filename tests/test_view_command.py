@@ -111,7 +111,7 @@ def test_view_command_stays_up_while_a_user_paints_moves_and_clicks(demo_out, tm
 
 
 def test_napari_opens_a_plate_with_the_reader_and_widgets_from_the_plugins_menu(demo_out, tmp_path):
-    from napari_concept_discovery.workspace import find_view_inputs
+    from napari_concept_discovery.views.workspace import find_view_inputs
 
     _display_or_skip()
     inputs = find_view_inputs(demo_out)  # what `view` opens: the same plate, store, dictionary

@@ -9,29 +9,29 @@ import pytest
 
 from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
 from napari_concept_discovery.errors import ConceptDiscoveryError, PlateError
-from napari_concept_discovery.feature_views import (
+from napari_concept_discovery.plate import SiteKey, open_plate
+from napari_concept_discovery.progress import Progress
+from napari_concept_discovery.views.feature_views import (
     camera_for_cell,
     display_table,
     headers,
     selectivity_columns,
 )
-from napari_concept_discovery.forms import (
+from napari_concept_discovery.views.forms import (
     TrainingCurves,
     form_fields,
     group_choices,
     guess_control,
     metadata_choices,
 )
-from napari_concept_discovery.plate import SiteKey, open_plate
-from napari_concept_discovery.progress import Progress
-from napari_concept_discovery.thumbnails import (
+from napari_concept_discovery.views.thumbnails import (
     cell_thumbnail,
     composite,
     outline,
     resize_nearest,
     square_box,
 )
-from napari_concept_discovery.workspace import (
+from napari_concept_discovery.views.workspace import (
     default_store_path,
     find_view_inputs,
     one_site_plate,

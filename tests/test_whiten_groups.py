@@ -6,19 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_concept_discovery.analysis.encode import encode_store
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
     TrainSettings,
     WhitenSettings,
-    encode_store,
     load_dictionary,
     train_on_store,
 )
 from napari_concept_discovery.dictionary.pipeline import fit_whitener
 from napari_concept_discovery.dictionary.whiten import group_labels, ledoit_wolf_shrinkage
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError
 from napari_concept_discovery.settings import SettingsError
-from napari_concept_discovery.store import ActivationStore
 
 CONTROLS = "well_type=negative_control"
 

@@ -16,12 +16,12 @@ import torch
 from napari_concept_discovery.dictionary.io import load_dictionary
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
-from napari_concept_discovery.feature_views import feature_overview
-from napari_concept_discovery.overlay import cell_limits, cells_only
+from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
+from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.plate import SiteKey
-from napari_concept_discovery.plate_embedding import EmbedSettings, embed_plate
-from napari_concept_discovery.store import ActivationStore
-from napari_concept_discovery.workspace import default_store_path
+from napari_concept_discovery.views.feature_views import feature_overview
+from napari_concept_discovery.views.overlay import cell_limits, cells_only
+from napari_concept_discovery.views.workspace import default_store_path
 
 pytestmark = pytest.mark.gui
 
@@ -351,7 +351,7 @@ def test_cancel_keeps_a_usable_dictionary_and_the_viewer_responsive(
 
 
 def test_a_stale_feature_paint_is_dropped(make_napari_viewer, demo_folder, qtbot):
-    from napari_concept_discovery.overlay import feature_paint
+    from napari_concept_discovery.views.overlay import feature_paint
     from napari_concept_discovery.widgets._layers import feature_layers
 
     viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
@@ -376,7 +376,7 @@ def test_a_stale_feature_paint_is_dropped(make_napari_viewer, demo_folder, qtbot
 
 
 def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
-    from napari_concept_discovery.explore import Explorer
+    from napari_concept_discovery.analysis.explore import Explorer
     from napari_concept_discovery.widgets._layers import feature_layers
 
     viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
@@ -425,6 +425,7 @@ def test_embed_the_site_in_view_only(make_napari_viewer, demo_folder, qtbot):
 
 def test_view_opens_a_demo_folder_with_everything_loaded(make_napari_viewer, demo_folder, qtbot):
     from napari_concept_discovery.cli import build_parser
+    from napari_concept_discovery.views.workspace import find_view_inputs
     from napari_concept_discovery.widgets import (
         ConceptExplorer,
         DictionaryWidget,
@@ -432,7 +433,6 @@ def test_view_opens_a_demo_folder_with_everything_loaded(make_napari_viewer, dem
         PlateNavigator,
         open_viewer,
     )
-    from napari_concept_discovery.workspace import find_view_inputs
 
     args = build_parser().parse_args(["view", str(demo_folder)])
     assert args.func.__name__ == "_run_view" and args.store is None
@@ -502,8 +502,8 @@ def test_cancel_an_embedding_then_resume_it(make_napari_viewer, demo_folder, qtb
 
 
 def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, demo_folder, qtbot):
-    from napari_concept_discovery.embed import embed_site
-    from napari_concept_discovery.plate_embedding import reload_model
+    from napari_concept_discovery.embed.compute import embed_site
+    from napari_concept_discovery.embed.plate import reload_model
     from napari_concept_discovery.widgets._layers import feature_layers
 
     viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
@@ -614,7 +614,7 @@ def test_the_navigator_colours_wells_by_the_stores_segmentation_quality(
 ):
     """Once a store is open, "Colour by" offers its segmentation quality per well; the colours
     follow the store's QC table (cells per site: the mean over the well's sites)."""
-    from napari_concept_discovery.store import ActivationStore
+    from napari_concept_discovery.embed.store import ActivationStore
 
     viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
     nav = opened.navigator

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from matplotlib import colormaps
 
-from napari_concept_discovery._reader import contrast_limits, read_site
+from napari_concept_discovery._reader import read_site
 from napari_concept_discovery.plate import SiteKey
-from napari_concept_discovery.platemap import (
+from napari_concept_discovery.views.channels import contrast_limits
+from napari_concept_discovery.views.platemap import (
     colour_by_column,
     colour_by_value,
     well_table,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_concept_discovery.overlay import (
+from napari_concept_discovery.views.overlay import (
     CellImages,
     activation_grid,
     cell_index,

@@ -7,15 +7,15 @@ import pandas as pd
 import pytest
 from matplotlib import colormaps
 
-from napari_concept_discovery.colours import (
+from napari_concept_discovery.plate import open_plate
+from napari_concept_discovery.views.colours import (
     MISSING,
     category_palette,
     map_values,
     to_hex,
     value_range,
 )
-from napari_concept_discovery.plate import open_plate
-from napari_concept_discovery.platemap import (
+from napari_concept_discovery.views.platemap import (
     OTHER,
     GridGeometry,
     PlateGrid,

@@ -7,7 +7,7 @@ import pytest
 
 from napari_concept_discovery.errors import PlateError
 from napari_concept_discovery.plate import SiteKey, open_plate
-from napari_concept_discovery.session import Ticket, ViewerSession
+from napari_concept_discovery.views.session import Ticket, ViewerSession
 
 SIGNALS = (
     "plate_changed",
@@ -101,10 +101,10 @@ def test_new_dictionary_forgets_the_feature(plate):
 
 
 def test_the_explorer_belongs_to_the_store_and_dictionary(plate, tiny_store_path):
+    from napari_concept_discovery.analysis.explore import Explorer
     from napari_concept_discovery.dictionary.pipeline import train_on_store
     from napari_concept_discovery.dictionary.settings import TrainSettings
-    from napari_concept_discovery.explore import Explorer
-    from napari_concept_discovery.store import ActivationStore
+    from napari_concept_discovery.embed.store import ActivationStore
 
     store = ActivationStore.open(tiny_store_path)
     trained = train_on_store(store, TrainSettings(atoms=8, sparsity=4, steps=3, batch_size=32))
@@ -188,10 +188,10 @@ def test_the_viewer_state_modules_import_no_qt_and_no_napari():
 
     code = (
         "import sys\n"
-        "import napari_concept_discovery.session, napari_concept_discovery.platemap\n"
-        "import napari_concept_discovery.overlay, napari_concept_discovery._reader\n"
-        "import napari_concept_discovery.forms, napari_concept_discovery.feature_views\n"
-        "import napari_concept_discovery.thumbnails, napari_concept_discovery.workspace\n"
+        "import napari_concept_discovery.views.session, napari_concept_discovery.views.platemap\n"
+        "import napari_concept_discovery.views.overlay, napari_concept_discovery._reader\n"
+        "import napari_concept_discovery.views.forms, napari_concept_discovery.views.feature_views\n"
+        "import napari_concept_discovery.views.thumbnails, napari_concept_discovery.views.workspace\n"
         "gui = ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'vispy')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & set(gui)))\n"
     )

@@ -167,9 +167,11 @@ def run_demo(
     """
     import time
 
-    from .concepts import join_truth, read_truth, recovery_table, truth_concepts
-    from .dictionary.pipeline import analyze_store, encode_store, train_on_store
-    from .plate_embedding import EmbedSettings, embed_plate
+    from .analysis.analyze import analyze_store
+    from .analysis.encode import encode_store
+    from .analysis.truth import join_truth, read_truth, recovery_table, truth_concepts
+    from .dictionary.pipeline import train_on_store
+    from .embed.plate import EmbedSettings, embed_plate
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +258,7 @@ def run_demo(
     found = recovered[chosen].copy()
     found["stains touched"] = [_touched(c) for c in found["concept"]]
 
-    from .report import ReportSettings, write_report
+    from .report.build import ReportSettings, write_report
 
     t = time.perf_counter()
     log("report: the top features with their cells, plate maps and concept profiles (HTML)")

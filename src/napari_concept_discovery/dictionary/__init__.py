@@ -6,7 +6,10 @@ Qt-free; torch lives here (docs/architecture.md, "Dictionaries"). The modules, e
 - ``whiten``: control-based whitening; ``base``, ``icfl``, ``topk``: the methods;
 - ``registry``: the methods by name; ``training``: the training loop; ``metrics``: evaluation;
 - ``applied``: a trained dictionary (whitening + coder + metadata) and the one encode loop;
-- ``io``: the dictionary file; ``pipeline``: train, encode and analyse a whole store.
+- ``io``: the dictionary file; ``pipeline``: train on a whole store; ``stains``: which
+  stains an atom reads.
+
+Encoding a store with a dictionary and what follows are in ``analysis/``.
 
 Names are loaded on first use, so that importing the settings does not import torch.
 """
@@ -40,10 +43,7 @@ _EXPORTS = {
     "AnalyzeSettings": "settings",
     "TrainSettings": "settings",
     "WhitenSettings": "settings",
-    "Analysis": "pipeline",
     "TrainedDictionary": "pipeline",
-    "analyze_store": "pipeline",
-    "encode_store": "pipeline",
     "train_on_store": "pipeline",
 }
 

@@ -17,10 +17,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..concepts import channel_shares, stain_table
 from ..errors import DictionaryError
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .base import Codes, SparseDictionary, codes_to_csr
+from .stains import channel_shares, stain_table
 from .whiten import Whitener, group_labels
 
 

@@ -1,6 +1,6 @@
 """Train, apply and analyse dictionaries on an activation store: the one path every front calls.
 
-A store is anything with the read API of :class:`napari_concept_discovery.store.ActivationStore`
+A store is anything with the read API of :class:`napari_concept_discovery.embed.store.ActivationStore`
 (``tokens(unit, form)``, ``table(unit)``, ``model_id``, ``block``, ``embed_dim``,
 ``token_groups``, ``channel_names``, ``signature``). A dictionary is trained on one token form
 (``TrainSettings.tokens``, recorded as ``meta["tokens"]``): the per-channel tokens side by side
@@ -12,24 +12,15 @@ the demo and the widgets pass settings objects (:mod:`.settings`) and get the sa
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .._files import check_output
 from .._lock import write_lock
-from ..concepts import (
-    check_analysis_folder,
-    join_truth,
-    read_truth,
-    require_columns,
-    write_analysis,
-)
-from ..errors import DataWarning, DictionaryError, OutputError
+from ..errors import DictionaryError, OutputError
 from ..progress import Cancel, Cancelled, ProgressCallback, report
 from .applied import Dictionary
 from .io import (
@@ -41,78 +32,10 @@ from .io import (
 )
 from .metrics import evaluate
 from .registry import build_model
-from .settings import AnalyzeSettings, TrainSettings, WhitenSettings
+from .rows import RowSubset, nonfinite_rows, take_rows, where_rows
+from .settings import TrainSettings, WhitenSettings
 from .training import TrainResult, TrainState, check_training_memory, train
-from .whiten import Whitener, control_mask, group_labels, parse_control
-
-
-def take_rows(data, rows: np.ndarray, block: int = 65536) -> np.ndarray:
-    """Rows ``rows`` (sorted) of an (N, D) numpy or zarr array, as float32, read in blocks."""
-    rows = np.asarray(rows)
-    if isinstance(data, np.ndarray):
-        return np.asarray(data[rows], dtype=np.float32)
-    out = np.empty((len(rows), data.shape[1]), dtype=np.float32)
-    for s in range(0, len(rows), block):
-        part = rows[s : s + block]
-        lo, hi = int(part[0]), int(part[-1]) + 1
-        if hi - lo <= 4 * len(part):  # dense enough: one contiguous read
-            out[s : s + len(part)] = np.asarray(data[lo:hi])[part - lo]
-        else:
-            out[s : s + len(part)] = np.asarray(data.get_orthogonal_selection((part, slice(None))))
-    return out
-
-
-class RowSubset:
-    """Some rows (sorted) of an (N, D) numpy or zarr array, read like the array itself.
-
-    Training, whitening and evaluation slice their tokens; this lets them run on the finite
-    rows of a store without copying it.
-    """
-
-    def __init__(self, data, rows: np.ndarray):
-        self.data = data
-        self.rows = np.asarray(rows)
-        self.shape = (len(self.rows), int(data.shape[1]))
-        chunks = getattr(data, "chunks", None)
-        if chunks is not None:
-            self.chunks = (int(chunks[0]), self.shape[1])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        rows = self.rows[key]
-        if np.ndim(rows) == 0:
-            return take_rows(self.data, np.asarray([rows]))[0]
-        return take_rows(self.data, rows) if len(rows) else np.zeros((0, self.shape[1]), "f4")
-
-    def get_orthogonal_selection(self, selection) -> np.ndarray:
-        rows, cols = selection
-        return self[np.asarray(rows)][:, cols]
-
-
-def nonfinite_rows(tokens, block: int = 65536) -> np.ndarray:
-    """Boolean (N,) mask of the tokens holding NaN or Inf, read in blocks of rows."""
-    n = int(tokens.shape[0])
-    bad = np.zeros(n, dtype=bool)
-    for start in range(0, n, block):
-        part = np.asarray(tokens[start : start + block])
-        bad[start : start + len(part)] = ~np.isfinite(part).all(axis=1)
-    return bad
-
-
-def _where(table: pd.DataFrame, mask: np.ndarray, limit: int = 5) -> str:
-    """The sites of the masked rows, for a message: 'at 3 sites: P1 B02 site 1, ...'."""
-    keys = [c for c in ("plate", "well", "site") if c in table.columns]
-    if not keys:
-        rows = np.flatnonzero(mask)
-        return f"at rows {', '.join(map(str, rows[:limit]))}" + (
-            " ..." if len(rows) > limit else ""
-        )
-    sites = table.loc[mask, keys].drop_duplicates()
-    shown = "; ".join(" ".join(str(v) for v in row) for row in sites.head(limit).itertuples(False))
-    more = f"; ... and {len(sites) - limit} more" if len(sites) > limit else ""
-    return f"at {len(sites)} site(s): {shown}{more}"
+from .whiten import Whitener, control_mask, group_labels
 
 
 def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str):
@@ -121,7 +44,7 @@ def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str
     n_bad = int(bad.sum())
     if not n_bad:
         return tokens, table, 0
-    text = f"{n_bad} of {len(bad)} {unit} tokens of {where} hold NaN or Inf, {_where(table, bad)}"
+    text = f"{n_bad} of {len(bad)} {unit} tokens of {where} hold NaN or Inf, {where_rows(table, bad)}"
     if not drop:
         raise DictionaryError(
             f"{text}. Whitening and training on them would give NaN; embed again with sound "
@@ -137,7 +60,7 @@ def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str
 def check_dictionary_out(out: str | Path, overwrite: bool = False) -> Path:
     """Refuse, before training, an output path that cannot be written, or that holds a file
     that is not a dictionary (unless ``overwrite``): training must not cost the user a file."""
-    from ..store import refuse_inside_store
+    from ..embed.store import refuse_inside_store
 
     out = check_output(out, folder=False, what="dictionary file")
     refuse_inside_store(out, "dictionary file", OutputError)
@@ -449,210 +372,3 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
         ckpt.unlink(missing_ok=True)
     kept = ckpt if ckpt is not None and ckpt.is_file() else None
     return TrainedDictionary(dictionary, result, metrics, path, cancelled, kept)
-
-
-def dictionary_tokens(store, dictionary: Dictionary, unit: str):
-    """The ``unit`` tokens of ``store`` in the form ``dictionary`` reads (zarr, not loaded):
-    the per-channel tokens side by side or their mean (``dictionary.token_form``)."""
-    return store.tokens(unit, dictionary.token_form)
-
-
-class WatchedRows:
-    """Row blocks of an (N, D) array, read as the array itself, noting the rows that are not
-    finite: the encode loop reads every token once, so the check costs no second read."""
-
-    def __init__(self, data, offset: int = 0):
-        self.data = data
-        self.shape = tuple(int(n) for n in data.shape)
-        self.offset = int(offset)
-        self.bad: list[np.ndarray] = []
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("WatchedRows reads blocks of consecutive rows (a slice)")
-        part = np.asarray(self.data[key])
-        finite = np.isfinite(part).all(axis=1)
-        if not finite.all():
-            start = key.indices(self.shape[0])[0]
-            self.bad.append(np.flatnonzero(~finite) + start + self.offset)
-        return part
-
-    def bad_rows(self) -> np.ndarray:
-        return np.concatenate(self.bad) if self.bad else np.zeros(0, dtype=np.int64)
-
-
-def check_finite_codes(
-    codes: sp.csr_matrix, table: pd.DataFrame, bad_tokens, dictionary: Dictionary, store, unit
-) -> None:
-    """Refuse codes that are not finite, or that came from tokens that are not: naming the
-    store, the dictionary file and the sites. A NaN token can give ICFL no atom at all (all-zero
-    codes that look sound), so the tokens are checked as well as the codes."""
-    n = codes.shape[0]
-    bad = np.zeros(n, dtype=bool)
-    bad[np.asarray(bad_tokens, dtype=np.int64)] = True
-    tokens_bad = int(bad.sum())
-    rows = np.repeat(np.arange(n), np.diff(codes.indptr))[~np.isfinite(codes.data)]
-    bad[rows] = True
-    if not bad.any():
-        return
-    name = f"the dictionary {dictionary.path}" if dictionary.path else "the dictionary"
-    where = f"{int(bad.sum())} of {n} {unit} tokens of the store at {getattr(store, 'path', '?')}"
-    if tokens_bad:
-        raise DictionaryError(
-            f"{where} hold NaN or Inf ({tokens_bad} tokens), {_where(table, bad)}; their codes "
-            f"from {name} would be wrong, so nothing is written. Embed those sites again "
-            "with sound model weights"
-        )
-    raise DictionaryError(
-        f"{name} gives NaN or Inf codes for {where}, {_where(table, bad)}, although those "
-        "tokens are finite: its tensors overflow; train it again, nothing is written"
-    )
-
-
-def encode_store(
-    store,
-    dictionary: Dictionary,
-    unit: str | None = None,
-    *,
-    batch_size: int = 4096,
-    progress: ProgressCallback = None,
-    cancel: Cancel = None,
-) -> tuple[sp.csr_matrix, pd.DataFrame]:
-    """Codes (N, M) CSR of all ``unit`` tokens of ``store`` (default: the dictionary's unit),
-    with the token table. Refuses a store of another model, weights, block or width, and
-    tokens or codes that are not finite (:func:`check_finite_codes`).
-
-    Tokens of another unit than the dictionary was trained on (a cell dictionary on patch
-    tokens, as the viewer's activation maps do) come from the same model, block and width, so
-    they are accepted; the CLI says when it does this. ``cluster.encode_store_on_cluster``
-    gives the same codes from the workers of a Dask cluster.
-    """
-    unit = unit or dictionary.meta.get("unit") or "cell"
-    dictionary.check_compatible_store(store)
-    tokens = WatchedRows(dictionary_tokens(store, dictionary, unit))
-    table = store.table(unit)
-    codes = dictionary.encode_table(
-        tokens, table, batch_size=batch_size, progress=progress, cancel=cancel
-    )
-    check_finite_codes(codes, table, tokens.bad_rows(), dictionary, store, unit)
-    return codes, table
-
-
-@dataclass
-class Analysis:
-    """Codes, the token table they index (with the truth joined) and the files written."""
-
-    codes: sp.csr_matrix
-    table: pd.DataFrame
-    paths: dict[str, Path]
-
-
-def encode_for_analysis(
-    store,
-    dictionary: Dictionary,
-    settings: AnalyzeSettings,
-    *,
-    progress: ProgressCallback = None,
-    cancel: Cancel = None,
-    truth: pd.DataFrame | None = None,
-    encode=None,
-) -> tuple[sp.csr_matrix, pd.DataFrame]:
-    """:func:`encode_store` (or ``encode``, a function called as it is) with
-    ``settings.truth_file`` (or ``truth``, read already) joined onto the token table."""
-    encode = encode_store if encode is None else encode
-    stale = getattr(store, "stale_labels", lambda: None)()
-    if stale:
-        warnings.warn(stale, DataWarning, stacklevel=2)
-    codes, table = encode(store, dictionary, settings.unit, progress=progress, cancel=cancel)
-    if truth is None and settings.truth_file is not None:
-        truth = read_truth(settings.truth_file)
-    if truth is not None:
-        table = join_truth(table, truth)
-        where = settings.truth_file or "the truth table"
-        for col in settings.truth:
-            missing = int(table[col].isna().sum()) if col in table.columns else 0
-            if missing:
-                warnings.warn(
-                    f"{where} gives no {col!r} for {missing} of {len(table)} tokens; they are "
-                    f"left out of the {col} concepts",
-                    DataWarning,
-                    stacklevel=2,
-                )
-    return codes, table
-
-
-def check_analysis(store, dictionary: Dictionary, settings: AnalyzeSettings) -> pd.DataFrame | None:
-    """Everything about an analysis that can be refused before encoding: the dictionary fits
-    the store, the truth file reads and joins, the label and truth columns exist. Returns the
-    truth table (or None)."""
-    unit = settings.unit or dictionary.meta.get("unit") or "cell"
-    dictionary.check_compatible_store(store)
-    columns = list(store.table(unit).columns)
-    truth = None
-    if settings.truth_file is not None:
-        truth = read_truth(settings.truth_file)
-        keys = ("plate", "well", "site", "label")
-        missing = [k for k in keys if k not in columns or k not in truth.columns]
-        if missing:
-            raise DictionaryError(
-                f"cannot join the truth file {settings.truth_file} onto the {unit} tokens on "
-                f"{list(keys)}: missing {missing} (tokens: {columns}, truth: "
-                f"{list(truth.columns)})"
-            )
-        columns += [c for c in truth.columns if c not in columns]
-    empty = pd.DataFrame(columns=columns)
-    require_columns(empty, settings.labels, "selectivity (labels)")
-    require_columns(empty, settings.truth, "ground truth (truth)")
-    return truth
-
-
-def analyze_store(
-    store,
-    dictionary: Dictionary,
-    settings: AnalyzeSettings,
-    out: str | Path,
-    *,
-    progress: ProgressCallback = None,
-    cancel: Cancel = None,
-    encode=None,
-) -> Analysis:
-    """Encode ``store`` and write the feature, selectivity, concept and code tables to ``out``.
-
-    ``encode`` replaces :func:`encode_store` (same arguments, same result), as
-    ``cluster.encode_store_on_cluster`` does to encode on a Dask cluster.
-
-    The output folder, the dictionary's fit to the store, the truth file and the label and
-    truth columns are checked before anything is encoded or written; the tables are written
-    into a folder beside ``out`` that replaces it whole, so a failed run leaves the old
-    analysis as it was.
-    """
-    check_analysis_folder(out)
-    truth = check_analysis(store, dictionary, settings)
-    codes, table = encode_for_analysis(
-        store, dictionary, settings, progress=progress, cancel=cancel, truth=truth, encode=encode
-    )
-    controls = profile_controls(dictionary, settings.controls)
-    if settings.controls is not None:
-        require_columns(table, [parse_control(controls)[0]], "concept profiles (controls)")
-    elif controls is not None and parse_control(controls)[0] not in table.columns:
-        controls = None
-    paths = write_analysis(
-        out,
-        codes,
-        table,
-        settings.labels,
-        meta=dictionary.meta,
-        truth_columns=settings.truth,
-        top_n=settings.top_n,
-        controls=controls,
-        stains=dictionary.stain_table(),
-    )
-    return Analysis(codes, table, paths)
-
-
-def profile_controls(dictionary: Dictionary, controls: str | None = None) -> str | None:
-    """The control wells concept profiles are z-scored against: ``controls`` when given, else
-    the controls the dictionary's whitening was fitted on (COLUMN=VALUE), else None."""
-    if controls is not None:
-        return controls
-    return (dictionary.meta.get("whitening") or {}).get("controls")

@@ -6,13 +6,7 @@ are explicit (``registry``). Every backend offers ``tokens(batch, block)``, carr
 normalisation, and resolves blocks by one rule (``resolve_block``: None is its default block).
 """
 
-from .backend import (
-    Backend,
-    ChannelAgnosticBackend,
-    hash_state_dict,
-    pick_device,
-    scale_to_unit,
-)
+from .backend import Backend, ChannelAgnosticBackend, hash_state_dict, pick_device, scale_to_unit
 from .hub import cached_snapshot, hub_snapshot
 from .loading import (
     OPENPHENOM_PREFIX,

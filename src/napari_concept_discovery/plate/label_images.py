@@ -99,7 +99,7 @@ def split_by_nuclei(mask: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     outside the mask (CellProfiler keeps the nuclei of the border cells it discards) makes no
     cell, and mask pieces that hold no nucleus are dropped.
     """
-    from ..segment_classical import propagate
+    from ..segment.classical import propagate
 
     mask = np.asarray(mask) > 0
     nuclei = np.asarray(nuclei, np.int32)
@@ -154,7 +154,7 @@ def own_nuclei(read_image: Callable[[], np.ndarray], channel_names, nuclear=None
         index = nuclear_index(channel_names, nuclear)
         if index is None:
             return None
-        from ..segment_classical import find_nuclei
+        from ..segment.classical import find_nuclei
 
         found = find_nuclei(np.asarray(read_image())[index])
         return np.where(found.dropped[found.labels], 0, found.labels).astype(np.int32)

@@ -13,13 +13,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from .cells import paint, rasterise, sample_cells
-from .concepts import (
-    CELL_TYPE_BY_NAME,
-    CHANNELS,
-    PERTURBATION_BY_NAME,
-    CellType,
-    Perturbation,
-)
+from .concepts import CELL_TYPE_BY_NAME, CHANNELS, PERTURBATION_BY_NAME, CellType, Perturbation
 
 #: Digital numbers of a bright structure per channel before gain, and dark offset.
 _SCALE = np.array([150.0, 105.0, 105.0, 95.0, 115.0, 105.0], np.float32)

@@ -22,8 +22,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..forms import form_fields
 from ..settings import Settings
+from ..views.forms import form_fields
 
 INT_RANGE = (0, 2**31 - 1)
 

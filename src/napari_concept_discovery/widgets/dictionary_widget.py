@@ -1,7 +1,7 @@
 """Dictionary dock widget: train ICFL or TopK on the session's store, or load a dictionary file.
 
 The form comes from ``TrainSettings`` and ``WhitenSettings``; the control and group dropdowns
-from the store's token table (:func:`~napari_concept_discovery.forms.metadata_choices`).
+from the store's token table (:func:`~napari_concept_discovery.views.forms.metadata_choices`).
 Training is :func:`~napari_concept_discovery.dictionary.pipeline.train_on_store` in a thread
 worker, the call ``concept-discovery train`` makes; cancel keeps the dictionary after the last
 complete step. A loaded file is checked against the store (``check_compatible_store``) and
@@ -30,8 +30,8 @@ from ..dictionary.io import load_dictionary, save_dictionary
 from ..dictionary.pipeline import train_on_store
 from ..dictionary.settings import FIRST_STEPS, TrainSettings, WhitenSettings, first_steps
 from ..errors import ConceptDiscoveryError
-from ..forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ..progress import Progress
+from ..views.forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ._form import make_fields, scrolling_layout, values
 from ._jobs import Job, JobOwner
 from ._plot import TrainingPlot

@@ -1,7 +1,7 @@
 """Embed dock widget: run a model on the plate (or the site in view) into an activation store.
 
 The form is built from ``EmbedSettings`` and the model menu from ``models.list_models``; the
-run is :func:`~napari_concept_discovery.plate_embedding.embed_plate` in a thread worker, the
+run is :func:`~napari_concept_discovery.embed.plate.embed_plate` in a thread worker, the
 same call as ``concept-discovery embed``, so a store that matches is reused, not recomputed.
 An existing store can be opened instead. Either way the store becomes the session's
 (docs/architecture.md, "The activation store").
@@ -30,12 +30,12 @@ from qtpy.QtWidgets import (
 )
 
 from .._reader import remember_plate
+from ..embed.plate import EmbedSettings, embed_plate, reopen_plate
+from ..embed.store import ActivationStore
 from ..errors import ConceptDiscoveryError
 from ..models import list_models
-from ..plate_embedding import EmbedSettings, embed_plate, reopen_plate
 from ..progress import Progress
-from ..store import ActivationStore
-from ..workspace import default_store_path, one_site_plate
+from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
 from ._jobs import Job, JobOwner
 from ._layers import FEATURE_ROLES

@@ -4,7 +4,7 @@ Selecting a feature (a table row, a row of the cell panel) selects it in the ses
 paints it on the site in view (:mod:`._painter`) and colours the plate navigator's wells.
 Clicking a cell in the viewer lists its strongest features; clicking a gallery thumbnail
 opens the cell's site and centres the camera on it. What is shown comes from
-:mod:`napari_concept_discovery.feature_views`, computed in thread workers (docs/architecture.md,
+:mod:`napari_concept_discovery.views.feature_views`, computed in thread workers (docs/architecture.md,
 "The viewer").
 """
 
@@ -35,7 +35,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..feature_views import (
+from ..embed.plate import reopen_plate
+from ..plate import SiteKey
+from ..progress import Cancelled, Progress
+from ..views.feature_views import (
     Thumbnail,
     camera_for_cell,
     cell_features,
@@ -43,10 +46,7 @@ from ..feature_views import (
     headers,
     top_cell_thumbnails,
 )
-from ..plate import SiteKey
-from ..plate_embedding import reopen_plate
-from ..progress import Cancelled, Progress
-from ..thumbnails import named_colour
+from ..views.thumbnails import named_colour
 from ._jobs import Job, JobOwner
 from ._table import DataFrameModel, FeatureFilter
 from ._viewer import get_session, observe, user_message

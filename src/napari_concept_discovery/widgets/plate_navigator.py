@@ -3,8 +3,8 @@
 Wells are coloured by a metadata column (cell type, perturbation, well type, ...) or by a number
 per well (:meth:`PlateNavigator.show_values`): once a feature is selected, its mean activation
 per cell in each well (``Explorer.well_means``, computed in a worker). The layout,
-the colours and the tooltips come from :mod:`napari_concept_discovery.platemap`; this module
-only paints them and turns clicks into :class:`~napari_concept_discovery.session.ViewerSession`
+the colours and the tooltips come from :mod:`napari_concept_discovery.views.platemap`; this module
+only paints them and turns clicks into :class:`~napari_concept_discovery.views.session.ViewerSession`
 calls. The grid is painted with QPainter rather than a matplotlib canvas: a 1536-well plate
 repaints on every hover in well under a millisecond, hit-testing and per-well tooltips are
 exact, and it follows napari's theme colours.
@@ -34,10 +34,11 @@ from qtpy.QtWidgets import (
 )
 
 from .._reader import remember_plate
-from ..colours import MISSING, to_hex
 from ..errors import ConceptDiscoveryError
 from ..plate import PlateWarning, SiteKey, open_plate
-from ..platemap import (
+from ..segment.qc import per_well
+from ..views.colours import MISSING, to_hex
+from ..views.platemap import (
     GridGeometry,
     PlateColouring,
     PlateGrid,
@@ -48,7 +49,6 @@ from ..platemap import (
     well_table,
     well_tooltip,
 )
-from ..segment_qc import per_well
 from ._jobs import Job, JobOwner
 from ._viewer import get_session, observe, user_message
 

@@ -19,8 +19,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
-from ._cli_output import (
+from .. import __version__
+from ..errors import ConceptDiscoveryError
+from .output import (
     EXIT_CODES,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -29,7 +30,6 @@ from ._cli_output import (
     HelpFormatter,
     examples,
 )
-from .errors import ConceptDiscoveryError
 
 
 class UsageError(ConceptDiscoveryError):
@@ -54,20 +54,20 @@ def _check_threads(value: int | None) -> None:
 
 
 def _human_bytes(n: float) -> str:
-    from ._files import human_bytes
+    from .._files import human_bytes
 
     return human_bytes(n)
 
 
 def _physical_memory() -> int | None:
-    from ._files import physical_memory
+    from .._files import physical_memory
 
     return physical_memory()
 
 
 def _check_synth_args(args, workers: int = 1) -> None:
     """Plate counts and site size a synthetic plate set can have, and the memory it takes."""
-    from .synth.plate import MAX_WELLS, PEAK_BYTES_PER_PIXEL, memory_needed
+    from ..synth.plate import MAX_WELLS, PEAK_BYTES_PER_PIXEL, memory_needed
 
     for name in ("plates", "wells", "sites"):
         _at_least(getattr(args, name), f"--{name}")
@@ -88,7 +88,7 @@ def _check_synth_args(args, workers: int = 1) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings about the user's data as one ``warning:`` line; others as Python shows them."""
-    from .errors import DataWarning
+    from ..errors import DataWarning
 
     out = file if file is not None else sys.stderr
     if issubclass(category, DataWarning):
@@ -158,7 +158,7 @@ def _add_plate_options(p) -> None:
 
 
 def _open_plate(args, **kwargs):
-    from .plate import open_plate
+    from ..plate import open_plate
 
     names = args.channel_names.split(",") if args.channel_names else None
     return open_plate(
@@ -174,8 +174,8 @@ def _open_plate(args, **kwargs):
 
 def _labels_help() -> str:
     """The --labels help of EmbedSettings, so info and embed describe the option alike."""
-    from .plate_embedding import EmbedSettings
-    from .settings import describe
+    from ..embed.plate import EmbedSettings
+    from ..settings import describe
 
     return next(d["help"] for d in describe(EmbedSettings) if d["name"] == "labels")
 
@@ -208,9 +208,9 @@ def _add_synth(sub) -> None:
 
 
 def _run_synth(args, con: Console) -> int:
-    from ._files import check_output
-    from .synth import write_synthetic_plates
-    from .synth.plate import EXPERIMENT
+    from .._files import check_output
+    from ..synth import write_synthetic_plates
+    from ..synth.plate import EXPERIMENT
 
     _at_least(args.workers, "--workers")
     total = args.plates * args.wells * args.sites
@@ -249,7 +249,7 @@ def _run_synth(args, con: Console) -> int:
 
 
 def _add_segment(sub) -> None:
-    from .settings import SegmentSettings, add_arguments
+    from ..settings import SegmentSettings, add_arguments
 
     p = _command(
         sub,
@@ -281,7 +281,7 @@ def _add_segment(sub) -> None:
 def _say_quality(con: Console, qc, sites: int, where: str = "the store's quality table") -> int:
     """Print a segmentation quality table's summary and flagged sites; warn (even under
     --quiet) when sites are flagged. Returns the number flagged."""
-    from .segment_qc import summary
+    from ..segment.qc import summary
 
     for line in summary(qc):
         con.say(line)
@@ -294,12 +294,12 @@ def _say_quality(con: Console, qc, sites: int, where: str = "the store's quality
 
 
 def _run_segment(args, con: Console) -> int:
-    from .segment import segment_plate
-    from .settings import SegmentSettings, from_args
+    from ..plate.segmentation import segment_plate
+    from ..settings import SegmentSettings, from_args
 
     settings = from_args(SegmentSettings, args)
     plate = _open_plate(args)
-    from .segment_qc import QC_FILE, read_qc
+    from ..segment.qc import QC_FILE, read_qc
 
     with con.bar(len(plate), "segment sites") as bar:
         out = segment_plate(plate, args.out, settings=settings, progress=bar)
@@ -344,9 +344,9 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args, con: Console) -> int:
-    from .errors import PlateError
-    from .plate import PlateWarning
-    from .plate.layouts import CHECK_LIMIT
+    from ..errors import PlateError
+    from ..plate import PlateWarning
+    from ..plate.layouts import CHECK_LIMIT
 
     with warnings.catch_warnings():
         # Printed below from plate.warnings, once and in order.
@@ -390,7 +390,7 @@ def _run_info(args, con: Console) -> int:
     labelled = sum(site.labels_path is not None for site in plate)
     qc_lines: list[str] = []
     if labelled:
-        from .segment_qc import read_qc, summary
+        from ..segment.qc import read_qc, summary
 
         where = f" (label folder {plate.label_folder})" if plate.label_folder else ""
         say(f"labels:   {labelled} of {len(plate)} sites carry cell labels{where}")
@@ -434,8 +434,8 @@ def _run_info(args, con: Console) -> int:
 
 
 def _add_embed(sub) -> None:
-    from .plate_embedding import EmbedSettings
-    from .settings import add_arguments
+    from ..embed.plate import EmbedSettings
+    from ..settings import add_arguments
 
     p = _command(
         sub,
@@ -502,7 +502,7 @@ def _cluster_client(args):
     if not (args.workers or args.scheduler):
         yield None
         return
-    from .cluster import connect
+    from ..embed.cluster import connect
 
     client = connect(args.workers, args.scheduler)
     try:
@@ -515,7 +515,7 @@ def _cluster_client(args):
 
 
 def _run_embed_cluster(args, settings, con: Console) -> int:
-    from .cluster import embed_plate_on_cluster
+    from ..embed.cluster import embed_plate_on_cluster
 
     plates = list(args.plate)
     outs = [Path(args.out)]
@@ -524,7 +524,7 @@ def _run_embed_cluster(args, settings, con: Console) -> int:
         if len({o.name for o in outs}) < len(outs):
             raise UsageError("several plate folders share a name; embed them one by one")
     _at_least(args.sites_per_task, "--sites-per-task")
-    from .plate_embedding import load_embed_model
+    from ..embed.plate import load_embed_model
 
     stores = []
     with _cluster_client(args) as client:
@@ -534,7 +534,7 @@ def _run_embed_cluster(args, settings, con: Console) -> int:
             plate = _open_plate(args)
             with con.bar(len(plate), f"embed {Path(folder).name}") as step:
                 if client is None:
-                    from .plate_embedding import embed_plate
+                    from ..embed.plate import embed_plate
 
                     store = embed_plate(
                         plate,
@@ -568,10 +568,10 @@ def _run_embed_cluster(args, settings, con: Console) -> int:
 def _run_embed(args, con: Console) -> int:
     import torch
 
-    from ._files import check_output
-    from .plate_embedding import EmbedSettings, embed_plate, load_embed_model
-    from .settings import from_args
-    from .store import check_store_folder
+    from .._files import check_output
+    from ..embed.plate import EmbedSettings, embed_plate, load_embed_model
+    from ..embed.store import check_store_folder
+    from ..settings import from_args
 
     _check_threads(args.threads)
     if len(args.plate) > 1 or args.workers or args.scheduler:
@@ -647,8 +647,8 @@ def _size_line(store) -> str:
 
 
 def _add_train(sub) -> None:
-    from .dictionary.settings import TrainSettings, WhitenSettings
-    from .settings import add_arguments
+    from ..dictionary.settings import TrainSettings, WhitenSettings
+    from ..settings import add_arguments
 
     p = _command(
         sub,
@@ -685,10 +685,10 @@ def _add_train(sub) -> None:
 def _run_train(args, con: Console) -> int:
     import torch
 
-    from .dictionary.pipeline import check_dictionary_out, train_on_store
-    from .dictionary.settings import TrainSettings, WhitenSettings
-    from .settings import describe, from_args
-    from .store import ActivationStore
+    from ..dictionary.pipeline import check_dictionary_out, train_on_store
+    from ..dictionary.settings import TrainSettings, WhitenSettings
+    from ..embed.store import ActivationStore
+    from ..settings import describe, from_args
 
     _check_threads(args.threads)
     if args.threads:
@@ -739,8 +739,8 @@ def _run_train(args, con: Console) -> int:
 
 
 def _add_analyze(sub) -> None:
-    from .dictionary.settings import AnalyzeSettings
-    from .settings import add_arguments
+    from ..dictionary.settings import AnalyzeSettings
+    from ..settings import add_arguments
 
     p = _command(
         sub,
@@ -772,12 +772,12 @@ def _add_analyze(sub) -> None:
 
 
 def _run_analyze(args, con: Console) -> int:
-    from .concepts import check_analysis_folder
-    from .dictionary.io import load_dictionary
-    from .dictionary.pipeline import analyze_store
-    from .dictionary.settings import AnalyzeSettings
-    from .settings import from_args
-    from .store import ActivationStore
+    from ..analysis.analyze import analyze_store
+    from ..analysis.write import check_analysis_folder
+    from ..dictionary.io import load_dictionary
+    from ..dictionary.settings import AnalyzeSettings
+    from ..embed.store import ActivationStore
+    from ..settings import from_args
 
     settings = from_args(AnalyzeSettings, args)
     check_analysis_folder(args.out)
@@ -795,7 +795,7 @@ def _run_analyze(args, con: Console) -> int:
         if client is None:
             analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
         else:
-            from .cluster import analyze_store_on_cluster
+            from ..analysis.cluster import analyze_store_on_cluster
 
             analysis = analyze_store_on_cluster(
                 store,
@@ -827,7 +827,7 @@ def _run_analyze(args, con: Console) -> int:
 
 
 def _add_convert(sub) -> None:
-    from .convert import NGFF_VERSIONS
+    from ..plate.convert import NGFF_VERSIONS
 
     p = _command(
         sub,
@@ -860,8 +860,8 @@ def _add_convert(sub) -> None:
 
 
 def _run_convert(args, con: Console) -> int:
-    from ._files import check_output
-    from .convert import check_convert_out, convert_plate
+    from .._files import check_output
+    from ..plate.convert import check_convert_out, convert_plate
 
     check_output(args.out, folder=True, what="OME-Zarr output folder")
     plate = _open_plate(args)
@@ -887,8 +887,8 @@ def _run_convert(args, con: Console) -> int:
 
 
 def _add_report(sub) -> None:
-    from .report import ReportSettings
-    from .settings import add_arguments
+    from ..report.build import ReportSettings
+    from ..settings import add_arguments
 
     p = _command(
         sub,
@@ -921,9 +921,9 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args, con: Console) -> int:
-    from .report import ReportSettings, check_report_folder, write_report
-    from .settings import from_args
-    from .store import ActivationStore
+    from ..embed.store import ActivationStore
+    from ..report.build import ReportSettings, check_report_folder, write_report
+    from ..settings import from_args
 
     settings = from_args(ReportSettings, args)
     check_report_folder(args.out)  # before minutes of figures
@@ -946,7 +946,7 @@ def _run_report(args, con: Console) -> int:
 
 
 def _add_demo(sub) -> None:
-    from .dictionary.settings import METHOD_NAMES
+    from ..dictionary.settings import METHOD_NAMES
 
     p = _command(
         sub,
@@ -975,9 +975,9 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args, con: Console) -> int:
-    from ._files import check_output
-    from .demo import format_report, run_demo
-    from .dictionary.settings import TrainSettings
+    from .._files import check_output
+    from ..demo import format_report, run_demo
+    from ..dictionary.settings import TrainSettings
 
     _check_synth_args(args)
     for name in ("atoms", "sparsity", "steps"):
@@ -1049,7 +1049,7 @@ def _add_models(sub) -> None:
 
 
 def _run_models(args, con: Console) -> int:
-    from .models import list_models, source_forms_text
+    from ..models import list_models, source_forms_text
 
     infos = list_models()
     width = max(len(i.source) for i in infos)
@@ -1101,15 +1101,15 @@ def _add_view(sub) -> None:
 
 
 def _run_view(args, con: Console) -> int:
-    from .workspace import find_view_inputs
+    from ..views.workspace import find_view_inputs
 
     inputs = find_view_inputs(args.plate, args.store, args.dictionary)
     if inputs.dictionary is not None and inputs.store is None:
         raise UsageError("--dictionary needs an activation store (--store) to apply it to")
     import napari
 
-    from .widgets import open_viewer
-    from .widgets._drive import scripted_user
+    from ..widgets import open_viewer
+    from ..widgets._drive import scripted_user
 
     opened = open_viewer(inputs.plate, inputs.store, inputs.dictionary)
     user = scripted_user(opened)  # tests only: a scripted user acting in the real process

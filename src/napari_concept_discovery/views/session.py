@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 
 from psygnal import Signal
 
-from .errors import PlateError
-from .plate import Plate, SiteKey
+from ..errors import PlateError
+from ..plate import Plate, SiteKey
 
 
 class Ticket(NamedTuple):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._files import atomic_dir, check_output
-from .errors import OutputError, PlateError
-from .progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
+from .._files import atomic_dir, check_output
+from ..errors import OutputError, PlateError
+from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 
 #: NGFF versions ``convert`` writes: 0.5 (zarr v3, the default) and 0.4 (zarr v2, for older tools).
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -62,7 +62,7 @@ def _carry_truth(source: Path, dest: Path, renumbered: dict) -> None:
     if not renumbered:
         shutil.copyfile(source, dest)
         return
-    from .plate.model import normalize_well
+    from .model import normalize_well
 
     truth = pd.read_csv(source)
     new = [
@@ -134,7 +134,7 @@ def convert_plate(
         write_well_metadata,
     )
 
-    from .plate import Plate, open_plate
+    from . import Plate, open_plate
 
     fmt = _format(ngff)
     plate = plate if isinstance(plate, Plate) else open_plate(plate)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .progress import Progress
-from .settings import Settings, describe
+from ..progress import Progress
+from ..settings import Settings, describe
 
 # Token-table columns that identify a token or measure it; never a metadata label to pick by.
 UNIT_COLUMNS = frozenset(

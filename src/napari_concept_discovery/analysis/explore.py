@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import StoreError
-from .plate.model import SiteKey, normalize_well, row_letters
-from .progress import Cancel, ProgressCallback
+from ..errors import StoreError
+from ..plate.model import SiteKey, normalize_well, row_letters
+from ..progress import Cancel, ProgressCallback
 
 #: Patches sampled across the store (fixed seed) to fix one contrast range per feature: enough
 #: for a colour range, small enough to encode in a couple of seconds at M = 4096 (the whole
@@ -81,13 +81,20 @@ class Explorer:
     """Feature maps, per-cell values, reverse lookups and plate summaries for one dictionary.
 
     ``Explorer(store, dictionary)`` refuses a dictionary made for another model, block or width.
-    Every method is safe to call from a worker thread.
+    Sites are encoded by the one store encoder (:func:`~.encode.encode_store`) and cached; a
+    site the store lacks comes from ``site_source`` when there is one. Every method is safe to
+    call from a worker thread.
     """
 
-    def __init__(self, store, dictionary, *, max_sites: int = 16, batch_size: int = 8192):
+    def __init__(
+        self, store, dictionary, *, max_sites: int = 16, batch_size: int = 8192, site_source=None
+    ):
         dictionary.check_compatible_store(store)
         self.store = store
         self.dictionary = dictionary
+        #: ``site_source(key, cancel=...) -> (SiteTokens, metadata)`` for a site the store lacks
+        #: (the viewer embeds it on demand with the store's model); None: such a site is refused.
+        self.site_source = site_source
         self.max_sites = int(max_sites)
         self.batch_size = int(batch_size)
         self.token_form = str(dictionary.meta.get("tokens", "mean"))
@@ -127,8 +134,6 @@ class Explorer:
         return f
 
     def _tokens(self, unit: str):
-        if self.token_form == "mean":
-            return self.store.tokens(unit)
         return self.store.tokens(unit, form=self.token_form)
 
     def _encode(self, tokens, table, progress=None, cancel=None) -> sp.csr_matrix:
@@ -136,20 +141,21 @@ class Explorer:
             tokens, table, batch_size=self.batch_size, progress=progress, cancel=cancel
         ).tocsr()
 
-    def _encode_rows(
-        self, unit: str, rows: slice, progress=None, cancel=None, *, check: bool = False
-    ) -> sp.csr_matrix:
-        tokens = np.asarray(self._tokens(unit)[rows], dtype=np.float32)
-        table = self.store.table(unit).iloc[rows]
-        codes = self._encode(tokens, table, progress, cancel)
-        if check:  # NaN or Inf tokens (or codes) refused by name, as analyze refuses them
-            from .dictionary.pipeline import check_finite_codes
+    def _encode_rows(self, unit: str, rows: slice, progress=None, cancel=None) -> sp.csr_matrix:
+        """Codes of rows ``rows`` of the store's ``unit`` tokens, by the one store encoder (NaN
+        or Inf tokens or codes refused by name, as analyze refuses them)."""
+        from .encode import encode_store
 
-            bad = np.flatnonzero(~np.isfinite(tokens).all(axis=1))
-            check_finite_codes(
-                codes, table.reset_index(drop=True), bad, self.dictionary, self.store, unit
-            )
-        return codes
+        codes, _ = encode_store(
+            self.store,
+            self.dictionary,
+            unit,
+            rows=rows,
+            batch_size=self.batch_size,
+            progress=progress,
+            cancel=cancel,
+        )
+        return codes.tocsr()
 
     # -- one site ------------------------------------------------------------------------------
 
@@ -161,7 +167,10 @@ class Explorer:
                 self._sites.move_to_end(key)
                 return self._sites[key]
         if key not in self.store:
-            raise StoreError(f"site {key} is not in the activation store at {self.store.path}")
+            if self.site_source is None:
+                raise StoreError(f"site {key} is not in the activation store at {self.store.path}")
+            tokens, metadata = self.site_source(key, cancel=cancel)
+            return self.add_site(tokens, metadata=metadata)
         info = self.store._site(key)
         patch = self._encode_rows("patch", self.store.site_rows("patch", key), progress, cancel)
         cell_rows = self.store.site_rows("cell", key)
@@ -293,7 +302,7 @@ class Explorer:
             if self._cells is not None:
                 return self._cells
         n = int(self.store.tokens("cell").shape[0])
-        codes = self._encode_rows("cell", slice(0, n), progress, cancel, check=True)
+        codes = self._encode_rows("cell", slice(0, n), progress, cancel)
         with self._lock:
             if self._cells is None:
                 self._cells = (codes, self.store.table("cell"))
@@ -386,7 +395,7 @@ class Explorer:
             return limits
 
     def _sample_limits(self) -> np.ndarray:
-        from .dictionary.pipeline import take_rows
+        from ..dictionary.rows import take_rows
 
         tokens = self._tokens("patch")
         n = int(tokens.shape[0])

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import StoreError
-from .explore import ActivationMap
-from .plate import SiteKey
-from .plate_embedding import embed_store_site, reload_model, reopen_plate
-from .progress import Cancelled, is_cancelled
+from ..analysis.explore import ActivationMap
+from ..embed.plate import embed_store_site, reload_model, reopen_plate
+from ..errors import StoreError
+from ..plate import SiteKey
+from ..progress import Cancelled, is_cancelled
 
 
 def _pair(value: float | Sequence[float], name: str) -> tuple[float, float]:
@@ -253,15 +253,16 @@ class FeatureSource:
 
     A site of the store is encoded once by the explorer (its codes cached there), so the next
     feature on it costs a column slice. A site the store does not hold is embedded on demand
-    exactly as the store was built (``plate_embedding.embed_store_site``: the store's model,
-    block and cell rule; the model is loaded once) and handed to the explorer
-    (``Explorer.add_site``); its cell labels are kept here, since the store has none for it.
+    exactly as the store was built (``embed.plate.embed_store_site``: the store's model, block
+    and cell rule; the model is loaded once): this object is the explorer's ``site_source``. Its
+    cell labels are kept here, since the store has none for it.
     ``plate`` is the plate such sites are read from (by default reopened from the store).
     Safe to call from worker threads.
     """
 
     def __init__(self, explorer, plate=None, device=None, keep: int = 16) -> None:
         self.explorer = explorer
+        explorer.site_source = self.embed_site  # sites the store lacks are embedded here
         self.plate = plate
         self.device = device
         self.keep = int(keep)
@@ -322,16 +323,17 @@ class FeatureSource:
         with self._lock:
             return SiteKey.of(key) in self._custom
 
-    def _on_demand(self, key, cancel=None):
+    def embed_site(self, key, cancel=None):
+        """The explorer's site source: a site the store lacks, embedded with the store's model
+        (its labels kept here, since the store has none for it), with its metadata."""
         plate, backend = self._plate_and_model()
         if key not in plate:
             raise StoreError(f"site {tuple(key)} is neither in the store nor in plate {plate.root}")
         if is_cancelled(cancel):
             raise Cancelled(f"embedding {key} cancelled")
         tokens = embed_store_site(self.explorer.store, key, plate=plate, backend=backend)
-        self.explorer.add_site(tokens, metadata=dict(plate[key].metadata or {}))
         self._keep_labels(key, tokens.labels)
-        return tokens.labels
+        return tokens, dict(plate[key].metadata or {})
 
     def label_at(self, key, y: float, x: float) -> int | None:
         """The cell under pixel (y, x) of a site (None: background, outside, or no labels)."""
@@ -379,12 +381,7 @@ class FeatureSource:
             with self._lock:
                 if self._custom.get(key) is custom:
                     self._custom[key] = (*custom[:3], codes)
-        try:
-            explorer.site(key, progress=progress, cancel=cancel)
-        except StoreError:
-            if key in explorer.store:
-                raise
-            self._on_demand(key, cancel=cancel)  # not in the store, or dropped from the cache
+        explorer.site(key, progress=progress, cancel=cancel)  # embeds a site the store lacks
         cells_range = cell_limits(explorer, feature, progress=progress, cancel=cancel)
         labels = self.labels(key)
         image = shown_map(explorer, key, feature, labels)
@@ -406,7 +403,7 @@ def embed_with_cells(store, key, labels: np.ndarray, *, plate=None, backend=None
     ``labels`` is an (H, W) integer image of the site's size (0 = background); a float or
     negative label image is refused naming the site.
     """
-    from .embed import Embedder
+    from ..embed.compute import Embedder
 
     key = SiteKey.of(key)
     lab = np.asarray(labels)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PlateError, StoreError
-from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .settings import (
+from ..errors import PlateError, StoreError
+from ..progress import Cancel, ProgressCallback, is_cancelled, report
+from ..settings import (
     PRECISIONS,
     SEGMENT_ALGORITHM,
     SEGMENTERS,
@@ -42,9 +42,9 @@ from .settings import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from .embed import SiteTokens
-    from .models import Backend
-    from .plate import Plate, Site
+    from ..models import Backend
+    from ..plate import Plate, Site
+    from .compute import SiteTokens
     from .store import ActivationStore
 
 #: Where a site's cells come from: its label file, segmentation, the file else segmentation
@@ -138,7 +138,7 @@ class EmbedSettings(Settings):
 
 def load_embed_model(settings: EmbedSettings) -> Backend:
     """The backend ``settings`` name, on its device."""
-    from .models import load_model
+    from ..models import load_model
 
     return load_model(
         settings.model, settings.device, arch=settings.arch, channel_rule=settings.channel_rule
@@ -219,10 +219,10 @@ class SiteInputs:
         """The site's cell labels and their quality (:func:`.segment_qc.site_qc`), when its
         nuclei are known: segmented here, or read from a label folder of ours (its ``qc.csv``
         row, which also names the stains left out, else the nuclei file beside the cells)."""
-        from .segment_qc import site_qc
+        from ..segment.qc import site_qc
 
         if self.cells == "segment":
-            from .segment_classical import StainWarning
+            from ..segment.classical import StainWarning
 
             segment = _segmenter(self.segmenter, self.cellpose_model, self.nuclear)
             try:
@@ -239,7 +239,7 @@ class SiteInputs:
                 for w in caught
                 if issubclass(w.category, StainWarning)
             ]
-            from .segment import quality_channels
+            from ..segment.site import quality_channels
 
             try:
                 stains = quality_channels(SegmentSettings(nuclear=str(self.nuclear)), channel_names)
@@ -257,7 +257,7 @@ class SiteInputs:
         if self.cells == "none":
             return None
         if self.cells == "file":
-            from .plate.label_images import own_nuclei, read_user_labels
+            from ..plate.label_images import own_nuclei, read_user_labels
 
             if self.user:
                 split = None
@@ -266,7 +266,7 @@ class SiteInputs:
                 return read_user_labels(
                     self.labels_path, self.split_by, image.shape[-2:], nuclei_from=split
                 )[0]
-            from .plate.io import read_labels
+            from ..plate.io import read_labels
 
             labels = read_labels(self.labels_path)
             if labels.shape != tuple(image.shape[-2:]):
@@ -288,7 +288,7 @@ class SiteInputs:
 def _folder_quality(cells_path: Path, key, cells: np.ndarray) -> dict | None:
     """A site's row of its label folder's ``qc.csv``, else measured from the nuclei file
     beside its cells file; None without either."""
-    from .segment_qc import QC_FILE, read_qc, site_qc
+    from ..segment.qc import QC_FILE, read_qc, site_qc
 
     plate_folder = Path(cells_path).parent
     for folder in (plate_folder.parent, plate_folder):
@@ -304,7 +304,7 @@ def _folder_quality(cells_path: Path, key, cells: np.ndarray) -> dict | None:
                 return {k: row[k] for k in row if k not in ("plate", "well", "site")}
     nuclei_path = Path(str(cells_path).replace("_cells", "_nuclei"))
     if nuclei_path != Path(cells_path) and nuclei_path.is_file():
-        from .plate.io import read_labels
+        from ..plate.io import read_labels
 
         nuclei = read_labels(nuclei_path)
         if nuclei.shape == cells.shape:
@@ -315,7 +315,7 @@ def _folder_quality(cells_path: Path, key, cells: np.ndarray) -> dict | None:
 @functools.lru_cache(maxsize=2)
 def _segmenter(segmenter: str, cellpose_model: str | None, nuclear: str):
     """One segmenter per plate and settings, so that a Cellpose model loads once, not per site."""
-    from .segment import channel_ref, make_segmenter
+    from ..segment.site import channel_ref, make_segmenter
 
     return make_segmenter(
         SegmentSettings(
@@ -371,7 +371,7 @@ def site_inputs(
 
 
 def _cellpose_name(source: str | None) -> str | None:
-    from .segment_cellpose import cellpose_model_name
+    from ..segment.cellpose import cellpose_model_name
 
     return None if source is None else cellpose_model_name(source)
 
@@ -448,8 +448,8 @@ def read_sites(
 
 def _as_plate(plate, labels: str | None) -> Plate:
     """An open plate whose sites carry the labels of ``labels`` (a folder) when given."""
-    from .plate import Plate, open_plate
-    from .plate.labels import with_label_folder
+    from ..plate import Plate, open_plate
+    from ..plate.labels import with_label_folder
 
     if not isinstance(plate, Plate):
         return open_plate(plate, labels=labels)
@@ -489,8 +489,8 @@ def embed_plate(
     settings = settings if settings is not None else EmbedSettings()
     if out is None:
         raise StoreError("no output folder given for the activation store")
-    from ._files import check_output
-    from ._lock import write_lock
+    from .._files import check_output
+    from .._lock import write_lock
     from .store import check_store_folder
 
     out = check_output(out, folder=True, what="activation store")
@@ -526,7 +526,7 @@ def store_writer(plate, settings: EmbedSettings, out, backend, inputs, overwrite
     """(StoreWriter, Embedder) for ``plate``: the settings resolved (channel tokens, block, model
     source) and recorded as the store signs them. One place, so a single process and a cluster's
     client and workers sign a store alike."""
-    from .embed import Embedder
+    from .compute import Embedder
     from .store import StoreWriter
 
     channels = resolve_channel_tokens(settings, backend, len(plate.channel_names))
@@ -564,7 +564,7 @@ def model_file(backend: Backend) -> str:
     """The weights file (or source) a backend came from, for messages about its output."""
     source = model_source(backend)
     if source == "default":
-        from .models.loading import WEIGHTS_DIR
+        from ..models.loading import WEIGHTS_DIR
 
         return str(WEIGHTS_DIR / "default.safetensors")
     return source
@@ -595,7 +595,7 @@ def check_finite(st: SiteTokens, backend: Backend) -> None:
 
 def reopen_plate(store: ActivationStore) -> Plate:
     """The plate a store was embedded from, opened with the same options."""
-    from .plate import open_plate
+    from ..plate import open_plate
 
     source = dict(store.plate_source)
     if not source.get("path"):
@@ -610,7 +610,7 @@ def reopen_plate(store: ActivationStore) -> Plate:
 
 def reload_model(store: ActivationStore, device=None) -> Backend:
     """The store's model, loaded from its recorded source; refused if the weights differ."""
-    from .models import load_model
+    from ..models import load_model
 
     recorded = store.embed_settings
     kwargs = {}
@@ -648,8 +648,8 @@ def embed_store_site(
     cell rule. ``backend`` is reloaded from ``store.model_source`` unless given; either way it
     must have the store's weights.
     """
-    from .embed import Embedder
-    from .plate import SiteKey
+    from ..plate import SiteKey
+    from .compute import Embedder
 
     key = SiteKey.of(key)
     plate = plate if plate is not None else reopen_plate(store)

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConceptDiscoveryError, PlateError
-from .plate import Plate, SiteKey
+from ..errors import ConceptDiscoveryError, PlateError
+from ..plate import Plate, SiteKey
 
 STORE_SUFFIX = ".zarr"
 DICTIONARY_SUFFIX = ".safetensors"

@@ -25,18 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._files import atomic_path, atomic_write_text, check_not_foreign, owned_files
-from .concepts import (
-    HIT_FRACTION,
-    MIN_WELLS,
-    ConceptProfiles,
-    concept_profiles,
-    require_columns,
-    selectivity,
-)
-from .errors import ConceptDiscoveryError, DataWarning, StoreError
-from .progress import Cancel, ProgressCallback, is_cancelled, report
-from .settings import Settings, SettingsError, check, option
+from .._files import atomic_path, atomic_write_text, check_not_foreign, owned_files
+from ..analysis.concepts import require_columns, selectivity
+from ..analysis.profiles import HIT_FRACTION, MIN_WELLS, ConceptProfiles, concept_profiles
+from ..errors import ConceptDiscoveryError, DataWarning, StoreError
+from ..progress import Cancel, ProgressCallback, is_cancelled, report
+from ..settings import Settings, SettingsError, check, option
 
 #: Columns of a token table that are never a metadata label (keys, geometry, counts).
 NOT_LABELS = ("plate", "well", "site", "label", "row", "col", "column", "tile", "cell", "patch")
@@ -91,7 +85,7 @@ class ReportSettings(Settings):
         check(self.cells >= 1, "cells", f"must be at least 1, got {self.cells}")
         check(self.threshold > 0, "threshold", f"must be positive, got {self.threshold}")
         if self.controls is not None:
-            from .dictionary.whiten import parse_control
+            from ..dictionary.whiten import parse_control
 
             try:
                 parse_control(self.controls)
@@ -145,7 +139,7 @@ class _Pixels:
     """Channel composites of the plate's sites (a few kept), for thumbnails and overlays."""
 
     def __init__(self, store):
-        from .plate_embedding import reopen_plate
+        from ..embed.plate import reopen_plate
 
         self.plate = None
         self.problem = None
@@ -157,9 +151,9 @@ class _Pixels:
 
     def composite(self, key) -> np.ndarray | None:
         """An RGB (H, W, 3) float image in [0, 1] of the site, or None without the plate."""
-        from ._reader import channel_colormaps, contrast_limits, initially_visible
-        from .plate import SiteKey
-        from .thumbnails import composite, named_colour
+        from ..plate import SiteKey
+        from ..views.channels import channel_colormaps, contrast_limits, initially_visible
+        from ..views.thumbnails import composite, named_colour
 
         if self.plate is None:
             return None
@@ -248,8 +242,8 @@ def top_cells_figure(ex, pixels: _Pixels, cells: pd.DataFrame, feature: int):
 def site_figure(ex, pixels: _Pixels, key, feature: int):
     """One site: its channel composite, and the feature's patch activations over it (for a
     cell dictionary only the patches mostly in cells, as the viewer shows them)."""
-    from .overlay import shown_map
-    from .plate import SiteKey
+    from ..plate import SiteKey
+    from ..views.overlay import shown_map
 
     key = SiteKey.of(key)
     rgb = pixels.composite(key)
@@ -299,8 +293,8 @@ def plate_figure(ex, feature: int, plates: Sequence[str], controls: pd.DataFrame
         ax.set_yticks(range(0, len(rows), rstep), rows[::rstep], fontsize=7)
         ax.set_title(f"plate {plate}", fontsize=9)
         if controls is not None:
-            from .explore import _row_index
-            from .plate.model import normalize_well
+            from ..analysis.explore import _row_index
+            from ..plate.model import normalize_well
 
             wells = [normalize_well(x) for x in controls.loc[controls.plate == plate, "well"]]
             ys = [_row_index(x.rstrip("0123456789")) for x in wells]
@@ -473,7 +467,7 @@ def _feature_link(f: int, shown: set[int]) -> str:
 
 
 def _load(dictionary):
-    from .dictionary.io import load_dictionary
+    from ..dictionary.io import load_dictionary
 
     if isinstance(dictionary, (str, Path)):
         return Path(dictionary).stem, load_dictionary(dictionary)
@@ -574,7 +568,7 @@ def check_report_folder(out: str | Path) -> Path:
     """Refuse, before any work, a report folder that cannot be written, that holds an
     ``index.html`` or ``hits.csv`` this package did not write there (the one rule of
     :func:`._files.check_not_foreign`), or that lies inside an activation store."""
-    from .store import refuse_inside_store
+    from ..embed.store import refuse_inside_store
 
     out = check_not_foreign(
         out,
@@ -599,8 +593,8 @@ def write_report(
     """Write ``out/index.html`` (and ``out/hits.csv``) about ``store`` and the first of
     ``dictionaries`` (paths or loaded dictionaries); the others join the comparison table.
     Returns the HTML file's path."""
-    from .dictionary.pipeline import profile_controls
-    from .explore import Explorer
+    from ..analysis.analyze import profile_controls
+    from ..analysis.explore import Explorer
 
     settings = settings or ReportSettings()
     if not dictionaries:
@@ -637,7 +631,7 @@ def write_report(
     control_wells = None
     notes = []
     if controls:
-        from .dictionary.whiten import parse_control
+        from ..dictionary.whiten import parse_control
 
         ccol, cval = parse_control(controls)
         if ccol not in table.columns:
@@ -739,7 +733,7 @@ def quality_figure(ex, pixels: _Pixels, keys: Sequence, reasons: Sequence[str]):
     """Flagged sites: the composite with the cells' outlines in white, the reason as title."""
     from skimage.segmentation import find_boundaries
 
-    from .plate import SiteKey
+    from ..plate import SiteKey
 
     n = len(keys)
     fig = _figure(4.2 * n, 4.6)
@@ -763,7 +757,7 @@ def quality_figure(ex, pixels: _Pixels, keys: Sequence, reasons: Sequence[str]):
 def _quality_html(store, ex, pixels: _Pixels) -> str:
     """The segmentation quality section: the plate's medians, the flagged sites and reasons,
     and the first flagged sites drawn with their cells."""
-    from .segment_qc import summary
+    from ..segment.qc import summary
 
     parts = ["<h2 id='quality'>Segmentation quality</h2>"]
     quality = store.quality() if hasattr(store, "quality") else None
@@ -796,7 +790,7 @@ def _quality_html(store, ex, pixels: _Pixels) -> str:
 
 
 def _cancelled():
-    from .progress import Cancelled
+    from ..progress import Cancelled
 
     return Cancelled("report cancelled")
 

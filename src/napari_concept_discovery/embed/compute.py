@@ -28,10 +28,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .errors import ModelError, PlateError
-from .models import Backend
-from .progress import Cancel, is_cancelled
-from .settings import PRECISIONS
+from ..errors import ModelError, PlateError
+from ..models import Backend
+from ..progress import Cancel, is_cancelled
+from ..settings import PRECISIONS
 
 
 @dataclass

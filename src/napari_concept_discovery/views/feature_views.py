@@ -1,7 +1,7 @@
 """What the concept explorer shows, Qt-free: the feature table, a cell's features, the gallery.
 
 The widget only lays these out. The numbers come from an
-:class:`~napari_concept_discovery.explore.Explorer`; this module picks the label columns,
+:class:`~napari_concept_discovery.analysis.explore.Explorer`; this module picks the label columns,
 names and explains the table's columns, joins a cell's features with their top labels,
 draws the top cells' thumbnails and frames a cell for the camera (docs/architecture.md,
 "The viewer").
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ._reader import contrast_limits
+from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
+from .channels import contrast_limits
 from .forms import metadata_choices
 from .platemap import KEY_COLUMNS, PREFERRED_COLUMNS
-from .progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .thumbnails import RGB, cell_thumbnail
 
 MAX_LABEL_VALUES = 50  # a column with more values (one per well) is not a label to select by
@@ -149,7 +149,7 @@ def top_cell_thumbnails(
 
     ``colours`` maps the channels to show (by name) to their colours, as the viewer shows them;
     each site is read once and drawn with the viewer's display range
-    (:func:`~napari_concept_discovery._reader.contrast_limits`). Cells without a box (a site
+    (:func:`~napari_concept_discovery.views.channels.contrast_limits`). Cells without a box (a site
     embedded without labels) are left out.
     """
     top = explorer.top_cells(feature, n=n)

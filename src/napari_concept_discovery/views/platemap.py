@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..plate.model import normalize_well, row_letters
 from .colours import MAX_CATEGORIES, MISSING, RGBA, category_palette, map_values, value_range
-from .plate.model import normalize_well, row_letters
 
 # Standard microplates (rows, columns), smallest first; a plate is drawn in the smallest one
 # that holds all its wells so that a well sits where it sits on the bench.

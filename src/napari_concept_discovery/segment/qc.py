@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from ._files import atomic_write_text
+from .._files import atomic_write_text
 
 #: File name of the table in a label folder.
 QC_FILE = "qc.csv"
@@ -61,7 +61,7 @@ def background_share(
     """The share of the cells' area where no cell stain rises above its background's noise
     floor (:func:`.segment_classical.background`, level + ``noise_floor`` deviations, on the
     lightly smoothed stain): background that the cells took in. NaN without cells or stains."""
-    from .segment_classical import background, smooth
+    from .classical import background, smooth
 
     inside = np.asarray(cells) > 0
     channels = list(channels)

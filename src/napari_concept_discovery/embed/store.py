@@ -61,10 +61,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from . import __version__
-from ._files import atomic_dir, atomic_parquet, atomic_write_text, hash_files
-from .errors import StoreError
-from .plate import SiteKey
+from .. import __version__
+from .._files import atomic_dir, atomic_parquet, atomic_write_text, hash_files
+from ..errors import StoreError
+from ..plate import SiteKey
 
 UNITS = ("cell", "patch", "crop")
 MARKER = "napari-concept-discovery activation store"
@@ -759,7 +759,7 @@ class ActivationStore:
         or when the plate cannot be opened from where it was (moved, another machine)."""
         import warnings
 
-        from .plate import open_plate
+        from ..plate import open_plate
 
         recorded = self.signature.get("metadata")
         where = self.plate_source.get("path")

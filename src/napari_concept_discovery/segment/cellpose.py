@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
-from .segment_classical import find_nuclei_with, touching_edge, unit_scale
+from ..errors import ModelError
+from .classical import find_nuclei_with, touching_edge, unit_scale
 
 INSTALL_HINT = "pip install 'napari-concept-discovery[cellpose]' (or: pip install cellpose)"
 

@@ -1,0 +1,142 @@
+"""One analysis of a dictionary on a store: refuse what can be refused before encoding, encode
+(:mod:`.encode`, or the Dask executor in :mod:`.cluster`), join the ground truth and write the
+tables (:mod:`.write`)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import scipy.sparse as sp
+
+from ..dictionary.applied import Dictionary
+from ..dictionary.settings import AnalyzeSettings
+from ..dictionary.whiten import parse_control
+from ..errors import DataWarning, DictionaryError
+from ..progress import Cancel, ProgressCallback
+from .concepts import require_columns
+from .encode import encode_store
+from .truth import join_truth, read_truth
+from .write import check_analysis_folder, write_analysis
+
+
+@dataclass
+class Analysis:
+    """Codes, the token table they index (with the truth joined) and the files written."""
+
+    codes: sp.csr_matrix
+    table: pd.DataFrame
+    paths: dict[str, Path]
+
+
+def encode_for_analysis(
+    store,
+    dictionary: Dictionary,
+    settings: AnalyzeSettings,
+    *,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+    truth: pd.DataFrame | None = None,
+    encode=None,
+) -> tuple[sp.csr_matrix, pd.DataFrame]:
+    """:func:`encode_store` (or ``encode``, a function called as it is) with
+    ``settings.truth_file`` (or ``truth``, read already) joined onto the token table."""
+    encode = encode_store if encode is None else encode
+    stale = getattr(store, "stale_labels", lambda: None)()
+    if stale:
+        warnings.warn(stale, DataWarning, stacklevel=2)
+    codes, table = encode(store, dictionary, settings.unit, progress=progress, cancel=cancel)
+    if truth is None and settings.truth_file is not None:
+        truth = read_truth(settings.truth_file)
+    if truth is not None:
+        table = join_truth(table, truth)
+        where = settings.truth_file or "the truth table"
+        for col in settings.truth:
+            missing = int(table[col].isna().sum()) if col in table.columns else 0
+            if missing:
+                warnings.warn(
+                    f"{where} gives no {col!r} for {missing} of {len(table)} tokens; they are "
+                    f"left out of the {col} concepts",
+                    DataWarning,
+                    stacklevel=2,
+                )
+    return codes, table
+
+
+def check_analysis(store, dictionary: Dictionary, settings: AnalyzeSettings) -> pd.DataFrame | None:
+    """Everything about an analysis that can be refused before encoding: the dictionary fits
+    the store, the truth file reads and joins, the label and truth columns exist. Returns the
+    truth table (or None)."""
+    unit = settings.unit or dictionary.meta.get("unit") or "cell"
+    dictionary.check_compatible_store(store)
+    columns = list(store.table(unit).columns)
+    truth = None
+    if settings.truth_file is not None:
+        truth = read_truth(settings.truth_file)
+        keys = ("plate", "well", "site", "label")
+        missing = [k for k in keys if k not in columns or k not in truth.columns]
+        if missing:
+            raise DictionaryError(
+                f"cannot join the truth file {settings.truth_file} onto the {unit} tokens on "
+                f"{list(keys)}: missing {missing} (tokens: {columns}, truth: "
+                f"{list(truth.columns)})"
+            )
+        columns += [c for c in truth.columns if c not in columns]
+    empty = pd.DataFrame(columns=columns)
+    require_columns(empty, settings.labels, "selectivity (labels)")
+    require_columns(empty, settings.truth, "ground truth (truth)")
+    return truth
+
+
+def analyze_store(
+    store,
+    dictionary: Dictionary,
+    settings: AnalyzeSettings,
+    out: str | Path,
+    *,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+    encode=None,
+) -> Analysis:
+    """Encode ``store`` and write the feature, selectivity, concept and code tables to ``out``.
+
+    ``encode`` replaces :func:`encode_store` (same arguments, same result), as
+    ``cluster.encode_store_on_cluster`` does to encode on a Dask cluster.
+
+    The output folder, the dictionary's fit to the store, the truth file and the label and
+    truth columns are checked before anything is encoded or written; the tables are written
+    into a folder beside ``out`` that replaces it whole, so a failed run leaves the old
+    analysis as it was.
+    """
+    check_analysis_folder(out)
+    truth = check_analysis(store, dictionary, settings)
+    codes, table = encode_for_analysis(
+        store, dictionary, settings, progress=progress, cancel=cancel, truth=truth, encode=encode
+    )
+    controls = profile_controls(dictionary, settings.controls)
+    if settings.controls is not None:
+        require_columns(table, [parse_control(controls)[0]], "concept profiles (controls)")
+    elif controls is not None and parse_control(controls)[0] not in table.columns:
+        controls = None
+    paths = write_analysis(
+        out,
+        codes,
+        table,
+        settings.labels,
+        meta=dictionary.meta,
+        truth_columns=settings.truth,
+        top_n=settings.top_n,
+        controls=controls,
+        stains=dictionary.stain_table(),
+    )
+    return Analysis(codes, table, paths)
+
+
+def profile_controls(dictionary: Dictionary, controls: str | None = None) -> str | None:
+    """The control wells concept profiles are z-scored against: ``controls`` when given, else
+    the controls the dictionary's whitening was fitted on (COLUMN=VALUE), else None."""
+    if controls is not None:
+        return controls
+    return (dictionary.meta.get("whitening") or {}).get("controls")

@@ -1,0 +1,1 @@
+"""The HTML report of a dictionary on a whole store."""

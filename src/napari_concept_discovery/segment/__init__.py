@@ -1,0 +1,1 @@
+"""Segmentation: nuclei and cells per site (classical, Cellpose, legacy), the quality table (qc) and a whole plate's label files (plate)."""
