@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_concept_discovery.analysis.encode import encode_store
-from napari_concept_discovery.cli import _size_line
+from napari_concept_discovery.cli.embed import size_line
 from napari_concept_discovery.dictionary import (
     TrainSettings,
     WhitenSettings,
@@ -110,7 +110,7 @@ def test_store_size_is_reported_and_follows_the_layout(store):
     assert sizes["total"] >= sum(sizes[u] for u in ("cell", "patch", "crop", "labels"))
     assert store.size_per_site() == pytest.approx(sizes["total"] / len(store.sites()))
     # what `concept-discovery embed` prints at the end
-    line = _size_line(store)
+    line = size_line(store)
     per_site = sizes["total"] / len(store.sites()) / 1e6
     assert f"{per_site:.2f} MB per site" in line
     assert "per-channel tokens kept (6 x 32, float16)" in line

@@ -435,7 +435,7 @@ def test_view_opens_a_demo_folder_with_everything_loaded(make_napari_viewer, dem
     )
 
     args = build_parser().parse_args(["view", str(demo_folder)])
-    assert args.func.__name__ == "_run_view" and args.store is None
+    assert args.func.__name__ == "run_view" and args.store is None
     inputs = find_view_inputs(args.plate, args.store, args.dictionary)
     viewer = make_napari_viewer()
     opened = open_viewer(inputs.plate, inputs.store, inputs.dictionary, viewer=viewer)

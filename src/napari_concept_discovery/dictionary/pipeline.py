@@ -44,7 +44,9 @@ def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str
     n_bad = int(bad.sum())
     if not n_bad:
         return tokens, table, 0
-    text = f"{n_bad} of {len(bad)} {unit} tokens of {where} hold NaN or Inf, {where_rows(table, bad)}"
+    text = (
+        f"{n_bad} of {len(bad)} {unit} tokens of {where} hold NaN or Inf, {where_rows(table, bad)}"
+    )
     if not drop:
         raise DictionaryError(
             f"{text}. Whitening and training on them would give NaN; embed again with sound "

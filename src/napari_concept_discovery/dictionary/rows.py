@@ -75,4 +75,3 @@ def where_rows(table: pd.DataFrame, mask: np.ndarray, limit: int = 5) -> str:
     shown = "; ".join(" ".join(str(v) for v in row) for row in sites.head(limit).itertuples(False))
     more = f"; ... and {len(sites) - limit} more" if len(sites) > limit else ""
     return f"at {len(sites)} site(s): {shown}{more}"
-

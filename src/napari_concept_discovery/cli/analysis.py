@@ -1,0 +1,98 @@
+"""``analyze``: encode a store with a dictionary and write the analysis tables, on this machine
+or on a Dask cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import at_least, command
+from .embed import add_cluster_options, cluster_client
+from .output import (
+    Console,
+)
+
+
+def add_analyze(sub) -> None:
+    from ..dictionary.settings import AnalyzeSettings
+    from ..settings import add_arguments
+
+    p = command(
+        sub,
+        "analyze",
+        "encode a store with a dictionary; write feature table, selectivity and codes",
+        [
+            "concept-discovery analyze store.zarr dict.safetensors --out analysis/",
+            "concept-discovery analyze store.zarr dict.safetensors --labels "
+            "cell_type,perturbation --truth-file plates/truth.csv --truth mitotic --out analysis/",
+        ],
+        note="Writes features.parquet, selectivity, concept profiles and codes.h5ad (AnnData) "
+        "into --out; `concept-discovery report` draws them.",
+    )
+    p.add_argument("store", help="activation store folder")
+    p.add_argument(
+        "dictionary", help="dictionary file (.safetensors) from `concept-discovery train`"
+    )
+    add_arguments(p, AnalyzeSettings)
+    p.add_argument("--out", required=True, help="output folder")
+    add_cluster_options(p, "encode", "each encoding blocks of token rows")
+    p.add_argument(
+        "--rows-per-task",
+        type=int,
+        default=None,
+        help="token rows per Dask task, rounded up to whole encode batches (default: about "
+        "four tasks per worker)",
+    )
+    p.set_defaults(func=run_analyze)
+
+
+def run_analyze(args, con: Console) -> int:
+    from ..analysis.analyze import analyze_store
+    from ..analysis.write import check_analysis_folder
+    from ..dictionary.io import load_dictionary
+    from ..dictionary.settings import AnalyzeSettings
+    from ..embed.store import ActivationStore
+    from ..settings import from_args
+
+    settings = from_args(AnalyzeSettings, args)
+    check_analysis_folder(args.out)
+    store = ActivationStore.open(args.store)
+    dictionary = load_dictionary(args.dictionary)
+    trained_on = dictionary.meta.get("unit")
+    if settings.unit and trained_on and settings.unit != trained_on:
+        # Accepted on purpose (same model, block and width; the viewer's maps do it), but said.
+        con.note(
+            f"note: {args.dictionary} was trained on {trained_on} tokens; encoding the store's "
+            f"{settings.unit} tokens with it (--unit {settings.unit})"
+        )
+    at_least(args.rows_per_task, "--rows-per-task")
+    with cluster_client(args) as client, con.bars({"encode": "encode"}) as bars:
+        if client is None:
+            analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
+        else:
+            from ..analysis.cluster import analyze_store_on_cluster
+
+            analysis = analyze_store_on_cluster(
+                store,
+                dictionary,
+                settings,
+                args.out,
+                client=client,
+                rows_per_task=args.rows_per_task,
+                progress=bars,
+            )
+    codes = analysis.codes
+    l0 = codes.nnz / max(codes.shape[0], 1)
+    con.say(
+        f"encoded {codes.shape[0]} tokens with {codes.shape[1]} features (L0 {l0:.1f}); wrote "
+        f"{', '.join(p.name for p in analysis.paths.values())} to {args.out}"
+    )
+    con.result(
+        out=Path(args.out).resolve(),
+        files={k: Path(v).resolve() for k, v in analysis.paths.items()},
+        tokens=codes.shape[0],
+        features=codes.shape[1],
+        l0=round(l0, 4),
+        unit=settings.unit or trained_on,
+    )
+    return 0
