@@ -23,12 +23,12 @@ from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSe
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError
 from napari_concept_discovery.report.build import (
-    HITS_SHOWN,
     ReportSettings,
     default_labels,
     rank_features,
     write_report,
 )
+from napari_concept_discovery.report.html import HITS_SHOWN
 from napari_concept_discovery.settings import SettingsError
 
 # --- concept profiles -------------------------------------------------------------------------

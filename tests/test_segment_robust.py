@@ -194,7 +194,7 @@ def test_store_keeps_the_quality_table(tiny_store_path):
 
 
 def test_report_quality_section_draws_flagged_sites():
-    from napari_concept_discovery.report.build import _quality_html
+    from napari_concept_discovery.report.html import quality_html
 
     site = generate_zoo_site("base", size=128, seed=0)
     tiled = expand_labels(site.nuclei, 200)
@@ -212,7 +212,7 @@ def test_report_quality_section_draws_flagged_sites():
         def composite(self, key):
             return np.zeros((128, 128, 3), np.float32)
 
-    text = _quality_html(Store(), Ex(), Pixels())
+    text = quality_html(Store(), Ex(), Pixels())
     assert "1 flagged" in text and "tile the site" in text and "data:image/jpeg" in text
 
 
