@@ -12,8 +12,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..dictionary.applied import Dictionary
+from ..dictionary.control import parse_control
 from ..dictionary.settings import AnalyzeSettings
-from ..dictionary.whiten import parse_control
 from ..errors import DataWarning, DictionaryError
 from ..progress import Cancel, ProgressCallback
 from .concepts import require_columns
@@ -69,7 +69,7 @@ def check_analysis(store, dictionary: Dictionary, settings: AnalyzeSettings) -> 
     """Everything about an analysis that can be refused before encoding: the dictionary fits
     the store, the truth file reads and joins, the label and truth columns exist. Returns the
     truth table (or None)."""
-    unit = settings.unit or dictionary.meta.get("unit") or "cell"
+    unit = settings.unit or dictionary.unit
     dictionary.check_compatible_store(store)
     columns = list(store.table(unit).columns)
     truth = None
@@ -117,8 +117,8 @@ def analyze_store(
     )
     controls = profile_controls(dictionary, settings.controls)
     if settings.controls is not None:
-        require_columns(table, [parse_control(controls)[0]], "concept profiles (controls)")
-    elif controls is not None and parse_control(controls)[0] not in table.columns:
+        require_columns(table, [parse_control(controls).column], "concept profiles (controls)")
+    elif controls is not None and parse_control(controls).column not in table.columns:
         controls = None
     paths = write_analysis(
         out,

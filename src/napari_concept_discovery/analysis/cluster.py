@@ -70,7 +70,7 @@ def encode_store_on_cluster(
 
     from .encode import check_finite_codes, encode_store
 
-    unit = unit or dictionary.meta.get("unit") or "cell"
+    unit = unit or dictionary.unit
     if batch_size < 1:
         raise ConceptDiscoveryError(f"batch size must be at least 1, got {batch_size}")
     dictionary.check_compatible_store(store)

@@ -104,7 +104,7 @@ def encode_store(
     they are accepted; the CLI says when it does this. ``analysis.cluster.encode_store_on_cluster``
     gives the same codes from the workers of a Dask cluster.
     """
-    unit = unit or dictionary.meta.get("unit") or "cell"
+    unit = unit or dictionary.unit
     dictionary.check_compatible_store(store)
     tokens = WatchedRows(dictionary_tokens(store, dictionary, unit), rows=rows)
     table = store.table(unit)

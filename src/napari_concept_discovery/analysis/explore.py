@@ -97,7 +97,7 @@ class Explorer:
         self.site_source = site_source
         self.max_sites = int(max_sites)
         self.batch_size = int(batch_size)
-        self.token_form = str(dictionary.meta.get("tokens", "mean"))
+        self.token_form = dictionary.token_form
         self._sites: OrderedDict[SiteKey, SiteCodes] = OrderedDict()
         self._cells: tuple[sp.csr_matrix, pd.DataFrame] | None = None
         self._limits: np.ndarray | None = None

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..dictionary.control import parse_control
 from ..errors import DictionaryError
 from .concepts import _csr, require_columns
 
@@ -159,9 +160,7 @@ def concept_profiles(
     Plates without a control well are left out (named in ``skipped_plates``); none with one is
     an error naming the control.
     """
-    from ..dictionary.whiten import parse_control
-
-    ccol, cval = parse_control(control) if isinstance(control, str) else control
+    ccol, cval = parse_control(control)
     require_columns(table, [ccol], "the control wells of concept profiles")
     wells, means = well_means(codes, table, column)
     # a well is a control well when its cells are controls (the control column may differ)

@@ -17,6 +17,7 @@ from .._files import (
     check_free_space,
     check_not_foreign,
 )
+from ..dictionary.control import parse_control
 from ..errors import OutputError
 from .concepts import _csr, feature_table, selectivity_report
 from .profiles import ConceptProfiles, concept_profiles
@@ -169,7 +170,7 @@ def write_analysis(
             atomic_parquet(aurocs, tmp / names["concepts"])
         profiles = []
         if controls:
-            control_column = controls.partition("=")[0].strip()
+            control_column = parse_control(controls).column
             profiles = [
                 concept_profiles(csr, table, c, controls) for c in columns if c != control_column
             ]

@@ -39,7 +39,7 @@ _EXPORTS = {
     "train": "training",
     "Whitener": "whiten",
     "control_mask": "whiten",
-    "parse_control": "whiten",
+    "parse_control": "control",
     "AnalyzeSettings": "settings",
     "TrainSettings": "settings",
     "WhitenSettings": "settings",

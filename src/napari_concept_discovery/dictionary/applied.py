@@ -119,6 +119,11 @@ class Dictionary:
         return None if self.whitener is None else self.whitener.group_by
 
     @property
+    def unit(self) -> str:
+        """The token unit it was trained on (cell, patch or crop)."""
+        return self.meta.get("unit") or "cell"
+
+    @property
     def token_form(self) -> str:
         """The token form it was trained on: "concat" (channel tokens side by side) or "mean"."""
         return self.meta.get("tokens", "mean")

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DictionaryError
-from ..settings import Settings, SettingsError, check, option
-from .whiten import MODES, group_columns, parse_control
+from ..settings import Settings, check, option
+from .control import Control, check_control, parse_control
+from .whiten import MODES, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
 UNITS = ("cell", "patch", "crop")  # the store's token units (store.UNITS)
@@ -84,10 +84,7 @@ class WhitenSettings(Settings):
             "(command line: --whiten COLUMN=VALUE, e.g. --whiten well_type=negative_control), "
             "or train without whitening (--no-whiten)",
         )
-        try:
-            parse_control(self.controls)
-        except DictionaryError as exc:
-            raise SettingsError(str(exc)) from None
+        check_control(self.controls)
         check(
             self.n_components is None or self.n_components >= 1,
             "n_components",
@@ -108,7 +105,7 @@ class WhitenSettings(Settings):
         self.shrinkage_value  # noqa: B018  (checks the value)
 
     @property
-    def control(self) -> tuple[str, str]:
+    def control(self) -> Control:
         """``controls`` as (column, value)."""
         return parse_control(self.controls)
 
@@ -349,11 +346,7 @@ class AnalyzeSettings(Settings):
 
     def validate(self) -> None:
         check(self.top_n >= 1, "top_n", f"must be at least 1, got {self.top_n}")
-        if self.controls is not None:
-            try:
-                parse_control(self.controls)
-            except DictionaryError as exc:
-                raise SettingsError(str(exc)) from None
+        check_control(self.controls)
 
 
 #: A dictionary trains this many passes over its tokens, within these steps, unless its steps are

@@ -23,14 +23,6 @@ _MAX_LISTED = 20
 _RANK_TOL = 1e-7  # eigenvalues below this fraction of the largest are numerical zeros
 
 
-def parse_control(spec: str) -> tuple[str, str]:
-    """``"well_type=negative_control"`` -> ``("well_type", "negative_control")``."""
-    column, sep, value = spec.partition("=")
-    if not sep or not column.strip() or not value.strip():
-        raise DictionaryError(f"controls must be given as COLUMN=VALUE, got {spec!r}")
-    return column.strip(), value.strip()
-
-
 def _listed(values: Sequence) -> str:
     shown = ", ".join(repr(v) for v in values[:_MAX_LISTED])
     more = len(values) - _MAX_LISTED

@@ -18,6 +18,7 @@ can build its options from :class:`EmbedSettings` without loading them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -608,17 +609,22 @@ def reopen_plate(store: ActivationStore) -> Plate:
         ) from exc
 
 
+def store_settings(store: ActivationStore) -> EmbedSettings:
+    """The :class:`EmbedSettings` a store was embedded with, read back from its attributes:
+    what a store of an older version did not record takes today's default, and what this
+    version no longer knows is left out."""
+    known = {f.name for f in dataclasses.fields(EmbedSettings)}
+    return EmbedSettings.from_dict({k: v for k, v in store.embed_settings.items() if k in known})
+
+
 def reload_model(store: ActivationStore, device=None) -> Backend:
     """The store's model, loaded from its recorded source; refused if the weights differ."""
     from ..models import load_model
 
-    recorded = store.embed_settings
+    recorded = store_settings(store)
     kwargs = {}
-    if recorded.get("arch"):
-        kwargs = {
-            "arch": recorded["arch"],
-            "channel_rule": recorded.get("channel_rule") or "per-channel",
-        }
+    if recorded.arch:
+        kwargs = {"arch": recorded.arch, "channel_rule": recorded.channel_rule or "per-channel"}
     backend = load_model(store.model_source, device, **kwargs)
     _check_same_model(store, backend)
     return backend
@@ -662,7 +668,7 @@ def embed_store_site(
         backend = reload_model(store, device)
     else:
         _check_same_model(store, backend)
-    recorded = store.embed_settings
+    recorded = store_settings(store)
     site = plate[key]
     image = site.read()
     if key in store:
@@ -671,16 +677,12 @@ def embed_store_site(
         labels, _ = site_labels(
             site,
             image,
-            recorded.get("cells", "auto"),
-            recorded.get("nuclear", "DNA"),
-            recorded.get("segmenter", "classical"),
-            recorded.get("cellpose_model"),
+            recorded.cells,
+            recorded.nuclear,
+            recorded.segmenter,
+            recorded.cellpose_model,
         )
     embedder = Embedder(
-        backend,
-        store.block,
-        recorded.get("batch_size", 16),
-        store.has_channel_tokens,
-        recorded.get("precision", "fp32"),
+        backend, store.block, recorded.batch_size, store.has_channel_tokens, recorded.precision
     )
     return embedder.embed(image, labels, key=key)

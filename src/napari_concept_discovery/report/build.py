@@ -23,9 +23,10 @@ import pandas as pd
 from .._files import atomic_path, atomic_write_text, check_not_foreign, owned_files
 from ..analysis.concepts import require_columns, selectivity
 from ..analysis.profiles import ConceptProfiles, concept_profiles
+from ..dictionary.control import check_control, parse_control
 from ..errors import ConceptDiscoveryError, DataWarning
 from ..progress import Cancel, ProgressCallback, is_cancelled, report
-from ..settings import Settings, SettingsError, check, option
+from ..settings import Settings, check, option
 from .figures import Pixels
 from .html import (
     CSS,
@@ -83,13 +84,7 @@ class ReportSettings(Settings):
         check(self.top >= 1, "top", f"must be at least 1, got {self.top}")
         check(self.cells >= 1, "cells", f"must be at least 1, got {self.cells}")
         check(self.threshold > 0, "threshold", f"must be positive, got {self.threshold}")
-        if self.controls is not None:
-            from ..dictionary.whiten import parse_control
-
-            try:
-                parse_control(self.controls)
-            except ConceptDiscoveryError as exc:
-                raise SettingsError(str(exc)) from None
+        check_control(self.controls)
 
 
 # --- choosing what to show ------------------------------------------------------------------
@@ -248,8 +243,6 @@ def write_report(
     control_wells = None
     notes = []
     if controls:
-        from ..dictionary.whiten import parse_control
-
         ccol, cval = parse_control(controls)
         if ccol not in table.columns:
             if settings.controls is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.explore import ActivationMap
-from ..embed.plate import embed_store_site, reload_model, reopen_plate
+from ..embed.plate import embed_store_site, reload_model, reopen_plate, store_settings
 from ..errors import StoreError
 from ..plate import SiteKey
 from ..progress import Cancelled, is_cancelled
@@ -422,7 +422,8 @@ def embed_with_cells(store, key, labels: np.ndarray, *, plate=None, backend=None
             f"site {tuple(key)}: the cells are {lab.shape[0]} x {lab.shape[1]} pixels, the site "
             f"{image.shape[-2]} x {image.shape[-1]}"
         )
-    batch = store.embed_settings.get("batch_size", 16)
-    precision = store.embed_settings.get("precision", "fp32")
-    embedder = Embedder(backend, store.block, batch, store.has_channel_tokens, precision)
+    recorded = store_settings(store)
+    embedder = Embedder(
+        backend, store.block, recorded.batch_size, store.has_channel_tokens, recorded.precision
+    )
     return embedder.embed(image, lab.astype(np.int32), key=key)
