@@ -36,11 +36,14 @@ def option(
     label: str | None = None,
     default_factory: Any = MISSING,
     cli: bool = True,
+    min: float | None = None,
+    max: float | None = None,
 ) -> Any:
-    """A dataclass field with help text, optional choices, CLI flag and form label.
+    """A dataclass field with help text, optional choices, CLI flag, form label and range.
 
     ``flag`` defaults to ``--field-name``; ``cli=False`` keeps a field out of the command line
-    (for values the CLI passes positionally or derives).
+    (for values the CLI passes positionally or derives). ``min`` and ``max`` bound a number:
+    every settings object checks them, and a form's spin box takes them as its range.
     """
     meta = {
         "help": help,
@@ -48,6 +51,8 @@ def option(
         "flag": flag,
         "label": label,
         "cli": cli,
+        "min": min,
+        "max": max,
     }
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
@@ -72,6 +77,11 @@ class Settings:
                 raise SettingsError(
                     f"{f.name}: {value!r} is not one of {', '.join(map(repr, choices))}"
                 )
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if value is not None and lo is not None:
+                check(value >= lo, f.name, f"must be at least {lo}, got {value}")
+            if value is not None and hi is not None:
+                check(value <= hi, f.name, f"must be at most {hi}, got {value}")
         self.validate()
 
     def validate(self) -> None:
@@ -132,6 +142,8 @@ def describe(cls: type[Settings]) -> list[dict[str, Any]]:
                 "label": f.metadata.get("label") or f.name.replace("_", " "),
                 "flag": f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
                 "cli": f.metadata.get("cli", True),
+                "min": f.metadata.get("min"),
+                "max": f.metadata.get("max"),
             }
         )
     return out

@@ -20,8 +20,8 @@ import importlib
 
 _EXPORTS = {
     "ICFL": "icfl",
-    "ICFLConfig": "icfl",
-    "TopKConfig": "topk",
+    "ICFLConfig": "config",
+    "TopKConfig": "config",
     "TopKSAE": "topk",
     "Codes": "base",
     "ForwardOutput": "base",

@@ -9,17 +9,15 @@ branch on the method except to build the module.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import json
 import mmap
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import DictionaryError
+from .config import DictionaryConfig  # noqa: F401  (the config of this module's method)
 
 
 class Codes(NamedTuple):
@@ -41,33 +39,6 @@ class ForwardOutput(NamedTuple):
     codes: Codes
     loss: torch.Tensor
     metrics: dict[str, float]
-
-
-@dataclasses.dataclass
-class DictionaryConfig:
-    """Base for method configs: plain fields that survive ``to_json``/``from_json`` unchanged."""
-
-    method: ClassVar[str] = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise DictionaryError(
-                f"unknown {cls.method} config field(s) {unknown}; known: {sorted(names)}"
-            )
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str):
-        return cls.from_dict(json.loads(s))
 
 
 def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, x: torch.Tensor, n_rows: int):

@@ -16,11 +16,10 @@ norm, and the least-squares coefficients absorb any scale, so nothing is lost.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,42 +28,14 @@ from torch.nn import functional as F
 from ..errors import DictionaryError
 from .base import (
     Codes,
-    DictionaryConfig,
     ForwardOutput,
     SparseDictionary,
     coordinate_median,
     workspace_buffer,
 )
+from .config import ICFLConfig  # noqa: F401  (the config of this module's method)
 from .decode_cpu import fixed_codes_loss
 from .pursuit_cpu import gram_rows, pursuit_rows
-
-
-@dataclasses.dataclass
-class ICFLConfig(DictionaryConfig):
-    """ICFL settings, sized for a CPU.
-
-    The paper used M = 8192, J = 20, L = 5, batch 8192 and learning rate 5e-5 for 300k steps on
-    a GPU. On a CPU one can afford thousands of steps, not hundreds of thousands, so the
-    defaults use fewer atoms (1024), J = 8 and L = 4 (32 non-zeros, the same L0 as the TopK
-    default, so the two compare at equal sparsity; a pursuit step costs B*M*L per iteration)
-    and a larger Adam learning rate (1e-3) that converges in that many steps on unit-norm
-    whitened tokens.
-    """
-
-    method: ClassVar[str] = "icfl"
-    n_atoms: int = 1024
-    n_iter: int = 8  # J
-    n_pick: int = 4  # L
-    lr: float = 1e-3
-    redraw_every: int = 100
-    redraw_cosine: float = 0.9
-    pursuit: Literal["gram", "plain"] = "gram"
-    init: Literal["data", "random"] = "data"
-
-    @property
-    def max_nonzeros(self) -> int:
-        return self.n_iter * self.n_pick
-
 
 GRAM_WIDTH = 128  # atoms per column block of G and of the scores (see pursuit_gram)
 

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..settings import Settings, check, option
+from .config import DEFAULT_ATOMS, ICFLConfig, TopKConfig
 from .control import Control, check_control, parse_control
 from .whiten import MODES, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
 UNITS = ("cell", "patch", "crop")  # the store's token units (store.UNITS)
 TOKEN_FORMS = ("concat", "mean")  # the store's token forms (store.TOKEN_FORMS)
-DEFAULT_TOPK_K = 32
-DEFAULT_ICFL_L = 4
-DEFAULT_ICFL_J = 8
+DEFAULT_TOPK_K = TopKConfig.k
+DEFAULT_ICFL_L = ICFLConfig.n_pick
+DEFAULT_ICFL_J = ICFLConfig.n_iter
 
 
 @dataclass
@@ -160,12 +161,16 @@ class TrainSettings(Settings):
         choices=TOKEN_FORMS,
         label="token form",
     )
-    atoms: int = option(1024, "number of atoms (features) M", label="atoms (M)")
+    atoms: int = option(
+        DEFAULT_ATOMS, "number of atoms (features) M", label="atoms (M)", min=1, max=1_000_000
+    )
     sparsity: int | None = option(
         None,
         f"non-zeros per token: TopK k (default {DEFAULT_TOPK_K}), or ICFL J*L "
         f"(L={DEFAULT_ICFL_L} unless --L)",
         label="non-zeros per token",
+        min=1,
+        max=100_000,
     )
     n_iter: int | None = option(
         None,
@@ -183,8 +188,10 @@ class TrainSettings(Settings):
     steps: int | None = option(
         None,
         "optimiser steps (default: sized to the tokens: 50 passes over them, within 50-1000 steps)",
+        min=1,
+        max=10_000_000,
     )
-    batch_size: int = option(1024, "tokens per step")
+    batch_size: int = option(1024, "tokens per step", min=1, max=10_000_000)
     seed: int = option(0, "random seed (initialisation, batch order, evaluation sample)")
     checkpoint_every: int = option(
         1000,
@@ -192,7 +199,9 @@ class TrainSettings(Settings):
         "<name>.ckpt.safetensors, for train --resume (0: only when training stops)",
     )
     eval_max: int = option(
-        200_000, "tokens the metrics after training are computed on (a random sample if more)"
+        200_000,
+        "tokens the metrics after training are computed on (a random sample if more)",
+        min=1,
     )
     drop_nonfinite: bool = option(
         False,
@@ -216,11 +225,6 @@ class TrainSettings(Settings):
         super().__post_init__()
 
     def validate(self) -> None:
-        check(self.atoms >= 1, "atoms", f"must be at least 1, got {self.atoms}")
-        check(
-            self.steps is None or self.steps >= 1, "steps", f"must be at least 1, got {self.steps}"
-        )
-        check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(
             self.lr is None or (self.lr > 0 and math.isfinite(self.lr)),
             "lr",
@@ -231,7 +235,6 @@ class TrainSettings(Settings):
             "checkpoint_every",
             f"must not be negative, got {self.checkpoint_every}",
         )
-        check(self.eval_max >= 1, "eval_max", f"must be at least 1, got {self.eval_max}")
         check(
             self.whiten is None or isinstance(self.whiten, WhitenSettings),
             "whiten",
@@ -261,8 +264,6 @@ class TrainSettings(Settings):
         cfg: dict[str, Any] = {"n_atoms": self.atoms}
         if self.lr is not None:
             cfg["lr"] = self.lr
-        if self.sparsity is not None:
-            check(self.sparsity >= 1, "sparsity", f"must be at least 1, got {self.sparsity}")
         if self.method == "topk":
             check(
                 self.n_iter is None and self.n_pick is None,

@@ -15,7 +15,6 @@ zero (B, M) gradient by the batch, which is what autograd through a dense ``line
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import ClassVar
 
@@ -26,7 +25,6 @@ from torch.nn import functional as F
 from ..errors import DictionaryError
 from .base import (
     Codes,
-    DictionaryConfig,
     ForwardOutput,
     SparseDictionary,
     coordinate_median,
@@ -34,33 +32,7 @@ from .base import (
     scatter_rows,
     sparse_decode,
 )
-
-
-@dataclasses.dataclass
-class TopKConfig(DictionaryConfig):
-    """TopK SAE settings.
-
-    ``lr=None`` uses Gao et al.'s scaling 2e-4 / sqrt(M / 2^14) (also sparsify's default).
-    ``auxk=None`` uses D / 2 latents for the auxiliary loss, as in the paper. ``dead_tokens``
-    is 10M in the paper; CPU runs see far fewer tokens, so the default counts a latent dead
-    after 1M tokens without firing.
-    """
-
-    method: ClassVar[str] = "topk"
-    n_atoms: int = 1024
-    k: int = 32
-    lr: float | None = None
-    auxk: int | None = None
-    auxk_coef: float = 1 / 32
-    dead_tokens: int = 1_000_000
-
-    @property
-    def max_nonzeros(self) -> int:
-        return self.k
-
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_atoms / 2**14)
-
+from .config import TopKConfig  # noqa: F401  (the config of this module's method)
 
 #: Tokens per block of the encoder's scores when applying a dictionary: 1024 x M floats (16 MiB
 #: at M = 4096) are reused block after block instead of a fresh (N, M) matrix; measured on a

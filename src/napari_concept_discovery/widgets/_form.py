@@ -101,11 +101,12 @@ class Field:
 def make_fields(
     cls: type[Settings], names: list[str], ranges: dict[str, tuple] | None = None
 ) -> dict[str, Field]:
-    """Fields for ``names`` of ``cls``, in order; ``ranges`` gives (min, max) for numbers."""
+    """Fields for ``names`` of ``cls``, in order; a number's range is the setting's own
+    (``option(min=, max=)``) unless ``ranges`` gives one."""
     ranges = ranges or {}
     out = {}
     for d in form_fields(cls, names):
-        lo, hi = ranges.get(d["name"], (None, None))
+        lo, hi = ranges.get(d["name"], (d.get("min"), d.get("max")))
         out[d["name"]] = Field(d, minimum=lo, maximum=hi)
     return out
 

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..dictionary.config import FIRST_ATOMS
 from ..dictionary.io import load_dictionary, save_dictionary
 from ..dictionary.pipeline import train_on_store
 from ..dictionary.settings import FIRST_STEPS, TrainSettings, WhitenSettings, first_steps
@@ -39,12 +40,6 @@ from ._viewer import get_session, observe, user_message
 
 _ALL = "\x00all"  # "whiten per": one whitening for all tokens
 TRAIN_FIELDS = ["method", "unit", "atoms", "sparsity", "steps", "batch_size", "seed"]
-TRAIN_RANGES = {
-    "atoms": (1, 1_000_000),
-    "sparsity": (1, 100_000),
-    "steps": (0, 10_000_000),
-    "batch_size": (1, 10_000_000),
-}
 
 
 class DictionaryWidget(QWidget):
@@ -62,8 +57,8 @@ class DictionaryWidget(QWidget):
 
         self.store_label = QLabel()
         self.store_label.setWordWrap(True)
-        self.fields = make_fields(TrainSettings, TRAIN_FIELDS, TRAIN_RANGES)
-        self.fields["atoms"].set_value(256)  # a first dictionary that trains in a minute on a CPU
+        self.fields = make_fields(TrainSettings, TRAIN_FIELDS)
+        self.fields["atoms"].set_value(FIRST_ATOMS)
         self.fields["steps"].set_value(FIRST_STEPS[1])  # then sized to the store (first_steps)
         self._auto_steps: int | None = FIRST_STEPS[1]  # None once the user typed a number
         self.whiten_box = QCheckBox("Whiten on control cells")
