@@ -5,7 +5,7 @@ What a first-time user does: File > Open Sample > Synthetic Cell Painting plate,
 opens, whitening on the controls it picks). Each step is the widget's own button handler in a
 viewer; the times are wall-clock until the store, then the dictionary, are the session's. The
 sample plate is written to a fresh cache folder, so its generation is timed too. The bar: a
-minute for embed + train on a laptop CPU (issue 9). Not a test. Run under Xvfb:
+minute for embed + train on a laptop CPU. Not a test. Run under Xvfb:
 
     xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_sample_plate.py
 """

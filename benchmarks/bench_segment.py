@@ -50,10 +50,10 @@ against truth.
 The zoo (``napari_concept_discovery.synth.zoo``: generated sites with true masks, one thing
 varied at a time: background offset, read and shot noise, bit depth, stain brightness, a dim
 cytoplasm, density, cell size, uneven illumination, an empty or missing stain, debris,
-saturated blobs, touching nuclei; and one row combining issue 23's plate) is scored per cell
+saturated blobs, touching nuclei; and one row combining a measured real plate's traits) is scored per cell
 foreground rule (J, area ratio, cell F1 at IoU 0.5, medians over ``--zoo-sites`` sites) beside
 NF1 (J and ratio with the pipeline's border rule, nucleus F1m), JUMP and Phenix (cells, >1
-nucleus, nucleus-only), in one table, with the bars of issue 23 judged per rule. ``qc``:
+nucleus, nucleus-only), in one table, with the bars judged per rule. ``qc``:
 which sites the quality control (``segment_qc``) flags, with the defaults and with the previous
 default, on the zoo and the real sites.
 

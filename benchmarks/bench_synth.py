@@ -1,7 +1,7 @@
 """Time to write the standard synthetic plate set (2 plates x 24 wells x 2 sites x 512 px).
 
 Prints wall time, sites/s and cells/s, then the per-site cost of generation alone and of
-segmentation, so that a slowdown can be placed. Target (issue 2): well under a minute on a
+segmentation, so that a slowdown can be placed. Target: well under a minute on a
 2-core machine.
 
     python benchmarks/bench_synth.py [--workers N] [--out DIR]

@@ -31,7 +31,7 @@ AUROC is its code as a score in the direction it fires (a feature is a direction
 counts in either direction (small nuclei are as much a statistic as large ones), which favours
 the anchor.
 
-Bars (issue 8): every non-null concept has an ICFL (whitened) feature whose AUROC is at least
+Bars: every non-null concept has an ICFL (whitened) feature whose AUROC is at least
 the anchor's, and >= 0.9 wherever the anchor is >= 0.9; null perturbations stay <= 0.6; ICFL
 with whitening has fewer dead features and no lower selectivity than TopK with whitening (the
 paper's finding); fewer features are selective for plate with whitening than without.

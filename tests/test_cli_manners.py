@@ -1,4 +1,4 @@
-"""Command-line manners (issue 10, section 4): examples in every --help, --quiet, --json, progress
+"""Command-line manners: examples in every --help, --quiet, --json, progress
 lines on stderr, and exit codes that mean something.
 
 Every command runs for real on small synthetic plates (``small_plates``, ``tiny_store_path`` in

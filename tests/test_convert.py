@@ -114,7 +114,7 @@ def test_converted_plate_embeds_to_the_same_tokens(synth, tmp_path, tiny_backend
 
 
 def test_convert_never_replaces_its_own_input(synth, tmp_path, capsys):
-    """Issue 21: --overwrite never lets convert replace the plate it reads, a folder inside it
+    """--overwrite never lets convert replace the plate it reads, a folder inside it
     or one that holds it; the refusal names both; the current folder is refused by name."""
     import shutil
 

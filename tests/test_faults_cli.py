@@ -1,5 +1,5 @@
 """One-line errors where tracebacks were, checked before the expensive work, and messages that
-say what is wrong (issue 12, section 5).
+say what is wrong.
 
 Each case runs the real command line and expects exit code 2, one ``error:`` line naming the
 file or option, and every file it was given left byte-identical.
@@ -263,7 +263,7 @@ def test_a_folder_without_write_permission_is_named(tmp_path, capsys, monkeypatc
 def test_info_check_reads_label_files_and_a_refused_embed_leaves_nothing(
     small_plates, tmp_path, capsys, caplog
 ):
-    """Issue 21: a truncated label TIFF passed `info --check` and was refused only by embed,
+    """A truncated label TIFF passed `info --check` and was refused only by embed,
     which then left a store skeleton that train called 'unfinished (interrupted)'."""
     plate = tmp_path / "plate"
     shutil.copytree(small_plates, plate)
@@ -285,7 +285,7 @@ def test_info_check_reads_label_files_and_a_refused_embed_leaves_nothing(
 
 
 def test_a_fifo_named_like_an_image_is_skipped_with_a_warning(small_plates, tmp_path):
-    """Issue 21: a FIFO named like a channel image blocked `info --check` and the napari reader
+    """A FIFO named like a channel image blocked `info --check` and the napari reader
     forever in the header read; it is now left out and said (run with timeouts, so that the
     old behaviour fails instead of hanging)."""
     import subprocess
@@ -326,7 +326,7 @@ def test_a_fifo_named_like_an_image_is_skipped_with_a_warning(small_plates, tmp_
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 700), (700, 1)])
 def test_thin_images_keep_their_two_dimensions(tmp_path, shape):
-    """Issue 21: a 1 x 1 or 1 x N image was read as shape () or (N,) and refused, while info
+    """A 1 x 1 or 1 x N image was read as shape () or (N,) and refused, while info
     showed (C, 1, 1) from its header; its pixels now read as the header says."""
     import imageio.v3 as iio
     import numpy as np
@@ -344,7 +344,7 @@ def test_thin_images_keep_their_two_dimensions(tmp_path, shape):
 
 
 def test_segment_says_which_sites_gave_no_cell_and_why(small_plates, tmp_path, capsys):
-    """Issue 21: segment on all-zero images wrote 0 cells on every site with exit 0 and no word."""
+    """Segment on all-zero images wrote 0 cells on every site with exit 0 and no word."""
     import imageio.v3 as iio
     import numpy as np
 
@@ -365,7 +365,7 @@ def test_segment_says_which_sites_gave_no_cell_and_why(small_plates, tmp_path, c
 
 
 def test_segment_never_replaces_label_files_it_did_not_write(small_plates, tmp_path, capsys):
-    """Issue 21, the one rule: segment --out onto a folder of the user's own label files (a
+    """Segment --out onto a folder of the user's own label files (a
     Cellpose run, say) replaced them; it now refuses, and replaces only its own."""
     from napari_concept_discovery.plate import open_plate
     from napari_concept_discovery.plate.labels import label_paths
@@ -390,7 +390,7 @@ def test_segment_never_replaces_label_files_it_did_not_write(small_plates, tmp_p
 
 
 def test_synth_never_replaces_a_metadata_table_it_did_not_write(tmp_path, capsys):
-    """Issue 21, the one rule, a case of our own: synth into a folder holding the user's
+    """The one rule, a case of our own: synth into a folder holding the user's
     metadata.csv replaced it in silence; it now refuses, and rewrites only its own plates."""
     out = tmp_path / "screen"
     out.mkdir()

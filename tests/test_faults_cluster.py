@@ -1,4 +1,4 @@
-"""Faults on a Dask cluster (issue 10, section 3, and issue 12, section 7): a worker killed in
+"""Faults on a Dask cluster: a worker killed in
 the middle of writing a site's part, once or every time, and refusals made on a worker.
 
 A killed worker's task runs again on another worker and the store equals the single-process

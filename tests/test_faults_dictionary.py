@@ -1,5 +1,4 @@
-"""Faults around dictionaries: training, checkpoints, files, analysis (issue 12, sections 1, 2,
-5, 6 and 7).
+"""Faults around dictionaries: training, checkpoints, files, analysis.
 
 Every bad input gets a clear error and leaves every existing file byte-identical; a training
 killed at any point leaves the old dictionary (or none) at the output path and a checkpoint
@@ -184,7 +183,7 @@ def test_a_killed_training_keeps_the_old_dictionary_and_resumes(store, tmp_path)
     assert resumed.result.steps_done == 30 and not ckpt.exists()
 
 
-# --- issue 21: Ctrl-C, a second writer, divergence ----------------------------------------
+# --- Ctrl-C, a second writer, divergence ----------------------------------------
 
 
 SIGINT_CHILD = """
@@ -490,7 +489,7 @@ def test_a_failed_analysis_leaves_the_old_one_whole(store, trained, tmp_path, mo
     with pytest.raises(OutputError, match=r"mine exists and holds files that are not an analysis"):
         analyze_store(store, d, AnalyzeSettings(), mine)
     assert (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1
-    # issue 21: a file the user put into an analysis folder is not the analysis's to delete
+    # a file the user put into an analysis folder is not the analysis's to delete
     (out / "notes.txt").write_text("keep")
     before = snapshot(out)
     with pytest.raises(OutputError, match=r"holds files that are not an analysis \(notes.txt\)"):
@@ -522,7 +521,7 @@ def test_whitening_refuses_non_finite_controls():
 def test_a_partial_truth_file_is_said_and_its_gaps_left_out(
     store, trained, small_plates, tmp_path, capsys
 ):
-    """Issue 21: a truth file covering half the cells warns, naming the file and the count,
+    """A truth file covering half the cells warns, naming the file and the count,
     and the cells without truth make no 'mitotic=nan' concept of their own."""
     import pandas as pd
 
@@ -563,7 +562,7 @@ def test_a_partial_truth_file_is_said_and_its_gaps_left_out(
 def test_a_full_disk_ends_in_one_line_and_a_clean_folder(
     store, trained, tmp_path, capsys, monkeypatch
 ):
-    """Issue 21: analyze onto a full disk printed hundreds of h5py tracebacks and died of a
+    """Analyze onto a full disk printed hundreds of h5py tracebacks and died of a
     segmentation fault; the codes.h5ad write is not started without room for it, and a full
     disk in any other write is one line, exit 1, with nothing left behind."""
     import errno
@@ -616,7 +615,7 @@ analyze_store(ActivationStore.open(store), load_dictionary(dictionary), AnalyzeS
 
 
 def test_folders_left_by_a_killed_analysis_are_cleaned_up(store, trained, tmp_path):
-    """Issue 21: the `.analysis.<hex>.tmp` folder of an analysis killed with kill -9 stayed
+    """The `.analysis.<hex>.tmp` folder of an analysis killed with kill -9 stayed
     forever; the next write to the same folder removes it (a live writer's is left alone)."""
     out = tmp_path / "analysis"
     marker = tmp_path / "marker"
@@ -634,7 +633,7 @@ def test_folders_left_by_a_killed_analysis_are_cleaned_up(store, trained, tmp_pa
 def test_too_many_atoms_for_the_memory_are_refused_with_what_fits(
     tiny_store_path, tmp_path, capsys, monkeypatch, method
 ):
-    """Issue 21: train --atoms 100000 ended in torch's raw allocator error; it now says the
+    """Train --atoms 100000 ended in torch's raw allocator error; it now says the
     memory it would need and the most atoms that fit, before allocating anything."""
     import napari_concept_discovery._files as files
     from napari_concept_discovery.dictionary.training import training_memory

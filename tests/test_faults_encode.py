@@ -1,4 +1,4 @@
-"""Faults at encoding (issue 12, section 2): a store or a dictionary that yields codes that are
+"""Faults at encoding: a store or a dictionary that yields codes that are
 not finite is refused with a message naming the store, the dictionary file and the sites, and
 nothing is written.
 
@@ -131,7 +131,7 @@ def test_a_dictionary_that_overflows_is_refused_naming_its_file(
 
 
 def test_report_refuses_non_finite_tokens_by_name(tiny_store_path, dictionaries, tmp_path, capsys):
-    """Issue 21: report refuses a store with NaN or Inf tokens as analyze does (it gave a raw
+    """Report refuses a store with NaN or Inf tokens as analyze does (it gave a raw
     'Cannot cast array data' TypeError)."""
     copy, _, sites = _poisoned_store(tiny_store_path, tmp_path)
     out = tmp_path / "report"

@@ -1,4 +1,4 @@
-"""Faults around the activation store (issue 12, sections 1, 2, 3, 4, 6 and 7).
+"""Faults around the activation store.
 
 Every bad input gets a clear error and leaves every existing file byte-identical; a run killed
 at any point leaves the old store or a resumable one, never a half-written final store.
@@ -148,7 +148,7 @@ def test_damaged_weights_are_refused_at_embed_naming_the_file_and_site(plates, t
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: model ") and f"({weights})" in line
     assert "gave non-finite tokens (NaN or Inf) at site SYNTH_1 B02 site 1" in line
-    # refused at its first site: nothing is left at --out (issue 21), no skeleton to resume
+    # refused at its first site: nothing is left at --out, no skeleton to resume
     assert not out.exists()
 
 
@@ -365,7 +365,7 @@ def test_a_killed_overwrite_leaves_the_old_store_whole(plates, tmp_path):
 
 
 def test_labels_gone_stale_are_said_and_embed_takes_the_new_ones(small_plates, tmp_path, capsys):
-    """Issue 21: after metadata.csv changes, analyze and report say that the store's labels are
+    """After metadata.csv changes, analyze and report say that the store's labels are
     those of embedding time; embedding again takes the new ones without running the model."""
     import warnings
 

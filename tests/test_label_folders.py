@@ -273,7 +273,7 @@ def _dna_of(nuclei: np.ndarray) -> np.ndarray:
 
 
 def test_binary_mask_without_nuclei_is_split_by_our_nuclei(tmp_path):
-    """Issue 13 section 3: a binary mask of two touching cells and no nuclei file becomes two
+    """A binary mask of two touching cells and no nuclei file becomes two
     cells, split by the nuclei found in the plate's nuclear stain, when embedding too (the
     stain named by ``nuclear``); with no nuclear stain to find, its connected pieces."""
     from napari_concept_discovery.plate.label_images import (

@@ -139,7 +139,7 @@ def _one_field_plate(path, image, axes="cyx"):
 
 
 def test_broken_wells_and_fields_say_why(tmp_path, caplog):
-    """Issue 21: a well whose zarr.json is broken JSON was 'listed but missing'; a NGFF 0.4
+    """A well whose zarr.json is broken JSON was 'listed but missing'; a NGFF 0.4
     well without .zattrs gave only the ome-zarr library's version-mismatch lines; a complex
     field passed `info --check`; a 7x7 NaN field under 3 named axes gave a raw zip() error."""
     import json

@@ -350,7 +350,7 @@ def test_report_cli_and_errors(two_dictionaries, tmp_path, capsys):
 
 
 def test_report_never_replaces_files_it_did_not_write(two_dictionaries, tmp_path, capsys):
-    """Issue 21: a report refuses an index.html or hits.csv that it did not write (as analyze
+    """A report refuses an index.html or hits.csv that it did not write (as analyze
     and train refuse theirs), goes on replacing its own, and stays out of a store."""
     from fault_helpers import snapshot
     from napari_concept_discovery._files import owned_files

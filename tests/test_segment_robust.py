@@ -1,5 +1,5 @@
 """Thresholds that know where the background is, stains judged before they join the cells, and
-the per-site quality flags (issue 23). Each test fails under the rules before it: log Otsu
+the per-site quality flags. Each test fails under the rules before it: log Otsu
 without a noise floor, every stain joined, no quality table."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from napari_concept_discovery.analysis.analyze import analyze_store
-from napari_concept_discovery.analysis.concepts import feature_auroc, stain_correlation
+from napari_concept_discovery.analysis.concepts import feature_auroc
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     Dictionary,
@@ -129,29 +129,11 @@ def test_attribution_reads_channels_through_the_whitening():
     np.testing.assert_allclose(plain, channel_shares(atoms, 2), atol=1e-6)
 
 
-def test_mean_dictionaries_have_no_block_attribution_but_maps_correlate():
+def test_mean_dictionaries_have_no_block_attribution():
     x, _ = planted_channels()
     w = Whitener(mode="center").fit(x[:, :8])
     model = build_model("icfl", 8, {"n_atoms": 4, "n_iter": 1, "n_pick": 1}, seed=0)
     assert Dictionary(model, w, {"tokens": "mean"}).stain_attribution() is None
-
-    rng = np.random.default_rng(1)
-    image = rng.random((3, 40, 50))  # a 3 x 4 patch grid, edges partly covered
-    means = np.stack(
-        [
-            [image[c, r * 16 : r * 16 + 16, k * 16 : k * 16 + 16].mean() for k in range(4)]
-            for c in range(3)
-            for r in range(3)
-        ]
-    ).reshape(3, 3, 4)
-    maps = np.stack([means[1], -means[2], np.ones((3, 4))], axis=-1)  # (rows, cols, M=3)
-    r = stain_correlation(maps, image)
-    assert r.shape == (3, 3)
-    np.testing.assert_allclose([r[0, 1], r[1, 2]], [1.0, -1.0], atol=1e-12)
-    np.testing.assert_allclose(r[2], 0.0)  # a constant map correlates with nothing
-    np.testing.assert_allclose(stain_correlation(means[0], image)[0], 1.0, atol=1e-12)
-    with pytest.raises(DictionaryError, match="3 x 4 patch grid, the activations 2 x 4"):
-        stain_correlation(maps[:2], image)
 
 
 def test_analysis_writes_stains_into_features_and_anndata(tiny_store_path, tmp_path):

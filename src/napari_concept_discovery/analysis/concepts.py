@@ -8,11 +8,10 @@ Selectivity of feature f for value i of a column (the paper's two forms; docs/ar
 avg = P(active | i) - P(active | not i); max = P(active | i) - max over other values j of
 P(active | j).
 
-Which stains drive a feature: for a dictionary on concatenated channel tokens, each atom's
+Which stains drive a feature (for a dictionary on concatenated channel tokens) is each atom's
 share per channel block (``dictionary.stains``, applied through the dictionary's
-``stain_attribution``); for other inputs, the correlation of a feature's activation map with
-each channel's intensity on a site (:func:`stain_correlation`). Ground truth, profiles and the
-written tables are in ``truth``, ``profiles`` and ``write`` beside this module.
+``stain_attribution``). Ground truth, profiles and the written tables are in ``truth``,
+``profiles`` and ``write`` beside this module.
 """
 
 from __future__ import annotations
@@ -160,49 +159,6 @@ def feature_auroc(codes, membership: np.ndarray) -> np.ndarray:
     pos_in_nz = np.bincount(col, weights=pos.astype(float), minlength=m)
     rank_sum = np.bincount(col, weights=rank * pos, minlength=m) + (n_pos - pos_in_nz) * zero_rank
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def stain_correlation(activations, image, patch_size: int = 16) -> np.ndarray:
-    """Correlation of features' activation maps with each channel's intensity on one site.
-
-    For dictionaries on channel-mean tokens, whose atoms have no channel blocks: a feature
-    whose map follows the ER stain's brightness is, at least, read where ER is bright.
-    ``activations`` is a (rows, cols) map or (rows, cols, M) maps on the site's patch grid;
-    ``image`` is (C, H, W). Each channel is averaged over every patch (the grid's rows x cols
-    patches of ``patch_size``; a patch at the edge over its real pixels), then Pearson's r is
-    taken per feature and channel over the patches. Returns (C,) or (M, C); 0 where a map or a
-    channel is constant.
-    """
-    a = np.asarray(activations, dtype=np.float64)
-    single = a.ndim == 2
-    if single:
-        a = a[..., None]
-    if a.ndim != 3:
-        raise DictionaryError(f"activations must be (rows, cols[, M]), got shape {a.shape}")
-    img = np.asarray(image, dtype=np.float64)
-    if img.ndim == 2:
-        img = img[None]
-    rows, cols, m = a.shape
-    c, h, w = img.shape
-    if (-(-h // patch_size), -(-w // patch_size)) != (rows, cols):
-        raise DictionaryError(
-            f"a {h} x {w} image has a {-(-h // patch_size)} x {-(-w // patch_size)} patch grid, "
-            f"the activations {rows} x {cols}"
-        )
-    ry = np.arange(h) // patch_size
-    rx = np.arange(w) // patch_size
-    idx = (ry[:, None] * cols + rx[None, :]).ravel()
-    count = np.bincount(idx, minlength=rows * cols)
-    means = np.stack(
-        [np.bincount(idx, weights=img[k].ravel(), minlength=rows * cols) / count for k in range(c)]
-    )  # (C, P)
-    x = a.reshape(rows * cols, m).T  # (M, P)
-    x = x - x.mean(1, keepdims=True)
-    y = means - means.mean(1, keepdims=True)
-    num = x @ y.T
-    den = np.sqrt((x**2).sum(1))[:, None] * np.sqrt((y**2).sum(1))[None, :]
-    r = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-    return r[0] if single else r
 
 
 def require_columns(table: pd.DataFrame, columns: Sequence[str], purpose: str) -> None:

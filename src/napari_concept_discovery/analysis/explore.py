@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import StoreError
-from ..plate.model import SiteKey, normalize_well, row_letters
+from ..plate.model import SiteKey, row_letters, well_position
 from ..progress import Cancel, ProgressCallback
 
 #: Patches sampled across the store (fixed seed) to fix one contrast range per feature: enough
@@ -355,10 +355,8 @@ class Explorer:
         means = means[means["plate"] == str(plate)]
         if means.empty:
             raise StoreError(f"plate {plate!r} has no cells in the store at {self.store.path}")
-        wells = [normalize_well(w) for w in means["well"]]
-        letters = [w.rstrip("0123456789") for w in wells]
-        rr = [_row_index(r) for r in letters]
-        cc = [int(w[len(r) :]) - 1 for w, r in zip(wells, letters, strict=True)]
+        rr, cc = zip(*(well_position(w) for w in means["well"]), strict=True)
+        rr, cc = list(rr), list(cc)
         grid = np.full((max(rr) + 1, max(cc) + 1), np.nan, np.float32)
         grid[rr, cc] = means["value"].to_numpy(np.float32)
         return (
@@ -431,14 +429,6 @@ def positive_percentiles(codes: sp.spmatrix, q: float) -> np.ndarray:
     out = np.zeros(codes.shape[1], np.float32)
     out[has] = a + (b - a) * (pos - lo)
     return out
-
-
-def _row_index(letters: str) -> int:
-    """0-based row of well row letters (A = 0, ..., Z = 25, AA = 26, ...)."""
-    n = 0
-    for ch in letters.upper():
-        n = n * 26 + (ord(ch) - 64)
-    return n - 1
 
 
 __all__ = ["ActivationMap", "Explorer", "SiteCodes"]

@@ -48,6 +48,21 @@ def normalize_well(well: object) -> str:
     return f"{m.group(1).upper()}{int(m.group(2)):02d}"
 
 
+def well_position(well: object) -> tuple[int, int]:
+    """0-based (row, column) of a well name: ``"B03"`` -> (1, 2), ``"AA01"`` -> (26, 0)."""
+    name = normalize_well(well)
+    letters = name.rstrip("0123456789")
+    row = 0
+    for ch in letters:
+        row = row * 26 + (ord(ch) - ord("A") + 1)
+    return row - 1, int(name[len(letters) :]) - 1
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts ``"2"`` before ``"10"`` and ``"B2"`` before ``"B10"``."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text)]
+
+
 def well_from_row_col(row: object, col: object) -> str:
     """A well from a row (letter or 1-based number) and a 1-based column, e.g. (3, 3) -> "C03"."""
     row_s = str(row).strip()

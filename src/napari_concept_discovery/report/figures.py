@@ -179,12 +179,11 @@ def plate_figure(ex, feature: int, plates: Sequence[str], controls: pd.DataFrame
         ax.set_yticks(range(0, len(rows), rstep), rows[::rstep], fontsize=7)
         ax.set_title(f"plate {plate}", fontsize=9)
         if controls is not None:
-            from ..analysis.explore import _row_index
-            from ..plate.model import normalize_well
+            from ..plate.model import well_position
 
-            wells = [normalize_well(x) for x in controls.loc[controls.plate == plate, "well"]]
-            ys = [_row_index(x.rstrip("0123456789")) for x in wells]
-            xs = [int(x[len(x.rstrip("0123456789")) :]) - 1 for x in wells]
+            wells = controls.loc[controls.plate == plate, "well"]
+            ys = [well_position(x)[0] for x in wells]
+            xs = [well_position(x)[1] for x in wells]
             ax.scatter(xs, ys, s=9, c="white", edgecolors="black", linewidths=0.5)
     cb = fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)
     cb.set_label("mean code per cell", fontsize=8)

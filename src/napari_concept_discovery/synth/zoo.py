@@ -7,7 +7,7 @@ and shot noise, bit depth (8, 12, 16), stain brightness and a dim cytoplasm, den
 sparse to confluent, cell size (20x, 40x), uneven illumination, a stain that is empty or
 missing, debris and saturated blobs, touching nuclei. ``ZOO`` names the variants; each
 changes one field (or one camera's coupled fields) of the ``base`` spec, but the last, which
-combines the dark noisy background and dim cytoplasm of the plate that issue 23 measured. The truth is the rasterised cell and nucleus labels,
+combines the dark noisy background and dim cytoplasm of a real plate that was measured. The truth is the rasterised cell and nucleus labels,
 with no debris or blob in it. Used by ``benchmarks/bench_segment.py`` to choose segmentation
 defaults, and by the tests of the threshold rules.
 """
@@ -104,7 +104,7 @@ ZOO: dict[str, ZooSpec] = {
     "debris": replace(BASE, debris=60),
     "saturated blobs": replace(BASE, blobs=6),
     "touching nuclei": replace(BASE, nucleus_scale=1.45, coverage=0.75, clustering=0.8),
-    # not one thing at a time: the plate of issue 23 (8-bit, a dark background a few counts
+    # not one thing at a time: the measured real plate (8-bit, a dark background a few counts
     # above zero with read and shot noise, a dim cytoplasm, mild vignetting), as a last check
     "combined: dark noisy dim cytoplasm": replace(
         BASE, offset=2.0, read_noise=2.0, photons_per_dn=1.0, cytoplasm=0.3, vignetting=0.2

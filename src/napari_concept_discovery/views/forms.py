@@ -8,13 +8,13 @@ docs/architecture.md, "Conventions every step shares").
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from ..plate.model import natural_key
 from ..progress import Progress
 from ..settings import Settings, describe
 
@@ -53,7 +53,7 @@ def metadata_choices(table: pd.DataFrame, max_values: int = MAX_CHOICES) -> dict
         uniq = pd.unique(values.astype(str))
         if len(uniq) > max_values:
             continue
-        out[str(col)] = sorted((str(v) for v in uniq), key=_natural)
+        out[str(col)] = sorted((str(v) for v in uniq), key=natural_key)
     return out
 
 
@@ -130,7 +130,3 @@ class TrainingCurves:
             f"step {self.steps[-1]}/{self.total}: loss {self.loss[-1]:.4g}, "
             f"FVU {self.fvu[-1]:.3f}, dead {self.dead_fraction[-1]:.0%}"
         )
-
-
-def _natural(text: str) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]

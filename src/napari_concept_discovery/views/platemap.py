@@ -9,14 +9,13 @@ rectangles and forwards clicks (see docs/architecture.md, "The viewer").
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from ..plate.model import normalize_well, row_letters
+from ..plate.model import natural_key, normalize_well, row_letters, well_position
 from .colours import MAX_CATEGORIES, MISSING, RGBA, category_palette, map_values, value_range
 
 # Standard microplates (rows, columns), smallest first; a plate is drawn in the smallest one
@@ -45,17 +44,6 @@ PREFERRED_COLUMNS = (
 )
 KEY_COLUMNS = ("plate", "well", "site")
 OTHER: RGBA = (0.75, 0.75, 0.75, 1.0)  # the categories beyond the palette, lumped together
-_WELL_PARTS = re.compile(r"^([A-Z]+)(\d+)$")
-
-
-def well_position(well: str) -> tuple[int, int]:
-    """0-based (row, column) of a well name: ``"B03"`` -> (1, 2), ``"AA01"`` -> (26, 0)."""
-    m = _WELL_PARTS.match(normalize_well(well))
-    assert m is not None  # normalize_well guarantees the shape
-    row = 0
-    for ch in m.group(1):
-        row = row * 26 + (ord(ch) - ord("A") + 1)
-    return row - 1, int(m.group(2)) - 1
 
 
 @dataclass(frozen=True)
@@ -284,10 +272,10 @@ def colour_by_column(
     counts = pd.Series(labels).value_counts()
     present = [c for c in counts.index if c != "(none)"]
     if len(present) > max_categories:
-        ranked = sorted(present, key=lambda c: (-counts[c], _natural(c)))
-        kept = sorted(ranked[: max_categories - 1], key=_natural)
+        ranked = sorted(present, key=lambda c: (-counts[c], natural_key(c)))
+        kept = sorted(ranked[: max_categories - 1], key=natural_key)
     else:
-        kept = sorted(present, key=_natural)
+        kept = sorted(present, key=natural_key)
     palette = dict(zip(kept, category_palette(len(kept)), strict=True))
     others = [c for c in present if c not in palette]
     other_label = f"{len(others)} other values"
@@ -371,8 +359,3 @@ def _missing(value: object) -> bool:
         return bool(pd.isna(value))
     except (TypeError, ValueError):
         return False
-
-
-def _natural(text: str) -> list:
-    """Sort key that puts ``"2"`` before ``"10"`` and ``"B2"`` before ``"B10"``."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text)]

@@ -14,8 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QWidget
+from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QWidget
+
+from ._notify import user_message
 
 
 class Job(QObject):
@@ -108,3 +111,79 @@ class JobOwner:
     def _on_destroyed(self, *_) -> None:
         self.alive = False
         self.cancel_all()
+
+
+class JobPanel:
+    """What a widget shows of its one long job: a Cancel button, a progress bar and a status
+    line, with the run / cancel / fail / done rules every such widget follows.
+
+    ``on_running(running)`` enables the widget's own buttons (its Run, Open, ...) as a job
+    starts and ends; ``cancelling`` is the status shown while a cancelled job finishes its unit
+    of work. The widget lays out ``cancel_button``, ``progress`` and ``status`` where it likes.
+    """
+
+    def __init__(
+        self,
+        owner: QWidget,
+        *,
+        cancel_tip: str,
+        cancelling: str,
+        on_running: Callable[[bool], None],
+    ) -> None:
+        self.jobs = JobOwner(owner)
+        self.job: Job | None = None
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip(cancel_tip)
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self._cancelling = cancelling
+        self._on_running = on_running
+        self.cancel_button.clicked.connect(self.cancel)
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def start(self, job: Job, text: str, *, failed: str, progressed, returned) -> Job:
+        """Run ``job`` as the panel's job: ``progressed`` and ``returned`` are the widget's
+        slots; an error is shown as ``failed: <reason>``."""
+        job.progressed.connect(progressed)
+        job.returned.connect(returned)
+        job.errored.connect(lambda exc: self.fail(user_message(exc, failed)))
+        job.done.connect(self._on_done)
+        self.job = job
+        self.set_running(True, text)
+        return self.jobs.run(job)
+
+    def cancel(self) -> None:
+        if self.running:
+            self.job.cancel()
+            self.status.setText(self._cancelling)
+
+    def set_running(self, running: bool, text: str | None = None) -> None:
+        self._on_running(running)
+        self.cancel_button.setEnabled(running)
+        self.progress.setVisible(running)
+        if running:
+            self.progress.setRange(0, 0)
+        if text is not None:
+            self.status.setText(text)
+
+    def show_progress(self, done: int, total: int, text: str) -> None:
+        self.progress.setRange(0, max(1, total))
+        self.progress.setValue(done)
+        self.status.setText(text)
+
+    def fail(self, message: str) -> None:
+        """A refusal or an error: on the status line and as a notification."""
+        if not self.jobs.alive:
+            return
+        self.status.setText(message)
+        show_error(message)
+
+    def _on_done(self) -> None:
+        if self.jobs.alive:
+            self.set_running(False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -21,7 +21,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QProgressBar,
     QPushButton,
     QWidget,
 )
@@ -34,7 +33,7 @@ from ..errors import ConceptDiscoveryError
 from ..progress import Progress
 from ..views.forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ._form import make_fields, scrolling_layout, values
-from ._jobs import Job, JobOwner
+from ._jobs import Job, JobPanel
 from ._plot import TrainingPlot
 from ._viewer import get_session, observe, user_message
 
@@ -49,8 +48,18 @@ class DictionaryWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
-        self.jobs = JobOwner(self)
-        self.job: Job | None = None
+        self.panel = JobPanel(
+            self,
+            cancel_tip="Stop after the current step and keep the dictionary so far.",
+            cancelling="Cancelling: the dictionary after the last full step is kept…",
+            on_running=self._enable,
+        )
+        self.jobs = self.panel.jobs
+        self.cancel_button, self.progress, self.status = (
+            self.panel.cancel_button,
+            self.panel.progress,
+            self.panel.status,
+        )
         self.curves = TrainingCurves()
         self.choices: dict[str, list[str]] = {}
         self.last_trained = None  # the TrainedDictionary of the last run, cancelled or not
@@ -81,19 +90,12 @@ class DictionaryWidget(QWidget):
         self.train_button.setToolTip(
             "Learn a dictionary on the store's tokens (off the GUI thread)."
         )
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop after the current step and keep the dictionary so far.")
-        self.cancel_button.setEnabled(False)
         self.load_button = QPushButton("Load…")
         self.load_button.setToolTip("Apply a dictionary file (.safetensors) to the store.")
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip("Write the dictionary in use to a file (.safetensors).")
         self.save_button.setEnabled(False)
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
         self.plot = TrainingPlot(napari_viewer)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
 
         train_form = QFormLayout()
         train_form.addRow("Store", self.store_label)
@@ -134,7 +136,6 @@ class DictionaryWidget(QWidget):
         self.fields["batch_size"].widget.valueChanged.connect(self._size_steps)
         self.fields["steps"].widget.valueChanged.connect(self._on_steps_edited)
         self.train_button.clicked.connect(self.train)
-        self.cancel_button.clicked.connect(self.cancel)
         self.load_button.clicked.connect(self._choose_load)
         self.save_button.clicked.connect(self._choose_save)
         observe(
@@ -151,7 +152,11 @@ class DictionaryWidget(QWidget):
 
     @property
     def training(self) -> bool:
-        return self.job is not None and self.job.running
+        return self.panel.running
+
+    @property
+    def job(self) -> Job | None:
+        return self.panel.job
 
     def set_control(self, column: str, value: str) -> None:
         """Pick the control tokens as COLUMN=VALUE (as in the two dropdowns)."""
@@ -195,28 +200,25 @@ class DictionaryWidget(QWidget):
             return self.job
         store = self.session.store
         if store is None:
-            self._fail("Embed the plate or open an activation store first (Embed widget).")
+            self.panel.fail("Embed the plate or open an activation store first (Embed widget).")
             return None
         try:
             settings = self.settings()
         except ConceptDiscoveryError as exc:
-            self._fail(user_message(exc, "Cannot train"))
+            self.panel.fail(user_message(exc, "Cannot train"))
             return None
         self.curves.clear()
         self.plot.show_curves(self.curves)
-        job = Job(train_on_store, store, settings)
-        job.progressed.connect(self._on_progress)
-        job.returned.connect(self._on_trained)
-        job.errored.connect(lambda exc: self._fail(user_message(exc, "Training failed")))
-        job.done.connect(self._on_done)
-        self.job = job
-        self._set_running(True, f"Training {settings.method} with {settings.atoms} atoms…")
-        return self.jobs.run(job)
+        return self.panel.start(
+            Job(train_on_store, store, settings),
+            f"Training {settings.method} with {settings.atoms} atoms…",
+            failed="Training failed",
+            progressed=self._on_progress,
+            returned=self._on_trained,
+        )
 
     def cancel(self) -> None:
-        if self.training:
-            self.job.cancel()
-            self.status.setText("Cancelling: the dictionary after the last full step is kept…")
+        self.panel.cancel()
 
     def load(self, path: str | Path):
         """Apply a dictionary file to the session's store; refused when made for other data."""
@@ -230,7 +232,7 @@ class DictionaryWidget(QWidget):
             dictionary = load_dictionary(path)
             dictionary.check_compatible_store(store)
         except (ConceptDiscoveryError, OSError) as exc:
-            self._fail(user_message(exc, f"Cannot use {Path(path).name}"))
+            self.panel.fail(user_message(exc, f"Cannot use {Path(path).name}"))
             return None
         self.session.set_dictionary(dictionary)
         self.status.setText(f"Loaded {Path(path).name}: {_describe(dictionary)}.")
@@ -240,12 +242,12 @@ class DictionaryWidget(QWidget):
         """Write the session's dictionary to ``path`` (atomically)."""
         dictionary = self.session.dictionary
         if dictionary is None:
-            self._fail("There is no dictionary to save yet: train or load one.")
+            self.panel.fail("There is no dictionary to save yet: train or load one.")
             return None
         try:
             written = save_dictionary(path, dictionary)
         except (ConceptDiscoveryError, OSError) as exc:
-            self._fail(user_message(exc, f"Could not save {path}"))
+            self.panel.fail(user_message(exc, f"Could not save {path}"))
             return None
         self.status.setText(f"Saved to {written}.")
         return written
@@ -274,7 +276,7 @@ class DictionaryWidget(QWidget):
             self.store_label.setToolTip(str(store.path))
         self._read_choices()
         self._size_steps()
-        self._set_running(self.training)
+        self.panel.set_running(self.training)
 
     def _size_steps(self, *_) -> None:
         """Steps for the store's number of tokens (:func:`first_steps`) unless the user chose."""
@@ -308,7 +310,7 @@ class DictionaryWidget(QWidget):
                 else None
             )
         )
-        job.errored.connect(lambda exc: self._fail(user_message(exc, "Cannot read the store")))
+        job.errored.connect(lambda exc: self.panel.fail(user_message(exc, "Cannot read the store")))
         self.jobs.run(job)
 
     def _set_choices(self, choices: dict[str, list[str]]) -> None:
@@ -352,15 +354,11 @@ class DictionaryWidget(QWidget):
         if p.stage == "train":
             self.curves.add(p)
             self.plot.show_curves(self.curves)
-            self.progress.setRange(0, max(1, p.total))
-            self.progress.setValue(p.done)
-            self.status.setText(self.curves.summary())
+            self.panel.show_progress(p.done, p.total, self.curves.summary())
         elif p.stage == "whiten":
             self.status.setText("Fitting the whitening on the control tokens…")
         elif p.stage == "evaluate":
-            self.progress.setRange(0, max(1, p.total))
-            self.progress.setValue(p.done)
-            self.status.setText(f"Evaluating: {p.done} of {p.total} tokens")
+            self.panel.show_progress(p.done, p.total, f"Evaluating: {p.done} of {p.total} tokens")
 
     def _on_trained(self, trained) -> None:
         if not self.jobs.alive:
@@ -381,26 +379,9 @@ class DictionaryWidget(QWidget):
         self.status.setText(text)
         show_info(text)
 
-    def _on_done(self) -> None:
-        if self.jobs.alive:
-            self._set_running(False)
-
-    def _set_running(self, running: bool, text: str | None = None) -> None:
-        has_store = self.session.store is not None
-        self.train_button.setEnabled(not running and has_store)
+    def _enable(self, running: bool) -> None:
+        self.train_button.setEnabled(not running and self.session.store is not None)
         self.load_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        self.progress.setVisible(running)
-        if running:
-            self.progress.setRange(0, 0)
-        if text is not None:
-            self.status.setText(text)
-
-    def _fail(self, message: str) -> None:
-        if not self.jobs.alive:
-            return
-        self.status.setText(message)
-        show_error(message)
 
 
 def _describe(dictionary) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from napari.layers import Labels
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QButtonGroup,
@@ -22,7 +22,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QRadioButton,
     QToolButton,
@@ -37,7 +36,7 @@ from ..models import list_models
 from ..progress import Progress
 from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
-from ._jobs import Job, JobOwner
+from ._jobs import Job, JobPanel
 from ._layers import FEATURE_ROLES
 from ._viewer import get_painter, get_session, observe, user_message
 
@@ -53,8 +52,18 @@ class EmbedWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.session = get_session(napari_viewer)
-        self.jobs = JobOwner(self)
-        self.job: Job | None = None
+        self.panel = JobPanel(
+            self,
+            cancel_tip="Stop after the site being embedded; finished sites stay.",
+            cancelling="Cancelling after the site being embedded…",
+            on_running=self._enable,
+        )
+        self.jobs = self.panel.jobs
+        self.cancel_button, self.progress, self.status = (
+            self.panel.cancel_button,
+            self.panel.progress,
+            self.panel.status,
+        )
         self._out_edited = False
 
         self.plate_label = QLabel()
@@ -106,9 +115,6 @@ class EmbedWidget(QWidget):
         self.out_button.setToolTip("Choose the store folder.")
         self.run_button = QPushButton("Embed")
         self.run_button.setToolTip("Run the model and keep its activations in the store.")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop after the site being embedded; finished sites stay.")
-        self.cancel_button.setEnabled(False)
         self.open_button = QPushButton("Open store…")
         self.open_button.setToolTip("Use an activation store embedded before (a .zarr folder).")
         self.cells_combo = QComboBox()
@@ -118,10 +124,6 @@ class EmbedWidget(QWidget):
             "cells pooled over that layer's labels, and paints the feature on them."
         )
         self._fill_cells()
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Plate", self.plate_label)
@@ -156,7 +158,6 @@ class EmbedWidget(QWidget):
         self.out_edit.textEdited.connect(self._on_out_edited)
         self.out_button.clicked.connect(self._choose_out)
         self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
         self.open_button.clicked.connect(self._choose_store)
         self.cells_combo.activated.connect(self._on_cells_chosen)
         layer_events = napari_viewer.layers.events
@@ -206,11 +207,11 @@ class EmbedWidget(QWidget):
 
     def run(self) -> Job | None:
         """Embed with the form's settings; the store becomes the session's when it is done."""
-        if self.job is not None and self.job.running:
+        if self.panel.running:
             return self.job
         plate = self.session.plate
         if plate is None:
-            self._fail("Open a plate first (File > Open Folder, or the plate navigator).")
+            self.panel.fail("Open a plate first (File > Open Folder, or the plate navigator).")
             return None
         try:
             settings = self.settings()
@@ -222,21 +223,22 @@ class EmbedWidget(QWidget):
                     raise ConceptDiscoveryError("no site is in view")
                 plate = one_site_plate(plate, self.session.site_key)
         except (ConceptDiscoveryError, KeyError) as exc:
-            self._fail(user_message(exc, "Cannot embed"))
+            self.panel.fail(user_message(exc, "Cannot embed"))
             return None
-        job = Job(embed_plate, plate, settings, out)
-        job.progressed.connect(self._on_progress)
-        job.returned.connect(self._on_embedded)
-        job.errored.connect(lambda exc: self._fail(user_message(exc, "Embedding failed")))
-        job.done.connect(self._on_done)
-        self.job = job
-        self._set_running(True, f"Embedding {len(plate)} site(s) with {settings.model}…")
-        return self.jobs.run(job)
+        return self.panel.start(
+            Job(embed_plate, plate, settings, out),
+            f"Embedding {len(plate)} site(s) with {settings.model}…",
+            failed="Embedding failed",
+            progressed=self._on_progress,
+            returned=self._on_embedded,
+        )
+
+    @property
+    def job(self) -> Job | None:
+        return self.panel.job
 
     def cancel(self) -> None:
-        if self.job is not None and self.job.running:
-            self.job.cancel()
-            self.status.setText("Cancelling after the site being embedded…")
+        self.panel.cancel()
 
     def open_store(self, path: str | Path) -> ActivationStore | None:
         """Use an existing store; its plate is opened when it is not the one in view."""
@@ -251,7 +253,7 @@ class EmbedWidget(QWidget):
                 remember_plate(plate)
                 self.session.set_plate(plate)
         except (ConceptDiscoveryError, KeyError, OSError) as exc:
-            self._fail(user_message(exc, f"Could not open the store {path}"))
+            self.panel.fail(user_message(exc, f"Could not open the store {path}"))
             return None
         self.session.set_store(store)
         self.status.setText(f"Opened {_describe(store)}.")
@@ -262,7 +264,9 @@ class EmbedWidget(QWidget):
         segmentation), as choosing it in "Cells in view" does."""
         i = self.cells_combo.findData(layer_name) if layer_name else 0
         if i < 0:
-            self._fail(f"There is no Labels layer named {layer_name!r} to take the cells from.")
+            self.panel.fail(
+                f"There is no Labels layer named {layer_name!r} to take the cells from."
+            )
             return None
         self.cells_combo.setCurrentIndex(i)
         return self._on_cells_chosen(i)
@@ -295,7 +299,7 @@ class EmbedWidget(QWidget):
         name = self.cells_combo.itemData(index)
         layer = next((x for x in self._cell_layers() if x.name == name), None)
         if name is not None and layer is None:
-            self._fail(f"The Labels layer {name!r} is gone; choose another.")
+            self.panel.fail(f"The Labels layer {name!r} is gone; choose another.")
             return None
         painter = get_painter(self.viewer)
         job = painter.use_cells(None if layer is None else layer.data)
@@ -366,11 +370,11 @@ class EmbedWidget(QWidget):
     def _on_progress(self, p: Progress) -> None:
         if not self.jobs.alive or p.stage != "embed":
             return
-        self.progress.setRange(0, max(1, p.total))
-        self.progress.setValue(p.done)
         site = p.info.get("site")
-        self.status.setText(
-            f"Embedded {p.done} of {p.total} sites" + (f" (last: {site})" if site else "")
+        self.panel.show_progress(
+            p.done,
+            p.total,
+            f"Embedded {p.done} of {p.total} sites" + (f" (last: {site})" if site else ""),
         )
 
     def _on_embedded(self, store) -> None:
@@ -390,25 +394,9 @@ class EmbedWidget(QWidget):
         self.status.setText(f"Done: {text}.")
         show_info(f"Activation store ready: {text}")
 
-    def _on_done(self) -> None:
-        if self.jobs.alive:
-            self._set_running(False)
-
-    def _set_running(self, running: bool, text: str | None = None) -> None:
+    def _enable(self, running: bool) -> None:
         self.run_button.setEnabled(not running and self.session.plate is not None)
         self.open_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
-        self.progress.setVisible(running)
-        if running:
-            self.progress.setRange(0, 0)
-        if text is not None:
-            self.status.setText(text)
-
-    def _fail(self, message: str) -> None:
-        if not self.jobs.alive:
-            return
-        self.status.setText(message)
-        show_error(message)
 
 
 def _describe(store: ActivationStore) -> str:
