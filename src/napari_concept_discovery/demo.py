@@ -22,13 +22,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from .dictionary.settings import AnalyzeSettings, TrainSettings, WhitenSettings
+from .dictionary.settings import METHOD_NAMES, AnalyzeSettings, TrainSettings, WhitenSettings
 from .dictionary.whiten import control_mask
 from .progress import ProgressCallback
+from .settings import Settings, option
 
 LABEL_COLUMNS = ("cell_type", "perturbation")
 TRUTH_COLUMNS = ("cell_type", "perturbation", "responded", "mitotic")
 CONTROL = "well_type=negative_control"
+
+
+@dataclass
+class DemoSettings(Settings):
+    """The demo's plates and its dictionary: small enough to run every step in minutes."""
+
+    plates: int = option(2, "number of synthetic plates")
+    wells: int = option(16, "wells per plate")
+    sites: int = option(1, "sites per well")
+    size: int = option(512, "site size in pixels")
+    method: str = option("icfl", "dictionary method", choices=METHOD_NAMES)
+    atoms: int = option(64, "dictionary size M")
+    sparsity: int = option(8, "non-zeros per token")
+    steps: int = option(1000, "training steps")
+    seed: int = option(0, "random seed")
+    model: str = option("default", "model source (default is the bundled model)")
 
 
 @dataclass
@@ -148,16 +165,16 @@ def _one_torch_thread():
 def run_demo(
     out: str | Path,
     *,
-    n_plates: int = 2,
-    n_wells: int = 16,
-    n_sites: int = 1,
-    size: int = 512,
-    method: str = "icfl",
-    n_atoms: int = 64,
-    sparsity: int = 8,
-    steps: int = 1000,
-    seed: int = 0,
-    model: str = "default",
+    n_plates: int = DemoSettings.plates,
+    n_wells: int = DemoSettings.wells,
+    n_sites: int = DemoSettings.sites,
+    size: int = DemoSettings.size,
+    method: str = DemoSettings.method,
+    n_atoms: int = DemoSettings.atoms,
+    sparsity: int = DemoSettings.sparsity,
+    steps: int = DemoSettings.steps,
+    seed: int = DemoSettings.seed,
+    model: str = DemoSettings.model,
     log: Callable[[str], None] = print,
     progress: ProgressCallback = None,
 ) -> DemoResult:

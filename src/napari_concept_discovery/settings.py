@@ -150,10 +150,22 @@ def describe(cls: type[Settings]) -> list[dict[str, Any]]:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, cls: type[Settings], exclude: Iterable[str] = ()
+    parser: argparse.ArgumentParser,
+    cls: type[Settings],
+    exclude: Iterable[str] = (),
+    *,
+    with_defaults: bool = False,
 ) -> None:
-    """Add one option per field of ``cls`` (defaults and help from the dataclass)."""
+    """Add one option per field of ``cls`` (defaults and help from the dataclass).
+
+    Options not given stay out of the parsed namespace, so :func:`from_args` keeps the
+    dataclass's defaults; ``with_defaults=True`` puts those defaults into the namespace instead
+    (for handlers that read ``args.<field>`` directly)."""
     skip = set(exclude)
+    if with_defaults:
+        parser.set_defaults(
+            **{d["name"]: d["default"] for d in describe(cls) if d["name"] not in skip and d["cli"]}
+        )
     for d in describe(cls):
         if d["name"] in skip or not d["cli"]:
             continue

@@ -127,33 +127,18 @@ def command(sub, name: str, help: str, example_lines, *, description=None, note:
 
 def add_plate_options(p) -> None:
     """How to read the plate folder: the same options for every subcommand that opens one."""
-    p.add_argument(
-        "--layout",
-        default="auto",
-        choices=["auto", "rxrx", "phenix", "jump", "tiff-csv", "pattern", "ome-zarr"],
-        help="folder layout (default: detect it)",
-    )
-    p.add_argument(
-        "--pattern",
-        help="filename pattern with named fields, e.g. '{well}_01_{channel_index}_{site}_{channel}_001.tif'",
-    )
-    p.add_argument("--metadata", help="metadata table (csv/tsv/parquet) joined by plate/well/site")
-    p.add_argument("--channel-names", help="comma-separated channel names in channel order")
+    from ..plate.layouts import PlateOptions
+    from ..settings import add_arguments
+
+    add_arguments(p, PlateOptions)
 
 
 def open_plate_from_args(args, **kwargs):
-    from ..plate import open_plate
+    from ..plate.layouts import PlateOptions
+    from ..settings import from_args
 
-    names = args.channel_names.split(",") if args.channel_names else None
-    return open_plate(
-        args.plate,
-        layout=args.layout,
-        pattern=args.pattern,
-        metadata=args.metadata,
-        channel_names=names,
-        labels=getattr(args, "labels", None),
-        **kwargs,
-    )
+    options = from_args(PlateOptions, args)
+    return options.open(args.plate, labels=getattr(args, "labels", None), **kwargs)
 
 
 def labels_help() -> str:

@@ -13,7 +13,8 @@ from .output import (
 
 
 def add_demo(sub) -> None:
-    from ..dictionary.settings import METHOD_NAMES
+    from ..demo import DemoSettings
+    from ..settings import add_arguments
 
     p = command(
         sub,
@@ -28,16 +29,7 @@ def add_demo(sub) -> None:
         "folder holds plates/, store.zarr, the dictionaries, analysis/ and report/index.html.",
     )
     p.add_argument("out", nargs="?", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--plates", type=int, default=2, help="number of synthetic plates")
-    p.add_argument("--wells", type=int, default=16, help="wells per plate")
-    p.add_argument("--sites", type=int, default=1, help="sites per well")
-    p.add_argument("--size", type=int, default=512, help="site size in pixels")
-    p.add_argument("--method", choices=METHOD_NAMES, default="icfl")
-    p.add_argument("--atoms", type=int, default=64, help="dictionary size M")
-    p.add_argument("--sparsity", type=int, default=8, help="non-zeros per token")
-    p.add_argument("--steps", type=int, default=1000, help="training steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="default", help="model source (default: the bundled model)")
+    add_arguments(p, DemoSettings, with_defaults=True)
     p.set_defaults(func=run_demo)
 
 

@@ -22,6 +22,9 @@ from .output import (
 
 
 def add_synth(sub) -> None:
+    from ..settings import add_arguments
+    from ..synth.plate import SynthSettings
+
     p = command(
         sub,
         "synth",
@@ -34,14 +37,7 @@ def add_synth(sub) -> None:
         "row per cell); `concept-discovery embed plates/ --out store.zarr` comes next.",
     )
     p.add_argument("out", help="output folder (created; the plates' files in it are overwritten)")
-    p.add_argument("--plates", type=int, default=2, help="number of plates (default 2)")
-    p.add_argument("--wells", type=int, default=24, help="wells per plate (default 24)")
-    p.add_argument("--sites", type=int, default=2, help="sites per well (default 2)")
-    p.add_argument("--size", type=int, default=512, help="site width and height in pixels")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same plates)")
-    p.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: up to 4 CPUs)"
-    )
+    add_arguments(p, SynthSettings, with_defaults=True)
     p.set_defaults(func=run_synth)
 
 

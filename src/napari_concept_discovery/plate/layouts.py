@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 
 from ..errors import PlateError
+from ..settings import Settings, option
 from . import io
 from .label_files import named_after_others
 from .labels import (
@@ -44,6 +45,34 @@ _FILE_COLUMNS = ("file", "filename", "file_name", "path", "image", "image_path",
 CHECK_LIMIT = 5000
 # How deep under a folder ``looks_like_plate`` looks for images (RxRx: images/EXP/Plate1/file).
 PROBE_DEPTH = 4
+
+
+@dataclass
+class PlateOptions(Settings):
+    """How a plate folder is read: the options every command that opens a plate takes."""
+
+    layout: str = option("auto", "folder layout; auto detects it", choices=LAYOUTS)
+    pattern: str | None = option(
+        None,
+        "filename pattern with named fields, e.g. "
+        "'{well}_01_{channel_index}_{site}_{channel}_001.tif'",
+    )
+    metadata: str | None = option(
+        None, "metadata table (csv/tsv/parquet) joined by plate/well/site"
+    )
+    channel_names: str | None = option(None, "comma-separated channel names in channel order")
+
+    def open(self, path: str | os.PathLike, **kwargs) -> Plate:
+        """:func:`open_plate` with these options (``kwargs``: ``check``, ``labels``)."""
+        names = self.channel_names.split(",") if self.channel_names else None
+        return open_plate(
+            path,
+            layout=self.layout,
+            pattern=self.pattern,
+            metadata=self.metadata,
+            channel_names=names,
+            **kwargs,
+        )
 
 
 def open_plate(

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .._files import atomic_write_text, check_not_foreign, owned_files
+from ..settings import Settings, option
 from .concepts import CELL_TYPES, CHANNELS, CONTROL, DATASET, EXPERIMENT, PERTURBATIONS
 from .site import PlateBatch, generate_site
 
@@ -38,6 +39,19 @@ PEAK_BYTES_PER_PIXEL = 230
 SYNTH_MARKER = "synth.json"
 #: Most wells a plate holds here: rows B..O, 22 columns (see :func:`well_names`).
 MAX_WELLS = 14 * 22
+
+
+@dataclass
+class SynthSettings(Settings):
+    """How many synthetic plates, wells and sites, how large, and the seed that draws them."""
+
+    plates: int = option(2, "number of plates")
+    wells: int = option(24, "wells per plate")
+    sites: int = option(2, "sites per well")
+    size: int = option(512, "site width and height in pixels")
+    seed: int = option(0, "random seed (same seed, same plates)")
+    workers: int | None = option(None, "worker processes (default: up to 4 CPUs)")
+
 
 METADATA_COLUMNS = [
     "site_id",
@@ -144,13 +158,13 @@ def memory_needed(size: int, workers: int = 1) -> int:
 
 def write_synthetic_plates(
     out: str | os.PathLike,
-    n_plates: int = 2,
-    n_wells: int = 24,
-    n_sites: int = 2,
-    size: int = 512,
-    seed: int = 0,
+    n_plates: int = SynthSettings.plates,
+    n_wells: int = SynthSettings.wells,
+    n_sites: int = SynthSettings.sites,
+    size: int = SynthSettings.size,
+    seed: int = SynthSettings.seed,
     *,
-    workers: int | None = None,
+    workers: int | None = SynthSettings.workers,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write ``n_plates`` synthetic plates under ``out`` (RxRx layout) and return ``out``.
