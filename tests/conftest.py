@@ -70,3 +70,12 @@ def tiny_store_path(small_plates, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "store"
     embed_plate(small_plates, EmbedSettings(), out, backend=backend)
     return out
+
+
+@pytest.fixture
+def small_train():
+    """Training settings that train in seconds on the tiny store, as a factory:
+    ``small_train(steps=5)`` (see ``helpers.small_train``)."""
+    from helpers import small_train
+
+    return small_train

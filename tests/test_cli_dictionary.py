@@ -12,18 +12,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from helpers import fvu_by_hand
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import load_dictionary, save_dictionary
 from napari_concept_discovery.embed.store import ActivationStore
-
-
-def fvu_by_hand(d, tokens, table) -> float:
-    """FVU of a dictionary on tokens, from its atoms and bias in numpy (not the metrics code)."""
-    x = d.whitener.transform(np.asarray(tokens), d.groups_of(table)).astype(np.float64)
-    codes = d.encode_table(tokens, table)
-    atoms = d.model.atoms.detach().numpy().astype(np.float64)
-    x_hat = codes @ atoms + d.model.bias.detach().numpy()
-    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
 
 def assert_best_aurocs(concepts: pd.DataFrame, adata) -> None:

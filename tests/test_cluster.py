@@ -8,9 +8,10 @@ import pytest
 
 pytest.importorskip("distributed")
 
+from helpers import same_store
 from napari_concept_discovery.embed.cluster import connect, embed_plate_on_cluster
 from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
-from napari_concept_discovery.embed.store import UNITS, ActivationStore
+from napari_concept_discovery.embed.store import ActivationStore
 
 
 @pytest.fixture(scope="module")
@@ -20,19 +21,6 @@ def client():
     cluster = c.cluster
     c.close()
     cluster.close()
-
-
-def _same_store(a: ActivationStore, b: ActivationStore) -> None:
-    pd.testing.assert_frame_equal(a.sites(), b.sites())
-    for unit in UNITS:
-        pd.testing.assert_frame_equal(a.table(unit), b.table(unit))
-        x, y = np.asarray(a.tokens(unit)), np.asarray(b.tokens(unit))
-        assert x.dtype == y.dtype and x.shape == y.shape
-        # the same model on the same tiles; torch's CPU kernels may round differently for
-        # other batch compositions, so equal within float16 rounding, not bit for bit
-        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=2e-3, atol=2e-3)
-    for key in a.sites()[["plate", "well", "site"]].itertuples(index=False):
-        np.testing.assert_array_equal(a.site_labels(tuple(key)), b.site_labels(tuple(key)))
 
 
 def test_cluster_embedding_equals_single_process(small_plates, tmp_path, client):
@@ -49,7 +37,7 @@ def test_cluster_embedding_equals_single_process(small_plates, tmp_path, client)
     )
     n = len(single.sites())
     assert stages[-1] == (n, n)
-    _same_store(single, on_cluster)
+    same_store(single, on_cluster)
     # each worker loaded the model once, whatever the number of tasks it ran
     loaded = client.run(
         lambda: len(__import__("napari_concept_discovery.embed.cluster").embed.cluster._MODELS)
@@ -82,7 +70,7 @@ def test_cluster_resumes_an_interrupted_store(small_plates, tmp_path, client):
     )
     assert seen[0] == len(parts)  # the finished sites were kept, only the rest ran
     assert not (out / "parts").exists()  # gathered and cleaned up
-    _same_store(reference, store)
+    same_store(reference, store)
 
 
 def test_embed_cli_on_two_workers_with_two_plates(small_plates, tmp_path, capsys):
@@ -101,7 +89,7 @@ def test_embed_cli_on_two_workers_with_two_plates(small_plates, tmp_path, capsys
     printed = capsys.readouterr().out
     stores = [ActivationStore.open(out / f"{n}.zarr") for n in ("a", "b")]
     assert all(str(s.path) in printed for s in stores)
-    _same_store(stores[0], stores[1])  # the same plates, the same tokens
+    same_store(stores[0], stores[1])  # the same plates, the same tokens
 
 
 # --- encoding and analysis on the cluster ------------------------------------------------------
@@ -222,7 +210,7 @@ def test_cluster_embedding_refuses_another_store_and_replaces_it_with_overwrite(
     assert len(ActivationStore.open(out).sites()) == n_first  # the old store is whole
     # with overwrite the workers build the new store beside the old one, swapped in at the end
     replaced = embed_plate_on_cluster(other, settings, out, client, overwrite=True)
-    _same_store(embed_plate(other, settings, tmp_path / "single"), replaced)
+    same_store(embed_plate(other, settings, tmp_path / "single"), replaced)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "other",
         "single",

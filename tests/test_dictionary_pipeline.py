@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from helpers import fvu_by_hand, small_train
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.encode import encode_store
 from napari_concept_discovery.cli import main
@@ -21,7 +22,6 @@ from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     Dictionary,
     TrainSettings,
-    WhitenSettings,
     evaluate,
     load_dictionary,
     save_dictionary,
@@ -30,18 +30,8 @@ from napari_concept_discovery.dictionary import (
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError
 from napari_concept_discovery.progress import Cancelled, Progress
-from test_cli_dictionary import fvu_by_hand
 
-SETTINGS = TrainSettings(
-    atoms=24,
-    sparsity=4,
-    n_pick=2,
-    steps=20,
-    batch_size=64,
-    seed=3,
-    checkpoint_every=8,
-    whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8),
-)
+SETTINGS = small_train(checkpoint_every=8)
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,12 @@ distributed = pytest.importorskip("distributed")
 import dask  # noqa: E402
 
 from fault_helpers import tiny_weights  # noqa: E402
+from helpers import poison, same_store  # noqa: E402
 from napari_concept_discovery.analysis.cluster import encode_store_on_cluster  # noqa: E402
 from napari_concept_discovery.embed.cluster import connect, embed_plate_on_cluster  # noqa: E402
 from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate  # noqa: E402
 from napari_concept_discovery.embed.store import ActivationStore, site_id  # noqa: E402
 from napari_concept_discovery.errors import ConceptDiscoveryError, DictionaryError  # noqa: E402
-from test_cluster import _same_store  # noqa: E402
-from test_faults_encode import poison  # noqa: E402
 
 # the plugin below travels to the workers by value: they need not import the tests
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -152,7 +151,7 @@ def test_a_worker_killed_mid_write_is_replaced_and_the_store_is_whole(
     pids = [int(p) for p in marker.read_text().split()]
     assert len(pids) == 1 and not _alive(pids[0])  # a worker did die, mid-write
     client.wait_for_workers(2, timeout=LIMIT)  # and was replaced (the nanny restarts it)
-    _same_store(single, store)
+    same_store(single, store)
     assert not (out / "parts").exists()
     assert not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
 
@@ -192,7 +191,7 @@ def test_a_site_that_kills_every_worker_fails_clearly_and_resumes(
     seen = []
     store = embed_plate(small_plates, settings, out, progress=lambda p: seen.append(p.done))
     assert seen[0] == len(finished)
-    _same_store(single, store)
+    same_store(single, store)
 
 
 def test_refusals_on_a_worker_come_back_as_they_are(tiny_store_path, tmp_path, cluster_with):

@@ -19,13 +19,13 @@ import torch
 import zarr
 
 from fault_helpers import run_and_kill, snapshot
+from helpers import small_train
 from napari_concept_discovery.analysis import concepts
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     TrainSettings,
-    WhitenSettings,
     load_dictionary,
     save_dictionary,
     train_on_store,
@@ -37,16 +37,7 @@ from napari_concept_discovery.settings import SettingsError
 
 torch.set_num_threads(2)
 
-SETTINGS = TrainSettings(
-    atoms=24,
-    sparsity=4,
-    n_pick=2,
-    steps=30,
-    batch_size=64,
-    seed=3,
-    checkpoint_every=10,
-    whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8),
-)
+SETTINGS = small_train(steps=30, checkpoint_every=10)
 TRAIN = ["--atoms", "24", "--sparsity", "4", "--steps", "5", "--batch-size", "64", "--no-whiten"]
 
 

@@ -16,6 +16,7 @@ import torch
 import zarr
 
 from fault_helpers import snapshot
+from helpers import poison
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.encode import encode_store
 from napari_concept_discovery.cli import main
@@ -43,18 +44,6 @@ def dictionaries(tiny_store_path, tmp_path_factory):
         store, TrainSettings(**TRAIN, method="topk"), out=folder / "topk.safetensors"
     )
     return {"icfl": icfl.path, "topk": topk.path}
-
-
-def poison(store_path, row: int, value: float, unit: str = "cell") -> None:
-    """``value`` in one token of ``row``, in every form the store keeps (the mean token and,
-    where kept, the per-channel tokens a "concat" dictionary reads)."""
-    for name in ("tokens", "channels"):
-        if not (store_path / unit / name).exists():
-            continue
-        array = zarr.open_array(str(store_path / unit / name), mode="r+")
-        data = np.asarray(array[row])
-        data.reshape(-1)[1] = value
-        array[row] = data
 
 
 def _poisoned_store(tiny_store_path, tmp_path, rows=(5, 6, -1)):

@@ -187,3 +187,33 @@ class JobPanel:
     def _on_done(self) -> None:
         if self.jobs.alive:
             self.set_running(False)
+
+
+class WithJobPanel:
+    """Mixin for a dock widget whose ``panel`` is a :class:`JobPanel`: the panel's jobs, job,
+    Cancel button, progress bar and status line read as the widget's own."""
+
+    panel: JobPanel
+
+    @property
+    def jobs(self) -> JobOwner:
+        return self.panel.jobs
+
+    @property
+    def job(self) -> Job | None:
+        return self.panel.job
+
+    @property
+    def cancel_button(self) -> QPushButton:
+        return self.panel.cancel_button
+
+    @property
+    def progress(self) -> QProgressBar:
+        return self.panel.progress
+
+    @property
+    def status(self) -> QLabel:
+        return self.panel.status
+
+    def cancel(self) -> None:
+        self.panel.cancel()

@@ -33,7 +33,7 @@ from ..errors import ConceptDiscoveryError
 from ..progress import Progress
 from ..views.forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ._form import make_fields, scrolling_layout, values
-from ._jobs import Job, JobPanel
+from ._jobs import Job, JobPanel, WithJobPanel
 from ._plot import TrainingPlot
 from ._viewer import get_session, observe, user_message
 
@@ -41,7 +41,7 @@ _ALL = "\x00all"  # "whiten per": one whitening for all tokens
 TRAIN_FIELDS = ["method", "unit", "atoms", "sparsity", "steps", "batch_size", "seed"]
 
 
-class DictionaryWidget(QWidget):
+class DictionaryWidget(QWidget, WithJobPanel):
     """Dock widget: train a dictionary with a live plot, or load one; save it to a file."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
@@ -53,12 +53,6 @@ class DictionaryWidget(QWidget):
             cancel_tip="Stop after the current step and keep the dictionary so far.",
             cancelling="Cancelling: the dictionary after the last full step is kept…",
             on_running=self._enable,
-        )
-        self.jobs = self.panel.jobs
-        self.cancel_button, self.progress, self.status = (
-            self.panel.cancel_button,
-            self.panel.progress,
-            self.panel.status,
         )
         self.curves = TrainingCurves()
         self.choices: dict[str, list[str]] = {}
@@ -154,10 +148,6 @@ class DictionaryWidget(QWidget):
     def training(self) -> bool:
         return self.panel.running
 
-    @property
-    def job(self) -> Job | None:
-        return self.panel.job
-
     def set_control(self, column: str, value: str) -> None:
         """Pick the control tokens as COLUMN=VALUE (as in the two dropdowns)."""
         i = self.control_column.findText(column)
@@ -216,9 +206,6 @@ class DictionaryWidget(QWidget):
             progressed=self._on_progress,
             returned=self._on_trained,
         )
-
-    def cancel(self) -> None:
-        self.panel.cancel()
 
     def load(self, path: str | Path):
         """Apply a dictionary file to the session's store; refused when made for other data."""

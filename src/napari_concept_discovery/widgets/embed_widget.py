@@ -36,7 +36,7 @@ from ..models import list_models
 from ..progress import Progress
 from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
-from ._jobs import Job, JobPanel
+from ._jobs import Job, JobPanel, WithJobPanel
 from ._layers import FEATURE_ROLES
 from ._viewer import get_painter, get_session, observe, user_message
 
@@ -45,7 +45,7 @@ _PICK_FILE = "\x00file"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-class EmbedWidget(QWidget):
+class EmbedWidget(QWidget, WithJobPanel):
     """Dock widget: model, block, device and cells; embed the plate or the site in view."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
@@ -57,12 +57,6 @@ class EmbedWidget(QWidget):
             cancel_tip="Stop after the site being embedded; finished sites stay.",
             cancelling="Cancelling after the site being embedded…",
             on_running=self._enable,
-        )
-        self.jobs = self.panel.jobs
-        self.cancel_button, self.progress, self.status = (
-            self.panel.cancel_button,
-            self.panel.progress,
-            self.panel.status,
         )
         self._out_edited = False
 
@@ -232,13 +226,6 @@ class EmbedWidget(QWidget):
             progressed=self._on_progress,
             returned=self._on_embedded,
         )
-
-    @property
-    def job(self) -> Job | None:
-        return self.panel.job
-
-    def cancel(self) -> None:
-        self.panel.cancel()
 
     def open_store(self, path: str | Path) -> ActivationStore | None:
         """Use an existing store; its plate is opened when it is not the one in view."""
