@@ -33,7 +33,7 @@ def _run_one_real_data_test(tmp_path, ci: str | None) -> subprocess.CompletedPro
             "-p",
             "no:cacheprovider",
             "-rsf",
-            f"{TESTS / 'test_plate_real.py'}::test_pediatric_cancer_atlas_phenix",
+            f"{TESTS / 'plate' / 'test_plate_real.py'}::test_pediatric_cancer_atlas_phenix",
         ],
         cwd=TESTS.parent,
         env=env,

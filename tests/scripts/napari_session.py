@@ -7,7 +7,7 @@ napari's own command line starts the viewer on PLATE; napari asks which reader o
 (its own reader also accepts folders) and the plugin's is chosen, as a user does; once the
 reader has made the layers, the four widgets are docked through their Plugins menu entries, the
 store is opened in the Embed widget and the dictionary loaded in the Dictionary widget, as their
-buttons do. Started by tests/test_view_command.py.
+buttons do. Started by tests/widgets/test_view_command.py.
 """
 
 import sys

@@ -167,7 +167,7 @@ class Dictionary:
         errors every learned atom has along the directions where controls vary most (which
         whitening damps) come back multiplied by the square root of their variance and smear
         each feature over every stain; measured on planted one-stain shifts, the raw norm put the
-        best feature of a DNA-only shift on Mito (tests/test_stains.py). With per-group whitening
+        best feature of a DNA-only shift on Mito (tests/dictionary/test_stains.py). With per-group whitening
         the shares are averaged over the groups, weighted by their controls. Rows sum to 1
         (docs/architecture.md, "Dictionaries").
         """

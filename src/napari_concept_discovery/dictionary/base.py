@@ -204,7 +204,7 @@ def huge_empty(n: int, like: torch.Tensor) -> torch.Tensor:
     (``torch.frombuffer`` over an ``mmap``, ``torch.from_numpy``): such a tensor's deleter
     re-enters Python, and when the last reference goes while a thread's Python state is torn
     down (a per-thread workspace of a Qt pool thread), that deletes the thread state twice and
-    crashes the process (tests/test_thread_teardown.py).
+    crashes the process (tests/dictionary/test_thread_teardown.py).
     """
     size = like.element_size()
     advise = getattr(mmap, "MADV_HUGEPAGE", None)

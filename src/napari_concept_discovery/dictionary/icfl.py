@@ -133,7 +133,7 @@ class WorkspacePool:
     ``threading.local`` of a thread that Python did not start (Qt's pool threads) is freed while
     that thread's Python state is torn down, and freeing a tensor there (a view, or one holding
     a Python object) re-enters Python and deletes the thread state twice, which crashed the
-    viewer (tests/test_thread_teardown.py). Here a workspace is only ever freed by ordinary
+    viewer (tests/dictionary/test_thread_teardown.py). Here a workspace is only ever freed by ordinary
     Python code: when more than ``keep`` are idle, or by :meth:`clear`.
     """
 

@@ -56,7 +56,7 @@ def encode_chunked(
     before ``topk`` reads it again. Here the scores of ``chunk`` tokens at a time go into one
     reused buffer and ``topk`` writes straight into the preallocated codes. Each token's scores
     are the same dot products as in the unchunked product (row blocks of one matmul), so the
-    codes are the same; tests/test_encode_chunked.py checks them bit for bit.
+    codes are the same; tests/dictionary/test_encode_chunked.py checks them bit for bit.
     """
     b, m = x.shape[0], w_enc.shape[0]
     values = x.new_empty(b, k)

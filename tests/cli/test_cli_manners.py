@@ -97,7 +97,7 @@ def test_top_level_help_documents_exit_codes_and_output_options():
     for option in ("--quiet", "--json", "--debug"):
         assert option in text
     # the README's table says the same
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("## Command line") :]
     for code in ("| 0 ", "| 1 ", "| 2 ", "| 130 "):
         assert code in section, code

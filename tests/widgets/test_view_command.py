@@ -27,7 +27,7 @@ import pytest
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
 STAY_S = 30
-NAPARI_SESSION = Path(__file__).parent / "scripts" / "napari_session.py"
+NAPARI_SESSION = Path(__file__).parents[1] / "scripts" / "napari_session.py"
 CLI = [sys.executable, "-m", "napari_concept_discovery.cli"]
 
 

@@ -34,7 +34,7 @@ def _child(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
         env={**os.environ, **CHECKS},
-        cwd=HERE.parent,
+        cwd=HERE.parents[1],
     )
 
 

@@ -1,6 +1,6 @@
 """The plate navigator and the layer helpers in a real viewer, driven as a user would.
 
-Needs a display: ``xvfb-run -a -s "-screen 0 1280x1024x24" python -m pytest tests/test_widgets_gui.py``.
+Needs a display: ``xvfb-run -a -s "-screen 0 1280x1024x24" python -m pytest tests/widgets/test_widgets_gui.py``.
 Set ``NCD_SCREENSHOT_DIR`` to keep the screenshot of the docked navigator.
 """
 

@@ -3,7 +3,7 @@
 A small synthetic plate (one plate, six wells of 160 px) and a tiny random channel-agnostic
 ViT saved as a checkpoint file (picked in the Embed widget as "Checkpoint file…" would) keep
 this fast. Every result shown is compared with the library call the CLI makes.
-Needs a display: ``xvfb-run -a python -m pytest tests/test_widgets_explore.py``.
+Needs a display: ``xvfb-run -a python -m pytest tests/widgets/test_widgets_explore.py``.
 """
 
 from __future__ import annotations
