@@ -16,9 +16,15 @@ from napari_concept_discovery.embed import plate as plate_embedding
 from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate, site_inputs
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import PlateError
-from napari_concept_discovery.plate import PlateWarning, SiteKey, label_paths, open_plate
-from napari_concept_discovery.plate import segmentation as segment
+from napari_concept_discovery.plate import (
+    PlateWarning,
+    SiteKey,
+    label_paths,
+    open_plate,
+    segmentation,
+)
 from napari_concept_discovery.progress import Progress
+from napari_concept_discovery.segment import site as segment_site
 
 torch.set_num_threads(2)
 
@@ -34,10 +40,11 @@ def _refuse(*args, **kwargs):
 def _no_segmenting(monkeypatch) -> None:
     """Every segmenter made during the test refuses; embedding's cache of segmenters is a
     fresh one for the test, so no refusing segmenter outlives it."""
-    monkeypatch.setattr(segment, "make_segmenter", lambda *a, **k: _refuse)
+    monkeypatch.setattr(segmentation, "make_segmenter", lambda *a, **k: _refuse)
+    monkeypatch.setattr(segment_site, "make_segmenter", lambda *a, **k: _refuse)
     fresh = functools.lru_cache(maxsize=2)(plate_embedding._segmenter.__wrapped__)
     monkeypatch.setattr(plate_embedding, "_segmenter", fresh)
-    monkeypatch.setattr(segment, "segment_site", _refuse)
+    monkeypatch.setattr(segment_site, "segment_site", _refuse)
 
 
 @pytest.fixture()
@@ -118,7 +125,7 @@ def test_label_folder_outside_the_plate(bare_plate, weights, tmp_path, capsys, m
 def test_segment_plate_progress_cancel_and_marker(bare_plate, tmp_path):
     plate = open_plate(bare_plate)
     seen: list[Progress] = []
-    out = segment.segment_plate(
+    out = segmentation.segment_plate(
         plate, tmp_path / "seg", progress=seen.append, cancel=lambda: len(seen) > 3
     )
     assert out is None and [p.done for p in seen] == [0, 1, 2, 3]
@@ -126,7 +133,7 @@ def test_segment_plate_progress_cancel_and_marker(bare_plate, tmp_path):
     marker = json.loads((tmp_path / "seg" / "segmentation.json").read_text())
     assert marker["complete"] is False
     with pytest.raises(PlateError, match="DAPI"):
-        segment.segment_plate(plate, tmp_path / "seg2", nuclear="DAPI")
+        segmentation.segment_plate(plate, tmp_path / "seg2", nuclear="DAPI")
     assert not (tmp_path / "seg2").exists()  # nothing written for a channel the plate lacks
 
 

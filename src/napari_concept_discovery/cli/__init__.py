@@ -130,7 +130,3 @@ def _failed(args, con: Console, exc: Exception) -> int:
     else:
         con.error(f"{message} (rerun with --debug to see the traceback)")
     return con.finish(EXIT_FAILED, message)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
