@@ -742,10 +742,12 @@ def quality_figure(ex, pixels: _Pixels, keys: Sequence, reasons: Sequence[str]):
     from .plate import SiteKey
 
     n = len(keys)
-    fig = _figure(4.2 * n, 4.6)
+    cols = min(n, 2)  # two abreast, so the sites stay large on a page of any width
+    rows = -(-n // cols)
+    fig = _figure(4.6 * cols, 5.0 * rows)
     for i, (key, why) in enumerate(zip(keys, reasons, strict=True)):
         key = SiteKey.of(key)
-        ax = fig.add_subplot(1, n, i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_axis_off()
         rgb = pixels.composite(key)
         labels = ex.labels(key)
@@ -755,8 +757,8 @@ def quality_figure(ex, pixels: _Pixels, keys: Sequence, reasons: Sequence[str]):
         if labels is not None and labels.shape == rgb.shape[:2]:
             rgb[find_boundaries(labels, mode="inner")] = (1.0, 1.0, 1.0)
         ax.imshow(rgb, interpolation="nearest")
-        title = textwrap.fill(f"{key.plate} {key.well} s{key.site}: {why}", 48)
-        ax.set_title(title, fontsize=7)
+        title = textwrap.fill(f"{key.plate} {key.well} s{key.site}: {why}", 64)
+        ax.set_title(title, fontsize=7.5)
     return fig
 
 
@@ -789,7 +791,8 @@ def _quality_html(store, ex, pixels: _Pixels) -> str:
     keys = [(r.plate, r.well, int(r.site)) for r in first.itertuples(index=False)]
     try:
         fig = quality_figure(ex, pixels, keys, list(first["reason"]))
-        parts.append(_img(fig, "flagged sites with their cells outlined", "quality", photo=True))
+        picture = _img(fig, "flagged sites with their cells outlined", "quality", photo=True)
+        parts.append(f"<div class='figs'>{picture}</div>")
     except Exception as exc:  # a figure is a courtesy; the table above says what matters
         parts.append(f"<p class='note'>No figure of the flagged sites: {html.escape(str(exc))}</p>")
     return "".join(parts)
