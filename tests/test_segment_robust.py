@@ -183,7 +183,8 @@ def test_cli_segment_writes_and_info_shows_quality(small_plates, tmp_path, capsy
     assert "12 flagged" in said and "tile the site" in said
 
 
-def test_store_keeps_the_quality_table(tiny_store_path):
+def test_store_keeps_the_quality_table(tiny_store_path, capsys):
+    from napari_concept_discovery.cli import main
     from napari_concept_discovery.store import ActivationStore
 
     quality = ActivationStore.open(tiny_store_path).quality()
@@ -191,6 +192,11 @@ def test_store_keeps_the_quality_table(tiny_store_path):
     assert {"plate", "well", "site", "foreground", "cells", "flag", "reason"} <= set(quality)
     assert not quality["flag"].any()  # the synthetic truth is plausible
     assert (quality["cells"] > 0).all() and (quality["cell_nucleus_ratio"] > 1.3).all()
+    # info on the store says where it came from, what it holds and its quality
+    assert main(["info", str(tiny_store_path)]) == 0
+    said = capsys.readouterr().out
+    assert f"store:    {tiny_store_path}" in said and "cell tokens" in said
+    assert "quality:  12 sites" in said and "0 flagged" in said
 
 
 def test_report_quality_section_draws_flagged_sites(tmp_path, capsys):

@@ -323,7 +323,8 @@ def _add_info(sub) -> None:
     p = _command(
         sub,
         "info",
-        "describe a plate folder: layout, plates, wells, sites, channels, metadata, problems",
+        "describe a plate folder (layout, plates, wells, sites, channels, metadata, problems) "
+        "or an activation store (its plate, model, tokens and segmentation quality)",
         [
             "concept-discovery info plates/",
             "concept-discovery info plates/ --check --json",
@@ -331,7 +332,10 @@ def _add_info(sub) -> None:
             "--metadata platemap.csv",
         ],
     )
-    p.add_argument("plate", help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern)")
+    p.add_argument(
+        "plate",
+        help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern), or a store (.zarr)",
+    )
     _add_plate_options(p)
     p.add_argument(
         "--check",
@@ -347,6 +351,14 @@ def _run_info(args, con: Console) -> int:
     from .errors import PlateError
     from .plate import PlateWarning
     from .plate.layouts import CHECK_LIMIT
+    from .store import ActivationStore, check_store_folder
+
+    if Path(args.plate).is_dir() and check_store_folder(args.plate) is not None:
+        store = ActivationStore.open(args.plate)  # a store, not a plate: describe it
+        for line in store.describe():
+            con.say(line)
+        con.result(store=Path(args.plate).resolve(), sites=len(store.sites()))
+        return 0
 
     with warnings.catch_warnings():
         # Printed below from plate.warnings, once and in order.
