@@ -606,8 +606,6 @@ def bench_synthetic(lines: list[str]) -> None:
 #: Cell foreground rules compared on the zoo and the real sites (settings beside the defaults).
 ZOO_RULES = {
     "default": {},
-    # the NF1 pipeline's own nucleus rule: its reference masks were made with it
-    "nuclei otsu3": {"nucleus_threshold": "otsu3"},
     "fraction 0.1": {"cell_fraction": 0.1},
     "fraction 0.2": {"cell_fraction": 0.2},
     "otsu log + floor": {"cell_threshold": "otsu"},
