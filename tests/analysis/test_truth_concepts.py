@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from napari_concept_discovery.analysis.truth import recovery_table, truth_concepts
+from napari_concept_discovery.analysis.truth import recovery_table, truth_concepts, well_concepts
 from napari_concept_discovery.dictionary.stains import stain_table
 
 
@@ -67,3 +67,34 @@ def test_recovery_table_finds_the_best_feature_and_its_stain():
     assert out.loc["drug", "top_stain"] == "ER" and out.loc["drug", "stain_share"] == 0.8
     assert out.loc["B", "best_feature"] == 0 and out.loc["B", "top_stain"] == "DNA"
     assert out.loc["null", "auroc"] == 0.5  # nothing fires on it: chance
+
+
+def test_well_concepts_for_crops():
+    """Crops know only their well: every crop of a treated well is a member, judged against the
+    control crops of the same plate and cell type; no subpopulation; nulls as told."""
+    rows = []
+    for plate, ct, pert, n in (
+        ("P1", "A", "control", 4),
+        ("P1", "B", "control", 4),
+        ("P2", "A", "control", 4),
+        ("P1", "A", "drug", 4),
+        ("P2", "A", "null", 4),
+        ("P2", "B", "orphan", 4),  # no control crops of P2/B: cannot be judged
+        ("P1", "A", "tiny", 1),
+    ):
+        rows += [dict(plate=plate, cell_type=ct, perturbation=pert)] * n
+    table = pd.DataFrame(rows)
+    found = {c.name: c for c in well_concepts(table, ["null"])}
+    assert list(found) == ["A", "B", "drug", "null"]
+    assert found["A"].member.sum() == 17 and found["B"].member.sum() == 8
+    drug = found["drug"]
+    assert drug.kind == "perturbation" and drug.member.sum() == 4
+    others = table.iloc[drug.rows[~drug.member]]
+    assert set(zip(others.plate, others.cell_type, others.perturbation, strict=True)) == {
+        ("P1", "A", "control")
+    }
+    assert found["null"].kind == "null perturbation" and len(found["null"].rows) == 8
+    codes = np.zeros((len(table), 2))
+    codes[(table.perturbation == "drug").to_numpy(), 1] = 1.0
+    out = recovery_table(sp.csr_matrix(codes), list(found.values())).set_index("concept")
+    assert out.loc["drug", "best_feature"] == 1 and out.loc["drug", "auroc"] == 1.0

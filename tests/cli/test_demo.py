@@ -12,7 +12,7 @@ from napari_concept_discovery.dictionary import load_dictionary
 
 
 def test_demo_end_to_end_and_rerun(tmp_path):
-    kwargs = dict(n_plates=2, n_wells=6, n_sites=1, size=256, n_atoms=64, steps=30, seed=0)
+    kwargs = dict(n_plates=2, n_wells=6, n_sites=1, size=512, n_atoms=64, steps=30, seed=0)
     result = run_demo(tmp_path / "demo", log=lambda s: None, **kwargs)
 
     assert result.dictionary.is_file()
@@ -41,11 +41,14 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert len(truth) >= result.n_cells * 0.8
 
     # the controls mix cell types: three whitenings are compared, the first is analysed
-    assert result.comparison["whitening"].tolist() == [
-        "per cell type",
-        "controls",
-        "within cell type",
-    ]
+    cells = result.comparison[result.comparison["unit"] == "cell"]
+    assert cells["whitening"].tolist() == ["per cell type", "controls", "within cell type"]
+    # and a dictionary on crop tokens (no segmentation), judged at the well level
+    crops = result.comparison[result.comparison["unit"] == "crop"]
+    assert len(crops) == 1 and crops["mitotic"].isna().all()
+    assert crops["perturbations"].between(0, 1).all()
+    assert (result.out / "dictionary-crops.safetensors").is_file()
+    assert load_dictionary(result.out / "dictionary-crops.safetensors").meta["unit"] == "crop"
     assert result.preparation == "per cell type"
     assert result.comparison["cell types"].between(0, 1).all()
     assert result.comparison["perturbations"].between(0, 1).all()

@@ -48,6 +48,9 @@ def test_thresholds_on_known_levels():
     assert 110 < threshold(image, "mce", log=True) < 250
     assert threshold(image, "otsu3", factor=0.5) == pytest.approx(three * 0.5)
     assert threshold(np.full((4, 4), 7.0), "otsu") == 7.0
+    # a two-level image has no middle class: three classes fall back to two, between the levels
+    two = np.where(np.arange(100).reshape(10, 10) < 70, 10.0, 200.0)
+    assert threshold(two, "otsu3") == pytest.approx(105.0)
     with pytest.raises(ValueError, match="unknown threshold"):
         threshold(image, "kapur")
 

@@ -183,7 +183,8 @@ def test_cli_segment_writes_and_info_shows_quality(small_plates, tmp_path, capsy
     assert "12 flagged" in said and "tile the site" in said
 
 
-def test_store_keeps_the_quality_table(tiny_store_path):
+def test_store_keeps_the_quality_table(tiny_store_path, capsys):
+    from napari_concept_discovery.cli import main
     from napari_concept_discovery.embed.store import ActivationStore
 
     quality = ActivationStore.open(tiny_store_path).quality()
@@ -191,29 +192,61 @@ def test_store_keeps_the_quality_table(tiny_store_path):
     assert {"plate", "well", "site", "foreground", "cells", "flag", "reason"} <= set(quality)
     assert not quality["flag"].any()  # the synthetic truth is plausible
     assert (quality["cells"] > 0).all() and (quality["cell_nucleus_ratio"] > 1.3).all()
+    # info on the store says where it came from, what it holds and its quality
+    assert main(["info", str(tiny_store_path)]) == 0
+    said = capsys.readouterr().out
+    assert f"store:    {tiny_store_path}" in said and "cell tokens" in said
+    assert "quality:  12 sites" in said and "0 flagged" in said
 
 
-def test_report_quality_section_draws_flagged_sites():
-    from napari_concept_discovery.report.html import quality_html
+def test_report_quality_section_draws_flagged_sites(tmp_path, capsys):
+    """A user segments a dark, noisy plate with the old rule, embeds those labels and reports:
+    the store keeps the quality table, embed names the flagged sites, and the report lists them
+    with their reasons and draws them with their cells outlined."""
+    import base64
+    import io
+    import re
 
-    site = generate_zoo_site("base", size=128, seed=0)
-    tiled = expand_labels(site.nuclei, 200)
-    row = {"plate": "P1", "well": "B02", "site": 1} | site_qc(site.nuclei, tiled)
+    import imageio.v3 as iio
+    from PIL import Image
 
-    class Store:
-        def quality(self):
-            return pd.DataFrame([row])
+    from napari_concept_discovery.cli import main
 
-    class Ex:
-        def labels(self, key):
-            return tiled
-
-    class Pixels:
-        def composite(self, key):
-            return np.zeros((128, 128, 3), np.float32)
-
-    text = quality_html(Store(), Ex(), Pixels())
-    assert "1 flagged" in text and "tile the site" in text and "data:image/jpeg" in text
+    folder = tmp_path / "plate" / "images" / "ZOO-01" / "Plate1"
+    folder.mkdir(parents=True)
+    rows = []
+    for well, variant in (("B02", "base"), ("B03", "combined: dark noisy dim cytoplasm")):
+        site = generate_zoo_site(variant, size=192, seed=3)
+        for c, plane in enumerate(site.image, start=1):
+            iio.imwrite(folder / f"{well}_s1_w{c}.png", plane)
+        rows.append(
+            {
+                "experiment": "ZOO-01",
+                "plate": 1,
+                "well": well,
+                "site": 1,
+                "well_type": "negative_control" if well == "B02" else "treatment",
+            }
+        )
+    pd.DataFrame(rows).to_csv(tmp_path / "plate" / "metadata.csv", index=False)
+    plate, seg, store = tmp_path / "plate", tmp_path / "seg", tmp_path / "store.zarr"
+    old_rule = ["--cell-threshold", "otsu", "--noise-floor", "0", "--no-judge-stains"]
+    assert main(["segment", str(plate), "--out", str(seg), *old_rule]) == 0
+    assert main(["embed", str(plate), "--labels", str(seg), "--out", str(store)]) == 0
+    said = capsys.readouterr()
+    assert "flagged plate ZOO-01_1 well B03" in said.out + said.err
+    dictionary = tmp_path / "d.safetensors"
+    train = ["train", str(store), "--out", str(dictionary), "--atoms", "8", "--sparsity", "4"]
+    assert main([*train, "--steps", "5", "--no-whiten"]) == 0
+    assert main(["report", str(store), str(dictionary), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "index.html").read_text()
+    section = text[text.index("id='quality'") : text.index("id='profiles'")]
+    assert "1 flagged" in section and "<td>B03</td>" in section
+    assert "tile the site" in section or "cells reach over the background" in section
+    assert "<td>B02</td>" not in section  # the plausible site is not listed
+    found = re.search(r'data-kind="quality" src="data:image/jpeg;base64,([^"]+)"', section)
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(found.group(1)))).convert("L"))
+    assert picture.shape[0] > 200 and (picture > 250).mean() > 0.02  # white outlines drawn
 
 
 def test_quality_flags_cells_over_the_background_of_a_sparse_site():

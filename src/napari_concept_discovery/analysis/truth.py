@@ -146,6 +146,41 @@ def truth_concepts(
     return out
 
 
+def well_concepts(
+    table: pd.DataFrame,
+    nulls: Sequence[str] = (),
+    *,
+    control: str = "control",
+    min_members: int = 2,
+) -> list[TrueConcept]:
+    """True concepts of tokens that know only their well (crop tokens: one per tile, no cells).
+
+    Columns used: ``cell_type``, ``perturbation`` and ``plate``. A crop cannot say whether its
+    cells responded or divided, so there is no subpopulation, and a perturbation's members are
+    all crops of its wells, judged against the control crops of the same plates and cell types
+    (as :func:`truth_concepts` judges cells). ``nulls`` names the perturbations known to change
+    nothing (from the cells' truth), reported as null perturbations.
+    """
+    require_columns(table, ("cell_type", "perturbation", "plate"), "well-level concepts")
+    every = np.arange(len(table))
+    out = [
+        TrueConcept(str(ct), "cell type", every, (table["cell_type"] == ct).to_numpy())
+        for ct in sorted(table["cell_type"].dropna().astype(str).unique())
+    ]
+    pert = table["perturbation"].astype(str).to_numpy()
+    stratum = (table["plate"].astype(str) + "/" + table["cell_type"].astype(str)).to_numpy()
+    is_control = pert == control
+    for name in sorted(set(pert.tolist()) - {control}):
+        member = pert == name
+        negative = is_control & np.isin(stratum, np.unique(stratum[member]))
+        if member.sum() < min_members or not negative.any():
+            continue
+        rows = np.flatnonzero(member | negative)
+        kind = "null perturbation" if name in set(nulls) else "perturbation"
+        out.append(TrueConcept(name, kind, rows, member[rows]))
+    return out
+
+
 def recovery_table(
     codes, concepts: Sequence[TrueConcept], stains: pd.DataFrame | None = None
 ) -> pd.DataFrame:

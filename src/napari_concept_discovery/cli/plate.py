@@ -83,7 +83,8 @@ def add_info(sub) -> None:
     p = command(
         sub,
         "info",
-        "describe a plate folder: layout, plates, wells, sites, channels, metadata, problems",
+        "describe a plate folder (layout, plates, wells, sites, channels, metadata, problems) "
+        "or an activation store (its plate, model, tokens and segmentation quality)",
         [
             "concept-discovery info plates/",
             "concept-discovery info plates/ --check --json",
@@ -91,7 +92,10 @@ def add_info(sub) -> None:
             "--metadata platemap.csv",
         ],
     )
-    p.add_argument("plate", help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern)")
+    p.add_argument(
+        "plate",
+        help="plate folder (RxRx, Phenix/JUMP, per-site TIFF, or --pattern), or a store (.zarr)",
+    )
     add_plate_options(p)
     p.add_argument(
         "--check",
@@ -104,9 +108,17 @@ def add_info(sub) -> None:
 
 
 def run_info(args, con: Console) -> int:
+    from ..embed.store import ActivationStore, check_store_folder
     from ..errors import PlateError
     from ..plate import PlateWarning
     from ..plate.layouts import CHECK_LIMIT
+
+    if Path(args.plate).is_dir() and check_store_folder(args.plate) is not None:
+        store = ActivationStore.open(args.plate)  # a store, not a plate: describe it
+        for line in store.describe():
+            con.say(line)
+        con.result(store=Path(args.plate).resolve(), sites=len(store.sites()))
+        return 0
 
     with warnings.catch_warnings():
         # Printed below from plate.warnings, once and in order.

@@ -901,6 +901,38 @@ class ActivationStore:
                 table[c] = table[c].fillna("").astype(str)
         return table
 
+    def describe(self) -> list[str]:
+        """Lines for a person (``concept-discovery info STORE``): where it came from, what it
+        holds, and its segmentation quality with the flagged sites."""
+        from ..segment.qc import summary
+
+        sites = self.sites()
+        counts = self.attrs.get("counts", {})
+        plate = self.plate_source.get("path") or self.signature.get("plate_root", "?")
+        held = ", ".join(f"{counts.get(u, 0)} {u} tokens" for u in UNITS)
+        precision = self.signature.get("precision")
+        lines = [
+            f"store:    {self.path}",
+            f"plate:    {plate}",
+            f"model:    {self.model_id} (block {self.block}, width {self.embed_dim}"
+            + (f", {precision}" if precision else "")
+            + ")",
+            f"sites:    {len(sites)} in {sites['plate'].nunique()} plate(s), "
+            f"{sites[['plate', 'well']].drop_duplicates().shape[0]} wells",
+            f"tokens:   {held}",
+            f"channels: {', '.join(self.channel_names) or '?'}"
+            + (f" ({self.token_groups} stain tokens per cell)" if self.token_groups > 1 else ""),
+            f"cells:    {self.embed_settings.get('cells', '?')}",
+            f"size:     {self.nbytes()['total'] / 1e6:.1f} MB",
+        ]
+        quality = self.quality()
+        lines += (
+            summary(quality)
+            if quality is not None
+            else ["quality:  no table (cells from label files without nuclei)"]
+        )
+        return lines
+
     def nbytes(self) -> dict[str, int]:
         """Bytes on disk per part of the store: each unit, labels, and ``total``."""
         sizes = {}

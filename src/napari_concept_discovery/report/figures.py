@@ -293,10 +293,12 @@ def quality_figure(ex, pixels: Pixels, keys: Sequence, reasons: Sequence[str]):
     from ..plate import SiteKey
 
     n = len(keys)
-    fig = new_figure(4.2 * n, 4.6)
+    cols = min(n, 2)  # two abreast, so the sites stay large on a page of any width
+    rows = -(-n // cols)
+    fig = new_figure(4.6 * cols, 5.0 * rows)
     for i, (key, why) in enumerate(zip(keys, reasons, strict=True)):
         key = SiteKey.of(key)
-        ax = fig.add_subplot(1, n, i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_axis_off()
         rgb = pixels.composite(key)
         labels = ex.labels(key)
@@ -306,6 +308,6 @@ def quality_figure(ex, pixels: Pixels, keys: Sequence, reasons: Sequence[str]):
         if labels is not None and labels.shape == rgb.shape[:2]:
             rgb[find_boundaries(labels, mode="inner")] = (1.0, 1.0, 1.0)
         ax.imshow(rgb, interpolation="nearest")
-        title = textwrap.fill(f"{key.plate} {key.well} s{key.site}: {why}", 48)
-        ax.set_title(title, fontsize=7)
+        title = textwrap.fill(f"{key.plate} {key.well} s{key.site}: {why}", 64)
+        ax.set_title(title, fontsize=7.5)
     return fig

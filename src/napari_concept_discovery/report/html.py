@@ -186,7 +186,8 @@ def quality_html(store, ex, pixels: Pixels) -> str:
     keys = [(r.plate, r.well, int(r.site)) for r in first.itertuples(index=False)]
     try:
         fig = quality_figure(ex, pixels, keys, list(first["reason"]))
-        parts.append(img_tag(fig, "flagged sites with their cells outlined", "quality", photo=True))
+        picture = img_tag(fig, "flagged sites with their cells outlined", "quality", photo=True)
+        parts.append(f"<div class='figs'>{picture}</div>")
     except Exception as exc:  # a figure is a courtesy; the table above says what matters
         parts.append(f"<p class='note'>No figure of the flagged sites: {html.escape(str(exc))}</p>")
     return "".join(parts)

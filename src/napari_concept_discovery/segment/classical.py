@@ -73,7 +73,10 @@ def threshold(
     if method == "otsu":
         t = filters.threshold_otsu(values)
     elif method == "otsu3":
-        t = filters.threshold_multiotsu(values, classes=3, nbins=128)[0]
+        try:
+            t = filters.threshold_multiotsu(values, classes=3, nbins=128)[0]
+        except ValueError:  # two levels only (a binary or posterised image): no middle class,
+            t = (values.min() + values.max()) / 2  # so halfway, where a blurred edge is
     elif method == "mce":
         t = filters.threshold_li(values)
     else:
