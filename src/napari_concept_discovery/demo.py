@@ -45,7 +45,7 @@ class DemoSettings(Settings):
     sparsity: int = option(8, "non-zeros per token")
     steps: int = option(1000, "training steps")
     seed: int = option(0, "random seed")
-    model: str = option("default", "model source (default is the bundled model)")
+    model: str = option("default", "model source, as `concept-discovery models` lists them")
 
 
 @dataclass
