@@ -72,7 +72,7 @@ def tiny_store_path(small_plates, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_train():
     """Training settings that train in seconds on the tiny store, as a factory:
     ``small_train(steps=5)`` (see ``helpers.small_train``)."""

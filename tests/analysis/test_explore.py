@@ -12,7 +12,6 @@ from napari_concept_discovery.analysis.explore import Explorer
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import (
     AnalyzeSettings,
-    TrainSettings,
     WhitenSettings,
 )
 from napari_concept_discovery.embed.store import ActivationStore
@@ -21,18 +20,12 @@ from napari_concept_discovery.plate.model import SiteKey
 
 
 @pytest.fixture(scope="module")
-def explored(tiny_store_path, tmp_path_factory):
+def explored(tiny_store_path, tmp_path_factory, small_train):
     """A per-plate whitened ICFL dictionary and `analyze`'s cell and patch codes for it."""
     store = ActivationStore.open(tiny_store_path)
-    settings = TrainSettings(
-        method="icfl",
-        unit="cell",
+    settings = small_train(
         atoms=32,
-        sparsity=4,
-        n_pick=2,
         steps=40,
-        batch_size=64,
-        seed=3,
         whiten=WhitenSettings(controls="well_type=negative_control", by="plate", mode="center"),
     )
     out = tmp_path_factory.mktemp("explore")

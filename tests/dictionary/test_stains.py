@@ -17,7 +17,6 @@ from napari_concept_discovery.analysis.concepts import feature_auroc
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     Dictionary,
-    TrainSettings,
     Whitener,
     WhitenSettings,
     build_model,
@@ -136,15 +135,10 @@ def test_mean_dictionaries_have_no_block_attribution():
     assert Dictionary(model, w, {"tokens": "mean"}).stain_attribution() is None
 
 
-def test_analysis_writes_stains_into_features_and_anndata(tiny_store_path, tmp_path):
+def test_analysis_writes_stains_into_features_and_anndata(tiny_store_path, tmp_path, small_train):
     store = ActivationStore.open(tiny_store_path)
-    settings = TrainSettings(
-        atoms=12,
-        sparsity=4,
-        n_pick=2,
-        steps=6,
-        batch_size=64,
-        whiten=WhitenSettings("well_type=negative_control"),
+    settings = small_train(
+        atoms=12, steps=6, seed=0, whiten=WhitenSettings("well_type=negative_control")
     )
     dictionary = train_on_store(store, settings).dictionary
     analysis = analyze_store(

@@ -43,13 +43,15 @@ def test_library_train_without_steps_runs_first_steps():
     assert result.samples == 16 * result.steps_done
 
 
-def test_train_on_store_sizes_steps_to_its_tokens_and_records_why(tiny_store_path, tmp_path):
+def test_train_on_store_sizes_steps_to_its_tokens_and_records_why(
+    tiny_store_path, tmp_path, small_train
+):
     store = ActivationStore.open(tiny_store_path)
-    settings = TrainSettings(
+    settings = small_train(
         atoms=16,
-        sparsity=4,
-        n_pick=2,
+        steps=None,
         batch_size=256,
+        seed=0,
         whiten=WhitenSettings("well_type=negative_control", n_components=8),
     )
     trained = train_on_store(store, settings, out=tmp_path / "d.safetensors")

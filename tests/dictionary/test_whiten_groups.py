@@ -9,7 +9,6 @@ import pytest
 from napari_concept_discovery.analysis.encode import encode_store
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
-    TrainSettings,
     WhitenSettings,
     load_dictionary,
     train_on_store,
@@ -114,7 +113,9 @@ def test_ledoit_wolf_shrinkage_matches_scikit_learn():
         assert ledoit_wolf_shrinkage(x) == pytest.approx(reference(x, assume_centered=True))
 
 
-def test_train_whiten_by_cell_type_on_a_store_and_encode_it_again(tiny_store_path, tmp_path):
+def test_train_whiten_by_cell_type_on_a_store_and_encode_it_again(
+    tiny_store_path, tmp_path, small_train
+):
     store = ActivationStore.open(tiny_store_path)
     out = tmp_path / "d.safetensors"
     args = [
@@ -143,12 +144,10 @@ def test_train_whiten_by_cell_type_on_a_store_and_encode_it_again(tiny_store_pat
     codes, table = encode_store(store, d)
     assert codes.shape == (len(table), 12)
     # a cell type without controls in the store's table is refused by name
-    settings = TrainSettings(
+    settings = small_train(
         atoms=12,
-        sparsity=4,
-        n_pick=2,
         steps=5,
-        batch_size=64,
+        seed=0,
         whiten=WhitenSettings("perturbation=nuclear_enlargement", by="cell_type"),
     )
     with pytest.raises(

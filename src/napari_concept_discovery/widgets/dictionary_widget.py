@@ -33,26 +33,23 @@ from ..errors import ConceptDiscoveryError
 from ..progress import Progress
 from ..views.forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ._form import make_fields, scrolling_layout, values
-from ._jobs import Job, JobPanel, WithJobPanel
+from ._jobs import Job, StepWidget
 from ._plot import TrainingPlot
-from ._viewer import get_session, observe, user_message
+from ._viewer import observe, user_message
 
 _ALL = "\x00all"  # "whiten per": one whitening for all tokens
 TRAIN_FIELDS = ["method", "unit", "atoms", "sparsity", "steps", "batch_size", "seed"]
 
 
-class DictionaryWidget(QWidget, WithJobPanel):
+class DictionaryWidget(StepWidget):
     """Dock widget: train a dictionary with a live plot, or load one; save it to a file."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
-        self.panel = JobPanel(
-            self,
+        super().__init__(
+            napari_viewer,
+            parent,
             cancel_tip="Stop after the current step and keep the dictionary so far.",
             cancelling="Cancelling: the dictionary after the last full step is kept…",
-            on_running=self._enable,
         )
         self.curves = TrainingCurves()
         self.choices: dict[str, list[str]] = {}

@@ -36,27 +36,24 @@ from ..models import list_models
 from ..progress import Progress
 from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
-from ._jobs import Job, JobPanel, WithJobPanel
+from ._jobs import Job, StepWidget
 from ._layers import FEATURE_ROLES
-from ._viewer import get_painter, get_session, observe, user_message
+from ._viewer import get_painter, observe, user_message
 
 _PICK_FOLDER = "\x00folder"
 _PICK_FILE = "\x00file"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-class EmbedWidget(QWidget, WithJobPanel):
+class EmbedWidget(StepWidget):
     """Dock widget: model, block, device and cells; embed the plate or the site in view."""
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
-        self.panel = JobPanel(
-            self,
+        super().__init__(
+            napari_viewer,
+            parent,
             cancel_tip="Stop after the site being embedded; finished sites stay.",
             cancelling="Cancelling after the site being embedded…",
-            on_running=self._enable,
         )
         self._out_edited = False
 
