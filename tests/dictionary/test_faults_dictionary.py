@@ -20,8 +20,9 @@ import zarr
 
 from fault_helpers import run_and_kill, snapshot
 from helpers import small_train
-from napari_concept_discovery.analysis import concepts
+from napari_concept_discovery.analysis import write
 from napari_concept_discovery.analysis.analyze import analyze_store
+from napari_concept_discovery.analysis.truth import concept_auroc, join_truth
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
@@ -465,7 +466,7 @@ def test_a_failed_analysis_leaves_the_old_one_whole(store, trained, tmp_path, mo
         raise OSError("disk full")
 
     with monkeypatch.context() as m:
-        m.setattr(concepts, "codes_anndata", full_disk)
+        m.setattr(write, "codes_anndata", full_disk)
         with pytest.raises(OSError, match="disk full"):
             analyze_store(store, d, AnalyzeSettings(top_n=3), out)
     assert snapshot(out) == before
@@ -520,7 +521,7 @@ def test_a_partial_truth_file_is_said_and_its_gaps_left_out(
     half = tmp_path / "half.csv"
     truth.iloc[: len(truth) // 2].to_csv(half, index=False)
     cells = len(store.table("cell"))
-    joined = concepts.join_truth(store.table("cell"), pd.read_csv(half))
+    joined = join_truth(store.table("cell"), pd.read_csv(half))
     missing = int(joined["mitotic"].isna().sum())
     assert 0 < missing < cells
     out = tmp_path / "a"
@@ -544,9 +545,7 @@ def test_a_partial_truth_file_is_said_and_its_gaps_left_out(
         (codes["code"], (codes["token"], codes["feature"])),
         shape=(cells, trained.dictionary.model.n_atoms),
     )
-    alone = concepts.concept_auroc(
-        csr[known], joined.iloc[known].astype({"mitotic": bool}), ["mitotic"]
-    )
+    alone = concept_auroc(csr[known], joined.iloc[known].astype({"mitotic": bool}), ["mitotic"])
     assert alone["auroc"].iloc[0] == pytest.approx(mitotic["auroc"])
 
 
@@ -580,7 +579,7 @@ def test_a_full_disk_ends_in_one_line_and_a_clean_folder(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(concepts, "atomic_parquet", no_room)
+        m.setattr(write, "atomic_parquet", no_room)
         assert main(args) == 1
     err = capsys.readouterr().err
     assert f"error: the disk is full writing {out}: No space left on device\n" in err
@@ -589,18 +588,18 @@ def test_a_full_disk_ends_in_one_line_and_a_clean_folder(
 
 ANALYZE_CHILD = """
 import sys, time
-import napari_concept_discovery.analysis.concepts as concepts
+import napari_concept_discovery.analysis.write as write
 from napari_concept_discovery.dictionary import AnalyzeSettings, load_dictionary
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.embed.store import ActivationStore
 store, dictionary, out, marker = sys.argv[1:]
-real = concepts.codes_anndata
+real = write.codes_anndata
 
 def stall(*args, **kwargs):  # killed while the folder beside --out is half-written
     open(marker, "w").write("x")
     time.sleep(600)
 
-concepts.codes_anndata = stall
+write.codes_anndata = stall
 analyze_store(ActivationStore.open(store), load_dictionary(dictionary), AnalyzeSettings(), out)
 """
 
