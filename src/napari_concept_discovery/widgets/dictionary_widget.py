@@ -33,8 +33,9 @@ from ..errors import ConceptDiscoveryError
 from ..progress import Progress
 from ..views.forms import TrainingCurves, group_choices, guess_control, metadata_choices
 from ._form import make_fields, scrolling_layout, values
-from ._jobs import Job, StepWidget
+from ._jobs import Job
 from ._plot import TrainingPlot
+from ._step import StepWidget
 from ._viewer import observe, user_message
 
 _ALL = "\x00all"  # "whiten per": one whitening for all tokens

@@ -36,8 +36,9 @@ from ..models import list_models
 from ..progress import Progress
 from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
-from ._jobs import Job, StepWidget
+from ._jobs import Job
 from ._layers import FEATURE_ROLES
+from ._step import StepWidget
 from ._viewer import get_painter, observe, user_message
 
 _PICK_FOLDER = "\x00folder"
