@@ -347,13 +347,26 @@ def _add_info(sub) -> None:
     p.set_defaults(func=_run_info)
 
 
+def _is_store(path) -> bool:
+    """Whether ``path`` is an activation store (a plate folder, or anything else, is not)."""
+    from .errors import StoreError
+    from .store import check_store_folder
+
+    if not Path(path).is_dir():
+        return False
+    try:
+        return check_store_folder(path) is not None
+    except StoreError:  # a folder that holds something else: a plate, for info
+        return False
+
+
 def _run_info(args, con: Console) -> int:
     from .errors import PlateError
     from .plate import PlateWarning
     from .plate.layouts import CHECK_LIMIT
-    from .store import ActivationStore, check_store_folder
+    from .store import ActivationStore
 
-    if Path(args.plate).is_dir() and check_store_folder(args.plate) is not None:
+    if _is_store(args.plate):
         store = ActivationStore.open(args.plate)  # a store, not a plate: describe it
         for line in store.describe():
             con.say(line)
