@@ -628,6 +628,7 @@ def analyze_store(
     """
     check_analysis_folder(out)
     truth = check_analysis(store, dictionary, settings)
+    named_features(dictionary)  # a notes file of another dictionary is refused before encoding
     codes, table = encode_for_analysis(
         store, dictionary, settings, progress=progress, cancel=cancel, truth=truth, encode=encode
     )
@@ -646,8 +647,20 @@ def analyze_store(
         top_n=settings.top_n,
         controls=controls,
         stains=dictionary.stain_table(),
+        named=named_features(dictionary),
     )
     return Analysis(codes, table, paths)
+
+
+def named_features(dictionary: Dictionary) -> pd.DataFrame | None:
+    """The names and notes saved beside the dictionary file (``feature_notes``), one row per
+    named feature, or None when there are none."""
+    from ..feature_notes import notes_for
+
+    notes = notes_for(dictionary)
+    if notes is None or not (notes.names or notes.notes):
+        return None
+    return notes.frame()
 
 
 def profile_controls(dictionary: Dictionary, controls: str | None = None) -> str | None:
