@@ -27,6 +27,7 @@ MAX_LABEL_VALUES = 50  # a column with more values (one per well) is not a label
 # table may carry (stain attribution) are shown after these under their own names.
 FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     "feature": ("Feature", "The feature's number in the dictionary."),
+    "name": ("Name", "The name you gave the feature (saved beside the dictionary)."),
     "frequency": ("Frequency", "Fraction of the store's cells where the feature is active."),
     "mean_activation": ("Mean activation", "Mean code over the cells where it is active."),
     "top": (
@@ -98,6 +99,15 @@ def display_table(features: pd.DataFrame) -> pd.DataFrame:
     return out[known + extra].reset_index(drop=True)
 
 
+def with_names(table: pd.DataFrame, notes) -> pd.DataFrame:
+    """A :func:`display_table` with a ``name`` column after ``feature`` (from
+    ``feature_notes.FeatureNotes``; empty where unnamed, and for ``notes`` None)."""
+    out = table.drop(columns=["name"], errors="ignore").copy()
+    names = {} if notes is None else notes.names
+    out.insert(1, "name", [names.get(int(f), "") for f in out["feature"]])
+    return out
+
+
 def headers(table: pd.DataFrame) -> list[tuple[str, str]]:
     """(header, tooltip) per column of a :func:`display_table`."""
     return [
@@ -153,6 +163,28 @@ def top_cell_thumbnails(
     embedded without labels) are left out.
     """
     top = explorer.top_cells(feature, n=n)
+    return cell_thumbnails(
+        explorer, plate, top, colours, size=size, progress=progress, cancel=cancel
+    )
+
+
+def cell_thumbnails(
+    explorer,
+    plate,
+    cells: pd.DataFrame,
+    colours: Mapping[str, RGB],
+    *,
+    value: str = "value",
+    size: int = 80,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+) -> list[Thumbnail]:
+    """Thumbnails of ``cells`` (plate, well, site, label and the ``value`` column shown under
+    each; boxes y0, x0, y1, x1 are found when missing), in the order given."""
+    top = cells.reset_index(drop=True).copy()
+    if "y0" not in top.columns:
+        top[["y0", "x0", "y1", "x1"]] = explorer.cell_boxes(top)
+    top["value"] = top[value].to_numpy(np.float64)
     top = top[top["y0"] >= 0]
     names = list(plate.channel_names)
     shown = [i for i, name in enumerate(names) if name in colours] or list(range(len(names)))
