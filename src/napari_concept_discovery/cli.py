@@ -791,7 +791,10 @@ def _run_analyze(args, con: Console) -> int:
             f"{settings.unit} tokens with it (--unit {settings.unit})"
         )
     _at_least(args.rows_per_task, "--rows-per-task")
-    with _cluster_client(args) as client, con.bars({"encode": "encode"}) as bars:
+    with (
+        _cluster_client(args) as client,
+        con.bars({"encode": "encode", "measure": "measure cells"}) as bars,
+    ):
         if client is None:
             analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
         else:

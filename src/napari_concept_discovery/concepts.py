@@ -782,6 +782,14 @@ def codes_anndata(
         var = features.drop(columns=["top_tokens"], errors="ignore").copy()
         for c in var.columns:
             if var[c].dtype == object:
+                lists = var[c].map(lambda v: isinstance(v, list | tuple | np.ndarray))
+                if lists.any():  # e.g. top_measurements: "a; b; c" (h5ad holds no lists)
+                    var[c] = [
+                        "; ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v)
+                        if isinstance(v, list | tuple | np.ndarray)
+                        else str(v)
+                        for v in var[c]
+                    ]
                 var[c] = var[c].astype(str)
         var.index = pd.Index(var["feature"].astype(str).to_numpy(), name=None)
     adata = ad.AnnData(X=_csr(codes).astype(np.float32), obs=obs, var=var)

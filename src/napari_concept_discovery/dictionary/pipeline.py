@@ -647,9 +647,26 @@ def analyze_store(
         top_n=settings.top_n,
         controls=controls,
         stains=dictionary.stain_table(),
-        named=named_features(dictionary),
+        named=_named_and_described(store, dictionary, codes, table, settings, progress, cancel),
     )
     return Analysis(codes, table, paths)
+
+
+def _named_and_described(store, dictionary, codes, table, settings, progress, cancel):
+    """Names and notes (:func:`named_features`) and, for cell codes with ``settings.describe``,
+    the measurement descriptions (``measurements.describe_store``), one row per feature."""
+    named = named_features(dictionary)
+    unit = settings.unit or dictionary.meta.get("unit") or "cell"
+    if not settings.describe or unit != "cell" or not hasattr(store, "plate_source"):
+        return named
+    from ..measurements import describe_store
+
+    described = describe_store(store, codes, progress=progress, cancel=cancel)
+    if described is None:
+        return named
+    if named is None:
+        return described
+    return described.merge(named, on="feature", how="left").fillna({"name": "", "note": ""})
 
 
 def named_features(dictionary: Dictionary) -> pd.DataFrame | None:

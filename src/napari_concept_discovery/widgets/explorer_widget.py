@@ -452,7 +452,7 @@ class ConceptExplorer(QWidget):
 
     def _show_top_cells(self, explorer, feature: int, ticket: int, thumbs: list[Thumbnail]):
         s = self.session
-        if s.explorer is not explorer or s.feature != feature:
+        if not self.jobs.alive or s.explorer is not explorer or s.feature != feature:
             return
         cells = pd.DataFrame(
             [(t.plate, t.well, t.site, t.label, t.value) for t in thumbs],
@@ -576,6 +576,8 @@ class ConceptExplorer(QWidget):
         self.jobs.run(job)
 
     def _show_similar(self, explorer, key, label, ticket, result) -> None:
+        if not self.jobs.alive:
+            return
         cells, thumbs = result
         self._show_gallery(
             explorer,
@@ -615,6 +617,8 @@ class ConceptExplorer(QWidget):
         self.jobs.run(job)
 
     def _show_above(self, explorer, feature, threshold, ticket, result) -> None:
+        if not self.jobs.alive:
+            return
         cells, thumbs = result
         n_cells = len(self.session.explorer.store.table("cell")) if self.session.explorer else 0
         self._show_gallery(
