@@ -44,6 +44,11 @@ FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
         "P(active | top label) minus the largest P(active | another label).",
     ),
     "n_active": ("Cells", "Number of cells where the feature is active."),
+    "description": (
+        "Follows",
+        "The per-cell measurements whose values follow the feature's activation most closely "
+        "(Spearman over cells, with its sign).",
+    ),
 }
 HIDDEN = {"top_column", "top_label", "top_tokens"}
 
@@ -99,12 +104,18 @@ def display_table(features: pd.DataFrame) -> pd.DataFrame:
     return out[known + extra].reset_index(drop=True)
 
 
-def with_names(table: pd.DataFrame, notes) -> pd.DataFrame:
+def with_names(
+    table: pd.DataFrame, notes, descriptions: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """A :func:`display_table` with a ``name`` column after ``feature`` (from
-    ``feature_notes.FeatureNotes``; empty where unnamed, and for ``notes`` None)."""
-    out = table.drop(columns=["name"], errors="ignore").copy()
+    ``feature_notes.FeatureNotes``; empty where unnamed, and for ``notes`` None) and, given
+    ``descriptions`` (``measurements.describe_features``), a ``description`` column last."""
+    out = table.drop(columns=["name", "description"], errors="ignore").copy()
     names = {} if notes is None else notes.names
     out.insert(1, "name", [names.get(int(f), "") for f in out["feature"]])
+    if descriptions is not None:
+        text = descriptions.set_index("feature")["description"]
+        out["description"] = out["feature"].map(text).fillna("").to_numpy()
     return out
 
 

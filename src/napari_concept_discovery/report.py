@@ -676,6 +676,12 @@ def write_report(
     chosen += list(why)
     shown = set(chosen)
     pixels = _Pixels(store)
+    if pixels.plate is not None:  # what measurements follow each feature (cached per store)
+        from .measurements import describe_store
+
+        described = describe_store(store, codes, plate=pixels.plate, cancel=cancel)
+        if described is not None:
+            features = join_feature_columns(features, described[["feature", "description"]])
     plates = sorted(table["plate"].astype(str).unique())
     stain_cols = [c for c in features.columns if str(c).startswith("stain_")]
     feats = features.set_index("feature")
@@ -932,6 +938,9 @@ def _feature_html(
     note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
     if note:
         facts.insert(0, f"<b>note</b> {html.escape(note)}")
+    described = row["description"] if "description" in row.index else ""
+    if isinstance(described, str) and described:
+        facts.insert(0, f"<b>measurements that follow it</b> {html.escape(described)}")
     if why is not None:
         title += f": switched on by {why.rsplit(' (', 1)[0]}"
     if "top_label" in row.index and row["top_column"]:

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSplitter,
     QTableView,
     QTabWidget,
@@ -47,6 +48,7 @@ from ..cell_selection import (
     write_cells_csv,
 )
 from ..errors import ConceptDiscoveryError
+from ..feature_card import card_data, card_figure
 from ..feature_notes import FeatureNotes, load_notes, save_notes
 from ..feature_views import (
     Thumbnail,
@@ -173,13 +175,26 @@ class ConceptExplorer(QWidget):
         self.name_edit.setPlaceholderText("Name this feature, e.g. 'fragmented mitochondria'")
         self.note_edit = QPlainTextEdit()
         self.note_edit.setPlaceholderText("Notes: what you saw, where, what to check next")
-        self.note_edit.setMaximumHeight(90)
+        self.note_edit.setMaximumHeight(56)
         self.name_button = QPushButton("Save name")
         self.name_button.setToolTip(
             "Keep the name and note beside the dictionary file (<name>.features.json)."
         )
         self.feature_label = QLabel("Select a feature in the table above.")
         self.feature_label.setWordWrap(True)
+        self.description_label = QLabel()
+        self.description_label.setWordWrap(True)
+        self.description_label.setToolTip(
+            "The per-cell measurements (per stain and compartment) whose values follow the "
+            "feature's activation most closely: Spearman correlation over cells, with its sign."
+        )
+        self.card_label = QLabel("The feature's card appears here.")
+        self.card_label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignHCenter)
+        self.card_scroll = QScrollArea()
+        self.card_scroll.setWidgetResizable(True)
+        self.card_scroll.setWidget(self.card_label)
+        self.card_image: np.ndarray | None = None
+        self.descriptions: pd.DataFrame | None = None
         for w in (self.name_edit, self.note_edit, self.name_button):
             w.setEnabled(False)
 
@@ -199,7 +214,8 @@ class ConceptExplorer(QWidget):
         name_row.addWidget(self.name_button)
         feature_layout.addLayout(name_row)
         feature_layout.addWidget(self.note_edit)
-        feature_layout.addStretch(1)
+        feature_layout.addWidget(self.description_label)
+        feature_layout.addWidget(self.card_scroll, 1)
         cell_tab = QWidget()
         cell_layout = QVBoxLayout(cell_tab)
         cell_layout.addWidget(self.cell_label)
@@ -218,15 +234,15 @@ class ConceptExplorer(QWidget):
         gallery_layout.addLayout(select_row)
         self.tabs = QTabWidget()
         self.tabs.addTab(gallery_tab, "Cells")
+        self.tabs.addTab(feature_tab, "Feature card")
         self.tabs.addTab(cell_tab, "Clicked cell")
-        self.tabs.addTab(feature_tab, "Name")
         self.gallery_tab, self.cell_tab, self.feature_tab = gallery_tab, cell_tab, feature_tab
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(top)
         splitter.addWidget(self.tabs)
         splitter.setStretchFactor(0, 1)
         splitter.setStretchFactor(1, 1)
-        splitter.setSizes([360, 320])
+        splitter.setSizes([330, 520])
         layout = QVBoxLayout(self)
         layout.addWidget(self.status)
         layout.addWidget(self.progress)
@@ -241,6 +257,9 @@ class ConceptExplorer(QWidget):
         self.save_button.clicked.connect(self._choose_save)
         self.layer_button.clicked.connect(self.show_selection_layer)
         self.name_button.clicked.connect(self.save_name)
+        self.tabs.currentChanged.connect(self._on_tab_changed)
+        self._card_ticket = 0
+        self._card_for: int | None = None
         self.filter_edit.textChanged.connect(self.proxy.setFilterFixedString)
         self.active_box.toggled.connect(self.proxy.set_active_only)
         self.table.selectionModel().selectionChanged.connect(self._on_row_selected)
@@ -308,6 +327,7 @@ class ConceptExplorer(QWidget):
         self._clear_gallery()
         self._set_selection(None, "")
         self.notes = None
+        self.descriptions = None
         if explorer is None:
             return
         self._load_notes(explorer.dictionary)
@@ -333,8 +353,11 @@ class ConceptExplorer(QWidget):
     def _show_features(self, explorer, table: pd.DataFrame) -> None:
         if not self.jobs.alive or self.session.explorer is not explorer:
             return
+        first = self.features is None
         self.features = table
-        shown = with_names(table, self.notes)
+        if first:
+            self._raise_dock()
+        shown = with_names(table, self.notes, self.descriptions)
         self.model.set_frame(shown, headers(shown))
         col = self._column("frequency")
         if col >= 0:
@@ -346,6 +369,47 @@ class ConceptExplorer(QWidget):
         )
         if self.session.feature is not None:
             self._on_feature_changed(self.session.feature)
+        self._describe(explorer)
+
+    def _describe(self, explorer) -> None:
+        """Describe the features by the measurements that follow them (in a worker; measured
+        once per store and cached beside it), then add the column to the table."""
+        plate = self._gallery_plate(explorer)
+        if plate is None:
+            return
+        from ..measurements import describe_store
+
+        def work(progress=None, cancel=None):
+            codes, _ = explorer.cell_codes()
+            return describe_store(explorer.store, codes, plate=plate, cancel=cancel)
+
+        job = Job(work)
+        job.returned.connect(partial(self._show_descriptions, explorer))
+        job.errored.connect(partial(self._fail, "Cannot describe the features"))
+        self.jobs.run(job)
+
+    def _show_descriptions(self, explorer, described) -> None:
+        if not self.jobs.alive or self.session.explorer is not explorer or described is None:
+            return
+        self.descriptions = described
+        self._refresh_table()
+        self._show_name(self.session.feature)
+
+    def _refresh_table(self) -> None:
+        if self.features is None:
+            return
+        shown = with_names(self.features, self.notes, self.descriptions)
+        self.model.set_frame(shown, headers(shown))
+        self._sync_row(self.session.feature)
+
+    def _raise_dock(self) -> None:
+        """Bring the explorer's tab to the front when its table is ready (it shares the dock
+        area with the navigator, Embed and Dictionary; see ``_open.dock_widgets``)."""
+        parent = self.parentWidget()
+        while parent is not None and not hasattr(parent, "toggleViewAction"):
+            parent = parent.parentWidget()
+        if parent is not None:
+            parent.raise_()
 
     def _column(self, name: str) -> int:
         cols = list(self.model.frame.columns)
@@ -718,8 +782,10 @@ class ConceptExplorer(QWidget):
         if not on:
             self.name_edit.clear()
             self.note_edit.clear()
+            self.description_label.clear()
             self.feature_label.setText("Select a feature in the table above.")
             return
+        self.description_label.setText(self._description_text(feature))
         notes = self.notes
         self.name_edit.setText("" if notes is None else notes.name(feature))
         self.note_edit.setPlainText("" if notes is None else notes.note(feature))
@@ -731,6 +797,82 @@ class ConceptExplorer(QWidget):
             "names beside it."
         )
         self.name_button.setEnabled(where is not None)
+        self._update_card()
+
+    def _description_text(self, feature) -> str:
+        d = self.descriptions
+        if d is None:
+            return "Measurements that follow it: being measured…"
+        row = d[d["feature"] == int(feature)]
+        text = str(row["description"].iloc[0]) if len(row) else ""
+        return (
+            f"Measurements that follow it: {text}"
+            if text
+            else "No measurement follows it closely (all |Spearman| < 0.2)."
+        )
+
+    # --- the feature card ---------------------------------------------------------------------
+
+    def _on_tab_changed(self, *_) -> None:
+        self._update_card()
+
+    def _update_card(self) -> None:
+        """Draw the selected feature's card (in a worker) when the card's tab is shown."""
+        explorer, feature = self.session.explorer, self.session.feature
+        if self.tabs.currentWidget() is not self.feature_tab:
+            return
+        if explorer is None or feature is None or self._card_for == feature:
+            return
+        plate = self._gallery_plate(explorer)
+        self._card_for = feature
+        self._card_ticket += 1
+        ticket = self._card_ticket
+        self.card_label.setText(f"Drawing the card of feature {feature}…")
+        notes = self.notes
+        name = "" if notes is None else notes.name(feature)
+        d = self.descriptions
+        described = ""
+        if d is not None and (d["feature"] == feature).any():
+            described = str(d.loc[d["feature"] == feature, "description"].iloc[0])
+        colours = self._channel_colours()
+        # the tab's width less margins and a vertical scroll bar, so the card never scrolls
+        # sideways (the scroll area itself has no width yet when its tab is first shown)
+        width = max(360, self.tabs.width() - 48)
+        column = _top_column(self.features, feature)
+
+        def work(progress=None, cancel=None):
+            card = card_data(
+                explorer,
+                feature,
+                plate=plate,
+                colours=colours,
+                column=column,
+                name=name,
+                description=described,
+                cancel=cancel,
+            )
+            return card_figure(card, width_px=width)
+
+        job = Job(work)
+        job.returned.connect(partial(self._show_card, explorer, feature, ticket))
+        job.errored.connect(partial(self._card_failed, feature))
+        self.jobs.run(job)
+
+    def _card_failed(self, feature, exc) -> None:
+        self._card_for = None
+        if not isinstance(exc, Cancelled):
+            self._fail(f"Cannot draw the card of feature {feature}", exc)
+
+    def _show_card(self, explorer, feature, ticket, rgb) -> None:
+        if (
+            not self.jobs.alive
+            or ticket != self._card_ticket
+            or self.session.explorer is not explorer
+            or self.session.feature != feature
+        ):
+            return
+        self.card_image = rgb
+        self.card_label.setPixmap(QPixmap.fromImage(_qimage(rgb)))
 
     def save_name(self) -> str | None:
         """What "Save name" does: keep the typed name and note beside the dictionary file."""
@@ -746,9 +888,17 @@ class ConceptExplorer(QWidget):
         except (ConceptDiscoveryError, OSError) as exc:
             self._fail(f"Cannot save the name of feature {feature}", exc)
             return None
-        if self.features is not None:
-            shown = with_names(self.features, self.notes)
-            self.model.set_frame(shown, headers(shown))
-            self._sync_row(feature)
+        self._refresh_table()
+        self._card_for = None
+        self._update_card()
         self.status.setText(f"Saved the name of feature {feature} to {written.name}.")
         return str(written)
+
+
+def _top_column(table: pd.DataFrame | None, feature: int) -> str | None:
+    """The label column a feature is most selective for, from the shown table's ``top``."""
+    if table is None or "top" not in table.columns:
+        return None
+    row = table[table["feature"] == int(feature)]
+    top = str(row["top"].iloc[0]) if len(row) else ""
+    return top.split("=", 1)[0] if "=" in top else None
