@@ -15,7 +15,9 @@ from napari_concept_discovery.cell_selection import (
     similar_cells,
     with_feature,
 )
+from napari_concept_discovery.feature_card import card_data
 from napari_concept_discovery.feature_notes import load_notes, notes_path
+from napari_concept_discovery.measurements import describe_store
 from napari_concept_discovery.plate import SiteKey
 from test_widgets_explore import (  # noqa: F401  (fixtures)
     WAIT,
@@ -81,8 +83,23 @@ def test_name_a_feature_select_cells_export_and_find_similar_cells(
     assert widget.name_edit.text() == "bright nuclei"
     assert widget.note_edit.toPlainText() == "fires in B wells"
 
-    # select every cell at or above a threshold; export it as CSV and as a Labels layer
+    # the measurements that follow each feature: the library's descriptions, in the table
     codes, _ = explorer.cell_codes()
+    described = describe_store(explorer.store, codes)
+    qtbot.waitUntil(lambda: "description" in widget.model.frame.columns, timeout=WAIT)
+    shown = widget.model.frame.set_index("feature")["description"]
+    assert shown.to_dict() == described.set_index("feature")["description"].to_dict()
+    text = described.loc[described.feature == feature, "description"].iloc[0]
+    assert (text or "No measurement follows it") in widget.description_label.text()
+    # the feature card: drawn when its tab is shown, the cards' width, named
+    widget.tabs.setCurrentWidget(widget.feature_tab)
+    qtbot.waitUntil(lambda: widget.card_image is not None, timeout=WAIT)
+    assert widget.card_image.shape[1] == max(360, widget.tabs.width() - 48)
+    card = card_data(explorer, feature, name="bright nuclei")
+    assert card.title == f"Feature {feature} \u201cbright nuclei\u201d"
+    assert len(card.control_values) + len(card.other_values) == codes.shape[0]
+
+    # select every cell at or above a threshold; export it as CSV and as a Labels layer
     col = codes[:, feature].toarray().ravel()
     threshold = round(float(np.median(col[col > 0])), 3)
     widget.tabs.setCurrentWidget(widget.gallery_tab)

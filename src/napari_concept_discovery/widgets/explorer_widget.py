@@ -328,6 +328,10 @@ class ConceptExplorer(QWidget):
         self._set_selection(None, "")
         self.notes = None
         self.descriptions = None
+        self._card_for = None
+        self.card_image = None
+        self.card_label.clear()
+        self.card_label.setText("The feature's card appears here.")
         if explorer is None:
             return
         self._load_notes(explorer.dictionary)
