@@ -229,3 +229,24 @@ def test_names_round_trip_and_reach_analyze(explored, tmp_path):
     with pytest.raises(DictionaryError, match="belong to the dictionary"):
         save_notes(back, other)
     theirs.unlink()
+
+
+def test_the_report_shows_names_notes_and_descriptions(explored, tmp_path):
+    from napari_concept_discovery.report import ReportSettings, write_report
+
+    store, dictionary, _, _, _ = explored
+    notes = load_notes(dictionary.path)
+    for f in range(dictionary.n_atoms):
+        notes.set(f, name=f"concept {f}", note=f"seen in {f} wells")
+    save_notes(notes, dictionary.path)
+    try:
+        page = write_report(store, [dictionary.path], tmp_path / "rep", ReportSettings(top=2))
+        text = page.read_text()
+        assert "feature 0</a>" in text or "#feature-" in text
+        shown = [int(x.split("'")[0]) for x in text.split("id='feature-")[1:]]
+        assert shown
+        for f in shown:
+            assert f"concept {f}" in text and f"seen in {f} wells" in text
+        assert "measurements that follow it" in text
+    finally:
+        notes_path(dictionary.path).unlink()

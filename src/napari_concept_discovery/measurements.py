@@ -104,42 +104,54 @@ def measure_site(
         return pd.DataFrame(out)
     top = float(np.max(image)) if image.size else 1.0
     image = image / (top if top > 0 else 1.0)  # one scale for the site: texture is comparable
-    compartments = {"Cells": cells}
     nuc = _nuclear(channel_names)
+    inside = np.flatnonzero(cells.ravel() > 0)
+    cell_of = cells.ravel()[inside].astype(np.int64)
+    nuclear = np.zeros(cells.shape, bool)
     if nuc is not None:
-        dna = image[nuc]
-        t = _otsu(dna[cells > 0])
-        nuclei = np.where((cells > 0) & (dna > t), cells, 0)
-        compartments["Nuclei"] = nuclei
-        compartments["Cytoplasm"] = np.where(nuclei > 0, 0, cells)
+        nuclear = (cells > 0) & (image[nuc] > _otsu(image[nuc][cells > 0]))
+    # one pass per stain and sum: pixels keyed by (cell, in its nucleus or not); the cell is the
+    # sum of its nucleus and its cytoplasm
     n = int(labels.max()) + 1
-    # per stain, once: the share of signal in small bright structures, and neighbour differences
-    removed = [(plane - ndi.grey_opening(plane, footprint=disk(2))).ravel() for plane in image]
-    flat = image.reshape(len(image), -1)
-    for comp, lab in compartments.items():
-        lab_flat = lab.ravel()
+    key = cell_of * 2 + nuclear.ravel()[inside]
 
-        def per(weights, lab_flat=lab_flat):
-            return np.bincount(lab_flat, weights=weights, minlength=n)[labels]
+    def parts(weights) -> np.ndarray:  # (cells, 2): cytoplasm, nucleus
+        return np.bincount(key, weights=weights, minlength=2 * n).reshape(n, 2)[labels]
 
-        area = per(None).astype(np.float64)
-        out[f"{comp}_AreaShape_Area"] = area
-        safe = np.maximum(area, 1.0)
-        pairs = _same_pairs(lab)
-        for c, name in enumerate(channel_names):
-            plane = flat[c].astype(np.float64)
-            total = per(plane)
-            mean = total / safe
+    pairs = _same_pairs(cells, nuclear)
+    area = parts(None).astype(np.float64)
+    comps = {"Cells": (0, 1)}
+    if nuc is not None:
+        comps.update(Nuclei=(1,), Cytoplasm=(0,))
+    sizes = {comp: area[:, list(cols)].sum(1) for comp, cols in comps.items()}
+    for comp in comps:
+        out[f"{comp}_AreaShape_Area"] = sizes[comp]
+    for c, name in enumerate(channel_names):
+        plane = image[c]
+        values = plane.ravel()[inside].astype(np.float64)
+        total, sq = parts(values), parts(values**2)
+        removed = plane - ndi.grey_opening(plane, footprint=disk(2))
+        granular = parts(removed.ravel()[inside].astype(np.float64))
+        contrast_sum, contrast_n = _contrast(plane, pairs, n, labels)
+        for comp, cols in comps.items():
+            cols = list(cols)
+            safe = np.maximum(sizes[comp], 1.0)
+            t = total[:, cols].sum(1)
+            mean = t / safe
             out[f"{comp}_Intensity_MeanIntensity_{name}"] = mean
             out[f"{comp}_Intensity_StdIntensity_{name}"] = np.sqrt(
-                np.maximum(per(plane**2) / safe - mean**2, 0.0)
+                np.maximum(sq[:, cols].sum(1) / safe - mean**2, 0.0)
             )
-            out[f"{comp}_Intensity_IntegratedIntensity_{name}"] = total
-            out[f"{comp}_Texture_Contrast_{name}"] = _contrast(image[c], pairs, n, labels)
-            out[f"{comp}_Granularity_2_{name}"] = per(removed[c]) / np.where(total > 0, total, 1.0)
+            out[f"{comp}_Intensity_IntegratedIntensity_{name}"] = t
+            # pairs: 0 both in the cytoplasm, 1 across the nuclear edge, 2 both in the nucleus
+            cats = {"Cells": [0, 1, 2], "Nuclei": [2], "Cytoplasm": [0]}[comp]
+            out[f"{comp}_Texture_Contrast_{name}"] = contrast_sum[:, cats].sum(1) / np.maximum(
+                contrast_n[:, cats].sum(1), 1.0
+            )
+            out[f"{comp}_Granularity_2_{name}"] = granular[:, cols].sum(1) / np.where(t > 0, t, 1.0)
     frame = pd.DataFrame(out)
     # measurements of an empty compartment (a cell without a nucleus) are not zeros: NaN
-    for comp in compartments:
+    for comp in comps:
         gone = frame[f"{comp}_AreaShape_Area"].to_numpy() == 0
         if gone.any():
             cols = [c for c in frame.columns if c.startswith(comp + "_") and "AreaShape" not in c]
@@ -147,28 +159,34 @@ def measure_site(
     return frame
 
 
-def _same_pairs(lab: np.ndarray):
-    """Horizontal and vertical neighbour pairs inside one object: (label, slices) per direction."""
+def _same_pairs(cells: np.ndarray, nuclear: np.ndarray):
+    """Horizontal and vertical neighbour pairs inside one cell: per direction the flat indices
+    of both pixels and a key ``cell * 3 + number of the two in the nucleus``."""
     out = []
+    h, w = cells.shape
+    flat = np.arange(h * w).reshape(h, w)
     for a, b in (
         ((slice(None), slice(0, -1)), (slice(None), slice(1, None))),
         ((slice(0, -1), slice(None)), (slice(1, None), slice(None))),
     ):
-        la, lb = lab[a], lab[b]
-        same = np.where(la == lb, la, 0).ravel()
-        out.append((same, a, b))
+        la, lb = cells[a], cells[b]
+        ok = (la == lb) & (la > 0)
+        ia, ib = flat[a][ok], flat[b][ok]
+        key = la[ok].astype(np.int64) * 3 + nuclear[a][ok] + nuclear[b][ok]
+        out.append((ia, ib, key))
     return out
 
 
-def _contrast(plane: np.ndarray, pairs, n: int, labels: np.ndarray) -> np.ndarray:
-    """Mean squared difference of neighbouring pixels that both lie in the same object."""
-    total = np.zeros(n)
-    count = np.zeros(n)
-    for same, a, b in pairs:
-        d = (plane[a].astype(np.float64) - plane[b]).ravel() ** 2
-        total += np.bincount(same, weights=d, minlength=n)
-        count += np.bincount(same, minlength=n)
-    return total[labels] / np.maximum(count[labels], 1.0)
+def _contrast(plane: np.ndarray, pairs, n: int, labels: np.ndarray):
+    """Sums of squared neighbour differences and pair counts, (cells, 3) each: pairs in the
+    cytoplasm, across the nuclear edge, in the nucleus."""
+    total = np.zeros(3 * n)
+    count = np.zeros(3 * n)
+    values = plane.ravel().astype(np.float64)
+    for ia, ib, key in pairs:
+        total += np.bincount(key, weights=(values[ia] - values[ib]) ** 2, minlength=3 * n)
+        count += np.bincount(key, minlength=3 * n)
+    return total.reshape(n, 3)[labels], count.reshape(n, 3)[labels]
 
 
 def _signature(store) -> str:
