@@ -6,9 +6,12 @@ are thin doors over these functions.
 Similar cells are found exactly: cosine similarity of the cell's code vector against every
 cell's, as one sparse matrix-vector product over the codes the
 :class:`~napari_concept_discovery.explore.Explorer` keeps for the store. Its cost is linear in
-the number of non-zero codes (cells x L0), and there is no index to build, so it stays exact at
-any size; above :data:`EXACT_LIMIT` cells the codes themselves (about 12 bytes per non-zero)
-are what grows, and the answer is still exact (see :func:`similar_cells`).
+the number of non-zero codes (cells x L0) and there is no index to build. Measured
+(benchmarks/bench_similar.py, M = 4096, L0 = 20): 0.03 s per query at 100,000 cells and 0.3 s at
+:data:`EXACT_LIMIT` = 1,000,000 (codes 164 MB), on a par with scikit-learn's brute-force
+neighbours (its time over ours 0.6-1.7 across runs on a shared machine) and the same answer.
+Above a million cells the search stays exact and grows linearly (about 3 s and 1.6 GB of codes
+at ten million): what limits it is holding every cell's codes in memory, not the search.
 """
 
 from __future__ import annotations
