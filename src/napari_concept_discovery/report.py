@@ -625,6 +625,12 @@ def write_report(
     sels = {c: selectivity(codes, table[c].to_numpy(), c) for c in labels}
     features = ex.feature_table(labels)
     entries = [(name, primary, features)]
+    from .concepts import join_feature_columns
+    from .dictionary.pipeline import named_features
+
+    named = named_features(primary)
+    if named is not None:  # names and notes a person gave, beside the dictionary file
+        features = join_feature_columns(features, named)
     for i, (other_name, other) in enumerate(loaded[1:], start=1):
         if is_cancelled(cancel):
             raise _cancelled()
@@ -670,6 +676,12 @@ def write_report(
     chosen += list(why)
     shown = set(chosen)
     pixels = _Pixels(store)
+    if pixels.plate is not None:  # what measurements follow each feature (cached per store)
+        from .measurements import describe_store
+
+        described = describe_store(store, codes, plate=pixels.plate, cancel=cancel)
+        if described is not None:
+            features = join_feature_columns(features, described[["feature", "description"]])
     plates = sorted(table["plate"].astype(str).unique())
     stain_cols = [c for c in features.columns if str(c).startswith("stain_")]
     feats = features.set_index("feature")
@@ -836,7 +848,9 @@ def _toc(chosen, feats, why: dict[int, str]) -> str:
                 else ""
             )
         )
-        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{label}</li>")
+        named = _given_name(r)
+        named = f" <b>{html.escape(named)}</b>:" if named else ""
+        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{named}{label}</li>")
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#quality'>Segmentation quality</a> · "
@@ -908,6 +922,12 @@ def _profiles_html(profiles, chosen, shown, notes, out) -> str:
     return "".join(parts)
 
 
+def _given_name(row) -> str:
+    """The name a person gave the feature (``feature_notes``), or ''."""
+    v = row["name"] if "name" in row.index else ""
+    return v if isinstance(v, str) else ""
+
+
 def _feature_html(
     ex, pixels, f, row, sels, stain_cols, profiles, plates, control_wells, n_cells, why=None
 ) -> str:
@@ -916,6 +936,14 @@ def _feature_html(
         f"<b>mean code when active</b> {row['mean_activation']:.3g}",
     ]
     title = f"Feature {f}"
+    if _given_name(row):
+        title += f" “{_given_name(row)}”"
+    note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
+    if note:
+        facts.insert(0, f"<b>note</b> {html.escape(note)}")
+    described = row["description"] if "description" in row.index else ""
+    if isinstance(described, str) and described:
+        facts.insert(0, f"<b>measurements that follow it</b> {html.escape(described)}")
     if why is not None:
         title += f": switched on by {why.rsplit(' (', 1)[0]}"
     if "top_label" in row.index and row["top_column"]:

@@ -252,6 +252,7 @@ class DictionaryWidget(QWidget):
         except (ConceptDiscoveryError, OSError) as exc:
             self._fail(user_message(exc, f"Could not save {path}"))
             return None
+        dictionary.path = Path(written)  # names given to its features are kept beside it
         self.status.setText(f"Saved to {written}.")
         return written
 
