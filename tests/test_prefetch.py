@@ -120,7 +120,7 @@ def test_the_viewer_prepares_the_next_sites_codes_and_pixels(make_napari_viewer,
     root = str(session.plate.root)
 
     def prepared():
-        return not link._prefetch_workers and all(
+        return not link.prefetching and all(
             explorer.cached(k) is not None and (root, tuple(k)) in link._read for k in near
         )
 

@@ -107,6 +107,11 @@ class SiteLink:
         """Whether a site is still being read."""
         return bool(self._workers)
 
+    @property
+    def prefetching(self) -> bool:
+        """Whether neighbouring sites are being prepared in the background."""
+        return bool(self._prefetch_workers)
+
     def adopt_layers(self) -> None:
         """Take the plate of layers already in the viewer (opened before any widget was)."""
         viewer = self._viewer()
