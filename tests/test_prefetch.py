@@ -52,9 +52,10 @@ def test_prefetch_reads_and_encodes_skips_failures_and_stops_when_cancelled():
     )
     assert [k for k, _ in done] == KEYS[:3] and done[0][1] == "pixels 1"
     assert explorer.encoded == [KEYS[0], KEYS[2]]  # the failing site skipped, the rest done
-    # cached codes are not encoded again
-    prefetch_sites(None, [], explorer, KEYS[:1])
-    assert explorer.encoded == [KEYS[0], KEYS[2]]
+    # cached codes are not encoded again; the painter's cell labels are decoded with them
+    decoded = []
+    prefetch_sites(None, [], explorer, KEYS[:1], labels=decoded.append)
+    assert explorer.encoded == [KEYS[0], KEYS[2]] and decoded == [KEYS[0]]
 
     stop = threading.Event()
 
@@ -125,6 +126,7 @@ def test_the_viewer_prepares_the_next_sites_codes_and_pixels(make_napari_viewer,
         )
 
     qtbot.waitUntil(prepared, timeout=30000)
+    assert all(k in painter.source._labels for k in near)  # their cells decoded too
     assert explorer.cached(keys[5]) is None  # not a neighbour: not encoded
     # the prepared codes are the ones the explorer computes itself
     again = explorer.site(near[0])

@@ -49,9 +49,11 @@ def prefetch_sites(
     explorer: Any,
     code_keys: Sequence[SiteKey],
     cancel: Cancel = None,
+    labels: Callable[[SiteKey], Any] | None = None,
 ) -> list[tuple[SiteKey, Any]]:
     """Pixels of ``read_keys`` (``read(key)`` each) and codes of ``code_keys`` (cached by
-    ``explorer.site``), site by site; stops between sites once ``cancel`` is set.
+    ``explorer.site``, then ``labels(key)``: the cell labels the painter decodes, cached by
+    it), site by site; stops between sites once ``cancel`` is set.
 
     Returns what ``read`` gave, as (key, data) pairs, for the caller to cache. A site that
     cannot be read or encoded is skipped: the user's own visit reports its error.
@@ -64,8 +66,11 @@ def prefetch_sites(
         try:
             if read is not None and key in read_keys:
                 done.append((key, read(key)))
-            if explorer is not None and key in code_keys and explorer.cached(key) is None:
-                explorer.site(key, cancel=cancel)
+            if explorer is not None and key in code_keys:
+                if explorer.cached(key) is None:
+                    explorer.site(key, cancel=cancel)
+                if labels is not None:
+                    labels(key)
         except Cancelled:
             break
         except (ConceptDiscoveryError, OSError, KeyError, ValueError):

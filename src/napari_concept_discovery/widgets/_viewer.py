@@ -37,6 +37,7 @@ def get_session(viewer) -> ViewerSession:
         link = SiteLink(viewer, session)
         painter = FeaturePainter(viewer, session)
         painter.on_complete = link.prefetch_neighbours  # a painted site: prepare its neighbours
+        link.painter = painter
         _SESSIONS[viewer] = (session, link, painter)
         link.adopt_layers()
         qt_viewer = getattr(getattr(viewer, "window", None), "_qt_viewer", None)
@@ -99,6 +100,7 @@ class SiteLink:
         self.prefetch = True
         self._prefetch: tuple[threading.Event, tuple] | None = None  # (cancel, its sites)
         self._prefetch_workers: set = set()  # kept alive until they finish; not ``busy``
+        self.painter: FeaturePainter | None = None  # set by get_session
         viewer.layers.events.inserted.connect(self._on_inserted)
         session.site_changed.connect(self._on_site_changed)
 
@@ -188,8 +190,12 @@ class SiteLink:
         reads = [k for k in near if (root, tuple(k)) not in self._read]
         explorer = self.session.explorer
         codes = []
+        labels = None
         if explorer is not None and self.session.feature is not None:
             codes = [k for k in near if k in explorer and explorer.cached(k) is None]
+            source = getattr(self.painter, "source", None)
+            if source is not None and source.explorer is explorer:
+                labels = source.labels  # the painter decodes a site's cells once, then keeps them
         if not reads and not codes:
             self._prefetch = None
             return
@@ -202,6 +208,7 @@ class SiteLink:
             explorer,
             codes,
             cancel,
+            labels,
             _start_thread=False,
             _ignore_errors=True,
         )
