@@ -76,7 +76,7 @@ class EmbedWidget(QWidget):
         self.model_combo.addItem("Checkpoint file…", _PICK_FILE)
         self.fields = make_fields(
             EmbedSettings,
-            ["block", "cells", "segmenter", "cellpose_model", "batch_size"],
+            ["block", "cells", "segmenter", "cellpose_model", "batch_size", "precision"],
             {"block": (-64, 64)},
         )
         # the Cellpose model matters only with the Cellpose segmenter
@@ -230,7 +230,11 @@ class EmbedWidget(QWidget):
         job.errored.connect(lambda exc: self._fail(user_message(exc, "Embedding failed")))
         job.done.connect(self._on_done)
         self.job = job
-        self._set_running(True, f"Embedding {len(plate)} site(s) with {settings.model}…")
+        self._set_running(
+            True,
+            f"Embedding {len(plate)} site(s) with {settings.model} at "
+            f"{_resolved_precision(settings)}…",
+        )
         return self.jobs.run(job)
 
     def cancel(self) -> None:
@@ -411,9 +415,20 @@ class EmbedWidget(QWidget):
         show_error(message)
 
 
+def _resolved_precision(settings: EmbedSettings) -> str:
+    """What ``auto`` means on the device the form names (bf16 where it is native)."""
+    from ..embed import resolve_precision
+    from ..models import pick_device
+
+    try:
+        return resolve_precision(settings.precision, pick_device(settings.device))
+    except ConceptDiscoveryError:
+        return settings.precision
+
+
 def _describe(store: ActivationStore) -> str:
     counts = store.attrs.get("counts", {})
     return (
-        f"{store.path.name}: {store.model_id} block {store.block}, "
+        f"{store.path.name}: {store.model_id} block {store.block} at {store.precision}, "
         f"{counts.get('cell', 0)} cells in {len(store.sites())} sites"
     )
