@@ -25,7 +25,10 @@ every parallel operation waits for the slower thread whenever another process ho
 which penalises methods made of many short operations (ICFL's pursuit) far more than one large
 matmul. ``--threads 2`` runs it the other way.
 
-Run: python benchmarks/bench_dictionary.py [--steps 30] [--threads 1]
+``--device cuda`` runs every method (sparsify too) on the GPU, the data on it; peak memory is
+then the GPU memory allocated. benchmarks/gpu_run.sh runs it so.
+
+Run: python benchmarks/bench_dictionary.py [--steps 30] [--threads 1] [--device cpu]
      (prints the tables and writes them to benchmarks/results/bench_dictionary.txt; --out ''
      keeps none)
 """
@@ -77,6 +80,7 @@ def make_data(kind: str, n: int, d: int, m: int, k: int, seed: int) -> torch.Ten
 
 class Ours:
     def __init__(self, name, d, m, k, dead_tokens, seed, first_batch):
+        device = first_batch.device
         from napari_concept_discovery.dictionary import ICFL, ICFLConfig, TopKConfig, TopKSAE
 
         if name == "topk":
@@ -88,7 +92,9 @@ class Ours:
             cfg = ICFLConfig(n_atoms=m, n_iter=n_iter, n_pick=n_pick, pursuit=parts[1])
             self.model = ICFL(d, cfg, seed=seed)
         self.model.train()
-        self.model.init_from_data(first_batch, torch.Generator().manual_seed(seed))
+        # initialised on the CPU with the CPU generator (same atoms on every device), then moved
+        self.model.init_from_data(first_batch.cpu(), torch.Generator().manual_seed(seed))
+        self.model.to(device)
         self.opt = self.model.make_optimizer()
 
     def step(self, i: int, x: torch.Tensor) -> float:
@@ -119,11 +125,12 @@ class Sparsify:
                 "or leave it out with --methods topk,icfl-gram,icfl-plain"
             ) from exc
         torch.manual_seed(seed)
-        self.sae = SparseCoder(d, SparseCoderConfig(num_latents=m, k=k))
+        device = first_batch.device
+        self.sae = SparseCoder(d, SparseCoderConfig(num_latents=m, k=k)).to(device)
         self.sae.b_dec.data = first_batch.mean(0)  # as its Trainer does on the first step
         self.sae.set_decoder_norm_to_unit_norm()
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=2e-4 / math.sqrt(m / 2**14))
-        self.since_fired = torch.zeros(m, dtype=torch.long)
+        self.since_fired = torch.zeros(m, dtype=torch.long, device=device)
         self.dead_tokens = dead_tokens
 
     def step(self, i: int, x: torch.Tensor) -> float:
@@ -163,7 +170,8 @@ def evaluate(runner, x: torch.Tensor, m: int) -> dict:
     )
 
     x_hat, values, indices = runner.reconstruct(x)
-    codes = codes_to_csr(Codes(values, indices), m)
+    x, x_hat = x.cpu(), x_hat.cpu()
+    codes = codes_to_csr(Codes(values.cpu(), indices.cpu()), m)
     dead = dead_mask(activation_counts(codes), x.shape[0])
     return {
         "fvu": fvu(x.numpy(), x_hat.numpy()),
@@ -183,14 +191,25 @@ def memory_probe(args) -> None:
     """Run in a child process: extra peak RSS (MiB) of a few steps of one method."""
     torch.set_num_threads(args.threads)
     x = make_data("random", args.tokens, args.dim, args.atoms, args.k, args.seed)
+    x = x.to(args.device)
     order = batches(args.tokens, args.batch, 3, args.seed)
     runner = build(
         args.probe, args.dim, args.atoms, args.k, args.dead_tokens, args.seed, x[order[0]]
     )
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gpu = x.device.type == "cuda"
+    if gpu:  # device memory, not host memory, is what a GPU run is short of
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 1024
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i, rows in enumerate(order, 1):
         runner.step(i, x[rows])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = (
+        torch.cuda.max_memory_allocated() / 1024
+        if gpu
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
     print(json.dumps({"extra_mib": (peak - base) / 1024, "peak_mib": peak / 1024}))
 
 
@@ -205,6 +224,12 @@ def main() -> None:
     p.add_argument("--round", type=int, default=3, help="steps per method per turn")
     p.add_argument("--eval", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu | cuda: where data and every method live (peak "
+        "memory is then GPU memory allocated)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dead-tokens", type=int, default=1_000_000)
     p.add_argument("--datasets", default="random,planted")
@@ -222,7 +247,13 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     t_start = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load {os.getloadavg()}")
+    where = args.device
+    if args.device.startswith("cuda"):
+        where = f"{args.device} ({torch.cuda.get_device_name(args.device)})"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {where}, "
+        f"load {os.getloadavg()}"
+    )
     print(
         f"{args.tokens} x {args.dim} tokens, M={args.atoms}, {args.k} non-zeros, batch "
         f"{args.batch}, {args.steps} steps = {args.steps * args.batch} samples per method"
@@ -254,6 +285,8 @@ def run(args) -> None:
             str(args.batch),
             "--seed",
             str(args.seed),
+            "--device",
+            args.device,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         memory[name] = json.loads(out.strip().splitlines()[-1])
@@ -261,6 +294,7 @@ def run(args) -> None:
     results = {}
     for kind in args.datasets.split(","):
         data = make_data(kind, args.tokens + args.eval, args.dim, args.atoms, args.k, args.seed)
+        data = data.to(args.device)
         x, held = data[: args.tokens], data[args.tokens :]
         order = batches(args.tokens, args.batch, args.steps, args.seed + 1)
         runners = {

@@ -59,13 +59,22 @@ from napari_concept_discovery.models import (
 )
 
 
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device) -> None:
+    """Wait for queued GPU work, so that wall time covers it (no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5, dtype=torch.float32, device="cpu") -> float:
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync(device)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -87,16 +96,88 @@ def forward_flops(model, x) -> int:
 
 
 def tile_batches(backend, images, batch: int) -> list[torch.Tensor]:
-    """The model's 256 px tiles of ``images`` in batches: the bare forward's input."""
+    """The model's 256 px tiles of ``images`` in batches, on the backend's device: the bare
+    forward's input."""
     tiles = np.concatenate([tile_image(backend.scale_to_unit(im), 256)[0] for im in images])
-    return [torch.from_numpy(tiles[i : i + batch]) for i in range(0, len(tiles), batch)]
+    dev = backend.device
+    return [torch.from_numpy(tiles[i : i + batch]).to(dev) for i in range(0, len(tiles), batch)]
 
 
-def bare_forward(model, batches) -> None:
-    """timm's ``forward_features`` over ``batches``: the anchor every pipeline row is held to."""
-    with torch.inference_mode():
+def bare_forward(model, batches, autocast: bool = False) -> None:
+    """timm's ``forward_features`` over ``batches``: the anchor every pipeline row is held to.
+
+    ``autocast``: under bf16 autocast (how ``--precision bf16`` ran before the weights were cast
+    once), for the comparison in ``bench_bf16``."""
+    dev = batches[0].device
+    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
         for x in batches:
             model.forward_features(x)
+    sync(dev)
+
+
+def bench_bf16(backend, sites, batch, repeats, matmul_n):
+    """bf16 forward of ``backend`` against a bf16 matmul measured in the same run, interleaved.
+
+    Rows: the bare forward in fp32, under bf16 autocast, with the weights cast to bf16 once
+    (what ``precision bf16`` runs), and the whole pipeline at bf16; each with GFLOP/s and its
+    share of the bf16 matmul of the same round (the best round counts for each), plus the
+    cosine of every patch token of the bf16 weights to fp32.
+    """
+    from napari_concept_discovery.embed import with_precision
+
+    dev = backend.device
+    model = backend.model
+    bf16 = with_precision(backend, "bf16").model
+    batches = tile_batches(backend, [im for _, im, _, _ in sites], batch)
+    n_tiles = sum(len(x) for x in batches)
+    flops = forward_flops(model, batches[0][:1])
+    a = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=dev)
+    b = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device=dev)
+
+    def matmul():
+        a @ b
+        sync(dev)
+
+    arms = {
+        "bare fp32": lambda: bare_forward(model, batches),
+        "bare bf16 autocast (before)": lambda: bare_forward(model, batches, autocast=True),
+        "bare bf16 weights (now)": lambda: bare_forward(bf16, batches),
+        "pipeline bf16": lambda: list(
+            Embedder(backend, None, batch_size=batch, precision="bf16").iter_sites(iter(sites))
+        ),
+    }
+    for f in (matmul, *arms.values()):
+        f()  # warm-up
+    best = dict.fromkeys(["matmul", *arms], float("inf"))
+    for _ in range(repeats):
+        for name, f in (("matmul", matmul), *arms.items()):
+            t = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t)
+    with torch.inference_mode():
+        x = batches[0]
+        ref = model.forward_features(x).float()
+        got = bf16.forward_features(x).float()
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    peak = 2 * matmul_n**3 / best["matmul"] / 1e9
+    rows = {name: (n_tiles / best[name], flops * n_tiles / best[name] / 1e9) for name in arms}
+    return peak, flops / 1e9, rows, float(cos.min()), float(cos.mean()), n_tiles
+
+
+def profile_bf16(backend, sites, batch, rows: int = 12) -> None:
+    """The top operators of one bf16 batch: under autocast (before) and with bf16 weights."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from napari_concept_discovery.embed import with_precision
+
+    x = tile_batches(backend, [im for _, im, _, _ in sites], batch)[0]
+    bf16 = with_precision(backend, "bf16").model
+    for name, model, auto in (("autocast", backend.model, True), ("bf16 weights", bf16, False)):
+        bare_forward(model, [x], autocast=auto)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            bare_forward(model, [x], autocast=auto)
+        print(f"\nprofile, one batch of {len(x)} tiles, {name}:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def bench_model(name, backend, sites, batch, repeats):
@@ -111,7 +192,7 @@ def bench_model(name, backend, sites, batch, repeats):
         bare_forward(model, batches)
 
     def pipeline():
-        emb = Embedder(backend, block, batch_size=batch)
+        emb = Embedder(backend, block, batch_size=batch)  # fp32, as the bare forward
         out = list(emb.iter_sites(iter(sites)))
         assert sum(len(s.crop_tokens) for s in out) == n_tiles
 
@@ -185,7 +266,7 @@ def bench_from_disk(backend, plate, keys, batch, repeats):
     return n_tiles / t_pipe, n_tiles / t_bare
 
 
-def bench_precision_concepts(precisions, work: Path, steps: int = 1000):
+def bench_precision_concepts(precisions, work: Path, steps: int = 1000, device=None):
     """{arm: recovery table}: best single-feature AUROC per true concept at each precision."""
     from napari_concept_discovery.analysis.encode import encode_store
     from napari_concept_discovery.analysis.truth import (
@@ -205,7 +286,10 @@ def bench_precision_concepts(precisions, work: Path, steps: int = 1000):
         write_synthetic_plates(plates, n_plates=2, n_wells=16, n_sites=1, size=512, seed=1)
     stores = {
         p: embed_plate(
-            plates, EmbedSettings(model="default", precision=p), work / f"store-{p}", overwrite=True
+            plates,
+            EmbedSettings(model="default", precision=p, device=device),
+            work / f"store-{p}",
+            overwrite=True,
         )
         for p in precisions
     }
@@ -252,8 +336,18 @@ def main(argv=None) -> int:
         "--disk-sites", type=int, default=8, help="sites read from disk (default model)"
     )
     ap.add_argument("--skip-concepts", action="store_true", help="skip the concept AUROCs")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where every model runs")
+    ap.add_argument(
+        "--bf16-tiles", type=int, default=8, help="tiles of the bf16 vs matmul comparison"
+    )
+    ap.add_argument("--matmul-n", type=int, default=4096, help="size of the bf16 matmul anchor")
+    ap.add_argument(
+        "--only-bf16", action="store_true", help="only the bf16 vs matmul comparison (fast)"
+    )
+    ap.add_argument("--profile", action="store_true", help="print the top ops of a bf16 batch")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     from napari_concept_discovery.plate import open_plate
     from napari_concept_discovery.synth import write_synthetic_plates
@@ -271,21 +365,63 @@ def main(argv=None) -> int:
             out.append((k, s.read(), s.read_labels(), {}))
         return out
 
+    where = str(device)
+    if device.type == "cuda":
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    native = device.type == "cuda" or cpu_has_bf16()
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads, cpu count {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}"
+        f"{args.threads} threads, cpu count {os.cpu_count()}, device {where}, native bf16 "
+        f"{'yes' if native else 'no'}, load avg {os.getloadavg()[0]:.2f}"
     )
-    mm = matmul_gflops()
+    mm = matmul_gflops(device=device)
     print(f"anchor: fp32 matmul 2048^3: {mm:.1f} GFLOP/s")
 
-    default = load_model("default", "cpu")
+    default = load_model("default", device)
     torch.manual_seed(0)
     phenom = ChannelAgnosticViT(embed_dim=384, depth=12, num_heads=6, max_channels=11).eval()
     phenom_b = ChannelAgnosticBackend(
         phenom,
         model_id="openphenom-shaped-random",
         weights_hash=hash_state_dict(phenom.state_dict()),
-    )
+    ).to(device)
+
+    if native:
+        # layer scales 1 (see the precision section): at timm's 1e-4 the tokens barely move
+        unit = ChannelAgnosticViT(embed_dim=384, depth=12, num_heads=6, max_channels=11).eval()
+        unit.load_state_dict(phenom.state_dict())
+        with torch.no_grad():
+            for blk in unit.blocks:
+                blk.ls.gamma.fill_(1.0)
+        unit_be = ChannelAgnosticBackend(unit, model_id="ls1", weights_hash="-").to(device)
+        sites = load(args.bf16_tiles)
+        if args.profile:
+            profile_bf16(unit_be, sites, args.batch)
+        peak, gflop, rows, cmin, cmean, n = bench_bf16(
+            unit_be, sites, args.batch, args.repeats, args.matmul_n
+        )
+        print(
+            f"\nbf16, OpenPhenom-shaped ViT-S/16 (layer scale 1), {n} tiles, batch {args.batch}, "
+            f"{gflop:.1f} GFLOP/tile, best of {args.repeats} interleaved rounds"
+        )
+        print(f"anchor: bf16 matmul {args.matmul_n}^3: {peak:.1f} GFLOP/s (same rounds)")
+        head = f"{'forward':32s} {'tiles/s':>8s} {'GFLOP/s':>8s} {'of bf16 matmul':>14s}"
+        print(head)
+        print("-" * len(head))
+        for name, (tps, gf) in rows.items():
+            print(f"{name:32s} {tps:8.3f} {gf:8.1f} {gf / peak:14.0%}")
+        ratio = rows["pipeline bf16"][0] / rows["bare bf16 weights (now)"][0]
+        print(
+            f"bf16 weights / autocast: "
+            f"{rows['bare bf16 weights (now)'][0] / rows['bare bf16 autocast (before)'][0]:.2f}x; "
+            f"pipeline / bare (bf16): {ratio:.3f}; token cosine to fp32: min {cmin:.5f}, mean "
+            f"{cmean:.6f}"
+        )
+        print("bars: >= 60% of the bf16 matmul, cosine >= 0.999")
+    else:
+        print("bf16: no native bf16 on this device; the bf16 comparison is skipped")
+    if args.only_bf16:
+        return 0
     rows = [
         bench_model(
             "default (192w, 4 blocks)", default, load(args.tiles), args.batch, args.repeats
@@ -314,7 +450,10 @@ def main(argv=None) -> int:
         )
     print("bar: ratio >= 0.9 (tiling, block hooks and pooling cost at most 10%)")
 
-    precisions = ["fp32"] + (["bf16"] if cpu_has_bf16() else []) + ["int8"]
+    if device.type == "cuda":
+        precisions = ["fp32", "bf16"]  # int8 (dynamic quantisation) is CPU-only
+    else:
+        precisions = ["fp32"] + (["bf16"] if cpu_has_bf16() else []) + ["int8"]
     if not cpu_has_bf16():
         print("bf16: this CPU has no native bfloat16 (AVX512-BF16/AMX); not measured")
     unit_phenom = ChannelAgnosticViT(embed_dim=384, depth=12, num_heads=6, max_channels=11).eval()
@@ -322,7 +461,9 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for blk in unit_phenom.blocks:
             blk.ls.gamma.fill_(1.0)
-    unit_b = ChannelAgnosticBackend(unit_phenom, model_id="openphenom-shaped-ls1", weights_hash="-")
+    unit_b = ChannelAgnosticBackend(
+        unit_phenom, model_id="openphenom-shaped-ls1", weights_hash="-"
+    ).to(device)
     cases = [
         ("OpenPhenom-shaped ViT-S/16 (random)", phenom_b, load(args.phenom_tiles)),
         ("  same, layer scale 1 (for cosine)", unit_b, load(args.phenom_tiles)),
@@ -346,7 +487,7 @@ def main(argv=None) -> int:
     if not args.skip_concepts:
         work = data.parent / "ncd_bench_precision_concepts"
         t = time.perf_counter()
-        arms = bench_precision_concepts(precisions, work)
+        arms = bench_precision_concepts(precisions, work, device=args.device)
         ref = arms["fp32"]["auroc"]
         print(
             f"\nbest single-feature AUROC per true concept, default model, ICFL M=64 k=8 "
@@ -389,6 +530,8 @@ def main(argv=None) -> int:
                 str(args.threads),
                 "--batch-size",
                 str(args.batch),
+                "--device",
+                args.device,
             ]
             t = time.perf_counter()
             res = subprocess.run(cmd, capture_output=True, text=True)

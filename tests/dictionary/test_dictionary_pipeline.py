@@ -179,6 +179,7 @@ def test_analyze_store_writes_what_the_cli_writes(store, trained, small_plates, 
         "concepts",
         "h5ad",
         "profiles",  # the dictionary is whitened on controls: profiles against them
+        "well_profiles",  # pycytominer's layout, cell tokens
     }
     profiles = pd.read_parquet(analysis.paths["profiles"])
     assert set(profiles["column"]) == {"perturbation"}  # not the control column itself
@@ -188,6 +189,9 @@ def test_analyze_store_writes_what_the_cli_writes(store, trained, small_plates, 
             pd.testing.assert_frame_equal(
                 pd.read_parquet(path), pd.read_parquet(tmp_path / "b" / path.name), obj=name
             )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(analysis.paths["well_profiles"]), pd.read_csv(tmp_path / "b/well_profiles.csv")
+    )
     long = pd.read_parquet(analysis.paths["codes"])
     back = sp.csr_matrix(
         (long["code"], (long["token"], long["feature"])), shape=analysis.codes.shape

@@ -64,7 +64,8 @@ def plates(small_plates, tmp_path):
     return p, q
 
 
-SETTINGS = EmbedSettings(batch_size=4)
+# fp32: the tile counter hooks this module; bf16 runs a converted copy of it
+SETTINGS = EmbedSettings(batch_size=4, precision="fp32")
 
 
 # --- 1. data loss: a store of another plate or block -----------------------------------------

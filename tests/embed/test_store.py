@@ -155,7 +155,8 @@ def test_reuse_rebuild_resume(plate_copy, tmp_path):
     count = Counter(backend)
     plate = open_plate(plate_copy)
     n = len(plate)
-    settings = EmbedSettings(batch_size=4)
+    # fp32: the Counter's hook sits on this module; bf16 would run a converted copy of it
+    settings = EmbedSettings(batch_size=4, precision="fp32")
     seen: list[Progress] = []
     first = embed_plate(plate, settings, out, backend=backend, progress=seen.append)
     assert count.tiles == n and not first.reused
@@ -289,7 +290,9 @@ def test_sources_reopen_the_plate_and_reload_the_model(plate_copy, tmp_path):
     shutil.copy(lab, lab.with_name(lab.name.replace(f"{key.well}_s{key.site}", "H12_s1")))
     assert new_key not in again
     fresh = embed_store_site(again, new_key)
-    direct = embed_site(src.read(), backend, again.block, src.read_labels())
+    direct = embed_site(
+        src.read(), backend, again.block, src.read_labels(), precision=again.precision
+    )
     assert np.array_equal(fresh.patch_grid, direct.patch_grid)
     assert np.array_equal(fresh.cell_tokens, direct.cell_tokens)
 
@@ -313,3 +316,33 @@ def test_old_format_and_foreign_folders_are_refused(built, plate_copy, tmp_path)
     with pytest.raises(StoreError, match="not an activation store"):
         embed_plate(open_plate(plate_copy), EmbedSettings(), out, backend=_backend())
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_precision_is_signed_and_never_mixed(plate_copy, tmp_path):
+    """A store records its forward pass's precision; tokens of another precision are refused
+    (naming it) instead of joining or replacing it, and auto resolves as documented."""
+    from napari_concept_discovery.embed import cpu_has_bf16, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    backend = _backend()
+    out = tmp_path / "store"
+    first = embed_plate(
+        open_plate(plate_copy), EmbedSettings(precision="fp32"), out, backend=backend
+    )
+    assert first.precision == "fp32" and first.embed_settings["precision"] == "fp32"
+    # fp32 stores sign as before precision was recorded: those stay reusable
+    assert "precision" not in first.signature
+    with pytest.raises(StoreError, match=r"precision differ.*--precision fp32.*makes int8"):
+        embed_plate(open_plate(plate_copy), EmbedSettings(precision="int8"), out, backend=backend)
+    assert ActivationStore.open(out).precision == "fp32"
+    again = embed_plate(
+        open_plate(plate_copy), EmbedSettings(precision="fp32"), out, backend=backend
+    )
+    assert again.reused
+
+    other = embed_plate(
+        open_plate(plate_copy), EmbedSettings(precision="int8"), tmp_path / "s8", backend=backend
+    )
+    assert other.precision == "int8" and other.signature["precision"] == "int8"
+    assert not np.array_equal(np.asarray(other.tokens("cell")), np.asarray(first.tokens("cell")))

@@ -532,7 +532,14 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
     # the cell values are the drawn cells', pooled with the store's model and encoded
     values = explorer.cell_values(key, 0)
     assert values["label"].tolist() == [7, 9]
-    tokens = embed_site(image, reload_model(store), store.block, labels=drawn, channel_tokens=True)
+    tokens = embed_site(
+        image,
+        reload_model(store),
+        store.block,
+        labels=drawn,
+        channel_tokens=True,
+        precision=store.precision,  # re-embedded at the store's own precision
+    )
     table = tokens.cell_table.assign(plate=key.plate, well=key.well, site=key.site)
     for column, value in (session.plate[key].metadata or {}).items():
         if column not in table.columns:

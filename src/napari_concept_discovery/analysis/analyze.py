@@ -112,6 +112,7 @@ def analyze_store(
     """
     check_analysis_folder(out)
     truth = check_analysis(store, dictionary, settings)
+    named_features(dictionary)  # a notes file of another dictionary is refused before encoding
     codes, table = encode_for_analysis(
         store, dictionary, settings, progress=progress, cancel=cancel, truth=truth, encode=encode
     )
@@ -130,8 +131,37 @@ def analyze_store(
         top_n=settings.top_n,
         controls=controls,
         stains=dictionary.stain_table(),
+        named=_named_and_described(store, dictionary, codes, table, settings, progress, cancel),
     )
     return Analysis(codes, table, paths)
+
+
+def _named_and_described(store, dictionary, codes, table, settings, progress, cancel):
+    """Names and notes (:func:`named_features`) and, for cell codes with ``settings.describe``,
+    the measurement descriptions (``measurements.describe_store``), one row per feature."""
+    named = named_features(dictionary)
+    unit = settings.unit or dictionary.unit
+    if not settings.describe or unit != "cell" or not hasattr(store, "plate_source"):
+        return named
+    from .measurements import describe_store
+
+    described = describe_store(store, codes, progress=progress, cancel=cancel)
+    if described is None:
+        return named
+    if named is None:
+        return described
+    return described.merge(named, on="feature", how="left").fillna({"name": "", "note": ""})
+
+
+def named_features(dictionary: Dictionary) -> pd.DataFrame | None:
+    """The names and notes saved beside the dictionary file (``feature_notes``), one row per
+    named feature, or None when there are none."""
+    from ..dictionary.feature_notes import notes_for
+
+    notes = notes_for(dictionary)
+    if notes is None or not (notes.names or notes.notes):
+        return None
+    return notes.frame()
 
 
 def profile_controls(dictionary: Dictionary, controls: str | None = None) -> str | None:

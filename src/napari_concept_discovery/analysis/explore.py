@@ -323,18 +323,24 @@ class Explorer:
         cols = ["plate", "well", "site", "label", "centroid_y", "centroid_x"]
         out = table.iloc[rows[order]][cols].reset_index(drop=True)
         out.insert(4, "value", vals[order].astype(np.float32))
-        boxes = np.full((len(out), 4), -1, np.int64)
-        for (p, w, s), idx in out.groupby(["plate", "well", "site"], sort=False).groups.items():
+        out[["y0", "x0", "y1", "x1"]] = self.cell_boxes(out)
+        return out
+
+    def cell_boxes(self, cells: pd.DataFrame) -> np.ndarray:
+        """(N, 4) bounding boxes y0, x0, y1, x1 (end exclusive) of cells given by plate, well,
+        site and label; -1 where the site has no label image or the label is not on it."""
+        cells = cells.reset_index(drop=True)
+        boxes = np.full((len(cells), 4), -1, np.int64)
+        for (p, w, s), idx in cells.groupby(["plate", "well", "site"], sort=False).groups.items():
             if not self.store.has_site_labels((p, w, s)):
                 continue
             lab = self.labels((p, w, s))
-            wanted = out.loc[idx, "label"].to_numpy(np.int64)
+            wanted = cells.loc[idx, "label"].to_numpy(np.int64)
             for i, v in zip(idx, wanted, strict=True):
                 ys, xs = np.nonzero(lab == v)
                 if ys.size:
                     boxes[i] = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
-        out[["y0", "x0", "y1", "x1"]] = boxes
-        return out
+        return boxes
 
     def well_means(self, feature: int) -> pd.DataFrame:
         """Per well: mean code of ``feature`` over its cells (0 where inactive), the fraction

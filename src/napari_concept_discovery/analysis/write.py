@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .._files import (
     atomic_dir,
@@ -19,12 +20,79 @@ from .._files import (
 )
 from ..dictionary.control import parse_control
 from ..errors import OutputError
-from .concepts import _csr, feature_table, selectivity_report
-from .profiles import ConceptProfiles, concept_profiles
+from .concepts import _csr, feature_table, require_columns, selectivity_report
+from .profiles import WELL_KEYS, ConceptProfiles, concept_profiles
 from .truth import concept_auroc
 
 #: Written into every analysis folder; a folder without it (and with other files) is not one.
 ANALYSIS_MARKER = "analysis.json"
+
+
+#: Columns of the token table that describe a cell or where it was imaged, not its well: left
+#: out of the ``Metadata_*`` columns of well profiles.
+CELL_COLUMNS = (
+    "plate",
+    "well",
+    "site",
+    "label",
+    "site_id",
+    "centroid_y",
+    "centroid_x",
+    "area",
+    "token",
+    "row",
+    "col",
+)
+
+
+def feature_column(feature: int, n_features: int) -> str:
+    """A feature's column name in a profile table: ``Feature_0007`` (zero-padded to sort)."""
+    return f"Feature_{int(feature):0{max(4, len(str(max(n_features - 1, 0))))}d}"
+
+
+def well_profiles(codes, table: pd.DataFrame) -> pd.DataFrame:
+    """Well-level profiles in pycytominer's layout: ``Metadata_Plate``, ``Metadata_Well``, the
+    well's metadata columns as ``Metadata_<column>`` (those with one value per well), the
+    number of cells (``Metadata_Cell_Count``), then the mean code of every feature over the
+    well's cells (0 where inactive) as ``Feature_NNNN``.
+
+    pycytominer's ``normalize``/``feature_select`` take it as is (``features="infer"`` needs the
+    ``Feature_`` prefix passed as ``features=[...]``; see the README), so the codes go straight
+    into the field's profiling pipelines.
+    """
+    require_columns(table, list(WELL_KEYS), "well profiles")
+    csr = _csr(codes)
+    keys = pd.DataFrame(
+        {
+            "plate": table["plate"].astype(str).to_numpy(),
+            "well": table["well"].astype(str).to_numpy(),
+        }
+    )
+    group = keys.groupby(["plate", "well"], sort=True).ngroup().to_numpy()
+    wells = keys.groupby(["plate", "well"], sort=True).size().rename("n").reset_index()
+    n = wells["n"].to_numpy(np.float64)
+    onehot = sp.csr_matrix(
+        (1.0 / n[group], (group, np.arange(len(group)))), shape=(len(wells), csr.shape[0])
+    )
+    means = np.asarray((onehot @ csr).todense(), dtype=np.float32)
+    out = pd.DataFrame({"Metadata_Plate": wells["plate"], "Metadata_Well": wells["well"]})
+    for c in table.columns:
+        if c in CELL_COLUMNS or c.startswith("Metadata_") or not _one_per_well(table[c], group):
+            continue
+        first = pd.Series(table[c].to_numpy()).groupby(group).first()
+        out[f"Metadata_{c}"] = first.to_numpy()
+    out["Metadata_Cell_Count"] = wells["n"].to_numpy(np.int64)
+    m = csr.shape[1]
+    feats = pd.DataFrame(means, columns=[feature_column(f, m) for f in range(m)])
+    return pd.concat([out, feats], axis=1)
+
+
+def _one_per_well(values: pd.Series, group: np.ndarray) -> bool:
+    """Whether a column holds one value per well (a well's metadata, not a cell's measure)."""
+    if pd.api.types.is_float_dtype(values) and values.nunique(dropna=False) > group.max() + 1:
+        return False
+    per = pd.Series(values.astype(str).to_numpy()).groupby(group).nunique()
+    return bool((per <= 1).all())
 
 
 def codes_anndata(
@@ -51,6 +119,14 @@ def codes_anndata(
         var = features.drop(columns=["top_tokens"], errors="ignore").copy()
         for c in var.columns:
             if var[c].dtype == object:
+                lists = var[c].map(lambda v: isinstance(v, list | tuple | np.ndarray))
+                if lists.any():  # e.g. top_measurements: "a; b; c" (h5ad holds no lists)
+                    var[c] = [
+                        "; ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v)
+                        if isinstance(v, list | tuple | np.ndarray)
+                        else str(v)
+                        for v in var[c]
+                    ]
                 var[c] = var[c].astype(str)
         var.index = pd.Index(var["feature"].astype(str).to_numpy(), name=None)
     adata = ad.AnnData(X=_csr(codes).astype(np.float32), obs=obs, var=var)
@@ -100,6 +176,17 @@ def _h5ad_bytes(adata) -> int:
     return total + len(str(dict(adata.uns)))
 
 
+def join_feature_columns(features: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """``features`` with the columns of ``extra`` (keyed by ``feature``) after its own; features
+    that ``extra`` does not name get empty strings (text) or NaN."""
+    cols = [c for c in extra.columns if c != "feature" and c not in features.columns]
+    out = features.merge(extra[["feature", *cols]], on="feature", how="left")
+    for c in cols:
+        if extra[c].dtype == object:
+            out[c] = out[c].fillna("")
+    return out
+
+
 def check_analysis_folder(out_dir: str | Path) -> Path:
     """Refuse an output folder that cannot be written or that holds any file this package did
     not write there as an analysis (:func:`._files.check_not_foreign`): an analysis replaces
@@ -124,8 +211,10 @@ def write_analysis(
     top_n: int = 10,
     controls: str | None = None,
     stains: pd.DataFrame | None = None,
+    named: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
-    """Write features.parquet, codes.parquet (long form), selectivity tables and codes.h5ad.
+    """Write features.parquet, codes.parquet (long form), selectivity tables, codes.h5ad and
+    well_profiles.csv (:func:`well_profiles`, pycytominer's layout; cell tokens only).
 
     The files are written into a folder beside ``out_dir`` that replaces it once all are
     written, so a failure leaves an earlier analysis whole rather than a mix of old and new.
@@ -133,6 +222,8 @@ def write_analysis(
     control column: profiles.parquet (long form, one row per value and feature) and the AnnData
     fields. ``stains`` (:func:`stain_table`) adds each feature's stain attribution to the
     feature table and to the AnnData (``var`` columns and ``varm["stain_attribution"]``).
+    ``named`` (one row per feature: columns such as ``name``, ``note``, ``description``) is
+    joined onto the feature table by ``feature``, so the AnnData ``.var`` carries it too.
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -149,6 +240,8 @@ def write_analysis(
         features = feature_table(
             csr, table, columns, top_n=top_n, selectivities=sels, stains=stains
         )
+        if named is not None:
+            features = join_feature_columns(features, named)
         names["features"] = "features.parquet"
         atomic_parquet(features, tmp / names["features"])
         coo = csr.tocoo()
@@ -180,6 +273,10 @@ def write_analysis(
                 pd.concat([p.table() for p in profiles], ignore_index=True),
                 tmp / names["profiles"],
             )
+        if {"plate", "well", "label"} <= set(table.columns):  # cells, not patches or crops
+            names["well_profiles"] = "well_profiles.csv"
+            with atomic_path(tmp / names["well_profiles"]) as t:
+                well_profiles(csr, table).to_csv(t, index=False)
         names["h5ad"] = "codes.h5ad"
         adata = codes_anndata(csr, table, features, meta, profiles)
         check_free_space(tmp, _h5ad_bytes(adata), what=f"{out / names['h5ad']}")

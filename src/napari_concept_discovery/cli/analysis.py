@@ -66,7 +66,10 @@ def run_analyze(args, con: Console) -> int:
             f"{settings.unit} tokens with it (--unit {settings.unit})"
         )
     at_least(args.rows_per_task, "--rows-per-task")
-    with cluster_client(args) as client, con.bars({"encode": "encode"}) as bars:
+    with (
+        cluster_client(args) as client,
+        con.bars({"encode": "encode", "measure": "measure cells"}) as bars,
+    ):
         if client is None:
             analysis = analyze_store(store, dictionary, settings, args.out, progress=bars)
         else:
@@ -94,5 +97,63 @@ def run_analyze(args, con: Console) -> int:
         features=codes.shape[1],
         l0=round(l0, 4),
         unit=settings.unit or trained_on,
+    )
+    return 0
+
+
+def add_similar(sub) -> None:
+    p = command(
+        sub,
+        "similar",
+        "list the cells of a store most like one cell in a dictionary's code space",
+        [
+            "concept-discovery similar store.zarr dict.safetensors --plate Plate1 --well B02 "
+            "--site 1 --label 7 --top 10",
+            "concept-discovery similar store.zarr dict.safetensors --plate Plate1 --well B02 "
+            "--site 1 --label 7 --csv similar.csv --json",
+        ],
+        note="Cosine similarity of the cells' codes, every cell scored (exact); the cell itself "
+        "is left out. The table goes to stdout; --csv writes it (with centroids) for the next "
+        "step.",
+    )
+    p.add_argument("store", help="activation store folder")
+    p.add_argument("dictionary", help="dictionary file (.safetensors)")
+    p.add_argument("--plate", required=True, help="the cell's plate")
+    p.add_argument("--well", required=True, help="the cell's well, e.g. B02")
+    p.add_argument("--site", required=True, type=int, help="the cell's site (field) number")
+    p.add_argument("--label", required=True, type=int, help="the cell's label on that site")
+    p.add_argument("--top", type=int, default=10, help="how many cells to list (default 10)")
+    p.add_argument("--csv", default=None, help="also write the cells to this CSV file")
+    p.set_defaults(func=run_similar)
+
+
+def run_similar(args, con: Console) -> int:
+    from ..analysis.cell_selection import similar_cells, write_cells_csv
+    from ..analysis.explore import Explorer
+    from ..dictionary.io import load_dictionary
+    from ..embed.store import ActivationStore
+    from ..plate.model import SiteKey
+
+    at_least(args.top, "--top")
+    store = ActivationStore.open(args.store)
+    dictionary = load_dictionary(args.dictionary)
+    explorer = Explorer(store, dictionary)
+    key = SiteKey(str(args.plate), str(args.well), int(args.site))
+    with con.bars({"encode": "encode"}) as bars:
+        explorer.cell_codes(progress=bars)
+    cells = similar_cells(explorer, key, args.label, n=args.top)
+    if args.csv:
+        write_cells_csv(cells, args.csv)
+    shown = cells.copy()
+    shown["similarity"] = shown["similarity"].map(lambda v: f"{v:.3f}")
+    for c in ("centroid_y", "centroid_x"):
+        if c in shown.columns:
+            shown[c] = shown[c].map(lambda v: f"{v:.1f}")
+    con.say(f"the {len(cells)} cells most like cell {args.label} of {key}:")
+    con.say(shown.to_string(index=False))
+    con.result(
+        query={"plate": key.plate, "well": key.well, "site": key.site, "label": args.label},
+        cells=cells.to_dict(orient="records"),
+        csv=None if not args.csv else Path(args.csv).resolve(),
     )
     return 0

@@ -155,6 +155,7 @@ def run_embed(args, con: Console) -> int:
     import torch
 
     from .._files import check_output
+    from ..embed.compute import resolve_precision
     from ..embed.plate import EmbedSettings, embed_plate, load_embed_model
     from ..embed.store import check_store_folder
     from ..settings import from_args
@@ -172,9 +173,16 @@ def run_embed(args, con: Console) -> int:
     plate = open_plate_from_args(args)
     backend = load_embed_model(settings)
     block = backend.resolve_block(settings.block)
+    precision = resolve_precision(settings.precision, backend.device)
     con.note(
         f"{backend.model_id} (D={backend.embed_dim}, {backend.num_blocks} blocks) block {block} "
-        f"on {backend.device}; {len(plate)} sites"
+        f"on {backend.device} at {precision}"
+        + (
+            " (auto: native bf16 here)"
+            if settings.precision == "auto" and precision == "bf16"
+            else ""
+        )
+        + f"; {len(plate)} sites"
     )
     with con.bar(len(plate), "embed sites") as bar:
         store = embed_plate(
@@ -183,7 +191,8 @@ def run_embed(args, con: Console) -> int:
     counts = store.attrs.get("counts", {})
     con.say(
         f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches, "
-        f"{counts.get('crop', 0)} crops" + (" (reused: signature matches)" if store.reused else "")
+        f"{counts.get('crop', 0)} crops, embedded at {store.precision}"
+        + (" (reused: signature matches)" if store.reused else "")
     )
     con.say(size_line(store))
     say_quality(con, store.quality(), len(plate))
@@ -191,6 +200,7 @@ def run_embed(args, con: Console) -> int:
         model=backend.model_id,
         block=block,
         device=str(backend.device),
+        precision=store.precision,
         store=Path(store.path).resolve(),
         stores=[store_summary(store, plate.root, len(plate))],
     )

@@ -337,6 +337,13 @@ class AnalyzeSettings(Settings):
         "the dictionary's whitening controls; profiles need label columns)",
         label="profile controls (COLUMN=VALUE)",
     )
+    describe: bool = option(
+        True,
+        "describe each feature by the per-cell measurements (intensity, texture, granularity, "
+        "area per stain and compartment) that follow its activation; measured once per store "
+        "from the plate's images and cached beside it (--no-describe skips it)",
+        label="describe features",
+    )
 
     def __post_init__(self) -> None:
         self.labels = _columns(self.labels)

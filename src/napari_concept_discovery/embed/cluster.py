@@ -164,6 +164,11 @@ def embed_plate_on_cluster(
     check_store_folder(out)
     plate = _as_plate(plate, settings.labels)
     backend = backend if backend is not None else load_embed_model(settings)
+    from .compute import resolve_precision
+
+    # "auto" resolved once, here: every worker embeds at the precision the store is signed with
+    # (a worker without native bf16 refuses it by name rather than mixing precisions)
+    settings = settings.replace(precision=resolve_precision(settings.precision, backend.device))
     with write_lock(out, what="store", error=StoreError):
         writer, _, _ = _writer(plate, settings, out, backend, overwrite)
         todo = writer.begin()

@@ -152,10 +152,12 @@ def pool_cells(
     return tokens, table, ch
 
 
-# Precision of the forward pass (PRECISIONS): full float32; bfloat16 autocast (matrix
-# products and attention in bf16, norms and sums in fp32), for CPUs with native bf16
-# (AVX512-BF16 / AMX) and GPUs; or the Linear layers' weights quantised to int8 with per-batch
-# dynamic activation scales (CPU). benchmarks/bench_embed.py measures tiles/s and token cosine.
+# Precision of the forward pass (PRECISIONS): full float32; bfloat16 (the weights cast once to
+# bf16, so every matrix product and the attention run in bf16 without per-call casts; the
+# input is standardised in fp32 first and the tokens come back as fp32), for CPUs with native
+# bf16 (AVX512-BF16 / AMX) and GPUs; or the Linear layers' weights quantised to int8 with
+# per-batch dynamic activation scales (CPU). "auto" picks bf16 where it is native, else fp32
+# (resolve_precision). benchmarks/bench_embed.py measures tiles/s and token cosine.
 
 
 def cpu_has_bf16() -> bool:
@@ -164,6 +166,20 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The precision a run uses: ``auto`` is bf16 on a GPU or a CPU with native bf16, else fp32.
+
+    Apple MPS stays at fp32 (its bf16 support varies by OS version). Any other value is
+    returned as given (``check_precision`` judges it).
+    """
+    if precision != "auto":
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda" or (dev.type == "cpu" and cpu_has_bf16()):
+        return "bf16"
+    return "fp32"
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -179,34 +195,30 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ModelError(f"precision int8 (dynamic quantisation) runs on the CPU, not {device}")
 
 
-def autocast_for(device: torch.device, precision: str = "fp32"):
-    """The autocast context of a forward pass at ``precision`` (bf16 only; else none)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def with_precision(backend: Backend, precision: str) -> Backend:
-    """``backend`` as it runs at ``precision``: itself, or for int8 a copy whose Linear layers
-    are dynamically quantised (the original keeps its float weights)."""
+    """``backend`` as it runs at ``precision``: itself for fp32; otherwise a shallow copy whose
+    module is a converted deep copy (bf16 weights, or int8-quantised Linear layers), so the
+    caller's backend keeps its float32 weights."""
     check_precision(precision, backend.device)
-    if precision != "int8":
+    if precision == "fp32":
         return backend
     import copy
+
+    converted = copy.copy(backend)
+    if precision == "bf16":
+        converted.model = copy.deepcopy(backend.module).to(torch.bfloat16)
+        return converted
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
 
-    quantised = copy.copy(backend)
     with warnings.catch_warnings():  # torch marks its quantised tensor types as deprecated
         warnings.filterwarnings("ignore", ".*quantize_per_tensor.*deprecated", UserWarning)
         warnings.filterwarnings("ignore", ".*torch.ao.quantization.*deprecated", DeprecationWarning)
-        quantised.model = quantize_dynamic(
+        converted.model = quantize_dynamic(
             copy.deepcopy(backend.module), {torch.nn.Linear}, dtype=torch.qint8
         )
-    return quantised
+    return converted
 
 
 @dataclass
@@ -234,6 +246,7 @@ class Embedder:
         channel_tokens: bool = False,
         precision: str = "fp32",
     ):
+        precision = resolve_precision(precision, backend.device)
         self.backend = with_precision(backend, precision)
         self.precision = precision
         self.block = backend.resolve_block(block)
@@ -247,7 +260,7 @@ class Embedder:
         """Tokens (T, G, N, D) float32 on CPU for a stack of [0, 1] tiles, in batches."""
         dev = self.backend.device
         outs = []
-        with torch.inference_mode(), autocast_for(dev, self.precision):
+        with torch.inference_mode():
             for i in range(0, len(tiles), self.batch_size):
                 x = torch.from_numpy(tiles[i : i + self.batch_size]).to(dev, non_blocking=True)
                 outs.append(self.backend.tokens(x, self.block).float().cpu())

@@ -81,11 +81,12 @@ class EmbedSettings(Settings):
     )
     batch_size: int = option(16, "tiles per forward pass")
     precision: str = option(
-        "fp32",
-        "arithmetic of the forward pass: fp32 | bf16 (bfloat16 autocast; GPUs and CPUs with "
-        "AVX512-BF16/AMX, tokens at cosine >= 0.99 to fp32) | int8 (dynamically quantised "
-        "Linear layers, CPU); benchmarks/bench_embed.py measures what each gives",
-        choices=PRECISIONS,
+        "auto",
+        "arithmetic of the forward pass: auto (bf16 on a GPU or a CPU with native bf16, "
+        "AVX512-BF16/AMX; fp32 elsewhere) | fp32 | bf16 (weights in bfloat16; tokens at cosine "
+        ">= 0.999 to fp32) | int8 (dynamically quantised Linear layers, CPU); the store records "
+        "the precision used; benchmarks/bench_embed.py measures what each gives",
+        choices=("auto", *PRECISIONS),
     )
     device: str | None = option(None, "cuda | mps | cpu (default: best available)")
     cells: str = option(
@@ -533,7 +534,10 @@ def store_writer(plate, settings: EmbedSettings, out, backend, inputs, overwrite
     channels = resolve_channel_tokens(settings, backend, len(plate.channel_names))
     embedder = Embedder(backend, settings.block, settings.batch_size, channels, settings.precision)
     record = settings.replace(
-        model=model_source(backend), block=embedder.block, channel_tokens=channels
+        model=model_source(backend),
+        block=embedder.block,
+        channel_tokens=channels,
+        precision=embedder.precision,
     )
     writer = StoreWriter(
         out, plate, backend, embedder.block, inputs, settings=record.to_dict(), overwrite=overwrite

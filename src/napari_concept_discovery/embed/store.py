@@ -308,12 +308,20 @@ class StoreWriter:
             "channel_tokens": self.channel_tokens,
             "cells": self.settings.get("cells", "auto"),
             "channels": list(plate.channel_names),
+            **self._precision_entry(self.settings.get("precision", "fp32")),
             "package_version": __version__,
             "store_format": STORE_FORMAT,
         }
         self.config_hash = _hash_json(self.config)
         self._site_hashes: dict = {}
         self.reused = False
+
+    @staticmethod
+    def _precision_entry(precision: str) -> dict:
+        """The forward pass's precision as the signature holds it: fp32 stores sign as they did
+        before precision was recorded (so they stay reusable), any other precision by name, so
+        tokens of two precisions never share a store."""
+        return {} if precision == "fp32" else {"precision": precision}
 
     # -- signature ---------------------------------------------------------------------------
 
@@ -362,6 +370,7 @@ class StoreWriter:
         skip = ("package_version", "store_format")
         return {
             **{k: v for k, v in self.config.items() if k not in skip},
+            "precision": self.config.get("precision", "fp32"),
             "plate": str(self._sources()["plate_source"].get("path") or self.plate.root),
         }
 
@@ -382,7 +391,14 @@ class StoreWriter:
             "cells",
             "channels",
         )
-        return {**{k: sig.get(k) for k in keys}, "plate": str(plate)}
+        return {
+            **{k: sig.get(k) for k in keys},
+            # Stores signed before precision was: their settings say it (fp32 unless told).
+            "precision": sig.get(
+                "precision", dict(attrs.get("embed_settings", {})).get("precision", "fp32")
+            ),
+            "plate": str(plate),
+        }
 
     def _differences(self, attrs: dict) -> list[str]:
         old, new = self._identity_of(attrs), self.identity()
@@ -399,6 +415,12 @@ class StoreWriter:
             f"{', '.join(differ)} differ. Choose another output folder, or pass --overwrite "
             "(overwrite=True) to replace it; the old store stays whole until the new one is "
             "complete"
+            + (
+                f"; to keep adding to it, embed with --precision {old['precision']} (it holds "
+                f"{old['precision']} tokens, this run makes {self.identity()['precision']})"
+                if "precision" in differ
+                else ""
+            )
         )
 
     # -- build -------------------------------------------------------------------------------
@@ -715,6 +737,9 @@ class ActivationStore:
         self.plate_source: dict = dict(attrs.get("plate_source", {}))
         #: The ``EmbedSettings`` it was embedded with (as a dict; ``model`` is the source).
         self.embed_settings: dict = dict(attrs.get("embed_settings", {}))
+        #: Arithmetic of the forward pass that made the tokens (stores before it was recorded
+        #: were all fp32).
+        self.precision: str = str(self.embed_settings.get("precision", "fp32"))
         self.block: int = int(attrs["block"])
         self.embed_dim: int = int(attrs["embed_dim"])
         self.patch_size: int = int(attrs.get("patch_size", 16))

@@ -89,7 +89,7 @@ class TimmViTBackend(Backend):
     def _run(self, x: torch.Tensor, block: int) -> torch.Tensor:
         m = self.model
         x = (x - self._mean.to(x.device)) / self._std.to(x.device)
-        t = m.patch_embed(x)
+        t = m.patch_embed(x.to(m.patch_embed.proj.weight.dtype))  # bf16 weights take bf16 input
         t = m._pos_embed(t)
         t = m.patch_drop(t)
         t = run_blocks(m, m.norm_pre(t), block)

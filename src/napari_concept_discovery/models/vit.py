@@ -163,7 +163,8 @@ class ChannelAgnosticViT(VisionTransformer):
 
         Returns patch tokens (B, C*rows*cols, D) in channel-major order (no CLS) and (rows, cols).
         """
-        x = standardize(x)
+        # Standardised in float32, then in the weights' dtype (bf16 when cast for speed).
+        x = standardize(x).to(self.patch_embed.proj.weight.dtype)
         b, c, h, w = x.shape
         t = self.patch_embed.proj(x.reshape(b * c, 1, h, w))  # (B*C, D, rows, cols)
         rows, cols = t.shape[-2:]

@@ -231,6 +231,12 @@ def write_report(
     sels = {c: selectivity(codes, table[c].to_numpy(), c) for c in labels}
     features = ex.feature_table(labels)
     entries = [(name, primary, features)]
+    from ..analysis.analyze import named_features
+    from ..analysis.write import join_feature_columns
+
+    named = named_features(primary)
+    if named is not None:  # names and notes a person gave, beside the dictionary file
+        features = join_feature_columns(features, named)
     for i, (other_name, other) in enumerate(loaded[1:], start=1):
         if is_cancelled(cancel):
             raise _cancelled()
@@ -274,6 +280,12 @@ def write_report(
     chosen += list(why)
     shown = set(chosen)
     pixels = Pixels(store)
+    if pixels.plate is not None:  # what measurements follow each feature (cached per store)
+        from ..analysis.measurements import describe_store
+
+        described = describe_store(store, codes, plate=pixels.plate, cancel=cancel)
+        if described is not None:
+            features = join_feature_columns(features, described[["feature", "description"]])
     plates = sorted(table["plate"].astype(str).unique())
     stain_cols = [c for c in features.columns if str(c).startswith("stain_")]
     feats = features.set_index("feature")

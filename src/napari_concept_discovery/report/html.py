@@ -225,7 +225,9 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
                 else ""
             )
         )
-        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{label}</li>")
+        named = given_name(r)
+        named = f" <b>{html.escape(named)}</b>:" if named else ""
+        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{named}{label}</li>")
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#quality'>Segmentation quality</a> · "
@@ -301,6 +303,12 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
     return "".join(parts)
 
 
+def given_name(row) -> str:
+    """The name a person gave the feature (``feature_notes``), or ''."""
+    v = row["name"] if "name" in row.index else ""
+    return v if isinstance(v, str) else ""
+
+
 def feature_html(
     ex, pixels, f, row, sels, stain_cols, profiles, plates, control_wells, n_cells, why=None
 ) -> str:
@@ -309,6 +317,14 @@ def feature_html(
         f"<b>mean code when active</b> {row['mean_activation']:.3g}",
     ]
     title = f"Feature {f}"
+    if given_name(row):
+        title += f" “{given_name(row)}”"
+    note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
+    if note:
+        facts.insert(0, f"<b>note</b> {html.escape(note)}")
+    described = row["description"] if "description" in row.index else ""
+    if isinstance(described, str) and described:
+        facts.insert(0, f"<b>measurements that follow it</b> {html.escape(described)}")
     if why is not None:
         title += f": switched on by {why.rsplit(' (', 1)[0]}"
     if "top_label" in row.index and row["top_column"]:

@@ -27,6 +27,7 @@ MAX_LABEL_VALUES = 50  # a column with more values (one per well) is not a label
 # table may carry (stain attribution) are shown after these under their own names.
 FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     "feature": ("Feature", "The feature's number in the dictionary."),
+    "name": ("Name", "The name you gave the feature (saved beside the dictionary)."),
     "frequency": ("Frequency", "Fraction of the store's cells where the feature is active."),
     "mean_activation": ("Mean activation", "Mean code over the cells where it is active."),
     "top": (
@@ -43,6 +44,11 @@ FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
         "P(active | top label) minus the largest P(active | another label).",
     ),
     "n_active": ("Cells", "Number of cells where the feature is active."),
+    "description": (
+        "Follows",
+        "The per-cell measurements whose values follow the feature's activation most closely "
+        "(Spearman over cells, with its sign).",
+    ),
 }
 HIDDEN = {"top_column", "top_label", "top_tokens"}
 
@@ -96,6 +102,21 @@ def display_table(features: pd.DataFrame) -> pd.DataFrame:
         if c not in FEATURE_COLUMNS and c not in HIDDEN and pd.api.types.is_numeric_dtype(out[c])
     ]
     return out[known + extra].reset_index(drop=True)
+
+
+def with_names(
+    table: pd.DataFrame, notes, descriptions: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """A :func:`display_table` with a ``name`` column after ``feature`` (from
+    ``feature_notes.FeatureNotes``; empty where unnamed, and for ``notes`` None) and, given
+    ``descriptions`` (``measurements.describe_features``), a ``description`` column last."""
+    out = table.drop(columns=["name", "description"], errors="ignore").copy()
+    names = {} if notes is None else notes.names
+    out.insert(1, "name", [names.get(int(f), "") for f in out["feature"]])
+    if descriptions is not None:
+        text = descriptions.set_index("feature")["description"]
+        out["description"] = out["feature"].map(text).fillna("").to_numpy()
+    return out
 
 
 def headers(table: pd.DataFrame) -> list[tuple[str, str]]:
@@ -153,6 +174,28 @@ def top_cell_thumbnails(
     embedded without labels) are left out.
     """
     top = explorer.top_cells(feature, n=n)
+    return cell_thumbnails(
+        explorer, plate, top, colours, size=size, progress=progress, cancel=cancel
+    )
+
+
+def cell_thumbnails(
+    explorer,
+    plate,
+    cells: pd.DataFrame,
+    colours: Mapping[str, RGB],
+    *,
+    value: str = "value",
+    size: int = 80,
+    progress: ProgressCallback = None,
+    cancel: Cancel = None,
+) -> list[Thumbnail]:
+    """Thumbnails of ``cells`` (plate, well, site, label and the ``value`` column shown under
+    each; boxes y0, x0, y1, x1 are found when missing), in the order given."""
+    top = cells.reset_index(drop=True).copy()
+    if "y0" not in top.columns:
+        top[["y0", "x0", "y1", "x1"]] = explorer.cell_boxes(top)
+    top["value"] = top[value].to_numpy(np.float64)
     top = top[top["y0"] >= 0]
     names = list(plate.channel_names)
     shown = [i for i, name in enumerate(names) if name in colours] or list(range(len(names)))

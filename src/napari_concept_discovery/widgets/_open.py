@@ -30,30 +30,27 @@ class OpenedViewer:
 
 
 def dock_widgets(viewer) -> dict[str, object]:
-    """Dock the plugin's four widgets on the right: the navigator above the explorer, with
-    Embed and Dictionary as tabs beside the navigator so the explorer keeps its height."""
+    """Dock the plugin's four widgets on the right as tabs of one dock area, each with the
+    window's full height: the plate navigator (raised first), the concept explorer (raised
+    when its feature table is ready), Embed and Dictionary. Stacked one above the other they
+    left the explorer's table three rows at 1500 x 950; as tabs it shows a dozen, and the
+    feature card repeats the plate map the navigator would show."""
     widgets, docks = {}, {}
     for name in WIDGETS:
         docks[name], widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)
     qt_window = viewer.window._qt_window  # noqa: SLF001
-    qt_window.tabifyDockWidget(docks["Plate navigator"], docks["Embed"])
-    qt_window.tabifyDockWidget(docks["Plate navigator"], docks["Dictionary"])
+    for name in WIDGETS[1:]:
+        qt_window.tabifyDockWidget(docks["Plate navigator"], docks[name])
     docks["Plate navigator"].raise_()
-    # The explorer's table, cell panel and gallery need the height, the plate map little of it.
-    # Sizes are given once the window is laid out (the next turn of the event loop).
-    QTimer.singleShot(0, partial(_share_height, qt_window, docks))
+    # the explorer's table and card want the width; given once the window is laid out
+    QTimer.singleShot(0, partial(_share_width, qt_window, docks))
     return widgets
 
 
-def _share_height(qt_window, docks) -> None:
+def _share_width(qt_window, docks) -> None:
     try:
-        height = max(600, qt_window.height())
-        qt_window.resizeDocks(
-            [docks["Plate navigator"], docks["Concept explorer"]],
-            [int(height * 0.4), int(height * 0.6)],
-            Qt.Orientation.Vertical,
-        )
-        qt_window.resizeDocks([docks["Concept explorer"]], [460], Qt.Orientation.Horizontal)
+        width = max(420, min(520, int(qt_window.width() * 0.34)))
+        qt_window.resizeDocks([docks["Concept explorer"]], [width], Qt.Orientation.Horizontal)
     except RuntimeError:  # the window was closed before it was laid out
         pass
 

@@ -13,6 +13,7 @@ dropped (docs/architecture.md, "The viewer").
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class FeaturePainter:
         self.painted: FeaturePaint | None = None
         self.source: FeatureSource | None = None
         self.errors: list[str] = []
+        #: Called once a site's feature is drawn (the viewer prefetches the neighbours then).
+        self.on_complete: Callable[[], None] | None = None
         session.store_changed.connect(self._build_explorer)
         session.dictionary_changed.connect(self._build_explorer)
         session.explorer_changed.connect(self.repaint)
@@ -159,6 +162,8 @@ class FeaturePainter:
                 site_key=paint.key,
             )
         self.painted = paint
+        if self.on_complete is not None:
+            self.on_complete()
         return True
 
     # --- cells chosen by the user ---------------------------------------------------------

@@ -9,6 +9,7 @@ A read that finishes after the user moved on is dropped.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from functools import partial
@@ -19,6 +20,7 @@ from napari.utils.notifications import show_error
 from .._reader import SiteData, opened_plate, read_site
 from ..errors import ConceptDiscoveryError
 from ..plate import SiteKey
+from ..views.prefetch import neighbour_sites, prefetch_sites
 from ..views.session import Ticket, ViewerSession
 from ._layers import plate_layers, show_site, shown_site
 from ._notify import user_message
@@ -34,6 +36,8 @@ def get_session(viewer) -> ViewerSession:
         session = ViewerSession()
         link = SiteLink(viewer, session)
         painter = FeaturePainter(viewer, session)
+        painter.on_complete = link.prefetch_neighbours  # a painted site: prepare its neighbours
+        link.painter = painter
         _SESSIONS[viewer] = (session, link, painter)
         link.adopt_layers()
         qt_viewer = getattr(getattr(viewer, "window", None), "_qt_viewer", None)
@@ -92,6 +96,11 @@ class SiteLink:
         self.dropped = 0  # results that arrived for a site no longer in view
         # sites read lately, by (plate folder, key): going back to one shows it at once
         self._read: OrderedDict[tuple, SiteData] = OrderedDict()
+        #: Prepare the neighbours of the site in view (pixels and codes) in the background.
+        self.prefetch = True
+        self._prefetch: tuple[threading.Event, tuple] | None = None  # (cancel, its sites)
+        self._prefetch_workers: set = set()  # kept alive until they finish; not ``busy``
+        self.painter: FeaturePainter | None = None  # set by get_session
         viewer.layers.events.inserted.connect(self._on_inserted)
         session.site_changed.connect(self._on_site_changed)
 
@@ -99,6 +108,11 @@ class SiteLink:
     def busy(self) -> bool:
         """Whether a site is still being read."""
         return bool(self._workers)
+
+    @property
+    def prefetching(self) -> bool:
+        """Whether neighbouring sites are being prepared in the background."""
+        return bool(self._prefetch_workers)
 
     def adopt_layers(self) -> None:
         """Take the plate of layers already in the viewer (opened before any widget was)."""
@@ -128,6 +142,8 @@ class SiteLink:
         viewer, plate = self._viewer(), self.session.plate
         if key is None or viewer is None or plate is None:
             return
+        if self._prefetch is not None and SiteKey.of(key) not in self._prefetch[1]:
+            self._prefetch[0].set()  # the user went elsewhere: free the CPU for this site
         if shown_site(viewer, str(plate.root)) == tuple(key):
             return  # the reader just made these layers for this site
         ticket = self.session.ticket()
@@ -145,10 +161,69 @@ class SiteLink:
         worker.start()
 
     def _returned(self, ticket: Ticket, cache_key: tuple, data: SiteData) -> bool:
+        self._keep(cache_key, data)
+        return self.show(ticket, data)
+
+    def _keep(self, cache_key: tuple, data: SiteData) -> None:
         self._read[cache_key] = data
+        self._read.move_to_end(cache_key)
         while len(self._read) > KEEP_SITES:
             self._read.popitem(last=False)
-        return self.show(ticket, data)
+
+    def prefetch_neighbours(self) -> None:
+        """Read the sites a user most likely opens next, and encode their codes when a
+        dictionary is explored, in one background worker (see :mod:`..prefetch`).
+
+        Called once the site in view is drawn, so it never competes with it; a prefetch still
+        running for another site is cancelled. Pixels land in the bounded read cache on the
+        GUI thread; codes in the explorer's own bounded cache.
+        """
+        viewer, plate, key = self._viewer(), self.session.plate, self.session.site_key
+        if not self.prefetch or viewer is None or plate is None or key is None:
+            return
+        if self.session.closed:
+            return
+        if self._prefetch is not None:
+            self._prefetch[0].set()
+        root = str(plate.root)
+        near = neighbour_sites(list(plate.sites), key)
+        reads = [k for k in near if (root, tuple(k)) not in self._read]
+        explorer = self.session.explorer
+        codes = []
+        labels = None
+        if explorer is not None and self.session.feature is not None:
+            codes = [k for k in near if k in explorer and explorer.cached(k) is None]
+            source = getattr(self.painter, "source", None)
+            if source is not None and source.explorer is explorer:
+                labels = source.labels  # the painter decodes a site's cells once, then keeps them
+        if not reads and not codes:
+            self._prefetch = None
+            return
+        cancel = threading.Event()
+        self._prefetch = (cancel, tuple(near))
+        worker = create_worker(
+            prefetch_sites,
+            partial(read_site, plate),
+            reads,
+            explorer,
+            codes,
+            cancel,
+            labels,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.returned.connect(partial(self._prefetched, root))
+        worker.finished.connect(partial(self._prefetch_workers.discard, worker))
+        self._prefetch_workers.add(worker)
+        worker.start()
+
+    def _prefetched(self, root: str, done: list) -> None:
+        plate = self.session.plate
+        if plate is None or str(plate.root) != root:
+            return  # another plate opened meanwhile
+        for key, data in done:
+            if (root, tuple(key)) not in self._read:
+                self._keep((root, tuple(key)), data)
 
     def show(self, ticket: Ticket, data: SiteData) -> bool:
         """Show a site that was read for ``ticket``; False (and nothing drawn) when stale."""
@@ -161,6 +236,8 @@ class SiteLink:
         except Exception as exc:  # a Qt slot: say it in the viewer, not as a console traceback
             show_error(user_message(exc, f"Could not show {data.key}"))
             return False
+        if self.session.feature is None or self.session.explorer is None:
+            self.prefetch_neighbours()  # no feature to paint: the site is complete now
         return True
 
     def _failed(self, ticket: Ticket, exc: BaseException) -> None:

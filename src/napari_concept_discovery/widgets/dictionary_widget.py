@@ -234,6 +234,7 @@ class DictionaryWidget(StepWidget):
         except (ConceptDiscoveryError, OSError) as exc:
             self.panel.fail(user_message(exc, f"Could not save {path}"))
             return None
+        dictionary.path = Path(written)  # names given to its features are kept beside it
         self.status.setText(f"Saved to {written}.")
         return written
 

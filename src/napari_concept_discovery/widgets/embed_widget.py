@@ -77,7 +77,7 @@ class EmbedWidget(StepWidget):
         self.model_combo.addItem("Checkpoint file…", _PICK_FILE)
         self.fields = make_fields(
             EmbedSettings,
-            ["block", "cells", "segmenter", "cellpose_model", "batch_size"],
+            ["block", "cells", "segmenter", "cellpose_model", "batch_size", "precision"],
             {"block": (-64, 64)},
         )
         # the Cellpose model matters only with the Cellpose segmenter
@@ -219,7 +219,8 @@ class EmbedWidget(StepWidget):
             return None
         return self.panel.start(
             Job(embed_plate, plate, settings, out),
-            f"Embedding {len(plate)} site(s) with {settings.model}…",
+            f"Embedding {len(plate)} site(s) with {settings.model} at "
+            f"{_resolved_precision(settings)}…",
             failed="Embedding failed",
             progressed=self._on_progress,
             returned=self._on_embedded,
@@ -384,9 +385,20 @@ class EmbedWidget(StepWidget):
         self.open_button.setEnabled(not running)
 
 
+def _resolved_precision(settings: EmbedSettings) -> str:
+    """What ``auto`` means on the device the form names (bf16 where it is native)."""
+    from ..embed.compute import resolve_precision
+    from ..models import pick_device
+
+    try:
+        return resolve_precision(settings.precision, pick_device(settings.device))
+    except ConceptDiscoveryError:
+        return settings.precision
+
+
 def _describe(store: ActivationStore) -> str:
     counts = store.attrs.get("counts", {})
     return (
-        f"{store.path.name}: {store.model_id} block {store.block}, "
+        f"{store.path.name}: {store.model_id} block {store.block} at {store.precision}, "
         f"{counts.get('cell', 0)} cells in {len(store.sites())} sites"
     )
