@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.cell_selection import (
     cells_above,
     selection_labels,
@@ -17,8 +18,8 @@ from napari_concept_discovery.analysis.cell_selection import (
     with_feature,
     write_cells_csv,
 )
-from napari_concept_discovery.analysis.concepts import feature_column, well_profiles
 from napari_concept_discovery.analysis.explore import Explorer
+from napari_concept_discovery.analysis.write import feature_column, well_profiles
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary.feature_notes import (
     dictionary_checksum,
@@ -26,7 +27,7 @@ from napari_concept_discovery.dictionary.feature_notes import (
     notes_path,
     save_notes,
 )
-from napari_concept_discovery.dictionary.pipeline import analyze_store, train_on_store
+from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import (
     AnalyzeSettings,
     TrainSettings,

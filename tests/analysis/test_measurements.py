@@ -11,8 +11,9 @@ import scipy.sparse as sp
 import torch
 
 from napari_concept_discovery.analysis import measurements as M
-from napari_concept_discovery.analysis.concepts import join_truth, read_truth
-from napari_concept_discovery.dictionary.pipeline import analyze_store, train_on_store
+from napari_concept_discovery.analysis.analyze import analyze_store
+from napari_concept_discovery.analysis.truth import join_truth, read_truth
+from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import (
     AnalyzeSettings,
     TrainSettings,

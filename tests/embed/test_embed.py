@@ -145,7 +145,7 @@ def test_reduced_precision_tokens_stay_at_cosine_099_to_fp32(precision):
 
 
 def test_auto_precision_is_bf16_only_where_it_is_native(backend):
-    from napari_concept_discovery.embed import Embedder, cpu_has_bf16
+    from napari_concept_discovery.embed.compute import Embedder, cpu_has_bf16
 
     emb = Embedder(backend, precision="auto")
     assert emb.precision == ("bf16" if cpu_has_bf16() else "fp32")

@@ -321,7 +321,7 @@ def test_old_format_and_foreign_folders_are_refused(built, plate_copy, tmp_path)
 def test_precision_is_signed_and_never_mixed(plate_copy, tmp_path):
     """A store records its forward pass's precision; tokens of another precision are refused
     (naming it) instead of joining or replacing it, and auto resolves as documented."""
-    from napari_concept_discovery.embed import cpu_has_bf16, resolve_precision
+    from napari_concept_discovery.embed.compute import cpu_has_bf16, resolve_precision
 
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
     assert resolve_precision("fp32", "cpu") == "fp32"
