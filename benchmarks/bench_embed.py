@@ -123,7 +123,7 @@ def bench_bf16(backend, sites, batch, repeats, matmul_n):
     share of the bf16 matmul of the same round (the best round counts for each), plus the
     cosine of every patch token of the bf16 weights to fp32.
     """
-    from napari_concept_discovery.embed import with_precision
+    from napari_concept_discovery.embed.compute import with_precision
 
     dev = backend.device
     model = backend.model
@@ -168,7 +168,7 @@ def profile_bf16(backend, sites, batch, rows: int = 12) -> None:
     """The top operators of one bf16 batch: under autocast (before) and with bf16 weights."""
     from torch.profiler import ProfilerActivity, profile
 
-    from napari_concept_discovery.embed import with_precision
+    from napari_concept_discovery.embed.compute import with_precision
 
     x = tile_batches(backend, [im for _, im, _, _ in sites], batch)[0]
     bf16 = with_precision(backend, "bf16").model

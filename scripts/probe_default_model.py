@@ -160,7 +160,7 @@ def model_cell_tokens(
     backend, sites: list[HeldoutSite], blocks: list[int] | None = None, batch_size: int = 16
 ) -> dict[int, np.ndarray]:
     """Cell tokens (N, C*D) per block, pooled by ``Embedder.finish`` (the product's pooling)."""
-    from napari_concept_discovery.embed.compute import Embedder, autocast_for
+    from napari_concept_discovery.embed.compute import Embedder
 
     blocks = list(range(backend.num_blocks)) if blocks is None else sorted(blocks)
     emb = Embedder(backend, blocks[0], batch_size, channel_tokens=True)
@@ -169,11 +169,10 @@ def model_cell_tokens(
     for s in sites:
         tiles, layout = emb.prepare(s.image)
         per_block: list[list[torch.Tensor]] = [[] for _ in blocks]
-        with autocast_for(dev):
-            for i in range(0, len(tiles), batch_size):
-                x = torch.from_numpy(tiles[i : i + batch_size]).to(dev)
-                for k, t in enumerate(_all_block_tokens(model, x, blocks)):
-                    per_block[k].append(t)
+        for i in range(0, len(tiles), batch_size):  # fp32, as the probe always ran
+            x = torch.from_numpy(tiles[i : i + batch_size]).to(dev)
+            for k, t in enumerate(_all_block_tokens(model, x, blocks)):
+                per_block[k].append(t)
         for k, b in enumerate(blocks):
             st = emb.finish(None, s.image.shape[-2:], layout, torch.cat(per_block[k]), s.cells)
             feats[b].append(st.cell_channels.reshape(len(st.cell_channels), -1))
