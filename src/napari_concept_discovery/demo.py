@@ -321,8 +321,8 @@ def _crop_dictionary(
     from .analysis.truth import recovery_table, well_concepts
     from .dictionary.pipeline import train_on_store
 
-    n_crops = int(store.tokens("crop").shape[0])
     table = store.table("crop")
+    n_crops = len(table)
     whiten = WhitenSettings(CONTROL, by="plate")
     n_controls = int(control_mask(table, *whiten.control).sum())
     if n_crops < 16 or n_controls < 4:

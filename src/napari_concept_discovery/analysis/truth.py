@@ -98,6 +98,28 @@ class TrueConcept:
     member: np.ndarray  # (len(rows),) bool
 
 
+def _cell_types(table: pd.DataFrame) -> list[TrueConcept]:
+    """Each cell type, judged against every other token."""
+    every = np.arange(len(table))
+    return [
+        TrueConcept(str(ct), "cell type", every, (table["cell_type"] == ct).to_numpy())
+        for ct in sorted(table["cell_type"].dropna().astype(str).unique())
+    ]
+
+
+def _perturbations(table: pd.DataFrame, control: str):
+    """(perturbation per token, the non-control names in order, and a function giving the
+    control tokens of the plates and cell types a set of members comes from)."""
+    pert = table["perturbation"].astype(str).to_numpy()
+    is_control = pert == control
+    stratum = (table["plate"].astype(str) + "/" + table["cell_type"].astype(str)).to_numpy()
+
+    def matched_controls(member: np.ndarray) -> np.ndarray:
+        return is_control & np.isin(stratum, np.unique(stratum[member]))
+
+    return pert, sorted(set(pert.tolist()) - {control}), matched_controls
+
+
 def truth_concepts(
     table: pd.DataFrame,
     *,
@@ -120,23 +142,18 @@ def truth_concepts(
         table, ("cell_type", "perturbation", "responded", "mitotic", "plate"), "true concepts"
     )
     every = np.arange(len(table))
-    out = [
-        TrueConcept(str(ct), "cell type", every, (table["cell_type"] == ct).to_numpy())
-        for ct in sorted(table["cell_type"].dropna().astype(str).unique())
-    ]
+    out = _cell_types(table)
     mitotic = table["mitotic"].astype(str).str.lower().isin(("true", "1")).to_numpy()
     out.append(TrueConcept("mitotic", "subpopulation", every, mitotic))
     responded = table["responded"].astype(str).str.lower().isin(("true", "1")).to_numpy()
-    pert = table["perturbation"].astype(str).to_numpy()
-    is_control = pert == control
-    stratum = (table["plate"].astype(str) + "/" + table["cell_type"].astype(str)).to_numpy()
-    for name in sorted(set(pert.tolist()) - {control}):
+    pert, names, matched_controls = _perturbations(table, control)
+    for name in names:
         inside = pert == name
         null = not (inside & responded).any()
         member = inside if null else inside & responded
         if member.sum() < min_members:
             continue
-        negative = is_control & np.isin(stratum, np.unique(stratum[member]))
+        negative = matched_controls(member)
         if not negative.any():
             continue
         negative |= inside & ~member  # its non-responders
@@ -162,21 +179,16 @@ def well_concepts(
     nothing (from the cells' truth), reported as null perturbations.
     """
     require_columns(table, ("cell_type", "perturbation", "plate"), "well-level concepts")
-    every = np.arange(len(table))
-    out = [
-        TrueConcept(str(ct), "cell type", every, (table["cell_type"] == ct).to_numpy())
-        for ct in sorted(table["cell_type"].dropna().astype(str).unique())
-    ]
-    pert = table["perturbation"].astype(str).to_numpy()
-    stratum = (table["plate"].astype(str) + "/" + table["cell_type"].astype(str)).to_numpy()
-    is_control = pert == control
-    for name in sorted(set(pert.tolist()) - {control}):
+    nulls = set(nulls)
+    out = _cell_types(table)
+    pert, names, matched_controls = _perturbations(table, control)
+    for name in names:
         member = pert == name
-        negative = is_control & np.isin(stratum, np.unique(stratum[member]))
+        negative = matched_controls(member)
         if member.sum() < min_members or not negative.any():
             continue
         rows = np.flatnonzero(member | negative)
-        kind = "null perturbation" if name in set(nulls) else "perturbation"
+        kind = "null perturbation" if name in nulls else "perturbation"
         out.append(TrueConcept(name, kind, rows, member[rows]))
     return out
 
