@@ -219,7 +219,7 @@ def test_names_round_trip_and_reach_analyze(explored, tmp_path):
     feats = pd.read_parquet(a.paths["features"]).set_index("feature")
     assert feats.loc[2, "name"] == "nuclear size" and feats.loc[3, "name"] == ""
     adata = ad.read_h5ad(a.paths["h5ad"])
-    assert adata.var.loc["2", "note"] == "big nuclei; mostly in B wells"
+    assert adata.var.loc["f0002", "note"] == "big nuclei; mostly in B wells"
     # another dictionary's names are refused, both checksums named
     theirs = notes_path(other)
     theirs.write_text(path.read_text())

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code (see EXIT_CODES and the README)."""
+    """Run one command; returns its exit code (see EXIT_CODES and docs/cli.md)."""
     args = build_parser().parse_args(argv)
     con = Console(args.command, quiet=args.quiet, json=args.json)
     with warnings.catch_warnings():
