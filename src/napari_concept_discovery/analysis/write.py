@@ -138,7 +138,9 @@ def codes_anndata(
     Names follow scverse habits so analyses concatenate and scanpy takes them as they are:
     observations :func:`token_names` (``{plate}_{well}_{site}_{label}`` for cells), variables
     :func:`feature_names` (``f0000``; the integer stays in ``var["feature"]``), and cell
-    centroids as ``obsm["spatial"]`` (x, y in pixels of the site, squidpy's order). Each :class:`ConceptProfiles` lands in ``.varm["profile_<column>"]`` (features x values,
+    centroids as ``obsm["spatial"]`` (x, y in pixels of the site, squidpy's order).
+
+    Each :class:`ConceptProfiles` lands in ``.varm["profile_<column>"]`` (features x values,
     median z) and ``.uns["profiles"][column]`` (control, threshold, wells per value, hits).
     """
     import anndata as ad
