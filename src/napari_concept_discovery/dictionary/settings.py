@@ -13,9 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..settings import Settings, check, option
+from ..errors import DictionaryError
+from ..settings import Settings, SettingsError, check, option
 from .config import DEFAULT_ATOMS, ICFLConfig, TopKConfig
 from .control import Control, check_control, parse_control
+from .nested import NO_LEVELS, parse_levels
 from .whiten import MODES, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
@@ -184,6 +186,13 @@ class TrainSettings(Settings):
         flag="--L",
         label="L (atoms per iteration)",
     )
+    levels: str = option(
+        NO_LEVELS,
+        "nested (Matryoshka) dictionary: prefix sizes whose first atoms must each reconstruct "
+        "the tokens alone, comma-separated, M for all atoms (e.g. 16,64,256,M), so the first "
+        "atoms carry broad concepts; sizes of M or more are dropped; none: a plain dictionary",
+        label="nested levels",
+    )
     lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")
     steps: int | None = option(
         None,
@@ -264,6 +273,12 @@ class TrainSettings(Settings):
         cfg: dict[str, Any] = {"n_atoms": self.atoms}
         if self.lr is not None:
             cfg["lr"] = self.lr
+        try:
+            levels = parse_levels(self.levels, self.atoms)
+        except DictionaryError as exc:
+            raise SettingsError(str(exc)) from None
+        if levels is not None:
+            cfg["levels"] = levels
         if self.method == "topk":
             check(
                 self.n_iter is None and self.n_pick is None,
