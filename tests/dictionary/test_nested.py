@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 
+import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from helpers import small_train
+from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.dictionary import (
+    AnalyzeSettings,
     TrainSettings,
     build_model,
     load_dictionary,
@@ -103,10 +107,28 @@ def test_levels_round_trip_and_old_files_load_plain(tmp_path):
     assert plain.levels is None and set(plain.feature_levels()) == {32}
 
 
-def test_train_on_store_records_levels_in_its_settings(tiny_store_path, tmp_path):
+def test_levels_and_families_reach_the_analysis_tables(tiny_store_path, small_plates, tmp_path):
     store = ActivationStore.open(tiny_store_path)
     settings = small_train(levels="4,8,M")
     result = train_on_store(store, settings, out=tmp_path / "d.safetensors")
     loaded = load_dictionary(result.path)
     assert loaded.levels == [4, 8, 24]
     assert TrainSettings.from_dict(loaded.meta["train_settings"]).levels == "4,8,M"
+    analyze = AnalyzeSettings(
+        labels="perturbation", truth="cell_type", truth_file=small_plates / "truth.csv"
+    )
+    analysis = analyze_store(store, loaded, analyze, tmp_path / "a")
+    features = pd.read_parquet(analysis.paths["features"])
+    assert features["level"].tolist() == [4] * 4 + [8] * 4 + [24] * 16
+    families = pd.read_parquet(analysis.paths["families"])
+    in_family = features.loc[features["family"] >= 0, ["feature", "family"]]
+    for fam in families.itertuples(index=False):  # members listed = features marked
+        listed = sorted(int(f) for f in fam.members.split())
+        assert listed == sorted(in_family.loc[in_family["family"] == fam.family, "feature"])
+    concepts = pd.read_parquet(analysis.paths["concepts"])
+    assert {"best_family", "family_auroc"} <= set(concepts.columns)
+    profiles = pd.read_parquet(analysis.paths["profiles"])
+    assert {"p_value", "q_value", "significant"} <= set(profiles.columns)
+    assert profiles.loc[profiles["value"] != "control", "p_value"].between(0, 1).all()
+    adata = anndata.read_h5ad(analysis.paths["h5ad"])
+    assert adata.var["level"].astype(int).tolist() == features["level"].tolist()
