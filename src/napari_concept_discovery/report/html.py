@@ -271,12 +271,14 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
         "heatmap shows the features with the strongest profiles. All hits are in "
         "<a href='hits.csv'>hits.csv</a>.</p>"
         "<p class='note'><b>Well-level test</b>: hits count wells above a z threshold; a value "
-        "with few wells gets some by chance. The test asks whether a feature's well means "
-        "differ from the plate's control wells more than relabelling the wells at random "
-        f"within each plate gives ({N_PERMUTATIONS} permutations, pooled over features, "
-        f"Benjamini-Hochberg over every value and feature of the column, FDR {FDR_ALPHA:g}); "
-        "<i>significant</i> counts the features it finds changed. A perturbation that "
-        "changes nothing should have none.</p>"
+        "with few wells gets some by chance. The test ranks each feature's well means within "
+        "each plate and asks whether the value's wells rank apart from the plate's control "
+        "wells more than relabelling the wells at random within each plate gives "
+        f"({N_PERMUTATIONS} permutations per feature, pooled over features; Benjamini-Hochberg "
+        f"over every value and feature of the column, FDR {FDR_ALPHA:g}); <i>significant</i> "
+        "counts the features it finds changed. A perturbation that changes nothing should have "
+        "none. It needs replicate wells: with one well of a value per plate, nothing reaches "
+        "significance over many features.</p>"
     )
     for prof in profiles:
         parts.append(f"<h3 id='profile-{html.escape(prof.column)}'>{html.escape(prof.column)}</h3>")
