@@ -21,6 +21,7 @@ from .._files import (
 from ..dictionary.control import parse_control
 from ..errors import OutputError
 from .concepts import _csr, feature_table, require_columns, selectivity_report
+from .families import concept_families, family_table
 from .profiles import WELL_KEYS, ConceptProfiles, concept_profiles
 from .truth import concept_auroc
 
@@ -255,6 +256,8 @@ def write_analysis(
     controls: str | None = None,
     stains: pd.DataFrame | None = None,
     named: pd.DataFrame | None = None,
+    levels: np.ndarray | None = None,
+    families: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables, codes.h5ad and
     well_profiles.csv (:func:`well_profiles`, pycytominer's layout; cell tokens only).
@@ -267,6 +270,10 @@ def write_analysis(
     feature table and to the AnnData (``var`` columns and ``varm["stain_attribution"]``).
     ``named`` (one row per feature: columns such as ``name``, ``note``, ``description``) is
     joined onto the feature table by ``feature``, so the AnnData ``.var`` carries it too.
+    ``levels`` (M,) adds each feature's nested ``level`` (:mod:`..dictionary.nested`);
+    ``families`` (M,) (:func:`.families.feature_families`) adds its ``family`` and writes
+    families.parquet (members, best member and summed code scored against the labels and the
+    truth), and each concept's best family beside its best feature in concepts.parquet.
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -283,6 +290,13 @@ def write_analysis(
         features = feature_table(
             csr, table, columns, top_n=top_n, selectivities=sels, stains=stains
         )
+        if levels is not None:
+            features.insert(1, "level", np.asarray(levels, dtype=np.int64))
+        if families is not None:
+            features.insert(2 if levels is not None else 1, "family", np.asarray(families))
+            fams = family_table(csr, families, table, columns, truth_columns)
+            names["families"] = "families.parquet"
+            atomic_parquet(fams, tmp / names["families"])
         if named is not None:
             features = join_feature_columns(features, named)
         names["features"] = "features.parquet"
@@ -302,6 +316,10 @@ def write_analysis(
             table.reset_index(drop=True).to_parquet(t, index=True)
         if truth_columns:
             aurocs = concept_auroc(csr, table, truth_columns)
+            if families is not None:
+                aurocs = aurocs.merge(
+                    concept_families(csr, families, table, truth_columns), on="concept"
+                )
             names["concepts"] = "concepts.parquet"
             atomic_parquet(aurocs, tmp / names["concepts"])
         profiles = []

@@ -22,8 +22,10 @@ import pandas as pd
 
 from .._files import atomic_path, atomic_write_text, check_not_foreign, owned_files
 from ..analysis.concepts import require_columns, selectivity
+from ..analysis.families import family_table
 from ..analysis.profiles import ConceptProfiles, concept_profiles
 from ..dictionary.control import check_control, parse_control
+from ..dictionary.nested import describe_levels
 from ..errors import ConceptDiscoveryError, DataWarning
 from ..progress import Cancel, ProgressCallback, is_cancelled, report
 from ..settings import Settings, check, option
@@ -31,6 +33,7 @@ from .figures import Pixels
 from .html import (
     CSS,
     describe_whitening,
+    families_html,
     feature_html,
     header_html,
     html_table,
@@ -161,6 +164,7 @@ def comparison_table(entries, labels: Sequence[str]) -> pd.DataFrame:
             "dictionary": name,
             "method": str(cfg.get("method", meta.get("method", "?"))),
             "atoms": int(d.n_atoms),
+            "nested levels": describe_levels(d.levels),
             "unit": str(meta.get("unit", "cell")),
             "whitening": describe_whitening(meta),
             "FVU": float(m.get("fvu", np.nan)),
@@ -302,6 +306,7 @@ def write_report(
         f"sections describe <b>{html.escape(name)}</b>.</p>"
     )
     parts.append(html_table(comparison_table(entries, labels), "comparison"))
+    parts.append(families_html(family_table(codes, ex.families(), table, labels), shown))
     parts.append(quality_html(store, ex, pixels))
     parts.append(profiles_html(profiles, chosen, shown, notes, out))
     parts.append("<h2 id='features'>Features</h2>")

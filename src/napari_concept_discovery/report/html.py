@@ -11,7 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ..analysis.families import FAMILY_DISTANCE
 from ..analysis.profiles import HIT_FRACTION, MIN_WELLS, ConceptProfiles
+from ..analysis.welltest import FDR_ALPHA, N_PERMUTATIONS
+from ..dictionary.nested import describe_levels
 from .figures import (
     QUALITY_FIGURES,
     Pixels,
@@ -30,6 +33,10 @@ HEATMAP_FEATURES = 40
 
 #: Hits listed in the page (all of them go to hits.csv).
 HITS_SHOWN = 40
+
+
+#: Families listed in the page, largest first.
+FAMILIES_SHOWN = 20
 
 
 def describe_whitening(meta: dict) -> str:
@@ -72,6 +79,14 @@ def calibration_note(prof: ConceptProfiles) -> str | None:
     return text + "."
 
 
+def _significant(prof: ConceptProfiles, i: int) -> str:
+    """How many features the well-level test finds changed by value ``i`` ('' for the
+    control value, which it is not tested against)."""
+    if prof.tests is None or prof.values[i] not in set(prof.tests["value"]):
+        return ""
+    return str(int(prof.significant()[i].sum()))
+
+
 def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.DataFrame:
     """Per label value: wells, hit features, and its strongest features by median z."""
     hits = prof.hit_mask()
@@ -84,6 +99,7 @@ def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.Da
                 "wells": int(prof.n_wells[i]),
                 "features switched on": int(hits[i].sum()),
                 "expected by chance": _chance(prof, int(prof.n_wells[i])),
+                "significant (well test)": _significant(prof, i),
                 "strongest (median z)": ", ".join(
                     f"{feature_link(int(f), shown)} ({prof.median_z[i, f]:+.1f})" for f in top
                 ),
@@ -205,7 +221,7 @@ def header_html(store, name, dictionary, table, labels, controls) -> str:
         f"{html.escape(str(store.model_id))}, block {store.block}</p>"
         f"<p>dictionary: {html.escape(str(meta.get('train_settings', {}).get('method', '?')))}"
         f", {dictionary.n_atoms} features on {html.escape(str(meta.get('unit', 'cell')))} "
-        f"tokens, whitening {html.escape(describe_whitening(meta))}; labels: "
+        f"tokens, nested levels {describe_levels(dictionary.levels)}, whitening {html.escape(describe_whitening(meta))}; labels: "
         f"{html.escape(', '.join(labels) or 'none')}; profile controls: "
         f"{html.escape(controls or 'none')}</p></header><main>"
     )
@@ -231,6 +247,7 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#quality'>Segmentation quality</a> · "
+        "<a href='#families'>Feature families</a> · "
         "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
         "(most selective first, the best feature of each label before the runners-up; then "
         "the features that perturbations switch on most strongly)</p>"
@@ -253,6 +270,15 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
         "Rows and columns are ordered by hierarchical clustering (average linkage); the "
         "heatmap shows the features with the strongest profiles. All hits are in "
         "<a href='hits.csv'>hits.csv</a>.</p>"
+        "<p class='note'><b>Well-level test</b>: hits count wells above a z threshold; a value "
+        "with few wells gets some by chance. The test ranks each feature's well means within "
+        "each plate and asks whether the value's wells rank apart from the plate's control "
+        "wells more than relabelling the wells at random within each plate gives "
+        f"({N_PERMUTATIONS} permutations per feature, pooled over features; Benjamini-Hochberg "
+        f"over every value and feature of the column, FDR {FDR_ALPHA:g}); <i>significant</i> "
+        "counts the features it finds changed. A perturbation that changes nothing should have "
+        "none. It needs replicate wells: with one well of a value per plate, nothing reaches "
+        "significance over many features.</p>"
     )
     for prof in profiles:
         parts.append(f"<h3 id='profile-{html.escape(prof.column)}'>{html.escape(prof.column)}</h3>")
@@ -289,8 +315,16 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
             ]
             for c in ("median_z", "mean_z"):
                 shown_hits[c] = [f"{v:+.2f}" for v in shown_hits[c]]
-            shown_hits = shown_hits[["value", "feature", "median_z", "mean_z", "wells above"]]
-            shown_hits.columns = [prof.column, "feature", "median z", "mean z", "wells above"]
+            keep = ["value", "feature", "median_z", "mean_z", "wells above"]
+            names = [prof.column, "feature", "median z", "mean z", "wells above"]
+            if "q_value" in shown_hits.columns:
+                shown_hits["q_value"] = [
+                    "" if not np.isfinite(q) else f"{q:.2g}" for q in shown_hits["q_value"]
+                ]
+                keep.append("q_value")
+                names.append("q (well test)")
+            shown_hits = shown_hits[keep]
+            shown_hits.columns = names
             more = len(hits) - len(shown_hits)
             parts.append(
                 f"<p class='note'>{len(hits)} hits"
@@ -300,6 +334,51 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
             parts.append(html_table(shown_hits, "hits", raw=["feature"]))
         else:
             parts.append("<p class='note'>No hits.</p>")
+    return "".join(parts)
+
+
+def families_html(families: pd.DataFrame, shown: set[int], n: int = FAMILIES_SHOWN) -> str:
+    """The families section: what a family is, and its largest families with their members,
+    the label their summed code is most selective for, and its best member's selectivity."""
+    parts = [
+        "<h2 id='families'>Feature families</h2>",
+        "<p class='note'>A concept that covers many cells is often split over several features "
+        "(copies of one direction that each take part of the cells, or atoms picked together). "
+        "A <b>family</b> groups features whose atoms point the same way or that fire on the same "
+        "cells (average-linkage clustering on 1 - max(atom cosine, Jaccard co-activation), cut "
+        f"at {FAMILY_DISTANCE:g}); its <b>summed code</b> (the sum of its members' codes) is "
+        "scored as one feature. <i>selectivity (family)</i> is the summed code's, <i>best "
+        "member</i> the best single member's for the same label.</p>",
+    ]
+    if families.empty:
+        parts.append("<p class='note'>No families: no two features are that close.</p>")
+        return "".join(parts)
+    t = families.head(n).copy()
+
+    def members(text: str) -> str:
+        return " ".join(feature_link(int(f), shown) for f in text.split())
+
+    t["members"] = [members(m) for m in t["members"]]
+    t.insert(0, "id", [f"<span id='family-{f}'>{f}</span>" for f in t["family"]])
+    cols = {"id": "family", "n_members": "features", "members": "members"}
+    cols["frequency"] = "frequency"
+    if "top_column" in t.columns:
+        t["label"] = t["top_column"].astype(str) + " = " + t["top_label"].astype(str)
+        cols |= {
+            "label": "top label",
+            "selectivity_family": "selectivity (family)",
+            "best_member": "best member",
+            "selectivity_best_member": "selectivity (best member)",
+        }
+        t["best_member"] = [feature_link(int(f), shown) for f in t["best_member"]]
+    t = t[list(cols)].rename(columns=cols)
+    more = len(families) - len(t)
+    parts.append(
+        f"<p class='note'>{len(families)} families"
+        + (f"; the {len(t)} largest:" if more > 0 else ":")
+        + "</p>"
+    )
+    parts.append(html_table(t, "families", raw=["family", "members", "best member"]))
     return "".join(parts)
 
 
@@ -322,6 +401,12 @@ def feature_html(
     note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
     if note:
         facts.insert(0, f"<b>note</b> {html.escape(note)}")
+    if "level" in row.index:
+        facts.append(f"<b>level</b> {int(row['level'])} (in the first {int(row['level'])} atoms)")
+    if "family" in row.index and int(row["family"]) >= 0:
+        facts.append(
+            f"<b>family</b> <a href='#family-{int(row['family'])}'>{int(row['family'])}</a>"
+        )
     described = row["description"] if "description" in row.index else ""
     if isinstance(described, str) and described:
         facts.insert(0, f"<b>measurements that follow it</b> {html.escape(described)}")

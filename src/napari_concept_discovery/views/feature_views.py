@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..analysis.families import FAMILY_DISTANCE
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .channels import contrast_limits
 from .forms import metadata_choices
@@ -28,6 +29,18 @@ MAX_LABEL_VALUES = 50  # a column with more values (one per well) is not a label
 FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     "feature": ("Feature", "The feature's number in the dictionary."),
     "name": ("Name", "The name you gave the feature (saved beside the dictionary)."),
+    "level": (
+        "Level",
+        "Nested dictionary: the smallest prefix of atoms that holds the feature (its first "
+        "atoms were trained to reconstruct the cells alone, so a low level is a broad concept).",
+    ),
+    "family": (
+        "Family",
+        "Features whose atoms point the same way or that fire on the same cells (average-"
+        f"linkage clustering on 1 - max(cosine, co-activation), cut at {FAMILY_DISTANCE}); -1: "
+        "in no family. "
+        "A concept split over several features shows as one family.",
+    ),
     "frequency": ("Frequency", "Fraction of the store's cells where the feature is active."),
     "mean_activation": ("Mean activation", "Mean code over the cells where it is active."),
     "top": (
