@@ -1,0 +1,146 @@
+"""The stain-mapping form: which image layer (or channel of one) is which stain, and which
+labels layer holds the cells; layers from any reader. The guesses and the site are made in
+:mod:`..views.layer_site`; the pickers are magicgui combo boxes that list the viewer's layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from magicgui.widgets import ComboBox
+from napari.layers import Image, Labels
+from qtpy.QtWidgets import QFormLayout, QLabel, QWidget
+
+from ..views.layer_site import Plane, guess_mapping, planes_of
+
+_NONE = "(choose a layer)"
+SEGMENT = "Segment the stains"
+
+
+def _is_ours(layer) -> bool:
+    """A layer this plugin made (a plate's channel, a painted feature): not a user's input."""
+    return bool(layer.metadata.get("role"))
+
+
+class LayerSiteForm(QWidget):
+    """One row per stain the model expects (layer picker) and a cells picker.
+
+    ``stains`` are the rows; :meth:`set_stains` changes them (to a dictionary's or a store's
+    channel names). Picks are kept across layer changes where the layer is still there; a
+    stain whose names do not say is left on "(choose a layer)".
+    """
+
+    def __init__(self, viewer, stains: Sequence[str], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.stains: tuple[str, ...] = ()
+        self.pickers: dict[str, ComboBox] = {}
+        self._layout = QFormLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self.hint = QLabel()
+        self.hint.setWordWrap(True)
+        self.set_stains(stains)
+        events = viewer.layers.events
+        for event in (events.inserted, events.removed):
+            event.connect(self.refresh)
+
+    # --- choices --------------------------------------------------------------------------
+
+    def _image_layers(self) -> list[Image]:
+        return [x for x in self.viewer.layers if isinstance(x, Image) and not _is_ours(x)]
+
+    def planes(self) -> list[Plane]:
+        """Every 2-D plane the viewer's image layers offer (channels of stacks one by one)."""
+        out: list[Plane] = []
+        for layer in self._image_layers():
+            out.extend(planes_of(layer.name, np.shape(layer.data), bool(layer.rgb)))
+        return out
+
+    def _plane_choices(self, *_) -> list[tuple[str, Plane | None]]:
+        return [(_NONE, None)] + [(str(p), p) for p in self.planes()]
+
+    def _cell_choices(self, *_) -> list[tuple[str, str | None]]:
+        names = [
+            x.name
+            for x in self.viewer.layers
+            if isinstance(x, Labels) and x.metadata.get("role") in (None, "cells")
+        ]
+        return [(f"Layer: {n}", n) for n in names] + [(SEGMENT, None)]
+
+    # --- what a user does -----------------------------------------------------------------
+
+    def set_stains(self, stains: Sequence[str]) -> None:
+        """Rows for these stains (in the model's channel order), guessed again from names."""
+        stains = tuple(stains)
+        if stains == self.stains:
+            return
+        while self._layout.rowCount():
+            self._layout.removeRow(0)
+        self.stains = stains
+        self.pickers = {}
+        for stain in stains:
+            picker = ComboBox(choices=self._plane_choices, nullable=False)
+            picker.native.setToolTip(
+                f"The image layer (or channel of a stack) stained for {stain}."
+            )
+            self.pickers[stain] = picker
+            self._layout.addRow(stain, picker.native)
+        self.cells = ComboBox(choices=self._cell_choices, nullable=False)
+        self.cells.native.setToolTip(
+            "The cells to pool tokens over and to write codes to: a Labels layer you opened "
+            "or drew, or a segmentation of the stains made for you."
+        )
+        self._layout.addRow("Cells", self.cells.native)
+        self.hint = QLabel()
+        self.hint.setWordWrap(True)
+        self._layout.addRow(self.hint)
+        self.refresh(guess=True)
+
+    def refresh(self, *_, guess: bool = False) -> None:
+        """List the viewer's layers again; a stain not picked yet gets the name's guess."""
+        held = {s: p.value for s, p in self.pickers.items()}
+        for picker in self.pickers.values():
+            picker.reset_choices()
+        self.cells.reset_choices()
+        guesses = guess_mapping(self.stains, self.planes())
+        offered = set(self.planes())
+        for stain, picker in self.pickers.items():
+            keep = held.get(stain)
+            if keep in offered and not guess:
+                picker.value = keep
+            elif guesses.get(stain) is not None:
+                picker.value = guesses[stain]
+            else:
+                picker.value = keep if keep in offered else None
+        missing = [s for s, p in self.pickers.items() if p.value is None]
+        self.hint.setText(
+            "Which layer is "
+            + ", ".join(missing)
+            + "? The layer names do not say; choose them above."
+            if missing and offered
+            else ""
+        )
+
+    def pick(self, stain: str, layer: str, channel: int | None = None) -> None:
+        """Map ``stain`` to a layer (and channel of a stack), as choosing it in the form does."""
+        self.pickers[stain].value = Plane(layer, channel)
+        self.refresh()
+
+    def pick_cells(self, layer: str | None) -> None:
+        """Take the cells from Labels layer ``layer`` (None: segment the stains)."""
+        self.cells.value = layer
+
+    def mapping(self) -> dict[str, Plane | None]:
+        return {s: p.value for s, p in self.pickers.items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The picked layers' pixels by layer name (a lazy array is read now)."""
+        names = {p.layer for p in self.mapping().values() if p is not None}
+        return {x.name: np.asarray(x.data) for x in self._image_layers() if x.name in names}
+
+    def cells_layer(self) -> Labels | None:
+        name = self.cells.value
+        return next(
+            (x for x in self.viewer.layers if isinstance(x, Labels) and x.name == name), None
+        )

