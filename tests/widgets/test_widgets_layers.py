@@ -69,8 +69,11 @@ def _embed_and_apply(qtbot, viewer, embed, dictionary, demo_folder, out):
     embed.out_edit.setText(str(out))
     embed._on_out_edited()
     click(qtbot, embed.run_button)
+    activity = embed.panel.activity  # the job's bar in napari's activity dock
+    assert activity is not None and "Embedding the layers" in activity.desc
     qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=WAIT)
     assert embed.job.error is None, embed.status.text()
+    assert embed.panel.activity is None  # closed with the job
     dictionary.load(demo_folder / "dictionary-center.safetensors")
     qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
     return session
