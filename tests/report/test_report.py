@@ -510,7 +510,7 @@ def test_a_sentence_where_selectivity_and_profiles_disagree():
     table = _wells_table(cells_per_well=20)
     rng = np.random.default_rng(1)
     v = np.zeros(len(table))
-    for well, idx in table.groupby("well").groups.items():
+    for idx in table.groupby("well").groups.values():
         idx = np.asarray(idx)
         if table.loc[idx[0], "drug"] == "ctrl":
             hit = rng.choice(idx, 2, replace=False)

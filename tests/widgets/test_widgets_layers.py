@@ -28,9 +28,9 @@ from napari_concept_discovery.views.layer_site import LAYER_SITE, feature_column
 pytestmark = pytest.mark.gui
 
 
-def _site_files(demo_folder, tmp_path):
+def _site_files(folder, tmp_path):
     """The plate's first site written as TIFFs: one per stain, one stack, and its cells."""
-    plate = open_plate(demo_folder / "plates")
+    plate = open_plate(folder / "plates")
     site = plate[plate.keys[0]]
     image, labels = site.read(), site.read_labels()
     for name, plane in zip(plate.channel_names, image, strict=True):
@@ -40,10 +40,10 @@ def _site_files(demo_folder, tmp_path):
     return plate, site.key, image, labels
 
 
-def _library_codes(demo_folder, key) -> pd.DataFrame:
+def _library_codes(folder, key) -> pd.DataFrame:
     """The codes the library gives the same cells of the same site (the store the plate made)."""
-    store = ActivationStore.open(demo_folder / "store.zarr")
-    dictionary = load_dictionary(demo_folder / "dictionary-center.safetensors")
+    store = ActivationStore.open(folder / "store.zarr")
+    dictionary = load_dictionary(folder / "dictionary-center.safetensors")
     codes = Explorer(store, dictionary).site(key)
     dense = codes.cell_codes.toarray()
     return pd.DataFrame(dense, index=codes.cells["label"].to_numpy()).sort_index()
@@ -63,9 +63,9 @@ def _open_widgets(viewer):
     return embed, dictionary, explorer
 
 
-def _embed_and_apply(qtbot, viewer, embed, dictionary, demo_folder, out):
+def _embed_and_apply(qtbot, viewer, embed, dictionary, folder, out):
     session = embed.session
-    embed.set_model(str(demo_folder / "tiny.safetensors"))
+    embed.set_model(str(folder / "tiny.safetensors"))
     embed.out_edit.setText(str(out))
     embed._on_out_edited()
     click(qtbot, embed.run_button)
@@ -74,7 +74,7 @@ def _embed_and_apply(qtbot, viewer, embed, dictionary, demo_folder, out):
     qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=WAIT)
     assert embed.job.error is None, embed.status.text()
     assert embed.panel.activity is None  # closed with the job
-    dictionary.load(demo_folder / "dictionary-center.safetensors")
+    dictionary.load(folder / "dictionary-center.safetensors")
     qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
     return session
 
@@ -108,9 +108,7 @@ def test_one_file_per_stain_opened_by_napari_reader(
     form = embed.layer_form
     assert form.stains == tuple(plate.channel_names)
     # the file names say which stain each layer is: nothing to choose but the cells
-    assert {s: str(p) for s, p in form.mapping().items()} == {
-        s: s for s in plate.channel_names
-    }
+    assert {s: str(p) for s, p in form.mapping().items()} == {s: s for s in plate.channel_names}
     form.pick_cells("cells")
     session = _embed_and_apply(
         qtbot, viewer, embed, dictionary, demo_folder, tmp_path / "layers.zarr"
