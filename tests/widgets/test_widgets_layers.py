@@ -101,6 +101,10 @@ def test_one_file_per_stain_opened_by_napari_reader(
     for name in plate.channel_names:
         viewer.open(str(tmp_path / f"{name}.tif"), plugin="napari")
     viewer.open(str(tmp_path / "cells.tif"), plugin="napari", layer_type="labels")
+    # in microns and offset, as a reader with physical sizes (napari-ome-zarr) opens them
+    scale, translate = (0.5, 0.25), (10.0, 20.0)
+    for layer in viewer.layers:
+        layer.scale, layer.translate = scale, translate
     embed, dictionary, explorer = _open_widgets(viewer)
     assert embed.session.plate is None  # nothing of this plugin's was opened
 
@@ -130,6 +134,22 @@ def test_one_file_per_stain_opened_by_napari_reader(
     np.testing.assert_allclose(
         values.to_numpy(), cells.features.set_index("label")[feature_column(feature)].sort_index()
     )
+    # painted where the user's layers lie: patch r's centre on pixel r * 16 + 7.5 of the stains
+    patches = next(x for x in viewer.layers if x.metadata.get("role") == "feature_map")
+    np.testing.assert_allclose(patches.scale[-2:], (16 * scale[0], 16 * scale[1]))
+    np.testing.assert_allclose(
+        patches.translate[-2:], (translate[0] + 7.5 * scale[0], translate[1] + 7.5 * scale[1])
+    )
+    for layer in viewer.layers:
+        if layer.metadata.get("role") in ("feature_cells", "feature_labels"):
+            np.testing.assert_allclose(layer.scale[-2:], scale)
+            np.testing.assert_allclose(layer.translate[-2:], translate)
+    # a click in the world selects the cell under it
+    label = int(cells.features["label"].iloc[0])
+    ys, xs = np.nonzero(labels == label)
+    y, x = ys[len(ys) // 2], xs[len(xs) // 2]
+    world = (translate[0] + y * scale[0], translate[1] + x * scale[1])
+    assert painter.select_cell_at(world) == int(labels[y, x])
 
 
 def test_a_stack_whose_names_say_nothing_is_mapped_by_the_user(

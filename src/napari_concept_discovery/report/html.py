@@ -374,9 +374,9 @@ def disagreement(row, f: int, profiles, sels) -> str:
         "cells where a feature fires at all, over every well; a profile compares each well's "
         "mean code with the control wells of its own plate. They part when a few strongly "
         "active cells lift a well's mean, or when those wells differ from their plate's "
-        "controls in something other than the label (cell type, plate, position). A value "
-        "known to change nothing (a null or mock treatment) that switches a feature on points "
-        "to such a well effect, not to a concept."
+        "controls in something other than the label (cell type, plate, position). When either "
+        "value is known to change nothing (a null or mock treatment), the feature follows such "
+        "a well effect, not a concept."
     )
 
 

@@ -58,14 +58,27 @@ class Plane:
         return self.layer if self.channel is None else f"{self.layer} [channel {self.channel}]"
 
 
+def squeezed(data):
+    """``data`` without its length-1 axes before the last two (a (1, C, 1, H, W) OME-Zarr
+    image is a (C, H, W) site); other axes stay."""
+    shape = tuple(np.shape(data))
+    keep = [i for i, n in enumerate(shape[:-2]) if n != 1]
+    if len(keep) == len(shape[:-2]):
+        return data
+    return np.reshape(np.asarray(data), tuple(shape[i] for i in keep) + shape[-2:])
+
+
 def planes_of(name: str, shape: Sequence[int], rgb: bool = False) -> list[Plane]:
-    """The planes of an image layer: one for a 2-D layer, one per channel of a (C, H, W) stack.
+    """The planes of an image layer: one for a 2-D layer, one per channel of a (C, H, W) stack
+    (length-1 axes before the last two do not count).
 
     RGB layers and stacks of more than 3 dimensions (time, z) offer none: a site is one 2-D
     field per stain.
     """
     if rgb:
         return []
+    shape = tuple(shape)
+    shape = tuple(n for n in shape[:-2] if n != 1) + shape[-2:]
     if len(shape) == 2:
         return [Plane(name)]
     if len(shape) == 3:
@@ -133,7 +146,7 @@ def site_image(mapping: Mapping[str, Plane | None], arrays: Mapping[str, np.ndar
     for stain, plane in mapping.items():
         if plane.layer not in arrays:
             raise ConceptDiscoveryError(f"stain {stain}: there is no image layer {plane.layer!r}")
-        data = np.asarray(arrays[plane.layer])
+        data = np.asarray(squeezed(arrays[plane.layer]))
         if plane.channel is not None:
             if data.ndim != 3 or not 0 <= plane.channel < data.shape[0]:
                 raise ConceptDiscoveryError(
@@ -170,7 +183,7 @@ def _storable(image: np.ndarray) -> np.ndarray:
 
 
 def _label_image(labels: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
-    lab = np.asarray(labels)
+    lab = np.asarray(squeezed(labels))
     if lab.shape != tuple(shape):
         raise ConceptDiscoveryError(
             f"the cells layer {name!r} is {lab.shape}, the stains {tuple(shape)}: pick labels of "

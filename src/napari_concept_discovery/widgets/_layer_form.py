@@ -18,6 +18,19 @@ _NONE = "(choose a layer)"
 SEGMENT = "Segment the stains"
 
 
+def layer_pixels(layer):
+    """A layer's full-resolution array (the first level of a multiscale layer, as
+    napari-ome-zarr opens plates)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def layer_geometry(layer) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(scale, translate) of a layer's last two axes: where its pixels lie in the world."""
+    scale = tuple(float(v) for v in layer.scale[-2:])
+    translate = tuple(float(v) for v in layer.translate[-2:])
+    return scale, translate  # type: ignore[return-value]
+
+
 def _is_ours(layer) -> bool:
     """A layer this plugin made (a plate's channel, a painted feature): not a user's input."""
     return bool(layer.metadata.get("role"))
@@ -54,7 +67,7 @@ class LayerSiteForm(QWidget):
         """Every 2-D plane the viewer's image layers offer (channels of stacks one by one)."""
         out: list[Plane] = []
         for layer in self._image_layers():
-            out.extend(planes_of(layer.name, np.shape(layer.data), bool(layer.rgb)))
+            out.extend(planes_of(layer.name, np.shape(layer_pixels(layer)), bool(layer.rgb)))
         return out
 
     def _plane_choices(self, *_) -> list[tuple[str, Plane | None]]:
@@ -137,7 +150,15 @@ class LayerSiteForm(QWidget):
     def arrays(self) -> dict[str, np.ndarray]:
         """The picked layers' pixels by layer name (a lazy array is read now)."""
         names = {p.layer for p in self.mapping().values() if p is not None}
-        return {x.name: np.asarray(x.data) for x in self._image_layers() if x.name in names}
+        return {
+            x.name: np.asarray(layer_pixels(x)) for x in self._image_layers() if x.name in names
+        }
+
+    def geometry(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Where the picked layers' pixels lie in the world (the first stain's layer)."""
+        first = next((p for p in self.mapping().values() if p is not None), None)
+        layer = next((x for x in self._image_layers() if first and x.name == first.layer), None)
+        return ((1.0, 1.0), (0.0, 0.0)) if layer is None else layer_geometry(layer)
 
     def cells_layer(self) -> Labels | None:
         name = self.cells.value

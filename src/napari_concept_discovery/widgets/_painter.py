@@ -54,6 +54,9 @@ class FeaturePainter:
         session.explorer_changed.connect(self.write_codes)
         session.site_changed.connect(self.write_codes)
         self.coded: tuple | None = None  # (explorer, site) whose codes the cells layer holds
+        #: (plate folder, site key) -> (scale, translate) of sites shown by a user's layers
+        #: that lie elsewhere in the world than pixel coordinates (e.g. microns from OME-Zarr).
+        self.world: dict[tuple, tuple] = {}
         viewer.mouse_drag_callbacks.append(self._on_mouse)
 
     @property
@@ -148,6 +151,7 @@ class FeaturePainter:
             return False
         name = f"feature {paint.feature}"
         image = paint.image
+        world = self._world(paint.key)
         paint_feature(
             viewer,
             image.data,
@@ -156,6 +160,7 @@ class FeaturePainter:
             contrast_limits=paint.limits,
             name=name,
             site_key=paint.key,
+            world=world,
         )
         if paint.labels is not None:
             paint_cells(
@@ -166,11 +171,19 @@ class FeaturePainter:
                 contrast_limits=paint.cell_limits,
                 name=f"{name} cells",
                 site_key=paint.key,
+                world=world,
             )
         self.painted = paint
         if self.on_complete is not None:
             self.on_complete()
         return True
+
+    def _world(self, key) -> tuple | None:
+        """(scale, translate) of the site's pixels in the world; None: pixel coordinates."""
+        plate = self.session.plate
+        if plate is None or key is None:
+            return None
+        return self.world.get((str(plate.root), tuple(key)))
 
     # --- codes into the cells layer --------------------------------------------------------
 
@@ -255,6 +268,10 @@ class FeaturePainter:
         if s.site_key is None:
             return None
         y, x = (float(v) for v in tuple(position)[-2:])
+        world = self._world(s.site_key)
+        if world is not None:  # world to pixel coordinates
+            (sy, sx), (ty, tx) = world
+            y, x = (y - ty) / sy, (x - tx) / sx
         label = None
         source = None if s.explorer is None else self._source_for(s.explorer)
         if source is not None and source.labels(s.site_key) is not None:
@@ -262,7 +279,7 @@ class FeaturePainter:
         else:
             cells = self._cells_layer()
             if cells is not None:
-                value = cells.get_value((y, x), world=True)
+                value = cells.get_value((y, x), world=False)
                 label = int(value) if value is not None and np.isscalar(value) else None
         s.select_cell(label)
         return s.cell

@@ -44,7 +44,7 @@ from ..views.layer_site import LAYER_SITE, embed_layer_site, site_image, stains_
 from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
 from ._jobs import Job
-from ._layer_form import LayerSiteForm
+from ._layer_form import LayerSiteForm, layer_pixels
 from ._layers import FEATURE_ROLES
 from ._step import StepWidget
 from ._viewer import get_link, get_painter, observe, user_message
@@ -284,7 +284,8 @@ class EmbedWidget(StepWidget):
             mapping = form.mapping()
             image = site_image(mapping, form.arrays())
             cells = form.cells_layer()
-            labels = None if cells is None else np.asarray(cells.data)
+            labels = None if cells is None else np.asarray(layer_pixels(cells))
+            world = form.geometry()
             names = {p.layer for p in mapping.values()}
             out = self.out_path() if self._out_edited else None
             parent = self._layers_parent(names)
@@ -307,12 +308,13 @@ class EmbedWidget(StepWidget):
             f"Embedding the layers' site ({', '.join(stains)}; {what}) with {settings.model}…",
             failed="Embedding the layers failed",
             progressed=self._on_progress,
-            returned=lambda store: self._on_layers_embedded(store, cells),
+            returned=lambda store: self._on_layers_embedded(store, cells, world),
         )
 
-    def _on_layers_embedded(self, store, cells: Labels | None) -> None:
+    def _on_layers_embedded(self, store, cells: Labels | None, world) -> None:
         """The layers become the session's site: their plate and store, their cells layer
-        (or one of the segmentation, added) the one whose ``features`` get the codes."""
+        (or one of the segmentation, added) the one whose ``features`` get the codes; features
+        are painted where the layers lie in the world (``world``: their scale and translate)."""
         if not self.jobs.alive or store is None:
             self._on_embedded(store)
             return
@@ -325,6 +327,7 @@ class EmbedWidget(StepWidget):
         key = LAYER_SITE
         root = str(plate.root)
         get_link(self.viewer).user_sites.add((root, tuple(key)))
+        get_painter(self.viewer).world[(root, tuple(key))] = world
         tag = {"role": "cells", "plate_path": root, "site_key": tuple(key)}
         self.session.set_plate(plate, key)
         if cells is not None:
@@ -333,7 +336,14 @@ class EmbedWidget(StepWidget):
             layer.metadata.get("role") == "cells" and layer.metadata.get("plate_path") == root
             for layer in self.viewer.layers
         ):
-            self.viewer.add_labels(store.site_labels(key), name="cells", metadata=tag)
+            scale, translate = world
+            self.viewer.add_labels(
+                store.site_labels(key),
+                name="cells",
+                metadata=tag,
+                scale=scale,
+                translate=translate,
+            )
         self._on_embedded(store)
         self.layer_form.refresh()
 
