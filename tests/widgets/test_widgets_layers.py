@@ -7,6 +7,8 @@ Needs a display: ``xvfb-run -a python -m pytest tests/widgets/test_widgets_layer
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -40,10 +42,10 @@ def _site_files(folder, tmp_path):
     return plate, site.key, image, labels
 
 
-def _library_codes(folder, key) -> pd.DataFrame:
+def _library_codes(folder, key, dictionary="dictionary-center.safetensors") -> pd.DataFrame:
     """The codes the library gives the same cells of the same site (the store the plate made)."""
     store = ActivationStore.open(folder / "store.zarr")
-    dictionary = load_dictionary(folder / "dictionary-center.safetensors")
+    dictionary = load_dictionary(folder / dictionary)
     codes = Explorer(store, dictionary).site(key)
     dense = codes.cell_codes.toarray()
     return pd.DataFrame(dense, index=codes.cells["label"].to_numpy()).sort_index()
@@ -63,7 +65,7 @@ def _open_widgets(viewer):
     return embed, dictionary, explorer
 
 
-def _embed_and_apply(qtbot, viewer, embed, dictionary, folder, out):
+def _embed(qtbot, embed, folder, out):
     session = embed.session
     embed.set_model(str(folder / "tiny.safetensors"))
     embed.out_edit.setText(str(out))
@@ -74,6 +76,11 @@ def _embed_and_apply(qtbot, viewer, embed, dictionary, folder, out):
     qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=WAIT)
     assert embed.job.error is None, embed.status.text()
     assert embed.panel.activity is None  # closed with the job
+    return session
+
+
+def _embed_and_apply(qtbot, viewer, embed, dictionary, folder, out):
+    session = _embed(qtbot, embed, folder, out)
     dictionary.load(folder / "dictionary-center.safetensors")
     qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
     return session
@@ -152,7 +159,24 @@ def test_one_file_per_stain_opened_by_napari_reader(
     assert painter.select_cell_at(world) == int(labels[y, x])
 
 
+@pytest.fixture(scope="module")
+def per_plate_dictionary(demo_folder):  # noqa: F811
+    """A dictionary that whitens each plate on its own controls (as the demo's do)."""
+    from test_widgets_explore import dictionary_settings
+
+    from napari_concept_discovery.dictionary.pipeline import train_on_store
+    from napari_concept_discovery.dictionary.settings import WhitenSettings
+
+    whiten = WhitenSettings(controls="well_type=negative_control", by="plate", mode="center")
+    settings = dataclasses.replace(dictionary_settings(steps=10), whiten=whiten)
+    name = "dictionary-per-plate.safetensors"
+    store = ActivationStore.open(demo_folder / "store.zarr")
+    train_on_store(store, settings, out=demo_folder / name)
+    return name
+
+
 def test_a_stack_whose_names_say_nothing_is_mapped_by_the_user(
+    per_plate_dictionary,
     make_napari_viewer,
     demo_folder,  # noqa: F811
     qtbot,
@@ -176,10 +200,20 @@ def test_a_stack_whose_names_say_nothing_is_mapped_by_the_user(
         form.pick(stain, "stack", c)
     assert form.hint.text() == ""
     form.pick_cells("cells")
-    session = _embed_and_apply(
-        qtbot, viewer, embed, dictionary, demo_folder, tmp_path / "stack.zarr"
-    )
+    session = _embed(qtbot, embed, demo_folder, tmp_path / "stack.zarr")
+    assert session.store.channel_names == tuple(plate.channel_names)
+    # a dictionary that whitens per plate cannot whiten a site of no plate: said, not guessed
+    dictionary.load(demo_folder / per_plate_dictionary)
+    painter = wait_painter(qtbot, viewer)
+    qtbot.waitUntil(lambda: bool(painter.errors), timeout=WAIT)
+    assert "no whitening fitted for plate 'layers'" in painter.errors[-1]
+    assert form.groups == [key.plate]  # the form asks which plate the layers are of
+    click(qtbot, embed.run_button)
+    assert "whitening group" in embed.status.text()
+    form.group.value = key.plate
+    _embed(qtbot, embed, demo_folder, tmp_path / "stack-plate.zarr")
+    assert session.site_key.plate == key.plate
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
     cells = viewer.layers["cells"]
     qtbot.waitUntil(lambda: "label" in cells.features.columns, timeout=WAIT)
-    _check_features(cells, _library_codes(demo_folder, key), labels)
-    assert session.store.channel_names == tuple(plate.channel_names)
+    _check_features(cells, _library_codes(demo_folder, key, per_plate_dictionary), labels)

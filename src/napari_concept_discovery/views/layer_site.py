@@ -40,10 +40,12 @@ STAIN_WORDS: dict[str, tuple[str, ...]] = {
     "mito": ("mito", "mitotracker", "mitochondria", "tom20"),
     "membrane": ("membrane", "wga", "golgi", "plasma"),
 }
-#: The key of a site made of layers: one plate, one well, one site.
+#: The key of a site made of layers: one plate, one well, one site (the plate is the
+#: whitening group's when the dictionary whitens each plate on its own controls).
 LAYER_SITE = SiteKey("layers", "A01", 1)
-_PATTERN = "{plate}_{well}_s{site}_w{channel_index}.tif"
+_PATTERN = "{well}_s{site}_w{channel_index}.tif"
 LABELS_FOLDER = "labels"
+METADATA = "metadata.csv"
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,14 @@ def _label_image(labels: np.ndarray, shape: tuple[int, int], name: str) -> np.nd
     return lab.astype(np.int32)
 
 
-def layer_plate_folder(parent: str | Path, image: np.ndarray, stains, labels) -> Path:
-    """``<parent>/layers-<hash>``: the same pixels, stains and cells give the same folder, so
-    embedding them again reuses the store made from it."""
+def layer_plate_folder(
+    parent: str | Path, image: np.ndarray, stains, labels, metadata: Mapping | None = None
+) -> Path:
+    """``<parent>/layers-<hash>``: the same pixels, stains, cells and metadata give the same
+    folder, so embedding them again reuses the store made from it."""
     h = hashlib.sha256()
-    h.update(json.dumps([list(stains), list(image.shape), str(image.dtype)]).encode())
+    head = [list(stains), list(image.shape), str(image.dtype), dict(metadata or {})]
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(image).tobytes())
     if labels is not None:
         h.update(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
@@ -215,12 +220,15 @@ def write_layer_plate(
     stains: Sequence[str],
     labels: np.ndarray | None = None,
     labels_name: str = "cells",
+    metadata: Mapping[str, str] | None = None,
 ):
     """Save a (C, H, W) site and its cells as a one-site plate folder under ``parent``; the
     :class:`~napari_concept_discovery.plate.Plate` opened from it.
 
     The folder (:func:`layer_plate_folder`) is written whole or not at all and left as it is
     when it exists. Without ``labels`` the plate has none and embedding segments it.
+    ``metadata`` are the site's metadata columns (``plate`` names its plate, by default
+    "layers"), kept in the folder's ``metadata.csv``.
     """
     import tifffile
 
@@ -234,27 +242,59 @@ def write_layer_plate(
         )
     if labels is not None:
         labels = _label_image(labels, image.shape[1:], labels_name)
-    folder = layer_plate_folder(parent, image, stains, labels)
-    key = LAYER_SITE
+    columns = {str(k): str(v) for k, v in (metadata or {}).items()}
+    key = SiteKey(columns.pop("plate", LAYER_SITE.plate), LAYER_SITE.well, LAYER_SITE.site)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*", key.plate):
+        raise ConceptDiscoveryError(
+            f"plate {key.plate!r} cannot name a folder; use letters, digits, '.', '_' or '-'"
+        )
+    folder = layer_plate_folder(parent, image, stains, labels, {"plate": key.plate, **columns})
     if not folder.is_dir():
         with atomic_dir(folder) as tmp:
-            (tmp / "images").mkdir()
+            images = tmp / "images" / key.plate
+            images.mkdir(parents=True)
             for i, plane in enumerate(image, start=1):
-                name = _PATTERN.format(
-                    plate=key.plate, well=key.well, site=key.site, channel_index=i
-                )
-                tifffile.imwrite(tmp / "images" / name, plane)
+                name = _PATTERN.format(well=key.well, site=key.site, channel_index=i)
+                tifffile.imwrite(images / name, plane)
             if labels is not None:
                 cells, _ = label_paths(tmp / LABELS_FOLDER, key)
                 cells.parent.mkdir(parents=True, exist_ok=True)
                 tifffile.imwrite(cells, labels)
+            row = {"plate": key.plate, "well": key.well, "site": key.site, **columns}
+            pd.DataFrame([row]).to_csv(tmp / METADATA, index=False)
     return open_plate(
         folder,
         layout="pattern",
-        pattern=f"images/{_PATTERN}",
+        pattern=_PATTERN,
+        metadata=folder / METADATA,
         channel_names=list(stains),
         labels=folder / LABELS_FOLDER if labels is not None else None,
     )
+
+
+def whitening_groups(dictionary) -> tuple[tuple[str, ...], list[str]]:
+    """The metadata columns a dictionary whitens by and its groups' names (e.g. ("plate",),
+    ["SYNTH_1", "SYNTH_2"]); empty when it whitens all tokens alike. A site must belong to one
+    of the groups: its tokens are whitened on that group's controls."""
+    from ..dictionary.whiten import group_columns
+
+    w = getattr(dictionary, "whitener", None)
+    if w is None or getattr(w, "group_by", None) is None or tuple(w.groups_) == (None,):
+        return (), []
+    return group_columns(w.group_by), [str(g) for g in w.groups_]
+
+
+def group_metadata(columns: Sequence[str], group: str) -> dict[str, str]:
+    """A whitening group's name as the metadata of a site in it (``"SYNTH_1 / HEPG2"`` with
+    columns plate, cell_type -> {"plate": "SYNTH_1", "cell_type": "HEPG2"})."""
+    from ..dictionary.whiten import GROUP_SEP
+
+    values = str(group).split(GROUP_SEP)
+    if len(values) != len(columns):
+        raise ConceptDiscoveryError(
+            f"whitening group {group!r} does not name one value of each of {', '.join(columns)}"
+        )
+    return dict(zip(columns, values, strict=True))
 
 
 def feature_column(feature: int) -> str:
@@ -281,6 +321,7 @@ def embed_layer_site(
     out: str | Path | None = None,
     *,
     labels_name: str = "cells",
+    metadata: Mapping[str, str] | None = None,
     progress=None,
     cancel=None,
 ):
@@ -293,7 +334,7 @@ def embed_layer_site(
     from ..embed.plate import embed_plate
     from .workspace import default_store_path
 
-    plate = write_layer_plate(parent, image, stains, labels, labels_name)
+    plate = write_layer_plate(parent, image, stains, labels, labels_name, metadata)
     if out is None:
         out = default_store_path(plate.root, settings.model, settings.block)
     return embed_plate(plate, settings, out, progress=progress, cancel=cancel)

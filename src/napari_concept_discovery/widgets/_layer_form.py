@@ -12,9 +12,11 @@ from magicgui.widgets import ComboBox
 from napari.layers import Image, Labels
 from qtpy.QtWidgets import QFormLayout, QLabel, QWidget
 
-from ..views.layer_site import Plane, guess_mapping, planes_of
+from ..errors import ConceptDiscoveryError
+from ..views.layer_site import Plane, group_metadata, guess_mapping, planes_of
 
 _NONE = "(choose a layer)"
+_NONE_GROUP = "(choose a group)"
 SEGMENT = "Segment the stains"
 
 
@@ -49,6 +51,8 @@ class LayerSiteForm(QWidget):
         self.viewer = viewer
         self.stains: tuple[str, ...] = ()
         self.pickers: dict[str, ComboBox] = {}
+        self.group_columns: tuple[str, ...] = ()
+        self.groups: list[str] = []
         self._layout = QFormLayout(self)
         self._layout.setContentsMargins(0, 0, 0, 0)
         self.hint = QLabel()
@@ -83,6 +87,29 @@ class LayerSiteForm(QWidget):
 
     # --- what a user does -----------------------------------------------------------------
 
+    def set_groups(self, columns: Sequence[str], groups: Sequence[str]) -> None:
+        """Offer the dictionary's whitening groups (none: the row is hidden): a dictionary that
+        whitens each plate on its own controls needs to know which the layers belong to."""
+        self.group_columns, self.groups = tuple(columns), [str(g) for g in groups]
+        held = self.group.value
+        self.group.choices = [(_NONE_GROUP, None)] + [(g, g) for g in self.groups]
+        self.group.value = held if held in self.groups else None
+        self.group.visible = bool(self.groups)
+        self._group_label.setVisible(bool(self.groups))
+        self._group_label.setText(f"Whitening group ({', '.join(self.group_columns)})")
+
+    def metadata(self) -> dict[str, str] | None:
+        """The site's metadata from the chosen whitening group (None without groups); a
+        dictionary with groups and none chosen is refused, naming the columns."""
+        if not self.groups:
+            return None
+        if self.group.value is None:
+            raise ConceptDiscoveryError(
+                f"the dictionary whitens each {', '.join(self.group_columns)} on its own control "
+                "wells: choose the whitening group these layers belong to"
+            )
+        return group_metadata(self.group_columns, self.group.value)
+
     def set_stains(self, stains: Sequence[str]) -> None:
         """Rows for these stains (in the model's channel order), guessed again from names."""
         stains = tuple(stains)
@@ -105,6 +132,14 @@ class LayerSiteForm(QWidget):
             "or drew, or a segmentation of the stains made for you."
         )
         self._layout.addRow("Cells", self.cells.native)
+        self.group = ComboBox(choices=[(_NONE_GROUP, None)], nullable=False)
+        self.group.native.setToolTip(
+            "The dictionary whitens each group of sites on that group's own control wells: "
+            "choose the group (e.g. the plate) these layers were imaged in."
+        )
+        self._group_label = QLabel()
+        self._layout.addRow(self._group_label, self.group.native)
+        self.set_groups(self.group_columns, self.groups)
         self.hint = QLabel()
         self.hint.setWordWrap(True)
         self._layout.addRow(self.hint)

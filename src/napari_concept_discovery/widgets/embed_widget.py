@@ -40,7 +40,7 @@ from ..embed.store import ActivationStore
 from ..errors import ConceptDiscoveryError
 from ..models import list_models
 from ..progress import Progress
-from ..views.layer_site import LAYER_SITE, embed_layer_site, site_image, stains_for
+from ..views.layer_site import embed_layer_site, site_image, stains_for, whitening_groups
 from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout
 from ._jobs import Job
@@ -255,6 +255,7 @@ class EmbedWidget(StepWidget):
     def _update_stains(self, *_) -> None:
         if not self.panel.running:
             self.layer_form.set_stains(self._stains())
+            self.layer_form.set_groups(*whitening_groups(self.session.dictionary))
 
     def _on_source_toggled(self, on: bool) -> None:
         self.layer_form.setVisible(on)
@@ -286,6 +287,7 @@ class EmbedWidget(StepWidget):
             cells = form.cells_layer()
             labels = None if cells is None else np.asarray(layer_pixels(cells))
             world = form.geometry()
+            metadata = form.metadata()
             names = {p.layer for p in mapping.values()}
             out = self.out_path() if self._out_edited else None
             parent = self._layers_parent(names)
@@ -304,6 +306,7 @@ class EmbedWidget(StepWidget):
                 settings,
                 out,
                 labels_name="cells" if cells is None else cells.name,
+                metadata=metadata,
             ),
             f"Embedding the layers' site ({', '.join(stains)}; {what}) with {settings.model}…",
             failed="Embedding the layers failed",
@@ -324,7 +327,7 @@ class EmbedWidget(StepWidget):
             self.panel.fail(user_message(exc, "Cannot open the saved site"))
             return
         remember_plate(plate)
-        key = LAYER_SITE
+        key = plate.keys[0]
         root = str(plate.root)
         get_link(self.viewer).user_sites.add((root, tuple(key)))
         get_painter(self.viewer).world[(root, tuple(key))] = world
