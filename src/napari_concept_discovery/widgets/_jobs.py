@@ -182,11 +182,12 @@ class JobPanel:
         self.progress.setRange(0, max(1, total))
         self.progress.setValue(done)
         self.status.setText(text)
-        if self.activity is not None:
-            if self.activity.total != max(1, total):
-                self.activity.total = max(1, total)
-            self.activity.update(done - self.activity.n)
-            self.activity.set_description(text)
+        bar = self.activity  # held: drawing the bar may let the job's end close it meanwhile
+        if bar is not None:
+            if bar.total != max(1, total):
+                bar.total = max(1, total)
+            bar.update(done - bar.n)
+            bar.set_description(text)
 
     def fail(self, message: str) -> None:
         """A refusal or an error: on the status line and as a notification."""

@@ -55,8 +55,6 @@ class LayerSiteForm(QWidget):
         self.groups: list[str] = []
         self._layout = QFormLayout(self)
         self._layout.setContentsMargins(0, 0, 0, 0)
-        self.hint = QLabel()
-        self.hint.setWordWrap(True)
         self.set_stains(stains)
         events = viewer.layers.events
         for event in (events.inserted, events.removed):
@@ -97,6 +95,7 @@ class LayerSiteForm(QWidget):
         self.group.visible = bool(self.groups)
         self._group_label.setVisible(bool(self.groups))
         self._group_label.setText(f"Whitening group ({', '.join(self.group_columns)})")
+        self._update_hint()
 
     def metadata(self) -> dict[str, str] | None:
         """The site's metadata from the chosen whitening group (None without groups); a
@@ -139,10 +138,13 @@ class LayerSiteForm(QWidget):
         )
         self._group_label = QLabel()
         self._layout.addRow(self._group_label, self.group.native)
-        self.set_groups(self.group_columns, self.groups)
         self.hint = QLabel()
         self.hint.setWordWrap(True)
         self._layout.addRow(self.hint)
+        self.set_groups(self.group_columns, self.groups)
+        self.group.changed.connect(self._update_hint)
+        for picker in self.pickers.values():
+            picker.changed.connect(self._update_hint)
         self.refresh(guess=True)
 
     def refresh(self, *_, guess: bool = False) -> None:
@@ -161,14 +163,22 @@ class LayerSiteForm(QWidget):
                 picker.value = guesses[stain]
             else:
                 picker.value = keep if keep in offered else None
+        self._update_hint()
+
+    def _update_hint(self, *_) -> None:
+        """Say what the form still needs: stains the names did not give, the whitening group."""
         missing = [s for s, p in self.pickers.items() if p.value is None]
-        self.hint.setText(
-            "Which layer is "
-            + ", ".join(missing)
-            + "? The layer names do not say; choose them above."
-            if missing and offered
-            else ""
-        )
+        parts = []
+        if missing and self.planes():
+            parts.append(
+                f"Which layer is {', '.join(missing)}? The layer names do not say; choose above."
+            )
+        if self.groups and self.group.value is None:
+            parts.append(
+                f"The dictionary whitens each {', '.join(self.group_columns)} on its own control "
+                "wells: choose the one these layers were imaged in, then Embed (again)."
+            )
+        self.hint.setText(" ".join(parts))
 
     def pick(self, stain: str, layer: str, channel: int | None = None) -> None:
         """Map ``stain`` to a layer (and channel of a stack), as choosing it in the form does."""

@@ -333,6 +333,10 @@ class EmbedWidget(StepWidget):
         get_painter(self.viewer).world[(root, tuple(key))] = world
         tag = {"role": "cells", "plate_path": root, "site_key": tuple(key)}
         self.session.set_plate(plate, key)
+        for stain, plane in self.layer_form.mapping().items():  # gallery colours follow them
+            layer = next((x for x in self.viewer.layers if plane and x.name == plane.layer), None)
+            if layer is not None and plane.channel is None:
+                layer.metadata = {**layer.metadata, "stain": stain}
         if cells is not None:
             cells.metadata = {**cells.metadata, **tag}
         elif not any(
