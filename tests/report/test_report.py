@@ -528,8 +528,13 @@ def test_a_sentence_where_selectivity_and_profiles_disagree():
     sentence = disagreement(row, 0, [prof], sels)
     assert "most selective for drug = X (active in 90% of its cells" in sentence
     assert "single out drug = Y" in sentence
-    # a feature whose label is among its hits needs no sentence
+    # a feature whose label is its only hit needs no sentence
     agree = row.copy()
     agree["top_label"] = "Y"
     assert disagreement(agree, 0, [prof], sels) == ""
+    # hits beyond the label are said with "also"
+    both = concept_profiles(codes, table, "drug", "kind=neg", threshold=-50.0)
+    assert {"X", "Y"} <= set(both.hits()["value"])
+    said = disagreement(row, 0, [both], sels)
+    assert "profiles also single out" in said and "drug = Y" in said and "= X," not in said
     assert disagreement(row, 0, [], sels) == ""

@@ -345,9 +345,8 @@ def stain_shares(row, stain_cols: Sequence[str], least: float = 0.05) -> str:
 
 
 def disagreement(row, f: int, profiles, sels) -> str:
-    """A plain sentence for a feature whose most selective label (cell by cell) is not among
-    the values its well profiles single out; '' when they agree or there is nothing to
-    compare."""
+    """A plain sentence for a feature whose well profiles single out other values than its
+    most selective label (cell by cell); '' when they agree or there is nothing to compare."""
     if "top_label" not in row.index or not row["top_column"]:
         return ""
     column, label = str(row["top_column"]), str(row["top_label"])
@@ -356,9 +355,12 @@ def disagreement(row, f: int, profiles, sels) -> str:
         for prof in profiles
         for i in np.flatnonzero(prof.hit_mask()[:, f])
     ]
-    if not hits or (column, label) in {(c, str(v)) for c, v in hits}:
+    others = [(c, str(v)) for c, v in hits if (c, str(v)) != (column, label)]
+    if not others:
         return ""
-    named = ", ".join(f"{c} = {v}" for c, v in hits[:3]) + (" and others" if len(hits) > 3 else "")
+    also = " also" if len(others) < len(hits) else ""
+    named = ", ".join(f"{c} = {v}" for c, v in others[:3])
+    named += f" and {len(others) - 3} more" if len(others) > 3 else ""
     fractions = ""
     sel = sels.get(column)
     if sel is not None and label in [str(v) for v in sel.values]:
@@ -370,8 +372,8 @@ def disagreement(row, f: int, profiles, sels) -> str:
         )
     return (
         f"Two answers, read both: cell by cell this feature is most selective for {column} = "
-        f"{label}{fractions}, but the well profiles single out {named}. Selectivity counts the "
-        "cells where a feature fires at all, over every well; a profile compares each well's "
+        f"{label}{fractions}, but the well profiles{also} single out {named}. Selectivity counts "
+        "the cells where a feature fires at all, over every well; a profile compares each well's "
         "mean code with the control wells of its own plate. They part when a few strongly "
         "active cells lift a well's mean, or when those wells differ from their plate's "
         "controls in something other than the label (cell type, plate, position). When either "
