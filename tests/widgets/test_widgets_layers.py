@@ -26,6 +26,7 @@ from napari_concept_discovery.dictionary import load_dictionary
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.plate import open_plate
 from napari_concept_discovery.views.layer_site import LAYER_SITE, feature_column
+from napari_concept_discovery.widgets._viewer import get_painter
 
 pytestmark = pytest.mark.gui
 
@@ -217,3 +218,32 @@ def test_a_stack_whose_names_say_nothing_is_mapped_by_the_user(
     cells = viewer.layers["cells"]
     qtbot.waitUntil(lambda: "label" in cells.features.columns, timeout=WAIT)
     _check_features(cells, _library_codes(demo_folder, key, per_plate_dictionary), labels)
+
+
+def test_codes_of_the_site_in_view_reach_the_readers_cells_layer(
+    make_napari_viewer,
+    demo_folder,  # noqa: F811
+    qtbot,
+):
+    """A plate opened by this plugin's reader: its cells layer gets the codes of the site in
+    view, and those of the next site when the user moves on."""
+    from test_widgets_explore import open_docked
+
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session = opened.embed.session
+    opened.embed.open_store(demo_folder / "store.zarr")
+    opened.dictionary.load(demo_folder / "dictionary-center.safetensors")
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    cells = next(x for x in viewer.layers if x.metadata.get("role") == "cells")
+    for key in session.plate.keys[:2]:
+        session.set_site(key)
+        qtbot.waitUntil(
+            lambda k=key: (
+                tuple(cells.metadata["site_key"]) == tuple(k)
+                and "label" in cells.features.columns
+                and get_painter(viewer).coded == (session.explorer, k)
+            ),
+            timeout=WAIT,
+        )
+        library = _library_codes(demo_folder, key)
+        _check_features(cells, library, library.index.to_numpy())
