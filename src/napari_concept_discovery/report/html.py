@@ -371,13 +371,13 @@ def disagreement(row, f: int, profiles, sels) -> str:
             f"{(others.max() if others.size else 0):.0%} of any other value's)"
         )
     return (
-        f"Two answers, read both: cell by cell this feature is most selective for {column} = "
-        f"{label}{fractions}, but the well profiles{also} single out {named}. Selectivity counts "
-        "the cells where a feature fires at all, over every well; a profile compares each well's "
-        "mean code with the control wells of its own plate. They part when a few strongly "
-        "active cells lift a well's mean, or when those wells differ from their plate's "
-        "controls in something other than the label (cell type, plate, position). When either "
-        "value is known to change nothing (a null or mock treatment), the feature follows such "
+        f"Cell by cell this feature is most selective for {column} = {label}{fractions}, but "
+        f"the well profiles{also} single out {named}. The two measure different things: "
+        "selectivity counts the cells where a feature fires at all, over every well; a profile "
+        "compares each well's mean code with its own plate's control wells. They part when a "
+        "few strongly active cells lift a well's mean, or when those wells differ from their "
+        "controls in something other than the label (cell type, plate, position). If either "
+        "value is known to change nothing (a null or mock treatment), read the feature as such "
         "a well effect, not a concept."
     )
 
