@@ -247,3 +247,29 @@ def test_codes_of_the_site_in_view_reach_the_readers_cells_layer(
         )
         library = _library_codes(demo_folder, key)
         _check_features(cells, library, library.index.to_numpy())
+
+
+def test_without_a_labels_layer_the_stains_are_segmented_and_the_cells_added(
+    make_napari_viewer,
+    demo_folder,  # noqa: F811
+    qtbot,
+    tmp_path,
+):
+    plate, key, image, labels = _site_files(demo_folder, tmp_path)
+    viewer = make_napari_viewer()
+    for name in plate.channel_names:
+        viewer.open(str(tmp_path / f"{name}.tif"), plugin="napari")
+    embed, dictionary, explorer = _open_widgets(viewer)
+    embed.from_layers.setChecked(True)
+    embed.layer_form.pick_cells(None)  # "Segment the stains"
+    session = _embed_and_apply(qtbot, viewer, embed, dictionary, demo_folder, tmp_path / "s.zarr")
+    added = [x for x in viewer.layers if x.name == "cells"]
+    assert len(added) == 1 and added[0].metadata["role"] == "cells"
+    np.testing.assert_array_equal(added[0].data, session.store.site_labels(session.site_key))
+    assert added[0].data.max() > 0  # the classical segmentation found cells
+    qtbot.waitUntil(lambda: "label" in added[0].features.columns, timeout=WAIT)
+    codes = session.explorer.site(session.site_key)
+    table = added[0].features.set_index("label").sort_index()
+    np.testing.assert_allclose(
+        table.to_numpy(), codes.cell_codes.toarray()[np.argsort(codes.cells["label"].to_numpy())]
+    )
