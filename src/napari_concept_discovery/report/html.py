@@ -236,7 +236,8 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
         "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
         "(most selective first, the best feature of each label before the runners-up; then "
         "the features that perturbations switch on most strongly). A feature is named by the "
-        "name you gave it, else by the measurement it follows most closely.</p>"
+        "name you gave it, else by the measurement it follows most closely; features that "
+        "follow the same measurement share that name, and their labels tell them apart.</p>"
         f"<nav class='toc'><ol>{''.join(items)}</ol></nav>"
     )
 
