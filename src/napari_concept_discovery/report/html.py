@@ -114,6 +114,7 @@ section.feature { background: #fff; border: 1px solid #ddd; border-radius: 6px;
 .figs img { max-width: 100%; border: 1px solid #eee; }
 nav.toc { font-size: 13px; columns: 3; max-width: 1100px; }
 nav.toc a { text-decoration: none; }
+nav.toc li { break-inside: avoid; }
 .pill { display: inline-block; background: #fce4ec; color: #880e4f; border-radius: 10px;
         padding: 0 8px; margin-right: 4px; font-size: 12px; }
 """
