@@ -309,18 +309,25 @@ class Explorer:
                 self._cells = (codes, self.store.table("cell"))
             return self._cells
 
-    def top_cells(self, feature: int, n: int = 24) -> pd.DataFrame:
+    def top_cells(self, feature: int, n: int = 24, per_well: int | None = None) -> pd.DataFrame:
         """The ``n`` cells with the largest code of ``feature`` across the store, with boxes.
 
         Columns: plate, well, site, label, value, centroid_y, centroid_x and the cell's bounding
-        box y0, x0, y1, x1 in pixels (end exclusive), for a gallery of crops.
+        box y0, x0, y1, x1 in pixels (end exclusive), for a gallery of crops. ``per_well`` keeps
+        at most that many cells of one well (the strongest), so the cells come from several
+        wells and an artefact of one well cannot pass for a concept.
         """
         f = self._feature(feature)
         codes, table = self.cell_codes()
         col = codes[:, f].tocoo()
         keep = col.data > 0
         rows, vals = col.row[keep], col.data[keep]
-        order = np.lexsort((rows, -vals))[: int(n)]
+        order = np.lexsort((rows, -vals))
+        if per_well is not None:
+            wells = table[["plate", "well"]].iloc[rows[order]].astype(str).agg("/".join, axis=1)
+            rank = wells.groupby(wells.to_numpy()).cumcount().to_numpy()
+            order = order[rank < int(per_well)]
+        order = order[: int(n)]
         cols = ["plate", "well", "site", "label", "centroid_y", "centroid_x"]
         out = table.iloc[rows[order]][cols].reset_index(drop=True)
         out.insert(4, "value", vals[order].astype(np.float32))

@@ -24,6 +24,7 @@ from .._files import atomic_path, atomic_write_text, check_not_foreign, owned_fi
 from ..analysis.concepts import require_columns, selectivity
 from ..analysis.families import family_table
 from ..analysis.profiles import ConceptProfiles, concept_profiles
+from ..analysis.write import join_feature_columns
 from ..dictionary.control import check_control, parse_control
 from ..dictionary.nested import describe_levels
 from ..errors import ConceptDiscoveryError, DataWarning
@@ -68,6 +69,11 @@ class ReportSettings(Settings):
     )
     top: int = option(12, "features shown, most selective first", label="features")
     cells: int = option(12, "top cells shown per feature", label="cells per feature")
+    per_well: int = option(
+        3,
+        "top cells of one well at most, so a feature's gallery spans several wells",
+        label="top cells per well",
+    )
     controls: str | None = option(
         None,
         "control wells the concept profiles are z-scored against, as COLUMN=VALUE (default: "
@@ -86,6 +92,7 @@ class ReportSettings(Settings):
     def validate(self) -> None:
         check(self.top >= 1, "top", f"must be at least 1, got {self.top}")
         check(self.cells >= 1, "cells", f"must be at least 1, got {self.cells}")
+        check(self.per_well >= 1, "per_well", f"must be at least 1, got {self.per_well}")
         check(self.threshold > 0, "threshold", f"must be positive, got {self.threshold}")
         check_control(self.controls)
 
@@ -235,8 +242,12 @@ def write_report(
     sels = {c: selectivity(codes, table[c].to_numpy(), c) for c in labels}
     features = ex.feature_table(labels)
     entries = [(name, primary, features)]
+    stains = primary.stain_table()
+    if stains is not None:  # which stains each atom reads (per-channel tokens only)
+        features = join_feature_columns(
+            features, stains.assign(feature=np.arange(len(stains), dtype=features["feature"].dtype))
+        )
     from ..analysis.analyze import named_features
-    from ..analysis.write import join_feature_columns
 
     named = named_features(primary)
     if named is not None:  # names and notes a person gave, beside the dictionary file
@@ -329,6 +340,7 @@ def write_report(
                 control_wells,
                 settings.cells,
                 why.get(f),
+                per_well=settings.per_well,
             )
         )
     report(progress, "report", len(chosen), len(chosen))

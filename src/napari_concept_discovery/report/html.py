@@ -130,6 +130,7 @@ section.feature { background: #fff; border: 1px solid #ddd; border-radius: 6px;
 .figs img { max-width: 100%; border: 1px solid #eee; }
 nav.toc { font-size: 13px; columns: 3; max-width: 1100px; }
 nav.toc a { text-decoration: none; }
+nav.toc li { break-inside: avoid; }
 .pill { display: inline-block; background: #fce4ec; color: #880e4f; border-radius: 10px;
         padding: 0 8px; margin-right: 4px; font-size: 12px; }
 """
@@ -218,7 +219,9 @@ def header_html(store, name, dictionary, table, labels, controls) -> str:
         f"{html.escape(name)}</h1>"
         f"<p>store {html.escape(str(store.path))}: {len(table)} cells, {n_sites} sites, "
         f"{n_wells} wells, {table['plate'].nunique()} plates; model "
-        f"{html.escape(str(store.model_id))}, block {store.block}</p>"
+        f"{html.escape(str(store.model_id))}, block {store.block}; stains "
+        f"{html.escape(', '.join(map(str, getattr(store, 'channel_names', ()) or ())) or '?')}"
+        "</p>"
         f"<p>dictionary: {html.escape(str(meta.get('train_settings', {}).get('method', '?')))}"
         f", {dictionary.n_atoms} features on {html.escape(str(meta.get('unit', 'cell')))} "
         f"tokens, nested levels {describe_levels(dictionary.levels)}, whitening {html.escape(describe_whitening(meta))}; labels: "
@@ -241,7 +244,7 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
                 else ""
             )
         )
-        named = given_name(r)
+        named = feature_name(r)
         named = f" <b>{html.escape(named)}</b>:" if named else ""
         items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{named}{label}</li>")
     return (
@@ -250,7 +253,9 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
         "<a href='#families'>Feature families</a> · "
         "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
         "(most selective first, the best feature of each label before the runners-up; then "
-        "the features that perturbations switch on most strongly)</p>"
+        "the features that perturbations switch on most strongly). A feature is named by the "
+        "name you gave it, else by the measurement it follows most closely; features that "
+        "follow the same measurement share that name, and their labels tell them apart.</p>"
         f"<nav class='toc'><ol>{''.join(items)}</ol></nav>"
     )
 
@@ -388,16 +393,106 @@ def given_name(row) -> str:
     return v if isinstance(v, str) else ""
 
 
+def feature_name(row) -> str:
+    """What to call a feature: the name a person gave it, else the first phrase of its
+    description (the measurement it follows most closely, e.g. "RNA: nuclear total intensity
+    up"), else ''."""
+    named = given_name(row)
+    if named:
+        return named
+    described = row["description"] if "description" in row.index else ""
+    if not isinstance(described, str) or not described:
+        return ""
+    first = described.split(";")[0].split(",")[0]
+    return first.rsplit(" (", 1)[0].strip()
+
+
+#: A stain leads an atom when its share is at least this many times an even share (1 / C).
+STAIN_LEAD = 1.5
+
+
+def stain_shares(row, stain_cols: Sequence[str], least: float = 0.05) -> str:
+    """The stains an atom reads, largest share first (those of at least ``least``), said
+    plainly when none stands out of an even split."""
+    if not stain_cols:
+        return ""
+    shares = row[list(stain_cols)].astype(float).sort_values(ascending=False)
+    kept = [(str(c)[len("stain_") :], v) for c, v in shares.items() if v >= least]
+    listed = ", ".join(f"{name} {v:.0%}" for name, v in kept)
+    even = 1.0 / len(stain_cols)
+    if shares.iloc[0] < STAIN_LEAD * even:
+        return f"no stain stands out (even split {even:.0%}): {listed}"
+    return listed
+
+
+def disagreement(row, f: int, profiles, sels) -> str:
+    """A plain sentence for a feature whose well profiles single out other values than its
+    most selective label (cell by cell); '' when they agree or there is nothing to compare."""
+    if "top_label" not in row.index or not row["top_column"]:
+        return ""
+    column, label = str(row["top_column"]), str(row["top_label"])
+    hits = [
+        (prof.column, prof.values[i])
+        for prof in profiles
+        for i in np.flatnonzero(prof.hit_mask()[:, f])
+    ]
+    others = [(c, str(v)) for c, v in hits if (c, str(v)) != (column, label)]
+    if not others:
+        return ""
+    also = " also" if len(others) < len(hits) else ""
+    named = ", ".join(f"{c} = {v}" for c, v in others[:3])
+    named += f" and {len(others) - 3} more" if len(others) > 3 else ""
+    fractions = ""
+    sel = sels.get(column)
+    if sel is not None and label in [str(v) for v in sel.values]:
+        i = [str(v) for v in sel.values].index(label)
+        others = np.delete(sel.p_active[:, f], i)
+        fractions = (
+            f" (active in {sel.p_active[i, f]:.0%} of its cells, at most "
+            f"{(others.max() if others.size else 0):.0%} of any other value's)"
+        )
+    return (
+        f"Cell by cell this feature is most selective for {column} = {label}{fractions}, but "
+        f"the well profiles{also} single out {named}. The two measure different things: "
+        "selectivity counts the cells where a feature fires at all, over every well; a profile "
+        "compares each well's mean code with its own plate's control wells. They part when a "
+        "few strongly active cells lift a well's mean, or when those wells differ from their "
+        "controls in something other than the label (cell type, plate, position). If either "
+        "value is known to change nothing (a null or mock treatment), read the feature as such "
+        "a well effect, not a concept."
+    )
+
+
+def _positive_wells(ex, f: int) -> int:
+    """How many wells have at least one cell with a positive code of feature ``f``."""
+    codes, table = ex.cell_codes()
+    col = codes[:, f].tocoo()
+    rows = col.row[col.data > 0]
+    return int(table[["plate", "well"]].iloc[rows].drop_duplicates().shape[0])
+
+
 def feature_html(
-    ex, pixels, f, row, sels, stain_cols, profiles, plates, control_wells, n_cells, why=None
+    ex,
+    pixels,
+    f,
+    row,
+    sels,
+    stain_cols,
+    profiles,
+    plates,
+    control_wells,
+    n_cells,
+    why=None,
+    *,
+    per_well: int | None = None,
 ) -> str:
     facts = [
         f"<b>frequency</b> {row['frequency']:.3f} of cells",
         f"<b>mean code when active</b> {row['mean_activation']:.3g}",
     ]
     title = f"Feature {f}"
-    if given_name(row):
-        title += f" “{given_name(row)}”"
+    if feature_name(row):
+        title += f" “{feature_name(row)}”"
     note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
     if note:
         facts.insert(0, f"<b>note</b> {html.escape(note)}")
@@ -434,13 +529,22 @@ def feature_html(
         facts.append("<b>switched on by</b> " + " ".join(switched[:8]))
     attribution = row[stain_cols].astype(float) if stain_cols else None
     if attribution is not None:
-        top = attribution.idxmax()
         facts.append(
-            f"<b>stain</b> {html.escape(str(top)[len('stain_') :])} "
-            f"({attribution[top]:.0%} of the atom)"
+            f"<b>stains</b> {html.escape(stain_shares(row, stain_cols))} (share of the atom "
+            "in each stain's channel tokens)"
         )
-    cells = ex.top_cells(f, n_cells)
+    cells = ex.top_cells(f, n_cells, per_well=per_well)
     figs = []
+    if len(cells):
+        n_wells = cells[["plate", "well"]].drop_duplicates().shape[0]
+        spread = f"<b>top cells</b> {len(cells)} from {n_wells} well{'s' if n_wells != 1 else ''}"
+        if per_well is not None:
+            spread += (
+                f" (at most {per_well} per well; {_positive_wells(ex, f)} wells have a cell "
+                "where it is positive)"
+            )
+        facts.append(spread)
+    sentence = disagreement(row, f, profiles, sels)
     if pixels.plate is not None and len(cells):
         figs.append(
             img_tag(
@@ -470,8 +574,9 @@ def feature_html(
                 "selectivity",
             )
         )
+    sentence = f"<p class='note disagree'>{html.escape(sentence)}</p>" if sentence else ""
     return (
         f"<section class='feature' id='feature-{f}' data-feature='{f}'><h3>{html.escape(title)}"
-        f"</h3><div class='facts'>{' · '.join(facts)}</div><div class='figs'>{''.join(figs)}"
-        "</div></section>"
+        f"</h3><div class='facts'>{' · '.join(facts)}</div>{sentence}"
+        f"<div class='figs'>{''.join(figs)}</div></section>"
     )

@@ -509,9 +509,22 @@ class ConceptExplorer(QWidget):
         colours = {}
         for layer in self.viewer.layers:
             meta = layer.metadata
-            if meta.get("role") == "channel" and isinstance(layer, Image) and layer.visible:
+            if not (isinstance(layer, Image) and layer.visible):
+                continue
+            # a plate's channel, or a user's layer embedded as a stain (Embed: layers)
+            name = meta.get("channel", layer.name) if meta.get("role") == "channel" else None
+            name = meta.get("stain") if name is None and not meta.get("role") else name
+            if name is not None:
                 rgb = tuple(float(v) for v in layer.colormap.colors[-1][:3])
-                colours[meta.get("channel", layer.name)] = rgb or named_colour("gray")
+                colours[name] = rgb or named_colour("gray")
+        plate = self.session.plate
+        if not colours and plate is not None:  # stains of a stack: their Cell Painting colours
+            from ..views.channels import channel_colormaps
+
+            names = plate.channel_names
+            colours = {
+                n: named_colour(c) for n, c in zip(names, channel_colormaps(names), strict=True)
+            }
         return colours
 
     def _next_gallery(self) -> int:
