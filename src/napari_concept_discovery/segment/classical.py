@@ -588,6 +588,8 @@ def stain_reach(stain: np.ndarray, nuclei: Nuclei, mask: np.ndarray, sigma: floa
     border (reach near 1); a perinuclear one (ER, RNA, mitochondria, an uneven reporter) fades
     to a fraction of it by the periphery, where it says nothing about the border.
     """
+    if not nuclei.labels.any():
+        return float("nan")
     d = max(nuclei.sizes.typical, 4.0)
     dist = ndi.distance_transform_edt(nuclei.labels == 0)
     near = mask & (dist > 0) & (dist <= REACH_NEAR * d)
