@@ -22,7 +22,9 @@ Rows:
   and ratio 0.8-1.25 in every well, nucleus F1 (merged) >= 0.95.
 - ``defaults``: only ``--nuclear DAPI`` and the pipeline's border rule, ``--drop-edge
   --drop-edge-by cell`` (which objects an experiment keeps is a choice told, not found): both
-  non-nuclear stains, Otsu on log intensities, declumping, relative size limits; bars as above.
+  non-nuclear stains, each from its own background, propagation on them weighted by how far
+  each fills its cells (GFP is perinuclear here, RFP fills the cells), declumping, relative
+  size limits; bars as above.
   Also ``--drop-edge`` alone (by the nucleus, CellProfiler's IdentifyPrimaryObjects rule and
   our default meaning), which keeps the cells of interior nuclei that reach the border; the
   reference dropped those, so that row is no reading of segmentation quality.
@@ -50,8 +52,10 @@ against truth.
 The zoo (``napari_concept_discovery.synth.zoo``: generated sites with true masks, one thing
 varied at a time: background offset, read and shot noise, bit depth, stain brightness, a dim
 cytoplasm, density, cell size, uneven illumination, an empty or missing stain, debris,
-saturated blobs, touching nuclei; and one row combining a measured real plate's traits) is scored per cell
-foreground rule (J, area ratio, cell F1 at IoU 0.5, medians over ``--zoo-sites`` sites) beside
+saturated blobs, a patchy stain, touching nuclei; and one row combining a measured real plate's
+traits) is scored per rule (J, area ratio, cell F1 at IoU 0.5, and ``assign``, the share of the
+pixels in both foregrounds given to the right cell, which is where the propagation image
+shows; medians over ``--zoo-sites`` sites; ``--rules`` picks the columns) beside
 NF1 (J and ratio with the pipeline's border rule, nucleus F1m), JUMP and Phenix (cells, >1
 nucleus, nucleus-only), in one table, with the bars judged per rule. ``qc``:
 which sites the quality control (``segment_qc``) flags, with the defaults and with the previous

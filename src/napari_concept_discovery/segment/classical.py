@@ -13,11 +13,12 @@ per-image methods (Otsu on the log intensities was the default before) stay avai
 stain's mask is judged before it joins the others (:func:`judge_stain`): one that covers most
 of a sparse site, or does not follow the nuclei, is left out with a :class:`StainWarning`
 naming the stain. The union over the stains is the foreground; then every nucleus grows inside
-it by
-CellProfiler's *Propagation*: a pixel joins the nucleus nearest to it, where the length of a
-step between neighbouring pixels is ``sqrt(d**2 + lambda**2 * step)`` with ``d`` the summed
-absolute intensity difference of the two pixels' 3 x 3 windows and ``lambda`` the regularisation
-factor (0: follow the image's edges only; large: plain distance). This is the algorithm of
+it by CellProfiler's *Propagation*, on the cell stains weighted by how far each fills its cells
+(:func:`propagation_weights`: a perinuclear or uneven stain, which fades long before the cell's
+border, would otherwise hand a bright cell's periphery to a dimmer neighbour): a pixel joins
+the nucleus nearest to it, where the length of a step between neighbouring pixels is
+``sqrt(d**2 + lambda**2 * step)`` with ``d`` the summed absolute intensity difference of the
+two pixels' 3 x 3 windows and ``lambda`` the regularisation factor (0: follow the image's edges only; large: plain distance). This is the algorithm of
 Jones et al. (2005), "Voronoi-based segmentation of cells on image manifolds", solved here as a
 shortest-path problem on the pixel graph (scipy's Dijkstra with all seeds as sources).
 

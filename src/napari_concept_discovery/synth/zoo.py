@@ -5,7 +5,7 @@ cells are drawn and painted by the same code (``cells.py``), but the microscope 
 :class:`ZooSpec` that the zoo varies on purpose over realistic ranges: background offset, read
 and shot noise, bit depth (8, 12, 16), stain brightness and a dim cytoplasm, density from
 sparse to confluent, cell size (20x, 40x), uneven illumination, a stain that is empty or
-missing, debris and saturated blobs, touching nuclei. ``ZOO`` names the variants; each
+missing, debris and saturated blobs, a patchy stain, touching nuclei. ``ZOO`` names the variants; each
 changes one field (or one camera's coupled fields) of the ``base`` spec, but the last, which
 combines the dark noisy background and dim cytoplasm of a real plate that was measured. The truth is the rasterised cell and nucleus labels,
 with no debris or blob in it. Used by ``benchmarks/bench_segment.py`` to choose segmentation
