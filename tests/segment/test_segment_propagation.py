@@ -14,6 +14,7 @@ from napari_concept_discovery.segment.classical import (
     nucleus_sizes,
     propagation_surface,
     propagation_weights,
+    reach_regions,
     stain_reach,
     unit_scale,
 )
@@ -59,7 +60,7 @@ def test_an_uneven_perinuclear_stain_does_not_move_the_border(seed):
     image, truth = _two_cells(seed)
     _, cells = segment_site(image, NAMES, settings=SegmentSettings())
     _, mean = segment_site(image, NAMES, settings=SegmentSettings(propagation="mean"))
-        # reach: the border is where Actin steps, within 2 px on every row
+    # reach: the border is where Actin steps, within 2 px on every row
     assert np.abs(_borders(cells, truth) - BORDER).max() <= 2
     both = (cells > 0) & (truth > 0)
     assert (cells[both] == truth[both]).mean() > 0.98
@@ -80,7 +81,8 @@ def test_stain_reach_and_weights_on_known_stains():
     nuclei = _nuclei(image)
     mask, used = cell_foreground(image, [1, 2], nuclei)
     assert used == [1, 2]
-    actin, gfp = (stain_reach(image[c], nuclei, mask) for c in (1, 2))
+    regions = reach_regions(nuclei, mask)
+    actin, gfp = (stain_reach(image[c], regions) for c in (1, 2))
     assert actin == pytest.approx(1.0, abs=0.05)  # fills the cells to their borders
     assert 0.05 < gfp < 0.3  # fades to a fraction of its perinuclear level
     weights = propagation_weights(image, [1, 2], nuclei, mask)
@@ -99,7 +101,8 @@ def test_reach_unmeasurable_gives_equal_weights():
     image, _ = _two_cells()
     none = Nuclei(np.zeros(image.shape[1:], np.int32), np.zeros(1, bool), NucleusSizes(0, 0, 0))
     mask = np.ones(image.shape[1:], bool)
-    assert np.isnan(stain_reach(image[1], none, mask))
+    assert reach_regions(none, mask) is None
+    assert np.isnan(stain_reach(image[1], None))
     np.testing.assert_allclose(propagation_weights(image, [1, 2], none, mask), [0.5, 0.5])
     # one stain: the propagation image is that stain
     nuclei = _nuclei(image)

@@ -580,23 +580,31 @@ REACH_NEAR = 0.25
 REACH_FAR = 0.5
 
 
-def stain_reach(stain: np.ndarray, nuclei: Nuclei, mask: np.ndarray, sigma: float = 1.0):
-    """How far a stain fills its cells: its median level above background in the foreground
-    ``mask`` far from the nuclei (over half a typical diameter away) over that close around
-    them (within a quarter diameter), clipped to [0, 1]; NaN where either part is missing.
+def reach_regions(nuclei: Nuclei, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where reach is measured (:func:`stain_reach`): the foreground ``mask`` within a quarter
+    of a typical nucleus diameter of a nucleus, and beyond half a diameter from every nucleus;
+    None where either is empty."""
+    if not nuclei.labels.any():
+        return None
+    d = max(nuclei.sizes.typical, 4.0)
+    dist = ndi.distance_transform_edt(nuclei.labels == 0)
+    near = mask & (dist > 0) & (dist <= REACH_NEAR * d)
+    far = mask & (dist > REACH_FAR * d)
+    return (near, far) if near.any() and far.any() else None
+
+
+def stain_reach(stain: np.ndarray, regions, sigma: float = 1.0) -> float:
+    """How far a stain fills its cells: its median level above background far from the nuclei
+    over that close around them (``regions``, :func:`reach_regions`), clipped to [0, 1]; NaN
+    without regions or signal near the nuclei.
 
     A whole-cell stain (actin, membrane, a cytoplasmic dye) holds its level out to the cell's
     border (reach near 1); a perinuclear one (ER, RNA, mitochondria, an uneven reporter) fades
     to a fraction of it by the periphery, where it says nothing about the border.
     """
-    if not nuclei.labels.any():
+    if regions is None:
         return float("nan")
-    d = max(nuclei.sizes.typical, 4.0)
-    dist = ndi.distance_transform_edt(nuclei.labels == 0)
-    near = mask & (dist > 0) & (dist <= REACH_NEAR * d)
-    far = mask & (dist > REACH_FAR * d)
-    if not near.any() or not far.any():
-        return float("nan")
+    near, far = regions
     smoothed = smooth(stain, sigma)
     above = smoothed - background(smoothed).level
     inner = float(np.median(above[near]))
@@ -617,7 +625,8 @@ def propagation_weights(
     a stain that keeps a fifth of its level at the periphery weighs 1/25 of one that fills the
     cell.
     """
-    reach = np.array([stain_reach(image[c], nuclei, mask, sigma) for c in channels])
+    regions = reach_regions(nuclei, mask)
+    reach = np.array([stain_reach(image[c], regions, sigma) for c in channels])
     weights = np.where(np.isfinite(reach), reach, 0.0) ** 2
     if weights.sum() <= 0:
         return np.full(len(channels), 1.0 / len(channels))
