@@ -23,53 +23,131 @@ from napari_concept_discovery.errors import StoreError
 from napari_concept_discovery.synth.concepts import PERTURBATION_BY_NAME
 
 
+def _hand_made_site():
+    """Two cells, 60 x 60 px each, with a nucleus each; Mito flat in cell 1 and in 4 x 4 px
+    puncta (every 8 px) on a dim background in cell 2."""
+    cells = np.zeros((80, 160), np.int32)
+    cells[10:70, 10:70] = 1
+    cells[10:70, 90:150] = 2
+    dna = np.zeros(cells.shape, np.float32)
+    dna[30:50, 30:50] = 0.8  # nucleus 1: 400 px
+    dna[25:55, 105:135] = 0.8  # nucleus 2: 900 px
+    mito = np.zeros(cells.shape, np.float32)
+    mito[10:70, 10:70] = 0.5
+    mito[10:70, 90:150] = 0.1  # a dim cell (zero pixels are outside texture's co-occurrences)
+    for y in range(12, 68, 8):
+        for x in range(92, 148, 8):
+            mito[y : y + 4, x : x + 4] = 1.0
+    return np.stack([dna, mito]), cells
+
+
 def test_measure_site_on_a_hand_made_site():
-    cells = np.zeros((20, 30), np.int32)
-    cells[2:8, 2:12] = 1  # 60 px
-    cells[10:18, 15:25] = 2  # 80 px
-    dna = np.zeros((20, 30), np.float32)
-    dna[4:6, 4:8] = 1.0  # cell 1's nucleus: 8 px
-    dna[12:16, 17:22] = 1.0  # cell 2's nucleus: 20 px
-    mito = np.zeros((20, 30), np.float32)
-    mito[2:8, 2:12] = 0.5  # flat in cell 1
-    mito[10:18, 15:25][::2, ::2] = 0.5  # puncta in cell 2
-    m = M.measure_site(np.stack([dna, mito]), cells, ["DNA", "Mito"]).set_index("label")
+    image, cells = _hand_made_site()
+    m = M.measure_site(image, cells, ["DNA", "Mito"]).set_index("label")
     assert list(m.index) == [1, 2]
-    np.testing.assert_array_equal(m["Cells_AreaShape_Area"], [60, 80])
-    np.testing.assert_array_equal(m["Nuclei_AreaShape_Area"], [8, 20])
-    np.testing.assert_array_equal(m["Cytoplasm_AreaShape_Area"], [52, 60])
-    # intensities on the site's own scale (its maximum is 1)
-    np.testing.assert_allclose(m["Cells_Intensity_MeanIntensity_Mito"], [0.5, 0.5 * 20 / 80])
-    np.testing.assert_allclose(m["Cells_Intensity_IntegratedIntensity_DNA"], [8, 20])
+    np.testing.assert_array_equal(m["Cells_AreaShape_Area"], [3600, 3600])
+    np.testing.assert_array_equal(m["Nuclei_AreaShape_Area"], [400, 900])
+    np.testing.assert_array_equal(m["Cytoplasm_AreaShape_Area"], [3200, 2700])
+    # intensities as given (floats in [0, 1]); CellProfiler's names
+    np.testing.assert_allclose(
+        m["Cells_Intensity_MeanIntensity_Mito"], [0.5, (49 * 16 + 0.1 * (3600 - 49 * 16)) / 3600]
+    )
+    np.testing.assert_allclose(m["Nuclei_Intensity_IntegratedIntensity_DNA"], [320, 720])
+    np.testing.assert_allclose(m["Cytoplasm_Intensity_MeanIntensity_DNA"], [0, 0])
     np.testing.assert_allclose(m.loc[1, "Cells_Intensity_StdIntensity_Mito"], 0, atol=1e-12)
-    # flat signal has no texture and little granularity (only its corners, which the radius-2
-    # opening removes); single-pixel puncta have both, all their signal is granular
-    assert m.loc[1, "Cells_Texture_Contrast_Mito"] == 0
-    assert m.loc[2, "Cells_Texture_Contrast_Mito"] > 0.1
-    assert m.loc[1, "Cells_Granularity_2_Mito"] < 0.25
-    assert m.loc[2, "Cells_Granularity_2_Mito"] == pytest.approx(1.0)
+    # flat signal has no texture and no granularity; puncta have both
+    for d in ("00", "01", "02", "03"):
+        assert m.loc[1, f"Cells_Texture_Contrast_Mito_3_{d}_256"] == 0
+        assert m.loc[2, f"Cells_Texture_Contrast_Mito_3_{d}_256"] > 100
+    assert m.loc[1, "Cells_Granularity_1_Mito"] < 5
+    assert m.loc[2, "Cells_Granularity_1_Mito"] > 50
+    # the spectrum (at a quarter of the resolution) peaks where the opening removes the object:
+    # the 20 px nucleus at step 3, the 30 px one a step later
+    dna = m[[f"Cells_Granularity_{k}_DNA" for k in range(1, M.GRANULARITY_STEPS + 1)]]
+    assert list(dna.to_numpy().argmax(axis=1) + 1) == [3, 4]
+    # radial distribution in cells only: the nuclear stain sits in the centre rings
+    inner = m.loc[1, [f"Cells_RadialDistribution_FracAtD_DNA_{k}of4" for k in (1, 2)]]
+    assert inner.sum() == pytest.approx(1.0)
+    assert m.loc[1, "Cells_RadialDistribution_FracAtD_DNA_4of4"] == 0
+    assert not [c for c in m.columns if c.startswith(("Nuclei_Radial", "Cytoplasm_Radial"))]
+    # a cell's granularity, from its nucleus' and cytoplasm's in one pass, is what measuring
+    # the cell alone gives
+    from cp_measure.core.measuregranularity import get_granularity
+
+    for c, stain in enumerate(("DNA", "Mito")):
+        direct = get_granularity(
+            cells, image[c], granular_spectrum_length=M.GRANULARITY_STEPS, **M.GRANULARITY
+        )
+        for k in range(1, M.GRANULARITY_STEPS + 1):
+            np.testing.assert_allclose(
+                m[f"Cells_Granularity_{k}_{stain}"], direct[f"Granularity_{k}"], atol=1e-9
+            )
+    # 8-bit images are read on the type's scale, as CellProfiler does
+    as8 = M.measure_site((image * 255).astype(np.uint8), cells, ["DNA", "Mito"])
+    np.testing.assert_allclose(
+        as8["Cells_Intensity_MeanIntensity_Mito"],
+        [0.5, (49 * 16 + 0.1 * (3600 - 49 * 16)) / 3600],
+        atol=0.01,
+    )
+    # a seeded sample: the other cell's row is NaN
+    one = M.measure_site(image, cells, ["DNA", "Mito"], max_cells=1, seed=0)
+    assert one["Cells_AreaShape_Area"].isna().sum() == 1
     # without a nuclear stain: cells only
-    only = M.measure_site(mito[None], cells, ["Mito"])
+    only = M.measure_site(image[1:], cells, ["Mito"])
     assert not [c for c in only.columns if c.startswith(("Nuclei", "Cytoplasm"))]
+    assert "Cells_Granularity_1_Mito" in only.columns
+    with pytest.raises(ValueError, match="channels"):
+        M.measure_site(image, cells, ["Mito"])
+
+
+def test_parse_name_reads_cellprofiler_names():
+    assert M.parse_name("Cells_Texture_Contrast_Mito_3_00_256") == (
+        "Cells",
+        "Texture_Contrast",
+        "Mito",
+        "3_00_256",
+    )
+    assert M.parse_name("Nuclei_Granularity_2_my_DNA") == ("Nuclei", "Granularity", "my_DNA", "2")
+    assert M.parse_name("Cells_RadialDistribution_FracAtD_RNA_1of4") == (
+        "Cells",
+        "RadialDistribution_FracAtD",
+        "RNA",
+        "1of4",
+    )
+    assert M.parse_name("Cytoplasm_AreaShape_Area") == ("Cytoplasm", "AreaShape_Area", "", "")
+    assert M.parse_name("Cells_Intensity_MeanIntensity_ER") == (
+        "Cells",
+        "Intensity_MeanIntensity",
+        "ER",
+        "",
+    )
 
 
 def test_describe_names_the_stain_and_sign():
     rng = np.random.default_rng(0)
+    gran = rng.normal(size=400)
     meas = pd.DataFrame(
         {
             "plate": "P",
             "well": "A01",
             "site": 1,
             "label": np.arange(400),
-            "Cells_Granularity_2_Mito": rng.normal(size=400),
-            "Cells_Texture_Contrast_Mito": rng.normal(size=400),
+            "Cells_AreaShape_Area": rng.normal(size=400),
+            "Cells_Granularity_2_Mito": gran,
+            # one texture in four directions: named once
+            **{
+                f"Cells_Texture_Contrast_Mito_3_0{d}_256": gran + 0.3 * rng.normal(size=400)
+                for d in range(4)
+            },
             "Nuclei_AreaShape_Area": rng.normal(size=400),
         }
     )
     act = np.maximum(meas["Cells_Granularity_2_Mito"] - 0.5, 0)  # sparse, follows granularity
     act2 = np.maximum(-meas["Nuclei_AreaShape_Area"], 0)  # follows small nuclei
     d = M.describe_features(sp.csr_matrix(np.stack([act, act2], 1)), meas)
-    assert d.loc[0, "description"].startswith("Mito: granularity up (0.")
+    text = d.loc[0, "description"]
+    assert text.startswith("Mito: granularity 2 up (0."), text
+    assert text.count("texture contrast") == 1, text
     assert d.loc[0, "top_measurements"][0] == "Cells_Granularity_2_Mito"
     assert d.loc[0, "top_correlations"][0] > 0.6
     assert d.loc[1, "description"].startswith("shape: nuclear area down (0.")
