@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 from napari_concept_discovery.analysis import measurements as M
 from napari_concept_discovery.analysis.analyze import analyze_store
@@ -156,20 +155,17 @@ def test_describe_names_the_stain_and_sign():
 
 @pytest.fixture(scope="module")
 def twelve_wells(tmp_path_factory):
-    """One synthetic plate whose 12 wells hold every perturbation, embedded by a tiny ViT."""
+    """Two synthetic plates whose 12 wells hold every perturbation, embedded by the bundled
+    default model (as a user's plate is), and their measurements (cached beside the store)."""
     from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
-    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
-    from napari_concept_discovery.models.vit import ChannelAgnosticViT
     from napari_concept_discovery.synth import write_synthetic_plates
 
     root = tmp_path_factory.mktemp("describe")
     plates = write_synthetic_plates(
-        root / "plates", n_plates=2, n_wells=12, n_sites=1, size=256, seed=0
+        root / "plates", n_plates=2, n_wells=12, n_sites=1, size=256, seed=0, workers=1
     )
-    torch.manual_seed(0)
-    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
-    backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
-    store = embed_plate(plates, EmbedSettings(), root / "store.zarr", backend=backend)
+    store = embed_plate(plates, EmbedSettings(), root / "store.zarr")
+    M.store_measurements(store)
     return plates, store
 
 
@@ -189,10 +185,43 @@ def test_a_one_stain_perturbation_is_described_by_that_stain(twelve_wells, pertu
     (stain,) = PERTURBATION_BY_NAME[perturbation].channels
     text = d.loc[0, "description"]
     assert text.startswith(f"{stain}: "), text
-    assert d.loc[0, "top_measurements"][0].endswith(f"_{stain}")
+    assert M.parse_name(d.loc[0, "top_measurements"][0])[2] == stain
 
 
-def test_analyze_writes_descriptions_and_the_cache_is_rebuilt_when_stale(twelve_wells, tmp_path):
+def test_the_best_trained_feature_for_a_one_stain_perturbation_is_described_by_it(twelve_wells):
+    """Through the product's path (store, whitened ICFL dictionary, encoding): the feature
+    that best separates the ER-aggregation responders from their controls (AUROC) is described
+    first by ER measurements."""
+    from sklearn.metrics import roc_auc_score
+
+    from napari_concept_discovery.analysis.encode import encode_store
+    from napari_concept_discovery.analysis.truth import truth_concepts
+
+    plates, store = twelve_wells
+    settings = TrainSettings(
+        method="icfl",
+        atoms=16,
+        sparsity=4,
+        steps=300,
+        batch_size=128,
+        seed=0,
+        whiten=WhitenSettings(controls="well_type=negative_control"),
+    )
+    dictionary = train_on_store(store, settings).dictionary
+    codes, _ = encode_store(store, dictionary)
+    table = join_truth(store.table("cell"), read_truth(plates / "truth.csv"))
+    (concept,) = [c for c in truth_concepts(table) if c.name == "er_aggregation"]
+    dense = codes[concept.rows].toarray()
+    aurocs = [roc_auc_score(concept.member, dense[:, f]) for f in range(dense.shape[1])]
+    best = int(np.argmax(aurocs))
+    assert aurocs[best] >= 0.9, aurocs
+    d = M.describe_features(codes, M.store_measurements(store))
+    text = d.loc[best, "description"]
+    assert text.startswith("ER: "), text
+    assert M.parse_name(d.loc[best, "top_measurements"][0])[2] == "ER"
+
+
+def test_analyze_writes_the_descriptions_of_the_cached_measurements(twelve_wells, tmp_path):
     _, store = twelve_wells
     settings = TrainSettings(
         method="icfl",
@@ -205,11 +234,12 @@ def test_analyze_writes_descriptions_and_the_cache_is_rebuilt_when_stale(twelve_
     )
     dictionary = train_on_store(store, settings).dictionary
     path = M.cache_path(store)
-    path.unlink(missing_ok=True)
+    cached = pd.read_parquet(path)
     a = analyze_store(store, dictionary, AnalyzeSettings(), tmp_path / "an")
-    assert path.is_file()
     feats = pd.read_parquet(a.paths["features"])
     assert {"description", "top_measurements", "top_correlations"} <= set(feats.columns)
+    want = M.describe_features(a.codes, cached)
+    assert list(feats["description"]) == list(want["description"])
     described = feats[feats["description"] != ""]
     assert len(described) > 0
     row = described.iloc[0]
@@ -219,20 +249,52 @@ def test_analyze_writes_descriptions_and_the_cache_is_rebuilt_when_stale(twelve_
     assert adata.var["top_measurements"].iloc[int(row["feature"])] == "; ".join(
         row["top_measurements"]
     )
-    # the cache is read back while the store is unchanged, and rebuilt when it is not its own
+    # --no-describe leaves it out
+    b = analyze_store(store, dictionary, AnalyzeSettings(describe=False), tmp_path / "an2")
+    assert "description" not in pd.read_parquet(b.paths["features"]).columns
+
+
+def test_the_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    """On a small store: the cache is read back while nothing changed, measured again for
+    another store, another cells budget or another version of the measurements, and a file
+    that is not ours is refused by name."""
+    import torch
+
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
+    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
+    from napari_concept_discovery.models.vit import ChannelAgnosticViT
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    plates = write_synthetic_plates(
+        tmp_path / "plates", n_plates=1, n_wells=3, n_sites=1, size=128, seed=0, workers=1
+    )
+    torch.manual_seed(0)
+    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
+    backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
+    store = embed_plate(
+        plates, EmbedSettings(precision="fp32"), tmp_path / "s.zarr", backend=backend
+    )
+    path = M.cache_path(store)
+    first = M.store_measurements(store)
+    assert path.is_file() and first["Cells_AreaShape_Area"].notna().all()
+    assert len(first) == len(store.table("cell"))
+    stamp = path.stat().st_mtime_ns
     again = M.store_measurements(store)
-    pd.testing.assert_frame_equal(again, pd.read_parquet(path))
-    stale = again.copy()
+    pd.testing.assert_frame_equal(again, first)
+    assert path.stat().st_mtime_ns == stamp  # read, not measured again
+    stale = first.copy()
     stale.iloc[:, 4] = -1.0
     M._write_cached(stale, path, "another store")
-    rebuilt = M.store_measurements(store)
-    pd.testing.assert_frame_equal(rebuilt, again)
+    pd.testing.assert_frame_equal(M.store_measurements(store), first)
+    # a budget of 3 cells measures one cell per site; the others are NaN
+    sampled = M.store_measurements(store, max_cells=3)
+    assert sampled["Cells_AreaShape_Area"].notna().sum() == len(store.sites()) == 3
+    # a table of an older version of the measurements is not trusted
+    M._write_cached(stale, path, M._signature(store, M.MAX_CELLS))
+    pd.testing.assert_frame_equal(M.store_measurements(store), stale)
+    monkeypatch.setattr(M, "VERSION", M.VERSION + 1)
+    pd.testing.assert_frame_equal(M.store_measurements(store), first)
     # a file that is not ours is refused by name, not overwritten
     pd.DataFrame({"x": [1]}).to_parquet(path)
     with pytest.raises(StoreError, match="not written by concept-discovery"):
         M.store_measurements(store)
-    path.unlink()
-    # --no-describe leaves it out
-    b = analyze_store(store, dictionary, AnalyzeSettings(describe=False), tmp_path / "an2")
-    assert "description" not in pd.read_parquet(b.paths["features"]).columns
-    assert not path.exists()
