@@ -88,6 +88,17 @@ def test_measure_site_on_a_hand_made_site():
         [0.5, (49 * 16 + 0.1 * (3600 - 49 * 16)) / 3600],
         atol=0.01,
     )
+    # a cell without a nucleus: nuclear area 0, nuclear measurements NaN, its cell's granularity
+    # that of its cytoplasm
+    three, lit = cells.copy(), image.copy()
+    three[72:79, 10:60] = 3
+    lit[1, 72:79, 10:60] = 0.3
+    m3 = M.measure_site(lit, three, ["DNA", "Mito"]).set_index("label")
+    assert m3.loc[3, "Nuclei_AreaShape_Area"] == 0
+    assert np.isnan(m3.loc[3, "Nuclei_Intensity_MeanIntensity_Mito"])
+    assert m3.loc[3, "Cells_Granularity_1_Mito"] == m3.loc[3, "Cytoplasm_Granularity_1_Mito"]
+    # an object without any signal has no granularity spectrum (not a division by epsilon)
+    assert np.isnan(m3.loc[3, "Cells_Granularity_1_DNA"])
     # a seeded sample: the other cell's row is NaN
     one = M.measure_site(image, cells, ["DNA", "Mito"], max_cells=1, seed=0)
     assert one["Cells_AreaShape_Area"].isna().sum() == 1
@@ -290,7 +301,7 @@ def test_the_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
     sampled = M.store_measurements(store, max_cells=3)
     assert sampled["Cells_AreaShape_Area"].notna().sum() == len(store.sites()) == 3
     # a table of an older version of the measurements is not trusted
-    M._write_cached(stale, path, M._signature(store, M.MAX_CELLS))
+    M._write_cached(stale, path, M._signature(store, None))
     pd.testing.assert_frame_equal(M.store_measurements(store), stale)
     monkeypatch.setattr(M, "VERSION", M.VERSION + 1)
     pd.testing.assert_frame_equal(M.store_measurements(store), first)

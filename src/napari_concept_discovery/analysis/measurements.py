@@ -346,15 +346,39 @@ def measure_site(
         put("Nuclei", labels, parts[0])
         put("Cytoplasm", labels, parts[1])
         put("Cells", labels, _cell_granularity(parts, areas, means))
+    for comp in masks:  # an object without signal has no spectrum (cp-measure divides by eps)
+        for st in names:
+            dark = ~(columns.get(f"{comp}_Intensity_MeanIntensity_{st}", np.ones(1)) > 0)
+            for k in range(1, GRANULARITY_STEPS + 1):
+                col = columns.get(f"{comp}_Granularity_{k}_{st}")
+                if col is not None:
+                    col[dark] = np.nan
+    for comp in masks:  # measured cells without this compartment: area 0
         area = f"{comp}_AreaShape_Area"
-        if area in columns:  # measured cells without this compartment: area 0
+        if area in columns:
             columns[area][np.isin(labels, measured) & np.isnan(columns[area])] = 0.0
     return pd.DataFrame(columns)
 
 
-def _signature(store, max_cells: int | None) -> str:
+def _site_quota(store, max_cells: int | None) -> int | None:
+    """Cells measured per site for a budget of ``max_cells`` (None: all; also when the quota
+    covers every site's cells, so that a small store's table is one whatever the budget)."""
+    if max_cells is None:
+        return None
+    sites = store.sites()
+    quota = max(1, -(-int(max_cells) // max(len(sites), 1)))
+    table = store.table("cell")
+    most = (
+        int(table.groupby(["plate", "well", "site"], observed=True).size().max())
+        if len(table)
+        else 0
+    )
+    return None if quota >= most else quota
+
+
+def _signature(store, quota: int | None) -> str:
     """What the cached table depends on: the store's cells, sites and plate, the cells
-    budget and the version."""
+    measured per site and the version."""
     table = store.table("cell")
     cols = [c for c in (*KEYS, "area", "centroid_y", "centroid_x") if c in table.columns]
     h = hashlib.sha256()
@@ -363,7 +387,7 @@ def _signature(store, max_cells: int | None) -> str:
         pd.util.hash_pandas_object(store.sites().astype(str), index=False).to_numpy().tobytes()
     )
     h.update(json.dumps(dict(store.plate_source), sort_keys=True, default=str).encode())
-    h.update(f"measurements:{VERSION}:cp-measure:{_cp_measure_version()}:{max_cells}".encode())
+    h.update(f"measurements:{VERSION}:cp-measure:{_cp_measure_version()}:{quota}".encode())
     return h.hexdigest()
 
 
@@ -424,7 +448,8 @@ def store_measurements(
     there. Sites without a label image give NaN rows.
     """
     path = cache_path(store)
-    signature = _signature(store, max_cells)
+    quota = _site_quota(store, max_cells)
+    signature = _signature(store, quota)
     if cache and path.exists():
         cached = _read_cached(path, signature)
         if cached is not None:
@@ -437,7 +462,6 @@ def store_measurements(
     names = list(plate.channel_names)
     parts = []
     sites = store.sites()
-    quota = None if max_cells is None else max(1, -(-int(max_cells) // max(len(sites), 1)))
     for i, (p, w, s) in enumerate(zip(sites.plate, sites.well, sites.site, strict=True)):
         if is_cancelled(cancel):
             raise Cancelled(f"measurements cancelled after {i} of {len(sites)} sites")
@@ -539,8 +563,9 @@ def describe(row: pd.Series, n_top: int = N_TOP, min_r: float = MIN_CORRELATION)
     """A phrase for one feature from its correlations (a row of :func:`feature_correlations`),
     the measurements named and their correlations.
 
-    Measurements that read the same (a texture in its four directions) are named once, by the
-    strongest."""
+    A measure is named once per stain and sign, by its strongest compartment and direction
+    (a texture in four directions, or a stain's intensity in the cell and in its cytoplasm,
+    say one thing)."""
     order = np.argsort(-np.abs(row.to_numpy()), kind="stable")
     names: list[str] = []
     values: list[float] = []
@@ -551,7 +576,9 @@ def describe(row: pd.Series, n_top: int = N_TOP, min_r: float = MIN_CORRELATION)
         if len(names) == n_top or abs(r) < min_r:
             break
         stain, words = _phrase(row.index[i], r)
-        said = (stain, words.rpartition(" (")[0], r > 0)
+        _, what, _, params = parse_name(row.index[i])
+        same_scale = params if what == "Granularity" or what.startswith("Radial") else ""
+        said = (stain, what, same_scale, r > 0)
         if said in seen:
             continue
         seen.add(said)
