@@ -154,7 +154,7 @@ class ConceptExplorer(QWidget):
         self.threshold.setRange(0.0, 1e6)
         self.threshold.setSingleStep(0.05)
         self.threshold.setMinimumWidth(
-            self.threshold.fontMetrics().horizontalAdvance("00.000") + 48
+            self.threshold.fontMetrics().horizontalAdvance("00.000") + 84
         )
         self.threshold.setToolTip("Select every cell where the feature's code is at least this.")
         self.threshold_button = QPushButton("Cells ≥")
