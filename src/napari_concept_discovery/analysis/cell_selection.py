@@ -194,7 +194,7 @@ def write_selection_labels(explorer, cells: pd.DataFrame, out, *, what: str = ""
     """Write the label image of every site holding selected cells, with only those cells
     kept, into the folder ``out``: ``<plate>/<well>_s<site>_cells.tif`` (int32, 0 background,
     the store's labels), the layout of ``segment``'s label folders, plus
-    :data:`SELECTION_MARKER` (the files, the cells per site and ``what`` was selected).
+    :data:`SELECTION_MARKER` (the images, the cells in each and ``what`` was selected).
 
     The folder is written beside and swapped in whole; one that holds files this package did
     not write is refused by name before any work. Returns the folder.
@@ -234,10 +234,12 @@ def write_selection_labels(explorer, cells: pd.DataFrame, out, *, what: str = ""
             rel = path.relative_to(tmp).as_posix()
             files.append(rel)
             counts[rel] = int(len(np.unique(data[data > 0])))
+        tops = sorted({f.split("/")[0] for f in files})  # what the folder holds, by name
         marker = {
             "what": what,
             "cells": int(sum(counts.values())),
-            "files": files,
+            "files": tops,
+            "images": files,
             "counts": counts,
         }
         (tmp / SELECTION_MARKER).write_text(json.dumps(marker, indent=1))
@@ -256,7 +258,7 @@ def read_selection_labels(folder) -> dict[SiteKey, np.ndarray]:
     except (OSError, ValueError) as exc:
         raise StoreError(f"{folder} holds no readable {SELECTION_MARKER}: {exc}") from exc
     out = {}
-    for rel in marker.get("files", []):
+    for rel in marker.get("images", []):
         plate, name = rel.split("/")
         well, _, site = name.removesuffix("_cells.tif").rpartition("_s")
         site = int(site)
