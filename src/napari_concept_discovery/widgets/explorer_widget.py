@@ -153,9 +153,7 @@ class ConceptExplorer(QWidget):
         self.threshold.setDecimals(3)
         self.threshold.setRange(0.0, 1e6)
         self.threshold.setSingleStep(0.05)
-        self.threshold.setMinimumWidth(
-            self.threshold.fontMetrics().horizontalAdvance("00.000") + 84
-        )
+        self.threshold.setMinimumWidth(max(130, self.threshold.sizeHint().width()))
         self.threshold.setToolTip("Select every cell where the feature's code is at least this.")
         self.threshold_button = QPushButton("Cells ≥")
         self.threshold_button.setToolTip(
@@ -238,10 +236,14 @@ class ConceptExplorer(QWidget):
         select_row.addWidget(self.threshold_button)
         select_row.addWidget(self.threshold)
         select_row.addStretch(1)
-        select_row.addWidget(self.save_button)
-        select_row.addWidget(self.labels_button)
-        select_row.addWidget(self.layer_button)
+        export_row = QHBoxLayout()  # a row of its own: at 1280 px one row cut the threshold
+        export_row.addWidget(QLabel("The selected cells:"))
+        export_row.addStretch(1)
+        export_row.addWidget(self.save_button)
+        export_row.addWidget(self.labels_button)
+        export_row.addWidget(self.layer_button)
         gallery_layout.addLayout(select_row)
+        gallery_layout.addLayout(export_row)
         self.tabs = QTabWidget()
         self.tabs.addTab(gallery_tab, "Cells")
         self.tabs.addTab(feature_tab, "Feature card")
