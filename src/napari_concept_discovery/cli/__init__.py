@@ -19,7 +19,7 @@ import warnings
 
 from .. import __version__
 from ..errors import ConceptDiscoveryError
-from .analysis import add_analyze, add_similar
+from .analysis import add_analyze, add_cells, add_similar
 from .common import global_options, show_warning
 from .demo import add_demo
 from .dictionary import add_train
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_train,
         add_analyze,
         add_similar,
+        add_cells,
         add_convert,
         add_report,
         add_models,

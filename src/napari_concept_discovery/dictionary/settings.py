@@ -402,9 +402,10 @@ class AnalyzeSettings(Settings):
     )
     describe: bool = option(
         True,
-        "describe each feature by the per-cell measurements (intensity, texture, granularity, "
-        "area per stain and compartment) that follow its activation; measured once per store "
-        "from the plate's images and cached beside it (--no-describe skips it)",
+        "describe each feature by the CellProfiler measurements (cp-measure: intensity, "
+        "texture, granularity, shape, radial distribution per stain and compartment) that "
+        "follow its activation; measured once per store from the plate's images and cached "
+        "beside it (--no-describe skips it)",
         label="describe features",
     )
 

@@ -58,9 +58,9 @@ FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "n_active": ("Cells", "Number of cells where the feature is active."),
     "description": (
-        "Follows",
-        "The per-cell measurements whose values follow the feature's activation most closely "
-        "(Spearman over cells, with its sign).",
+        "Description",
+        "The CellProfiler measurements whose per-cell values follow the feature's activation "
+        "most closely (Spearman over cells, with its sign).",
     ),
 }
 HIDDEN = {"top_column", "top_label", "top_tokens"}
@@ -122,13 +122,14 @@ def with_names(
 ) -> pd.DataFrame:
     """A :func:`display_table` with a ``name`` column after ``feature`` (from
     ``feature_notes.FeatureNotes``; empty where unnamed, and for ``notes`` None) and, given
-    ``descriptions`` (``measurements.describe_features``), a ``description`` column last."""
+    ``descriptions`` (``measurements.describe_features``), a ``description`` column after the
+    name: what a person reads first when scanning the features."""
     out = table.drop(columns=["name", "description"], errors="ignore").copy()
     names = {} if notes is None else notes.names
     out.insert(1, "name", [names.get(int(f), "") for f in out["feature"]])
     if descriptions is not None:
         text = descriptions.set_index("feature")["description"]
-        out["description"] = out["feature"].map(text).fillna("").to_numpy()
+        out.insert(2, "description", out["feature"].map(text).fillna("").to_numpy())
     return out
 
 
