@@ -10,6 +10,7 @@ the call checks between units of work.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ class Job(QObject):
     ) -> None:
         super().__init__(parent)
         self.cancel_event = threading.Event()
+        self.ended = threading.Event()  # set on the worker thread once the call has returned
         if "progress" in keywords:
             kwargs["progress"] = self.progressed.emit
         if "cancel" in keywords:
@@ -52,8 +54,17 @@ class Job(QObject):
         self.running = False
         self.result: Any = None
         self.error: BaseException | None = None
+
         # errors go to ``errored`` (and from there to a notification), not re-raised by napari
-        self._worker = create_worker(fn, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+        def call(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.ended.set()
+
+        self._worker = create_worker(
+            call, *args, _start_thread=False, _ignore_errors=True, **kwargs
+        )
         self._worker.returned.connect(self._on_returned)
         self._worker.errored.connect(self._on_errored)
         self._worker.finished.connect(self._on_finished)
@@ -84,11 +95,18 @@ class Job(QObject):
         self.done.emit()
 
 
+#: How long closing a widget waits for its cancelled jobs to reach their next cancel check.
+CLOSE_WAIT_S = 30.0
+
+
 class JobOwner:
     """Keeps a widget's jobs alive while they run and cancels them when the widget goes away.
 
     Closing a dock widget (or the viewer) deletes the widget; its jobs are asked to stop, and
-    their late results find no widget to draw on because every slot checks ``alive``.
+    their late results find no widget to draw on because every slot checks ``alive``. The close
+    also waits (up to :data:`CLOSE_WAIT_S`) for the cancelled calls to return: a worker still
+    running when napari quits would report to Qt objects the interpreter is tearing down, and
+    Qt aborts the whole process.
     """
 
     def __init__(self, widget: QWidget) -> None:
@@ -112,6 +130,15 @@ class JobOwner:
     def _on_destroyed(self, *_) -> None:
         self.alive = False
         self.cancel_all()
+        self.wait(CLOSE_WAIT_S)
+
+    def wait(self, seconds: float) -> bool:
+        """Wait for every running job's call to return; False if one is still running."""
+        deadline = time.monotonic() + seconds
+        for job in list(self.jobs):
+            if job.running and not job.ended.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
 
 
 class JobPanel:
