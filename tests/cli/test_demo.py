@@ -48,12 +48,12 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert len(crops) == 1 and crops["mitotic"].isna().all()
     assert crops["perturbations"].between(0, 1).all()
     assert (result.out / "dictionary-crops.safetensors").is_file()
-    assert load_dictionary(result.out / "dictionary-crops.safetensors").meta["unit"] == "crop"
+    assert load_dictionary(result.out / "dictionary-crops.safetensors").meta.unit == "crop"
     assert result.preparation == "per cell type"
     assert result.comparison["cell types"].between(0, 1).all()
     assert result.comparison["perturbations"].between(0, 1).all()
     d = load_dictionary(result.dictionary)
-    assert d.meta["tokens"] == "concat" and d.meta["whitening"]["by"] == "plate,cell_type"
+    assert d.meta.tokens == "concat" and d.meta.whitening.by == "plate,cell_type"
 
     # the feature table carries each feature's stains
     features = pd.read_parquet(result.analysis / "features.parquet")

@@ -77,14 +77,14 @@ def run_train(args, con: Console) -> int:
             resume=args.resume,
         )
     m = trained.metrics
-    dropped = trained.dictionary.meta.get("nonfinite_dropped")
+    dropped = trained.dictionary.meta.nonfinite_dropped
     con.say(
         f"wrote {trained.path}: {settings.method}, M={settings.atoms}, "
         f"{trained.result.steps_done} steps, FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, "
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
-    chosen = trained.dictionary.meta.get("steps_chosen")
+    chosen = trained.dictionary.meta.steps_chosen
     if chosen:  # "196 steps: 50 passes over 4000 tokens ..." (or that --steps chose)
         con.say(chosen)
     con.result(

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.profiles import HIT_FRACTION, MIN_WELLS, ConceptProfiles
+from ..dictionary.meta import DictionaryMeta
 from .figures import (
     QUALITY_FIGURES,
     Pixels,
@@ -32,12 +33,12 @@ HEATMAP_FEATURES = 40
 HITS_SHOWN = 40
 
 
-def describe_whitening(meta: dict) -> str:
-    w = meta.get("whitening") or {}
-    if not w.get("controls"):
+def describe_whitening(meta: DictionaryMeta) -> str:
+    w = meta.whitening
+    if w is None or not w.controls:
         return "none"
-    by = f" per {w['by']}" if w.get("by") else ""
-    return f"{w.get('mode', 'pca')} on {w['controls']}{by}"
+    by = f" per {w.by}" if w.by else ""
+    return f"{w.mode} on {w.controls}{by}"
 
 
 def _chance(prof: ConceptProfiles, n_wells: int) -> str:
@@ -203,8 +204,8 @@ def header_html(store, name, dictionary, table, labels, controls) -> str:
         f"<p>store {html.escape(str(store.path))}: {len(table)} cells, {n_sites} sites, "
         f"{n_wells} wells, {table['plate'].nunique()} plates; model "
         f"{html.escape(str(store.model_id))}, block {store.block}</p>"
-        f"<p>dictionary: {html.escape(str(meta.get('train_settings', {}).get('method', '?')))}"
-        f", {dictionary.n_atoms} features on {html.escape(str(meta.get('unit', 'cell')))} "
+        f"<p>dictionary: {html.escape(meta.method or '?')}"
+        f", {dictionary.n_atoms} features on {html.escape(meta.unit)} "
         f"tokens, whitening {html.escape(describe_whitening(meta))}; labels: "
         f"{html.escape(', '.join(labels) or 'none')}; profile controls: "
         f"{html.escape(controls or 'none')}</p></header><main>"
