@@ -91,6 +91,7 @@ from napari_concept_discovery.segment.classical import (
     unit_scale,
 )
 from napari_concept_discovery.segment.site import (
+    NF1_PIPELINE,
     match_counts,
     merge_within,
     quality_channels,
@@ -103,18 +104,7 @@ REAL = ROOT / "tests" / "data" / "real"
 NF1_PATTERN = "{well}_01_{channel_index}_{site}_{channel}_001.tif"
 
 LEGACY = SegmentSettings(segmenter="legacy", nuclear="DAPI")
-CELLPROFILER = SegmentSettings(
-    nuclear="DAPI",
-    cell="RFP",
-    cell_threshold="otsu3",
-    cell_log=False,
-    nucleus_threshold="otsu3",
-    declump=False,
-    min_diameter=30,
-    max_diameter=90,
-    drop_edge=True,
-    drop_edge_by="cell",
-)
+CELLPROFILER = NF1_PIPELINE
 DEFAULTS = SegmentSettings(nuclear="DAPI", drop_edge=True, drop_edge_by="cell")
 BY_NUCLEUS = SegmentSettings(nuclear="DAPI", drop_edge=True)
 

@@ -10,13 +10,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from helpers import small_train
 from napari_concept_discovery.analysis import measurements as M
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.truth import join_truth, read_truth
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import (
     AnalyzeSettings,
-    TrainSettings,
     WhitenSettings,
 )
 from napari_concept_discovery.errors import StoreError
@@ -116,15 +116,8 @@ def test_a_one_stain_perturbation_is_described_by_that_stain(twelve_wells, pertu
 
 def test_analyze_writes_descriptions_and_the_cache_is_rebuilt_when_stale(twelve_wells, tmp_path):
     _, store = twelve_wells
-    settings = TrainSettings(
-        method="icfl",
-        atoms=16,
-        sparsity=4,
-        steps=30,
-        batch_size=64,
-        seed=0,
-        whiten=WhitenSettings(controls="well_type=negative_control", mode="center"),
-    )
+    centred = WhitenSettings(controls="well_type=negative_control", mode="center")
+    settings = small_train(atoms=16, n_pick=None, steps=30, seed=0, whiten=centred)
     dictionary = train_on_store(store, settings).dictionary
     path = M.cache_path(store)
     path.unlink(missing_ok=True)
