@@ -567,16 +567,8 @@ def nf1_figure(figures: Path, lines: list[str]) -> None:
 
 def bench_synthetic(lines: list[str]) -> None:
     from napari_concept_discovery.synth import generate_site
+    from napari_concept_discovery.synth.site import SEGMENTATION_SITES as sites
 
-    sites = [
-        ("HUVEC", "control", 1),
-        ("HUVEC", "golgi_dispersal", 2),
-        ("HEPG2", "control", 1),
-        ("HEPG2", "nuclear_enlargement", 2),
-        ("HEPG2", "actin_fibres", 3),
-        ("U2OS", "control", 1),
-        ("U2OS", "er_aggregation", 2),
-    ]
     lines.append("## Synthetic sites (256 px, 7 sites): F1 at IoU 0.5 against truth")
     for label, settings in (
         ("legacy", SegmentSettings(segmenter="legacy")),

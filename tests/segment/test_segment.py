@@ -22,16 +22,9 @@ from napari_concept_discovery.segment.site import (
 )
 from napari_concept_discovery.settings import SegmentSettings
 from napari_concept_discovery.synth import generate_site
+from napari_concept_discovery.synth.site import SEGMENTATION_SITES
 
-SITES = [
-    ("HUVEC", "control", 1),
-    ("HUVEC", "golgi_dispersal", 2),
-    ("HEPG2", "control", 1),
-    ("HEPG2", "nuclear_enlargement", 2),
-    ("HEPG2", "actin_fibres", 3),
-    ("U2OS", "control", 1),
-    ("U2OS", "er_aggregation", 2),
-]
+SITES = SEGMENTATION_SITES
 
 
 @pytest.fixture(scope="module")
