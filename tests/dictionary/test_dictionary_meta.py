@@ -112,17 +112,17 @@ def test_unknown_keys_of_a_newer_file_are_kept(tmp_path):
     d = load_dictionary(OLD / "old_format.safetensors")
     newer = d.meta.to_dict()
     newer["families"] = {"threshold": 0.5}
-    newer["train_settings"] = {**newer["train_settings"], "levels": [4, 8, 24]}
+    newer["train_settings"] = {**newer["train_settings"], "schedule": [4, 8, 24]}
     d.meta = DictionaryMeta.from_dict(newer)
     assert d.meta.extra == {
         "families": {"threshold": 0.5},
-        "train_settings": {"levels": [4, 8, 24]},
+        "train_settings": {"schedule": [4, 8, 24]},
     }
     assert d.meta.train == OLD_META.train
     path = save_dictionary(tmp_path / "newer.safetensors", d)
     written = json.loads(read_header(path)["meta"])
     assert written["families"] == {"threshold": 0.5}
-    assert written["train_settings"]["levels"] == [4, 8, 24]
+    assert written["train_settings"]["schedule"] == [4, 8, 24]
     assert load_dictionary(path).meta == d.meta
 
 
