@@ -98,8 +98,8 @@ class EmbedSettings(Settings):
         label="cell labels",
     )
     segment: SegmentSettings = option(
-        help="how sites without label files are segmented: the nuclear stain, the segmenter and "
-        "its Cellpose model (EMBED_SEGMENT_FIELDS); for every other segmentation setting run "
+        help="how sites without label files are segmented: of these settings embedding applies "
+        "the nuclear stain, the segmenter and its Cellpose model; for every other one run "
         "`concept-discovery segment` first, and embedding uses its labels",
         default_factory=SegmentSettings,
         cli=False,
