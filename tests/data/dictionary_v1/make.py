@@ -8,13 +8,14 @@ Run once with the code of commit 8ab843a (`git worktree add /tmp/old 8ab843a`, t
 came out, so that tests/dictionary/test_dictionary_meta.py checks what an old file gives today.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from napari_concept_discovery.dictionary.pipeline import train_on_store
-from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
+from napari_concept_discovery.dictionary.settings import WhitenSettings
 
 HERE = Path(__file__).parent
 
@@ -55,16 +56,11 @@ class TinyStore:
 
 if __name__ == "__main__":
     store = TinyStore()
-    settings = TrainSettings(
-        atoms=24,
-        sparsity=4,
-        n_pick=2,
-        steps=20,
-        batch_size=64,
-        seed=3,
-        checkpoint_every=0,
-        whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8, eps=1e-5),
-    )
+    sys.path.insert(0, str(HERE.parents[1]))
+    from helpers import small_train  # the tests' small training settings
+
+    whiten = WhitenSettings("well_type=negative_control", by="plate", n_components=8, eps=1e-5)
+    settings = small_train(checkpoint_every=0, whiten=whiten)
     out = HERE / "old_format.safetensors"
     trained = train_on_store(store, settings, out=out, overwrite=True)
     codes = trained.dictionary.encode_table(store.tokens("cell"), store.table("cell"))
