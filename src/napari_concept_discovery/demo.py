@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .dictionary.nested import describe_levels
 from .dictionary.settings import METHOD_NAMES, AnalyzeSettings, TrainSettings, WhitenSettings
 from .dictionary.whiten import control_mask
 from .progress import ProgressCallback
@@ -41,7 +42,13 @@ class DemoSettings(Settings):
     sites: int = option(1, "sites per well")
     size: int = option(512, "site size in pixels")
     method: str = option("icfl", "dictionary method", choices=METHOD_NAMES)
-    atoms: int = option(64, "dictionary size M")
+    atoms: int | None = option(
+        None, "dictionary size M (default: sized to the cells, as train does)", min=1
+    )
+    levels: str = option(
+        TrainSettings.levels,
+        "nested levels of the dictionary (as train --levels: e.g. 16,M; none: plain)",
+    )
     sparsity: int = option(8, "non-zeros per token")
     steps: int = option(1000, "training steps")
     seed: int = option(0, "random seed")
@@ -65,6 +72,8 @@ class DemoResult:
     report: Path | None = None
     preparation: str = ""
     store_size: str = ""
+    levels: str = "none"  # the analysed dictionary's nested levels
+    families: pd.DataFrame | None = None  # analysis/families.parquet
 
 
 def _plates(
@@ -175,7 +184,7 @@ def run_demo(
     """
     import time
 
-    from .analysis.analyze import analyze_store
+    from .analysis.analyze import analyze_store, dictionary_families
     from .analysis.encode import encode_store
     from .analysis.truth import join_truth, read_truth, recovery_table, truth_concepts
     from .dictionary.pipeline import train_on_store
@@ -183,7 +192,8 @@ def run_demo(
 
     s = settings if settings is not None else DemoSettings()
     n_plates, n_wells, n_sites, size, seed = s.plates, s.wells, s.sites, s.size, s.seed
-    method, n_atoms, sparsity, steps, model = s.method, s.atoms, s.sparsity, s.steps, s.model
+    method, n_atoms, levels, sparsity = s.method, s.atoms, s.levels, s.sparsity
+    steps, model = s.steps, s.model
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -226,15 +236,18 @@ def run_demo(
             method=method,
             unit="cell",
             atoms=n_atoms,
+            levels=levels,
             sparsity=sparsity,
             steps=steps,
             batch_size=min(1024, n_cells),
             seed=seed,
             whiten=whiten,
         )
+        atoms, why = settings.atoms_for(n_cells)
+        nested = describe_levels(settings.replace(atoms=atoms).method_config().get("levels"))
         log(
-            f"3/4 {method} dictionary, {n_atoms} atoms, {sparsity} non-zeros, on {n_cells} cell "
-            f"tokens PCA-whitened on {what}"
+            f"3/4 {method} dictionary, {atoms} atoms ({why}), nested levels {nested}, "
+            f"{sparsity} non-zeros, on {n_cells} cell tokens PCA-whitened on {what}"
         )
         slug = name.replace(" ", "-")
         with _one_torch_thread():
@@ -243,7 +256,8 @@ def run_demo(
             )
         codes, _ = encode_store(store, result.dictionary)
         stains = result.dictionary.stain_table()
-        recovered[name] = recovery_table(codes, concepts, stains)
+        families = dictionary_families(result.dictionary, codes)
+        recovered[name] = recovery_table(codes, concepts, stains, families)
         comparison.append(_summary(name, recovered[name], result.metrics["fvu"]))
         trained[name] = result
     crop = _crop_dictionary(
@@ -296,6 +310,8 @@ def run_demo(
         report=html,
         preparation=chosen,
         store_size=store_size,
+        levels=describe_levels(dictionary.levels),
+        families=pd.read_parquet(paths["families"]) if "families" in paths else None,
     )
 
 
@@ -314,6 +330,7 @@ def _crop_dictionary(
     from .analysis.encode import encode_store
     from .analysis.truth import recovery_table, well_concepts
     from .dictionary.pipeline import train_on_store
+    from .dictionary.settings import first_atoms
 
     table = store.table("crop")
     n_crops = len(table)
@@ -322,7 +339,7 @@ def _crop_dictionary(
     if n_crops < 16 or n_controls < 4:
         log(f"    no crop dictionary: {n_crops} crops, {n_controls} of them in control wells")
         return None
-    atoms = max(4, min(n_atoms, n_crops // 2))
+    atoms = max(4, min(n_atoms or first_atoms(n_crops), n_crops // 2))
     log(
         f"3/4 {method} dictionary on {n_crops} crop tokens (one per tile, no segmentation), "
         f"{atoms} atoms, PCA-whitened on each plate's controls"
@@ -363,6 +380,40 @@ def _fmt(v) -> str:
     return f"{v:.3f}"
 
 
+def families_lines(families: pd.DataFrame | None, n: int = 6) -> list[str]:
+    """The demo's lines on feature families: how many, and the largest with their members,
+    the label their summed code is most selective for and their best member's selectivity."""
+    if families is None:
+        return []
+    head = (
+        f"feature families (features whose atoms point the same way or fire on the same cells): "
+        f"{len(families)} of 2+ features"
+    )
+    if families.empty:
+        return [head, ""]
+    cols = [
+        c
+        for c in (
+            "family",
+            "n_members",
+            "members",
+            "top_column",
+            "top_label",
+            "selectivity_family",
+            "best_member",
+            "selectivity_best_member",
+        )
+        if c in families.columns
+    ]
+    shown = families[cols].head(n).copy()
+    shown["members"] = [m if len(m) <= 30 else m[:27] + "..." for m in shown["members"]]
+    return [
+        head + "; the largest (selectivity of the summed code, and of its best member):",
+        shown.to_string(index=False, float_format=_fmt),
+        "",
+    ]
+
+
 def format_report(result: DemoResult) -> str:
     """A plain-text summary a biologist can read: quality, what matched the truth, the stains."""
     m = result.metrics
@@ -370,7 +421,9 @@ def format_report(result: DemoResult) -> str:
     perts = c[c["kind"].isin(["perturbation", "null perturbation"])].copy()
     others = c[~c["kind"].isin(["perturbation", "null perturbation"])]
     stain_cols = [col for col in ("top_stain", "stain_share") if col in c.columns]
-    found = perts[["concept", "kind", "stains touched", "n_members", "best_feature", "auroc"]]
+    cols = ["concept", "kind", "stains touched", "n_members", "best_feature", "auroc"]
+    cols += [col for col in ("best_family", "family_auroc") if col in perts.columns]
+    found = perts[cols]
     found = found.join(perts[stain_cols]) if stain_cols else found
     lines = [
         "",
@@ -378,11 +431,14 @@ def format_report(result: DemoResult) -> str:
         f"dictionary: {result.dictionary}",
         f"  FVU {m['fvu']:.3f}  mean cosine {m['mean_cosine']:.3f}  L0 {m['l0']:.1f}  "
         f"dead {m['n_dead']}/{m['n_atoms']}  ({result.n_cells} cells)",
+        f"  nested levels: {result.levels} (each level: the first atoms that were trained to "
+        "reconstruct the cells alone)",
         "",
         "perturbations: the best single feature for each (its responding cells against its",
         "other cells and control cells of the same plates and cell types; AUROC 0.5 = chance),",
         "the stains the perturbation really changes, and the stain that carries most of that",
-        "feature (its share of the feature's norm; 1/6 would be no preference):",
+        "feature (its share of the feature's norm; 1/6 would be no preference); family_auroc:",
+        "the best feature family's summed code (a concept split over several features):",
         found.to_string(index=False, float_format=_fmt),
         "",
         "cell types and mitotic cells (against all other cells):",
@@ -409,6 +465,7 @@ def format_report(result: DemoResult) -> str:
             ]
         ].to_string(index=False, float_format=_fmt),
         "",
+        *families_lines(result.families),
         "the same dictionary on each whitening, and one on crop tokens (mean best AUROC per",
         "kind of concept; null: the highest for a perturbation that changes nothing, where",
         "anything above ~0.6 is a difference between wells, not biology):",

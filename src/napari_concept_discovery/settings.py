@@ -204,13 +204,15 @@ SEGMENTERS = ("classical", "cellpose", "legacy")
 PRECISIONS = ("fp32", "bf16", "int8")
 #: Names the default classical segmentation in store signatures: sites segmented while
 #: embedding are re-embedded when it changes.
-SEGMENT_ALGORITHM = "propagation-2"
+SEGMENT_ALGORITHM = "propagation-3"
 #: Global thresholds: two-class Otsu, three-class Otsu with the middle class as foreground,
 #: minimum cross-entropy (Li).
 THRESHOLDS = ("otsu", "otsu3", "mce")
 #: Cell foreground thresholds: the stain's background plus a share of its bright level, or one
 #: of CellProfiler's per-image methods.
 CELL_THRESHOLDS = ("background", *THRESHOLDS)
+#: Propagation images: the cell stains weighted by how far each fills its cells, or their mean.
+PROPAGATION_RULES = ("reach", "mean")
 #: Which object touching the image edge drops a cell (with ``drop_edge``): its nucleus
 #: (CellProfiler's IdentifyPrimaryObjects) or the cell itself (IdentifySecondaryObjects).
 EDGE_RULES = ("nucleus", "cell")
@@ -225,7 +227,7 @@ class SegmentSettings(Settings):
     40x both work unchanged). Cells: a foreground per cell stain from its own background
     (estimated from the image) plus 15% of its bright level above it, each stain judged before
     it joins the others, nuclei grown through it by CellProfiler's Propagation with
-    regularisation factor 0.05. No threshold lies inside a stain's background noise. To reproduce a CellProfiler pipeline, set the same channel, threshold method,
+    regularisation factor 0.05 on the cell stains weighted by how far each fills its cells. No threshold lies inside a stain's background noise. To reproduce a CellProfiler pipeline, set the same channel, threshold method,
     log transform and correction factor. See docs/architecture.md, "One room per step".
     """
 
@@ -290,6 +292,13 @@ class SegmentSettings(Settings):
         0.05,
         "propagation's regularisation factor: 0 follows image edges only, large values divide "
         "cells by distance alone",
+    )
+    propagation: str = option(
+        "reach",
+        "the image propagation follows: reach (the cell stains weighted by how far each fills "
+        "its cells, so a perinuclear or uneven stain does not move the borders) or mean (all "
+        "cell stains alike)",
+        choices=PROPAGATION_RULES,
     )
     min_diameter: float | None = option(
         None,

@@ -12,11 +12,14 @@ import pytest
 
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.cell_selection import (
+    SELECTION_MARKER,
     cells_above,
+    read_selection_labels,
     selection_labels,
     similar_cells,
     with_feature,
     write_cells_csv,
+    write_selection_labels,
 )
 from napari_concept_discovery.analysis.explore import Explorer
 from napari_concept_discovery.analysis.write import feature_column, well_profiles
@@ -34,7 +37,7 @@ from napari_concept_discovery.dictionary.settings import (
     WhitenSettings,
 )
 from napari_concept_discovery.embed.store import ActivationStore
-from napari_concept_discovery.errors import DictionaryError, StoreError
+from napari_concept_discovery.errors import DictionaryError, OutputError, StoreError
 from napari_concept_discovery.plate.model import SiteKey
 
 
@@ -172,6 +175,122 @@ def test_threshold_selection_csv_and_label_image(explored, tmp_path):
         )
 
 
+def test_selection_labels_per_site_round_trip(explored, tmp_path):
+    """Every site holding selected cells gets one label image with exactly those cells."""
+    _, _, ex, _, _ = explored
+    codes, _ = ex.cell_codes()
+    f = int(np.argmax(np.bincount(codes.indices, minlength=codes.shape[1])))
+    cells = cells_above(ex, f, 0.0)
+    out = write_selection_labels(ex, cells, tmp_path / "sel", what=f"feature {f}")
+    back = read_selection_labels(out)
+    sites = {
+        SiteKey(str(p), str(w), int(s))
+        for p, w, s in zip(cells.plate, cells.well, cells.site, strict=True)
+    }
+    assert set(back) == sites and len(sites) > 1
+    for key, image in back.items():
+        labels = ex.labels(key)
+        here = cells[
+            (cells.plate == key.plate) & (cells.well == key.well) & (cells.site == key.site)
+        ]
+        assert image.dtype == np.int32 and image.shape == labels.shape
+        assert set(np.unique(image)) - {0} == set(here["label"].astype(int))
+        assert ((image == 0) | (image == labels)).all()
+    marker = json.loads((out / SELECTION_MARKER).read_text())
+    assert marker["cells"] == len(cells) and marker["what"] == f"feature {f}"
+    # written again over its own folder; a folder holding someone else's file is refused
+    write_selection_labels(ex, cells.head(1), out)
+    assert len(read_selection_labels(out)) == 1
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt"):
+        write_selection_labels(ex, cells, tmp_path / "theirs")
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
+
+
+def test_cells_command_in_a_subprocess_round_trips_its_files(explored, tmp_path):
+    """`concept-discovery cells` as a user runs it: the CSV and the label images it writes
+    hold the cells above the threshold (in the given well), with the feature's value."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store, dictionary, ex, _, _ = explored
+    codes, table = ex.cell_codes()
+    f = int(np.argmax(np.bincount(codes.indices, minlength=codes.shape[1])))
+    col = codes[:, f].toarray().ravel()
+    threshold = float(np.median(col[col > 0]))
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}
+
+    def run(*argv):
+        return subprocess.run(
+            [sys.executable, "-m", "napari_concept_discovery", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+
+    base = [str(store.path), str(dictionary.path), "--feature", str(f)]
+    done = run(
+        "--json",
+        "cells",
+        *base,
+        "--threshold",
+        str(threshold),
+        "--csv",
+        str(tmp_path / "cells.csv"),
+        "--labels",
+        str(tmp_path / "labels"),
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    want = (col >= threshold) & (col > 0)
+    assert summary["cells"] == int(want.sum()) > 1
+    back = pd.read_csv(tmp_path / "cells.csv")
+    assert list(back.columns) == [
+        "plate",
+        "well",
+        "site",
+        "label",
+        "centroid_y",
+        "centroid_x",
+        f"feature_{f}",
+    ]
+    np.testing.assert_allclose(np.sort(back[f"feature_{f}"]), np.sort(col[want]), rtol=1e-6)
+    got = set(
+        zip(back.plate.astype(str), back.well.astype(str), back.site, back.label, strict=True)
+    )
+    rows = np.flatnonzero(want)
+    expect = set(
+        zip(
+            table.plate.astype(str).to_numpy()[rows],
+            table.well.astype(str).to_numpy()[rows],
+            table.site.to_numpy()[rows],
+            table.label.to_numpy()[rows],
+            strict=True,
+        )
+    )
+    assert got == expect
+    images = read_selection_labels(tmp_path / "labels")
+    from_images = {
+        (k.plate, k.well, k.site, int(v)) for k, im in images.items() for v in np.unique(im) if v
+    }
+    assert from_images == expect
+    # one well only, table on stdout
+    p, w = back.plate.iloc[0], back.well.iloc[0]
+    done = run("cells", *base, "--threshold", str(threshold), "--plate", p, "--well", w)
+    assert done.returncode == 0, done.stderr
+    n = int(((back.plate == p) & (back.well == w)).sum())
+    assert f"{n} cells with feature {f} >= {threshold:g} (plate {p}, well {w})" in done.stdout
+    assert f"feature_{f}" in done.stdout.splitlines()[1]
+    # a feature the dictionary lacks is refused by name, exit 2
+    done = run("cells", *base[:2], "--feature", "9999", "--threshold", "0")
+    assert done.returncode == 2
+    assert "--feature: feature 9999 is out of range" in done.stderr
+
+
 def test_well_profiles_pycytominer_layout(explored, tmp_path):
     store, dictionary, ex, _, _ = explored
     codes, table = ex.cell_codes()
@@ -219,7 +338,7 @@ def test_names_round_trip_and_reach_analyze(explored, tmp_path):
     feats = pd.read_parquet(a.paths["features"]).set_index("feature")
     assert feats.loc[2, "name"] == "nuclear size" and feats.loc[3, "name"] == ""
     adata = ad.read_h5ad(a.paths["h5ad"])
-    assert adata.var.loc["2", "note"] == "big nuclei; mostly in B wells"
+    assert adata.var.loc["f0002", "note"] == "big nuclei; mostly in B wells"
     # another dictionary's names are refused, both checksums named
     theirs = notes_path(other)
     theirs.write_text(path.read_text())

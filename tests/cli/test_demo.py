@@ -12,7 +12,9 @@ from napari_concept_discovery.dictionary import load_dictionary
 
 
 def test_demo_end_to_end_and_rerun(tmp_path):
-    settings = DemoSettings(plates=2, wells=6, sites=1, size=512, atoms=64, steps=30, seed=0)
+    settings = DemoSettings(
+        plates=2, wells=6, sites=1, size=512, atoms=64, levels="16,M", steps=30, seed=0
+    )
     result = run_demo(tmp_path / "demo", settings, log=lambda s: None)
 
     assert result.dictionary.is_file()
@@ -59,8 +61,14 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     features = pd.read_parquet(result.analysis / "features.parquet")
     assert {f"stain_{n}" for n in names} | {"top_stain"} <= set(features.columns)
 
+    # nested levels and feature families reach the analysis and the printed report
+    assert result.levels == "16/64" and load_dictionary(result.dictionary).levels == [16, 64]
+    assert features["level"].tolist() == [16] * 16 + [64] * 48
+    assert result.families is not None and "family" in features.columns
     report = format_report(result)
     assert "FVU" in report and "HUVEC" in report and "stains touched" in report
+    assert "nested levels: 16/64" in report and "feature families" in report
+    assert "family_auroc" in report
     assert "MB per site" in report
     # the HTML report is written beside the other outputs and its path printed
     assert result.report == result.out / "report" / "index.html" and result.report.is_file()
@@ -84,8 +92,8 @@ def test_demo_cli(tmp_path, capsys):
             "6",
             "--size",
             "256",
-            "--atoms",
-            "32",
+            "--levels",
+            "8,M",
             "--steps",
             "10",
             "--plates",
@@ -98,3 +106,5 @@ def test_demo_cli(tmp_path, capsys):
     for name in ("within-cell-type", "controls", "per-cell-type"):
         assert (tmp_path / "d" / f"dictionary-{name}.safetensors").is_file()
     assert "whitening" in out and "top_stain" in out
+    assert "nested levels: 8/" in out and "feature families" in out
+    assert "atoms (one atom per" in out  # sized to the cells: the rule is said

@@ -176,6 +176,7 @@ def test_analyze_store_writes_what_the_cli_writes(store, trained, small_plates, 
         "codes",
         "tokens",
         "concepts",
+        "families",
         "h5ad",
         "profiles",  # the dictionary is whitened on controls: profiles against them
         "well_profiles",  # pycytominer's layout, cell tokens

@@ -13,7 +13,14 @@ from napari_concept_discovery.dictionary import (
     train,
     train_on_store,
 )
-from napari_concept_discovery.dictionary.settings import FIRST_EPOCHS, FIRST_STEPS, first_steps
+from napari_concept_discovery.dictionary.settings import (
+    FIRST_ATOMS_RANGE,
+    FIRST_EPOCHS,
+    FIRST_STEPS,
+    TOKENS_PER_ATOM,
+    first_atoms,
+    first_steps,
+)
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.settings import SettingsError
 
@@ -77,3 +84,30 @@ def test_the_steps_help_states_the_rule_in_numbers():
     text = next(d["help"] for d in describe(TrainSettings) if d["name"] == "steps")
     lo, hi = FIRST_STEPS
     assert f"{FIRST_EPOCHS} passes" in text and f"{lo}-{hi} steps" in text
+
+
+def test_atoms_default_is_sized_to_the_tokens():
+    settings = TrainSettings()
+    assert settings.atoms is None
+    lo, hi = FIRST_ATOMS_RANGE
+    assert first_atoms(3840) == 16 == lo  # 3840 / 256 = 15: the nearest power of two, 16
+    assert first_atoms(13_888) == 64  # 54 -> 64
+    assert first_atoms(40_000) == 128  # 156 -> 128
+    assert first_atoms(10**7) == hi and first_atoms(1) == lo
+    atoms, why = settings.atoms_for(13_888)
+    assert atoms == 64 and f"one atom per {TOKENS_PER_ATOM} of 13888 tokens" in why
+    assert TrainSettings(method="topk", atoms=7, sparsity=2).atoms_for(13_888) == (7, "as given")
+    # without a sparsity a small dictionary uses at most half its atoms per token
+    assert settings.replace(atoms=16).method_config() == {"n_atoms": 16, "n_iter": 2, "n_pick": 4}
+    assert settings.replace(atoms=16, method="topk").method_config()["k"] == 8
+    assert settings.replace(atoms=1024).method_config()["n_iter"] == 8  # the default 32
+    with pytest.raises(SettingsError, match="levels"):
+        TrainSettings(levels="8,4")  # checked before the atoms are known
+
+
+def test_train_on_store_sizes_atoms_to_its_tokens(tiny_store_path, tmp_path, small_train):
+    store = ActivationStore.open(tiny_store_path)
+    trained = train_on_store(store, small_train(atoms=None, sparsity=None, steps=5))
+    n = trained.dictionary.meta.n_tokens
+    assert trained.dictionary.n_atoms == first_atoms(n)
+    assert trained.dictionary.meta.train.atoms == first_atoms(n)

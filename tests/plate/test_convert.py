@@ -44,6 +44,17 @@ def test_convert_round_trip(synth, tmp_path, capsys, ngff):
         assert {k: b.metadata.get(k) for k in keep} == {k: a.metadata[k] for k in keep}
         assert "perturbation" in keep
     assert back.warnings == []
+    # one resolution level per field and per label image (ome-zarr's default Scaler would add
+    # four), and channel windows that NGFF viewers take from the pixels
+    from ome_zarr.io import ZarrLocation
+
+    field = back[source.keys[0]].paths[0]
+    for where in (field, field / "labels" / "cells"):
+        attrs = ZarrLocation(str(where)).root_attrs
+        assert len(attrs["multiscales"][0]["datasets"]) == 1, where
+    window = ZarrLocation(str(field)).root_attrs["omero"]["channels"][0]["window"]
+    dna = source[source.keys[0]].read()[0]
+    assert (window["start"], window["end"]) == (float(dna.min()), float(dna.max()))
 
 
 def test_convert_refuses_a_full_folder_and_is_atomic(synth, tmp_path, capsys):

@@ -19,6 +19,7 @@ from ome_zarr.writer import (  # noqa: E402
 from napari_concept_discovery._reader import napari_get_reader
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.plate import SiteKey, open_plate
+from napari_concept_discovery.plate.convert import omero_channels
 
 CHANNELS = ["DNA", "ER", "Mito"]
 WELLS = [("B", "3"), ("C", "11")]
@@ -52,16 +53,16 @@ def write_plate(path, fmt, seed: int = 0, name: str | None = None):
                 axes="cyx",
                 fmt=fmt,
                 scale_factors=[2],
-                metadata={
-                    "omero": {"channels": [{"label": n, "color": "FFFFFF"} for n in CHANNELS]}
-                },
+                omero=omero_channels(CHANNELS, image),
             )
             pixels[(f"{r}{int(c):02d}", i + 1)] = image
             if labels is None:
                 labels = np.zeros((48, 40), np.int32)
                 labels[5:20, 4:18] = 1
                 labels[25:40, 20:36] = 2
-                write_labels(labels, field, "cells", axes="yx", fmt=fmt, scale_factors=[2])
+                write_labels(
+                    labels, field, "cells", axes="yx", fmt=fmt, scaler=None, scale_factors=[2]
+                )
     return pixels, labels
 
 

@@ -418,3 +418,123 @@ def test_default_labels_and_ranking():
     )
     # the best of each label first (z's best is too weak to lead), then the rest; 3 never fires
     assert rank_features(features, 5) == [0, 2, 1, 4]
+
+
+# --- what the report claims, shown ------------------------------------------------------------
+
+
+def _section_text(text: str, f: int) -> str:
+    start = text.index(f"id='feature-{f}'")
+    return text[start : text.index("</section>", start)]
+
+
+def test_report_shows_the_stain_shares_of_every_feature(written):
+    from napari_concept_discovery.dictionary import load_dictionary
+    from napari_concept_discovery.report.html import stain_shares
+
+    store, paths, html = written
+    text = html.read_text()
+    assert "stains " + ", ".join(store.channel_names) in text  # the header names them
+    shares = load_dictionary(paths[0]).stain_table()
+    assert shares is not None  # per-channel tokens: every atom has a share per stain
+    page = _Page()
+    page.feed(text)
+    for f in page.sections:
+        row = shares.iloc[f]
+        said = stain_shares(row, [f"stain_{n}" for n in store.channel_names])
+        assert f"<b>stains</b> {said}" in _section_text(text, f)
+        top = row["top_stain"]
+        assert said.split(": ")[-1].startswith(f"{top} {row[f'stain_{top}']:.0%}")
+
+
+def test_top_cells_come_from_several_wells_and_the_report_says_how_many(written):
+    from napari_concept_discovery.analysis.explore import Explorer
+    from napari_concept_discovery.dictionary import load_dictionary
+
+    store, paths, html = written
+    ex = Explorer(store, load_dictionary(paths[0]))
+    codes, table = ex.cell_codes()
+    text = html.read_text()
+    page = _Page()
+    page.feed(text)
+    for f in page.sections:
+        capped = ex.top_cells(f, 5, per_well=1)
+        wells = capped[["plate", "well"]].astype(str).apply(tuple, axis=1)
+        assert wells.is_unique  # one cell per well at most
+        # each is its well's strongest cell, the wells taken strongest first
+        v = codes[:, f].toarray().ravel()
+        frame = table[["plate", "well"]].astype(str).assign(v=v)
+        best = frame[frame.v > 0].groupby(["plate", "well"]).v.max().sort_values(ascending=False)
+        np.testing.assert_allclose(capped["value"], best.head(5).to_numpy(), rtol=1e-6)
+        # the page's gallery keeps at most the setting's share of one well, and says so
+        shown = ex.top_cells(f, 5, per_well=ReportSettings().per_well)
+        n_wells = shown[["plate", "well"]].drop_duplicates().shape[0]
+        assert shown.groupby(["plate", "well"]).size().max() <= ReportSettings().per_well
+        assert f"<b>top cells</b> {len(shown)} from {n_wells} well" in _section_text(text, f)
+    plain = ex.top_cells(page.toc[0], 5)
+    np.testing.assert_array_equal(plain["value"], np.sort(plain["value"])[::-1])
+
+
+def test_profile_heatmap_row_labels_overlap_nothing():
+    from napari_concept_discovery.report.figures import profile_figure
+
+    table = _wells_table(cells_per_well=3)
+    table["drug"] = table["drug"].map(
+        {"ctrl": "ctrl", "X": "a_very_long_perturbation_name", "Y": "Y"}
+    )
+    rng = np.random.default_rng(0)
+    codes = sp.csr_matrix(rng.random((len(table), 12)) * (rng.random((len(table), 12)) > 0.5))
+    prof = concept_profiles(codes, table, "drug", "kind=neg", threshold=0.5)
+    fig = profile_figure(prof, list(range(12)))
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    heat = [ax for ax in fig.axes if ax.images][0]
+    others = [ax.get_window_extent(renderer) for ax in fig.axes if ax is not heat]
+    labels = [t.get_window_extent(renderer) for t in heat.get_yticklabels() if t.get_text()]
+    labels.append(heat.yaxis.label.get_window_extent(renderer))
+    assert len(labels) == len(prof.values) + 1
+    for box in labels:
+        assert heat.get_window_extent(renderer).x1 <= box.x0  # right of the heatmap
+        for other in others:  # the dendrograms and the colour bar
+            assert not box.overlaps(other), (box, other)
+    for a, b in zip(labels, labels[1:], strict=False):
+        assert not a.overlaps(b)
+
+
+def test_a_sentence_where_selectivity_and_profiles_disagree():
+    """Cells of drug X mostly fire weakly (the most selective label), a few cells of drug Y fire
+    strongly (its wells' means stand out from the controls): the feature says both, plainly."""
+    from napari_concept_discovery.analysis.concepts import feature_table, selectivity
+    from napari_concept_discovery.report.html import disagreement
+
+    table = _wells_table(cells_per_well=20)
+    rng = np.random.default_rng(1)
+    v = np.zeros(len(table))
+    for idx in table.groupby("well").groups.values():
+        idx = np.asarray(idx)
+        if table.loc[idx[0], "drug"] == "ctrl":
+            hit = rng.choice(idx, 2, replace=False)
+            v[hit] = rng.uniform(0.1, 0.2, 2)
+        elif table.loc[idx[0], "drug"] == "X":
+            v[idx[:18]] = 0.005
+        else:
+            v[idx[:3]] = 5.0
+    codes = sp.csr_matrix(v[:, None])
+    sels = {"drug": selectivity(codes, table["drug"].to_numpy(), "drug")}
+    row = feature_table(codes, table, ["drug"], selectivities=sels).iloc[0]
+    assert (row["top_column"], row["top_label"]) == ("drug", "X")
+    prof = concept_profiles(codes, table, "drug", "kind=neg")
+    assert prof.hits()["value"].tolist() == ["Y"]
+    sentence = disagreement(row, 0, [prof], sels)
+    assert "most selective for drug = X (active in 90% of its cells" in sentence
+    assert "single out drug = Y" in sentence
+    # a feature whose label is its only hit needs no sentence
+    agree = row.copy()
+    agree["top_label"] = "Y"
+    assert disagreement(agree, 0, [prof], sels) == ""
+    # hits beyond the label are said with "also"
+    both = concept_profiles(codes, table, "drug", "kind=neg", threshold=-50.0)
+    assert {"X", "Y"} <= set(both.hits()["value"])
+    said = disagreement(row, 0, [both], sels)
+    assert "profiles also single out" in said and "drug = Y" in said and "= X," not in said
+    assert disagreement(row, 0, [], sels) == ""

@@ -219,6 +219,12 @@ def test_display_table_joins_the_top_label_and_keeps_attribution_columns():
     ]
     assert shown["top"].tolist() == ["cell_type=HeLa", ""]  # a feature that never fires: none
     assert headers(shown)[3][0] == "Top label" and headers(shown)[-1][0] == "Stain dna"
+    # a nested dictionary's level and the feature's family come right after its number
+    features.insert(1, "family", [0, -1])
+    features.insert(1, "level", [16, 64])
+    shown = display_table(features)
+    assert list(shown.columns)[:3] == ["feature", "level", "family"]
+    assert [h for h, _ in headers(shown)[:3]] == ["Feature", "Level", "Family"]
 
 
 def test_selectivity_columns_prefer_known_labels():

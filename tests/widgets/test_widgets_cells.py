@@ -21,6 +21,7 @@ from test_widgets_explore import (  # noqa: F401  (fixtures)
 
 from napari_concept_discovery.analysis.cell_selection import (
     cells_above,
+    read_selection_labels,
     selection_labels,
     similar_cells,
     with_feature,
@@ -116,6 +117,13 @@ def test_name_a_feature_select_cells_export_and_find_similar_cells(
     expect = with_feature(explorer, want, feature)
     assert list(got.columns) == list(expect.columns)
     np.testing.assert_allclose(got[f"feature_{feature}"], expect[f"feature_{feature}"], rtol=1e-6)
+    # one label image per site with selected cells, each keeping exactly those cells
+    folder = widget.save_selection_labels(tmp_path / "selected")
+    images = read_selection_labels(folder)
+    assert len(images) == len(want[["plate", "well", "site"]].drop_duplicates())
+    for k, image in images.items():
+        np.testing.assert_array_equal(image, selection_labels(want, k, explorer.labels(k)))
+    assert f"to {folder}" in widget.status.text()
     first = want.iloc[0]
     session.set_site(SiteKey(str(first.plate), str(first.well), int(first.site)))
     wait_painter(qtbot, viewer)

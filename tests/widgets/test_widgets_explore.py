@@ -569,7 +569,11 @@ def test_cells_from_a_labels_layer_replace_the_segmentation(make_napari_viewer, 
 def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_folder, qtbot):
     """Steps for FIRST_EPOCHS passes over the store's tokens (50 to 1000), until the user types
     some."""
-    from napari_concept_discovery.dictionary.settings import FIRST_EPOCHS, first_steps
+    from napari_concept_discovery.dictionary.settings import (
+        FIRST_EPOCHS,
+        first_atoms,
+        first_steps,
+    )
 
     assert (first_steps(4000, 1024), first_steps(10**6, 1024), first_steps(0, 1024)) == (
         -(-FIRST_EPOCHS * 4000 // 1024),
@@ -591,6 +595,15 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     widget.fields["unit"].set_value("cell")
     opened.embed.open_store(demo_folder / "store.zarr")
     assert steps.value() == 123
+    # atoms too: one per TOKENS_PER_ATOM tokens, until the user types a number
+    atoms = widget.fields["atoms"]
+    assert atoms.value() == first_atoms(n_cells)
+    widget.fields["unit"].set_value("patch")
+    assert atoms.value() == first_atoms(n_patches)
+    atoms.widget.setValue(48)
+    widget.fields["unit"].set_value("cell")
+    assert atoms.value() == 48 and widget.settings().atoms == 48
+    assert widget.settings().levels == "none"  # the nested levels field, plain by default
 
 
 def test_a_diverged_dictionary_is_refused_by_the_dictionary_widget(

@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
@@ -132,6 +133,8 @@ def analyze_store(
         controls=controls,
         stains=dictionary.stain_table(),
         named=_named_and_described(store, dictionary, codes, table, settings, progress, cancel),
+        levels=dictionary.feature_levels(),
+        families=dictionary_families(dictionary, codes),
     )
     return Analysis(codes, table, paths)
 
@@ -151,6 +154,14 @@ def _named_and_described(store, dictionary, codes, table, settings, progress, ca
     if named is None:
         return described
     return described.merge(named, on="feature", how="left").fillna({"name": "", "note": ""})
+
+
+def dictionary_families(dictionary: Dictionary, codes) -> np.ndarray:
+    """(M,) the feature families (:func:`.families.feature_families`) of ``dictionary`` from
+    its atoms and ``codes``, the tokens it was applied to."""
+    from .families import feature_families
+
+    return feature_families(dictionary.model.atoms.detach().cpu().numpy(), codes)
 
 
 def named_features(dictionary: Dictionary) -> pd.DataFrame | None:

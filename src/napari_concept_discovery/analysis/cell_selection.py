@@ -1,7 +1,8 @@
 """Sets of cells a user takes into the next step: those above a feature threshold, those most
-like a given cell in code space, those in the gallery; written as a CSV or drawn as a label
-image for a napari Labels layer. Qt-free; the explorer widget and ``concept-discovery similar``
-are thin doors over these functions.
+like a given cell in code space, those in the gallery; written as a CSV, drawn as a label
+image for a napari Labels layer, or written as one label image per site (a label folder in the
+layout ``segment`` writes, :func:`write_selection_labels`). Qt-free; the explorer widget and
+``concept-discovery similar`` / ``cells`` are thin doors over these functions.
 
 Similar cells are found exactly: cosine similarity of the cell's code vector against every
 cell's, as one sparse matrix-vector product over the codes the
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._files import atomic_path
+from .._files import atomic_dir, atomic_path, check_not_foreign
 from ..errors import StoreError
 from ..plate.model import SiteKey
 
@@ -32,6 +33,9 @@ COLUMNS = ("plate", "well", "site", "label", "centroid_y", "centroid_x")
 #: sparse product over the cached codes); above it the product is the same (still exact), only
 #: the codes' memory (cells x L0 x 12 bytes) grows.
 EXACT_LIMIT = 1_000_000
+#: Written into a folder of selection label images, listing its files (the folder is replaced
+#: whole, and only when every file in it was written by this package).
+SELECTION_MARKER = "selection.json"
 
 
 def cell_row(explorer, key, label: int) -> int:
@@ -152,6 +156,18 @@ def with_feature(explorer, cells: pd.DataFrame, feature: int) -> pd.DataFrame:
     return out
 
 
+def in_sites(cells: pd.DataFrame, plate=None, well=None, site=None) -> pd.DataFrame:
+    """The cells of ``cells`` on the given plate, well and site (each optional)."""
+    keep = np.ones(len(cells), bool)
+    if plate is not None:
+        keep &= cells["plate"].astype(str).to_numpy() == str(plate)
+    if well is not None:
+        keep &= cells["well"].astype(str).to_numpy() == str(well)
+    if site is not None:
+        keep &= cells["site"].astype(np.int64).to_numpy() == int(site)
+    return cells[keep].reset_index(drop=True)
+
+
 def write_cells_csv(cells: pd.DataFrame, path: str | Path) -> Path:
     """Write a cell selection as CSV (atomically): plate, well, site, label, centroids, values."""
     missing = [c for c in ("plate", "well", "site", "label") if c not in cells.columns]
@@ -174,8 +190,88 @@ def selection_labels(cells: pd.DataFrame, key, labels: np.ndarray) -> np.ndarray
     return np.where(keep, labels, 0).astype(labels.dtype)
 
 
+def write_selection_labels(explorer, cells: pd.DataFrame, out, *, what: str = "") -> Path:
+    """Write the label image of every site holding selected cells, with only those cells
+    kept, into the folder ``out``: ``<plate>/<well>_s<site>_cells.tif`` (int32, 0 background,
+    the store's labels), the layout of ``segment``'s label folders, plus
+    :data:`SELECTION_MARKER` (the images, the cells in each and ``what`` was selected).
+
+    The folder is written beside and swapped in whole; one that holds files this package did
+    not write is refused by name before any work. Returns the folder.
+    """
+    import json
+
+    import tifffile
+
+    from ..plate.labels import label_paths
+
+    missing = [c for c in ("plate", "well", "site", "label") if c not in cells.columns]
+    if missing:
+        raise ValueError(f"a cell selection needs the columns {missing}")
+    out = check_not_foreign(
+        out,
+        marker=SELECTION_MARKER,
+        what="labels folder",
+        kind="a cell selection's label images",
+    )
+    sites = (
+        cells[["plate", "well", "site"]]
+        .astype({"plate": str, "well": str, "site": np.int64})
+        .drop_duplicates()
+        .sort_values(["plate", "well", "site"])
+    )
+    keys = [SiteKey(p, w, int(s)) for p, w, s in sites.itertuples(index=False)]
+    for key in keys:  # every site known before anything is written
+        if key not in explorer.store:
+            raise StoreError(f"site {key} is not in the activation store at {explorer.store.path}")
+    files, counts = [], {}
+    with atomic_dir(out) as tmp:
+        for key in keys:
+            data = selection_labels(cells, key, explorer.labels(key)).astype(np.int32)
+            path = label_paths(tmp, key)[0]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(path, data, compression="zlib")
+            rel = path.relative_to(tmp).as_posix()
+            files.append(rel)
+            counts[rel] = int(len(np.unique(data[data > 0])))
+        tops = sorted({f.split("/")[0] for f in files})  # what the folder holds, by name
+        marker = {
+            "what": what,
+            "cells": int(sum(counts.values())),
+            "files": tops,
+            "images": files,
+            "counts": counts,
+        }
+        (tmp / SELECTION_MARKER).write_text(json.dumps(marker, indent=1))
+    return Path(out)
+
+
+def read_selection_labels(folder) -> dict[SiteKey, np.ndarray]:
+    """The label images of a folder written by :func:`write_selection_labels`, by site."""
+    import json
+
+    import tifffile
+
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / SELECTION_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{folder} holds no readable {SELECTION_MARKER}: {exc}") from exc
+    out = {}
+    for rel in marker.get("images", []):
+        plate, name = rel.split("/")
+        well, _, site = name.removesuffix("_cells.tif").rpartition("_s")
+        site = int(site)
+        out[SiteKey(plate, well, site)] = tifffile.imread(folder / rel)
+    return out
+
+
 __all__ = [
     "EXACT_LIMIT",
+    "SELECTION_MARKER",
+    "in_sites",
+    "read_selection_labels",
+    "write_selection_labels",
     "cells_above",
     "cosine_to",
     "selection_labels",

@@ -101,6 +101,7 @@ class Explorer:
         self._sites: OrderedDict[SiteKey, SiteCodes] = OrderedDict()
         self._cells: tuple[sp.csr_matrix, pd.DataFrame] | None = None
         self._limits: np.ndarray | None = None
+        self._families: np.ndarray | None = None
         self._lock = threading.RLock()
         self._limits_lock = threading.Lock()  # one thread samples the limits, others wait
         self._site_table = store.sites()
@@ -308,18 +309,25 @@ class Explorer:
                 self._cells = (codes, self.store.table("cell"))
             return self._cells
 
-    def top_cells(self, feature: int, n: int = 24) -> pd.DataFrame:
+    def top_cells(self, feature: int, n: int = 24, per_well: int | None = None) -> pd.DataFrame:
         """The ``n`` cells with the largest code of ``feature`` across the store, with boxes.
 
         Columns: plate, well, site, label, value, centroid_y, centroid_x and the cell's bounding
-        box y0, x0, y1, x1 in pixels (end exclusive), for a gallery of crops.
+        box y0, x0, y1, x1 in pixels (end exclusive), for a gallery of crops. ``per_well`` keeps
+        at most that many cells of one well (the strongest), so the cells come from several
+        wells and an artefact of one well cannot pass for a concept.
         """
         f = self._feature(feature)
         codes, table = self.cell_codes()
         col = codes[:, f].tocoo()
         keep = col.data > 0
         rows, vals = col.row[keep], col.data[keep]
-        order = np.lexsort((rows, -vals))[: int(n)]
+        order = np.lexsort((rows, -vals))
+        if per_well is not None:
+            wells = table[["plate", "well"]].iloc[rows[order]].astype(str).agg("/".join, axis=1)
+            rank = wells.groupby(wells.to_numpy()).cumcount().to_numpy()
+            order = order[rank < int(per_well)]
+        order = order[: int(n)]
         cols = ["plate", "well", "site", "label", "centroid_y", "centroid_x"]
         out = table.iloc[rows[order]][cols].reset_index(drop=True)
         out.insert(4, "value", vals[order].astype(np.float32))
@@ -409,12 +417,29 @@ class Explorer:
 
     def feature_table(self, columns=None, top_n: int = 10) -> pd.DataFrame:
         """``concepts.feature_table`` over the store's cells, with selectivity for ``columns``
-        (those the cell table has)."""
+        (those the cell table has), each feature's nested ``level`` (a nested dictionary only)
+        and its ``family`` (:func:`.families.feature_families` on the cells' codes, -1: none)."""
         from .concepts import feature_table
 
         codes, table = self.cell_codes()
         cols = [c for c in (columns or []) if c in table.columns]
-        return feature_table(codes, table, cols, top_n=top_n)
+        out = feature_table(codes, table, cols, top_n=top_n)
+        if self.dictionary.levels is not None:
+            out.insert(1, "level", self.dictionary.feature_levels())
+        out.insert(2 if "level" in out.columns else 1, "family", self.families())
+        return out
+
+    def families(self) -> np.ndarray:
+        """(M,) the feature families on the store's cells, computed once."""
+        from .analyze import dictionary_families
+
+        with self._lock:
+            known = self._families
+        if known is None:
+            known = dictionary_families(self.dictionary, self.cell_codes()[0])
+            with self._lock:
+                self._families = known
+        return known
 
 
 def positive_percentiles(codes: sp.spmatrix, q: float) -> np.ndarray:

@@ -1,29 +1,41 @@
-"""Handcrafted per-cell measurements in CellProfiler's vocabulary, and feature descriptions
-built from them.
+"""CellProfiler's per-cell measurements (computed with ``cp-measure``), and feature
+descriptions built from them.
 
 A dictionary feature is easier to name when one can say which classical measurements follow
-it: "Mito: granularity up (0.78), texture contrast up (0.61)". This module measures every cell
-of a store per stain and compartment (cells, nuclei, cytoplasm) from the plate's images and
-the store's own cell labels, caches the table beside the store (rebuilt, never trusted, when
-the store's cells change), and ranks the measurements by their Spearman correlation with each
-feature's activation over cells (:func:`describe_features`). The concept benchmark reads the
-same table (:func:`store_measurements`).
+it: "Mito: granularity 2 up (0.78), texture contrast up (0.61)". This module measures every
+cell of a store per stain and compartment (cells, nuclei, cytoplasm) from the plate's images
+and the store's own cell labels with cp-measure's per-object featurizers (CellProfiler's
+MeasureObjectIntensity, MeasureTexture, MeasureGranularity, MeasureObjectSizeShape and
+MeasureObjectIntensityDistribution as functions), names the columns as CellProfiler does
+(``Cells_Texture_Contrast_Mito_3_00_256``, ``Nuclei_Intensity_MeanIntensity_DNA``,
+``Cells_RadialDistribution_FracAtD_RNA_1of4``, ``Cytoplasm_AreaShape_Area``), caches the table
+beside the store (rebuilt, never trusted, when the store's cells or :data:`VERSION` change),
+and ranks the measurements by their Spearman correlation with each feature's activation over
+cells (:func:`describe_features`). The concept benchmark's handcrafted anchor reads the same
+table (:func:`store_measurements`).
 
-Why not cp-measure: the design names ``cp-measure`` (CellProfiler's measurements as functions),
-but its releases that run on NumPy 2 need ``centrosome>=1.3.4``, which pins ``pillow<12``,
-while this project pins pillow 13. The measurements here are computed with NumPy/SciPy in
-CellProfiler's naming (``<Compartment>_<Module>_<Measure>_<stain>``) and definitions where they
-are simple (mean, standard deviation and integrated intensity, area), and by stated proxies where
-CellProfiler's are not: ``Texture_Contrast`` is the mean squared difference of neighbouring
-pixels inside the object (Haralick contrast at distance 1 without grey-level binning, averaged
-over the horizontal and vertical directions) and ``Granularity_2`` the share of the object's
-signal removed by a grey opening with a radius-2 disk (the first elements of CellProfiler's
-granularity spectrum). ``measure_site`` is the one function to swap for cp-measure's when the
-pins allow.
+What is measured (a curated subset of each module's output, so that a 100k-cell store's table
+stays a few hundred MB): per stain, in each compartment, six intensity statistics, five
+Haralick features in CellProfiler's four directions at scale 3 with 256 grey levels, and
+the first :data:`GRANULARITY_STEPS` steps of the granularity spectrum; per stain, in cells
+only, the radial distribution in 4 rings; per compartment, ten size and shape measures.
+Intensities are on the image type's scale (8-bit / 255, 16-bit / 65535, as CellProfiler reads
+them), so sites are comparable.
+
+Granularity (CellProfiler's defaults: a quarter of the resolution, background element radius
+10) is an image-wide computation with per-object means at the end, so it runs once per stain
+on nuclei and cytoplasm together; a cell's spectrum follows from its two parts' (each step is
+a drop of the object's mean over its starting mean, and a cell's mean is its parts' weighted by
+area), equal to measuring the cell itself (a test checks it).
 
 Nuclei: the store keeps cell labels only, so each cell's nucleus is its pixels above one Otsu
 threshold of the nuclear stain over the site's cells (the DNA channel, by name); cytoplasm is the
 rest of the cell. Without a nuclear stain only the ``Cells`` compartment is measured.
+
+Cost: texture runs on cp-measure's numba kernel (compiled once, cached on disk). Measured cost
+per 512 px site is in ``benchmarks/results/bench_measurements.txt``; with ``max_cells`` a
+seeded sample of each site's cells is measured and the other cells' rows are NaN (the
+correlations use the measured cells only).
 """
 
 from __future__ import annotations
@@ -36,14 +48,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 
 from .._files import atomic_path
 from ..errors import DataWarning, StoreError
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 
 #: Bump when a measurement changes: cached tables of another version are rebuilt.
-VERSION = 1
+#: 1: NumPy/SciPy proxies; 2: cp-measure's featurizers.
+VERSION = 2
 #: Cells sampled (fixed seed) for the correlations; Spearman over 5,000 cells has a standard
 #: error under 0.015, far below the differences a description ranks by.
 MAX_CELLS = 5000
@@ -53,14 +65,62 @@ N_TOP = 3
 MIN_CORRELATION = 0.2
 KEYS = ("plate", "well", "site", "label")
 
-#: How a measurement reads in a description.
+COMPARTMENTS = ("Cells", "Nuclei", "Cytoplasm")
+INTENSITY = (
+    "IntegratedIntensity",
+    "MeanIntensity",
+    "StdIntensity",
+    "MaxIntensity",
+    "MedianIntensity",
+    "MassDisplacement",
+)
+TEXTURE = ("Contrast", "Entropy", "AngularSecondMoment", "Correlation", "InverseDifferenceMoment")
+TEXTURE_SCALE = 3
+TEXTURE_LEVELS = 256
+GRANULARITY_STEPS = 8
+GRANULARITY = {"subsample_size": 0.25, "image_sample_size": 0.25, "element_size": 10}
+RADIAL_BINS = 4
+RADIAL = ("FracAtD", "MeanFrac", "RadialCV")
+SHAPE = (
+    "Area",
+    "Perimeter",
+    "FormFactor",
+    "Eccentricity",
+    "Solidity",
+    "Extent",
+    "Compactness",
+    "MajorAxisLength",
+    "MinorAxisLength",
+    "MeanRadius",
+)
+
+#: How a measurement reads in a description (by category and feature, without stain and
+#: parameters).
 WORDS = {
     "Intensity_MeanIntensity": "intensity",
     "Intensity_StdIntensity": "intensity spread",
     "Intensity_IntegratedIntensity": "total intensity",
+    "Intensity_MaxIntensity": "peak intensity",
+    "Intensity_MedianIntensity": "median intensity",
+    "Intensity_MassDisplacement": "off-centre intensity",
     "Texture_Contrast": "texture contrast",
-    "Granularity_2": "granularity",
+    "Texture_Entropy": "texture entropy",
+    "Texture_AngularSecondMoment": "texture uniformity",
+    "Texture_Correlation": "texture correlation",
+    "Texture_InverseDifferenceMoment": "texture smoothness",
+    "RadialDistribution_FracAtD": "share in ring",
+    "RadialDistribution_MeanFrac": "enrichment in ring",
+    "RadialDistribution_RadialCV": "unevenness in ring",
     "AreaShape_Area": "area",
+    "AreaShape_Perimeter": "perimeter",
+    "AreaShape_FormFactor": "roundness",
+    "AreaShape_Eccentricity": "elongation",
+    "AreaShape_Solidity": "solidity",
+    "AreaShape_Extent": "extent",
+    "AreaShape_Compactness": "compactness",
+    "AreaShape_MajorAxisLength": "length",
+    "AreaShape_MinorAxisLength": "width",
+    "AreaShape_MeanRadius": "mean radius",
 }
 COMPARTMENT_WORDS = {"Cells": "", "Nuclei": "nuclear ", "Cytoplasm": "cytoplasmic "}
 
@@ -89,108 +149,236 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values))
 
 
-def measure_site(
-    image: np.ndarray, cells: np.ndarray, channel_names: Sequence[str]
-) -> pd.DataFrame:
-    """One row per cell label of ``cells`` (H, W): ``label`` and the measurements of every
-    stain of ``image`` (C, H, W) in each compartment (see the module docstring)."""
-    from skimage.morphology import disk
-
-    image = np.asarray(image, dtype=np.float32)
-    cells = np.asarray(cells)
-    labels = np.unique(cells[cells > 0]).astype(np.int64)
-    out: dict[str, np.ndarray] = {"label": labels}
-    if not labels.size:
-        return pd.DataFrame(out)
-    top = float(np.max(image)) if image.size else 1.0
-    image = image / (top if top > 0 else 1.0)  # one scale for the site: texture is comparable
-    nuc = _nuclear(channel_names)
-    inside = np.flatnonzero(cells.ravel() > 0)
-    cell_of = cells.ravel()[inside].astype(np.int64)
-    nuclear = np.zeros(cells.shape, bool)
-    if nuc is not None:
-        nuclear = (cells > 0) & (image[nuc] > _otsu(image[nuc][cells > 0]))
-    # one pass per stain and sum: pixels keyed by (cell, in its nucleus or not); the cell is the
-    # sum of its nucleus and its cytoplasm
-    n = int(labels.max()) + 1
-    key = cell_of * 2 + nuclear.ravel()[inside]
-
-    def parts(weights) -> np.ndarray:  # (cells, 2): cytoplasm, nucleus
-        return np.bincount(key, weights=weights, minlength=2 * n).reshape(n, 2)[labels]
-
-    pairs = _same_pairs(cells, nuclear)
-    area = parts(None).astype(np.float64)
-    comps = {"Cells": (0, 1)}
-    if nuc is not None:
-        comps.update(Nuclei=(1,), Cytoplasm=(0,))
-    sizes = {comp: area[:, list(cols)].sum(1) for comp, cols in comps.items()}
-    for comp in comps:
-        out[f"{comp}_AreaShape_Area"] = sizes[comp]
-    for c, name in enumerate(channel_names):
-        plane = image[c]
-        values = plane.ravel()[inside].astype(np.float64)
-        total, sq = parts(values), parts(values**2)
-        removed = plane - ndi.grey_opening(plane, footprint=disk(2))
-        granular = parts(removed.ravel()[inside].astype(np.float64))
-        contrast_sum, contrast_n = _contrast(plane, pairs, n, labels)
-        for comp, cols in comps.items():
-            cols = list(cols)
-            safe = np.maximum(sizes[comp], 1.0)
-            t = total[:, cols].sum(1)
-            mean = t / safe
-            out[f"{comp}_Intensity_MeanIntensity_{name}"] = mean
-            out[f"{comp}_Intensity_StdIntensity_{name}"] = np.sqrt(
-                np.maximum(sq[:, cols].sum(1) / safe - mean**2, 0.0)
-            )
-            out[f"{comp}_Intensity_IntegratedIntensity_{name}"] = t
-            # pairs: 0 both in the cytoplasm, 1 across the nuclear edge, 2 both in the nucleus
-            cats = {"Cells": [0, 1, 2], "Nuclei": [2], "Cytoplasm": [0]}[comp]
-            out[f"{comp}_Texture_Contrast_{name}"] = contrast_sum[:, cats].sum(1) / np.maximum(
-                contrast_n[:, cats].sum(1), 1.0
-            )
-            out[f"{comp}_Granularity_2_{name}"] = granular[:, cols].sum(1) / np.where(t > 0, t, 1.0)
-    frame = pd.DataFrame(out)
-    # measurements of an empty compartment (a cell without a nucleus) are not zeros: NaN
-    for comp in comps:
-        gone = frame[f"{comp}_AreaShape_Area"].to_numpy() == 0
-        if gone.any():
-            cols = [c for c in frame.columns if c.startswith(comp + "_") and "AreaShape" not in c]
-            frame.loc[gone, cols] = np.nan
-    return frame
+def _unit_scale(image: np.ndarray) -> np.ndarray:
+    """Intensities in [0, 1] as CellProfiler reads them: integers over their type's maximum;
+    floats as they are when inside [0, 1], else over the site's maximum."""
+    image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float64) / float(np.iinfo(image.dtype).max)
+    out = np.nan_to_num(image.astype(np.float64), nan=0.0)
+    out = np.maximum(out, 0.0)
+    top = float(out.max()) if out.size else 0.0
+    return out / top if top > 1.0 else out
 
 
-def _same_pairs(cells: np.ndarray, nuclear: np.ndarray):
-    """Horizontal and vertical neighbour pairs inside one cell: per direction the flat indices
-    of both pixels and a key ``cell * 3 + number of the two in the nucleus``."""
-    out = []
-    h, w = cells.shape
-    flat = np.arange(h * w).reshape(h, w)
-    for a, b in (
-        ((slice(None), slice(0, -1)), (slice(None), slice(1, None))),
-        ((slice(0, -1), slice(None)), (slice(1, None), slice(None))),
-    ):
-        la, lb = cells[a], cells[b]
-        ok = (la == lb) & (la > 0)
-        ia, ib = flat[a][ok], flat[b][ok]
-        key = la[ok].astype(np.int64) * 3 + nuclear[a][ok] + nuclear[b][ok]
-        out.append((ia, ib, key))
+def _featurizers():
+    """cp-measure's functions; the numba texture kernel where numba is installed (the same
+    values as mahotas' to 1e-5, 50-100 times faster)."""
+    from cp_measure.core import (
+        measuregranularity,
+        measureobjectintensity,
+        measureobjectintensitydistribution,
+        measureobjectsizeshape,
+    )
+
+    try:
+        from cp_measure.core.numba.measuretexture import get_texture
+    except ImportError:  # pragma: no cover - numba is a dependency of this package
+        from cp_measure.core.measuretexture import get_texture
+    return {
+        "intensity": measureobjectintensity.get_intensity,
+        "texture": get_texture,
+        "granularity": measuregranularity.get_granularity,
+        "sizeshape": measureobjectsizeshape.get_sizeshape,
+        "radial": measureobjectintensitydistribution.get_radial_distribution,
+    }
+
+
+def _dense(mask: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``mask`` relabelled 1..N in the order of ``present`` (its sorted labels)."""
+    dense = (np.searchsorted(present, mask) + 1).astype(np.int32)
+    dense[mask == 0] = 0
+    return dense
+
+
+def _measure_objects(mask: np.ndarray, image: np.ndarray, names, radial: bool, funcs):
+    """cp-measure on one label image (labels 1..N, contiguous): {CellProfiler name: values}
+    without the compartment prefix."""
+    out: dict[str, np.ndarray] = {}
+    shape = funcs["sizeshape"](mask, None, calculate_advanced=False)
+    for f in SHAPE:
+        out[f"AreaShape_{f}"] = np.asarray(shape[f], np.float64)
+    for c, stain in enumerate(names):
+        pixels = image[c]
+        inten = funcs["intensity"](mask, pixels)
+        for f in INTENSITY:
+            out[f"Intensity_{f}_{stain}"] = inten[f"Intensity_{f}"]
+        tex = funcs["texture"](mask, pixels, scale=TEXTURE_SCALE, gray_levels=TEXTURE_LEVELS)
+        for f in TEXTURE:
+            for d in range(4):
+                suffix = f"{TEXTURE_SCALE}_{d:02d}_{TEXTURE_LEVELS}"
+                out[f"Texture_{f}_{stain}_{suffix}"] = tex[f"{f}_{suffix}"]
+        if radial:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rad = funcs["radial"](mask, pixels, bin_count=RADIAL_BINS)
+            for k in range(1, RADIAL_BINS + 1):
+                for f in RADIAL:
+                    key = f"RadialDistribution_{f}_{k}of{RADIAL_BINS}"
+                    out[f"RadialDistribution_{f}_{stain}_{k}of{RADIAL_BINS}"] = rad[key]
+    return {k: np.asarray(v, np.float64).ravel() for k, v in out.items()}
+
+
+def _granularity(mask: np.ndarray, image: np.ndarray, names, funcs) -> dict[str, np.ndarray]:
+    """Granularity spectrum of every object of ``mask`` (labels 1..N) per stain:
+    {``Granularity_<step>_<stain>``: values}."""
+    out = {}
+    for c, stain in enumerate(names):
+        gran = funcs["granularity"](
+            mask, image[c], granular_spectrum_length=GRANULARITY_STEPS, **GRANULARITY
+        )
+        for k in range(1, GRANULARITY_STEPS + 1):
+            out[f"Granularity_{k}_{stain}"] = np.asarray(gran[f"Granularity_{k}"], np.float64)
     return out
 
 
-def _contrast(plane: np.ndarray, pairs, n: int, labels: np.ndarray):
-    """Sums of squared neighbour differences and pair counts, (cells, 3) each: pairs in the
-    cytoplasm, across the nuclear edge, in the nucleus."""
-    total = np.zeros(3 * n)
-    count = np.zeros(3 * n)
-    values = plane.ravel().astype(np.float64)
-    for ia, ib, key in pairs:
-        total += np.bincount(key, weights=(values[ia] - values[ib]) ** 2, minlength=3 * n)
-        count += np.bincount(key, minlength=3 * n)
-    return total.reshape(n, 3)[labels], count.reshape(n, 3)[labels]
+def _cell_granularity(parts: list[dict], areas: list, means: list) -> dict[str, np.ndarray]:
+    """A cell's granularity from its nucleus' and cytoplasm's (``parts``, NaN where a cell
+    lacks one). Each step is a drop of the object's mean in percent of its starting mean
+    (cp-measure floors that at machine epsilon), and a cell's mean is its parts' weighted by
+    area, so the cell's step is sum(area x start x step) / sum(area x mean) over its parts.
+    ``areas[i]`` and ``means[i][stain]`` are the parts' areas and raw mean intensities."""
+    eps = np.finfo(float).eps
+    out = {}
+    for name in parts[0]:
+        stain = parse_name("X_" + name)[2]
+        num = np.zeros_like(parts[0][name])
+        den = np.zeros_like(parts[0][name])
+        for part, area, mean in zip(parts, areas, means, strict=True):
+            ok = np.isfinite(part[name]) & (area > 0)
+            m = np.where(ok, mean[stain], 0.0)
+            num[ok] += (area * np.maximum(m, eps) * part[name])[ok]
+            den[ok] += (area * m)[ok]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = np.where(den > 0, num / np.maximum(den, eps), np.nan)
+    return out
 
 
-def _signature(store) -> str:
-    """What the cached table depends on: the store's cells, sites and plate, and the version."""
+def measure_site(
+    image: np.ndarray,
+    cells: np.ndarray,
+    channel_names: Sequence[str],
+    *,
+    max_cells: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One row per cell label of ``cells`` (H, W): ``label`` and CellProfiler's measurements of
+    every stain of ``image`` (C, H, W) in each compartment (see the module docstring).
+
+    With ``max_cells``, a sample of that many cells drawn with ``seed`` is measured and the
+    other rows are NaN; every row is measured otherwise. A compartment a cell lacks (a cell
+    without a nucleus) has NaN measurements and area 0.
+    """
+    image = _unit_scale(image)
+    cells = np.asarray(cells)
+    if image.ndim != 3 or image.shape[1:] != cells.shape:
+        raise ValueError(
+            f"measure_site: image {image.shape} and cell labels {cells.shape} do not match"
+        )
+    names = [str(n) for n in channel_names]
+    if len(names) != image.shape[0]:
+        raise ValueError(f"measure_site: {image.shape[0]} channels but names {names}")
+    labels = np.unique(cells[cells > 0]).astype(np.int64)
+    if not labels.size:
+        return pd.DataFrame({"label": labels})
+    measured = labels
+    if max_cells is not None and labels.size > max_cells:
+        rng = np.random.default_rng(seed)
+        measured = np.sort(rng.choice(labels, max_cells, replace=False))
+    kept = np.where(np.isin(cells, measured), cells, 0)
+    nuc = _nuclear(names)
+    masks = {"Cells": kept}
+    if nuc is not None:
+        nuclear = (kept > 0) & (image[nuc] > _otsu(image[nuc][kept > 0]))
+        masks["Nuclei"] = np.where(nuclear, kept, 0)
+        masks["Cytoplasm"] = np.where(nuclear, 0, kept)
+    funcs = _featurizers()
+    columns: dict[str, np.ndarray] = {"label": labels}
+
+    def put(comp: str, present: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        rows = np.searchsorted(labels, present)
+        for name, v in values.items():
+            col = np.full(labels.size, np.nan)
+            col[rows] = v
+            columns[f"{comp}_{name}"] = col
+
+    for comp, mask in masks.items():
+        present = np.unique(mask[mask > 0]).astype(np.int64)
+        if present.size:
+            # cp-measure wants labels 1..N: relabel, then put the rows back by label
+            put(
+                comp,
+                present,
+                _measure_objects(_dense(mask, present), image, names, comp == "Cells", funcs),
+            )
+    if nuc is None:
+        present = np.unique(kept[kept > 0]).astype(np.int64)
+        put("Cells", present, _granularity(_dense(kept, present), image, names, funcs))
+    else:  # nuclei and cytoplasm in one label image: one image-wide pass per stain
+        n = labels.size
+        both = np.where(masks["Nuclei"] > 0, np.searchsorted(labels, kept) + 1, 0)
+        both = np.where(masks["Cytoplasm"] > 0, np.searchsorted(labels, kept) + 1 + n, both)
+        full = np.zeros(2 * n, bool)
+        full[np.unique(both[both > 0]) - 1] = True
+        ids = np.flatnonzero(full) + 1
+        dense = _dense(both, ids)
+        gran = _granularity(dense, image, names, funcs)
+        parts = []
+        for offset in (0, n):  # nuclei, cytoplasm: (n,) arrays, NaN where absent
+            pick = (ids > offset) & (ids <= offset + n)
+            rows = ids[pick] - 1 - offset
+            part = {}
+            for name, v in gran.items():
+                col = np.full(n, np.nan)
+                col[rows] = v[pick]
+                part[name] = col
+            parts.append(part)
+        areas, means = [], []
+        for comp in ("Nuclei", "Cytoplasm"):
+            areas.append(np.nan_to_num(columns.get(f"{comp}_AreaShape_Area", np.zeros(n))))
+            means.append(
+                {
+                    st: np.nan_to_num(
+                        columns.get(f"{comp}_Intensity_MeanIntensity_{st}", np.zeros(n))
+                    )
+                    for st in names
+                }
+            )
+        put("Nuclei", labels, parts[0])
+        put("Cytoplasm", labels, parts[1])
+        put("Cells", labels, _cell_granularity(parts, areas, means))
+    for comp in masks:  # an object without signal has no spectrum (cp-measure divides by eps)
+        for st in names:
+            dark = ~(columns.get(f"{comp}_Intensity_MeanIntensity_{st}", np.ones(1)) > 0)
+            for k in range(1, GRANULARITY_STEPS + 1):
+                col = columns.get(f"{comp}_Granularity_{k}_{st}")
+                if col is not None:
+                    col[dark] = np.nan
+    for comp in masks:  # measured cells without this compartment: area 0
+        area = f"{comp}_AreaShape_Area"
+        if area in columns:
+            columns[area][np.isin(labels, measured) & np.isnan(columns[area])] = 0.0
+    return pd.DataFrame(columns)
+
+
+def _site_quota(store, max_cells: int | None) -> int | None:
+    """Cells measured per site for a budget of ``max_cells`` (None: all; also when the quota
+    covers every site's cells, so that a small store's table is one whatever the budget)."""
+    if max_cells is None:
+        return None
+    sites = store.sites()
+    quota = max(1, -(-int(max_cells) // max(len(sites), 1)))
+    table = store.table("cell")
+    most = (
+        int(table.groupby(["plate", "well", "site"], observed=True).size().max())
+        if len(table)
+        else 0
+    )
+    return None if quota >= most else quota
+
+
+def _signature(store, quota: int | None) -> str:
+    """What the cached table depends on: the store's cells, sites and plate, the cells
+    measured per site and the version."""
     table = store.table("cell")
     cols = [c for c in (*KEYS, "area", "centroid_y", "centroid_x") if c in table.columns]
     h = hashlib.sha256()
@@ -199,8 +387,14 @@ def _signature(store) -> str:
         pd.util.hash_pandas_object(store.sites().astype(str), index=False).to_numpy().tobytes()
     )
     h.update(json.dumps(dict(store.plate_source), sort_keys=True, default=str).encode())
-    h.update(f"measurements:{VERSION}".encode())
+    h.update(f"measurements:{VERSION}:cp-measure:{_cp_measure_version()}:{quota}".encode())
     return h.hexdigest()
+
+
+def _cp_measure_version() -> str:
+    from importlib.metadata import version
+
+    return version("cp-measure")
 
 
 def _read_cached(path: Path, signature: str) -> pd.DataFrame | None:
@@ -235,19 +429,27 @@ def store_measurements(
     store,
     plate=None,
     *,
+    max_cells: int | None = MAX_CELLS,
     cache: bool = True,
+    seed: int = 0,
     progress: ProgressCallback = None,
     cancel: Cancel = None,
 ) -> pd.DataFrame:
-    """Measurements of every cell of ``store``, in the order of ``store.table("cell")``.
+    """Measurements of the cells of ``store``, in the order of ``store.table("cell")``.
 
-    Columns: plate, well, site, label, then the measurements. ``plate`` defaults to the plate
-    the store was embedded from. With ``cache``, the table is read from
-    :func:`cache_path` when its signature (the store's cells, sites, plate and :data:`VERSION`)
-    matches, else measured again and written there. Sites without a label image give NaN rows.
+    Columns: plate, well, site, label, then the measurements (float32). ``plate`` defaults to
+    the plate the store was embedded from. Every site is visited; with ``max_cells``, each
+    measures a seeded sample of ``ceil(max_cells / sites)`` of its cells (all of them in a
+    small store) and the others' rows are NaN, because the descriptions correlate over
+    :data:`MAX_CELLS` cells anyway and cp-measure costs seconds per site; ``None`` measures
+    every cell (the concept benchmark's anchor). With ``cache``, the table is read from
+    :func:`cache_path` when its signature (the store's cells, sites, plate, ``max_cells``,
+    cp-measure's version and :data:`VERSION`) matches, else measured again and written
+    there. Sites without a label image give NaN rows.
     """
     path = cache_path(store)
-    signature = _signature(store)
+    quota = _site_quota(store, max_cells)
+    signature = _signature(store, quota)
     if cache and path.exists():
         cached = _read_cached(path, signature)
         if cached is not None:
@@ -266,7 +468,9 @@ def store_measurements(
         key = (str(p), str(w), int(s))
         if not store.has_site_labels(key):
             continue
-        m = measure_site(plate[key].read(), store.site_labels(key), names)
+        m = measure_site(
+            plate[key].read(), store.site_labels(key), names, max_cells=quota, seed=seed + i
+        )
         m.insert(0, "site", key[2])
         m.insert(0, "well", key[1])
         m.insert(0, "plate", key[0])
@@ -276,6 +480,8 @@ def store_measurements(
     keys["plate"], keys["well"] = keys["plate"].astype(str), keys["well"].astype(str)
     keys["site"], keys["label"] = keys["site"].astype(np.int64), keys["label"].astype(np.int64)
     measured = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(KEYS))
+    values = [c for c in measured.columns if c not in KEYS]
+    measured[values] = measured[values].astype(np.float32)
     out = keys.merge(measured, on=list(KEYS), how="left")
     if cache:
         _write_cached(out, path, signature)
@@ -299,17 +505,20 @@ def feature_correlations(
     cols = [c for c in measurements.columns if c not in KEYS]
     values = measurements[cols].to_numpy(np.float64)
     csr = sp.csr_matrix(codes)
-    n = csr.shape[0]
-    rows = np.arange(n)
-    if n > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
-    ok = np.isfinite(values[rows]).all(axis=1)
-    if not ok.any():  # fall back to columns that are complete (e.g. cells without nuclei)
-        ok = np.ones(len(rows), bool)
-    rows = rows[ok]
+    # the measured cells: a cell has its area whenever it was measured (a sample, or a site
+    # without labels, leaves whole rows NaN)
+    area = "Cells_AreaShape_Area"
+    measured = (
+        np.isfinite(values[:, cols.index(area)]) if area in cols else np.ones(len(values), bool)
+    )
+    rows = np.flatnonzero(measured & np.isfinite(values).any(axis=1))
+    if len(rows) > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
     x = _ranks(csr[rows].toarray().astype(np.float64))
     y = values[rows]
-    y = np.where(np.isfinite(y), y, np.nanmedian(y, axis=0, keepdims=True))
+    with warnings.catch_warnings():  # a column no measured cell has (no nuclei) stays NaN: r 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        y = np.where(np.isfinite(y), y, np.nanmedian(y, axis=0, keepdims=True))
     y = _ranks(y)
     x -= x.mean(0)
     y -= y.mean(0)
@@ -320,32 +529,61 @@ def feature_correlations(
     return pd.DataFrame(r, columns=cols)
 
 
-def _phrase(measurement: str, r: float) -> tuple[str, str]:
-    """(stain, words) of one measurement, e.g. ("Mito", "granularity up (0.78)")."""
+def parse_name(measurement: str) -> tuple[str, str, str, str]:
+    """(compartment, measure, stain, parameters) of a CellProfiler column name, e.g.
+    ``Cells_Texture_Contrast_Mito_3_00_256`` -> ("Cells", "Texture_Contrast", "Mito",
+    "3_00_256"); shape measures have no stain. Stain names may contain underscores."""
     comp, _, rest = measurement.partition("_")
-    stain = ""
-    what = rest
-    for key in WORDS:
-        if rest == key:
-            what = key
-            break
-        if rest.startswith(key + "_"):
-            what, stain = key, rest[len(key) + 1 :]
-            break
-    words = COMPARTMENT_WORDS.get(comp, comp.lower() + " ") + WORDS.get(what, what)
+    category, _, rest = rest.partition("_")
+    parts = rest.split("_")
+    if category == "AreaShape":
+        return comp, f"AreaShape_{rest}", "", ""
+    if category == "Granularity":  # Granularity_<step>_<stain>
+        return comp, "Granularity", "_".join(parts[1:]), parts[0]
+    tail = {"Texture": 3, "RadialDistribution": 1}.get(category, 0)
+    feature = parts[0]
+    stain = "_".join(parts[1 : len(parts) - tail])
+    params = "_".join(parts[len(parts) - tail :]) if tail else ""
+    return comp, f"{category}_{feature}", stain, params
+
+
+def _phrase(measurement: str, r: float) -> tuple[str, str]:
+    """(stain, words) of one measurement, e.g. ("Mito", "granularity 2 up (0.78)")."""
+    comp, what, stain, params = parse_name(measurement)
+    words = WORDS.get(what, what.partition("_")[2] or what)
+    if what == "Granularity":
+        words = f"granularity {params}"
+    elif what.startswith("RadialDistribution"):
+        words = f"{words} {params.replace('of', '/')}"
+    words = COMPARTMENT_WORDS.get(comp, comp.lower() + " ") + words
     return stain or "shape", f"{words} {'up' if r > 0 else 'down'} ({abs(r):.2f})"
 
 
 def describe(row: pd.Series, n_top: int = N_TOP, min_r: float = MIN_CORRELATION):
     """A phrase for one feature from its correlations (a row of :func:`feature_correlations`),
-    the measurements named and their correlations."""
+    the measurements named and their correlations.
+
+    A measure is named once per stain and sign, by its strongest compartment and direction
+    (a texture in four directions, or a stain's intensity in the cell and in its cytoplasm,
+    say one thing)."""
     order = np.argsort(-np.abs(row.to_numpy()), kind="stable")
-    picked = [i for i in order[:n_top] if abs(row.iloc[i]) >= min_r]
-    names = [row.index[i] for i in picked]
-    values = [float(row.iloc[i]) for i in picked]
+    names: list[str] = []
+    values: list[float] = []
     by_stain: dict[str, list[str]] = {}
-    for name, r in zip(names, values, strict=True):
-        stain, words = _phrase(name, r)
+    seen: set[tuple[str, str, bool]] = set()
+    for i in order:
+        r = float(row.iloc[i])
+        if len(names) == n_top or abs(r) < min_r:
+            break
+        stain, words = _phrase(row.index[i], r)
+        _, what, _, params = parse_name(row.index[i])
+        same_scale = params if what == "Granularity" or what.startswith("Radial") else ""
+        said = (stain, what, same_scale, r > 0)
+        if said in seen:
+            continue
+        seen.add(said)
+        names.append(row.index[i])
+        values.append(r)
         by_stain.setdefault(stain, []).append(words)
     text = "; ".join(f"{s}: {', '.join(w)}" for s, w in by_stain.items())
     return text, names, values
@@ -387,6 +625,7 @@ def describe_store(store, codes, *, plate=None, progress=None, cancel=None) -> p
 
 __all__ = [
     "cache_path",
+    "parse_name",
     "describe_features",
     "describe_store",
     "feature_correlations",

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from ..dictionary.control import parse_control
 from ..errors import DictionaryError
 from .concepts import _csr, require_columns
+from .welltest import N_PERMUTATIONS, well_test
 
 #: z above which a well counts as switching a feature on.
 Z_THRESHOLD = 2.0
@@ -67,6 +68,9 @@ class ConceptProfiles:
     # share of (control well, feature) pairs with z above threshold when each control well is
     # z-scored against the other control wells of its plate (NaN: no plate has 3 or more)
     control_exceed: float = float("nan")
+    # the well-level test against the control wells (:func:`.welltest.well_test`), one row per
+    # (non-control value, feature); None when it was not run
+    tests: pd.DataFrame | None = None
 
     @property
     def n_features(self) -> int:
@@ -90,10 +94,12 @@ class ConceptProfiles:
         return enough & (self.fraction_above > HIT_FRACTION)
 
     def table(self, min_wells: int = MIN_WELLS) -> pd.DataFrame:
-        """Long form: one row per (value, feature) with median and mean z, consistency, hit."""
+        """Long form: one row per (value, feature) with median and mean z, consistency, hit,
+        and the well-level test's ``p_value``, ``q_value`` and ``significant`` (NaN and False
+        for the control value, and where the test was not run)."""
         v, m = self.median_z.shape
         above = np.rint(self.fraction_above * self.n_wells[:, None]).astype(np.int64)
-        return pd.DataFrame(
+        out = pd.DataFrame(
             {
                 "column": self.column,
                 "value": np.repeat(np.asarray(self.values, dtype=object), m),
@@ -106,6 +112,29 @@ class ConceptProfiles:
                 "hit": self.hit_mask(min_wells).ravel(),
             }
         )
+        p = np.full((v, m), np.nan)
+        q = np.full((v, m), np.nan)
+        if self.tests is not None and not self.tests.empty:
+            index = {val: i for i, val in enumerate(self.values)}
+            r = self.tests["value"].map(index).to_numpy()
+            f = self.tests["feature"].to_numpy()
+            p[r, f] = self.tests["p_value"].to_numpy()
+            q[r, f] = self.tests["q_value"].to_numpy()
+        out["p_value"] = p.ravel()
+        out["q_value"] = q.ravel()
+        out["significant"] = self.significant().ravel()
+        return out
+
+    def significant(self) -> np.ndarray:
+        """(V, M) True where the well-level test finds the feature changed (FDR-corrected)."""
+        out = np.zeros(self.median_z.shape, bool)
+        if self.tests is None or self.tests.empty:
+            return out
+        index = {v: i for i, v in enumerate(self.values)}
+        sig = self.tests[self.tests["significant"]]
+        rows = sig["value"].map(index).to_numpy()
+        out[rows, sig["feature"].to_numpy()] = True
+        return out
 
     def hits(self, min_wells: int = MIN_WELLS) -> pd.DataFrame:
         """The (value, feature) pairs that switch a feature on, strongest median z first."""
@@ -153,9 +182,13 @@ def concept_profiles(
     control: str | tuple[str, str],
     *,
     threshold: float = Z_THRESHOLD,
+    n_perm: int = N_PERMUTATIONS,
+    seed: int = 0,
 ) -> ConceptProfiles:
     """:class:`ConceptProfiles` of ``column``, z-scored against the ``control`` wells
-    (``COLUMN=VALUE`` or a pair) of each plate.
+    (``COLUMN=VALUE`` or a pair) of each plate, with the well-level permutation test of every
+    value against them (:func:`.welltest.well_test`, ``n_perm`` permutations from ``seed``;
+    ``n_perm=0`` skips it).
 
     Plates without a control well are left out (named in ``skipped_plates``); none with one is
     an error naming the control.
@@ -200,6 +233,9 @@ def concept_profiles(
         )
     keep = ~np.isnan(z[:, 0]) if z.shape[1] else np.ones(len(wells), bool)
     wells, z = wells[keep].reset_index(drop=True), z[keep]
+    tests = (
+        well_test(means[keep], wells, n_perm=n_perm, seed=seed, column=column) if n_perm else None
+    )
     values = sorted(wells["value"].unique())
     vi = wells["value"].map({v: i for i, v in enumerate(values)}).to_numpy()
     n_wells = np.bincount(vi, minlength=len(values))
@@ -225,4 +261,5 @@ def concept_profiles(
         z,
         skipped,
         float((np.asarray(held_out) > threshold).mean()) if held_out else float("nan"),
+        tests,
     )

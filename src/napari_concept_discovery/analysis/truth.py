@@ -194,14 +194,22 @@ def well_concepts(
 
 
 def recovery_table(
-    codes, concepts: Sequence[TrueConcept], stains: pd.DataFrame | None = None
+    codes,
+    concepts: Sequence[TrueConcept],
+    stains: pd.DataFrame | None = None,
+    families: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per true concept: members, the best single feature, its AUROC and its top stain.
 
     ``stains`` is a :func:`stain_table` of the dictionary (one row per feature), adding the
-    best feature's ``top_stain`` and its ``stain_share``.
+    best feature's ``top_stain`` and its ``stain_share``. ``families`` (M,)
+    (:func:`.families.feature_families`) adds the family whose summed code scores the concept
+    best (``best_family``, ``family_auroc``; -1 and NaN without families).
     """
+    from .families import summed_codes
+
     csr = _csr(codes)
+    summed = None if families is None else summed_codes(csr, families)
     rows = []
     for c in concepts:
         auc = feature_auroc(csr[c.rows], c.member)
@@ -217,5 +225,11 @@ def recovery_table(
             top = stains["top_stain"].iloc[best]
             row["top_stain"] = top
             row["stain_share"] = float(stains[f"stain_{top}"].iloc[best])
+        if summed is not None:
+            fam = feature_auroc(summed[c.rows], c.member) if summed.shape[1] else np.array([])
+            ok = np.isfinite(fam)
+            f = int(np.flatnonzero(ok)[np.argmax(fam[ok])]) if ok.any() else -1
+            row["best_family"] = f
+            row["family_auroc"] = float(fam[f]) if f >= 0 else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)

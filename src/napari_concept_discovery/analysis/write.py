@@ -21,6 +21,7 @@ from .._files import (
 from ..dictionary.control import parse_control
 from ..errors import OutputError
 from .concepts import _csr, feature_table, require_columns, selectivity_report
+from .families import concept_families, family_table
 from .profiles import WELL_KEYS, ConceptProfiles, concept_profiles
 from .truth import concept_auroc
 
@@ -50,6 +51,37 @@ def feature_column(feature: int, n_features: int) -> str:
     return f"Feature_{int(feature):0{max(4, len(str(max(n_features - 1, 0))))}d}"
 
 
+def feature_names(n_features: int) -> list[str]:
+    """AnnData variable names of a dictionary's features: ``f0000`` .. (zero-padded to the
+    dictionary size, so they sort; the same width as :func:`feature_column`)."""
+    width = max(4, len(str(max(n_features - 1, 0))))
+    return [f"f{f:0{width}d}" for f in range(n_features)]
+
+
+def token_names(table: pd.DataFrame) -> pd.Index:
+    """AnnData observation names that stay unique across analyses, so that ``anndata.concat``
+    of two plates or screens never collides: cells ``{plate}_{well}_{site}_{label}``, crops and
+    patches ``{plate}_{well}_{site}_r{row}_c{col}``; a table without these keys (a bare table
+    in a script) gets ``t{row}``. Repeats, if any, get anndata's ``-1``, ``-2`` suffixes."""
+    import anndata as ad
+
+    def col(name: str) -> pd.Series:
+        return table[name].astype(str).reset_index(drop=True)
+
+    if {"plate", "well", "site"} <= set(table.columns):
+        stem = col("plate") + "_" + col("well") + "_" + col("site")
+        if "label" in table.columns:
+            names = stem + "_" + col("label")
+        elif {"row", "col"} <= set(table.columns):
+            names = stem + "_r" + col("row") + "_c" + col("col")
+        else:
+            names = stem + "_t" + pd.Series(range(len(table))).astype(str)
+    else:
+        names = "t" + pd.Series(range(len(table))).astype(str)
+    index = pd.Index(names.to_numpy(dtype=str))
+    return index if index.is_unique else ad.utils.make_index_unique(index)
+
+
 def well_profiles(codes, table: pd.DataFrame) -> pd.DataFrame:
     """Well-level profiles in pycytominer's layout: ``Metadata_Plate``, ``Metadata_Well``, the
     well's metadata columns as ``Metadata_<column>`` (those with one value per well), the
@@ -57,7 +89,7 @@ def well_profiles(codes, table: pd.DataFrame) -> pd.DataFrame:
     well's cells (0 where inactive) as ``Feature_NNNN``.
 
     pycytominer's ``normalize``/``feature_select`` take it as is (``features="infer"`` needs the
-    ``Feature_`` prefix passed as ``features=[...]``; see the README), so the codes go straight
+    ``Feature_`` prefix passed as ``features=[...]``; see docs/cli.md), so the codes go straight
     into the field's profiling pipelines.
     """
     require_columns(table, list(WELL_KEYS), "well profiles")
@@ -104,13 +136,19 @@ def codes_anndata(
 ):
     """AnnData with the codes as sparse X (tokens x features), the token table as obs.
 
+    Names follow scverse habits so analyses concatenate and scanpy takes them as they are:
+    observations :func:`token_names` (``{plate}_{well}_{site}_{label}`` for cells), variables
+    :func:`feature_names` (``f0000``; the integer stays in ``var["feature"]``), and cell
+    centroids as ``obsm["spatial"]`` (x, y in pixels of the site, squidpy's order).
+
     Each :class:`ConceptProfiles` lands in ``.varm["profile_<column>"]`` (features x values,
     median z) and ``.uns["profiles"][column]`` (control, threshold, wells per value, hits).
     """
     import anndata as ad
 
+    csr = _csr(codes).astype(np.float32)
     obs = obs.reset_index(drop=True).copy()
-    obs.index = obs.index.astype(str)
+    obs.index = token_names(obs)
     for c in obs.columns:
         if obs[c].dtype == object:
             obs[c] = obs[c].astype(str)
@@ -128,8 +166,14 @@ def codes_anndata(
                         for v in var[c]
                     ]
                 var[c] = var[c].astype(str)
-        var.index = pd.Index(var["feature"].astype(str).to_numpy(), name=None)
-    adata = ad.AnnData(X=_csr(codes).astype(np.float32), obs=obs, var=var)
+    names = feature_names(csr.shape[1])
+    if var is None:
+        var = pd.DataFrame(index=names)
+    else:
+        var.index = pd.Index([names[int(f)] for f in var["feature"]], name=None)
+    adata = ad.AnnData(X=csr, obs=obs, var=var)
+    if {"centroid_x", "centroid_y"} <= set(obs.columns):
+        adata.obsm["spatial"] = obs[["centroid_x", "centroid_y"]].to_numpy(np.float64)
     if features is not None:
         stain_cols = [c for c in features.columns if c.startswith("stain_")]
         if stain_cols:  # the (M, C) attribution as one matrix too, named in uns
@@ -212,6 +256,8 @@ def write_analysis(
     controls: str | None = None,
     stains: pd.DataFrame | None = None,
     named: pd.DataFrame | None = None,
+    levels: np.ndarray | None = None,
+    families: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables, codes.h5ad and
     well_profiles.csv (:func:`well_profiles`, pycytominer's layout; cell tokens only).
@@ -224,6 +270,10 @@ def write_analysis(
     feature table and to the AnnData (``var`` columns and ``varm["stain_attribution"]``).
     ``named`` (one row per feature: columns such as ``name``, ``note``, ``description``) is
     joined onto the feature table by ``feature``, so the AnnData ``.var`` carries it too.
+    ``levels`` (M,) adds each feature's nested ``level`` (:mod:`..dictionary.nested`);
+    ``families`` (M,) (:func:`.families.feature_families`) adds its ``family`` and writes
+    families.parquet (members, best member and summed code scored against the labels and the
+    truth), and each concept's best family beside its best feature in concepts.parquet.
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -240,6 +290,13 @@ def write_analysis(
         features = feature_table(
             csr, table, columns, top_n=top_n, selectivities=sels, stains=stains
         )
+        if levels is not None:
+            features.insert(1, "level", np.asarray(levels, dtype=np.int64))
+        if families is not None:
+            features.insert(2 if levels is not None else 1, "family", np.asarray(families))
+            fams = family_table(csr, families, table, columns, truth_columns)
+            names["families"] = "families.parquet"
+            atomic_parquet(fams, tmp / names["families"])
         if named is not None:
             features = join_feature_columns(features, named)
         names["features"] = "features.parquet"
@@ -259,6 +316,10 @@ def write_analysis(
             table.reset_index(drop=True).to_parquet(t, index=True)
         if truth_columns:
             aurocs = concept_auroc(csr, table, truth_columns)
+            if families is not None:
+                aurocs = aurocs.merge(
+                    concept_families(csr, families, table, truth_columns), on="concept"
+                )
             names["concepts"] = "concepts.parquet"
             atomic_parquet(aurocs, tmp / names["concepts"])
         profiles = []

@@ -19,7 +19,7 @@ import warnings
 
 from .. import __version__
 from ..errors import ConceptDiscoveryError
-from .analysis import add_analyze, add_similar
+from .analysis import add_analyze, add_cells, add_similar
 from .common import global_options, show_warning
 from .demo import add_demo
 from .dictionary import add_train
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_train,
         add_analyze,
         add_similar,
+        add_cells,
         add_convert,
         add_report,
         add_models,
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns its exit code (see EXIT_CODES and the README)."""
+    """Run one command; returns its exit code (see EXIT_CODES and docs/cli.md)."""
     args = build_parser().parse_args(argv)
     con = Console(args.command, quiet=args.quiet, json=args.json)
     with warnings.catch_warnings():

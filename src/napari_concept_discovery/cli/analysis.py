@@ -1,5 +1,5 @@
 """``analyze``: encode a store with a dictionary and write the analysis tables, on this machine
-or on a Dask cluster.
+or on a Dask cluster; ``similar`` and ``cells``: cell selections to take further.
 """
 
 from __future__ import annotations
@@ -155,5 +155,107 @@ def run_similar(args, con: Console) -> int:
         query={"plate": key.plate, "well": key.well, "site": key.site, "label": args.label},
         cells=cells.to_dict(orient="records"),
         csv=None if not args.csv else Path(args.csv).resolve(),
+    )
+    return 0
+
+
+def add_cells(sub) -> None:
+    p = command(
+        sub,
+        "cells",
+        "export the cells where a feature is at least a threshold (CSV, label images)",
+        [
+            "concept-discovery cells store.zarr dict.safetensors --feature 12 --threshold 0.5 "
+            "--csv cells.csv",
+            "concept-discovery cells store.zarr dict.safetensors --feature 12 --threshold 0.5 "
+            "--plate Plate1 --well B02 --csv cells.csv --labels selected/",
+        ],
+        note="The CSV has plate, well, site, label, centroid_y, centroid_x and the feature's "
+        "value (feature_F), strongest first. --labels writes one label image per site holding "
+        "selected cells, only those cells kept (<plate>/<well>_s<site>_cells.tif, the layout of "
+        "`segment`'s label folders), for napari or the next pipeline. Both are written "
+        "atomically; without either, the table goes to stdout.",
+    )
+    p.add_argument("store", help="activation store folder")
+    p.add_argument("dictionary", help="dictionary file (.safetensors)")
+    p.add_argument("--feature", required=True, type=int, help="the feature (its number)")
+    p.add_argument(
+        "--threshold",
+        required=True,
+        type=float,
+        help="keep cells where the feature's code is at least this (and not zero)",
+    )
+    p.add_argument("--plate", default=None, help="only cells of this plate")
+    p.add_argument("--well", default=None, help="only cells of this well, e.g. B02")
+    p.add_argument("--site", default=None, type=int, help="only cells of this site number")
+    p.add_argument("--csv", default=None, help="write the cells to this CSV file")
+    p.add_argument("--labels", default=None, help="write one label image per site into this folder")
+    p.set_defaults(func=run_cells)
+
+
+def run_cells(args, con: Console) -> int:
+    from .._files import check_not_foreign, check_output
+    from ..analysis.cell_selection import (
+        SELECTION_MARKER,
+        cells_above,
+        in_sites,
+        write_cells_csv,
+        write_selection_labels,
+    )
+    from ..analysis.explore import Explorer
+    from ..dictionary.io import load_dictionary
+    from ..embed.store import ActivationStore
+    from ..settings import SettingsError
+
+    if args.csv:
+        check_output(args.csv, folder=False, what="--csv file")
+    if args.labels:
+        check_not_foreign(
+            args.labels,
+            marker=SELECTION_MARKER,
+            what="--labels folder",
+            kind="a cell selection's label images",
+        )
+    store = ActivationStore.open(args.store)
+    dictionary = load_dictionary(args.dictionary)
+    explorer = Explorer(store, dictionary)
+    try:
+        f = explorer._feature(args.feature)
+    except IndexError as exc:
+        raise SettingsError(f"--feature: {exc}") from None
+    with con.bars({"encode": "encode"}) as bars:
+        explorer.cell_codes(progress=bars)
+    cells = cells_above(explorer, f, args.threshold)
+    cells = in_sites(cells, args.plate, args.well, args.site)
+    cells = cells.rename(columns={"value": f"feature_{f}"})
+    where = ", ".join(
+        f"{k} {v}"
+        for k, v in (("plate", args.plate), ("well", args.well), ("site", args.site))
+        if v is not None
+    )
+    what = f"cells with feature {f} >= {args.threshold:g}" + (f" ({where})" if where else "")
+    n_sites = len(cells[["plate", "well", "site"]].drop_duplicates())
+    if args.csv:
+        write_cells_csv(cells, args.csv)
+    if args.labels:
+        write_selection_labels(explorer, cells, args.labels, what=what)
+    con.say(f"{len(cells)} {what}, on {n_sites} sites")
+    if not args.csv and not args.labels:
+        shown = cells.copy()
+        for c in ("centroid_y", "centroid_x"):
+            if c in shown.columns:
+                shown[c] = shown[c].map(lambda v: f"{v:.1f}")
+        shown[f"feature_{f}"] = shown[f"feature_{f}"].map(lambda v: f"{v:.4g}")
+        con.say(shown.to_string(index=False))
+    for path, kind in ((args.csv, "CSV"), (args.labels, "label images")):
+        if path:
+            con.say(f"wrote {kind} to {path}")
+    con.result(
+        feature=f,
+        threshold=args.threshold,
+        cells=len(cells),
+        sites=n_sites,
+        csv=None if not args.csv else Path(args.csv).resolve(),
+        labels=None if not args.labels else Path(args.labels).resolve(),
     )
     return 0

@@ -43,7 +43,13 @@ def run_demo(args, con: Console) -> int:
     for name in ("atoms", "sparsity", "steps"):
         at_least(getattr(args, name), f"--{name}")
     # Refused now, not after the plates are drawn and embedded (the demo trains these).
-    TrainSettings(method=args.method, atoms=args.atoms, sparsity=args.sparsity, steps=args.steps)
+    TrainSettings(
+        method=args.method,
+        atoms=args.atoms,
+        levels=args.levels,
+        sparsity=args.sparsity,
+        steps=args.steps,
+    )
     check_output(args.out, folder=True, what="demo output folder")
     bars = con.bars(
         {

@@ -49,6 +49,7 @@ def add_train(sub) -> None:
 def run_train(args, con: Console) -> int:
     import torch
 
+    from ..dictionary.nested import describe_levels
     from ..dictionary.pipeline import check_dictionary_out, train_on_store
     from ..dictionary.settings import TrainSettings, WhitenSettings
     from ..embed.store import ActivationStore
@@ -78,12 +79,18 @@ def run_train(args, con: Console) -> int:
         )
     m = trained.metrics
     dropped = trained.dictionary.meta.nonfinite_dropped
+    levels = trained.dictionary.levels
     con.say(
-        f"wrote {trained.path}: {settings.method}, M={settings.atoms}, "
+        f"wrote {trained.path}: {settings.method}, M={trained.dictionary.n_atoms}"
+        + (f" nested {describe_levels(levels)}" if levels else "")
+        + ", "
         f"{trained.result.steps_done} steps, FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, "
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
+    if settings.atoms is None:  # sized to the tokens
+        n_tokens = trained.dictionary.meta.n_tokens or 0
+        con.say(f"{trained.dictionary.n_atoms} atoms: {settings.atoms_for(n_tokens)[1]}")
     chosen = trained.dictionary.meta.steps_chosen
     if chosen:  # "196 steps: 50 passes over 4000 tokens ..." (or that --steps chose)
         con.say(chosen)
@@ -92,6 +99,7 @@ def run_train(args, con: Console) -> int:
         method=settings.method,
         unit=settings.unit,
         atoms=trained.dictionary.model.n_atoms,
+        levels=levels,
         steps=trained.result.steps_done,
         train_seconds=round(trained.result.seconds, 3),
         whitened=whiten is not None,

@@ -114,6 +114,17 @@ class Dictionary:
         return self.model.n_atoms
 
     @property
+    def levels(self) -> list[int] | None:
+        """Nested prefix sizes (:mod:`.nested`), or None for a plain dictionary."""
+        return getattr(self.model.config, "levels", None)
+
+    def feature_levels(self) -> np.ndarray:
+        """(M,) each feature's level: the size of the smallest prefix holding it."""
+        from .nested import feature_levels
+
+        return feature_levels(self.levels, self.n_atoms)
+
+    @property
     def input_width(self) -> int:
         """Width of the raw activations this dictionary takes (before whitening)."""
         return self.whitener.n_features_in_ if self.whitener is not None else self.model.d_in

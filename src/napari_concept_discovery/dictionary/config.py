@@ -12,6 +12,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 from ..errors import DictionaryError
+from .nested import check_levels
 
 #: Atoms of a dictionary when nothing says otherwise (both methods, and ``TrainSettings``).
 DEFAULT_ATOMS = 1024
@@ -67,6 +68,11 @@ class ICFLConfig(DictionaryConfig):
     redraw_cosine: float = 0.9
     pursuit: Literal["gram", "plain"] = "gram"
     init: Literal["data", "random"] = "data"
+    #: nested prefix sizes ending at ``n_atoms`` (:mod:`.nested`), or None for a plain dictionary
+    levels: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.levels = check_levels(self.levels, self.n_atoms)
 
     @property
     def max_nonzeros(self) -> int:
@@ -90,6 +96,11 @@ class TopKConfig(DictionaryConfig):
     auxk: int | None = None
     auxk_coef: float = 1 / 32
     dead_tokens: int = 1_000_000
+    #: nested prefix sizes ending at ``n_atoms`` (:mod:`.nested`), or None for a plain dictionary
+    levels: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.levels = check_levels(self.levels, self.n_atoms)
 
     @property
     def max_nonzeros(self) -> int:

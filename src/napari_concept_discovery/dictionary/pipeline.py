@@ -227,8 +227,9 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
         )
     where = f"the store at {getattr(store, 'path', '?')}"
     tokens, table, dropped = finite_tokens(tokens, table, unit, settings.drop_nonfinite, where)
+    atoms = settings.atoms_for(tokens.shape[0])[0]
     steps, steps_why = settings.steps_for(tokens.shape[0])
-    settings = settings.replace(steps=steps)
+    settings = settings.replace(atoms=atoms, steps=steps)
     state = whitener = None
     if resume:
         restored, state, meta = _resume_state(store, settings, ckpt)

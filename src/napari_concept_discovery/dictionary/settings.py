@@ -13,9 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..settings import Settings, check, option
+from ..errors import DictionaryError
+from ..settings import Settings, SettingsError, check, option
 from .config import DEFAULT_ATOMS, ICFLConfig, TopKConfig
 from .control import Control, check_control, parse_control
+from .nested import NO_LEVELS, parse_levels
 from .whiten import MODES, Whitener, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
@@ -140,6 +142,25 @@ class WhitenSettings(Settings):
         )
 
 
+#: A dictionary has one atom per this many tokens, as a power of two within
+#: ``FIRST_ATOMS_RANGE``, unless its atoms are given. Measured on synthetic plates (the issue
+#: behind it and benchmarks/results/bench_scales.txt): with a few thousand cells a large
+#: dictionary splits every concept over many features each active on a few percent of cells
+#: (M = 1024 on 3,840 cells: no feature above 6 %), and 16-64 atoms found the perturbations
+#: better than 256-1024. The library, the command line, the Dictionary widget (until the user
+#: types a number) and the demo all use this rule.
+TOKENS_PER_ATOM = 256
+FIRST_ATOMS_RANGE = (16, DEFAULT_ATOMS)
+
+
+def first_atoms(n_tokens: int) -> int:
+    """Atoms for ``n_tokens`` tokens: ``n_tokens / TOKENS_PER_ATOM`` rounded to the nearest
+    power of two (in log scale), within ``FIRST_ATOMS_RANGE``."""
+    lo, hi = FIRST_ATOMS_RANGE
+    want = max(int(n_tokens), 1) / TOKENS_PER_ATOM
+    return int(min(max(2 ** round(math.log2(want)), lo), hi))
+
+
 @dataclass
 class TrainSettings(Settings):
     """What to train: method, token unit, size and sparsity, optimisation, and the whitening.
@@ -163,8 +184,14 @@ class TrainSettings(Settings):
         choices=TOKEN_FORMS,
         label="token form",
     )
-    atoms: int = option(
-        DEFAULT_ATOMS, "number of atoms (features) M", label="atoms (M)", min=1, max=1_000_000
+    atoms: int | None = option(
+        None,
+        "number of atoms (features) M (default: sized to the tokens, one atom per "
+        f"{TOKENS_PER_ATOM} tokens as a power of two within {FIRST_ATOMS_RANGE[0]}-"
+        f"{FIRST_ATOMS_RANGE[1]})",
+        label="atoms (M)",
+        min=1,
+        max=1_000_000,
     )
     sparsity: int | None = option(
         None,
@@ -185,6 +212,13 @@ class TrainSettings(Settings):
         f"ICFL atoms picked per iteration L (default {DEFAULT_ICFL_L})",
         flag="--L",
         label="L (atoms per iteration)",
+    )
+    levels: str = option(
+        NO_LEVELS,
+        "nested (Matryoshka) dictionary: prefix sizes whose first atoms must each reconstruct "
+        "the tokens alone, comma-separated, M for all atoms (e.g. 16,64,256,M), so the first "
+        "atoms carry broad concepts; sizes of M or more are dropped; none: a plain dictionary",
+        label="nested levels",
     )
     lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")
     steps: int | None = option(
@@ -242,7 +276,22 @@ class TrainSettings(Settings):
             "whiten",
             f"must be WhitenSettings or None, got {type(self.whiten).__name__}",
         )
-        self.method_config()
+        if self.atoms is not None:
+            self.method_config()
+        else:  # checked now at the most atoms the tokens may give, again once they are sized
+            self.replace(atoms=FIRST_ATOMS_RANGE[1])
+
+    def atoms_for(self, n_tokens: int) -> tuple[int, str]:
+        """(atoms, why): ``atoms`` when given, else :func:`first_atoms` for ``n_tokens``."""
+        if self.atoms is not None:
+            return self.atoms, "as given"
+        atoms = first_atoms(n_tokens)
+        lo, hi = FIRST_ATOMS_RANGE
+        bound = " (the most)" if atoms == hi else " (the fewest)" if atoms == lo else ""
+        return atoms, (
+            f"one atom per {TOKENS_PER_ATOM} of {n_tokens} tokens, as a power of two within "
+            f"{lo}-{hi}{bound}; --atoms chooses"
+        )
 
     def steps_for(self, n_tokens: int) -> tuple[int, str]:
         """(steps, why): ``steps`` when given, else :func:`first_steps` for ``n_tokens``."""
@@ -261,18 +310,32 @@ class TrainSettings(Settings):
         """The method's config (for ``build_model``) from atoms, sparsity, J, L and lr.
 
         TopK takes ``k = sparsity``. ICFL takes ``L = n_pick`` and ``J = sparsity / L`` (which
-        must divide evenly), or ``J = n_iter`` without a sparsity. One rule for every front.
+        must divide evenly), or ``J = n_iter`` without a sparsity. Without a sparsity a token
+        uses the method's default non-zeros, or half the atoms where that is fewer (a small
+        dictionary sized to few tokens). One rule for every front; ``atoms`` must be known.
         """
+        check(
+            self.atoms is not None,
+            "atoms",
+            "not sized yet: give atoms, or size them to the tokens first (atoms_for)",
+        )
         cfg: dict[str, Any] = {"n_atoms": self.atoms}
         if self.lr is not None:
             cfg["lr"] = self.lr
+        try:
+            levels = parse_levels(self.levels, self.atoms)
+        except DictionaryError as exc:
+            raise SettingsError(str(exc)) from None
+        if levels is not None:
+            cfg["levels"] = levels
+        half = max(1, self.atoms // 2)
         if self.method == "topk":
             check(
                 self.n_iter is None and self.n_pick is None,
                 "n_iter/n_pick",
                 "J and L (--J/--L) are ICFL settings; TopK takes only sparsity k",
             )
-            k = self.sparsity if self.sparsity is not None else DEFAULT_TOPK_K
+            k = self.sparsity if self.sparsity is not None else min(DEFAULT_TOPK_K, half)
             check(k <= self.atoms, "sparsity", f"TopK k ({k}) cannot exceed atoms ({self.atoms})")
             cfg["k"] = k
             return cfg
@@ -293,7 +356,7 @@ class TrainSettings(Settings):
             )
             n_iter = self.sparsity // n_pick
         elif n_iter is None:
-            n_iter = DEFAULT_ICFL_J
+            n_iter = max(1, min(DEFAULT_ICFL_J, half // n_pick))
         check(n_iter >= 1, "n_iter", f"J must be at least 1, got {n_iter}")
         check(
             n_iter * n_pick <= self.atoms,
@@ -341,9 +404,10 @@ class AnalyzeSettings(Settings):
     )
     describe: bool = option(
         True,
-        "describe each feature by the per-cell measurements (intensity, texture, granularity, "
-        "area per stain and compartment) that follow its activation; measured once per store "
-        "from the plate's images and cached beside it (--no-describe skips it)",
+        "describe each feature by the CellProfiler measurements (cp-measure: intensity, "
+        "texture, granularity, shape, radial distribution per stain and compartment) that "
+        "follow its activation; measured once per store from the plate's images and cached "
+        "beside it (--no-describe skips it)",
         label="describe features",
     )
 

@@ -149,8 +149,13 @@ class TopKSAE(SparseDictionary):
             pre = torch.addmm(self.b_enc, xc, self.W_enc.T)
         return xc, pre
 
-    def _select(self, xc, pre, k, mask=None) -> Codes:
+    def _select(self, xc, pre, k, mask=None, width: int | None = None) -> Codes:
+        """TopK codes from the pre-activations; ``width``: among the first ``width`` latents
+        only (a nested prefix), ``mask``: among the latents it marks only."""
         source = pre if mask is None else pre.masked_fill(~mask, -torch.inf)
+        if width is not None and width < source.shape[1]:
+            source = source[:, :width]
+            k = min(k, width)
         top = source.topk(k, dim=1, sorted=False)
         vals = _GatheredLinear.apply(xc, self.W_enc, self.b_enc, top.indices, top.values)
         return Codes(F.relu(vals), top.indices)
@@ -162,7 +167,17 @@ class TopKSAE(SparseDictionary):
             return self._select(xc, pre, self.config.k)
         return encode_chunked(x, self.W_enc, self.b_enc, self.b_pre, self.config.k, chunk)
 
+    def encode_prefix(self, x: torch.Tensor, width: int) -> Codes:
+        """Codes of ``x`` by the first ``width`` atoms alone: the top min(k, width) of their
+        pre-activations (what the prefix would give were it the whole dictionary)."""
+        with torch.no_grad():
+            xc, pre = self._pre(x)
+            return self._select(xc, pre, self.config.k, width=width)
+
     def forward(self, x: torch.Tensor) -> ForwardOutput:
+        """Reconstruction, codes and loss. A nested dictionary (``config.levels``) adds, for
+        each smaller prefix, the FVU of its own TopK code (the top-k taken within the prefix,
+        decoded by the prefix's atoms): the loss is the sum over the prefixes."""
         cfg = self.config
         xc, pre = self._pre(x)
         codes = self._select(xc, pre, cfg.k)
@@ -172,6 +187,12 @@ class TopKSAE(SparseDictionary):
         fvu = err.pow(2).sum() / var
         loss = fvu
         metrics = {"fvu": float(fvu.detach())}
+        for width in (cfg.levels or [])[:-1]:
+            prefix = self._select(xc, pre, cfg.k, width=width)
+            prefix_hat = sparse_decode(prefix, self.W_dec) + self.b_pre
+            prefix_fvu = (x - prefix_hat).pow(2).sum() / var
+            loss = loss + prefix_fvu
+            metrics[f"fvu_{width}"] = float(prefix_fvu.detach())
         if self.training:
             self._count_firing(codes, x.shape[0])
             dead = self.tokens_since_fired >= cfg.dead_tokens

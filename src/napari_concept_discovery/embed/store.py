@@ -26,7 +26,7 @@ the bytes for every site, and deriving it from float16 channel tokens would chan
 tokens that existing dictionaries were trained on. Activations do not compress (zstd saves
 about 7% on float16 tokens), so float16 is what keeps the store small: a 1080 x 1080 site of
 6 channels with a 384-wide model costs about 26 MB, 21 MB of it the per-channel patch tokens
-(see README, "Store size"). Channel arrays are chunked by about 2 MiB of rows, so one cell
+(see docs/scale-out.md, "Store size"). Channel arrays are chunked by about 2 MiB of rows, so one cell
 read for the viewer decompresses little, while training still reads whole chunks.
 
 Every unit's rows are grouped by site in the order of ``sites.parquet``, so a site's rows are

@@ -6,36 +6,46 @@ are explicit (``registry``). Every backend offers ``tokens(batch, block)``, carr
 normalisation, and resolves blocks by one rule (``resolve_block``: None is its default block).
 """
 
-from .backend import Backend, ChannelAgnosticBackend, hash_state_dict, pick_device, scale_to_unit
-from .hub import cached_snapshot, hub_snapshot
-from .loading import (
-    OPENPHENOM_PREFIX,
-    OPENPHENOM_REPO,
-    WEIGHTS_DIR,
-    build_channel_agnostic,
-    check_state_dict,
-    infer_ca_architecture,
-    intermediate_block,
-    load_card_model,
-    load_default,
-    load_file,
-    load_folder,
-    load_openphenom,
-    load_timm_checkpoint,
-    read_state_dict,
-    sniff_format,
-)
-from .registry import (
-    SOURCE_FORMS,
-    ModelInfo,
-    ModelSource,
-    list_models,
-    load_model,
-    parse_source,
-    source_forms_text,
-)
-from .timm_vit import CHANNEL_RULES, TimmViTBackend
-from .vit import ChannelAgnosticViT, resolve_block, run_blocks, sincos_2d, standardize
+from ._triton import triton_hidden_if_unsafe
+
+# the first import of timm (vit, timm_vit): see _triton for why triton may be hidden
+with triton_hidden_if_unsafe():
+    from .backend import (
+        Backend,
+        ChannelAgnosticBackend,
+        hash_state_dict,
+        pick_device,
+        scale_to_unit,
+    )
+    from .hub import cached_snapshot, hub_snapshot
+    from .loading import (
+        OPENPHENOM_PREFIX,
+        OPENPHENOM_REPO,
+        WEIGHTS_DIR,
+        build_channel_agnostic,
+        check_state_dict,
+        infer_ca_architecture,
+        intermediate_block,
+        load_card_model,
+        load_default,
+        load_file,
+        load_folder,
+        load_openphenom,
+        load_timm_checkpoint,
+        read_state_dict,
+        sniff_format,
+    )
+    from .registry import (
+        SOURCE_FORMS,
+        ModelInfo,
+        ModelSource,
+        list_models,
+        load_model,
+        parse_source,
+        source_forms_text,
+    )
+    from .timm_vit import CHANNEL_RULES, TimmViTBackend
+    from .vit import ChannelAgnosticViT, resolve_block, run_blocks, sincos_2d, standardize
 
 __all__ = [
     "CHANNEL_RULES",

@@ -51,6 +51,32 @@ def _format(ngff: str):
     return FormatV04() if ngff == "0.4" else FormatV05()
 
 
+def omero_channels(names, image) -> dict:
+    """The ``omero`` block of a (C, H, W) field: each channel's label, a colour and the display
+    window NGFF asks for (``start``/``end`` at the channel's own range, ``min``/``max`` at the
+    pixel type's), which ome-zarr's writer validates since 0.18."""
+    import numpy as np
+
+    dtype = np.dtype(image.dtype)
+    lo, hi = (
+        (float(np.iinfo(dtype).min), float(np.iinfo(dtype).max))
+        if dtype.kind in "ui"
+        else (float(np.nanmin(image)), float(np.nanmax(image)))
+    )
+    channels = []
+    for name, plane in zip(names, image, strict=True):
+        start, end = (float(plane.min()), float(plane.max())) if plane.size else (lo, hi)
+        channels.append(
+            {
+                "label": str(name),
+                "color": "FFFFFF",
+                "active": True,
+                "window": {"start": start, "end": max(end, start + 1), "min": lo, "max": hi},
+            }
+        )
+    return {"channels": channels}
+
+
 def _metadata_row(site, site_number: int) -> dict:
     key = site.key
     row = {k: v for k, v in (site.metadata or {}).items() if k not in ("plate", "well", "site")}
@@ -150,7 +176,6 @@ def convert_plate(
     names = {p: re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in by_plate}
     if len(set(names.values())) < len(names):
         raise PlateError(f"plate names {sorted(by_plate)} clash as folder names")
-    channels = [{"label": n, "color": "FFFFFF"} for n in plate.channel_names]
     zarr_format = 2 if ngff == "0.4" else 3
     total, done = len(plate), 0
     rows_out: list[dict] = []
@@ -177,21 +202,30 @@ def convert_plate(
                         if is_cancelled(cancel):
                             raise Cancelled("conversion cancelled")
                         field = well.require_group(str(i))
+                        pixels = site.read()
                         write_image(
-                            site.read(),
+                            pixels,
                             field,
                             scale_factors=[],
                             axes="cyx",
                             fmt=fmt,
-                            metadata={"omero": {"channels": channels}},
+                            omero=omero_channels(plate.channel_names, pixels),
                         )
                         for name, labels in (
                             ("cells", site.read_labels()),
                             ("nuclei", site.read_nuclei()),
                         ):
                             if labels is not None:
+                                # scaler=None: ome-zarr's default Scaler would override
+                                # scale_factors and write four downsampled levels
                                 write_labels(
-                                    labels, field, name, axes="yx", fmt=fmt, scale_factors=[]
+                                    labels,
+                                    field,
+                                    name,
+                                    axes="yx",
+                                    fmt=fmt,
+                                    scaler=None,
+                                    scale_factors=[],
                                 )
                         rows_out.append(_metadata_row(site, i + 1))
                         if site.key.site != i + 1:

@@ -22,8 +22,11 @@ import pandas as pd
 
 from .._files import atomic_path, atomic_write_text, check_not_foreign, owned_files
 from ..analysis.concepts import require_columns, selectivity
+from ..analysis.families import family_table
 from ..analysis.profiles import ConceptProfiles, concept_profiles
+from ..analysis.write import join_feature_columns
 from ..dictionary.control import check_control, parse_control
+from ..dictionary.nested import describe_levels
 from ..errors import ConceptDiscoveryError, DataWarning
 from ..progress import Cancel, ProgressCallback, is_cancelled, report
 from ..settings import Settings, check, option
@@ -31,6 +34,7 @@ from .figures import Pixels
 from .html import (
     CSS,
     describe_whitening,
+    families_html,
     feature_html,
     header_html,
     html_table,
@@ -65,6 +69,11 @@ class ReportSettings(Settings):
     )
     top: int = option(12, "features shown, most selective first", label="features")
     cells: int = option(12, "top cells shown per feature", label="cells per feature")
+    per_well: int = option(
+        3,
+        "top cells of one well at most, so a feature's gallery spans several wells",
+        label="top cells per well",
+    )
     controls: str | None = option(
         None,
         "control wells the concept profiles are z-scored against, as COLUMN=VALUE (default: "
@@ -83,6 +92,7 @@ class ReportSettings(Settings):
     def validate(self) -> None:
         check(self.top >= 1, "top", f"must be at least 1, got {self.top}")
         check(self.cells >= 1, "cells", f"must be at least 1, got {self.cells}")
+        check(self.per_well >= 1, "per_well", f"must be at least 1, got {self.per_well}")
         check(self.threshold > 0, "threshold", f"must be positive, got {self.threshold}")
         check_control(self.controls)
 
@@ -160,6 +170,7 @@ def comparison_table(entries, labels: Sequence[str]) -> pd.DataFrame:
             "dictionary": name,
             "method": meta.method or "?",
             "atoms": int(d.n_atoms),
+            "nested levels": describe_levels(d.levels),
             "unit": meta.unit,
             "whitening": describe_whitening(meta),
             "FVU": float(m.get("fvu", np.nan)),
@@ -230,8 +241,12 @@ def write_report(
     sels = {c: selectivity(codes, table[c].to_numpy(), c) for c in labels}
     features = ex.feature_table(labels)
     entries = [(name, primary, features)]
+    stains = primary.stain_table()
+    if stains is not None:  # which stains each atom reads (per-channel tokens only)
+        features = join_feature_columns(
+            features, stains.assign(feature=np.arange(len(stains), dtype=features["feature"].dtype))
+        )
     from ..analysis.analyze import named_features
-    from ..analysis.write import join_feature_columns
 
     named = named_features(primary)
     if named is not None:  # names and notes a person gave, beside the dictionary file
@@ -301,6 +316,7 @@ def write_report(
         f"sections describe <b>{html.escape(name)}</b>.</p>"
     )
     parts.append(html_table(comparison_table(entries, labels), "comparison"))
+    parts.append(families_html(family_table(codes, ex.families(), table, labels), shown))
     parts.append(quality_html(store, ex, pixels))
     parts.append(profiles_html(profiles, chosen, shown, notes, out))
     parts.append("<h2 id='features'>Features</h2>")
@@ -323,6 +339,7 @@ def write_report(
                 control_wells,
                 settings.cells,
                 why.get(f),
+                per_well=settings.per_well,
             )
         )
     report(progress, "report", len(chosen), len(chosen))

@@ -119,8 +119,14 @@ def top_cells_figure(ex, pixels: Pixels, cells: pd.DataFrame, feature: int):
         if mask.any():
             ax.contour(mask.astype(float), levels=[0.5], colors=["white"], linewidths=0.9)
         ax.set_title(f"{c.plate} {c.well} s{c.site}\ncode {c.value:.2f}", fontsize=7, color="w")
+    wells = cells[["plate", "well"]].drop_duplicates().shape[0] if n else 0
     fig.suptitle(
-        f"feature {feature}: its {n} most active cells", color="w", fontsize=9, y=1.0, va="bottom"
+        f"feature {feature}: its {n} most active cells, from {wells} well"
+        + ("s" if wells != 1 else ""),
+        color="w",
+        fontsize=9,
+        y=1.0,
+        va="bottom",
     )
     return fig
 
@@ -246,9 +252,13 @@ def profile_figure(prof: ConceptProfiles, features: Sequence[int]):
     values = [prof.values[i] for i in np.sort(order_v)]
     hits = prof.hit_mask()[np.ix_(np.sort(order_v), features)]
     nv, nf = z.shape
-    fig = new_figure(min(14, 1.8 + 0.28 * nf + 1.2), min(16, 1.4 + 0.24 * nv + 0.8))
+    # The row labels sit right of the heatmap, in a column of their own sized to the longest
+    # label, so neither the dendrogram (left) nor the colour bar can print over them.
+    label_w = 0.55 + 0.062 * max((len(str(v)) for v in values), default=1)
+    widths = [1.0, 0.28 * nf + 0.5, label_w, 0.25]
+    fig = new_figure(min(16, sum(widths) + 1.0), min(16, 1.4 + 0.24 * nv + 0.8))
     gs = fig.add_gridspec(
-        2, 3, width_ratios=[1.0, 0.28 * nf + 0.5, 0.25], height_ratios=[0.9, 0.24 * nv + 0.4]
+        2, 4, width_ratios=widths, height_ratios=[0.9, 0.24 * nv + 0.4], wspace=0.04
     )
     ax = fig.add_subplot(gs[1, 1])
     rows, cols = np.arange(nv), np.arange(nf)
@@ -271,11 +281,13 @@ def profile_figure(prof: ConceptProfiles, features: Sequence[int]):
     im = ax.imshow(zz, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     hy, hx = np.nonzero(hits[np.ix_(rows, cols)])
     ax.scatter(hx, hy, s=8, c="black")
+    ax.yaxis.tick_right()
     ax.set_yticks(range(nv), [values[i] for i in rows], fontsize=7)
     ax.set_xticks(range(nf), [str(features[j]) for j in cols], fontsize=6, rotation=90)
     ax.set_xlabel("feature", fontsize=8)
-    ax.set_ylabel(prof.column, fontsize=8)
-    cax = fig.add_subplot(gs[1, 2])
+    ax.yaxis.set_label_position("right")
+    ax.set_ylabel(prof.column, fontsize=8, labelpad=6)
+    cax = fig.add_subplot(gs[1, 3])
     cb = fig.colorbar(im, cax=cax)
     cb.set_label("median well z vs controls", fontsize=8)
     cb.ax.tick_params(labelsize=7)

@@ -11,8 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ..analysis.families import FAMILY_DISTANCE
 from ..analysis.profiles import HIT_FRACTION, MIN_WELLS, ConceptProfiles
+from ..analysis.welltest import FDR_ALPHA, N_PERMUTATIONS
 from ..dictionary.meta import DictionaryMeta
+from ..dictionary.nested import describe_levels
 from .figures import (
     QUALITY_FIGURES,
     Pixels,
@@ -31,6 +34,10 @@ HEATMAP_FEATURES = 40
 
 #: Hits listed in the page (all of them go to hits.csv).
 HITS_SHOWN = 40
+
+
+#: Families listed in the page, largest first.
+FAMILIES_SHOWN = 20
 
 
 def describe_whitening(meta: DictionaryMeta) -> str:
@@ -73,6 +80,14 @@ def calibration_note(prof: ConceptProfiles) -> str | None:
     return text + "."
 
 
+def _significant(prof: ConceptProfiles, i: int) -> str:
+    """How many features the well-level test finds changed by value ``i`` ('' for the
+    control value, which it is not tested against)."""
+    if prof.tests is None or prof.values[i] not in set(prof.tests["value"]):
+        return ""
+    return str(int(prof.significant()[i].sum()))
+
+
 def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.DataFrame:
     """Per label value: wells, hit features, and its strongest features by median z."""
     hits = prof.hit_mask()
@@ -85,6 +100,7 @@ def profile_summary(prof: ConceptProfiles, shown: set[int], n: int = 4) -> pd.Da
                 "wells": int(prof.n_wells[i]),
                 "features switched on": int(hits[i].sum()),
                 "expected by chance": _chance(prof, int(prof.n_wells[i])),
+                "significant (well test)": _significant(prof, i),
                 "strongest (median z)": ", ".join(
                     f"{feature_link(int(f), shown)} ({prof.median_z[i, f]:+.1f})" for f in top
                 ),
@@ -115,6 +131,7 @@ section.feature { background: #fff; border: 1px solid #ddd; border-radius: 6px;
 .figs img { max-width: 100%; border: 1px solid #eee; }
 nav.toc { font-size: 13px; columns: 3; max-width: 1100px; }
 nav.toc a { text-decoration: none; }
+nav.toc li { break-inside: avoid; }
 .pill { display: inline-block; background: #fce4ec; color: #880e4f; border-radius: 10px;
         padding: 0 8px; margin-right: 4px; font-size: 12px; }
 """
@@ -203,10 +220,13 @@ def header_html(store, name, dictionary, table, labels, controls) -> str:
         f"{html.escape(name)}</h1>"
         f"<p>store {html.escape(str(store.path))}: {len(table)} cells, {n_sites} sites, "
         f"{n_wells} wells, {table['plate'].nunique()} plates; model "
-        f"{html.escape(str(store.model_id))}, block {store.block}</p>"
+        f"{html.escape(str(store.model_id))}, block {store.block}; stains "
+        f"{html.escape(', '.join(map(str, getattr(store, 'channel_names', ()) or ())) or '?')}"
+        "</p>"
         f"<p>dictionary: {html.escape(meta.method or '?')}"
         f", {dictionary.n_atoms} features on {html.escape(meta.unit)} "
-        f"tokens, whitening {html.escape(describe_whitening(meta))}; labels: "
+        f"tokens, nested levels {describe_levels(dictionary.levels)}, whitening "
+        f"{html.escape(describe_whitening(meta))}; labels: "
         f"{html.escape(', '.join(labels) or 'none')}; profile controls: "
         f"{html.escape(controls or 'none')}</p></header><main>"
     )
@@ -226,15 +246,18 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
                 else ""
             )
         )
-        named = given_name(r)
+        named = feature_name(r)
         named = f" <b>{html.escape(named)}</b>:" if named else ""
         items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{named}{label}</li>")
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#quality'>Segmentation quality</a> · "
+        "<a href='#families'>Feature families</a> · "
         "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
         "(most selective first, the best feature of each label before the runners-up; then "
-        "the features that perturbations switch on most strongly)</p>"
+        "the features that perturbations switch on most strongly). A feature is named by the "
+        "name you gave it, else by the measurement it follows most closely; features that "
+        "follow the same measurement share that name, and their labels tell them apart.</p>"
         f"<nav class='toc'><ol>{''.join(items)}</ol></nav>"
     )
 
@@ -254,6 +277,15 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
         "Rows and columns are ordered by hierarchical clustering (average linkage); the "
         "heatmap shows the features with the strongest profiles. All hits are in "
         "<a href='hits.csv'>hits.csv</a>.</p>"
+        "<p class='note'><b>Well-level test</b>: hits count wells above a z threshold; a value "
+        "with few wells gets some by chance. The test ranks each feature's well means within "
+        "each plate and asks whether the value's wells rank apart from the plate's control "
+        "wells more than relabelling the wells at random within each plate gives "
+        f"({N_PERMUTATIONS} permutations per feature, pooled over features; Benjamini-Hochberg "
+        f"over every value and feature of the column, FDR {FDR_ALPHA:g}); <i>significant</i> "
+        "counts the features it finds changed. A perturbation that changes nothing should have "
+        "none. It needs replicate wells: with one well of a value per plate, nothing reaches "
+        "significance over many features.</p>"
     )
     for prof in profiles:
         parts.append(f"<h3 id='profile-{html.escape(prof.column)}'>{html.escape(prof.column)}</h3>")
@@ -290,8 +322,16 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
             ]
             for c in ("median_z", "mean_z"):
                 shown_hits[c] = [f"{v:+.2f}" for v in shown_hits[c]]
-            shown_hits = shown_hits[["value", "feature", "median_z", "mean_z", "wells above"]]
-            shown_hits.columns = [prof.column, "feature", "median z", "mean z", "wells above"]
+            keep = ["value", "feature", "median_z", "mean_z", "wells above"]
+            names = [prof.column, "feature", "median z", "mean z", "wells above"]
+            if "q_value" in shown_hits.columns:
+                shown_hits["q_value"] = [
+                    "" if not np.isfinite(q) else f"{q:.2g}" for q in shown_hits["q_value"]
+                ]
+                keep.append("q_value")
+                names.append("q (well test)")
+            shown_hits = shown_hits[keep]
+            shown_hits.columns = names
             more = len(hits) - len(shown_hits)
             parts.append(
                 f"<p class='note'>{len(hits)} hits"
@@ -304,25 +344,166 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
     return "".join(parts)
 
 
+def families_html(families: pd.DataFrame, shown: set[int], n: int = FAMILIES_SHOWN) -> str:
+    """The families section: what a family is, and its largest families with their members,
+    the label their summed code is most selective for, and its best member's selectivity."""
+    parts = [
+        "<h2 id='families'>Feature families</h2>",
+        "<p class='note'>A concept that covers many cells is often split over several features "
+        "(copies of one direction that each take part of the cells, or atoms picked together). "
+        "A <b>family</b> groups features whose atoms point the same way or that fire on the same "
+        "cells (average-linkage clustering on 1 - max(atom cosine, Jaccard co-activation), cut "
+        f"at {FAMILY_DISTANCE:g}); its <b>summed code</b> (the sum of its members' codes) is "
+        "scored as one feature. <i>selectivity (family)</i> is the summed code's, <i>best "
+        "member</i> the best single member's for the same label.</p>",
+    ]
+    if families.empty:
+        parts.append("<p class='note'>No families: no two features are that close.</p>")
+        return "".join(parts)
+    t = families.head(n).copy()
+
+    def members(text: str) -> str:
+        return " ".join(feature_link(int(f), shown) for f in text.split())
+
+    t["members"] = [members(m) for m in t["members"]]
+    t.insert(0, "id", [f"<span id='family-{f}'>{f}</span>" for f in t["family"]])
+    cols = {"id": "family", "n_members": "features", "members": "members"}
+    cols["frequency"] = "frequency"
+    if "top_column" in t.columns:
+        t["label"] = t["top_column"].astype(str) + " = " + t["top_label"].astype(str)
+        cols |= {
+            "label": "top label",
+            "selectivity_family": "selectivity (family)",
+            "best_member": "best member",
+            "selectivity_best_member": "selectivity (best member)",
+        }
+        t["best_member"] = [feature_link(int(f), shown) for f in t["best_member"]]
+    t = t[list(cols)].rename(columns=cols)
+    more = len(families) - len(t)
+    parts.append(
+        f"<p class='note'>{len(families)} families"
+        + (f"; the {len(t)} largest:" if more > 0 else ":")
+        + "</p>"
+    )
+    parts.append(html_table(t, "families", raw=["family", "members", "best member"]))
+    return "".join(parts)
+
+
 def given_name(row) -> str:
     """The name a person gave the feature (``feature_notes``), or ''."""
     v = row["name"] if "name" in row.index else ""
     return v if isinstance(v, str) else ""
 
 
+def feature_name(row) -> str:
+    """What to call a feature: the name a person gave it, else the first phrase of its
+    description (the measurement it follows most closely, e.g. "RNA: nuclear total intensity
+    up"), else ''."""
+    named = given_name(row)
+    if named:
+        return named
+    described = row["description"] if "description" in row.index else ""
+    if not isinstance(described, str) or not described:
+        return ""
+    first = described.split(";")[0].split(",")[0]
+    return first.rsplit(" (", 1)[0].strip()
+
+
+#: A stain leads an atom when its share is at least this many times an even share (1 / C).
+STAIN_LEAD = 1.5
+
+
+def stain_shares(row, stain_cols: Sequence[str], least: float = 0.05) -> str:
+    """The stains an atom reads, largest share first (those of at least ``least``), said
+    plainly when none stands out of an even split."""
+    if not stain_cols:
+        return ""
+    shares = row[list(stain_cols)].astype(float).sort_values(ascending=False)
+    kept = [(str(c)[len("stain_") :], v) for c, v in shares.items() if v >= least]
+    listed = ", ".join(f"{name} {v:.0%}" for name, v in kept)
+    even = 1.0 / len(stain_cols)
+    if shares.iloc[0] < STAIN_LEAD * even:
+        return f"no stain stands out (even split {even:.0%}): {listed}"
+    return listed
+
+
+def disagreement(row, f: int, profiles, sels) -> str:
+    """A plain sentence for a feature whose well profiles single out other values than its
+    most selective label (cell by cell); '' when they agree or there is nothing to compare."""
+    if "top_label" not in row.index or not row["top_column"]:
+        return ""
+    column, label = str(row["top_column"]), str(row["top_label"])
+    hits = [
+        (prof.column, prof.values[i])
+        for prof in profiles
+        for i in np.flatnonzero(prof.hit_mask()[:, f])
+    ]
+    others = [(c, str(v)) for c, v in hits if (c, str(v)) != (column, label)]
+    if not others:
+        return ""
+    also = " also" if len(others) < len(hits) else ""
+    named = ", ".join(f"{c} = {v}" for c, v in others[:3])
+    named += f" and {len(others) - 3} more" if len(others) > 3 else ""
+    fractions = ""
+    sel = sels.get(column)
+    if sel is not None and label in [str(v) for v in sel.values]:
+        i = [str(v) for v in sel.values].index(label)
+        others = np.delete(sel.p_active[:, f], i)
+        fractions = (
+            f" (active in {sel.p_active[i, f]:.0%} of its cells, at most "
+            f"{(others.max() if others.size else 0):.0%} of any other value's)"
+        )
+    return (
+        f"Cell by cell this feature is most selective for {column} = {label}{fractions}, but "
+        f"the well profiles{also} single out {named}. The two measure different things: "
+        "selectivity counts the cells where a feature fires at all, over every well; a profile "
+        "compares each well's mean code with its own plate's control wells. They part when a "
+        "few strongly active cells lift a well's mean, or when those wells differ from their "
+        "controls in something other than the label (cell type, plate, position). If either "
+        "value is known to change nothing (a null or mock treatment), read the feature as such "
+        "a well effect, not a concept."
+    )
+
+
+def _positive_wells(ex, f: int) -> int:
+    """How many wells have at least one cell with a positive code of feature ``f``."""
+    codes, table = ex.cell_codes()
+    col = codes[:, f].tocoo()
+    rows = col.row[col.data > 0]
+    return int(table[["plate", "well"]].iloc[rows].drop_duplicates().shape[0])
+
+
 def feature_html(
-    ex, pixels, f, row, sels, stain_cols, profiles, plates, control_wells, n_cells, why=None
+    ex,
+    pixels,
+    f,
+    row,
+    sels,
+    stain_cols,
+    profiles,
+    plates,
+    control_wells,
+    n_cells,
+    why=None,
+    *,
+    per_well: int | None = None,
 ) -> str:
     facts = [
         f"<b>frequency</b> {row['frequency']:.3f} of cells",
         f"<b>mean code when active</b> {row['mean_activation']:.3g}",
     ]
     title = f"Feature {f}"
-    if given_name(row):
-        title += f" “{given_name(row)}”"
+    if feature_name(row):
+        title += f" “{feature_name(row)}”"
     note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
     if note:
         facts.insert(0, f"<b>note</b> {html.escape(note)}")
+    if "level" in row.index:
+        facts.append(f"<b>level</b> {int(row['level'])} (in the first {int(row['level'])} atoms)")
+    if "family" in row.index and int(row["family"]) >= 0:
+        facts.append(
+            f"<b>family</b> <a href='#family-{int(row['family'])}'>{int(row['family'])}</a>"
+        )
     described = row["description"] if "description" in row.index else ""
     if isinstance(described, str) and described:
         facts.insert(0, f"<b>measurements that follow it</b> {html.escape(described)}")
@@ -350,13 +531,22 @@ def feature_html(
         facts.append("<b>switched on by</b> " + " ".join(switched[:8]))
     attribution = row[stain_cols].astype(float) if stain_cols else None
     if attribution is not None:
-        top = attribution.idxmax()
         facts.append(
-            f"<b>stain</b> {html.escape(str(top)[len('stain_') :])} "
-            f"({attribution[top]:.0%} of the atom)"
+            f"<b>stains</b> {html.escape(stain_shares(row, stain_cols))} (share of the atom "
+            "in each stain's channel tokens)"
         )
-    cells = ex.top_cells(f, n_cells)
+    cells = ex.top_cells(f, n_cells, per_well=per_well)
     figs = []
+    if len(cells):
+        n_wells = cells[["plate", "well"]].drop_duplicates().shape[0]
+        spread = f"<b>top cells</b> {len(cells)} from {n_wells} well{'s' if n_wells != 1 else ''}"
+        if per_well is not None:
+            spread += (
+                f" (at most {per_well} per well; {_positive_wells(ex, f)} wells have a cell "
+                "where it is positive)"
+            )
+        facts.append(spread)
+    sentence = disagreement(row, f, profiles, sels)
     if pixels.plate is not None and len(cells):
         figs.append(
             img_tag(
@@ -386,8 +576,9 @@ def feature_html(
                 "selectivity",
             )
         )
+    sentence = f"<p class='note disagree'>{html.escape(sentence)}</p>" if sentence else ""
     return (
         f"<section class='feature' id='feature-{f}' data-feature='{f}'><h3>{html.escape(title)}"
-        f"</h3><div class='facts'>{' · '.join(facts)}</div><div class='figs'>{''.join(figs)}"
-        "</div></section>"
+        f"</h3><div class='facts'>{' · '.join(facts)}</div>{sentence}"
+        f"<div class='figs'>{''.join(figs)}</div></section>"
     )

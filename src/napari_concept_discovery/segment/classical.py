@@ -13,11 +13,12 @@ per-image methods (Otsu on the log intensities was the default before) stay avai
 stain's mask is judged before it joins the others (:func:`judge_stain`): one that covers most
 of a sparse site, or does not follow the nuclei, is left out with a :class:`StainWarning`
 naming the stain. The union over the stains is the foreground; then every nucleus grows inside
-it by
-CellProfiler's *Propagation*: a pixel joins the nucleus nearest to it, where the length of a
-step between neighbouring pixels is ``sqrt(d**2 + lambda**2 * step)`` with ``d`` the summed
-absolute intensity difference of the two pixels' 3 x 3 windows and ``lambda`` the regularisation
-factor (0: follow the image's edges only; large: plain distance). This is the algorithm of
+it by CellProfiler's *Propagation*, on the cell stains weighted by how far each fills its cells
+(:func:`propagation_weights`: a perinuclear or uneven stain, which fades long before the cell's
+border, would otherwise hand a bright cell's periphery to a dimmer neighbour): a pixel joins
+the nucleus nearest to it, where the length of a step between neighbouring pixels is
+``sqrt(d**2 + lambda**2 * step)`` with ``d`` the summed absolute intensity difference of the
+two pixels' 3 x 3 windows and ``lambda`` the regularisation factor (0: follow the image's edges only; large: plain distance). This is the algorithm of
 Jones et al. (2005), "Voronoi-based segmentation of cells on image manifolds", solved here as a
 shortest-path problem on the pixel graph (scipy's Dijkstra with all seeds as sources).
 
@@ -41,6 +42,8 @@ from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
 from skimage import filters, measure, morphology, segmentation
+
+from ..settings import PROPAGATION_RULES
 
 #: Names of transmitted-light channels, which carry no fluorescent foreground.
 TRANSMITTED_NAMES = ("brightfield", "bf", "phase", "dic", "transmitted", "tl")
@@ -570,12 +573,92 @@ def cell_foreground(
     return mask, used
 
 
+#: Where a stain's reach is measured (:func:`stain_reach`): its level in the cell foreground
+#: within this share of a typical nucleus diameter of a nucleus ...
+REACH_NEAR = 0.25
+#: ... against its level beyond this share of a diameter from every nucleus.
+REACH_FAR = 0.5
+
+
+def reach_regions(nuclei: Nuclei, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where reach is measured (:func:`stain_reach`): the foreground ``mask`` within a quarter
+    of a typical nucleus diameter of a nucleus, and beyond half a diameter from every nucleus;
+    None where either is empty."""
+    if not nuclei.labels.any():
+        return None
+    d = max(nuclei.sizes.typical, 4.0)
+    dist = ndi.distance_transform_edt(nuclei.labels == 0)
+    near = mask & (dist > 0) & (dist <= REACH_NEAR * d)
+    far = mask & (dist > REACH_FAR * d)
+    return (near, far) if near.any() and far.any() else None
+
+
+def stain_reach(stain: np.ndarray, regions, sigma: float = 1.0) -> float:
+    """How far a stain fills its cells: its median level above background far from the nuclei
+    over that close around them (``regions``, :func:`reach_regions`), clipped to [0, 1]; NaN
+    without regions or signal near the nuclei.
+
+    A whole-cell stain (actin, membrane, a cytoplasmic dye) holds its level out to the cell's
+    border (reach near 1); a perinuclear one (ER, RNA, mitochondria, an uneven reporter) fades
+    to a fraction of it by the periphery, where it says nothing about the border.
+    """
+    if regions is None:
+        return float("nan")
+    near, far = regions
+    smoothed = smooth(stain, sigma)
+    above = smoothed - background(smoothed).level
+    inner = float(np.median(above[near]))
+    if inner <= 0:
+        return float("nan")
+    return float(np.clip(np.median(above[far]) / inner, 0.0, 1.0))
+
+
+def propagation_weights(
+    image: np.ndarray, channels: Sequence[int], nuclei: Nuclei, mask: np.ndarray, sigma=1.0
+) -> np.ndarray:
+    """Each cell stain's weight in the propagation image: its reach squared (:func:`stain_reach`),
+    normalised to sum to 1; equal weights where no stain's reach can be measured.
+
+    Propagation puts a border where the image changes; a stain that fades away from the nucleus
+    makes the periphery of a bright cell look like a border and hands it to a dimmer
+    neighbour, so the border follows which stains are averaged rather than the cells. Squared,
+    a stain that keeps a fifth of its level at the periphery weighs 1/25 of one that fills the
+    cell.
+    """
+    regions = reach_regions(nuclei, mask)
+    reach = np.array([stain_reach(image[c], regions, sigma) for c in channels])
+    weights = np.where(np.isfinite(reach), reach, 0.0) ** 2
+    if weights.sum() <= 0:
+        return np.full(len(channels), 1.0 / len(channels))
+    return weights / weights.sum()
+
+
+def propagation_surface(
+    image: np.ndarray,
+    channels: Sequence[int],
+    nuclei: Nuclei,
+    mask: np.ndarray,
+    rule: str = "reach",
+    sigma: float = 1.0,
+) -> np.ndarray:
+    """The image whose edges propagation follows: the cell stains on a common scale
+    (:func:`unit_scale`), weighted by their reach (:func:`propagation_weights`, ``rule``
+    "reach") or averaged alike ("mean")."""
+    scaled = np.array([unit_scale(image[c]) for c in channels])
+    if rule == "mean" or len(channels) == 1:
+        return scaled.mean(axis=0)
+    if rule != "reach":
+        raise ValueError(f"unknown propagation rule {rule!r}; use one of {PROPAGATION_RULES}")
+    return np.tensordot(propagation_weights(image, channels, nuclei, mask, sigma), scaled, axes=1)
+
+
 def grow_cells(
     image: np.ndarray,
     channels: Sequence[int],
     nuclei: Nuclei,
     *,
     regularization: float = 0.05,
+    propagation: str = "reach",
     drop_edge: bool = False,
     drop_edge_by: str = "nucleus",
     **foreground,
@@ -584,7 +667,8 @@ def grow_cells(
 
     The foreground is the union of each channel's own threshold (stains differ in brightness
     and in which part of the cell they fill), each judged first (:func:`cell_foreground`); the
-    propagation image is the mean of the channels kept, on a common scale (:func:`unit_scale`);
+    propagation image is the channels kept, on a common scale, weighted by how far each fills
+    its cells (``propagation`` "reach", :func:`propagation_surface`) or averaged ("mean");
     ``foreground`` holds :func:`cell_foreground`'s options (method, log, factor, sigma,
     noise_floor, fraction, judge, channel_names), with its defaults. With no channel kept the cells are their nuclei. ``drop_edge``: nuclei touching the edge
     were marked by :func:`find_nuclei`; with ``drop_edge_by="cell"`` cells touching it go too.
@@ -597,7 +681,8 @@ def grow_cells(
     if not channels:
         cells = seeds.copy()
     else:
-        surface = np.mean([unit_scale(image[c]) for c in channels], axis=0)
+        sigma = foreground.get("sigma", 1.0)
+        surface = propagation_surface(image, channels, nuclei, mask, propagation, sigma)
         cells = propagate(surface, seeds, mask, regularization)
         cells = fill_label_holes(cells)
     dropped = nuclei.dropped.copy()
@@ -673,6 +758,7 @@ def segment_classical(
         factor=settings.cell_threshold_factor,
         sigma=settings.smoothing,
         regularization=settings.regularization,
+        propagation=settings.propagation,
         drop_edge=settings.drop_edge,
         drop_edge_by=settings.drop_edge_by,
         noise_floor=settings.noise_floor,

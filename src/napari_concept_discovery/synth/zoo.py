@@ -5,7 +5,7 @@ cells are drawn and painted by the same code (``cells.py``), but the microscope 
 :class:`ZooSpec` that the zoo varies on purpose over realistic ranges: background offset, read
 and shot noise, bit depth (8, 12, 16), stain brightness and a dim cytoplasm, density from
 sparse to confluent, cell size (20x, 40x), uneven illumination, a stain that is empty or
-missing, debris and saturated blobs, touching nuclei. ``ZOO`` names the variants; each
+missing, debris and saturated blobs, a patchy stain, touching nuclei. ``ZOO`` names the variants; each
 changes one field (or one camera's coupled fields) of the ``base`` spec, but the last, which
 combines the dark noisy background and dim cytoplasm of a real plate that was measured. The truth is the rasterised cell and nucleus labels,
 with no debris or blob in it. Used by ``benchmarks/bench_segment.py`` to choose segmentation
@@ -37,7 +37,10 @@ class ZooSpec:
     site the cells aim to cover; ``nucleus_scale``: nucleus size factor after placement (above
     1.3 neighbouring nuclei meet); ``empty``: channels that carry no stain (background and
     noise only); ``missing``: channels that are all zero; ``debris``: small bright specks per
-    site; ``blobs``: saturated blobs per site in the cell stains.
+    site; ``blobs``: saturated blobs per site in the cell stains; ``patchy``: cell stains
+    painted unevenly, as a transfected reporter or a clumping dye is: each cell's expression
+    drawn from a wide log-normal (``patch_spread``), and within the cell the stain gathered in
+    patches about half a cell radius across, dim between them (down to ``patch_floor``).
     """
 
     bits: int = 8
@@ -57,6 +60,9 @@ class ZooSpec:
     missing: tuple[int, ...] = ()
     debris: int = 0
     blobs: int = 0
+    patchy: tuple[int, ...] = ()
+    patch_spread: float = 0.7
+    patch_floor: float = 0.1
     psf: float = 1.1
     channel_names: tuple[str, ...] = field(default=CHANNELS)
 
@@ -103,6 +109,7 @@ ZOO: dict[str, ZooSpec] = {
     "missing stain (ER)": replace(BASE, missing=(1,)),
     "debris": replace(BASE, debris=60),
     "saturated blobs": replace(BASE, blobs=6),
+    "patchy stain (Actin)": replace(BASE, patchy=(2,)),
     "touching nuclei": replace(BASE, nucleus_scale=1.45, coverage=0.75, clustering=0.8),
     # not one thing at a time: the measured real plate (8-bit, a dark background a few counts
     # above zero with read and shot noise, a dim cytoplasm, mild vignetting), as a last check
@@ -149,6 +156,17 @@ def _specks(rng, size: int, count: int, radius: tuple[float, float]) -> np.ndarr
     return out
 
 
+def _patches(spec: ZooSpec, cells: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Uneven expression (``ZooSpec.patchy``): a per-cell log-normal level times patches of a
+    smooth random field, from a stream of its own so that the rest of the site is unchanged."""
+    rng = np.random.default_rng([seed, 0x201])
+    level = np.concatenate([[1.0], rng.lognormal(0.0, spec.patch_spread, int(cells.max()))])
+    field = ndi.gaussian_filter(rng.standard_normal((size, size)), spec.radius / 4)
+    field /= field.std() + 1e-12
+    patches = np.clip(0.4 + 0.6 * field, spec.patch_floor, 2.0)
+    return np.where(cells > 0, level[cells] * patches, 1.0)
+
+
 def generate_zoo_site(spec: ZooSpec | str, *, size: int = 512, seed: int = 0) -> ZooSite:
     """Draw one site of ``spec`` (or a name in :data:`ZOO`), seeded by ``seed`` alone."""
     if isinstance(spec, str):
@@ -164,6 +182,8 @@ def generate_zoo_site(spec: ZooSpec | str, *, size: int = 512, seed: int = 0) ->
     signal = paint(rng, cells, geometry, ct, CONTROL).astype(np.float64)
     cyto = (geometry.cells > 0) & (geometry.nuclei == 0)
     signal[1:] *= np.where(cyto, spec.cytoplasm, 1.0)
+    if spec.patchy:
+        signal[list(spec.patchy)] *= _patches(spec, geometry.cells, size, seed)[None]
     top = 2**spec.bits - 1
     if spec.debris:  # autofluorescent specks, in every channel, inside and outside cells
         signal += 0.8 * _specks(rng, size, spec.debris, (1.0, 2.5))[None]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..analysis.families import FAMILY_DISTANCE
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .channels import contrast_limits
 from .forms import metadata_choices
@@ -28,6 +29,18 @@ MAX_LABEL_VALUES = 50  # a column with more values (one per well) is not a label
 FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     "feature": ("Feature", "The feature's number in the dictionary."),
     "name": ("Name", "The name you gave the feature (saved beside the dictionary)."),
+    "level": (
+        "Level",
+        "Nested dictionary: the smallest prefix of atoms that holds the feature (its first "
+        "atoms were trained to reconstruct the cells alone, so a low level is a broad concept).",
+    ),
+    "family": (
+        "Family",
+        "Features whose atoms point the same way or that fire on the same cells (average-"
+        f"linkage clustering on 1 - max(cosine, co-activation), cut at {FAMILY_DISTANCE}); -1: "
+        "in no family. "
+        "A concept split over several features shows as one family.",
+    ),
     "frequency": ("Frequency", "Fraction of the store's cells where the feature is active."),
     "mean_activation": ("Mean activation", "Mean code over the cells where it is active."),
     "top": (
@@ -45,9 +58,9 @@ FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     ),
     "n_active": ("Cells", "Number of cells where the feature is active."),
     "description": (
-        "Follows",
-        "The per-cell measurements whose values follow the feature's activation most closely "
-        "(Spearman over cells, with its sign).",
+        "Description",
+        "The CellProfiler measurements whose per-cell values follow the feature's activation "
+        "most closely (Spearman over cells, with its sign).",
     ),
 }
 HIDDEN = {"top_column", "top_label", "top_tokens"}
@@ -109,13 +122,14 @@ def with_names(
 ) -> pd.DataFrame:
     """A :func:`display_table` with a ``name`` column after ``feature`` (from
     ``feature_notes.FeatureNotes``; empty where unnamed, and for ``notes`` None) and, given
-    ``descriptions`` (``measurements.describe_features``), a ``description`` column last."""
+    ``descriptions`` (``measurements.describe_features``), a ``description`` column after the
+    name: what a person reads first when scanning the features."""
     out = table.drop(columns=["name", "description"], errors="ignore").copy()
     names = {} if notes is None else notes.names
     out.insert(1, "name", [names.get(int(f), "") for f in out["feature"]])
     if descriptions is not None:
         text = descriptions.set_index("feature")["description"]
-        out["description"] = out["feature"].map(text).fillna("").to_numpy()
+        out.insert(2, "description", out["feature"].map(text).fillna("").to_numpy())
     return out
 
 

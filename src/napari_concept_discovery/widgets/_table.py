@@ -64,6 +64,8 @@ class DataFrameModel(QAbstractTableModel):
             if isinstance(value, float) and math.isnan(value):
                 return -math.inf
             return value
+        if role == Qt.ItemDataRole.ToolTipRole and isinstance(value, str) and len(value) > 30:
+            return value  # long text (a description) is cut in its column: whole here
         if role == Qt.ItemDataRole.TextAlignmentRole and isinstance(value, int | float | np.number):
             return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return None

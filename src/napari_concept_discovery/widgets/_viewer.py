@@ -101,6 +101,9 @@ class SiteLink:
         self._prefetch: tuple[threading.Event, tuple] | None = None  # (cancel, its sites)
         self._prefetch_workers: set = set()  # kept alive until they finish; not ``busy``
         self.painter: FeaturePainter | None = None  # set by get_session
+        #: (plate folder, site key) of sites shown by the user's own layers (embedded from
+        #: layers in the viewer): those layers are the site, nothing is read or added for it.
+        self.user_sites: set[tuple] = set()
         viewer.layers.events.inserted.connect(self._on_inserted)
         session.site_changed.connect(self._on_site_changed)
 
@@ -144,6 +147,8 @@ class SiteLink:
             return
         if self._prefetch is not None and SiteKey.of(key) not in self._prefetch[1]:
             self._prefetch[0].set()  # the user went elsewhere: free the CPU for this site
+        if (str(plate.root), tuple(key)) in self.user_sites:
+            return  # the user's layers show it
         if shown_site(viewer, str(plate.root)) == tuple(key):
             return  # the reader just made these layers for this site
         ticket = self.session.ticket()
@@ -236,6 +241,8 @@ class SiteLink:
         except Exception as exc:  # a Qt slot: say it in the viewer, not as a console traceback
             show_error(user_message(exc, f"Could not show {data.key}"))
             return False
+        if self.painter is not None:
+            self.painter.write_codes()  # the cells layer shows this site's cells now
         if self.session.feature is None or self.session.explorer is None:
             self.prefetch_neighbours()  # no feature to paint: the site is complete now
         return True

@@ -28,7 +28,13 @@ from qtpy.QtWidgets import (
 from ..dictionary.config import FIRST_ATOMS
 from ..dictionary.io import load_dictionary, save_dictionary
 from ..dictionary.pipeline import train_on_store
-from ..dictionary.settings import FIRST_STEPS, TrainSettings, WhitenSettings, first_steps
+from ..dictionary.settings import (
+    FIRST_STEPS,
+    TrainSettings,
+    WhitenSettings,
+    first_atoms,
+    first_steps,
+)
 from ..errors import ConceptDiscoveryError
 from ..progress import Progress
 from ..views.forms import TrainingCurves, group_choices, guess_control, metadata_choices
@@ -39,7 +45,7 @@ from ._step import StepWidget
 from ._viewer import observe, user_message
 
 _ALL = "\x00all"  # "whiten per": one whitening for all tokens
-TRAIN_FIELDS = ["method", "unit", "atoms", "sparsity", "steps", "batch_size", "seed"]
+TRAIN_FIELDS = ["method", "unit", "atoms", "levels", "sparsity", "steps", "batch_size", "seed"]
 
 
 class DictionaryWidget(StepWidget):
@@ -59,7 +65,8 @@ class DictionaryWidget(StepWidget):
         self.store_label = QLabel()
         self.store_label.setWordWrap(True)
         self.fields = make_fields(TrainSettings, TRAIN_FIELDS)
-        self.fields["atoms"].set_value(FIRST_ATOMS)
+        self.fields["atoms"].set_value(FIRST_ATOMS)  # then sized to the store (first_atoms)
+        self._auto_atoms: int | None = FIRST_ATOMS  # None once the user typed a number
         self.fields["steps"].set_value(FIRST_STEPS[1])  # then sized to the store (first_steps)
         self._auto_steps: int | None = FIRST_STEPS[1]  # None once the user typed a number
         self.whiten_box = QCheckBox("Whiten on control cells")
@@ -127,6 +134,7 @@ class DictionaryWidget(StepWidget):
         self.fields["unit"].widget.currentIndexChanged.connect(self._size_steps)
         self.fields["batch_size"].widget.valueChanged.connect(self._size_steps)
         self.fields["steps"].widget.valueChanged.connect(self._on_steps_edited)
+        self.fields["atoms"].widget.valueChanged.connect(self._on_atoms_edited)
         self.train_button.clicked.connect(self.train)
         self.load_button.clicked.connect(self._choose_load)
         self.save_button.clicked.connect(self._choose_save)
@@ -265,21 +273,31 @@ class DictionaryWidget(StepWidget):
         self.panel.set_running(self.training)
 
     def _size_steps(self, *_) -> None:
-        """Steps for the store's number of tokens (:func:`first_steps`) unless the user chose."""
+        """Steps (:func:`first_steps`) and atoms (:func:`first_atoms`) for the store's number
+        of tokens, each unless the user chose it."""
         store = self.session.store
-        if store is None or self._auto_steps is None:
+        if store is None or (self._auto_steps is None and self._auto_atoms is None):
             return
         try:
             n = int(store.sites()[f"{self.fields['unit'].value()}_count"].sum())
         except KeyError:  # a unit the store lacks: training will say so
             return
-        steps = first_steps(n, self.fields["batch_size"].value())
-        self._auto_steps = steps
-        self.fields["steps"].set_value(steps)
+        if self._auto_atoms is not None:
+            atoms = first_atoms(n)
+            self._auto_atoms = atoms
+            self.fields["atoms"].set_value(atoms)
+        if self._auto_steps is not None:
+            steps = first_steps(n, self.fields["batch_size"].value())
+            self._auto_steps = steps
+            self.fields["steps"].set_value(steps)
 
     def _on_steps_edited(self, value: int) -> None:
         if value != self._auto_steps:
             self._auto_steps = None  # the user's number stays
+
+    def _on_atoms_edited(self, value: int) -> None:
+        if value != self._auto_atoms:
+            self._auto_atoms = None  # the user's number stays
 
     def _read_choices(self, *_) -> None:
         """Fill the control and group dropdowns from the store's table (read off the GUI thread)."""

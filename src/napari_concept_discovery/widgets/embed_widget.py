@@ -5,12 +5,18 @@ run is :func:`~napari_concept_discovery.embed.plate.embed_plate` in a thread wor
 same call as ``concept-discovery embed``, so a store that matches is reused, not recomputed.
 An existing store can be opened instead. Either way the store becomes the session's
 (docs/architecture.md, "The activation store").
+
+The site may also come from image and labels layers a user already has, from any reader
+("Layers in the viewer"): a form maps layers to stains, the site is saved as a one-site plate
+folder and embedded the same way (:mod:`..views.layer_site`), and those layers become the
+session's site.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from napari.layers import Labels
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
@@ -35,12 +41,14 @@ from ..errors import ConceptDiscoveryError
 from ..models import list_models
 from ..progress import Progress
 from ..settings import SegmentSettings
+from ..views.layer_site import embed_layer_site, site_image, stains_for, whitening_groups
 from ..views.workspace import default_store_path, one_site_plate
 from ._form import make_fields, scrolling_layout, values
 from ._jobs import Job
+from ._layer_form import LayerSiteForm, layer_pixels
 from ._layers import FEATURE_ROLES
 from ._step import StepWidget
-from ._viewer import get_painter, observe, user_message
+from ._viewer import get_link, get_painter, observe, user_message
 
 _PICK_FOLDER = "\x00folder"
 _PICK_FILE = "\x00file"
@@ -96,10 +104,18 @@ class EmbedWidget(StepWidget):
         self.whole_plate.setToolTip("Embed every site of the plate into one store.")
         self.site_in_view = QRadioButton("Site in view")
         self.site_in_view.setToolTip("Embed only the site shown now (quick, to try a model).")
+        self.from_layers = QRadioButton("Layers in the viewer")
+        self.from_layers.setToolTip(
+            "Embed image layers you opened with any reader (napari's own, napari-ome-zarr, "
+            "drag and drop): say which layer is which stain below."
+        )
         self.whole_plate.setChecked(True)
         self._scope = QButtonGroup(self)
         self._scope.addButton(self.whole_plate)
         self._scope.addButton(self.site_in_view)
+        self._scope.addButton(self.from_layers)
+        self.layer_form = LayerSiteForm(napari_viewer, self._stains())
+        self.layer_form.setVisible(False)
         self.out_edit = QLineEdit()
         self.out_edit.setToolTip(
             "Store folder. By default beside the plate folder, named after the plate, model and "
@@ -130,6 +146,8 @@ class EmbedWidget(StepWidget):
         scope.addWidget(self.whole_plate)
         scope.addWidget(self.site_in_view)
         form.addRow("Embed", scope)
+        form.addRow("", self.from_layers)
+        form.addRow(self.layer_form)
         out_row = QHBoxLayout()
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(self.out_button)
@@ -150,6 +168,7 @@ class EmbedWidget(StepWidget):
         self.model_combo.currentIndexChanged.connect(self._update_out)
         self.fields["block"].widget.valueChanged.connect(self._update_out)
         self.whole_plate.toggled.connect(self._update_out)
+        self.from_layers.toggled.connect(self._on_source_toggled)
         self.out_edit.textEdited.connect(self._on_out_edited)
         self.out_button.clicked.connect(self._choose_out)
         self.run_button.clicked.connect(self.run)
@@ -162,6 +181,7 @@ class EmbedWidget(StepWidget):
                 (self.session.plate_changed, self._on_plate_changed),
                 (self.session.site_changed, self._update_out),
                 (self.session.store_changed, self._on_store_changed),
+                (self.session.dictionary_changed, self._update_stains),
                 (self.session.site_changed, self._reset_cells),
                 (layer_events.inserted, self._fill_cells),
                 (layer_events.removed, self._fill_cells),
@@ -208,6 +228,8 @@ class EmbedWidget(StepWidget):
         """Embed with the form's settings; the store becomes the session's when it is done."""
         if self.panel.running:
             return self.job
+        if self.from_layers.isChecked():
+            return self._run_layers()
         plate = self.session.plate
         if plate is None:
             self.panel.fail("Open a plate first (File > Open Folder, or the plate navigator).")
@@ -232,6 +254,112 @@ class EmbedWidget(StepWidget):
             progressed=self._on_progress,
             returned=self._on_embedded,
         )
+
+    def _stains(self) -> tuple[str, ...]:
+        s = self.session
+        return stains_for(s.dictionary, s.store, s.plate)
+
+    def _update_stains(self, *_) -> None:
+        if not self.panel.running:
+            self.layer_form.set_stains(self._stains())
+            self.layer_form.set_groups(*whitening_groups(self.session.dictionary))
+
+    def _on_source_toggled(self, on: bool) -> None:
+        self.layer_form.setVisible(on)
+        if on:
+            self._update_stains()
+            self.layer_form.refresh()
+        self._enable(self.panel.running)
+        self._update_out()
+
+    def _layers_parent(self, names) -> Path:
+        """Where the layers' site is saved: beside the store the user chose, else beside the
+        first stain's file when its reader names one, else the working folder."""
+        out = self.out_path()
+        if self._out_edited and out is not None:
+            return out.parent
+        for layer in self.viewer.layers:
+            path = getattr(layer.source, "path", None)
+            if layer.name in names and path:
+                return Path(path).parent
+        return Path.cwd()
+
+    def _run_layers(self) -> Job | None:
+        """Embed the site the layers make (stains as mapped, cells from the chosen layer)."""
+        form = self.layer_form
+        try:
+            settings = self.settings()
+            mapping = form.mapping()
+            image = site_image(mapping, form.arrays())
+            cells = form.cells_layer()
+            labels = None if cells is None else np.asarray(layer_pixels(cells))
+            world = form.geometry()
+            metadata = form.metadata()
+            names = {p.layer for p in mapping.values()}
+            out = self.out_path() if self._out_edited else None
+            parent = self._layers_parent(names)
+        except ConceptDiscoveryError as exc:
+            self.panel.fail(user_message(exc, "Cannot embed these layers"))
+            return None
+        stains = list(mapping)
+        what = "segmenting the stains" if cells is None else f"cells of layer {cells.name!r}"
+        return self.panel.start(
+            Job(
+                embed_layer_site,
+                parent,
+                image,
+                stains,
+                labels,
+                settings,
+                out,
+                labels_name="cells" if cells is None else cells.name,
+                metadata=metadata,
+            ),
+            f"Embedding the layers' site ({', '.join(stains)}; {what}) with {settings.model}…",
+            failed="Embedding the layers failed",
+            progressed=self._on_progress,
+            returned=lambda store: self._on_layers_embedded(store, cells, world),
+        )
+
+    def _on_layers_embedded(self, store, cells: Labels | None, world) -> None:
+        """The layers become the session's site: their plate and store, their cells layer
+        (or one of the segmentation, added) the one whose ``features`` get the codes; features
+        are painted where the layers lie in the world (``world``: their scale and translate)."""
+        if not self.jobs.alive or store is None:
+            self._on_embedded(store)
+            return
+        try:
+            plate = reopen_plate(store)
+        except ConceptDiscoveryError as exc:
+            self.panel.fail(user_message(exc, "Cannot open the saved site"))
+            return
+        remember_plate(plate)
+        key = plate.keys[0]
+        root = str(plate.root)
+        get_link(self.viewer).user_sites.add((root, tuple(key)))
+        get_painter(self.viewer).world[(root, tuple(key))] = world
+        tag = {"role": "cells", "plate_path": root, "site_key": tuple(key)}
+        self.session.set_plate(plate, key)
+        for stain, plane in self.layer_form.mapping().items():  # gallery colours follow them
+            layer = next((x for x in self.viewer.layers if plane and x.name == plane.layer), None)
+            if layer is not None and plane.channel is None:
+                layer.metadata = {**layer.metadata, "stain": stain}
+        if cells is not None:
+            cells.metadata = {**cells.metadata, **tag}
+        elif not any(
+            layer.metadata.get("role") == "cells" and layer.metadata.get("plate_path") == root
+            for layer in self.viewer.layers
+        ):
+            scale, translate = world
+            self.viewer.add_labels(
+                store.site_labels(key),
+                name="cells",
+                metadata=tag,
+                scale=scale,
+                translate=translate,
+            )
+        self._on_embedded(store)
+        self.layer_form.refresh()
 
     def open_store(self, path: str | Path) -> ActivationStore | None:
         """Use an existing store; its plate is opened when it is not the one in view."""
@@ -335,7 +463,13 @@ class EmbedWidget(StepWidget):
 
     def _update_out(self, *_) -> None:
         plate = self.session.plate
-        if self._out_edited or plate is None or self.model_source.startswith("\x00"):
+        if self._out_edited or self.model_source.startswith("\x00"):
+            return
+        if self.from_layers.isChecked():
+            self.out_edit.setText("")
+            self.out_edit.setPlaceholderText("beside the saved layers (layers-<hash>-…zarr)")
+            return
+        if plate is None:
             return
         site = self.session.site_key if self.site_in_view.isChecked() else None
         self.out_edit.setText(
@@ -348,11 +482,13 @@ class EmbedWidget(StepWidget):
 
     def _on_plate_changed(self, plate) -> None:
         if plate is None:
-            self.plate_label.setText("none: open a plate folder first")
+            self.plate_label.setText("none: open a plate folder, or embed layers in the viewer")
         else:
             self.plate_label.setText(f"{plate.root.name} ({len(plate)} sites)")
             self.plate_label.setToolTip(str(plate.root))
-        self.run_button.setEnabled(plate is not None and not self.jobs.busy)
+        self.run_button.setEnabled(
+            (plate is not None or self.from_layers.isChecked()) and not self.jobs.busy
+        )
         self._out_edited = False
         self._update_out()
 
@@ -388,7 +524,8 @@ class EmbedWidget(StepWidget):
         show_info(f"Activation store ready: {text}")
 
     def _enable(self, running: bool) -> None:
-        self.run_button.setEnabled(not running and self.session.plate is not None)
+        ready = self.session.plate is not None or self.from_layers.isChecked()
+        self.run_button.setEnabled(not running and ready)
         self.open_button.setEnabled(not running)
 
 

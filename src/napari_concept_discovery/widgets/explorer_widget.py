@@ -45,6 +45,7 @@ from ..analysis.cell_selection import (
     similar_cells,
     with_feature,
     write_cells_csv,
+    write_selection_labels,
 )
 from ..dictionary.feature_notes import FeatureNotes, load_notes, save_notes
 from ..embed.plate import reopen_plate
@@ -156,6 +157,7 @@ class ConceptExplorer(StepWidget):
         self.threshold.setDecimals(3)
         self.threshold.setRange(0.0, 1e6)
         self.threshold.setSingleStep(0.05)
+        self.threshold.setMinimumWidth(max(130, self.threshold.sizeHint().width()))
         self.threshold.setToolTip("Select every cell where the feature's code is at least this.")
         self.threshold_button = QPushButton("Cells ≥")
         self.threshold_button.setToolTip(
@@ -172,7 +174,12 @@ class ConceptExplorer(StepWidget):
         self.layer_button.setToolTip(
             f"Add the selected cells of the site in view as a Labels layer ({SELECTION_LAYER!r})."
         )
-        for b in (self.save_button, self.layer_button):
+        self.labels_button = QPushButton("Save labels…")
+        self.labels_button.setToolTip(
+            "Write one label image per site holding selected cells, only those cells kept, into "
+            "a folder (<plate>/<well>_s<site>_cells.tif)."
+        )
+        for b in (self.save_button, self.layer_button, self.labels_button):
             b.setEnabled(False)
 
         self.name_edit = QLineEdit()
@@ -233,9 +240,14 @@ class ConceptExplorer(StepWidget):
         select_row.addWidget(self.threshold_button)
         select_row.addWidget(self.threshold)
         select_row.addStretch(1)
-        select_row.addWidget(self.save_button)
-        select_row.addWidget(self.layer_button)
+        export_row = QHBoxLayout()  # a row of its own: at 1280 px one row cut the threshold
+        export_row.addWidget(QLabel("The selected cells:"))
+        export_row.addStretch(1)
+        export_row.addWidget(self.save_button)
+        export_row.addWidget(self.labels_button)
+        export_row.addWidget(self.layer_button)
         gallery_layout.addLayout(select_row)
+        gallery_layout.addLayout(export_row)
         self.tabs = QTabWidget()
         self.tabs.addTab(gallery_tab, "Cells")
         self.tabs.addTab(feature_tab, "Feature card")
@@ -260,6 +272,7 @@ class ConceptExplorer(StepWidget):
         self.threshold_button.clicked.connect(self.select_above)
         self.save_button.clicked.connect(self._choose_save)
         self.layer_button.clicked.connect(self.show_selection_layer)
+        self.labels_button.clicked.connect(self._choose_labels)
         self.name_button.clicked.connect(self.save_name)
         self.tabs.currentChanged.connect(self._on_tab_changed)
         self._card_ticket = 0
@@ -404,7 +417,19 @@ class ConceptExplorer(StepWidget):
             return
         shown = with_names(self.features, self.notes, self.descriptions)
         self.model.set_frame(shown, headers(shown))
+        self._fit_description()
         self._sync_row(self.session.feature)
+
+    def _fit_description(self) -> None:
+        """Descriptions are long: their column gets a fixed share of the table (the full text
+        is its tooltip), so the numbers beside it stay in view."""
+        header = self.table.horizontalHeader()
+        col = self._column("description")
+        for c in range(self.model.columnCount()):
+            mode = QHeaderView.ResizeMode.Interactive if c == col else None
+            header.setSectionResizeMode(c, mode or QHeaderView.ResizeMode.ResizeToContents)
+        if col >= 0:
+            header.resizeSection(col, max(220, int(self.table.viewport().width() * 0.45)))
 
     def _raise_dock(self) -> None:
         """Bring the explorer's tab to the front when its table is ready (it shares the dock
@@ -509,9 +534,22 @@ class ConceptExplorer(StepWidget):
         colours = {}
         for layer in self.viewer.layers:
             meta = layer.metadata
-            if meta.get("role") == "channel" and isinstance(layer, Image) and layer.visible:
+            if not (isinstance(layer, Image) and layer.visible):
+                continue
+            # a plate's channel, or a user's layer embedded as a stain (Embed: layers)
+            name = meta.get("channel", layer.name) if meta.get("role") == "channel" else None
+            name = meta.get("stain") if name is None and not meta.get("role") else name
+            if name is not None:
                 rgb = tuple(float(v) for v in layer.colormap.colors[-1][:3])
-                colours[meta.get("channel", layer.name)] = rgb or named_colour("gray")
+                colours[name] = rgb or named_colour("gray")
+        plate = self.session.plate
+        if not colours and plate is not None:  # stains of a stack: their Cell Painting colours
+            from ..views.channels import channel_colormaps
+
+            names = plate.channel_names
+            colours = {
+                n: named_colour(c) for n, c in zip(names, channel_colormaps(names), strict=True)
+            }
         return colours
 
     def _next_gallery(self) -> int:
@@ -719,10 +757,9 @@ class ConceptExplorer(StepWidget):
         self.selection = cells
         self.selection_what = what
         on = cells is not None and len(cells) > 0
-        self.save_button.setEnabled(on)
-        self.layer_button.setEnabled(on)
         tip = f"Selected: {what}." if on else "Nothing selected yet."
-        for b in (self.save_button, self.layer_button):
+        for b in (self.save_button, self.layer_button, self.labels_button):
+            b.setEnabled(on)
             b.setStatusTip(tip)
 
     def save_selection(self, path) -> str | None:
@@ -746,6 +783,29 @@ class ConceptExplorer(StepWidget):
         )
         if path:
             self.save_selection(path)
+
+    def save_selection_labels(self, folder) -> str | None:
+        """Write the selected cells as one label image per site into ``folder``."""
+        explorer, cells = self.session.explorer, self.selection
+        if explorer is None or cells is None:
+            return None
+        try:
+            written = write_selection_labels(explorer, cells, folder, what=self.selection_what)
+        except (ConceptDiscoveryError, OSError, ValueError) as exc:
+            self._fail(f"Cannot save the selected cells' labels to {folder}", exc)
+            return None
+        n = len(cells[["plate", "well", "site"]].drop_duplicates())
+        self.status.setText(
+            f"Saved label images of {self.selection_what} ({n} sites) to {written}."
+        )
+        return str(written)
+
+    def _choose_labels(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Folder for the selected cells' label images", "selected_cells", "Folder (*)"
+        )
+        if path:
+            self.save_selection_labels(path)
 
     def show_selection_layer(self):
         """Add (or refresh) a Labels layer with the selected cells of the site in view."""

@@ -1,0 +1,69 @@
+"""The well-level test: a known effect is found, a null perturbation has no significant
+feature, plate effects do not make one, and Benjamini-Hochberg matches its definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from napari_concept_discovery.analysis.profiles import concept_profiles
+from napari_concept_discovery.analysis.welltest import benjamini_hochberg
+
+
+def _plate_table(seed=0, m=40, cells=30, effect=1.0):
+    """Two plates of 6 control wells, 3 wells of ``hit`` and 3 of ``null``: every feature's code
+    per cell is well noise + cell noise (with a plate offset on plate 2); ``hit`` raises
+    feature 7 by ``effect`` in 40% of its cells; ``null`` changes nothing."""
+    rng = np.random.default_rng(seed)
+    rows, codes = [], []
+    for plate, offset in (("P1", 0.0), ("P2", 0.3)):
+        layout = ["control"] * 6 + ["hit"] * 3 + ["null"] * 3
+        for w, pert in enumerate(layout):
+            well_effect = rng.normal(0, 0.05, m)
+            x = np.maximum(rng.normal(0.5 + offset + well_effect, 0.3, (cells, m)), 0)
+            if pert == "hit":
+                x[rng.random(cells) < 0.4, 7] += effect
+            codes.append(x)
+            for c in range(cells):
+                rows.append(
+                    {
+                        "plate": plate,
+                        "well": f"W{w:02d}",
+                        "label": c + 1,
+                        "perturbation": pert,
+                        "well_type": "negative_control" if pert == "control" else "treatment",
+                    }
+                )
+    return sp.csr_matrix(np.vstack(codes)), pd.DataFrame(rows)
+
+
+def test_known_effect_is_significant_and_the_null_perturbation_has_nothing():
+    codes, table = _plate_table()
+    prof = concept_profiles(codes, table, "perturbation", "well_type=negative_control", seed=1)
+    t = prof.table()
+    sig = t[t["significant"]]
+    assert set(zip(sig["value"], sig["feature"], strict=True)) == {("hit", 7)}
+    assert t.loc[t["value"] == "control", "q_value"].isna().all()
+    hit7 = t[(t["value"] == "hit") & (t["feature"] == 7)].iloc[0]
+    assert hit7["p_value"] < 1e-3 and hit7["q_value"] <= 0.05
+    # seeded: the same seed gives the same p-values
+    again = concept_profiles(codes, table, "perturbation", "well_type=negative_control", seed=1)
+    np.testing.assert_array_equal(again.table()["p_value"], t["p_value"])
+    assert prof.significant().sum() == 1
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_without_an_effect_no_feature_is_significant(seed):
+    codes, table = _plate_table(seed, effect=0.0)  # "hit" is now a null too
+    prof = concept_profiles(codes, table, "perturbation", "well_type=negative_control", seed=seed)
+    assert not prof.table()["significant"].any()
+
+
+def test_benjamini_hochberg_by_definition():
+    p = np.array([0.01, 0.04, 0.03, 0.2, np.nan])
+    # sorted 0.01, 0.03, 0.04, 0.2 (n=4): 0.04, 0.06, 0.0533, 0.2 -> monotone from the top
+    np.testing.assert_allclose(
+        benjamini_hochberg(p), [0.04, 0.0533333, 0.0533333, 0.2, np.nan], rtol=1e-5
+    )
