@@ -51,3 +51,12 @@ def results_file(path: Path | str | None, header: str = ""):
 
 def default_path(name: str) -> str:
     return str(RESULTS / f"{name}.txt")
+
+
+def print_and_keep(lines, out: Path | str | None) -> None:
+    """Print a benchmark's result lines and, with ``out``, keep them there (atomically)."""
+    text = "\n".join(lines)
+    print(text)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out), text + "\n")

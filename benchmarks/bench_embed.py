@@ -196,15 +196,7 @@ def bench_model(name, backend, sites, batch, repeats):
         out = list(emb.iter_sites(iter(sites)))
         assert sum(len(s.crop_tokens) for s in out) == n_tiles
 
-    bare()  # warm-up (allocator, kernels)
-    t_pipe, t_bare = float("inf"), float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        pipeline()
-        t_pipe = min(t_pipe, time.perf_counter() - t)
-        t = time.perf_counter()
-        bare()
-        t_bare = min(t_bare, time.perf_counter() - t)
+    t_pipe, t_bare = best_interleaved(pipeline, bare, repeats)
     return {
         "name": name,
         "tiles": n_tiles,
@@ -215,6 +207,22 @@ def bench_model(name, backend, sites, batch, repeats):
         "pipe_gflops": flops_per_tile * n_tiles / t_pipe / 1e9,
         "bare_gflops": flops_per_tile * n_tiles / t_bare / 1e9,
     }
+
+
+def best_interleaved(pipeline, bare, repeats: int) -> tuple[float, float]:
+    """(best pipeline seconds, best bare seconds) over ``repeats`` turns of each, interleaved
+    so that a machine's load falls on both alike; ``bare`` runs once first as the warm-up
+    (allocator, kernels)."""
+    bare()
+    t_pipe = t_bare = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        pipeline()
+        t_pipe = min(t_pipe, time.perf_counter() - t)
+        t = time.perf_counter()
+        bare()
+        t_bare = min(t_bare, time.perf_counter() - t)
+    return t_pipe, t_bare
 
 
 def bench_precisions(backend, sites, batch, repeats, precisions):
@@ -254,15 +262,7 @@ def bench_from_disk(backend, plate, keys, batch, repeats):
         for _ in emb.iter_sites(read_sites(plate, keys, cells="file")):
             pass
 
-    bare()
-    t_pipe = t_bare = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        pipeline()
-        t_pipe = min(t_pipe, time.perf_counter() - t)
-        t = time.perf_counter()
-        bare()
-        t_bare = min(t_bare, time.perf_counter() - t)
+    t_pipe, t_bare = best_interleaved(pipeline, bare, repeats)
     return n_tiles / t_pipe, n_tiles / t_bare
 
 

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import print_and_keep  # noqa: E402
 
 BARS = {"feature": 0.033, "site (cached)": 0.300, "site (cold)": 0.300}
 
@@ -323,11 +327,7 @@ def main() -> None:
             f"{name:<28} {len(times):>3} {med * 1e3:>10.1f} {p95 * 1e3:>8.1f} "
             f"{min(times) * 1e3:>7.1f} {cpu_med * 1e3:>7.1f} {bar_text:>7}  {verdict}"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_keep(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch  # noqa: F401  (before Qt, see docs/architecture.md)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import print_and_keep  # noqa: E402
 
 BAR_S = 60.0
 PLUGIN = "napari-concept-discovery"
@@ -92,11 +96,7 @@ def main() -> None:
         f"embed + train:                  {total:6.1f} s  {embed_cpu + train_cpu:6.1f} s CPU  "
         f"bar {BAR_S:.0f} s: " + ("PASS" if total <= BAR_S else "FAIL"),
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_and_keep(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ from napari_concept_discovery.segment.classical import (
     unit_scale,
 )
 from napari_concept_discovery.segment.site import (
+    NF1_PIPELINE,
     match_counts,
     merge_within,
     quality_channels,
@@ -108,18 +109,7 @@ REAL = ROOT / "tests" / "data" / "real"
 NF1_PATTERN = "{well}_01_{channel_index}_{site}_{channel}_001.tif"
 
 LEGACY = SegmentSettings(segmenter="legacy", nuclear="DAPI")
-CELLPROFILER = SegmentSettings(
-    nuclear="DAPI",
-    cell="RFP",
-    cell_threshold="otsu3",
-    cell_log=False,
-    nucleus_threshold="otsu3",
-    declump=False,
-    min_diameter=30,
-    max_diameter=90,
-    drop_edge=True,
-    drop_edge_by="cell",
-)
+CELLPROFILER = NF1_PIPELINE
 DEFAULTS = SegmentSettings(nuclear="DAPI", drop_edge=True, drop_edge_by="cell")
 BY_NUCLEUS = SegmentSettings(nuclear="DAPI", drop_edge=True)
 
@@ -582,16 +572,8 @@ def nf1_figure(figures: Path, lines: list[str]) -> None:
 
 def bench_synthetic(lines: list[str]) -> None:
     from napari_concept_discovery.synth import generate_site
+    from napari_concept_discovery.synth.site import SEGMENTATION_SITES as sites
 
-    sites = [
-        ("HUVEC", "control", 1),
-        ("HUVEC", "golgi_dispersal", 2),
-        ("HEPG2", "control", 1),
-        ("HEPG2", "nuclear_enlargement", 2),
-        ("HEPG2", "actin_fibres", 3),
-        ("U2OS", "control", 1),
-        ("U2OS", "er_aggregation", 2),
-    ]
     lines.append("## Synthetic sites (256 px, 7 sites): F1 at IoU 0.5 against truth")
     for label, settings in (
         ("legacy", SegmentSettings(segmenter="legacy")),

@@ -15,6 +15,18 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+def run_cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m napari_concept_discovery ARGV`` as a script runs it: a fresh process with
+    this checkout's ``src`` and a bare PATH, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "napari_concept_discovery", *argv],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+        timeout=timeout,
+    )
+
+
 def snapshot(*roots: Path) -> dict[str, str]:
     """sha256 of every file (hidden ones too) under ``roots``, by path: equal means untouched."""
     out = {}

@@ -1,5 +1,5 @@
-"""Helpers the test modules share (no tests here): small training settings, comparing two
-stores, poisoning a store's tokens, FVU computed by hand."""
+"""Helpers the test modules share (no tests here): small training settings, counting the tiles
+a model embeds, comparing two stores, poisoning a store's tokens, FVU computed by hand."""
 
 from __future__ import annotations
 
@@ -24,6 +24,18 @@ def small_train(**changes) -> TrainSettings:
         whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8),
     )
     return TrainSettings(**{**base, **changes})
+
+
+class TileCounter:
+    """Counts tiles through a backend's real model with a forward hook on its first block (it
+    observes, it replaces nothing): how tests see which sites were embedded again."""
+
+    def __init__(self, backend):
+        self.tiles = 0
+        backend.model.blocks[0].register_forward_hook(self._hook)
+
+    def _hook(self, module, inp, out):
+        self.tiles += inp[0].shape[0]
 
 
 def same_store(a: ActivationStore, b: ActivationStore) -> None:

@@ -173,24 +173,14 @@ def _one_torch_thread():
 
 def run_demo(
     out: str | Path,
+    settings: DemoSettings | None = None,
     *,
-    n_plates: int = DemoSettings.plates,
-    n_wells: int = DemoSettings.wells,
-    n_sites: int = DemoSettings.sites,
-    size: int = DemoSettings.size,
-    method: str = DemoSettings.method,
-    n_atoms: int | None = DemoSettings.atoms,
-    levels: str = DemoSettings.levels,
-    sparsity: int = DemoSettings.sparsity,
-    steps: int = DemoSettings.steps,
-    seed: int = DemoSettings.seed,
-    model: str = DemoSettings.model,
     log: Callable[[str], None] = print,
     progress: ProgressCallback = None,
 ) -> DemoResult:
     """Run every step on synthetic plates with known ground truth and report what was found.
 
-    ``model`` is any source ``load_model`` takes (the bundled default unless given).
+    ``settings.model`` is any source ``load_model`` takes (the bundled default unless given).
     """
     import time
 
@@ -200,6 +190,10 @@ def run_demo(
     from .dictionary.pipeline import train_on_store
     from .embed.plate import EmbedSettings, embed_plate
 
+    s = settings if settings is not None else DemoSettings()
+    n_plates, n_wells, n_sites, size, seed = s.plates, s.wells, s.sites, s.size, s.seed
+    method, n_atoms, levels, sparsity = s.method, s.atoms, s.levels, s.sparsity
+    steps, model = s.steps, s.model
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from helpers import small_train
 from napari_concept_discovery.analysis.analyze import encode_for_analysis
 from napari_concept_discovery.analysis.write import feature_names, token_names, write_analysis
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import (
     AnalyzeSettings,
-    TrainSettings,
     WhitenSettings,
 )
 from napari_concept_discovery.embed.store import ActivationStore
@@ -26,16 +26,8 @@ def encoded(tiny_store_path, tmp_path_factory):
     from napari_concept_discovery.dictionary import load_dictionary
 
     store = ActivationStore.open(tiny_store_path)
-    settings = TrainSettings(
-        method="icfl",
-        unit="cell",
-        atoms=24,
-        sparsity=4,
-        steps=30,
-        batch_size=64,
-        seed=5,
-        whiten=WhitenSettings(controls="well_type=negative_control", mode="center"),
-    )
+    centred = WhitenSettings(controls="well_type=negative_control", mode="center")
+    settings = small_train(unit="cell", n_pick=None, steps=30, seed=5, whiten=centred)
     out = tmp_path_factory.mktemp("scverse")
     dictionary = load_dictionary(train_on_store(store, settings, out=out / "d.safetensors").path)
     codes, table = encode_for_analysis(store, dictionary, AnalyzeSettings())
@@ -80,9 +72,7 @@ def test_two_analyses_concatenate_and_scanpy_runs_on_the_codes(encoded, tmp_path
     assert both.obs_names.is_unique and both.n_obs == len(table) == codes.shape[0]
     assert list(both.var_names) == list(parts[0].var_names)
     assert both.obsm["spatial"].shape == (len(table), 2)
-    np.testing.assert_array_equal(
-        both.X.toarray(), sp.vstack([p.X for p in parts]).toarray()
-    )
+    np.testing.assert_array_equal(both.X.toarray(), sp.vstack([p.X for p in parts]).toarray())
     sc.pp.neighbors(both, n_neighbors=10, use_rep="X", random_state=0)
     sc.tl.umap(both, random_state=0)
     assert both.obsm["X_umap"].shape == (both.n_obs, 2)

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fault_helpers import run_cli
+from helpers import small_train
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.cell_selection import (
     SELECTION_MARKER,
@@ -42,16 +44,8 @@ from napari_concept_discovery.plate.model import SiteKey
 
 
 def _settings(seed: int) -> TrainSettings:
-    return TrainSettings(
-        method="icfl",
-        unit="cell",
-        atoms=24,
-        sparsity=4,
-        steps=30,
-        batch_size=64,
-        seed=seed,
-        whiten=WhitenSettings(controls="well_type=negative_control", mode="center"),
-    )
+    centred = WhitenSettings(controls="well_type=negative_control", mode="center")
+    return small_train(unit="cell", n_pick=None, steps=30, seed=seed, whiten=centred)
 
 
 @pytest.fixture(scope="module")
@@ -211,29 +205,14 @@ def test_selection_labels_per_site_round_trip(explored, tmp_path):
 def test_cells_command_in_a_subprocess_round_trips_its_files(explored, tmp_path):
     """`concept-discovery cells` as a user runs it: the CSV and the label images it writes
     hold the cells above the threshold (in the given well), with the feature's value."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     store, dictionary, ex, _, _ = explored
     codes, table = ex.cell_codes()
     f = int(np.argmax(np.bincount(codes.indices, minlength=codes.shape[1])))
     col = codes[:, f].toarray().ravel()
     threshold = float(np.median(col[col > 0]))
-    src = Path(__file__).resolve().parents[2] / "src"
-    env = {"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}
-
-    def run(*argv):
-        return subprocess.run(
-            [sys.executable, "-m", "napari_concept_discovery", *argv],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-
     base = [str(store.path), str(dictionary.path), "--feature", str(f)]
-    done = run(
+    done = run_cli(
         "--json",
         "cells",
         *base,
@@ -280,13 +259,13 @@ def test_cells_command_in_a_subprocess_round_trips_its_files(explored, tmp_path)
     assert from_images == expect
     # one well only, table on stdout
     p, w = back.plate.iloc[0], back.well.iloc[0]
-    done = run("cells", *base, "--threshold", str(threshold), "--plate", p, "--well", w)
+    done = run_cli("cells", *base, "--threshold", str(threshold), "--plate", p, "--well", w)
     assert done.returncode == 0, done.stderr
     n = int(((back.plate == p) & (back.well == w)).sum())
     assert f"{n} cells with feature {f} >= {threshold:g} (plate {p}, well {w})" in done.stdout
     assert f"feature_{f}" in done.stdout.splitlines()[1]
     # a feature the dictionary lacks is refused by name, exit 2
-    done = run("cells", *base[:2], "--feature", "9999", "--threshold", "0")
+    done = run_cli("cells", *base[:2], "--feature", "9999", "--threshold", "0")
     assert done.returncode == 2
     assert "--feature: feature 9999 is out of range" in done.stderr
 

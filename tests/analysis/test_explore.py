@@ -215,7 +215,9 @@ def test_refusals(explored, tmp_path):
         ex.activation_map(ex.keys()[0], ex.n_features)
     with pytest.raises(StoreError, match="not in the activation store"):
         ex.site(("NOPE", "A01", 1))
-    other = type(dictionary)(dictionary.model, dictionary.whitener, {**dictionary.meta, "block": 0})
+    other = type(dictionary)(
+        dictionary.model, dictionary.whitener, dictionary.meta.replace(block=0)
+    )
     with pytest.raises(DictionaryError, match="block"):
         Explorer(store, other)
 
@@ -296,7 +298,7 @@ def test_a_cell_dictionary_paints_no_patch_outside_the_cells(explored):
     from napari_concept_discovery.views.overlay import CELL_COVERAGE, FeatureSource, patch_coverage
 
     store, dictionary, _, analyses = explored
-    assert dictionary.meta["unit"] == "cell"
+    assert dictionary.meta.unit == "cell"
     patch_codes, patch_table = analyses["patch"]
     ex = Explorer(store, dictionary)
     key = ex.keys()[0]

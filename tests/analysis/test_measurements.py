@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from helpers import small_train
 from napari_concept_discovery.analysis import measurements as M
 from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.truth import join_truth, read_truth
 from napari_concept_discovery.dictionary.pipeline import train_on_store
 from napari_concept_discovery.dictionary.settings import (
     AnalyzeSettings,
-    TrainSettings,
     WhitenSettings,
 )
 from napari_concept_discovery.errors import StoreError
@@ -209,15 +209,8 @@ def test_the_best_trained_feature_for_a_one_stain_perturbation_is_described_by_i
     from napari_concept_discovery.analysis.truth import truth_concepts
 
     plates, store = twelve_wells
-    settings = TrainSettings(
-        method="icfl",
-        atoms=16,
-        sparsity=4,
-        steps=300,
-        batch_size=128,
-        seed=0,
-        whiten=WhitenSettings(controls="well_type=negative_control"),
-    )
+    whiten = WhitenSettings(controls="well_type=negative_control")
+    settings = small_train(atoms=16, n_pick=None, steps=300, batch_size=128, seed=0, whiten=whiten)
     dictionary = train_on_store(store, settings).dictionary
     codes, _ = encode_store(store, dictionary)
     table = join_truth(store.table("cell"), read_truth(plates / "truth.csv"))
@@ -234,15 +227,8 @@ def test_the_best_trained_feature_for_a_one_stain_perturbation_is_described_by_i
 
 def test_analyze_writes_the_descriptions_of_the_cached_measurements(twelve_wells, tmp_path):
     _, store = twelve_wells
-    settings = TrainSettings(
-        method="icfl",
-        atoms=16,
-        sparsity=4,
-        steps=30,
-        batch_size=64,
-        seed=0,
-        whiten=WhitenSettings(controls="well_type=negative_control", mode="center"),
-    )
+    centred = WhitenSettings(controls="well_type=negative_control", mode="center")
+    settings = small_train(atoms=16, n_pick=None, steps=30, seed=0, whiten=centred)
     dictionary = train_on_store(store, settings).dictionary
     path = M.cache_path(store)
     cached = pd.read_parquet(path)

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from helpers import fvu_by_hand
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import load_dictionary, save_dictionary
+from napari_concept_discovery.dictionary.settings import WhitenSettings
 from napari_concept_discovery.embed.store import ActivationStore
 
 
@@ -65,21 +66,16 @@ def test_train_and_analyze_from_the_command_line(
     assert "FVU" in capsys.readouterr().out
     d = load_dictionary(dict_path)
     assert d.model.method == method and d.model.n_atoms == 48
-    assert d.meta["model_id"] == "tiny-random" and d.meta["block"] == 1 and d.meta["unit"] == "cell"
-    assert d.meta["whitening"] == {
-        "controls": "well_type=negative_control",
-        "by": "plate",
-        "mode": "pca",
-        "shrinkage": "auto",
-        "n_components": None,
-        "within": None,
-    }
-    assert d.meta["tokens"] == "concat"  # the store keeps channel tokens: the default form
-    assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta["steps"] == 30
+    assert d.meta.model_id == "tiny-random" and d.meta.block == 1 and d.meta.unit == "cell"
+    assert d.meta.whitening == WhitenSettings(
+        "well_type=negative_control", by="plate", mode="pca", shrinkage="auto"
+    )
+    assert d.meta.tokens == "concat"  # the store keeps channel tokens: the default form
+    assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta.steps == 30
     # the recorded FVU is the one the tokens give, and the dictionary explains something
     store = ActivationStore.open(tiny_store_path)
     fvu = fvu_by_hand(d, store.tokens("cell", d.token_form), store.table("cell"))
-    assert d.meta["metrics"]["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
+    assert d.meta.metrics["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
 
     out = tmp_path / "analysis"
     rc = main(
@@ -139,9 +135,9 @@ def test_cli_refusals(tiny_store_path, tmp_path, capsys):
     assert "well_type == 'control'" in err and "'negative_control'" in err
     assert main([*base, "--no-whiten", "--batch-size", "32"]) == 0
     d = load_dictionary(tmp_path / "d.safetensors")
-    assert d.whitener is None and d.meta["whitening"]["controls"] is None
+    assert d.whitener is None and d.meta.whitening is None
     # a dictionary from another block is refused with both sides named
-    d.meta["block"] = 5
+    d.meta = d.meta.replace(block=5)
     other = save_dictionary(tmp_path / "other.safetensors", d.model, None, d.meta)
     assert main(["analyze", str(tiny_store_path), str(other), "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err

@@ -12,13 +12,11 @@ import argparse
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from fault_helpers import SRC, tiny_weights
+from fault_helpers import run_cli, tiny_weights
 from napari_concept_discovery import cli
 from napari_concept_discovery.cli import build_parser, main
 from napari_concept_discovery.embed.store import ActivationStore
@@ -259,18 +257,7 @@ def test_bad_option_exits_2_naming_it(tiny_store_path, dictionary, tmp_path, cap
 
 def test_subprocess_exit_codes_and_stdout(tmp_path):
     """What a script sees: the exit code, and stdout that is only the JSON summary."""
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}
-
-    def run(*argv):
-        return subprocess.run(
-            [sys.executable, "-m", "napari_concept_discovery", *argv],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-
-    ok = run(
+    ok = run_cli(
         "--json",
         "synth",
         str(tmp_path / "s"),
@@ -288,11 +275,11 @@ def test_subprocess_exit_codes_and_stdout(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["sites"] == 3 and "wrote 3 sites" in ok.stderr
     assert "synth sites" not in ok.stderr  # no progress under --json
-    missing = run("info", str(tmp_path / "nowhere"), "--json")
+    missing = run_cli("info", str(tmp_path / "nowhere"), "--json")
     assert missing.returncode == 2
     assert json.loads(missing.stdout)["error"] == f"plate folder not found: {tmp_path / 'nowhere'}"
     assert missing.stderr == f"error: plate folder not found: {tmp_path / 'nowhere'}\n"
-    bad = run("info", str(tmp_path / "s"), "--layout", "nope")
+    bad = run_cli("info", str(tmp_path / "s"), "--layout", "nope")
     assert bad.returncode == 2 and "--layout" in bad.stderr and bad.stdout == ""
 
 

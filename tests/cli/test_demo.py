@@ -7,15 +7,15 @@ import numpy as np
 import pandas as pd
 
 from napari_concept_discovery.cli import main
-from napari_concept_discovery.demo import format_report, run_demo
+from napari_concept_discovery.demo import DemoSettings, format_report, run_demo
 from napari_concept_discovery.dictionary import load_dictionary
 
 
 def test_demo_end_to_end_and_rerun(tmp_path):
-    kwargs = dict(
-        n_plates=2, n_wells=6, n_sites=1, size=512, n_atoms=64, levels="16,M", steps=30, seed=0
+    settings = DemoSettings(
+        plates=2, wells=6, sites=1, size=512, atoms=64, levels="16,M", steps=30, seed=0
     )
-    result = run_demo(tmp_path / "demo", log=lambda s: None, **kwargs)
+    result = run_demo(tmp_path / "demo", settings, log=lambda s: None)
 
     assert result.dictionary.is_file()
     assert result.n_cells > 50
@@ -50,12 +50,12 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert len(crops) == 1 and crops["mitotic"].isna().all()
     assert crops["perturbations"].between(0, 1).all()
     assert (result.out / "dictionary-crops.safetensors").is_file()
-    assert load_dictionary(result.out / "dictionary-crops.safetensors").meta["unit"] == "crop"
+    assert load_dictionary(result.out / "dictionary-crops.safetensors").meta.unit == "crop"
     assert result.preparation == "per cell type"
     assert result.comparison["cell types"].between(0, 1).all()
     assert result.comparison["perturbations"].between(0, 1).all()
     d = load_dictionary(result.dictionary)
-    assert d.meta["tokens"] == "concat" and d.meta["whitening"]["by"] == "plate,cell_type"
+    assert d.meta.tokens == "concat" and d.meta.whitening.by == "plate,cell_type"
 
     # the feature table carries each feature's stains
     features = pd.read_parquet(result.analysis / "features.parquet")
@@ -77,7 +77,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
 
     # a rerun with the same parameters keeps the plates (same files, same mtimes)
     before = {p: p.stat().st_mtime_ns for p in result.plates.rglob("*.png")}
-    again = run_demo(tmp_path / "demo", log=lambda s: None, **kwargs)
+    again = run_demo(tmp_path / "demo", settings, log=lambda s: None)
     after = {p: p.stat().st_mtime_ns for p in again.plates.rglob("*.png")}
     assert before == after
     np.testing.assert_allclose(again.metrics["fvu"], m["fvu"], rtol=1e-5)

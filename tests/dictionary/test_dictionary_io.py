@@ -19,6 +19,7 @@ from napari_concept_discovery.dictionary import (
     save_dictionary,
     train,
 )
+from napari_concept_discovery.dictionary.meta import DictionaryMeta
 from napari_concept_discovery.errors import DictionaryError
 from napari_concept_discovery.settings import SettingsError
 
@@ -54,7 +55,8 @@ def test_round_trip_is_exact(method, tmp_path):
     assert loaded.model.method == method and loaded.model.config == model.config
     for k, v in model.tensors().items():
         assert torch.equal(loaded.model.tensors()[k], v), k
-    assert loaded.meta == META
+    assert loaded.meta == DictionaryMeta.from_dict(META)
+    assert {k: loaded.meta.to_dict()[k] for k in META} == META
     assert loaded.whitener.groups_ == w.groups_ and loaded.whitener.get_params() == w.get_params()
     np.testing.assert_array_equal(loaded.whitener.mean_, w.mean_)
     np.testing.assert_array_equal(loaded.whitener.transform_, w.transform_)
@@ -72,7 +74,7 @@ def test_round_trip_is_exact(method, tmp_path):
     )
     for k, v in model.tensors().items():
         assert torch.equal(again.model.tensors()[k], v), k
-    assert again.meta == META and again.model.config == model.config
+    assert again.meta == loaded.meta and again.model.config == model.config
 
 
 def test_config_json_round_trip_and_unknown_fields():
@@ -143,7 +145,7 @@ def test_checkpoints_written_during_training(tmp_path):
 
     def progress(p):
         if ck.exists():
-            seen.append(load_dictionary(ck).meta["steps"])
+            seen.append(load_dictionary(ck).meta.steps)
 
     train(
         model,
@@ -158,7 +160,7 @@ def test_checkpoints_written_during_training(tmp_path):
     assert saved == [4, 8, 12, 14]  # every 4 steps and after the last one
     assert 4 in seen and 8 in seen
     final = load_dictionary(ck)
-    assert final.meta["steps"] == 14 and final.meta["unit"] == "cell"
+    assert final.meta.steps == 14 and final.meta.unit == "cell"
     assert torch.equal(final.model.W, model.W.detach())
     saved.clear()
     train(model, x, steps=8, batch_size=50, on_checkpoint=checkpoint, checkpoint_every=4)

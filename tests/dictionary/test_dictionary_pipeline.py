@@ -21,7 +21,6 @@ from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import (
     AnalyzeSettings,
     Dictionary,
-    TrainSettings,
     evaluate,
     load_dictionary,
     save_dictionary,
@@ -64,11 +63,11 @@ def test_train_on_store_reports_stages_and_records_its_settings(store, trained):
     meta = loaded.meta
     # the store keeps channel tokens (a channel-agnostic model), so the default form is concat,
     # recorded as resolved
-    assert TrainSettings.from_dict(meta["train_settings"]) == SETTINGS.replace(tokens="concat")
-    assert meta["tokens"] == "concat" and meta["token_groups"] == 6
+    assert meta.train == SETTINGS.replace(tokens="concat")
+    assert meta.tokens == "concat" and meta.token_groups == 6
     assert loaded.input_width == 6 * store.embed_dim == store.token_width("concat")
-    assert meta["steps"] == 20 and not meta["cancelled"] and "checkpoint" not in meta
-    assert meta["metrics"] == result.metrics
+    assert meta.steps == 20 and not meta.cancelled and not meta.checkpoint
+    assert meta.metrics == result.metrics
     fvu = fvu_by_hand(loaded, store.tokens("cell", "concat"), store.table("cell"))
     assert result.metrics["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
     assert loaded.model.config.n_iter == 2 and loaded.model.config.n_pick == 2
@@ -144,7 +143,7 @@ def test_encode_is_cancellable_and_refuses_what_does_not_fit(store, trained):
 
     with pytest.raises(Cancelled, match="after 100 of"):
         encode_store(store, d, batch_size=50, cancel=after_two_batches)
-    other = Dictionary(d.model, d.whitener, {**d.meta, "block": 0})
+    other = Dictionary(d.model, d.whitener, d.meta.replace(block=0))
     with pytest.raises(DictionaryError, match=r"'tiny-random' block 0 .* block 1 .* block differ"):
         encode_store(store, other)
     table = store.table("cell").drop(columns=["plate"])

@@ -122,12 +122,13 @@ def test_whiten_settings_checks():
         WhitenSettings(CONTROLS, eps=-1.0)
     w = WhitenSettings(" well_type = negative_control ", by="plate")
     assert w.control == ("well_type", "negative_control")
-    assert w.describe_meta() == {
-        "controls": w.controls,
-        "by": "plate",
+    assert w.whitener().get_params() == {
         "mode": "pca",
-        "shrinkage": "auto",
+        "eps": 1e-6,
         "n_components": None,
+        "unit_norm": True,
+        "group_by": "plate",
+        "shrinkage": "auto",
         "within": None,
     }
 

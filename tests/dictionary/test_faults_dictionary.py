@@ -85,7 +85,7 @@ def test_train_out_refuses_a_file_that_is_not_a_dictionary(tiny_store_path, tmp_
     )
     assert snapshot(tmp_path) == before
     assert main(["train", str(tiny_store_path), *TRAIN, "--out", str(csv), "--overwrite"]) == 0
-    assert load_dictionary(csv).meta["steps"] == 5
+    assert load_dictionary(csv).meta.steps == 5
     # a dictionary at --out is replaced by the new one without --overwrite
     assert main(["train", str(tiny_store_path), *TRAIN[:-1], "--no-whiten", "--out", str(csv)]) == 0
 
@@ -115,7 +115,7 @@ def test_resume_reaches_the_dictionary_of_an_uninterrupted_run(store, tmp_path, 
     _same_dictionary(load_dictionary(out), load_dictionary(ref.path))
     assert resumed.metrics == ref.metrics
     meta = load_dictionary(out).meta
-    assert meta["weights_hash"] == store.weights_hash and meta["model_source"] == store.model_source
+    assert meta.weights_hash == store.weights_hash and meta.model_source == store.model_source
     # nothing to resume from now
     with pytest.raises(DictionaryError, match=r"no checkpoint at .*d\.ckpt\.safetensors"):
         train_on_store(store, settings, out=out, resume=True)
@@ -164,7 +164,7 @@ def test_a_killed_training_keeps_the_old_dictionary_and_resumes(store, tmp_path)
     args = (str(store.path), str(out), str(marker), json.dumps(SETTINGS.to_dict()))
     run_and_kill(TRAIN_CHILD, marker, *args)
     assert snapshot(out) == before  # the final path holds the old, finished dictionary
-    assert load_dictionary(out).meta["train_settings"]["seed"] == 9
+    assert load_dictionary(out).meta.train.seed == 9
     ckpt = checkpoint_path(out)
     assert json.loads(read_header(ckpt)["meta"])["steps"] == 10
     resumed = train_on_store(store, SETTINGS, out=out, resume=True)
@@ -271,7 +271,7 @@ def test_a_diverging_training_writes_no_dictionary(tiny_store_path, tmp_path, ca
     assert main([*args, "--out", str(out), "--steps", "20", "--keep-diverged"]) == 2
     err = capsys.readouterr().err
     assert f"is kept at {out}, marked as diverged (analyze and report refuse it)" in err
-    assert load_dictionary(out).meta["diverged"] is True
+    assert load_dictionary(out).meta.diverged is True
     for command in (
         ["analyze", str(tiny_store_path), str(out), "--out", str(tmp_path / "a")],
         ["report", str(tiny_store_path), str(out), "--out", str(tmp_path / "r")],
@@ -318,7 +318,7 @@ def test_non_finite_tokens_are_refused_or_dropped_and_counted(tiny_store_path, t
     assert main([*args, "--drop-nonfinite"]) == 0
     assert "left out 3 non-finite tokens" in capsys.readouterr().out
     d = load_dictionary(tmp_path / "new.safetensors")
-    assert d.meta["nonfinite_dropped"] == 3 and d.meta["n_tokens"] == len(table) - 3
+    assert d.meta.nonfinite_dropped == 3 and d.meta.n_tokens == len(table) - 3
     assert all(bool(torch.isfinite(t).all()) for t in d.model.tensors().values())
     assert np.isfinite(d.whitener.transform_).all() and d.whitener.n_components_ == 8
 

@@ -113,7 +113,7 @@ def test_levels_and_families_reach_the_analysis_tables(tiny_store_path, small_pl
     result = train_on_store(store, settings, out=tmp_path / "d.safetensors")
     loaded = load_dictionary(result.path)
     assert loaded.levels == [4, 8, 24]
-    assert TrainSettings.from_dict(loaded.meta["train_settings"]).levels == "4,8,M"
+    assert loaded.meta.train.levels == "4,8,M"
     analyze = AnalyzeSettings(
         labels="perturbation", truth="cell_type", truth_file=small_plates / "truth.csv"
     )

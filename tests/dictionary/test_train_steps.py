@@ -62,15 +62,15 @@ def test_train_on_store_sizes_steps_to_its_tokens_and_records_why(
         whiten=WhitenSettings("well_type=negative_control", n_components=8),
     )
     trained = train_on_store(store, settings, out=tmp_path / "d.safetensors")
-    n = trained.dictionary.meta["n_tokens"]
+    n = trained.dictionary.meta.n_tokens
     expected = first_steps(n, 256)
     assert trained.result.steps_done == expected
     meta = trained.dictionary.meta
-    assert meta["train_settings"]["steps"] == expected  # the file says what was run
-    assert meta["steps_chosen"].startswith(f"{expected} steps: {FIRST_EPOCHS} passes over {n}")
+    assert meta.train.steps == expected  # the file says what was run
+    assert meta.steps_chosen.startswith(f"{expected} steps: {FIRST_EPOCHS} passes over {n}")
     given = train_on_store(store, settings.replace(steps=3), out=tmp_path / "e.safetensors")
     assert given.result.steps_done == 3
-    assert given.dictionary.meta["steps_chosen"] == "3 steps: as given"
+    assert given.dictionary.meta.steps_chosen == "3 steps: as given"
 
 
 def test_the_steps_help_states_the_rule_in_numbers():
@@ -108,6 +108,6 @@ def test_atoms_default_is_sized_to_the_tokens():
 def test_train_on_store_sizes_atoms_to_its_tokens(tiny_store_path, tmp_path, small_train):
     store = ActivationStore.open(tiny_store_path)
     trained = train_on_store(store, small_train(atoms=None, sparsity=None, steps=5))
-    n = trained.dictionary.meta["n_tokens"]
+    n = trained.dictionary.meta.n_tokens
     assert trained.dictionary.n_atoms == first_atoms(n)
-    assert trained.dictionary.meta["train_settings"]["atoms"] == first_atoms(n)
+    assert trained.dictionary.meta.train.atoms == first_atoms(n)

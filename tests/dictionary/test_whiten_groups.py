@@ -140,7 +140,7 @@ def test_train_whiten_by_cell_type_on_a_store_and_encode_it_again(
     ]
     assert main(args) == 0
     d = load_dictionary(out)
-    assert len(d.whitener.groups_) == 6 and d.meta["whitening"]["by"] == "plate,cell_type"
+    assert len(d.whitener.groups_) == 6 and d.meta.whitening.by == "plate,cell_type"
     codes, table = encode_store(store, d)
     assert codes.shape == (len(table), 12)
     # a cell type without controls in the store's table is refused by name

@@ -131,11 +131,11 @@ def test_dictionary_records_its_form_and_refuses_a_store_without_it(store, mean_
     concat = train_on_store(store, SETTINGS, out=tmp_path / "c.safetensors")
     mean = train_on_store(store, SETTINGS.replace(tokens="mean"), out=tmp_path / "m.safetensors")
     dc, dm = load_dictionary(concat.path), load_dictionary(mean.path)
-    assert dc.meta["tokens"] == "concat" and dc.token_groups == 6
+    assert dc.meta.tokens == "concat" and dc.token_groups == 6
     assert dc.input_width == 6 * store.embed_dim
-    assert dm.meta["tokens"] == "mean" and dm.token_groups == 1 and dm.input_width == 32
+    assert dm.meta.tokens == "mean" and dm.token_groups == 1 and dm.input_width == 32
     # the default form on a mean-only store is the mean
-    assert train_on_store(mean_only, SETTINGS).dictionary.meta["tokens"] == "mean"
+    assert train_on_store(mean_only, SETTINGS).dictionary.meta.tokens == "mean"
 
     codes, table = encode_store(store, dc)
     assert codes.shape == (len(table), 16)
@@ -149,7 +149,7 @@ def test_dictionary_records_its_form_and_refuses_a_store_without_it(store, mean_
         encode_store(mean_only, dc)
 
     # concatenated blocks must come in the same channel order
-    swapped = type(dc)(dc.model, dc.whitener, {**dc.meta, "channel_names": ["ER", "DNA"] * 3})
+    swapped = type(dc)(dc.model, dc.whitener, dc.meta.replace(channel_names=("ER", "DNA") * 3))
     with pytest.raises(DictionaryError, match=r"channel blocks are \['ER', 'DNA'.*same channel"):
         encode_store(store, swapped)
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fault_helpers import run_and_kill, snapshot, tiny_weights
+from helpers import TileCounter
 from napari_concept_discovery._lock import lock_path, read_lock
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
@@ -37,17 +38,6 @@ def _backend(seed=0, model_id="tiny"):
     torch.manual_seed(seed)
     m = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
     return ChannelAgnosticBackend(m, model_id=model_id, weights_hash=f"seed{seed}")
-
-
-class Tiles:
-    """Counts tiles through the real model (a forward hook observes, it replaces nothing)."""
-
-    def __init__(self, backend):
-        self.n = 0
-        backend.model.blocks[0].register_forward_hook(self._hook)
-
-    def _hook(self, module, inp, out):
-        self.n += inp[0].shape[0]
 
 
 @pytest.fixture()
@@ -75,9 +65,9 @@ def test_a_store_of_another_plate_or_block_is_refused_and_stays_whole(plates, tm
     p, q = plates
     out = tmp_path / "store"
     backend = _backend()
-    tiles = Tiles(backend)
+    tiles = TileCounter(backend)
     embed_plate(open_plate(p), SETTINGS, out, backend=backend)
-    n = tiles.n
+    n = tiles.tiles
     before = snapshot(out)
     with pytest.raises(
         StoreError, match=r"holds the activation store of plate .*/P .*plate folder"
@@ -87,7 +77,7 @@ def test_a_store_of_another_plate_or_block_is_refused_and_stays_whole(plates, tm
         embed_plate(open_plate(p), SETTINGS.replace(block=0), out, backend=backend)
     with pytest.raises(StoreError, match="model weights differ"):
         embed_plate(open_plate(p), SETTINGS, out, backend=_backend(seed=1))
-    assert snapshot(out) == before and tiles.n == n  # refused before any tile was embedded
+    assert snapshot(out) == before and tiles.tiles == n  # refused before any tile was embedded
     assert not lock_path(out).exists()
 
     # --overwrite: the new store is built beside; a run that stops half way leaves the old one
@@ -109,9 +99,9 @@ def test_a_store_of_another_plate_or_block_is_refused_and_stays_whole(plates, tm
     assert stopped is None and snapshot(out) == before
     assert ActivationStore.open(out).plate_source["path"] == str(p.resolve())
     # the next run goes on from the sites it finished, then replaces the old store whole
-    assert n < tiles.n < 2 * n
+    assert n < tiles.tiles < 2 * n
     new = embed_plate(open_plate(q), SETTINGS, out, backend=backend, overwrite=True)
-    assert tiles.n == 2 * n  # each site of Q embedded once over the two runs
+    assert tiles.tiles == 2 * n  # each site of Q embedded once over the two runs
     assert new.plate_source["path"] == str(q.resolve()) and not new.reused
     assert sorted(x.name for x in tmp_path.iterdir()) == ["P", "Q", "store"]
 
@@ -294,16 +284,16 @@ def test_changed_metadata_is_joined_again_without_embedding(plates, tmp_path):
     p, _ = plates
     out = tmp_path / "store"
     backend = _backend()
-    tiles = Tiles(backend)
+    tiles = TileCounter(backend)
     first = embed_plate(open_plate(p), SETTINGS, out, backend=backend)
-    n = tiles.n
+    n = tiles.tiles
     tokens, old = np.asarray(first.tokens("cell")), first.table("cell")
     meta = pd.read_csv(p / "metadata.csv")
     flipped = {"negative_control": "treatment", "treatment": "negative_control"}
     meta["well_type"] = meta["well_type"].map(flipped)
     meta.to_csv(p / "metadata.csv", index=False)
     again = embed_plate(open_plate(p), SETTINGS, out, backend=backend)
-    assert tiles.n == n and again.reused  # no site embedded again
+    assert tiles.tiles == n and again.reused  # no site embedded again
     assert again.signature["metadata"] != first.signature["metadata"]
     new = ActivationStore.open(out).table("cell")
     assert list(new.columns) == list(old.columns)
@@ -392,10 +382,10 @@ def test_labels_gone_stale_are_said_and_embed_takes_the_new_ones(small_plates, t
     ):
         assert main(args) == 0
         assert f"warning: {note}\n" in capsys.readouterr().err
-    tiles = Tiles(backend)
+    tiles = TileCounter(backend)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         again = embed_plate(open_plate(plate), SETTINGS, out, backend=backend)
-    assert tiles.n == 0  # the labels are joined again; no site goes through the model
+    assert tiles.tiles == 0  # the labels are joined again; no site goes through the model
     assert again.stale_labels() is None
     assert "renamed" in set(again.table("cell")["perturbation"])

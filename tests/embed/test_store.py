@@ -11,6 +11,7 @@ import pytest
 import torch
 import zarr
 
+from helpers import TileCounter
 from napari_concept_discovery.embed.compute import embed_site, pool_cells
 from napari_concept_discovery.embed.plate import (
     EmbedSettings,
@@ -26,17 +27,6 @@ from napari_concept_discovery.plate import SiteKey, open_plate
 from napari_concept_discovery.progress import Progress
 
 torch.set_num_threads(2)
-
-
-class Counter:
-    """Counts tiles through the real model with a forward hook (observes, replaces nothing)."""
-
-    def __init__(self, backend):
-        self.tiles = 0
-        backend.model.blocks[0].register_forward_hook(self._hook)
-
-    def _hook(self, module, inp, out):
-        self.tiles += inp[0].shape[0]
 
 
 def _backend(seed=0):
@@ -152,7 +142,7 @@ def test_labels_kept_and_cell_tokens_recomputed_from_them(built):
 def test_reuse_rebuild_resume(plate_copy, tmp_path):
     out = tmp_path / "store"
     backend = _backend()
-    count = Counter(backend)
+    count = TileCounter(backend)
     plate = open_plate(plate_copy)
     n = len(plate)
     # fp32: the Counter's hook sits on this module; bf16 would run a converted copy of it

@@ -14,6 +14,7 @@ from napari_concept_discovery.plate import open_plate
 from napari_concept_discovery.plate.segmentation import load_user_labels
 from napari_concept_discovery.segment.classical import touching_edge
 from napari_concept_discovery.segment.site import (
+    NF1_PIPELINE,
     match_counts,
     matched_f1,
     segment_nuclei,
@@ -21,16 +22,9 @@ from napari_concept_discovery.segment.site import (
 )
 from napari_concept_discovery.settings import SegmentSettings
 from napari_concept_discovery.synth import generate_site
+from napari_concept_discovery.synth.site import SEGMENTATION_SITES
 
-SITES = [
-    ("HUVEC", "control", 1),
-    ("HUVEC", "golgi_dispersal", 2),
-    ("HEPG2", "control", 1),
-    ("HEPG2", "nuclear_enlargement", 2),
-    ("HEPG2", "actin_fibres", 3),
-    ("U2OS", "control", 1),
-    ("U2OS", "er_aggregation", 2),
-]
+SITES = SEGMENTATION_SITES
 
 
 @pytest.fixture(scope="module")
@@ -157,23 +151,6 @@ def test_real_nf1_nuclei_agree_with_cellprofiler(real_data):
         assert matched_f1(pred, truth) >= 0.75
     assert min(scores.values()) >= 0.93, scores
     assert np.mean(list(scores.values())) >= 0.96, scores
-
-
-#: What the NF1 pipeline told CellProfiler (nuclei: three-class Otsu on DAPI, no declumping,
-#: diameters 30-90, border nuclei discarded; cells: Propagation on RFP, three-class Otsu, border
-#: cells discarded too: IdentifySecondaryObjects' "discard objects touching the border" is on).
-NF1_PIPELINE = SegmentSettings(
-    nuclear="DAPI",
-    cell="RFP",
-    cell_threshold="otsu3",
-    cell_log=False,
-    nucleus_threshold="otsu3",
-    declump=False,
-    min_diameter=30,
-    max_diameter=90,
-    drop_edge=True,
-    drop_edge_by="cell",
-)
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ import pytest
 import tifffile
 
 from napari_concept_discovery.cli import main
+from napari_concept_discovery.embed.plate import store_settings
 from napari_concept_discovery.plate.labels import label_paths
-from napari_concept_discovery.settings import SEGMENT_ALGORITHM
+from napari_concept_discovery.settings import SEGMENT_ALGORITHM, SegmentSettings
 from napari_concept_discovery.synth import write_synthetic_plates
 
 if importlib.util.find_spec("cellpose") is None:
@@ -100,7 +101,8 @@ def test_embedding_segments_with_cellpose_and_loads_the_model_once(model_file, p
 
     opened = open_plate(plate)
     settings = pe.EmbedSettings(
-        cells="segment", segmenter="cellpose", cellpose_model=str(model_file)
+        cells="segment",
+        segment=SegmentSettings(segmenter="cellpose", cellpose_model=str(model_file)),
     )
     inputs = pe.plate_inputs(opened, settings)
     pe._segmenter.cache_clear()
@@ -146,14 +148,17 @@ def test_embed_widget_offers_cellpose_and_embeds_with_it(
     embed.site_in_view.setChecked(True)
     embed.out_edit.setText(str(tmp_path / "store.zarr"))
     settings = embed.settings()
-    assert (settings.segmenter, settings.cellpose_model) == ("cellpose", str(model_file))
+    assert (settings.segment.segmenter, settings.segment.cellpose_model) == (
+        "cellpose",
+        str(model_file),
+    )
     assert settings.cells == "segment"
     qtbot.mouseClick(embed.run_button, Qt.MouseButton.LeftButton)
     session = embed.session
     qtbot.waitUntil(lambda: session.store is not None and not embed.jobs.busy, timeout=120000)
-    recorded = session.store.embed_settings
-    assert recorded["segmenter"] == "cellpose"
-    assert recorded["cellpose_model"] == str(model_file)
+    assert session.store.embed_settings["segment"]["segmenter"] == "cellpose"
+    recorded = store_settings(session.store).segment
+    assert (recorded.segmenter, recorded.cellpose_model) == ("cellpose", str(model_file))
     assert "Done:" in embed.status.text(), embed.status.text()
     from napari_concept_discovery.embed.plate import _segmenter
 

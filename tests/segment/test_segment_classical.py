@@ -318,10 +318,10 @@ def test_auto_cellpose_model_is_the_installed_versions_default(monkeypatch, tmp_
     from napari_concept_discovery.plate import open_plate
     from napari_concept_discovery.synth import write_synthetic_plates
 
-    assert SegmentSettings().cellpose_model == EmbedSettings().cellpose_model == "auto"
+    assert SegmentSettings().cellpose_model == EmbedSettings().segment.cellpose_model == "auto"
     write_synthetic_plates(tmp_path, n_plates=1, n_wells=1, n_sites=1, size=64, seed=0)
     plate = open_plate(next(p for p in tmp_path.iterdir() if p.is_dir()))
-    settings = EmbedSettings(cells="segment", segmenter="cellpose")
+    settings = EmbedSettings(cells="segment", segment=SegmentSettings(segmenter="cellpose"))
     for major, name in ((4, "cpsam"), (3, "cyto3")):
         monkeypatch.setattr(sc, "cellpose_major", lambda major=major: major)
         assert sc.cellpose_model_name("auto") == sc.cellpose_model_name(" Auto") == name
@@ -335,6 +335,8 @@ def test_embed_settings_refuse_an_empty_cellpose_model_and_an_unknown_segmenter(
     from napari_concept_discovery.embed.plate import EmbedSettings
 
     with pytest.raises(SettingsError, match="cellpose_model"):
-        EmbedSettings(segmenter="cellpose", cellpose_model=" ")
+        EmbedSettings(segment={"segmenter": "cellpose", "cellpose_model": " "})
     with pytest.raises(SettingsError, match="segmenter"):
-        EmbedSettings(segmenter="stardist")
+        EmbedSettings(segment={"segmenter": "stardist"})
+    with pytest.raises(SettingsError, match="segment: embedding segments with nuclear"):
+        EmbedSettings(segment=SegmentSettings(cell_fraction=0.3))

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from helpers import small_train
 from napari_concept_discovery.errors import PlateError
 from napari_concept_discovery.plate import SiteKey
 from napari_concept_discovery.views.prefetch import neighbour_sites, prefetch_sites
@@ -77,7 +78,7 @@ def test_the_viewer_prepares_the_next_sites_codes_and_pixels(make_napari_viewer,
     from safetensors.torch import save_file
 
     from napari_concept_discovery.dictionary.pipeline import train_on_store
-    from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
+    from napari_concept_discovery.dictionary.settings import WhitenSettings
     from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
     from napari_concept_discovery.models.vit import ChannelAgnosticViT
     from napari_concept_discovery.synth import write_synthetic_plates
@@ -93,15 +94,8 @@ def test_the_viewer_prepares_the_next_sites_codes_and_pixels(make_napari_viewer,
     store = embed_plate(
         plates, EmbedSettings(model=str(tmp_path / "m.st"), precision="fp32"), tmp_path / "s"
     )
-    settings = TrainSettings(
-        method="icfl",
-        atoms=16,
-        sparsity=4,
-        steps=20,
-        batch_size=64,
-        seed=0,
-        whiten=WhitenSettings(controls="well_type=negative_control", mode="center"),
-    )
+    centred = WhitenSettings(controls="well_type=negative_control", mode="center")
+    settings = small_train(atoms=16, n_pick=None, steps=20, seed=0, whiten=centred)
     path = tmp_path / "d.safetensors"
     train_on_store(store, settings, out=path)
 

@@ -314,17 +314,25 @@ def test_a_dictionary_of_another_model_is_refused_naming_both(
     qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
 
 
+def start_endless_training(make_napari_viewer, demo_folder, qtbot):
+    """(viewer, opened) with the demo store open and a training of a million steps started
+    from the Dictionary widget's form, as a user starts one."""
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    widget = opened.dictionary
+    opened.embed.open_store(demo_folder / "store.zarr")
+    qtbot.waitUntil(lambda: bool(widget.choices), timeout=WAIT)
+    fill_dictionary_form(widget, dictionary_settings(steps=1_000_000))
+    click(qtbot, widget.train_button)
+    return viewer, opened
+
+
 def test_cancel_keeps_a_usable_dictionary_and_the_viewer_responsive(
     make_napari_viewer, demo_folder, qtbot, tmp_path
 ):
     from napari_concept_discovery.widgets._viewer import get_link
 
-    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    viewer, opened = start_endless_training(make_napari_viewer, demo_folder, qtbot)
     session, widget = opened.embed.session, opened.dictionary
-    opened.embed.open_store(demo_folder / "store.zarr")
-    qtbot.waitUntil(lambda: bool(widget.choices), timeout=WAIT)
-    fill_dictionary_form(widget, dictionary_settings(steps=1_000_000))
-    click(qtbot, widget.train_button)
     qtbot.waitUntil(lambda: len(widget.curves) >= 3, timeout=WAIT)
     assert widget.training and widget.cancel_button.isEnabled()
     # while it trains the viewer still moves through the plate
@@ -335,8 +343,8 @@ def test_cancel_keeps_a_usable_dictionary_and_the_viewer_responsive(
     click(qtbot, widget.cancel_button)
     qtbot.waitUntil(lambda: not widget.training, timeout=WAIT)
     dictionary = session.dictionary
-    assert dictionary is not None and dictionary.meta["cancelled"]
-    assert 0 < dictionary.meta["steps"] < 1_000_000 and "Cancelled" in widget.status.text()
+    assert dictionary is not None and dictionary.meta.cancelled
+    assert 0 < dictionary.meta.steps < 1_000_000 and "Cancelled" in widget.status.text()
     # usable: it encodes the store, and a feature paints
     qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
     session.select_feature(0)
@@ -347,7 +355,7 @@ def test_cancel_keeps_a_usable_dictionary_and_the_viewer_responsive(
     again = load_dictionary(path)
     for name, value in dictionary.model.tensors().items():
         torch.testing.assert_close(again.model.tensors()[name], value)
-    assert again.meta["cancelled"] and path.name in widget.status.text()
+    assert again.meta.cancelled and path.name in widget.status.text()
 
 
 def test_a_stale_feature_paint_is_dropped(make_napari_viewer, demo_folder, qtbot):
@@ -455,12 +463,8 @@ def test_view_opens_a_demo_folder_with_everything_loaded(make_napari_viewer, dem
 
 
 def test_closing_the_dictionary_widget_cancels_its_training(make_napari_viewer, demo_folder, qtbot):
-    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    viewer, opened = start_endless_training(make_napari_viewer, demo_folder, qtbot)
     session, widget = opened.embed.session, opened.dictionary
-    opened.embed.open_store(demo_folder / "store.zarr")
-    qtbot.waitUntil(lambda: bool(widget.choices), timeout=WAIT)
-    fill_dictionary_form(widget, dictionary_settings(steps=1_000_000))
-    click(qtbot, widget.train_button)
     job = widget.job
     qtbot.waitUntil(lambda: len(widget.curves) >= 1, timeout=WAIT)
     dock = next(d for d in viewer.window._dock_widgets.values() if d.widget() is widget)

@@ -127,7 +127,7 @@ def analyze_store(
         codes,
         table,
         settings.labels,
-        meta=dictionary.meta,
+        meta=dictionary.meta.to_dict(),
         truth_columns=settings.truth,
         top_n=settings.top_n,
         controls=controls,
@@ -180,4 +180,4 @@ def profile_controls(dictionary: Dictionary, controls: str | None = None) -> str
     the controls the dictionary's whitening was fitted on (COLUMN=VALUE), else None."""
     if controls is not None:
         return controls
-    return (dictionary.meta.get("whitening") or {}).get("controls")
+    return dictionary.meta.controls

@@ -58,7 +58,7 @@ def run_analyze(args, con: Console) -> int:
     check_analysis_folder(args.out)
     store = ActivationStore.open(args.store)
     dictionary = load_dictionary(args.dictionary)
-    trained_on = dictionary.meta.get("unit")
+    trained_on = dictionary.meta.unit
     if settings.unit and trained_on and settings.unit != trained_on:
         # Accepted on purpose (same model, block and width; the viewer's maps do it), but said.
         con.note(

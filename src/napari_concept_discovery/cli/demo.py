@@ -35,8 +35,9 @@ def add_demo(sub) -> None:
 
 def run_demo(args, con: Console) -> int:
     from .._files import check_output
-    from ..demo import format_report, run_demo
+    from ..demo import DemoSettings, format_report, run_demo
     from ..dictionary.settings import TrainSettings
+    from ..settings import from_args
 
     check_synth_args(args)
     for name in ("atoms", "sparsity", "steps"):
@@ -64,22 +65,7 @@ def run_demo(args, con: Console) -> int:
         bars.close()
         con.say(msg)
 
-    result = run_demo(
-        args.out,
-        n_plates=args.plates,
-        n_wells=args.wells,
-        n_sites=args.sites,
-        size=args.size,
-        method=args.method,
-        n_atoms=args.atoms,
-        levels=args.levels,
-        sparsity=args.sparsity,
-        steps=args.steps,
-        seed=args.seed,
-        model=args.model,
-        log=log,
-        progress=bars,
-    )
+    result = run_demo(args.out, from_args(DemoSettings, args), log=log, progress=bars)
     log(format_report(result))
     con.result(
         out=Path(result.out).resolve(),

@@ -78,7 +78,7 @@ def run_train(args, con: Console) -> int:
             resume=args.resume,
         )
     m = trained.metrics
-    dropped = trained.dictionary.meta.get("nonfinite_dropped")
+    dropped = trained.dictionary.meta.nonfinite_dropped
     levels = trained.dictionary.levels
     con.say(
         f"wrote {trained.path}: {settings.method}, M={trained.dictionary.n_atoms}"
@@ -89,9 +89,9 @@ def run_train(args, con: Console) -> int:
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
     if settings.atoms is None:  # sized to the tokens
-        n_tokens = int(trained.dictionary.meta.get("n_tokens", 0))
+        n_tokens = trained.dictionary.meta.n_tokens or 0
         con.say(f"{trained.dictionary.n_atoms} atoms: {settings.atoms_for(n_tokens)[1]}")
-    chosen = trained.dictionary.meta.get("steps_chosen")
+    chosen = trained.dictionary.meta.steps_chosen
     if chosen:  # "196 steps: 50 passes over 4000 tokens ..." (or that --steps chose)
         con.say(chosen)
     con.result(

@@ -20,8 +20,8 @@ from .segment import say_quality
 
 
 def add_embed(sub) -> None:
-    from ..embed.plate import EmbedSettings
-    from ..settings import add_arguments
+    from ..embed.plate import EMBED_SEGMENT_FIELDS, EmbedSettings
+    from ..settings import SegmentSettings, add_arguments, describe
 
     p = command(
         sub,
@@ -36,7 +36,10 @@ def add_embed(sub) -> None:
             "Tile every site into 256x256 tiles, run the model up to --block, and store patch "
             "grids, crop tokens, per-cell tokens and the cell labels they were pooled over "
             "(zarr). A store whose signature (image and label bytes, model, block, settings, "
-            "version) matches is reused; a stale one is rebuilt; an interrupted one resumes."
+            "version) matches is reused; a stale one is rebuilt; an interrupted one resumes. "
+            "Sites without label files are segmented with --nuclear, --segmenter and "
+            "--cellpose-model; for every other segmentation setting run `concept-discovery "
+            "segment` first, and embedding uses its labels."
         ),
     )
     p.add_argument(
@@ -47,6 +50,8 @@ def add_embed(sub) -> None:
     )
     p.add_argument("--out", required=True, help="activation store folder")
     add_arguments(p, EmbedSettings)
+    others = [d["name"] for d in describe(SegmentSettings) if d["name"] not in EMBED_SEGMENT_FIELDS]
+    add_arguments(p, SegmentSettings, exclude=others)
     add_plate_options(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument(
@@ -58,6 +63,15 @@ def add_embed(sub) -> None:
     add_cluster_options(p, "embed", "one model load each")
     p.add_argument("--sites-per-task", type=int, default=4, help="sites per Dask task")
     p.set_defaults(func=run_embed)
+
+
+def embed_settings(args):
+    """``EmbedSettings`` from parsed options, the segmentation ones nested in ``segment``."""
+    from ..embed.plate import EMBED_SEGMENT_FIELDS, EmbedSettings
+    from ..settings import SegmentSettings, from_args
+
+    given = {k: getattr(args, k) for k in EMBED_SEGMENT_FIELDS if hasattr(args, k)}
+    return from_args(EmbedSettings, args, segment=SegmentSettings(**given))
 
 
 def add_cluster_options(p, verb: str, note: str) -> None:
@@ -156,19 +170,18 @@ def run_embed(args, con: Console) -> int:
 
     from .._files import check_output
     from ..embed.compute import resolve_precision
-    from ..embed.plate import EmbedSettings, embed_plate, load_embed_model
+    from ..embed.plate import embed_plate, load_embed_model
     from ..embed.store import check_store_folder
-    from ..settings import from_args
 
     check_threads(args.threads)
     if len(args.plate) > 1 or args.workers or args.scheduler:
         if args.threads:
             torch.set_num_threads(args.threads)
-        return run_embed_cluster(args, from_args(EmbedSettings, args), con)
+        return run_embed_cluster(args, embed_settings(args), con)
     args.plate = args.plate[0]
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = from_args(EmbedSettings, args)
+    settings = embed_settings(args)
     check_store_folder(check_output(args.out, folder=True, what="activation store"))
     plate = open_plate_from_args(args)
     backend = load_embed_model(settings)

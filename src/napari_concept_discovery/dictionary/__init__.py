@@ -6,7 +6,8 @@ Qt-free; torch lives here (docs/architecture.md, "Dictionaries"). The modules, e
 - ``whiten``: control-based whitening; ``base``, ``icfl``, ``topk``: the methods;
 - ``registry``: the methods by name; ``training``: the training loop; ``metrics``: evaluation;
 - ``applied``: a trained dictionary (whitening + coder + metadata) and the one encode loop;
-- ``io``: the dictionary file; ``pipeline``: train on a whole store; ``stains``: which
+- ``meta``: DictionaryMeta, what a dictionary was trained on (no torch); ``io``: the
+  dictionary file; ``pipeline``: train on a whole store; ``stains``: which
   stains an atom reads.
 
 Encoding a store with a dictionary and what follows are in ``analysis/``.
@@ -31,6 +32,7 @@ _EXPORTS = {
     "build_model": "registry",
     "Dictionary": "applied",
     "DictionaryFile": "applied",
+    "DictionaryMeta": "meta",
     "encode_batches": "applied",
     "load_dictionary": "io",
     "save_dictionary": "io",

@@ -20,6 +20,7 @@ import torch
 from ..errors import DictionaryError
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .base import Codes, SparseDictionary, codes_to_csr
+from .meta import DictionaryMeta
 from .stains import channel_shares, stain_table
 from .whiten import Whitener, group_labels
 
@@ -95,14 +96,18 @@ class Dictionary:
 
     ``meta`` records what the dictionary was trained on (unit, model id and source, block,
     embedding width, channels, store signature, training settings, metrics), so that it refuses
-    activations of another model, block or width.
+    activations of another model, block or width. A dict given as ``meta`` is read as the JSON
+    form of a :class:`.DictionaryMeta`.
     """
 
     model: SparseDictionary
     whitener: Whitener | None = None
-    meta: dict = field(default_factory=dict)
+    meta: DictionaryMeta = field(default_factory=DictionaryMeta)
     #: The file it was read from (None for one in memory), named in refusals.
     path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.meta = DictionaryMeta.of(self.meta)
 
     @property
     def n_atoms(self) -> int:
@@ -132,29 +137,29 @@ class Dictionary:
     @property
     def unit(self) -> str:
         """The token unit it was trained on (cell, patch or crop)."""
-        return self.meta.get("unit") or "cell"
+        return self.meta.unit or "cell"
 
     @property
     def token_form(self) -> str:
         """The token form it was trained on: "concat" (channel tokens side by side) or "mean"."""
-        return self.meta.get("tokens", "mean")
+        return self.meta.tokens
 
     @property
     def token_groups(self) -> int:
         """Channel blocks side by side in its input (G = C for "concat", 1 for "mean")."""
-        return int(self.meta.get("token_groups", 1)) if self.token_form == "concat" else 1
+        return self.meta.token_groups if self.token_form == "concat" else 1
 
     @property
     def stain_names(self) -> list[str]:
         """Names of its input's channel blocks (the store's channel names), in order."""
-        names = list(self.meta.get("channel_names") or [])
+        names = list(self.meta.channel_names)
         if len(names) != self.token_groups:
             names = [f"channel{g}" for g in range(self.token_groups)]
         return names
 
     def describe(self) -> str:
         m = self.meta
-        text = _source(m.get("model_id"), m.get("block"), self.input_width, m.get("unit"))
+        text = _source(m.model_id, m.block, self.input_width, m.unit)
         if self.token_form == "concat":
             text += f", {self.token_groups} channel tokens side by side"
         return text
@@ -212,9 +217,9 @@ class Dictionary:
         """Refuse activations of another model, block or width, naming both sides."""
         m = self.meta
         mismatch = []
-        if model_id is not None and m.get("model_id") is not None and model_id != m["model_id"]:
+        if model_id is not None and m.model_id is not None and model_id != m.model_id:
             mismatch.append("model")
-        if block is not None and m.get("block") is not None and int(block) != int(m["block"]):
+        if block is not None and m.block is not None and int(block) != m.block:
             mismatch.append("block")
         if width is not None and int(width) != self.input_width:
             mismatch.append("width")
@@ -238,9 +243,9 @@ class Dictionary:
         Two models may share a name (a card's) and not their weights, so the weights hashes
         are compared too when both sides record one; the refusal names both files.
         """
-        if self.meta.get("diverged"):
+        if self.meta.diverged:
             name = self.path or "this dictionary"
-            at = self.meta.get("diverged_at")
+            at = self.meta.diverged_at
             raise DictionaryError(
                 f"{name} is the state of a training that diverged"
                 + (f" (at step {at})" if at else "")
@@ -258,20 +263,20 @@ class Dictionary:
         self.check_compatible(
             model_id=store.model_id, block=store.block, width=store.embed_dim * groups
         )
-        mine_names = list(self.meta.get("channel_names") or [])
+        mine_names = list(self.meta.channel_names)
         their_names = list(getattr(store, "channel_names", ()) or [])
         if form == "concat" and mine_names and their_names and mine_names != their_names:
             raise DictionaryError(
                 f"this dictionary's channel blocks are {mine_names}, but the store at {where} has "
                 f"channels {their_names}; concatenated tokens must come in the same channel order"
             )
-        mine = self.meta.get("weights_hash")
+        mine = self.meta.weights_hash
         theirs = getattr(store, "weights_hash", None)
         if mine and theirs and str(mine) != str(theirs):
             where = f"the dictionary {self.path}" if self.path is not None else "this dictionary"
             raise DictionaryError(
-                f"{where} was trained on tokens of model {self.meta.get('model_id')!r} with "
-                f"weights {str(mine)[:12]} ({self.meta.get('model_source') or 'source unknown'}), "
+                f"{where} was trained on tokens of model {self.meta.model_id!r} with "
+                f"weights {str(mine)[:12]} ({self.meta.model_source or 'source unknown'}), "
                 f"but the store at {getattr(store, 'path', '?')} was embedded by "
                 f"{store.model_id!r} with weights {str(theirs)[:12]} "
                 f"({getattr(store, 'model_source', '') or 'source unknown'}); the same model "

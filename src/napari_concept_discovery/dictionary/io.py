@@ -3,10 +3,14 @@
 Tensors: ``atoms`` (M, D), ``bias`` (D,), ``encoder``/``encoder_bias`` for a TopK SAE, and the
 whitening state (``whiten_mean`` (G, D_raw), ``whiten_transform`` (G, D, D_raw),
 ``whiten_eigenvalues``) as float64 so that it round-trips exactly. The safetensors header's
-string metadata holds JSON: the method's config, the whitening parameters, and a free ``meta``
-dict (token unit, model id, source and block, embedding width, channel names, training-data
-signature, training settings, metrics). Keeping it all in one file means a dictionary cannot
-lose its whitening or its provenance. Writes are atomic, so a reader never sees half a file.
+string metadata holds JSON: the method's config, the fitted whitening's state (groups, their
+control counts, widths), and the :class:`.DictionaryMeta` (token unit, model id, source and
+block, embedding width, channel names, training-data signature, the training settings with the
+whitening settings, metrics). The whitening's parameters are recorded once, in those settings;
+the whitener's own ``params`` are written only when no settings give them (a dictionary built by
+hand), and files that hold both (older ones) still read. Keeping it all in one file means a
+dictionary cannot lose its whitening or its provenance. Writes are atomic, so a reader never
+sees half a file.
 
 The header also holds a checksum of every tensor's bytes, and loading checks it, the shapes
 against the config and that every value is finite, so a damaged file is refused rather than
@@ -28,6 +32,7 @@ from .._files import atomic_write_bytes
 from ..errors import DictionaryError
 from .applied import Dictionary
 from .base import SparseDictionary
+from .meta import DictionaryMeta
 from .registry import build_model
 from .whiten import Whitener
 
@@ -77,16 +82,19 @@ def _header_and_tensors(model, whitener, meta) -> tuple[dict, dict]:
                 f"the dictionary's {name!r} holds {bad} non-finite values (NaN or Inf); "
                 "it is not written"
             )
+    meta = DictionaryMeta.of(meta)
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "method": model.method,
         "d_in": str(model.d_in),
         "config": model.config.to_json(),
-        "meta": json.dumps(_jsonable(meta or {}), sort_keys=True),
+        "meta": json.dumps(_jsonable(meta.to_dict()), sort_keys=True),
     }
     if whitener is not None:
         wmeta, warrays = whitener.state()
+        if _whitener_params(meta) == wmeta["params"]:
+            del wmeta["params"]  # the training settings record them
         header["whitener"] = json.dumps(_jsonable(wmeta), sort_keys=True)
         for k, v in warrays.items():
             tensors[k] = torch.from_numpy(np.ascontiguousarray(v))
@@ -97,7 +105,7 @@ def save_dictionary(
     path: str | Path,
     model: SparseDictionary | Dictionary,
     whitener: Whitener | None = None,
-    meta: dict | None = None,
+    meta: DictionaryMeta | dict | None = None,
 ) -> Path:
     """Write a dictionary (a :class:`Dictionary`, or a model + whitening + metadata) atomically.
 
@@ -114,7 +122,7 @@ def save_checkpoint(
     path: str | Path,
     model: SparseDictionary,
     whitener: Whitener | None,
-    meta: dict,
+    meta: DictionaryMeta | dict,
     state: dict[str, torch.Tensor],
     state_meta: dict,
 ) -> Path:
@@ -122,7 +130,8 @@ def save_checkpoint(
     random state; stored as ``state.<name>``) and ``state_meta`` (JSON) to resume from."""
     from safetensors.torch import save
 
-    header, tensors = _header_and_tensors(model, whitener, {**meta, "checkpoint": True})
+    meta = DictionaryMeta.of(meta).replace(checkpoint=True)
+    header, tensors = _header_and_tensors(model, whitener, meta)
     for k, v in state.items():
         tensors[f"state.{k}"] = v.detach().cpu().contiguous()
     header["checkpoint"] = json.dumps(_jsonable(state_meta), sort_keys=True)
@@ -145,6 +154,11 @@ def is_dictionary_file(path: str | Path) -> bool:
     """Whether ``path`` is a dictionary file (or a checkpoint of one) that may be replaced."""
     header = read_header(path) if Path(path).is_file() else None
     return header is not None and header.get("format") == FORMAT
+
+
+def _whitener_params(meta: DictionaryMeta) -> dict | None:
+    """The whitener's parameters the recorded training settings give, or None without them."""
+    return None if meta.whitening is None else meta.whitening.whitener().get_params()
 
 
 def _damaged(path: Path, what: str) -> DictionaryError:
@@ -212,8 +226,8 @@ def _read(path: str | Path, checkpoint: bool) -> tuple[Dictionary, dict, dict]:
         )
     if "checkpoint" in header and not checkpoint:
         try:
-            steps = json.loads(header["meta"]).get("steps")
-        except (ValueError, AttributeError):
+            steps = DictionaryMeta.from_dict(json.loads(header["meta"])).steps
+        except (ValueError, TypeError, AttributeError, DictionaryError):
             steps = None
         at = f" (after step {steps})" if steps is not None else ""
         raise DictionaryError(
@@ -229,13 +243,22 @@ def _read(path: str | Path, checkpoint: bool) -> tuple[Dictionary, dict, dict]:
     state = {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
     try:
         model = build_model(header["method"], int(header["d_in"]), json.loads(header["config"]))
+        try:
+            meta = DictionaryMeta.from_dict(json.loads(header["meta"]))
+        except DictionaryError as exc:
+            raise _damaged(path, str(exc)) from None
         whitener = None
         if "whitener" in header:
             arrays = {k: v.numpy() for k, v in tensors.items() if k.startswith("whiten_")}
-            whitener = Whitener.from_state(json.loads(header["whitener"]), arrays)
+            wstate = json.loads(header["whitener"])
+            if "params" not in wstate:
+                params = _whitener_params(meta)
+                if params is None:
+                    raise _damaged(path, "its whitening parameters are missing")
+                wstate["params"] = params
+            whitener = Whitener.from_state(wstate, arrays)
         _check_shapes(path, model, tensors, whitener)
         model.load_tensors(tensors)
-        meta = json.loads(header["meta"])
         state_meta = json.loads(header["checkpoint"]) if "checkpoint" in header else {}
     except DictionaryError:
         raise

@@ -3,7 +3,7 @@
 A store is anything with the read API of :class:`napari_concept_discovery.embed.store.ActivationStore`
 (``tokens(unit, form)``, ``table(unit)``, ``model_id``, ``block``, ``embed_dim``,
 ``token_groups``, ``channel_names``, ``signature``). A dictionary is trained on one token form
-(``TrainSettings.tokens``, recorded as ``meta["tokens"]``): the per-channel tokens side by side
+(``TrainSettings.tokens``, recorded as ``DictionaryMeta.tokens``): the per-channel tokens side by side
 ("concat", the default where the store keeps them) or their mean, and it reads that form
 wherever it is applied. Tokens stay on disk (zarr) and stream through training and evaluation; only the
 control tokens used to fit the whitening and the per-token table are held in memory. The CLI,
@@ -30,6 +30,7 @@ from .io import (
     save_checkpoint,
     save_dictionary,
 )
+from .meta import DictionaryMeta
 from .metrics import evaluate
 from .registry import build_model
 from .rows import RowSubset, nonfinite_rows, take_rows, where_rows
@@ -108,14 +109,7 @@ def fit_whitener(tokens, table: pd.DataFrame, settings: WhitenSettings) -> White
     within = None
     if settings.within is not None:
         within = group_labels(table, settings.within)[rows]
-    w = Whitener(
-        mode=settings.mode,
-        eps=settings.eps,
-        n_components=settings.n_components,
-        group_by=settings.by,
-        shrinkage=settings.shrinkage_value,
-        within=settings.within,
-    )
+    w = settings.whitener()
     return w.fit(take_rows(tokens, rows), groups, within)
 
 
@@ -157,7 +151,7 @@ def _resume_state(store, settings: TrainSettings, ckpt: Path):
         )
     dictionary, tensors, state_meta = load_checkpoint(ckpt)
     meta = dictionary.meta
-    recorded = dict(meta.get("train_settings", {}))
+    recorded = meta.train.to_dict() if meta.train is not None else {}
     wanted = settings.to_dict()
     differ = sorted(
         k
@@ -169,7 +163,7 @@ def _resume_state(store, settings: TrainSettings, ckpt: Path):
             f"the checkpoint {ckpt} was trained with other settings ({', '.join(differ)} "
             "differ); resume with the settings it was started with, or train afresh"
         )
-    if meta.get("signature") != store_signature(store):
+    if meta.signature != store_signature(store):
         raise DictionaryError(
             f"the checkpoint {ckpt} was trained on another store (or one embedded again) "
             f"than {getattr(store, 'path', 'this store')}; train afresh"
@@ -240,8 +234,7 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
     if resume:
         restored, state, meta = _resume_state(store, settings, ckpt)
         model, whitener = restored.model, restored.whitener
-        meta = {**meta, "train_settings": settings.to_dict()}
-        meta.pop("checkpoint", None)
+        meta = meta.replace(train=settings, checkpoint=False)
     groups = None
     if settings.whiten is not None:
         if not resume:
@@ -261,32 +254,25 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
         )
         model = build_model(settings.method, d_in, settings.method_config(), seed=settings.seed)
         groups_per_token = int(getattr(store, "token_groups", 1)) if form == "concat" else 1
-        meta = {
-            "unit": unit,
-            "tokens": form,
-            "token_groups": groups_per_token,
-            "model_id": store.model_id,
-            "model_source": getattr(store, "model_source", None),
-            "weights_hash": getattr(store, "weights_hash", None),
-            "block": int(store.block),
-            "embed_dim": int(store.embed_dim),
-            "channel_names": list(store.channel_names),
-            "signature": store_signature(store),
-            "whitening": (
-                settings.whiten.describe_meta()
-                if settings.whiten is not None
-                else {"controls": None, "by": None, "mode": None}
-            ),
-            "train_settings": settings.to_dict(),
-            "n_tokens": int(tokens.shape[0]),
-            "nonfinite_dropped": dropped,
-            "seed": settings.seed,
-            "batch_size": settings.batch_size,
-        }
+        meta = DictionaryMeta(
+            unit=unit,
+            tokens=form,
+            token_groups=groups_per_token,
+            model_id=store.model_id,
+            model_source=getattr(store, "model_source", None),
+            weights_hash=getattr(store, "weights_hash", None),
+            block=int(store.block),
+            embed_dim=int(store.embed_dim),
+            channel_names=tuple(store.channel_names),
+            signature=store_signature(store),
+            train=settings,
+            n_tokens=int(tokens.shape[0]),
+            nonfinite_dropped=dropped,
+        )
 
     def checkpoint(m, step: int, st: TrainState) -> None:
         tensors, state_meta = st.tensors()
-        save_checkpoint(ckpt, m, whitener, {**meta, "steps": step}, tensors, state_meta)
+        save_checkpoint(ckpt, m, whitener, meta.replace(steps=step), tensors, state_meta)
 
     try:
         result = train(
@@ -319,7 +305,7 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
             f"{settings.steps} (learning rate {lr})"
         )
         if out is not None and settings.keep_diverged:
-            meta.update(
+            meta = meta.replace(
                 steps=result.steps_done,
                 samples=result.samples,
                 cancelled=False,
@@ -359,7 +345,7 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
             )
         except Cancelled:
             cancelled = True
-    meta.update(
+    meta = meta.replace(
         steps=result.steps_done,
         steps_chosen=f"{steps} steps: {steps_why}",
         samples=result.samples,

@@ -18,7 +18,7 @@ from ..settings import Settings, SettingsError, check, option
 from .config import DEFAULT_ATOMS, ICFLConfig, TopKConfig
 from .control import Control, check_control, parse_control
 from .nested import NO_LEVELS, parse_levels
-from .whiten import MODES, group_columns
+from .whiten import MODES, Whitener, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
 UNITS = ("cell", "patch", "crop")  # the store's token units (store.UNITS)
@@ -128,16 +128,18 @@ class WhitenSettings(Settings):
         )
         return a or None
 
-    def describe_meta(self) -> dict:
-        """What a dictionary file records about its whitening."""
-        return {
-            "controls": self.controls,
-            "by": self.by,
-            "mode": self.mode,
-            "shrinkage": self.shrinkage,
-            "n_components": self.n_components,
-            "within": self.within,
-        }
+    def whitener(self) -> Whitener:
+        """The (unfitted) :class:`.Whitener` these settings give (``by`` is its
+        ``group_by``): how training builds it, and how a dictionary file, which records the
+        whitening once as these settings, builds it again."""
+        return Whitener(
+            mode=self.mode,
+            eps=self.eps,
+            n_components=self.n_components,
+            group_by=self.by,
+            shrinkage=self.shrinkage_value,
+            within=self.within,
+        )
 
 
 #: A dictionary has one atom per this many tokens, as a power of two within

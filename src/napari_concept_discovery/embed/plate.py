@@ -33,7 +33,6 @@ from ..progress import Cancel, ProgressCallback, is_cancelled, report
 from ..settings import (
     PRECISIONS,
     SEGMENT_ALGORITHM,
-    SEGMENTERS,
     SegmentSettings,
     Settings,
     check,
@@ -78,6 +77,8 @@ class EmbedSettings(Settings):
     block: int | None = option(
         None,
         "block index from 0, negative from the end (default: the model's recommended block)",
+        min=-64,
+        max=64,
     )
     batch_size: int = option(16, "tiles per forward pass")
     precision: str = option(
@@ -96,19 +97,12 @@ class EmbedSettings(Settings):
         choices=CELL_SOURCES,
         label="cell labels",
     )
-    nuclear: str = option("DNA", "nuclear stain for segmentation, a channel name or index")
-    segmenter: str = option(
-        "classical",
-        "how sites without label files are segmented: classical (CellProfiler-style, as "
-        "`concept-discovery segment` does by default) | cellpose (an installed Cellpose, "
-        "--cellpose-model) | legacy; for every other segmentation setting run "
+    segment: SegmentSettings = option(
+        help="how sites without label files are segmented: of these settings embedding applies "
+        "the nuclear stain, the segmenter and its Cellpose model; for every other one run "
         "`concept-discovery segment` first, and embedding uses its labels",
-        choices=SEGMENTERS,
-    )
-    cellpose_model: str = option(
-        SegmentSettings.cellpose_model,
-        "with --segmenter cellpose: a built-in Cellpose model name or a model file",
-        label="Cellpose model",
+        default_factory=SegmentSettings,
+        cli=False,
     )
     channel_tokens: bool | None = option(
         None,
@@ -126,16 +120,43 @@ class EmbedSettings(Settings):
         label="label folder",
     )
 
+    def __post_init__(self) -> None:
+        if isinstance(self.segment, dict):  # from to_dict / a store's attributes
+            self.segment = segment_settings(self.segment)
+        super().__post_init__()
+
     def validate(self) -> None:
-        self.nuclear = str(self.nuclear)  # an index given as a number
         check(bool(str(self.model).strip()), "model", "name a model (e.g. default)")
         check(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         check(
-            self.cells not in ("auto", "segment") or bool(self.nuclear.strip()),
-            "nuclear",
-            "name the nuclear stain for segmentation (a channel name or index)",
+            isinstance(self.segment, SegmentSettings),
+            "segment",
+            f"must be SegmentSettings, got {type(self.segment).__name__}",
         )
-        check(bool(self.cellpose_model.strip()), "cellpose_model", "name a Cellpose model")
+        others = [
+            f.name
+            for f in dataclasses.fields(SegmentSettings)
+            if f.name not in EMBED_SEGMENT_FIELDS
+            and getattr(self.segment, f.name) != getattr(_SEGMENT_DEFAULTS, f.name)
+        ]
+        check(
+            not others,
+            "segment",
+            f"embedding segments with {', '.join(EMBED_SEGMENT_FIELDS)} only; for "
+            f"{', '.join(others)} run `concept-discovery segment` first and embed its labels",
+        )
+
+
+#: What of :class:`SegmentSettings` embedding applies to the sites it segments (and signs them
+#: by); the rest keep their defaults.
+EMBED_SEGMENT_FIELDS = ("nuclear", "segmenter", "cellpose_model")
+_SEGMENT_DEFAULTS = SegmentSettings()
+
+
+def segment_settings(recorded: Mapping[str, Any]) -> SegmentSettings:
+    """Segmentation settings from a record, the keys this version does not know left out."""
+    known = {f.name for f in dataclasses.fields(SegmentSettings)}
+    return SegmentSettings.from_dict({k: v for k, v in recorded.items() if k in known})
 
 
 def load_embed_model(settings: EmbedSettings) -> Backend:
@@ -380,10 +401,9 @@ def _cellpose_name(source: str | None) -> str | None:
 
 def plate_inputs(plate, settings: EmbedSettings) -> dict[Any, SiteInputs]:
     """Every site's :class:`SiteInputs` under ``settings``."""
+    seg = settings.segment
     return {
-        k: site_inputs(
-            s, settings.cells, settings.nuclear, settings.segmenter, settings.cellpose_model
-        )
+        k: site_inputs(s, settings.cells, seg.nuclear, seg.segmenter, seg.cellpose_model)
         for k, s in plate.sites.items()
     }
 
@@ -499,7 +519,7 @@ def embed_plate(
     check_store_folder(out)
     plate = _as_plate(plate, settings.labels)
     # Decided before the model loads, so a site without the labels asked for fails at once.
-    inputs = {k: site_inputs(s, settings.cells, settings.nuclear) for k, s in plate.sites.items()}
+    inputs = plate_inputs(plate, settings)
     backend = backend if backend is not None else load_embed_model(settings)
     with write_lock(out, what="store", error=StoreError):
         fresh = not out.exists()
@@ -616,9 +636,16 @@ def reopen_plate(store: ActivationStore) -> Plate:
 def store_settings(store: ActivationStore) -> EmbedSettings:
     """The :class:`EmbedSettings` a store was embedded with, read back from its attributes:
     what a store of an older version did not record takes today's default, and what this
-    version no longer knows is left out."""
+    version no longer knows is left out. Stores written before the segmentation settings were
+    nested record ``nuclear``, ``segmenter`` and ``cellpose_model`` beside the others."""
+    recorded = dict(store.embed_settings)
+    segment = dict(recorded.pop("segment", None) or {})
+    for name in EMBED_SEGMENT_FIELDS:
+        if name in recorded:
+            segment.setdefault(name, recorded.pop(name))
     known = {f.name for f in dataclasses.fields(EmbedSettings)}
-    return EmbedSettings.from_dict({k: v for k, v in store.embed_settings.items() if k in known})
+    values = {k: v for k, v in recorded.items() if k in known}
+    return EmbedSettings.from_dict({**values, "segment": segment_settings(segment)})
 
 
 def reload_model(store: ActivationStore, device=None) -> Backend:
@@ -682,9 +709,9 @@ def embed_store_site(
             site,
             image,
             recorded.cells,
-            recorded.nuclear,
-            recorded.segmenter,
-            recorded.cellpose_model,
+            recorded.segment.nuclear,
+            recorded.segment.segmenter,
+            recorded.segment.cellpose_model,
         )
     embedder = Embedder(
         backend, store.block, recorded.batch_size, store.has_channel_tokens, recorded.precision

@@ -164,6 +164,29 @@ def open_plate(
         notes += label_notes
     _report_stray_files(root, files, used, pat, notes)
 
+    return _finish(
+        root,
+        layout,
+        pattern,
+        names,
+        sites,
+        (metadata, table, join, table_name),
+        channel_names,
+        (labels, label_folder, label_pattern),
+        notes,
+        check or (check is None and len(files) <= CHECK_LIMIT),
+    )
+
+
+def _finish(root, layout, pattern, names, sites, tables, channel_names, labels, notes, check):
+    """The plate every layout ends in: its source (the options that open it again), its notes
+    as warnings, the metadata ``join`` joined onto its sites, checked when ``check``.
+
+    ``tables`` is (metadata as given, the table read, the table to join, its name); ``labels``
+    is (labels as given, the label folder, its pattern).
+    """
+    metadata, table, join, table_name = tables
+    given, label_folder, label_pattern = labels
     table_path = None  # a table given as a DataFrame cannot be recorded; the layout's is re-found
     if metadata is not None and not isinstance(metadata, pd.DataFrame):
         table_path = str(Path(metadata).expanduser().resolve())
@@ -173,7 +196,7 @@ def open_plate(
         "pattern": pattern,
         "metadata": table_path,
         "channel_names": _plain_names(channel_names),
-        "labels": label_spec(label_folder, label_pattern) if labels is not None else None,
+        "labels": label_spec(label_folder, label_pattern) if given is not None else None,
     }
     plate = Plate(
         root, layout, names, sites, metadata=table, source=source, label_folder=label_folder
@@ -183,7 +206,7 @@ def open_plate(
     if join is not None:
         for message in join_metadata(plate.sites, join, table_name)[0]:
             plate.warn(message)
-    if check or (check is None and len(files) <= CHECK_LIMIT):
+    if check:
         plate.check()
     return plate
 
@@ -225,28 +248,18 @@ def _open_ome_zarr(root: Path, metadata, channel_names, labels, check) -> Plate:
         )
         notes += label_notes
     table, table_name = _metadata_source(root, metadata)
-    table_path = None
-    if metadata is not None and not isinstance(metadata, pd.DataFrame):
-        table_path = str(Path(metadata).expanduser().resolve())
-    source = {
-        "path": str(root.resolve()),
-        "layout": "ome-zarr",
-        "pattern": None,
-        "metadata": table_path,
-        "channel_names": _plain_names(channel_names),
-        "labels": label_spec(label_folder, label_pattern) if labels is not None else None,
-    }
-    plate = Plate(
-        root, "ome-zarr", names, sites, metadata=table, source=source, label_folder=label_folder
+    return _finish(
+        root,
+        "ome-zarr",
+        None,
+        names,
+        sites,
+        (metadata, table, table, table_name),
+        channel_names,
+        (labels, label_folder, label_pattern),
+        notes,
+        check or (check is None and len(sites) <= CHECK_LIMIT),
     )
-    for message in notes:
-        plate.warn(message)
-    if table is not None:
-        for message in join_metadata(plate.sites, table, table_name)[0]:
-            plate.warn(message)
-    if check or (check is None and len(sites) <= CHECK_LIMIT):
-        plate.check()
-    return plate
 
 
 # --- finding files -------------------------------------------------------------------------

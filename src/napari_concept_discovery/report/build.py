@@ -153,7 +153,7 @@ def _load(dictionary):
 
     if isinstance(dictionary, (str, Path)):
         return Path(dictionary).stem, load_dictionary(dictionary)
-    return str(dictionary.meta.get("name", dictionary.meta.get("method", "dictionary"))), dictionary
+    return str(dictionary.meta.extra.get("name", "dictionary")), dictionary
 
 
 def comparison_table(entries, labels: Sequence[str]) -> pd.DataFrame:
@@ -164,15 +164,14 @@ def comparison_table(entries, labels: Sequence[str]) -> pd.DataFrame:
     rows = []
     for name, d, features in entries:
         meta = d.meta
-        m = meta.get("metrics") or {}
-        cfg = (meta.get("train_settings") or {}) if isinstance(meta, dict) else {}
+        m = meta.metrics
         live = features[features["n_active"] > 0]
         row = {
             "dictionary": name,
-            "method": str(cfg.get("method", meta.get("method", "?"))),
+            "method": meta.method or "?",
             "atoms": int(d.n_atoms),
             "nested levels": describe_levels(d.levels),
-            "unit": str(meta.get("unit", "cell")),
+            "unit": meta.unit,
             "whitening": describe_whitening(meta),
             "FVU": float(m.get("fvu", np.nan)),
             "mean cosine": float(m.get("mean_cosine", np.nan)),

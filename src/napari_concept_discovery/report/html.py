@@ -14,6 +14,7 @@ import pandas as pd
 from ..analysis.families import FAMILY_DISTANCE
 from ..analysis.profiles import HIT_FRACTION, MIN_WELLS, ConceptProfiles
 from ..analysis.welltest import FDR_ALPHA, N_PERMUTATIONS
+from ..dictionary.meta import DictionaryMeta
 from ..dictionary.nested import describe_levels
 from .figures import (
     QUALITY_FIGURES,
@@ -39,12 +40,12 @@ HITS_SHOWN = 40
 FAMILIES_SHOWN = 20
 
 
-def describe_whitening(meta: dict) -> str:
-    w = meta.get("whitening") or {}
-    if not w.get("controls"):
+def describe_whitening(meta: DictionaryMeta) -> str:
+    w = meta.whitening
+    if w is None or not w.controls:
         return "none"
-    by = f" per {w['by']}" if w.get("by") else ""
-    return f"{w.get('mode', 'pca')} on {w['controls']}{by}"
+    by = f" per {w.by}" if w.by else ""
+    return f"{w.mode} on {w.controls}{by}"
 
 
 def _chance(prof: ConceptProfiles, n_wells: int) -> str:
@@ -222,9 +223,10 @@ def header_html(store, name, dictionary, table, labels, controls) -> str:
         f"{html.escape(str(store.model_id))}, block {store.block}; stains "
         f"{html.escape(', '.join(map(str, getattr(store, 'channel_names', ()) or ())) or '?')}"
         "</p>"
-        f"<p>dictionary: {html.escape(str(meta.get('train_settings', {}).get('method', '?')))}"
-        f", {dictionary.n_atoms} features on {html.escape(str(meta.get('unit', 'cell')))} "
-        f"tokens, nested levels {describe_levels(dictionary.levels)}, whitening {html.escape(describe_whitening(meta))}; labels: "
+        f"<p>dictionary: {html.escape(meta.method or '?')}"
+        f", {dictionary.n_atoms} features on {html.escape(meta.unit)} "
+        f"tokens, nested levels {describe_levels(dictionary.levels)}, whitening "
+        f"{html.escape(describe_whitening(meta))}; labels: "
         f"{html.escape(', '.join(labels) or 'none')}; profile controls: "
         f"{html.escape(controls or 'none')}</p></header><main>"
     )

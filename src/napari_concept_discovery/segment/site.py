@@ -27,6 +27,24 @@ from .legacy import segment_legacy
 #: (image, channel names) -> (nuclei, cells), both int32 with matching ids.
 Segmenter = Callable[[np.ndarray, Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
+#: What the NF1 project's pipeline (``NF1_analysis_plate1_plate2.cppipe``) told CellProfiler,
+#: in our settings: nuclei by three-class Otsu on DAPI, no declumping, diameters 30-90, border
+#: nuclei discarded; cells by Propagation on RFP, three-class Otsu, border cells discarded too
+#: (IdentifySecondaryObjects' "discard objects touching the border" is on). The tests and
+#: benchmarks/bench_segment.py compare our labels with its masks of the real NF1 sites.
+NF1_PIPELINE = SegmentSettings(
+    nuclear="DAPI",
+    cell="RFP",
+    cell_threshold="otsu3",
+    cell_log=False,
+    nucleus_threshold="otsu3",
+    declump=False,
+    min_diameter=30,
+    max_diameter=90,
+    drop_edge=True,
+    drop_edge_by="cell",
+)
+
 
 def channel_ref(value: str | int) -> str | int:
     """A channel as a user types it: an index when it is all digits, else a name."""

@@ -21,6 +21,19 @@ _OFFSET = 6.0
 _PHOTONS_PER_DN = 2.0
 _READ_NOISE = 0.8
 
+#: (cell type, perturbation, plate seed) of the generated sites segmentation is scored on
+#: against their true masks: every cell type, with and without a perturbation that changes
+#: the nuclei or the cell outline (the segmentation tests and benchmarks/bench_segment.py).
+SEGMENTATION_SITES = (
+    ("HUVEC", "control", 1),
+    ("HUVEC", "golgi_dispersal", 2),
+    ("HEPG2", "control", 1),
+    ("HEPG2", "nuclear_enlargement", 2),
+    ("HEPG2", "actin_fibres", 3),
+    ("U2OS", "control", 1),
+    ("U2OS", "er_aggregation", 2),
+)
+
 
 def _well_index(well: str) -> tuple[int, int]:
     return ord(well[0].upper()) - ord("A"), int(well[1:])

@@ -344,7 +344,7 @@ def stains_for(dictionary=None, store=None, plate=None) -> tuple[str, ...]:
     """The stains a site must bring, in channel order: the dictionary's (its channel blocks),
     else the store's, else the open plate's, else Cell Painting's six."""
     for names in (
-        None if dictionary is None else dictionary.meta.get("channel_names"),
+        None if dictionary is None else dictionary.meta.channel_names,
         None if store is None else store.channel_names,
         None if plate is None else plate.channel_names,
     ):

@@ -129,7 +129,7 @@ def shown_map(explorer, key, feature: int, labels: np.ndarray | None) -> Activat
     """``feature``'s patch map on site ``key`` as the viewer and the report draw it: for a
     dictionary learnt on cells, :func:`cells_only` over the site's cell ``labels``."""
     image = explorer.activation_map(key, feature)
-    if explorer.dictionary.meta.get("unit") == "cell":
+    if explorer.dictionary.unit == "cell":
         image = cells_only(image, labels)
     return image
 

@@ -98,17 +98,12 @@ class Field:
             w.setText("" if value is None else str(value))
 
 
-def make_fields(
-    cls: type[Settings], names: list[str], ranges: dict[str, tuple] | None = None
-) -> dict[str, Field]:
+def make_fields(cls: type[Settings], names: list[str]) -> dict[str, Field]:
     """Fields for ``names`` of ``cls``, in order; a number's range is the setting's own
-    (``option(min=, max=)``) unless ``ranges`` gives one."""
-    ranges = ranges or {}
-    out = {}
-    for d in form_fields(cls, names):
-        lo, hi = ranges.get(d["name"], (d.get("min"), d.get("max")))
-        out[d["name"]] = Field(d, minimum=lo, maximum=hi)
-    return out
+    (``option(min=, max=)``), the one its ``validate`` checks."""
+    return {
+        d["name"]: Field(d, minimum=d["min"], maximum=d["max"]) for d in form_fields(cls, names)
+    }
 
 
 def add_rows(layout: QFormLayout, fields: dict[str, Field]) -> None:

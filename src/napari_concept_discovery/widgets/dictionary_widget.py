@@ -84,7 +84,7 @@ class DictionaryWidget(StepWidget):
             "Fit one whitening per group of this column (e.g. per plate or cell type); "
             "every group then needs its own controls."
         )
-        self.whiten_fields = make_fields(WhitenSettings, ["mode", "n_components"], {})
+        self.whiten_fields = make_fields(WhitenSettings, ["mode", "n_components"])
         self.train_button = QPushButton("Train")
         self.train_button.setToolTip(
             "Learn a dictionary on the store's tokens (off the GUI thread)."
@@ -392,5 +392,5 @@ def _describe(dictionary) -> str:
     m = dictionary.meta
     method = dictionary.model.method if hasattr(dictionary.model, "method") else "dictionary"
     return f"{method}, {dictionary.n_atoms} atoms, trained on {dictionary.describe()}" + (
-        f", {m['steps']} steps" if m.get("steps") is not None else ""
+        f", {m.steps} steps" if m.steps is not None else ""
     )

@@ -40,9 +40,10 @@ from ..embed.store import ActivationStore
 from ..errors import ConceptDiscoveryError
 from ..models import list_models
 from ..progress import Progress
+from ..settings import SegmentSettings
 from ..views.layer_site import embed_layer_site, site_image, stains_for, whitening_groups
 from ..views.workspace import default_store_path, one_site_plate
-from ._form import make_fields, scrolling_layout
+from ._form import make_fields, scrolling_layout, values
 from ._jobs import Job
 from ._layer_form import LayerSiteForm, layer_pixels
 from ._layers import FEATURE_ROLES
@@ -83,11 +84,13 @@ class EmbedWidget(StepWidget):
             )
         self.model_combo.addItem("Model folder…", _PICK_FOLDER)
         self.model_combo.addItem("Checkpoint file…", _PICK_FILE)
-        self.fields = make_fields(
-            EmbedSettings,
-            ["block", "cells", "segmenter", "cellpose_model", "batch_size", "precision"],
-            {"block": (-64, 64)},
-        )
+        #: the segmentation fields, as ``EmbedSettings.segment`` holds them
+        self.segment_fields = make_fields(SegmentSettings, ["segmenter", "cellpose_model"])
+        self.fields = {
+            **make_fields(EmbedSettings, ["block", "cells"]),
+            **self.segment_fields,
+            **make_fields(EmbedSettings, ["batch_size", "precision"]),
+        }
         # the Cellpose model matters only with the Cellpose segmenter
         segmenter = self.fields["segmenter"].widget
         segmenter.currentTextChanged.connect(self._segmenter_changed)
@@ -208,9 +211,13 @@ class EmbedWidget(StepWidget):
     def settings(self) -> EmbedSettings:
         """The form as ``EmbedSettings`` (SettingsError names a bad field)."""
         device = self.device_combo.currentText()
-        values = {name: f.value() for name, f in self.fields.items()}
+        segment = SegmentSettings(**values(self.segment_fields))
+        own = {n: f.value() for n, f in self.fields.items() if n not in self.segment_fields}
         return EmbedSettings(
-            model=self.model_source, device=None if device == "auto" else device, **values
+            model=self.model_source,
+            device=None if device == "auto" else device,
+            segment=segment,
+            **own,
         )
 
     def out_path(self) -> Path | None:

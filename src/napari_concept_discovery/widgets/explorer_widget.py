@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QScrollArea,
     QSplitter,
@@ -65,9 +64,10 @@ from ..views.feature_views import (
     with_names,
 )
 from ..views.thumbnails import named_colour
-from ._jobs import Job, JobOwner
+from ._jobs import Job
+from ._step import StepWidget
 from ._table import DataFrameModel, FeatureFilter
-from ._viewer import get_session, observe, user_message
+from ._viewer import observe, user_message
 
 THUMB = 80
 N_TOP = 24
@@ -82,14 +82,22 @@ def _qimage(rgb: np.ndarray) -> QImage:
     return QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
 
 
-class ConceptExplorer(QWidget):
-    """Dock widget: pick a feature in a table, see a cell's features, browse the top cells."""
+class ConceptExplorer(StepWidget):
+    """Dock widget: pick a feature in a table, see a cell's features, browse the top cells.
+
+    Its step is the feature summary (every cell of the store encoded once), run by the
+    :class:`.JobPanel` with its progress bar and status line; it is not offered for cancelling
+    (a new dictionary or store starts another). The gallery, a cell's features, similar cells
+    and the card run as further jobs of the same panel's owner, their errors on its status.
+    """
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
-        self.jobs = JobOwner(self)
+        super().__init__(
+            napari_viewer,
+            parent,
+            cancel_tip="Stop summarising the features.",
+            cancelling="Cancelling the summary of the features…",
+        )
         self._gallery_job: Job | None = None
         self.features: pd.DataFrame | None = None
         self.cell_table = pd.DataFrame(columns=["feature", "value", "top"])
@@ -97,10 +105,6 @@ class ConceptExplorer(QWidget):
         self._plate = None  # the plate the gallery reads from (the session's, else the store's)
         self._syncing = False
 
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
         self.filter_edit = QLineEdit()
         self.filter_edit.setPlaceholderText("Filter: a label, e.g. cell_type=HeLa, or a number")
         self.filter_edit.setToolTip("Show only the features whose row contains this text.")
@@ -348,24 +352,20 @@ class ConceptExplorer(QWidget):
         if explorer is None:
             return
         self._load_notes(explorer.dictionary)
-        self.status.setText("Encoding the store's cells to summarise the features…")
-        job = Job(feature_overview, explorer)
-        job.progressed.connect(self._on_progress)
-        job.returned.connect(partial(self._show_features, explorer))
-        job.errored.connect(partial(self._fail, "Cannot summarise the features"))
-        job.done.connect(self._hide_progress)
-        self.progress.setVisible(True)
-        self.progress.setRange(0, 0)
-        self.jobs.run(job)
+        self.panel.start(
+            Job(feature_overview, explorer),
+            "Encoding the store's cells to summarise the features…",
+            failed="Cannot summarise the features",
+            progressed=self._on_progress,
+            returned=partial(self._show_features, explorer),
+        )
 
-    def _hide_progress(self) -> None:
-        if self.jobs.alive:
-            self.progress.setVisible(False)
+    def _enable(self, running: bool) -> None:
+        """Nothing to enable: the table fills when the summary is done."""
 
     def _on_progress(self, p: Progress) -> None:
         if self.jobs.alive:
-            self.progress.setRange(0, max(1, p.total))
-            self.progress.setValue(p.done)
+            self.panel.show_progress(p.done, p.total, self.status.text())
 
     def _show_features(self, explorer, table: pd.DataFrame) -> None:
         if not self.jobs.alive or self.session.explorer is not explorer:
@@ -644,11 +644,7 @@ class ConceptExplorer(QWidget):
             self.session.select_feature(int(self.cell_table["feature"].iloc[index.row()]))
 
     def _fail(self, doing: str, exc: BaseException) -> None:
-        if not self.jobs.alive:
-            return
-        text = user_message(exc, doing)
-        self.status.setText(text)
-        show_error(text)
+        self.panel.fail(user_message(exc, doing))
 
     # --- similar cells, selections and exports ----------------------------------------------
 
@@ -667,34 +663,23 @@ class ConceptExplorer(QWidget):
         self.thumbnails = []
         self.gallery.clear()
         self.gallery_label.setText(f"Finding the cells most like cell {label} of {key}…")
-        colours = self._channel_colours()
 
-        def work(progress=None, cancel=None):
-            cells = similar_cells(explorer, key, label, n=N_TOP)
-            thumbs = cell_thumbnails(
-                explorer, plate, cells, colours, value="similarity", size=THUMB, cancel=cancel
+        def described(cells, thumbs):
+            return (
+                f"The {len(thumbs)} cells most like cell {label} of {key} across the store "
+                "(cosine similarity of their codes under each; the cell itself left out).",
+                f"the {len(cells)} cells most like cell {label} of {key}",
             )
-            return cells, thumbs
 
-        job = Job(work)
-        job.returned.connect(partial(self._show_similar, explorer, key, label, ticket))
-        job.errored.connect(partial(self._fail, f"Cannot find cells like cell {label}"))
-        self.jobs.run(job)
-
-    def _show_similar(self, explorer, key, label, ticket, result) -> None:
-        if not self.jobs.alive:
-            return
-        cells, thumbs = result
-        self._show_gallery(
+        self._cell_set(
             explorer,
+            plate,
             ticket,
-            thumbs,
-            "cosine similarity",
-            f"The {len(thumbs)} cells most like cell {label} of {key} across the store "
-            "(cosine similarity of their codes under each; the cell itself left out).",
+            lambda: similar_cells(explorer, key, label, n=N_TOP),
+            ("similarity", "cosine similarity"),
+            f"Cannot find cells like cell {label}",
+            described,
         )
-        if ticket == self._gallery_ticket:
-            self._set_selection(cells, f"the {len(cells)} cells most like cell {label} of {key}")
 
     def select_above(self) -> None:
         """What "Cells with feature f ≥" does: select every cell of the store at or above the
@@ -708,37 +693,57 @@ class ConceptExplorer(QWidget):
         threshold = float(self.threshold.value())
         ticket = self._next_gallery()
         self.tabs.setCurrentWidget(self.gallery_tab)
+        n_cells = len(explorer.store.table("cell"))
+
+        def described(cells, thumbs):
+            return (
+                f"{len(cells)} of {n_cells} cells have feature {feature} ≥ {threshold:g}; the "
+                f"strongest {len(thumbs)} are shown.",
+                f"the {len(cells)} cells with feature {feature} ≥ {threshold:g}",
+            )
+
+        self._cell_set(
+            explorer,
+            plate,
+            ticket,
+            lambda: cells_above(explorer, feature, threshold),
+            ("value", "activation"),
+            f"Cannot select the cells of feature {feature}",
+            described,
+        )
+
+    def _cell_set(self, explorer, plate, ticket, find, value, failed, described) -> None:
+        """The cells ``find()`` gives (in a worker): the strongest ``N_TOP`` fill the gallery,
+        with their ``value`` column (name, shown name) under each; all become the selection.
+        ``described(cells, thumbs)`` gives the gallery's caption and the selection's name."""
         colours = self._channel_colours()
 
         def work(progress=None, cancel=None):
-            cells = cells_above(explorer, feature, threshold)
+            cells = find()
             thumbs = cell_thumbnails(
-                explorer, plate, cells.head(N_TOP), colours, size=THUMB, cancel=cancel
+                explorer,
+                plate,
+                cells.head(N_TOP),
+                colours,
+                value=value[0],
+                size=THUMB,
+                cancel=cancel,
             )
             return cells, thumbs
 
         job = Job(work)
-        job.returned.connect(partial(self._show_above, explorer, feature, threshold, ticket))
-        job.errored.connect(partial(self._fail, f"Cannot select the cells of feature {feature}"))
+        job.returned.connect(partial(self._show_cell_set, explorer, ticket, value[1], described))
+        job.errored.connect(partial(self._fail, failed))
         self.jobs.run(job)
 
-    def _show_above(self, explorer, feature, threshold, ticket, result) -> None:
+    def _show_cell_set(self, explorer, ticket, shown, described, result) -> None:
         if not self.jobs.alive:
             return
         cells, thumbs = result
-        n_cells = len(self.session.explorer.store.table("cell")) if self.session.explorer else 0
-        self._show_gallery(
-            explorer,
-            ticket,
-            thumbs,
-            "activation",
-            f"{len(cells)} of {n_cells} cells have feature {feature} ≥ {threshold:g}; the "
-            f"strongest {len(thumbs)} are shown.",
-        )
+        caption, what = described(cells, thumbs)
+        self._show_gallery(explorer, ticket, thumbs, shown, caption)
         if ticket == self._gallery_ticket:
-            self._set_selection(
-                cells, f"the {len(cells)} cells with feature {feature} ≥ {threshold:g}"
-            )
+            self._set_selection(cells, what)
 
     def _suggest_threshold(self, feature: int) -> None:
         """Start the threshold at the feature's mean code where active (a typical 'on')."""

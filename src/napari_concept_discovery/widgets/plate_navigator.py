@@ -49,8 +49,9 @@ from ..views.platemap import (
     well_table,
     well_tooltip,
 )
-from ._jobs import Job, JobOwner
-from ._viewer import get_session, observe, user_message
+from ._jobs import Job
+from ._step import StepWidget
+from ._viewer import observe, user_message
 
 _VALUES = "\x00values"  # item data of the "Colour by" entry for per-well values (not a column)
 _QC = "\x00qc:"  # item data prefix of the entries for the store's segmentation quality
@@ -265,13 +266,20 @@ class ColourBar(QWidget):
         painter.drawText(below, Qt.AlignmentFlag.AlignRight, f"{hi:.3g}")
 
 
-class PlateNavigator(QWidget):
-    """Dock widget: pick a plate, colour its wells, click a well, choose a site."""
+class PlateNavigator(StepWidget):
+    """Dock widget: pick a plate, colour its wells, click a well, choose a site.
+
+    Its job (the wells' mean activation of the selected feature) runs on the
+    :class:`.JobPanel`, whose status line says which site is in view and what failed.
+    """
 
     def __init__(self, napari_viewer, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.viewer = napari_viewer
-        self.session = get_session(napari_viewer)
+        super().__init__(
+            napari_viewer,
+            parent,
+            cancel_tip="Stop colouring the wells by the feature.",
+            cancelling="Cancelling…",
+        )
         self._wells = pd.DataFrame()
         self._values: PlateColouring | None = None
         self._quality: dict[str, pd.DataFrame] = {}  # per-well segmentation QC, by title
@@ -296,8 +304,6 @@ class PlateNavigator(QWidget):
         self.site_combo = QComboBox()
         self.site_combo.setToolTip("Sites (fields of view) imaged in the selected well.")
         self.well_label = QLabel("Well: none")
-        self.status = QLabel()
-        self.status.setWordWrap(True)
 
         form = QFormLayout()
         self.plate_label = QLabel("Plate")
@@ -322,7 +328,6 @@ class PlateNavigator(QWidget):
         self.map_view.well_clicked.connect(self.select_well)
         self.site_combo.activated.connect(self._on_site_chosen)
 
-        self.jobs = JobOwner(self)
         observe(
             self,
             (
@@ -437,13 +442,14 @@ class PlateNavigator(QWidget):
         job = Job(explorer.well_means, feature, keywords=())
         job.returned.connect(partial(self._show_feature_values, explorer, feature))
         job.errored.connect(
-            lambda exc: (
-                show_error(user_message(exc, f"Cannot colour wells by feature {feature}"))
-                if self.jobs.alive
-                else None
+            lambda exc: self.panel.fail(
+                user_message(exc, f"Cannot colour wells by feature {feature}")
             )
         )
         self.jobs.run(job)
+
+    def _enable(self, running: bool) -> None:
+        """Nothing to enable: colouring the wells never blocks the navigator."""
 
     def _show_feature_values(self, explorer, feature: int, means: pd.DataFrame) -> None:
         s = self.session
