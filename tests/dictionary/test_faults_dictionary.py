@@ -31,7 +31,7 @@ from napari_concept_discovery.dictionary import (
     save_dictionary,
     train_on_store,
 )
-from napari_concept_discovery.dictionary.io import checkpoint_path, read_header
+from napari_concept_discovery.dictionary.io import FORMAT_VERSION, checkpoint_path, read_header
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError, OutputError
 from napari_concept_discovery.settings import SettingsError
@@ -394,12 +394,14 @@ def test_damaged_dictionary_files_are_refused(trained, tmp_path):
         load_dictionary(short)
 
     def newer(h):
-        h["format_version"] = "2"
+        h["format_version"] = str(FORMAT_VERSION + 1)
 
     with pytest.raises(
-        DictionaryError, match=r"newer version \(format 2\); this one reads format 1"
+        DictionaryError,
+        match=rf"newer version \(format {FORMAT_VERSION + 1}\); this one reads format "
+        rf"{FORMAT_VERSION}",
     ):
-        load_dictionary(_rewrite(good, tmp_path / "v2.safetensors", change_header=newer))
+        load_dictionary(_rewrite(good, tmp_path / "v3.safetensors", change_header=newer))
 
     def junk(h):
         h["config"] = "{not json"

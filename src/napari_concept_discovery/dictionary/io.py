@@ -37,7 +37,10 @@ from .registry import build_model
 from .whiten import Whitener
 
 FORMAT = "napari-concept-discovery/dictionary"
-FORMAT_VERSION = 1
+# 2: the metadata is a DictionaryMeta with the whitening written once (inside the training
+# settings); format 1 files (three whitening copies) still load. Code that reads only format 1
+# refuses a format 2 file by name instead of failing on the missing whitener params.
+FORMAT_VERSION = 2
 
 
 def _jsonable(obj):
