@@ -321,3 +321,31 @@ def test_benchmarks_and_scripts_import_names_that_exist(tmp_path):
                 except ImportError:
                     missing.append(f"{path.name}: {module}.{name}")
     assert missing == [f"bench_planted.py: {PACKAGE.name}.errors.NoSuchName"], missing
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """Names of test modules (``test_*``) that the file at ``path`` imports, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1].startswith(
+            "test_"
+        ):
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[-1].startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another(tmp_path):
+    """Shared test pieces live in helpers modules and conftest fixtures: a test module that
+    imports another runs that module's fixtures and tests under a second name."""
+    planted = tmp_path / "test_planted.py"
+    planted.write_text("def f():\n    from test_widgets_explore import WAIT\n")
+    assert _test_module_imports(planted) == ["test_widgets_explore"]
+    tests = Path(__file__).parent
+    found = {
+        str(p.relative_to(tests)): names
+        for p in sorted(tests.rglob("*.py"))
+        if (names := _test_module_imports(p))
+    }
+    assert found == {}, found

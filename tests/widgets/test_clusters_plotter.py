@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_widgets_explore import WAIT, demo_folder, open_docked, workdir  # noqa: F401
 
 from napari_concept_discovery.analysis.explore import Explorer
 from napari_concept_discovery.dictionary import load_dictionary
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.views.layer_site import feature_column
 from napari_concept_discovery.widgets._viewer import get_painter
+from widget_helpers import WAIT, open_docked
 
 pytestmark = pytest.mark.gui
 
 
 def test_clusters_plotter_plots_and_reduces_the_codes_of_the_cells_in_view(
     make_napari_viewer,
-    demo_folder,  # noqa: F811
+    demo_folder,
     qtbot,
 ):
     from napari_clusters_plotter import DimensionalityReductionWidget, PlotterWidget

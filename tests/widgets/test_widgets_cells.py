@@ -8,16 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_widgets_explore import (  # noqa: F401  (fixtures)
-    WAIT,
-    _click_canvas,
-    _click_row,
-    click,
-    demo_folder,
-    open_docked,
-    wait_painter,
-    workdir,
-)
 
 from napari_concept_discovery.analysis.cell_selection import (
     cells_above,
@@ -30,6 +20,14 @@ from napari_concept_discovery.analysis.measurements import describe_store
 from napari_concept_discovery.dictionary.feature_notes import load_notes, notes_path
 from napari_concept_discovery.plate import SiteKey
 from napari_concept_discovery.views.feature_card import card_data
+from widget_helpers import (
+    WAIT,
+    click,
+    click_canvas,
+    click_row,
+    open_docked,
+    wait_painter,
+)
 
 pytestmark = pytest.mark.gui
 
@@ -40,7 +38,7 @@ def _keys(cells: pd.DataFrame) -> list[tuple]:
 
 def test_name_a_feature_select_cells_export_and_find_similar_cells(
     make_napari_viewer,
-    demo_folder,  # noqa: F811
+    demo_folder,
     qtbot,
     tmp_path,
 ):
@@ -56,7 +54,7 @@ def test_name_a_feature_select_cells_export_and_find_similar_cells(
 
     # pick a feature in the table; its top cells fill the gallery and become the selection
     feature = widget.visible_features()[0]
-    _click_row(qtbot, widget, feature)
+    click_row(qtbot, widget, feature)
     assert session.feature == feature
     qtbot.waitUntil(lambda: len(widget.thumbnails) > 0, timeout=WAIT)
     assert _keys(widget.selection) == _keys(explorer.top_cells(feature, n=24))
@@ -137,7 +135,7 @@ def test_name_a_feature_select_cells_export_and_find_similar_cells(
     values = explorer.cell_values(key, feature)
     label = int(values[values.active]["label"].iloc[0])
     y, x = np.argwhere(explorer.labels(key) == label)[0]
-    _click_canvas(qtbot, viewer, (float(y), float(x)))
+    click_canvas(qtbot, viewer, (float(y), float(x)))
     assert session.cell == label
     qtbot.waitUntil(widget.similar_button.isEnabled, timeout=WAIT)
     click(qtbot, widget.similar_button)

@@ -15,105 +15,26 @@ import torch
 
 from napari_concept_discovery.dictionary.io import load_dictionary
 from napari_concept_discovery.dictionary.pipeline import train_on_store
-from napari_concept_discovery.dictionary.settings import TrainSettings, WhitenSettings
-from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
 from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.plate import SiteKey
 from napari_concept_discovery.views.feature_views import feature_overview
 from napari_concept_discovery.views.overlay import cell_limits, cells_only
 from napari_concept_discovery.views.workspace import default_store_path
+from widget_helpers import (
+    CONTROL,
+    WAIT,
+    click,
+    click_canvas,
+    click_row,
+    dictionary_settings,
+    fill_dictionary_form,
+    open_docked,
+    wait_painter,
+)
 
 pytestmark = pytest.mark.gui
 
 PLUGIN = "napari-concept-discovery"
-WAIT = 30000
-CONTROL = ("well_type", "negative_control")
-
-
-def _tiny_vit(path, dim: int, seed: int):
-    from safetensors.torch import save_file
-
-    from napari_concept_discovery.models.vit import ChannelAgnosticViT
-
-    torch.manual_seed(seed)
-    vit = ChannelAgnosticViT(embed_dim=dim, depth=2, num_heads=2, max_channels=6)
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A demo-like folder: plates/, and two tiny models (the second of another width)."""
-    from napari_concept_discovery.synth import write_synthetic_plates
-
-    root = tmp_path_factory.mktemp("explore_gui")
-    write_synthetic_plates(root / "plates", n_plates=1, n_wells=6, n_sites=1, size=160, seed=2)
-    _tiny_vit(root / "tiny.safetensors", 32, 0)
-    _tiny_vit(root / "other.safetensors", 48, 1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def demo_folder(workdir):
-    """What `concept-discovery demo` leaves, made by library calls: store.zarr and a dictionary."""
-    model = str(workdir / "tiny.safetensors")
-    store = embed_plate(workdir / "plates", EmbedSettings(model=model), workdir / "store.zarr")
-    train_on_store(store, dictionary_settings(), out=workdir / "dictionary-center.safetensors")
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def other_dictionary(workdir):
-    """A dictionary trained on the activations of another model (width 48, not 32)."""
-    model = str(workdir / "other.safetensors")
-    store = embed_plate(workdir / "plates", EmbedSettings(model=model), workdir / "other.zarr")
-    path = workdir / "other-dictionary.safetensors"
-    train_on_store(store, dictionary_settings(steps=5), out=path)
-    return path
-
-
-def dictionary_settings(steps: int = 30) -> TrainSettings:
-    return TrainSettings(
-        method="icfl",
-        atoms=16,
-        sparsity=4,
-        steps=steps,
-        batch_size=64,
-        seed=0,
-        whiten=WhitenSettings(controls="=".join(CONTROL), mode="center"),
-    )
-
-
-def fill_dictionary_form(widget, settings: TrainSettings) -> None:
-    """Type the settings into the form, as a user would."""
-    for name in ("method", "unit", "atoms", "sparsity", "steps", "batch_size", "seed"):
-        widget.fields[name].set_value(getattr(settings, name))
-    widget.set_control(*settings.whiten.control)
-    widget.set_group(settings.whiten.by)
-    widget.whiten_fields["mode"].set_value(settings.whiten.mode)
-
-
-def click(qtbot, button) -> None:
-    from qtpy.QtCore import Qt
-
-    assert button.isEnabled(), f"{button.text()} is disabled"
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
-
-
-def open_docked(make_napari_viewer, workdir, qtbot, show=False):
-    from napari_concept_discovery.widgets import open_viewer
-
-    viewer = make_napari_viewer(show=show)
-    opened = open_viewer(workdir / "plates", viewer=viewer)
-    return viewer, opened
-
-
-def wait_painter(qtbot, viewer):
-    from napari_concept_discovery.widgets._viewer import get_link, get_painter
-
-    painter, link = get_painter(viewer), get_link(viewer)
-    qtbot.waitUntil(lambda: not painter.busy and not link.busy, timeout=WAIT)
-    return painter
 
 
 def embed_and_train(qtbot, viewer, opened, workdir):
@@ -185,7 +106,7 @@ def test_embed_train_select_a_feature_click_a_cell_open_a_top_cell(
     # select a feature active on the site in view by clicking its row
     key = session.site_key
     feature = next(f for f in shown if explorer.cell_values(key, f)["active"].sum() >= 2)
-    _click_row(qtbot, opened.explorer, feature)
+    click_row(qtbot, opened.explorer, feature)
     assert session.feature == feature
     wait_painter(qtbot, viewer)
     _assert_painted(viewer, explorer, key, feature)
@@ -204,7 +125,7 @@ def test_embed_train_select_a_feature_click_a_cell_open_a_top_cell(
     values = explorer.cell_values(key, feature)
     label = int(values[values.active]["label"].iloc[0])
     y, x = np.argwhere(explorer.labels(key) == label)[0]
-    _click_canvas(qtbot, viewer, (float(y), float(x)))
+    click_canvas(qtbot, viewer, (float(y), float(x)))
     assert session.cell == label
     qtbot.waitUntil(lambda: len(opened.explorer.cell_table) > 0, timeout=WAIT)
     top = explorer.cell_features(key, label, n=10)
@@ -239,27 +160,6 @@ def test_embed_train_select_a_feature_click_a_cell_open_a_top_cell(
     # the feature stays painted on the new site
     _assert_painted(viewer, explorer, session.site_key, other)
     np.testing.assert_array_equal(viewer.layers["DNA"].data, plate[thumb.key].read()[0])
-
-
-def _click_row(qtbot, widget, feature: int) -> None:
-    from qtpy.QtCore import Qt
-
-    row = widget._proxy_row(feature)
-    rect = widget.table.visualRect(widget.proxy.index(row, 0))
-    widget.table.scrollTo(widget.proxy.index(row, 0))
-    rect = widget.table.visualRect(widget.proxy.index(row, 0))
-    qtbot.mouseClick(widget.table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
-
-
-def _click_canvas(qtbot, viewer, world_yx) -> None:
-    """A left click on the canvas at a world position: centre the camera there, click the middle."""
-    viewer.camera.center = world_yx
-    canvas = viewer.window._qt_viewer.canvas
-    w, h = canvas._scene_canvas.size
-    pos = (w / 2, h / 2)
-    canvas._scene_canvas.events.mouse_press(pos=pos, button=1, modifiers=())
-    canvas._scene_canvas.events.mouse_release(pos=pos, button=1, modifiers=())
-    qtbot.wait(10)
 
 
 def _assert_painted(viewer, explorer, key, feature) -> None:

@@ -13,13 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from test_widgets_explore import (  # noqa: F401  (fixtures)
-    WAIT,
-    click,
-    demo_folder,
-    wait_painter,
-    workdir,
-)
 
 from napari_concept_discovery.analysis.explore import Explorer
 from napari_concept_discovery.dictionary import load_dictionary
@@ -27,6 +20,11 @@ from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.plate import open_plate
 from napari_concept_discovery.views.layer_site import LAYER_SITE, feature_column
 from napari_concept_discovery.widgets._viewer import get_painter
+from widget_helpers import (
+    WAIT,
+    click,
+    wait_painter,
+)
 
 pytestmark = pytest.mark.gui
 
@@ -100,7 +98,7 @@ def _check_features(layer, library: pd.DataFrame, image_labels: np.ndarray) -> N
 
 def test_one_file_per_stain_opened_by_napari_reader(
     make_napari_viewer,
-    demo_folder,  # noqa: F811
+    demo_folder,
     qtbot,
     tmp_path,
 ):
@@ -161,12 +159,11 @@ def test_one_file_per_stain_opened_by_napari_reader(
 
 
 @pytest.fixture(scope="module")
-def per_plate_dictionary(demo_folder):  # noqa: F811
+def per_plate_dictionary(demo_folder):
     """A dictionary that whitens each plate on its own controls (as the demo's do)."""
-    from test_widgets_explore import dictionary_settings
-
     from napari_concept_discovery.dictionary.pipeline import train_on_store
     from napari_concept_discovery.dictionary.settings import WhitenSettings
+    from widget_helpers import dictionary_settings
 
     whiten = WhitenSettings(controls="well_type=negative_control", by="plate", mode="center")
     settings = dataclasses.replace(dictionary_settings(steps=10), whiten=whiten)
@@ -179,7 +176,7 @@ def per_plate_dictionary(demo_folder):  # noqa: F811
 def test_a_stack_whose_names_say_nothing_is_mapped_by_the_user(
     per_plate_dictionary,
     make_napari_viewer,
-    demo_folder,  # noqa: F811
+    demo_folder,
     qtbot,
     tmp_path,
 ):
@@ -222,12 +219,12 @@ def test_a_stack_whose_names_say_nothing_is_mapped_by_the_user(
 
 def test_codes_of_the_site_in_view_reach_the_readers_cells_layer(
     make_napari_viewer,
-    demo_folder,  # noqa: F811
+    demo_folder,
     qtbot,
 ):
     """A plate opened by this plugin's reader: its cells layer gets the codes of the site in
     view, and those of the next site when the user moves on."""
-    from test_widgets_explore import open_docked
+    from widget_helpers import open_docked
 
     viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
     session = opened.embed.session
@@ -251,7 +248,7 @@ def test_codes_of_the_site_in_view_reach_the_readers_cells_layer(
 
 def test_without_a_labels_layer_the_stains_are_segmented_and_the_cells_added(
     make_napari_viewer,
-    demo_folder,  # noqa: F811
+    demo_folder,
     qtbot,
     tmp_path,
 ):
