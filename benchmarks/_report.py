@@ -3,10 +3,14 @@
 Every line printed inside the block also goes to ``path`` (benchmarks/results/<name>.txt by
 default), written atomically when the block ends, so that one command both shows the table and
 records it for the quiet-machine rerun.
+
+Also the ``--threads`` option the torch benchmarks share: ``add_threads(parser, default)`` where
+the option stands in the parser, ``use_threads(args.threads)`` once the arguments are parsed.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import sys
@@ -60,3 +64,15 @@ def print_and_keep(lines, out: Path | str | None) -> None:
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out), text + "\n")
+
+
+def add_threads(parser: argparse.ArgumentParser, default: int = 1) -> None:
+    """The ``--threads`` option: how many CPU threads torch may use."""
+    parser.add_argument("--threads", type=int, default=default)
+
+
+def use_threads(n: int) -> None:
+    """Let torch use ``n`` CPU threads (torch imported here, so that ``--help`` stays quick)."""
+    import torch
+
+    torch.set_num_threads(n)

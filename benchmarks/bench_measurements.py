@@ -15,21 +15,24 @@ machine for numbers to quote; on a shared one compare the columns of one run:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import add_threads, use_threads  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--sample", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads(ap, 1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from napari_concept_discovery.analysis import measurements as M
     from napari_concept_discovery.embed.compute import embed_site
     from napari_concept_discovery.models import load_model

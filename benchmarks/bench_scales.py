@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _report import add_threads, use_threads  # noqa: E402
 from concept_recovery import CONTROLS, plates_for  # noqa: E402
 
 
@@ -158,12 +159,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--sparsity", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=1)
+    add_threads(ap, 1)
     args = ap.parse_args()
-
-    import torch
-
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     t0 = time.perf_counter()
 
     def log(msg: str) -> None:

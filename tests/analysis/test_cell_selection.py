@@ -42,6 +42,10 @@ from napari_concept_discovery.embed.store import ActivationStore
 from napari_concept_discovery.errors import DictionaryError, OutputError, StoreError
 from napari_concept_discovery.plate.model import SiteKey
 
+# the columns every cells CSV opens with, spelled out here rather than imported from
+# cell_selection.COLUMNS, so that the tests pin the layout users read
+CSV_COLUMNS = ["plate", "well", "site", "label", "centroid_y", "centroid_x"]
+
 
 def _settings(seed: int) -> TrainSettings:
     centred = WhitenSettings(controls="well_type=negative_control", mode="center")
@@ -123,14 +127,7 @@ def test_similar_command_prints_the_same_cells(explored, capsys):
     assert list(got["label"]) == list(want["label"])
     np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=1e-6)
     written = pd.read_csv(csv)
-    assert list(written.columns[:6]) == [
-        "plate",
-        "well",
-        "site",
-        "label",
-        "centroid_y",
-        "centroid_x",
-    ]
+    assert list(written.columns[:6]) == CSV_COLUMNS
     assert list(written["label"]) == list(want["label"])
     assert main(args) == 0  # the table on stdout
     text = capsys.readouterr().out
@@ -154,7 +151,7 @@ def test_threshold_selection_csv_and_label_image(explored, tmp_path):
     path = write_cells_csv(with_feature(ex, cells, f), tmp_path / "cells.csv")
     back = pd.read_csv(path)
     np.testing.assert_allclose(back[f"feature_{f}"], cells["value"], rtol=1e-6)
-    assert list(back.columns[:6]) == ["plate", "well", "site", "label", "centroid_y", "centroid_x"]
+    assert list(back.columns[:6]) == CSV_COLUMNS
     # the label image of one site keeps exactly the selected cells of that site
     first = cells.iloc[0]
     key = SiteKey(str(first.plate), str(first.well), int(first.site))
@@ -228,15 +225,7 @@ def test_cells_command_in_a_subprocess_round_trips_its_files(explored, tmp_path)
     want = (col >= threshold) & (col > 0)
     assert summary["cells"] == int(want.sum()) > 1
     back = pd.read_csv(tmp_path / "cells.csv")
-    assert list(back.columns) == [
-        "plate",
-        "well",
-        "site",
-        "label",
-        "centroid_y",
-        "centroid_x",
-        f"feature_{f}",
-    ]
+    assert list(back.columns) == [*CSV_COLUMNS, f"feature_{f}"]
     np.testing.assert_allclose(np.sort(back[f"feature_{f}"]), np.sort(col[want]), rtol=1e-6)
     got = set(
         zip(back.plate.astype(str), back.well.astype(str), back.site, back.label, strict=True)

@@ -110,27 +110,22 @@ def test_measure_site_on_a_hand_made_site():
         M.measure_site(image, cells, ["Mito"])
 
 
-def test_parse_name_reads_cellprofiler_names():
-    assert M.parse_name("Cells_Texture_Contrast_Mito_3_00_256") == (
-        "Cells",
-        "Texture_Contrast",
-        "Mito",
-        "3_00_256",
-    )
-    assert M.parse_name("Nuclei_Granularity_2_my_DNA") == ("Nuclei", "Granularity", "my_DNA", "2")
-    assert M.parse_name("Cells_RadialDistribution_FracAtD_RNA_1of4") == (
-        "Cells",
-        "RadialDistribution_FracAtD",
-        "RNA",
-        "1of4",
-    )
-    assert M.parse_name("Cytoplasm_AreaShape_Area") == ("Cytoplasm", "AreaShape_Area", "", "")
-    assert M.parse_name("Cells_Intensity_MeanIntensity_ER") == (
-        "Cells",
-        "Intensity_MeanIntensity",
-        "ER",
-        "",
-    )
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("Cells_Texture_Contrast_Mito_3_00_256", ("Cells", "Texture_Contrast", "Mito", "3_00_256")),
+        ("Nuclei_Granularity_2_my_DNA", ("Nuclei", "Granularity", "my_DNA", "2")),
+        (
+            "Cells_RadialDistribution_FracAtD_RNA_1of4",
+            ("Cells", "RadialDistribution_FracAtD", "RNA", "1of4"),
+        ),
+        ("Cytoplasm_AreaShape_Area", ("Cytoplasm", "AreaShape_Area", "", "")),
+        ("Cells_Intensity_MeanIntensity_ER", ("Cells", "Intensity_MeanIntensity", "ER", "")),
+    ],
+)
+def test_parse_name_reads_cellprofiler_names(name, parts):
+    """(compartment, measure, stain, parameters) of a CellProfiler column name."""
+    assert M.parse_name(name) == parts
 
 
 def test_describe_names_the_stain_and_sign():
