@@ -15,6 +15,7 @@ from napari_concept_discovery.views.layer_site import (
     LAYER_SITE,
     Plane,
     codes_table,
+    feature_column,
     guess_mapping,
     planes_of,
     site_image,
@@ -101,3 +102,27 @@ def test_codes_table_is_napari_features_layout():
     assert list(table.columns) == ["label", "f0000", "f0001", "f0002"]
     assert table["label"].tolist() == [4, 9]
     np.testing.assert_array_equal(table.iloc[:, 1:].to_numpy(), codes.toarray())
+
+
+def test_codes_table_keeps_the_most_active_features_of_a_large_dictionary():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    dense = np.zeros((5, 12000), np.float32)  # wider than 9999: five-digit names
+    active = rng.choice(12000, 40, replace=False)
+    dense[:, active] = rng.random((5, 40), dtype=np.float32) + 0.01
+    sc = SiteCodes(
+        LAYER_SITE,
+        (1, 1),
+        16,
+        sp.csr_matrix((1, 12000)),
+        sp.csr_matrix(dense),
+        pd.DataFrame({"label": np.arange(1, 6)}),
+    )
+    every_active = codes_table(sc, max_features=64)
+    assert list(every_active.columns[1:]) == [f"f{f:05d}" for f in sorted(active)]
+    top = codes_table(sc, max_features=10)
+    expected = sorted(active[np.argsort(-dense[:, active].sum(0))[:10]])
+    assert list(top.columns[1:]) == [feature_column(f, 12000) for f in expected]
+    np.testing.assert_array_equal(top.iloc[:, 1:].to_numpy(), dense[:, expected])
+    assert feature_column(7, 16) == "f0007" and feature_column(7, 12000) == "f00007"

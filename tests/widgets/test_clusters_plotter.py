@@ -45,7 +45,7 @@ def test_clusters_plotter_plots_and_reduces_the_codes_of_the_cells_in_view(
         timeout=WAIT,
     )
     m = load_dictionary(demo_folder / "dictionary-center.safetensors").n_atoms
-    columns = [feature_column(f) for f in range(m)]
+    columns = [feature_column(f, m) for f in range(m)]
 
     plotter = PlotterWidget(viewer)
     reducer = DimensionalityReductionWidget(viewer)

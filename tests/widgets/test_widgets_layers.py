@@ -91,7 +91,7 @@ def _check_features(layer, library: pd.DataFrame, image_labels: np.ndarray) -> N
     table = features.set_index("label").sort_index()
     assert sorted(table.index) == sorted(int(v) for v in np.unique(image_labels) if v)
     m = library.shape[1]
-    assert list(table.columns) == [feature_column(f) for f in range(m)]
+    assert list(table.columns) == [feature_column(f, m) for f in range(m)]
     np.testing.assert_allclose(table.to_numpy(), library.to_numpy(), rtol=1e-4, atol=1e-5)
     assert (table.to_numpy() != 0).any()  # the dictionary fires on these cells
 
@@ -132,13 +132,15 @@ def test_one_file_per_stain_opened_by_napari_reader(
 
     # a feature painted on the user's layers, its cells the same labels
     feature = int(np.argmax(np.abs(cells.features.drop(columns="label").to_numpy()).sum(0)))
+    m = len(cells.features.columns) - 1  # a small dictionary: every feature has its column
     session.select_feature(feature)
     painter = wait_painter(qtbot, viewer)
     assert painter.painted is not None and painter.painted.key == tuple(LAYER_SITE)
     np.testing.assert_array_equal(painter.painted.labels, labels)
     values = painter.painted.cells.set_index("label")["value"].sort_index()
     np.testing.assert_allclose(
-        values.to_numpy(), cells.features.set_index("label")[feature_column(feature)].sort_index()
+        values.to_numpy(),
+        cells.features.set_index("label")[feature_column(feature, m)].sort_index(),
     )
     # painted where the user's layers lie: patch r's centre on pixel r * 16 + 7.5 of the stains
     patches = next(x for x in viewer.layers if x.metadata.get("role") == "feature_map")

@@ -46,15 +46,21 @@ CELL_COLUMNS = (
 )
 
 
+def feature_name_width(n_features: int) -> int:
+    """Digits of a feature's number in its names: at least 4, enough for the dictionary's
+    largest, so the names sort."""
+    return max(4, len(str(max(n_features - 1, 0))))
+
+
 def feature_column(feature: int, n_features: int) -> str:
     """A feature's column name in a profile table: ``Feature_0007`` (zero-padded to sort)."""
-    return f"Feature_{int(feature):0{max(4, len(str(max(n_features - 1, 0))))}d}"
+    return f"Feature_{int(feature):0{feature_name_width(n_features)}d}"
 
 
 def feature_names(n_features: int) -> list[str]:
     """AnnData variable names of a dictionary's features: ``f0000`` .. (zero-padded to the
     dictionary size, so they sort; the same width as :func:`feature_column`)."""
-    width = max(4, len(str(max(n_features - 1, 0))))
+    width = feature_name_width(n_features)
     return [f"f{f:0{width}d}" for f in range(n_features)]
 
 
