@@ -162,6 +162,30 @@ def test_embed_json(small_plates, weights, tmp_path, capsys):
     assert summary["model"] == "ca-vit:tiny.safetensors" and summary["block"] == store.block
 
 
+def test_embed_says_what_auto_precision_chose_and_the_store_signs_it(
+    small_plates, weights, tmp_path, capsys
+):
+    from napari_concept_discovery.embed.compute import cpu_has_bf16
+
+    out = tmp_path / "store.zarr"
+    argv = ["embed", str(small_plates), "--model", str(weights), "--out", str(out)]
+    capsys.readouterr()
+    assert main([*argv, "--device", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    used, why = (
+        ("bf16", "this CPU has native bf16")
+        if cpu_has_bf16()
+        else ("fp32", "this CPU has no native bf16")
+    )
+    assert f"on cpu at {used} (auto: {why}); 12 sites" in captured.err
+    assert f"embedded at {used}" in captured.err
+    assert json.loads(captured.out)["precision"] == used
+    store = ActivationStore.open(out)
+    assert store.precision == used and store.embed_settings["precision"] == used
+    # fp32 stores sign as before precision was recorded; any other precision by name
+    assert store.signature.get("precision", "fp32") == used
+
+
 def test_train_analyze_report_json(tiny_store_path, dictionary, tmp_path, capsys):
     out = tmp_path / "d.safetensors"
     summary = _run_json(["train", str(tiny_store_path), *TRAIN, "--out", str(out)], capsys)

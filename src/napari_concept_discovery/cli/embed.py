@@ -129,6 +129,10 @@ def run_embed_cluster(args, settings, con: Console) -> int:
     stores = []
     with cluster_client(args) as client:
         backend = load_embed_model(settings)  # once, for every plate
+        con.note(
+            f"{backend.model_id} on {backend.device} at "
+            f"{said_precision(settings.precision, backend.device)}; {len(plates)} plate(s)"
+        )
         for folder, out in zip(plates, outs, strict=True):
             args.plate = folder
             plate = open_plate_from_args(args)
@@ -157,7 +161,8 @@ def run_embed_cluster(args, settings, con: Console) -> int:
                     )
             counts = store.attrs.get("counts", {})
             con.say(
-                f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches"
+                f"{store.path}: {counts.get('cell', 0)} cells, {counts.get('patch', 0)} patches, "
+                f"embedded at {store.precision}"
             )
             say_quality(con, store.quality(), len(plate))
             stores.append(store_summary(store, folder, len(plate)))
@@ -165,11 +170,19 @@ def run_embed_cluster(args, settings, con: Console) -> int:
     return 0
 
 
+def said_precision(precision: str, device) -> str:
+    """The precision a run uses, with why where ``auto`` chose it: "bf16 (auto: this CPU has
+    native bf16)"."""
+    from ..embed.compute import auto_precision_reason, resolve_precision
+
+    used = resolve_precision(precision, device)
+    return used + (f" (auto: {auto_precision_reason(device)})" if precision == "auto" else "")
+
+
 def run_embed(args, con: Console) -> int:
     import torch
 
     from .._files import check_output
-    from ..embed.compute import resolve_precision
     from ..embed.plate import embed_plate, load_embed_model
     from ..embed.store import check_store_folder
 
@@ -186,16 +199,10 @@ def run_embed(args, con: Console) -> int:
     plate = open_plate_from_args(args)
     backend = load_embed_model(settings)
     block = backend.resolve_block(settings.block)
-    precision = resolve_precision(settings.precision, backend.device)
     con.note(
         f"{backend.model_id} (D={backend.embed_dim}, {backend.num_blocks} blocks) block {block} "
-        f"on {backend.device} at {precision}"
-        + (
-            " (auto: native bf16 here)"
-            if settings.precision == "auto" and precision == "bf16"
-            else ""
-        )
-        + f"; {len(plate)} sites"
+        f"on {backend.device} at {said_precision(settings.precision, backend.device)}; "
+        f"{len(plate)} sites"
     )
     with con.bar(len(plate), "embed sites") as bar:
         store = embed_plate(

@@ -182,6 +182,18 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return "fp32"
 
 
+def auto_precision_reason(device: torch.device | str) -> str:
+    """Why ``auto`` resolves as it does on ``device``, for a person ("this CPU has native
+    bf16"): the Embed widget's precision choice and ``embed``'s output say it beside the
+    resolved precision, so a user knows which arithmetic made their tokens."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "a GPU"
+    if dev.type == "cpu":
+        return "this CPU has native bf16" if cpu_has_bf16() else "this CPU has no native bf16"
+    return f"{dev.type}: its bf16 support varies"
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     """Raise ModelError when ``precision`` is unknown or cannot run (fast) on ``device``."""
     if precision not in PRECISIONS:

@@ -100,6 +100,9 @@ class EmbedWidget(StepWidget):
         self.device_combo.setToolTip(
             "Where the model runs: auto picks CUDA, then Apple MPS, then the CPU."
         )
+        # the precision's "auto" says what it is on the device chosen
+        self.device_combo.currentTextChanged.connect(self._say_auto_precision)
+        self._say_auto_precision(self.device_combo.currentText())
         self.whole_plate = QRadioButton("Whole plate")
         self.whole_plate.setToolTip("Embed every site of the plate into one store.")
         self.site_in_view = QRadioButton("Site in view")
@@ -207,6 +210,10 @@ class EmbedWidget(StepWidget):
 
     def _segmenter_changed(self, name: str) -> None:
         self.fields["cellpose_model"].widget.setEnabled(name == "cellpose")
+
+    def _say_auto_precision(self, device: str) -> None:
+        combo = self.fields["precision"].widget
+        combo.setItemText(combo.findData("auto"), f"auto ({_auto_precision(device)})")
 
     def settings(self) -> EmbedSettings:
         """The form as ``EmbedSettings`` (SettingsError names a bad field)."""
@@ -538,6 +545,18 @@ def _resolved_precision(settings: EmbedSettings) -> str:
         return resolve_precision(settings.precision, pick_device(settings.device))
     except ConceptDiscoveryError:
         return settings.precision
+
+
+def _auto_precision(device: str) -> str:
+    """What ``auto`` is on ``device`` and why: "bf16: this CPU has native bf16"."""
+    from ..embed.compute import auto_precision_reason, resolve_precision
+    from ..models import pick_device
+
+    try:
+        dev = pick_device(device)
+    except ConceptDiscoveryError:
+        return f"{device} is not available here"
+    return f"{resolve_precision('auto', dev)}: {auto_precision_reason(dev)}"
 
 
 def _describe(store: ActivationStore) -> str:
