@@ -18,14 +18,16 @@ OpenPhenom-shaped network, cosine >= 0.99. Cosines are measured on the bundled (
 and on the OpenPhenom-shaped network with its layer scales set to 1 (at timm's initial 1e-4 the
 random blocks barely move the tokens, and any precision would look exact).
 
-Concepts at each precision: a demo-sized synthetic plate set (2 plates x 16 wells, 512 px, seed
-1) is embedded with the bundled model at each precision; one ICFL dictionary (the demo's: 64
-atoms, 8 non-zeros, 1000 steps, whitened on each plate's controls, seed 0) is trained on the fp32
-tokens and applied to every precision's tokens (the effect of the tokens alone), and one is
-trained on each precision's own tokens with the same seed (what a user of --precision gets).
-Printed: the best single-feature AUROC per true concept and the largest difference to fp32.
-Bar: within 0.01 of fp32. A second fp32 dictionary with another seed shows how much training
-alone moves these numbers.
+Concepts at each precision (benchmarks/bench_precision_concepts.py, which says more): a
+demo-sized synthetic plate set (2 plates x 16 wells, 512 px, seed 1) is embedded with the
+bundled model at each precision; per seed (``--concept-seeds``, 4 by default), one ICFL
+dictionary (64 atoms, 8 non-zeros, 300 steps, whitened on each plate's controls) trained on the
+fp32 tokens is applied to the fp32 tokens (A) and to the other precision's (B: the effect of the
+tokens alone), and one trained on the other precision's tokens with the same seed (C: what a
+user of --precision gets). Printed: per concept the seed mean of A and its seed-to-seed spread,
+max |B - A|, and the paired C - A (mean, spread, 95% interval over seeds). Bar: within 0.01 of
+fp32, (a) for B and (b) for the mean paired C - A with its interval; a C - A that only training
+chaos (two fp32 seeds differ as much) keeps from resolving is said so, not passed.
 
 From disk: the pipeline reading and decoding the sites itself (``read_sites``, which reads the
 next site on a thread while the forward runs) against the bare forward on tiles in memory;
@@ -266,63 +268,6 @@ def bench_from_disk(backend, plate, keys, batch, repeats):
     return n_tiles / t_pipe, n_tiles / t_bare
 
 
-def bench_precision_concepts(precisions, work: Path, steps: int = 1000, device=None):
-    """{arm: recovery table}: best single-feature AUROC per true concept at each precision."""
-    from napari_concept_discovery.analysis.encode import encode_store
-    from napari_concept_discovery.analysis.truth import (
-        join_truth,
-        read_truth,
-        recovery_table,
-        truth_concepts,
-    )
-    from napari_concept_discovery.demo import CONTROL
-    from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings
-    from napari_concept_discovery.dictionary.pipeline import train_on_store
-    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
-    from napari_concept_discovery.synth import write_synthetic_plates
-
-    plates = work / "plates"
-    if not (plates / "truth.csv").exists():
-        write_synthetic_plates(plates, n_plates=2, n_wells=16, n_sites=1, size=512, seed=1)
-    stores = {
-        p: embed_plate(
-            plates,
-            EmbedSettings(model="default", precision=p, device=device),
-            work / f"store-{p}",
-            overwrite=True,
-        )
-        for p in precisions
-    }
-    truth = read_truth(plates / "truth.csv")
-    concepts = truth_concepts(join_truth(stores["fp32"].table("cell"), truth))
-    n_cells = int(stores["fp32"].tokens("cell").shape[0])
-
-    def train(p, seed):
-        settings = TrainSettings(
-            method="icfl",
-            unit="cell",
-            atoms=64,
-            sparsity=8,
-            steps=steps,
-            batch_size=min(1024, n_cells),
-            seed=seed,
-            whiten=WhitenSettings(CONTROL, by="plate"),
-        )
-        return train_on_store(stores[p], settings, out=work / f"d-{p}-{seed}.safetensors")
-
-    def table(store, dictionary):
-        codes, _ = encode_store(store, dictionary)
-        return recovery_table(codes, concepts).set_index("concept")
-
-    ref = train("fp32", 0).dictionary
-    out = {"fp32": table(stores["fp32"], ref)}
-    out["fp32, dictionary seed 1"] = table(stores["fp32"], train("fp32", 1).dictionary)
-    for p in precisions[1:]:
-        out[f"{p} tokens, fp32 dictionary"] = table(stores[p], ref)
-        out[f"{p}, own dictionary"] = table(stores[p], train(p, 0).dictionary)
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -336,6 +281,9 @@ def main(argv=None) -> int:
         "--disk-sites", type=int, default=8, help="sites read from disk (default model)"
     )
     ap.add_argument("--skip-concepts", action="store_true", help="skip the concept AUROCs")
+    ap.add_argument(
+        "--concept-seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds of the concepts"
+    )
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where every model runs")
     ap.add_argument(
         "--bf16-tiles", type=int, default=8, help="tiles of the bf16 vs matmul comparison"
@@ -485,26 +433,25 @@ def main(argv=None) -> int:
     print("bars: >= 1.5x fp32 tiles/s on the OpenPhenom-shaped network, cosine >= 0.99")
 
     if not args.skip_concepts:
+        import bench_precision_concepts as concepts
+
         work = data.parent / "ncd_bench_precision_concepts"
         t = time.perf_counter()
-        arms = bench_precision_concepts(precisions, work, device=args.device)
-        ref = arms["fp32"]["auroc"]
+        stores = concepts.embed_stores(work, args.device, precisions)
+        setting = concepts.SETTINGS["bench"]
+        rows = concepts.run_setting(
+            setting,
+            args.concept_seeds,
+            stores,
+            concepts.concepts_of(work, stores["fp32"]),
+            others=precisions[1:],
+        )
         print(
-            f"\nbest single-feature AUROC per true concept, default model, ICFL M=64 k=8 "
+            f"\nbest single-feature AUROC per true concept, default model "
             f"({time.perf_counter() - t:.0f} s)"
         )
-        names = list(arms)
-        print(f"{'concept':22s} " + " ".join(f"{n[:26]:>26s}" for n in names))
-        for concept in ref.index:
-            print(
-                f"{concept:22s} "
-                + " ".join(f"{arms[n].loc[concept, 'auroc']:26.3f}" for n in names)
-            )
-        print(
-            f"{'max |diff| to fp32':22s} "
-            + " ".join(f"{(arms[n]['auroc'] - ref).abs().max():26.3f}" for n in names)
-        )
-        print("bar: within 0.01 of fp32")
+        for p in precisions[1:]:
+            concepts.print_summary(setting, concepts.summarise(rows, p), p)
 
     keys_disk = keys[: args.disk_sites]
     pipe, bare_tps = bench_from_disk(default, plate, keys_disk, args.batch, args.repeats)
