@@ -27,7 +27,11 @@ trains in, per principal direction of the controls, as a fraction of the control
 there (1 by construction), for the Ledoit-Wolf shrinkage the project uses and for smaller fixed
 ones: does dividing by sqrt(eigenvalue) blow the bf16 rounding up in low-variance directions?
 
-    python benchmarks/bench_precision_concepts.py [--seeds 0 1 2 3] [--settings bench long ...]
+With ``--perturbations``, two more arms C trained on fp32 tokens perturbed by the bf16 error
+reversed, and by the bf16 errors shuffled between cells (``perturbed_stores``).
+
+    python benchmarks/bench_precision_concepts.py [--seeds 0 1 2 3] [--settings sized bench ...]
+        [--tokens] [--perturbations] [--raw runs.csv] | --from-raw runs.csv ...
 """
 
 from __future__ import annotations
@@ -104,6 +108,39 @@ def embed_stores(work: Path, device: str = "cpu", precisions=PRECISIONS) -> dict
             settings = EmbedSettings(model="default", precision=p, device=device)
             stores[p] = embed_plate(plates, settings, path, overwrite=True)
     return stores
+
+
+def perturbed_stores(work: Path, stores: dict, seed: int = 0) -> dict:
+    """{"mirror": store, "shuffle": store}: copies of the fp32 store whose cell tokens are
+    fp32 - (bf16 - fp32) (the bf16 error, each cell's own, reversed) and fp32 + the bf16 errors
+    of other cells (shuffled). Trained on like bf16 (arm C), they tell an effect of the
+    rounding's direction (mirror moves the other way), of its being tied to each cell (shuffle
+    does not move) and of any perturbation of this size (all three move alike) apart."""
+    import shutil
+
+    import zarr
+
+    from napari_concept_discovery.embed.store import ActivationStore
+
+    t32, t16 = stores["fp32"].table("cell"), stores["bf16"].table("cell")
+    key = ["plate", "well", "site", "label"]
+    if not (t32[key].astype(str).to_numpy() == t16[key].astype(str).to_numpy()).all():
+        raise SystemExit("the fp32 and bf16 stores list their cells in different orders")
+    x32 = np.asarray(stores["fp32"].tokens("cell", "concat"), dtype=np.float32)
+    err = np.asarray(stores["bf16"].tokens("cell", "concat"), dtype=np.float32) - x32
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, tokens in (("mirror", x32 - err), ("shuffle", x32 + err[rng.permutation(len(err))])):
+        path = work / f"store-{name}"
+        if path.exists():
+            shutil.rmtree(path)
+        shutil.copytree(stores["fp32"].path, path)
+        concat = zarr.open_array(str(path / "cell" / "channels"), mode="r+")
+        concat[:] = tokens.astype(concat.dtype)
+        mean = zarr.open_array(str(path / "cell" / "tokens"), mode="r+")
+        mean[:] = tokens.reshape(len(tokens), -1, mean.shape[1]).mean(1).astype(mean.dtype)
+        out[name] = ActivationStore.open(path)
+    return out
 
 
 def concepts_of(work: Path, store):
@@ -329,6 +366,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="where the plates and stores go")
     ap.add_argument("--raw", type=Path, default=None, help="append every AUROC to this CSV")
     ap.add_argument("--tokens", action="store_true", help="the whitened token difference")
+    ap.add_argument(
+        "--perturbations",
+        action="store_true",
+        help="also train on fp32 tokens with the bf16 error reversed (mirror) and shuffled "
+        "between cells (shuffle)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--from-raw", type=Path, nargs="+", help="only summarise CSVs written by --raw (no runs)"
@@ -355,10 +398,15 @@ def main(argv=None) -> int:
     if args.tokens:
         whitened_difference(stores)
     concepts = concepts_of(work, stores["fp32"])
+    others = ["bf16"]
+    if args.perturbations:
+        stores.update(perturbed_stores(work, stores))
+        others += ["mirror", "shuffle"]
     for name in args.settings:
         setting = SETTINGS[name]
-        rows = run_setting(setting, args.seeds, stores, concepts, raw=args.raw)
-        print_summary(setting, summarise(rows))
+        rows = run_setting(setting, args.seeds, stores, concepts, others, raw=args.raw)
+        for p in others:
+            print_summary(setting, summarise(rows, p), p)
     return 0
 
 
