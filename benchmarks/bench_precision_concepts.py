@@ -304,8 +304,11 @@ def print_summary(setting: Setting, s: Summary, precision: str = "bf16", log=pri
     log(f"bar {BAR}: {s.verdict()}")
 
 
-def whitened_difference(stores, shrinkages=("auto", "0.1", "0.01", "0.001"), log=print):
-    """bf16 - fp32 tokens in the whitened space, per principal direction of the controls."""
+def whitened_difference(
+    stores, concepts=None, shrinkages=("auto", "0.1", "0.01", "0.001"), log=print
+):
+    """bf16 - fp32 tokens in the whitened space, per principal direction of the controls; with
+    ``concepts``, how well the size of that difference alone picks each true concept."""
     from napari_concept_discovery.demo import CONTROL
     from napari_concept_discovery.dictionary import WhitenSettings
     from napari_concept_discovery.dictionary.pipeline import fit_whitener
@@ -329,6 +332,7 @@ def whitened_difference(stores, shrinkages=("auto", "0.1", "0.01", "0.001"), log
     log("whitened per plate on the fp32 controls, bf16 - fp32 difference:")
     log(head)
     log("-" * len(head))
+    error_size = None
     for shrink in shrinkages:
         w = fit_whitener(x32, table, WhitenSettings(CONTROL, by="plate", shrinkage=shrink))
         w.unit_norm = False
@@ -340,6 +344,8 @@ def whitened_difference(stores, shrinkages=("auto", "0.1", "0.01", "0.001"), log
         u16 = y16 / np.linalg.norm(y16, axis=1, keepdims=True)
         u32 = y32 / np.linalg.norm(y32, axis=1, keepdims=True)
         unit = np.linalg.norm(u16 - u32, axis=1)
+        if error_size is None:
+            error_size = unit
         # per direction: rms difference; a control token's spread there is 1 (whitened)
         rms = np.sqrt((diff**2).mean(0))
         k = len(rms)
@@ -356,13 +362,27 @@ def whitened_difference(stores, shrinkages=("auto", "0.1", "0.01", "0.001"), log
         "top10% / bottom10%: rms difference along the 10% highest / lowest-variance directions, "
         "in units of the controls' spread there (1)"
     )
+    if concepts is None:
+        return
+    from napari_concept_discovery.analysis.concepts import feature_auroc
+
+    sizes = np.stack([error_size, np.linalg.norm(x32, axis=1)], axis=1)
+    log(
+        "AUROC of one number per cell for each true concept (max of the two directions): the "
+        "bf16 error's size as the dictionary sees it (unit-norm whitened, shrinkage auto), and "
+        "the raw fp32 token's norm (which unit norm removes)"
+    )
+    for c in concepts:
+        auc = feature_auroc(sizes[c.rows], c.member)
+        auc = np.maximum(auc, 1 - auc)
+        log(f"  {c.name:22s} error size {auc[0]:.3f}   token norm {auc[1]:.3f}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--settings", nargs="+", default=["bench"], choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="*", default=["bench"], choices=list(SETTINGS))
     ap.add_argument("--work", type=Path, default=None, help="where the plates and stores go")
     ap.add_argument("--raw", type=Path, default=None, help="append every AUROC to this CSV")
     ap.add_argument("--tokens", action="store_true", help="the whitened token difference")
@@ -379,8 +399,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.from_raw:
         rows = pd.concat([pd.read_csv(p) for p in args.from_raw], ignore_index=True)
-        if "precision" not in rows.columns:
-            rows["precision"] = "bf16"
+        rows["precision"] = rows.get("precision", pd.Series(index=rows.index)).fillna("bf16")
         for (name, p), part in rows.groupby(["setting", "precision"], sort=False):
             print_summary(SETTINGS[name], summarise(part, p), p)
         return 0
@@ -395,9 +414,9 @@ def main(argv=None) -> int:
         f"seeds {args.seeds}"
     )
     stores = embed_stores(work, args.device)
-    if args.tokens:
-        whitened_difference(stores)
     concepts = concepts_of(work, stores["fp32"])
+    if args.tokens:
+        whitened_difference(stores, concepts)
     others = ["bf16"]
     if args.perturbations:
         stores.update(perturbed_stores(work, stores))
