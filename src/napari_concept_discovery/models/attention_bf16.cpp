@@ -1,10 +1,11 @@
 // bf16 self-attention for x86 CPUs with AVX512-BF16 (vdpbf16ps), flash style.
 //
-// out = softmax(scale * Q K^T) V for every (batch, head), no mask. Q, K, V are bf16 in any
+// out = softmax(scale * Q K^T) V for every (batch, head), no mask, with an optional LayerNorm
+// of q and k over the head dim first (timm's qk-norm). Q, K, V are bf16 in any
 // (B, N, H, D) strides with unit stride along D; out is a contiguous (B, N, H, D) bf16 array,
 // i.e. already the (B, N, H*D) layout of the projection that follows.
 //
-// Per (batch, head), K is packed once as pair-interleaved 16-key blocks (so one zmm holds 16
+// Per (batch, head), Q is normalised into contiguous rows and K is packed once as pair-interleaved 16-key blocks (so one zmm holds 16
 // keys x 2 dims for vdpbf16ps) and V as pair-interleaved rows (2 keys x D), zero-padded to a
 // multiple of 16 keys. Then every task (batch, head, 96 query rows) walks the keys in chunks:
 // scores of 6 rows x 64 keys in 24 fp32 registers, an online softmax in fp32 (running max and
@@ -99,25 +100,62 @@ struct Args {
   bf16* out;
   int64_t B, N, H, D;
   int64_t qs[3], ks[3], vs[3];  // strides (elements) of batch, token, head
-  float scale;
+  const float *qw, *qb, *kw, *kb;  // LayerNorm weights and biases of q and k, or null
+  float eps, scale;
   int64_t npad;                 // N rounded up to 16
-  bf16 *kp, *vp;                // packed K and V of every (batch, head)
+  bf16 *qp, *kp, *vp;           // packed Q, K and V of every (batch, head)
 };
 
-void pack_head(const Args& a, int64_t bh) {
+inline __m512 load_bf16(const bf16* p) {
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// dst = LayerNorm over D of src (fp32 statistics, weight w and bias b), or a copy where w is
+// null; D is a multiple of 32.
+void norm_row(const bf16* src, bf16* dst, int64_t D, const float* w, const float* b, float eps) {
+  if (!w) {
+    std::memcpy(dst, src, D * sizeof(bf16));
+    return;
+  }
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) s = _mm512_add_ps(s, load_bf16(src + d));
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / (float)D);
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 t = _mm512_sub_ps(load_bf16(src + d), mean);
+    ss = _mm512_fmadd_ps(t, t, ss);
+  }
+  const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / (float)D + eps));
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 t = _mm512_mul_ps(_mm512_sub_ps(load_bf16(src + d), mean), rstd);
+    t = _mm512_fmadd_ps(t, _mm512_loadu_ps(w + d), _mm512_loadu_ps(b + d));
+    _mm256_storeu_si256((__m256i*)(dst + d), (__m256i)_mm512_cvtneps_pbh(t));
+  }
+}
+
+// Q (normalised) as contiguous rows, K (normalised) as 16-key blocks of D/2 pairs, V as key
+// pairs x D, for one (batch, head); keys past N are zero.
+void pack_head(const Args& a, int64_t bh, bf16* row) {
   const int64_t b = bh / a.H, h = bh % a.H, D = a.D, pairs = D / 2;
+  bf16* qp = a.qp + bh * a.npad * D;
   bf16* kp = a.kp + bh * a.npad * D;
   bf16* vp = a.vp + bh * a.npad * D;
   for (int64_t j = 0; j < a.npad; ++j) {
     const bool ok = j < a.N;
-    const bf16* kr = a.k + b * a.ks[0] + j * a.ks[1] + h * a.ks[2];
-    const bf16* vr = a.v + b * a.vs[0] + j * a.vs[1] + h * a.vs[2];
     bf16* kb = kp + (j / 16) * 16 * D + (j % 16) * 2;  // block of 16 keys x D
     bf16* vb = vp + (j / 2) * 2 * D + (j % 2);         // pair of keys x D
-    for (int64_t p = 0; p < pairs; ++p) {
-      kb[p * 32] = ok ? kr[2 * p] : 0;
-      kb[p * 32 + 1] = ok ? kr[2 * p + 1] : 0;
+    if (ok) {
+      norm_row(a.q + b * a.qs[0] + j * a.qs[1] + h * a.qs[2], qp + j * D, D, a.qw, a.qb, a.eps);
+      norm_row(a.k + b * a.ks[0] + j * a.ks[1] + h * a.ks[2], row, D, a.kw, a.kb, a.eps);
+    } else {
+      std::memset(row, 0, D * sizeof(bf16));
     }
+    for (int64_t p = 0; p < pairs; ++p) {
+      kb[p * 32] = row[2 * p];
+      kb[p * 32 + 1] = row[2 * p + 1];
+    }
+    const bf16* vr = a.v + b * a.vs[0] + j * a.vs[1] + h * a.vs[2];
     for (int64_t d = 0; d < D; ++d) vb[2 * d] = ok ? vr[d] : 0;
   }
 }
@@ -139,6 +177,7 @@ void run_task(const Args& a, int64_t task, Scratch& w) {
   const int64_t bh = task / ntile, q0 = (task % ntile) * QTILE;
   const int64_t b = bh / a.H, h = bh % a.H, D = a.D;
   const int pairs = (int)(D / 2);
+  const bf16* qp = a.qp + bh * a.npad * D;
   const bf16* kp = a.kp + bh * a.npad * D;
   const bf16* vp = a.vp + bh * a.npad * D;
   const float c = a.scale * 1.4426950408889634f;  // scores to base 2
@@ -147,7 +186,7 @@ void run_task(const Args& a, int64_t task, Scratch& w) {
     const bf16* q[MR];
     for (int r = 0; r < MR; ++r) {
       const int64_t i = r0 + r < a.N ? r0 + r : a.N - 1;  // rows past the end repeat the last
-      q[r] = a.q + b * a.qs[0] + i * a.qs[1] + h * a.qs[2];
+      q[r] = qp + i * D;
     }
     float m[MR], l[MR];
     for (int r = 0; r < MR; ++r) {
@@ -219,22 +258,29 @@ int ncd_attention_bf16_supported(void) {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
-// Returns 0, 1 on bad arguments (D not a positive multiple of 32, N < 1), 2 when out of memory.
+// q and k are first normalised over D where qw/kw (LayerNorm weight, with bias qb/kb, fp32)
+// are given. Returns 0, 1 on bad arguments (D not a positive multiple of 32, N < 1), 2 when
+// out of memory.
 int ncd_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                        int64_t B, int64_t N, int64_t H, int64_t D, const int64_t* qs,
-                       const int64_t* ks, const int64_t* vs, float scale, int nthreads) {
+                       const int64_t* ks, const int64_t* vs, const float* qw, const float* qb,
+                       const float* kw, const float* kb, float eps, float scale, int nthreads) {
   if (D <= 0 || D % 32 || N < 1 || B < 1 || H < 1) return 1;
   Args a;
   a.q = q; a.k = k; a.v = v; a.out = out;
   a.B = B; a.N = N; a.H = H; a.D = D;
   for (int i = 0; i < 3; ++i) { a.qs[i] = qs[i]; a.ks[i] = ks[i]; a.vs[i] = vs[i]; }
+  a.qw = qw; a.qb = qb; a.kw = kw; a.kb = kb;
+  a.eps = eps;
   a.scale = scale;
   a.npad = (N + 15) / 16 * 16;
   const int64_t heads = B * H;
-  const size_t packed = (size_t)heads * a.npad * D * sizeof(bf16);
-  a.kp = (bf16*)std::aligned_alloc(64, (packed + 63) / 64 * 64);
-  a.vp = (bf16*)std::aligned_alloc(64, (packed + 63) / 64 * 64);
-  if (!a.kp || !a.vp) {
+  const size_t packed = ((size_t)heads * a.npad * D * sizeof(bf16) + 63) / 64 * 64;
+  a.qp = (bf16*)std::aligned_alloc(64, packed);
+  a.kp = (bf16*)std::aligned_alloc(64, packed);
+  a.vp = (bf16*)std::aligned_alloc(64, packed);
+  if (!a.qp || !a.kp || !a.vp) {
+    std::free(a.qp);
     std::free(a.kp);
     std::free(a.vp);
     return 2;
@@ -245,7 +291,8 @@ int ncd_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, 
 
   std::atomic<int64_t> next_head{0};
   on_threads(nthreads, [&]() {
-    for (int64_t bh; (bh = next_head.fetch_add(1)) < heads;) pack_head(a, bh);
+    std::vector<bf16> row(D);
+    for (int64_t bh; (bh = next_head.fetch_add(1)) < heads;) pack_head(a, bh, row.data());
   });
   std::atomic<int64_t> next_task{0};
   on_threads(nthreads, [&]() {
@@ -259,6 +306,7 @@ int ncd_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, 
     std::free(w.P);
     std::free(w.O);
   });
+  std::free(a.qp);
   std::free(a.kp);
   std::free(a.vp);
   return next_task.load() < tasks ? 2 : 0;  // no thread had scratch

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._files import cache_dir
+
 #: ``CONCEPT_DISCOVERY_BF16_ATTENTION=0`` turns the kernel off (torch's SDPA runs), read per call.
 ENV = "CONCEPT_DISCOVERY_BF16_ATTENTION"
 
@@ -58,8 +60,6 @@ def _cpu_has_avx512_bf16() -> bool:
 
 
 def _cache_dirs() -> list[Path]:
-    from .._sample_data import cache_dir
-
     return [cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"ncd-kernels-{os.getuid()}"]
 
 
@@ -107,10 +107,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             return None, "this CPU has no AVX512-BF16"
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.ncd_attention_bf16.restype = ctypes.c_int
-        lib.ncd_attention_bf16.argtypes = [ptr] * 4 + [i64] * 4 + [ptr] * 3 + [
-            ctypes.c_float,
-            ctypes.c_int,
-        ]
+        f32 = ctypes.c_float
+        lib.ncd_attention_bf16.argtypes = (
+            [ptr] * 4 + [i64] * 4 + [ptr] * 3 + [ptr] * 4 + [f32, f32, ctypes.c_int]
+        )
         return lib, ""
     return None, "compiling the kernel failed: " + "; ".join(errors)
 
@@ -126,13 +126,15 @@ def _enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def kernel_usable(q: torch.Tensor) -> bool:
-    """Whether :func:`attention` runs the compiled kernel for ``q``: bf16 on the CPU, head dim
-    a multiple of 32, the kernel enabled and loaded (compiled on first use)."""
+def kernel_usable(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether :func:`attention` runs the compiled kernel for inputs like ``x`` with heads of
+    ``head_dim``: bf16 on the CPU, head dim a multiple of 32, no gradient wanted, the kernel
+    enabled and loaded (compiled on first use)."""
     return (
-        q.dtype == torch.bfloat16
-        and q.device.type == "cpu"
-        and q.shape[-1] % 32 == 0
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and head_dim % 32 == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
         and _enabled()
         and _library() is not None
     )
@@ -147,13 +149,41 @@ def attention_path() -> str:
     return "compiled AVX512-BF16 kernel"
 
 
+def _norm_args(norm, d: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """(fp32 weight, fp32 bias, eps) of a LayerNorm over the head dim, or Nones for no norm."""
+    if norm is None:
+        return None, None, 0.0
+    w = norm.weight.detach().float().contiguous()
+    b = norm.bias.detach().float().contiguous() if norm.bias is not None else torch.zeros(d)
+    return w, b, float(norm.eps)
+
+
+def _fusable(norm, d: int) -> bool:
+    """Whether the kernel can apply ``norm`` itself: none, or an affine LayerNorm over D."""
+    if norm is None:
+        return True
+    return (
+        isinstance(norm, torch.nn.LayerNorm)
+        and tuple(norm.normalized_shape) == (d,)
+        and norm.weight is not None
+    )
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    q_norm: torch.nn.Module | None = None,
+    k_norm: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """softmax(scale q k^T) v over the tokens, for q, k, v of shape (B, N, H, D).
+    """softmax(scale q' k'^T) v over the tokens, for q, k, v of shape (B, N, H, D), where q' and
+    k' are ``q_norm(q)`` and ``k_norm(k)`` (norms over D, as timm's qk-norm; none by default).
 
     Returns (B, N, H * D), the layout the output projection takes. ``scale`` defaults to
-    D^-0.5. The compiled kernel runs where :func:`kernel_usable` says so, else torch's SDPA.
+    D^-0.5. The compiled kernel runs where :func:`kernel_usable` says so, applying LayerNorms
+    itself while it packs q and k (no copies of them); else torch's norms and SDPA run (which
+    also serve autograd: the kernel has no backward).
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
@@ -162,27 +192,42 @@ def attention(
         )
     b, n, h, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
-    if not (kernel_usable(q) and k.dtype == v.dtype == q.dtype and n > 0 and b > 0):
+    grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    if grad or not (kernel_usable(q, d) and k.dtype == v.dtype == q.dtype and q.numel() > 0):
+        q = q if q_norm is None else q_norm(q)
+        k = k if k_norm is None else k_norm(k)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
         )
         return out.transpose(1, 2).reshape(b, n, h * d)
+    if not _fusable(q_norm, d):
+        q, q_norm = q_norm(q), None
+    if not _fusable(k_norm, d):
+        k, k_norm = k_norm(k), None
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    qw, qb, eps_q = _norm_args(q_norm, d)
+    kw, kb, eps_k = _norm_args(k_norm, d)
+    if q_norm is not None and k_norm is not None and eps_q != eps_k:
+        k, kw, kb = k_norm(k).contiguous(), None, None  # one eps per call
     out = torch.empty(b, n, h * d, dtype=q.dtype)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v)]
-    rc = _library().ncd_attention_bf16(
-        q.data_ptr(),
-        k.data_ptr(),
-        v.data_ptr(),
-        out.data_ptr(),
-        b,
-        n,
-        h,
-        d,
-        *strides,
-        scale,
-        torch.get_num_threads(),
-    )
+    norms = [0 if t is None else t.data_ptr() for t in (qw, qb, kw, kb)]
+    with torch.profiler.record_function("ncd::attention_bf16"):
+        rc = _library().ncd_attention_bf16(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            b,
+            n,
+            h,
+            d,
+            *strides,
+            *norms,
+            eps_q if q_norm is not None else eps_k,
+            scale,
+            torch.get_num_threads(),
+        )
     if rc == 2:
         raise MemoryError(f"bf16 attention: no memory for the packed keys of {b} x {h} heads")
     if rc:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerScale
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
 from ..errors import ModelError
+from .attention_cpu import attention, kernel_usable
 
 #: Variance floor of the per-image, per-channel standardisation (``nn.InstanceNorm2d``'s default).
 INSTANCE_NORM_EPS = 1e-5
@@ -81,6 +83,51 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
     return F.instance_norm(x.float(), eps=INSTANCE_NORM_EPS)
 
 
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+class ParallelBlock(ParallelScalingBlock):
+    """timm's ``ParallelScalingBlock`` (same parameters, names and arithmetic) whose attention
+    runs through the compiled bf16 kernel of :mod:`.attention_cpu` where it is usable (bf16 on
+    a CPU with AVX512-BF16, no gradient, no mask); everywhere else timm's own forward runs.
+
+    The kernel reads q, k, v where they lie in the joint projection's output (strided views),
+    applies the qk-norm while it packs them, and writes (B, N, H*D) for the output projection,
+    so the copies, norms and head transposes of timm's forward are not separate passes.
+    """
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if (
+            attn_mask is not None
+            or is_causal
+            or self.training
+            or self.out_proj is not None
+            or not kernel_usable(x, self.head_dim)
+        ):
+            return super().forward(x, attn_mask, is_causal)
+        b, n, _ = x.shape
+        y = self.in_proj(self.in_norm(x))
+        x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
+        if self.mlp_bias is not None:
+            x_mlp = x_mlp + self.mlp_bias
+        heads = (b, n, self.num_heads, self.head_dim)
+        q_norm = None if isinstance(self.q_norm, nn.Identity) else self.q_norm
+        k_norm = None if isinstance(self.k_norm, nn.Identity) else self.k_norm
+        x_attn = attention(q.view(heads), k.view(heads), v.view(heads), self.scale, q_norm, k_norm)
+        x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
+        # Both output projections into one product (one bias, no separate sum), and the layer
+        # scale with the residual in one pass.
+        pa, pm = self.attn_out_proj, self.mlp_out_proj
+        y = F.linear(x_attn, pa.weight, _sum(pa.bias, pm.bias)).view(b * n, -1)
+        y = y.addmm_(x_mlp.reshape(b * n, -1), pm.weight.t()).view(b, n, -1)
+        if isinstance(self.ls, LayerScale) and isinstance(self.drop_path, nn.Identity):
+            return torch.addcmul(x, y, self.ls.gamma)
+        return x + self.drop_path(self.ls(y))
+
+
 class ChannelAgnosticViT(VisionTransformer):
     """timm ViT with a shared per-channel patch embedding and fixed sin-cos positions.
 
@@ -115,7 +162,7 @@ class ChannelAgnosticViT(VisionTransformer):
             init_values=1e-4,
             fc_norm=None,
             class_token=True,
-            block_fn=ParallelScalingBlock,
+            block_fn=ParallelBlock,
             drop_path_rate=drop_path_rate,
         )
         self.max_channels = int(max_channels)
