@@ -58,7 +58,7 @@ from napari_concept_discovery.models import (
     hash_state_dict,
     load_model,
 )
-from napari_concept_discovery.models.attention_cpu import attention_path
+from napari_concept_discovery.models.cpu_bf16 import kernels_path
 
 
 def sync(device) -> None:
@@ -117,7 +117,7 @@ def bare_forward(model, batches) -> None:
 @contextmanager
 def sdpa_attention():
     """Inside: bf16 attention through torch's SDPA instead of the compiled kernel."""
-    from napari_concept_discovery.models.attention_cpu import ENV
+    from napari_concept_discovery.models.cpu_bf16 import ENV
 
     old = os.environ.get(ENV)
     os.environ[ENV] = "0"
@@ -430,7 +430,7 @@ def main(argv=None) -> int:
             f"{gflop:.1f} GFLOP/tile, best of {args.repeats} interleaved rounds"
         )
         print(f"anchor: bf16 matmul {args.matmul_n}^3: {peak:.1f} GFLOP/s (same rounds)")
-        print(f"bf16 attention (now): {attention_path()}")
+        print(f"bf16 attention (now): {kernels_path()}")
         head = f"{'forward':32s} {'tiles/s':>8s} {'GFLOP/s':>8s} {'of bf16 matmul':>14s}"
         print(head)
         print("-" * len(head))

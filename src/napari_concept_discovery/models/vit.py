@@ -17,7 +17,7 @@ from timm.models.vision_transformer import ParallelScalingBlock, VisionTransform
 from torch import nn
 
 from ..errors import ModelError
-from .attention_cpu import attention, kernel_usable
+from .cpu_bf16 import attention, bias_gelu, kernel_usable
 
 #: Variance floor of the per-image, per-channel standardisation (``nn.InstanceNorm2d``'s default).
 INSTANCE_NORM_EPS = 1e-5
@@ -88,13 +88,15 @@ def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class ParallelBlock(ParallelScalingBlock):
-    """timm's ``ParallelScalingBlock`` (same parameters, names and arithmetic) whose attention
-    runs through the compiled bf16 kernel of :mod:`.attention_cpu` where it is usable (bf16 on
+    """timm's ``ParallelScalingBlock`` (same parameters and names, same arithmetic up to where
+    bf16 rounds) whose attention
+    runs through the compiled bf16 kernel of :mod:`.cpu_bf16` where it is usable (bf16 on
     a CPU with AVX512-BF16, no gradient, no mask); everywhere else timm's own forward runs.
 
     The kernel reads q, k, v where they lie in the joint projection's output (strided views),
     applies the qk-norm while it packs them, and writes (B, N, H*D) for the output projection,
-    so the copies, norms and head transposes of timm's forward are not separate passes.
+    so the copies, norms and head transposes of timm's forward are not separate passes; the
+    MLP's bias and GELU are one pass, the two output projections one product.
     """
 
     def forward(
@@ -111,13 +113,14 @@ class ParallelBlock(ParallelScalingBlock):
         b, n, _ = x.shape
         y = self.in_proj(self.in_norm(x))
         x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
-        if self.mlp_bias is not None:
-            x_mlp = x_mlp + self.mlp_bias
         heads = (b, n, self.num_heads, self.head_dim)
         q_norm = None if isinstance(self.q_norm, nn.Identity) else self.q_norm
         k_norm = None if isinstance(self.k_norm, nn.Identity) else self.k_norm
         x_attn = attention(q.view(heads), k.view(heads), v.view(heads), self.scale, q_norm, k_norm)
-        x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
+        if isinstance(self.mlp_act, nn.GELU) and self.mlp_act.approximate == "none":
+            x_mlp = bias_gelu(x_mlp, self.mlp_bias)  # one pass, not an add and a GELU
+        else:
+            x_mlp = self.mlp_act(x_mlp if self.mlp_bias is None else x_mlp + self.mlp_bias)
         # Both output projections into one product (one bias, no separate sum), and the layer
         # scale with the residual in one pass.
         pa, pm = self.attn_out_proj, self.mlp_out_proj

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_concept_discovery.models import attention_cpu, load_model
-from napari_concept_discovery.models.attention_cpu import ENV, attention, attention_path
+from napari_concept_discovery.models import cpu_bf16, load_model
+from napari_concept_discovery.models.cpu_bf16 import ENV, attention, bias_gelu, kernels_path
 
 torch.set_num_threads(2)
 
 needs_kernel = pytest.mark.skipif(
-    attention_cpu._library() is None, reason="no AVX512-BF16 or no C++ compiler here"
+    cpu_bf16._library() is None, reason="no AVX512-BF16 or no C++ compiler here"
 )
 
 
@@ -113,18 +113,21 @@ def test_strided_views_equal_contiguous_inputs():
 
 
 def test_fallback_when_turned_off(monkeypatch):
-    """With the kernel turned off, the answer is torch's bf16 SDPA, bit for bit."""
+    """With the kernels turned off, the answers are torch's (bf16 SDPA, add + GELU), bit for
+    bit."""
     monkeypatch.setenv(ENV, "0")
-    assert attention_path() == f"torch SDPA ({ENV}=0)"
+    assert kernels_path() == f"torch SDPA ({ENV}=0)"
     q, k, v = _qkv(2, 50, 2, 64, seed=7)
-    assert not attention_cpu.kernel_usable(q, 64)
+    assert not cpu_bf16.kernel_usable(q, 64)
     want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     assert torch.equal(attention(q, k, v), want.transpose(1, 2).reshape(2, 50, 128))
+    bias = torch.ones(64, dtype=torch.bfloat16)
+    assert torch.equal(bias_gelu(q[..., 0, :], bias), F.gelu(q[..., 0, :] + bias))
 
 
 def test_fallback_for_fp32_odd_head_dims_and_gradients():
     q, k, v = _qkv(1, 20, 2, 48, seed=8)  # head dim 48: not a multiple of 32
-    assert not attention_cpu.kernel_usable(q, 48)
+    assert not cpu_bf16.kernel_usable(q, 48)
     ref = _reference(q, k, v)
     assert (attention(q, k, v).float() - ref).abs().max() < 3e-2
     qf, kf, vf = (t.float().requires_grad_() for t in _qkv(1, 9, 1, 64, seed=9))
@@ -158,6 +161,23 @@ def test_two_threads_at_once_give_the_sequential_answers():
     for results in got.values():
         for i, out in results:
             assert torch.equal(out, want[i])
+
+
+@needs_kernel
+@pytest.mark.parametrize("cols", [1, 37, 1536])
+def test_bias_gelu_matches_torch_on_a_slice(cols):
+    g = torch.Generator().manual_seed(cols)
+    y = (torch.randn(3, 50, cols + 20, generator=g) * 4).bfloat16()
+    y[0, 0, :cols] = torch.linspace(-12, 12, cols)  # deep tails on both sides, and 0
+    x = y[..., :cols]  # rows cols + 20 apart, as the MLP part of the joint projection
+    bias = torch.randn(cols, generator=g).bfloat16()
+    got = bias_gelu(x, bias)
+    assert got.shape == x.shape and got.is_contiguous() and got.dtype == torch.bfloat16
+    ref = F.gelu(x.float() + bias.float())
+    # one rounding to bf16 (relative 2^-8) of an fp32 GELU good to ~1e-7
+    assert ((got.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+    ref = F.gelu(x.float())  # no bias (torch's own bf16 GELU rounds its deep tails to 0)
+    assert ((bias_gelu(x, None).float() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
 
 
 @needs_kernel

@@ -1,15 +1,17 @@
-"""bf16 self-attention on CPUs with AVX512-BF16: a compiled flash-style kernel, torch's SDPA else.
+"""bf16 kernels for CPUs with AVX512-BF16: flash-style self-attention and bias + GELU, compiled.
 
 torch's CPU flash attention reaches only about a quarter of a bf16 matmul's rate on CPUs with
 AVX512-BF16 and no AMX (measured on an AMD EPYC: ~60 GFLOP/s in bf16, no faster than fp32), and
-it is half of the bf16 forward of a ViT-S/16 on 1,537-token sequences. ``attention_bf16.cpp``
-does the two products with ``vdpbf16ps`` and the softmax in fp32 registers (see its header).
+it is half of the bf16 forward of a ViT-S/16 on 1,537-token sequences. ``cpu_bf16.cpp``
+does the two products with ``vdpbf16ps`` and the softmax in fp32 registers (see its header),
+and the MLP's bias add and exact (erf) GELU in one pass instead of two.
 
 It is compiled once per machine with the system's C++ compiler into the user's cache folder
 (``$NAPARI_CONCEPT_DISCOVERY_CACHE/kernels``, else a temporary folder) and loaded with ctypes,
 which releases the GIL during the call. Where the CPU lacks the instructions, no compiler is
-found, compilation fails, or ``CONCEPT_DISCOVERY_BF16_ATTENTION=0`` is set, :func:`attention`
-runs torch's ``scaled_dot_product_attention`` instead; :func:`attention_path` says which.
+found, compilation fails, or ``CONCEPT_DISCOVERY_BF16_KERNELS=0`` is set, :func:`attention`
+runs torch's ``scaled_dot_product_attention`` and :func:`bias_gelu` torch's ops instead;
+:func:`kernels_path` says which.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ import torch.nn.functional as F
 
 from .._files import cache_dir
 
-#: ``CONCEPT_DISCOVERY_BF16_ATTENTION=0`` turns the kernel off (torch's SDPA runs), read per call.
-ENV = "CONCEPT_DISCOVERY_BF16_ATTENTION"
+#: ``CONCEPT_DISCOVERY_BF16_KERNELS=0`` turns the kernels off (torch's ops run), read per call.
+ENV = "CONCEPT_DISCOVERY_BF16_KERNELS"
 
-_SOURCE = Path(__file__).with_name("attention_bf16.cpp")
+_SOURCE = Path(__file__).with_name("cpu_bf16.cpp")
 _FLAGS = [
     "-O3",
     "-std=c++17",
@@ -90,11 +92,14 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         return None, "no C++ compiler (g++ or clang++) found"
-    source = _SOURCE.read_bytes()
+    try:
+        source = _SOURCE.read_bytes()
+    except OSError as exc:
+        return None, f"kernel source unreadable: {exc}"
     tag = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
     errors = []
     for folder in _cache_dirs():
-        target = folder / f"attention_bf16-{tag}.so"
+        target = folder / f"cpu_bf16-{tag}.so"
         try:
             if not target.exists():
                 _compile(compiler, source, target)
@@ -102,8 +107,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             errors.append(f"{folder}: {exc}")
             continue
-        lib.ncd_attention_bf16_supported.restype = ctypes.c_int
-        if not lib.ncd_attention_bf16_supported():
+        lib.ncd_bf16_supported.restype = ctypes.c_int
+        if not lib.ncd_bf16_supported():
             return None, "this CPU has no AVX512-BF16"
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.ncd_attention_bf16.restype = ctypes.c_int
@@ -111,6 +116,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         lib.ncd_attention_bf16.argtypes = (
             [ptr] * 4 + [i64] * 4 + [ptr] * 3 + [ptr] * 4 + [f32, f32, ctypes.c_int]
         )
+        lib.ncd_bias_gelu_bf16.restype = None
+        lib.ncd_bias_gelu_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
         return lib, ""
     return None, "compiling the kernel failed: " + "; ".join(errors)
 
@@ -140,13 +147,37 @@ def kernel_usable(x: torch.Tensor, head_dim: int) -> bool:
     )
 
 
-def attention_path() -> str:
-    """Which attention bf16 runs on this CPU, in words (for benchmark and command output)."""
+def kernels_path() -> str:
+    """Which attention (and bias + GELU) bf16 runs on this CPU, in words (for output)."""
     if not _enabled():
         return f"torch SDPA ({ENV}=0)"
     if _library() is None:
         return f"torch SDPA ({_STATE['why']})"
-    return "compiled AVX512-BF16 kernel"
+    return "compiled AVX512-BF16 kernels"
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """GELU(x + bias) (exact, erf form), a new contiguous tensor; ``x`` may be a slice along
+    the last dim (the MLP part of a joint projection). One pass in fp32 with one rounding where
+    the kernel runs (bf16 on the CPU), torch's ``F.gelu(x + bias)`` elsewhere."""
+    if not kernel_usable(x, 32) or x.numel() == 0 or x.stride(-1) != 1:
+        return F.gelu(x if bias is None else x + bias)
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    flat = x.reshape(rows, cols)  # a view with rows `stride` apart where x is a slice
+    b = None if bias is None else bias.detach().float().contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    with torch.profiler.record_function("ncd::bias_gelu_bf16"):
+        _library().ncd_bias_gelu_bf16(
+            flat.data_ptr(),
+            rows,
+            cols,
+            flat.stride(0),
+            0 if b is None else b.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+    return out
 
 
 def _norm_args(norm, d: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
