@@ -203,3 +203,29 @@ def test_bundled_model_tokens_with_and_without_the_kernel(monkeypatch):
     cos_kernel = F.cosine_similarity(kernel.reshape(-1, d), ref.reshape(-1, d), dim=-1).mean()
     cos_sdpa = F.cosine_similarity(sdpa.reshape(-1, d), ref.reshape(-1, d), dim=-1).mean()
     assert cos_kernel >= cos_sdpa - 1e-4
+
+
+@needs_kernel
+def test_blocks_reusing_buffers_give_the_same_tokens():
+    """A forward pass reuses the blocks' large intermediates from block to block: the tokens
+    are those of blocks run one by one with fresh buffers, and a later forward does not change
+    the tokens an earlier one returned."""
+    from napari_concept_discovery.models import ChannelAgnosticViT
+
+    torch.manual_seed(0)
+    vit = ChannelAgnosticViT(embed_dim=128, depth=3, num_heads=2, max_channels=4).eval()
+    with torch.no_grad():
+        for blk in vit.blocks:
+            blk.ls.gamma.fill_(1.0)
+    vit = vit.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    with torch.inference_mode():
+        got = vit.forward_tokens(x1)
+        kept = got.clone()
+        t = vit.prepend_cls(vit.embed_patches(x1)[0])
+        for blk in vit.blocks:  # outside a forward pass: every buffer fresh
+            t = blk(t)
+        vit.forward_tokens(x2)
+    assert torch.equal(got, t)
+    assert torch.equal(got, kept)

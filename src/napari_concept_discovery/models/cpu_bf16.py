@@ -156,17 +156,24 @@ def kernels_path() -> str:
     return "compiled AVX512-BF16 kernels"
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """GELU(x + bias) (exact, erf form), a new contiguous tensor; ``x`` may be a slice along
-    the last dim (the MLP part of a joint projection). One pass in fp32 with one rounding where
-    the kernel runs (bf16 on the CPU), torch's ``F.gelu(x + bias)`` elsewhere."""
+def bias_gelu(
+    x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """GELU(x + bias) (exact, erf form) as a contiguous tensor (``out`` where given, of x's
+    shape and dtype); ``x`` may be a slice along the last dim (the MLP part of a joint
+    projection). One pass in fp32 with one rounding where the kernel runs (bf16 on the CPU),
+    torch's ``F.gelu(x + bias)`` elsewhere."""
     if not kernel_usable(x, 32) or x.numel() == 0 or x.stride(-1) != 1:
-        return F.gelu(x if bias is None else x + bias)
+        y = F.gelu(x if bias is None else x + bias)
+        return y if out is None else out.copy_(y)
     cols = x.shape[-1]
     rows = x.numel() // cols
     flat = x.reshape(rows, cols)  # a view with rows `stride` apart where x is a slice
     b = None if bias is None else bias.detach().float().contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"bias_gelu: out must be contiguous {tuple(x.shape)} {x.dtype}")
     with torch.profiler.record_function("ncd::bias_gelu_bf16"):
         _library().ncd_bias_gelu_bf16(
             flat.data_ptr(),
