@@ -125,6 +125,21 @@ def test_fallback_when_turned_off(monkeypatch):
     assert torch.equal(bias_gelu(q[..., 0, :], bias), F.gelu(q[..., 0, :] + bias))
 
 
+def test_fallback_when_the_kernel_cannot_be_built(monkeypatch, tmp_path):
+    """No compiler (or a failing one): the reason is said and torch's ops run, nothing raises."""
+    monkeypatch.setattr(cpu_bf16, "_STATE", {})
+    monkeypatch.setattr(cpu_bf16, "_cache_dirs", lambda: [tmp_path / "kernels"])
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    path = kernels_path()
+    assert path.startswith("torch SDPA (")
+    if cpu_bf16._cpu_has_avx512_bf16():
+        assert "compiling the kernel failed" in path and "no-such-g++" in path
+    q, k, v = _qkv(1, 30, 2, 64, seed=4)
+    want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert torch.equal(attention(q, k, v), want.transpose(1, 2).reshape(1, 30, 128))
+    assert not list((tmp_path / "kernels").glob("*.so"))  # no half-written library left
+
+
 def test_fallback_for_fp32_odd_head_dims_and_gradients():
     q, k, v = _qkv(1, 20, 2, 48, seed=8)  # head dim 48: not a multiple of 32
     assert not cpu_bf16.kernel_usable(q, 48)

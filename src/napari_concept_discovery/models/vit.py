@@ -127,9 +127,9 @@ def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 
 class ParallelBlock(ParallelScalingBlock):
     """timm's ``ParallelScalingBlock`` (same parameters and names, same arithmetic up to where
-    bf16 rounds) whose attention
-    runs through the compiled bf16 kernel of :mod:`.cpu_bf16` where it is usable (bf16 on
-    a CPU with AVX512-BF16, no gradient, no mask); everywhere else timm's own forward runs.
+    bf16 rounds) whose attention runs through the compiled bf16 kernel of :mod:`.cpu_bf16`
+    where it is usable (bf16 on a CPU with AVX512-BF16, no gradient, no mask); everywhere else
+    timm's own forward runs.
 
     The kernel reads q, k, v where they lie in the joint projection's output (strided views),
     applies the qk-norm while it packs them, and writes (B, N, H*D) for the output projection,
