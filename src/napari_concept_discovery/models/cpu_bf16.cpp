@@ -237,10 +237,18 @@ void run_task(const Args& a, int64_t task, Scratch& w) {
   }
 }
 
+// Runs body on this thread and nthreads - 1 new ones; bodies take work from a shared atomic
+// counter, so where a thread cannot be made the others do its share (no exception escapes).
 template <class F>
 void on_threads(int nthreads, F&& body) {
   std::vector<std::thread> pool;
-  for (int t = 1; t < nthreads; ++t) pool.emplace_back(body);
+  for (int t = 1; t < nthreads; ++t) {
+    try {
+      pool.emplace_back(body);
+    } catch (...) {
+      break;
+    }
+  }
   body();
   for (auto& th : pool) th.join();
 }
