@@ -244,3 +244,29 @@ def test_blocks_reusing_buffers_give_the_same_tokens():
         vit.forward_tokens(x2)
     assert torch.equal(got, t)
     assert torch.equal(got, kept)
+
+
+@needs_kernel
+def test_timm_backend_runs_the_kernel_in_bf16(monkeypatch):
+    """A timm ViT's plain Attention modules take the kernel in bf16: tokens at cosine >= 0.999
+    to fp32, as with torch's SDPA, and not SDPA's tokens bit for bit (the kernel really ran)."""
+    import warnings
+
+    from napari_concept_discovery.embed.compute import with_precision
+    from napari_concept_discovery.models.timm_vit import KernelAttention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backend = load_model("timm:vit_tiny_patch16_224:random")
+    assert all(type(blk.attn) is KernelAttention for blk in backend.model.blocks)
+    bf16 = with_precision(backend, "bf16")
+    x = torch.rand(1, 2, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = backend.tokens(x).float()
+        kernel = bf16.tokens(x).float()
+        monkeypatch.setenv(ENV, "0")
+        sdpa = bf16.tokens(x).float()
+    d = ref.shape[-1]
+    for got in (kernel, sdpa):
+        assert F.cosine_similarity(got.reshape(-1, d), ref.reshape(-1, d), dim=-1).min() >= 0.999
+    assert not torch.equal(kernel, sdpa)
