@@ -315,3 +315,12 @@ def hash_files(paths: Iterable[str | os.PathLike]) -> str:
                 while block := fh.read(_CHUNK):
                     h.update(block)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """``$NAPARI_CONCEPT_DISCOVERY_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache``, per plugin."""
+    env = os.environ.get("NAPARI_CONCEPT_DISCOVERY_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "napari-concept-discovery"

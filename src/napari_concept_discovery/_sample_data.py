@@ -6,23 +6,15 @@ interrupted or concurrent first run never leaves a half-written plate that later
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from ._files import cache_dir
+
 SAMPLE_NAME = "sample-plate-v1"
 # Small enough to generate in seconds, big enough for a plate heatmap and a few cell types.
 SAMPLE_ARGS = {"n_plates": 1, "n_wells": 8, "n_sites": 1, "size": 512, "seed": 0}
-
-
-def cache_dir() -> Path:
-    """``$NAPARI_CONCEPT_DISCOVERY_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache``, per plugin."""
-    env = os.environ.get("NAPARI_CONCEPT_DISCOVERY_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "napari-concept-discovery"
 
 
 def sample_plate_path() -> Path:

@@ -424,3 +424,26 @@ def test_a_fifo_named_like_an_image_does_not_freeze_the_navigator(
     assert opened is True and nav.session.plate is not None
     said = " ".join(str(r.message) for r in notification_manager.records[n:])
     assert image.name in said and "not a regular file" in said, said
+
+
+def test_a_new_window_starts_at_most_of_the_screen(qtbot):
+    """napari opens at ~1,090 x 630, where the docks leave the canvas a quarter of the width;
+    the view command's window grows to 90% of the screen's free area, and a window the user
+    already made larger is not shrunk."""
+    from qtpy.QtWidgets import QMainWindow
+
+    from napari_concept_discovery.widgets._open import fit_screen
+
+    small = QMainWindow()
+    qtbot.addWidget(small)
+    small.resize(400, 300)
+    fit_screen(small)
+    free = small.screen().availableGeometry()
+    assert small.width() == int(free.width() * 0.9)
+    assert small.height() == int(free.height() * 0.9)
+
+    big = QMainWindow()
+    qtbot.addWidget(big)
+    big.resize(free.width(), free.height())
+    fit_screen(big, share=0.5)
+    assert (big.width(), big.height()) == (free.width(), free.height())

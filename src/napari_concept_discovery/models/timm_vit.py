@@ -16,13 +16,40 @@ Inputs (after ``scale_to_unit``) are normalised with the model's pretrained mean
 from __future__ import annotations
 
 import torch
+from timm.layers import Attention
 from torch import nn
 
 from ..errors import ModelError
 from .backend import Backend
+from .cpu_bf16 import attention, kernel_usable
 from .vit import resolve_block, run_blocks
 
 CHANNEL_RULES = ("per-channel", "mean", "identity")
+
+
+class KernelAttention(Attention):
+    """timm's ``Attention`` (no state of its own) whose product runs through the compiled bf16
+    kernel of :mod:`.cpu_bf16` where it is usable (bf16 on a CPU with AVX512-BF16, no mask, no
+    gate, no gradient); timm's own forward everywhere else. The backend gives this class to its
+    model's plain ``Attention`` modules, so fp32 and GPU runs are unchanged."""
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if (
+            attn_mask is not None
+            or is_causal
+            or self.training
+            or getattr(self, "gate", None) is not None
+            or not kernel_usable(x, self.head_dim)
+        ):
+            return super().forward(x, attn_mask, is_causal)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        q_norm = None if isinstance(self.q_norm, nn.Identity) else self.q_norm
+        k_norm = None if isinstance(self.k_norm, nn.Identity) else self.k_norm
+        out = attention(q, k, v, self.scale, q_norm, k_norm)
+        return self.proj_drop(self.proj(self.norm(out)))
 
 
 class TimmViTBackend(Backend):
@@ -46,6 +73,9 @@ class TimmViTBackend(Backend):
         if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
             raise ModelError(f"{model_id} is not a timm ViT (no blocks / patch_embed)")
         model.eval()
+        for blk in model.blocks:
+            if type(getattr(blk, "attn", None)) is Attention:
+                blk.attn.__class__ = KernelAttention  # same module, bf16 kernel where usable
         patch = int(model.patch_embed.patch_size[0])
         n = len(model.blocks)
         self.in_chans = int(model.patch_embed.proj.weight.shape[1])

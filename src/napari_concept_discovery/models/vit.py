@@ -10,12 +10,18 @@ the parameter names timm's (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerScale
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
 from ..errors import ModelError
+from .cpu_bf16 import attention, bias_gelu, kernel_usable
 
 #: Variance floor of the per-image, per-channel standardisation (``nn.InstanceNorm2d``'s default).
 INSTANCE_NORM_EPS = 1e-5
@@ -62,6 +68,39 @@ def resolve_block(block: int | None, num_blocks: int, default: int, name: str = 
     return b
 
 
+#: Buffers the blocks of one forward pass share (see :func:`reused_buffers`); per thread and
+#: per call, never shared between two forwards.
+_BUFFERS: ContextVar[dict | None] = ContextVar("ncd_block_buffers", default=None)
+
+
+@contextmanager
+def reused_buffers() -> Iterator[None]:
+    """Inside, :class:`ParallelBlock` writes its two largest intermediates (the joint
+    projection, the MLP activations) into buffers kept from block to block.
+
+    A bf16 block at 16 tiles allocates ~200 MB of them; above glibc's mmap threshold (32 MB)
+    every allocation is fresh pages, and faulting them in cost ~10% of the forward on a 2-core
+    EPYC. The buffers live for one forward pass (a context variable: each thread and call has
+    its own) and are freed when it ends; the tokens a block returns are never one of them.
+    """
+    token = _BUFFERS.set({})
+    try:
+        yield
+    finally:
+        _BUFFERS.reset(token)
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor: the forward's reused one where there is one, else a new one."""
+    buffers = _BUFFERS.get()
+    if buffers is None:
+        return torch.empty(shape, dtype=dtype)
+    t = buffers.get(name)
+    if t is None or t.shape != shape or t.dtype != dtype:
+        t = buffers[name] = torch.empty(shape, dtype=dtype)
+    return t
+
+
 def run_blocks(vit: VisionTransformer, tokens: torch.Tensor, last: int) -> torch.Tensor:
     """Run a timm ViT's blocks 0..``last`` on prepared tokens and stop there.
 
@@ -69,8 +108,9 @@ def run_blocks(vit: VisionTransformer, tokens: torch.Tensor, last: int) -> torch
     stopping at the last block gives exactly ``forward_features``' tokens. Shared by the
     channel-agnostic ViT and the timm backend so both stop at a block the same way.
     """
-    for blk in vit.blocks[: last + 1]:
-        tokens = blk(tokens)
+    with reused_buffers():
+        for blk in vit.blocks[: last + 1]:
+            tokens = blk(tokens)
     if last == len(vit.blocks) - 1:
         tokens = vit.norm(tokens)
     return tokens
@@ -79,6 +119,61 @@ def run_blocks(vit: VisionTransformer, tokens: torch.Tensor, last: int) -> torch
 def standardize(x: torch.Tensor) -> torch.Tensor:
     """Per-image, per-channel standardisation: instance norm without affine (OpenPhenom's input norm)."""
     return F.instance_norm(x.float(), eps=INSTANCE_NORM_EPS)
+
+
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+class ParallelBlock(ParallelScalingBlock):
+    """timm's ``ParallelScalingBlock`` (same parameters and names, same arithmetic up to where
+    bf16 rounds) whose attention runs through the compiled bf16 kernel of :mod:`.cpu_bf16`
+    where it is usable (bf16 on a CPU with AVX512-BF16, no gradient, no mask); everywhere else
+    timm's own forward runs.
+
+    The kernel reads q, k, v where they lie in the joint projection's output (strided views),
+    applies the qk-norm while it packs them, and writes (B, N, H*D) for the output projection,
+    so the copies, norms and head transposes of timm's forward are not separate passes; the
+    MLP's bias and GELU are one pass, the two output projections one product.
+    """
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        if (
+            attn_mask is not None
+            or is_causal
+            or self.training
+            or self.out_proj is not None
+            or not kernel_usable(x, self.head_dim)
+        ):
+            return super().forward(x, attn_mask, is_causal)
+        b, n, c = x.shape
+        proj = self.in_proj
+        y = _buffer("in_proj", (b, n, proj.out_features), x.dtype)
+        xn = self.in_norm(x).view(b * n, c)
+        if proj.bias is None:
+            torch.mm(xn, proj.weight.t(), out=y.view(b * n, -1))
+        else:
+            torch.addmm(proj.bias, xn, proj.weight.t(), out=y.view(b * n, -1))
+        x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
+        heads = (b, n, self.num_heads, self.head_dim)
+        q_norm = None if isinstance(self.q_norm, nn.Identity) else self.q_norm
+        k_norm = None if isinstance(self.k_norm, nn.Identity) else self.k_norm
+        x_attn = attention(q.view(heads), k.view(heads), v.view(heads), self.scale, q_norm, k_norm)
+        if isinstance(self.mlp_act, nn.GELU) and self.mlp_act.approximate == "none":
+            out = _buffer("mlp", x_mlp.shape, x.dtype)
+            x_mlp = bias_gelu(x_mlp, self.mlp_bias, out)  # one pass, not an add and a GELU
+        else:
+            x_mlp = self.mlp_act(x_mlp if self.mlp_bias is None else x_mlp + self.mlp_bias)
+        # Both output projections into one product (one bias, no separate sum), and the layer
+        # scale with the residual in one pass.
+        pa, pm = self.attn_out_proj, self.mlp_out_proj
+        y = F.linear(x_attn, pa.weight, _sum(pa.bias, pm.bias)).view(b * n, -1)
+        y = y.addmm_(x_mlp.reshape(b * n, -1), pm.weight.t()).view(b, n, -1)
+        if isinstance(self.ls, LayerScale) and isinstance(self.drop_path, nn.Identity):
+            return torch.addcmul(x, y, self.ls.gamma)
+        return x + self.drop_path(self.ls(y))
 
 
 class ChannelAgnosticViT(VisionTransformer):
@@ -115,7 +210,7 @@ class ChannelAgnosticViT(VisionTransformer):
             init_values=1e-4,
             fc_norm=None,
             class_token=True,
-            block_fn=ParallelScalingBlock,
+            block_fn=ParallelBlock,
             drop_path_rate=drop_path_rate,
         )
         self.max_channels = int(max_channels)

@@ -37,7 +37,7 @@ FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     "family": (
         "Family",
         "Features whose atoms point the same way or that fire on the same cells (average-"
-        f"linkage clustering on 1 - max(cosine, co-activation), cut at {FAMILY_DISTANCE}); -1: "
+        f"linkage clustering on 1 - max(cosine, co-activation), cut at {FAMILY_DISTANCE}); blank: "
         "in no family. "
         "A concept split over several features shows as one family.",
     ),

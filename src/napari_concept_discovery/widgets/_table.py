@@ -14,6 +14,8 @@ from qtpy.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel,
 
 SORT_ROLE = Qt.ItemDataRole.UserRole
 PERCENT = {"frequency"}
+#: Columns where a negative number means "none" (a feature in no family): shown blank.
+NONE_BELOW_ZERO = {"family"}
 
 
 def format_value(column: str, value) -> str:
@@ -22,7 +24,7 @@ def format_value(column: str, value) -> str:
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
     if isinstance(value, int | np.integer):
-        return str(int(value))
+        return "" if column in NONE_BELOW_ZERO and value < 0 else str(int(value))
     if isinstance(value, float | np.floating):
         if column in PERCENT:
             return f"{100 * float(value):.2g}%" if value < 0.1 else f"{100 * float(value):.0f}%"
