@@ -88,6 +88,24 @@ def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def concept_views(codes, truth: pd.DataFrame, columns: Sequence[str], views) -> pd.DataFrame:
+    """Per true concept (as :func:`concept_auroc`), for a dictionary in views (``views``: (M,)
+    each feature's view): ``view``, the view of the best feature, then per view its best
+    feature and AUROC (``best_feature_<view>``, ``auroc_<view>``), side by side."""
+    csr = _csr(codes)
+    views = np.asarray(views).astype(str)
+    names = list(dict.fromkeys(views))
+    best = concept_auroc(csr, truth, columns)
+    out = best[["concept"]].copy()
+    out["view"] = [views[f] if f >= 0 else "" for f in best["best_feature"]]
+    for name in names:
+        cols = np.flatnonzero(views == name)
+        part = concept_auroc(csr[:, cols], truth, columns)
+        out[f"best_feature_{name}"] = [int(cols[f]) if f >= 0 else -1 for f in part["best_feature"]]
+        out[f"auroc_{name}"] = part["auroc"].to_numpy()
+    return out
+
+
 @dataclass
 class TrueConcept:
     """A concept with per-cell ground truth: the cells it is judged on and which are members."""
