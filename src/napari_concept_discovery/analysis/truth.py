@@ -216,8 +216,10 @@ def recovery_table(
     concepts: Sequence[TrueConcept],
     stains: pd.DataFrame | None = None,
     families: np.ndarray | None = None,
+    views: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Per true concept: members, the best single feature, its AUROC and its top stain.
+    """Per true concept: members, the best single feature, its AUROC and its top stain;
+    ``views`` (M,) (a dictionary in views) adds the ``view`` that found that feature.
 
     ``stains`` is a :func:`stain_table` of the dictionary (one row per feature), adding the
     best feature's ``top_stain`` and its ``stain_share``. ``families`` (M,)
@@ -239,6 +241,8 @@ def recovery_table(
             "best_feature": best,
             "auroc": float(auc[best]) if best >= 0 else float("nan"),
         }
+        if views is not None:
+            row["view"] = str(views[best]) if best >= 0 else ""
         if stains is not None and best >= 0:
             top = stains["top_stain"].iloc[best]
             row["top_stain"] = top

@@ -37,7 +37,9 @@ class CombinedDictionary(Dictionary):
     def of(cls, parts, meta: DictionaryMeta | dict | None = None, path=None) -> CombinedDictionary:
         parts = tuple((str(name), part) for name, part in parts)
         if len(parts) < 2:
-            raise DictionaryError(f"a dictionary in views needs two parts or more, got {len(parts)}")
+            raise DictionaryError(
+                f"a dictionary in views needs two parts or more, got {len(parts)}"
+            )
         names = [name for name, _ in parts]
         if len(set(names)) != len(names):
             raise DictionaryError(f"the parts' views must differ, got {names}")

@@ -242,6 +242,20 @@ def _combined_metrics(parts: list[tuple[str, dict]]) -> dict:
     return out
 
 
+def _steps_on(progress: ProgressCallback, part: int, parts: int) -> ProgressCallback:
+    """``progress`` with the training steps of part ``part`` of ``parts`` counted on from the
+    parts before it, so that one bar and one curve cover the whole training."""
+    if progress is None:
+        return None
+
+    def forward(p) -> None:
+        if p.stage == "train":
+            p = p._replace(done=p.done + part * p.total, total=p.total * parts)
+        progress(p)
+
+    return forward
+
+
 def _train_views(store, settings, out, progress, cancel, resume) -> TrainedDictionary:
     """One part per view (:meth:`.TrainSettings.view_settings`), trained one after the other
     with the same seed, each as it would be alone, then written as one file."""
@@ -255,10 +269,16 @@ def _train_views(store, settings, out, progress, cancel, resume) -> TrainedDicti
             "without --resume to start afresh"
         )
     done: list[tuple[str, TrainedDictionary]] = []
-    for view, part_settings in views:
+    for i, (view, part_settings) in enumerate(views):
         part_resume = resume and ckpts[view].is_file()
         trained = _train_on_store(
-            store, part_settings, None, progress, cancel, part_resume, ckpt=ckpts[view]
+            store,
+            part_settings,
+            None,
+            _steps_on(progress, i, len(views)),
+            cancel,
+            part_resume,
+            ckpt=ckpts[view],
         )
         done.append((view, trained))
         if trained.cancelled:
