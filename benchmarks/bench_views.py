@@ -5,15 +5,16 @@ For one plate set per ``--plates`` value (the default generator, seed ``--seed``
 the bundled default model, ICFL dictionaries are trained on the cell tokens with the library's
 defaults (atoms and steps sized to the tokens; whitening on the negative controls) in three
 arms: the whitened view alone (the default before views), the centred view alone, and a
-dictionary in both views (one part per view, each sized by the rule). For every true concept
+dictionary in both views (one part per view, each sized by the rule), and both views with
+the atoms split (8 per view, half the rule's floor of 16). For every true concept
 (``truth.truth_concepts``) the table shows the best single feature's AUROC, and for the
-two-view dictionary the view of that feature; nulls should stay near the control-split floor.
+two-view dictionaries the view of that feature; nulls should stay near the control-split floor.
 The well-level test (``analysis.welltest``) counts features changed by each perturbation.
 
 What it is for: choosing whether both views are the default. Times are from a shared machine
 and are not compared across runs.
 
-Run: python benchmarks/bench_views.py [--plates 2] [--seeds 1 2] [--wells 12] [--size 384]
+Run: python benchmarks/bench_views.py [--plates 2 4] [--seeds 1 2] [--wells 12] [--size 384]
 """
 
 from __future__ import annotations
@@ -30,17 +31,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _report import add_threads, use_threads  # noqa: E402
 from concept_recovery import CONTROLS, plates_for  # noqa: E402
 
-ARMS = (("whitened", "whitened"), ("centred", "centred"), ("both", "whitened,centred"))
+#: (name, views, atoms per view: None sizes them by the rule)
+ARMS = (
+    ("whitened", "whitened", None),
+    ("centred", "centred", None),
+    ("both", "whitened,centred", None),
+    ("both, 8 each", "whitened,centred", 8),
+)
 
 
-def run_arm(store, table, concepts, views: str, seed: int) -> dict:
+def run_arm(store, table, concepts, views: str, atoms: int | None, seed: int) -> dict:
     from napari_concept_discovery.analysis.concepts import feature_auroc
     from napari_concept_discovery.analysis.encode import encode_store
     from napari_concept_discovery.analysis.profiles import concept_profiles
     from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings, train_on_store
 
     settings = TrainSettings(
-        method="icfl", views=views, seed=seed, whiten=WhitenSettings(CONTROLS), checkpoint_every=0
+        method="icfl",
+        views=views,
+        atoms=atoms,
+        seed=seed,
+        whiten=WhitenSettings(CONTROLS),
+        checkpoint_every=0,
     )
     t = time.perf_counter()
     trained = train_on_store(store, settings)
@@ -73,43 +85,43 @@ def run_plates(n_plates: int, seed: int, args, log) -> str:
         f"{n_plates} plates, seed {seed}: {len(table)} cells, store in {time.perf_counter() - t:.0f} s"
     )
     results = {}
-    for name, views in ARMS:
-        results[name] = run_arm(store, table, concepts, views, seed)
+    for name, views, atoms in ARMS:
+        results[name] = run_arm(store, table, concepts, views, atoms, seed)
         log(f"  {name}: {results[name]['seconds']:.0f} s")
     names = list(results)
     lines = [
         f"{n_plates} plates x {args.wells} wells x {args.size} px, seed {seed}: {len(table)} "
         "cells; ICFL, library defaults (atoms and steps sized to the tokens, whitening on "
         f"{CONTROLS}); best single-feature AUROC (both: and the view of that feature)",
-        f"{'concept':22s} {'kind':18s} {'whitened':>9s} {'centred':>9s} {'both':>19s}",
+        f"{'concept':22s} {'kind':18s} "
+        + " ".join(f"{n:>22s}" if n.startswith("both") else f"{n:>9s}" for n in names),
     ]
+
+    def cell(n, value, fmt) -> str:
+        return f"{value:{fmt}}" + (" " * 13 if n.startswith("both") else "")
+
     for c in concepts:
-        w, ce = (results[n]["concepts"][c.name][0] for n in ("whitened", "centred"))
-        b, view = results["both"]["concepts"][c.name]
-        lines.append(f"{c.name:22s} {c.kind:18s} {w:9.3f} {ce:9.3f} {b:9.3f} {view:>9s}")
-    lines.append(
-        f"{'atoms':41s} "
-        + " ".join(f"{results[n]['atoms']:9d}" for n in names[:2])
-        + f" {results['both']['atoms']:9d}"
-    )
-    lines.append(
-        f"{'train + encode seconds (loaded machine)':41s} "
-        + " ".join(f"{results[n]['seconds']:9.0f}" for n in names[:2])
-        + f" {results['both']['seconds']:9.0f}"
-    )
-    for v in results[names[0]]["significant"]:
-        lines.append(
-            f"{'well test: significant, ' + v:41s} "
-            + " ".join(f"{results[n]['significant'][v]:9d}" for n in names[:2])
-            + f" {results['both']['significant'][v]:9d}"
-        )
+        row = f"{c.name:22s} {c.kind:18s} "
+        for n in names:
+            auc, view = results[n]["concepts"][c.name]
+            row += f" {auc:9.3f}" + (f" {view:>12s}" if n.startswith("both") else "")
+        lines.append(row)
+    for label, get, fmt in (
+        ("atoms", lambda r: r["atoms"], "9d"),
+        ("train + encode seconds (loaded machine)", lambda r: r["seconds"], "9.0f"),
+        *(
+            (f"well test: significant, {v}", lambda r, v=v: r["significant"][v], "9d")
+            for v in results[names[0]]["significant"]
+        ),
+    ):
+        lines.append(f"{label:41s} " + " ".join(cell(n, get(results[n]), fmt) for n in names))
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="bench-views-work", help="plates and stores (reused)")
-    ap.add_argument("--plates", type=int, nargs="+", default=[2])
+    ap.add_argument("--plates", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--wells", type=int, default=12)
     ap.add_argument("--size", type=int, default=384)

@@ -10,7 +10,8 @@ whitening settings, metrics). The whitening's parameters are recorded once, in t
 the whitener's own ``params`` are written only when no settings give them (a dictionary built by
 hand), and files that hold both (older ones) still read. Keeping it all in one file means a
 dictionary cannot lose its whitening or its provenance. Writes are atomic, so a reader never
-sees half a file.
+sees half a file. A dictionary in views (:mod:`.combined`) keeps each part's tensors and header
+fields under its view's name, beside the whole's metadata.
 
 The header also holds a checksum of every tensor's bytes, and loading checks it, the shapes
 against the config and that every value is finite, so a damaged file is refused rather than
