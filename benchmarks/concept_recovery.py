@@ -317,6 +317,7 @@ def arm_settings(method: str, by: str | None, seed: int, args):
         batch_size=args.batch_size,
         seed=seed,
         whiten=whiten,
+        views="whitened",  # each arm one view, as named (bench_views.py compares the views)
         checkpoint_every=0,
     )
 
