@@ -9,7 +9,8 @@ MeasureObjectIntensity, MeasureTexture, MeasureGranularity, MeasureObjectSizeSha
 MeasureObjectIntensityDistribution as functions), names the columns as CellProfiler does
 (``Cells_Texture_Contrast_Mito_3_00_256``, ``Nuclei_Intensity_MeanIntensity_DNA``,
 ``Cells_RadialDistribution_FracAtD_RNA_1of4``, ``Cytoplasm_AreaShape_Area``), caches the table
-beside the store (rebuilt, never trusted, when the store's cells or :data:`VERSION` change),
+beside the store (rebuilt, never trusted, when the store's cells, image or label bytes, or
+:data:`VERSION` change),
 and ranks the measurements by their Spearman correlation with each feature's activation over
 cells (:func:`describe_features`). The concept benchmark's handcrafted anchor reads the same
 table (:func:`store_measurements`).
@@ -377,8 +378,9 @@ def _site_quota(store, max_cells: int | None) -> int | None:
 
 
 def _signature(store, quota: int | None) -> str:
-    """What the cached table depends on: the store's cells, sites and plate, the cells
-    measured per site and the version."""
+    """What the cached table depends on: the store's cells, sites and plate, the bytes of
+    its images and labels (the store's data hash, so a site re-imaged or re-segmented into
+    the same cells is measured again), the cells measured per site and the version."""
     table = store.table("cell")
     cols = [c for c in (*KEYS, "area", "centroid_y", "centroid_x") if c in table.columns]
     h = hashlib.sha256()
@@ -387,6 +389,7 @@ def _signature(store, quota: int | None) -> str:
         pd.util.hash_pandas_object(store.sites().astype(str), index=False).to_numpy().tobytes()
     )
     h.update(json.dumps(dict(store.plate_source), sort_keys=True, default=str).encode())
+    h.update(str(store.signature.get("data", "")).encode())
     h.update(f"measurements:{VERSION}:cp-measure:{_cp_measure_version()}:{quota}".encode())
     return h.hexdigest()
 
