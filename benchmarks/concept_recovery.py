@@ -159,21 +159,52 @@ def probe_auroc(x: np.ndarray, rows, member, seed: int) -> float:
     return float(roc_auc_score(member, score))
 
 
-def control_split_floor(scores, table: pd.DataFrame, seed: int) -> float:
-    """Mean over :data:`N_SPLITS` seeded splits of the control wells into two random halves of
-    the best column's AUROC (in the direction it fires) for one half against the other."""
+def control_splits(table: pd.DataFrame, seed: int, one_well: bool = False):
+    """:data:`N_SPLITS` seeded (rows, member) splits of the control cells: two random halves of
+    the control wells (the issue's floor), or with ``one_well`` one random control well
+    against the other control wells of its cell type (how a null perturbation's well is
+    judged against its matched controls)."""
+    control = (table["well_type"] == "negative_control").to_numpy()
+    wells = (table["plate"].astype(str) + "/" + table["well"].astype(str)).to_numpy()
+    types = table["cell_type"].astype(str).to_numpy()
+    names = np.unique(wells[control])
+    if one_well:  # wells whose cell type has other control wells
+        type_of = {w: types[wells == w][0] for w in names}
+        per_type = pd.Series(type_of).value_counts()
+        names = np.array([w for w in names if per_type[type_of[w]] >= 2])
+    if len(names) < 2:
+        return
+    rng = np.random.default_rng([seed, 0xF1002, int(one_well)])
+    for _ in range(N_SPLITS):
+        if one_well:
+            well = rng.choice(names)
+            rows = np.flatnonzero(control & (types == types[wells == well][0]))
+            yield rows, wells[rows] == well
+        else:
+            rows = np.flatnonzero(control)
+            yield rows, np.isin(wells[rows], rng.permutation(names)[: len(names) // 2])
+
+
+def control_split_floor(scores, table: pd.DataFrame, seed: int, one_well: bool = False) -> float:
+    """Mean over the :func:`control_splits` of the best column's AUROC (in the direction it
+    fires) for one part of the control cells against the other."""
     from napari_concept_discovery.analysis.concepts import feature_auroc
 
-    control = np.flatnonzero((table["well_type"] == "negative_control").to_numpy())
-    wells = (table["plate"].astype(str) + "/" + table["well"].astype(str)).to_numpy()[control]
-    names = np.unique(wells)
-    rng = np.random.default_rng([seed, 0xF1002])
+    best = [
+        float(np.nanmax(feature_auroc(scores[rows], member)))
+        for rows, member in control_splits(table, seed, one_well)
+    ]
+    return float(np.mean(best)) if best else float("nan")
+
+
+def measurement_floor(x: np.ndarray, table: pd.DataFrame, seed: int, one_well: bool) -> float:
+    """:func:`control_split_floor` of the best single measurement, in either direction (as the
+    anchor is chosen)."""
     best = []
-    for _ in range(N_SPLITS):
-        half = rng.permutation(names)[: len(names) // 2]
-        member = np.isin(wells, half)
-        best.append(float(np.nanmax(feature_auroc(scores[control], member))))
-    return float(np.mean(best))
+    for rows, member in control_splits(table, seed, one_well):
+        auc = column_auroc(x[rows], member)
+        best.append(float(np.nanmax(np.maximum(auc, 1.0 - auc))))
+    return float(np.mean(best)) if best else float("nan")
 
 
 # --- one arm -----------------------------------------------------------------------------
@@ -210,6 +241,10 @@ def run_arm(store, table, concepts, arm: dict, seed: int) -> dict:
         )
     out["floor feature"] = control_split_floor(codes, table, seed)
     out["floor family"] = control_split_floor(summed, table, seed) if has_fam else np.nan
+    out["floor1 feature"] = control_split_floor(codes, table, seed, one_well=True)
+    out["floor1 family"] = (
+        control_split_floor(summed, table, seed, one_well=True) if has_fam else np.nan
+    )
     out["families"] = int(summed.shape[1])
     out["fvu"] = float(trained.metrics["fvu"])
     out["seconds"] = time.perf_counter() - t
@@ -241,6 +276,8 @@ def run_setting(setting: Setting, args, log) -> dict:
         f"measurements in {t_meas:.0f} s"
     )
     out: dict = {"n_cells": len(table), "concepts": {}, "arms": {}, "n_measurements": len(cols)}
+    out["anchor floor"] = measurement_floor(meas, table, setting.seed, one_well=False)
+    out["anchor floor1"] = measurement_floor(meas, table, setting.seed, one_well=True)
     tokens = None
     if not args.no_probe:
         tokens = np.asarray(store.tokens("cell", store.default_token_form), dtype=np.float32)
@@ -297,13 +334,16 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
         )
         row += f"   {c['measurement']}"
         lines.append(row)
-    pad = 24 + 1 + 26 + 1 + 6 + 1 + (7 if has_probe else 0)
-    lines.append(
-        f"{'control-split floor':{pad}s}"
-        + " ".join(
-            pair(a, res["arms"][a]["floor feature"], res["arms"][a]["floor family"]) for a in arms
+    pad = 24 + 1 + 26 + 1
+    for label, key in (("control-split floor", "floor"), ("one control well floor", "floor1")):
+        lines.append(
+            f"{label:{pad}s}{res[f'anchor {key}']:6.3f} {' ' * 7 if has_probe else ''}"
+            + " ".join(
+                pair(a, res["arms"][a][f"{key} feature"], res["arms"][a][f"{key} family"])
+                for a in arms
+            )
         )
-    )
+    pad += 7 + (7 if has_probe else 0)
     for label, key, fmt in (
         ("atoms", "atoms", "13d"),
         ("families (2+ features)", "families", "13d"),
@@ -312,6 +352,11 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
     ):
         lines.append(f"{label:{pad}s}" + " ".join(f"{res['arms'][a][key]:{fmt}}" for a in arms))
     lines.append("f/fam: best single feature / best feature family (summed code)")
+    lines.append(
+        "control-split floor: two random halves of the control wells (the bar's floor); one "
+        "control well floor: one control well against the other control wells of its cell "
+        "type (as a null well is judged); both the mean of 5 seeded splits"
+    )
 
     bars: list[tuple[str, bool, str]] = []
     for name in names:
