@@ -135,6 +135,7 @@ def analyze_store(
         named=_named_and_described(store, dictionary, codes, table, settings, progress, cancel),
         levels=dictionary.feature_levels(),
         families=dictionary_families(dictionary, codes),
+        views=dictionary.feature_views(),
     )
     return Analysis(codes, table, paths)
 
@@ -158,10 +159,24 @@ def _named_and_described(store, dictionary, codes, table, settings, progress, ca
 
 def dictionary_families(dictionary: Dictionary, codes) -> np.ndarray:
     """(M,) the feature families (:func:`.families.feature_families`) of ``dictionary`` from
-    its atoms and ``codes``, the tokens it was applied to."""
+    its atoms and ``codes``, the tokens it was applied to. A dictionary in views groups
+    within each view only (its parts' atoms live in different spaces); families are numbered
+    on across the views."""
     from .families import feature_families
 
-    return feature_families(dictionary.model.atoms.detach().cpu().numpy(), codes)
+    parts = getattr(dictionary, "parts", None)
+    if not parts:
+        return feature_families(dictionary.model.atoms.detach().cpu().numpy(), codes)
+    csc = sp.csr_matrix(codes).tocsc()
+    out, start = [], 0
+    for _, part in parts:
+        fam = feature_families(
+            part.model.atoms.detach().cpu().numpy(), csc[:, start : start + part.n_atoms]
+        )
+        shift = max((int(f.max()) + 1 for f in out if (f >= 0).any()), default=0)
+        out.append(np.where(fam >= 0, fam + shift, -1))
+        start += part.n_atoms
+    return np.concatenate(out)
 
 
 def named_features(dictionary: Dictionary) -> pd.DataFrame | None:

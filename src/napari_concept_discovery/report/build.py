@@ -41,6 +41,7 @@ from .html import (
     profiles_html,
     quality_html,
     toc_html,
+    views_html,
 )
 
 #: Columns of a token table that are never a metadata label (keys, geometry, counts).
@@ -156,13 +157,25 @@ def _load(dictionary):
     return str(dictionary.meta.extra.get("name", "dictionary")), dictionary
 
 
+def _view_entries(entries):
+    """``entries`` with a dictionary in views given as one entry per view: ``name [view]``,
+    the part and its features, so the comparison shows the views side by side."""
+    for name, d, features in entries:
+        parts = getattr(d, "parts", ())
+        if not parts or "view" not in features.columns:
+            yield name, d, features
+            continue
+        for view, part in parts:
+            yield f"{name} [{view}]", part, features[features["view"].astype(str) == view]
+
+
 def comparison_table(entries, labels: Sequence[str]) -> pd.DataFrame:
     """One row per dictionary: method, size, preparation, quality and selective features.
 
     ``entries`` are (name, dictionary, feature table) triples.
     """
     rows = []
-    for name, d, features in entries:
+    for name, d, features in _view_entries(entries):
         meta = d.meta
         m = meta.metrics
         live = features[features["n_active"] > 0]
@@ -316,7 +329,12 @@ def write_report(
         f"sections describe <b>{html.escape(name)}</b>.</p>"
     )
     parts.append(html_table(comparison_table(entries, labels), "comparison"))
-    parts.append(families_html(family_table(codes, ex.families(), table, labels), shown))
+    parts.append(views_html(features))
+    fams = family_table(codes, ex.families(), table, labels)
+    views = primary.feature_views()
+    if views is not None and not fams.empty:
+        fams.insert(1, "view", [str(views[int(m.split()[0])]) for m in fams["members"]])
+    parts.append(families_html(fams, shown))
     parts.append(quality_html(store, ex, pixels))
     parts.append(profiles_html(profiles, chosen, shown, notes, out))
     parts.append("<h2 id='features'>Features</h2>")

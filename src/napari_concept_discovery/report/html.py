@@ -45,7 +45,46 @@ def describe_whitening(meta: DictionaryMeta) -> str:
     if w is None or not w.controls:
         return "none"
     by = f" per {w.by}" if w.by else ""
+    if meta.views:  # a dictionary in views: each part has the whitening of its view
+        return f"views {' + '.join(meta.views)} (each on {w.controls}{by})"
     return f"{w.mode} on {w.controls}{by}"
+
+
+def views_html(features: pd.DataFrame) -> str:
+    """For a dictionary in views: each label's best feature in every view, side by side, so
+    a reader sees which view found which concept ('' for a dictionary of one view)."""
+    if "view" not in features.columns:
+        return ""
+    names = list(dict.fromkeys(features["view"].astype(str)))
+    parts = [
+        "<h3 id='views'>Views</h3><p class='note'>This dictionary has a part per <b>view</b> "
+        "of the tokens: <i>whitened</i> on the control wells, where what controls vary in is "
+        "scaled away and perturbations stand out, and <i>centred</i> (only the controls' mean "
+        "subtracted), which keeps what controls vary in: cell type, cell cycle. Every feature "
+        "is labelled with the view that found it.</p>"
+    ]
+    if "top_label" not in features.columns:
+        return "".join(parts)
+    live = features[(features["n_active"] > 0) & (features["top_column"].astype(str) != "")]
+    rows = []
+    for (col, value), group in live.groupby(["top_column", "top_label"], sort=True):
+        row = {"label": f"{col} = {value}"}
+        for name in names:
+            mine = group[group["view"].astype(str) == name]
+            if mine.empty:
+                row[f"{name}: feature"], row[f"{name}: selectivity"] = "", np.nan
+                continue
+            best = mine.loc[mine["selectivity_avg"].idxmax()]
+            row[f"{name}: feature"] = int(best["feature"])
+            row[f"{name}: selectivity"] = float(best["selectivity_avg"])
+        rows.append(row)
+    if rows:
+        parts.append(
+            "<p class='note'>Each label's most selective feature in each view (avg "
+            "selectivity; empty: no feature of that view has it as its top label).</p>"
+        )
+        parts.append(html_table(pd.DataFrame(rows), "views"))
+    return "".join(parts)
 
 
 def _chance(prof: ConceptProfiles, n_wells: int) -> str:
@@ -248,7 +287,8 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
         )
         named = feature_name(r)
         named = f" <b>{html.escape(named)}</b>:" if named else ""
-        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{named}{label}</li>")
+        view = f" ({html.escape(str(r['view']))})" if "view" in r.index else ""
+        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{view}{named}{label}</li>")
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#quality'>Segmentation quality</a> · "
@@ -368,6 +408,8 @@ def families_html(families: pd.DataFrame, shown: set[int], n: int = FAMILIES_SHO
     t["members"] = [members(m) for m in t["members"]]
     t.insert(0, "id", [f"<span id='family-{f}'>{f}</span>" for f in t["family"]])
     cols = {"id": "family", "n_members": "features", "members": "members"}
+    if "view" in t.columns:
+        cols = {"id": "family", "view": "view", "n_members": "features", "members": "members"}
     cols["frequency"] = "frequency"
     if "top_column" in t.columns:
         t["label"] = t["top_column"].astype(str) + " = " + t["top_label"].astype(str)
@@ -498,6 +540,9 @@ def feature_html(
     note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
     if note:
         facts.insert(0, f"<b>note</b> {html.escape(note)}")
+    if "view" in row.index:
+        title += f" ({html.escape(str(row['view']))})"
+        facts.append(f"<b>view</b> {html.escape(str(row['view']))}")
     if "level" in row.index:
         facts.append(f"<b>level</b> {int(row['level'])} (in the first {int(row['level'])} atoms)")
     if "family" in row.index and int(row["family"]) >= 0:

@@ -1,0 +1,208 @@
+"""Phenotypic activity (copairs mAP of replicate wells against controls): a clear effect is
+active, a null sits at the random baseline, the robust z and the mAP match hand computations,
+and bad input is refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from napari_concept_discovery.analysis.activity import (
+    MAD_SCALE,
+    phenotypic_activity,
+    robust_z,
+    well_profiles,
+)
+from napari_concept_discovery.errors import DictionaryError
+
+CONTROL = "well_type=negative_control"
+
+
+def _cells(seed=0, d=30, cells=20, effect=2.0, plate_offset=3.0, layout=None):
+    """Two plates of 6 control wells, 4 wells of ``hit`` and 4 of ``null`` (interleaved), per
+    cell d features of well noise + cell noise, plate 2 shifted by ``plate_offset`` in every
+    feature; ``hit`` moves features 0-4 by ``effect`` in every cell, ``null`` changes nothing."""
+    rng = np.random.default_rng(seed)
+    layout = layout or ["control"] * 6 + ["hit", "null"] * 4
+    rows, x = [], []
+    for plate, offset in (("P1", 0.0), ("P2", plate_offset)):
+        for w, pert in enumerate(layout):
+            v = rng.normal(offset, 1.0, (cells, d)) + rng.normal(0, 0.3, d)
+            if pert == "hit":
+                v[:, :5] += effect
+            x.append(v)
+            rows += [
+                {
+                    "plate": plate,
+                    "well": f"W{w:02d}",
+                    "label": c + 1,
+                    "perturbation": pert,
+                    "well_type": "negative_control" if pert == "control" else "treatment",
+                }
+                for c in range(cells)
+            ]
+    return np.vstack(x), pd.DataFrame(rows)
+
+
+def _map_by_hand(z: np.ndarray, wells: pd.DataFrame) -> dict[str, float]:
+    """mAP per value, written out: each treated well ranks the other wells of its value and
+    all control wells by cosine similarity; AP is the mean precision at each positive."""
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    ctrl = wells["is_control"].to_numpy()
+    value = wells["value"].to_numpy()
+    aps: dict[str, list[float]] = {}
+    for i in np.flatnonzero(~ctrl):
+        pos = (value == value[i]) & ~ctrl
+        pos[i] = False
+        cand = np.flatnonzero(pos | ctrl)
+        order = cand[np.argsort(-sim[i, cand], kind="stable")]
+        hits = pos[order]
+        if not hits.any():
+            continue
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.setdefault(value[i], []).append(float(precision[hits].mean()))
+    return {v: float(np.mean(a)) for v, a in aps.items()}
+
+
+def test_a_clear_effect_is_active_and_a_null_is_not():
+    x, table = _cells(seed=0)
+    out = phenotypic_activity(x, table, "perturbation", CONTROL, seed=0)
+    assert list(out["value"]) == ["hit", "null"]
+    assert list(out["n_wells"]) == [8, 8]
+    hit, null = out.iloc[0], out.iloc[1]
+    assert hit["mean_average_precision"] > 0.95
+    assert hit["q_value"] <= 0.01 and hit["active"]
+    assert null["q_value"] > 0.05 and not null["active"]
+    # a random ranking of 7 positives among 7 + 12 wells: copairs' exact expected AP
+    assert 0.3 < hit["random_map"] < 0.5
+    assert hit["random_map"] == pytest.approx(null["random_map"])
+
+
+@pytest.mark.parametrize("n_controls, bias", [(6, 0.1), (16, 0.03)])
+def test_nulls_sit_near_the_random_baseline_over_seeds(n_controls, bias):
+    """Nulls are never active; their mAP is near the random baseline, nearer with more control
+    wells per plate (the treated wells share the control median's error; module docstring)."""
+    maps, baselines, qs = [], [], []
+    layout = ["control"] * n_controls + ["hit", "null"] * 4
+    for seed in range(6):
+        x, table = _cells(seed=seed, effect=0.0, layout=layout)  # "hit" is a null too
+        out = phenotypic_activity(x, table, "perturbation", CONTROL, seed=seed, null_size=2000)
+        maps += list(out["mean_average_precision"])
+        baselines += list(out["random_map"])
+        qs += list(out["q_value"])
+    assert min(qs) > 0.05
+    assert 0 <= np.mean(maps) - np.mean(baselines) < bias
+
+
+def test_map_matches_a_hand_computation_and_the_seed_fixes_p():
+    x, table = _cells(seed=5, effect=0.7)
+    wells, z = well_profiles(x, table, "perturbation", CONTROL)
+    expected = _map_by_hand(z, wells)
+    out = phenotypic_activity(x, table, "perturbation", CONTROL, seed=1)
+    got = dict(zip(out["value"], out["mean_average_precision"], strict=True))
+    assert got == pytest.approx(expected, abs=1e-6)
+    again = phenotypic_activity(x, table, "perturbation", CONTROL, seed=1)
+    pd.testing.assert_frame_equal(out, again)
+    # Benjamini-Hochberg over the two values: the larger p stays, the smaller is at most 2p
+    p, q = out["p_value"].to_numpy(), out["q_value"].to_numpy()
+    assert q[np.argmax(p)] == pytest.approx(p.max())
+    assert q[np.argmin(p)] == pytest.approx(min(2 * p.min(), p.max()))
+
+
+def test_robust_z_against_the_plate_controls_by_hand():
+    wells = pd.DataFrame(
+        {
+            "plate": ["P1"] * 5 + ["P2"] * 3,
+            "value": ["c", "c", "c", "a", "a", "c", "c", "a"],
+            "is_control": [True, True, True, False, False, True, True, False],
+        }
+    )
+    means = np.array(
+        [[1.0, 5.0], [2.0, 5.0], [4.0, 5.0], [10.0, 5.0], [0.0, 5.0], [0, 0], [2, 0], [3, 9]]
+    )
+    z = robust_z(means, wells)
+    # P1, feature 0: controls 1, 2, 4 -> median 2, MAD 1
+    np.testing.assert_allclose(z[:5, 0], (means[:5, 0] - 2.0) / MAD_SCALE)
+    # P1, feature 1 is constant over the plate: 0, not a division by zero
+    np.testing.assert_array_equal(z[:5, 1], 0.0)
+    # P2, feature 1: controls both 0 (MAD 0), so the spread is floored at 0.1 x the plate's
+    # standard deviation of the feature
+    floor = 0.1 * np.std([0.0, 0.0, 9.0])
+    assert z[7, 1] == pytest.approx(9.0 / floor)
+    # P2, feature 0: controls 0 and 2 -> median 1, MAD 1
+    np.testing.assert_allclose(z[5:, 0], (means[5:, 0] - 1.0) / MAD_SCALE)
+
+
+def test_plate_offsets_cancel():
+    """Plate 2 shifted by 50 in every feature: the per-plate z makes its wells comparable, so
+    a well of a plate-2 value still retrieves its plate-1 replicates."""
+    x, table = _cells(seed=3, plate_offset=50.0)
+    out = phenotypic_activity(x, table, "perturbation", CONTROL, seed=0)
+    assert out.set_index("value").loc["hit", "mean_average_precision"] > 0.95
+    assert not out.set_index("value").loc["null", "active"]
+
+
+def test_sparse_codes_and_unmeasured_cells():
+    x, table = _cells(seed=4)
+    dense = phenotypic_activity(np.maximum(x, 0), table, "perturbation", CONTROL)
+    sparse = phenotypic_activity(sp.csr_matrix(np.maximum(x, 0)), table, "perturbation", CONTROL)
+    pd.testing.assert_frame_equal(dense, sparse)
+    # cells without a measurement (NaN rows, as cp-measure's sampled cells leave) are left out
+    # of their well's mean: the same as measuring the other cells only
+    holes = x.copy()
+    missing = np.zeros(len(x), bool)
+    missing[::3] = True
+    holes[missing] = np.nan
+    wells, z = well_profiles(holes, table, "perturbation", CONTROL)
+    wells_kept, z_kept = well_profiles(
+        x[~missing], table[~missing].reset_index(drop=True), "perturbation", CONTROL
+    )
+    pd.testing.assert_frame_equal(wells.drop(columns="n_cells"), wells_kept.drop(columns="n_cells"))
+    np.testing.assert_allclose(z, z_kept)
+    # a feature with no value at all in one well is dropped, not turned into NaN distances
+    holes[table["well"].eq("W07").to_numpy(), 2] = np.nan
+    assert well_profiles(holes, table, "perturbation", CONTROL)[1].shape[1] == x.shape[1] - 1
+
+
+def test_single_well_values_get_no_score():
+    layout = ["control"] * 4 + ["hit", "hit", "lonely"]
+    x, table = _cells(seed=1, layout=layout)
+    table = table[~((table["plate"] == "P2") & (table["perturbation"] == "lonely"))]
+    x = x[table.index.to_numpy()]
+    out = phenotypic_activity(x, table.reset_index(drop=True), "perturbation", CONTROL)
+    lonely = out.set_index("value").loc["lonely"]
+    assert lonely["n_wells"] == 1
+    assert np.isnan(lonely["mean_average_precision"]) and np.isnan(lonely["q_value"])
+    assert not lonely["active"]
+
+
+def test_bad_input_is_refused_by_name():
+    x, table = _cells(seed=0)
+    with pytest.raises(DictionaryError, match="nothing_here"):
+        phenotypic_activity(x, table, "nothing_here", CONTROL)
+    with pytest.raises(DictionaryError, match="well_type=mock"):
+        phenotypic_activity(x, table, "perturbation", "well_type=mock")
+    table["well_id"] = table["plate"] + "_" + table["well"]
+    with pytest.raises(DictionaryError, match="'well_id'.*replicate"):
+        # every well its own value: nothing has a replicate
+        phenotypic_activity(x, table, "well_id", CONTROL)
+    with pytest.raises(DictionaryError, match="rows"):
+        phenotypic_activity(x[:-1], table, "perturbation", CONTROL)
+    with pytest.raises(DictionaryError, match="COLUMN=VALUE"):
+        phenotypic_activity(x, table, "perturbation", "negative_control")
+
+
+def test_plates_without_controls_are_left_out_with_a_warning():
+    from napari_concept_discovery.errors import DataWarning
+
+    x, table = _cells(seed=2)
+    p2 = table["plate"].eq("P2").to_numpy()
+    table.loc[p2 & table["perturbation"].eq("control").to_numpy(), "well_type"] = "empty"
+    with pytest.warns(DataWarning, match=r"\['P2'\]"):
+        out = phenotypic_activity(x, table, "perturbation", CONTROL)
+    # P2's control wells are now an "empty"-typed value of their own; P1's wells only remain
+    assert list(out["value"]) == ["hit", "null"]
+    assert list(out["n_wells"]) == [4, 4]
