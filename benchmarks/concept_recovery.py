@@ -58,8 +58,10 @@ DEFAULT_SETTINGS = ("default:2:1", "default:4:1", "default:2:2", "forms:2:1")
 #: name, what differs from the product's default training
 ARMS = (
     ("default", {}),
-    ("nested", {"atoms": 256, "levels": "16,64,M"}),
-    ("centred", {"mode": "center"}),
+    ("whitened", {"views": "whitened"}),
+    ("centred", {"views": "centred"}),
+    ("nested", {"views": "whitened", "atoms": 256, "levels": "16,64,M"}),
+    ("within type", {"views": "whitened", "within": "cell_type"}),
 )
 N_SPLITS = 5
 NULL_MARGIN = 0.05
@@ -95,22 +97,37 @@ class Setting:
 # --- data --------------------------------------------------------------------------------
 
 
-def plates_for(work: Path, setting: Setting, n_wells: int, size: int) -> Path:
-    """The setting's synthetic plates under ``work``, written again only if a parameter
-    changed (the parameters are stamped beside them)."""
+def write_plates(target: Path, params: dict) -> Path:
+    """Synthetic plates (``write_synthetic_plates(**params)``) at ``target``, written again only
+    if a parameter changed (the parameters are stamped beside them)."""
     from napari_concept_discovery.synth import write_synthetic_plates
 
-    params = dict(
-        n_plates=setting.plates, n_wells=n_wells, n_sites=1, size=size, seed=setting.seed,
-        variant=setting.variant,
-    )  # fmt: skip
-    target = work / setting.folder / "plates"
     stamp = target / "params.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         return target
     write_synthetic_plates(target, workers=1, **params)
     stamp.write_text(json.dumps(params))
     return target
+
+
+def plates_for(
+    work: Path, seed: int, n_plates: int, n_wells: int, size: int, variant: str = "default"
+) -> Path:
+    """Synthetic plates of ``seed`` under ``work`` (``work/seed<seed>/plates``), written again
+    only if a parameter changed."""
+    params = dict(n_plates=n_plates, n_wells=n_wells, n_sites=1, size=size, seed=seed)
+    if variant != "default":
+        params["variant"] = variant
+    return write_plates(Path(work) / f"seed{seed}" / "plates", params)
+
+
+def setting_plates(work: Path, setting: Setting, n_wells: int, size: int) -> Path:
+    """The setting's plates under ``work/<setting.folder>/plates``."""
+    params = dict(
+        n_plates=setting.plates, n_wells=n_wells, n_sites=1, size=size, seed=setting.seed,
+        variant=setting.variant,
+    )  # fmt: skip
+    return write_plates(work / setting.folder / "plates", params)
 
 
 def measurement_matrix(store) -> tuple[np.ndarray, list[str]]:
@@ -207,6 +224,15 @@ def measurement_floor(x: np.ndarray, table: pd.DataFrame, seed: int, one_well: b
     return float(np.mean(best)) if best else float("nan")
 
 
+def activity_map(values, table: pd.DataFrame, seed: int) -> dict[str, float]:
+    """copairs mAP of every perturbation's replicate wells against the control wells
+    (``analysis.activity``), for any per-cell matrix."""
+    from napari_concept_discovery.analysis.activity import phenotypic_activity
+
+    act = phenotypic_activity(values, table, "perturbation", CONTROLS, seed=seed)
+    return dict(zip(act["value"], act["mean_average_precision"].astype(float), strict=True))
+
+
 # --- one arm -----------------------------------------------------------------------------
 
 
@@ -215,8 +241,8 @@ def arm_settings(arm: dict, seed: int):
     tokens), changed only where ``arm`` says."""
     from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings
 
-    whiten = WhitenSettings(CONTROLS, mode=arm.get("mode", "pca"))
-    kw = {k: v for k, v in arm.items() if k in ("atoms", "levels")}
+    whiten = WhitenSettings(CONTROLS, within=arm.get("within"))
+    kw = {k: v for k, v in arm.items() if k in ("atoms", "levels", "views")}
     return TrainSettings(seed=seed, whiten=whiten, checkpoint_every=0, **kw)
 
 
@@ -233,12 +259,21 @@ def run_arm(store, table, concepts, arm: dict, seed: int) -> dict:
     fam = dictionary_families(trained.dictionary, codes)
     summed = summed_codes(codes, fam)
     has_fam = summed.shape[1] > 0
-    out: dict = {"feature": {}, "family": {}, "atoms": trained.dictionary.model.n_atoms}
+    views = trained.dictionary.feature_views()
+    fam_views = None
+    if views is not None and has_fam:  # families are grouped within a view
+        fam_views = [views[np.flatnonzero(fam == f)[0]] for f in range(summed.shape[1])]
+    out: dict = {"feature": {}, "family": {}, "view": {}, "atoms": trained.dictionary.n_atoms}
     for name, c in concepts.items():
-        out["feature"][name] = float(np.nanmax(feature_auroc(codes[c.rows], c.member)))
-        out["family"][name] = (
-            float(np.nanmax(feature_auroc(summed[c.rows], c.member))) if has_fam else np.nan
-        )
+        auc = feature_auroc(codes[c.rows], c.member)
+        best = int(np.nanargmax(auc))
+        out["feature"][name] = float(auc[best])
+        fauc = feature_auroc(summed[c.rows], c.member) if has_fam else np.array([np.nan])
+        out["family"][name] = float(np.nanmax(fauc)) if has_fam else np.nan
+        if views is not None:
+            # the view of whichever scored higher, the best feature or the best family
+            by_family = has_fam and np.nanmax(fauc) > auc[best]
+            out["view"][name] = fam_views[int(np.nanargmax(fauc))] if by_family else views[best]
     out["floor feature"] = control_split_floor(codes, table, seed)
     out["floor family"] = control_split_floor(summed, table, seed) if has_fam else np.nan
     out["floor1 feature"] = control_split_floor(codes, table, seed, one_well=True)
@@ -247,6 +282,7 @@ def run_arm(store, table, concepts, arm: dict, seed: int) -> dict:
     )
     out["families"] = int(summed.shape[1])
     out["fvu"] = float(trained.metrics["fvu"])
+    out["map"] = activity_map(codes, table, seed)
     out["seconds"] = time.perf_counter() - t
     return out
 
@@ -261,7 +297,7 @@ def run_setting(setting: Setting, args, log) -> dict:
 
     work = Path(args.work)
     t0 = time.perf_counter()
-    plates = plates_for(work, setting, args.wells, args.size)
+    plates = setting_plates(work, setting, args.wells, args.size)
     store_path = work / setting.folder / f"store-{args.weights[:12]}.zarr"  # one per model
     store = embed_plate(plates, EmbedSettings(model=args.model, batch_size=8), store_path)
     t_embed = time.perf_counter() - t0
@@ -276,6 +312,9 @@ def run_setting(setting: Setting, args, log) -> dict:
         f"measurements in {t_meas:.0f} s"
     )
     out: dict = {"n_cells": len(table), "concepts": {}, "arms": {}, "n_measurements": len(cols)}
+    tokens_all = store.tokens("cell", store.default_token_form)
+    out["map tokens"] = activity_map(tokens_all, table, setting.seed)
+    out["map measurements"] = activity_map(meas, table, setting.seed)
     out["anchor floor"] = measurement_floor(meas, table, setting.seed, one_well=False)
     out["anchor floor1"] = measurement_floor(meas, table, setting.seed, one_well=True)
     tokens = None
@@ -316,30 +355,31 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
         f"## {setting.name}: {res['n_cells']} cells, {args.wells} wells x {args.size} px per "
         f"plate; anchor: best of {res['n_measurements']} cp-measure measurements"
     ]
-    head = f"{'concept':24s} {'kind':26s} {'anchor':>6s} "
+    head = f"{'concept':22s} {'kind':25s} {'anchor':>6s} "
     head += f"{'probe':>6s} " if has_probe else ""
-    head += " ".join(f"{a + ' f/fam':>13s}" for a in arms) + "   anchor measurement"
+    head += " ".join(f"{a[:7] + ' f/fam':>13s}" for a in arms)
+    head += f" {'view':>8s}   anchor measurement"
     lines.append(head)
     lines.append("-" * len(head))
 
-    def pair(arm: str, key_f: float, key_m: float) -> str:
-        return f"{key_f:6.3f}/{key_m:6.3f}"
+    def pair(f: float, m: float) -> str:
+        return f"{f:6.3f}/{m:6.3f}"
 
     for name in names:
         c = res["concepts"][name]
-        row = f"{name:24s} {c['kind']:26s} {c['anchor']:6.3f} "
+        row = f"{name:22s} {c['kind']:25s} {c['anchor']:6.3f} "
         row += f"{c['probe']:6.3f} " if has_probe else ""
         row += " ".join(
-            pair(a, res["arms"][a]["feature"][name], res["arms"][a]["family"][name]) for a in arms
+            pair(res["arms"][a]["feature"][name], res["arms"][a]["family"][name]) for a in arms
         )
-        row += f"   {c['measurement']}"
+        row += f" {res['arms']['default']['view'].get(name, ''):>8s}   {c['measurement']}"
         lines.append(row)
-    pad = 24 + 1 + 26 + 1
+    pad = 22 + 1 + 25 + 1
     for label, key in (("control-split floor", "floor"), ("one control well floor", "floor1")):
         lines.append(
             f"{label:{pad}s}{res[f'anchor {key}']:6.3f} {' ' * 7 if has_probe else ''}"
             + " ".join(
-                pair(a, res["arms"][a][f"{key} feature"], res["arms"][a][f"{key} family"])
+                pair(res["arms"][a][f"{key} feature"], res["arms"][a][f"{key} family"])
                 for a in arms
             )
         )
@@ -351,20 +391,39 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
         ("seconds (loaded machine)", "seconds", "13.0f"),
     ):
         lines.append(f"{label:{pad}s}" + " ".join(f"{res['arms'][a][key]:{fmt}}" for a in arms))
-    lines.append("f/fam: best single feature / best feature family (summed code)")
+    lines.append(
+        "f/fam: best single feature / best feature family (summed code); view: the view of "
+        "the default dictionary's best feature or family"
+    )
     lines.append(
         "control-split floor: two random halves of the control wells (the bar's floor); one "
         "control well floor: one control well against the other control wells of its cell "
-        "type (as a null well is judged); both the mean of 5 seeded splits"
+        "type (as a null well is judged); both the mean of 5 seeded splits; the anchor's in "
+        "either direction over all measurements"
+    )
+    lines.append("")
+    perts = [n for n in names if "perturbation" in res["concepts"][n]["kind"]]
+    head = f"{'copairs mAP':22s} {'tokens':>8s} {'CP meas':>8s} " + " ".join(
+        f"{a[:8]:>8s}" for a in arms
+    )
+    lines.append(head)
+    lines.append("-" * len(head))
+    for name in perts:
+        row = f"{name:22s} {res['map tokens'][name]:8.3f} {res['map measurements'][name]:8.3f} "
+        row += " ".join(f"{res['arms'][a]['map'][name]:8.3f}" for a in arms)
+        lines.append(row)
+    lines.append(
+        "mAP of each perturbation's replicate wells against the control wells (robust z per "
+        "plate, cosine; analysis.activity) from raw tokens, CellProfiler measurements, codes"
     )
 
     bars: list[tuple[str, bool, str]] = []
     for name in names:
         c = res["concepts"][name]
         if c["kind"] == "null perturbation":
-            for a in ("default", *[x for x in arms if x != "default"]):
+            for a in arms:
                 arm = res["arms"][a]
-                floor = np.nanmax([arm["floor feature"], arm["floor family"]])
+                floor = float(np.nanmax([arm["floor feature"], arm["floor family"]]))
                 got = best_of(res, a, name)
                 bars.append(
                     (
@@ -388,6 +447,13 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
                 f"{got:.3f} ({best_arm}) vs {want:.3f}",
             )
         )
+    for name in perts:
+        if res["concepts"][name]["kind"] == "null perturbation":
+            continue
+        got, raw = res["arms"]["default"]["map"][name], res["map tokens"][name]
+        if not (np.isfinite(got) and np.isfinite(raw)):
+            continue  # one well: no replicate to retrieve
+        bars.append((f"[default] mAP {name} >= tokens' mAP", got >= raw, f"{got:.3f} vs {raw:.3f}"))
     return "\n".join(lines), bars
 
 
