@@ -322,3 +322,16 @@ def test_write_synthetic_plates_writes_the_variant(tmp_path):
     assert {"er_peripheral", "null_a"} <= set(meta.perturbation)
     with pytest.raises(ValueError, match="variant must be one of"):
         write_synthetic_plates(tmp_path / "q", n_plates=1, n_wells=3, size=96, variant="shapes")
+
+
+def test_cli_synth_variant(tmp_path, capsys):
+    from napari_concept_discovery.cli import main
+
+    argv = ["synth", str(tmp_path / "p"), "--plates", "1", "--wells", "12", "--sites", "1"]
+    assert main([*argv, "--size", "96", "--workers", "1", "--variant", "forms"]) == 0
+    meta = pd.read_csv(tmp_path / "p" / "metadata.csv")
+    assert "er_peripheral" in set(meta.perturbation)
+    assert "er_aggregation" not in set(meta.perturbation)
+    with pytest.raises(SystemExit):
+        main([*argv, "--variant", "shapes"])
+    assert "invalid choice: 'shapes'" in capsys.readouterr().err
