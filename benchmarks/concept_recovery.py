@@ -21,10 +21,15 @@ embedded with the bundled default model over the true cell masks and analysed on
 Arms (ICFL, all through the product's ``train_on_store`` and ``encode_store``):
 
 - ``default``: what ``concept-discovery train --whiten well_type=negative_control`` trains:
-  whitened on the pooled controls, atoms and steps sized to the tokens, no levels;
-- ``nested``: 256 atoms with nested levels 16, 64, M (the first atoms reconstruct alone);
-- ``centred``: the default, centred on the controls only (the unwhitened view, where control
-  variation such as cell type and cell cycle is kept).
+  two views (a part whitened on the pooled controls and a part only centred on them, each
+  with atoms and steps sized to the tokens), no levels; the view column names the view of
+  each concept's best feature or family;
+- ``whitened`` and ``centred``: one view alone (``whitened`` was the default before views);
+- ``nested``: the whitened view, 256 atoms, nested levels 16, 64, M;
+- ``within type``: the whitened view with the controls' covariance estimated within cell
+  types (``--whiten-within cell_type``), so the difference between cell types is not taken
+  for control variation and scaled away;
+- ``both, within``: the default's two views with the whitened part as in ``within type``.
 
 Bars, per setting (issue 24), judged on the default dictionary and, in a second line, on the
 best of the arms (what a user who looks at both views finds): every non-null concept has a
@@ -62,6 +67,7 @@ ARMS = (
     ("centred", {"views": "centred"}),
     ("nested", {"views": "whitened", "atoms": 256, "levels": "16,64,M"}),
     ("within type", {"views": "whitened", "within": "cell_type"}),
+    ("both, within", {"within": "cell_type"}),
 )
 N_SPLITS = 5
 NULL_MARGIN = 0.05
