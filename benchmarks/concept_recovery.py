@@ -479,6 +479,27 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
                 f"{got:.3f} ({best_arm}) vs {want:.3f}",
             )
         )
+    lines.append("")
+    lines.append(f"{'bars met per arm':22s} " + " ".join(f"{a[:13]:>13s}" for a in arms))
+    concept_names = [n for n in names if res["concepts"][n]["kind"] != "null perturbation"]
+    nulls = [n for n in names if res["concepts"][n]["kind"] == "null perturbation"]
+    met_c = [
+        sum(best_of(res, a, n) >= need(res["concepts"][n]["anchor"]) for n in concept_names)
+        for a in arms
+    ]
+    met_n = []
+    for a in arms:
+        arm = res["arms"][a]
+        floor = float(np.nanmax([arm["floor feature"], arm["floor family"]]))
+        met_n.append(sum(best_of(res, a, n) <= floor + NULL_MARGIN for n in nulls))
+    lines.append(
+        f"{'concepts >= bar':22s} "
+        + " ".join(f"{f'{m} of {len(concept_names)}':>13s}" for m in met_c)
+    )
+    lines.append(
+        f"{'nulls <= floor + 0.05':22s} "
+        + " ".join(f"{f'{m} of {len(nulls)}':>13s}" for m in met_n)
+    )
     for name in perts:
         if res["concepts"][name]["kind"] == "null perturbation":
             continue
@@ -533,6 +554,8 @@ def main() -> int:
     n_ok = n_all = 0
     for setting in settings:
         res = run_setting(setting, args, log)
+        dump = Path(args.work) / setting.folder / "results.json"
+        dump.write_text(json.dumps(res, indent=1, default=str))
         table, bars = report(setting, res, args)
         print()
         print(table)
