@@ -276,7 +276,7 @@ def run_demo(
         comparison.append(_summary(name, recovered[name], result.metrics["fvu"]))
         trained[name] = result
     crop = _crop_dictionary(
-        store, out, method, n_atoms, sparsity, seed, recovered, comparison, log, progress
+        store, out, method, n_atoms, sparsity, seed, recovered, comparison, log, progress, s.views
     )
     timings["train"] = time.perf_counter() - t
 
@@ -331,7 +331,17 @@ def run_demo(
 
 
 def _crop_dictionary(
-    store, out: Path, method, n_atoms, sparsity, seed, recovered, comparison, log, progress
+    store,
+    out: Path,
+    method,
+    n_atoms,
+    sparsity,
+    seed,
+    recovered,
+    comparison,
+    log,
+    progress,
+    views: str = TrainSettings.views,
 ):
     """One dictionary on the crop tokens (one token per tile, no cells needed), whitened on each
     plate's controls, judged at the well level beside the cell dictionaries.
@@ -367,6 +377,7 @@ def _crop_dictionary(
         batch_size=min(1024, n_crops),
         seed=seed,
         whiten=whiten,
+        views=views,
     )
     with _one_torch_thread():
         result = train_on_store(

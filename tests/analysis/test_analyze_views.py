@@ -13,6 +13,7 @@ from napari_concept_discovery.analysis.analyze import analyze_store
 from napari_concept_discovery.analysis.explore import Explorer
 from napari_concept_discovery.dictionary import AnalyzeSettings, train_on_store
 from napari_concept_discovery.embed.store import ActivationStore
+from napari_concept_discovery.views.feature_card import card_data
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,12 @@ def test_each_concept_names_the_view_of_its_best_feature_and_each_views_best(ana
 
 def test_the_explorer_table_shows_the_view(analysed):
     store, d, paths = analysed
-    table = Explorer(store, d).feature_table(["perturbation"])
+    explorer = Explorer(store, d)
+    table = explorer.feature_table(["perturbation"])
     assert table.columns[:2].tolist() == ["feature", "view"]
     assert table["view"].tolist() == ["whitened"] * 24 + ["centred"] * 24
     written = pd.read_parquet(paths["features"])
     np.testing.assert_array_equal(table["family"], written["family"])
+    # the feature card says it too
+    assert card_data(explorer, 30).title == "Feature 30 (centred view)"
+    assert card_data(explorer, 3, name="x").title == "Feature 3 \u201cx\u201d (whitened view)"

@@ -86,7 +86,8 @@ def run_train(args, con: Console) -> int:
         + (f" in views {' + '.join(views)}" if views else "")
         + (f" nested {describe_levels(levels)}" if levels else "")
         + ", "
-        f"{trained.result.steps_done} steps, FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, "
+        f"{trained.result.steps_done} steps{' per view' if views else ''}, FVU {m['fvu']:.4f}"
+        f"{' (mean of the views)' if views else ''}, cosine {m['mean_cosine']:.4f}, "
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )

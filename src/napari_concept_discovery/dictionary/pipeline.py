@@ -139,7 +139,9 @@ class TrainedDictionary:
 
 
 #: Settings a resumed training may change: they do not change the dictionary's path to a step.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max", "keep_diverged")
+#: ``views`` names the part a checkpoint belongs to, which its whitening (compared) already
+#: fixes; a checkpoint written before views reads it as the default.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max", "keep_diverged", "views")
 
 
 def _resume_state(store, settings: TrainSettings, ckpt: Path):

@@ -18,7 +18,7 @@ from ..settings import Settings, SettingsError, check, option
 from .config import DEFAULT_ATOMS, ICFLConfig, TopKConfig
 from .control import Control, check_control, parse_control
 from .nested import NO_LEVELS, parse_levels
-from .views import ALL_VIEWS, VIEW_MODES, parse_views, view_of_mode
+from .views import VIEW_CHOICES, VIEW_MODES, parse_views, view_of_mode
 from .whiten import MODES, Whitener, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
@@ -222,12 +222,13 @@ class TrainSettings(Settings):
         label="nested levels",
     )
     views: str = option(
-        ",".join(ALL_VIEWS),
-        "views of the tokens to train a part of the dictionary on, comma-separated: whitened "
-        "(the whitening as set, which finds perturbations) and centred (only centred on the "
+        VIEW_CHOICES[0],
+        "views of the tokens the dictionary has a part for: whitened,centred (both), whitened "
+        "(the whitening as set, which finds perturbations) or centred (only centred on the "
         "controls, which keeps what controls vary in: cell type, cell cycle); each feature is "
         "labelled with its view; each part has the atoms the sizing gives (ignored with no "
         "whitening)",
+        choices=VIEW_CHOICES,
         label="views",
     )
     lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")

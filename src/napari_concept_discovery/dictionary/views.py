@@ -24,6 +24,8 @@ VIEW_MODES = {"whitened": "pca", "centred": "center"}
 MODE_VIEWS = {mode: view for view, mode in VIEW_MODES.items()}
 #: Both views, in the order their features are numbered.
 ALL_VIEWS = tuple(VIEW_MODES)
+#: What ``TrainSettings.views`` may say: both (the default), or one of them.
+VIEW_CHOICES = (",".join(ALL_VIEWS), *ALL_VIEWS)
 
 
 def parse_views(text: str | Sequence[str] | None) -> tuple[str, ...]:
