@@ -206,3 +206,59 @@ def test_plates_without_controls_are_left_out_with_a_warning():
     # P2's control wells are now an "empty"-typed value of their own; P1's wells only remain
     assert list(out["value"]) == ["hit", "null"]
     assert list(out["n_wells"]) == [4, 4]
+
+
+@pytest.fixture(scope="module")
+def analysed(tiny_store_path, tmp_path_factory):
+    """The tiny store (each cell type in two treated wells, one per plate; three control
+    wells per plate) analysed with a dictionary whitened on its negative controls."""
+    from helpers import small_train
+    from napari_concept_discovery.analysis.analyze import analyze_store
+    from napari_concept_discovery.dictionary import AnalyzeSettings, train_on_store
+    from napari_concept_discovery.embed.store import ActivationStore
+
+    store = ActivationStore.open(tiny_store_path)
+    root = tmp_path_factory.mktemp("activity")
+    dictionary = train_on_store(store, small_train(), out=root / "d.safetensors").dictionary
+    settings = AnalyzeSettings(labels="cell_type,perturbation", describe=False)
+    with pytest.warns(Warning, match="perturbation.*replicate"):
+        analysis = analyze_store(store, dictionary, settings, root / "analysis")
+    return store, dictionary, analysis, root
+
+
+def test_analyze_writes_the_activity_of_codes_and_tokens(analysed):
+    from napari_concept_discovery.analysis.encode import dictionary_tokens
+    from napari_concept_discovery.analysis.measurements import cache_path
+
+    store, dictionary, analysis, _ = analysed
+    written = pd.read_parquet(analysis.paths["activity"])
+    # perturbation has one well per value (refused with a warning); cell_type is scored
+    assert set(written["column"]) == {"cell_type"}
+    expected = {"codes", "tokens"} | ({"CellProfiler"} if cache_path(store).is_file() else set())
+    assert set(written["features"]) == expected
+    assert set(written["value"]) == {"HEPG2", "HUVEC", "U2OS"}
+    assert (written["n_wells"] == 2).all()
+    control = dictionary.meta.controls
+    for name, values in (
+        ("codes", analysis.codes),
+        ("tokens", dictionary_tokens(store, dictionary, "cell")),
+    ):
+        want = phenotypic_activity(values, analysis.table, "cell_type", control)
+        got = written[written["features"] == name].drop(columns=["features", "column"])
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want, obj=name)
+
+
+def test_the_cli_prints_the_activity(analysed, capsys):
+    from napari_concept_discovery.cli import main
+
+    store, dictionary, analysis, root = analysed
+    args = ["analyze", str(store.path), str(dictionary.path), "--out", str(root / "cli")]
+    assert main([*args, "--labels", "cell_type,perturbation", "--no-describe"]) == 0
+    out = capsys.readouterr().out
+    assert "phenotypic activity" in out and "mean average precision" in out
+    written = pd.read_parquet(analysis.paths["activity"])
+    row = written[(written["features"] == "codes") & (written["value"] == "U2OS")].iloc[0]
+    line = next(x for x in out.splitlines() if "U2OS" in x)
+    assert line.split()[:3] == ["cell_type", "U2OS", "2"]
+    assert f"{row['mean_average_precision']:.2f} (q {row['q_value']:.3f})" in line
+    pd.testing.assert_frame_equal(pd.read_parquet(root / "cli" / "activity.parquet"), written)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -282,4 +283,96 @@ def phenotypic_activity(
     return out[list(RESULT_COLUMNS)]
 
 
-__all__ = ["phenotypic_activity", "well_profiles", "robust_z", "well_means", "well_groups"]
+def activity_table(
+    sources: Mapping[str, object],
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    control: str | tuple[str, str],
+    *,
+    null_size: int = NULL_SIZE,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """:func:`phenotypic_activity` of every label column but the control column, for each
+    per-cell matrix of ``sources`` (name -> matrix, e.g. ``{"codes": ..., "tokens": ...}``),
+    in long form: ``features`` (the source's name), ``column``, then :data:`RESULT_COLUMNS`.
+    A column that cannot be scored (no replicate wells, no controls) is left out with a
+    ``DataWarning`` saying why; empty when none can."""
+    ccol = parse_control(control).column
+    parts, said = [], set()
+    for column in columns:
+        if column == ccol:
+            continue
+        for name, values in sources.items():
+            try:
+                out = phenotypic_activity(
+                    values, table, column, control, null_size=null_size, seed=seed
+                )
+            except DictionaryError as exc:
+                message = f"no phenotypic activity for {name}: {exc}"
+                if str(exc) not in said:
+                    warnings.warn(message, DataWarning, stacklevel=2)
+                said.add(str(exc))
+                continue
+            out.insert(0, "column", column)
+            out.insert(0, "features", name)
+            parts.append(out)
+    if not parts:
+        return pd.DataFrame(columns=["features", "column", *RESULT_COLUMNS])
+    return pd.concat(parts, ignore_index=True)
+
+
+def activity_side_by_side(long: pd.DataFrame) -> pd.DataFrame:
+    """:func:`activity_table`'s rows as one row per (column, value): ``n_wells``, then for each
+    source its mAP and q-value (``codes mAP``, ``codes q``, ...), then the random baseline."""
+    if long.empty:
+        return pd.DataFrame(columns=["column", "value", "wells"])
+    keys = ["column", "value"]
+    out = long.groupby(keys, sort=False)["n_wells"].first().rename("wells").reset_index()
+    for name in long["features"].unique():
+        part = long[long["features"] == name].set_index(keys)
+        index = pd.MultiIndex.from_frame(out[keys])
+        out[f"{name} mAP"] = part["mean_average_precision"].reindex(index).to_numpy()
+        out[f"{name} q"] = part["q_value"].reindex(index).to_numpy()
+    base = long.groupby(keys, sort=False)["random_map"].first()
+    out["random mAP"] = base.reindex(pd.MultiIndex.from_frame(out[keys])).to_numpy()
+    return out
+
+
+#: What mAP means, in one sentence, for the CLI and the report.
+EXPLANATION = (
+    "mAP is copairs' mean average precision: how well each well of a label value finds the other "
+    "wells of that value before the control wells, ranking them by cosine similarity of well "
+    "profiles robust-z-scored on each plate's controls; 1 means every replicate ranks above "
+    "every control, 'random' is what a random ranking gives, and q is the Benjamini-Hochberg "
+    "corrected p-value against random rankings"
+)
+
+
+def format_activity(long: pd.DataFrame, alpha: float = FDR_ALPHA) -> str:
+    """:func:`activity_side_by_side` as plain text: one line per (column, value), each source's
+    mAP with its q-value, ``*`` where q <= ``alpha``."""
+    wide = activity_side_by_side(long)
+    if wide.empty:
+        return "no phenotypic activity: no label column with replicate wells and controls"
+    names = list(dict.fromkeys(long["features"]))
+    shown = wide[["column", "value", "wells"]].copy()
+    for name in names:
+        shown[name] = [
+            "-" if not np.isfinite(m) else f"{m:.2f} (q {q:.3f}){'*' if q <= alpha else ' '}"
+            for m, q in zip(wide[f"{name} mAP"], wide[f"{name} q"], strict=True)
+        ]
+    shown["random"] = ["-" if not np.isfinite(r) else f"{r:.2f}" for r in wide["random mAP"]]
+    return shown.to_string(index=False)
+
+
+__all__ = [
+    "EXPLANATION",
+    "format_activity",
+    "activity_side_by_side",
+    "activity_table",
+    "phenotypic_activity",
+    "robust_z",
+    "well_groups",
+    "well_means",
+    "well_profiles",
+]

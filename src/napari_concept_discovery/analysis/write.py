@@ -264,6 +264,7 @@ def write_analysis(
     named: pd.DataFrame | None = None,
     levels: np.ndarray | None = None,
     families: np.ndarray | None = None,
+    activity: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables, codes.h5ad and
     well_profiles.csv (:func:`well_profiles`, pycytominer's layout; cell tokens only).
@@ -280,6 +281,8 @@ def write_analysis(
     ``families`` (M,) (:func:`.families.feature_families`) adds its ``family`` and writes
     families.parquet (members, best member and summed code scored against the labels and the
     truth), and each concept's best family beside its best feature in concepts.parquet.
+    ``activity`` (:func:`.activity.activity_table`: the copairs mAP of each label value's
+    replicate wells against the controls, per kind of features) is written as activity.parquet.
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -340,6 +343,9 @@ def write_analysis(
                 pd.concat([p.table() for p in profiles], ignore_index=True),
                 tmp / names["profiles"],
             )
+        if activity is not None:
+            names["activity"] = "activity.parquet"
+            atomic_parquet(activity, tmp / names["activity"])
         if {"plate", "well", "label"} <= set(table.columns):  # cells, not patches or crops
             names["well_profiles"] = "well_profiles.csv"
             with atomic_path(tmp / names["well_profiles"]) as t:
