@@ -15,23 +15,28 @@ CellProfiler measurements (:mod:`.measurements`) are compared on one scale:
    does not divide by zero; a feature constant over a plate is 0 there.
 3. copairs' phenotypic-activity setup, cosine similarity of the standardised profiles: each
    non-control well ranks the other wells of its label value (positives) against the control
-   wells (negatives); pairs are taken on every plate alike (within and across plates, which
-   the per-plate standardisation makes comparable), and wells of two different perturbations
-   are never paired. A value's mAP is the mean of its wells' average precision; its p-value
-   comes from copairs' null of random rankings with the same numbers of positives and
-   negatives (``null_size`` draws from ``seed``), and its q-value from Benjamini-Hochberg over
-   the column's values (copairs' ``mean_average_precision``).
+   wells (negatives); wells of two different values are never paired. With more than one
+   plate, both a well's positives and its negatives are taken on the *other* plates only
+   (``across_plates``); with one plate, on that plate. A value's mAP is the mean of its
+   wells' average precision; its p-value comes from copairs' null of random rankings with the
+   same numbers of positives and negatives (``null_size`` draws from ``seed``), and its
+   q-value from Benjamini-Hochberg over the column's values (copairs'
+   ``mean_average_precision``).
 
 ``random_map`` is the mAP a random ranking gives on average (copairs' exact expected AP per
-well, averaged), the baseline an inactive perturbation sits near. Near, not at: the treated
-wells of a plate are all centred on the same control median, so they share its estimation
-error and resemble each other a little more than they resemble the controls. Measured on
-null wells of the generator in tests/analysis/test_activity.py (8 seeds, 16 null wells
-each): mAP above
-the baseline by 0.07 with 4 control wells per plate, 0.06 with 6, 0.01 with 16 and 0.004 with
-32; the q-values of the nulls stayed above 0.1 throughout. Few control wells per plate make
-every perturbation look slightly active; the p-values, read against random rankings, do not
-know this.
+well, averaged), the baseline an inactive perturbation sits at.
+
+Why across plates: the treated wells of a plate are all centred on the same control median,
+so they share its estimation error and resemble each other more than they resemble the
+plate's controls (which pulled the median towards themselves); and wells of one plate share
+its per-feature scales, which widens their similarities. Either one makes a ranking that mixes
+same-plate and other-plate wells unfair. Measured on null wells of the generator in
+tests/analysis/test_activity.py (24 seeds, 16 null wells each, two plates), null mAP minus
+the random baseline: pairs on any plate +0.069 +- 0.008 with 4 control wells per plate and
++0.022 +- 0.006 with 16; positives and negatives both on other plates -0.010 +- 0.011 and
+-0.014 +- 0.008. On one plate the first bias remains (about +0.06 with 4-6 control wells,
++0.01 with 16): few control wells make every value look slightly active there, which the
+p-values, read against random rankings, do not know.
 """
 
 from __future__ import annotations
@@ -192,6 +197,7 @@ def phenotypic_activity(
     null_size: int = NULL_SIZE,
     seed: int = 0,
     alpha: float = FDR_ALPHA,
+    across_plates: bool | None = None,
 ) -> pd.DataFrame:
     """Phenotypic activity of every value of ``label`` against the ``control`` wells.
 
@@ -204,8 +210,14 @@ def phenotypic_activity(
     values) and ``active`` (q <= ``alpha``). A value with a single well has no replicate to
     retrieve: NaN mAP, p and q.
 
+    ``across_plates``: a well's positives and negatives only on other plates than its own
+    (True) or on any plate (False); None (the default) takes True when the wells span more
+    than one plate. Across plates is the unbiased choice (module docstring); a value whose
+    wells are all on one plate then gets NaN.
+
     Raises ``DictionaryError`` naming ``label`` or the control when no control wells exist or
-    no value has two wells; a missing column is named by :func:`.concepts.require_columns`.
+    no value has two wells (on two plates, when across plates); a missing column is named by
+    :func:`.concepts.require_columns`.
     """
     from copairs.map import average_precision, mean_average_precision
     from copairs.map.normalization import expected_ap
@@ -238,20 +250,28 @@ def phenotypic_activity(
     )
     ref = "reference"
     meta = assign_reference_index(meta, meta.index[wells["is_control"].to_numpy()], ref, -1)
+    meta["plate"] = wells["plate"].to_numpy()
+    if across_plates is None:
+        across_plates = wells["plate"].nunique() > 1
+    if across_plates and int(treated.groupby("value")["plate"].nunique().max()) < 2:
+        raise DictionaryError(
+            f"phenotypic activity of {label!r}: no value has replicate wells on two plates "
+            "(replicates are paired across plates only)"
+        )
     out = pd.DataFrame({"value": sorted(n_wells.index)})
     out["n_wells"] = out["value"].map(n_wells).astype(np.int64)
-    replicated = out["n_wells"] >= 2
     ap = average_precision(
         meta,
         z,
         pos_sameby=["group", ref],
-        pos_diffby=[],
+        pos_diffby=["plate"] if across_plates else [],
         neg_sameby=[],
-        neg_diffby=["group", ref],
+        neg_diffby=["group", ref, "plate"] if across_plates else ["group", ref],
         distance="cosine",
         progress_bar=False,
     )
     ap = ap[ap["group"] >= 0]
+    replicated = out["value"].map(codes).isin(set(ap.loc[ap["n_pos_pairs"] > 0, "group"]))
     # copairs caches null distributions on disk (by default in the home folder): keep them in
     # a folder of this call only, so nothing is left behind
     with tempfile.TemporaryDirectory(prefix="copairs-") as cache:
@@ -292,16 +312,14 @@ def activity_table(
     null_size: int = NULL_SIZE,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """:func:`phenotypic_activity` of every label column but the control column, for each
-    per-cell matrix of ``sources`` (name -> matrix, e.g. ``{"codes": ..., "tokens": ...}``),
-    in long form: ``features`` (the source's name), ``column``, then :data:`RESULT_COLUMNS`.
-    A column that cannot be scored (no replicate wells, no controls) is left out with a
-    ``DataWarning`` saying why; empty when none can."""
-    ccol = parse_control(control).column
+    """:func:`phenotypic_activity` of every label column in ``columns`` (the control column
+    too, where given: its other values, such as positive controls, are scored against the
+    controls), for each per-cell matrix of ``sources`` (name -> matrix, e.g.
+    ``{"codes": ..., "tokens": ...}``), in long form: ``features`` (the source's name),
+    ``column``, then :data:`RESULT_COLUMNS`. A column that cannot be scored (no replicate
+    wells, no controls) is left out with a ``DataWarning`` saying why; empty when none can."""
     parts, said = [], set()
     for column in columns:
-        if column == ccol:
-            continue
         for name, values in sources.items():
             try:
                 out = phenotypic_activity(

@@ -167,13 +167,12 @@ def activity_sources(store, dictionary: Dictionary, codes, table: pd.DataFrame) 
 def store_activity(
     store, dictionary: Dictionary, codes, table: pd.DataFrame, labels, controls: str, seed=0
 ) -> pd.DataFrame | None:
-    """:func:`.activity.activity_table` of the label columns (all but the control column) for
-    :func:`activity_sources`; None when no label column can be scored (each one left out is
-    named in a ``DataWarning``)."""
+    """:func:`.activity.activity_table` of the label columns for :func:`activity_sources`;
+    None when no label column can be scored (each one left out is named in a
+    ``DataWarning``)."""
     from .activity import activity_table
 
-    control_column = parse_control(controls).column
-    columns = [c for c in labels if c != control_column]
+    columns = list(labels)
     if not columns or not {"plate", "well"} <= set(table.columns):
         return None
     sources = activity_sources(store, dictionary, codes, table)
