@@ -359,7 +359,8 @@ def activity_side_by_side(long: pd.DataFrame) -> pd.DataFrame:
 #: What mAP means, in one sentence, for the CLI and the report.
 EXPLANATION = (
     "mAP is copairs' mean average precision: how well each well of a label value finds the other "
-    "wells of that value before the control wells, ranking them by cosine similarity of well "
+    "wells of that value before the control wells (those on other plates, where there are "
+    "several), ranking them by cosine similarity of well "
     "profiles robust-z-scored on each plate's controls; 1 means every replicate ranks above "
     "every control, 'random' is what a random ranking gives, and q is the Benjamini-Hochberg "
     "corrected p-value against random rankings"

@@ -618,11 +618,15 @@ def activity_html(activity: pd.DataFrame | None, notes: Sequence[str] = ()) -> s
     wide = activity_side_by_side(activity)
     if {"codes mAP", "tokens mAP"} <= set(wide.columns):
         scored = wide.dropna(subset=["codes mAP", "tokens mAP"])
+        counts = []
         for column, part in scored.groupby("column", sort=False):
             better = int((part["codes mAP"] >= part["tokens mAP"]).sum())
+            noun = "value" if len(part) == 1 else "values"
+            counts.append(f"{better} of {len(part)} {column} {noun}")
+        if counts:
             parts.append(
-                f"<p class='note'>{html.escape(str(column))}: the codes' mAP is at least the raw "
-                f"tokens' for {better} of {len(part)} values.</p>"
+                "<p class='note'>The codes' mAP is at least the raw tokens' for "
+                f"{html.escape(', '.join(counts))}.</p>"
             )
     shown = wide[["column", "value", "wells"]].copy()
     for n in names:
