@@ -291,3 +291,43 @@ def test_the_cli_prints_the_activity(analysed, capsys):
     assert line.split()[:3] == ["cell_type", "U2OS", "2"]
     assert f"{row['mean_average_precision']:.2f} (q {row['q_value']:.3f})" in line
     pd.testing.assert_frame_equal(pd.read_parquet(root / "cli" / "activity.parquet"), written)
+
+
+def test_cellprofiler_measurements_join_when_cached_and_are_never_measured(
+    tiny_store_path, tmp_path
+):
+    """Without a measurements cache beside the store, activity compares codes and tokens and
+    measures nothing; with one, the CellProfiler rows are the measurements' activity."""
+    import shutil
+
+    from helpers import small_train
+    from napari_concept_discovery.analysis import measurements as M
+    from napari_concept_discovery.analysis.analyze import store_activity
+    from napari_concept_discovery.analysis.encode import encode_store
+    from napari_concept_discovery.dictionary import train_on_store
+    from napari_concept_discovery.embed.store import ActivationStore
+
+    shutil.copytree(tiny_store_path, tmp_path / "store")
+    store = ActivationStore.open(tmp_path / "store")
+    dictionary = train_on_store(store, small_train()).dictionary
+    codes, table = encode_store(store, dictionary)
+    control = dictionary.meta.controls
+    with pytest.warns(Warning, match="replicate"):
+        bare = store_activity(
+            store, dictionary, codes, table, ["cell_type", "perturbation"], control
+        )
+    assert set(bare["features"]) == {"codes", "tokens"}
+    assert not M.cache_path(store).exists()  # nothing was measured for it
+    measured = M.store_measurements(store)
+    with pytest.warns(Warning, match="replicate"):
+        full = store_activity(
+            store, dictionary, codes, table, ["cell_type", "perturbation"], control
+        )
+    assert set(full["features"]) == {"codes", "tokens", "CellProfiler"}
+    pd.testing.assert_frame_equal(
+        full[full["features"] != "CellProfiler"].reset_index(drop=True), bare
+    )
+    values = measured.drop(columns=list(M.KEYS)).to_numpy(np.float32)
+    want = phenotypic_activity(values, table, "cell_type", control)
+    got = full[full["features"] == "CellProfiler"].drop(columns=["features", "column"])
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want)
