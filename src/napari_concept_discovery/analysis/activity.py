@@ -15,29 +15,35 @@ CellProfiler measurements (:mod:`.measurements`) are compared on one scale:
    does not divide by zero; a feature constant over a plate is 0 there.
 3. copairs' phenotypic-activity setup, cosine similarity of the standardised profiles: each
    non-control well ranks the other wells of its label value (positives) against the control
-   wells (negatives); pairs are taken on every plate alike (within and across plates, which
-   the per-plate standardisation makes comparable), and wells of two different perturbations
-   are never paired. A value's mAP is the mean of its wells' average precision; its p-value
-   comes from copairs' null of random rankings with the same numbers of positives and
-   negatives (``null_size`` draws from ``seed``), and its q-value from Benjamini-Hochberg over
-   the column's values (copairs' ``mean_average_precision``).
+   wells (negatives); wells of two different values are never paired. With more than one
+   plate, both a well's positives and its negatives are taken on the *other* plates only
+   (``across_plates``); with one plate, on that plate. A value's mAP is the mean of its
+   wells' average precision; its p-value comes from copairs' null of random rankings with the
+   same numbers of positives and negatives (``null_size`` draws from ``seed``), and its
+   q-value from Benjamini-Hochberg over the column's values (copairs'
+   ``mean_average_precision``).
 
 ``random_map`` is the mAP a random ranking gives on average (copairs' exact expected AP per
-well, averaged), the baseline an inactive perturbation sits near. Near, not at: the treated
-wells of a plate are all centred on the same control median, so they share its estimation
-error and resemble each other a little more than they resemble the controls. Measured on
-null wells of the generator in tests/analysis/test_activity.py (8 seeds, 16 null wells
-each): mAP above
-the baseline by 0.07 with 4 control wells per plate, 0.06 with 6, 0.01 with 16 and 0.004 with
-32; the q-values of the nulls stayed above 0.1 throughout. Few control wells per plate make
-every perturbation look slightly active; the p-values, read against random rankings, do not
-know this.
+well, averaged), the baseline an inactive perturbation sits at.
+
+Why across plates: the treated wells of a plate are all centred on the same control median,
+so they share its estimation error and resemble each other more than they resemble the
+plate's controls (which pulled the median towards themselves); and wells of one plate share
+its per-feature scales, which widens their similarities. Either one makes a ranking that mixes
+same-plate and other-plate wells unfair. Measured on null wells of the generator in
+tests/analysis/test_activity.py (24 seeds, 16 null wells each, two plates), null mAP minus
+the random baseline: pairs on any plate +0.069 +- 0.008 with 4 control wells per plate and
++0.022 +- 0.006 with 16; positives and negatives both on other plates -0.010 +- 0.011 and
+-0.014 +- 0.008. On one plate the first bias remains (about +0.06 with 4-6 control wells,
++0.01 with 16): few control wells make every value look slightly active there, which the
+p-values, read against random rankings, do not know.
 """
 
 from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -191,6 +197,7 @@ def phenotypic_activity(
     null_size: int = NULL_SIZE,
     seed: int = 0,
     alpha: float = FDR_ALPHA,
+    across_plates: bool | None = None,
 ) -> pd.DataFrame:
     """Phenotypic activity of every value of ``label`` against the ``control`` wells.
 
@@ -203,8 +210,14 @@ def phenotypic_activity(
     values) and ``active`` (q <= ``alpha``). A value with a single well has no replicate to
     retrieve: NaN mAP, p and q.
 
+    ``across_plates``: a well's positives and negatives only on other plates than its own
+    (True) or on any plate (False); None (the default) takes True when the wells span more
+    than one plate. Across plates is the unbiased choice (module docstring); a value whose
+    wells are all on one plate then gets NaN.
+
     Raises ``DictionaryError`` naming ``label`` or the control when no control wells exist or
-    no value has two wells; a missing column is named by :func:`.concepts.require_columns`.
+    no value has two wells (on two plates, when across plates); a missing column is named by
+    :func:`.concepts.require_columns`.
     """
     from copairs.map import average_precision, mean_average_precision
     from copairs.map.normalization import expected_ap
@@ -237,20 +250,28 @@ def phenotypic_activity(
     )
     ref = "reference"
     meta = assign_reference_index(meta, meta.index[wells["is_control"].to_numpy()], ref, -1)
+    meta["plate"] = wells["plate"].to_numpy()
+    if across_plates is None:
+        across_plates = wells["plate"].nunique() > 1
+    if across_plates and int(treated.groupby("value")["plate"].nunique().max()) < 2:
+        raise DictionaryError(
+            f"phenotypic activity of {label!r}: no value has replicate wells on two plates "
+            "(replicates are paired across plates only)"
+        )
     out = pd.DataFrame({"value": sorted(n_wells.index)})
     out["n_wells"] = out["value"].map(n_wells).astype(np.int64)
-    replicated = out["n_wells"] >= 2
     ap = average_precision(
         meta,
         z,
         pos_sameby=["group", ref],
-        pos_diffby=[],
+        pos_diffby=["plate"] if across_plates else [],
         neg_sameby=[],
-        neg_diffby=["group", ref],
+        neg_diffby=["group", ref, "plate"] if across_plates else ["group", ref],
         distance="cosine",
         progress_bar=False,
     )
     ap = ap[ap["group"] >= 0]
+    replicated = out["value"].map(codes).isin(set(ap.loc[ap["n_pos_pairs"] > 0, "group"]))
     # copairs caches null distributions on disk (by default in the home folder): keep them in
     # a folder of this call only, so nothing is left behind
     with tempfile.TemporaryDirectory(prefix="copairs-") as cache:
@@ -282,4 +303,95 @@ def phenotypic_activity(
     return out[list(RESULT_COLUMNS)]
 
 
-__all__ = ["phenotypic_activity", "well_profiles", "robust_z", "well_means", "well_groups"]
+def activity_table(
+    sources: Mapping[str, object],
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    control: str | tuple[str, str],
+    *,
+    null_size: int = NULL_SIZE,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """:func:`phenotypic_activity` of every label column in ``columns`` (the control column
+    too, where given: its other values, such as positive controls, are scored against the
+    controls), for each per-cell matrix of ``sources`` (name -> matrix, e.g.
+    ``{"codes": ..., "tokens": ...}``), in long form: ``features`` (the source's name),
+    ``column``, then :data:`RESULT_COLUMNS`. A column that cannot be scored (no replicate
+    wells, no controls) is left out with a ``DataWarning`` saying why; empty when none can."""
+    parts, said = [], set()
+    for column in columns:
+        for name, values in sources.items():
+            try:
+                out = phenotypic_activity(
+                    values, table, column, control, null_size=null_size, seed=seed
+                )
+            except DictionaryError as exc:
+                message = f"no phenotypic activity for {name}: {exc}"
+                if str(exc) not in said:
+                    warnings.warn(message, DataWarning, stacklevel=2)
+                said.add(str(exc))
+                continue
+            out.insert(0, "column", column)
+            out.insert(0, "features", name)
+            parts.append(out)
+    if not parts:
+        return pd.DataFrame(columns=["features", "column", *RESULT_COLUMNS])
+    return pd.concat(parts, ignore_index=True)
+
+
+def activity_side_by_side(long: pd.DataFrame) -> pd.DataFrame:
+    """:func:`activity_table`'s rows as one row per (column, value): ``n_wells``, then for each
+    source its mAP and q-value (``codes mAP``, ``codes q``, ...), then the random baseline."""
+    if long.empty:
+        return pd.DataFrame(columns=["column", "value", "wells"])
+    keys = ["column", "value"]
+    out = long.groupby(keys, sort=False)["n_wells"].first().rename("wells").reset_index()
+    for name in long["features"].unique():
+        part = long[long["features"] == name].set_index(keys)
+        index = pd.MultiIndex.from_frame(out[keys])
+        out[f"{name} mAP"] = part["mean_average_precision"].reindex(index).to_numpy()
+        out[f"{name} q"] = part["q_value"].reindex(index).to_numpy()
+    base = long.groupby(keys, sort=False)["random_map"].first()
+    out["random mAP"] = base.reindex(pd.MultiIndex.from_frame(out[keys])).to_numpy()
+    return out
+
+
+#: What mAP means, in one sentence, for the CLI and the report.
+EXPLANATION = (
+    "mAP is copairs' mean average precision: how well each well of a label value finds the other "
+    "wells of that value before the control wells (those on other plates, where there are "
+    "several), ranking them by cosine similarity of well "
+    "profiles robust-z-scored on each plate's controls; 1 means every replicate ranks above "
+    "every control, 'random' is what a random ranking gives, and q is the Benjamini-Hochberg "
+    "corrected p-value against random rankings"
+)
+
+
+def format_activity(long: pd.DataFrame, alpha: float = FDR_ALPHA) -> str:
+    """:func:`activity_side_by_side` as plain text: one line per (column, value), each source's
+    mAP with its q-value, ``*`` where q <= ``alpha``."""
+    wide = activity_side_by_side(long)
+    if wide.empty:
+        return "no phenotypic activity: no label column with replicate wells and controls"
+    names = list(dict.fromkeys(long["features"]))
+    shown = wide[["column", "value", "wells"]].copy()
+    for name in names:
+        shown[name] = [
+            "-" if not np.isfinite(m) else f"{m:.2f} (q {q:.3f}){'*' if q <= alpha else ' '}"
+            for m, q in zip(wide[f"{name} mAP"], wide[f"{name} q"], strict=True)
+        ]
+    shown["random"] = ["-" if not np.isfinite(r) else f"{r:.2f}" for r in wide["random mAP"]]
+    return shown.to_string(index=False)
+
+
+__all__ = [
+    "EXPLANATION",
+    "format_activity",
+    "activity_side_by_side",
+    "activity_table",
+    "phenotypic_activity",
+    "robust_z",
+    "well_groups",
+    "well_means",
+    "well_profiles",
+]

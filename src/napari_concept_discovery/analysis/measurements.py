@@ -626,8 +626,22 @@ def describe_store(store, codes, *, plate=None, progress=None, cancel=None) -> p
     return describe_features(codes, meas)
 
 
+def cached_measurements(store, *, max_cells: int | None = MAX_CELLS) -> pd.DataFrame | None:
+    """The measurements :func:`store_measurements` left beside ``store`` (as ``analyze``'s
+    descriptions and the report leave them), when they still match the store; None otherwise.
+    Never measures: for callers that use measurements only where they cost nothing."""
+    path = cache_path(store)
+    if not hasattr(store, "plate_source") or not path.is_file():
+        return None
+    try:
+        return _read_cached(path, _signature(store, _site_quota(store, max_cells)))
+    except (StoreError, OSError):
+        return None
+
+
 __all__ = [
     "cache_path",
+    "cached_measurements",
     "parse_name",
     "describe_features",
     "describe_store",
