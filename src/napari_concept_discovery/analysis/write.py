@@ -265,6 +265,7 @@ def write_analysis(
     levels: np.ndarray | None = None,
     families: np.ndarray | None = None,
     views: np.ndarray | None = None,
+    activity: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables, codes.h5ad and
     well_profiles.csv (:func:`well_profiles`, pycytominer's layout; cell tokens only).
@@ -284,6 +285,8 @@ def write_analysis(
     ``views`` (M,) (a dictionary in views, :mod:`..dictionary.combined`) adds each feature's
     ``view`` (the feature table, AnnData ``.var``, families, profiles) and, per concept, the
     view of its best feature and the best feature and AUROC of every view side by side.
+    ``activity`` (:func:`.activity.activity_table`: the copairs mAP of each label value's
+    replicate wells against the controls, per kind of features) is written as activity.parquet.
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -352,6 +355,9 @@ def write_analysis(
             if views is not None:
                 long.insert(long.columns.get_loc("feature") + 1, "view", views[long["feature"]])
             atomic_parquet(long, tmp / names["profiles"])
+        if activity is not None:
+            names["activity"] = "activity.parquet"
+            atomic_parquet(activity, tmp / names["activity"])
         if {"plate", "well", "label"} <= set(table.columns):  # cells, not patches or crops
             names["well_profiles"] = "well_profiles.csv"
             with atomic_path(tmp / names["well_profiles"]) as t:

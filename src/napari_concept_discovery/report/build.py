@@ -33,6 +33,7 @@ from ..settings import Settings, check, option
 from .figures import Pixels
 from .html import (
     CSS,
+    activity_html,
     describe_whitening,
     families_html,
     feature_html,
@@ -337,6 +338,7 @@ def write_report(
     parts.append(families_html(fams, shown))
     parts.append(quality_html(store, ex, pixels))
     parts.append(profiles_html(profiles, chosen, shown, notes, out))
+    parts.append(activity_html(*_activity(store, primary, codes, table, labels, controls)))
     parts.append("<h2 id='features'>Features</h2>")
     if pixels.problem:
         parts.append(f"<p class='note'>No cell thumbnails: {html.escape(pixels.problem)}</p>")
@@ -379,6 +381,30 @@ def write_report(
     # the marker first: a file it lists but that is not there yet is never somebody else's
     atomic_write_text(out / REPORT_MARKER, json.dumps({"files": written}))
     return atomic_write_text(out / "index.html", page)
+
+
+def _activity(store, dictionary, codes, table, labels, controls):
+    """The phenotypic activity table of the report's labels (codes, raw tokens and cached
+    CellProfiler measurements; ``analysis.analyze.store_activity``) and notes on what is
+    missing."""
+    from ..analysis.analyze import store_activity
+
+    if not controls:
+        return None, ["No phenotypic activity: it needs control wells (--controls)."]
+    ccol = parse_control(controls).column
+    if ccol not in table.columns:
+        return None, [f"No phenotypic activity: the cell table has no column {ccol!r}."]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        activity = store_activity(store, dictionary, codes, table, labels, controls)
+    notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    if (
+        activity is not None
+        and not activity.empty
+        and "CellProfiler" not in set(activity["features"])
+    ):
+        notes.append("No CellProfiler column: the store has no cached measurements of these cells.")
+    return activity, notes
 
 
 def _cancelled():

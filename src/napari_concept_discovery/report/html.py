@@ -171,6 +171,7 @@ section.feature { background: #fff; border: 1px solid #ddd; border-radius: 6px;
 nav.toc { font-size: 13px; columns: 3; max-width: 1100px; }
 nav.toc a { text-decoration: none; }
 nav.toc li { break-inside: avoid; }
+span.q { color: #777; font-size: 12px; }
 .pill { display: inline-block; background: #fce4ec; color: #880e4f; border-radius: 10px;
         padding: 0 8px; margin-right: 4px; font-size: 12px; }
 """
@@ -293,7 +294,8 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#quality'>Segmentation quality</a> · "
         "<a href='#families'>Feature families</a> · "
-        "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
+        "<a href='#profiles'>Concept profiles</a> · "
+        "<a href='#activity'>Phenotypic activity</a> · <a href='#features'>Features</a> "
         "(most selective first, the best feature of each label before the runners-up; then "
         "the features that perturbations switch on most strongly). A feature is named by the "
         "name you gave it, else by the measurement it follows most closely; features that "
@@ -627,3 +629,60 @@ def feature_html(
         f"</h3><div class='facts'>{' · '.join(facts)}</div>{sentence}"
         f"<div class='figs'>{''.join(figs)}</div></section>"
     )
+
+
+def activity_html(activity: pd.DataFrame | None, notes: Sequence[str] = ()) -> str:
+    """The phenotypic activity section: what mAP means, then one row per label value with the
+    mAP and q-value of each kind of features (:func:`..analysis.activity.activity_table`)."""
+    from ..analysis.activity import EXPLANATION, FDR_ALPHA, activity_side_by_side
+
+    parts = ["<h2 id='activity'>Phenotypic activity (mAP)</h2>"]
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+    if activity is None or activity.empty:
+        if not notes:
+            parts.append(
+                "<p class='note'>No phenotypic activity: no label column has replicate wells "
+                "and control wells.</p>"
+            )
+        return "".join(parts)
+    names = list(dict.fromkeys(activity["features"]))
+    what = {
+        "codes": "the dictionary's codes",
+        "tokens": "the raw cell tokens the dictionary reads (before whitening)",
+        "CellProfiler": "CellProfiler measurements (cp-measure, cached beside the store)",
+    }
+    parts.append(
+        f"<p class='note'>{html.escape(EXPLANATION)}. A well "
+        "profile is the mean over the well's cells; each kind of features is scored the same "
+        f"way. <b>Bold</b>: active (q &le; {FDR_ALPHA:g}). A value needs replicate wells to "
+        "be scored, and with few of them even a perfect mAP has a large q.</p>"
+        "<p class='note'>Compared: "
+        + "; ".join(html.escape(f"{n}: {what.get(n, n)}") for n in names)
+        + ".</p>"
+    )
+    wide = activity_side_by_side(activity)
+    if {"codes mAP", "tokens mAP"} <= set(wide.columns):
+        scored = wide.dropna(subset=["codes mAP", "tokens mAP"])
+        counts = []
+        for column, part in scored.groupby("column", sort=False):
+            better = int((part["codes mAP"] >= part["tokens mAP"]).sum())
+            noun = "value" if len(part) == 1 else "values"
+            counts.append(f"{better} of {len(part)} {column} {noun}")
+        if counts:
+            parts.append(
+                "<p class='note'>The codes' mAP is at least the raw tokens' for "
+                f"{html.escape(', '.join(counts))}.</p>"
+            )
+    shown = wide[["column", "value", "wells"]].copy()
+    for n in names:
+        cells = []
+        for m, q in zip(wide[f"{n} mAP"], wide[f"{n} q"], strict=True):
+            if not np.isfinite(m):
+                cells.append("")
+                continue
+            text = f"{m:.2f} <span class='q'>(q {q:.3f})</span>"
+            cells.append(f"<b>{text}</b>" if q <= FDR_ALPHA else text)
+        shown[f"{n} mAP"] = cells
+    shown["random mAP"] = [f"{r:.2f}" if np.isfinite(r) else "" for r in wide["random mAP"]]
+    raw = [f"{n} mAP" for n in names]
+    return "".join(parts) + html_table(shown, "activity", raw=raw)
