@@ -164,6 +164,7 @@ def train_settings(setting: Setting, seed: int, n_cells: int):
         batch_size=min(1024, n_cells),
         seed=seed,
         whiten=whiten if setting.whiten else None,
+        views="whitened",  # one dictionary in the whitening as set (measured before views)
     )
 
 

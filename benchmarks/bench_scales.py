@@ -80,6 +80,7 @@ def run_arm(store, table, concepts, name, atoms, levels, args) -> dict:
         batch_size=args.batch_size,
         seed=args.seed,
         whiten=WhitenSettings(CONTROLS, by="plate"),
+        views="whitened",  # the whitened view's sizes (bench_views.py compares the views)
         checkpoint_every=0,
     )
     t = time.perf_counter()

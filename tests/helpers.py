@@ -13,8 +13,10 @@ from napari_concept_discovery.embed.store import UNITS, ActivationStore
 
 def small_train(**changes) -> TrainSettings:
     """Training settings that train in seconds on the tiny store: 24 atoms, 4 non-zeros, 20
-    steps, whitened per plate on the negative controls; ``changes`` override any of them."""
+    steps, whitened per plate on the negative controls, one view (whitened; a dictionary in
+    views is asked for with ``views=...``); ``changes`` override any of them."""
     base = dict(
+        views="whitened",
         atoms=24,
         sparsity=4,
         n_pick=2,

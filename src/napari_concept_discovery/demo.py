@@ -49,6 +49,11 @@ class DemoSettings(Settings):
         TrainSettings.levels,
         "nested levels of the dictionary (as train --levels: e.g. 16,M; none: plain)",
     )
+    views: str = option(
+        TrainSettings.views,
+        "views of the tokens the dictionary has a part for (as train --views: whitened, "
+        "centred or both)",
+    )
     sparsity: int = option(8, "non-zeros per token")
     steps: int = option(1000, "training steps")
     seed: int = option(0, "random seed")
@@ -136,6 +141,12 @@ def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
             "each plate's controls, covariance within cell types",
         ),
     }
+
+
+def _views_words(settings: TrainSettings) -> str:
+    """``; views whitened + centred, one part each`` for a dictionary in views, else ''."""
+    views = [v for v, _ in settings.view_settings()]
+    return f"; views {' + '.join(views)}, a part each" if len(views) > 1 else ""
 
 
 def _summary(name: str, recovered: pd.DataFrame, fvu: float, unit: str = "cell") -> dict:
@@ -237,6 +248,7 @@ def run_demo(
             unit="cell",
             atoms=n_atoms,
             levels=levels,
+            views=s.views,
             sparsity=sparsity,
             steps=steps,
             batch_size=min(1024, n_cells),
@@ -248,6 +260,7 @@ def run_demo(
         log(
             f"3/4 {method} dictionary, {atoms} atoms ({why}), nested levels {nested}, "
             f"{sparsity} non-zeros, on {n_cells} cell tokens PCA-whitened on {what}"
+            + _views_words(settings)
         )
         slug = name.replace(" ", "-")
         with _one_torch_thread():
@@ -257,11 +270,13 @@ def run_demo(
         codes, _ = encode_store(store, result.dictionary)
         stains = result.dictionary.stain_table()
         families = dictionary_families(result.dictionary, codes)
-        recovered[name] = recovery_table(codes, concepts, stains, families)
+        recovered[name] = recovery_table(
+            codes, concepts, stains, families, result.dictionary.feature_views()
+        )
         comparison.append(_summary(name, recovered[name], result.metrics["fvu"]))
         trained[name] = result
     crop = _crop_dictionary(
-        store, out, method, n_atoms, sparsity, seed, recovered, comparison, log, progress
+        store, out, method, n_atoms, sparsity, seed, recovered, comparison, log, progress, s.views
     )
     timings["train"] = time.perf_counter() - t
 
@@ -316,7 +331,17 @@ def run_demo(
 
 
 def _crop_dictionary(
-    store, out: Path, method, n_atoms, sparsity, seed, recovered, comparison, log, progress
+    store,
+    out: Path,
+    method,
+    n_atoms,
+    sparsity,
+    seed,
+    recovered,
+    comparison,
+    log,
+    progress,
+    views: str = TrainSettings.views,
 ):
     """One dictionary on the crop tokens (one token per tile, no cells needed), whitened on each
     plate's controls, judged at the well level beside the cell dictionaries.
@@ -352,6 +377,7 @@ def _crop_dictionary(
         batch_size=min(1024, n_crops),
         seed=seed,
         whiten=whiten,
+        views=views,
     )
     with _one_torch_thread():
         result = train_on_store(
@@ -422,6 +448,7 @@ def format_report(result: DemoResult) -> str:
     others = c[~c["kind"].isin(["perturbation", "null perturbation"])]
     stain_cols = [col for col in ("top_stain", "stain_share") if col in c.columns]
     cols = ["concept", "kind", "stains touched", "n_members", "best_feature", "auroc"]
+    cols += ["view"] if "view" in perts.columns else []
     cols += [col for col in ("best_family", "family_auroc") if col in perts.columns]
     found = perts[cols]
     found = found.join(perts[stain_cols]) if stain_cols else found
@@ -441,6 +468,15 @@ def format_report(result: DemoResult) -> str:
         "the best feature family's summed code (a concept split over several features):",
         found.to_string(index=False, float_format=_fmt),
         "",
+        *(
+            [
+                "view: the part of the dictionary that found the feature: whitened (on the",
+                "controls: perturbations stand out) or centred (only centred on the controls:",
+                "what controls vary in, cell type and mitosis, stays):",
+            ]
+            if "view" in c.columns
+            else []
+        ),
         "cell types and mitotic cells (against all other cells):",
         others.drop(columns=["stains touched"], errors="ignore").to_string(
             index=False, float_format=_fmt

@@ -290,3 +290,45 @@ def test_the_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
     pd.DataFrame({"x": [1]}).to_parquet(path)
     with pytest.raises(StoreError, match="not written by concept-discovery"):
         M.store_measurements(store)
+
+
+def test_the_cache_is_measured_again_when_an_image_changes_under_the_same_cells(tmp_path):
+    """A site re-imaged into the same cell labels (same cell table) gives a store with another
+    data hash; its cached measurements must not be trusted."""
+    import imageio.v3 as iio
+    import torch
+
+    from napari_concept_discovery.embed.plate import EmbedSettings, embed_plate
+    from napari_concept_discovery.models.backend import ChannelAgnosticBackend
+    from napari_concept_discovery.models.vit import ChannelAgnosticViT
+    from napari_concept_discovery.synth import write_synthetic_plates
+
+    plates = write_synthetic_plates(
+        tmp_path / "plates", n_plates=1, n_wells=3, n_sites=1, size=128, seed=0, workers=1
+    )
+    torch.manual_seed(0)
+    vit = ChannelAgnosticViT(embed_dim=32, depth=2, num_heads=2, max_channels=6)
+    backend = ChannelAgnosticBackend(vit, model_id="tiny-random", weights_hash="0", default_block=1)
+
+    def embed():
+        return embed_plate(
+            plates, EmbedSettings(precision="fp32"), tmp_path / "s.zarr", backend=backend
+        )
+
+    store = embed()
+    first = M.store_measurements(store, max_cells=None)
+    col = "Cells_Intensity_MeanIntensity_ER"
+    png = sorted((plates / "images").rglob("*_w2.png"))[0]  # ER of the first site
+    iio.imwrite(png, (iio.imread(png) // 2).astype(np.uint8))
+    store = embed()
+    pd.testing.assert_frame_equal(
+        store.table("cell")[list(M.KEYS)], first[list(M.KEYS)], check_dtype=False
+    )
+    again = M.store_measurements(store, max_cells=None)
+    site = png.name.split("_w")[0]  # B02_s1
+    well = site.split("_")[0]
+    mine = (again["well"] == well).to_numpy()
+    assert mine.any() and (~mine).any()
+    ratio = again.loc[mine, col].to_numpy() / first.loc[mine, col].to_numpy()
+    assert np.allclose(ratio, 0.5, atol=0.03)  # measured again on the darker image
+    np.testing.assert_allclose(again.loc[~mine, col], first.loc[~mine, col])

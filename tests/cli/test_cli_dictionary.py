@@ -65,17 +65,25 @@ def test_train_and_analyze_from_the_command_line(
     assert main(args) == 0
     assert "FVU" in capsys.readouterr().out
     d = load_dictionary(dict_path)
-    assert d.model.method == method and d.model.n_atoms == 48
+    # by default a whitened and a centred part of 48 atoms each, in one file
+    assert d.view_names == ("whitened", "centred")
+    assert d.model.method == method and [p.n_atoms for _, p in d.parts] == [48, 48]
     assert d.meta.model_id == "tiny-random" and d.meta.block == 1 and d.meta.unit == "cell"
     assert d.meta.whitening == WhitenSettings(
         "well_type=negative_control", by="plate", mode="pca", shrinkage="auto"
     )
     assert d.meta.tokens == "concat"  # the store keeps channel tokens: the default form
     assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta.steps == 30
-    # the recorded FVU is the one the tokens give, and the dictionary explains something
+    assert d.part("centred").meta.whitening.mode == "center"
+    # each part's recorded FVU is the one the tokens give, and each explains something; the
+    # whole's is their mean
     store = ActivationStore.open(tiny_store_path)
-    fvu = fvu_by_hand(d, store.tokens("cell", d.token_form), store.table("cell"))
-    assert d.meta.metrics["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
+    fvus = []
+    for view, part in d.parts:
+        fvu = fvu_by_hand(part, store.tokens("cell", d.token_form), store.table("cell"))
+        assert d.meta.metrics["views"][view]["fvu"] == pytest.approx(fvu, rel=1e-5) and fvu < 0.8
+        fvus.append(fvu)
+    assert d.meta.metrics["fvu"] == pytest.approx(np.mean(fvus), rel=1e-5)
 
     out = tmp_path / "analysis"
     rc = main(
@@ -95,11 +103,12 @@ def test_train_and_analyze_from_the_command_line(
     )
     assert rc == 0
     feats = pd.read_parquet(out / "features.parquet")
-    assert len(feats) == 48 and {"frequency", "top_label", "selectivity_avg", "top_tokens"} <= set(
+    assert len(feats) == 96 and {"frequency", "top_label", "selectivity_avg", "top_tokens"} <= set(
         feats.columns
     )
+    assert feats["view"].tolist() == ["whitened"] * 48 + ["centred"] * 48
     adata = ad.read_h5ad(out / "codes.h5ad")
-    assert sp.issparse(adata.X) and adata.shape[1] == 48
+    assert sp.issparse(adata.X) and adata.shape[1] == 96
     assert {"plate", "well", "well_type", "mitotic"} <= set(adata.obs.columns)
     long = pd.read_parquet(out / "codes.parquet")
     assert len(long) == adata.X.nnz and long["token"].max() < adata.shape[0]

@@ -21,7 +21,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert result.n_cells > 50
     m = result.metrics
     assert 0.0 <= m["fvu"] < 1.0  # the dictionary explains some of the variance
-    assert m["n_atoms"] == 64
+    assert m["n_atoms"] == 128  # a whitened and a centred part of 64 atoms (the default)
+    assert set(m["views"]) == {"whitened", "centred"}
     # every true concept gets a best feature, an AUROC in [0, 1] and the stain that carries it
     concepts = result.concepts
     assert {"HUVEC", "HEPG2", "U2OS", "mitotic"} <= set(concepts["concept"])
@@ -36,7 +37,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert all(t in names for t in touched.values())
     # codes land in AnnData with the cell table as obs, one row per cell token
     adata = ad.read_h5ad(result.analysis / "codes.h5ad")
-    assert adata.shape == (result.n_cells, 64)
+    assert adata.shape == (result.n_cells, 128)
+    assert adata.var["view"].tolist() == ["whitened"] * 64 + ["centred"] * 64
     assert {"plate", "well", "cell_type", "perturbation", "mitotic"} <= set(adata.obs.columns)
     truth = pd.read_csv(result.plates / "truth.csv")
     assert adata.obs["mitotic"].astype(str).isin(["True", "False"]).all()
@@ -63,12 +65,17 @@ def test_demo_end_to_end_and_rerun(tmp_path):
 
     # nested levels and feature families reach the analysis and the printed report
     assert result.levels == "16/64" and load_dictionary(result.dictionary).levels == [16, 64]
-    assert features["level"].tolist() == [16] * 16 + [64] * 48
+    assert features["level"].tolist() == ([16] * 16 + [64] * 48) * 2  # each view nested
+    # each concept names the view whose feature found it, and the printed report says so
+    assert set(concepts["view"]) <= {"whitened", "centred"}
+    views = features["view"].to_numpy()
+    assert (concepts["view"] == views[concepts["best_feature"]]).all()
     assert result.families is not None and "family" in features.columns
     report = format_report(result)
     assert "FVU" in report and "HUVEC" in report and "stains touched" in report
     assert "nested levels: 16/64" in report and "feature families" in report
     assert "family_auroc" in report
+    assert "view: the part of the dictionary that found the feature" in report
     assert "MB per site" in report
     # the HTML report is written beside the other outputs and its path printed
     assert result.report == result.out / "report" / "index.html" and result.report.is_file()

@@ -179,6 +179,7 @@ def test_analyze_store_writes_what_the_cli_writes(store, trained, small_plates, 
         "families",
         "h5ad",
         "profiles",  # the dictionary is whitened on controls: profiles against them
+        "activity",  # copairs mAP of the treated wells (two plates) against the controls
         "well_profiles",  # pycytominer's layout, cell tokens
     }
     profiles = pd.read_parquet(analysis.paths["profiles"])

@@ -141,8 +141,11 @@ def test_train_whiten_by_cell_type_on_a_store_and_encode_it_again(
     assert main(args) == 0
     d = load_dictionary(out)
     assert len(d.whitener.groups_) == 6 and d.meta.whitening.by == "plate,cell_type"
+    # the default: a whitened and a centred part of 12 atoms each, both per plate and cell type
+    assert d.view_names == ("whitened", "centred")
+    assert [len(p.whitener.groups_) for _, p in d.parts] == [6, 6]
     codes, table = encode_store(store, d)
-    assert codes.shape == (len(table), 12)
+    assert codes.shape == (len(table), 24)
     # a cell type without controls in the store's table is refused by name
     settings = small_train(
         atoms=12,

@@ -538,3 +538,35 @@ def test_a_sentence_where_selectivity_and_profiles_disagree():
     said = disagreement(row, 0, [both], sels)
     assert "profiles also single out" in said and "drug = Y" in said and "= X," not in said
     assert disagreement(row, 0, [], sels) == ""
+
+
+def test_report_shows_the_phenotypic_activity_of_codes_and_tokens(written):
+    """The activity section: what mAP means, and per cell type (two treated wells each) the
+    mAP of the codes and the raw tokens as phenotypic_activity computes them."""
+    from napari_concept_discovery.analysis.activity import phenotypic_activity
+    from napari_concept_discovery.analysis.encode import dictionary_tokens, encode_store
+    from napari_concept_discovery.dictionary.io import load_dictionary
+
+    store, paths, html = written
+    text = html.read_text()
+    assert "<h2 id='activity'>Phenotypic activity (mAP)</h2>" in text
+    assert "href='#activity'" in text  # listed in the contents
+    assert "mean average precision" in text and "random ranking" in text
+    # perturbations have one well each here: the page says why they are missing
+    assert "no value has replicate wells" in text
+    tables = pd.read_html(io.StringIO(text))
+    (table,) = [t for t in tables if "codes mAP" in t.columns]
+    assert list(table.columns[:3]) == ["column", "value", "wells"]
+    assert {"tokens mAP", "random mAP"} <= set(table.columns)
+    assert set(table["column"]) == {"cell_type"}
+    dictionary = load_dictionary(paths[0])
+    codes, cells = encode_store(store, dictionary)
+    control = dictionary.meta.controls
+    for name, values in (
+        ("codes", codes),
+        ("tokens", dictionary_tokens(store, dictionary, "cell")),
+    ):
+        want = phenotypic_activity(values, cells, "cell_type", control).set_index("value")
+        for value, shown in zip(table["value"], table[f"{name} mAP"], strict=True):
+            m = want.loc[value]
+            assert shown == f"{m['mean_average_precision']:.2f} (q {m['q_value']:.3f})"

@@ -217,3 +217,121 @@ def test_cli_synth_round_trip(tmp_path):
     assert site.labels_path is not None and site.read_labels().max() > 0
     truth = pd.read_csv(out / "truth.csv")
     assert set(truth.plate) == {"SYNTH_1"}
+
+
+# --- the "forms" variant ------------------------------------------------------------------
+
+#: sha256 (first 16 hex digits) of image, cells, nuclei and truth of default-generator sites,
+#: taken before the "forms" variant was added: the variant's own random stream must leave the
+#: default generator's output bit-identical.
+DEFAULT_SITE_HASHES = {
+    ("HUVEC", "control"): "f1f672c8bd3d34f2",
+    ("HEPG2", "er_aggregation"): "dea829eccbcf2046",
+    ("U2OS", "golgi_dispersal"): "991957827472d6c4",
+    ("HUVEC", "nucleolar_rna"): "543682984838e244",
+    ("HEPG2", "mito_fragmentation"): "8ed097c6c9a0fdea",
+    ("U2OS", "actin_fibres"): "bfd6be2a9b6dc9f4",
+    ("HEPG2", "nuclear_enlargement"): "a0e908c1241cd263",
+}
+
+
+def _site_hash(site) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (site.image, site.cells, site.nuclei):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(site.truth.to_csv(index=False).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(("cell_type", "perturbation"), list(DEFAULT_SITE_HASHES))
+def test_the_default_generator_is_bit_identical_to_before_the_variant(cell_type, perturbation):
+    site = generate_site(cell_type, perturbation, size=128, seed=3, plate=2, well="C04", site=1)
+    assert _site_hash(site) == DEFAULT_SITE_HASHES[cell_type, perturbation]
+
+
+def test_the_default_plan_is_unchanged_and_the_variant_fills_the_same_slots():
+    from napari_concept_discovery.synth.concepts import FORM_PERTURBATIONS
+
+    before = [
+        ("B02", "er_aggregation"), ("B03", "null_a"), ("B04", "golgi_dispersal"),
+        ("B05", "control"), ("B06", "control"), ("C02", "nuclear_enlargement"),
+        ("C03", "mito_fragmentation"), ("C04", "actin_fibres"), ("C05", "nucleolar_rna"),
+        ("C06", "actin_fibres"), ("D02", "null_b"), ("D03", "control"),
+    ]  # fmt: skip
+    assert [(w.well, w.perturbation) for w in plan_plate(2, 12, seed=3)] == before
+    assert plan_plate(2, 12, seed=3, variant="default") == plan_plate(2, 12, seed=3)
+    slot = {p.name: f.name for p, f in zip(PERTURBATIONS, FORM_PERTURBATIONS, strict=True)}
+    slot["control"] = "control"
+    forms = plan_plate(2, 12, seed=3, variant="forms")
+    assert [(w.well, w.perturbation) for w in forms] == [(w, slot[p]) for w, p in before]
+    with pytest.raises(ValueError, match="variant must be one of default, forms, got 'x'"):
+        plan_plate(1, 6, variant="x")
+
+
+@pytest.mark.parametrize("cell_type", ["HUVEC", "U2OS"])
+def test_the_variant_changes_its_stain_in_another_form_with_graded_penetrance(cell_type):
+    """Each form perturbation changes only its own stain, only in responding cells, in the
+    slot and stain of a default perturbation but with other effects and a lower penetrance;
+    nulls stay null."""
+    from napari_concept_discovery.synth.concepts import FORM_PERTURBATIONS
+
+    kw = dict(size=256, seed=2, plate=1, well="C03", site=1)
+    control = generate_site(cell_type, "control", **kw)
+    seen = 0
+    for pert, default in zip(FORM_PERTURBATIONS, PERTURBATIONS, strict=True):
+        site = generate_site(cell_type, pert, **kw)
+        assert np.array_equal(site.cells, control.cells), pert.name
+        changed = {
+            CHANNELS[c] for c in range(6) if not np.array_equal(site.image[c], control.image[c])
+        }
+        if pert.is_null:
+            assert default.is_null and changed == set()
+            continue
+        assert set(pert.channels) == set(default.channels), pert.name
+        assert pert.penetrance < default.penetrance and set(pert.effects).isdisjoint(
+            default.effects
+        )
+        resp = site.truth.responded.to_numpy()
+        assert changed == (set(pert.channels) if resp.any() else set()), pert.name
+        if not resp.any() or resp.all():
+            continue
+        seen += 1
+        c = CHANNELS.index(pert.channels[0])
+        diff = np.abs(site.image[c].astype(float) - control.image[c].astype(float))
+        labels = site.truth.label.to_numpy()
+        per_cell = np.array([diff[site.cells == lab].mean() for lab in labels])
+        # the noise is shared (same site stream), so a non-responder's pixels barely move
+        assert np.median(per_cell[resp]) > 3 * np.median(per_cell[~resp]) + 0.1, pert.name
+    assert seen >= 4  # most of the six had responders and non-responders on this site
+
+
+def test_write_synthetic_plates_writes_the_variant(tmp_path):
+    from napari_concept_discovery.synth import write_synthetic_plates
+    from napari_concept_discovery.synth.concepts import FORM_PERTURBATIONS
+
+    out = write_synthetic_plates(
+        tmp_path / "p", n_plates=1, n_wells=12, n_sites=1, size=96, seed=1, workers=1,
+        variant="forms",
+    )  # fmt: skip
+    meta = pd.read_csv(out / "metadata.csv")
+    truth = pd.read_csv(out / "truth.csv")
+    names = {p.name for p in FORM_PERTURBATIONS} | {"control"}
+    assert set(meta.perturbation) <= names and set(truth.perturbation) <= names
+    assert {"er_peripheral", "null_a"} <= set(meta.perturbation)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        write_synthetic_plates(tmp_path / "q", n_plates=1, n_wells=3, size=96, variant="shapes")
+
+
+def test_cli_synth_variant(tmp_path, capsys):
+    from napari_concept_discovery.cli import main
+
+    argv = ["synth", str(tmp_path / "p"), "--plates", "1", "--wells", "12", "--sites", "1"]
+    assert main([*argv, "--size", "96", "--workers", "1", "--variant", "forms"]) == 0
+    meta = pd.read_csv(tmp_path / "p" / "metadata.csv")
+    assert "er_peripheral" in set(meta.perturbation)
+    assert "er_aggregation" not in set(meta.perturbation)
+    with pytest.raises(SystemExit):
+        main([*argv, "--variant", "shapes"])
+    assert "invalid choice: 'shapes'" in capsys.readouterr().err

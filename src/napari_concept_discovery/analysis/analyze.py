@@ -18,7 +18,7 @@ from ..dictionary.settings import AnalyzeSettings
 from ..errors import DataWarning, DictionaryError
 from ..progress import Cancel, ProgressCallback
 from .concepts import require_columns
-from .encode import encode_store
+from .encode import dictionary_tokens, encode_store
 from .truth import join_truth, read_truth
 from .write import check_analysis_folder, write_analysis
 
@@ -122,6 +122,11 @@ def analyze_store(
         require_columns(table, [parse_control(controls).column], "concept profiles (controls)")
     elif controls is not None and parse_control(controls).column not in table.columns:
         controls = None
+    named = _named_and_described(store, dictionary, codes, table, settings, progress, cancel)
+    unit = settings.unit or dictionary.unit
+    activity = None
+    if controls and unit == "cell":
+        activity = store_activity(store, dictionary, codes, table, settings.labels, controls)
     paths = write_analysis(
         out,
         codes,
@@ -132,11 +137,48 @@ def analyze_store(
         top_n=settings.top_n,
         controls=controls,
         stains=dictionary.stain_table(),
-        named=_named_and_described(store, dictionary, codes, table, settings, progress, cancel),
+        named=named,
         levels=dictionary.feature_levels(),
         families=dictionary_families(dictionary, codes),
+        views=dictionary.feature_views(),
+        activity=activity,
     )
     return Analysis(codes, table, paths)
+
+
+def activity_sources(store, dictionary: Dictionary, codes, table: pd.DataFrame) -> dict:
+    """The per-cell matrices whose phenotypic activity is compared: the dictionary's ``codes``,
+    the raw cell ``tokens`` in the form the dictionary reads (before whitening), and
+    ``CellProfiler`` measurements where the store's cached table exists
+    (``measurements.cached_measurements``; never measured here) and covers these cells."""
+    from .measurements import KEYS, cached_measurements
+
+    sources = {"codes": codes, "tokens": dictionary_tokens(store, dictionary, "cell")}
+    measured = cached_measurements(store)
+    if measured is not None and len(measured) == len(table):
+        same = all(
+            (measured[k].astype(str).to_numpy() == table[k].astype(str).to_numpy()).all()
+            for k in KEYS
+        )
+        if same:
+            sources["CellProfiler"] = measured.drop(columns=list(KEYS)).to_numpy(np.float32)
+    return sources
+
+
+def store_activity(
+    store, dictionary: Dictionary, codes, table: pd.DataFrame, labels, controls: str, seed=0
+) -> pd.DataFrame | None:
+    """:func:`.activity.activity_table` of the label columns for :func:`activity_sources`;
+    None when no label column can be scored (each one left out is named in a
+    ``DataWarning``)."""
+    from .activity import activity_table
+
+    columns = list(labels)
+    if not columns or not {"plate", "well"} <= set(table.columns):
+        return None
+    sources = activity_sources(store, dictionary, codes, table)
+    activity = activity_table(sources, table, columns, controls, seed=seed)
+    return None if activity.empty else activity
 
 
 def _named_and_described(store, dictionary, codes, table, settings, progress, cancel):
@@ -158,10 +200,24 @@ def _named_and_described(store, dictionary, codes, table, settings, progress, ca
 
 def dictionary_families(dictionary: Dictionary, codes) -> np.ndarray:
     """(M,) the feature families (:func:`.families.feature_families`) of ``dictionary`` from
-    its atoms and ``codes``, the tokens it was applied to."""
+    its atoms and ``codes``, the tokens it was applied to. A dictionary in views groups
+    within each view only (its parts' atoms live in different spaces); families are numbered
+    on across the views."""
     from .families import feature_families
 
-    return feature_families(dictionary.model.atoms.detach().cpu().numpy(), codes)
+    parts = getattr(dictionary, "parts", None)
+    if not parts:
+        return feature_families(dictionary.model.atoms.detach().cpu().numpy(), codes)
+    csc = sp.csr_matrix(codes).tocsc()
+    out, start = [], 0
+    for _, part in parts:
+        fam = feature_families(
+            part.model.atoms.detach().cpu().numpy(), csc[:, start : start + part.n_atoms]
+        )
+        shift = max((int(f.max()) + 1 for f in out if (f >= 0).any()), default=0)
+        out.append(np.where(fam >= 0, fam + shift, -1))
+        start += part.n_atoms
+    return np.concatenate(out)
 
 
 def named_features(dictionary: Dictionary) -> pd.DataFrame | None:

@@ -417,8 +417,8 @@ class Explorer:
 
     def feature_table(self, columns=None, top_n: int = 10) -> pd.DataFrame:
         """``concepts.feature_table`` over the store's cells, with selectivity for ``columns``
-        (those the cell table has), each feature's nested ``level`` (a nested dictionary only)
-        and its ``family`` (:func:`.families.feature_families` on the cells' codes, -1: none)."""
+        (those the cell table has), each feature's ``view`` (a dictionary in views only), its
+        nested ``level`` (a nested dictionary only) and its ``family`` (:func:`.families.feature_families` on the cells' codes, -1: none)."""
         from .concepts import feature_table
 
         codes, table = self.cell_codes()
@@ -427,6 +427,9 @@ class Explorer:
         if self.dictionary.levels is not None:
             out.insert(1, "level", self.dictionary.feature_levels())
         out.insert(2 if "level" in out.columns else 1, "family", self.families())
+        views = self.dictionary.feature_views()
+        if views is not None:
+            out.insert(1, "view", views.astype(str))
         return out
 
     def families(self) -> np.ndarray:

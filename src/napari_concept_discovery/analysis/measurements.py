@@ -9,7 +9,8 @@ MeasureObjectIntensity, MeasureTexture, MeasureGranularity, MeasureObjectSizeSha
 MeasureObjectIntensityDistribution as functions), names the columns as CellProfiler does
 (``Cells_Texture_Contrast_Mito_3_00_256``, ``Nuclei_Intensity_MeanIntensity_DNA``,
 ``Cells_RadialDistribution_FracAtD_RNA_1of4``, ``Cytoplasm_AreaShape_Area``), caches the table
-beside the store (rebuilt, never trusted, when the store's cells or :data:`VERSION` change),
+beside the store (rebuilt, never trusted, when the store's cells, image or label bytes, or
+:data:`VERSION` change),
 and ranks the measurements by their Spearman correlation with each feature's activation over
 cells (:func:`describe_features`). The concept benchmark's handcrafted anchor reads the same
 table (:func:`store_measurements`).
@@ -377,8 +378,9 @@ def _site_quota(store, max_cells: int | None) -> int | None:
 
 
 def _signature(store, quota: int | None) -> str:
-    """What the cached table depends on: the store's cells, sites and plate, the cells
-    measured per site and the version."""
+    """What the cached table depends on: the store's cells, sites and plate, the bytes of
+    its images and labels (the store's data hash, so a site re-imaged or re-segmented into
+    the same cells is measured again), the cells measured per site and the version."""
     table = store.table("cell")
     cols = [c for c in (*KEYS, "area", "centroid_y", "centroid_x") if c in table.columns]
     h = hashlib.sha256()
@@ -387,6 +389,7 @@ def _signature(store, quota: int | None) -> str:
         pd.util.hash_pandas_object(store.sites().astype(str), index=False).to_numpy().tobytes()
     )
     h.update(json.dumps(dict(store.plate_source), sort_keys=True, default=str).encode())
+    h.update(str(store.signature.get("data", "")).encode())
     h.update(f"measurements:{VERSION}:cp-measure:{_cp_measure_version()}:{quota}".encode())
     return h.hexdigest()
 
@@ -623,8 +626,22 @@ def describe_store(store, codes, *, plate=None, progress=None, cancel=None) -> p
     return describe_features(codes, meas)
 
 
+def cached_measurements(store, *, max_cells: int | None = MAX_CELLS) -> pd.DataFrame | None:
+    """The measurements :func:`store_measurements` left beside ``store`` (as ``analyze``'s
+    descriptions and the report leave them), when they still match the store; None otherwise.
+    Never measures: for callers that use measurements only where they cost nothing."""
+    path = cache_path(store)
+    if not hasattr(store, "plate_source") or not path.is_file():
+        return None
+    try:
+        return _read_cached(path, _signature(store, _site_quota(store, max_cells)))
+    except (StoreError, OSError):
+        return None
+
+
 __all__ = [
     "cache_path",
+    "cached_measurements",
     "parse_name",
     "describe_features",
     "describe_store",

@@ -88,6 +88,24 @@ def concept_auroc(codes, truth: pd.DataFrame, columns: Sequence[str]) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def concept_views(codes, truth: pd.DataFrame, columns: Sequence[str], views) -> pd.DataFrame:
+    """Per true concept (as :func:`concept_auroc`), for a dictionary in views (``views``: (M,)
+    each feature's view): ``view``, the view of the best feature, then per view its best
+    feature and AUROC (``best_feature_<view>``, ``auroc_<view>``), side by side."""
+    csr = _csr(codes)
+    views = np.asarray(views).astype(str)
+    names = list(dict.fromkeys(views))
+    best = concept_auroc(csr, truth, columns)
+    out = best[["concept"]].copy()
+    out["view"] = [views[f] if f >= 0 else "" for f in best["best_feature"]]
+    for name in names:
+        cols = np.flatnonzero(views == name)
+        part = concept_auroc(csr[:, cols], truth, columns)
+        out[f"best_feature_{name}"] = [int(cols[f]) if f >= 0 else -1 for f in part["best_feature"]]
+        out[f"auroc_{name}"] = part["auroc"].to_numpy()
+    return out
+
+
 @dataclass
 class TrueConcept:
     """A concept with per-cell ground truth: the cells it is judged on and which are members."""
@@ -198,8 +216,10 @@ def recovery_table(
     concepts: Sequence[TrueConcept],
     stains: pd.DataFrame | None = None,
     families: np.ndarray | None = None,
+    views: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Per true concept: members, the best single feature, its AUROC and its top stain.
+    """Per true concept: members, the best single feature, its AUROC and its top stain;
+    ``views`` (M,) (a dictionary in views) adds the ``view`` that found that feature.
 
     ``stains`` is a :func:`stain_table` of the dictionary (one row per feature), adding the
     best feature's ``top_stain`` and its ``stain_share``. ``families`` (M,)
@@ -221,6 +241,8 @@ def recovery_table(
             "best_feature": best,
             "auroc": float(auc[best]) if best >= 0 else float("nan"),
         }
+        if views is not None:
+            row["view"] = str(views[best]) if best >= 0 else ""
         if stains is not None and best >= 0:
             top = stains["top_stain"].iloc[best]
             row["top_stain"] = top

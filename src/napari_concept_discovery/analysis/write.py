@@ -23,7 +23,7 @@ from ..errors import OutputError
 from .concepts import _csr, feature_table, require_columns, selectivity_report
 from .families import concept_families, family_table
 from .profiles import WELL_KEYS, ConceptProfiles, concept_profiles
-from .truth import concept_auroc
+from .truth import concept_auroc, concept_views
 
 #: Written into every analysis folder; a folder without it (and with other files) is not one.
 ANALYSIS_MARKER = "analysis.json"
@@ -264,6 +264,8 @@ def write_analysis(
     named: pd.DataFrame | None = None,
     levels: np.ndarray | None = None,
     families: np.ndarray | None = None,
+    views: np.ndarray | None = None,
+    activity: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write features.parquet, codes.parquet (long form), selectivity tables, codes.h5ad and
     well_profiles.csv (:func:`well_profiles`, pycytominer's layout; cell tokens only).
@@ -280,6 +282,11 @@ def write_analysis(
     ``families`` (M,) (:func:`.families.feature_families`) adds its ``family`` and writes
     families.parquet (members, best member and summed code scored against the labels and the
     truth), and each concept's best family beside its best feature in concepts.parquet.
+    ``views`` (M,) (a dictionary in views, :mod:`..dictionary.combined`) adds each feature's
+    ``view`` (the feature table, AnnData ``.var``, families, profiles) and, per concept, the
+    view of its best feature and the best feature and AUROC of every view side by side.
+    ``activity`` (:func:`.activity.activity_table`: the copairs mAP of each label value's
+    replicate wells against the controls, per kind of features) is written as activity.parquet.
     """
     out = check_analysis_folder(out_dir)
     csr = _csr(codes)
@@ -300,7 +307,13 @@ def write_analysis(
             features.insert(1, "level", np.asarray(levels, dtype=np.int64))
         if families is not None:
             features.insert(2 if levels is not None else 1, "family", np.asarray(families))
+        if views is not None:
+            views = np.asarray(views).astype(str)
+            features.insert(1, "view", views)
+        if families is not None:
             fams = family_table(csr, families, table, columns, truth_columns)
+            if views is not None:
+                fams.insert(1, "view", [views[int(m.split()[0])] for m in fams["members"]])
             names["families"] = "families.parquet"
             atomic_parquet(fams, tmp / names["families"])
         if named is not None:
@@ -326,6 +339,8 @@ def write_analysis(
                 aurocs = aurocs.merge(
                     concept_families(csr, families, table, truth_columns), on="concept"
                 )
+            if views is not None:
+                aurocs = aurocs.merge(concept_views(csr, table, truth_columns, views), on="concept")
             names["concepts"] = "concepts.parquet"
             atomic_parquet(aurocs, tmp / names["concepts"])
         profiles = []
@@ -336,10 +351,13 @@ def write_analysis(
             ]
         if profiles:
             names["profiles"] = "profiles.parquet"
-            atomic_parquet(
-                pd.concat([p.table() for p in profiles], ignore_index=True),
-                tmp / names["profiles"],
-            )
+            long = pd.concat([p.table() for p in profiles], ignore_index=True)
+            if views is not None:
+                long.insert(long.columns.get_loc("feature") + 1, "view", views[long["feature"]])
+            atomic_parquet(long, tmp / names["profiles"])
+        if activity is not None:
+            names["activity"] = "activity.parquet"
+            atomic_parquet(activity, tmp / names["activity"])
         if {"plate", "well", "label"} <= set(table.columns):  # cells, not patches or crops
             names["well_profiles"] = "well_profiles.csv"
             with atomic_path(tmp / names["well_profiles"]) as t:

@@ -26,8 +26,10 @@ def add_analyze(sub) -> None:
             "concept-discovery analyze store.zarr dict.safetensors --labels "
             "cell_type,perturbation --truth-file plates/truth.csv --truth mitotic --out analysis/",
         ],
-        note="Writes features.parquet, selectivity, concept profiles and codes.h5ad (AnnData) "
-        "into --out; `concept-discovery report` draws them.",
+        note="Writes features.parquet, selectivity, concept profiles, phenotypic activity "
+        "(activity.parquet: copairs mAP of replicate wells against the controls for the codes, "
+        "the raw tokens and cached CellProfiler measurements) and codes.h5ad (AnnData) into "
+        "--out; `concept-discovery report` draws them.",
     )
     p.add_argument("store", help="activation store folder")
     p.add_argument(
@@ -90,6 +92,13 @@ def run_analyze(args, con: Console) -> int:
         f"encoded {codes.shape[0]} tokens with {codes.shape[1]} features (L0 {l0:.1f}); wrote "
         f"{', '.join(p.name for p in analysis.paths.values())} to {args.out}"
     )
+    if "activity" in analysis.paths:
+        import pandas as pd
+
+        from ..analysis.activity import EXPLANATION, FDR_ALPHA, format_activity
+
+        con.say(f"phenotypic activity per label value. {EXPLANATION}; * marks q <= {FDR_ALPHA}:")
+        con.say(format_activity(pd.read_parquet(analysis.paths["activity"])))
     con.result(
         out=Path(args.out).resolve(),
         files={k: Path(v).resolve() for k, v in analysis.paths.items()},

@@ -47,6 +47,7 @@ def run_demo(args, con: Console) -> int:
         method=args.method,
         atoms=args.atoms,
         levels=args.levels,
+        views=args.views,
         sparsity=args.sparsity,
         steps=args.steps,
     )

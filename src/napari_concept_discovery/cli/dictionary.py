@@ -80,17 +80,27 @@ def run_train(args, con: Console) -> int:
     m = trained.metrics
     dropped = trained.dictionary.meta.nonfinite_dropped
     levels = trained.dictionary.levels
+    views = trained.dictionary.view_names
     con.say(
         f"wrote {trained.path}: {settings.method}, M={trained.dictionary.n_atoms}"
+        + (f" in views {' + '.join(views)}" if views else "")
         + (f" nested {describe_levels(levels)}" if levels else "")
         + ", "
-        f"{trained.result.steps_done} steps, FVU {m['fvu']:.4f}, cosine {m['mean_cosine']:.4f}, "
+        f"{trained.result.steps_done} steps{' per view' if views else ''}, FVU {m['fvu']:.4f}"
+        f"{' (mean of the views)' if views else ''}, cosine {m['mean_cosine']:.4f}, "
         f"L0 {m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}"
         + (f"; left out {dropped} non-finite tokens" if dropped else "")
     )
+    for view, vm in (m.get("views") or {}).items():  # a dictionary in views: each part's
+        con.say(
+            f"  view {view}: FVU {vm['fvu']:.4f}, cosine {vm['mean_cosine']:.4f}, "
+            f"L0 {vm['l0']:.1f}, dead {vm['n_dead']}/{vm['n_atoms']}"
+        )
     if settings.atoms is None:  # sized to the tokens
         n_tokens = trained.dictionary.meta.n_tokens or 0
-        con.say(f"{trained.dictionary.n_atoms} atoms: {settings.atoms_for(n_tokens)[1]}")
+        per = " per view" if views else ""
+        atoms = trained.dictionary.meta.train.atoms
+        con.say(f"{atoms} atoms{per}: {settings.atoms_for(n_tokens)[1]}")
     chosen = trained.dictionary.meta.steps_chosen
     if chosen:  # "196 steps: 50 passes over 4000 tokens ..." (or that --steps chose)
         con.say(chosen)
@@ -98,8 +108,9 @@ def run_train(args, con: Console) -> int:
         dictionary=Path(trained.path).resolve(),
         method=settings.method,
         unit=settings.unit,
-        atoms=trained.dictionary.model.n_atoms,
+        atoms=trained.dictionary.n_atoms,
         levels=levels,
+        views=list(views) or None,
         steps=trained.result.steps_done,
         train_seconds=round(trained.result.seconds, 3),
         whitened=whiten is not None,

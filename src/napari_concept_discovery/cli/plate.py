@@ -59,6 +59,7 @@ def run_synth(args, con: Console) -> int:
             n_sites=args.sites,
             size=args.size,
             seed=args.seed,
+            variant=args.variant,
             workers=args.workers,
             progress=bar.update,
         )

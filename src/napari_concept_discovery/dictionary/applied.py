@@ -125,6 +125,15 @@ class Dictionary:
         return feature_levels(self.levels, self.n_atoms)
 
     @property
+    def view_names(self) -> tuple[str, ...]:
+        """The views of a dictionary in parts (:mod:`.combined`); () for one of one view."""
+        return ()
+
+    def feature_views(self) -> np.ndarray | None:
+        """(M,) the view that found each feature (a dictionary in parts), else None."""
+        return None
+
+    @property
     def input_width(self) -> int:
         """Width of the raw activations this dictionary takes (before whitening)."""
         return self.whitener.n_features_in_ if self.whitener is not None else self.model.d_in

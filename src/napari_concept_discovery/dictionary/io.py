@@ -10,7 +10,8 @@ whitening settings, metrics). The whitening's parameters are recorded once, in t
 the whitener's own ``params`` are written only when no settings give them (a dictionary built by
 hand), and files that hold both (older ones) still read. Keeping it all in one file means a
 dictionary cannot lose its whitening or its provenance. Writes are atomic, so a reader never
-sees half a file.
+sees half a file. A dictionary in views (:mod:`.combined`) keeps each part's tensors and header
+fields under its view's name, beside the whole's metadata.
 
 The header also holds a checksum of every tensor's bytes, and loading checks it, the shapes
 against the config and that every value is finite, so a damaged file is refused rather than
@@ -32,6 +33,7 @@ from .._files import atomic_write_bytes
 from ..errors import DictionaryError
 from .applied import Dictionary
 from .base import SparseDictionary
+from .combined import CombinedDictionary
 from .meta import DictionaryMeta
 from .registry import build_model
 from .whiten import Whitener
@@ -40,7 +42,14 @@ FORMAT = "napari-concept-discovery/dictionary"
 # 2: the metadata is a DictionaryMeta with the whitening written once (inside the training
 # settings); format 1 files (three whitening copies) still load. Code that reads only format 1
 # refuses a format 2 file by name instead of failing on the missing whitener params.
-FORMAT_VERSION = 2
+# 3: a dictionary may come in views (:mod:`.combined`): ``views`` in the header names the
+# parts, each part's header is ``view.<name>`` (JSON) and its tensors are ``<name>/<tensor>``;
+# a file of one view is laid out as format 2. A reader of format 2 refuses a format 3 file by
+# name, so a dictionary in views is never read as its first part alone.
+FORMAT_VERSION = 3
+#: The header key of a dictionary's views, and the prefix of each part's header.
+VIEWS_KEY = "views"
+VIEW_PREFIX = "view."
 
 
 def _jsonable(obj):
@@ -72,7 +81,28 @@ def checkpoint_path(out: str | Path) -> Path:
     return out.with_name(f"{stem}.ckpt.safetensors")
 
 
+def _views_header_and_tensors(dictionary: CombinedDictionary) -> tuple[dict, dict]:
+    """The header and tensors of a dictionary in views: each part's own under its name."""
+    header = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        VIEWS_KEY: json.dumps(list(dictionary.view_names)),
+        "meta": json.dumps(_jsonable(dictionary.meta.to_dict()), sort_keys=True),
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for name, part in dictionary.parts:
+        part_header, part_tensors = _header_and_tensors(part, None, None)
+        del part_header["format"], part_header["format_version"]
+        header[VIEW_PREFIX + name] = json.dumps(part_header, sort_keys=True)
+        tensors.update({f"{name}/{k}": v for k, v in part_tensors.items()})
+    return header, tensors
+
+
 def _header_and_tensors(model, whitener, meta) -> tuple[dict, dict]:
+    if isinstance(model, CombinedDictionary):
+        if whitener is not None or meta is not None:
+            raise DictionaryError("pass either a Dictionary or a model with its whitener and meta")
+        return _views_header_and_tensors(model)
     if isinstance(model, Dictionary):
         if whitener is not None or meta is not None:
             raise DictionaryError("pass either a Dictionary or a model with its whitener and meta")
@@ -245,6 +275,19 @@ def _read(path: str | Path, checkpoint: bool) -> tuple[Dictionary, dict, dict]:
             raise _damaged(path, f"tensor {name!r} holds {bad} non-finite values (NaN or Inf)")
     state = {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
     try:
+        state_meta = json.loads(header["checkpoint"]) if "checkpoint" in header else {}
+        if VIEWS_KEY in header:
+            return _build_views(path, header, tensors), state, state_meta
+    except DictionaryError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise _damaged(path, f"{type(exc).__name__}: {exc}") from exc
+    return _build(path, header, tensors), state, state_meta
+
+
+def _build(path: Path, header: dict, tensors: dict) -> Dictionary:
+    """The dictionary of one view from its header fields and tensors."""
+    try:
         model = build_model(header["method"], int(header["d_in"]), json.loads(header["config"]))
         try:
             meta = DictionaryMeta.from_dict(json.loads(header["meta"]))
@@ -262,13 +305,34 @@ def _read(path: str | Path, checkpoint: bool) -> tuple[Dictionary, dict, dict]:
             whitener = Whitener.from_state(wstate, arrays)
         _check_shapes(path, model, tensors, whitener)
         model.load_tensors(tensors)
-        state_meta = json.loads(header["checkpoint"]) if "checkpoint" in header else {}
     except DictionaryError:
         raise
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise _damaged(path, f"{type(exc).__name__}: {exc}") from exc
     model.eval()
-    return Dictionary(model, whitener, meta, path=path), state, state_meta
+    return Dictionary(model, whitener, meta, path=path)
+
+
+def _build_views(path: Path, header: dict, tensors: dict) -> CombinedDictionary:
+    """A dictionary in views: every part read as a dictionary of its own, then put together."""
+    names = json.loads(header[VIEWS_KEY])
+    parts = []
+    for name in names:
+        key = VIEW_PREFIX + str(name)
+        if key not in header:
+            raise _damaged(path, f"the header of its view {name!r} is missing")
+        prefix = f"{name}/"
+        own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            part = _build(path, json.loads(header[key]), own)
+        except DictionaryError as exc:
+            raise DictionaryError(f"{exc} (its view {name!r})") from None
+        parts.append((str(name), part))
+    try:
+        meta = DictionaryMeta.from_dict(json.loads(header["meta"]))
+    except DictionaryError as exc:
+        raise _damaged(path, str(exc)) from None
+    return CombinedDictionary.of(parts, meta, path=path)
 
 
 def load_dictionary(path: str | Path) -> Dictionary:

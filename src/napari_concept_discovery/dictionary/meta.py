@@ -66,12 +66,15 @@ class DictionaryMeta:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     #: True in a training checkpoint's copy
     checkpoint: bool = False
+    #: the views of a dictionary in parts (:mod:`.combined`), in feature order; () for one view
+    views: tuple[str, ...] = ()
     #: keys this version does not know, as read (top level; the training settings' under
     #: ``"train_settings"``), written back unchanged
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_names", tuple(str(c) for c in self.channel_names))
+        object.__setattr__(self, "views", tuple(str(v) for v in self.views or ()))
         if isinstance(self.train, dict):
             object.__setattr__(self, "train", TrainSettings.from_dict(self.train))
 
@@ -103,6 +106,8 @@ class DictionaryMeta:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         if not self.checkpoint:
             del out["checkpoint"]
+        if not self.views:
+            del out["views"]
         out["metrics"] = dict(self.metrics)
         extra = dict(self.extra)
         extra_train = extra.pop(EXTRA_TRAIN_KEY, None) or {}

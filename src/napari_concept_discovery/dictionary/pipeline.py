@@ -12,7 +12,7 @@ the demo and the widgets pass settings objects (:mod:`.settings`) and get the sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +139,9 @@ class TrainedDictionary:
 
 
 #: Settings a resumed training may change: they do not change the dictionary's path to a step.
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max", "keep_diverged")
+#: ``views`` names the part a checkpoint belongs to, which its whitening (compared) already
+#: fixes; a checkpoint written before views reads it as the default.
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "eval_max", "keep_diverged", "views")
 
 
 def _resume_state(store, settings: TrainSettings, ckpt: Path):
@@ -205,16 +207,121 @@ def train_on_store(
         out = check_dictionary_out(out, overwrite)
     elif resume:
         raise DictionaryError("resume needs the output path whose checkpoint to go on from")
+    parts = settings.view_settings()
+    if len(parts) == 1:  # one view: a plain dictionary of that whitening
+        settings = parts[0][1]
+    train_views = _train_views if len(parts) > 1 else _train_on_store
     if out is None:
-        return _train_on_store(store, settings, None, progress, cancel, resume)
+        return train_views(store, settings, None, progress, cancel, resume)
     # the lock embed takes on its store: a second training to the same file is refused
     with write_lock(out, what="dictionary file", error=OutputError):
-        return _train_on_store(store, settings, out, progress, cancel, resume)
+        return train_views(store, settings, out, progress, cancel, resume)
 
 
-def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDictionary:
+def view_checkpoint_path(out: str | Path, view: str) -> Path:
+    """Where the checkpoints of one view's part of a training into ``out`` go:
+    ``<stem>.<view>.ckpt.safetensors`` beside it."""
+    out = Path(out)
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    return checkpoint_path(out.with_name(f"{stem}.{view}.safetensors"))
+
+
+def _combined_metrics(parts: list[tuple[str, dict]]) -> dict:
+    """The whole's metrics: atoms, dead features and non-zeros per token summed over the parts,
+    FVU and cosine their mean (each in its own view's space), and each part's under ``views``."""
+    if any(not m for _, m in parts):
+        return {}
+    out: dict = {}
+    for key in ("n_atoms", "n_dead", "l0"):
+        if all(key in m for _, m in parts):
+            out[key] = sum(m[key] for _, m in parts)
+    for key in ("fvu", "mean_cosine"):
+        if all(key in m for _, m in parts):
+            out[key] = float(np.mean([m[key] for _, m in parts]))
+    if "n_dead" in out and out.get("n_atoms"):
+        out["dead_fraction"] = out["n_dead"] / out["n_atoms"]
+    out["views"] = {name: dict(m) for name, m in parts}
+    return out
+
+
+def _steps_on(progress: ProgressCallback, part: int, parts: int) -> ProgressCallback:
+    """``progress`` with the training steps of part ``part`` of ``parts`` counted on from the
+    parts before it, so that one bar and one curve cover the whole training."""
+    if progress is None:
+        return None
+
+    def forward(p) -> None:
+        if p.stage == "train":
+            p = p._replace(done=p.done + part * p.total, total=p.total * parts)
+        progress(p)
+
+    return forward
+
+
+def _train_views(store, settings, out, progress, cancel, resume) -> TrainedDictionary:
+    """One part per view (:meth:`.TrainSettings.view_settings`), trained one after the other
+    with the same seed, each as it would be alone, then written as one file."""
+    from .combined import CombinedDictionary
+
+    views = settings.view_settings()
+    ckpts = {v: view_checkpoint_path(out, v) if out is not None else None for v, _ in views}
+    if resume and not any(c.is_file() for c in ckpts.values()):
+        raise DictionaryError(
+            f"no checkpoint at {', '.join(map(str, ckpts.values()))} to resume from; train "
+            "without --resume to start afresh"
+        )
+    done: list[tuple[str, TrainedDictionary]] = []
+    for i, (view, part_settings) in enumerate(views):
+        part_resume = resume and ckpts[view].is_file()
+        trained = _train_on_store(
+            store,
+            part_settings,
+            None,
+            _steps_on(progress, i, len(views)),
+            cancel,
+            part_resume,
+            ckpt=ckpts[view],
+        )
+        done.append((view, trained))
+        if trained.cancelled:
+            break
+    first = done[0][1]
+    cancelled = any(t.cancelled for _, t in done) or len(done) < len(views)
+    parts = [(view, t.dictionary) for view, t in done]
+    metrics = _combined_metrics([(view, t.metrics) for view, t in done])
+    part_meta = first.dictionary.meta
+    meta = part_meta.replace(
+        train=settings.replace(
+            tokens=part_meta.train.tokens, atoms=part_meta.train.atoms, steps=part_meta.train.steps
+        ),
+        views=tuple(v for v, _ in done),
+        cancelled=cancelled,
+        metrics=metrics,
+    )
+    seconds = sum(t.result.seconds for _, t in done)
+    result = replace(done[-1][1].result, seconds=seconds)
+    if len(parts) < 2:
+        kept = ckpts[views[0][0]] if out is not None else None
+        return TrainedDictionary(first.dictionary, result, {}, None, True, kept)
+    dictionary = CombinedDictionary.of(parts, meta)
+    path = None
+    if out is not None and not cancelled:
+        path = save_dictionary(out, dictionary)
+        dictionary.path = path
+        for ckpt in ckpts.values():
+            ckpt.unlink(missing_ok=True)
+    kept = next((c for c in ckpts.values() if c is not None and c.is_file()), None)
+    return TrainedDictionary(dictionary, result, metrics, path, cancelled, kept)
+
+
+def _train_on_store(
+    store, settings, out, progress, cancel, resume, ckpt: Path | None = None
+) -> TrainedDictionary:
+    """Train one dictionary; checkpoints go to ``ckpt`` (default: beside ``out``), the
+    dictionary itself to ``out`` once finished."""
     unit = settings.unit
-    ckpt = checkpoint_path(out) if out is not None else None
+    if out is not None:
+        ckpt = checkpoint_path(out)
     form = token_form(store, settings.tokens)
     settings = settings.replace(tokens=form)
     tokens = store.tokens(unit, form)
@@ -285,7 +392,7 @@ def _train_on_store(store, settings, out, progress, cancel, resume) -> TrainedDi
             groups=groups,
             progress=progress,
             cancel=cancel,
-            on_checkpoint=None if out is None else checkpoint,
+            on_checkpoint=None if ckpt is None else checkpoint,
             checkpoint_every=settings.checkpoint_every,
             resume=state,
         )

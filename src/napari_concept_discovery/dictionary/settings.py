@@ -18,6 +18,7 @@ from ..settings import Settings, SettingsError, check, option
 from .config import DEFAULT_ATOMS, ICFLConfig, TopKConfig
 from .control import Control, check_control, parse_control
 from .nested import NO_LEVELS, parse_levels
+from .views import VIEW_CHOICES, VIEW_MODES, parse_views, view_of_mode
 from .whiten import MODES, Whitener, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
@@ -220,6 +221,16 @@ class TrainSettings(Settings):
         "atoms carry broad concepts; sizes of M or more are dropped; none: a plain dictionary",
         label="nested levels",
     )
+    views: str = option(
+        VIEW_CHOICES[0],
+        "views of the tokens the dictionary has a part for: whitened,centred (both), whitened "
+        "(the whitening as set, which finds perturbations) or centred (only centred on the "
+        "controls, which keeps what controls vary in: cell type, cell cycle); each feature is "
+        "labelled with its view; each part has the atoms the sizing gives (ignored with no "
+        "whitening)",
+        choices=VIEW_CHOICES,
+        label="views",
+    )
     lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")
     steps: int | None = option(
         None,
@@ -276,10 +287,33 @@ class TrainSettings(Settings):
             "whiten",
             f"must be WhitenSettings or None, got {type(self.whiten).__name__}",
         )
+        try:
+            parse_views(self.views)
+        except DictionaryError as exc:
+            raise SettingsError(str(exc)) from None
         if self.atoms is not None:
             self.method_config()
         else:  # checked now at the most atoms the tokens may give, again once they are sized
             self.replace(atoms=FIRST_ATOMS_RANGE[1])
+
+    def view_settings(self) -> list[tuple[str, TrainSettings]]:
+        """One (view, settings) per part of the dictionary these settings train.
+
+        Without whitening there is one part, the tokens as stored (``[]``: a plain dictionary).
+        Each view is the whitening with its mode (:data:`.views.VIEW_MODES`); views that come
+        to the same whitening (``centred`` beside a whitening that only centres) are one.
+        With one part left the dictionary is a plain one of that whitening.
+        """
+        if self.whiten is None:
+            return []
+        parts: dict[str, TrainSettings] = {}
+        for view in parse_views(self.views):
+            mode = self.whiten.mode if view == "whitened" else VIEW_MODES[view]
+            name = view_of_mode(mode)
+            if name not in parts:
+                whiten = self.whiten.replace(mode=mode)
+                parts[name] = self.replace(whiten=whiten, views=name)
+        return list(parts.items())
 
     def atoms_for(self, n_tokens: int) -> tuple[int, str]:
         """(atoms, why): ``atoms`` when given, else :func:`first_atoms` for ``n_tokens``."""

@@ -33,6 +33,7 @@ from ..settings import Settings, check, option
 from .figures import Pixels
 from .html import (
     CSS,
+    activity_html,
     describe_whitening,
     families_html,
     feature_html,
@@ -41,6 +42,7 @@ from .html import (
     profiles_html,
     quality_html,
     toc_html,
+    views_html,
 )
 
 #: Columns of a token table that are never a metadata label (keys, geometry, counts).
@@ -156,13 +158,25 @@ def _load(dictionary):
     return str(dictionary.meta.extra.get("name", "dictionary")), dictionary
 
 
+def _view_entries(entries):
+    """``entries`` with a dictionary in views given as one entry per view: ``name [view]``,
+    the part and its features, so the comparison shows the views side by side."""
+    for name, d, features in entries:
+        parts = getattr(d, "parts", ())
+        if not parts or "view" not in features.columns:
+            yield name, d, features
+            continue
+        for view, part in parts:
+            yield f"{name} [{view}]", part, features[features["view"].astype(str) == view]
+
+
 def comparison_table(entries, labels: Sequence[str]) -> pd.DataFrame:
     """One row per dictionary: method, size, preparation, quality and selective features.
 
     ``entries`` are (name, dictionary, feature table) triples.
     """
     rows = []
-    for name, d, features in entries:
+    for name, d, features in _view_entries(entries):
         meta = d.meta
         m = meta.metrics
         live = features[features["n_active"] > 0]
@@ -316,9 +330,15 @@ def write_report(
         f"sections describe <b>{html.escape(name)}</b>.</p>"
     )
     parts.append(html_table(comparison_table(entries, labels), "comparison"))
-    parts.append(families_html(family_table(codes, ex.families(), table, labels), shown))
+    parts.append(views_html(features))
+    fams = family_table(codes, ex.families(), table, labels)
+    views = primary.feature_views()
+    if views is not None and not fams.empty:
+        fams.insert(1, "view", [str(views[int(m.split()[0])]) for m in fams["members"]])
+    parts.append(families_html(fams, shown))
     parts.append(quality_html(store, ex, pixels))
     parts.append(profiles_html(profiles, chosen, shown, notes, out))
+    parts.append(activity_html(*_activity(store, primary, codes, table, labels, controls)))
     parts.append("<h2 id='features'>Features</h2>")
     if pixels.problem:
         parts.append(f"<p class='note'>No cell thumbnails: {html.escape(pixels.problem)}</p>")
@@ -361,6 +381,30 @@ def write_report(
     # the marker first: a file it lists but that is not there yet is never somebody else's
     atomic_write_text(out / REPORT_MARKER, json.dumps({"files": written}))
     return atomic_write_text(out / "index.html", page)
+
+
+def _activity(store, dictionary, codes, table, labels, controls):
+    """The phenotypic activity table of the report's labels (codes, raw tokens and cached
+    CellProfiler measurements; ``analysis.analyze.store_activity``) and notes on what is
+    missing."""
+    from ..analysis.analyze import store_activity
+
+    if not controls:
+        return None, ["No phenotypic activity: it needs control wells (--controls)."]
+    ccol = parse_control(controls).column
+    if ccol not in table.columns:
+        return None, [f"No phenotypic activity: the cell table has no column {ccol!r}."]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        activity = store_activity(store, dictionary, codes, table, labels, controls)
+    notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    if (
+        activity is not None
+        and not activity.empty
+        and "CellProfiler" not in set(activity["features"])
+    ):
+        notes.append("No CellProfiler column: the store has no cached measurements of these cells.")
+    return activity, notes
 
 
 def _cancelled():

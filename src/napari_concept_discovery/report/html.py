@@ -45,7 +45,46 @@ def describe_whitening(meta: DictionaryMeta) -> str:
     if w is None or not w.controls:
         return "none"
     by = f" per {w.by}" if w.by else ""
+    if meta.views:  # a dictionary in views: each part has the whitening of its view
+        return f"views {' + '.join(meta.views)} (each on {w.controls}{by})"
     return f"{w.mode} on {w.controls}{by}"
+
+
+def views_html(features: pd.DataFrame) -> str:
+    """For a dictionary in views: each label's best feature in every view, side by side, so
+    a reader sees which view found which concept ('' for a dictionary of one view)."""
+    if "view" not in features.columns:
+        return ""
+    names = list(dict.fromkeys(features["view"].astype(str)))
+    parts = [
+        "<h3 id='views'>Views</h3><p class='note'>This dictionary has a part per <b>view</b> "
+        "of the tokens: <i>whitened</i> on the control wells, where what controls vary in is "
+        "scaled away and perturbations stand out, and <i>centred</i> (only the controls' mean "
+        "subtracted), which keeps what controls vary in: cell type, cell cycle. Every feature "
+        "is labelled with the view that found it.</p>"
+    ]
+    if "top_label" not in features.columns:
+        return "".join(parts)
+    live = features[(features["n_active"] > 0) & (features["top_column"].astype(str) != "")]
+    rows = []
+    for (col, value), group in live.groupby(["top_column", "top_label"], sort=True):
+        row = {"label": f"{col} = {value}"}
+        for name in names:
+            mine = group[group["view"].astype(str) == name]
+            if mine.empty:
+                row[f"{name}: feature"], row[f"{name}: selectivity"] = "", np.nan
+                continue
+            best = mine.loc[mine["selectivity_avg"].idxmax()]
+            row[f"{name}: feature"] = int(best["feature"])
+            row[f"{name}: selectivity"] = float(best["selectivity_avg"])
+        rows.append(row)
+    if rows:
+        parts.append(
+            "<p class='note'>Each label's most selective feature in each view (avg "
+            "selectivity; empty: no feature of that view has it as its top label).</p>"
+        )
+        parts.append(html_table(pd.DataFrame(rows), "views"))
+    return "".join(parts)
 
 
 def _chance(prof: ConceptProfiles, n_wells: int) -> str:
@@ -132,6 +171,7 @@ section.feature { background: #fff; border: 1px solid #ddd; border-radius: 6px;
 nav.toc { font-size: 13px; columns: 3; max-width: 1100px; }
 nav.toc a { text-decoration: none; }
 nav.toc li { break-inside: avoid; }
+span.q { color: #777; font-size: 12px; }
 .pill { display: inline-block; background: #fce4ec; color: #880e4f; border-radius: 10px;
         padding: 0 8px; margin-right: 4px; font-size: 12px; }
 """
@@ -248,12 +288,14 @@ def toc_html(chosen, feats, why: dict[int, str]) -> str:
         )
         named = feature_name(r)
         named = f" <b>{html.escape(named)}</b>:" if named else ""
-        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{named}{label}</li>")
+        view = f" ({html.escape(str(r['view']))})" if "view" in r.index else ""
+        items.append(f"<li><a href='#feature-{f}'>feature {f}</a>{view}{named}{label}</li>")
     return (
         "<h2>Contents</h2><p class='note'><a href='#dictionaries'>Dictionaries</a> · "
         "<a href='#quality'>Segmentation quality</a> · "
         "<a href='#families'>Feature families</a> · "
-        "<a href='#profiles'>Concept profiles</a> · <a href='#features'>Features</a> "
+        "<a href='#profiles'>Concept profiles</a> · "
+        "<a href='#activity'>Phenotypic activity</a> · <a href='#features'>Features</a> "
         "(most selective first, the best feature of each label before the runners-up; then "
         "the features that perturbations switch on most strongly). A feature is named by the "
         "name you gave it, else by the measurement it follows most closely; features that "
@@ -368,6 +410,8 @@ def families_html(families: pd.DataFrame, shown: set[int], n: int = FAMILIES_SHO
     t["members"] = [members(m) for m in t["members"]]
     t.insert(0, "id", [f"<span id='family-{f}'>{f}</span>" for f in t["family"]])
     cols = {"id": "family", "n_members": "features", "members": "members"}
+    if "view" in t.columns:
+        cols = {"id": "family", "view": "view", "n_members": "features", "members": "members"}
     cols["frequency"] = "frequency"
     if "top_column" in t.columns:
         t["label"] = t["top_column"].astype(str) + " = " + t["top_label"].astype(str)
@@ -498,6 +542,9 @@ def feature_html(
     note = str(row["note"]) if "note" in row.index and isinstance(row["note"], str) else ""
     if note:
         facts.insert(0, f"<b>note</b> {html.escape(note)}")
+    if "view" in row.index:
+        title += f" ({html.escape(str(row['view']))})"
+        facts.append(f"<b>view</b> {html.escape(str(row['view']))}")
     if "level" in row.index:
         facts.append(f"<b>level</b> {int(row['level'])} (in the first {int(row['level'])} atoms)")
     if "family" in row.index and int(row["family"]) >= 0:
@@ -582,3 +629,60 @@ def feature_html(
         f"</h3><div class='facts'>{' · '.join(facts)}</div>{sentence}"
         f"<div class='figs'>{''.join(figs)}</div></section>"
     )
+
+
+def activity_html(activity: pd.DataFrame | None, notes: Sequence[str] = ()) -> str:
+    """The phenotypic activity section: what mAP means, then one row per label value with the
+    mAP and q-value of each kind of features (:func:`..analysis.activity.activity_table`)."""
+    from ..analysis.activity import EXPLANATION, FDR_ALPHA, activity_side_by_side
+
+    parts = ["<h2 id='activity'>Phenotypic activity (mAP)</h2>"]
+    parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
+    if activity is None or activity.empty:
+        if not notes:
+            parts.append(
+                "<p class='note'>No phenotypic activity: no label column has replicate wells "
+                "and control wells.</p>"
+            )
+        return "".join(parts)
+    names = list(dict.fromkeys(activity["features"]))
+    what = {
+        "codes": "the dictionary's codes",
+        "tokens": "the raw cell tokens the dictionary reads (before whitening)",
+        "CellProfiler": "CellProfiler measurements (cp-measure, cached beside the store)",
+    }
+    parts.append(
+        f"<p class='note'>{html.escape(EXPLANATION)}. A well "
+        "profile is the mean over the well's cells; each kind of features is scored the same "
+        f"way. <b>Bold</b>: active (q &le; {FDR_ALPHA:g}). A value needs replicate wells to "
+        "be scored, and with few of them even a perfect mAP has a large q.</p>"
+        "<p class='note'>Compared: "
+        + "; ".join(html.escape(f"{n}: {what.get(n, n)}") for n in names)
+        + ".</p>"
+    )
+    wide = activity_side_by_side(activity)
+    if {"codes mAP", "tokens mAP"} <= set(wide.columns):
+        scored = wide.dropna(subset=["codes mAP", "tokens mAP"])
+        counts = []
+        for column, part in scored.groupby("column", sort=False):
+            better = int((part["codes mAP"] >= part["tokens mAP"]).sum())
+            noun = "value" if len(part) == 1 else "values"
+            counts.append(f"{better} of {len(part)} {column} {noun}")
+        if counts:
+            parts.append(
+                "<p class='note'>The codes' mAP is at least the raw tokens' for "
+                f"{html.escape(', '.join(counts))}.</p>"
+            )
+    shown = wide[["column", "value", "wells"]].copy()
+    for n in names:
+        cells = []
+        for m, q in zip(wide[f"{n} mAP"], wide[f"{n} q"], strict=True):
+            if not np.isfinite(m):
+                cells.append("")
+                continue
+            text = f"{m:.2f} <span class='q'>(q {q:.3f})</span>"
+            cells.append(f"<b>{text}</b>" if q <= FDR_ALPHA else text)
+        shown[f"{n} mAP"] = cells
+    shown["random mAP"] = [f"{r:.2f}" if np.isfinite(r) else "" for r in wide["random mAP"]]
+    raw = [f"{n} mAP" for n in names]
+    return "".join(parts) + html_table(shown, "activity", raw=raw)

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage as ndi
 
-from .concepts import MITOTIC_FRACTION, PERTURBATIONS, CellType, Perturbation
+from .concepts import FORM_EFFECTS, MITOTIC_FRACTION, PERTURBATIONS, CellType, Perturbation
 
 _HARMONICS = np.arange(2, 6)
 _MAX_NUCLEUS_SCALE = max(p.effects.get("nucleus_scale", 1.0) for p in PERTURBATIONS)
@@ -367,6 +367,22 @@ def paint(
     # From here each stain draws from its own stream, so a perturbation that changes one stain
     # leaves the others bit-identical to the control's at the same site coordinates.
     r_er, r_actin, r_rna, r_mito, r_memb = rng.spawn(5)
+    # The "forms" variant's effects draw from one more stream, spawned only when a form effect
+    # is present, so the default generator's sites stay bit-identical. ``form(key)`` is a
+    # responder's mixing weight towards its altered stain: amplitude x graded response, <= 1.
+    forms = FORM_EFFECTS.intersection(effects)
+    if forms:
+        (r_form,) = rng.spawn(1)
+        grade = np.zeros(n, np.float32)
+        grade[cells.responded] = r_form.uniform(0.4, 1.6, int(cells.responded.sum()))
+
+    def form(key: str) -> np.ndarray:
+        return np.clip(per_cell(grade * effects[key]), 0.0, 1.0)
+
+    if "chromatin_condensation" in effects:  # responders: clumped, mottled chromatin
+        w = form("chromatin_condensation")
+        clumps = np.clip(1.0 + 1.2 * _field(r_form, size, 1.5), 0.0, None)
+        out[0] = (1 - w) * out[0] + w * out[0] * clumps
 
     # ER: perinuclear reticular network plus nuclear envelope; aggregates when perturbed.
     g = _field(r_er, size, cell_type.er_scale, low=cell_type.er_scale * 3)
@@ -377,6 +393,11 @@ def paint(
         agg = per_cell(resp[1:] * effects["er_aggregation"])
         er = np.where(
             agg > 0, (1 - agg) * er + agg * (0.15 * thick + blobs * near_nuc) * cyto * 1.2, er
+        )
+    if "er_peripheral" in effects:  # responders: the network at the cell edge, not the nucleus
+        w = form("er_peripheral")
+        er = (1 - w) * er + w * (
+            (0.2 * thick + 0.8 * network * (1.0 - near_nuc)) * cyto + 0.6 * envelope
         )
     er = np.where(mit, (0.6 * thick) * inside, er)
     out[1] = lv[1] * er
@@ -397,6 +418,9 @@ def paint(
     actin = (0.25 * thick + 0.5 * cortex) * inside + per_cell(fibre_amp) * fib * (
         geometry.score < 0.92
     )
+    if "actin_cortical" in effects:  # responders: no stress fibres, a brighter cortex
+        w = form("actin_cortical")
+        actin = (1 - w) * actin + w * (0.25 * thick + 1.1 * cortex) * inside
     actin = np.where(mit, (0.5 * thick + 1.2 * cortex) * inside, actin)
     out[2] = lv[2] * actin
 
@@ -409,6 +433,10 @@ def paint(
         grown = _spots(size, y, x, np.full(m, effects["nucleolar_rna"]), nsig * 1.5)
         rna += 0.9 * (grown - _spots(size, y, x, np.ones(m), nsig)) * in_nuc
         rna = np.where(per_cell(resp[1:].astype(float)) > 0, rna * np.where(cyto, 0.8, 1.0), rna)
+    if "rna_granules" in effects:  # responders: cytoplasmic RNA gathered in coarse granules
+        w = form("rna_granules")
+        granules = 1.0 + 2.5 * np.clip(_field(r_form, size, 2.5) - 0.8, 0.0, None) - 0.35
+        rna = (1 - w) * rna + w * (rna + 0.35 * thick * (granules - granular) * cyto)
     rna = np.where(mit, 0.45 * thick * granular * inside, rna)
     out[3] = lv[3] * rna
 
@@ -420,6 +448,10 @@ def paint(
     puncta = np.clip(_field(r_mito, size, 2.2) - 1.4, 0, None) * 2.0
     mito_w = np.clip(0.15 + near_nuc, 0, 1) * cyto
     mito = mito_w * ((1 - frag) * tubules + frag * puncta) + 0.08 * thick * cyto
+    if "mito_perinuclear" in effects:  # responders: the tubules pulled tight to the nucleus
+        w = form("mito_perinuclear")
+        tight = np.clip(1.6 * near_nuc**3, 0, 1) * cyto
+        mito = (1 - w) * mito + w * (tight * tubules + 0.08 * thick * cyto)
     mito = np.where(mit, (0.35 * thick + 0.3 * puncta) * inside, mito)
     out[4] = lv[4] * mito
 
@@ -442,6 +474,10 @@ def paint(
     golgi *= inside
     vesicles = np.clip(_field(r_memb, size, 2.0) - 1.6, 0, None)
     memb = 0.45 * rim + (0.22 * thick + 0.35 * vesicles) * inside + golgi + 0.15 * envelope
+    if "membrane_vesicles" in effects:  # responders: fewer, coarser vesicles
+        w = form("membrane_vesicles")
+        coarse = np.clip(_field(r_form, size, 4.5) - 1.3, 0, None) * 1.5
+        memb = memb + w * 0.35 * (coarse - vesicles) * inside
     memb = np.where(mit, (0.4 * thick + 1.2 * rim) * inside, memb)
     out[5] = lv[5] * memb
     return out

@@ -120,5 +120,38 @@ PERTURBATIONS: tuple[Perturbation, ...] = (
     Perturbation("golgi_dispersal", "SYN0008", 8, 0.65, ("Membrane",), {"golgi_dispersal": 1.0}),
 )
 
+#: The "forms" variant: the same stains hit in the same well slots, at the same nulls, but each
+#: effect has another form (texture or location instead of size, shape or amount), a lower
+#: penetrance and a graded response (each responder's amplitude drawn uniformly from 0.4-1.6,
+#: mean 1), so that a benchmark tuned on the default generator meets plates it has not seen.
+#: Effect keys (channel, what changes in responders, amplitude 0..1 before grading):
+#: ``chromatin_condensation`` (DNA: mottled, clumped chromatin; texture),
+#: ``mito_perinuclear`` (Mito: tubules pulled tight around the nucleus; location),
+#: ``actin_cortical`` (Actin: stress fibres gone, actin moved to the cortex; location),
+#: ``er_peripheral`` (ER: network moved from around the nucleus to the cell edge; location),
+#: ``rna_granules`` (RNA: cytoplasmic RNA in coarse granules; texture),
+#: ``membrane_vesicles`` (Membrane: fine vesicles become coarse ones; texture).
+FORM_PERTURBATIONS: tuple[Perturbation, ...] = (
+    Perturbation(
+        "chromatin_condensation", "SYN0101", 101, 0.45, ("DNA",), {"chromatin_condensation": 0.6}
+    ),
+    Perturbation("null_a", "SYN0002", 2, 0.0),
+    Perturbation("mito_perinuclear", "SYN0103", 103, 0.4, ("Mito",), {"mito_perinuclear": 1.0}),
+    Perturbation("actin_cortical", "SYN0104", 104, 0.5, ("Actin",), {"actin_cortical": 1.0}),
+    Perturbation("null_b", "SYN0005", 5, 0.0),
+    Perturbation("er_peripheral", "SYN0106", 106, 0.45, ("ER",), {"er_peripheral": 1.0}),
+    Perturbation("rna_granules", "SYN0107", 107, 0.4, ("RNA",), {"rna_granules": 1.0}),
+    Perturbation(
+        "membrane_vesicles", "SYN0108", 108, 0.5, ("Membrane",), {"membrane_vesicles": 1.0}
+    ),
+)
+#: Effect keys of the "forms" variant (drawn from their own random stream in ``cells.paint``).
+FORM_EFFECTS = frozenset(k for p in FORM_PERTURBATIONS for k in p.effects)
+#: Generator variants by name: the treatments the well slots receive.
+VARIANTS: dict[str, tuple[Perturbation, ...]] = {
+    "default": PERTURBATIONS,
+    "forms": FORM_PERTURBATIONS,
+}
+
 CELL_TYPE_BY_NAME = {c.name: c for c in CELL_TYPES}
-PERTURBATION_BY_NAME = {p.name: p for p in (CONTROL, *PERTURBATIONS)}
+PERTURBATION_BY_NAME = {p.name: p for p in (CONTROL, *PERTURBATIONS, *FORM_PERTURBATIONS)}

@@ -9,7 +9,9 @@ Well assignment (documented because small plates depend on it):
 - Of the k wells of a cell type on a plate, the first ``max(1, round(k / 4))`` are negative
   controls (perturbation "control"); the rest are treated. The j-th treated well of type t on
   plate p gets ``PERTURBATIONS[(p * n_treated + j + 3 * t) % 8]``, so types get different
-  treatments and the next plate continues where this one stopped. With 6 wells and 2 plates
+  treatments and the next plate continues where this one stopped. ``PERTURBATIONS`` is the
+  default variant's list; another variant (``concepts.VARIANTS``) puts its own treatments in
+  the same slots. With 6 wells and 2 plates
   that is 6 controls and 6 distinct treatments, both null ones among them.
 - The conditions are then shuffled over the plate's well positions (seeded by seed and plate),
   as a randomised plate layout would be.
@@ -30,7 +32,7 @@ import pandas as pd
 
 from .._files import atomic_write_text, check_not_foreign, owned_files
 from ..settings import Settings, option
-from .concepts import CELL_TYPES, CHANNELS, CONTROL, DATASET, EXPERIMENT, PERTURBATIONS
+from .concepts import CELL_TYPES, CHANNELS, CONTROL, DATASET, EXPERIMENT, VARIANTS
 from .site import PlateBatch, generate_site
 
 #: Peak memory of drawing one site, per pixel (measured with tracemalloc: about 226 bytes).
@@ -50,6 +52,12 @@ class SynthSettings(Settings):
     sites: int = option(2, "sites per well")
     size: int = option(512, "site width and height in pixels")
     seed: int = option(0, "random seed (same seed, same plates)")
+    variant: str = option(
+        "default",
+        "generator variant: default, or forms (the same stains changed in another form: "
+        "texture and location, lower and graded penetrance)",
+        choices=tuple(VARIANTS),
+    )
     workers: int | None = option(None, "worker processes (default: up to 4 CPUs)")
 
 
@@ -88,8 +96,9 @@ def well_names(n_wells: int) -> list[str]:
     return [f"{chr(ord('B') + i // cols)}{2 + i % cols:02d}" for i in range(n_wells)]
 
 
-def plan_plate(plate: int, n_wells: int, seed: int = 0) -> list[WellPlan]:
+def plan_plate(plate: int, n_wells: int, seed: int = 0, variant: str = "default") -> list[WellPlan]:
     """Cell type and perturbation of every well of plate ``plate`` (1-based)."""
+    treatments = _variant(variant)
     n_types = len(CELL_TYPES)
     conditions = []
     for t, ct in enumerate(CELL_TYPES):
@@ -99,7 +108,7 @@ def plan_plate(plate: int, n_wells: int, seed: int = 0) -> list[WellPlan]:
         for _ in range(n_ctrl):
             conditions.append((ct.name, CONTROL, "negative_control"))
         for j in range(n_treated):
-            pert = PERTURBATIONS[((plate - 1) * n_treated + j + 3 * t) % len(PERTURBATIONS)]
+            pert = treatments[((plate - 1) * n_treated + j + 3 * t) % len(treatments)]
             conditions.append((ct.name, pert, "treatment"))
     order = np.random.default_rng([seed, plate, 0x5EA7]).permutation(n_wells)
     wells = well_names(n_wells)
@@ -108,6 +117,12 @@ def plan_plate(plate: int, n_wells: int, seed: int = 0) -> list[WellPlan]:
         name, pert, well_type = conditions[c]
         plans.append(WellPlan(plate, w, name, pert.name, well_type, pert.sirna, pert.sirna_id))
     return plans
+
+
+def _variant(variant: str):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    return VARIANTS[variant]
 
 
 def planned_site(plan, site: int, size: int, seed: int):
@@ -164,6 +179,7 @@ def write_synthetic_plates(
     size: int = SynthSettings.size,
     seed: int = SynthSettings.seed,
     *,
+    variant: str = SynthSettings.variant,
     workers: int | None = SynthSettings.workers,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
@@ -172,13 +188,15 @@ def write_synthetic_plates(
     Files: ``images/SYNTH/Plate{p}/{well}_s{site}_w{1..6}.png`` (uint8), label TIFFs under
     ``labels/`` with the same stem plus ``_cells``/``_nuclei``, ``metadata.csv`` (RxRx columns
     plus perturbation) and ``truth.csv`` (one row per cell). Output is identical for a seed
-    whatever ``workers`` is; ``progress`` is called with 1 after every site.
+    whatever ``workers`` is; ``progress`` is called with 1 after every site. ``variant``
+    picks the treatments (``concepts.VARIANTS``).
     """
     out = Path(out)
     if n_plates < 1 or n_sites < 1:
         raise ValueError("n_plates and n_sites must be at least 1")
     if size < 64:
         raise ValueError(f"size must be at least 64 pixels, got {size}")
+    _variant(variant)
     # the one rule of every writer: a metadata.csv, truth.csv or plate folder this package did
     # not write there is never replaced
     written = ["metadata.csv", "truth.csv"] + [
@@ -193,7 +211,7 @@ def write_synthetic_plates(
     for p in range(1, n_plates + 1):
         (out / "images" / EXPERIMENT / f"Plate{p}").mkdir(parents=True, exist_ok=True)
         (out / "labels" / EXPERIMENT / f"Plate{p}").mkdir(parents=True, exist_ok=True)
-        for plan in plan_plate(p, n_wells, seed):
+        for plan in plan_plate(p, n_wells, seed, variant):
             for s in range(1, n_sites + 1):
                 well_id = f"{EXPERIMENT}_{p}_{plan.well}"
                 rows.append(

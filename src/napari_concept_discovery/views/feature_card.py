@@ -96,6 +96,9 @@ def card_data(
             explorer, plate, f, colours or {}, n=n_cells, size=size, cancel=cancel
         )
     title = f"Feature {f}" + (f" \u201c{name}\u201d" if name else "")
+    views = explorer.dictionary.feature_views()
+    if views is not None:  # a dictionary in views: the view that found it
+        title += f" ({views[f]} view)"
     return CardData(
         f,
         title,

@@ -29,6 +29,12 @@ MAX_LABEL_VALUES = 50  # a column with more values (one per well) is not a label
 FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     "feature": ("Feature", "The feature's number in the dictionary."),
     "name": ("Name", "The name you gave the feature (saved beside the dictionary)."),
+    "view": (
+        "View",
+        "Which part of the dictionary found the feature: whitened (trained on tokens whitened "
+        "on the controls, where perturbations stand out) or centred (only centred on the "
+        "controls, which keeps what controls vary in: cell type, cell cycle).",
+    ),
     "level": (
         "Level",
         "Nested dictionary: the smallest prefix of atoms that holds the feature (its first "

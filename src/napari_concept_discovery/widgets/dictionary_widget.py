@@ -45,7 +45,17 @@ from ._step import StepWidget
 from ._viewer import observe, user_message
 
 _ALL = "\x00all"  # "whiten per": one whitening for all tokens
-TRAIN_FIELDS = ["method", "unit", "atoms", "levels", "sparsity", "steps", "batch_size", "seed"]
+TRAIN_FIELDS = [
+    "method",
+    "unit",
+    "atoms",
+    "levels",
+    "views",
+    "sparsity",
+    "steps",
+    "batch_size",
+    "seed",
+]
 
 
 class DictionaryWidget(StepWidget):
@@ -376,8 +386,10 @@ class DictionaryWidget(StepWidget):
             )
         else:
             m = trained.metrics
+            views = trained.dictionary.view_names
+            per = f" per view ({' + '.join(views)}; FVU the views' mean)" if views else ""
             text = (
-                f"Trained {trained.result.steps_done} steps: FVU {m['fvu']:.3f}, L0 "
+                f"Trained {trained.result.steps_done} steps{per}: FVU {m['fvu']:.3f}, L0 "
                 f"{m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}."
             )
         self.status.setText(text)
