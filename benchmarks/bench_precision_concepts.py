@@ -63,6 +63,7 @@ class Setting:
     whiten: bool = True
     shrinkage: str = "auto"
     lr: float | None = None
+    views: str = "whitened"
 
     def describe(self) -> str:
         atoms = "M sized" if self.atoms is None else f"M={self.atoms}"
@@ -72,7 +73,8 @@ class Setting:
             f"whitened per plate (shrinkage {self.shrinkage})" if self.whiten else "not whitened"
         )
         lr = "" if self.lr is None else f", lr {self.lr:g}"
-        return f"{atoms} {k}, {steps}{lr}, {white}"
+        views = "" if self.views == "whitened" or not self.whiten else f", views {self.views}"
+        return f"{atoms} {k}, {steps}{lr}, {white}{views}"
 
 
 SETTINGS = {
@@ -83,6 +85,8 @@ SETTINGS = {
         Setting("converged", steps=None),  # the project's sized steps: 50 passes
         Setting("long", steps=1000),
         Setting("nowhite", whiten=False),
+        # the product's default since views: a whitened and a centred part, each sized
+        Setting("default", atoms=None, sparsity=None, steps=None, views="whitened,centred"),
     )
 }
 
@@ -164,7 +168,7 @@ def train_settings(setting: Setting, seed: int, n_cells: int):
         batch_size=min(1024, n_cells),
         seed=seed,
         whiten=whiten if setting.whiten else None,
-        views="whitened",  # one dictionary in the whitening as set (measured before views)
+        views=setting.views if setting.whiten else "whitened",
     )
 
 
