@@ -66,6 +66,38 @@ def print_and_keep(lines, out: Path | str | None) -> None:
         atomic_write_text(Path(out), text + "\n")
 
 
+def stamped_log():
+    """A ``log(msg)`` that prints to stderr with the seconds since it was made (progress of a
+    long benchmark, kept apart from the result lines on stdout)."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """Inside: bf16 runs torch's SDPA and ops instead of the compiled kernels (the 'before' arm
+    of a comparison). Sets the process-wide switch, so only for single-threaded benchmark code."""
+    import os
+
+    from napari_concept_discovery.models.cpu_bf16 import ENV
+
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = old
+
+
 def add_threads(parser: argparse.ArgumentParser, default: int = 1) -> None:
     """The ``--threads`` option: how many CPU threads torch may use."""
     parser.add_argument("--threads", type=int, default=default)

@@ -16,26 +16,15 @@ import argparse
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
-from napari_concept_discovery.models.cpu_bf16 import ENV, attention, bias_gelu, kernels_path
+from napari_concept_discovery.models.cpu_bf16 import attention, bias_gelu, kernels_path
+
+sys.path.insert(0, str(os.path.dirname(os.path.abspath(__file__))))
+from _report import kernels_off  # noqa: E402
 
 N, H, D, C, HIDDEN = 1537, 6, 64, 384, 1536
-
-
-@contextmanager
-def torch_only():
-    old = os.environ.get(ENV)
-    os.environ[ENV] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = old
 
 
 def main(argv=None) -> int:
@@ -66,11 +55,11 @@ def main(argv=None) -> int:
     a, m = rand(4096, 4096), rand(4096, 4096)
 
     def sdpa():
-        with torch_only():
+        with kernels_off():
             attention(q, k, v, None, q_norm, k_norm)
 
     def gelu_torch():
-        with torch_only():
+        with kernels_off():
             bias_gelu(x_mlp, bias)
 
     att = 4 * b * H * N * N * D

@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +62,9 @@ from napari_concept_discovery.models import (
     load_model,
 )
 from napari_concept_discovery.models.cpu_bf16 import kernels_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import kernels_off  # noqa: E402
 
 
 def sync(device) -> None:
@@ -116,22 +118,6 @@ def bare_forward(model, batches) -> None:
         for x in batches:
             model.forward_features(x)
     sync(dev)
-
-
-@contextmanager
-def sdpa_attention():
-    """Inside: bf16 attention through torch's SDPA instead of the compiled kernel."""
-    from napari_concept_discovery.models.cpu_bf16 import ENV
-
-    old = os.environ.get(ENV)
-    os.environ[ENV] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = old
 
 
 def bench_bf16(backend, sites, batch, repeats, matmul_n):
@@ -197,7 +183,7 @@ def bench_bf16(backend, sites, batch, repeats, matmul_n):
 
 
 def bare_forward_sdpa(model, batches) -> None:
-    with sdpa_attention():
+    with kernels_off():
         bare_forward(model, batches)
 
 

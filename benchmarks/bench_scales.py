@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _report import add_threads, use_threads  # noqa: E402
+from _report import add_threads, stamped_log, use_threads  # noqa: E402
 from concept_recovery import CONTROLS, plates_for  # noqa: E402
 
 
@@ -163,10 +163,7 @@ def main() -> int:
     add_threads(ap, 1)
     args = ap.parse_args()
     use_threads(args.threads)
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
+    log = stamped_log()
 
     for n in args.plates:
         print(run_plates(n, args, log), flush=True)

@@ -66,6 +66,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _report import stamped_log  # noqa: E402
+
 CONTROLS = "well_type=negative_control"
 DEFAULT_SETTINGS = ("default:2:1", "default:4:1", "default:2:2", "forms:2:1")
 #: name, what differs from the product's default training
@@ -547,9 +550,7 @@ def main() -> int:
         print(f"error: seed {clash[0]} is the seed the model was trained on", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
+    log = stamped_log()
 
     log(
         f"model {backend.model_id} ({backend.embed_dim} wide, block {backend.default_block}, "

@@ -52,6 +52,7 @@ import scipy.sparse as sp
 from ..dictionary.control import parse_control
 from ..errors import DataWarning, DictionaryError
 from .concepts import require_columns
+from .profiles import well_index
 
 #: Draws of copairs' null distribution per (positives, total) configuration: p-values are
 #: resolved down to 1 / (NULL_SIZE + 1).
@@ -85,16 +86,7 @@ def well_groups(table: pd.DataFrame, label: str, control: str | tuple[str, str])
     ccol, cval = parse_control(control)
     require_columns(table, [*KEYS, label], "phenotypic activity")
     require_columns(table, [ccol], f"the control wells ({ccol}={cval}) of phenotypic activity")
-    keys = pd.DataFrame(
-        {
-            "plate": table["plate"].astype(str).to_numpy(),
-            "well": table["well"].astype(str).to_numpy(),
-            "value": table[label].astype(str).to_numpy(),
-        }
-    )
-    grouped = keys.groupby(["plate", "well", "value"], sort=True)
-    group = grouped.ngroup().to_numpy()
-    wells = grouped.size().rename("n_cells").reset_index()
+    group, wells = well_index(table, label)
     is_ctrl = pd.Series(table[ccol].astype(str).to_numpy() == str(cval))
     share = is_ctrl.groupby(group).mean().to_numpy()
     wells["is_control"] = share > 0.5

@@ -151,13 +151,10 @@ class ConceptProfiles:
         )
 
 
-def well_means(codes, table: pd.DataFrame, column: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Mean code of every feature over the tokens of each (plate, well, value of ``column``).
-
-    Returns the well table (plate, well, value, n_cells) and a dense (W, M) array.
-    """
-    require_columns(table, [*WELL_KEYS, column], "concept profiles")
-    csr = _csr(codes)
+def well_index(table: pd.DataFrame, column: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """(group, wells): each row's well as an index into ``wells``, the table of (plate, well,
+    value of ``column``, n_cells), one row per well and value, sorted. A well holding cells of
+    two values of ``column`` is two wells here."""
     keys = pd.DataFrame(
         {
             "plate": table["plate"].astype(str).to_numpy(),
@@ -165,9 +162,18 @@ def well_means(codes, table: pd.DataFrame, column: str) -> tuple[pd.DataFrame, n
             "value": table[column].astype(str).to_numpy(),
         }
     )
-    group = keys.groupby(["plate", "well", "value"], sort=True).ngroup().to_numpy()
-    wells = keys.groupby(["plate", "well", "value"], sort=True).size().rename("n_cells")
-    wells = wells.reset_index()
+    grouped = keys.groupby(["plate", "well", "value"], sort=True)
+    return grouped.ngroup().to_numpy(), grouped.size().rename("n_cells").reset_index()
+
+
+def well_means(codes, table: pd.DataFrame, column: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Mean code of every feature over the tokens of each (plate, well, value of ``column``).
+
+    Returns the well table (plate, well, value, n_cells) and a dense (W, M) array.
+    """
+    require_columns(table, [*WELL_KEYS, column], "concept profiles")
+    csr = _csr(codes)
+    group, wells = well_index(table, column)
     n = np.bincount(group, minlength=len(wells)).astype(np.float64)
     onehot = sp.csr_matrix(
         (1.0 / n[group], (group, np.arange(len(group)))), shape=(len(wells), csr.shape[0])

@@ -216,7 +216,8 @@ def attention(
     k_norm: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """softmax(scale q' k'^T) v over the tokens, for q, k, v of shape (B, N, H, D), where q' and
-    k' are ``q_norm(q)`` and ``k_norm(k)`` (norms over D, as timm's qk-norm; none by default).
+    k' are ``q_norm(q)`` and ``k_norm(k)`` (norms over D, as timm's qk-norm; None or
+    ``nn.Identity``, timm's "no qk-norm", apply none).
 
     Returns (B, N, H * D), the layout the output projection takes. ``scale`` defaults to
     D^-0.5. The compiled kernel runs where :func:`kernel_usable` says so, applying LayerNorms
@@ -230,6 +231,8 @@ def attention(
         )
     b, n, h, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
+    q_norm = None if isinstance(q_norm, torch.nn.Identity) else q_norm
+    k_norm = None if isinstance(k_norm, torch.nn.Identity) else k_norm
     grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
     if grad or not (kernel_usable(q, d) and k.dtype == v.dtype == q.dtype and q.numel() > 0):
         q = q if q_norm is None else q_norm(q)

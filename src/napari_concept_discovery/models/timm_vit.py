@@ -46,9 +46,7 @@ class KernelAttention(Attention):
             return super().forward(x, attn_mask, is_causal)
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
-        q_norm = None if isinstance(self.q_norm, nn.Identity) else self.q_norm
-        k_norm = None if isinstance(self.k_norm, nn.Identity) else self.k_norm
-        out = attention(q, k, v, self.scale, q_norm, k_norm)
+        out = attention(q, k, v, self.scale, self.q_norm, self.k_norm)
         return self.proj_drop(self.proj(self.norm(out)))
 
 

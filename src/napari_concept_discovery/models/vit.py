@@ -158,9 +158,9 @@ class ParallelBlock(ParallelScalingBlock):
             torch.addmm(proj.bias, xn, proj.weight.t(), out=y.view(b * n, -1))
         x_mlp, q, k, v = torch.split(y, self.in_split, dim=-1)
         heads = (b, n, self.num_heads, self.head_dim)
-        q_norm = None if isinstance(self.q_norm, nn.Identity) else self.q_norm
-        k_norm = None if isinstance(self.k_norm, nn.Identity) else self.k_norm
-        x_attn = attention(q.view(heads), k.view(heads), v.view(heads), self.scale, q_norm, k_norm)
+        x_attn = attention(
+            q.view(heads), k.view(heads), v.view(heads), self.scale, self.q_norm, self.k_norm
+        )
         if isinstance(self.mlp_act, nn.GELU) and self.mlp_act.approximate == "none":
             out = _buffer("mlp", x_mlp.shape, x.dtype)
             x_mlp = bias_gelu(x_mlp, self.mlp_bias, out)  # one pass, not an add and a GELU
