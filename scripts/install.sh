@@ -19,6 +19,7 @@ if [ "${1:-}" = "--test" ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+    $SUDO apt-get clean  # the downloaded .deb files are not needed once installed
   fi
   extra="[test]"
 else
@@ -26,6 +27,8 @@ else
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# no copy of the (multi-GB) wheels in pip's cache: the venv is the only place they need to be
+export PIP_NO_CACHE_DIR=1
 .venv/bin/python -m pip install -q --upgrade pip
 # timm imports torchvision, and PyPI's torchvision only loads beside the torch build it was made
 # for: install the matching pair first, so that pip neither pulls another multi-GB torch nor
