@@ -43,7 +43,10 @@ OLD_META = DictionaryMeta(
         seed=3,
         checkpoint_every=0,
         tokens="concat",
-        whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8, eps=1e-5),
+        # written before within existed, so pooled, not the default "auto"
+        whiten=WhitenSettings(
+            "well_type=negative_control", by="plate", n_components=8, eps=1e-5, within="none"
+        ),
     ),
     n_tokens=240,
     nonfinite_dropped=0,
