@@ -124,8 +124,8 @@ def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
     Where the controls mix cell types, the first (the one analysed) whitens each plate and cell
     type on its own controls, so every cell is judged against controls of its kind; then PCA
     whitening on each plate's controls as they are, pooled (typical-variation normalisation);
-    then the same with the controls' covariance taken within cell types, which is what the
-    default (``within="auto"``) resolves to on these controls. Otherwise only the plain one.
+    then the same with the controls' covariance taken within cell types, which is what
+    ``within="auto"`` resolves to on these controls. Otherwise only the plain one.
     """
     plain = WhitenSettings(CONTROL, by="plate")
     controls = table[control_mask(table, *plain.control)]
@@ -136,10 +136,10 @@ def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
             plain.replace(by="plate,cell_type"),
             "each plate and cell type's own controls",
         ),
-        "controls": (plain.replace(within="none"), "each plate's controls (cell types mixed)"),
+        "controls": (plain, "each plate's controls (cell types mixed)"),
         "within cell type": (
-            plain,
-            "each plate's controls, covariance within cell types (the default, auto)",
+            plain.replace(within="auto"),
+            "each plate's controls, covariance within cell types (--whiten-within auto)",
         ),
     }
 
@@ -516,8 +516,8 @@ def format_report(result: DemoResult) -> str:
         "  the cell types, centred away, are no longer concepts. Whitening on the mixed controls",
         "  treats the cell-type difference as control variation and scales it to unit variance",
         "  like every other direction they vary in. Taking their covariance within cell types",
-        "  (the default where controls mix cell types: --whiten-within auto; 'covariance",
-        "  within' above) keeps the cell types; with one control well per cell type and plate",
+        "  (--whiten-within auto; 'covariance within' above) keeps the cell types, at some",
+        "  cost to the perturbations; with one control well per cell type and plate",
         "  it has not seen how wells differ, and can amplify that (watch the null column).",
         f"  The analysis above uses '{result.preparation}'; every dictionary is in the output "
         "folder.",

@@ -72,9 +72,8 @@ def test_train_and_analyze_from_the_command_line(
     assert d.view_names == ("whitened", "centred")
     assert d.model.method == method and [p.n_atoms for _, p in d.parts] == [48, 48]
     assert d.meta.model_id == "tiny-random" and d.meta.block == 1 and d.meta.unit == "cell"
-    # within "auto" recorded as what it resolved to: the controls mix three cell types
     assert d.meta.whitening == WhitenSettings(
-        "well_type=negative_control", by="plate", mode="pca", shrinkage="auto", within="cell_type"
+        "well_type=negative_control", by="plate", mode="pca", shrinkage="auto"
     )
     assert d.meta.tokens == "concat"  # the store keeps channel tokens: the default form
     assert d.whitener.groups_ == ("SYNTH_1", "SYNTH_2") and d.meta.steps == 30
@@ -158,9 +157,10 @@ def test_cli_refusals(tiny_store_path, tmp_path, capsys):
 
 
 def test_train_says_how_the_whitening_covariance_was_estimated(tiny_store_path, tmp_path):
-    """A script's view (a fresh process): the store's controls hold three cell types, so the
-    default (auto) estimates the covariance within cell_type, says so with its reason on
-    stderr and in the JSON summary; none pools; a column that is not there is refused."""
+    """A script's view (a fresh process): the store's controls hold three cell types, so auto
+    estimates the covariance within cell_type and says so, with its reason, on stderr and in
+    the JSON summary; the default pools, and says that auto would not; a column that is not
+    there is refused."""
     base = [
         "train",
         str(tiny_store_path),
@@ -179,7 +179,9 @@ def test_train_says_how_the_whitening_covariance_was_estimated(tiny_store_path, 
         "--whiten",
         "well_type=negative_control",
     ]
-    auto = run_cli("--json", *base, "--out", str(tmp_path / "auto.safetensors"))
+    auto = run_cli(
+        "--json", *base, "--whiten-within", "auto", "--out", str(tmp_path / "auto.safetensors")
+    )
     assert auto.returncode == 0, auto.stderr
     summary = json.loads(auto.stdout)
     assert summary["whiten_within"] == "cell_type"
@@ -188,12 +190,13 @@ def test_train_says_how_the_whitening_covariance_was_estimated(tiny_store_path, 
         "whose difference pooled whitening would scale away (--whiten-within none pools them)"
     )
     assert f"whitening: {summary['within_chosen']}" in auto.stderr
-    pooled = run_cli(
-        "--json", *base, "--whiten-within", "none", "--out", str(tmp_path / "p.safetensors")
-    )
+    pooled = run_cli("--json", *base, "--out", str(tmp_path / "p.safetensors"))
     assert pooled.returncode == 0, pooled.stderr
     assert json.loads(pooled.stdout)["whiten_within"] is None
-    assert "whitening: pooled (--whiten-within none)" in pooled.stderr
+    assert (
+        "whitening: pooled (--whiten-within none); the controls mix cell_type: "
+        "--whiten-within auto keeps it\n"
+    ) in pooled.stderr
     assert load_dictionary(tmp_path / "p.safetensors").meta.whitening.within is None
     bad = run_cli(*base, "--whiten-within", "cell_line", "--out", str(tmp_path / "b.safetensors"))
     assert bad.returncode == 2

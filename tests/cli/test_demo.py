@@ -119,6 +119,7 @@ def test_demo_cli(tmp_path, capsys):
     assert "atoms (one atom per" in out  # sized to the cells: the rule is said
     # how each whitening's covariance was estimated, and why: the controls mix three types
     assert "    whitening: covariance within cell_type: the controls hold 3 values of it" in out
-    assert "    whitening: pooled (--whiten-within none)" in out
-    assert "    whitening: pooled: the controls hold one cell_type in each plate,cell_type" in out
+    assert "    whitening: pooled (--whiten-within none); the controls mix cell_type" in out
+    # per plate and cell type: no hint, each group's controls hold one cell type
+    assert "    whitening: pooled (--whiten-within none)\n" in out
     assert "covariance within" in out  # the comparison's column

@@ -43,10 +43,7 @@ OLD_META = DictionaryMeta(
         seed=3,
         checkpoint_every=0,
         tokens="concat",
-        # written before within existed, so pooled, not the default "auto"
-        whiten=WhitenSettings(
-            "well_type=negative_control", by="plate", n_components=8, eps=1e-5, within="none"
-        ),
+        whiten=WhitenSettings("well_type=negative_control", by="plate", n_components=8, eps=1e-5),
     ),
     n_tokens=240,
     nonfinite_dropped=0,

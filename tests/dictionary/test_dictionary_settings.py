@@ -129,7 +129,7 @@ def test_whiten_settings_checks():
         "unit_norm": True,
         "group_by": "plate",
         "shrinkage": "auto",
-        "within": "auto",  # resolved against the token table when fitted (dictionary.within)
+        "within": None,  # pooled; "auto" is resolved against the token table when fitted
     }
     assert WhitenSettings(CONTROLS, within=" None ").within is None
     assert WhitenSettings(CONTROLS, within="AUTO").within == "auto"

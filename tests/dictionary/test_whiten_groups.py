@@ -49,7 +49,7 @@ def test_whiten_by_any_column_fits_each_groups_controls():
         np.testing.assert_allclose(np.cov(part, rowvar=False), np.eye(6), atol=1e-5)
     # whitening on the mixed controls instead: the cell-type difference is one of the directions
     # it scales to unit variance, so the two types end up much closer than per type
-    mixed = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none", within="none"))
+    mixed = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none"))
     mixed.unit_norm = False
     gap = mixed.transform(x[table.cell_type == "B"]).mean(0)
     assert np.linalg.norm(gap) < 1.5  # 8 raw units apart, about one control SD once whitened
@@ -70,7 +70,7 @@ def test_covariance_within_cell_types_keeps_their_difference():
     for part in (y[a], y[b]):
         np.testing.assert_allclose(np.cov(part, rowvar=False), np.eye(6), atol=0.25)
     assert np.linalg.norm(y[b].mean(0) - y[a].mean(0)) > 15
-    plain = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none", within="none"))
+    plain = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none"))
     plain.unit_norm = False
     yp = plain.transform(x)
     assert np.linalg.norm(yp[b].mean(0) - yp[a].mean(0)) < 2.5
@@ -80,8 +80,8 @@ def test_covariance_within_cell_types_keeps_their_difference():
         r"covariance within; columns are 'plate', 'cell_type', 'well_type'",
     ):
         fit_whitener(x, table, WhitenSettings(CONTROLS, within="cell_line"))
-    # the default, auto, resolves to cell_type on these controls (two cell types): the same
-    auto = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none"))
+    # auto resolves to cell_type on these controls (two cell types): the same whitening
+    auto = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none", within="auto"))
     assert auto.within == "cell_type"
     np.testing.assert_array_equal(auto.transform_, w.transform_)
 

@@ -60,7 +60,12 @@ def test_the_cell_type_column_is_found_by_its_usual_names():
 
 def test_none_and_named_columns_and_bad_names():
     t = table(["A", "B"])
-    assert resolve_within(t, CONTROL, None) == (None, "pooled (--whiten-within none)")
+    # pooled, with the hint that the controls mix cell types (and none without that)
+    assert resolve_within(t, CONTROL, None) == (
+        None,
+        "pooled (--whiten-within none); the controls mix cell_type: --whiten-within auto keeps it",
+    )
+    assert resolve_within(table(["A"]), CONTROL, "none") == (None, "pooled (--whiten-within none)")
     assert resolve_within(t, CONTROL, "plate") == ("plate", "covariance within plate (as given)")
     with pytest.raises(
         DictionaryError,
@@ -74,19 +79,22 @@ def test_none_and_named_columns_and_bad_names():
     settings, why = resolved_whitening(WhitenSettings(CONTROLS, mode="center"), t)
     assert settings.within is None and why.startswith("centring only")
     with pytest.raises(DictionaryError, match="within='auto' names no column yet"):
-        WhitenSettings(CONTROLS).whitener().fit(np.zeros((4, 2)))
+        WhitenSettings(CONTROLS, within="auto").whitener().fit(np.zeros((4, 2)))
 
 
 def test_training_records_the_resolved_choice(tiny_store_path, small_train, tmp_path):
     """The tiny store's controls hold three cell types: auto whitens within cell_type, and
-    the dictionary (both views and the whole) records the column and why; none pools."""
+    the dictionary (both views and the whole) records the column and why; none (the default)
+    pools."""
     store = ActivationStore.open(tiny_store_path)
     controls = store.table("cell").query("well_type == 'negative_control'")
     assert controls["cell_type"].nunique() == 3
     out = tmp_path / "auto.safetensors"
     trained = train_on_store(
         store,
-        small_train(steps=3, views="whitened,centred", whiten=WhitenSettings(CONTROLS)),
+        small_train(
+            steps=3, views="whitened,centred", whiten=WhitenSettings(CONTROLS, within="auto")
+        ),
         out=out,
     )
     d = load_dictionary(out)
@@ -98,10 +106,10 @@ def test_training_records_the_resolved_choice(tiny_store_path, small_train, tmp_
     assert trained.dictionary.meta.within_chosen == d.meta.within_chosen
     pooled = train_on_store(
         store,
-        small_train(steps=3, views="whitened", whiten=WhitenSettings(CONTROLS, within="none")),
+        small_train(steps=3, views="whitened", whiten=WhitenSettings(CONTROLS)),
     ).dictionary
     assert pooled.meta.whitening.within is None and pooled.whitener.within is None
-    assert pooled.meta.within_chosen == "pooled (--whiten-within none)"
+    assert pooled.meta.within_chosen.startswith("pooled (--whiten-within none); the controls mix")
     # the two whitenings differ: within cell types keeps the types' difference unscaled
     auto_t = d.part("whitened").whitener.transform_
     assert not np.allclose(auto_t, pooled.whitener.transform_)

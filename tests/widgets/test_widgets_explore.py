@@ -510,14 +510,15 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     assert widget.settings().views == "whitened,centred"
     widget.fields["views"].set_value("centred")
     assert widget.settings().views == "centred"
-    # the covariance within the cell-type column where controls mix types (auto), or pooled
+    # the covariance pooled (empty, the default), or within the cell-type column where
+    # controls mix types (auto)
     within = widget.whiten_fields["within"]
     qtbot.waitUntil(lambda: widget.whiten_box.isChecked(), timeout=WAIT)  # controls guessed
     assert within.label == "Covariance within" and "auto" in within.widget.toolTip()
-    assert widget.settings().whiten.within == "auto"
-    within.set_value("")
     assert widget.settings().whiten.within is None  # empty: pooled, as the placeholder says
     assert within.widget.placeholderText() == "none (pooled)"
+    within.set_value("auto")
+    assert widget.settings().whiten.within == "auto"
 
 
 def test_a_diverged_dictionary_is_refused_by_the_dictionary_widget(

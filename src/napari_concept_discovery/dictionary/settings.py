@@ -48,14 +48,16 @@ class WhitenSettings(Settings):
         label="whiten per",
     )
     within: str | None = option(
-        "auto",
+        None,
         "estimate the controls' covariance within groups of this column, pooled, so that "
         "what differs between the groups is not taken for control variation and scaled down "
-        "(centring still follows --whiten-by): auto (within the cell-type column, cell_type "
-        "or cell_line, where the controls hold more than one cell type; measured on issue "
-        "24's plates, pooled whitening scaled the cell types away, best feature 0.60-0.76 "
-        "AUROC, where within cell types kept them, 0.87-0.999), a column name, or none "
-        "(pooled); the choice is recorded in the dictionary",
+        "(centring still follows --whiten-by): a column name; auto: the cell-type column "
+        "(cell_type, cell_line) where the controls hold more than one cell type, else pooled; "
+        "none (the default): pooled. On issue 24's plates auto found the cell types (best "
+        "feature or family 0.76-0.99 AUROC against 0.65-0.85 pooled) but lost a perturbation "
+        "on two of four and let one more null through on one "
+        "(benchmarks/results/concept_recovery.txt); the choice and why are recorded in the "
+        "dictionary",
         flag="--whiten-within",
         label="covariance within",
     )

@@ -91,28 +91,6 @@ def control_mask(table, column: str, value) -> np.ndarray:
     return mask
 
 
-def within_centred(x: np.ndarray, kinds: np.ndarray, between: float = 0.0):
-    """(rows, degrees of freedom) whose scatter is the within-group scatter of ``x`` plus
-    ``between`` times the between-group scatter: each row minus its group's mean, plus
-    sqrt(between) times that mean's offset from the overall mean (the cross terms vanish).
-
-    ``between=0`` is the covariance within groups (their differences are not taken for control
-    variation), 1 the plain covariance of all rows; in between, the pooled covariance shrunk
-    towards the within one, which damps the groups' differences without scaling them to unit
-    variance."""
-    if not 0.0 <= between <= 1.0:
-        raise DictionaryError(f"between must be in [0, 1], got {between!r}")
-    names = np.unique(kinds)
-    mu, root = x.mean(0), np.sqrt(between)
-    out = np.empty_like(x)
-    for k in names:
-        rows = kinds == k
-        m = x[rows].mean(0)
-        out[rows] = x[rows] - m + root * (m - mu)
-    dof = len(x) - len(names) + between * (len(names) - 1)
-    return out, dof
-
-
 def _times_transposed(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     """``x @ t.T`` through torch's BLAS: numpy's own BLAS threads keep spinning after the
     product and slow the torch products that follow (the coder's), by ~40 ms per site. torch
@@ -145,7 +123,6 @@ class Whitener:
         group_by: str | None = None,
         shrinkage: float | str | None = None,
         within: str | None = None,
-        between: float = 0.0,
     ):
         self.mode = mode
         self.eps = eps
@@ -154,7 +131,6 @@ class Whitener:
         self.group_by = group_by
         self.shrinkage = shrinkage
         self.within = within
-        self.between = between
 
     # -- fitting -------------------------------------------------------------------------------
 
@@ -250,7 +226,11 @@ class Whitener:
             if self.mode == "pca":
                 centred, dof = part - mu, len(part) - 1
                 if sub is not None:  # pooled within subgroups: each centred on its own mean
-                    centred, dof = within_centred(part, sub[in_group], self.between)
+                    kinds = sub[in_group]
+                    centred = np.empty_like(part)
+                    for k in np.unique(kinds):
+                        centred[kinds == k] = part[kinds == k] - part[kinds == k].mean(0)
+                    dof = len(part) - len(np.unique(kinds))
                 cov = (centred.T @ centred / max(dof, 1)).reshape(d, d)
                 lam, u = np.linalg.eigh(cov)
                 order = np.argsort(lam)[::-1]
@@ -373,7 +353,6 @@ class Whitener:
             "group_by": self.group_by,
             "shrinkage": self.shrinkage,
             "within": self.within,
-            "between": self.between,
         }
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:

@@ -2,14 +2,15 @@
 
 Controls that mix cell types vary by cell type, so PCA whitening on their pooled covariance
 takes the cell-type difference for control variation and scales it to unit variance, like
-any nuisance: on issue 24's plates no feature of the whitened view told the cell types apart
-(best 0.60-0.76 AUROC) while the covariance estimated within cell types kept them (0.87-0.999;
-benchmarks/results/concept_recovery.txt). ``within="auto"`` therefore estimates the
-covariance within the table's cell-type column where the controls hold more than one cell type
-in a whitening group, and pools it otherwise (one cell type, or no such column). Training
-resolves it once, against the token table, and records the column and the reason in the
-dictionary (``WhitenSettings.within``, ``DictionaryMeta.within_chosen``). No numpy, no torch
-beyond pandas' own.
+any nuisance: on issue 24's plates the whitened view's best feature told the cell types apart
+at 0.60-0.76 AUROC, where the covariance estimated within cell types kept them (0.76-0.99).
+``within="auto"`` estimates it within the table's cell-type column where the controls of a
+whitening group hold more than one cell type, and pools it otherwise (one cell type, or no
+such column). It is not the default: at 16 atoms the cell types take atoms from the
+perturbations, and the four-setting benchmark lost one perturbation on two settings and let
+one more null through on one (benchmarks/results/concept_recovery.txt). Training resolves the
+setting once, against the token table, and records the column and the reason in the dictionary
+(``WhitenSettings.within``, ``DictionaryMeta.within_chosen``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,13 @@ def resolve_within(
     A column named outright is checked to exist; None (``"none"``) stays pooled.
     """
     if within is None or str(within).lower() == NONE:
-        return None, "pooled (--whiten-within none)"
+        column, _ = resolve_within(table, control, AUTO, by)
+        hint = (
+            ""
+            if column is None
+            else f"; the controls mix {column}: --whiten-within {AUTO} keeps it"
+        )
+        return None, f"pooled (--whiten-within {NONE}){hint}"
     if str(within).lower() != AUTO:
         _check_columns(table, within)
         return within, f"covariance within {within} (as given)"
