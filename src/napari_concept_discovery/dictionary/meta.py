@@ -129,7 +129,7 @@ class DictionaryMeta:
         train = data.pop(TRAIN_KEY, None)
         if train is not None:
             train = dict(train)
-            if isinstance(train.get("whiten"), dict):  # older files: pooled, before "auto"
+            if isinstance(train.get("whiten"), dict):  # written before "within": pooled
                 train["whiten"] = {"within": None, **train["whiten"]}
             names = {f.name for f in fields(TrainSettings)}
             unknown = {k: train.pop(k) for k in list(train) if k not in names}
