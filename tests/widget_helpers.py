@@ -41,6 +41,7 @@ def fill_dictionary_form(widget, settings: TrainSettings) -> None:
     widget.set_control(*settings.whiten.control)
     widget.set_group(settings.whiten.by)
     widget.whiten_fields["mode"].set_value(settings.whiten.mode)
+    widget.whiten_fields["within"].set_value(settings.whiten.within)
 
 
 def click(qtbot, button) -> None:

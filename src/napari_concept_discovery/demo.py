@@ -123,8 +123,9 @@ def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
 
     Where the controls mix cell types, the first (the one analysed) whitens each plate and cell
     type on its own controls, so every cell is judged against controls of its kind; then PCA
-    whitening on each plate's controls as they are (typical-variation normalisation); then the
-    same with the controls' covariance taken within cell types. Otherwise only the plain one.
+    whitening on each plate's controls as they are, pooled (typical-variation normalisation);
+    then the same with the controls' covariance taken within cell types, which is what
+    ``within="auto"`` resolves to on these controls. Otherwise only the plain one.
     """
     plain = WhitenSettings(CONTROL, by="plate")
     controls = table[control_mask(table, *plain.control)]
@@ -137,8 +138,8 @@ def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
         ),
         "controls": (plain, "each plate's controls (cell types mixed)"),
         "within cell type": (
-            plain.replace(within="cell_type"),
-            "each plate's controls, covariance within cell types",
+            plain.replace(within="auto"),
+            "each plate's controls, covariance within cell types (--whiten-within auto)",
         ),
     }
 
@@ -267,6 +268,7 @@ def run_demo(
             result = train_on_store(
                 store, settings, out=out / f"dictionary-{slug}.safetensors", progress=progress
             )
+        log(f"    whitening: {result.dictionary.meta.within_chosen}")
         codes, _ = encode_store(store, result.dictionary)
         stains = result.dictionary.stain_table()
         families = dictionary_families(result.dictionary, codes)
@@ -274,6 +276,7 @@ def run_demo(
             codes, concepts, stains, families, result.dictionary.feature_views()
         )
         comparison.append(_summary(name, recovered[name], result.metrics["fvu"]))
+        comparison[-1]["covariance within"] = result.dictionary.meta.whitening.within or "-"
         trained[name] = result
     crop = _crop_dictionary(
         store, out, method, n_atoms, sparsity, seed, recovered, comparison, log, progress, s.views
@@ -383,6 +386,7 @@ def _crop_dictionary(
         result = train_on_store(
             store, settings, out=out / "dictionary-crops.safetensors", progress=progress
         )
+    log(f"    whitening: {result.dictionary.meta.within_chosen}")
     codes, _ = encode_store(store, result.dictionary)
     nulls = {
         name
@@ -391,6 +395,7 @@ def _crop_dictionary(
     }
     found = recovery_table(codes, well_concepts(table, sorted(nulls)))
     comparison.append(_summary("controls", found, result.metrics["fvu"], unit="crop"))
+    comparison[-1]["covariance within"] = result.dictionary.meta.whitening.within or "-"
     return result
 
 
@@ -511,8 +516,9 @@ def format_report(result: DemoResult) -> str:
         "  the cell types, centred away, are no longer concepts. Whitening on the mixed controls",
         "  treats the cell-type difference as control variation and scales it to unit variance",
         "  like every other direction they vary in. Taking their covariance within cell types",
-        "  keeps the cell types; with one control well per cell type and plate it has not seen",
-        "  how wells differ, and can amplify that (watch the null column).",
+        "  (--whiten-within auto; 'covariance within' above) keeps the cell types, at some",
+        "  cost to the perturbations; with one control well per cell type and plate",
+        "  it has not seen how wells differ, and can amplify that (watch the null column).",
         f"  The analysis above uses '{result.preparation}'; every dictionary is in the output "
         "folder.",
         "  The crop row learns on crop tokens (one per tile: no segmentation needed, the route",

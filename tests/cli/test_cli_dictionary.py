@@ -6,12 +6,15 @@ randomly initialised channel-agnostic ViT, so the test does not depend on the bu
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from fault_helpers import run_cli
 from helpers import fvu_by_hand
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.dictionary import load_dictionary, save_dictionary
@@ -151,3 +154,51 @@ def test_cli_refusals(tiny_store_path, tmp_path, capsys):
     assert main(["analyze", str(tiny_store_path), str(other), "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "'tiny-random' block 5" in err and "block 1" in err and not (tmp_path / "a").exists()
+
+
+def test_train_says_how_the_whitening_covariance_was_estimated(tiny_store_path, tmp_path):
+    """A script's view (a fresh process): the store's controls hold three cell types, so auto
+    estimates the covariance within cell_type and says so, with its reason, on stderr and in
+    the JSON summary; the default pools, and says that auto would not; a column that is not
+    there is refused."""
+    base = [
+        "train",
+        str(tiny_store_path),
+        "--atoms",
+        "8",
+        "--sparsity",
+        "2",
+        "--L",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "64",
+        "--views",
+        "whitened",
+        "--whiten",
+        "well_type=negative_control",
+    ]
+    auto = run_cli(
+        "--json", *base, "--whiten-within", "auto", "--out", str(tmp_path / "auto.safetensors")
+    )
+    assert auto.returncode == 0, auto.stderr
+    summary = json.loads(auto.stdout)
+    assert summary["whiten_within"] == "cell_type"
+    assert summary["within_chosen"] == (
+        "covariance within cell_type: the controls hold 3 values of it (HEPG2, HUVEC, U2OS), "
+        "whose difference pooled whitening would scale away (--whiten-within none pools them)"
+    )
+    assert f"whitening: {summary['within_chosen']}" in auto.stderr
+    pooled = run_cli("--json", *base, "--out", str(tmp_path / "p.safetensors"))
+    assert pooled.returncode == 0, pooled.stderr
+    assert json.loads(pooled.stdout)["whiten_within"] is None
+    assert (
+        "whitening: pooled (--whiten-within none); the controls mix cell_type: "
+        "--whiten-within auto keeps it\n"
+    ) in pooled.stderr
+    assert load_dictionary(tmp_path / "p.safetensors").meta.whitening.within is None
+    bad = run_cli(*base, "--whiten-within", "cell_line", "--out", str(tmp_path / "b.safetensors"))
+    assert bad.returncode == 2
+    assert "--whiten-within (within): no column 'cell_line'" in bad.stderr
+    assert not (tmp_path / "b.safetensors").exists()

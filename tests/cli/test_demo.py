@@ -47,6 +47,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     # the controls mix cell types: three whitenings are compared, the first is analysed
     cells = result.comparison[result.comparison["unit"] == "cell"]
     assert cells["whitening"].tolist() == ["per cell type", "controls", "within cell type"]
+    # the default (auto) resolves to cell_type on these controls; "controls" pools them
+    assert cells["covariance within"].tolist() == ["-", "-", "cell_type"]
     # and a dictionary on crop tokens (no segmentation), judged at the well level
     crops = result.comparison[result.comparison["unit"] == "crop"]
     assert len(crops) == 1 and crops["mitotic"].isna().all()
@@ -115,3 +117,9 @@ def test_demo_cli(tmp_path, capsys):
     assert "whitening" in out and "top_stain" in out
     assert "nested levels: 8/" in out and "feature families" in out
     assert "atoms (one atom per" in out  # sized to the cells: the rule is said
+    # how each whitening's covariance was estimated, and why: the controls mix three types
+    assert "    whitening: covariance within cell_type: the controls hold 3 values of it" in out
+    assert "    whitening: pooled (--whiten-within none); the controls mix cell_type" in out
+    # per plate and cell type: no hint, each group's controls hold one cell type
+    assert "    whitening: pooled (--whiten-within none)\n" in out
+    assert "covariance within" in out  # the comparison's column

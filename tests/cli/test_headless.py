@@ -38,7 +38,8 @@ BLOCKED_RUN = textwrap.dedent(
          "--size", "96", "--seed", "0", "--workers", "1"],
         ["embed", f"{out}/plates", "--out", f"{out}/store.zarr", "--precision", "fp32"],
         ["train", f"{out}/store.zarr", "--atoms", "64", "--steps", "5",
-         "--whiten", "well_type=negative_control", "--out", f"{out}/d.safetensors"],
+         "--whiten", "well_type=negative_control", "--whiten-within", "auto",
+         "--out", f"{out}/d.safetensors"],
         ["analyze", f"{out}/store.zarr", f"{out}/d.safetensors", "--labels", "perturbation",
          "--out", f"{out}/analysis"],
     ]
@@ -64,3 +65,10 @@ def test_embed_train_analyze_run_with_qt_blocked(tmp_path):
     assert result["loaded"] == []  # no Qt binding, and not even napari or vispy
     assert (tmp_path / "analysis" / "codes.h5ad").is_file()
     assert (tmp_path / "analysis" / "features.parquet").is_file()
+    # the controls of this plate (wells B02, B04, C02) are U2OS, HUVEC and HEPG2: auto whitened
+    # within cell_type, and the file says so
+    from napari_concept_discovery.dictionary import load_dictionary
+
+    meta = load_dictionary(tmp_path / "d.safetensors").meta
+    assert meta.whitening.within == "cell_type"
+    assert meta.within_chosen.startswith("covariance within cell_type: the controls hold 3 values")

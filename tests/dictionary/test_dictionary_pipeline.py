@@ -62,8 +62,12 @@ def test_train_on_store_reports_stages_and_records_its_settings(store, trained):
     loaded = load_dictionary(result.path)
     meta = loaded.meta
     # the store keeps channel tokens (a channel-agnostic model), so the default form is concat,
-    # recorded as resolved
+    # recorded as resolved; the covariance pooled (the default), with the hint that the
+    # controls mix cell types
     assert meta.train == SETTINGS.replace(tokens="concat")
+    assert meta.within_chosen == (
+        "pooled (--whiten-within none); the controls mix cell_type: --whiten-within auto keeps it"
+    )
     assert meta.tokens == "concat" and meta.token_groups == 6
     assert loaded.input_width == 6 * store.embed_dim == store.token_width("concat")
     assert meta.steps == 20 and not meta.cancelled and not meta.checkpoint

@@ -129,8 +129,12 @@ def test_whiten_settings_checks():
         "unit_norm": True,
         "group_by": "plate",
         "shrinkage": "auto",
-        "within": None,
+        "within": None,  # pooled; "auto" is resolved against the token table when fitted
     }
+    assert WhitenSettings(CONTROLS, within=" None ").within is None
+    assert WhitenSettings(CONTROLS, within="AUTO").within == "auto"
+    with pytest.raises(SettingsError, match="within: name a table column .* auto or none"):
+        WhitenSettings(CONTROLS, within=" , ")
 
 
 @pytest.mark.parametrize(

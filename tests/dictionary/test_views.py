@@ -75,6 +75,9 @@ def test_a_dictionary_in_views_round_trips_in_one_file(store, both):
     assert d.part("whitened").whitener.transform_ is not None  # PCA
     assert d.part("centred").whitener.transform_ is None  # centring only
     assert d.meta.train == BOTH.replace(tokens="concat")
+    assert d.meta.within_chosen == d.part("whitened").meta.within_chosen
+    assert d.meta.within_chosen.startswith("pooled (--whiten-within none)")
+    assert d.part("centred").meta.within_chosen.startswith("centring only")
     assert set(d.meta.metrics["views"]) == {"whitened", "centred"}
     assert d.meta.metrics["n_atoms"] == 48
     header = read_header(both.path)

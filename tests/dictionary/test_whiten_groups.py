@@ -74,8 +74,16 @@ def test_covariance_within_cell_types_keeps_their_difference():
     plain.unit_norm = False
     yp = plain.transform(x)
     assert np.linalg.norm(yp[b].mean(0) - yp[a].mean(0)) < 2.5
-    with pytest.raises(DictionaryError, match="no column 'cell_line' to whiten by"):
+    with pytest.raises(
+        DictionaryError,
+        match=r"^--whiten-within \(within\): no column 'cell_line' to estimate the controls' "
+        r"covariance within; columns are 'plate', 'cell_type', 'well_type'",
+    ):
         fit_whitener(x, table, WhitenSettings(CONTROLS, within="cell_line"))
+    # auto resolves to cell_type on these controls (two cell types): the same whitening
+    auto = fit_whitener(x, table, WhitenSettings(CONTROLS, shrinkage="none", within="auto"))
+    assert auto.within == "cell_type"
+    np.testing.assert_array_equal(auto.transform_, w.transform_)
 
 
 def test_whiten_by_several_columns_joins_them():

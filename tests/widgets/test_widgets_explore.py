@@ -91,6 +91,8 @@ def test_embed_train_select_a_feature_click_a_cell_open_a_top_cell(
     assert steps == [p.done for p in trained.result.history]
     np.testing.assert_allclose(fvu, [p.info["fvu"] for p in trained.result.history], rtol=1e-5)
     assert "Trained 30 steps" in opened.dictionary.status.text()
+    # centring estimates no covariance, so "within" has nothing to choose, and the status says so
+    assert "Whitening: centring only: no covariance to estimate." in opened.dictionary.status.text()
 
     # the feature table is the library's, sorted by frequency
     qtbot.waitUntil(
@@ -508,6 +510,15 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     assert widget.settings().views == "whitened,centred"
     widget.fields["views"].set_value("centred")
     assert widget.settings().views == "centred"
+    # the covariance pooled (empty, the default), or within the cell-type column where
+    # controls mix types (auto)
+    within = widget.whiten_fields["within"]
+    qtbot.waitUntil(lambda: widget.whiten_box.isChecked(), timeout=WAIT)  # controls guessed
+    assert within.label == "Covariance within" and "auto" in within.widget.toolTip()
+    assert widget.settings().whiten.within is None  # empty: pooled, as the placeholder says
+    assert within.widget.placeholderText() == "none (pooled)"
+    within.set_value("auto")
+    assert widget.settings().whiten.within == "auto"
 
 
 def test_a_diverged_dictionary_is_refused_by_the_dictionary_widget(

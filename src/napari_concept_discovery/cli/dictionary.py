@@ -104,6 +104,9 @@ def run_train(args, con: Console) -> int:
     chosen = trained.dictionary.meta.steps_chosen
     if chosen:  # "196 steps: 50 passes over 4000 tokens ..." (or that --steps chose)
         con.say(chosen)
+    within = trained.dictionary.meta.within_chosen
+    if within:  # "whitening: covariance within cell_type: the controls hold 3 values ..."
+        con.say(f"whitening: {within}")
     con.result(
         dictionary=Path(trained.path).resolve(),
         method=settings.method,
@@ -116,6 +119,8 @@ def run_train(args, con: Console) -> int:
         whitened=whiten is not None,
         nonfinite_dropped=dropped or 0,
         steps_chosen=chosen,
+        whiten_within=None if whiten is None else trained.dictionary.meta.whitening.within,
+        within_chosen=within,
         metrics=m,
     )
     return 0

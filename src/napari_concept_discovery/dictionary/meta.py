@@ -59,6 +59,8 @@ class DictionaryMeta:
     nonfinite_dropped: int = 0
     steps: int | None = None
     steps_chosen: str | None = None
+    #: how the whitening's ``within`` was resolved and why (``within.resolve_within``)
+    within_chosen: str | None = None
     samples: int | None = None
     cancelled: bool = False
     diverged: bool = False
@@ -127,6 +129,8 @@ class DictionaryMeta:
         train = data.pop(TRAIN_KEY, None)
         if train is not None:
             train = dict(train)
+            if isinstance(train.get("whiten"), dict):  # written before "within": pooled
+                train["whiten"] = {"within": None, **train["whiten"]}
             names = {f.name for f in fields(TrainSettings)}
             unknown = {k: train.pop(k) for k in list(train) if k not in names}
             if unknown:

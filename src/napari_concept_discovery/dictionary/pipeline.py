@@ -37,6 +37,7 @@ from .rows import RowSubset, nonfinite_rows, take_rows, where_rows
 from .settings import TrainSettings, WhitenSettings
 from .training import TrainResult, TrainState, check_training_memory, train
 from .whiten import Whitener, control_mask, group_labels
+from .within import resolved_whitening
 
 
 def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str):
@@ -80,11 +81,13 @@ def store_signature(store) -> str | dict:
 
 
 def fit_whitener(tokens, table: pd.DataFrame, settings: WhitenSettings) -> Whitener:
-    """Fit whitening on the control tokens that ``settings.controls`` picks, per ``settings.by``.
+    """Fit whitening on the control tokens that ``settings.controls`` picks, per ``settings.by``,
+    with the covariance within ``settings.within`` (``"auto"`` resolved on ``table``).
 
     With ``by``, every group of the table must have controls of its own: a group without any is
     refused here, naming it, rather than failing on its first token later.
     """
+    settings = resolved_whitening(settings, table)[0]
     mask = control_mask(table, *settings.control)
     if len(mask) != tokens.shape[0]:
         raise DictionaryError(
@@ -290,10 +293,23 @@ def _train_views(store, settings, out, progress, cancel, resume) -> TrainedDicti
     parts = [(view, t.dictionary) for view, t in done]
     metrics = _combined_metrics([(view, t.metrics) for view, t in done])
     part_meta = first.dictionary.meta
+    # the whitening as the part with the user's mode resolved it (the centred part has none)
+    wmeta = next(
+        (
+            m
+            for m in (t.dictionary.meta for _, t in done)
+            if m.whitening.mode == settings.whiten.mode
+        ),
+        part_meta,
+    )
     meta = part_meta.replace(
         train=settings.replace(
-            tokens=part_meta.train.tokens, atoms=part_meta.train.atoms, steps=part_meta.train.steps
+            tokens=part_meta.train.tokens,
+            atoms=part_meta.train.atoms,
+            steps=part_meta.train.steps,
+            whiten=settings.whiten.replace(within=wmeta.whitening.within),
         ),
+        within_chosen=wmeta.within_chosen,
         views=tuple(v for v, _ in done),
         cancelled=cancelled,
         metrics=metrics,
@@ -334,6 +350,10 @@ def _train_on_store(
         )
     where = f"the store at {getattr(store, 'path', '?')}"
     tokens, table, dropped = finite_tokens(tokens, table, unit, settings.drop_nonfinite, where)
+    within_why = None
+    if settings.whiten is not None:  # "auto" resolved once, against this table, and recorded
+        whiten, within_why = resolved_whitening(settings.whiten, table)
+        settings = settings.replace(whiten=whiten)
     atoms = settings.atoms_for(tokens.shape[0])[0]
     steps, steps_why = settings.steps_for(tokens.shape[0])
     settings = settings.replace(atoms=atoms, steps=steps)
@@ -375,6 +395,7 @@ def _train_on_store(
             train=settings,
             n_tokens=int(tokens.shape[0]),
             nonfinite_dropped=dropped,
+            within_chosen=within_why,
         )
 
     def checkpoint(m, step: int, st: TrainState) -> None:

@@ -188,6 +188,11 @@ class Whitener:
         else:
             names, parts, rows = (None,), [x], [np.ones(n, dtype=bool)]
         sub = None
+        if self.within == "auto":
+            raise DictionaryError(
+                "within='auto' names no column yet: resolve it against the token table first "
+                "(dictionary.within.resolve_within, as pipeline.fit_whitener does)"
+            )
         if self.within is not None and self.mode == "pca":
             if within is None:
                 raise DictionaryError(

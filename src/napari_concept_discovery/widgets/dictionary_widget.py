@@ -94,7 +94,8 @@ class DictionaryWidget(StepWidget):
             "Fit one whitening per group of this column (e.g. per plate or cell type); "
             "every group then needs its own controls."
         )
-        self.whiten_fields = make_fields(WhitenSettings, ["mode", "n_components"])
+        self.whiten_fields = make_fields(WhitenSettings, ["mode", "within", "n_components"])
+        self.whiten_fields["within"].widget.setPlaceholderText("none (pooled)")
         self.train_button = QPushButton("Train")
         self.train_button.setToolTip(
             "Learn a dictionary on the store's tokens (off the GUI thread)."
@@ -392,6 +393,9 @@ class DictionaryWidget(StepWidget):
                 f"Trained {trained.result.steps_done} steps{per}: FVU {m['fvu']:.3f}, L0 "
                 f"{m['l0']:.1f}, dead {m['n_dead']}/{m['n_atoms']}."
             )
+            within = trained.dictionary.meta.within_chosen
+            if within:  # how "covariance within: auto" came out, and why
+                text += f" Whitening: {within}."
         self.status.setText(text)
         show_info(text)
 
