@@ -283,6 +283,26 @@ def activity_map(values, table: pd.DataFrame, seed: int) -> dict[str, float]:
     return {v: total[v] / wells[v] if v in wells else float("nan") for v in names}
 
 
+def significant_features(codes, table: pd.DataFrame, seed: int) -> dict[str, int]:
+    """Features the product's well-level test (``analysis.welltest``: ranks of well means
+    against the control wells, permutations within strata, Benjamini-Hochberg at q <= 0.05)
+    calls changed by each perturbation, with plate x cell type as the strata, so that a
+    perturbation's wells are only ever ranked against control wells of their own plate and
+    cell type. (Tested within each cell type alone, a perturbation has one or two wells per
+    plate here and no p-value can reach q <= 0.05; pooled over the cell types by strata, the
+    test has the power to find the real perturbations.) A null perturbation should have none."""
+    from napari_concept_discovery.analysis.profiles import concept_profiles
+
+    codes = codes if hasattr(codes, "tocsr") else np.asarray(codes)
+    strata = table.copy()
+    strata["plate"] = strata["plate"].astype(str) + "/" + strata["cell_type"].astype(str)
+    prof = concept_profiles(codes, strata, "perturbation", CONTROLS, seed=seed)
+    sig = prof.significant()
+    count = {str(v): int(sig[i].sum()) for i, v in enumerate(prof.values)}
+    names = sorted(set(table["perturbation"].astype(str)) - {"control"})
+    return {v: count.get(v, 0) for v in names}
+
+
 # --- one arm -----------------------------------------------------------------------------
 
 
@@ -333,6 +353,7 @@ def run_arm(store, table, concepts, arm: dict, seed: int) -> dict:
     out["families"] = int(summed.shape[1])
     out["fvu"] = float(trained.metrics["fvu"])
     out["map"] = activity_map(codes, table, seed)
+    out["significant"] = significant_features(codes, table, seed)
     out["seconds"] = time.perf_counter() - t
     return out
 
@@ -467,6 +488,19 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
         "type (robust z per plate, cosine; analysis.activity per cell type, mean weighted by "
         "wells) from raw tokens, CellProfiler measurements, codes; nan: no replicate wells"
     )
+    lines.append("")
+    head = f"{'well test':22s} {'kind':>8s} " + " ".join(f"{a[:8]:>8s}" for a in arms)
+    lines.append(head)
+    lines.append("-" * len(head))
+    for name in perts:
+        kind = "null" if res["concepts"][name]["kind"] == "null perturbation" else "real"
+        counts = [res["arms"][a].get("significant", {}).get(name, -1) for a in arms]
+        lines.append(f"{name:22s} {kind:>8s} " + " ".join(f"{c:8d}" for c in counts))
+    lines.append(
+        "features the well-level test calls changed (analysis.welltest: well means against the "
+        "control wells, permutations within plate x cell type, BH q <= 0.05); a null "
+        "perturbation should have none"
+    )
 
     bars: list[tuple[str, bool, str]] = []
     for name in names:
@@ -518,6 +552,21 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
     lines.append(
         f"{'nulls <= floor + 0.05':22s} "
         + " ".join(f"{f'{m} of {len(nulls)}':>13s}" for m in met_n)
+    )
+    real = [n for n in perts if n not in nulls]
+
+    def none_in(arm: dict, group: list[str], want_none: bool) -> str:
+        sig = arm.get("significant", {})
+        hit = sum((sig.get(n, 0) == 0) == want_none for n in group)
+        return f"{hit} of {len(group)}"
+
+    lines.append(
+        f"{'nulls: no significant':22s} "
+        + " ".join(f"{none_in(res['arms'][a], nulls, True):>13s}" for a in arms)
+    )
+    lines.append(
+        f"{'perts: a significant':22s} "
+        + " ".join(f"{none_in(res['arms'][a], real, False):>13s}" for a in arms)
     )
     for name in perts:
         if res["concepts"][name]["kind"] == "null perturbation":
