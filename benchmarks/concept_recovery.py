@@ -284,19 +284,16 @@ def activity_map(values, table: pd.DataFrame, seed: int) -> dict[str, float]:
 
 
 def significant_features(codes, table: pd.DataFrame, seed: int) -> dict[str, int]:
-    """Features the product's well-level test (``analysis.welltest``: ranks of well means
-    against the control wells, permutations within strata, Benjamini-Hochberg at q <= 0.05)
-    calls changed by each perturbation, with plate x cell type as the strata, so that a
-    perturbation's wells are only ever ranked against control wells of their own plate and
-    cell type. (Tested within each cell type alone, a perturbation has one or two wells per
-    plate here and no p-value can reach q <= 0.05; pooled over the cell types by strata, the
-    test has the power to find the real perturbations.) A null perturbation should have none."""
+    """Features the product's well-level test (``analysis.welltest`` as ``analyze`` runs it:
+    ranks of well means against the control wells, permutations within plate x cell type,
+    Benjamini-Hochberg at q <= 0.05) calls changed by each perturbation. A null perturbation
+    should have none. (On 2 plates a perturbation has 1-2 wells per plate and cell type, and no
+    p-value reaches q <= 0.05 unless nearly every feature is extreme.)"""
     from napari_concept_discovery.analysis.profiles import concept_profiles
 
     codes = codes if hasattr(codes, "tocsr") else np.asarray(codes)
-    strata = table.copy()
-    strata["plate"] = strata["plate"].astype(str) + "/" + strata["cell_type"].astype(str)
-    prof = concept_profiles(codes, strata, "perturbation", CONTROLS, seed=seed)
+    prof = concept_profiles(codes, table, "perturbation", CONTROLS, seed=seed)
+    assert prof.strata == ("plate", "cell_type"), prof.strata
     sig = prof.significant()
     count = {str(v): int(sig[i].sum()) for i, v in enumerate(prof.values)}
     names = sorted(set(table["perturbation"].astype(str)) - {"control"})

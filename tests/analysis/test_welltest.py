@@ -67,3 +67,65 @@ def test_benjamini_hochberg_by_definition():
     np.testing.assert_allclose(
         benjamini_hochberg(p), [0.04, 0.0533333, 0.0533333, 0.2, np.nan], rtol=1e-5
     )
+
+
+def _two_cell_types(seed=0, m=20, cells=25):
+    """Four plates, each with 3 control wells of cell type A and 9 of B, 4 wells of ``hit`` and
+    4 of ``null``, both in A only. Feature 3 is higher in B's cells by 1.0 (a cell-type
+    feature); ``hit`` raises feature 7 in 40% of its cells; ``null`` changes nothing."""
+    rng = np.random.default_rng(seed)
+    rows, codes = [], []
+    for plate in ("P1", "P2", "P3", "P4"):
+        layout = [("control", "A")] * 3 + [("control", "B")] * 9
+        layout += [("hit", "A")] * 4 + [("null", "A")] * 4
+        for w, (pert, cell_type) in enumerate(layout):
+            x = np.maximum(rng.normal(0.5 + rng.normal(0, 0.05, m), 0.3, (cells, m)), 0)
+            if cell_type == "B":
+                x[:, 3] += 1.0
+            if pert == "hit":
+                x[rng.random(cells) < 0.4, 7] += 1.0
+            codes.append(x)
+            for c in range(cells):
+                rows.append(
+                    {
+                        "plate": plate,
+                        "well": f"W{w:02d}",
+                        "label": c + 1,
+                        "perturbation": pert,
+                        "cell_type": cell_type,
+                        "well_type": "negative_control" if pert == "control" else "treatment",
+                    }
+                )
+    return sp.csr_matrix(np.vstack(codes)), pd.DataFrame(rows)
+
+
+def _significant(prof) -> set[tuple[str, int]]:
+    t = prof.table()
+    sig = t[t["significant"]]
+    return set(zip(sig["value"], sig["feature"], strict=True))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wells_of_one_cell_type_are_ranked_against_controls_of_that_type(seed):
+    codes, table = _two_cell_types(seed)
+    control = "well_type=negative_control"
+    # ranked within plates alone, the null's wells (all A) rank below the B control wells on the
+    # cell-type feature: a concept from nothing
+    plates_only = concept_profiles(codes, table, "perturbation", control, seed=seed, strata=None)
+    assert plates_only.strata == ("plate",)
+    assert ("null", 3) in _significant(plates_only)
+    # by default the test ranks within plate and cell type: the hit alone is found
+    prof = concept_profiles(codes, table, "perturbation", control, seed=seed)
+    assert prof.strata == ("plate", "cell_type")
+    assert _significant(prof) == {("hit", 7)}
+    # the cell-type column itself is tested within plates (not within its own values)
+    by_type = concept_profiles(codes, table, "cell_type", control, seed=seed)
+    assert by_type.strata == ("plate",)
+
+
+def test_strata_named_outright_must_exist():
+    codes, table = _plate_table()
+    with pytest.raises(Exception, match="cell_line"):
+        concept_profiles(
+            codes, table, "perturbation", "well_type=negative_control", strata="cell_line"
+        )

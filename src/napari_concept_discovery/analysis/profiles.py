@@ -71,6 +71,8 @@ class ConceptProfiles:
     # the well-level test against the control wells (:func:`.welltest.well_test`), one row per
     # (non-control value, feature); None when it was not run
     tests: pd.DataFrame | None = None
+    # what the test permutes within: ("plate",), or ("plate", cell-type column) (:func:`well_test_strata`)
+    strata: tuple[str, ...] = ("plate",)
 
     @property
     def n_features(self) -> int:
@@ -181,6 +183,31 @@ def well_means(codes, table: pd.DataFrame, column: str) -> tuple[pd.DataFrame, n
     return wells, np.asarray((onehot @ csr).todense(), dtype=np.float64)
 
 
+def well_test_strata(
+    table: pd.DataFrame, column: str, control_column: str, strata: str | None
+) -> str | None:
+    """The column the well-level test stratifies by besides the plate, or None (plates only).
+
+    ``"auto"``: the table's cell-type column (:func:`..dictionary.within.cell_type_column`)
+    unless it is the tested or the control column. Where plates mix cell types, a value whose
+    wells hold other cell types than the control wells differs from them by cell type alone;
+    ranked only against control wells of its own cell type, it does not. Measured on issue
+    24's 4-plate benchmark (the default dictionary): null perturbations 11 and 10 features called
+    changed with plates alone as strata, 8 and 9 by plate and cell type (the rest is the
+    whitening's, benchmarks/results/concept_recovery.txt); fewer wells per stratum cost power.
+    A column named outright must exist.
+    """
+    if strata is None or str(strata).lower() == "none":
+        return None
+    if str(strata).lower() != "auto":
+        require_columns(table, [strata], "the well-level test's strata")
+        return strata
+    from ..dictionary.within import cell_type_column
+
+    found = cell_type_column(table.columns)
+    return None if found in (None, column, control_column) else found
+
+
 def concept_profiles(
     codes,
     table: pd.DataFrame,
@@ -190,11 +217,13 @@ def concept_profiles(
     threshold: float = Z_THRESHOLD,
     n_perm: int = N_PERMUTATIONS,
     seed: int = 0,
+    strata: str | None = "auto",
 ) -> ConceptProfiles:
     """:class:`ConceptProfiles` of ``column``, z-scored against the ``control`` wells
     (``COLUMN=VALUE`` or a pair) of each plate, with the well-level permutation test of every
     value against them (:func:`.welltest.well_test`, ``n_perm`` permutations from ``seed``;
-    ``n_perm=0`` skips it).
+    ``n_perm=0`` skips it), within each plate and each value of ``strata``
+    (:func:`well_test_strata`: by default the cell type where the table has one).
 
     Plates without a control well are left out (named in ``skipped_plates``); none with one is
     an error naming the control.
@@ -239,9 +268,20 @@ def concept_profiles(
         )
     keep = ~np.isnan(z[:, 0]) if z.shape[1] else np.ones(len(wells), bool)
     wells, z = wells[keep].reset_index(drop=True), z[keep]
-    tests = (
-        well_test(means[keep], wells, n_perm=n_perm, seed=seed, column=column) if n_perm else None
-    )
+    by = well_test_strata(table, column, ccol, strata)
+    tests = None
+    if n_perm:
+        tested = wells
+        if by is not None:  # a well's stratum: its plate and the most common value of `by`
+            keys = ctrl_keys[["plate", "well"]].assign(s=table[by].astype(str).to_numpy())
+            major = keys.groupby(["plate", "well"])["s"].agg(lambda x: x.value_counts().index[0])
+            tested = wells.assign(
+                plate=[
+                    f"{p} / {major[(p, w)]}"
+                    for p, w in zip(wells["plate"], wells["well"], strict=True)
+                ]
+            )
+        tests = well_test(means[keep], tested, n_perm=n_perm, seed=seed, column=column)
     values = sorted(wells["value"].unique())
     vi = wells["value"].map({v: i for i, v in enumerate(values)}).to_numpy()
     n_wells = np.bincount(vi, minlength=len(values))
@@ -268,4 +308,5 @@ def concept_profiles(
         skipped,
         float((np.asarray(held_out) > threshold).mean()) if held_out else float("nan"),
         tests,
+        ("plate",) if by is None else ("plate", by),
     )

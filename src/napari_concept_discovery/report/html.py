@@ -310,6 +310,9 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
     if not profiles:
         return "".join(parts)
     p0 = profiles[0]
+    # what the well test ranks within: the plate, and the cell type where the table has one
+    by = next((p.strata[1] for p in profiles if len(p.strata) > 1), None)
+    within = "plate" if by is None else f"plate and {html.escape(by)}"
     parts.append(
         "<p class='note'>For every label value, each feature's mean code per well, z-scored "
         f"against the control wells ({html.escape('='.join(p0.control))}) of the same plate, "
@@ -321,13 +324,21 @@ def profiles_html(profiles, chosen, shown, notes, out) -> str:
         "<a href='hits.csv'>hits.csv</a>.</p>"
         "<p class='note'><b>Well-level test</b>: hits count wells above a z threshold; a value "
         "with few wells gets some by chance. The test ranks each feature's well means within "
-        "each plate and asks whether the value's wells rank apart from the plate's control "
-        "wells more than relabelling the wells at random within each plate gives "
+        f"each {within} and asks whether the value's wells rank apart from its control "
+        f"wells more than relabelling the wells at random within each {within} gives "
         f"({N_PERMUTATIONS} permutations per feature, pooled over features; Benjamini-Hochberg "
         f"over every value and feature of the column, FDR {FDR_ALPHA:g}); <i>significant</i> "
         "counts the features it finds changed. A perturbation that changes nothing should have "
         "none. It needs replicate wells: with one well of a value per plate, nothing reaches "
-        "significance over many features.</p>"
+        "significance over many features."
+        + (
+            ""
+            if by is None
+            else f" Ranked within {html.escape(by)} too, a value whose wells hold other "
+            f"{html.escape(by)} values than the control wells is not called changed for that "
+            f"alone ({html.escape(by)}'s own values are ranked within plates)."
+        )
+        + "</p>"
     )
     for prof in profiles:
         parts.append(f"<h3 id='profile-{html.escape(prof.column)}'>{html.escape(prof.column)}</h3>")
