@@ -1,7 +1,8 @@
-"""Whitened components sized to the control cells: concept bars and the well-level test.
+"""Whitened components sized to the control cells (or more shrinkage): concept bars and the
+well-level test.
 
     python benchmarks/whiten_components.py --work <concept_recovery's work folder> \
-        --setting default-p4-s1 --ratios all 2 4 8
+        --setting default-p4-s1 --ratios all 2 4 8 [--shrinkage auto 0.3 0.6]
 
 For each ratio r, the default dictionary of ``concept_recovery.py`` is trained with the whitening
 kept to (control cells / r) principal components (``WhitenSettings.n_components``; "all" is the
@@ -32,6 +33,12 @@ def main() -> int:
     ap.add_argument("--work", required=True, help="concept_recovery's --work folder")
     ap.add_argument("--setting", default="default-p4-s1", help="a setting's folder in it")
     ap.add_argument("--ratios", nargs="+", default=["all", "2", "4", "8"])
+    ap.add_argument(
+        "--shrinkage",
+        nargs="+",
+        default=["auto"],
+        help="the whitening's shrinkage towards the identity (auto: Ledoit-Wolf), each tried",
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -48,12 +55,14 @@ def main() -> int:
     res = json.loads((folder / "results.json").read_text())
     n_ctrl = int((table["well_type"].astype(str) == "negative_control").sum())
     default_settings = cr.arm_settings
-    for ratio in args.ratios:
+    runs = [(r, sh) for sh in args.shrinkage for r in args.ratios]
+    for ratio, shrink in runs:
         nc = None if ratio == "all" else int(n_ctrl / float(ratio))
+        shrinkage = str(shrink)  # "auto" or a number, as --whiten-shrinkage takes it
 
-        def sized(arm, seed, nc=nc):
+        def sized(arm, seed, nc=nc, shrinkage=shrinkage):
             s = default_settings(arm, seed)
-            return s.replace(whiten=s.whiten.replace(n_components=nc))
+            return s.replace(whiten=s.whiten.replace(n_components=nc, shrinkage=shrinkage))
 
         cr.arm_settings = sized
         out = cr.run_arm(store, table, concepts, {}, 1)
@@ -72,7 +81,8 @@ def main() -> int:
         sig = out["significant"]
         nulls = [k for k in sig if res["concepts"].get(k, {}).get("kind") == "null perturbation"]
         print(
-            f"{args.setting} controls {n_ctrl} ratio {ratio} components {nc or 'all'}: concepts "
+            f"{args.setting} controls {n_ctrl} ratio {ratio} components {nc or 'all'} shrinkage "
+            f"{shrink}: concepts "
             f"{met_c}/{len(res['concepts']) - len(nulls)} nulls {met_n}/{len(nulls)} (floor "
             f"{floor:.3f}); significant features: nulls {[sig[k] for k in nulls]} real "
             f"{[v for k, v in sig.items() if k not in nulls]}",
