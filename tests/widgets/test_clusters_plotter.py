@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pytestqt.exceptions import TimeoutError as WaitTimeout
 
 from napari_concept_discovery.analysis.explore import Explorer
 from napari_concept_discovery.dictionary import load_dictionary
@@ -66,8 +67,17 @@ def test_clusters_plotter_plots_and_reduces_the_codes_of_the_cells_in_view(
     for i in range(listed.count()):
         listed.item(i).setSelected(listed.item(i).text() in columns)
     assert list(reducer._update_features().columns) == sorted(columns)
-    reducer.selected_algorithm_widget()
-    qtbot.waitUntil(lambda: "PC1" in cells.features.columns, timeout=WAIT)
+    # napari-clusters-plotter starts its worker before it connects to the worker's result
+    # (_algorithm_widget._wait_for_finish), so a PCA that finishes in between is dropped (seen
+    # once in CI on a loaded machine); a user presses Run again, and so does this test
+    for _ in range(3):
+        reducer.selected_algorithm_widget()
+        try:
+            qtbot.waitUntil(lambda: "PC1" in cells.features.columns, timeout=WAIT // 3)
+            break
+        except WaitTimeout:
+            continue
+    assert "PC1" in cells.features.columns
 
     # the same cells' codes from the library, in the layer's row order
     store = ActivationStore.open(demo_folder / "store.zarr")
