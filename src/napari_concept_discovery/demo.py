@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from .dictionary.nested import describe_levels
+from .dictionary.overfit import OVERFIT_RATIO
 from .dictionary.settings import METHOD_NAMES, AnalyzeSettings, TrainSettings, WhitenSettings
 from .dictionary.whiten import control_mask
 from .progress import ProgressCallback
@@ -277,6 +278,7 @@ def run_demo(
         )
         comparison.append(_summary(name, recovered[name], result.metrics["fvu"]))
         comparison[-1]["covariance within"] = result.dictionary.meta.whitening.within or "-"
+        comparison[-1]["whitening check"] = _overfit_words(result.metrics)
         trained[name] = result
     crop = _crop_dictionary(
         store, out, method, n_atoms, sparsity, seed, recovered, comparison, log, progress, s.views
@@ -396,7 +398,17 @@ def _crop_dictionary(
     found = recovery_table(codes, well_concepts(table, sorted(nulls)))
     comparison.append(_summary("controls", found, result.metrics["fvu"], unit="crop"))
     comparison[-1]["covariance within"] = result.dictionary.meta.whitening.within or "-"
+    comparison[-1]["whitening check"] = _overfit_words(result.metrics)
     return result
+
+
+def _overfit_words(metrics: dict) -> str:
+    """The whitening check of a dictionary's metrics (:mod:`.dictionary.overfit`) as the demo's
+    comparison shows it: "7.2x overfits", "1.1x", or "-" where it was not measured."""
+    ratio = metrics.get("whitened_norm_ratio")
+    if ratio is None:
+        return "-"
+    return f"{ratio:.1f}x" + (" overfits" if ratio > OVERFIT_RATIO else "")
 
 
 def _touched(concept: str) -> str:
@@ -519,6 +531,12 @@ def format_report(result: DemoResult) -> str:
         "  (--whiten-within auto; 'covariance within' above) keeps the cell types, at some",
         "  cost to the perturbations; with one control well per cell type and plate",
         "  it has not seen how wells differ, and can amplify that (watch the null column).",
+        "  'whitening check': how far out the other cells' whitened tokens lie against the",
+        "  control cells' own (near 1 where the controls are a fair sample). With fewer control",
+        "  cells than token dimensions the whitening overfits them ('overfits': above "
+        f"{OVERFIT_RATIO:g}),",
+        "  and features tell any well from the controls: read the null column and the report's",
+        "  well-level test beside it, not the hits alone.",
         f"  The analysis above uses '{result.preparation}'; every dictionary is in the output "
         "folder.",
         "  The crop row learns on crop tokens (one per tile: no segmentation needed, the route",

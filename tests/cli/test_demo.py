@@ -9,6 +9,7 @@ import pandas as pd
 from napari_concept_discovery.cli import main
 from napari_concept_discovery.demo import DemoSettings, format_report, run_demo
 from napari_concept_discovery.dictionary import load_dictionary
+from napari_concept_discovery.dictionary.overfit import OVERFIT_RATIO
 
 
 def test_demo_end_to_end_and_rerun(tmp_path):
@@ -123,3 +124,11 @@ def test_demo_cli(tmp_path, capsys):
     # per plate and cell type: no hint, each group's controls hold one cell type
     assert "    whitening: pooled (--whiten-within none)\n" in out
     assert "covariance within" in out  # the comparison's column
+    # the whitening check per dictionary: "7.2x overfits" where other cells' whitened tokens
+    # lie far out against the controls' (the demo's plates have fewer control cells than token
+    # dimensions), the same figure the dictionary's metrics keep
+    assert "whitening check" in out
+    d = load_dictionary(tmp_path / "d" / "dictionary-controls.safetensors")
+    ratio = d.meta.metrics["whitened_norm_ratio"]
+    shown = f"{ratio:.1f}x" + (" overfits" if ratio > OVERFIT_RATIO else "")
+    assert shown in out
