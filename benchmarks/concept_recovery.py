@@ -291,7 +291,6 @@ def significant_features(codes, table: pd.DataFrame, seed: int) -> dict[str, int
     p-value reaches q <= 0.05 unless nearly every feature is extreme.)"""
     from napari_concept_discovery.analysis.profiles import concept_profiles
 
-    codes = codes if hasattr(codes, "tocsr") else np.asarray(codes)
     prof = concept_profiles(codes, table, "perturbation", CONTROLS, seed=seed)
     assert prof.strata == ("plate", "cell_type"), prof.strata
     sig = prof.significant()
@@ -542,29 +541,19 @@ def report(setting: Setting, res: dict, args) -> tuple[str, list[tuple[str, bool
         arm = res["arms"][a]
         floor = float(np.nanmax([arm["floor feature"], arm["floor family"]]))
         met_n.append(sum(best_of(res, a, n) <= floor + NULL_MARGIN for n in nulls))
-    lines.append(
-        f"{'concepts >= bar':22s} "
-        + " ".join(f"{f'{m} of {len(concept_names)}':>13s}" for m in met_c)
-    )
-    lines.append(
-        f"{'nulls <= floor + 0.05':22s} "
-        + " ".join(f"{f'{m} of {len(nulls)}':>13s}" for m in met_n)
-    )
     real = [n for n in perts if n not in nulls]
 
-    def none_in(arm: dict, group: list[str], want_none: bool) -> str:
+    def none_in(arm: dict, group: list[str], want_none: bool) -> int:
         sig = arm.get("significant", {})
-        hit = sum((sig.get(n, 0) == 0) == want_none for n in group)
-        return f"{hit} of {len(group)}"
+        return sum((sig.get(n, 0) == 0) == want_none for n in group)
 
-    lines.append(
-        f"{'nulls: no significant':22s} "
-        + " ".join(f"{none_in(res['arms'][a], nulls, True):>13s}" for a in arms)
-    )
-    lines.append(
-        f"{'perts: a significant':22s} "
-        + " ".join(f"{none_in(res['arms'][a], real, False):>13s}" for a in arms)
-    )
+    for label, counts, of in (
+        ("concepts >= bar", met_c, concept_names),
+        ("nulls <= floor + 0.05", met_n, nulls),
+        ("nulls: no significant", [none_in(res["arms"][a], nulls, True) for a in arms], nulls),
+        ("perts: a significant", [none_in(res["arms"][a], real, False) for a in arms], real),
+    ):
+        lines.append(f"{label:22s} " + " ".join(f"{f'{m} of {len(of)}':>13s}" for m in counts))
     for name in perts:
         if res["concepts"][name]["kind"] == "null perturbation":
             continue

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from .dictionary.nested import describe_levels
-from .dictionary.overfit import OVERFIT_RATIO
+from .dictionary.overfit import OVERFIT_RATIO, overfits
 from .dictionary.settings import METHOD_NAMES, AnalyzeSettings, TrainSettings, WhitenSettings
 from .dictionary.whiten import control_mask
 from .progress import ProgressCallback
@@ -408,7 +408,7 @@ def _overfit_words(metrics: dict) -> str:
     ratio = metrics.get("whitened_norm_ratio")
     if ratio is None:
         return "-"
-    return f"{ratio:.1f}x" + (" overfits" if ratio > OVERFIT_RATIO else "")
+    return f"{ratio:.1f}x" + (" overfits" if overfits(ratio) else "")
 
 
 def _touched(concept: str) -> str:

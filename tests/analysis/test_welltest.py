@@ -12,6 +12,16 @@ from napari_concept_discovery.analysis.profiles import concept_profiles
 from napari_concept_discovery.analysis.welltest import benjamini_hochberg
 
 
+def _well_rows(plate: str, w: int, pert: str, cells: int, **extra) -> list[dict]:
+    """The table rows of well ``w``'s ``cells`` cells (control wells: ``pert == "control"``)."""
+    kind = "negative_control" if pert == "control" else "treatment"
+    return [
+        {"plate": plate, "well": f"W{w:02d}", "label": c + 1, "perturbation": pert, **extra}
+        | {"well_type": kind}
+        for c in range(cells)
+    ]
+
+
 def _plate_table(seed=0, m=40, cells=30, effect=1.0):
     """Two plates of 6 control wells, 3 wells of ``hit`` and 3 of ``null``: every feature's code
     per cell is well noise + cell noise (with a plate offset on plate 2); ``hit`` raises
@@ -26,16 +36,7 @@ def _plate_table(seed=0, m=40, cells=30, effect=1.0):
             if pert == "hit":
                 x[rng.random(cells) < 0.4, 7] += effect
             codes.append(x)
-            for c in range(cells):
-                rows.append(
-                    {
-                        "plate": plate,
-                        "well": f"W{w:02d}",
-                        "label": c + 1,
-                        "perturbation": pert,
-                        "well_type": "negative_control" if pert == "control" else "treatment",
-                    }
-                )
+            rows += _well_rows(plate, w, pert, cells)
     return sp.csr_matrix(np.vstack(codes)), pd.DataFrame(rows)
 
 
@@ -85,17 +86,7 @@ def _two_cell_types(seed=0, m=20, cells=25):
             if pert == "hit":
                 x[rng.random(cells) < 0.4, 7] += 1.0
             codes.append(x)
-            for c in range(cells):
-                rows.append(
-                    {
-                        "plate": plate,
-                        "well": f"W{w:02d}",
-                        "label": c + 1,
-                        "perturbation": pert,
-                        "cell_type": cell_type,
-                        "well_type": "negative_control" if pert == "control" else "treatment",
-                    }
-                )
+            rows += _well_rows(plate, w, pert, cells, cell_type=cell_type)
     return sp.csr_matrix(np.vstack(codes)), pd.DataFrame(rows)
 
 

@@ -70,9 +70,14 @@ def control_norm_ratio(
     return out
 
 
+def overfits(ratio: float) -> bool:
+    """Whether a :func:`control_norm_ratio` is above :data:`OVERFIT_RATIO`."""
+    return bool(np.isfinite(ratio) and ratio > OVERFIT_RATIO)
+
+
 def overfit_warning(ratio: float, n_controls: int, dims: int) -> str | None:
-    """What ``train`` says when ``ratio`` is above :data:`OVERFIT_RATIO`, else None."""
-    if not np.isfinite(ratio) or ratio <= OVERFIT_RATIO:
+    """What ``train`` says when ``ratio`` :func:`overfits`, else None."""
+    if not overfits(ratio):
         return None
     return (
         f"the whitening overfits its controls: other cells' whitened tokens are {ratio:.1f}x "

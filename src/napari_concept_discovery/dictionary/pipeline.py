@@ -244,7 +244,7 @@ def _combined_metrics(parts: list[tuple[str, dict]]) -> dict:
             out[key] = float(np.mean([m[key] for _, m in parts]))
     ratios = [(m["whitened_norm_ratio"], m) for _, m in parts if "whitened_norm_ratio" in m]
     if ratios:  # the whitened part's check (:mod:`.overfit`), the worst where several
-        ratio, m = max(ratios, key=lambda r: r[0] if np.isfinite(r[0]) else -1.0)
+        ratio, m = max(ratios, key=lambda r: r[0])  # recorded only where finite
         out["whitened_norm_ratio"] = ratio
         out["whitening_controls"] = m["whitening_controls"]
         out["whitening_dims"] = m["whitening_dims"]
@@ -480,15 +480,13 @@ def _train_on_store(
             )
         except Cancelled:
             cancelled = True
-    if not cancelled and whitener is not None and getattr(whitener, "transform_", None) is not None:
+    if not cancelled and whitener is not None and whitener.transform_ is not None:
         # PCA whitening (not centring alone): how far it overfits its controls (:mod:`.overfit`)
         fit = control_norm_ratio(whitener, tokens, table, settings.whiten, seed=settings.seed)
-    else:
-        fit = {"ratio": float("nan")}
-    if np.isfinite(fit["ratio"]):
-        metrics["whitened_norm_ratio"] = fit["ratio"]
-        metrics["whitening_controls"] = fit["n_controls"]
-        metrics["whitening_dims"] = fit["dims"]
+        if np.isfinite(fit["ratio"]):  # NaN: no cells besides the controls, or no controls
+            metrics["whitened_norm_ratio"] = fit["ratio"]
+            metrics["whitening_controls"] = fit["n_controls"]
+            metrics["whitening_dims"] = fit["dims"]
     meta = meta.replace(
         steps=result.steps_done,
         steps_chosen=f"{steps} steps: {steps_why}",
