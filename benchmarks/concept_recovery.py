@@ -80,13 +80,13 @@ DEFAULT_SETTINGS = ("default:2:1", "default:4:1", "default:2:2", "forms:2:1")
 #: name, what differs from the product's default training
 ARMS = (
     ("default", {}),
+    ("two views", {"views": "whitened,centred"}),
     ("auto", {"within": "auto"}),
     ("whitened", {"views": "whitened"}),
     ("centred", {"views": "centred"}),
     ("nested", {"views": "whitened", "atoms": 256, "levels": "16,64,M"}),
     ("within type", {"views": "whitened", "within": "cell_type"}),
     ("default, 32", {"atoms": 32}),
-    ("auto, 32", {"within": "auto", "atoms": 32}),
 )
 N_SPLITS = 5
 NULL_MARGIN = 0.05

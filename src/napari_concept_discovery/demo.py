@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import pandas as pd
 from .dictionary.nested import describe_levels
 from .dictionary.overfit import OVERFIT_RATIO, overfits
 from .dictionary.settings import METHOD_NAMES, AnalyzeSettings, TrainSettings, WhitenSettings
+from .dictionary.views import describe_views
 from .dictionary.whiten import control_mask
 from .progress import ProgressCallback
 from .settings import Settings, option
@@ -52,8 +54,8 @@ class DemoSettings(Settings):
     )
     views: str = option(
         TrainSettings.views,
-        "views of the tokens the dictionary has a part for (as train --views: whitened, "
-        "centred or both)",
+        "views of the tokens the dictionary has a part for (as train --views: any of "
+        "whitened, within-type and centred, comma-separated)",
     )
     sparsity: int = option(8, "non-zeros per token")
     steps: int = option(1000, "training steps")
@@ -145,9 +147,12 @@ def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
     }
 
 
-def _views_words(settings: TrainSettings) -> str:
-    """``; views whitened + centred, one part each`` for a dictionary in views, else ''."""
-    views = [v for v, _ in settings.view_settings()]
+def _views_words(settings: TrainSettings, table) -> str:
+    """``; views whitened + centred, a part each`` for a dictionary in views, else '': the
+    views training keeps on ``table`` (within-type only where it differs from the whitening)."""
+    from .dictionary.pipeline import distinct_views
+
+    views = [v for v, _ in distinct_views(settings.view_settings(), table)]
     return f"; views {' + '.join(views)}, a part each" if len(views) > 1 else ""
 
 
@@ -262,7 +267,7 @@ def run_demo(
         log(
             f"3/4 {method} dictionary, {atoms} atoms ({why}), nested levels {nested}, "
             f"{sparsity} non-zeros, on {n_cells} cell tokens PCA-whitened on {what}"
-            + _views_words(settings)
+            + _views_words(settings, table)
         )
         slug = name.replace(" ", "-")
         with _one_torch_thread():
@@ -486,11 +491,12 @@ def format_report(result: DemoResult) -> str:
         found.to_string(index=False, float_format=_fmt),
         "",
         *(
-            [
-                "view: the part of the dictionary that found the feature: whitened (on the",
-                "controls: perturbations stand out) or centred (only centred on the controls:",
-                "what controls vary in, cell type and mitosis, stays):",
-            ]
+            textwrap.wrap(
+                "view: the part of the dictionary that found the feature: "
+                + describe_views(list(dict.fromkeys(c["view"].astype(str))))
+                + ":",
+                100,
+            )
             if "view" in c.columns
             else []
         ),

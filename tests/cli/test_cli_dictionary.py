@@ -68,9 +68,11 @@ def test_train_and_analyze_from_the_command_line(
     assert main(args) == 0
     assert "FVU" in capsys.readouterr().out
     d = load_dictionary(dict_path)
-    # by default a whitened and a centred part of 48 atoms each, in one file
-    assert d.view_names == ("whitened", "centred")
-    assert d.model.method == method and [p.n_atoms for _, p in d.parts] == [48, 48]
+    # by default a whitened, a within-type (the controls mix cell types) and a centred part of
+    # 48 atoms each, in one file
+    assert d.view_names == ("whitened", "within-type", "centred")
+    assert d.model.method == method and [p.n_atoms for _, p in d.parts] == [48, 48, 48]
+    assert d.part("within-type").meta.whitening.within == "cell_type"
     assert d.meta.model_id == "tiny-random" and d.meta.block == 1 and d.meta.unit == "cell"
     assert d.meta.whitening == WhitenSettings(
         "well_type=negative_control", by="plate", mode="pca", shrinkage="auto"
@@ -106,12 +108,12 @@ def test_train_and_analyze_from_the_command_line(
     )
     assert rc == 0
     feats = pd.read_parquet(out / "features.parquet")
-    assert len(feats) == 96 and {"frequency", "top_label", "selectivity_avg", "top_tokens"} <= set(
+    assert len(feats) == 144 and {"frequency", "top_label", "selectivity_avg", "top_tokens"} <= set(
         feats.columns
     )
-    assert feats["view"].tolist() == ["whitened"] * 48 + ["centred"] * 48
+    assert feats["view"].tolist() == ["whitened"] * 48 + ["within-type"] * 48 + ["centred"] * 48
     adata = ad.read_h5ad(out / "codes.h5ad")
-    assert sp.issparse(adata.X) and adata.shape[1] == 96
+    assert sp.issparse(adata.X) and adata.shape[1] == 144
     assert {"plate", "well", "well_type", "mitotic"} <= set(adata.obs.columns)
     long = pd.read_parquet(out / "codes.parquet")
     assert len(long) == adata.X.nnz and long["token"].max() < adata.shape[0]

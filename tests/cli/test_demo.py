@@ -50,6 +50,14 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert cells["whitening"].tolist() == ["per cell type", "controls", "within cell type"]
     # the default (auto) resolves to cell_type on these controls; "controls" pools them
     assert cells["covariance within"].tolist() == ["-", "-", "cell_type"]
+    # the pooled whitening gets the within-type view beside it; whitened per cell type or
+    # within cell type already, that view would be the same whitening and is left out
+    pooled = load_dictionary(result.out / "dictionary-controls.safetensors")
+    assert pooled.view_names == ("whitened", "within-type", "centred")
+    assert pooled.part("within-type").whitener.within == "cell_type"
+    for other in ("per-cell-type", "within-cell-type"):
+        d = load_dictionary(result.out / f"dictionary-{other}.safetensors")
+        assert d.view_names == ("whitened", "centred"), other
     # and a dictionary on crop tokens (no segmentation), judged at the well level
     crops = result.comparison[result.comparison["unit"] == "crop"]
     assert len(crops) == 1 and crops["mitotic"].isna().all()
@@ -120,7 +128,12 @@ def test_demo_cli(tmp_path, capsys):
     assert "atoms (one atom per" in out  # sized to the cells: the rule is said
     # how each whitening's covariance was estimated, and why: the controls mix three types
     assert "    whitening: covariance within cell_type: the controls hold 3 values of it" in out
-    assert "    whitening: pooled (--whiten-within none); the controls mix cell_type" in out
+    # pooled, with the within-type view saying how it estimated its own
+    assert (
+        "    whitening: pooled (--whiten-within none); within-type view: covariance within "
+        "cell_type: the controls hold 3 values of it"
+    ) in out
+    assert "views whitened + within-type + centred, a part each" in out
     # per plate and cell type: no hint, each group's controls hold one cell type
     assert "    whitening: pooled (--whiten-within none)\n" in out
     assert "covariance within" in out  # the comparison's column

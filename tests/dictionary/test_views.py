@@ -47,7 +47,9 @@ def both(store, tmp_path_factory):
 def test_views_are_parsed_and_unknown_ones_refused():
     assert parse_views("centred, whitened") == ("whitened", "centred")
     assert parse_views("centered") == ("centred",)
-    with pytest.raises(DictionaryError, match="views: raw; give one or both of whitened,centred"):
+    with pytest.raises(
+        DictionaryError, match="views: raw; give one or more of whitened,within-type,centred"
+    ):
         parse_views("whitened,raw")
     with pytest.raises(SettingsError, match="views"):
         TrainSettings(views="")
@@ -235,3 +237,67 @@ def test_the_centred_view_finds_a_cell_type_that_whitening_scales_away():
     # measured: cell type 0.60 whitened, 0.85 centred; perturbation 0.94 whitened, 0.53 centred
     assert cell_type["centred"] > 0.8 and cell_type["whitened"] < 0.65
     assert perturbation["whitened"] > 0.85 and perturbation["centred"] < 0.65
+
+
+def test_the_within_type_view_keeps_the_cell_type_that_pooled_whitening_scales_away():
+    """With the cell type in the table, the default adds a third part whitened with the
+    controls' covariance within cell types: the type difference is not taken for control
+    variation, so that part finds the cell type the pooled whitening scales away, while the
+    whitened part keeps the perturbation."""
+    tokens, table, cell_a, responded, control = _plate_with_cell_types(seed=0)
+    table["cell_type"] = np.where(cell_a, "A", "B")
+    store = ArrayStore(tokens, table)
+    settings = TrainSettings(
+        atoms=16,
+        sparsity=4,
+        steps=200,
+        batch_size=256,
+        seed=0,
+        checkpoint_every=0,
+        whiten=WhitenSettings("well_type=negative_control"),
+    )
+    d = train_on_store(store, settings).dictionary
+    assert d.view_names == ("whitened", "within-type", "centred") == d.meta.views
+    assert d.part("within-type").whitener.within == "cell_type"
+    assert d.part("whitened").whitener.within is None
+    assert d.meta.within_chosen.startswith("pooled (--whiten-within none); within-type view: ")
+    assert "covariance within cell_type: the controls hold 2 values" in d.meta.within_chosen
+    codes, _ = encode_store(store, d)
+    views = d.feature_views()
+    assert list(views) == ["whitened"] * 16 + ["within-type"] * 16 + ["centred"] * 16
+    judged = control | responded
+
+    def best(member, rows=slice(None)) -> dict[str, float]:
+        auc = feature_auroc(codes[rows], member)
+        return {v: float(np.nanmax(auc[views == v])) for v in d.view_names}
+
+    cell_type = best(cell_a)
+    perturbation = best(responded[judged], judged)
+    # measured: cell type 0.59 whitened, 0.86 within-type; perturbation 0.94 whitened
+    assert cell_type["within-type"] > 0.8 and cell_type["whitened"] < 0.65
+    assert perturbation["whitened"] > 0.85
+    # the same part as the view trains alone
+    alone = train_on_store(store, settings.replace(views="within-type")).dictionary
+    assert alone.whitener.within == "cell_type"
+    assert (encode_store(store, alone)[0] != codes[:, 16:32]).nnz == 0
+
+
+def test_views_that_come_to_one_whitening_are_one_part():
+    """within-type is dropped where it is the pooled whitening (the controls hold one cell
+    type, or the table names none) or where the whitening already is within auto."""
+    from napari_concept_discovery.dictionary.pipeline import distinct_views
+
+    three = TrainSettings(whiten=WhitenSettings("well_type=negative_control"))
+    parts = three.view_settings()
+    assert [v for v, _ in parts] == ["whitened", "within-type", "centred"]
+    assert dict(parts)["within-type"].whiten == three.whiten.replace(within="auto")
+    auto = three.replace(whiten=three.whiten.replace(within="auto"))
+    assert [v for v, _ in auto.view_settings()] == ["whitened", "centred"]
+    only = three.replace(views="within-type", whiten=three.whiten.replace(within="auto"))
+    assert [v for v, _ in only.view_settings()] == ["whitened"]
+    rows = {"well_type": ["negative_control"] * 4 + ["treatment"] * 2, "plate": "P"}
+    mixed = pd.DataFrame({**rows, "cell_type": ["A", "B", "A", "B", "A", "B"]})
+    assert [v for v, _ in distinct_views(parts, mixed)] == ["whitened", "within-type", "centred"]
+    one = pd.DataFrame({**rows, "cell_type": ["A", "A", "A", "A", "B", "B"]})
+    assert [v for v, _ in distinct_views(parts, one)] == ["whitened", "centred"]
+    assert [v for v, _ in distinct_views(parts, pd.DataFrame(rows))] == ["whitened", "centred"]

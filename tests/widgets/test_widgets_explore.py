@@ -506,7 +506,9 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     widget.fields["unit"].set_value("cell")
     assert atoms.value() == 48 and widget.settings().atoms == 48
     assert widget.settings().levels == "none"  # the nested levels field, plain by default
-    # the views field: both by default, one when the user says so
+    # the views field: all three by default, any two or one when the user says so
+    assert widget.settings().views == "whitened,within-type,centred"
+    widget.fields["views"].set_value("whitened,centred")
     assert widget.settings().views == "whitened,centred"
     widget.fields["views"].set_value("centred")
     assert widget.settings().views == "centred"

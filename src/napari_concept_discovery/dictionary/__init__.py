@@ -6,7 +6,7 @@ Qt-free; torch lives here (docs/architecture.md, "Dictionaries"). The modules, e
 - ``whiten``: control-based whitening; ``base``, ``icfl``, ``topk``: the methods;
 - ``registry``: the methods by name; ``training``: the training loop; ``metrics``: evaluation;
 - ``applied``: a trained dictionary (whitening + coder + metadata) and the one encode loop;
-- ``views``: the whitened and centred views (no torch); ``combined``: a dictionary in views;
+- ``views``: the whitened, within-type and centred views (no torch); ``combined``: a dictionary in views;
 - ``meta``: DictionaryMeta, what a dictionary was trained on (no torch); ``io``: the
   dictionary file; ``pipeline``: train on a whole store; ``stains``: which
   stains an atom reads.

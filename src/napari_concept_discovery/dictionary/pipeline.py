@@ -13,6 +13,7 @@ the demo and the widgets pass settings objects (:mod:`.settings`) and get the sa
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -212,14 +213,31 @@ def train_on_store(
     elif resume:
         raise DictionaryError("resume needs the output path whose checkpoint to go on from")
     parts = settings.view_settings()
+    if len(parts) > 1:
+        parts = distinct_views(parts, store.table(settings.unit))
     if len(parts) == 1:  # one view: a plain dictionary of that whitening
         settings = parts[0][1]
-    train_views = _train_views if len(parts) > 1 else _train_on_store
+    train_views = partial(_train_views, views=parts) if len(parts) > 1 else _train_on_store
     if out is None:
         return train_views(store, settings, None, progress, cancel, resume)
     # the lock embed takes on its store: a second training to the same file is refused
     with write_lock(out, what="dictionary file", error=OutputError):
         return train_views(store, settings, out, progress, cancel, resume)
+
+
+def distinct_views(
+    parts: list[tuple[str, TrainSettings]], table: pd.DataFrame
+) -> list[tuple[str, TrainSettings]]:
+    """``parts`` less those whose whitening, resolved on ``table``, is an earlier part's: the
+    ``within-type`` view is the pooled whitening where the controls hold one cell type or the
+    table names none, and a second part of it would only train the same dictionary twice."""
+    kept, seen = [], []
+    for view, part in parts:
+        resolved = resolved_whitening(part.whiten, table)[0]
+        if resolved not in seen:
+            seen.append(resolved)
+            kept.append((view, part))
+    return kept
 
 
 def view_checkpoint_path(out: str | Path, view: str) -> Path:
@@ -268,12 +286,12 @@ def _steps_on(progress: ProgressCallback, part: int, parts: int) -> ProgressCall
     return forward
 
 
-def _train_views(store, settings, out, progress, cancel, resume) -> TrainedDictionary:
-    """One part per view (:meth:`.TrainSettings.view_settings`), trained one after the other
-    with the same seed, each as it would be alone, then written as one file."""
+def _train_views(store, settings, out, progress, cancel, resume, views) -> TrainedDictionary:
+    """One part per view (``views``: :meth:`.TrainSettings.view_settings`, distinct on the
+    table), trained one after the other with the same seed, each as it would be alone, then
+    written as one file."""
     from .combined import CombinedDictionary
 
-    views = settings.view_settings()
     ckpts = {v: view_checkpoint_path(out, v) if out is not None else None for v, _ in views}
     if resume and not any(c.is_file() for c in ckpts.values()):
         raise DictionaryError(
@@ -316,7 +334,7 @@ def _train_views(store, settings, out, progress, cancel, resume) -> TrainedDicti
             steps=part_meta.train.steps,
             whiten=settings.whiten.replace(within=wmeta.whitening.within),
         ),
-        within_chosen=wmeta.within_chosen,
+        within_chosen=_within_words(done, wmeta),
         views=tuple(v for v, _ in done),
         cancelled=cancelled,
         metrics=metrics,
@@ -335,6 +353,16 @@ def _train_views(store, settings, out, progress, cancel, resume) -> TrainedDicti
             ckpt.unlink(missing_ok=True)
     kept = next((c for c in ckpts.values() if c is not None and c.is_file()), None)
     return TrainedDictionary(dictionary, result, metrics, path, cancelled, kept)
+
+
+def _within_words(done: list[tuple[str, TrainedDictionary]], wmeta: DictionaryMeta) -> str:
+    """How the whitening estimated its covariance, with the within-type view's beside it."""
+    typed = next((t.dictionary.meta for v, t in done if v == "within-type"), None)
+    if typed is None or typed is wmeta:
+        return wmeta.within_chosen
+    # the pooled reason's hint to --whiten-within auto is what the within-type view does
+    pooled = wmeta.within_chosen.split("; the controls mix")[0]
+    return f"{pooled}; within-type view: {typed.within_chosen}"
 
 
 def _train_on_store(

@@ -53,7 +53,8 @@ class WhitenSettings(Settings):
         "what differs between the groups is not taken for control variation and scaled down "
         "(centring still follows --whiten-by): a column name; auto: the cell-type column "
         "(cell_type, cell_line) where the controls hold more than one cell type, else pooled; "
-        "none (the default): pooled. On issue 24's four benchmark settings auto found the cell "
+        "none (the default): pooled, with the within-type view (--views) whitened within "
+        "auto beside it. On issue 24's four benchmark settings auto alone found the cell "
         "types (best feature or family 0.84-0.99 AUROC against 0.68-0.85 pooled) but lost a "
         "perturbation on two and let one more null through on one "
         "(benchmarks/results/concept_recovery.txt); the choice and why are recorded in the "
@@ -234,11 +235,13 @@ class TrainSettings(Settings):
     )
     views: str = option(
         VIEW_CHOICES[0],
-        "views of the tokens the dictionary has a part for: whitened,centred (both), whitened "
-        "(the whitening as set, which finds perturbations) or centred (only centred on the "
-        "controls, which keeps what controls vary in: cell type, cell cycle); each feature is "
-        "labelled with its view; each part has the atoms the sizing gives (ignored with no "
-        "whitening)",
+        "views of the tokens the dictionary has a part for, comma-separated: whitened (the "
+        "whitening as set, which finds perturbations), within-type (the same controls' "
+        "covariance taken within each cell type, which keeps what differs between cell types; "
+        "left out where the controls hold one cell type or the table names none) and centred "
+        "(only centred on the controls, which keeps what controls vary in: cell type, cell "
+        "cycle); each feature is labelled with its view; each part has the atoms the sizing "
+        "gives (ignored with no whitening)",
         choices=VIEW_CHOICES,
         label="views",
     )
@@ -312,17 +315,22 @@ class TrainSettings(Settings):
 
         Without whitening there is one part, the tokens as stored (``[]``: a plain dictionary).
         Each view is the whitening with its mode (:data:`.views.VIEW_MODES`); views that come
-        to the same whitening (``centred`` beside a whitening that only centres) are one.
-        With one part left the dictionary is a plain one of that whitening.
+        to the same whitening (``centred`` beside a whitening that only centres, ``within-type``
+        beside a whitening already within ``auto``) are one. With one part left the dictionary
+        is a plain one of that whitening. Whether ``within-type`` differs from the pooled
+        whitening depends on the table: training drops it there (:func:`.pipeline.distinct_views`).
         """
         if self.whiten is None:
             return []
         parts: dict[str, TrainSettings] = {}
         for view in parse_views(self.views):
-            mode = self.whiten.mode if view == "whitened" else VIEW_MODES[view]
-            name = view_of_mode(mode)
+            pca = self.whiten.mode == "pca"
+            if view == "within-type" and pca and str(self.whiten.within).lower() != "auto":
+                name, whiten = view, self.whiten.replace(within="auto")
+            else:  # within-type where the whitening is already within auto, or only centres
+                mode = VIEW_MODES[view] if view == "centred" else self.whiten.mode
+                name, whiten = view_of_mode(mode), self.whiten.replace(mode=mode)
             if name not in parts:
-                whiten = self.whiten.replace(mode=mode)
                 parts[name] = self.replace(whiten=whiten, views=name)
         return list(parts.items())
 

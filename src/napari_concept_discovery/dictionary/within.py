@@ -7,9 +7,10 @@ cell types apart at 0.68-0.85 AUROC, the same with the covariance within cell ty
 0.84-0.99.
 ``within="auto"`` estimates it within the table's cell-type column where the controls of a
 whitening group hold more than one cell type, and pools it otherwise (one cell type, or no
-such column). It is not the default: at 16 atoms the cell types take atoms from the
-perturbations, and the four-setting benchmark lost one perturbation on two settings and let
-one more null through on one (benchmarks/results/concept_recovery.txt). Training resolves the
+such column). It is not the default for the whitened view: at 16 atoms the cell types take
+atoms from the perturbations, and the four-setting benchmark lost one perturbation on two
+settings and let one more null through on one (benchmarks/results/concept_recovery.txt); the
+default dictionary has a ``within-type`` part of its own instead (:mod:`.views`). Training resolves the
 setting once, against the token table, and records the column and the reason in the dictionary
 (``WhitenSettings.within``, ``DictionaryMeta.within_chosen``).
 """

@@ -16,6 +16,7 @@ from ..analysis.profiles import HIT_FRACTION, MIN_WELLS, ConceptProfiles
 from ..analysis.welltest import FDR_ALPHA, N_PERMUTATIONS
 from ..dictionary.meta import DictionaryMeta
 from ..dictionary.nested import describe_levels
+from ..dictionary.views import describe_views
 from .figures import (
     QUALITY_FIGURES,
     Pixels,
@@ -58,10 +59,8 @@ def views_html(features: pd.DataFrame) -> str:
     names = list(dict.fromkeys(features["view"].astype(str)))
     parts = [
         "<h3 id='views'>Views</h3><p class='note'>This dictionary has a part per <b>view</b> "
-        "of the tokens: <i>whitened</i> on the control wells, where what controls vary in is "
-        "scaled away and perturbations stand out, and <i>centred</i> (only the controls' mean "
-        "subtracted), which keeps what controls vary in: cell type, cell cycle. Every feature "
-        "is labelled with the view that found it.</p>"
+        f"of the tokens: {describe_views(names, lambda n: f'<i>{n}</i>')}. Every feature is "
+        "labelled with the view that found it.</p>"
     ]
     if "top_label" not in features.columns:
         return "".join(parts)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.families import FAMILY_DISTANCE
+from ..dictionary.views import describe_views
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .channels import contrast_limits
 from .forms import metadata_choices
@@ -31,9 +32,7 @@ FEATURE_COLUMNS: dict[str, tuple[str, str]] = {
     "name": ("Name", "The name you gave the feature (saved beside the dictionary)."),
     "view": (
         "View",
-        "Which part of the dictionary found the feature: whitened (trained on tokens whitened "
-        "on the controls, where perturbations stand out) or centred (only centred on the "
-        "controls, which keeps what controls vary in: cell type, cell cycle).",
+        f"Which part of the dictionary found the feature: {describe_views()}.",
     ),
     "level": (
         "Level",
