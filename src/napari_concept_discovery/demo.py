@@ -124,10 +124,12 @@ def _plates(
 def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
     """The whitenings the demo compares: name -> (settings, what it does, in words).
 
-    Where the controls mix cell types, the first (the one analysed) whitens each plate and cell
-    type on its own controls, so every cell is judged against controls of its kind; then PCA
-    whitening on each plate's controls as they are, pooled (typical-variation normalisation);
-    then the same with the controls' covariance taken within cell types, which is what
+    The first (the one analysed, and the one ``view`` opens) is what ``train`` does by default:
+    PCA whitening on each plate's controls as they are, pooled (typical-variation
+    normalisation), in views (where the controls mix cell types, the within-type view keeps
+    their difference). Where the controls mix cell types, then whitening each plate and cell
+    type on its own controls, so every cell is judged against controls of its kind; then the
+    pooled one with the controls' covariance taken within cell types, which is what
     ``within="auto"`` resolves to on these controls. Otherwise only the plain one.
     """
     plain = WhitenSettings(CONTROL, by="plate")
@@ -135,11 +137,11 @@ def preparations(table: pd.DataFrame) -> dict[str, tuple[WhitenSettings, str]]:
     if controls["cell_type"].nunique() < 2:
         return {"controls": (plain, "each plate's controls")}
     return {
+        "controls": (plain, "each plate's controls (cell types mixed)"),
         "per cell type": (
             plain.replace(by="plate,cell_type"),
             "each plate and cell type's own controls",
         ),
-        "controls": (plain, "each plate's controls (cell types mixed)"),
         "within cell type": (
             plain.replace(within="auto"),
             "each plate's controls, covariance within cell types (--whiten-within auto)",
@@ -537,6 +539,9 @@ def format_report(result: DemoResult) -> str:
         "  (--whiten-within auto; 'covariance within' above) keeps the cell types, at some",
         "  cost to the perturbations; with one control well per cell type and plate",
         "  it has not seen how wells differ, and can amplify that (watch the null column).",
+        "  The default ('controls', as train does it) keeps both: its whitened part finds the",
+        "  perturbations, a within-type part (covariance within cell types) the cell types, and",
+        "  a centred part mitosis; each feature says which part found it (its view).",
         "  'whitening check': how far out the other cells' whitened tokens lie against the",
         "  control cells' own (near 1 where the controls are a fair sample). With fewer control",
         "  cells than token dimensions the whitening overfits them ('overfits': above "

@@ -22,8 +22,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert result.n_cells > 50
     m = result.metrics
     assert 0.0 <= m["fvu"] < 1.0  # the dictionary explains some of the variance
-    assert m["n_atoms"] == 128  # a whitened and a centred part of 64 atoms (the default)
-    assert set(m["views"]) == {"whitened", "centred"}
+    # the default: a whitened, a within-type and a centred part of 64 atoms each
+    assert m["n_atoms"] == 192
+    assert set(m["views"]) == {"whitened", "within-type", "centred"}
     # every true concept gets a best feature, an AUROC in [0, 1] and the stain that carries it
     concepts = result.concepts
     assert {"HUVEC", "HEPG2", "U2OS", "mitotic"} <= set(concepts["concept"])
@@ -38,17 +39,18 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert all(t in names for t in touched.values())
     # codes land in AnnData with the cell table as obs, one row per cell token
     adata = ad.read_h5ad(result.analysis / "codes.h5ad")
-    assert adata.shape == (result.n_cells, 128)
-    assert adata.var["view"].tolist() == ["whitened"] * 64 + ["centred"] * 64
+    assert adata.shape == (result.n_cells, 192)
+    assert adata.var["view"].tolist() == ["whitened"] * 64 + ["within-type"] * 64 + ["centred"] * 64
     assert {"plate", "well", "cell_type", "perturbation", "mitotic"} <= set(adata.obs.columns)
     truth = pd.read_csv(result.plates / "truth.csv")
     assert adata.obs["mitotic"].astype(str).isin(["True", "False"]).all()
     assert len(truth) >= result.n_cells * 0.8
 
-    # the controls mix cell types: three whitenings are compared, the first is analysed
+    # the controls mix cell types: three whitenings are compared, the first (train's
+    # default) is analysed
     cells = result.comparison[result.comparison["unit"] == "cell"]
-    assert cells["whitening"].tolist() == ["per cell type", "controls", "within cell type"]
-    # the default (auto) resolves to cell_type on these controls; "controls" pools them
+    assert cells["whitening"].tolist() == ["controls", "per cell type", "within cell type"]
+    # auto resolves to cell_type on these controls; "controls" pools them
     assert cells["covariance within"].tolist() == ["-", "-", "cell_type"]
     # the pooled whitening gets the within-type view beside it; whitened per cell type or
     # within cell type already, that view would be the same whitening and is left out
@@ -64,11 +66,12 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert crops["perturbations"].between(0, 1).all()
     assert (result.out / "dictionary-crops.safetensors").is_file()
     assert load_dictionary(result.out / "dictionary-crops.safetensors").meta.unit == "crop"
-    assert result.preparation == "per cell type"
+    assert result.preparation == "controls"
     assert result.comparison["cell types"].between(0, 1).all()
     assert result.comparison["perturbations"].between(0, 1).all()
     d = load_dictionary(result.dictionary)
-    assert d.meta.tokens == "concat" and d.meta.whitening.by == "plate,cell_type"
+    assert d.meta.tokens == "concat" and d.meta.whitening.by == "plate"
+    assert result.dictionary == result.out / "dictionary-controls.safetensors"
 
     # the feature table carries each feature's stains
     features = pd.read_parquet(result.analysis / "features.parquet")
@@ -76,9 +79,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
 
     # nested levels and feature families reach the analysis and the printed report
     assert result.levels == "16/64" and load_dictionary(result.dictionary).levels == [16, 64]
-    assert features["level"].tolist() == ([16] * 16 + [64] * 48) * 2  # each view nested
+    assert features["level"].tolist() == ([16] * 16 + [64] * 48) * 3  # each view nested
     # each concept names the view whose feature found it, and the printed report says so
-    assert set(concepts["view"]) <= {"whitened", "centred"}
+    assert set(concepts["view"]) <= {"whitened", "within-type", "centred"}
     views = features["view"].to_numpy()
     assert (concepts["view"] == views[concepts["best_feature"]]).all()
     assert result.families is not None and "family" in features.columns

@@ -76,12 +76,15 @@ def test_find_view_inputs_in_a_demo_folder_and_beside_a_plate(tmp_path):
     demo = tmp_path / "demo-out"
     (demo / "plates").mkdir(parents=True)
     store = _fake_store(demo / "store.zarr")
-    for name in ("dictionary-pca", "dictionary-center"):
+    # the demo's names; "crops" sorts first by name, "controls" is the analysed one
+    for name in ("dictionary-aaa-crops", "dictionary-per-cell-type", "dictionary-controls"):
         (demo / f"{name}.safetensors").write_bytes(b"x")
     found = find_view_inputs(demo)
     assert found.plate == demo / "plates" and found.store == store
-    assert found.dictionary == demo / "dictionary-center.safetensors"  # the analysed one
-    pca = demo / "dictionary-pca.safetensors"
+    assert found.dictionary == demo / "dictionary-controls.safetensors"
+    (demo / "dictionary-controls.safetensors").unlink()
+    assert find_view_inputs(demo).dictionary == demo / "dictionary-aaa-crops.safetensors"
+    pca = demo / "dictionary-per-cell-type.safetensors"
     assert find_view_inputs(demo, dictionary=pca).dictionary == pca  # given paths win
 
     plate = tmp_path / "plateA"

@@ -81,9 +81,10 @@ def _is_store(path: Path) -> bool:
 
 
 def _demo_dictionary(folder: Path) -> Path | None:
-    """The demo's analysed dictionary (the first preparation, ``dictionary-center``), else any."""
+    """The demo's analysed dictionary (its first preparation, ``dictionary-controls``), else
+    the first by name."""
     found = sorted(folder.glob(f"dictionary-*{DICTIONARY_SUFFIX}"))
-    preferred = [p for p in found if p.stem == "dictionary-center"]
+    preferred = [p for p in found if p.stem == "dictionary-controls"]
     return (preferred or found or [None])[0]
 
 
