@@ -42,3 +42,31 @@ def test_the_report_shows_each_view_and_labels_every_feature(tiny_store_path, tm
             view = "whitened" if f < 24 else "centred"
             assert re.search(rf"<h3>Feature {f}( “[^”<]*”)? \({view}\)", text), f
             assert f"feature {f}</a> ({view})" in text
+
+
+def test_the_report_names_the_within_type_view_and_its_covariance(tiny_store_path, tmp_path):
+    """The default's three parts on controls that mix cell types: the within-type part's
+    whitening says it estimates the covariance within the cell type, and the Views note says
+    what each of the three keeps."""
+    store = ActivationStore.open(tiny_store_path)
+    path = train_on_store(
+        store,
+        small_train(views="whitened,within-type,centred", steps=5),
+        out=tmp_path / "three.safetensors",
+    ).path
+    settings = ReportSettings(labels="cell_type,perturbation", top=2, cells=2)
+    text = write_report(store, [path], tmp_path / "report", settings).read_text()
+    comp = next(t for t in pd.read_html(io.StringIO(text)) if t.columns[0] == "dictionary")
+    assert comp["dictionary"].tolist() == [
+        "three [whitened]",
+        "three [within-type]",
+        "three [centred]",
+    ]
+    assert comp["whitening"].tolist() == [
+        "pca on well_type=negative_control per plate",
+        "pca on well_type=negative_control per plate, covariance within cell_type",
+        "center on well_type=negative_control per plate",
+    ]
+    assert "views whitened + within-type + centred" in text
+    assert "<i>within-type</i> (whitened on the same controls with their covariance" in text
+    assert "keeps what differs between cell types) and <i>centred</i>" in text

@@ -573,3 +573,31 @@ def test_the_navigator_colours_wells_by_the_stores_segmentation_quality(
     assert "cells per site" in nav.legend.text()
     # the metadata columns stay one click away
     assert "cell_type" in nav.colour_choices()
+
+
+def test_the_dictionary_widget_says_its_views_and_whitening_check(
+    make_napari_viewer, demo_folder, qtbot
+):
+    """Trained with PCA whitening in the default views, the status names the three parts,
+    how the within-type part estimated its covariance, and the whitening check that train
+    prints, with the figure the dictionary's metrics keep."""
+    viewer, opened = open_docked(make_napari_viewer, demo_folder, qtbot)
+    session = opened.embed.session
+    assert opened.embed.open_store(demo_folder / "store.zarr") is not None
+    qtbot.waitUntil(lambda: bool(opened.dictionary.choices), timeout=WAIT)
+    settings = dictionary_settings(steps=10)
+    fill_dictionary_form(
+        opened.dictionary, settings.replace(whiten=settings.whiten.replace(mode="pca"))
+    )
+    assert opened.dictionary.settings().views == "whitened,within-type,centred"
+    click(qtbot, opened.dictionary.train_button)
+    qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
+    qtbot.waitUntil(lambda: "Trained 10 steps" in opened.dictionary.status.text(), timeout=WAIT)
+    text = opened.dictionary.status.text()
+    d = session.dictionary
+    assert d.view_names == ("whitened", "within-type", "centred")
+    assert "per view (whitened + within-type + centred" in text
+    assert "within-type view: covariance within cell_type" in text
+    ratio = d.meta.metrics["whitened_norm_ratio"]
+    assert f"Whitening check: other cells' whitened tokens {ratio:.2f}x as far out" in text
+    assert ("Warning: the whitening overfits its controls" in text) == (ratio > 1.5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dictionary.overfit import overfit_warning
+from ..dictionary.overfit import check_words
 from .common import UsageError, check_threads, command
 from .output import (
     Console,
@@ -108,17 +108,11 @@ def run_train(args, con: Console) -> int:
     within = trained.dictionary.meta.within_chosen
     if within:  # "whitening: covariance within cell_type: the controls hold 3 values ..."
         con.say(f"whitening: {within}")
-    if "whitened_norm_ratio" in m:  # how far the whitening overfits its controls
-        warning = overfit_warning(
-            m["whitened_norm_ratio"], m["whitening_controls"], m["whitening_dims"]
-        )
-        con.say(
-            f"whitening check: other cells' whitened tokens {m['whitened_norm_ratio']:.2f}x as "
-            f"far out as the {m['whitening_controls']} control cells' (near 1 where the controls are "
-            "a fair sample of the other cells)"
-        )
-        if warning:
-            con.warn(warning)
+    check = check_words(m)
+    if check:  # how far the whitening overfits its controls
+        con.say(check[0])
+        if check[1]:
+            con.warn(check[1])
     con.result(
         dictionary=Path(trained.path).resolve(),
         method=settings.method,

@@ -85,3 +85,17 @@ def overfit_warning(ratio: float, n_controls: int, dims: int) -> str | None:
         "tell any well from the controls; read the well-level test and the centred view, and "
         "consider more control wells, --whiten-shrinkage 0.5 or fewer --components"
     )
+
+
+def check_words(metrics: dict) -> tuple[str, str | None] | None:
+    """(the whitening check in words, the warning or None) for a dictionary's metrics, or
+    None where they hold no check (no PCA whitening): what ``train`` and the Dictionary widget
+    say after training."""
+    if "whitened_norm_ratio" not in metrics:
+        return None
+    ratio, n = metrics["whitened_norm_ratio"], metrics["whitening_controls"]
+    said = (
+        f"whitening check: other cells' whitened tokens {ratio:.2f}x as far out as the {n} "
+        "control cells' (near 1 where the controls are a fair sample of the other cells)"
+    )
+    return said, overfit_warning(ratio, n, metrics["whitening_dims"])

@@ -360,9 +360,11 @@ def _within_words(done: list[tuple[str, TrainedDictionary]], wmeta: DictionaryMe
     typed = next((t.dictionary.meta for v, t in done if v == "within-type"), None)
     if typed is None or typed is wmeta:
         return wmeta.within_chosen
-    # the pooled reason's hint to --whiten-within auto is what the within-type view does
+    # the hints to --whiten-within (auto keeps the types, none pools them) are about the
+    # whitened view's setting, which the within-type view answers
     pooled = wmeta.within_chosen.split("; the controls mix")[0]
-    return f"{pooled}; within-type view: {typed.within_chosen}"
+    own = typed.within_chosen.split(" (--whiten-within")[0]
+    return f"{pooled}; within-type view: {own}"
 
 
 def _train_on_store(

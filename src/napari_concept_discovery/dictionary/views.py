@@ -65,11 +65,11 @@ def parse_views(text: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(v for v in ALL_VIEWS if v in names)
 
 
-def describe_views(names: Sequence[str] = ALL_VIEWS, markup=str) -> str:
+def describe_views(names: Sequence[str] = ALL_VIEWS, markup=str, last: str = "or") -> str:
     """``whitened (...), within-type (...) or centred (...)`` for the views ``names``, each
-    name passed through ``markup`` (e.g. HTML italics)."""
+    name passed through ``markup`` (e.g. HTML italics), the last joined by ``last``."""
     said = [f"{markup(n)} ({VIEW_WORDS.get(n, 'a view of the tokens')})" for n in names]
-    return said[0] if len(said) == 1 else f"{', '.join(said[:-1])} or {said[-1]}"
+    return said[0] if len(said) == 1 else f"{', '.join(said[:-1])} {last} {said[-1]}"
 
 
 def view_of_mode(mode: str | None) -> str:

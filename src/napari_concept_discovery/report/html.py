@@ -48,7 +48,8 @@ def describe_whitening(meta: DictionaryMeta) -> str:
     by = f" per {w.by}" if w.by else ""
     if meta.views:  # a dictionary in views: each part has the whitening of its view
         return f"views {' + '.join(meta.views)} (each on {w.controls}{by})"
-    return f"{w.mode} on {w.controls}{by}"
+    within = f", covariance within {w.within}" if w.within and w.mode == "pca" else ""
+    return f"{w.mode} on {w.controls}{by}{within}"
 
 
 def views_html(features: pd.DataFrame) -> str:
@@ -59,7 +60,7 @@ def views_html(features: pd.DataFrame) -> str:
     names = list(dict.fromkeys(features["view"].astype(str)))
     parts = [
         "<h3 id='views'>Views</h3><p class='note'>This dictionary has a part per <b>view</b> "
-        f"of the tokens: {describe_views(names, lambda n: f'<i>{n}</i>')}. Every feature is "
+        f"of the tokens: {describe_views(names, lambda n: f'<i>{n}</i>', 'and')}. Every feature is "
         "labelled with the view that found it.</p>"
     ]
     if "top_label" not in features.columns:

@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from ..dictionary.config import FIRST_ATOMS
 from ..dictionary.io import load_dictionary, save_dictionary
+from ..dictionary.overfit import check_words
 from ..dictionary.pipeline import train_on_store
 from ..dictionary.settings import (
     FIRST_STEPS,
@@ -396,6 +397,12 @@ class DictionaryWidget(StepWidget):
             within = trained.dictionary.meta.within_chosen
             if within:  # how "covariance within: auto" came out, and why
                 text += f" Whitening: {within}."
+            check = check_words(m)
+            if check:  # how far the whitening overfits its controls, as train says it
+                said, warning = check
+                text += f" {said[0].upper()}{said[1:]}." + (
+                    f" Warning: {warning}." if warning else ""
+                )
         self.status.setText(text)
         show_info(text)
 
