@@ -1,18 +1,20 @@
-"""Whitened, centred, or both: which concepts each view of the tokens finds, through the
-product's own path (``train_on_store`` with ``TrainSettings.views``, ``encode_store``).
+"""Whitened, within-type, centred, or several: which concepts each view of the tokens finds,
+through the product's own path (``train_on_store`` with ``TrainSettings.views``,
+``encode_store``).
 
 For one plate set per ``--plates`` value (the default generator, seed ``--seed``), embedded with
 the bundled default model, ICFL dictionaries are trained on the cell tokens with the library's
-defaults (atoms and steps sized to the tokens; whitening on the negative controls) in three
-arms: the whitened view alone (the default before views), the centred view alone, and a
-dictionary in both views (one part per view, each sized by the rule), and both views with
-the atoms split (8 per view, half the rule's floor of 16). For every true concept
+defaults (atoms and steps sized to the tokens; whitening on the negative controls) in five
+arms: each view alone (whitened: the default before views; within-type: the covariance within
+cell types; centred), the two views that were the default before the within-type view, and
+all three (the default; one part per view, each sized by the rule). For every true concept
 (``truth.truth_concepts``) the table shows the best single feature's AUROC, and for the
-two-view dictionaries the view of that feature; nulls should stay near the control-split floor.
-The well-level test (``analysis.welltest``) counts features changed by each perturbation.
+dictionaries in views the view of that feature; nulls should stay near the control-split
+floor. The well-level test (``analysis.welltest``) counts features changed by each
+perturbation.
 
-What it is for: choosing whether both views are the default. Times are from a shared machine
-and are not compared across runs.
+What it is for: choosing the default views. Times are from a shared machine and are not
+compared across runs.
 
 Run: python benchmarks/bench_views.py [--plates 2 4] [--seeds 1 2] [--wells 12] [--size 384]
 """
@@ -34,9 +36,10 @@ from concept_recovery import CONTROLS, plates_for  # noqa: E402
 #: (name, views, atoms per view: None sizes them by the rule)
 ARMS = (
     ("whitened", "whitened", None),
+    ("within-type", "within-type", None),
     ("centred", "centred", None),
-    ("both", "whitened,centred", None),
-    ("both, 8 each", "whitened,centred", 8),
+    ("two views", "whitened,centred", None),
+    ("three views", "whitened,within-type,centred", None),
 )
 
 
@@ -92,25 +95,25 @@ def run_plates(n_plates: int, seed: int, args, log) -> str:
     lines = [
         f"{n_plates} plates x {args.wells} wells x {args.size} px, seed {seed}: {len(table)} "
         "cells; ICFL, library defaults (atoms and steps sized to the tokens, whitening on "
-        f"{CONTROLS}); best single-feature AUROC (both: and the view of that feature)",
+        f"{CONTROLS}); best single-feature AUROC (in views: and the view of that feature)",
         f"{'concept':22s} {'kind':18s} "
-        + " ".join(f"{n:>22s}" if n.startswith("both") else f"{n:>9s}" for n in names),
+        + " ".join(f"{n:>24s}" if " views" in n else f"{n:>11s}" for n in names),
     ]
 
     def cell(n, value, fmt) -> str:
-        return f"{value:{fmt}}" + (" " * 13 if n.startswith("both") else "")
+        return f"{value:{fmt}}" + (" " * 13 if " views" in n else "")
 
     for c in concepts:
         row = f"{c.name:22s} {c.kind:18s} "
         for n in names:
             auc, view = results[n]["concepts"][c.name]
-            row += f" {auc:9.3f}" + (f" {view:>12s}" if n.startswith("both") else "")
+            row += f" {auc:11.3f}" + (f" {view:>12s}" if " views" in n else "")
         lines.append(row)
     for label, get, fmt in (
-        ("atoms", lambda r: r["atoms"], "9d"),
-        ("train + encode seconds (loaded machine)", lambda r: r["seconds"], "9.0f"),
+        ("atoms", lambda r: r["atoms"], "11d"),
+        ("train + encode seconds (loaded machine)", lambda r: r["seconds"], "11.0f"),
         *(
-            (f"well test: significant, {v}", lambda r, v=v: r["significant"][v], "9d")
+            (f"well test: significant, {v}", lambda r, v=v: r["significant"][v], "11d")
             for v in results[names[0]]["significant"]
         ),
     ):

@@ -87,6 +87,8 @@ ARMS = (
     ("nested", {"views": "whitened", "atoms": 256, "levels": "16,64,M"}),
     ("within type", {"views": "whitened", "within": "cell_type"}),
     ("default, 32", {"atoms": 32}),
+    ("topk", {"method": "topk"}),
+    ("topk, two views", {"method": "topk", "views": "whitened,centred"}),
 )
 N_SPLITS = 5
 NULL_MARGIN = 0.05
@@ -308,7 +310,7 @@ def arm_settings(arm: dict, seed: int):
     from napari_concept_discovery.dictionary import TrainSettings, WhitenSettings
 
     whiten = WhitenSettings(CONTROLS, **{k: v for k, v in arm.items() if k == "within"})
-    kw = {k: v for k, v in arm.items() if k in ("atoms", "levels", "views")}
+    kw = {k: v for k, v in arm.items() if k in ("atoms", "levels", "views", "method")}
     return TrainSettings(seed=seed, whiten=whiten, checkpoint_every=0, **kw)
 
 

@@ -228,9 +228,9 @@ def test_demo_json(tmp_path, weights, capsys):
     summary = _run_json(argv, capsys)
     for key in ("plates", "store", "dictionary", "analysis", "report"):
         assert Path(summary[key]).exists(), key
-    # 16 atoms in each of the two default views (whitened and centred)
-    assert summary["metrics"]["n_atoms"] == 32 and summary["cells"] > 0
-    assert set(summary["metrics"]["views"]) == {"whitened", "centred"}
+    # 16 atoms in each of the three default views (the controls mix cell types)
+    assert summary["metrics"]["n_atoms"] == 48 and summary["cells"] > 0
+    assert set(summary["metrics"]["views"]) == {"whitened", "within-type", "centred"}
     assert set(summary["timings_s"]) == {"synth", "embed", "train", "analyze", "report"}
     assert {c["concept"] for c in summary["concepts"]} >= {"HUVEC", "HEPG2", "U2OS"}
 
