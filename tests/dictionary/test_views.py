@@ -210,19 +210,23 @@ def _plate_with_cell_types(seed: int, n_wells=16, per_well=120, d=24):
     return tokens.astype(np.float32), table, cell_a, responded, control
 
 
+#: The library's default views and whitening on the controls, small enough for these plates.
+PLATE_TRAIN = TrainSettings(
+    atoms=16,
+    sparsity=4,
+    steps=200,
+    batch_size=256,
+    seed=0,
+    checkpoint_every=0,
+    whiten=WhitenSettings("well_type=negative_control"),
+)
+
+
 def test_the_centred_view_finds_a_cell_type_that_whitening_scales_away():
     tokens, table, cell_a, responded, control = _plate_with_cell_types(seed=0)
     store = ArrayStore(tokens, table)
-    settings = TrainSettings(
-        atoms=16,
-        sparsity=4,
-        steps=200,
-        batch_size=256,
-        seed=0,
-        checkpoint_every=0,
-        whiten=WhitenSettings("well_type=negative_control"),
-    )
-    d = train_on_store(store, settings).dictionary
+    d = train_on_store(store, PLATE_TRAIN).dictionary
+    # no cell-type column: the within-type view would be the pooled whitening, and is left out
     assert d.view_names == ("whitened", "centred")
     codes, _ = encode_store(store, d)
     views = d.feature_views()
@@ -247,15 +251,7 @@ def test_the_within_type_view_keeps_the_cell_type_that_pooled_whitening_scales_a
     tokens, table, cell_a, responded, control = _plate_with_cell_types(seed=0)
     table["cell_type"] = np.where(cell_a, "A", "B")
     store = ArrayStore(tokens, table)
-    settings = TrainSettings(
-        atoms=16,
-        sparsity=4,
-        steps=200,
-        batch_size=256,
-        seed=0,
-        checkpoint_every=0,
-        whiten=WhitenSettings("well_type=negative_control"),
-    )
+    settings = PLATE_TRAIN
     d = train_on_store(store, settings).dictionary
     assert d.view_names == ("whitened", "within-type", "centred") == d.meta.views
     assert d.part("within-type").whitener.within == "cell_type"
