@@ -255,3 +255,38 @@ def test_the_kernel_imports_and_runs_where_numba_cannot_cache():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+_CODES_SCRIPT = """
+import hashlib, torch
+torch.set_num_threads(1)
+from napari_concept_discovery.dictionary.pursuit_cpu import pursuit_rows
+g = torch.Generator().manual_seed(0)
+atoms = torch.randn(64, 96, generator=g)
+atoms /= atoms.norm(dim=1, keepdim=True)
+codes = pursuit_rows(torch.randn(500, 96, generator=g), atoms, 2, 4)
+print(hashlib.sha256(codes.values.numpy().tobytes() + codes.indices.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_a_fresh_compile_and_the_disk_cache_give_the_same_codes(tmp_path):
+    """The first process on a machine compiles the kernels, later ones load them from numba's
+    cache: both must code alike, bit for bit, or the first training with a seed gives another
+    dictionary than the next (the pursuit once reassociated its sums differently in the two)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    env.pop("CONCEPT_DISCOVERY_CHECKED_KERNELS", None)  # bounds-checked kernels are not cached
+
+    def codes_hash() -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", _CODES_SCRIPT], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip().splitlines()[-1]
+
+    fresh = codes_hash()
+    assert any((tmp_path / "numba").rglob("*.nbi")), "the first process left no cache"
+    assert codes_hash() == fresh

@@ -37,6 +37,13 @@ SCORE_BUDGET = 1 << 25
 # Not "fast" math: no assumption that values are finite (a NaN token must not turn into an
 # out-of-range read); reassociation and contraction are what vectorise the update and maxima.
 _MATH = {"nsz", "arcp", "contract", "reassoc"}
+#: The pursuit's kernels without reassociation: with it, a process that compiled them fresh
+#: summed in another order than one that loaded them from numba's disk cache (its codes
+#: differed in the last bits), so the first training on a machine gave another dictionary
+#: than every later one with the same seed. Without it the two agree bit for bit
+#: (tests/dictionary/test_pursuit_cpu.py), and the pursuit is as fast (its update is
+#: elementwise; the block maxima are the intrinsic below).
+_PURSUIT_MATH = _MATH - {"reassoc"}
 
 
 #: ``CONCEPT_DISCOVERY_CHECKED_KERNELS=1`` (the tests set it) compiles the kernels with bounds
@@ -45,13 +52,15 @@ _MATH = {"nsz", "arcp", "contract", "reassoc"}
 CHECKED = os.environ.get("CONCEPT_DISCOVERY_CHECKED_KERNELS", "") == "1"
 
 
-def _compiled(fn):
+def _compiled(fn=None, *, math=_MATH):
     """``fn`` compiled without the GIL, cached on disk where numba finds a writable place (the
     package's folder, else the user's cache folder); where it finds none (a read-only install
     and home), compiled anew in each process rather than failing the import. With
     :data:`CHECKED`, compiled with bounds checks and never cached (the cache holds the fast
-    build)."""
-    options = dict(nogil=True, fastmath=_MATH, error_model="numpy", boundscheck=CHECKED)
+    build). ``math``: the fast-math flags (``@_compiled(math=...)``)."""
+    if fn is None:
+        return lambda f: _compiled(f, math=math)
+    options = dict(nogil=True, fastmath=math, error_model="numpy", boundscheck=CHECKED)
     if CHECKED:
         return njit(**options)(fn)
     try:
@@ -100,7 +109,7 @@ def _threaded(kernel, runs, *args) -> list:
     return [first] + [job.result() for job in jobs]
 
 
-@_compiled
+@_compiled(math=_PURSUIT_MATH)
 def _solve_into(gss, rhs, out, ridge, tiny):
     """Solve gss out = rhs by Cholesky (gss overwritten), as ``icfl._solve`` does."""
     n = gss.shape[0]
@@ -171,7 +180,7 @@ def _block_max(typingctx, row, start):
     return row.dtype(row, types.intp), codegen
 
 
-@_compiled
+@_compiled(math=_PURSUIT_MATH)
 def _pursuit_rows(scores, gram, n_iter, n_pick, values, indices, ridge, tiny):
     """Run the pursuit on every row of ``scores`` (B, M) in place, writing the codes.
 
@@ -214,7 +223,7 @@ def _pursuit_rows(scores, gram, n_iter, n_pick, values, indices, ridge, tiny):
         )
 
 
-@_compiled
+@_compiled(math=_PURSUIT_MATH)
 def _pursue_row(
     row, gram, n_iter, values, indices, ridge, tiny, bmax, best, bestv, topv, topi, gss, coef
 ):
