@@ -118,3 +118,20 @@ def test_training_records_the_resolved_choice(tiny_store_path, small_train, tmp_
         train_on_store(
             store, small_train(steps=3, whiten=WhitenSettings(CONTROLS, within="cell_line"))
         )
+
+
+def test_without_hints_drops_the_pointer_to_the_other_setting():
+    """Beside the within-type view a reason's pointer to the other --whiten-within setting is
+    that view itself: both kinds of pointer go, the reason stays."""
+    from napari_concept_discovery.dictionary.within import without_hints
+
+    _, pooled = resolve_within(table(["A", "B"]), CONTROL, None)
+    _, within = resolve_within(table(["A", "B"]), CONTROL, "auto")
+    assert without_hints(pooled) == "pooled (--whiten-within none)"
+    assert without_hints(within) == (
+        "covariance within cell_type: the controls hold 2 values of it (A, B), whose "
+        "difference pooled whitening would scale away"
+    )
+    assert (
+        without_hints("covariance within plate (as given)") == "covariance within plate (as given)"
+    )

@@ -39,7 +39,7 @@ from .rows import RowSubset, nonfinite_rows, take_rows, where_rows
 from .settings import TrainSettings, WhitenSettings
 from .training import TrainResult, TrainState, check_training_memory, train
 from .whiten import Whitener, control_mask, group_labels
-from .within import resolved_whitening
+from .within import resolved_whitening, without_hints
 
 
 def finite_tokens(tokens, table: pd.DataFrame, unit: str, drop: bool, where: str):
@@ -360,10 +360,7 @@ def _within_words(done: list[tuple[str, TrainedDictionary]], wmeta: DictionaryMe
     typed = next((t.dictionary.meta for v, t in done if v == "within-type"), None)
     if typed is None or typed is wmeta:
         return wmeta.within_chosen
-    # the hints to --whiten-within (auto keeps the types, none pools them) are about the
-    # whitened view's setting, which the within-type view answers
-    pooled = wmeta.within_chosen.split("; the controls mix")[0]
-    own = typed.within_chosen.split(" (--whiten-within")[0]
+    pooled, own = without_hints(wmeta.within_chosen), without_hints(typed.within_chosen)
     return f"{pooled}; within-type view: {own}"
 
 

@@ -28,6 +28,9 @@ from .whiten import _listed, control_mask, group_columns, group_labels
 
 AUTO = "auto"
 NONE = "none"
+#: How the reasons point the user to the other --whiten-within setting (see :func:`without_hints`).
+_KEEPS_HINT = "; the controls mix "
+_POOLS_HINT = f" (--whiten-within {NONE} pools them)"
 #: Names of a cell-type column, matched case-insensitively, with CellProfiler's ``Metadata_``
 #: prefix allowed (``Metadata_CellLine`` in a JUMP load-data table); the first present wins.
 CELL_TYPE_NAMES = ("cell_type", "celltype", "cell_line", "cellline")
@@ -65,11 +68,7 @@ def resolve_within(
     """
     if within is None or str(within).lower() == NONE:
         column, _ = resolve_within(table, control, AUTO, by)
-        hint = (
-            ""
-            if column is None
-            else f"; the controls mix {column}: --whiten-within {AUTO} keeps it"
-        )
+        hint = "" if column is None else f"{_KEEPS_HINT}{column}: --whiten-within {AUTO} keeps it"
         return None, f"pooled (--whiten-within {NONE}){hint}"
     if str(within).lower() != AUTO:
         _check_columns(table, within)
@@ -98,8 +97,14 @@ def resolve_within(
         )
     return column, (
         f"covariance within {column}: the controls hold {len(values)} values of it ({shown}), "
-        f"whose difference pooled whitening would scale away (--whiten-within {NONE} pools them)"
+        f"whose difference pooled whitening would scale away{_POOLS_HINT}"
     )
+
+
+def without_hints(why: str) -> str:
+    """A :func:`resolve_within` reason less its pointer to the other ``--whiten-within``
+    setting: beside the within-type view (:mod:`.views`), that view is the other setting."""
+    return why.split(_KEEPS_HINT)[0].removesuffix(_POOLS_HINT)
 
 
 def resolved_whitening(settings: WhitenSettings, table: pd.DataFrame) -> tuple[WhitenSettings, str]:
