@@ -38,16 +38,20 @@ def option(
     cli: bool = True,
     min: float | None = None,
     max: float | None = None,
+    items: dict[str, str] | None = None,
 ) -> Any:
     """A dataclass field with help text, optional choices, CLI flag, form label and range.
 
     ``flag`` defaults to ``--field-name``; ``cli=False`` keeps a field out of the command line
     (for values the CLI passes positionally or derives). ``min`` and ``max`` bound a number:
     every settings object checks them, and a form's spin box takes them as its range.
+    ``items`` (name: what it means) marks a text that names a comma-separated subset of those
+    names: a form shows one check box per name (the field's ``validate`` checks the text).
     """
     meta = {
         "help": help,
         "choices": tuple(choices) if choices else None,
+        "items": dict(items) if items else None,
         "flag": flag,
         "label": label,
         "cli": cli,
@@ -121,7 +125,7 @@ def _base_type(tp) -> tuple[type, bool]:
 
 
 def describe(cls: type[Settings]) -> list[dict[str, Any]]:
-    """One dict per field: name, type, optional, default, help, choices, label (for forms)."""
+    """One dict per field: name, type, optional, default, help, choices, items, label (forms)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
@@ -139,6 +143,7 @@ def describe(cls: type[Settings]) -> list[dict[str, Any]]:
                 "default": default,
                 "help": f.metadata.get("help", ""),
                 "choices": f.metadata.get("choices"),
+                "items": f.metadata.get("items"),
                 "label": f.metadata.get("label") or f.name.replace("_", " "),
                 "flag": f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
                 "cli": f.metadata.get("cli", True),

@@ -204,3 +204,14 @@ def test_train_says_how_the_whitening_covariance_was_estimated(tiny_store_path, 
     assert bad.returncode == 2
     assert "--whiten-within (within): no column 'cell_line'" in bad.stderr
     assert not (tmp_path / "b.safetensors").exists()
+    # --views names a subset in any order (aliases too); an unknown view is refused by name
+    i = base.index("--views") + 1
+    either = [*base[:i], "centered, whitened", *base[i + 1 :]]
+    both = run_cli("--json", *either, "--out", str(tmp_path / "v.safetensors"))
+    assert both.returncode == 0, both.stderr
+    assert load_dictionary(tmp_path / "v.safetensors").view_names == ("whitened", "centred")
+    unknown = [*base[:i], "whitened,cell-cycle", *base[i + 1 :]]
+    bad = run_cli(*unknown, "--out", str(tmp_path / "u.safetensors"))
+    assert bad.returncode == 2
+    assert "views: cell-cycle; give one or more of whitened,within-type,centred" in bad.stderr
+    assert not (tmp_path / "u.safetensors").exists()

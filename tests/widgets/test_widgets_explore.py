@@ -506,21 +506,37 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     widget.fields["unit"].set_value("cell")
     assert atoms.value() == 48 and widget.settings().atoms == 48
     assert widget.settings().levels == "none"  # the nested levels field, plain by default
-    # the views field: all three by default, any two or one when the user says so
+    # the views field: a check box per view, all three ticked by default; a user unticks any
+    qtbot.waitUntil(lambda: widget.whiten_box.isChecked(), timeout=WAIT)  # controls guessed
+    views = widget.fields["views"]
+    assert list(views.boxes) == ["whitened", "within-type", "centred"]
+    assert "cell type" in views.boxes["within-type"].toolTip()
     assert widget.settings().views == "whitened,within-type,centred"
-    widget.fields["views"].set_value("whitened,centred")
+    views.boxes["within-type"].click()
     assert widget.settings().views == "whitened,centred"
-    widget.fields["views"].set_value("centred")
+    views.boxes["whitened"].click()
     assert widget.settings().views == "centred"
+    views.boxes["centred"].click()  # the last one stays
+    assert views.boxes["centred"].isChecked() and widget.settings().views == "centred"
+    views.set_value("whitened,within-type")
+    assert widget.settings().views == "whitened,within-type"
+    with pytest.raises(ValueError, match="give one or more of whitened, within-type, centred"):
+        views.set_value("whitened,cell-cycle")
+    views.set_value("whitened,within-type,centred")
     # the covariance pooled (empty, the default), or within the cell-type column where
     # controls mix types (auto)
     within = widget.whiten_fields["within"]
-    qtbot.waitUntil(lambda: widget.whiten_box.isChecked(), timeout=WAIT)  # controls guessed
     assert within.label == "Covariance within" and "auto" in within.widget.toolTip()
     assert widget.settings().whiten.within is None  # empty: pooled, as the placeholder says
     assert within.widget.placeholderText() == "none (pooled)"
     within.set_value("auto")
     assert widget.settings().whiten.within == "auto"
+    # views are whitenings: without one there is nothing to choose
+    assert views.widget.isEnabled()
+    widget.whiten_box.setChecked(False)
+    assert not views.widget.isEnabled() and widget.settings().whiten is None
+    widget.whiten_box.setChecked(True)
+    assert views.widget.isEnabled()
 
 
 def test_a_diverged_dictionary_is_refused_by_the_dictionary_widget(

@@ -18,7 +18,7 @@ from ..settings import Settings, SettingsError, check, option
 from .config import DEFAULT_ATOMS, ICFLConfig, TopKConfig
 from .control import Control, check_control, parse_control
 from .nested import NO_LEVELS, parse_levels
-from .views import VIEW_CHOICES, VIEW_MODES, parse_views, view_of_mode
+from .views import ALL_VIEWS, VIEW_MODES, VIEW_WORDS, parse_views, view_of_mode
 from .whiten import MODES, Whitener, group_columns
 
 METHOD_NAMES = ("icfl", "topk")  # the keys of registry.METHODS
@@ -234,7 +234,7 @@ class TrainSettings(Settings):
         label="nested levels",
     )
     views: str = option(
-        VIEW_CHOICES[0],
+        ",".join(ALL_VIEWS),
         "views of the tokens the dictionary has a part for, comma-separated: whitened (the "
         "whitening as set, which finds perturbations), within-type (the same controls' "
         "covariance taken within each cell type, which keeps what differs between cell types; "
@@ -242,7 +242,7 @@ class TrainSettings(Settings):
         "(only centred on the controls, which keeps what controls vary in: cell type, cell "
         "cycle); each feature is labelled with its view; each part has the atoms the sizing "
         "gives (ignored with no whitening)",
-        choices=VIEW_CHOICES,
+        items=VIEW_WORDS,
         label="views",
     )
     lr: float | None = option(None, "learning rate (default: the method's)", label="learning rate")

@@ -16,7 +16,6 @@ This module is torch-free, so the settings, the analysis and the views can read 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import combinations
 
 import numpy as np
 
@@ -30,10 +29,6 @@ VIEW_MODES = {"whitened": "pca", "within-type": "pca", "centred": "center"}
 MODE_VIEWS = {"pca": "whitened", "center": "centred"}
 #: Every view, in the order their features are numbered.
 ALL_VIEWS = tuple(VIEW_MODES)
-#: What ``TrainSettings.views`` may say: every view (the default), any two, or one.
-VIEW_CHOICES = tuple(
-    ",".join(c) for r in range(len(ALL_VIEWS), 0, -1) for c in combinations(ALL_VIEWS, r)
-)
 #: What each view keeps, in words for the explorer, the report and the demo.
 VIEW_WORDS = {
     "whitened": "whitened on the control wells, where what controls vary in is scaled away "

@@ -2,7 +2,8 @@
 
 A field's label, tooltip, choices and default come from the dataclass that the CLI uses too,
 so a form and ``--help`` say the same thing (docs/architecture.md, "Conventions every step
-shares"). Optional numbers show "default" at the bottom of their range and give None there.
+shares"). Optional numbers show "default" at the bottom of their range and give None there;
+a subset of names (``option(items=)``) is a row of check boxes, one of which stays ticked.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QFrame,
+    QHBoxLayout,
     QLineEdit,
     QScrollArea,
     QSpinBox,
@@ -37,7 +39,20 @@ class Field:
         self.optional: bool = desc["optional"]
         tp, default, choices = desc["type"], desc["default"], desc["choices"]
         self.widget: QWidget
-        if choices:
+        self.boxes: dict[str, QCheckBox] = {}  # a subset field's check box per name
+        if desc.get("items"):
+            self.widget = QWidget()
+            row = QHBoxLayout(self.widget)
+            row.setContentsMargins(0, 0, 0, 0)
+            for item, words in desc["items"].items():
+                box = QCheckBox(item)
+                box.setObjectName(f"{self.name}:{item}")
+                box.setToolTip(f"{item}: {words}" if words else item)
+                box.toggled.connect(lambda on, box=box: self._keep_one(box, on))
+                self.boxes[item] = box
+                row.addWidget(box)
+            row.addStretch(1)
+        elif choices:
             combo = QComboBox()
             for c in choices:
                 combo.addItem(str(c), c)
@@ -70,8 +85,15 @@ class Field:
         self.widget.setObjectName(self.name)
         self.set_value(default)
 
+    def _keep_one(self, box: QCheckBox, on: bool) -> None:
+        """A subset is never empty: unticking the last box ticks it again."""
+        if not on and not any(b.isChecked() for b in self.boxes.values()):
+            box.setChecked(True)
+
     def value(self) -> Any:
         w = self.widget
+        if self.boxes:
+            return ",".join(n for n, b in self.boxes.items() if b.isChecked())
         if isinstance(w, QComboBox):
             return w.currentData()
         if isinstance(w, QCheckBox):
@@ -85,6 +107,18 @@ class Field:
 
     def set_value(self, value: Any) -> None:
         w = self.widget
+        if self.boxes:
+            names = [n.strip() for n in str(value or "").split(",") if n.strip()]
+            unknown = [n for n in names if n not in self.boxes]
+            if unknown or not names:
+                raise ValueError(
+                    f"{self.name}: {value!r}; give one or more of {', '.join(self.boxes)}"
+                )
+            for n in names:  # tick the wanted ones first, so the subset is never empty
+                self.boxes[n].setChecked(True)
+            for n, b in self.boxes.items():
+                b.setChecked(n in names)
+            return
         if isinstance(w, QComboBox):
             i = w.findData(value)
             if i < 0:

@@ -360,6 +360,7 @@ class DictionaryWidget(StepWidget):
             w.setEnabled(on)
         for f in self.whiten_fields.values():
             f.widget.setEnabled(on)
+        self.fields["views"].widget.setEnabled(on)  # views are whitenings: none without one
 
     def _on_dictionary_changed(self, dictionary) -> None:
         self.save_button.setEnabled(dictionary is not None)
