@@ -18,6 +18,7 @@ from napari_concept_discovery.dictionary.settings import (
     TrainSettings,
     WhitenSettings,
 )
+from napari_concept_discovery.dictionary.views import ALL_VIEWS
 from napari_concept_discovery.embed.store import UNITS as STORE_UNITS
 from napari_concept_discovery.settings import SettingsError, describe, from_args
 
@@ -184,6 +185,11 @@ def test_choices_agree_with_the_registry_and_the_store():
     forms = {d["name"]: d for d in describe(TrainSettings)}
     assert forms["whiten"]["type"] is WhitenSettings and forms["whiten"]["optional"]
     assert forms["n_iter"]["flag"] == "--J" and forms["atoms"]["label"] == "atoms (M)"
+    # views: a subset of the views, one check box each in a form, checked by parse_views
+    assert forms["views"]["choices"] is None and list(forms["views"]["items"]) == list(ALL_VIEWS)
+    assert forms["views"]["default"] == "whitened,within-type,centred"
+    with pytest.raises(SettingsError, match="^views: raw; give one or more of"):
+        TrainSettings(views="whitened,raw")
 
 
 def test_settings_and_the_command_line_parser_do_not_import_torch():
