@@ -16,6 +16,7 @@ from napari_concept_discovery.views.feature_views import (
     display_table,
     headers,
     selectivity_columns,
+    with_names,
 )
 from napari_concept_discovery.views.forms import (
     TrainingCurves,
@@ -228,6 +229,15 @@ def test_display_table_joins_the_top_label_and_keeps_attribution_columns():
     shown = display_table(features)
     assert list(shown.columns)[:3] == ["feature", "level", "family"]
     assert [h for h, _ in headers(shown)[:3]] == ["Feature", "Level", "Family"]
+    # names, then descriptions: a feature no measurement follows says so instead of a blank
+    described = pd.DataFrame({"feature": [0, 1], "description": ["DNA: area up (0.61)", ""]})
+    named = with_names(shown, None, described)
+    assert list(named.columns)[:3] == ["feature", "name", "description"]
+    assert named["description"].tolist() == [
+        "DNA: area up (0.61)",
+        "no measurement follows it closely (all |Spearman| < 0.2)",
+    ]
+    assert named["name"].tolist() == ["", ""] and "description" not in with_names(shown, None)
 
 
 def test_selectivity_columns_prefer_known_labels():

@@ -64,6 +64,8 @@ MAX_CELLS = 5000
 N_TOP = 3
 #: Correlations weaker than this are not worth a description.
 MIN_CORRELATION = 0.2
+#: What a person reads where no measurement follows a feature (its description is empty).
+NO_DESCRIPTION = f"no measurement follows it closely (all |Spearman| < {MIN_CORRELATION})"
 KEYS = ("plate", "well", "site", "label")
 
 COMPARTMENTS = ("Cells", "Nuclei", "Cytoplasm")
@@ -640,6 +642,7 @@ def cached_measurements(store, *, max_cells: int | None = MAX_CELLS) -> pd.DataF
 
 
 __all__ = [
+    "NO_DESCRIPTION",
     "cache_path",
     "cached_measurements",
     "parse_name",

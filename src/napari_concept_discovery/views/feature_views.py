@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.families import FAMILY_DISTANCE
+from ..analysis.measurements import NO_DESCRIPTION
 from ..dictionary.views import describe_views
 from ..progress import Cancel, Cancelled, ProgressCallback, is_cancelled, report
 from .channels import contrast_limits
@@ -128,13 +129,15 @@ def with_names(
     """A :func:`display_table` with a ``name`` column after ``feature`` (from
     ``feature_notes.FeatureNotes``; empty where unnamed, and for ``notes`` None) and, given
     ``descriptions`` (``measurements.describe_features``), a ``description`` column after the
-    name: what a person reads first when scanning the features."""
+    name: what a person reads first when scanning the features (:data:`NO_DESCRIPTION` where
+    no measurement follows a feature, rather than a blank that reads as "not measured yet")."""
     out = table.drop(columns=["name", "description"], errors="ignore").copy()
     names = {} if notes is None else notes.names
     out.insert(1, "name", [names.get(int(f), "") for f in out["feature"]])
     if descriptions is not None:
         text = descriptions.set_index("feature")["description"]
-        out.insert(2, "description", out["feature"].map(text).fillna("").to_numpy())
+        text = out["feature"].map(text).fillna("").replace("", NO_DESCRIPTION)
+        out.insert(2, "description", text.to_numpy())
     return out
 
 

@@ -47,6 +47,7 @@ from ..analysis.cell_selection import (
     write_cells_csv,
     write_selection_labels,
 )
+from ..analysis.measurements import NO_DESCRIPTION
 from ..dictionary.feature_notes import FeatureNotes, load_notes, save_notes
 from ..embed.plate import reopen_plate
 from ..errors import ConceptDiscoveryError
@@ -874,11 +875,9 @@ class ConceptExplorer(StepWidget):
             return "Measurements that follow it: being measured…"
         row = d[d["feature"] == int(feature)]
         text = str(row["description"].iloc[0]) if len(row) else ""
-        return (
-            f"Measurements that follow it: {text}"
-            if text
-            else "No measurement follows it closely (all |Spearman| < 0.2)."
-        )
+        if not text:
+            return NO_DESCRIPTION[:1].upper() + NO_DESCRIPTION[1:] + "."
+        return f"Measurements that follow it: {text}"
 
     # --- the feature card ---------------------------------------------------------------------
 
