@@ -44,6 +44,9 @@ def embed_and_train(qtbot, viewer, opened, workdir):
     click(qtbot, opened.embed.run_button)
     qtbot.waitUntil(lambda: session.store is not None and not opened.embed.jobs.busy, timeout=WAIT)
     qtbot.waitUntil(lambda: bool(opened.dictionary.choices), timeout=WAIT)
+    plot = opened.dictionary.plot  # before the first step it says what it will draw
+    assert plot.empty.get_visible() and "loss, FVU and dead features" in plot.empty.get_text()
+    assert not plot.axes[-1].xaxis.get_tick_params()["labelbottom"]
     fill_dictionary_form(opened.dictionary, dictionary_settings())
     click(qtbot, opened.dictionary.train_button)
     qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
@@ -80,6 +83,9 @@ def test_embed_train_select_a_feature_click_a_cell_open_a_top_cell(
 
     # train through the form: the library's dictionary for the same settings, plotted live
     qtbot.waitUntil(lambda: bool(opened.dictionary.choices), timeout=WAIT)
+    plot = opened.dictionary.plot  # before the first step it says what it will draw
+    assert plot.empty.get_visible() and "loss, FVU and dead features" in plot.empty.get_text()
+    assert not plot.axes[-1].xaxis.get_tick_params()["labelbottom"]
     fill_dictionary_form(opened.dictionary, dictionary_settings())
     click(qtbot, opened.dictionary.train_button)
     qtbot.waitUntil(lambda: session.explorer is not None, timeout=WAIT)
@@ -88,6 +94,7 @@ def test_embed_train_select_a_feature_click_a_cell_open_a_top_cell(
     for name, value in trained.dictionary.model.tensors().items():
         torch.testing.assert_close(dictionary.model.tensors()[name], value)
     steps, fvu = opened.dictionary.plot.data("fvu")
+    assert not plot.empty.get_visible() and plot.axes[-1].xaxis.get_tick_params()["labelbottom"]
     assert steps == [p.done for p in trained.result.history]
     np.testing.assert_allclose(fvu, [p.info["fvu"] for p in trained.result.history], rtol=1e-5)
     assert "Trained 30 steps" in opened.dictionary.status.text()

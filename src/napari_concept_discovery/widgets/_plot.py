@@ -14,6 +14,8 @@ from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..views.forms import TrainingCurves
 
+#: What the plot says before a training has reported a step.
+EMPTY = "Train: the loss, FVU and dead features\nare drawn here, step by step"
 CURVES = (
     ("loss", "loss", "#f0a35e"),
     ("fvu", "FVU", "#5ec8f0"),
@@ -53,6 +55,14 @@ class TrainingPlot(QWidget):
             (self.lines[name],) = ax.plot([], [], color=colour, lw=1.3)
         self.axes[-1].set_xlabel("step", color=text, fontsize=8)
         self.axes[2].set_ylim(-0.02, 1.02)
+        for ax in self.axes[:2]:
+            ax.set_ylim(0.0, 1.0)
+        self.axes[-1].set_xlim(0, 1)
+        # before the first step: words instead of empty axes with ticks around zero
+        self.empty = self.figure.text(
+            0.55, 0.55, EMPTY, color=text, fontsize=8, ha="center", va="center", alpha=0.8
+        )
+        self._ticks(False)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
@@ -61,7 +71,14 @@ class TrainingPlot(QWidget):
             "fraction of dead features (not firing on the last 100,000 tokens)."
         )
 
+    def _ticks(self, on: bool) -> None:
+        for ax in self.axes:
+            ax.tick_params(labelbottom=on and ax is self.axes[-1], labelleft=on)
+
     def show_curves(self, curves: TrainingCurves) -> None:
+        drawn = len(curves.steps) > 0
+        self.empty.set_visible(not drawn)
+        self._ticks(drawn)
         for name, _, _ in CURVES:
             self.lines[name].set_data(curves.steps, getattr(curves, name))
         for ax in self.axes[:2]:
