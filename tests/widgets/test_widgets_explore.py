@@ -538,7 +538,12 @@ def test_the_first_dictionary_is_sized_to_the_store(make_napari_viewer, demo_fol
     assert within.widget.placeholderText() == "none (pooled)"
     within.set_value("auto")
     assert widget.settings().whiten.within == "auto"
-    # views are whitenings: without one there is nothing to choose
+    # views are whitenings: their boxes sit in the Whitening group, and without whitening
+    # there is nothing to choose
+    group = views.widget.parentWidget()
+    while group is not None and not hasattr(group, "title"):
+        group = group.parentWidget()
+    assert group is not None and group.title() == "Whitening"
     assert views.widget.isEnabled()
     widget.whiten_box.setChecked(False)
     assert not views.widget.isEnabled() and widget.settings().whiten is None

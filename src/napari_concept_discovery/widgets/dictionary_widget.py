@@ -110,8 +110,9 @@ class DictionaryWidget(StepWidget):
 
         train_form = QFormLayout()
         train_form.addRow("Store", self.store_label)
-        for f in self.fields.values():
-            train_form.addRow(f.label, f.widget)
+        for name, f in self.fields.items():
+            if name != "views":  # a view is a whitening: its boxes sit in the Whitening group
+                train_form.addRow(f.label, f.widget)
         whiten_form = QFormLayout()
         whiten_form.addRow(self.whiten_box)
         control_row = QHBoxLayout()
@@ -122,6 +123,7 @@ class DictionaryWidget(StepWidget):
         whiten_form.addRow("Whiten per", self.group_combo)
         for f in self.whiten_fields.values():
             whiten_form.addRow(f.label, f.widget)
+        whiten_form.addRow(self.fields["views"].label, self.fields["views"].widget)
         whiten_group = QGroupBox("Whitening")
         whiten_group.setLayout(whiten_form)
         run_row = QHBoxLayout()
