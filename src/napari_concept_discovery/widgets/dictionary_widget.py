@@ -51,12 +51,14 @@ TRAIN_FIELDS = [
     "unit",
     "atoms",
     "levels",
-    "views",
     "sparsity",
     "steps",
     "batch_size",
     "seed",
+    "views",
 ]
+#: Training settings that are whitenings: drawn in the Whitening group, greyed out without it.
+WHITENING_FIELDS = ("views",)
 
 
 class DictionaryWidget(StepWidget):
@@ -111,7 +113,7 @@ class DictionaryWidget(StepWidget):
         train_form = QFormLayout()
         train_form.addRow("Store", self.store_label)
         for name, f in self.fields.items():
-            if name != "views":  # a view is a whitening: its boxes sit in the Whitening group
+            if name not in WHITENING_FIELDS:
                 train_form.addRow(f.label, f.widget)
         whiten_form = QFormLayout()
         whiten_form.addRow(self.whiten_box)
@@ -123,7 +125,8 @@ class DictionaryWidget(StepWidget):
         whiten_form.addRow("Whiten per", self.group_combo)
         for f in self.whiten_fields.values():
             whiten_form.addRow(f.label, f.widget)
-        whiten_form.addRow(self.fields["views"].label, self.fields["views"].widget)
+        for name in WHITENING_FIELDS:
+            whiten_form.addRow(self.fields[name].label, self.fields[name].widget)
         whiten_group = QGroupBox("Whitening")
         whiten_group.setLayout(whiten_form)
         run_row = QHBoxLayout()
@@ -360,9 +363,8 @@ class DictionaryWidget(StepWidget):
     def _on_whiten_toggled(self, on: bool) -> None:
         for w in (self.control_column, self.control_value, self.group_combo):
             w.setEnabled(on)
-        for f in self.whiten_fields.values():
+        for f in [*self.whiten_fields.values(), *(self.fields[n] for n in WHITENING_FIELDS)]:
             f.widget.setEnabled(on)
-        self.fields["views"].widget.setEnabled(on)  # views are whitenings: none without one
 
     def _on_dictionary_changed(self, dictionary) -> None:
         self.save_button.setEnabled(dictionary is not None)
